@@ -1,0 +1,29 @@
+# Two commands do all the set-up on a fresh machine: `make train` and `make test`.
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+# torch is pinned for the dev install only (a CPU wheel); the library itself asks for a range.
+TORCH_PIN := torch==2.13.0
+
+.PHONY: train test venv lint bench
+
+$(VENV)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q $(TORCH_PIN)
+	$(PY) -m pip install -q -e ".[dev,app]" $(TORCH_PIN)
+	touch $@
+
+venv: $(VENV)/.installed
+
+train: venv
+	$(PY) -m lightning_adapters.train $(ARGS)
+
+test: venv
+	$(PY) -m pytest -q -n 2 --dist loadgroup $(ARGS)
+
+lint: venv
+	$(VENV)/bin/ruff check lightning_adapters tests experiments
+
+bench: venv
+	$(PY) -m experiments.benchmarks.run $(ARGS)

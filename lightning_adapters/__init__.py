@@ -1,0 +1,92 @@
+"""lightning_adapters: parameter-efficient fine-tuning as a PyTorch Lightning plugin.
+
+Public API::
+
+    import lightning_adapters as la
+    cfg = la.LoRAConfig(r=8, alpha=16, target_modules=["q_proj", "v_proj"])
+    la.inject(model, cfg)
+    la.adapter_state_dict(model); la.load_adapter_state_dict(model, sd)
+    la.merge(model); la.unmerge(model); la.eject(model, merge=False)
+    with la.disabled(model): ...
+    la.save_peft(model, "dir"); la.load_peft(model, "dir")
+    print(la.summary(model))
+"""
+
+from __future__ import annotations
+
+from importlib import import_module
+from typing import Any
+
+from lightning_adapters.config import AdapterConfig
+from lightning_adapters.core.inject import (
+    apply_dtype_policy,
+    apply_trainability,
+    config_of,
+    disabled,
+    eject,
+    inject,
+    merge,
+    summary,
+    unmerge,
+)
+from lightning_adapters.core.state import adapter_state_dict, base_fingerprint, load_adapter_state_dict
+from lightning_adapters.errors import (
+    AdapterConfigError,
+    AdapterError,
+    AdapterStateError,
+    NotMergeableError,
+    TargetError,
+    UnsupportedLayerError,
+)
+from lightning_adapters.interop.peft import load_peft, save_peft
+from lightning_adapters.registry import available_methods, get_method
+
+__version__ = "0.1.0"
+
+# Config classes and Lightning integrations are resolved lazily so ``import lightning_adapters`` stays cheap
+# and each method file registers itself on first use.
+_LAZY = {
+    "LoRAConfig": "lightning_adapters.methods.lora",
+    "LoHaConfig": "lightning_adapters.methods.loha",
+    "LoKrConfig": "lightning_adapters.methods.lokr",
+    "OFTConfig": "lightning_adapters.methods.oft",
+    "BOFTConfig": "lightning_adapters.methods.boft",
+    "AdaLoRAConfig": "lightning_adapters.methods.adalora",
+    "LlamaAdapterConfig": "lightning_adapters.methods.llama_adapter",
+    "AdapterCallback": "lightning_adapters.lightning.callback",
+    "AdapterMixin": "lightning_adapters.lightning.mixin",
+}
+
+
+def __getattr__(name: str) -> Any:
+    if name in _LAZY:
+        return getattr(import_module(_LAZY[name]), name)
+    raise AttributeError(f"module 'lightning_adapters' has no attribute {name!r}")
+
+
+__all__ = [
+    "AdapterConfig",
+    "AdapterConfigError",
+    "AdapterError",
+    "AdapterStateError",
+    "NotMergeableError",
+    "TargetError",
+    "UnsupportedLayerError",
+    "adapter_state_dict",
+    "apply_dtype_policy",
+    "apply_trainability",
+    "available_methods",
+    "base_fingerprint",
+    "config_of",
+    "disabled",
+    "eject",
+    "get_method",
+    "inject",
+    "load_adapter_state_dict",
+    "load_peft",
+    "merge",
+    "save_peft",
+    "summary",
+    "unmerge",
+    *_LAZY,
+]

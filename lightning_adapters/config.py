@@ -1,0 +1,137 @@
+"""Fields and validation shared by every method's config dataclass.
+
+Configs are plain mutable dataclasses with Hydra-safe field types (``Any`` where a field is a list *or* a
+string), validated in ``__post_init__`` so that a bad value fails where it is written, naming the value and
+the fix.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass
+from typing import Any
+
+from lightning_adapters.errors import AdapterConfigError
+
+_DTYPES = ("float32", "float16", "bfloat16", "float64")
+
+
+@dataclass
+class AdapterConfig:
+    """Fields every method shares.
+
+    Attributes:
+        target_modules: Which modules to adapt: a list of name suffixes (``"q_proj"`` matches
+            ``layers.0.self_attn.q_proj``), a regex string that must match the full module name, or
+            ``"all-linear"`` (every Linear/Conv1D except a transformers model's output head). ``None`` uses the
+            method's per-architecture default (``q_proj``/``v_proj`` on Llama, ``query``/``value`` on Bert, ...).
+        exclude_modules: Modules never adapted, in the same forms as ``target_modules``.
+        modules_to_save: Name suffixes of modules trained in full (e.g. a new classification head); their
+            tensors are part of the adapter state.
+        adapter_dtype: Dtype of the adapter tensors (``"float32"``, ``"bfloat16"``, ...). ``None`` (default)
+            means: fp32 when the base layer is half precision, else the base dtype (PEFT's behaviour).
+    """
+
+    target_modules: Any = None
+    exclude_modules: Any = None
+    modules_to_save: list[str] | None = None
+    adapter_dtype: str | None = None
+
+    def __post_init__(self) -> None:
+        self.target_modules = _check_selector(self.target_modules, "target_modules", allow_all_linear=True)
+        self.exclude_modules = _check_selector(self.exclude_modules, "exclude_modules", allow_all_linear=False)
+        if self.modules_to_save is not None:
+            if isinstance(self.modules_to_save, str) or not all(isinstance(m, str) for m in self.modules_to_save):
+                raise AdapterConfigError(
+                    f"modules_to_save must be a list of module name suffixes, got {self.modules_to_save!r}; "
+                    "e.g. modules_to_save=['classifier']"
+                )
+            self.modules_to_save = list(self.modules_to_save)
+        if self.adapter_dtype is not None and self.adapter_dtype not in _DTYPES:
+            raise AdapterConfigError(f"adapter_dtype {self.adapter_dtype!r} is not one of {_DTYPES} (or None)")
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain JSON-safe dict of the fields (lists, not tuples or ListConfig)."""
+        return {f.name: _plain(getattr(self, f.name)) for f in dataclasses.fields(self)}
+
+
+def _plain(value: Any) -> Any:
+    if isinstance(value, (list, tuple, set)):
+        return [_plain(v) for v in value]
+    if isinstance(value, dict):
+        return {str(k): _plain(v) for k, v in value.items()}
+    return value
+
+
+def _check_selector(value: Any, name: str, *, allow_all_linear: bool) -> Any:
+    if value is None or isinstance(value, str):
+        if isinstance(value, str) and value.lower() == "all-linear":
+            if not allow_all_linear:
+                raise AdapterConfigError(f"{name}='all-linear' is only meaningful for target_modules")
+            return "all-linear"
+        return value
+    try:
+        items = list(value)
+    except TypeError:
+        raise AdapterConfigError(
+            f"{name} must be a list of module name suffixes, a regex string or 'all-linear', got {value!r}"
+        ) from None
+    if not items or not all(isinstance(v, str) and v for v in items):
+        raise AdapterConfigError(
+            f"{name} must be a non-empty list of non-empty strings, got {value!r}; e.g. ['q_proj', 'v_proj']"
+        )
+    return items
+
+
+def check_positive_int(value: Any, name: str, method: str, *, allow_zero: bool = False) -> None:
+    """Raise unless ``value`` is an int > 0 (or >= 0)."""
+    ok = isinstance(value, int) and not isinstance(value, bool) and (value >= 0 if allow_zero else value > 0)
+    if not ok:
+        bound = ">= 0" if allow_zero else "> 0"
+        raise AdapterConfigError(f"{method}: {name} must be an integer {bound}, got {value!r}")
+
+
+def check_positive_float(value: Any, name: str, method: str, *, allow_zero: bool = False) -> None:
+    """Raise unless ``value`` is a finite number > 0 (or >= 0)."""
+    ok = (
+        isinstance(value, (int, float))
+        and not isinstance(value, bool)
+        and math.isfinite(value)
+        and (value >= 0 if allow_zero else value > 0)
+    )
+    if not ok:
+        bound = ">= 0" if allow_zero else "> 0"
+        raise AdapterConfigError(f"{method}: {name} must be a finite number {bound}, got {value!r}")
+
+
+def check_probability(value: Any, name: str, method: str) -> None:
+    """Raise unless ``0 <= value < 1``."""
+    ok = isinstance(value, (int, float)) and not isinstance(value, bool) and 0.0 <= value < 1.0
+    if not ok:
+        raise AdapterConfigError(f"{method}: {name} must be in [0, 1), got {value!r}")
+
+
+def check_choice(value: Any, name: str, method: str, choices: tuple) -> None:
+    """Raise unless ``value`` is one of ``choices`` (``True`` is not ``1`` here)."""
+    if not any(value is c or (type(value) is type(c) and value == c) for c in choices):
+        raise AdapterConfigError(f"{method}: {name} must be one of {list(choices)}, got {value!r}")
+
+
+def pattern_dict(value: Any, name: str, method: str) -> dict:
+    """Validate a ``{regex: value}`` override dict (``rank_pattern``, ``alpha_pattern``)."""
+    if value is None:
+        return {}
+    if not isinstance(value, dict) and not hasattr(value, "items"):
+        raise AdapterConfigError(f"{method}: {name} must be a dict of {{module regex: value}}, got {value!r}")
+    return dict(value.items())
+
+
+__all__ = [
+    "AdapterConfig",
+    "check_choice",
+    "check_positive_float",
+    "check_positive_int",
+    "check_probability",
+    "pattern_dict",
+]

@@ -1,0 +1,1 @@
+"""The engine: targeting, injection, merging and adapter state."""

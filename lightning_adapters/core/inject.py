@@ -1,0 +1,313 @@
+"""inject, eject, merge, unmerge, disabled, freezing and the summary table.
+
+Every entry point validates everything first and mutates second, so a bad config or a layer that cannot be
+adapted leaves the model exactly as it was.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import nn
+
+from lightning_adapters.config import AdapterConfig
+from lightning_adapters.core.layer import AdapterLayer, attach, detach, get_adapter, is_adapted
+from lightning_adapters.core.targeting import name_matches, resolve_targets
+from lightning_adapters.errors import AdapterConfigError, TargetError, UnsupportedLayerError
+from lightning_adapters.registry import spec_for_config
+
+RECORD_ATTR = "_la_record"
+
+
+@dataclass
+class InjectionRecord:
+    """What ``inject`` did to a model, kept on the model (outside the module tree and its state dict)."""
+
+    config: AdapterConfig
+    method: str
+    targets: list[str]
+    modules_to_save: list[str]
+    original_requires_grad: dict[str, bool] = field(default_factory=dict)
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+def get_record(model: nn.Module) -> InjectionRecord | None:
+    """The injection record of ``model`` itself (not of a sub-module)."""
+    return model.__dict__.get(RECORD_ATTR)
+
+
+def find_records(model: nn.Module) -> list[tuple[str, nn.Module, InjectionRecord]]:
+    """Every ``(prefix, module, record)`` of injected modules inside ``model`` (itself included)."""
+    out = []
+    for name, mod in model.named_modules(remove_duplicate=True):
+        rec = mod.__dict__.get(RECORD_ATTR)
+        if rec is not None:
+            out.append((name, mod, rec))
+    return out
+
+
+def adapted_modules(model: nn.Module) -> Iterator[tuple[str, nn.Module, AdapterLayer]]:
+    """``(name, base_module, adapter_layer)`` for every adapted module in ``model``."""
+    for name, mod in model.named_modules():
+        if is_adapted(mod):
+            yield name, mod, get_adapter(mod)
+
+
+def _configs_equal(a: AdapterConfig, b: AdapterConfig) -> bool:
+    return type(a) is type(b) and a.to_dict() == b.to_dict()
+
+
+def _resolve_modules_to_save(model: nn.Module, config: AdapterConfig, method: str) -> list[str]:
+    if not config.modules_to_save:
+        return []
+    names = [n for n, _ in model.named_modules() if n and name_matches(n, config.modules_to_save)]
+    # Keep the outermost match only: saving a module saves its children.
+    names = [n for n in names if not any(n.startswith(o + ".") for o in names if o != n)]
+    missing = [m for m in config.modules_to_save if not any(n == m or n.endswith("." + m) for n in names)]
+    if missing:
+        raise TargetError(f"{method}: modules_to_save entries {missing} match no module of the model")
+    return names
+
+
+def adapter_dtype_for(base_dtype: torch.dtype, config: AdapterConfig) -> torch.dtype:
+    """The dtype policy: an explicit ``adapter_dtype``, else fp32 on a half-precision base, else the base's."""
+    if config.adapter_dtype is not None:
+        return getattr(torch, config.adapter_dtype)
+    if base_dtype in (torch.float16, torch.bfloat16):
+        return torch.float32
+    return base_dtype if base_dtype.is_floating_point else torch.float32
+
+
+def _base_dtype(module: nn.Module) -> torch.dtype:
+    for p in module.parameters(recurse=False):
+        return p.dtype
+    for p in module.parameters():
+        return p.dtype
+    return torch.float32
+
+
+def inject(model: nn.Module, config: AdapterConfig) -> nn.Module:
+    """Add the adapters ``config`` describes to ``model`` in place and freeze everything else.
+
+    Base parameter names and values are untouched; adapter tensors appear under ``<module>.adapter.*``.
+    Injecting the same config again is a no-op; a different config raises.
+
+    Args:
+        model: Any ``nn.Module`` (a transformers model, a plain PyTorch model, a LightningModule's sub-module).
+        config: A method config such as ``LoRAConfig(r=8, target_modules=["q_proj", "v_proj"])``.
+
+    Returns:
+        ``model``, for chaining.
+
+    Raises:
+        AdapterConfigError: Already injected with another config, or a config value does not fit a layer.
+        TargetError: ``target_modules`` matches nothing (the message lists the closest names).
+        UnsupportedLayerError: A matched module has a type the method cannot adapt.
+    """
+    if not isinstance(config, AdapterConfig):
+        raise TypeError(f"config must be an adapter config such as LoRAConfig(...), got {type(config).__name__}")
+    spec = spec_for_config(config)
+    existing = find_records(model)
+    if existing:
+        prefix, _, rec = existing[0]
+        if prefix == "" and _configs_equal(rec.config, config):
+            return model
+        where = f" (on sub-module {prefix!r})" if prefix else ""
+        raise AdapterConfigError(
+            f"model already has a {rec.method} adapter{where} with a different config; "
+            f"call lightning_adapters.eject(model) first, then inject the new config"
+        )
+    if any(is_adapted(m) for m in model.modules()):
+        raise AdapterConfigError("model already contains adapter layers; eject them before injecting again")
+
+    to_save = _resolve_modules_to_save(model, config, spec.name)
+    original_rg = {n: p.requires_grad for n, p in model.named_parameters()}
+    if spec.inject_model is not None:
+        targets = spec.inject_model(model, config)
+    else:
+        skip = {n for n, _ in model.named_modules() if any(n == s or n.startswith(s + ".") for s in to_save)}
+        targets = resolve_targets(
+            model,
+            config.target_modules,
+            config.exclude_modules,
+            method=spec.name,
+            default_targets=spec.default_targets or None,
+            skip=skip,
+        )
+        modules = {n: model.get_submodule(n) for n in targets}
+        bad = {n: type(m).__name__ for n, m in modules.items() if not isinstance(m, spec.supported_types)}
+        if bad:
+            supported = sorted(t.__name__ for t in spec.supported_types)
+            raise UnsupportedLayerError(
+                f"{spec.name}: cannot adapt {bad}; supported layer types are {supported}. "
+                f"Narrow target_modules or add these names to exclude_modules"
+            )
+        # Build every layer before attaching any, so a failure changes nothing.
+        layers = {n: spec.create_layer(m, config, n) for n, m in modules.items()}
+        for n, layer in layers.items():
+            attach(modules[n], layer)
+            layer.apply_dtype(adapter_dtype_for(_base_dtype(modules[n]), config))
+    record = InjectionRecord(
+        config=config,
+        method=spec.name,
+        targets=list(targets),
+        modules_to_save=to_save,
+        original_requires_grad=original_rg,
+    )
+    model.__dict__[RECORD_ATTR] = record
+    apply_trainability(model)
+    return model
+
+
+def apply_trainability(model: nn.Module) -> None:
+    """Freeze every parameter except adapter and ``modules_to_save`` ones (a pure function of the config)."""
+    records = find_records(model)
+    if not records:
+        return
+    trainable: set[int] = set()
+    for _prefix, root, rec in records:
+        for _, _, layer in adapted_modules(root):
+            trainable.update(id(p) for p in layer.parameters())
+        for extra in rec.extra.get("trainable_modules", []):
+            trainable.update(id(p) for p in root.get_submodule(extra).parameters())
+        for name in rec.modules_to_save:
+            trainable.update(id(p) for p in root.get_submodule(name).parameters())
+    for p in model.parameters():
+        p.requires_grad_(id(p) in trainable)
+
+
+def apply_dtype_policy(model: nn.Module) -> None:
+    """Re-apply each adapter's dtype policy (e.g. after Lightning's ``bf16-true`` cast the whole module)."""
+    for _, root, rec in find_records(model):
+        for _, base, layer in adapted_modules(root):
+            layer.apply_dtype(adapter_dtype_for(_base_dtype(base), rec.config))
+
+
+def merge(model: nn.Module, *, safe: bool = False) -> nn.Module:
+    """Fold every adapter into its base weights; forward is then the plain base forward.
+
+    Args:
+        safe: Check each merged weight is finite before writing it; on failure every layer is left unmerged
+            and a ``ValueError`` names the layer.
+    """
+    layers = list(adapted_modules(model))
+    for name, _, layer in layers:
+        if not layer.mergeable:
+            raise_not_mergeable(name, layer)
+    done = []
+    try:
+        for name, base, layer in layers:
+            if not layer.merged:
+                try:
+                    layer.merge(base, safe=safe)
+                except ValueError as err:
+                    raise ValueError(f"merge of {name!r} refused: {err}") from err
+                done.append((base, layer))
+    except Exception:
+        for base, layer in reversed(done):
+            layer.unmerge(base)
+        raise
+    return model
+
+
+def raise_not_mergeable(name: str, layer: AdapterLayer) -> None:
+    from lightning_adapters.errors import NotMergeableError
+
+    raise NotMergeableError(
+        f"{type(layer).__name__} on {name!r} is not mergeable: the method has no weight-space form; "
+        f"keep the adapter attached (or eject it with merge=False)"
+    )
+
+
+def unmerge(model: nn.Module) -> nn.Module:
+    """Undo ``merge``: the base weights return to their values before the merge."""
+    for _, base, layer in adapted_modules(model):
+        if layer.merged:
+            layer.unmerge(base)
+    return model
+
+
+@contextlib.contextmanager
+def disabled(model: nn.Module) -> Iterator[nn.Module]:
+    """Run the base model: adapters are switched off (and merged ones unmerged) inside the block."""
+    layers = list(adapted_modules(model))
+    remerge = [(b, layer) for _, b, layer in layers if layer.merged]
+    for base, layer in remerge:
+        layer.unmerge(base)
+    previous = [layer.enabled for _, _, layer in layers]
+    for _, _, layer in layers:
+        layer.enabled = False
+    try:
+        yield model
+    finally:
+        for (_, _, layer), was in zip(layers, previous):
+            layer.enabled = was
+        for base, layer in remerge:
+            layer.merge(base)
+
+
+def eject(model: nn.Module, merge: bool = False) -> nn.Module:
+    """Remove every adapter and return the plain model (with the adapters merged in if ``merge``).
+
+    Without ``merge`` the base weights, classes and ``requires_grad`` flags are those from before ``inject``.
+    """
+    records = find_records(model)
+    layers = list(adapted_modules(model))
+    if merge:
+        globals()["merge"](model)
+    else:
+        unmerge(model)
+    for _, root, rec in records:
+        spec_eject = rec.extra.get("eject")
+        if spec_eject is not None:
+            spec_eject(root)
+    for _, base, _ in layers:
+        detach(base)
+    for _, root, rec in records:
+        for n, p in root.named_parameters():
+            if n in rec.original_requires_grad:
+                p.requires_grad_(rec.original_requires_grad[n])
+        del root.__dict__[RECORD_ATTR]
+    return model
+
+
+def summary(model: nn.Module) -> str:
+    """A table of adapted modules and their trainable parameter counts, with totals and the trainable %."""
+    rows = []
+    for name, base, layer in adapted_modules(model):
+        n = sum(p.numel() for p in layer.parameters())
+        rows.append((name, type(base).__mro__[1].__name__, type(layer).__name__, n))
+    for prefix, root, rec in find_records(model):
+        for m in rec.modules_to_save:
+            full = f"{prefix}.{m}" if prefix else m
+            n = sum(p.numel() for p in root.get_submodule(m).parameters())
+            rows.append((full, type(root.get_submodule(m)).__name__, "modules_to_save", n))
+        for extra_name, extra_rows in rec.extra.get("summary_rows", {}).items():
+            rows.append((f"{prefix}.{extra_name}" if prefix else extra_name, *extra_rows))
+    total = sum(p.numel() for p in model.parameters())
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    w = max([len(r[0]) for r in rows] + [6])
+    lines = [f"{'module':<{w}}  {'base':<12}  {'adapter':<18}  {'params':>10}"]
+    lines += [f"{r[0]:<{w}}  {r[1]:<12}  {r[2]:<18}  {r[3]:>10,}" for r in rows]
+    pct = 100.0 * trainable / total if total else 0.0
+    lines.append(f"trainable params: {trainable:,} of {total:,} ({pct:.4f}%)")
+    return "\n".join(lines)
+
+
+def config_of(model: nn.Module) -> AdapterConfig:
+    """The config ``model`` (or its single injected sub-module) was injected with."""
+    recs = find_records(model)
+    if not recs:
+        raise AdapterConfigError("model has no adapters; call lightning_adapters.inject(model, config) first")
+    return recs[0][2].config
+
+
+def replace_config(model: nn.Module, config: AdapterConfig) -> None:
+    """Swap the stored config for an equivalent one (used when a loader fills in derived fields)."""
+    recs = find_records(model)
+    recs[0][2].config = dataclasses.replace(config)

@@ -1,0 +1,146 @@
+"""Adapter layers and how they attach to a base module without renaming its parameters.
+
+A targeted module keeps its own ``weight``/``bias`` and its class identity: injection swaps its class for a
+subclass (``AdaptedLinear`` for ``nn.Linear``, ...) whose ``forward`` hands over to the adapter child
+registered as ``<module>.adapter``. So ``isinstance(m, nn.Linear)`` still holds, ``<mod>.weight`` keeps its
+key, adapter state lives under ``<mod>.adapter.*``, and ``eject`` restores the original class. Owning the
+forward (rather than adding a forward hook after it) lets a method fold ΔW into the base matmul or rotate the
+input, which is where the speed over PEFT comes from. Adapters are switched off with flags, never by changing
+the module tree, so a compiled model stays valid.
+"""
+
+from __future__ import annotations
+
+import sys
+from typing import Any
+
+import torch
+from torch import nn
+
+from lightning_adapters.errors import AdapterError, NotMergeableError
+
+ADAPTER_ATTR = "adapter"
+
+
+class AdapterLayer(nn.Module):
+    """Base class of the per-module adapter children.
+
+    Subclasses implement ``adapted_forward`` (the full output of the adapted module) and, if mergeable,
+    ``delta_weight``-style ``merge``/``unmerge``; ``peft_state``/``load_peft_state`` translate to PEFT's
+    suffixes and layouts.
+
+    Attributes:
+        merged: Whether the adapter is folded into the base weights.
+        enabled: False inside ``disabled()``.
+    """
+
+    mergeable: bool = True
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.merged = False
+        self.enabled = True
+
+    def adapted_forward(self, base: nn.Module, *args: Any, **kwargs: Any) -> Any:
+        """Output of ``base`` with the adapter applied."""
+        raise NotImplementedError
+
+    def merge(self, base: nn.Module, *, safe: bool = False) -> None:
+        """Fold the adapter into ``base``'s weights (``safe``: refuse non-finite results, changing nothing)."""
+        raise NotMergeableError(f"{type(self).__name__} cannot be merged into the base weights")
+
+    def unmerge(self, base: nn.Module) -> None:
+        """Undo ``merge``."""
+        raise NotMergeableError(f"{type(self).__name__} cannot be merged into the base weights")
+
+    def peft_state(self) -> dict[str, torch.Tensor]:
+        """Tensors under PEFT's key suffixes and layouts (e.g. ``{"lora_A.weight": A}``)."""
+        return {k: v for k, v in self.state_dict().items()}
+
+    def load_peft_state(self, state: dict[str, torch.Tensor]) -> None:
+        """Inverse of ``peft_state``: copy PEFT-named tensors into this layer (shapes already checked)."""
+        self.load_state_dict(state)
+
+    def peft_shapes(self) -> dict[str, tuple[int, ...]]:
+        """Shapes ``peft_state`` would produce, without computing it."""
+        return {k: tuple(v.shape) for k, v in self.peft_state().items()}
+
+    def apply_dtype(self, dtype: torch.dtype) -> None:
+        """Cast the adapter's floating tensors to ``dtype``."""
+        for p in self.parameters(recurse=True):
+            if p.is_floating_point():
+                p.data = p.data.to(dtype)
+        for name, b in self.named_buffers(recurse=True):
+            if b.is_floating_point():
+                mod_name, _, attr = name.rpartition(".")
+                mod = self.get_submodule(mod_name) if mod_name else self
+                setattr(mod, attr, b.to(dtype))
+
+    def extra_repr(self) -> str:
+        return f"merged={self.merged}"
+
+
+def _adapted_forward(self: nn.Module, *args: Any, **kwargs: Any) -> Any:
+    adapter = self._modules[ADAPTER_ATTR]
+    if adapter.merged or not adapter.enabled:
+        return self._la_base_forward(*args, **kwargs)
+    return adapter.adapted_forward(self, *args, **kwargs)
+
+
+_CLASS_CACHE: dict[type, type] = {}
+
+
+def adapted_class(base_cls: type) -> type:
+    """The subclass of ``base_cls`` that routes ``forward`` through the ``adapter`` child.
+
+    Classes are created once per base class and published in this module under a unique name, so an adapted
+    model can still be pickled (``torch.save(model)``).
+    """
+    if base_cls in _CLASS_CACHE:
+        return _CLASS_CACHE[base_cls]
+    name = f"Adapted{base_cls.__name__}"
+    module = sys.modules[__name__]
+    while hasattr(module, name):
+        name += "_"
+    cls = type(
+        name,
+        (base_cls,),
+        {
+            "forward": _adapted_forward,
+            "_la_base_forward": base_cls.forward,
+            "_la_adapted": True,
+            "__module__": __name__,
+            "__qualname__": name,
+        },
+    )
+    setattr(module, name, cls)
+    _CLASS_CACHE[base_cls] = cls
+    return cls
+
+
+def is_adapted(module: nn.Module) -> bool:
+    """Whether ``module`` carries an adapter installed by ``attach``."""
+    return getattr(type(module), "_la_adapted", False) and isinstance(module._modules.get(ADAPTER_ATTR), AdapterLayer)
+
+
+def attach(module: nn.Module, layer: AdapterLayer) -> None:
+    """Install ``layer`` on ``module`` (class swap + ``adapter`` child)."""
+    if ADAPTER_ATTR in module._modules or hasattr(module, ADAPTER_ATTR):
+        raise AdapterError(
+            f"{type(module).__name__} already has an attribute {ADAPTER_ATTR!r}; cannot attach an adapter to it"
+        )
+    layer.train(module.training)
+    module.add_module(ADAPTER_ATTR, layer)
+    module.__class__ = adapted_class(type(module))
+
+
+def detach(module: nn.Module) -> AdapterLayer:
+    """Remove the adapter from ``module`` and restore its original class; returns the removed layer."""
+    layer = module._modules.pop(ADAPTER_ATTR)
+    module.__class__ = type(module).__mro__[1]
+    return layer
+
+
+def get_adapter(module: nn.Module) -> AdapterLayer:
+    """The adapter child of an adapted module."""
+    return module._modules[ADAPTER_ATTR]

@@ -1,0 +1,1 @@
+"""PyTorch Lightning integration: ``AdapterCallback``, ``AdapterMixin`` and method training hooks."""

@@ -1,0 +1,1 @@
+"""One file per adapter method; each registers itself with ``lightning_adapters.registry``."""

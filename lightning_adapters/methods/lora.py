@@ -1,0 +1,448 @@
+"""LoRA: low-rank adaptation, with the rsLoRA scaling and the DoRA magnitude/direction split.
+
+Maths (Hu et al. 2021, "LoRA: Low-Rank Adaptation of Large Language Models"). For a base weight
+``W (out, in)`` the adapted layer computes::
+
+    y = W x + b + s · B A x,        A (r, in), B (out, r),  s = alpha / r      (rsLoRA: s = alpha / sqrt(r))
+
+``B = 0`` at init, so the layer starts as the base. ``ΔW = s·B·A`` can be merged into ``W`` exactly.
+
+Convolutions: ``A`` is a conv with the base kernel, stride, padding, dilation and groups (``r`` channels out),
+``B`` a 1×1 conv with the base groups, so ``ΔW`` has the base kernel's exact shape and merges for any
+dilation and group count. Embeddings: ``A (r, V) = 0`` and ``B (d, r) ~ N(0, 1)``, ``y = E[x] + s·A^T[x]·B^T``.
+
+DoRA (Liu et al. 2024, "DoRA: Weight-Decomposed Low-Rank Adaptation") keeps a learnable magnitude ``m`` per
+output and renormalises the adapted weight row-wise::
+
+    y = m / ||W + s·B·A||_row ⊙ (W x + s · B A x) + b
+
+with the norm detached from the graph (the paper's §4.3), as PEFT does.
+
+Speed: the low-rank update is accumulated into the base output in place (``addmm_`` with ``alpha=s``), which
+scales the small rank-r tensor instead of a full-size one and creates no full-size temporary.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from lightning_adapters.config import (
+    AdapterConfig,
+    check_choice,
+    check_positive_float,
+    check_positive_int,
+    check_probability,
+    pattern_dict,
+)
+from lightning_adapters.core.layer import AdapterLayer
+from lightning_adapters.core.targeting import LINEAR_TYPES
+from lightning_adapters.errors import AdapterConfigError
+from lightning_adapters.methods._common import (
+    check_finite,
+    compute_dtype,
+    in_out_features,
+    kaiming_uniform_,
+    layer_kind,
+    pattern_value,
+)
+from lightning_adapters.registry import MethodSpec, register
+
+
+@dataclass
+class LoRAConfig(AdapterConfig):
+    """LoRA hyper-parameters (PEFT's ``LoraConfig`` names in brackets where they differ).
+
+    Attributes:
+        r: Rank of the update.
+        alpha: Scaling numerator (``lora_alpha``); the update is scaled by ``alpha / r``.
+        dropout: Dropout on the adapter's input (``lora_dropout``); not applied on Embedding (as PEFT).
+        use_rslora: Scale by ``alpha / sqrt(r)`` (rank-stabilised LoRA).
+        use_dora: Weight-decomposed LoRA (a learnable magnitude per output).
+        init_weights: ``True`` (A kaiming-uniform, B = 0), ``"gaussian"`` (A ~ N(0, 1/r), B = 0) or ``False``
+            (both random: not identity at init) (``init_lora_weights``).
+        rank_pattern: ``{module regex: r}`` per-module ranks.
+        alpha_pattern: ``{module regex: alpha}`` per-module alphas.
+    """
+
+    r: int = 8
+    alpha: float = 8.0
+    dropout: float = 0.0
+    use_rslora: bool = False
+    use_dora: bool = False
+    init_weights: Any = True
+    rank_pattern: dict[str, int] = field(default_factory=dict)
+    alpha_pattern: dict[str, float] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        check_positive_int(self.r, "r", "lora")
+        check_positive_float(self.alpha, "alpha", "lora")
+        check_probability(self.dropout, "dropout", "lora")
+        check_choice(self.init_weights, "init_weights", "lora", (True, False, "gaussian"))
+        self.rank_pattern = pattern_dict(self.rank_pattern, "rank_pattern", "lora")
+        self.alpha_pattern = pattern_dict(self.alpha_pattern, "alpha_pattern", "lora")
+        for k, v in self.rank_pattern.items():
+            check_positive_int(v, f"rank_pattern[{k!r}]", "lora")
+        for k, v in self.alpha_pattern.items():
+            check_positive_float(v, f"alpha_pattern[{k!r}]", "lora")
+
+
+# ------------------------------------------------------------------------------------------------------------
+# Pure functions
+
+
+def lora_scale(alpha: float, r: int, use_rslora: bool) -> float:
+    """``alpha / r``, or ``alpha / sqrt(r)`` for rsLoRA."""
+    return alpha / math.sqrt(r) if use_rslora else alpha / r
+
+
+def conv_delta_weight(A: torch.Tensor, B: torch.Tensor, groups: int, scale: float) -> torch.Tensor:
+    """ΔW of a grouped conv LoRA.
+
+    A (r, in/g, *k) and B (out, r/g, 1...) -> (out, in/g, *k): per group ``B_g (out/g, r/g) @ A_g (r/g, in/g·k)``.
+    """
+    r, out = A.shape[0], B.shape[0]
+    a = A.reshape(groups, r // groups, -1)  # (g, r/g, in/g·k)
+    b = B.reshape(groups, out // groups, r // groups)  # (g, out/g, r/g)
+    return (torch.bmm(b, a) * scale).reshape(out, *A.shape[1:])  # (out, in/g, *k)
+
+
+def linear_delta_weight(A: torch.Tensor, B: torch.Tensor, scale: float) -> torch.Tensor:
+    """ΔW = s · B (out, r) @ A (r, in) -> (out, in)."""
+    return (B @ A) * scale
+
+
+def row_norm(weight: torch.Tensor) -> torch.Tensor:
+    """L2 norm of every output slice of ``weight`` (out, ...) -> (out,)."""
+    return weight.reshape(weight.shape[0], -1).norm(p=2, dim=1)
+
+
+# ------------------------------------------------------------------------------------------------------------
+# Layer
+
+
+class LoRALayer(AdapterLayer):
+    """LoRA (optionally DoRA) on one Linear, Conv1D, Embedding, Conv1d or Conv2d module.
+
+    Parameters are stored in PEFT's layouts: ``lora_A`` (r, in[/g, *k]), ``lora_B`` (out, r[/g, 1...]);
+    Embedding: ``lora_A`` (r, V), ``lora_B`` (d, r); DoRA ``magnitude`` (out,) or (1, out, 1[, 1]) for convs.
+    """
+
+    def __init__(self, base: nn.Module, config: LoRAConfig, name: str) -> None:
+        super().__init__()
+        self.kind = layer_kind(base)
+        in_f, out_f = in_out_features(base)
+        r = int(pattern_value(config.rank_pattern, name, config.r))
+        alpha = float(pattern_value(config.alpha_pattern, name, config.alpha))
+        self.r, self.alpha = r, alpha
+        self.scale = lora_scale(alpha, r, config.use_rslora)
+        self.dropout_p = float(config.dropout)
+        self.use_dora = bool(config.use_dora)
+        self.in_features, self.out_features = in_f, out_f
+        dev = base.weight.device
+        dt = torch.float32 if base.weight.dtype in (torch.float16, torch.bfloat16) else base.weight.dtype
+        self.groups = 1
+        if self.kind in ("conv1d", "conv2d"):
+            self.groups = base.groups
+            if r % self.groups:
+                valid = [k * self.groups for k in range(1, 5)]
+                raise AdapterConfigError(
+                    f"lora: r={r} on {name!r} must be divisible by the conv's groups={self.groups}; use r in {valid}"
+                )
+            k = tuple(base.kernel_size)
+            a_shape = (r, in_f // self.groups, *k)
+            b_shape = (out_f, r // self.groups) + (1,) * len(k)
+        elif self.kind == "embedding":
+            a_shape, b_shape = (r, in_f), (out_f, r)
+        else:
+            a_shape, b_shape = (r, in_f), (out_f, r)
+        self.lora_A = nn.Parameter(torch.empty(a_shape, device=dev, dtype=dt))
+        self.lora_B = nn.Parameter(torch.empty(b_shape, device=dev, dtype=dt))
+        self._init(config.init_weights)
+        if self.use_dora:
+            with torch.no_grad():
+                norm = row_norm(self._merged_weight_fp(base))  # (out,)
+            if self.kind in ("conv1d", "conv2d"):
+                norm = norm.reshape(1, out_f, *([1] * (base.weight.dim() - 2)))
+            self.magnitude = nn.Parameter(norm.to(dt))
+        self.register_buffer("merge_norm", None, persistent=False)
+
+    def _init(self, mode: Any) -> None:
+        with torch.no_grad():
+            if self.kind == "embedding":
+                if mode is False:
+                    nn.init.normal_(self.lora_A)
+                else:
+                    nn.init.zeros_(self.lora_A)
+                nn.init.normal_(self.lora_B)
+                return
+            if mode == "gaussian":
+                nn.init.normal_(self.lora_A, std=1.0 / self.r)
+            else:
+                kaiming_uniform_(self.lora_A)
+            if mode is False:
+                kaiming_uniform_(self.lora_B)
+            else:
+                nn.init.zeros_(self.lora_B)
+
+    # --- weight-space form -------------------------------------------------------------------------------
+
+    def delta_weight(self) -> torch.Tensor:
+        """ΔW in the base weight's own layout: (out, in), (in, out) for Conv1D, (V, d) for Embedding, kernels."""
+        A, B = self.lora_A, self.lora_B
+        if self.kind in ("conv1d", "conv2d"):
+            return conv_delta_weight(A, B, self.groups, self.scale)
+        dw = linear_delta_weight(A, B, self.scale)  # (out, in) or (d, V)
+        return dw.t() if self.kind in ("conv1d_t", "embedding") else dw
+
+    def _merged_weight_fp(self, base: nn.Module) -> torch.Tensor:
+        """``W + ΔW`` as (out, ...) in the compute dtype (for DoRA norms)."""
+        w = base.weight
+        dw = self.delta_weight().to(compute_dtype(w))
+        w = w.to(dw.dtype) + dw
+        if self.kind in ("conv1d_t", "embedding"):
+            w = w.t()
+        return w
+
+    def _dora_norm(self, base: nn.Module) -> torch.Tensor:
+        """Detached ``||W + ΔW||`` per output, shaped like ``magnitude``."""
+        with torch.no_grad():
+            n = row_norm(self._merged_weight_fp(base))
+        return n.reshape(self.magnitude.shape).to(self.magnitude.dtype)
+
+    def merge(self, base: nn.Module, *, safe: bool = False) -> None:
+        w = base.weight
+        cd = compute_dtype(w)
+        with torch.no_grad():
+            dw = self.delta_weight().to(cd)
+            if self.use_dora:
+                norm = self._dora_norm(base)
+                factor = (self.magnitude / norm).to(cd)  # (out,) or (1, out, 1...)
+                new = _scale_rows(w.to(cd) + dw, factor, self.kind)
+            else:
+                new = w.to(cd) + dw
+            if safe:
+                check_finite(new, "merged weight")
+            if self.use_dora:
+                self.merge_norm = norm
+            w.copy_(new.to(w.dtype))
+        self.merged = True
+
+    def unmerge(self, base: nn.Module) -> None:
+        w = base.weight
+        cd = compute_dtype(w)
+        with torch.no_grad():
+            dw = self.delta_weight().to(cd)
+            if self.use_dora:
+                factor = (self.magnitude / self.merge_norm).to(cd)
+                old = _scale_rows(w.to(cd), 1.0 / factor, self.kind) - dw
+                self.merge_norm = None
+            else:
+                old = w.to(cd) - dw
+            w.copy_(old.to(w.dtype))
+        self.merged = False
+
+    # --- forward -----------------------------------------------------------------------------------------
+
+    def adapted_forward(self, base: nn.Module, x: torch.Tensor) -> torch.Tensor:
+        if self.kind == "embedding":
+            return self._forward_embedding(base, x)
+        if self.kind in ("conv1d", "conv2d"):
+            return self._forward_conv(base, x)
+        return self._forward_linear(base, x)
+
+    def _dropped(self, x: torch.Tensor) -> torch.Tensor:
+        if self.dropout_p > 0.0 and self.training:
+            x = F.dropout(x, self.dropout_p, True)
+        return x if x.dtype == self.lora_A.dtype else x.to(self.lora_A.dtype)
+
+    def _base_linear(self, base: nn.Module, x: torch.Tensor, with_bias: bool = True) -> torch.Tensor:
+        bias = base.bias if with_bias else None
+        if self.kind == "conv1d_t":
+            x2 = x.reshape(-1, x.shape[-1])
+            out = torch.mm(x2, base.weight) if bias is None else torch.addmm(bias, x2, base.weight)
+            return out.view(*x.shape[:-1], out.shape[-1])
+        return F.linear(x, base.weight, bias)
+
+    def _forward_linear(self, base: nn.Module, x: torch.Tensor) -> torch.Tensor:
+        xd = self._dropped(x)
+        h = F.linear(xd, self.lora_A)  # (..., in) @ (in, r) -> (..., r)
+        if self.use_dora:
+            return self._forward_linear_dora(base, x, xd, h)
+        out = self._base_linear(base, x)  # (..., out)
+        if out.dtype == h.dtype:
+            # In place: out += s · h @ Bᵀ, scaling the rank-r tensor, no full-size temporary.
+            out.view(-1, out.shape[-1]).addmm_(h.reshape(-1, self.r), self.lora_B.t(), alpha=self.scale)
+            return out
+        return out + (F.linear(h, self.lora_B) * self.scale).to(out.dtype)
+
+    def _forward_linear_dora(self, base: nn.Module, x: torch.Tensor, xd: torch.Tensor, h: torch.Tensor) -> torch.Tensor:
+        factor = self.magnitude / self._dora_norm(base)  # (out,)
+        lora = F.linear(h, self.lora_B) * self.scale  # (..., out)
+        if self.dropout_p > 0.0 and self.training:
+            # PEFT's form when the adapter sees a dropped input: base(x) + (m/n − 1)·W·x_d + (m/n)·s·B·A·x_d.
+            out = self._base_linear(base, x)
+            wx_d = self._base_linear(base, xd.to(base.weight.dtype), with_bias=False)
+            extra = (factor - 1) * wx_d.to(factor.dtype) + factor * lora
+            return out + extra.to(out.dtype)
+        # base(x) + (m/n − 1)·W·x + (m/n)·s·B·A·x: exactly the base output while m = n and B = 0.
+        out = self._base_linear(base, x)
+        wx = out if base.bias is None else out - base.bias
+        return out + ((factor - 1) * wx.to(factor.dtype) + factor * lora).to(out.dtype)
+
+    def _forward_conv(self, base: nn.Module, x: torch.Tensor) -> torch.Tensor:
+        conv = F.conv1d if self.kind == "conv1d" else F.conv2d
+        xd = self._dropped(x)
+        h = base._conv_forward(xd, self.lora_A, None)  # (N, r, *spatial_out): same stride/padding/dilation/groups
+        lora = conv(h, self.lora_B, groups=self.groups) * self.scale  # (N, out, *spatial_out)
+        if self.use_dora:
+            factor = self.magnitude / self._dora_norm(base)  # (1, out, 1...)
+            if self.dropout_p > 0.0 and self.training:
+                out = self._la_base(base, x)
+                wx_d = base._conv_forward(xd.to(base.weight.dtype), base.weight, None)
+                return out + ((factor - 1) * wx_d.to(factor.dtype) + factor * lora).to(out.dtype)
+            out = self._la_base(base, x)
+            wx = out if base.bias is None else out - base.bias.reshape(1, -1, *([1] * (out.dim() - 2)))
+            return out + ((factor - 1) * wx.to(factor.dtype) + factor * lora).to(out.dtype)
+        out = self._la_base(base, x)
+        if out.dtype == lora.dtype:
+            return out.add_(lora)
+        return out + lora.to(out.dtype)
+
+    @staticmethod
+    def _la_base(base: nn.Module, x: torch.Tensor) -> torch.Tensor:
+        return base._la_base_forward(x)
+
+    def _embed(self, base: nn.Module, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+        return F.embedding(
+            x, weight, base.padding_idx, base.max_norm, base.norm_type, base.scale_grad_by_freq, base.sparse
+        )
+
+    def _forward_embedding(self, base: nn.Module, x: torch.Tensor) -> torch.Tensor:
+        out = self._la_base(base, x)  # (..., d)
+        h = self._embed(base, x, self.lora_A.t())  # (..., V) lookup in Aᵀ (V, r) -> (..., r)
+        lora = F.linear(h, self.lora_B) * self.scale  # (..., r) @ (r, d) -> (..., d)
+        if self.use_dora:
+            factor = self.magnitude / self._dora_norm(base)  # (d,)
+            return (factor * (out.to(lora.dtype) + lora)).to(out.dtype)
+        return out + lora.to(out.dtype)
+
+    # --- PEFT layout ---------------------------------------------------------------------------------------
+
+    def peft_state(self) -> dict[str, torch.Tensor]:
+        if self.kind == "embedding":
+            out = {"lora_embedding_A": self.lora_A, "lora_embedding_B": self.lora_B}
+        else:
+            out = {"lora_A.weight": self.lora_A, "lora_B.weight": self.lora_B}
+        if self.use_dora:
+            out["lora_magnitude_vector"] = self.magnitude
+        return {k: v.detach() for k, v in out.items()}
+
+    def peft_shapes(self) -> dict[str, tuple[int, ...]]:
+        return {k: tuple(v.shape) for k, v in self.peft_state().items()}
+
+    def load_peft_state(self, state: dict[str, torch.Tensor]) -> None:
+        names = {
+            "lora_embedding_A": "lora_A",
+            "lora_embedding_B": "lora_B",
+            "lora_A.weight": "lora_A",
+            "lora_B.weight": "lora_B",
+            "lora_magnitude_vector": "magnitude",
+        }
+        with torch.no_grad():
+            for k, v in state.items():
+                p = getattr(self, names[k])
+                p.copy_(v.to(dtype=p.dtype, device=p.device))
+
+    def extra_repr(self) -> str:
+        dora = ", dora" if self.use_dora else ""
+        return f"{self.kind}, r={self.r}, scale={self.scale:g}{dora}, merged={self.merged}"
+
+
+def _scale_rows(w: torch.Tensor, factor: torch.Tensor, kind: str) -> torch.Tensor:
+    """Multiply every output slice of a base-layout weight by ``factor``."""
+    f = factor.reshape(-1)
+    if kind in ("conv1d_t", "embedding"):
+        return w * f.reshape(1, -1)  # (in, out) / (V, d): outputs are columns
+    return w * f.reshape(-1, *([1] * (w.dim() - 1)))
+
+
+# ------------------------------------------------------------------------------------------------------------
+# PEFT config translation
+
+
+def _to_peft(cfg: LoRAConfig) -> dict[str, Any]:
+    return {
+        "peft_type": "LORA",
+        "r": cfg.r,
+        "lora_alpha": cfg.alpha,
+        "lora_dropout": cfg.dropout,
+        "use_rslora": cfg.use_rslora,
+        "use_dora": cfg.use_dora,
+        "init_lora_weights": cfg.init_weights,
+        "rank_pattern": dict(cfg.rank_pattern),
+        "alpha_pattern": dict(cfg.alpha_pattern),
+        "bias": "none",
+        "fan_in_fan_out": False,
+        "lora_bias": False,
+    }
+
+
+_UNSUPPORTED_PEFT_LORA = {
+    "bias": "none",
+    "lora_bias": False,
+    "layers_to_transform": None,
+    "layer_replication": None,
+    "target_parameters": None,
+    "trainable_token_indices": None,
+    "alora_invocation_tokens": None,
+    "use_qalora": False,
+    "use_bdlora": None,
+    "arrow_config": None,
+    "megatron_config": None,
+}
+
+
+def _from_peft(d: dict[str, Any]) -> LoRAConfig:
+    for k, neutral in _UNSUPPORTED_PEFT_LORA.items():
+        if d.get(k, neutral) not in (neutral, [], {}):
+            raise AdapterConfigError(
+                f"lora: PEFT option {k}={d[k]!r} is not supported by lightning_adapters; "
+                f"only {k}={neutral!r} adapters can be loaded"
+            )
+    init = d.get("init_lora_weights", True)
+    if init not in (True, False, "gaussian"):
+        # Data-driven inits (PiSSA, EVA, ...) only matter at creation time; the saved tensors are plain LoRA.
+        init = True
+    return LoRAConfig(
+        r=d.get("r", 8),
+        alpha=d.get("lora_alpha", 8),
+        dropout=d.get("lora_dropout", 0.0) or 0.0,
+        use_rslora=d.get("use_rslora", False),
+        use_dora=d.get("use_dora", False),
+        init_weights=init,
+        rank_pattern=d.get("rank_pattern") or {},
+        alpha_pattern=d.get("alpha_pattern") or {},
+        target_modules=d.get("target_modules"),
+        exclude_modules=d.get("exclude_modules"),
+        modules_to_save=d.get("modules_to_save"),
+    )
+
+
+SPEC = register(
+    MethodSpec(
+        name="lora",
+        config_cls=LoRAConfig,
+        peft_type="LORA",
+        supported_types=LINEAR_TYPES + (nn.Embedding, nn.Conv1d, nn.Conv2d),
+        create_layer=LoRALayer,
+        config_to_peft=_to_peft,
+        config_from_peft=_from_peft,
+    )
+)
