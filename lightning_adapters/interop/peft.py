@@ -206,6 +206,14 @@ def _load_tensors(model: nn.Module, tensors: dict[str, torch.Tensor], spec) -> N
     for m in rec.modules_to_save:
         for k, t in root.get_submodule(m).state_dict().items():
             expected[f"{m}.{k}"] = tuple(t.shape)
+    # PEFT writes full base embedding / lm_head matrices next to the adapter when they are targeted
+    # (``save_embedding_layers``); they load into the base layer as PEFT loads them.
+    base_layer_keys = {}
+    for name, base, _ in adapted_modules(root):
+        key = f"{name}.base_layer.weight"
+        if key in tensors:
+            base_layer_keys[key] = base
+            expected[key] = tuple(base.weight.shape)
     missing = sorted(set(expected) - set(tensors))
     unexpected = sorted(set(tensors) - set(expected))
     bad = {
@@ -237,6 +245,8 @@ def _load_tensors(model: nn.Module, tensors: dict[str, torch.Tensor], spec) -> N
                 }
             )
     with torch.no_grad():
+        for key, base in base_layer_keys.items():
+            base.weight.copy_(tensors[key].to(dtype=base.weight.dtype, device=base.weight.device))
         for m in rec.modules_to_save:
             mod = root.get_submodule(m)
             for k, t in list(mod.named_parameters()) + list(mod.named_buffers()):
