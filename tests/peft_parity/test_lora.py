@@ -16,7 +16,7 @@ from tests.helpers import SmallCNN, randomize_adapter, tiny_bert, tiny_gpt2, tin
 def _randomize_peft(model, seed=0, std=0.1):
     g = torch.Generator().manual_seed(seed)
     with torch.no_grad():
-        for n, p in model.named_parameters():
+        for p in model.parameters():
             if p.requires_grad:
                 p.add_(torch.randn(p.shape, generator=g) * std)
 
