@@ -1,0 +1,123 @@
+"""Property-based tests: any config × any layer shape either raises the library's clear error or works.
+
+"Works" means: identity at init (default init), merged output equals the adapter path, unmerge restores the
+weights, and one training step keeps everything finite. A torch shape error or a NaN from inside the library
+is a failure. Each method contributes a strategy of config kwargs in ``METHOD_STRATEGIES``.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from torch import nn
+
+import lightning_adapters as la
+from tests.helpers import Wrap
+
+SMALL = st.integers(min_value=1, max_value=19)
+PRIMEISH = st.sampled_from([1, 2, 3, 4, 5, 6, 7, 8, 11, 12, 13, 16, 17, 24, 31, 32])
+
+
+@st.composite
+def layers(draw):
+    """A base layer with odd, prime or round sizes, and a matching input."""
+    kind = draw(st.sampled_from(["linear", "conv1d_t", "embedding", "conv1d", "conv2d"]))
+    g = torch.Generator().manual_seed(draw(st.integers(0, 2**16)))
+    if kind == "linear":
+        i, o = draw(PRIMEISH), draw(PRIMEISH)
+        return kind, nn.Linear(i, o, bias=draw(st.booleans())), torch.randn(2, 3, i, generator=g)
+    if kind == "conv1d_t":
+        from transformers.pytorch_utils import Conv1D
+
+        i, o = draw(PRIMEISH), draw(PRIMEISH)
+        layer = Conv1D(o, i)
+        nn.init.normal_(layer.weight, std=0.2)
+        return kind, layer, torch.randn(2, 3, i, generator=g)
+    if kind == "embedding":
+        v, d = draw(st.integers(2, 40)), draw(PRIMEISH)
+        return kind, nn.Embedding(v, d), torch.randint(0, v, (2, 5), generator=g)
+    groups = draw(st.sampled_from([1, 1, 1, 2, 3]))
+    i = groups * draw(st.integers(1, 6))
+    o = groups * draw(st.integers(1, 6))
+    k = draw(st.sampled_from([1, 2, 3]))
+    stride = draw(st.sampled_from([1, 2]))
+    dilation = draw(st.sampled_from([1, 1, 2]))
+    padding = draw(st.sampled_from([0, 1, 2]))
+    size = 9
+    if kind == "conv1d":
+        layer = nn.Conv1d(i, o, k, stride=stride, padding=padding, dilation=dilation, groups=groups)
+        return kind, layer, torch.randn(2, i, size, generator=g)
+    layer = nn.Conv2d(i, o, k, stride=stride, padding=padding, dilation=dilation, groups=groups)
+    return kind, layer, torch.randn(2, i, size, size, generator=g)
+
+
+def _lora_kwargs():
+    return st.fixed_dictionaries(
+        {
+            "r": st.integers(-1, 9),
+            "alpha": st.sampled_from([0.5, 1, 8, 16, 0, -1]),
+            "dropout": st.sampled_from([0.0, 0.1, 0.5]),
+            "use_rslora": st.booleans(),
+            "use_dora": st.booleans(),
+            "init_weights": st.sampled_from([True, "gaussian"]),
+        }
+    )
+
+
+METHOD_STRATEGIES = {"lora": ("LoRAConfig", _lora_kwargs)}
+
+
+def _check_case(method: str, kwargs: dict, layer_case) -> None:
+    kind, layer, x = layer_case
+    cls = getattr(la, METHOD_STRATEGIES[method][0])
+    try:
+        cfg = cls(target_modules=["layer"], **kwargs)
+    except la.AdapterError as err:
+        assert str(err)
+        return
+    model = Wrap(layer).eval()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    base_out = model(x)
+    try:
+        la.inject(model, cfg)
+    except la.AdapterError as err:
+        assert str(err)
+        assert set(model.state_dict()) == set(before)
+        assert all(torch.equal(model.state_dict()[k], v) for k, v in before.items())
+        return
+    out = model(x)
+    assert torch.allclose(out, base_out, atol=1e-6), "not identity at init"
+    with torch.no_grad():
+        for t in la.adapter_state_dict(model).values():
+            if t.is_floating_point():
+                t.add_(torch.randn_like(t) * 0.05)
+    out = model(x)
+    assert torch.isfinite(out).all()
+    adapter_layer = model.layer.adapter
+    if adapter_layer.mergeable:
+        la.merge(model)
+        merged = model(x)
+        tol = 1e-4 * max(1.0, out.abs().max().item())
+        assert torch.allclose(merged, out, atol=tol), (merged - out).abs().max()
+        la.unmerge(model)
+        for k, v in before.items():
+            assert torch.allclose(model.state_dict()[k], v, atol=1e-5), k
+    model.train()
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+    loss = model(x).float().pow(2).mean()
+    loss.backward()
+    opt.step()
+    assert torch.isfinite(model(x)).all()
+    assert all(torch.isfinite(t).all() for t in la.adapter_state_dict(model).values())
+
+
+@pytest.mark.parametrize("method", sorted(METHOD_STRATEGIES))
+def test_config_space_times_layer_shapes(method):
+    @settings(max_examples=300, deadline=None, suppress_health_check=list(HealthCheck), derandomize=True)
+    @given(kwargs=METHOD_STRATEGIES[method][1](), layer_case=layers())
+    def run(kwargs, layer_case):
+        _check_case(method, kwargs, layer_case)
+
+    run()
