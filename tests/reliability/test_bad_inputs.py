@@ -1,0 +1,330 @@
+"""The table of bad inputs: each row raises one clear exception that names the offending value and the fix,
+and leaves the model (and any file on disk) exactly as it was.
+
+The rows are summarised in docs/BAD_INPUTS.md; ``test_table_is_documented`` keeps the two in sync.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+from torch import nn
+
+import lightning_adapters as la
+from tests.helpers import SmallCNN, Wrap, tiny_bert, tiny_gpt2, tiny_llama
+
+DOC = Path(__file__).resolve().parents[2] / "docs" / "BAD_INPUTS.md"
+
+
+@dataclass
+class Row:
+    """One bad input.
+
+    Attributes:
+        id: Stable name, listed in docs/BAD_INPUTS.md.
+        make_model: Builds the model the action gets (``None``: the action only builds a config).
+        action: ``(model, tmp_path) -> Any``; must raise.
+        exc: The exception type expected.
+        match: Regex the message must contain (the offending value and/or the fix).
+    """
+
+    id: str
+    make_model: Callable[[], nn.Module] | None
+    action: Callable[[Any, Path], Any]
+    exc: type
+    match: str
+
+
+def _cfg(name: str, **kw: Any):
+    return lambda m, p: getattr(la, name)(**kw)
+
+
+def _inject(name: str, **kw: Any):
+    return lambda m, p: la.inject(m, getattr(la, name)(**kw))
+
+
+def _peft_dir(model_fn, cfg_name, edit=None, **kw):
+    """Write a good PEFT dir for ``model_fn`` + config into ``tmp/src``, then let ``edit`` corrupt it."""
+
+    def action(m, tmp):
+        src = tmp / "src"
+        la.save_peft(la.inject(model_fn(), getattr(la, cfg_name)(**kw)), src)
+        if edit is not None:
+            edit(src)
+        _freeze_files(tmp)
+        return la.load_peft(m, src)
+
+    return action
+
+
+def _edit_json(**changes):
+    def edit(d: Path):
+        cfg = json.loads((d / "adapter_config.json").read_text())
+        cfg.update(changes)
+        (d / "adapter_config.json").write_text(json.dumps(cfg))
+
+    return edit
+
+
+def _edit_tensors(fn):
+    def edit(d: Path):
+        from safetensors.torch import load_file, save_file
+
+        t = load_file(str(d / "adapter_model.safetensors"))
+        save_file(fn(t), str(d / "adapter_model.safetensors"))
+
+    return edit
+
+
+def _truncate(d: Path):
+    data = (d / "adapter_model.safetensors").read_bytes()
+    (d / "adapter_model.safetensors").write_bytes(data[: len(data) // 3])
+
+
+def _not_safetensors(d: Path):
+    torch.save({"x": torch.zeros(1)}, d / "adapter_model.safetensors")
+
+
+_FILES: dict[str, bytes] = {}
+
+
+def _freeze_files(tmp: Path) -> None:
+    _FILES.clear()
+    _FILES.update({str(p): p.read_bytes() for p in tmp.rglob("*") if p.is_file()})
+
+
+def _state_dict_action(mutate):
+    def action(m, tmp):
+        la.inject(m, la.LoRAConfig(r=2, target_modules=["q_proj"]))
+        sd = {k: v.clone() for k, v in la.adapter_state_dict(m).items()}
+        _snapshot_into(m)
+        return la.load_adapter_state_dict(m, mutate(sd))
+
+    return action
+
+
+_SNAP: dict[str, Any] = {}
+
+
+def _snapshot_into(m: nn.Module) -> None:
+    _SNAP["model"] = _snapshot(m)
+
+
+def _snapshot(m: nn.Module):
+    return (
+        {k: v.clone() for k, v in m.state_dict().items()},
+        {n: p.requires_grad for n, p in m.named_parameters()},
+        {n: type(x) for n, x in m.named_modules()},
+    )
+
+
+def _drop_first(sd):
+    sd.pop(sorted(sd)[0])
+    return sd
+
+
+def _add_extra(sd):
+    sd["model.layers.0.self_attn.k_proj.adapter.lora_A"] = torch.zeros(2, 64)
+    return sd
+
+
+def _reshape_first(sd):
+    k = sorted(sd)[0]
+    sd[k] = torch.zeros(sd[k].shape[0] + 1, *sd[k].shape[1:])
+    return sd
+
+
+def _twice(m, tmp):
+    la.inject(m, la.LoRAConfig(r=2, target_modules=["q_proj"]))
+    _snapshot_into(m)
+    return la.inject(m, la.LoRAConfig(r=4, target_modules=["q_proj"]))
+
+
+ENGINE_ROWS = [
+    Row("unknown-method", None, lambda m, p: la.get_method("lorra"), la.AdapterConfigError, r"'lorra'.*choose one of"),
+    Row("config-not-a-config", tiny_llama, lambda m, p: la.inject(m, {"r": 8}), TypeError, r"LoRAConfig"),
+    Row(
+        "targets-match-nothing",
+        tiny_llama,
+        _inject("LoRAConfig", target_modules=["qproj"]),
+        la.TargetError,
+        r"'qproj'.*closest module names.*q_proj",
+    ),
+    Row(
+        "regex-matches-nothing",
+        tiny_llama,
+        _inject("LoRAConfig", target_modules=r"layers\.9\..*"),
+        la.TargetError,
+        r"layers\\\\.9",
+    ),
+    Row(
+        "exclude-removes-everything",
+        tiny_llama,
+        _inject("LoRAConfig", target_modules=["q_proj"], exclude_modules=["q_proj"]),
+        la.TargetError,
+        r"exclude_modules=\['q_proj'\]",
+    ),
+    Row(
+        "unsupported-layer",
+        tiny_llama,
+        _inject("LoRAConfig", target_modules=["q_proj", "post_attention_layernorm"]),
+        la.UnsupportedLayerError,
+        r"LlamaRMSNorm.*exclude_modules",
+    ),
+    Row("no-default-targets", SmallCNN, _inject("LoRAConfig"), la.TargetError, r"no default for model type None"),
+    Row(
+        "modules-to-save-nothing",
+        tiny_bert,
+        _inject("LoRAConfig", target_modules=["query"], modules_to_save=["clasifier"]),
+        la.TargetError,
+        r"clasifier",
+    ),
+    Row("inject-twice-different", tiny_llama, _twice, la.AdapterConfigError, r"different config.*eject"),
+    Row("state-missing-key", tiny_llama, _state_dict_action(_drop_first), la.AdapterStateError, r"missing keys"),
+    Row(
+        "state-extra-key", tiny_llama, _state_dict_action(_add_extra), la.AdapterStateError, r"unexpected keys.*k_proj"
+    ),
+    Row(
+        "state-misshaped",
+        tiny_llama,
+        _state_dict_action(_reshape_first),
+        la.AdapterStateError,
+        r"shape mismatches.*got \(3, 64\)",
+    ),
+    Row(
+        "peft-unknown-type",
+        tiny_llama,
+        _peft_dir(tiny_llama, "LoRAConfig", _edit_json(peft_type="IA3"), target_modules=["q_proj"]),
+        la.AdapterConfigError,
+        r"'IA3'",
+    ),
+    Row(
+        "peft-unsupported-option",
+        tiny_llama,
+        _peft_dir(tiny_llama, "LoRAConfig", _edit_json(bias="all"), target_modules=["q_proj"]),
+        la.AdapterConfigError,
+        r"bias='all'",
+    ),
+    Row(
+        "peft-missing-tensor",
+        tiny_llama,
+        _peft_dir(
+            tiny_llama,
+            "LoRAConfig",
+            _edit_tensors(lambda t: {k: v for k, v in list(t.items())[1:]}),
+            target_modules=["q_proj"],
+        ),
+        la.AdapterStateError,
+        r"missing",
+    ),
+    Row(
+        "peft-extra-tensor",
+        tiny_llama,
+        _peft_dir(
+            tiny_llama,
+            "LoRAConfig",
+            _edit_tensors(lambda t: {**t, "base_model.model.foo.lora_A.weight": torch.zeros(1)}),
+            target_modules=["q_proj"],
+        ),
+        la.AdapterStateError,
+        r"unexpected \['foo.lora_A.weight'\]",
+    ),
+    Row(
+        "peft-misshaped-tensor",
+        tiny_llama,
+        _peft_dir(
+            lambda: tiny_llama(hidden_size=32, intermediate_size=64), "LoRAConfig", None, target_modules=["q_proj"]
+        ),
+        la.AdapterStateError,
+        r"mis-shaped.*file \(8, 32\), model \(8, 64\)",
+    ),
+    Row(
+        "peft-truncated",
+        tiny_llama,
+        _peft_dir(tiny_llama, "LoRAConfig", _truncate, target_modules=["q_proj"]),
+        la.AdapterStateError,
+        r"not a readable safetensors.*truncated",
+    ),
+    Row(
+        "peft-not-safetensors",
+        tiny_llama,
+        _peft_dir(tiny_llama, "LoRAConfig", _not_safetensors, target_modules=["q_proj"]),
+        la.AdapterStateError,
+        r"not a readable safetensors",
+    ),
+    Row(
+        "peft-no-config",
+        tiny_llama,
+        lambda m, p: la.load_peft(m, p / "nowhere"),
+        la.AdapterStateError,
+        r"adapter_config.json does not exist",
+    ),
+    Row("merge-non-finite", tiny_llama, lambda m, p: _nan_merge(m), ValueError, r"v_proj.*non-finite"),
+    Row("lora-r-zero", None, _cfg("LoRAConfig", r=0), la.AdapterConfigError, r"lora: r must be an integer > 0, got 0"),
+    Row("lora-r-negative", None, _cfg("LoRAConfig", r=-4), la.AdapterConfigError, r"got -4"),
+    Row("lora-alpha-zero", None, _cfg("LoRAConfig", alpha=0), la.AdapterConfigError, r"alpha.*> 0, got 0"),
+    Row("lora-dropout-one", None, _cfg("LoRAConfig", dropout=1.0), la.AdapterConfigError, r"\[0, 1\), got 1.0"),
+    Row("lora-dropout-negative", None, _cfg("LoRAConfig", dropout=-0.1), la.AdapterConfigError, r"got -0.1"),
+    Row("lora-init-unknown", None, _cfg("LoRAConfig", init_weights="pissa"), la.AdapterConfigError, r"'pissa'"),
+    Row(
+        "lora-conv-groups",
+        lambda: Wrap(nn.Conv2d(8, 8, 3, groups=4)),
+        _inject("LoRAConfig", r=2, target_modules=["layer"]),
+        la.AdapterConfigError,
+        r"groups=4; use r in \[4, 8",
+    ),
+    Row("adapter-dtype-unknown", None, _cfg("LoRAConfig", adapter_dtype="fp8"), la.AdapterConfigError, r"'fp8'"),
+    Row(
+        "gpt2-bad-target-type",
+        tiny_gpt2,
+        _inject("LoRAConfig", target_modules=["ln_1"]),
+        la.UnsupportedLayerError,
+        r"LayerNorm",
+    ),
+]
+
+
+def _nan_merge(m):
+    la.inject(m, la.LoRAConfig(r=2, target_modules=["q_proj", "v_proj"]))
+    with torch.no_grad():
+        m.model.layers[1].self_attn.v_proj.adapter.lora_B.fill_(float("inf"))
+    _snapshot_into(m)
+    return la.merge(m, safe=True)
+
+
+ROWS: list[Row] = list(ENGINE_ROWS)
+
+
+@pytest.mark.parametrize("row", [pytest.param(r, id=r.id) for r in ROWS])
+def test_bad_input(row: Row, tmp_path: Path) -> None:
+    _SNAP.clear()
+    _FILES.clear()
+    model = row.make_model() if row.make_model is not None else None
+    before = _snapshot(model) if model is not None else None
+    with pytest.raises(row.exc) as info:
+        row.action(model, tmp_path)
+    assert re.search(row.match, str(info.value), flags=re.S), str(info.value)
+    if model is not None:
+        sd, rg, types = _SNAP.get("model", before)
+        now = model.state_dict()
+        assert set(now) == set(sd)
+        for k, v in sd.items():
+            assert torch.equal(now[k], v) or (torch.isnan(v).any() and torch.equal(now[k].isnan(), v.isnan())), k
+        assert {n: p.requires_grad for n, p in model.named_parameters()} == rg
+        assert {n: type(x) for n, x in model.named_modules()} == types
+    for path, data in _FILES.items():
+        assert Path(path).read_bytes() == data, f"{path} changed"
+
+
+def test_table_is_documented() -> None:
+    text = DOC.read_text()
+    missing = [r.id for r in ROWS if f"`{r.id}`" not in text]
+    assert not missing, f"add these rows to {DOC}: {missing}"
+    assert len(ROWS) >= 40
