@@ -55,6 +55,10 @@ _LAZY = {
     "LlamaAdapterConfig": "lightning_adapters.methods.llama_adapter",
     "AdapterCallback": "lightning_adapters.lightning.callback",
     "AdapterMixin": "lightning_adapters.lightning.mixin",
+    "restore_from_checkpoint": "lightning_adapters.lightning.checkpoint",
+    "adapter_auto_wrap_policy": "lightning_adapters.lightning.strategies",
+    "adapter_parallelize_fn": "lightning_adapters.lightning.strategies",
+    "export_merged": "lightning_adapters.lightning.export",
 }
 
 

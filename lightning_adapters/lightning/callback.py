@@ -1,0 +1,119 @@
+"""``AdapterCallback``: parameter-efficient fine-tuning for any LightningModule, added to the Trainer.
+
+Example::
+
+    trainer = L.Trainer(callbacks=[
+        la.AdapterCallback(la.LoRAConfig(r=8, target_modules=["q_proj", "v_proj"]), module="model"),
+        ModelCheckpoint(save_top_k=2, save_last=True),
+    ])
+    trainer.fit(MyModule())            # MyModule knows nothing about adapters
+
+The callback injects into the module (or the named sub-module) as soon as it exists: at ``setup`` when it was
+built in ``__init__``, else right after the module's ``configure_model``. It freezes the base, prints the
+summary, checks at fit start that the optimizer holds every adapter parameter, keeps checkpoints adapter-only
+(with the stock ``ModelCheckpoint`` and ``trainer.save_checkpoint``, weights-only saves included), refuses to
+resume onto another base or config, drives a method's training hooks (AdaLoRA) and can export at fit end.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+from lightning.pytorch import Callback, LightningModule, Trainer
+from typing_extensions import override
+
+from lightning_adapters.config import AdapterConfig
+from lightning_adapters.lightning import export, strategies
+from lightning_adapters.lightning.runtime import AdapterOptions, AdapterRuntime, attach_runtime, get_runtime
+
+
+class AdapterCallback(Callback):
+    """Inject an adapter into a LightningModule and make training, checkpoints and export adapter-aware.
+
+    Args:
+        config: The adapter config, e.g. ``LoRAConfig(r=8)``. ``None`` takes it from an ``AdapterMixin`` module's
+            ``adapter_config``.
+        module: Dotted name of the sub-module to adapt (e.g. ``"model"``); ``None`` adapts the whole module.
+        export_peft_dir: At the end of ``fit``, write the adapter here in PEFT's format
+            (``PeftModel.from_pretrained(base, export_peft_dir)`` loads it).
+        export_merged_dir: At the end of ``fit``, write a plain copy of the adapted module with the adapter merged
+            in (``save_pretrained`` for transformers models, else ``model.safetensors``).
+        gradient_checkpointing: Switch on non-reentrant gradient checkpointing of the (transformers) model.
+        verbose: Print the adapter summary on rank zero after injection.
+    """
+
+    def __init__(
+        self,
+        config: AdapterConfig | None,
+        module: str | None = None,
+        *,
+        export_peft_dir: str | os.PathLike | None = None,
+        export_merged_dir: str | os.PathLike | None = None,
+        gradient_checkpointing: bool = False,
+        verbose: bool = True,
+    ) -> None:
+        super().__init__()
+        if config is not None and not isinstance(config, AdapterConfig):
+            raise TypeError(f"config must be an adapter config such as LoRAConfig(...), got {type(config).__name__}")
+        self.config = config
+        self.options = AdapterOptions(
+            module=module,
+            export_peft_dir=None if export_peft_dir is None else str(export_peft_dir),
+            export_merged_dir=None if export_merged_dir is None else str(export_merged_dir),
+            gradient_checkpointing=gradient_checkpointing,
+            verbose=verbose,
+        )
+        self._runtime: AdapterRuntime | None = None
+
+    def _rt(self, pl_module: LightningModule) -> AdapterRuntime:
+        return self._runtime if self._runtime is not None else get_runtime(pl_module)
+
+    @override
+    def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
+        self._runtime = attach_runtime(pl_module, self.config, self.options)
+        # A model built in __init__ is adapted now (before a configure_model that may shard it); one built in
+        # configure_model is adapted right after it.
+        self._runtime.inject(pl_module, defer=True)
+
+    @override
+    def on_fit_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        self._rt(pl_module).start_fit(trainer, pl_module)
+
+    @override
+    def on_train_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        runtime = self._rt(pl_module)
+        runtime.last_step = trainer.global_step
+        runtime.apply_pending_state()
+
+    @override
+    def on_after_backward(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        runtime = self._rt(pl_module)
+        if not runtime.grads_checked:
+            runtime.grads_checked = True
+            strategies.check_gradients(trainer, pl_module, runtime)
+
+    @override
+    def on_train_batch_end(
+        self, trainer: Trainer, pl_module: LightningModule, outputs: Any, batch: Any, batch_idx: int
+    ) -> None:
+        self._rt(pl_module).after_batch(trainer, pl_module)
+
+    @override
+    def on_train_epoch_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        runtime = self._rt(pl_module)
+        if runtime.hooks is not None:
+            runtime.hooks.on_train_epoch_end(trainer, pl_module)
+
+    @override
+    def on_fit_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        export.export_at_fit_end(trainer, pl_module, self._rt(pl_module))
+
+    @override
+    def state_dict(self) -> dict[str, Any]:
+        return self._runtime.hooks_state() if self._runtime is not None else {}
+
+    @override
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        if self._runtime is not None:
+            self._runtime.load_hooks_state(state_dict)

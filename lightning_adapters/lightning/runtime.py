@@ -1,0 +1,373 @@
+"""The per-module adapter runtime that ``AdapterCallback`` and ``AdapterMixin`` share.
+
+Lightning 2.6 runs, in this order: callbacks' and the module's ``setup``; the module's ``configure_model``
+(inside the sharding and precision init contexts); the checkpoint restore (non-sharded strategies);
+``strategy.setup`` (precision ``convert_module``, DDP/FSDP wrapping, ``configure_optimizers``); ``on_fit_start``;
+the restore of sharded strategies; ``on_train_start``. Injection must follow the user's ``configure_model`` (a
+model may be built there) and precede the restore and the optimizers, and the checkpoint filter must run for
+weights-only saves too, where callbacks' ``on_save_checkpoint`` is skipped. A callback alone cannot do either.
+
+So the runtime swaps the LightningModule's class for a subclass, as ``core.layer`` does for adapted layers:
+``Adapter<UserModule>`` runs the user's ``configure_model``, ``training_step`` and checkpoint hooks, then the
+adapter work. Loop events (fit start, optimizer steps, epoch ends, fit end) are driven from ``AdapterCallback``,
+which runs before ``ModelCheckpoint`` (Lightning moves checkpoint callbacks last), so a checkpoint taken at a
+step or epoch end already holds the method hooks' updated state. ``AdapterMixin`` adds that callback itself
+through ``configure_callbacks`` when the trainer has none.
+"""
+
+from __future__ import annotations
+
+import sys
+import warnings
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import nn
+
+from lightning_adapters.config import AdapterConfig
+from lightning_adapters.core.inject import apply_trainability, find_records, inject, summary
+from lightning_adapters.core.state import adapter_prefixes, base_fingerprint
+from lightning_adapters.errors import AdapterConfigError, AdapterStateError, TargetError
+from lightning_adapters.lightning import checkpoint as ckpt
+from lightning_adapters.lightning import strategies
+from lightning_adapters.registry import get_method
+
+RUNTIME_ATTR = "_la_runtime"
+
+
+@dataclass
+class AdapterOptions:
+    """What the integration does besides injecting (set through ``AdapterCallback``'s arguments).
+
+    Attributes:
+        module: Dotted name of the sub-module to inject into (``None``: the whole LightningModule).
+        export_peft_dir: Write the adapter in PEFT's format here at the end of ``fit``.
+        export_merged_dir: Write a plain copy of the injected module with the adapter merged in at the end of ``fit``.
+        gradient_checkpointing: Switch on non-reentrant gradient checkpointing of a transformers model at injection.
+        verbose: Print the adapter summary on rank zero after injection.
+    """
+
+    module: str | None = None
+    export_peft_dir: str | None = None
+    export_merged_dir: str | None = None
+    gradient_checkpointing: bool = False
+    verbose: bool = True
+
+
+def _rank_zero_info(message: str) -> None:
+    from lightning.pytorch.utilities.rank_zero import rank_zero_info
+
+    rank_zero_info(message)
+
+
+def _has_dtensor(module: nn.Module) -> bool:
+    return any(hasattr(p, "device_mesh") for p in module.parameters())
+
+
+class AdapterRuntime:
+    """Injection, checkpoint filtering and method-hook driving for one LightningModule.
+
+    Args:
+        config: The adapter config to inject.
+        options: Where to inject and what else to do.
+    """
+
+    def __init__(self, config: AdapterConfig, options: AdapterOptions) -> None:
+        if not isinstance(config, AdapterConfig):
+            raise AdapterConfigError(
+                f"expected an adapter config such as LoRAConfig(...), got {type(config).__name__}: {config!r}"
+            )
+        self.config = config
+        self.options = options
+        self.fingerprint: str | None = None
+        self.shapes: dict[str, list[int]] = {}
+        self.hooks: Any = None
+        self.pending_hooks_state: dict[str, Any] | None = None
+        self.manual_regularization = False
+        self.last_step = 0
+        self.grads_checked = False
+        self._warned: set[str] = set()
+
+    # --- where the adapter lives ---------------------------------------------------------------------------
+
+    def target(self, pl_module: nn.Module) -> nn.Module | None:
+        """The module to inject into, or ``None`` while it does not exist yet."""
+        if not self.options.module:
+            return pl_module
+        try:
+            return pl_module.get_submodule(self.options.module)
+        except AttributeError:
+            return None
+
+    def injected_target(self, pl_module: nn.Module) -> nn.Module:
+        """The injected module; raises if injection has not happened."""
+        target = self.target(pl_module)
+        if target is None or not find_records(target):
+            raise AdapterStateError(
+                "the LightningModule has no adapters yet: they are injected when the Trainer configures the model "
+                "(fit/validate/test/predict) or by calling inject_adapters()"
+            )
+        return target
+
+    def key_prefix(self) -> str:
+        """Prefix of the target's keys inside the LightningModule's state dict."""
+        return f"{self.options.module}." if self.options.module else ""
+
+    def adapter_key_prefixes(self, pl_module: nn.Module) -> list[str]:
+        """Adapter key prefixes relative to the LightningModule."""
+        prefix = self.key_prefix()
+        return [prefix + p for p in adapter_prefixes(self.injected_target(pl_module))]
+
+    # --- injection -----------------------------------------------------------------------------------------
+
+    def inject(self, pl_module: nn.Module, *, defer: bool = False) -> bool:
+        """Inject (idempotently) into the target; with ``defer``, a target that is not built yet is not an error.
+
+        Returns:
+            Whether the target is injected after the call.
+        """
+        target = self.target(pl_module)
+        if target is None:
+            if defer:
+                return False
+            raise AdapterConfigError(
+                f"AdapterCallback(module={self.options.module!r}): the LightningModule has no sub-module of that "
+                "name after configure_model; pass the attribute path of the model to adapt, e.g. module='model'"
+            )
+        if find_records(target):
+            inject(target, self.config)  # same config: no-op; another one: a clear error
+            apply_trainability(target)
+            return True
+        if _has_dtensor(target):
+            raise AdapterConfigError(
+                "the model was sharded (fully_shard) in configure_model before the adapters were injected, so the "
+                "adapters would not be sharded with it. Inject first: call self.inject_adapters() (AdapterMixin) "
+                "before fully_shard, or drop the fully_shard calls and let the integration shard the model with "
+                "lightning_adapters.adapter_parallelize_fn"
+            )
+        try:
+            inject(target, self.config)
+        except TargetError:
+            if defer:
+                return False
+            raise
+        self._after_injection(pl_module, target)
+        return True
+
+    def _after_injection(self, pl_module: nn.Module, target: nn.Module) -> None:
+        pl_module._strict_loading = False
+        trainer = pl_module._trainer
+        local = self._local_fingerprint(target)
+        # Ranks may initialise the base differently before DDP broadcasts rank 0's weights: use rank 0's fingerprint.
+        self.fingerprint = trainer.strategy.broadcast(local) if trainer is not None else local
+        self.shapes = ckpt.expected_shapes(pl_module, self)
+        if self.options.gradient_checkpointing:
+            strategies.enable_gradient_checkpointing(target)
+        if self.options.verbose:
+            _rank_zero_info("lightning_adapters: injected " + type(self.config).__name__ + "\n" + summary(target))
+
+    @staticmethod
+    def _local_fingerprint(target: nn.Module) -> str | None:
+        if any(t.device.type == "meta" for t in target.state_dict().values()):
+            return None  # a meta-device model has no values yet; the fingerprint is taken at the first save
+        return base_fingerprint(target)
+
+    def after_configure_model(self, pl_module: nn.Module) -> None:
+        """Inject after the user's ``configure_model`` and prepare the strategy (called on every stage)."""
+        self.inject(pl_module)
+        trainer = pl_module._trainer
+        if trainer is not None:
+            strategies.prepare_strategy(trainer, pl_module, self)
+
+    # --- checkpoints ---------------------------------------------------------------------------------------
+
+    def on_save_checkpoint(self, pl_module: nn.Module, checkpoint: dict[str, Any]) -> None:
+        """Keep only adapter tensors in ``checkpoint["state_dict"]`` and add the adapter metadata."""
+        target = self.injected_target(pl_module)
+        if self.fingerprint is None:
+            self.fingerprint = self._local_fingerprint(target)
+        ckpt.filter_checkpoint(checkpoint, pl_module, self)
+
+    def on_load_checkpoint(self, pl_module: nn.Module, checkpoint: dict[str, Any]) -> None:
+        """Refuse a checkpoint from another base or config; check every adapter key and shape."""
+        ckpt.validate_checkpoint(checkpoint, pl_module, self)
+
+    # --- method training hooks -----------------------------------------------------------------------------
+
+    def start_fit(self, trainer: Any, pl_module: nn.Module) -> None:
+        """Create this fit's method hooks (if the method has any) and run the fit-start checks."""
+        target = self.injected_target(pl_module)
+        self.grads_checked = False
+        self.manual_regularization = False
+        strategies.check_optimizers(trainer, pl_module, self)
+        strategies.handle_input_grads(target)
+        method = find_records(target)[0][2].method
+        hooks_cls = get_method(method).training_hooks
+        self.hooks = hooks_cls(target, self.config) if hooks_cls is not None else None
+        if self.hooks is not None:
+            self.hooks.setup(trainer, pl_module)
+            self.apply_pending_state()
+
+    def apply_pending_state(self) -> None:
+        """Hand restored hook state to the hooks once both exist (after ``setup``, so setup cannot overwrite it)."""
+        if self.hooks is not None and self.pending_hooks_state is not None:
+            self.hooks.load_state_dict(self.pending_hooks_state)
+            self.pending_hooks_state = None
+
+    def hooks_state(self) -> dict[str, Any]:
+        """The method hooks' state for the callback's checkpoint entry."""
+        return {"training_hooks": self.hooks.state_dict() if self.hooks is not None else None}
+
+    def load_hooks_state(self, state: Mapping[str, Any]) -> None:
+        """Keep restored hook state until the hooks exist."""
+        hooks_state = state.get("training_hooks")
+        if hooks_state is not None:
+            self.pending_hooks_state = dict(hooks_state)
+            self.apply_pending_state()
+
+    def after_batch(self, trainer: Any, pl_module: nn.Module) -> None:
+        """Report every optimizer step (not every batch: accumulation) to the hooks, while gradients still exist."""
+        step = trainer.global_step
+        if step > self.last_step:
+            if self.hooks is not None:
+                self.hooks.on_optimizer_step_end(trainer, pl_module, step - 1)
+            self.last_step = step
+
+    def loss_term(self) -> torch.Tensor | None:
+        """The method's regularisation term for the current batch (``None``: nothing to add)."""
+        return self.hooks.loss_term() if self.hooks is not None else None
+
+    def add_loss_term(self, pl_module: Any, output: Any) -> Any:
+        """Add the method's loss term to what ``training_step`` returned (a tensor or a dict with ``"loss"``)."""
+        if self.hooks is None or self.manual_regularization:
+            return output
+        term = self.hooks.loss_term()
+        if term is None:
+            return output
+        if not pl_module.automatic_optimization:
+            self.warn_once(
+                "manual-opt",
+                "the adapter method has a regularisation term, but with manual optimization training_step's "
+                "return value is not backpropagated: add self.adapter_regularization() (AdapterMixin) to your loss",
+            )
+            return output
+        if isinstance(output, torch.Tensor):
+            return output + term
+        if isinstance(output, Mapping) and "loss" in output:
+            return {**output, "loss": output["loss"] + term}
+        return output
+
+    def warn_once(self, key: str, message: str) -> None:
+        """Warn with ``message`` once per runtime (rank zero)."""
+        if key not in self._warned:
+            self._warned.add(key)
+            from lightning.pytorch.utilities.rank_zero import rank_zero_warn
+
+            rank_zero_warn(message)
+
+
+# ------------------------------------------------------------------------------------------------------------
+# The module class swap
+
+
+def get_runtime(pl_module: nn.Module) -> AdapterRuntime:
+    """The runtime of ``pl_module``, created from ``AdapterMixin.adapter_config`` on first use."""
+    runtime = pl_module.__dict__.get(RUNTIME_ATTR)
+    if runtime is None:
+        config = getattr(pl_module, "adapter_config", None)
+        if config is None:
+            raise AdapterConfigError(
+                f"{type(pl_module).__name__} has no adapter config: set self.adapter_config = LoRAConfig(...) in "
+                "__init__ (AdapterMixin), or pass one to AdapterCallback(config)"
+            )
+        runtime = AdapterRuntime(config, AdapterOptions(module=getattr(pl_module, "adapter_module", None)))
+        pl_module.__dict__[RUNTIME_ATTR] = runtime
+    return runtime
+
+
+def attach_runtime(pl_module: nn.Module, config: AdapterConfig | None, options: AdapterOptions) -> AdapterRuntime:
+    """Give ``pl_module`` a runtime for ``config`` (or reuse its mixin's), and swap its class."""
+    existing = pl_module.__dict__.get(RUNTIME_ATTR)
+    own = getattr(pl_module, "adapter_config", None)
+    if config is None:
+        config = own if own is not None else (existing.config if existing is not None else None)
+    if config is None:
+        raise AdapterConfigError(
+            "AdapterCallback needs a config: AdapterCallback(LoRAConfig(...)), or a LightningModule with "
+            "AdapterMixin whose adapter_config is set"
+        )
+    for other, where in ((own, "the module's adapter_config"), (existing and existing.config, "an earlier setup")):
+        if other is not None and (type(other) is not type(config) or other.to_dict() != config.to_dict()):
+            raise AdapterConfigError(
+                f"AdapterCallback config {config!r} differs from {where} {other!r}; give the config in one place"
+            )
+    mixin_module = getattr(pl_module, "adapter_module", None)
+    if options.module is None:
+        options.module = mixin_module
+    elif mixin_module is not None and mixin_module != options.module:
+        raise AdapterConfigError(
+            f"AdapterCallback(module={options.module!r}) differs from the module's adapter_module={mixin_module!r}"
+        )
+    if existing is None:
+        existing = AdapterRuntime(config, options)
+        pl_module.__dict__[RUNTIME_ATTR] = existing
+    else:
+        existing.options = options
+    swap_class(pl_module)
+    pl_module._strict_loading = False
+    return existing
+
+
+class AdapterModuleHooks:
+    """Methods placed in front of the user's LightningModule class; each calls the user's own method first."""
+
+    _la_swapped = True
+
+    def configure_model(self) -> None:
+        super().configure_model()
+        get_runtime(self).after_configure_model(self)
+
+    def training_step(self, *args: Any, **kwargs: Any) -> Any:
+        out = super().training_step(*args, **kwargs)
+        return get_runtime(self).add_loss_term(self, out)
+
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        super().on_save_checkpoint(checkpoint)
+        get_runtime(self).on_save_checkpoint(self, checkpoint)
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        get_runtime(self).on_load_checkpoint(self, checkpoint)
+        super().on_load_checkpoint(checkpoint)
+
+    def configure_callbacks(self) -> Any:
+        from lightning_adapters.lightning.callback import AdapterCallback
+
+        own = super().configure_callbacks()
+        trainer = self._trainer
+        if trainer is not None and any(isinstance(cb, AdapterCallback) for cb in trainer.callbacks):
+            return own
+        own = list(own) if isinstance(own, (list, tuple)) else ([] if own is None else [own])
+        return [*own, AdapterCallback(None)]
+
+
+_CLASS_CACHE: dict[type, type] = {}
+
+
+def swap_class(pl_module: nn.Module) -> None:
+    """Put ``AdapterModuleHooks`` in front of ``pl_module``'s class (once; picklable, like ``core.layer``)."""
+    cls = type(pl_module)
+    if getattr(cls, "_la_swapped", False):
+        return
+    if cls not in _CLASS_CACHE:
+        module = sys.modules[__name__]
+        name = f"Adapter{cls.__name__}"
+        while hasattr(module, name):
+            name += "_"
+        new = type(name, (AdapterModuleHooks, cls), {"__module__": __name__, "__qualname__": name})
+        setattr(module, name, new)
+        _CLASS_CACHE[cls] = new
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        pl_module.__class__ = _CLASS_CACHE[cls]

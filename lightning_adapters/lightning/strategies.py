@@ -1,0 +1,321 @@
+"""Strategy, precision and gradient-checkpointing support for adapters under Lightning.
+
+- **FSDP1** (``FSDPStrategy``): ``adapter_auto_wrap_policy`` puts every adapter layer and every fully trainable
+  module in its own unit, so the big units hold frozen parameters only (no gradient memory, no reduce-scatter of
+  frozen weights) and fp32 adapters can sit next to a bf16 base (one dtype per flat parameter).
+- **FSDP2** (``ModelParallelStrategy``): ``adapter_parallelize_fn`` shards adapter layers in their own units,
+  then transformer blocks, then the root. When the user's ``configure_model`` does not shard, the integration
+  calls it itself.
+- **Checkpoints** under both: the adapter state is gathered into full tensors on rank 0
+  (``get_model_state_dict(full_state_dict=True, ignore_frozen_params=True)``): never the whole model, never a
+  rank's slice, and a single file that ``fit(ckpt_path=...)`` and ``restore_from_checkpoint`` read.
+- **Precision**: ``bf16-true`` casts the whole module in ``strategy.setup``; the adapter dtype policy is
+  re-applied right after that cast (before DDP/FSDP wrap the module and the optimizers are built).
+- **Gradient checkpointing**: non-reentrant by default; with reentrant checkpointing and frozen input embeddings,
+  the embedding output is made to require grad, or no gradient would reach the adapters.
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Callable, Iterable
+from typing import TYPE_CHECKING, Any
+
+from torch import nn
+
+from lightning_adapters.core.inject import adapted_modules, apply_dtype_policy, find_records
+from lightning_adapters.core.layer import AdapterLayer
+from lightning_adapters.errors import AdapterConfigError, AdapterStateError
+
+if TYPE_CHECKING:
+    from lightning_adapters.lightning.runtime import AdapterRuntime
+
+
+# ------------------------------------------------------------------------------------------------------------
+# Wrapping policies
+
+
+def block_types_of(model: nn.Module) -> tuple[type, ...]:
+    """The repeated block classes of a transformers model (its ``_no_split_modules``), found inside ``model``."""
+    names: set[str] = set()
+    for m in model.modules():
+        names.update(getattr(m, "_no_split_modules", None) or [])
+    return tuple(
+        {type(m) for m in model.modules() if type(m).__name__ in names or type(m).__mro__[1].__name__ in names}
+    )
+
+
+def _fully_trainable(module: nn.Module) -> bool:
+    own = list(module.parameters(recurse=False))
+    return bool(own) and all(p.requires_grad for p in own)
+
+
+def adapter_auto_wrap_policy(block_types: Iterable[type] = ()) -> Callable[[nn.Module, bool, int], bool]:
+    """An FSDP1 ``auto_wrap_policy`` that keeps frozen and trainable parameters in separate units.
+
+    Adapter layers and modules whose own parameters are all trainable (``modules_to_save`` heads) become units;
+    so do ``block_types`` (e.g. ``{LlamaDecoderLayer}``), which then hold frozen parameters only.
+
+    Example::
+
+        strategy = FSDPStrategy(auto_wrap_policy=la.adapter_auto_wrap_policy({LlamaDecoderLayer}))
+
+    Args:
+        block_types: Module classes to wrap as units besides the adapters (usually the transformer block).
+
+    Returns:
+        A callable ``(module, recurse, nonwrapped_numel) -> bool`` for ``FSDPStrategy(auto_wrap_policy=...)``.
+    """
+    blocks = tuple(block_types)
+
+    def policy(module: nn.Module, recurse: bool, nonwrapped_numel: int) -> bool:
+        if recurse:
+            return True
+        return (
+            isinstance(module, AdapterLayer)
+            or (bool(blocks) and isinstance(module, blocks))
+            or (_fully_trainable(module))
+        )
+
+    return policy
+
+
+def adapter_parallelize_fn(
+    module: nn.Module,
+    device_mesh: Any,
+    *,
+    block_types: Iterable[type] | None = None,
+    mp_policy: Any = None,
+    reshard_after_forward: bool = True,
+) -> nn.Module:
+    """Shard an injected model with FSDP2 (``fully_shard``): adapters in their own units, then blocks, then the root.
+
+    Call it in ``configure_model`` after injection (``self.inject_adapters()`` with ``AdapterMixin``); with
+    ``AdapterCallback`` and a ``configure_model`` that does not shard, the integration calls it itself.
+
+    Example::
+
+        def configure_model(self):
+            self.inject_adapters()
+            la.adapter_parallelize_fn(self.model, self.device_mesh["data_parallel"])
+
+    Args:
+        module: The injected model.
+        device_mesh: The data-parallel mesh (``self.device_mesh["data_parallel"]`` under ``ModelParallelStrategy``).
+        block_types: Classes sharded as units between adapters and root; default: a transformers model's
+            ``_no_split_modules``, else none.
+        mp_policy: Optional ``MixedPrecisionPolicy`` for every unit.
+        reshard_after_forward: Passed to ``fully_shard``.
+
+    Returns:
+        ``module`` (now an ``FSDPModule``).
+
+    Raises:
+        AdapterStateError: ``module`` has no adapters (sharding first would leave them out).
+    """
+    from torch.distributed.fsdp import fully_shard, register_fsdp_forward_method
+
+    records = find_records(module)
+    if not records:
+        raise AdapterStateError(
+            "adapter_parallelize_fn needs an injected model: inject the adapters (la.inject or "
+            "self.inject_adapters()) before sharding, so they are sharded too"
+        )
+    kwargs: dict[str, Any] = {"mesh": device_mesh, "reshard_after_forward": reshard_after_forward}
+    if mp_policy is not None:
+        kwargs["mp_policy"] = mp_policy
+    for _, _, layer in adapted_modules(module):
+        fully_shard(layer, **kwargs)
+        # Layers run through adapted_forward, not __call__: FSDP must gather their parameters around that method.
+        register_fsdp_forward_method(layer, "adapted_forward")
+    for _, root, rec in records:
+        for name in rec.modules_to_save + list(rec.extra.get("trainable_modules", [])):
+            fully_shard(root.get_submodule(name), **kwargs)
+    blocks = tuple(block_types) if block_types is not None else block_types_of(module)
+    if blocks:
+        for m in module.modules():
+            if isinstance(m, blocks):
+                fully_shard(m, **kwargs)
+    fully_shard(module, **kwargs)
+    return module
+
+
+# ------------------------------------------------------------------------------------------------------------
+# Strategy preparation (called after configure_model, before strategy.setup)
+
+
+def _gather_adapter_state(strategy: Any) -> dict[str, Any]:
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+    # Trainable tensors and buffers only (adapter filtering follows in on_save_checkpoint), full, on rank 0.
+    options = StateDictOptions(full_state_dict=True, cpu_offload=True, ignore_frozen_params=True)
+    return get_model_state_dict(strategy.model, options=options)
+
+
+def prepare_strategy(trainer: Any, pl_module: nn.Module, runtime: AdapterRuntime) -> None:
+    """Adjust the trainer's strategy and precision plugin for adapters (idempotent)."""
+    from lightning.pytorch.strategies import FSDPStrategy, ModelParallelStrategy
+
+    strategy = trainer.strategy
+    _reapply_dtype_policy_after_conversion(strategy.precision_plugin)
+    if strategy.__dict__.get("_la_prepared"):
+        return
+    if runtime.options.export_merged_dir and isinstance(strategy, (FSDPStrategy, ModelParallelStrategy)):
+        raise AdapterConfigError(
+            f"export_merged_dir is not supported under {type(strategy).__name__} (a merged copy needs the whole "
+            "unsharded model on one rank); export the adapter with export_peft_dir and merge afterwards: "
+            "la.eject(la.restore_from_checkpoint(base, ckpt_path), merge=True)"
+        )
+    if isinstance(strategy, ModelParallelStrategy):
+        if strategy._save_distributed_checkpoint:
+            strategy._save_distributed_checkpoint = False
+            runtime.warn_once(
+                "mp-full",
+                "ModelParallelStrategy: adapter checkpoints are saved as single files of full adapter tensors "
+                "(save_distributed_checkpoint=False); the frozen base is not saved",
+            )
+        target = runtime.injected_target(pl_module)
+        if not any(hasattr(p, "device_mesh") for p in pl_module.parameters()):
+            mesh = strategy.device_mesh
+            if mesh["tensor_parallel"].size() > 1:
+                raise AdapterConfigError(
+                    "ModelParallelStrategy: configure_model did not shard the model, and the integration only "
+                    "applies FSDP2 over the data-parallel mesh; use ModelParallelStrategy(data_parallel_size=N, "
+                    "tensor_parallel_size=1) or apply your own parallelization in configure_model"
+                )
+            adapter_parallelize_fn(target, mesh["data_parallel"])
+    elif isinstance(strategy, FSDPStrategy):
+        if strategy._state_dict_type == "sharded":
+            strategy._state_dict_type = "full"
+            runtime.warn_once(
+                "fsdp-full",
+                "FSDPStrategy: adapter checkpoints are saved as single files of full adapter tensors "
+                "(state_dict_type='full'); the frozen base is not saved",
+            )
+        if strategy.kwargs.get("auto_wrap_policy") is None:
+            target = runtime.injected_target(pl_module)
+            strategy.kwargs["auto_wrap_policy"] = adapter_auto_wrap_policy(block_types_of(target))
+    else:
+        strategy.__dict__["_la_prepared"] = True
+        return
+    # Gather the adapter only, instead of the whole model, for every checkpoint.
+    strategy.lightning_module_state_dict = functools.partial(_gather_adapter_state, strategy)
+    strategy.__dict__["_la_prepared"] = True
+
+
+def _reapply_dtype_policy_after_conversion(plugin: Any) -> None:
+    if plugin.__dict__.get("_la_dtype_policy"):
+        return
+    convert = plugin.convert_module
+
+    def convert_module(module: nn.Module) -> nn.Module:
+        module = convert(module)
+        apply_dtype_policy(module)
+        return module
+
+    plugin.convert_module = convert_module
+    plugin.__dict__["_la_dtype_policy"] = True
+
+
+# ------------------------------------------------------------------------------------------------------------
+# Fit-time checks
+
+
+def check_optimizers(trainer: Any, pl_module: nn.Module, runtime: AdapterRuntime) -> None:
+    """Every trainable adapter parameter must be in an optimizer (frozen ones there are harmless: no gradient).
+
+    Raises:
+        AdapterConfigError: Naming the missing parameters and the one-line fix.
+    """
+    if not pl_module.automatic_optimization and not trainer.optimizers:
+        return
+    in_optimizer = {id(p) for opt in trainer.optimizers for group in opt.param_groups for p in group["params"]}
+    target = runtime.injected_target(pl_module)
+    missing = [n for n, p in target.named_parameters() if p.requires_grad and id(p) not in in_optimizer]
+    if missing:
+        shown = missing[:5] + ([f"... {len(missing) - 5} more"] if len(missing) > 5 else [])
+        raise AdapterConfigError(
+            f"{len(missing)} adapter parameters are in no optimizer ({shown}), so they would never train. "
+            "configure_optimizers must build the optimizer from the parameters as they are when it runs (after "
+            "injection), e.g. torch.optim.AdamW((p for p in self.parameters() if p.requires_grad), lr=...) "
+            "(AdapterMixin: self.trainable_parameters()); do not create it in __init__"
+        )
+
+
+def check_gradients(trainer: Any, pl_module: nn.Module, runtime: AdapterRuntime) -> None:
+    """After the first backward: report adapter parameters that got no gradient (before DDP's own error)."""
+    from lightning.pytorch.strategies import DDPStrategy, FSDPStrategy
+
+    if isinstance(trainer.strategy, FSDPStrategy):
+        return  # FSDP1 leaves .grad unset on ranks that hold no shard of a parameter
+    target = runtime.injected_target(pl_module)
+    dead = [n for n, p in target.named_parameters() if p.requires_grad and p.grad is None]
+    if not dead:
+        return
+    message = (
+        f"{len(dead)} adapter parameters got no gradient in the first backward: {dead[:8]}"
+        f"{' ...' if len(dead) > 8 else ''}. Their modules do not reach the loss (e.g. an unused pooler). "
+        "Add them to exclude_modules or narrow target_modules"
+    )
+    strategy = trainer.strategy
+    if isinstance(strategy, DDPStrategy) and not strategy._ddp_kwargs.get("find_unused_parameters", False):
+        raise AdapterStateError(
+            message + "; DDP would otherwise fail at the next step with 'Expected to have finished reduction' "
+            "(or use DDPStrategy(find_unused_parameters=True))"
+        )
+    runtime.warn_once("dead-grads", message)
+
+
+# ------------------------------------------------------------------------------------------------------------
+# Gradient checkpointing
+
+
+def enable_gradient_checkpointing(model: nn.Module) -> None:
+    """Switch on non-reentrant gradient checkpointing of a transformers model.
+
+    Raises:
+        AdapterConfigError: ``model`` is not a transformers model that supports it.
+    """
+    if hasattr(model, "activation_checkpointing_enable"):
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+    elif hasattr(model, "gradient_checkpointing_enable"):
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    else:
+        raise AdapterConfigError(
+            f"gradient_checkpointing=True needs a transformers model; {type(model).__name__} has no "
+            "gradient_checkpointing_enable(). Apply torch.utils.checkpoint(..., use_reentrant=False) in your model"
+        )
+
+
+def _reentrant_checkpointing(model: nn.Module) -> bool:
+    for m in model.modules():
+        if getattr(m, "gradient_checkpointing", False) is True:
+            fn = getattr(m, "_gradient_checkpointing_func", None)
+            keywords = fn.keywords if isinstance(fn, functools.partial) else {}
+            # torch.utils.checkpoint treats an unset use_reentrant as True.
+            if keywords.get("use_reentrant") is not False:
+                return True
+    return False
+
+
+def handle_input_grads(model: nn.Module) -> bool:
+    """Make frozen input embeddings' output require grad when reentrant checkpointing would otherwise stop gradients.
+
+    Reentrant checkpointing only backpropagates into a segment whose inputs require grad; with a frozen
+    embedding no input does, and the adapters inside the checkpointed blocks silently get no gradient.
+
+    Returns:
+        Whether the embedding hook was installed.
+    """
+    if model.__dict__.get("_la_input_grads") or not _reentrant_checkpointing(model):
+        return False
+    get_emb = getattr(model, "get_input_embeddings", None)
+    emb = get_emb() if get_emb is not None else None
+    if emb is None or any(p.requires_grad for p in emb.parameters()):
+        return False
+    if hasattr(model, "enable_input_require_grads"):
+        model.enable_input_require_grads()
+    else:
+        emb.register_forward_hook(lambda _m, _i, out: out.requires_grad_(True))
+    model.__dict__["_la_input_grads"] = True
+    return True
