@@ -1,0 +1,659 @@
+"""AdaLoRA: SVD-form low-rank updates whose ranks are reallocated during training by importance.
+
+Maths (Zhang et al. 2023, "Adaptive Budget Allocation for Parameter-Efficient Fine-Tuning", ICLR). Every adapted
+weight ``W (out, in)`` gets an update in singular-value form::
+
+    ΔW = B · (A ⊙ E) · α / (ranknum + 1e-5),    A (r, in), E (r, 1), B (out, r),   r = init_r
+
+``A`` and ``B`` play the right/left singular vectors and ``E`` the singular values; ``E = 0`` at init, so the
+layer starts as the base. ``ranknum`` is fixed at ``init_r`` (PEFT's convention, kept so exported adapters give
+the same outputs in PEFT): pruning a rank does not rescale the others. For ``nn.Conv2d`` ``A`` is
+``(r, in·kh·kw)`` and ``ΔW`` is reshaped to the kernel ``(out, in, kh, kw)``.
+
+Rank allocation. A triplet ``i`` is ``(A_i, E_i, B_{:,i})``. After every optimizer step, for every element ``w``
+of A, E and B::
+
+    I   = |w · ∂L/∂w|                       sensitivity
+    Ī  ← β1·Ī + (1−β1)·I                    smoothed sensitivity
+    Ū  ← β2·Ū + (1−β2)·|I − Ī|              uncertainty (with the new Ī)
+    s   = Ī · Ū                              element score
+    S_i = s(E_i) + mean_j s(A_ij) + mean_k s(B_ki)    triplet score
+
+The budget (total kept triplets) falls from ``init_r·n`` to ``target_r·n`` (``n`` adapted matrices) on a cubic
+curve between ``tinit`` and ``T − tfinal``::
+
+    b(t) = init_b                                                  t ≤ tinit
+    b(t) = ⌊(init_b − target_b)·(1 − (t − tinit)/(T − tfinal − tinit))³ + target_b⌋
+    b(t) = target_b                                                t > T − tfinal
+
+When masking, every ``E_i`` whose score is at most the ``(init_b − b)``-th smallest score over all matrices is
+set to 0 (ties can prune a little more). Masking is soft: pruned ``E_i`` stay trainable and can come back,
+until the final mask at ``t = T − tfinal``, which is re-applied after every later step. The orthogonal
+regulariser ``R = mean over all A and B of ‖A Aᵀ − I‖_F and ‖Bᵀ B − I‖_F`` keeps A and B near-orthogonal;
+``orth_reg_weight · R`` is added to the training loss.
+
+In ``schedule="step"`` time ``t`` counts optimizer steps and masks happen every ``deltaT`` steps (PEFT's exact
+schedule); in ``schedule="epoch"`` it counts completed epochs and masks happen at epoch ends. The Lightning
+driver is ``lightning_adapters.lightning.adalora.AdaLoRATrainingHooks``; ``RankAllocator`` here also works in a
+hand-written loop (``allocator.step(t)`` after ``optimizer.step()`` and before ``zero_grad()``).
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from lightning_adapters.config import (
+    AdapterConfig,
+    check_choice,
+    check_positive_float,
+    check_positive_int,
+    check_probability,
+    pattern_dict,
+)
+from lightning_adapters.core.inject import adapted_modules, find_records
+from lightning_adapters.core.layer import AdapterLayer
+from lightning_adapters.core.targeting import LINEAR_TYPES
+from lightning_adapters.errors import AdapterConfigError, AdapterStateError
+from lightning_adapters.methods._common import check_finite, compute_dtype, in_out_features, layer_kind
+from lightning_adapters.registry import MethodSpec, register
+
+SCHEDULES = ("step", "epoch")
+RANKNUM_EPS = 1e-5
+
+
+@dataclass
+class AdaLoRAConfig(AdapterConfig):
+    """AdaLoRA hyper-parameters (PEFT's ``AdaLoraConfig`` names in brackets where they differ).
+
+    Attributes:
+        init_r: Rank every matrix starts with.
+        target_r: Average rank per matrix at the end; the final budget is ``target_r × #matrices``.
+        tinit: Warm-up length before any pruning (steps, or epochs with ``schedule="epoch"``).
+        tfinal: Length of the final phase trained with the final mask (same unit).
+        deltaT: Prune every ``deltaT`` steps (or epochs) during the cubic decay.
+        beta1: EMA factor of the sensitivity, in (0, 1).
+        beta2: EMA factor of the uncertainty, in (0, 1).
+        orth_reg_weight: Weight of the orthogonal regulariser added to the training loss (0 turns it off).
+        total_step: Schedule length: optimizer steps (``"step"``) or epochs (``"epoch"``). ``None`` takes it from
+            the trainer (``estimated_stepping_batches`` or ``max_epochs``).
+        alpha: Scaling numerator (``lora_alpha``); the update is scaled by ``alpha / init_r``.
+        dropout: Dropout on the adapter's input (``lora_dropout``).
+        init_weights: ``True``: ``E = 0``, ``A, B ~ N(0, 0.02)`` (identity at init); ``False``: all ``N(0, 1)``
+            (``init_lora_weights``).
+        schedule: ``"step"`` (PEFT's schedule in optimizer steps) or ``"epoch"`` (one reallocation per epoch end,
+            the budget decaying across epochs).
+        rank_pattern: ``{module name: [keep flags] * init_r}``: ranks already pruned (filled from a PEFT
+            ``rank_pattern`` by ``load_peft``); usually left empty.
+    """
+
+    init_r: int = 12
+    target_r: int = 8
+    tinit: int = 0
+    tfinal: int = 0
+    deltaT: int = 1
+    beta1: float = 0.85
+    beta2: float = 0.85
+    orth_reg_weight: float = 0.5
+    total_step: int | None = None
+    alpha: float = 8.0
+    dropout: float = 0.0
+    init_weights: bool = True
+    schedule: str = "step"
+    rank_pattern: dict[str, list[bool]] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        m = "adalora"
+        check_positive_int(self.init_r, "init_r", m)
+        check_positive_int(self.target_r, "target_r", m)
+        if self.target_r > self.init_r:
+            raise AdapterConfigError(
+                f"{m}: target_r={self.target_r} is larger than init_r={self.init_r}; ranks are only ever pruned, "
+                f"so set target_r <= init_r (or raise init_r)"
+            )
+        check_positive_int(self.tinit, "tinit", m, allow_zero=True)
+        check_positive_int(self.tfinal, "tfinal", m, allow_zero=True)
+        check_positive_int(self.deltaT, "deltaT", m)
+        for name in ("beta1", "beta2"):
+            v = getattr(self, name)
+            if not (isinstance(v, (int, float)) and not isinstance(v, bool) and 0.0 < v < 1.0):
+                raise AdapterConfigError(f"{m}: {name} must be strictly between 0 and 1 (e.g. 0.85), got {v!r}")
+        check_positive_float(self.orth_reg_weight, "orth_reg_weight", m, allow_zero=True)
+        if self.total_step is not None:
+            check_positive_int(self.total_step, "total_step", m)
+            check_schedule(self.tinit, self.tfinal, self.total_step, self.schedule)
+        check_positive_float(self.alpha, "alpha", m)
+        check_probability(self.dropout, "dropout", m)
+        check_choice(self.init_weights, "init_weights", m, (True, False))
+        check_choice(self.schedule, "schedule", m, SCHEDULES)
+        self.rank_pattern = pattern_dict(self.rank_pattern, "rank_pattern", m)
+        for k, v in self.rank_pattern.items():
+            flags = list(v)
+            if len(flags) != self.init_r or not all(isinstance(f, bool) for f in flags):
+                raise AdapterConfigError(
+                    f"{m}: rank_pattern[{k!r}] must be a list of init_r={self.init_r} booleans, got {v!r}"
+                )
+            self.rank_pattern[k] = flags
+
+
+def check_schedule(tinit: int, tfinal: int, total: int, schedule: str) -> None:
+    """Raise unless the budget has room to decay: ``tinit + tfinal < total``."""
+    if tinit + tfinal >= total:
+        unit = "optimizer steps" if schedule == "step" else "epochs"
+        raise AdapterConfigError(
+            f"adalora: impossible schedule tinit={tinit} + tfinal={tfinal} >= total_step={total} ({unit}); "
+            f"the rank budget needs tinit + tfinal < total_step: lower tinit/tfinal or train longer"
+        )
+
+
+# ------------------------------------------------------------------------------------------------------------
+# Pure functions
+
+
+def budget_schedule(
+    t: int, init_budget: int, target_budget: int, tinit: int, tfinal: int, total: int, delta_t: int
+) -> tuple[int, bool]:
+    """The budget at time ``t`` and whether the cubic phase masks at ``t`` (every ``delta_t``)."""
+    if t <= tinit:
+        return init_budget, False
+    if t > total - tfinal:
+        return target_budget, True
+    frac = 1 - (t - tinit) / (total - tfinal - tinit)
+    return int((init_budget - target_budget) * (frac**3) + target_budget), t % delta_t == 0
+
+
+def update_importance(
+    sensitivity: torch.Tensor, ema: torch.Tensor, unc: torch.Tensor, beta1: float, beta2: float
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """One EMA step: new smoothed sensitivity ``Ī`` and uncertainty ``Ū`` (all tensors shaped like the weight)."""
+    ema = beta1 * ema + (1 - beta1) * sensitivity
+    unc = beta2 * unc + (1 - beta2) * (sensitivity - ema).abs()
+    return ema, unc
+
+
+def triplet_scores(score_a: torch.Tensor, score_e: torch.Tensor, score_b: torch.Tensor) -> torch.Tensor:
+    """``S_i = s(E_i) + mean_j s(A_ij) + mean_k s(B_ki)``: A (r, in), E (r, 1), B (out, r) -> (r,)."""
+    a = score_a.mean(dim=1)  # (r,)
+    b = score_b.mean(dim=0)  # (r,)
+    return score_e.view(-1) + (a + b)
+
+
+def masks_for_budget(scores: dict[str, torch.Tensor], n_prune: int) -> dict[str, torch.Tensor]:
+    """Keep masks ``{name: bool (r,)}`` pruning the ``n_prune`` lowest triplet scores over all matrices.
+
+    Every score at most the ``n_prune``-th smallest is pruned, so ties prune more than ``n_prune``.
+    """
+    if n_prune <= 0:
+        return {k: torch.ones_like(v, dtype=torch.bool) for k, v in scores.items()}
+    threshold = torch.kthvalue(torch.cat([v.view(-1) for v in scores.values()]), k=n_prune)[0].item()
+    return {k: ~(v <= threshold) for k, v in scores.items()}
+
+
+def orthogonal_regularizer(layers: list[AdaLoRALayer]) -> torch.Tensor:
+    """``mean over every A and B of ‖A Aᵀ − I‖_F and ‖Bᵀ B − I‖_F`` (both Gram matrices r×r)."""
+    total = None
+    n = 0
+    for layer in layers:
+        for gram in (layer.lora_A @ layer.lora_A.T, layer.lora_B.T @ layer.lora_B):  # (r, r)
+            eye = torch.eye(gram.shape[0], dtype=gram.dtype, device=gram.device)
+            term = torch.norm(gram - eye, p="fro")
+            total = term if total is None else total + term
+            n += 1
+    return total / n
+
+
+def module_name_from_peft_key(key: str) -> str:
+    """``"model.x.q_proj.lora_E"`` or ``"...lora_E.<adapter>"`` (PEFT's rank_pattern keys) -> ``"model.x.q_proj"``."""
+    m = re.fullmatch(r"(.+)\.lora_E(\.[^.]+)?", key)
+    if m is None:
+        raise AdapterConfigError(f"adalora: rank_pattern key {key!r} is not PEFT's '<module>.lora_E' form")
+    return m.group(1)
+
+
+# ------------------------------------------------------------------------------------------------------------
+# Layer
+
+
+class AdaLoRALayer(AdapterLayer):
+    """AdaLoRA's SVD-form update on one ``nn.Linear``, transformers ``Conv1D`` or ``nn.Conv2d``.
+
+    Parameters in PEFT's layouts: ``lora_A`` (r, in[·kh·kw]), ``lora_E`` (r, 1), ``lora_B`` (out, r), with
+    ``r = init_r``; buffers ``rank_mask`` (r,) bool (kept ranks, saved) and ``ranknum`` (1,) = init_r (not saved).
+    """
+
+    def __init__(self, base: nn.Module, config: AdaLoRAConfig, name: str) -> None:
+        super().__init__()
+        self.kind = layer_kind(base)
+        in_f, out_f = in_out_features(base)
+        if self.kind == "conv2d":
+            if base.groups != 1:
+                raise AdapterConfigError(
+                    f"adalora: Conv2d {name!r} has groups={base.groups}; AdaLoRA's A (r, in·kh·kw) needs groups=1, "
+                    f"so exclude this module (exclude_modules=[{name.rsplit('.', 1)[-1]!r}])"
+                )
+            in_f = in_f * base.kernel_size[0] * base.kernel_size[1]
+        r = config.init_r
+        self.r, self.alpha = r, float(config.alpha)
+        self.dropout_p = float(config.dropout)
+        dev = base.weight.device
+        dt = torch.float32 if base.weight.dtype in (torch.float16, torch.bfloat16) else base.weight.dtype
+        self.lora_A = nn.Parameter(torch.empty(r, in_f, device=dev, dtype=dt))
+        self.lora_B = nn.Parameter(torch.empty(out_f, r, device=dev, dtype=dt))
+        self.lora_E = nn.Parameter(torch.empty(r, 1, device=dev, dtype=dt))
+        with torch.no_grad():
+            if config.init_weights:
+                nn.init.normal_(self.lora_A, mean=0.0, std=0.02)
+                nn.init.normal_(self.lora_B, mean=0.0, std=0.02)
+                nn.init.zeros_(self.lora_E)
+            else:
+                for p in (self.lora_A, self.lora_B, self.lora_E):
+                    nn.init.normal_(p)
+        keep = torch.tensor(config.rank_pattern.get(name, [True] * r), dtype=torch.bool, device=dev)
+        self.register_buffer("rank_mask", keep)
+        self.register_buffer("ranknum", torch.full((1,), float(r), device=dev, dtype=dt), persistent=False)
+
+    # --- weight-space form -------------------------------------------------------------------------------
+
+    def _svd_product(self) -> torch.Tensor:
+        """``B (out, r) @ (A ⊙ E) (r, in) · α / (ranknum + ε)`` -> (out, in[·kh·kw])."""
+        return self.lora_B @ (self.lora_A * self.lora_E) * self.alpha / (self.ranknum + RANKNUM_EPS)
+
+    def delta_weight(self, base: nn.Module) -> torch.Tensor:
+        """ΔW in the base weight's own layout: (out, in), (in, out) for Conv1D, (out, in, kh, kw) for Conv2d."""
+        dw = self._svd_product()
+        if self.kind == "conv1d_t":
+            return dw.t()
+        return dw.reshape(base.weight.shape)
+
+    def merge(self, base: nn.Module, *, safe: bool = False) -> None:
+        w = base.weight
+        cd = compute_dtype(w)
+        with torch.no_grad():
+            new = w.to(cd) + self.delta_weight(base).to(cd)
+            if safe:
+                check_finite(new, "merged weight")
+            w.copy_(new.to(w.dtype))
+        self.merged = True
+
+    def unmerge(self, base: nn.Module) -> None:
+        w = base.weight
+        cd = compute_dtype(w)
+        with torch.no_grad():
+            w.copy_((w.to(cd) - self.delta_weight(base).to(cd)).to(w.dtype))
+        self.merged = False
+
+    # --- forward -----------------------------------------------------------------------------------------
+
+    def adapted_forward(self, base: nn.Module, x: torch.Tensor) -> torch.Tensor:
+        out = base._la_base_forward(x)
+        xd = x if x.dtype == self.lora_A.dtype else x.to(self.lora_A.dtype)
+        if self.dropout_p > 0.0 and self.training:
+            xd = F.dropout(xd, self.dropout_p, True)
+        if self.kind == "conv2d":
+            dw = self._svd_product().reshape(base.weight.shape)  # (out, in, kh, kw)
+            delta = F.conv2d(xd, dw, None, base.stride, base.padding, base.dilation, base.groups)
+        else:
+            # Same operation order as PEFT, so training runs match it bit for bit.
+            h = xd @ (self.lora_A * self.lora_E).T  # (..., r)
+            delta = (h @ self.lora_B.T) * self.alpha / (self.ranknum + RANKNUM_EPS)  # (..., out)
+        return out + delta.to(out.dtype)
+
+    # --- rank masks --------------------------------------------------------------------------------------
+
+    def apply_mask(self, keep: torch.Tensor) -> None:
+        """Record ``keep`` (r,) bool as the kept ranks and zero the singular values of the others."""
+        with torch.no_grad():
+            self.rank_mask.copy_(keep.to(self.rank_mask.device))
+            self.lora_E.masked_fill_(~self.rank_mask.view(-1, 1), 0.0)
+
+    @property
+    def kept_rank(self) -> int:
+        """Number of kept triplets."""
+        return int(self.rank_mask.sum())
+
+    # --- PEFT layout: tensors sliced to the kept ranks ----------------------------------------------------
+
+    def peft_state(self) -> dict[str, torch.Tensor]:
+        keep = self.rank_mask
+        return {
+            "lora_A": self.lora_A.detach()[keep],
+            "lora_B": self.lora_B.detach()[:, keep],
+            "lora_E": self.lora_E.detach()[keep],
+        }
+
+    def peft_shapes(self) -> dict[str, tuple[int, ...]]:
+        k = self.kept_rank
+        return {"lora_A": (k, self.lora_A.shape[1]), "lora_B": (self.lora_B.shape[0], k), "lora_E": (k, 1)}
+
+    def load_peft_state(self, state: dict[str, torch.Tensor]) -> None:
+        keep = self.rank_mask
+        with torch.no_grad():
+            for p in (self.lora_A, self.lora_B, self.lora_E):
+                p.zero_()
+            self.lora_A[keep] = state["lora_A"].to(dtype=self.lora_A.dtype, device=self.lora_A.device)
+            self.lora_B[:, keep] = state["lora_B"].to(dtype=self.lora_B.dtype, device=self.lora_B.device)
+            self.lora_E[keep] = state["lora_E"].to(dtype=self.lora_E.dtype, device=self.lora_E.device)
+
+    def extra_repr(self) -> str:
+        return f"{self.kind}, init_r={self.r}, kept={self.kept_rank}, alpha={self.alpha:g}, merged={self.merged}"
+
+
+def adalora_layers(model: nn.Module) -> dict[str, AdaLoRALayer]:
+    """``{module name: layer}`` of every AdaLoRA layer in ``model``, in module order."""
+    return {name: layer for name, _, layer in adapted_modules(model) if isinstance(layer, AdaLoRALayer)}
+
+
+def rank_pattern(model: nn.Module) -> dict[str, list[bool]]:
+    """The kept-rank flags of every AdaLoRA matrix, ``{module name: [bool] * init_r}``."""
+    return {name: layer.rank_mask.tolist() for name, layer in adalora_layers(model).items()}
+
+
+# ------------------------------------------------------------------------------------------------------------
+# Rank allocation
+
+
+class RankAllocator:
+    """Importance tracking and budget masking over every AdaLoRA layer of a model.
+
+    In a hand-written loop call ``step(t)`` after ``optimizer.step()`` and before ``zero_grad()`` (it reads
+    ``.grad``), with ``t`` the 0-based optimizer step: this is PEFT's ``update_and_allocate`` schedule.
+
+    Args:
+        model: The injected model.
+        config: Its ``AdaLoRAConfig``.
+        total: Schedule length (defaults to ``config.total_step``).
+
+    Attributes:
+        init_budget: ``init_r × #matrices``.
+        target_budget: ``target_r × #matrices``.
+        final_pattern: The final keep masks once the final mask was taken (re-applied after every later step).
+        last_pattern: The masks of the latest allocation (``None`` before the first).
+    """
+
+    def __init__(self, model: nn.Module, config: AdaLoRAConfig, total: int | None = None) -> None:
+        self.model = model
+        self.config = config
+        self.layers = adalora_layers(model)
+        if not self.layers:
+            raise AdapterConfigError("adalora: the model has no AdaLoRA layers; inject an AdaLoRAConfig first")
+        self.total = total if total is not None else config.total_step
+        if self.total is None:
+            raise AdapterConfigError("adalora: total_step is unknown; pass total= or set AdaLoRAConfig.total_step")
+        check_schedule(config.tinit, config.tfinal, self.total, config.schedule)
+        self.init_budget = sum(layer.r for layer in self.layers.values())
+        self.target_budget = config.target_r * len(self.layers)
+        self.final_pattern: dict[str, torch.Tensor] | None = None
+        self.last_pattern: dict[str, torch.Tensor] | None = None
+        self.updates = 0
+        self.reset_importance()
+
+    def reset_importance(self) -> None:
+        """Forget the smoothed sensitivity and uncertainty."""
+        self.ema: dict[str, dict[str, torch.Tensor]] = {}
+        self.unc: dict[str, dict[str, torch.Tensor]] = {}
+
+    def budget(self, t: int) -> tuple[int, bool]:
+        """``budget_schedule`` with this allocator's sizes and config."""
+        c = self.config
+        return budget_schedule(t, self.init_budget, self.target_budget, c.tinit, c.tfinal, self.total, c.deltaT)
+
+    def update_importance(self) -> None:
+        """Fold the current ``|w · ∇w|`` of every A, E and B into the EMAs (a missing gradient counts as 0)."""
+        with torch.no_grad():
+            for name, layer in self.layers.items():
+                ema = self.ema.setdefault(name, {})
+                unc = self.unc.setdefault(name, {})
+                for pname in ("lora_A", "lora_B", "lora_E"):
+                    p = getattr(layer, pname)
+                    grad = p.grad if p.grad is not None else torch.zeros_like(p)
+                    sens = (p * grad).abs()
+                    if pname not in ema:
+                        ema[pname] = torch.zeros_like(p)
+                        unc[pname] = torch.zeros_like(p)
+                    ema[pname], unc[pname] = update_importance(
+                        sens, ema[pname], unc[pname], self.config.beta1, self.config.beta2
+                    )
+        self.updates += 1
+
+    def scores(self) -> dict[str, torch.Tensor]:
+        """Triplet scores ``{name: (r,)}``; identical on every rank under ``torch.distributed`` (rank 0's)."""
+        out = {}
+        for name, layer in self.layers.items():
+            if name not in self.ema:
+                out[name] = torch.zeros(layer.r, dtype=layer.lora_E.dtype, device=layer.lora_E.device)
+                continue
+            s = {k: self.ema[name][k] * self.unc[name][k] for k in self.ema[name]}
+            out[name] = triplet_scores(s["lora_A"], s["lora_E"], s["lora_B"])
+        return _broadcast_from_rank0(out)
+
+    def allocate(self, budget: int) -> dict[str, torch.Tensor]:
+        """Mask every layer down to ``budget`` kept triplets (more with ties); returns the keep masks."""
+        masks = masks_for_budget(self.scores(), self.init_budget - budget)
+        self.apply(masks)
+        self.last_pattern = masks
+        return masks
+
+    def apply(self, masks: dict[str, torch.Tensor]) -> None:
+        """Apply keep masks to the layers (zeroing the pruned singular values)."""
+        for name, keep in masks.items():
+            self.layers[name].apply_mask(keep)
+
+    def finalize(self) -> dict[str, torch.Tensor]:
+        """Take the final mask at ``target_budget`` and reset the importance (PEFT's step ``T − tfinal``)."""
+        masks = self.allocate(self.target_budget)
+        self.final_pattern = masks
+        self.reset_importance()
+        return masks
+
+    def step(self, t: int) -> tuple[int, dict[str, torch.Tensor] | None]:
+        """PEFT's ``update_and_allocate(t)`` (``t`` = 0-based optimizer step); returns ``(budget, masks or None)``.
+
+        One deviation: if step ``T − tfinal`` was never seen (e.g. a run resumed past it without allocator
+        state), the first later step takes the final mask instead of reusing a stale one.
+        """
+        cut = self.total - self.config.tfinal
+        if t < cut:
+            self.update_importance()
+            budget, now = self.budget(t)
+            return budget, self.allocate(budget) if now else None
+        if self.final_pattern is None:
+            if t == cut:
+                self.update_importance()
+            return self.target_budget, self.finalize()
+        self.apply(self.final_pattern)
+        return self.target_budget, None
+
+    def state_dict(self) -> dict[str, Any]:
+        """EMAs, masks and counters, for checkpoints."""
+
+        def masks(p: dict[str, torch.Tensor] | None) -> dict[str, list[bool]] | None:
+            return None if p is None else {k: v.tolist() for k, v in p.items()}
+
+        return {
+            "ema": {n: {k: v.detach().clone() for k, v in d.items()} for n, d in self.ema.items()},
+            "unc": {n: {k: v.detach().clone() for k, v in d.items()} for n, d in self.unc.items()},
+            "final_pattern": masks(self.final_pattern),
+            "last_pattern": masks(self.last_pattern),
+            "rank_mask": {n: layer.rank_mask.tolist() for n, layer in self.layers.items()},
+            "updates": self.updates,
+            "total": self.total,
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Inverse of ``state_dict``; the layer names must be this model's."""
+        names = set(state["rank_mask"])
+        if names != set(self.layers):
+            raise AdapterStateError(
+                f"adalora: allocator state is for modules {sorted(names)[:6]}, the model has "
+                f"{sorted(self.layers)[:6]}; resume with the same model and target_modules"
+            )
+
+        def to_dev(d: dict[str, dict[str, torch.Tensor]]) -> dict[str, dict[str, torch.Tensor]]:
+            return {n: {k: v.to(getattr(self.layers[n], k).device) for k, v in sub.items()} for n, sub in d.items()}
+
+        def masks(p: dict[str, list[bool]] | None) -> dict[str, torch.Tensor] | None:
+            if p is None:
+                return None
+            return {k: torch.tensor(v, dtype=torch.bool) for k, v in p.items()}
+
+        self.ema, self.unc = to_dev(state["ema"]), to_dev(state["unc"])
+        self.final_pattern = masks(state["final_pattern"])
+        self.last_pattern = masks(state["last_pattern"])
+        self.updates = int(state["updates"])
+        self.total = int(state["total"])
+        with torch.no_grad():
+            for n, flags in state["rank_mask"].items():
+                self.layers[n].rank_mask.copy_(torch.tensor(flags, dtype=torch.bool))
+
+
+def _broadcast_from_rank0(scores: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Under an initialised process group, replace every rank's scores by rank 0's (so masks agree exactly)."""
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return scores
+    names = list(scores)
+    flat = torch.cat([scores[n].reshape(-1) for n in names]).contiguous()  # (sum of r,)
+    dist.broadcast(flat, src=0)
+    out, i = {}, 0
+    for n in names:
+        k = scores[n].numel()
+        out[n] = flat[i : i + k].view_as(scores[n])
+        i += k
+    return out
+
+
+# ------------------------------------------------------------------------------------------------------------
+# PEFT config translation
+
+
+def _to_peft(cfg: AdaLoRAConfig) -> dict[str, Any]:
+    total = cfg.total_step if cfg.total_step is not None else cfg.tinit + cfg.tfinal + 1
+    return {
+        "peft_type": "ADALORA",
+        "init_r": cfg.init_r,
+        "target_r": cfg.target_r,
+        "tinit": cfg.tinit,
+        "tfinal": cfg.tfinal,
+        "deltaT": cfg.deltaT,
+        "beta1": cfg.beta1,
+        "beta2": cfg.beta2,
+        "orth_reg_weight": cfg.orth_reg_weight,
+        "total_step": total,
+        "r": 8,
+        "lora_alpha": cfg.alpha,
+        "lora_dropout": cfg.dropout,
+        "init_lora_weights": cfg.init_weights,
+        "rank_pattern": None,
+        "bias": "none",
+        "fan_in_fan_out": False,
+        "use_dora": False,
+    }
+
+
+def _peft_config_extra(root: nn.Module) -> dict[str, Any]:
+    """The live ``rank_pattern`` in PEFT's key format (``None`` while nothing is pruned) and the resolved total."""
+    layers = adalora_layers(root)
+    out: dict[str, Any] = {}
+    if any(not bool(layer.rank_mask.all()) for layer in layers.values()):
+        out["rank_pattern"] = {f"{name}.lora_E": layer.rank_mask.tolist() for name, layer in layers.items()}
+    for _, _, rec in find_records(root):
+        total = rec.extra.get("adalora_total_step")
+        if total is not None and rec.config.total_step is None:
+            out["total_step"] = int(total)
+    return out
+
+
+_UNSUPPORTED_PEFT = {
+    "bias": "none",
+    "use_dora": False,
+    "layers_to_transform": None,
+    "layer_replication": None,
+    "target_parameters": None,
+    "trainable_token_indices": None,
+    "loftq_config": {},
+    "megatron_config": None,
+}
+
+
+def _from_peft(d: dict[str, Any]) -> AdaLoRAConfig:
+    for k, neutral in _UNSUPPORTED_PEFT.items():
+        if d.get(k, neutral) not in (neutral, None, [], {}):
+            raise AdapterConfigError(
+                f"adalora: PEFT option {k}={d[k]!r} is not supported by lightning_adapters; "
+                f"only {k}={neutral!r} adapters can be loaded"
+            )
+    pattern = {module_name_from_peft_key(k): list(v) for k, v in (d.get("rank_pattern") or {}).items()}
+    alpha = d.get("lora_alpha", 8)
+    init_r = d.get("init_r", 12)
+    tinit, tfinal, total = d.get("tinit", 0), d.get("tfinal", 0), d.get("total_step")
+    if total is not None and tinit + tfinal >= total:
+        total = None  # a schedule PEFT itself would reject; the tensors still load for inference
+    return AdaLoRAConfig(
+        init_r=init_r,
+        target_r=min(d.get("target_r", 8), init_r),
+        tinit=tinit,
+        tfinal=tfinal,
+        deltaT=d.get("deltaT", 1),
+        beta1=d.get("beta1", 0.85),
+        beta2=d.get("beta2", 0.85),
+        orth_reg_weight=d.get("orth_reg_weight", 0.5),
+        total_step=total,
+        alpha=alpha if alpha > 0 else float(init_r),
+        dropout=d.get("lora_dropout", 0.0) or 0.0,
+        init_weights=bool(d.get("init_lora_weights", True)),
+        rank_pattern=pattern,
+        target_modules=d.get("target_modules"),
+        exclude_modules=d.get("exclude_modules"),
+        modules_to_save=d.get("modules_to_save"),
+    )
+
+
+def _training_hooks() -> type:
+    # The Lightning driver lives with the other Lightning code; it imports this module lazily, so no cycle.
+    from lightning_adapters.lightning.adalora import AdaLoRATrainingHooks
+
+    return AdaLoRATrainingHooks
+
+
+# PEFT's AdaLoRA defaults per architecture (no mistral/qwen2 entries, unlike LoRA).
+_DEFAULT_TARGETS = {
+    "llama": ["q_proj", "v_proj"],
+    "bert": ["query", "value"],
+    "roberta": ["query", "value"],
+    "gpt2": ["c_attn"],
+}
+
+SPEC = register(
+    MethodSpec(
+        name="adalora",
+        config_cls=AdaLoRAConfig,
+        peft_type="ADALORA",
+        supported_types=LINEAR_TYPES + (nn.Conv2d,),
+        create_layer=AdaLoRALayer,
+        config_to_peft=_to_peft,
+        config_from_peft=_from_peft,
+        default_targets=_DEFAULT_TARGETS,
+        peft_config_extra=_peft_config_extra,
+        training_hooks=_training_hooks(),
+    )
+)
+
+__all__ = [
+    "AdaLoRAConfig",
+    "AdaLoRALayer",
+    "RankAllocator",
+    "adalora_layers",
+    "budget_schedule",
+    "masks_for_budget",
+    "orthogonal_regularizer",
+    "rank_pattern",
+    "triplet_scores",
+    "update_importance",
+]
