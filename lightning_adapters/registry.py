@@ -35,15 +35,16 @@ class MethodSpec:
         config_to_peft: Our config -> the fields of PEFT's ``adapter_config.json``.
         config_from_peft: PEFT's ``adapter_config.json`` dict -> our config.
         inject_model: Optional whole-model injection, for methods that do not adapt single layers
-            (Llama-Adapter). Signature ``(model, config) -> list[str]`` of adapted module names.
+            (Llama-Adapter). Signature ``(model, config) -> (adapted module names, extra)``; it validates
+            everything before changing the model, and ``extra`` becomes ``InjectionRecord.extra``
+            (``"eject"``, ``"trainable_modules"``, ``"switch_modules"``, ``"apply_dtype"``, ``"mergeable"``,
+            ``"summary_rows"``, ``"peft_config"``).
         default_targets: Per ``model_type`` default target suffixes, used when ``target_modules`` is None.
         peft_state: Optional whole-model ``root -> {module.suffix: tensor}`` in PEFT's names, for methods whose
             state is not per adapted layer; by default each layer's ``peft_state`` is used.
         load_peft_state: Inverse of ``peft_state`` (``(root, tensors) -> None``), shapes already checked.
         prepare_peft_load: ``(config, peft_config_dict, tensors) -> (config, tensors)``, run before injection
             by ``load_peft`` (e.g. AdaLoRA resizes ranks from a ``rank_pattern``).
-        peft_config_extra: Optional ``root -> dict`` of ``adapter_config.json`` fields that depend on the
-            injected model's live state rather than on the config (AdaLoRA's learned ``rank_pattern``).
         training_hooks: Optional ``MethodTrainingHooks`` subclass the Lightning integration drives
             (``lightning_adapters/lightning/hooks.py``).
     """
@@ -55,12 +56,11 @@ class MethodSpec:
     create_layer: Callable[..., nn.Module] | None = None
     config_to_peft: Callable[[Any], dict] | None = None
     config_from_peft: Callable[[dict], Any] | None = None
-    inject_model: Callable[..., list[str]] | None = None
+    inject_model: Callable[..., tuple[list[str], dict[str, Any]]] | None = None
     default_targets: dict[str, list[str]] = field(default_factory=dict)
     peft_state: Callable[[Any], dict] | None = None
     load_peft_state: Callable[..., None] | None = None
     prepare_peft_load: Callable[..., tuple] | None = None
-    peft_config_extra: Callable[[Any], dict] | None = None
     training_hooks: type | None = None
 
 

@@ -18,7 +18,7 @@ from torch import nn
 from lightning_adapters.config import AdapterConfig
 from lightning_adapters.core.layer import AdapterLayer, attach, detach, get_adapter, is_adapted
 from lightning_adapters.core.targeting import name_matches, resolve_targets
-from lightning_adapters.errors import AdapterConfigError, TargetError, UnsupportedLayerError
+from lightning_adapters.errors import AdapterConfigError, NotMergeableError, TargetError, UnsupportedLayerError
 from lightning_adapters.registry import spec_for_config
 
 RECORD_ATTR = "_la_record"
@@ -127,8 +127,9 @@ def inject(model: nn.Module, config: AdapterConfig) -> nn.Module:
 
     to_save = _resolve_modules_to_save(model, config, spec.name)
     original_rg = {n: p.requires_grad for n, p in model.named_parameters()}
+    extra: dict[str, Any] = {}
     if spec.inject_model is not None:
-        targets = spec.inject_model(model, config)
+        targets, extra = spec.inject_model(model, config)
     else:
         skip = {n for n, _ in model.named_modules() if any(n == s or n.startswith(s + ".") for s in to_save)}
         targets = resolve_targets(
@@ -158,6 +159,7 @@ def inject(model: nn.Module, config: AdapterConfig) -> nn.Module:
         targets=list(targets),
         modules_to_save=to_save,
         original_requires_grad=original_rg,
+        extra=extra,
     )
     model.__dict__[RECORD_ATTR] = record
     apply_trainability(model)
@@ -186,6 +188,9 @@ def apply_dtype_policy(model: nn.Module) -> None:
     for _, root, rec in find_records(model):
         for _, base, layer in adapted_modules(root):
             layer.apply_dtype(adapter_dtype_for(_base_dtype(base), rec.config))
+        # Whole-model methods (no per-layer adapters) re-apply their own policy.
+        if "apply_dtype" in rec.extra:
+            rec.extra["apply_dtype"](root, rec.config)
 
 
 def merge(model: nn.Module, *, safe: bool = False) -> nn.Module:
@@ -195,6 +200,13 @@ def merge(model: nn.Module, *, safe: bool = False) -> nn.Module:
         safe: Check each merged weight is finite before writing it; on failure every layer is left unmerged
             and a ``ValueError`` names the layer.
     """
+    for prefix, _, rec in find_records(model):
+        if rec.extra.get("mergeable", True) is False:
+            where = f" on {prefix!r}" if prefix else ""
+            raise NotMergeableError(
+                f"the {rec.method} adapter{where} is not mergeable: the method has no weight-space form; "
+                f"keep the adapter attached (or eject it with merge=False)"
+            )
     layers = list(adapted_modules(model))
     for name, _, layer in layers:
         if not layer.mergeable:
@@ -239,14 +251,18 @@ def disabled(model: nn.Module) -> Iterator[nn.Module]:
     remerge = [(b, layer) for _, b, layer in layers if layer.merged]
     for base, layer in remerge:
         layer.unmerge(base)
-    previous = [layer.enabled for _, _, layer in layers]
-    for _, _, layer in layers:
-        layer.enabled = False
+    # Whole-model methods name the modules that carry their ``enabled`` flag in ``extra["switch_modules"]``.
+    switches = [layer for _, _, layer in layers] + [
+        root.get_submodule(n) for _, root, rec in find_records(model) for n in rec.extra.get("switch_modules", [])
+    ]
+    previous = [s.enabled for s in switches]
+    for s in switches:
+        s.enabled = False
     try:
         yield model
     finally:
-        for (_, _, layer), was in zip(layers, previous):
-            layer.enabled = was
+        for s, was in zip(switches, previous):
+            s.enabled = was
         for base, layer in remerge:
             layer.merge(base)
 

@@ -74,8 +74,6 @@ def peft_config_dict(model: nn.Module) -> dict[str, Any]:
     spec = get_method(rec.method)
     cfg = rec.config
     d = spec.config_to_peft(cfg)
-    if spec.peft_config_extra is not None:
-        d.update(spec.peft_config_extra(root))
     target = cfg.target_modules
     if target == "all-linear" or target is None:
         # PEFT resolves these before saving; write the resolved names so any loader selects the same modules.
@@ -93,6 +91,9 @@ def peft_config_dict(model: nn.Module) -> dict[str, Any]:
             "peft_version": PEFT_VERSION,
         }
     )
+    # A whole-model method can rewrite fields it resolved at injection (e.g. Llama-Adapter's attention name).
+    if "peft_config" in rec.extra:
+        d = rec.extra["peft_config"](d)
     return {k: d[k] for k in sorted(d)}
 
 
