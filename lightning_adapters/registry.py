@@ -45,6 +45,8 @@ class MethodSpec:
         load_peft_state: Inverse of ``peft_state`` (``(root, tensors) -> None``), shapes already checked.
         prepare_peft_load: ``(config, peft_config_dict, tensors) -> (config, tensors)``, run before injection
             by ``load_peft`` (e.g. AdaLoRA resizes ranks from a ``rank_pattern``).
+        peft_config_extra: Optional ``root -> dict`` of ``adapter_config.json`` fields that depend on the
+            injected model's live state rather than on the config (AdaLoRA's learned ``rank_pattern``).
         training_hooks: Optional ``MethodTrainingHooks`` subclass the Lightning integration drives
             (``lightning_adapters/lightning/hooks.py``).
     """
@@ -61,6 +63,7 @@ class MethodSpec:
     peft_state: Callable[[Any], dict] | None = None
     load_peft_state: Callable[..., None] | None = None
     prepare_peft_load: Callable[..., tuple] | None = None
+    peft_config_extra: Callable[[Any], dict] | None = None
     training_hooks: type | None = None
 
 

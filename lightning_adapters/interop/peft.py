@@ -74,6 +74,8 @@ def peft_config_dict(model: nn.Module) -> dict[str, Any]:
     spec = get_method(rec.method)
     cfg = rec.config
     d = spec.config_to_peft(cfg)
+    if spec.peft_config_extra is not None:
+        d.update(spec.peft_config_extra(root))
     target = cfg.target_modules
     if target == "all-linear" or target is None:
         # PEFT resolves these before saving; write the resolved names so any loader selects the same modules.
