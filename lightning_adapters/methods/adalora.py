@@ -463,8 +463,6 @@ class RankAllocator:
             budget, now = self.budget(t)
             return budget, self.allocate(budget) if now else None
         if self.final_pattern is None:
-            if t == cut:
-                self.update_importance()
             return self.target_budget, self.finalize()
         self.apply(self.final_pattern)
         return self.target_budget, None
