@@ -1,0 +1,424 @@
+"""OFT: orthogonal fine-tuning with a block-diagonal rotation of the layer's input space.
+
+Maths (Qiu et al. 2023, "Controlling Text-to-Image Diffusion by Orthogonal Finetuning"; the Cayley-Neumann
+form from Qiu et al. 2025, "Orthogonal Finetuning Made Scalable"). The input space of a layer (size ``d``) is
+cut into ``r`` contiguous blocks of ``b`` features (``r·b = d``). Each block owns the ``b(b−1)/2`` strictly upper
+triangular entries ``u`` of a skew-symmetric matrix ``Q = U − Uᵀ`` and turns it into a rotation::
+
+    exact Cayley     R = (I − Q)(I + Q)⁻¹                                    (orthogonal)
+    Cayley-Neumann   R = I + 2Q + 2Q² + … + 2Q^{n−2} + Q^{n−1}  ≈ (I + Q)(I − Q)⁻¹
+
+The Neumann series (PEFT's default) truncates the *transpose* of the exact map, so switching the flag on a
+trained adapter reverses its rotation, and it is orthogonal only up to the truncation error. Both conventions
+are PEFT 0.21's, kept for interop (including its quirk that ``n = 3`` sums the same terms as ``n = 4``).
+With ``R_bd = blockdiag(R_1 … R_r)`` (one shared block repeated with ``block_share``)::
+
+    Linear   y = W (R_bdᵀ x) + b,         i.e.  W' = W · R_bdᵀ
+    Conv2d   W' = W · R_bdᵀ  on the kernel flattened to (out, C/groups · kh · kw), then the base convolution
+    Embedding  y = E[x] · R_bd,           i.e.  E' = E · R_bd   (the output is rotated)
+
+``u = 0`` at init, so ``R = I`` and the layer starts as the base. PEFT 0.21 rotates unfolded input patches of a
+Conv2d and folds them back, which is neither the identity at init nor its own merge for kernels > 1; rotating
+the kernel instead is exact for every kernel size, stride, dilation and group count, and merges exactly.
+
+COFT (constrained OFT) keeps each block's ``Q`` in the Frobenius ball of radius ``eps/√(#parameter blocks)``:
+the forward uses the projected ``Q`` and the gradient passes straight through the projection (the gradient
+PEFT gets), but the stored parameter is never rewritten inside ``forward``, so optimizer state, EMA copies,
+FSDP shards and ``torch.compile`` see an ordinary parameter. ``module_dropout = p`` replaces ``⌊p·r⌋`` random
+blocks of ``R_bd`` by the identity in each training forward (PEFT builds this layer but never calls it).
+
+Speed: a Linear rotates its input block by block (a batched ``b×b`` multiply, never a ``d×d`` matrix) when
+gradients are needed, and rotates its weight instead when that is cheaper (no gradient and fewer output
+features than tokens). Unmerge inverts the blocks (the Neumann ``R`` is not exactly orthogonal).
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from lightning_adapters.config import AdapterConfig, check_positive_float, check_positive_int, check_probability
+from lightning_adapters.core.layer import AdapterLayer
+from lightning_adapters.errors import AdapterConfigError
+from lightning_adapters.methods._common import check_finite, layer_kind
+from lightning_adapters.registry import MethodSpec, register
+
+
+@dataclass
+class OFTConfig(AdapterConfig):
+    """OFT hyper-parameters, named as PEFT 0.21's ``OFTConfig``.
+
+    Attributes:
+        r: Number of blocks per layer; set exactly one of ``r`` and ``oft_block_size`` (the other 0).
+        oft_block_size: Features per block (``r · oft_block_size`` = the layer's input size).
+        use_cayley_neumann: Truncated Neumann series (PEFT's default, approximately orthogonal) instead of the
+            exact Cayley map; see the module docstring for the convention.
+        num_cayley_neumann_terms: Terms of the Neumann series (>= 2).
+        block_share: One block's parameters shared by every block of a layer.
+        coft: Constrained OFT: keep each block's skew matrix within radius ``eps`` (scaled by the block count).
+        eps: COFT radius.
+        module_dropout: Probability of replacing a block's rotation by the identity in a training forward.
+        init_weights: ``True`` (identity at init) or ``False`` (parameters ~ N(0, 0.1), not the identity).
+        auto_adjust: PEFT's silent behaviour: replace an ``r`` or ``oft_block_size`` that does not divide a
+            layer by the nearest divisor (with a warning) instead of raising. ``load_peft`` sets it, so PEFT
+            adapters load with the shapes PEFT gave them; it is not written to PEFT's config file.
+    """
+
+    r: int = 0
+    oft_block_size: int = 32
+    use_cayley_neumann: bool = True
+    num_cayley_neumann_terms: int = 5
+    block_share: bool = False
+    coft: bool = False
+    eps: float = 6e-5
+    module_dropout: float = 0.0
+    init_weights: bool = True
+    auto_adjust: bool = False
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        check_positive_int(self.r, "r", "oft", allow_zero=True)
+        check_positive_int(self.oft_block_size, "oft_block_size", "oft", allow_zero=True)
+        if (self.r == 0) == (self.oft_block_size == 0):
+            raise AdapterConfigError(
+                f"oft: set exactly one of r (number of blocks) and oft_block_size (features per block), the other "
+                f"to 0; got r={self.r}, oft_block_size={self.oft_block_size}"
+            )
+        check_positive_int(self.num_cayley_neumann_terms, "num_cayley_neumann_terms", "oft")
+        if self.num_cayley_neumann_terms < 2:
+            raise AdapterConfigError(
+                f"oft: num_cayley_neumann_terms={self.num_cayley_neumann_terms} makes every rotation the identity "
+                "(the adapter could not learn); use 2 or more (PEFT's default is 5)"
+            )
+        check_positive_float(self.eps, "eps", "oft")
+        check_probability(self.module_dropout, "module_dropout", "oft")
+        for name in ("use_cayley_neumann", "block_share", "coft", "init_weights", "auto_adjust"):
+            if not isinstance(getattr(self, name), bool):
+                raise AdapterConfigError(f"oft: {name} must be True or False, got {getattr(self, name)!r}")
+
+
+# ------------------------------------------------------------------------------------------------------------
+# Pure functions
+
+
+def divisors(d: int) -> list[int]:
+    """Every divisor of ``d`` in increasing order."""
+    small = [k for k in range(1, math.isqrt(d) + 1) if d % k == 0]
+    return sorted(set(small + [d // k for k in small]))
+
+
+def peft_nearest_divisor(d: int, value: int) -> int:
+    """PEFT's auto-adjustment: ``d`` if ``value >= d``, else the divisor of ``d`` nearest ``value`` (ties: lower)."""
+    if value >= d:
+        return d
+    lower = value
+    while lower > 1 and d % lower:
+        lower -= 1
+    higher = value
+    while d % higher:
+        higher += 1
+    return lower if value - lower <= higher - value else higher
+
+
+def skew_symmetric(upper: torch.Tensor, rows: torch.Tensor, cols: torch.Tensor, b: int) -> torch.Tensor:
+    """Blocks of strictly-upper entries (n, b(b−1)/2) -> skew-symmetric ``Q = U − Uᵀ`` (n, b, b)."""
+    u = upper.new_zeros(upper.shape[0], b, b)
+    u[:, rows, cols] = upper
+    return u - u.transpose(1, 2)
+
+
+def cayley(q: torch.Tensor) -> torch.Tensor:
+    """Exact Cayley map of skew blocks (n, b, b): ``(I − Q)(I + Q)⁻¹`` (n, b, b), orthogonal."""
+    eye = torch.eye(q.shape[-1], dtype=q.dtype, device=q.device).expand_as(q)
+    return torch.linalg.solve(eye + q, eye - q, left=False)
+
+
+def neumann_coefficients(terms: int) -> list[float]:
+    """Coefficients of ``Q, Q², …`` in PEFT's truncated series of ``(I + Q)(I − Q)⁻¹`` with ``terms`` terms."""
+    if terms <= 1:
+        return []
+    if terms == 2:
+        return [2.0]
+    top = max(3, terms - 1)  # PEFT's loop always reaches Q³: 3 and 4 terms give the same series
+    return [2.0] * (top - 1) + [1.0]
+
+
+def cayley_neumann(q: torch.Tensor, terms: int) -> torch.Tensor:
+    """``I + Σ_k c_k Q^k`` (n, b, b) with PEFT's Neumann coefficients."""
+    out = torch.eye(q.shape[-1], dtype=q.dtype, device=q.device).expand_as(q).clone()
+    power = None
+    for c in neumann_coefficients(terms):
+        power = q if power is None else torch.bmm(power, q)  # (n, b, b) @ (n, b, b)
+        out = out + c * power
+    return out
+
+
+def coft_project(upper: torch.Tensor, eps: float) -> torch.Tensor:
+    """Scale each block's skew matrix (given by its upper entries (n, m)) into the Frobenius ball eps/√n."""
+    radius = eps / math.sqrt(upper.shape[0])
+    norm = upper.norm(dim=1, keepdim=True) * math.sqrt(2.0)  # ||U − Uᵀ||_F = √2 · ||u||
+    return upper * torch.where(norm > radius, radius / norm.clamp_min(1e-30), torch.ones_like(norm))
+
+
+def block_rotate(x: torch.Tensor, blocks: torch.Tensor) -> torch.Tensor:
+    """Row vectors times ``blockdiag(blocks)``: x (..., n·b), blocks (n, b, b) -> (..., n·b).
+
+    Computed as one batched ``b×b`` multiply over the ``n`` blocks (``x_i @ R_i`` for every block ``i``).
+    """
+    n, b, _ = blocks.shape
+    lead = x.shape[:-1]
+    xb = x.reshape(-1, n, b).transpose(0, 1)  # (n, T, b)
+    return torch.bmm(xb, blocks).transpose(0, 1).reshape(*lead, n * b)  # (n, T, b) @ (n, b, b) -> (..., n·b)
+
+
+def rotate_weight(w: torch.Tensor, blocks: torch.Tensor) -> torch.Tensor:
+    """``W · R_bdᵀ`` for a weight whose input space is its flattened trailing dims: (out, ...) -> (out, ...)."""
+    return block_rotate(w.reshape(w.shape[0], -1), blocks.transpose(1, 2)).reshape(w.shape)
+
+
+def block_dropout_mask(n: int, p: float, device: torch.device) -> torch.Tensor:
+    """Boolean (n,) mask with exactly ``⌊p·n⌋`` randomly chosen True entries (the blocks to drop)."""
+    k = int(p * n)
+    return torch.randperm(n, device=device) < k
+
+
+# ------------------------------------------------------------------------------------------------------------
+# Layer
+
+
+def rotated_size(base: nn.Module, kind: str) -> tuple[int, str]:
+    """Size of the space OFT/BOFT rotate on ``base`` and how to describe it in errors."""
+    if kind == "linear":
+        return base.in_features, f"in_features={base.in_features}"
+    if kind == "embedding":
+        return base.embedding_dim, f"embedding_dim={base.embedding_dim}"
+    kh, kw = base.kernel_size
+    cin = base.in_channels // base.groups
+    return cin * kh * kw, f"flattened kernel size {cin * kh * kw} (in_channels/groups={cin} × {kh}×{kw})"
+
+
+def resolve_blocks(config: OFTConfig, d: int, what: str, name: str) -> tuple[int, int]:
+    """``(r, b)`` with ``r · b = d`` from the config, or a clear error listing the sizes that fit the layer."""
+    given, field = (config.oft_block_size, "oft_block_size") if config.oft_block_size else (config.r, "r")
+    if d % given == 0 and given <= d:
+        value = given
+    elif config.auto_adjust:
+        value = peft_nearest_divisor(d, given)
+        warnings.warn(
+            f"oft: {field}={given} does not divide {what} of {name!r}; using {value} (PEFT's nearest divisor)",
+            stacklevel=3,
+        )
+    else:
+        valid = [k for k in divisors(d) if (k > 1 if field == "oft_block_size" else k < d)]
+        raise AdapterConfigError(
+            f"oft: {field}={given} does not divide {what} of {name!r}; valid {field} values for this layer: "
+            f"{valid} (or set auto_adjust=True to take the nearest divisor, as PEFT does silently)"
+        )
+    b = value if field == "oft_block_size" else d // value
+    if b < 2 and not config.auto_adjust:
+        valid = [k for k in divisors(d) if k < d] if field == "r" else [k for k in divisors(d) if k > 1]
+        raise AdapterConfigError(
+            f"oft: {field}={given} gives blocks of 1 feature on {name!r} ({what}), which cannot rotate; "
+            f"valid {field} values for this layer: {valid}"
+        )
+    return d // b, b
+
+
+class OFTLayer(AdapterLayer):
+    """OFT on one Linear, Embedding or Conv2d module.
+
+    The parameter ``oft_R`` has PEFT's layout: (r, b(b−1)/2), one row of strictly-upper entries per block, or
+    (1, b(b−1)/2) with ``block_share``.
+    """
+
+    def __init__(self, base: nn.Module, config: OFTConfig, name: str) -> None:
+        super().__init__()
+        self.kind = layer_kind(base)
+        d, what = rotated_size(base, self.kind)
+        self.r, self.block_size = resolve_blocks(config, d, what, name)
+        self.d = d
+        self.block_share = config.block_share
+        self.use_cayley_neumann = config.use_cayley_neumann
+        self.num_terms = config.num_cayley_neumann_terms
+        self.coft, self.eps = config.coft, float(config.eps)
+        self.module_dropout = float(config.module_dropout)
+        b = self.block_size
+        dt = torch.float32 if base.weight.dtype in (torch.float16, torch.bfloat16) else base.weight.dtype
+        n_param_blocks = 1 if self.block_share else self.r
+        self.oft_R = nn.Parameter(torch.zeros(n_param_blocks, b * (b - 1) // 2, device=base.weight.device, dtype=dt))
+        if config.init_weights is False:
+            with torch.no_grad():
+                nn.init.normal_(self.oft_R, mean=0.0, std=0.1)
+        rows, cols = torch.triu_indices(b, b, 1, device=base.weight.device)
+        self.register_buffer("rows", rows, persistent=False)
+        self.register_buffer("cols", cols, persistent=False)
+
+    # --- rotation ------------------------------------------------------------------------------------------
+
+    def effective_params(self) -> torch.Tensor:
+        """``oft_R`` as the forward uses it: projected into the COFT ball (straight-through gradient) if ``coft``."""
+        w = self.oft_R
+        if not self.coft:
+            return w
+        with torch.no_grad():
+            projected = coft_project(w, self.eps)
+        return w + (projected - w).detach()
+
+    def rotation_blocks(self, dtype: torch.dtype | None = None, dropout: bool = False) -> torch.Tensor:
+        """The ``r`` rotation blocks (r, b, b) of ``R_bd`` (shared blocks repeated), in ``dtype``."""
+        w = self.effective_params()
+        cd = dtype or (torch.float32 if w.dtype in (torch.float16, torch.bfloat16) else w.dtype)
+        q = skew_symmetric(w.to(cd), self.rows, self.cols, self.block_size)  # (n, b, b)
+        rot = cayley_neumann(q, self.num_terms) if self.use_cayley_neumann else cayley(q)
+        if self.block_share:
+            rot = rot.expand(self.r, -1, -1)
+        if dropout:
+            eye = torch.eye(self.block_size, dtype=rot.dtype, device=rot.device)
+            drop = block_dropout_mask(self.r, self.module_dropout, rot.device)
+            rot = torch.where(drop[:, None, None], eye, rot)
+        return rot
+
+    # --- forward -------------------------------------------------------------------------------------------
+
+    def adapted_forward(self, base: nn.Module, x: torch.Tensor) -> torch.Tensor:
+        dropout = self.training and self.module_dropout > 0.0
+        blocks = self.rotation_blocks(dropout=dropout).to(self.oft_R.dtype)
+        if self.kind == "embedding":
+            out = base._la_base_forward(x)  # (..., d)
+            return block_rotate(out.to(blocks.dtype), blocks).to(out.dtype)
+        w = base.weight
+        if self.kind == "conv2d":
+            return base._conv_forward(x, rotate_weight(w.to(blocks.dtype), blocks).to(w.dtype), base.bias)
+        tokens = x.numel() // max(x.shape[-1], 1)
+        if not torch.is_grad_enabled() and w.shape[0] < tokens:
+            # Inference: rotating W costs out·d·b, rotating every token costs tokens·d·b.
+            return F.linear(x, rotate_weight(w.to(blocks.dtype), blocks).to(w.dtype), base.bias)
+        return base._la_base_forward(block_rotate(x.to(blocks.dtype), blocks).to(x.dtype))
+
+    # --- merge ---------------------------------------------------------------------------------------------
+
+    def _merged(self, w: torch.Tensor, inverse: bool) -> torch.Tensor:
+        """``W·R_bdᵀ`` (``E·R_bd`` for Embedding), or its inverse, computed in float64."""
+        blocks = self.rotation_blocks(dtype=torch.float64)
+        if inverse:
+            blocks = torch.linalg.inv(blocks)
+        w64 = w.to(torch.float64)
+        if self.kind == "embedding":
+            return block_rotate(w64, blocks)
+        return rotate_weight(w64, blocks)
+
+    def merge(self, base: nn.Module, *, safe: bool = False) -> None:
+        w = base.weight
+        with torch.no_grad():
+            new = self._merged(w, inverse=False)
+            if safe:
+                check_finite(new, "merged weight")
+            w.copy_(new.to(w.dtype))
+        self.merged = True
+
+    def unmerge(self, base: nn.Module) -> None:
+        w = base.weight
+        with torch.no_grad():
+            w.copy_(self._merged(w, inverse=True).to(w.dtype))
+        self.merged = False
+
+    # --- PEFT layout ---------------------------------------------------------------------------------------
+
+    def _peft_key(self) -> str:
+        return "oft_embedding_R.weight" if self.kind == "embedding" else "oft_R.weight"
+
+    def peft_state(self) -> dict[str, torch.Tensor]:
+        # COFT: write the projected values, which is what PEFT holds after any forward.
+        return {self._peft_key(): self.effective_params().detach()}
+
+    def peft_shapes(self) -> dict[str, tuple[int, ...]]:
+        return {self._peft_key(): tuple(self.oft_R.shape)}
+
+    def load_peft_state(self, state: dict[str, torch.Tensor]) -> None:
+        with torch.no_grad():
+            self.oft_R.copy_(state[self._peft_key()].to(dtype=self.oft_R.dtype, device=self.oft_R.device))
+
+    def extra_repr(self) -> str:
+        mode = f"neumann({self.num_terms})" if self.use_cayley_neumann else "cayley"
+        share = ", block_share" if self.block_share else ""
+        coft = f", coft(eps={self.eps:g})" if self.coft else ""
+        return f"{self.kind}, r={self.r}, block_size={self.block_size}, {mode}{share}{coft}, merged={self.merged}"
+
+
+# ------------------------------------------------------------------------------------------------------------
+# PEFT config translation
+
+
+def _to_peft(cfg: OFTConfig) -> dict[str, Any]:
+    return {
+        "peft_type": "OFT",
+        "r": cfg.r,
+        "oft_block_size": cfg.oft_block_size,
+        "use_cayley_neumann": cfg.use_cayley_neumann,
+        "num_cayley_neumann_terms": cfg.num_cayley_neumann_terms,
+        "block_share": cfg.block_share,
+        "coft": cfg.coft,
+        "eps": cfg.eps,
+        "module_dropout": cfg.module_dropout,
+        "init_weights": cfg.init_weights,
+        "bias": "none",
+        "fan_in_fan_out": False,
+        "layers_to_transform": None,
+        "layers_pattern": None,
+    }
+
+
+_UNSUPPORTED_PEFT = {"bias": "none", "layers_to_transform": None, "layers_pattern": None}
+
+
+def check_peft_options(d: dict[str, Any], method: str, unsupported: dict[str, Any]) -> None:
+    """Refuse PEFT options this library does not implement, naming the option."""
+    for k, neutral in unsupported.items():
+        if d.get(k, neutral) not in (neutral, [], {}):
+            raise AdapterConfigError(
+                f"{method}: PEFT option {k}={d[k]!r} is not supported by lightning_adapters; "
+                f"only {k}={neutral!r} adapters can be loaded"
+            )
+
+
+def _from_peft(d: dict[str, Any]) -> OFTConfig:
+    check_peft_options(d, "oft", _UNSUPPORTED_PEFT)
+    if "oft_block_size" not in d:
+        raise AdapterConfigError(
+            "oft: the adapter config has no 'oft_block_size', so it was saved by PEFT < 0.14, whose OFT format "
+            "PEFT itself no longer reads; retrain the adapter with a recent PEFT or with lightning_adapters"
+        )
+    return OFTConfig(
+        r=d.get("r", 0) or 0,
+        oft_block_size=d.get("oft_block_size", 0) or 0,
+        use_cayley_neumann=d.get("use_cayley_neumann", True),
+        num_cayley_neumann_terms=d.get("num_cayley_neumann_terms", 5),
+        block_share=d.get("block_share", False),
+        coft=d.get("coft", False),
+        eps=d.get("eps", 6e-5),
+        module_dropout=d.get("module_dropout", 0.0) or 0.0,
+        init_weights=d.get("init_weights", True),
+        auto_adjust=True,
+        target_modules=d.get("target_modules"),
+        exclude_modules=d.get("exclude_modules"),
+        modules_to_save=d.get("modules_to_save"),
+    )
+
+
+SPEC = register(
+    MethodSpec(
+        name="oft",
+        config_cls=OFTConfig,
+        peft_type="OFT",
+        supported_types=(nn.Linear, nn.Embedding, nn.Conv2d),
+        create_layer=OFTLayer,
+        config_to_peft=_to_peft,
+        config_from_peft=_from_peft,
+    )
+)
