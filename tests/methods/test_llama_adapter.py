@@ -1,0 +1,202 @@
+"""Llama-Adapter beyond PEFT: Qwen2, head_dim·heads ≠ hidden, the formula recomputed by hand, training, merge,
+eject, bad input and the dtype policy."""
+
+from __future__ import annotations
+
+import copy
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import lightning_adapters as la
+from tests.helpers import randomize_adapter, tiny_bert, tiny_gpt2, tiny_llama, token_batch
+
+
+def tiny_qwen2() -> nn.Module:
+    """Qwen2, hidden 64, 2 layers, 4 heads, 2 KV heads (q/k/v carry biases)."""
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+
+    cfg = Qwen2Config(
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        vocab_size=128,
+        max_position_embeddings=128,
+    )
+    return Qwen2ForCausalLM(cfg).eval()
+
+
+def wide_head_llama() -> nn.Module:
+    """Llama whose 4 heads of 32 give q_proj 64 -> 128 (head_dim·heads ≠ hidden), with biases on every
+    projection, so o_proj's bias must be added once."""
+    return tiny_llama(head_dim=32, attention_bias=True)
+
+
+MODELS = {"qwen2": tiny_qwen2, "llama_wide_heads": wide_head_llama}
+
+
+def _base(make) -> nn.Module:
+    torch.manual_seed(0)
+    return make()
+
+
+def _snapshot(model: nn.Module):
+    hooks = {n: (len(m._forward_pre_hooks), len(m._forward_hooks)) for n, m in model.named_modules()}
+    return {k: v.clone() for k, v in model.state_dict().items()}, hooks, {n: type(m) for n, m in model.named_modules()}
+
+
+def _assert_same(model: nn.Module, snap) -> None:
+    sd, hooks, types = snap
+    now = model.state_dict()
+    assert list(now) == list(sd)
+    assert all(torch.equal(now[k], v) for k, v in sd.items())
+    assert {n: (len(m._forward_pre_hooks), len(m._forward_hooks)) for n, m in model.named_modules()} == hooks
+    assert {n: type(m) for n, m in model.named_modules()} == types
+
+
+def _rotate_half(x: torch.Tensor) -> torch.Tensor:
+    half = x.shape[-1] // 2
+    return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+
+
+def _expected_attention(attn: nn.Module, kwargs: dict, base_out: torch.Tensor) -> torch.Tensor:
+    """The paper's zero-init attention written out: base + o_proj weight (no bias) · g · softmax(Q K_pᵀ/√d) V_p."""
+    x = kwargs["hidden_states"]
+    cos, sin = kwargs["position_embeddings"]
+    holder = attn.adapter
+    prompt, gate = holder.adaption_prompt[0], holder.adaption_gate
+    d = attn.head_dim
+    b, t, _ = x.shape
+    n_heads = attn.q_proj.out_features // d
+    n_kv = attn.k_proj.out_features // d
+    q = attn.q_proj(x).view(b, t, n_heads, d).transpose(1, 2)  # (b, h, T, d)
+    q = q * cos[:, None] + _rotate_half(q) * sin[:, None]
+    k = attn.k_proj(prompt).view(-1, n_kv, d).transpose(0, 1).repeat_interleave(n_heads // n_kv, dim=0)  # (h, L, d)
+    v = attn.v_proj(prompt).view(-1, n_kv, d).transpose(0, 1).repeat_interleave(n_heads // n_kv, dim=0)
+    scores = torch.einsum("bhtd,hld->bhtl", q, k) / math.sqrt(d)
+    heads = gate * torch.einsum("bhtl,hld->bhtd", scores.softmax(-1), v)  # (b, h, T, d)
+    return base_out + F.linear(heads.transpose(1, 2).reshape(b, t, -1), attn.o_proj.weight)
+
+
+@pytest.mark.parametrize("kind", sorted(MODELS))
+def test_trains_and_matches_the_formula(kind):
+    model = la.inject(_base(MODELS[kind]), la.LlamaAdapterConfig(adapter_len=5, adapter_layers=2))
+    x = token_batch(128, shape=(2, 12))
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=2e-2)
+    losses = []
+    model.train()
+    for _ in range(6):
+        opt.zero_grad()
+        loss = model(x, labels=x).loss
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    assert all(math.isfinite(v) for v in losses)
+    assert losses[-1] < losses[0] - 1e-3
+    model.eval()
+
+    attn = model.model.layers[1].self_attn
+    assert attn.adapter.adaption_gate.abs().item() > 0  # trained away from the zero init
+    seen = {}
+    h1 = attn.register_forward_pre_hook(lambda m, a, kw: seen.update(kwargs=dict(kw)), with_kwargs=True)
+    h2 = attn.register_forward_hook(lambda m, a, out: seen.update(out=out[0]))
+    with torch.no_grad():
+        model(x)
+        h1.remove()
+        h2.remove()
+        with la.disabled(model):
+            base_out = attn(**seen["kwargs"])[0]
+        expected = _expected_attention(attn, seen["kwargs"], base_out)
+    torch.testing.assert_close(seen["out"], expected, atol=1e-5, rtol=1e-5)
+    assert (seen["out"] - base_out).abs().max() > 1e-3
+
+
+def test_disabled_gives_the_base_and_deepcopy_is_independent():
+    base = _base(tiny_qwen2)
+    x = token_batch(128)
+    ref = base(x).logits
+    model = la.inject(copy.deepcopy(base), la.LlamaAdapterConfig(adapter_len=3, adapter_layers=2))
+    randomize_adapter(model, std=0.5)
+    adapted = model(x).logits
+    assert (adapted - ref).abs().max() > 1e-3
+    with la.disabled(model):
+        assert torch.equal(model(x).logits, ref)
+    assert torch.equal(model(x).logits, adapted)
+    twin = copy.deepcopy(model)
+    assert torch.equal(twin(x).logits, adapted)
+    with torch.no_grad():
+        twin.model.layers[1].self_attn.adapter.adaption_gate.zero_()
+    assert torch.equal(model(x).logits, adapted)
+    assert not torch.equal(twin(x).logits, adapted)
+
+
+def test_state_keys_merge_and_eject():
+    base = _base(tiny_llama)
+    x = token_batch(128)
+    ref = base(x).logits
+    snap = _snapshot(base)
+    model = la.inject(base, la.LlamaAdapterConfig(adapter_len=3, adapter_layers=1))
+    randomize_adapter(model, std=0.5)
+    assert sorted(la.adapter_state_dict(model)) == [
+        "model.layers.1.self_attn.adapter.adaption_gate",
+        "model.layers.1.self_attn.adapter.adaption_prompt",
+    ]
+    assert "model.layers.1.self_attn.adapter" in la.summary(model)
+    adapted = model(x).logits
+    with pytest.raises(la.NotMergeableError, match="not mergeable"):
+        la.merge(model)
+    with pytest.raises(la.NotMergeableError):
+        la.eject(model, merge=True)
+    assert torch.equal(model(x).logits, adapted)
+    la.eject(model)
+    _assert_same(model, snap)
+    assert torch.equal(model(x).logits, ref)
+    # Injecting again after eject works from a clean model.
+    la.inject(model, la.LlamaAdapterConfig(adapter_len=3, adapter_layers=1))
+    assert torch.equal(model(x).logits, ref)
+
+
+def test_bad_input_raises_before_changing_anything():
+    bert = tiny_bert()
+    snap = _snapshot(bert)
+    with pytest.raises(la.UnsupportedLayerError, match=r"'bert'.*\['gpt2', 'llama', 'mistral', 'qwen2'\]"):
+        la.inject(bert, la.LlamaAdapterConfig())
+    _assert_same(bert, snap)
+    for make in (tiny_llama, tiny_gpt2):
+        model = make()
+        snap = _snapshot(model)
+        with pytest.raises(la.AdapterConfigError, match="adapter_layers=3 but the model has only 2"):
+            la.inject(model, la.LlamaAdapterConfig(adapter_layers=3))
+        _assert_same(model, snap)
+    with pytest.raises(la.TargetError, match="'self_attn'"):
+        la.inject(tiny_llama(), la.LlamaAdapterConfig(target_modules="attention"))
+    for bad in (dict(adapter_len=0), dict(adapter_layers=None), dict(target_modules=[r".*attn"])):
+        with pytest.raises(la.AdapterConfigError):
+            la.LlamaAdapterConfig(**bad)
+    with pytest.raises(la.AdapterConfigError, match="exclude_modules"):
+        la.LlamaAdapterConfig(exclude_modules=["layers.0.self_attn"])
+
+
+def test_dtype_policy():
+    x = token_batch(128)
+    model = la.inject(tiny_llama().to(torch.bfloat16), la.LlamaAdapterConfig(adapter_len=3, adapter_layers=2))
+    params = dict(la.adapter_state_dict(model))
+    assert params and all(v.dtype == torch.float32 for v in params.values())
+    randomize_adapter(model, std=0.5)
+    out = model(x).logits
+    assert out.dtype == torch.bfloat16 and torch.isfinite(out).all()
+    # A whole-model cast (Lightning's bf16-true) is undone by re-applying the policy.
+    model.to(torch.bfloat16)
+    assert all(v.dtype == torch.bfloat16 for v in la.adapter_state_dict(model).values())
+    la.apply_dtype_policy(model)
+    assert all(v.dtype == torch.float32 for v in la.adapter_state_dict(model).values())
+    explicit = la.inject(
+        tiny_llama().to(torch.bfloat16),
+        la.LlamaAdapterConfig(adapter_len=3, adapter_layers=1, adapter_dtype="bfloat16"),
+    )
+    assert all(v.dtype == torch.bfloat16 for v in la.adapter_state_dict(explicit).values())
