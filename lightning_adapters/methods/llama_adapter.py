@@ -197,8 +197,14 @@ class AdaptionPrompt(nn.Module):
         v = (self.adaption_gate * v).to(proj_dtype)  # the gate scales the small tensor, not the output
         return k, v
 
-    def _term(self, q: torch.Tensor) -> torch.Tensor:
-        """``g · A V_p`` as ``(b, T, n_h·d)`` from the projected queries ``q (b, T, n_h·d)``."""
+    def _term(self) -> torch.Tensor:
+        """``g · A V_p`` as ``(b, T, n_h·d)`` from the kept query projection ``(b, T, n_h·d)``; clears the state."""
+        q = self._query
+        if q is None:
+            raise UnsupportedLayerError(
+                f"{METHOD}: the attention produced its output without projecting queries first; its forward is "
+                f"not one of the transformers {sorted(SUPPORTED)} attentions this method supports"
+            )
         b, t, _ = q.shape
         q = q.view(b, t, self.n_heads, self.head_dim)  # (b, T, n_h, d)
         if self._rope is not None:
@@ -218,8 +224,9 @@ class AdaptionPrompt(nn.Module):
             pe = kwargs.get("position_embeddings", args[1] if len(args) > 1 else None)
             if pe is None:
                 raise UnsupportedLayerError(
-                    f"{METHOD}: {type(attn).__name__} was called without position_embeddings=(cos, sin); this "
-                    f"transformers version passes rotary embeddings differently (transformers >= 4.48 is needed)"
+                    f"{METHOD}: {type(attn).__name__} was called without position_embeddings=(cos, sin), which "
+                    f"this method reads the rotary embeddings from; use a transformers version whose decoder "
+                    f"layers pass them to the attention"
                 )
             self._rope = (pe[0], pe[1])
         self._prompt_kv = self._prompt_keys_values(attn)
@@ -234,19 +241,14 @@ class AdaptionPrompt(nn.Module):
         if self._prompt_kv is None:
             return None
         heads = args[0]  # (b, T, n_h·d)
-        if self._query is None:
-            raise UnsupportedLayerError(
-                f"{METHOD}: the attention ran o_proj without calling q_proj first; its forward is not the "
-                f"Llama/Mistral/Qwen2 attention this method supports"
-            )
-        return (heads + self._term(self._query).to(heads.dtype), *args[1:])
+        return (heads + self._term().to(heads.dtype), *args[1:])
 
     def after_attention(self, attn: nn.Module, args: tuple, output: tuple) -> tuple | None:
         """GPT-2 hook on the attention output: add ``g · A V_p`` after ``c_proj``, where PEFT adds it."""
-        if self._prompt_kv is None or self._query is None:
+        if self._prompt_kv is None:
             return None
         out = output[0]  # (b, T, E)
-        return (out + self._term(self._query).to(out.dtype), *output[1:])
+        return (out + self._term().to(out.dtype), *output[1:])
 
 
 # ------------------------------------------------------------------------------------------------------------
