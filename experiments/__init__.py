@@ -1,0 +1,1 @@
+"""Experiments and benchmarks of lightning_adapters (not part of the installed package)."""

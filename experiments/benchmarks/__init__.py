@@ -1,0 +1,1 @@
+"""Side-by-side benchmarks of every method against PEFT: ``python -m experiments.benchmarks.run``."""
