@@ -166,20 +166,97 @@ def coft_project(upper: torch.Tensor, eps: float) -> torch.Tensor:
     return upper * torch.where(norm > radius, radius / norm.clamp_min(1e-30), torch.ones_like(norm))
 
 
-def block_rotate(x: torch.Tensor, blocks: torch.Tensor) -> torch.Tensor:
-    """Row vectors times ``blockdiag(blocks)``: x (..., n·b), blocks (n, b, b) -> (..., n·b).
+# Block rotations of a feature axis. A token tensor (T, d) is viewed with the feature axis split into
+# "canonical" dims, sizes = (T, f_1, …, f_k); a layout is an order of those dims of the form
+# (block dims…, T, in-block dims…), so a permute + reshape gives (n blocks, T, b) for one batched b×b multiply.
+# OFT uses sizes (T, r, b) and the layout (1, 0, 2); BOFT's butterfly factors split the axis further (boft.py).
+LAYOUT_X = None  # the features in their natural order, (T, d)
 
-    Computed as one batched ``b×b`` multiply over the ``n`` blocks (``x_i @ R_i`` for every block ``i``).
+
+def block_layout(block_dims: list[int], inner_dims: list[int]) -> tuple[int, ...]:
+    """The layout with canonical dims ``block_dims`` numbering the blocks and ``inner_dims`` inside a block."""
+    return (*block_dims, 0, *inner_dims)
+
+
+def relayout(t: torch.Tensor, sizes: tuple[int, ...], src: tuple[int, ...] | None, dst: tuple[int, ...] | None):
+    """A tensor stored in layout ``src`` -> a contiguous copy in layout ``dst``.
+
+    Args:
+        t: (T, d) for ``LAYOUT_X``, else (n, T, b) stored in ``src`` order.
+        sizes: The canonical sizes (T, f_1, …, f_k).
+
+    Returns:
+        (T, d) for ``LAYOUT_X``, else (n, T, b).
     """
-    n, b, _ = blocks.shape
+    natural = tuple(range(len(sizes)))
+    src, dst = src or natural, dst or natural
+    view = t.reshape([sizes[c] for c in src]).permute([src.index(c) for c in dst])
+    if dst == natural:
+        return view.reshape(sizes[0], -1)
+    at = dst.index(0)
+    return view.reshape(math.prod([sizes[c] for c in dst[:at]]), sizes[0], math.prod([sizes[c] for c in dst[at + 1 :]]))
+
+
+class _BlockRotation(torch.autograd.Function):
+    """``x`` (T, d) through a chain of block-diagonal multiplies, each in its own layout.
+
+    Only ``x`` and the blocks are saved for backward (the inputs of later factors are recomputed), so the
+    rotation adds no activation memory beyond the input that the caller usually keeps alive anyway.
+    """
+
+    @staticmethod
+    def forward(ctx, x, sizes, layouts, *blocks):  # noqa: D102 - autograd protocol
+        ctx.sizes, ctx.layouts = sizes, layouts
+        ctx.save_for_backward(x, *blocks)
+        cur, lay = x, LAYOUT_X
+        for layout, blk in zip(layouts, blocks):
+            cur = torch.bmm(relayout(cur, sizes, lay, layout), blk)  # (n, T, b) @ (n, b, b) -> (n, T, b)
+            lay = layout
+        return relayout(cur, sizes, lay, LAYOUT_X)
+
+    @staticmethod
+    def backward(ctx, grad):  # noqa: D102 - autograd protocol
+        x, *blocks = ctx.saved_tensors
+        sizes, layouts = ctx.sizes, ctx.layouts
+        inputs, cur, lay = [], x, LAYOUT_X
+        for layout, blk in zip(layouts[:-1], blocks[:-1]):
+            inputs.append(relayout(cur, sizes, lay, layout))
+            cur, lay = torch.bmm(inputs[-1], blk), layout
+        inputs.append(relayout(cur, sizes, lay, layouts[-1]))
+        g, lay = relayout(grad, sizes, LAYOUT_X, layouts[-1]), layouts[-1]
+        grads: list[torch.Tensor | None] = [None] * len(blocks)
+        for k in reversed(range(len(blocks))):
+            if ctx.needs_input_grad[3 + k]:
+                grads[k] = torch.bmm(inputs[k].transpose(1, 2), g)  # (n, b, T) @ (n, T, b) -> (n, b, b)
+            if k == 0 and not ctx.needs_input_grad[0]:
+                break
+            g = torch.bmm(g, blocks[k].transpose(1, 2))
+            prev = layouts[k - 1] if k else LAYOUT_X
+            g, lay = relayout(g, sizes, lay, prev), prev
+        dx = g if ctx.needs_input_grad[0] else None
+        return (dx, None, None, *grads)
+
+
+def rotate_features(
+    x: torch.Tensor, steps: list[tuple[tuple[int, ...], torch.Tensor]], axis: tuple[int, ...]
+) -> torch.Tensor:
+    """Row vectors times a product of block-diagonal matrices, never building a d×d matrix.
+
+    Args:
+        x: (..., d) with d = prod(``axis``).
+        steps: ``(layout, blocks)`` applied left to right: ``x ← x · blockdiag(blocks)``, the blocks (n, b, b)
+            acting on the groups of features the layout forms.
+        axis: The canonical split of the feature axis (f_1, …, f_k).
+
+    Returns:
+        (..., d), the rotated rows.
+    """
     lead = x.shape[:-1]
-    xb = x.reshape(-1, n, b).transpose(0, 1)  # (n, T, b)
-    return torch.bmm(xb, blocks).transpose(0, 1).reshape(*lead, n * b)  # (n, T, b) @ (n, b, b) -> (..., n·b)
-
-
-def rotate_weight(w: torch.Tensor, blocks: torch.Tensor) -> torch.Tensor:
-    """``W · R_bdᵀ`` for a weight whose input space is its flattened trailing dims: (out, ...) -> (out, ...)."""
-    return block_rotate(w.reshape(w.shape[0], -1), blocks.transpose(1, 2)).reshape(w.shape)
+    x2 = x.reshape(-1, x.shape[-1])  # (T, d)
+    sizes = (x2.shape[0], *axis)
+    layouts = tuple(layout for layout, _ in steps)
+    out = _BlockRotation.apply(x2, sizes, layouts, *(blk for _, blk in steps))
+    return out.reshape(*lead, x.shape[-1])
 
 
 def block_dropout_mask(n: int, p: float, device: torch.device) -> torch.Tensor:
@@ -228,6 +305,9 @@ def resolve_blocks(config: OFTConfig, d: int, what: str, name: str) -> tuple[int
             f"valid {field} values for this layer: {valid}"
         )
     return d // b, b
+
+
+_OFT_LAYOUT = block_layout([1], [2])  # (T, r, b) -> (r, T, b)
 
 
 class OFTLayer(AdapterLayer):
@@ -286,20 +366,27 @@ class OFTLayer(AdapterLayer):
 
     # --- forward -------------------------------------------------------------------------------------------
 
+    def rotate(self, x: torch.Tensor, blocks: torch.Tensor, transpose: bool = False) -> torch.Tensor:
+        """Rows of ``x`` (..., d) times ``R_bd`` (or ``R_bdᵀ``)."""
+        blocks = blocks.transpose(1, 2) if transpose else blocks
+        return rotate_features(x, [(_OFT_LAYOUT, blocks)], (self.r, self.block_size))
+
     def adapted_forward(self, base: nn.Module, x: torch.Tensor) -> torch.Tensor:
         dropout = self.training and self.module_dropout > 0.0
-        blocks = self.rotation_blocks(dropout=dropout).to(self.oft_R.dtype)
+        blocks = self.rotation_blocks(dropout=dropout).to(self.oft_R.dtype)  # (r, b, b)
+        dt = blocks.dtype
         if self.kind == "embedding":
             out = base._la_base_forward(x)  # (..., d)
-            return block_rotate(out.to(blocks.dtype), blocks).to(out.dtype)
+            return self.rotate(out.to(dt), blocks).to(out.dtype)
         w = base.weight
         if self.kind == "conv2d":
-            return base._conv_forward(x, rotate_weight(w.to(blocks.dtype), blocks).to(w.dtype), base.bias)
+            w_rot = self.rotate(w.reshape(w.shape[0], -1).to(dt), blocks, transpose=True)  # W·R_bdᵀ (out, d)
+            return base._conv_forward(x, w_rot.reshape(w.shape).to(w.dtype), base.bias)
         tokens = x.numel() // max(x.shape[-1], 1)
         if not torch.is_grad_enabled() and w.shape[0] < tokens:
             # Inference: rotating W costs out·d·b, rotating every token costs tokens·d·b.
-            return F.linear(x, rotate_weight(w.to(blocks.dtype), blocks).to(w.dtype), base.bias)
-        return base._la_base_forward(block_rotate(x.to(blocks.dtype), blocks).to(x.dtype))
+            return F.linear(x, self.rotate(w.to(dt), blocks, transpose=True).to(w.dtype), base.bias)
+        return base._la_base_forward(self.rotate(x.to(dt), blocks).to(x.dtype))
 
     # --- merge ---------------------------------------------------------------------------------------------
 
@@ -307,11 +394,11 @@ class OFTLayer(AdapterLayer):
         """``W·R_bdᵀ`` (``E·R_bd`` for Embedding), or its inverse, computed in float64."""
         blocks = self.rotation_blocks(dtype=torch.float64)
         if inverse:
-            blocks = torch.linalg.inv(blocks)
-        w64 = w.to(torch.float64)
+            blocks = torch.linalg.inv(blocks)  # the Neumann R is not exactly orthogonal
+        w64 = w.detach().to(torch.float64)
         if self.kind == "embedding":
-            return block_rotate(w64, blocks)
-        return rotate_weight(w64, blocks)
+            return self.rotate(w64, blocks)
+        return self.rotate(w64.reshape(w.shape[0], -1), blocks, transpose=True).reshape(w.shape)
 
     def merge(self, base: nn.Module, *, safe: bool = False) -> None:
         w = base.weight
