@@ -18,8 +18,13 @@ output and renormalises the adapted weight row-wise::
 
 with the norm detached from the graph (the paper's §4.3), as PEFT does.
 
-Speed: the low-rank update is accumulated into the base output in place (``addmm_`` with ``alpha=s``), which
-scales the small rank-r tensor instead of a full-size one and creates no full-size temporary.
+Speed (Linear and Conv1D): one autograd Function runs the whole layer. It saves only ``x``, the rank-r
+``h = A x`` and references to the weights, never a full-size temporary, and computes no gradient nobody asked
+for (no ``∂x`` when ``x`` does not require grad, no ``∂W`` for the frozen base). When the batch has more rows
+than the weight (``N·(in+out) > 2·in·out``) it multiplies by the folded ``W + s·B·A`` once, forward and
+backward, which is cheaper than a second pass over the full-size output and input gradient; otherwise it
+accumulates ``s·h·Bᵀ`` into the base output in place. Either way the outputs and gradients are those of the
+formula above; with ``B = 0`` the folded weight is ``W`` exactly, so the layer is exactly the base at init.
 """
 
 from __future__ import annotations
@@ -121,6 +126,74 @@ def linear_delta_weight(A: torch.Tensor, B: torch.Tensor, scale: float) -> torch
 def row_norm(weight: torch.Tensor) -> torch.Tensor:
     """L2 norm of every output slice of ``weight`` (out, ...) -> (out,)."""
     return weight.reshape(weight.shape[0], -1).norm(p=2, dim=1)
+
+
+def fold_pays(rows: int, in_f: int, out_f: int) -> bool:
+    """Whether multiplying by the folded ``W + s·B·A`` beats a second pass over the (rows, out)/(rows, in) tensors.
+
+    Folding writes an (out, in) weight twice per step (forward and backward); not folding reads and writes the
+    full-size output once forward and the full-size input gradient once backward.
+    """
+    return rows * (in_f + out_f) > 2 * in_f * out_f
+
+
+class _LoRALinear(torch.autograd.Function):
+    """``y = x Wᵀ + b + s · (x_d Aᵀ) Bᵀ`` for 2-D-flattened rows, with hand-written, minimal backward.
+
+    ``x_d`` is the dropped-out adapter input, or ``None`` when it is ``x`` itself. Saved: ``x`` (and ``x_d``),
+    ``h = x_d Aᵀ`` (rows, r) and the weights; nothing full-size is created for autograd.
+    """
+
+    @staticmethod
+    def forward(ctx, x, xd, weight, bias, A, B, scale):  # noqa: ANN001, ANN205 (autograd signature)
+        out_f, in_f = weight.shape
+        x2 = x.reshape(-1, in_f)  # (N, in)
+        a_in = x2 if xd is None else xd.reshape(-1, in_f)  # (N, in) adapter input
+        fold = xd is None and fold_pays(x2.shape[0], in_f, out_f)
+        need_h = ctx.needs_input_grad[5] or not fold
+        h = torch.mm(a_in, A.t()) if need_h else None  # (N, r)
+        if fold:
+            y = F.linear(x2, torch.addmm(weight, B, A, alpha=scale), bias)  # (N, out), W + s·B·A
+        else:
+            y = F.linear(x2, weight, bias)
+            y.addmm_(h, B.t(), alpha=scale)  # += s · h Bᵀ, scaling the (N, r) factor, in place
+        ctx.scale, ctx.fold, ctx.has_xd = scale, fold, xd is not None
+        ctx.x_shape = x.shape if xd is None else (x.shape, xd.shape)
+        ctx.save_for_backward(x2, None if xd is None else a_in, h, weight, A, B)
+        return y.view(*x.shape[:-1], out_f)
+
+    @staticmethod
+    def backward(ctx, gy):  # noqa: ANN001, ANN205
+        x2, a_in, h, weight, A, B = ctx.saved_tensors
+        need_x, need_xd, need_w, need_b, need_a, need_b_lora = ctx.needs_input_grad[:6]
+        s = ctx.scale
+        if a_in is None:
+            a_in = x2
+        x_shape, xd_shape = ctx.x_shape if ctx.has_xd else (ctx.x_shape, None)
+        g = gy.reshape(-1, weight.shape[0])  # (N, out)
+        # ∂L/∂h = s · g B  (N, r): feeds ∂A and the adapter part of the input gradient.
+        need_dh = need_a or need_xd or (need_x and not ctx.fold and not ctx.has_xd)
+        dh = torch.mm(g, B).mul_(s) if need_dh else None
+        gx = gxd = gw = gbias = ga = gb = None
+        if need_x:
+            if ctx.fold:
+                gx = torch.mm(g, torch.addmm(weight, B, A, alpha=s))  # g (W + s·B·A)
+            else:
+                gx = torch.mm(g, weight)
+                if not ctx.has_xd:
+                    gx.addmm_(dh, A)  # + ∂h A, in place
+            gx = gx.view(x_shape)
+        if need_xd:
+            gxd = torch.mm(dh, A).view(xd_shape)
+        if need_w:
+            gw = torch.mm(g.t(), x2)  # (out, in)
+        if need_b:
+            gbias = g.sum(0)
+        if need_a:
+            ga = torch.mm(dh.t(), a_in)  # (r, in)
+        if need_b_lora:
+            gb = torch.mm(g.t(), h).mul_(s)  # (out, r)
+        return gx, gxd, gw, gbias, ga, gb, None
 
 
 # ------------------------------------------------------------------------------------------------------------
@@ -271,15 +344,17 @@ class LoRALayer(AdapterLayer):
         return F.linear(x, base.weight, bias)
 
     def _forward_linear(self, base: nn.Module, x: torch.Tensor) -> torch.Tensor:
+        fused = x.dtype == base.weight.dtype == self.lora_A.dtype and not torch.is_autocast_enabled(x.device.type)
+        if fused and not self.use_dora:
+            weight = base.weight.t() if self.kind == "conv1d_t" else base.weight  # (out, in)
+            dropped = self.dropout_p > 0.0 and self.training
+            xd = F.dropout(x, self.dropout_p, True) if dropped else None
+            return _LoRALinear.apply(x, xd, weight, base.bias, self.lora_A, self.lora_B, self.scale)
         xd = self._dropped(x)
         h = F.linear(xd, self.lora_A)  # (..., in) @ (in, r) -> (..., r)
         if self.use_dora:
             return self._forward_linear_dora(base, x, xd, h)
         out = self._base_linear(base, x)  # (..., out)
-        if out.dtype == h.dtype:
-            # In place: out += s · h @ Bᵀ, scaling the rank-r tensor, no full-size temporary.
-            out.view(-1, out.shape[-1]).addmm_(h.reshape(-1, self.r), self.lora_B.t(), alpha=self.scale)
-            return out
         return out + (F.linear(h, self.lora_B) * self.scale).to(out.dtype)
 
     def _forward_linear_dora(self, base: nn.Module, x: torch.Tensor, xd: torch.Tensor, h: torch.Tensor) -> torch.Tensor:
