@@ -1,0 +1,119 @@
+"""CUDA checks: every method on the GPU equals the CPU and PEFT, in fp32 and on a bf16 base.
+
+Skipped without CUDA (CI has none); run on a GPU machine with ``pytest tests/gpu``. ``LA_TEST_DEVICE=cpu``
+runs the same checks on the CPU (a dry run of the test logic).
+"""
+
+from __future__ import annotations
+
+import copy
+import os
+
+import pytest
+import torch
+
+import lightning_adapters as la
+from tests.helpers import randomize_adapter, tiny_llama, token_batch
+
+DEV = os.environ.get("LA_TEST_DEVICE", "cuda")
+pytestmark = pytest.mark.skipif(DEV == "cuda" and not torch.cuda.is_available(), reason="needs CUDA")
+
+CONFIGS = {
+    "lora": lambda: la.LoRAConfig(r=4, alpha=8, target_modules="all-linear"),
+    "dora": lambda: la.LoRAConfig(r=4, alpha=8, target_modules="all-linear", use_dora=True),
+    "loha": lambda: la.LoHaConfig(r=4, alpha=8, target_modules="all-linear"),
+    "lokr": lambda: la.LoKrConfig(r=4, alpha=8, target_modules="all-linear", decompose_both=True),
+    "oft": lambda: la.OFTConfig(oft_block_size=8, target_modules="all-linear"),
+    "boft-m1": lambda: la.BOFTConfig(boft_block_size=4, target_modules=["q_proj", "o_proj", "up_proj"]),
+    "boft-m2": lambda: la.BOFTConfig(boft_block_size=4, boft_n_butterfly_factor=2,
+                                     target_modules=["q_proj", "o_proj", "up_proj"]),
+    "adalora": lambda: la.AdaLoRAConfig(init_r=6, target_r=4, total_step=20, target_modules="all-linear"),
+    "llama_adapter": lambda: la.LlamaAdapterConfig(adapter_len=4, adapter_layers=2),
+}
+
+
+@pytest.fixture(autouse=True)
+def _no_tf32():
+    old = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = False
+    torch.backends.cudnn.allow_tf32 = False
+    yield
+    torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = old
+
+
+def _grads(model):
+    return {n: p.grad.detach().float().cpu() for n, p in model.named_parameters() if p.requires_grad}
+
+
+@pytest.mark.parametrize("name", list(CONFIGS))
+def test_cuda_fp32_equals_cpu_forward_backward_and_merge(name):
+    torch.manual_seed(0)
+    cpu = la.inject(tiny_llama(), CONFIGS[name]())
+    randomize_adapter(cpu, std=0.05)
+    gpu = copy.deepcopy(cpu).to(DEV)
+    x = token_batch(128)
+    cpu.train()
+    gpu.train()
+    out_c = cpu(x, labels=x)
+    out_g = gpu(x.to(DEV), labels=x.to(DEV))
+    assert torch.allclose(out_g.logits.cpu(), out_c.logits, atol=1e-4)
+    out_c.loss.backward()
+    out_g.loss.backward()
+    gc, gg = _grads(cpu), _grads(gpu)
+    assert gc.keys() == gg.keys()
+    for k in gc:
+        assert torch.allclose(gg[k], gc[k], atol=1e-4, rtol=1e-3), k
+    if name != "llama_adapter":
+        gpu.eval()
+        with torch.no_grad():
+            before = gpu(x.to(DEV)).logits
+            la.merge(gpu)
+            assert torch.allclose(gpu(x.to(DEV)).logits, before, atol=1e-4)
+            la.unmerge(gpu)
+
+
+@pytest.mark.parametrize("name", list(CONFIGS))
+def test_bf16_base_keeps_fp32_adapters_and_trains(name):
+    torch.manual_seed(0)
+    model = tiny_llama().to(DEV).to(torch.bfloat16)
+    la.inject(model, CONFIGS[name]())
+    assert all(v.dtype == torch.float32 for v in la.adapter_state_dict(model).values() if v.is_floating_point())
+    randomize_adapter(model, std=0.02)
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-3)
+    x = token_batch(128).to(DEV)
+    losses = []
+    for _ in range(3):
+        opt.zero_grad()
+        loss = model(x, labels=x).loss
+        assert loss.dtype == torch.bfloat16 or loss.dtype == torch.float32
+        loss.float().backward()
+        opt.step()
+        losses.append(loss.item())
+    assert all(torch.isfinite(torch.tensor(losses)))
+
+
+@pytest.mark.parametrize("name", ["lora", "dora", "loha", "lokr", "oft", "boft-m1", "llama_adapter"])
+def test_cuda_matches_peft(name, tmp_path):
+    from peft import PeftModel
+
+    torch.manual_seed(0)
+    base = tiny_llama()
+    ours = la.inject(copy.deepcopy(base), CONFIGS[name]())
+    randomize_adapter(ours, std=0.05)
+    la.save_peft(ours, tmp_path)
+    ours = ours.to(DEV).eval()
+    theirs = PeftModel.from_pretrained(copy.deepcopy(base), tmp_path).to(DEV).eval()
+    x = token_batch(128).to(DEV)
+    with torch.no_grad():
+        assert torch.allclose(ours(x).logits, theirs(x).logits, atol=1e-4)
+
+
+def test_boft_two_factors_equal_dense_formula_on_cuda():
+    torch.manual_seed(0)
+    model = la.inject(tiny_llama(), CONFIGS["boft-m2"]()).to(DEV).eval()
+    randomize_adapter(model, std=0.05)
+    x = token_batch(128).to(DEV)
+    with torch.no_grad():
+        out = model(x).logits
+        la.merge(model)
+        assert torch.allclose(model(x).logits, out, atol=1e-4)
