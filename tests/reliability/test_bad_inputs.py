@@ -291,6 +291,182 @@ ENGINE_ROWS = [
 ]
 
 
+def _adalora_schedule(m, tmp):
+    """An impossible schedule is refused when the Lightning hooks learn ``total_step`` from the trainer."""
+    from lightning_adapters.lightning.adalora import AdaLoRATrainingHooks
+
+    class _Trainer:
+        estimated_stepping_batches = 10
+        max_epochs = 1
+
+    la.inject(m, la.AdaLoRAConfig(init_r=4, target_r=2, tinit=6, tfinal=4, target_modules=["q_proj"]))
+    _snapshot_into(m)
+    return AdaLoRATrainingHooks(m, la.config_of(m)).setup(_Trainer(), None)
+
+
+METHOD_ROWS = [
+    Row("loha-r-zero", None, _cfg("LoHaConfig", r=0), la.AdapterConfigError, r"loha: r .*got 0"),
+    Row("loha-alpha-negative", None, _cfg("LoHaConfig", alpha=-1), la.AdapterConfigError, r"alpha.*-1"),
+    Row("loha-rank-dropout", None, _cfg("LoHaConfig", rank_dropout=1.5), la.AdapterConfigError, r"rank_dropout.*1.5"),
+    Row(
+        "loha-module-dropout",
+        None,
+        _cfg("LoHaConfig", module_dropout=-0.5),
+        la.AdapterConfigError,
+        r"module_dropout.*-0.5",
+    ),
+    Row(
+        "loha-embedding",
+        tiny_llama,
+        _inject("LoHaConfig", target_modules=["embed_tokens"]),
+        la.UnsupportedLayerError,
+        r"Embedding",
+    ),
+    Row("lokr-r-negative", None, _cfg("LoKrConfig", r=-2), la.AdapterConfigError, r"lokr: r .*-2"),
+    Row(
+        "lokr-decompose-factor",
+        None,
+        _cfg("LoKrConfig", decompose_factor=-7),
+        la.AdapterConfigError,
+        r"decompose_factor.*-7",
+    ),
+    Row("lokr-init-unknown", None, _cfg("LoKrConfig", init_weights="pissa"), la.AdapterConfigError, r"'pissa'"),
+    Row(
+        "lokr-embedding",
+        tiny_llama,
+        _inject("LoKrConfig", target_modules=["embed_tokens"]),
+        la.UnsupportedLayerError,
+        r"Embedding",
+    ),
+    Row(
+        "oft-both-sizes",
+        None,
+        _cfg("OFTConfig", r=4, oft_block_size=16),
+        la.AdapterConfigError,
+        r"r=4.*oft_block_size=16",
+    ),
+    Row("oft-no-size", None, _cfg("OFTConfig", r=0, oft_block_size=0), la.AdapterConfigError, r"oft_block_size"),
+    Row(
+        "oft-block-not-dividing",
+        tiny_llama,
+        _inject("OFTConfig", oft_block_size=24, target_modules=["q_proj"]),
+        la.AdapterConfigError,
+        r"24.*q_proj.*(8|16|32)",
+    ),
+    Row(
+        "oft-neumann-terms",
+        None,
+        _cfg("OFTConfig", num_cayley_neumann_terms=0),
+        la.AdapterConfigError,
+        r"num_cayley_neumann_terms.*0",
+    ),
+    Row("oft-eps", None, _cfg("OFTConfig", coft=True, eps=-1.0), la.AdapterConfigError, r"eps.*-1.0"),
+    Row(
+        "oft-gpt2-conv1d",
+        tiny_gpt2,
+        _inject("OFTConfig", oft_block_size=8, target_modules=["c_attn"]),
+        la.UnsupportedLayerError,
+        r"Conv1D",
+    ),
+    Row(
+        "boft-no-size",
+        None,
+        _cfg("BOFTConfig", boft_block_size=0, boft_block_num=0),
+        la.AdapterConfigError,
+        r"exactly one of boft_block_size.*boft_block_num",
+    ),
+    Row(
+        "boft-both-sizes",
+        None,
+        _cfg("BOFTConfig", boft_block_size=4, boft_block_num=4),
+        la.AdapterConfigError,
+        r"boft_block_size=4, boft_block_num=4",
+    ),
+    Row(
+        "boft-factor-zero",
+        None,
+        _cfg("BOFTConfig", boft_n_butterfly_factor=0),
+        la.AdapterConfigError,
+        r"boft_n_butterfly_factor.*got 0",
+    ),
+    Row("boft-dropout", None, _cfg("BOFTConfig", boft_dropout=1.0), la.AdapterConfigError, r"boft_dropout.*1.0"),
+    Row(
+        "boft-block-not-dividing",
+        tiny_llama,
+        _inject("BOFTConfig", boft_block_size=3, target_modules=["q_proj"]),
+        la.AdapterConfigError,
+        r"boft_block_size=3.*q_proj.*\[2, 4, 8",
+    ),
+    Row(
+        "boft-too-many-factors",
+        tiny_llama,
+        _inject("BOFTConfig", boft_block_size=4, boft_n_butterfly_factor=6, target_modules=["q_proj"]),
+        la.AdapterConfigError,
+        r"boft_n_butterfly_factor.*6",
+    ),
+    Row(
+        "boft-embedding",
+        tiny_llama,
+        _inject("BOFTConfig", target_modules=["embed_tokens"]),
+        la.UnsupportedLayerError,
+        r"Embedding",
+    ),
+    Row(
+        "adalora-target-above-init",
+        None,
+        _cfg("AdaLoRAConfig", init_r=4, target_r=8),
+        la.AdapterConfigError,
+        r"target_r.*8.*init_r.*4",
+    ),
+    Row("adalora-init-r-zero", None, _cfg("AdaLoRAConfig", init_r=0, target_r=0), la.AdapterConfigError, r"init_r.*0"),
+    Row("adalora-beta", None, _cfg("AdaLoRAConfig", beta1=1.0), la.AdapterConfigError, r"beta1.*1.0"),
+    Row("adalora-schedule-name", None, _cfg("AdaLoRAConfig", schedule="weekly"), la.AdapterConfigError, r"weekly"),
+    Row(
+        "adalora-impossible-schedule",
+        None,
+        _cfg("AdaLoRAConfig", total_step=10, tinit=6, tfinal=4),
+        la.AdapterConfigError,
+        r"tinit.*tfinal.*total_step",
+    ),
+    Row("adalora-schedule-from-trainer", tiny_llama, _adalora_schedule, la.AdapterConfigError, r"total_step.*10"),
+    Row(
+        "adalora-embedding",
+        tiny_llama,
+        _inject("AdaLoRAConfig", target_modules=["embed_tokens"]),
+        la.UnsupportedLayerError,
+        r"Embedding",
+    ),
+    Row(
+        "llama-adapter-unsupported-model",
+        tiny_bert,
+        _inject("LlamaAdapterConfig", adapter_len=4, adapter_layers=1),
+        la.UnsupportedLayerError,
+        r"bert.*supported model types",
+    ),
+    Row(
+        "llama-adapter-too-many-layers",
+        tiny_llama,
+        _inject("LlamaAdapterConfig", adapter_len=4, adapter_layers=5),
+        la.AdapterConfigError,
+        r"adapter_layers.*5.*2",
+    ),
+    Row(
+        "llama-adapter-len-zero",
+        None,
+        _cfg("LlamaAdapterConfig", adapter_len=0),
+        la.AdapterConfigError,
+        r"adapter_len.*0",
+    ),
+    Row("llama-adapter-merge", tiny_llama, lambda m, p: _merge_prompt(m), la.NotMergeableError, r"not mergeable"),
+]
+
+
+def _merge_prompt(m):
+    la.inject(m, la.LlamaAdapterConfig(adapter_len=4, adapter_layers=1))
+    _snapshot_into(m)
+    return la.merge(m)
+
+
 def _nan_merge(m):
     la.inject(m, la.LoRAConfig(r=2, target_modules=["q_proj", "v_proj"]))
     with torch.no_grad():
@@ -299,7 +475,7 @@ def _nan_merge(m):
     return la.merge(m, safe=True)
 
 
-ROWS: list[Row] = list(ENGINE_ROWS)
+ROWS: list[Row] = ENGINE_ROWS + METHOD_ROWS
 
 
 @pytest.mark.parametrize("row", [pytest.param(r, id=r.id) for r in ROWS])
@@ -328,3 +504,24 @@ def test_table_is_documented() -> None:
     missing = [r.id for r in ROWS if f"`{r.id}`" not in text]
     assert not missing, f"add these rows to {DOC}: {missing}"
     assert len(ROWS) >= 40
+
+
+def render_table() -> str:
+    """The markdown table of docs/BAD_INPUTS.md, with the message each row really produces."""
+    import tempfile
+
+    lines = ["| case | exception | message |", "|---|---|---|"]
+    for row in ROWS:
+        model = row.make_model() if row.make_model is not None else None
+        with tempfile.TemporaryDirectory() as tmp:
+            try:
+                row.action(model, Path(tmp))
+                message = "(no error raised)"
+            except Exception as err:  # noqa: BLE001 - we record whatever the row raises
+                message = str(err).replace("|", "\\|").replace("\n", " ")
+        lines.append(f"| `{row.id}` | `{row.exc.__name__}` | {message} |")
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    print(render_table())

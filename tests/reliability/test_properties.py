@@ -66,7 +66,83 @@ def _lora_kwargs():
     )
 
 
-METHOD_STRATEGIES = {"lora": ("LoRAConfig", _lora_kwargs)}
+def _loha_kwargs():
+    return st.fixed_dictionaries(
+        {
+            "r": st.integers(-1, 9),
+            "alpha": st.sampled_from([1, 8, 0]),
+            "rank_dropout": st.sampled_from([0.0, 0.2]),
+            "module_dropout": st.sampled_from([0.0, 0.3]),
+            "use_effective_conv2d": st.booleans(),
+        }
+    )
+
+
+def _lokr_kwargs():
+    return st.fixed_dictionaries(
+        {
+            "r": st.integers(-1, 9),
+            "alpha": st.sampled_from([1, 8, -2]),
+            "rank_dropout": st.sampled_from([0.0, 0.2]),
+            "module_dropout": st.sampled_from([0.0, 0.3]),
+            "use_effective_conv2d": st.booleans(),
+            "decompose_both": st.booleans(),
+            "decompose_factor": st.sampled_from([-1, 0, 1, 2, 3, 4, 8]),
+            "rank_dropout_scale": st.booleans(),
+            "init_weights": st.sampled_from([True, "lycoris"]),
+        }
+    )
+
+
+def _oft_kwargs():
+    return st.fixed_dictionaries(
+        {
+            "r": st.sampled_from([0, 0, 1, 2, 3, 4, -1]),
+            "oft_block_size": st.sampled_from([0, 1, 2, 3, 4, 8, 16, 32]),
+            "use_cayley_neumann": st.booleans(),
+            "num_cayley_neumann_terms": st.integers(1, 6),
+            "block_share": st.booleans(),
+            "coft": st.booleans(),
+            "module_dropout": st.sampled_from([0.0, 0.3]),
+        }
+    )
+
+
+def _boft_kwargs():
+    return st.fixed_dictionaries(
+        {
+            "boft_block_size": st.sampled_from([0, 1, 2, 3, 4, 8]),
+            "boft_block_num": st.sampled_from([0, 0, 1, 2, 4, 8]),
+            "boft_n_butterfly_factor": st.integers(0, 3),
+            "boft_dropout": st.sampled_from([0.0, 0.2]),
+        }
+    )
+
+
+def _adalora_kwargs():
+    return st.fixed_dictionaries(
+        {
+            "init_r": st.integers(0, 12),
+            "target_r": st.integers(0, 12),
+            "total_step": st.sampled_from([None, 10, 50]),
+            "tinit": st.integers(0, 4),
+            "tfinal": st.integers(0, 4),
+            "deltaT": st.integers(0, 3),
+            "alpha": st.sampled_from([1, 8, 0]),
+            "dropout": st.sampled_from([0.0, 0.1]),
+            "beta1": st.sampled_from([0.85, 0.0, 1.0]),
+        }
+    )
+
+
+METHOD_STRATEGIES = {
+    "lora": ("LoRAConfig", _lora_kwargs),
+    "loha": ("LoHaConfig", _loha_kwargs),
+    "lokr": ("LoKrConfig", _lokr_kwargs),
+    "oft": ("OFTConfig", _oft_kwargs),
+    "boft": ("BOFTConfig", _boft_kwargs),
+    "adalora": ("AdaLoRAConfig", _adalora_kwargs),
+}
 
 
 def _check_case(method: str, kwargs: dict, layer_case) -> None:
@@ -107,7 +183,9 @@ def _check_case(method: str, kwargs: dict, layer_case) -> None:
     model.train()
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
     loss = model(x).float().pow(2).mean()
-    loss.backward()
+    # module_dropout may skip the whole adapter for this forward, leaving nothing to differentiate.
+    if loss.requires_grad:
+        loss.backward()
     opt.step()
     assert torch.isfinite(model(x)).all()
     assert all(torch.isfinite(t).all() for t in la.adapter_state_dict(model).values())
