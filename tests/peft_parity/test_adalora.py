@@ -13,6 +13,9 @@ import lightning_adapters as la
 from lightning_adapters.methods.adalora import RankAllocator, adalora_layers, orthogonal_regularizer, rank_pattern
 from tests.helpers import SmallCNN, tiny_gpt2, tiny_llama, token_batch
 
+# One worker runs the whole module, so the shared schedule run below is computed once under xdist.
+pytestmark = pytest.mark.xdist_group("adalora_peft")
+
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj"]
 SCHEDULE = dict(init_r=6, target_r=2, tinit=2, tfinal=4, deltaT=2, total_step=14, beta1=0.85, beta2=0.85)
 
