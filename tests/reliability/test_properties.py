@@ -7,6 +7,9 @@ is a failure. Each method contributes a strategy of config kwargs in ``METHOD_ST
 
 from __future__ import annotations
 
+import copy
+import functools
+
 import pytest
 import torch
 from hypothesis import HealthCheck, given, settings
@@ -199,3 +202,77 @@ def test_config_space_times_layer_shapes(method):
         _check_case(method, kwargs, layer_case)
 
     run()
+
+
+@functools.cache
+def _decoder(family: str, heads: int, kv: int, head_dim: int, hidden: int, layers: int) -> nn.Module:
+    """Built once per shape (transformers model construction dominates the cost); tests use deep copies."""
+    import transformers
+
+    torch.manual_seed(0)
+    if family == "gpt2":
+        cfg = transformers.GPT2Config(n_embd=8 * heads, n_layer=layers, n_head=heads, vocab_size=50, n_positions=32)
+        return transformers.GPT2LMHeadModel(cfg).eval()
+    names = {"llama": "Llama", "mistral": "Mistral", "qwen2": "Qwen2"}[family]
+    cfg = getattr(transformers, f"{names}Config")(
+        hidden_size=hidden,
+        intermediate_size=16,
+        num_hidden_layers=layers,
+        num_attention_heads=heads,
+        num_key_value_heads=kv,
+        head_dim=head_dim,
+        vocab_size=50,
+        max_position_embeddings=32,
+    )
+    return getattr(transformers, f"{names}ForCausalLM")(cfg).eval()
+
+
+@st.composite
+def decoder_cases(draw):
+    """A tiny decoder of a supported family with GQA / wide heads, and a Llama-Adapter config (maybe invalid)."""
+    family = draw(st.sampled_from(["llama", "mistral", "qwen2", "gpt2"]))
+    heads = draw(st.sampled_from([1, 2, 4]))
+    kv = draw(st.sampled_from([h for h in (1, 2, 4) if heads % h == 0]))
+    shape = (
+        family,
+        heads,
+        kv,
+        draw(st.sampled_from([4, 8, 6])),
+        draw(st.sampled_from([8, 16, 12])),
+        draw(st.integers(1, 3)),
+    )
+    kwargs = {"adapter_len": draw(st.integers(-1, 6)), "adapter_layers": draw(st.integers(-1, 4))}
+    return shape, kwargs
+
+
+@settings(max_examples=300, deadline=None, suppress_health_check=list(HealthCheck), derandomize=True)
+@given(case=decoder_cases())
+def test_llama_adapter_config_space(case):
+    shape, kwargs = case
+    model = copy.deepcopy(_decoder(*shape))
+    x = torch.randint(0, 50, (2, 5), generator=torch.Generator().manual_seed(0))
+    try:
+        cfg = la.LlamaAdapterConfig(**kwargs)
+    except la.AdapterError as err:
+        assert str(err)
+        return
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    base = model(x).logits
+    try:
+        la.inject(model, cfg)
+    except la.AdapterError as err:
+        assert str(err)
+        assert all(torch.equal(model.state_dict()[k], v) for k, v in before.items())
+        assert set(model.state_dict()) == set(before)
+        return
+    assert torch.equal(model(x).logits, base)
+    with torch.no_grad():
+        for t in la.adapter_state_dict(model).values():
+            t.add_(torch.randn_like(t) * 0.1)
+    model.train()
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+    model(x, labels=x).loss.backward()
+    opt.step()
+    assert torch.isfinite(model(x).logits).all()
+    la.eject(model)
+    assert set(model.state_dict()) == set(before)
