@@ -231,7 +231,8 @@ def check_optimizers(trainer: Any, pl_module: nn.Module, runtime: AdapterRuntime
         return
     in_optimizer = {id(p) for opt in trainer.optimizers for group in opt.param_groups for p in group["params"]}
     target = runtime.injected_target(pl_module)
-    missing = [n for n, p in target.named_parameters() if p.requires_grad and id(p) not in in_optimizer]
+    prefix = runtime.key_prefix()
+    missing = [prefix + n for n, p in target.named_parameters() if p.requires_grad and id(p) not in in_optimizer]
     if missing:
         shown = missing[:5] + ([f"... {len(missing) - 5} more"] if len(missing) > 5 else [])
         raise AdapterConfigError(
@@ -249,7 +250,7 @@ def check_gradients(trainer: Any, pl_module: nn.Module, runtime: AdapterRuntime)
     if isinstance(trainer.strategy, FSDPStrategy):
         return  # FSDP1 leaves .grad unset on ranks that hold no shard of a parameter
     target = runtime.injected_target(pl_module)
-    dead = [n for n, p in target.named_parameters() if p.requires_grad and p.grad is None]
+    dead = [runtime.key_prefix() + n for n, p in target.named_parameters() if p.requires_grad and p.grad is None]
     if not dead:
         return
     message = (

@@ -1,0 +1,143 @@
+"""Fresh processes: kill-and-resume on one process; DDP and FSDP2 (ModelParallelStrategy) on two CPU processes.
+
+Each run is ``tests/lightning/scripts/run_training.py`` in a subprocess (Lightning's launchers re-run it per
+rank), compared against a single-process run in this process on the same global batches.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from lightning.pytorch.callbacks import ModelCheckpoint
+
+import lightning_adapters as la
+from tests.lightning.models import BoringMLP, TinyLlamaLM, mlp_data, token_data, trainer
+
+pytestmark = [pytest.mark.slow, pytest.mark.xdist_group("procs")]
+
+ROOT = Path(__file__).resolve().parents[2]
+SCRIPT = ROOT / "tests" / "lightning" / "scripts" / "run_training.py"
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def run(tmp_path: Path, name: str, *args: str, expect_ok: bool = True) -> dict | subprocess.CompletedProcess:
+    out = tmp_path / f"{name}.pt"
+    env = {
+        **os.environ,
+        "MASTER_ADDR": "127.0.0.1",
+        "MASTER_PORT": str(free_port()),
+        "PYTHONPATH": str(ROOT),
+        "OMP_NUM_THREADS": "1",
+    }
+    proc = subprocess.run(
+        [sys.executable, str(SCRIPT), *args, "--out", str(out)], env=env, capture_output=True, text=True, timeout=600
+    )
+    if not expect_ok:
+        return proc
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    return torch.load(out, weights_only=True)
+
+
+def assert_adapters_close(got: dict, want: dict, atol: float) -> None:
+    assert set(got) == set(want)
+    for k in want:
+        torch.testing.assert_close(got[k], want[k], atol=atol, rtol=0, msg=k)
+
+
+def test_kill_and_resume_in_a_fresh_process_is_exact(tmp_path):
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # the subprocesses run single-threaded too: same reduction order, same bits
+    try:
+        straight = BoringMLP(lr=0.05)
+        cb = la.AdapterCallback(la.LoRAConfig(r=4, alpha=8.0, target_modules=["encoder.0", "encoder.2", "encoder.4"]))
+        t = trainer(max_epochs=2, callbacks=[cb, ModelCheckpoint(dirpath=tmp_path / "s", save_last=True)])
+        t.fit(straight, mlp_data())
+    finally:
+        torch.set_num_threads(threads)
+    want = {k: v.detach().clone() for k, v in la.adapter_state_dict(straight).items()}
+
+    ckpt_dir = tmp_path / "ckpt"
+    run(tmp_path, "first", "--optimizer", "adamw", "--epochs", "1", "--ckpt-dir", str(ckpt_dir))
+    resumed = run(
+        tmp_path,
+        "second",
+        "--optimizer",
+        "adamw",
+        "--epochs",
+        "2",
+        "--ckpt-dir",
+        str(tmp_path / "ckpt2"),
+        "--resume",
+        str(ckpt_dir / "last.ckpt"),
+    )
+    assert_adapters_close(resumed["adapter"], want, atol=1e-6)
+    assert resumed["global_step"] == t.global_step == 16
+    assert resumed["steps"] == [16] * 6  # AdamW's own step count for each of the 6 adapter tensors
+
+
+def single_process_reference(epochs: int) -> dict[str, torch.Tensor]:
+    model = TinyLlamaLM()
+    cfg = la.LoRAConfig(r=2, alpha=4.0, target_modules=["q_proj", "v_proj", "down_proj"])
+    trainer(max_epochs=epochs, callbacks=[la.AdapterCallback(cfg, module="model", verbose=False)]).fit(
+        model, token_data(batch_size=4)
+    )
+    return {k: v.detach().clone() for k, v in la.adapter_state_dict(model).items()}
+
+
+@pytest.mark.parametrize("strategy", ["ddp", "fsdp2"])
+def test_two_processes_train_save_full_adapter_and_resume(strategy, tmp_path):
+    want = single_process_reference(epochs=2)  # 16 samples, global batch 4: 8 optimizer steps
+    # One launch: 1 epoch with checkpoints every 2 steps, then a new Trainer and model resume from last.ckpt.
+    out = run(
+        tmp_path,
+        "run",
+        "--strategy",
+        strategy,
+        "--model",
+        "llama",
+        "--global-batch",
+        "4",
+        "--epochs",
+        "1",
+        "--resume-epochs",
+        "2",
+        "--ckpt-dir",
+        str(tmp_path / "a"),
+    )
+    assert out["first_step"] == 4 and out["global_step"] == 8
+    shapes = {k: list(v.shape) for k, v in want.items()}
+    assert sorted(out["files"]) == ["epoch=0-step=2.ckpt", "epoch=0-step=4.ckpt", "last.ckpt"]
+    for name, saved in out["files"].items():
+        assert saved == shapes, name  # adapter keys only, every tensor full-shape (no rank's slice, none empty)
+    assert_adapters_close(out["adapter"], want, atol=1e-5)
+
+
+def test_ddp_reports_an_adapter_without_gradient_before_ddp_fails(tmp_path):
+    proc = run(
+        tmp_path,
+        "unused",
+        "--strategy",
+        "ddp",
+        "--model",
+        "llama",
+        "--unused",
+        "--global-batch",
+        "4",
+        "--ckpt-dir",
+        str(tmp_path / "c"),
+        expect_ok=False,
+    )
+    assert proc.returncode != 0
+    assert "got no gradient in the first backward: ['model.lm_head.adapter.lora_A'" in proc.stderr
+    assert "Expected to have finished reduction" not in proc.stderr
