@@ -36,7 +36,6 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from lightning_adapters.config import AdapterConfig, check_positive_int, check_probability
@@ -50,6 +49,7 @@ from lightning_adapters.methods.oft import (
     check_peft_options,
     divisors,
     rotate_features,
+    rotated_linear,
     rotated_size,
 )
 from lightning_adapters.registry import MethodSpec, register
@@ -236,7 +236,8 @@ class BOFTLayer(AdapterLayer):
             w_rot = self.rotate(w.reshape(w.shape[0], -1).to(dt), blocks, transpose=True)  # W·Rᵀ (out, d)
             w_new = (w_rot * self._scale()[:, None]).reshape(w.shape).to(w.dtype)
             return base._conv_forward(x, w_new, base.bias)
-        z = F.linear(self.rotate(x.to(dt), blocks).to(x.dtype), w)  # W (Rᵀ x), no bias: (..., out)
+        steps = [(self.layouts[i], blocks[i]) for i in range(self.m - 1, -1, -1)]  # x·R: B_{m−1} first
+        z = rotated_linear(x, w, None, steps, self.axis)  # W (Rᵀ x), no bias: (..., out)
         s = self._scale().to(z.dtype)
         return z * s if base.bias is None else torch.addcmul(base.bias, z, s)
 

@@ -197,44 +197,97 @@ def relayout(t: torch.Tensor, sizes: tuple[int, ...], src: tuple[int, ...] | Non
     return view.reshape(math.prod([sizes[c] for c in dst[:at]]), sizes[0], math.prod([sizes[c] for c in dst[at + 1 :]]))
 
 
-class _BlockRotation(torch.autograd.Function):
-    """``x`` (T, d) through a chain of block-diagonal multiplies, each in its own layout.
+def chain_forward(t: torch.Tensor, axis: tuple[int, ...], layouts: tuple, blocks: list[torch.Tensor]) -> torch.Tensor:
+    """Rows of ``t`` (T, d) times ``blockdiag(blocks[0]) ⋯ blockdiag(blocks[-1])``, each in its layout -> (T, d)."""
+    sizes = (t.shape[0], *axis)
+    cur, lay = t, LAYOUT_X
+    for layout, blk in zip(layouts, blocks):
+        cur = torch.bmm(relayout(cur, sizes, lay, layout), blk)  # (n, T, b) @ (n, b, b) -> (n, T, b)
+        lay = layout
+    return relayout(cur, sizes, lay, LAYOUT_X)
 
-    Only ``x`` and the blocks are saved for backward (the inputs of later factors are recomputed), so the
-    rotation adds no activation memory beyond the input that the caller usually keeps alive anyway.
+
+def chain_backward(
+    x: torch.Tensor,
+    grad: torch.Tensor,
+    axis: tuple[int, ...],
+    layouts: tuple,
+    blocks: list[torch.Tensor],
+    need_x: bool,
+    need_blocks: list[bool],
+) -> tuple[torch.Tensor | None, list[torch.Tensor | None]]:
+    """Gradients of ``chain_forward(x)`` w.r.t. ``x`` (T, d) and every block (n, b, b), given ``grad`` (T, d).
+
+    The input of every factor is recomputed from ``x`` rather than kept from the forward.
+    """
+    sizes = (x.shape[0], *axis)
+    inputs, cur, lay = [], x, LAYOUT_X
+    for layout, blk in zip(layouts[:-1], blocks[:-1]):
+        inputs.append(relayout(cur, sizes, lay, layout))
+        cur, lay = torch.bmm(inputs[-1], blk), layout
+    inputs.append(relayout(cur, sizes, lay, layouts[-1]))
+    g, lay = relayout(grad, sizes, LAYOUT_X, layouts[-1]), layouts[-1]
+    grads: list[torch.Tensor | None] = [None] * len(blocks)
+    for k in reversed(range(len(blocks))):
+        if need_blocks[k]:
+            grads[k] = torch.bmm(inputs[k].transpose(1, 2), g)  # (n, b, T) @ (n, T, b) -> (n, b, b)
+        if k == 0 and not need_x:
+            return None, grads
+        g = torch.bmm(g, blocks[k].transpose(1, 2))  # (n, T, b) @ (n, b, b)
+        prev = layouts[k - 1] if k else LAYOUT_X
+        g, lay = relayout(g, sizes, lay, prev), prev
+    return g, grads
+
+
+class _BlockRotation(torch.autograd.Function):
+    """``x`` (T, d) through a chain of block-diagonal multiplies (``chain_forward``).
+
+    Only ``x`` and the blocks are saved for backward, so the rotation adds no activation memory beyond the
+    input, which the caller usually keeps alive anyway.
     """
 
     @staticmethod
-    def forward(ctx, x, sizes, layouts, *blocks):  # noqa: D102 - autograd protocol
-        ctx.sizes, ctx.layouts = sizes, layouts
+    def forward(ctx, x, axis, layouts, *blocks):  # noqa: D102 - autograd protocol
+        ctx.axis, ctx.layouts = axis, layouts
         ctx.save_for_backward(x, *blocks)
-        cur, lay = x, LAYOUT_X
-        for layout, blk in zip(layouts, blocks):
-            cur = torch.bmm(relayout(cur, sizes, lay, layout), blk)  # (n, T, b) @ (n, b, b) -> (n, T, b)
-            lay = layout
-        return relayout(cur, sizes, lay, LAYOUT_X)
+        return chain_forward(x, axis, layouts, list(blocks))
 
     @staticmethod
     def backward(ctx, grad):  # noqa: D102 - autograd protocol
         x, *blocks = ctx.saved_tensors
-        sizes, layouts = ctx.sizes, ctx.layouts
-        inputs, cur, lay = [], x, LAYOUT_X
-        for layout, blk in zip(layouts[:-1], blocks[:-1]):
-            inputs.append(relayout(cur, sizes, lay, layout))
-            cur, lay = torch.bmm(inputs[-1], blk), layout
-        inputs.append(relayout(cur, sizes, lay, layouts[-1]))
-        g, lay = relayout(grad, sizes, LAYOUT_X, layouts[-1]), layouts[-1]
-        grads: list[torch.Tensor | None] = [None] * len(blocks)
-        for k in reversed(range(len(blocks))):
-            if ctx.needs_input_grad[3 + k]:
-                grads[k] = torch.bmm(inputs[k].transpose(1, 2), g)  # (n, b, T) @ (n, T, b) -> (n, b, b)
-            if k == 0 and not ctx.needs_input_grad[0]:
-                break
-            g = torch.bmm(g, blocks[k].transpose(1, 2))
-            prev = layouts[k - 1] if k else LAYOUT_X
-            g, lay = relayout(g, sizes, lay, prev), prev
-        dx = g if ctx.needs_input_grad[0] else None
+        need = ctx.needs_input_grad
+        dx, grads = chain_backward(x, grad, ctx.axis, ctx.layouts, blocks, need[0], list(need[3:]))
         return (dx, None, None, *grads)
+
+
+class _RotatedLinear(torch.autograd.Function):
+    """``F.linear(x · R, W, bias)`` computed as ``F.linear(x, W·Rᵀ, bias)`` for a frozen ``W`` and bias.
+
+    Rotating ``W`` (out·d values) instead of every token (T·d) is cheaper when out < T. The backward needs
+    ``gy·W``, the gradient w.r.t. ``x·R``, which replaces the product ``gy·W'`` a plain linear would compute
+    for ``x``; the rotation's gradients then follow from it as in ``_BlockRotation``.
+    """
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, axis, layouts, *blocks):  # noqa: D102 - autograd protocol
+        ctx.axis, ctx.layouts = axis, layouts
+        ctx.save_for_backward(x, weight, *blocks)
+        dt = blocks[0].dtype
+        # W·Rᵀ: rows of W through the transposed factors in reverse order.
+        back = [blk.transpose(1, 2) for blk in reversed(blocks)]
+        w_rot = chain_forward(weight.to(dt), axis, tuple(reversed(layouts)), back)  # (out, d)
+        return F.linear(x, w_rot.to(weight.dtype), bias)
+
+    @staticmethod
+    def backward(ctx, grad):  # noqa: D102 - autograd protocol
+        x, weight, *blocks = ctx.saved_tensors
+        need = ctx.needs_input_grad
+        dt = blocks[0].dtype
+        g = (grad.reshape(-1, grad.shape[-1]) @ weight).to(dt)  # (T, out) @ (out, d): gradient w.r.t. x·R
+        x2 = x.reshape(-1, x.shape[-1]).to(dt)
+        dx, grads = chain_backward(x2, g, ctx.axis, ctx.layouts, blocks, need[0], list(need[5:]))
+        dx = dx.reshape(x.shape).to(x.dtype) if dx is not None else None
+        return (dx, None, None, None, None, *grads)
 
 
 def rotate_features(
@@ -253,10 +306,29 @@ def rotate_features(
     """
     lead = x.shape[:-1]
     x2 = x.reshape(-1, x.shape[-1])  # (T, d)
-    sizes = (x2.shape[0], *axis)
     layouts = tuple(layout for layout, _ in steps)
-    out = _BlockRotation.apply(x2, sizes, layouts, *(blk for _, blk in steps))
+    out = _BlockRotation.apply(x2, tuple(axis), layouts, *(blk for _, blk in steps))
     return out.reshape(*lead, x.shape[-1])
+
+
+def rotated_linear(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    steps: list[tuple[tuple[int, ...], torch.Tensor]],
+    axis: tuple[int, ...],
+) -> torch.Tensor:
+    """``F.linear(rotate_features(x, steps, axis), weight, bias)``, rotating whichever of x and W is smaller.
+
+    x (..., d) in the base dtype, weight (out, d), blocks in the adapter dtype -> (..., out).
+    """
+    tokens = x.numel() // max(x.shape[-1], 1)
+    trainable_base = weight.requires_grad or (bias is not None and bias.requires_grad)
+    if tokens < weight.shape[0] or (trainable_base and torch.is_grad_enabled()):
+        dt = steps[0][1].dtype
+        return F.linear(rotate_features(x.to(dt), steps, axis).to(x.dtype), weight, bias)
+    layouts = tuple(layout for layout, _ in steps)
+    return _RotatedLinear.apply(x, weight, bias, tuple(axis), layouts, *(blk for _, blk in steps))
 
 
 def block_dropout_mask(n: int, p: float, device: torch.device) -> torch.Tensor:
@@ -382,11 +454,7 @@ class OFTLayer(AdapterLayer):
         if self.kind == "conv2d":
             w_rot = self.rotate(w.reshape(w.shape[0], -1).to(dt), blocks, transpose=True)  # W·R_bdᵀ (out, d)
             return base._conv_forward(x, w_rot.reshape(w.shape).to(w.dtype), base.bias)
-        tokens = x.numel() // max(x.shape[-1], 1)
-        if not torch.is_grad_enabled() and w.shape[0] < tokens:
-            # Inference: rotating W costs out·d·b, rotating every token costs tokens·d·b.
-            return F.linear(x, self.rotate(w.to(dt), blocks, transpose=True).to(w.dtype), base.bias)
-        return base._la_base_forward(self.rotate(x.to(dt), blocks).to(x.dtype))
+        return rotated_linear(x, w, base.bias, [(_OFT_LAYOUT, blocks)], (self.r, self.block_size))
 
     # --- merge ---------------------------------------------------------------------------------------------
 
