@@ -1,0 +1,145 @@
+"""Collect a training-app multirun into a table and a plot of metric vs trainable parameters per method.
+
+Every job of ``python -m lightning_adapters.train -m ...`` writes ``summary.json`` into its output directory.
+This script reads them all and writes, next to them (or into ``--out``):
+
+- ``sweep_table.md`` and ``sweep_table.csv``: method, rank, trainable parameters (and %), best validation
+  metric, mean step time, peak memory, one row per job, sorted by method then rank;
+- ``sweep_plot.png``: best validation metric against trainable parameters (log scale), one line per method,
+  each point labelled with its rank.
+
+Usage::
+
+    python -m lightning_adapters.train -m method=lora,loha,lokr,oft,boft,adalora method.r=4,8,16
+    python experiments/collect_sweep.py logs/train/multiruns/<date_time>
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import math
+from pathlib import Path
+from typing import Any
+
+COLUMNS = ("method", "rank", "trainable_params", "trainable_pct", "metric", "value", "step_time_ms", "peak_mem_mb")
+
+
+def collect(sweep_dir: str | Path) -> list[dict[str, Any]]:
+    """One row per ``summary.json`` found below ``sweep_dir``, sorted by method then rank.
+
+    Raises:
+        FileNotFoundError: No ``summary.json`` below ``sweep_dir``.
+    """
+    paths = sorted(Path(sweep_dir).rglob("summary.json"))
+    if not paths:
+        raise FileNotFoundError(f"no summary.json below {str(sweep_dir)!r}; is it a training-app multirun directory?")
+    rows = []
+    for path in paths:
+        s = json.loads(path.read_text())
+        rows.append(
+            {
+                "method": s.get("method"),
+                "rank": s.get("rank"),
+                "trainable_params": int(s.get("params/trainable") or 0),
+                "trainable_pct": s.get("params/trainable_pct"),
+                "metric": s.get("metric"),
+                "value": s.get("best_metric"),
+                "step_time_ms": s.get("perf/step_time_ms"),
+                "peak_mem_mb": s.get("perf/peak_mem_mb"),
+                "job": str(path.parent),
+            }
+        )
+    rows.sort(key=lambda r: (str(r["method"]), r["rank"] if r["rank"] is not None else -1))
+    return rows
+
+
+def _fmt(value: Any, digits: int) -> str:
+    if value is None or (isinstance(value, float) and not math.isfinite(value)):
+        return "-"
+    if isinstance(value, float):
+        return f"{value:.{digits}f}"
+    if isinstance(value, int):
+        return f"{value:,}"
+    return str(value)
+
+
+def markdown_table(rows: list[dict[str, Any]]) -> str:
+    """The rows as a Markdown table."""
+    metric = rows[0]["metric"] if rows else "metric"
+    header = ["method", "rank", "trainable params", "trainable %", f"best {metric}", "step time (ms)", "peak mem (MiB)"]
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    for r in rows:
+        cells = [
+            _fmt(r["method"], 0),
+            _fmt(r["rank"], 0),
+            _fmt(r["trainable_params"], 0),
+            _fmt(r["trainable_pct"], 3),
+            _fmt(r["value"], 4),
+            _fmt(r["step_time_ms"], 1),
+            _fmt(r["peak_mem_mb"], 0),
+        ]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def plot(rows: list[dict[str, Any]], path: str | Path) -> None:
+    """Best metric vs trainable parameters, one line per method, points labelled ``r=<rank>``."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4.5), dpi=120)
+    for method in sorted({str(r["method"]) for r in rows}):
+        pts = sorted(
+            (r["trainable_params"], r["value"], r["rank"])
+            for r in rows
+            if str(r["method"]) == method and isinstance(r["value"], (int, float)) and math.isfinite(r["value"])
+        )
+        if not pts:
+            continue
+        xs, ys, ranks = zip(*pts)
+        ax.plot(xs, ys, marker="o", label=method)
+        for x, y, rank in pts:
+            if rank is not None:
+                ax.annotate(f"r={rank}", (x, y), textcoords="offset points", xytext=(4, 4), fontsize=7)
+    ax.set_xscale("log")
+    ax.set_xlabel("trainable parameters (log scale)")
+    ax.set_ylabel(f"best {rows[0]['metric']}" if rows else "metric")
+    ax.set_title("Validation metric vs trainable parameters")
+    ax.grid(True, alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+
+
+def write_outputs(sweep_dir: str | Path, out_dir: str | Path | None = None) -> dict[str, Path]:
+    """Collect ``sweep_dir`` and write the table (Markdown, CSV) and the plot; return their paths."""
+    rows = collect(sweep_dir)
+    out = Path(out_dir) if out_dir is not None else Path(sweep_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    paths = {"md": out / "sweep_table.md", "csv": out / "sweep_table.csv", "png": out / "sweep_plot.png"}
+    paths["md"].write_text(markdown_table(rows))
+    with paths["csv"].open("w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=[*COLUMNS, "job"])
+        writer.writeheader()
+        writer.writerows(rows)
+    plot(rows, paths["png"])
+    return paths
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("sweep_dir", help="a multirun directory, e.g. logs/train/multiruns/<date_time>")
+    parser.add_argument("--out", default=None, help="where to write the table and plot (default: sweep_dir)")
+    args = parser.parse_args(argv)
+    paths = write_outputs(args.sweep_dir, args.out)
+    print(paths["md"].read_text())
+    print("wrote " + ", ".join(str(p) for p in paths.values()))
+
+
+if __name__ == "__main__":
+    main()

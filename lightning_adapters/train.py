@@ -1,0 +1,226 @@
+"""The training app: ``python -m lightning_adapters.train [group=option ...] [key=value ...]``.
+
+It composes ``configs/train.yaml`` with Hydra and fine-tunes a model with an adapter method. With no
+arguments it trains LoRA on the pretrained all-MiniLM-L6-v2 encoder to predict the human valence rating of
+English words and emoticons (the VADER lexicon), on the CPU in a few minutes, offline.
+
+The app builds only user-facing pieces: a LightningDataModule, a LightningModule for the task, the callbacks
+and loggers of the config, and ``AdapterCallback(method config)``, which does all the adapter work (injection,
+freezing, adapter-only checkpoints, the PEFT export). Each run writes ``summary.json`` (method, rank, trainable
+parameters, best metric, step time, peak memory) to its output directory, which ``experiments/collect_sweep.py``
+collects across a multirun.
+
+Examples::
+
+    python -m lightning_adapters.train                                  # the default job
+    python -m lightning_adapters.train experiment=frozen_baseline       # same head on the frozen encoder
+    python -m lightning_adapters.train method=oft target=all_linear trainer.max_epochs=5
+    python -m lightning_adapters.train -m method=lora,loha,lokr,oft,boft,adalora method.r=4,8,16
+    python -m lightning_adapters.train hparams_search=lora_optuna
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import netrc
+import os
+import time
+from pathlib import Path
+from typing import Any
+
+from omegaconf import DictConfig, OmegaConf
+
+from lightning_adapters.app.store import RANK_ALIASES, from_schema, register_configs
+from lightning_adapters.config import AdapterConfig
+from lightning_adapters.errors import AdapterConfigError
+from lightning_adapters.registry import spec_for_config
+
+CONFIG_DIR = str(Path(__file__).resolve().parent.parent / "configs")
+
+
+def method_config(node: DictConfig | None, head: str | None = None) -> AdapterConfig | None:
+    """The validated method config dataclass of a composed ``method`` node (``None`` when no method is chosen).
+
+    ``method.r`` is mapped onto the method's own rank-like field where it has no ``r`` (``RANK_ALIASES``), and
+    ``head`` is added to ``modules_to_save`` so a new task head is trained and saved with the adapter.
+
+    Raises:
+        AdapterConfigError: A key the method's config does not have (e.g. added with ``+method.x=...``), or a
+            value the config's own validation refuses.
+    """
+    if node is None:
+        return None
+    schema = OmegaConf.get_type(node)
+    if schema is None or not dataclasses.is_dataclass(schema):
+        raise AdapterConfigError(
+            "the method node is not a method schema; choose a preset with method=<name> (configs/method/)"
+        )
+    known = {f.name for f in dataclasses.fields(schema)}
+    unknown = sorted(set(node.keys()) - known)
+    if unknown:
+        raise AdapterConfigError(f"method keys {unknown} are not fields of {schema.__name__}; known: {sorted(known)}")
+    config = from_schema(OmegaConf.to_object(node))
+    if head is not None:
+        saved = list(config.modules_to_save or [])
+        if head not in saved:
+            try:
+                config = dataclasses.replace(config, modules_to_save=[*saved, head])
+            except AdapterConfigError:
+                # The method cannot save extra modules (Llama-Adapter): the head stays a fixed random projection.
+                pass
+    return config
+
+
+def rank_of(config: AdapterConfig | None) -> int | None:
+    """The rank-like value a sweep varies: ``r``, or the field ``RANK_ALIASES`` maps it to."""
+    if config is None:
+        return None
+    name = spec_for_config(config).name
+    value = getattr(config, RANK_ALIASES.get(name, "r"), None)
+    return int(value) if isinstance(value, int) else None
+
+
+def _wandb_configured() -> bool:
+    if os.environ.get("WANDB_API_KEY") or os.environ.get("WANDB_MODE"):
+        return True
+    try:
+        return netrc.netrc().authenticators("api.wandb.ai") is not None
+    except (FileNotFoundError, netrc.NetrcParseError):
+        return False
+
+
+def _json_safe(value: Any) -> Any:
+    """Plain JSON: NaN and infinities become null, unknown objects their string."""
+    if isinstance(value, dict):
+        return {str(k): _json_safe(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_json_safe(v) for v in value]
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if value is None or isinstance(value, (bool, int, str)):
+        return value
+    return str(value)
+
+
+def _finish_wandb(trainer: Any, extra: dict[str, float]) -> None:
+    """Close this job's W&B run, so the next job of a multirun starts its own."""
+    from lightning.pytorch.loggers import WandbLogger
+
+    for logger in trainer.loggers:
+        if isinstance(logger, WandbLogger) and trainer.is_global_zero:
+            logger.experiment.summary.update(extra)
+            logger.experiment.finish()
+
+
+def _instantiate_dict(node: DictConfig | None) -> list[Any]:
+    from hydra.utils import instantiate
+
+    if not node:
+        return []
+    return [instantiate(v) for v in node.values() if v is not None and "_target_" in v]
+
+
+@dataclasses.dataclass
+class Job:
+    """Everything a composed config builds, before ``fit``."""
+
+    task: Any
+    datamodule: Any
+    trainer: Any
+    config: AdapterConfig | None
+
+
+def build(cfg: DictConfig) -> Job:
+    """Instantiate the task module, data module, callbacks, loggers and trainer of a composed config.
+
+    The adapter method (``cfg.method``) becomes ``AdapterCallback``, first among the callbacks; the task's head
+    is added to its ``modules_to_save``. W&B runs offline unless the user has configured it.
+    """
+    import lightning.pytorch as L
+    from hydra.utils import instantiate
+
+    import lightning_adapters as la
+
+    if cfg.get("seed") is not None:
+        L.seed_everything(cfg.seed, workers=True)
+    task = instantiate(cfg.model)
+    config = method_config(cfg.get("method"), head=getattr(task, "head_name", None))
+    datamodule = instantiate(cfg.data, tokenizer=task.tokenizer)
+    callbacks = _instantiate_dict(cfg.get("callbacks"))
+    if config is not None:
+        adapter = cfg.get("adapter") or {}
+        callbacks.insert(
+            0, la.AdapterCallback(config, module=adapter.get("module"), export_peft_dir=adapter.get("export_peft_dir"))
+        )
+    logger_cfgs = [v for v in (cfg.get("logger") or {}).values() if v]
+    if any(str(v.get("_target_", "")).endswith("WandbLogger") for v in logger_cfgs) and not _wandb_configured():
+        os.environ["WANDB_MODE"] = "offline"
+    loggers = _instantiate_dict(cfg.get("logger"))
+    trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False)
+    return Job(task=task, datamodule=datamodule, trainer=trainer, config=config)
+
+
+def train(cfg: DictConfig) -> dict[str, Any]:
+    """Run one training job from a composed config; return its summary (also written to ``summary.json``)."""
+    from lightning.pytorch.callbacks import ModelCheckpoint
+
+    from lightning_adapters.app.tracking import RunStats
+
+    started = time.perf_counter()
+    out_dir = Path(cfg.paths.output_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    job = build(cfg)
+    trainer = job.trainer
+    # Plain resolved containers (never ListConfig/DictConfig) for the loggers; Hydra's own node is not logged.
+    plain = OmegaConf.to_container(OmegaConf.masked_copy(cfg, [k for k in cfg if k != "hydra"]), resolve=True)
+    for logger in trainer.loggers:
+        logger.log_hyperparams(plain)
+
+    trainer.fit(job.task, datamodule=job.datamodule, ckpt_path=cfg.get("ckpt_path"))
+
+    test_metrics: dict[str, float] = {}
+    if cfg.get("test"):
+        best = next((c.best_model_path for c in trainer.checkpoint_callbacks if isinstance(c, ModelCheckpoint)), "")
+        results = trainer.test(job.task, datamodule=job.datamodule, ckpt_path=best or None, weights_only=False)
+        test_metrics = {k: float(v) for k, v in (results[0] if results else {}).items()}
+
+    stats = next((c for c in trainer.callbacks if isinstance(c, RunStats)), None)
+    config = job.config
+    summary = {
+        "method": spec_for_config(config).name if config is not None else "none",
+        "rank": rank_of(config),
+        "method_config": config.to_dict() if config is not None else None,
+        "frozen_backbone": config is None and bool(cfg.model.get("freeze_backbone")),
+        "metric": cfg.get("optimized_metric"),
+        **(stats.summary() if stats is not None else {}),
+        "test_metrics": test_metrics,
+        "wall_s": time.perf_counter() - started,
+        "output_dir": str(out_dir),
+    }
+    if trainer.is_global_zero:
+        (out_dir / "summary.json").write_text(json.dumps(_json_safe(summary), indent=2))
+    _finish_wandb(trainer, test_metrics)
+    return summary
+
+
+def _hydra_entry(cfg: DictConfig) -> float | None:
+    summary = train(cfg)
+    best = summary.get("best_metric")
+    # Optuna maximises or minimises this value; a failed metric must not look like a good one.
+    return float(best) if isinstance(best, (int, float)) and math.isfinite(best) else None
+
+
+def main() -> float | None:
+    """Console entry point (``lightning-adapters-train``): register the config schemas, then run Hydra."""
+    import hydra
+
+    # Nothing is downloaded unless the user allows it; the default model and data ship in Python packages.
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    register_configs()
+    return hydra.main(config_path=CONFIG_DIR, config_name="train", version_base="1.3")(_hydra_entry)()
+
+
+if __name__ == "__main__":
+    main()
