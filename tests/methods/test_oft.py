@@ -1,0 +1,206 @@
+"""OFT-specific maths and errors: Cayley maps, COFT, module dropout, the rotation paths and clear errors."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+import lightning_adapters as la
+from lightning_adapters.methods.oft import OFTConfig, cayley, rotate_features, rotated_linear, skew_symmetric
+from tests.helpers import SmallCNN, Wrap
+
+
+def _layer(model: nn.Module):
+    return model.layer.adapter
+
+
+def _random(model: nn.Module, std: float, seed: int = 0) -> None:
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in la.adapter_state_dict(model).values():
+            p.copy_(torch.randn(p.shape, generator=g) * std)
+
+
+# --- config and layer errors ---------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("kw", [dict(r=0, oft_block_size=0), dict(r=4, oft_block_size=8)])
+def test_exactly_one_of_r_and_block_size(kw):
+    with pytest.raises(la.AdapterConfigError, match="exactly one of r .* and oft_block_size"):
+        OFTConfig(**kw)
+
+
+@pytest.mark.parametrize(
+    "kw, match",
+    [
+        (dict(num_cayley_neumann_terms=1), "num_cayley_neumann_terms=1"),
+        (dict(eps=0.0), "eps"),
+        (dict(module_dropout=1.0), "module_dropout"),
+        (dict(coft="yes"), "coft must be True or False"),
+    ],
+)
+def test_bad_values_are_refused(kw, match):
+    with pytest.raises(la.AdapterConfigError, match=match):
+        OFTConfig(**kw)
+
+
+def test_block_size_that_does_not_divide_lists_valid_sizes_and_changes_nothing():
+    model = nn.Sequential()
+    model.add_module("ok", nn.Linear(24, 8))
+    model.add_module("odd", nn.Linear(17, 8))
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    with pytest.raises(
+        la.AdapterConfigError, match=r"oft_block_size=4 does not divide in_features=17 of 'odd'.*\[17\]"
+    ):
+        la.inject(model, OFTConfig(oft_block_size=4, target_modules=["ok", "odd"]))
+    assert type(model.ok) is nn.Linear and not hasattr(model.ok, "adapter")
+    assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
+
+
+def test_r_that_does_not_divide_lists_valid_r():
+    with pytest.raises(la.AdapterConfigError, match=r"valid r values for this layer: \[1, 2, 3, 4, 6, 8, 12\]"):
+        la.inject(Wrap(nn.Linear(24, 8)), OFTConfig(r=5, oft_block_size=0, target_modules=["layer"]))
+
+
+def test_conv_error_names_the_flattened_kernel():
+    with pytest.raises(la.AdapterConfigError, match=r"flattened kernel size 27 .*\[3, 9, 27\]"):
+        la.inject(SmallCNN(), OFTConfig(oft_block_size=4, target_modules=["conv1"]))
+
+
+def test_blocks_of_one_feature_are_refused():
+    with pytest.raises(la.AdapterConfigError, match="blocks of 1 feature"):
+        la.inject(Wrap(nn.Linear(8, 4)), OFTConfig(oft_block_size=1, target_modules=["layer"]))
+
+
+def test_auto_adjust_takes_peft_s_nearest_divisor_with_a_warning():
+    model = Wrap(nn.Linear(48, 4))
+    with pytest.warns(UserWarning, match="oft_block_size=32 does not divide in_features=48 .* using 24"):
+        la.inject(model, OFTConfig(oft_block_size=32, auto_adjust=True, target_modules=["layer"]))
+    assert (_layer(model).r, _layer(model).block_size) == (2, 24)
+
+
+def _conv1d_t() -> nn.Module:
+    from transformers.pytorch_utils import Conv1D
+
+    return Conv1D(4, 4)
+
+
+@pytest.mark.parametrize("make", [lambda: nn.Conv1d(4, 4, 3), _conv1d_t], ids=["conv1d", "transformers_conv1d"])
+def test_unsupported_layer_types(make):
+    with pytest.raises(la.UnsupportedLayerError, match="oft: cannot adapt"):
+        la.inject(Wrap(make()), OFTConfig(oft_block_size=2, target_modules=["layer"]))
+
+
+# --- maths ---------------------------------------------------------------------------------------------------
+
+
+def test_exact_cayley_is_orthogonal():
+    model = la.inject(
+        Wrap(nn.Linear(64, 8)), OFTConfig(oft_block_size=16, use_cayley_neumann=False, target_modules=["layer"])
+    )
+    _random(model, std=0.5)
+    r = _layer(model).rotation_blocks()  # (4, 16, 16)
+    eye = torch.eye(16).expand_as(r)
+    assert (r @ r.transpose(1, 2) - eye).abs().max() < 1e-5
+    assert (r - eye).abs().max() > 0.1
+
+
+def test_neumann_is_the_transpose_of_exact_cayley():
+    """The series truncates (I + Q)(I − Q)⁻¹ = R_exactᵀ; it converges to it as terms are added."""
+    model = la.inject(Wrap(nn.Linear(32, 8)), OFTConfig(oft_block_size=8, target_modules=["layer"]))
+    _random(model, std=0.05)
+    layer = _layer(model)
+    q = skew_symmetric(layer.oft_R.double(), layer.rows, layer.cols, 8)
+    eye = torch.eye(8, dtype=torch.float64).expand_as(q)
+    truth_t = torch.linalg.inv(eye - q) @ (eye + q)  # (I − Q)⁻¹(I + Q) = (I + Q)(I − Q)⁻¹
+    exact = (eye - q) @ torch.linalg.inv(eye + q)
+    assert (cayley(q) - exact).abs().max() < 1e-12
+    layer.num_terms = 40
+    assert (layer.rotation_blocks(dtype=torch.float64) - truth_t).abs().max() < 1e-12
+    layer.num_terms = 5
+    r5 = layer.rotation_blocks(dtype=torch.float64)
+    assert (r5 - truth_t).abs().max() < 0.01 < (r5 - exact).abs().max()
+
+
+def test_forward_equals_dense_block_diagonal_formula():
+    """Both the token path (T < out) and the weight path (T ≥ out) give x·R_bd·Wᵀ + b."""
+    torch.manual_seed(0)
+    lin = nn.Linear(24, 16).double()
+    model = la.inject(Wrap(lin), OFTConfig(oft_block_size=6, use_cayley_neumann=False, target_modules=["layer"]))
+    _random(model, std=0.3)
+    r_bd = torch.block_diag(*_layer(model).rotation_blocks().unbind(0))
+    for tokens in (5, 40):
+        x = torch.randn(tokens, 24, dtype=torch.float64)
+        assert torch.allclose(model(x), x @ r_bd @ lin.weight.T + lin.bias, atol=1e-12)
+
+
+def test_rotation_gradients_on_both_paths():
+    torch.manual_seed(0)
+    w, bias = torch.randn(6, 8, dtype=torch.float64), torch.randn(6, dtype=torch.float64)
+    blocks = torch.randn(2, 4, 4, dtype=torch.float64, requires_grad=True)
+    layout = (1, 0, 2)
+    for tokens in (3, 8):  # the token path (fewer tokens than outputs) and the weight path
+        x = torch.randn(tokens, 8, dtype=torch.float64, requires_grad=True)
+        assert torch.autograd.gradcheck(lambda x, b: rotated_linear(x, w, bias, [(layout, b)], (2, 4)), (x, blocks))
+    assert torch.autograd.gradcheck(lambda x, b: rotate_features(x, [(layout, b)], (2, 4)), (x, blocks))
+
+
+def test_rotation_saves_no_activation_but_the_input():
+    """The block rotation keeps only x for backward (PEFT's einsum keeps a permuted copy)."""
+    model = la.inject(Wrap(nn.Linear(64, 48)), OFTConfig(oft_block_size=8, target_modules=["layer"]))
+    x = torch.randn(100, 64, requires_grad=True)
+    saved = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
+        model(x)
+    big = [t for t in saved if t.numel() >= x.numel() // 2]
+    assert len(big) == 1 and big[0].data_ptr() == x.data_ptr()
+
+
+def test_module_dropout_replaces_whole_blocks_by_identity_in_training():
+    model = la.inject(Wrap(nn.Linear(32, 8)), OFTConfig(oft_block_size=8, module_dropout=0.5, target_modules=["layer"]))
+    _random(model, std=0.2)
+    x = torch.randn(6, 32)
+    model.eval()
+    ref = model(x)
+    assert torch.equal(model(x), ref)
+    model.train()
+    outs = [model(x) for _ in range(6)]
+    assert any(not torch.allclose(o, ref) for o in outs)
+    _layer(model).oft_R.grad = None
+    model(x).pow(2).sum().backward()
+    zero_rows = (_layer(model).oft_R.grad.abs().sum(1) == 0).sum().item()
+    assert zero_rows == 2  # ⌊0.5 · 4⌋ of the 4 blocks were the identity
+
+
+def test_coft_projects_without_mutating_and_passes_gradients_straight_through():
+    cfg = dict(oft_block_size=8, target_modules=["layer"], use_cayley_neumann=False)
+    torch.manual_seed(0)
+    base = nn.Linear(32, 8)
+    model = la.inject(Wrap(base), OFTConfig(coft=True, eps=0.2, **cfg))
+    _random(model, std=0.2)
+    layer = _layer(model)
+    raw = layer.oft_R.detach().clone()
+    x = torch.randn(5, 32)
+    model(x).pow(2).sum().backward()
+    assert torch.equal(layer.oft_R.detach(), raw)  # the parameter is not rewritten inside forward
+    projected = layer.peft_state()["oft_R.weight"]
+    radius = 0.2 / 4**0.5
+    norms = projected.norm(dim=1) * 2**0.5  # ||U − Uᵀ||_F
+    assert (norms <= radius * (1 + 1e-6)).all() and (raw.norm(dim=1) * 2**0.5 > radius).any()
+    twin = la.inject(Wrap(nn.Linear(32, 8)), OFTConfig(**cfg))
+    twin.layer.load_state_dict(base.state_dict(), strict=False)
+    with torch.no_grad():
+        twin.layer.adapter.oft_R.copy_(projected)
+    assert torch.allclose(twin(x), model(x), atol=1e-6)
+    twin(x).pow(2).sum().backward()
+    assert torch.allclose(twin.layer.adapter.oft_R.grad, layer.oft_R.grad, atol=1e-6)
+
+
+def test_embedding_rotates_the_output_and_merges():
+    emb = nn.Embedding(20, 16)
+    model = la.inject(Wrap(emb), OFTConfig(oft_block_size=4, target_modules=["layer"]))
+    _random(model, std=0.2)
+    ids = torch.tensor([[1, 5, 19]])
+    r_bd = torch.block_diag(*_layer(model).rotation_blocks().unbind(0))
+    assert torch.allclose(model(ids), emb.weight[ids] @ r_bd, atol=1e-6)
