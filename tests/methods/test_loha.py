@@ -29,6 +29,7 @@ def test_rank_r2_factors_give_the_hadamard_delta(row_scale):
 
 
 def _layer(base, **kw):
+    torch.manual_seed(0)
     model = la.inject(Wrap(base), LoHaConfig(target_modules=["layer"], **kw))
     randomize_adapter(model, std=0.3)
     return model, model.layer.adapter
@@ -96,8 +97,9 @@ def test_default_init_is_identity_and_only_w2_b_learns_first():
 
 @pytest.mark.parametrize("grad", [True, False])
 def test_rank_r2_and_folded_forms_agree(monkeypatch, grad):
+    torch.manual_seed(0)
     model, layer = _layer(nn.Linear(24, 20), r=2)
-    x = torch.randn(3, 5, 24, requires_grad=grad)
+    x = torch.randn(3, 5, 24, generator=torch.Generator().manual_seed(1), requires_grad=grad)
     outs = []
     for choice in (True, False):
         monkeypatch.setattr(LoHaLayer, "_rank_r2_is_cheaper", lambda self, *a, c=choice: c)
@@ -107,7 +109,7 @@ def test_rank_r2_and_folded_forms_agree(monkeypatch, grad):
         outs.append((y.detach(), grads))
     assert torch.allclose(outs[0][0], outs[1][0], atol=1e-5)
     for a, b in zip(outs[0][1], outs[1][1]):
-        assert torch.allclose(a, b, atol=1e-4, rtol=1e-5)
+        assert (a - b).norm() <= 1e-5 * b.norm()
 
 
 def test_forward_choice_by_shape():

@@ -90,6 +90,7 @@ def test_kronecker_identity(low_rank):
 
 
 def _adapted(base, **kw):
+    torch.manual_seed(0)
     model = la.inject(Wrap(base), LoKrConfig(target_modules=["layer"], **kw))
     randomize_adapter(model, std=0.3)
     return model, model.layer.adapter
@@ -140,8 +141,9 @@ def test_inits(init, zero, nonzero):
 @pytest.mark.parametrize("kw", [dict(r=4), dict(r=1), dict(r=1, decompose_both=True)])
 @pytest.mark.parametrize("grad", [True, False])
 def test_kronecker_path_and_fold_agree(monkeypatch, kw, grad):
+    torch.manual_seed(0)
     model, layer = _adapted(nn.Linear(64, 32), **kw)
-    x = torch.randn(3, 5, 64, requires_grad=grad)
+    x = torch.randn(3, 5, 64, generator=torch.Generator().manual_seed(1), requires_grad=grad)
     outs = []
     for choice in (True, False):
         monkeypatch.setattr(LoKrLayer, "_kron_is_cheaper", lambda self, *a, c=choice: c)
@@ -151,7 +153,7 @@ def test_kronecker_path_and_fold_agree(monkeypatch, kw, grad):
         outs.append((y.detach(), grads))
     assert torch.allclose(outs[0][0], outs[1][0], atol=1e-5)
     for a, b in zip(outs[0][1], outs[1][1]):
-        assert torch.allclose(a, b, atol=1e-4, rtol=1e-5)
+        assert (a - b).norm() <= 1e-5 * b.norm()
 
 
 def test_forward_choice_by_shape():
