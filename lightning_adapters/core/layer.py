@@ -45,6 +45,10 @@ class AdapterLayer(nn.Module):
         """Output of ``base`` with the adapter applied."""
         raise NotImplementedError
 
+    def forward(self, base: nn.Module, *args: Any, **kwargs: Any) -> Any:
+        """``adapted_forward``, for wrappers that act on module calls (FSDP1 gathers the adapter's parameters)."""
+        return self.adapted_forward(base, *args, **kwargs)
+
     def merge(self, base: nn.Module, *, safe: bool = False) -> None:
         """Fold the adapter into ``base``'s weights (``safe``: refuse non-finite results, changing nothing)."""
         raise NotMergeableError(f"{type(self).__name__} cannot be merged into the base weights")
@@ -84,7 +88,10 @@ def _adapted_forward(self: nn.Module, *args: Any, **kwargs: Any) -> Any:
     adapter = self._modules[ADAPTER_ATTR]
     if adapter.merged or not adapter.enabled:
         return self._la_base_forward(*args, **kwargs)
-    return adapter.adapted_forward(self, *args, **kwargs)
+    if isinstance(adapter, AdapterLayer):
+        return adapter.adapted_forward(self, *args, **kwargs)
+    # A wrapper around the layer (FSDP1's FullyShardedDataParallel): calling it gathers the parameters first.
+    return adapter(self, *args, **kwargs)
 
 
 _CLASS_CACHE: dict[type, type] = {}
@@ -118,9 +125,16 @@ def adapted_class(base_cls: type) -> type:
     return cls
 
 
+def _unwrap(child: nn.Module | None) -> nn.Module | None:
+    # FSDP1 replaces a wrapped child by a FullyShardedDataParallel that holds it as ``_fsdp_wrapped_module``.
+    return getattr(child, "_fsdp_wrapped_module", child)
+
+
 def is_adapted(module: nn.Module) -> bool:
     """Whether ``module`` carries an adapter installed by ``attach``."""
-    return getattr(type(module), "_la_adapted", False) and isinstance(module._modules.get(ADAPTER_ATTR), AdapterLayer)
+    return getattr(type(module), "_la_adapted", False) and isinstance(
+        _unwrap(module._modules.get(ADAPTER_ATTR)), AdapterLayer
+    )
 
 
 def attach(module: nn.Module, layer: AdapterLayer) -> None:
@@ -143,4 +157,4 @@ def detach(module: nn.Module) -> AdapterLayer:
 
 def get_adapter(module: nn.Module) -> AdapterLayer:
     """The adapter child of an adapted module."""
-    return module._modules[ADAPTER_ATTR]
+    return _unwrap(module._modules[ADAPTER_ATTR])

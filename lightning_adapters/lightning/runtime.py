@@ -35,6 +35,7 @@ from lightning_adapters.lightning import strategies
 from lightning_adapters.registry import get_method
 
 RUNTIME_ATTR = "_la_runtime"
+_WRAPPER_ATTRS = ("_fsdp_wrapped_module.", "_checkpoint_wrapped_module.", "_orig_mod.")
 
 
 @dataclass
@@ -116,9 +117,18 @@ class AdapterRuntime:
         return f"{self.options.module}." if self.options.module else ""
 
     def adapter_key_prefixes(self, pl_module: nn.Module) -> list[str]:
-        """Adapter key prefixes relative to the LightningModule."""
+        """Adapter key prefixes relative to the LightningModule, as its state dict names them.
+
+        Module names under FSDP1 or activation-checkpoint wrappers contain the wrappers' attributes; state dicts
+        leave them out, and so do these prefixes.
+        """
         prefix = self.key_prefix()
-        return [prefix + p for p in adapter_prefixes(self.injected_target(pl_module))]
+        out = []
+        for p in adapter_prefixes(self.injected_target(pl_module)):
+            for wrapper in _WRAPPER_ATTRS:
+                p = p.replace(wrapper, "")
+            out.append(prefix + p)
+        return out
 
     # --- injection -----------------------------------------------------------------------------------------
 

@@ -376,3 +376,16 @@ def test_adapter_without_gradient_is_reported():
         trainer(max_steps=1, callbacks=[la.AdapterCallback(cfg, module="model", verbose=False)]).fit(
             HiddenOnly(), token_data()
         )
+
+
+def test_export_merged_plain_module_loads_into_a_fresh_instance(tmp_path):
+    from safetensors.torch import load_model
+
+    model = BoringMLP()
+    cb = la.AdapterCallback(lora(), export_merged_dir=tmp_path / "merged", verbose=False)
+    trainer(callbacks=[cb]).fit(model, mlp_data())
+    fresh = BoringMLP(seed=5)
+    load_model(fresh, str(tmp_path / "merged" / "model.safetensors"))
+    x = mlp_data().dataset.tensors[0][:4]
+    torch.testing.assert_close(fresh(x), model(x), atol=1e-5, rtol=0)
+    assert not hasattr(fresh.encoder[0], "adapter") and la.adapter_state_dict(model)
