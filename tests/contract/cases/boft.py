@@ -25,6 +25,11 @@ def _rows():
     rows = []
     for layer, (b1, bm, m) in _SIZES.items():
         rows.append(ContractCase(id=f"boft-m1-{layer}", make_config=_make(dict(boft_block_size=b1)), layer=layer))
+        if m is not None:
+            kw = dict(boft_block_size=bm, boft_n_butterfly_factor=2)
+            rows.append(ContractCase(id=f"boft-m2-{layer}", make_config=_make(kw), layer=layer))
+        if layer not in ("linear", "conv2d"):
+            continue  # the extras run on two layer kinds
         rows.append(
             ContractCase(
                 id=f"boft-noinit-{layer}",
@@ -33,12 +38,11 @@ def _rows():
                 identity_at_init=False,
             )
         )
-        if m is not None:
-            for k in range(2, m + 1):
-                kw = dict(boft_block_size=bm, boft_n_butterfly_factor=k)
-                rows.append(ContractCase(id=f"boft-m{k}-{layer}", make_config=_make(kw), layer=layer))
-            kw = dict(boft_block_size=0, boft_block_num=2 ** (m - 1), boft_n_butterfly_factor=m, boft_dropout=0.5)
-            rows.append(ContractCase(id=f"boft-blocknum-dropout-{layer}", make_config=_make(kw), layer=layer))
+        if m > 2:
+            kw = dict(boft_block_size=bm, boft_n_butterfly_factor=m)
+            rows.append(ContractCase(id=f"boft-m{m}-{layer}", make_config=_make(kw), layer=layer))
+        kw = dict(boft_block_size=0, boft_block_num=2 ** (m - 1), boft_n_butterfly_factor=m, boft_dropout=0.5)
+        rows.append(ContractCase(id=f"boft-blocknum-dropout-{layer}", make_config=_make(kw), layer=layer))
     return rows
 
 
