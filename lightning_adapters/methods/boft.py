@@ -12,17 +12,19 @@ space of a layer (size ``d = N·b``) is rotated by ``m`` butterfly factors (``bo
 ``R_raw = 0`` and ``s = 1`` at init, so the layer starts as the base.
 
 The permutations are PEFT's: ``P_0 = I``; for ``i ≥ 1`` the features are cut into groups of ``b·2^i`` and
-half-blocks of ``b/2``, and within each group the even-numbered half-blocks are listed before the odd ones, so
-every block of ``B_i`` (``i ≥ 1``) joins two half-blocks that are ``b`` features apart. (As a consequence all
-factors ``i ≥ 1`` couple the same pairs of half-blocks, in a different block order.) ``m > 1`` needs an even
-``b`` and ``N`` divisible by ``2^{m−1}``. PEFT runs ``m > 1`` only through a JIT-compiled CUDA extension and
-otherwise silently uses ``m = 1``; here every ``m`` runs in plain PyTorch on any device.
+half-blocks of ``b/2``, and ``P_i`` lists the even-numbered half-blocks of each group before the odd ones. As
+``x·P_i`` puts ``x[P_i⁻¹]`` in order, every block of ``B_i`` joins two half-blocks ``2^{i−1}·b`` features apart
+(the butterfly's doubling stride). ``m > 1`` needs an even ``b`` and ``N`` divisible by ``2^{m−1}``. PEFT runs
+``m > 1`` only through a JIT-compiled CUDA extension and otherwise silently uses ``m = 1`` (the extension does
+not even compile against torch 2.11); here every ``m`` runs in plain PyTorch on any device.
 
-Speed: PEFT builds dense d×d permutation and rotation matrices in every forward. Here a Linear rotates its
-input as ``x · R`` with one batched ``b×b`` multiply per factor in a layout where the permutation is a view
-(see ``oft.rotate_features``): the factors ``i ≥ 1`` share one layout, so ``m = 2`` adds a single copy and one
-multiply over ``m = 1``. Conv2d rotates the kernel flattened to (out, C/groups·kh·kw) instead (any stride,
-padding, dilation and groups; PEFT ignores dilation and rejects groups), which merges exactly.
+Speed: PEFT builds dense d×d permutation and rotation matrices in every forward. Here a permutation is never
+materialised: each factor is one batched ``b×b`` multiply in a layout of the features where its blocks are
+contiguous (``butterfly_layouts``), so going from one factor to the next is a single strided copy. A Linear
+rotates whichever of its input and its weight is smaller (``oft.rotated_linear``) and saves only its input
+for backward (and the unscaled output, for the gradient of ``s``). Conv2d rotates the kernel flattened to
+(out, C/groups·kh·kw) (any stride, padding, dilation and groups; PEFT ignores dilation and rejects groups),
+which merges exactly.
 
 ``boft_dropout = p``: in each training forward, one random factor has ``⌊p·N⌋`` random blocks replaced by the
 identity (PEFT's multiplicative dropout).

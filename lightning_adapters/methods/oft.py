@@ -27,9 +27,11 @@ PEFT gets), but the stored parameter is never rewritten inside ``forward``, so o
 FSDP shards and ``torch.compile`` see an ordinary parameter. ``module_dropout = p`` replaces ``⌊p·r⌋`` random
 blocks of ``R_bd`` by the identity in each training forward (PEFT builds this layer but never calls it).
 
-Speed: a Linear rotates its input block by block (a batched ``b×b`` multiply, never a ``d×d`` matrix) when
-gradients are needed, and rotates its weight instead when that is cheaper (no gradient and fewer output
-features than tokens). Unmerge inverts the blocks (the Neumann ``R`` is not exactly orthogonal).
+Speed and memory: no ``d×d`` matrix is ever built. A Linear computes ``F.linear(x·R_bd, W)`` as
+``F.linear(x, W·R_bdᵀ)`` when it has at least as many tokens as outputs (rotating ``W`` is then the smaller
+job), and rotates the tokens otherwise; each rotation is one batched ``b×b`` multiply. Both paths save only
+the layer input for backward and get the block gradients from ``gy·W``, the product a frozen linear's
+backward computes anyway. Unmerge inverts the blocks (the Neumann ``R`` is not exactly orthogonal).
 """
 
 from __future__ import annotations
