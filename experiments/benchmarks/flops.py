@@ -97,8 +97,15 @@ def _dense_delta(n: int, layer: LayerInfo, factor_macs: int) -> int:
 
 
 def lora_macs(n: int, layers: list[LayerInfo], r: int) -> int:
-    """LoRA ``B A x``: ``N·r·(in+out)`` forward; the input gradient and the ``A``, ``B`` gradients twice that."""
-    return sum(3 * n * r * (li.in_f + li.out_f) for li in layers)
+    """LoRA ``B A x``: ``N·r·(in+out)`` forward and twice that for the input, ``A`` and ``B`` gradients; or, folded
+    (``x (W + s·B·A)ᵀ`` forward, ``g (W + s·B·A)`` backward), only ``h = A x`` forward and ``∂h``, ``∂A``, ``∂B``
+    backward, plus building ``B·A`` twice (``out·in·r`` each), whichever is cheaper per layer."""
+    total = 0
+    for li in layers:
+        plain = 3 * n * r * (li.in_f + li.out_f)
+        folded = 2 * n * r * (li.in_f + li.out_f) + 2 * r * li.in_f * li.out_f
+        total += min(plain, folded)
+    return total
 
 
 def loha_macs(n: int, layers: list[LayerInfo], r: int) -> int:

@@ -20,11 +20,12 @@ with the norm detached from the graph (the paper's §4.3), as PEFT does.
 
 Speed (Linear and Conv1D): one autograd Function runs the whole layer. It saves only ``x``, the rank-r
 ``h = A x`` and references to the weights, never a full-size temporary, and computes no gradient nobody asked
-for (no ``∂x`` when ``x`` does not require grad, no ``∂W`` for the frozen base). When the batch has more rows
-than the weight (``N·(in+out) > 2·in·out``) it multiplies by the folded ``W + s·B·A`` once, forward and
-backward, which is cheaper than a second pass over the full-size output and input gradient; otherwise it
-accumulates ``s·h·Bᵀ`` into the base output in place. Either way the outputs and gradients are those of the
-formula above; with ``B = 0`` the folded weight is ``W`` exactly, so the layer is exactly the base at init.
+for (no ``∂x`` when ``x`` does not require grad, no ``∂W`` for the frozen base). On CPU the rank-r products cost
+memory traffic, not arithmetic, so the layer saves passes over full-size tensors: with enough rows it multiplies by
+the folded ``W + s·B·A`` (forward) and by ``[W + s·B·A | s·B]`` (backward, giving ``∂x`` and ``∂h`` in one
+product) instead of accumulating ``s·h·Bᵀ`` and ``∂h·A`` in place; the rank-r products are laid out thin side
+first, which BLAS runs several times faster. Outputs and gradients are those of the formula above; with ``B = 0``
+the folded weight is ``W`` exactly, so the layer is exactly the base at init.
 """
 
 from __future__ import annotations
@@ -129,19 +130,27 @@ def row_norm(weight: torch.Tensor) -> torch.Tensor:
 
 
 def fold_pays(rows: int, in_f: int, out_f: int) -> bool:
-    """Whether multiplying by the folded ``W + s·B·A`` beats a second pass over the (rows, out)/(rows, in) tensors.
+    """Forward: whether ``x (W + s·B·A)ᵀ`` beats ``x Wᵀ`` followed by an in-place ``+= s·h Bᵀ``.
 
-    Folding writes an (out, in) weight twice per step (forward and backward); not folding reads and writes the
-    full-size output once forward and the full-size input gradient once backward.
+    Building the folded weight touches ~3·out·in numbers (read ``W``, write ``W + s·B·A``, the rank-r product);
+    accumulating touches 2·rows·out (read and write the output).
     """
-    return rows * (in_f + out_f) > 2 * in_f * out_f
+    return 3 * in_f < 2 * rows
+
+
+def fold_pays_backward(rows: int, in_f: int, out_f: int) -> bool:
+    """Backward: whether one product ``g [W + s·B·A | s·B]`` (giving ``∂x`` and ``∂h`` together) beats ``g W`` plus
+    a separate ``∂h = s·g B`` (one more read of the rows×out gradient) and an in-place ``∂x += ∂h A``."""
+    return 3 * in_f * out_f < rows * (out_f + 2 * in_f)
 
 
 class _LoRALinear(torch.autograd.Function):
-    """``y = x Wᵀ + b + s · (x_d Aᵀ) Bᵀ`` for 2-D-flattened rows, with hand-written, minimal backward.
+    """``y = x Wᵀ + b + s · (x_d Aᵀ) Bᵀ`` for 2-D-flattened rows, with a hand-written, minimal backward.
 
     ``x_d`` is the dropped-out adapter input, or ``None`` when it is ``x`` itself. Saved: ``x`` (and ``x_d``),
-    ``h = x_d Aᵀ`` (rows, r) and the weights; nothing full-size is created for autograd.
+    ``hᵀ = A x_dᵀ`` (r, rows) and the weights; nothing full-size is created for autograd. The rank-r products are
+    written with the thin dimension first (``A xᵀ``, ``Bᵀ gᵀ``, ``hᵀ g``): BLAS runs these layouts several times
+    faster than ``x Aᵀ``, ``g B`` and ``gᵀ h`` on CPU.
     """
 
     @staticmethod
@@ -149,40 +158,48 @@ class _LoRALinear(torch.autograd.Function):
         out_f, in_f = weight.shape
         x2 = x.reshape(-1, in_f)  # (N, in)
         a_in = x2 if xd is None else xd.reshape(-1, in_f)  # (N, in) adapter input
-        fold = xd is None and fold_pays(x2.shape[0], in_f, out_f)
+        rows = x2.shape[0]
+        fold = xd is None and fold_pays(rows, in_f, out_f)
         need_h = ctx.needs_input_grad[5] or not fold
-        h = torch.mm(a_in, A.t()) if need_h else None  # (N, r)
+        h_t = torch.mm(A, a_in.t()) if need_h else None  # (r, N)
         if fold:
             y = F.linear(x2, torch.addmm(weight, B, A, alpha=scale), bias)  # (N, out), W + s·B·A
         else:
             y = F.linear(x2, weight, bias)
-            y.addmm_(h, B.t(), alpha=scale)  # += s · h Bᵀ, scaling the (N, r) factor, in place
-        ctx.scale, ctx.fold, ctx.has_xd = scale, fold, xd is not None
+            y.addmm_(h_t.t(), B.t(), alpha=scale)  # += s · h Bᵀ, scaling the (N, r) factor, in place
+        ctx.scale, ctx.has_xd = scale, xd is not None
+        ctx.fold_back = xd is None and fold_pays_backward(rows, in_f, out_f)
         ctx.x_shape = x.shape if xd is None else (x.shape, xd.shape)
-        ctx.save_for_backward(x2, None if xd is None else a_in, h, weight, A, B)
+        ctx.save_for_backward(x2, None if xd is None else a_in, h_t, weight, A, B)
         return y.view(*x.shape[:-1], out_f)
 
     @staticmethod
     def backward(ctx, gy):  # noqa: ANN001, ANN205
-        x2, a_in, h, weight, A, B = ctx.saved_tensors
+        x2, a_in, h_t, weight, A, B = ctx.saved_tensors
         need_x, need_xd, need_w, need_b, need_a, need_b_lora = ctx.needs_input_grad[:6]
         s = ctx.scale
         if a_in is None:
             a_in = x2
         x_shape, xd_shape = ctx.x_shape if ctx.has_xd else (ctx.x_shape, None)
-        g = gy.reshape(-1, weight.shape[0])  # (N, out)
-        # ∂L/∂h = s · g B  (N, r): feeds ∂A and the adapter part of the input gradient.
-        need_dh = need_a or need_xd or (need_x and not ctx.fold and not ctx.has_xd)
-        dh = torch.mm(g, B).mul_(s) if need_dh else None
+        out_f, in_f = weight.shape
+        g = gy.reshape(-1, out_f)  # (N, out)
         gx = gxd = gw = gbias = ga = gb = None
-        if need_x:
-            if ctx.fold:
-                gx = torch.mm(g, torch.addmm(weight, B, A, alpha=s))  # g (W + s·B·A)
-            else:
+        dh = None  # ∂L/∂h = s · g B  (N, r)
+        if need_x and ctx.fold_back:
+            # One product gives both: g [W + s·B·A | s·B] -> (N, in + r) = [∂x | ∂h].
+            w_cat = torch.empty(out_f, in_f + A.shape[0], dtype=weight.dtype, device=weight.device)
+            w_cat[:, :in_f].copy_(weight).addmm_(B, A, alpha=s)
+            w_cat[:, in_f:].copy_(B).mul_(s)
+            both = torch.mm(g, w_cat)
+            gx, dh = both[:, :in_f].view(x_shape), both[:, in_f:]
+        else:
+            if need_a or need_xd or (need_x and not ctx.has_xd):
+                dh = torch.mm(B.t(), g.t()).mul_(s).t()  # computed as (r, N), used as (N, r)
+            if need_x:
                 gx = torch.mm(g, weight)
                 if not ctx.has_xd:
                     gx.addmm_(dh, A)  # + ∂h A, in place
-            gx = gx.view(x_shape)
+                gx = gx.view(x_shape)
         if need_xd:
             gxd = torch.mm(dh, A).view(xd_shape)
         if need_w:
@@ -192,7 +209,7 @@ class _LoRALinear(torch.autograd.Function):
         if need_a:
             ga = torch.mm(dh.t(), a_in)  # (r, in)
         if need_b_lora:
-            gb = torch.mm(g.t(), h).mul_(s)  # (out, r)
+            gb = torch.mm(h_t, g).mul_(s).t()  # (r, out) product, returned as (out, r)
         return gx, gxd, gw, gbias, ga, gb, None
 
 

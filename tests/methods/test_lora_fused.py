@@ -1,6 +1,7 @@
 """LoRA's hand-written Linear/Conv1D autograd path against the formula run through plain autograd.
 
-Covers both execution paths (folded ``W + s·B·A`` for many rows, in-place accumulation for few), dropout,
+Covers both execution paths (folded ``W + s·B·A`` for many rows, in-place accumulation for few, forward and
+backward), dropout,
 inputs with and without ``requires_grad``, a trainable base weight and bias, and transformers ``Conv1D``.
 """
 
@@ -12,7 +13,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import lightning_adapters as la
-from lightning_adapters.methods.lora import fold_pays
+from lightning_adapters.methods.lora import fold_pays, fold_pays_backward
 from tests.helpers import Wrap
 
 
@@ -62,7 +63,7 @@ def _grads(model: Wrap, x: torch.Tensor, g: torch.Tensor, fn) -> dict[str, torch
 @pytest.mark.parametrize("train_base", [False, True], ids=["frozen", "trainbase"])
 def test_fused_matches_autograd(kind: str, rows: int, x_grad: bool, dropout: float, train_base: bool) -> None:
     in_f, out_f = 12, 10
-    assert fold_pays(rows * 2, in_f, out_f) == (rows == 64)
+    assert fold_pays(rows * 2, in_f, out_f) == fold_pays_backward(rows * 2, in_f, out_f) == (rows == 64)
     model = _make(kind, in_f, out_f, dropout)
     layer = model.layer
     layer.weight.requires_grad_(train_base)
