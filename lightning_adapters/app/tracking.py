@@ -49,7 +49,8 @@ class RunStats(Callback):
     """Logs parameter counts at fit start, the mean training step time and the peak memory.
 
     Step time is measured from ``on_train_batch_start`` to ``on_train_batch_end`` (forward, backward and
-    optimizer step), after ``warmup_steps`` batches that pay one-off costs. The best value of ``monitor`` is kept
+    optimizer step); the mean leaves out the first ``warmup_steps`` batches, which pay one-off costs, when the run
+    had more. The best value of ``monitor`` is kept
     across validations, so it is known even when no checkpoint is written.
 
     Args:
@@ -71,11 +72,12 @@ class RunStats(Callback):
         self.peak_mb = 0.0
         self.memory_kind = ""
         self._t0 = 0.0
-        self._batches = 0
 
     def summary(self) -> dict[str, Any]:
         """Everything measured so far, as plain numbers."""
-        mean_step = sum(self.step_times) / len(self.step_times) if self.step_times else float("nan")
+        # Leave the warm-up batches out of the mean when the run had more than those.
+        times = self.step_times[self.warmup_steps :] or self.step_times
+        mean_step = sum(times) / len(times) if times else float("nan")
         return {
             **self.params,
             "perf/step_time_ms": 1000.0 * mean_step,
@@ -111,10 +113,8 @@ class RunStats(Callback):
     ) -> None:
         self._sync(pl_module.device)
         dt = time.perf_counter() - self._t0
-        self._batches += 1
-        if self._batches > self.warmup_steps:
-            self.step_times.append(dt)
-            pl_module.log("perf/step_time_ms", 1000.0 * dt, on_step=True, on_epoch=False)
+        self.step_times.append(dt)
+        pl_module.log("perf/step_time_ms", 1000.0 * dt, on_step=True, on_epoch=False)
 
     @override
     def on_validation_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:

@@ -19,13 +19,18 @@ from lightning_adapters.train import CONFIG_DIR
 ROOT = Path(__file__).resolve().parents[2]
 
 
-def tiny(model: str | None = "tiny_bert", logger: str | None = "none", progress_bar: bool = True) -> list[str]:
-    """Overrides for a short CPU run: enough to build and step every piece (``None`` leaves a group alone)."""
+def tiny(
+    model: str | None = "tiny_bert",
+    logger: str | None = "none",
+    progress_bar: bool = True,
+    accelerator: str | None = "cpu",
+) -> list[str]:
+    """Overrides for a short run: enough to build and step every piece (``None`` leaves a setting alone)."""
     out = [f"model={model}"] if model else []
     out += [f"logger={logger}"] if logger else []
     out += ["callbacks.progress_bar.refresh_rate=0"] if progress_bar else []
+    out += [f"trainer.accelerator={accelerator}"] if accelerator else []
     return out + [
-        "trainer.accelerator=cpu",
         "trainer.max_epochs=1",
         "trainer.limit_train_batches=2",
         "trainer.limit_val_batches=1",

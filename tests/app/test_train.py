@@ -71,7 +71,12 @@ def plan(group: str, option: str) -> tuple[bool, list[str]]:
     if group == "model" or (group, option) == ("experiment", "llama_adapter_smoke"):
         model = None
     extra = ["target=conv"] if (group, option) == ("model", "text_cnn") else []
-    overrides = tiny(model=model, logger=None if group == "logger" else "none", progress_bar=group != "callbacks")
+    overrides = tiny(
+        model=model,
+        logger=None if group == "logger" else "none",
+        progress_bar=group != "callbacks",
+        accelerator=None if group == "trainer" else "cpu",
+    )
     # model=hf loads the same pretrained encoder as model=minilm, which is fitted: instantiating it is enough.
     fit = group not in ("logger", "callbacks", "trainer") and (group, option) != ("model", "hf")
     return fit, [*overrides, "trainer.fast_dev_run=true", *extra]
@@ -110,10 +115,11 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _short(tmp_path: Path) -> list[str]:
+def _short(tmp_path: Path | None, logger: str = "csv") -> list[str]:
+    """Command-line overrides for a few CPU steps on the tiny Bert (``tmp_path``: the single run's directory)."""
     return [
         "model=tiny_bert",
-        "logger=csv",
+        f"logger={logger}",
         "trainer.accelerator=cpu",
         "trainer.max_epochs=1",
         "trainer.limit_train_batches=3",
@@ -121,8 +127,7 @@ def _short(tmp_path: Path) -> list[str]:
         "trainer.limit_test_batches=1",
         "callbacks.progress_bar.refresh_rate=0",
         "data.batch_size=16",
-        f"hydra.run.dir={tmp_path}",
-    ]
+    ] + ([f"hydra.run.dir={tmp_path}"] if tmp_path is not None else [])
 
 
 def _adapter_only(ckpt_path: Path) -> dict[str, Any]:
@@ -151,12 +156,14 @@ def test_two_cpu_processes(strategy: str, tmp_path: Path, monkeypatch: pytest.Mo
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="FSDP1 (FSDPStrategy) runs on GPUs only")
 def test_fsdp_on_gpu(tmp_path: Path) -> None:
-    overrides = [*FAST_DEV, "strategy=fsdp", "trainer.devices=1", "trainer.fast_dev_run=false", "trainer.max_steps=3"]
-    overrides = [o for o in overrides if o != "trainer.accelerator=cpu"]
+    overrides = [*tiny(accelerator=None), "strategy=fsdp", "trainer.devices=1", "trainer.max_steps=3"]
     summary = train(compose_app(overrides, tmp_path))
-    assert summary["params/trainable"] > 0
-    for ckpt in (tmp_path / "checkpoints").glob("*.ckpt"):
+    assert summary["params/trainable"] > 0 and summary["best_metric"] is not None
+    ckpts = list((tmp_path / "checkpoints").glob("*.ckpt"))
+    assert ckpts
+    for ckpt in ckpts:
         _adapter_only(ckpt)
+    check_peft_export(tmp_path, "lora")
 
 
 def test_fsdp_preset_instantiates_without_gpu(tmp_path: Path) -> None:
@@ -172,8 +179,8 @@ def test_fsdp_preset_instantiates_without_gpu(tmp_path: Path) -> None:
 def test_multirun_two_methods_two_ranks_and_summary(tmp_path: Path) -> None:
     second = next(m for m in ("loha", "lokr", "oft", "adalora") if m in available_methods())
     sweep = tmp_path / "sweep"
-    args = [a for a in _short(tmp_path) if not a.startswith("hydra.run.dir")]
-    args += ["-m", f"method=lora,{second}", "method.r=2,4", "logger=none", f"hydra.sweep.dir={sweep}", "test=false"]
+    args = ["-m", *_short(None, logger="none")]
+    args += [f"method=lora,{second}", "method.r=2,4", f"hydra.sweep.dir={sweep}", "test=false"]
     if second == "adalora":
         args += ["method.tinit=0", "method.tfinal=0"]
     proc = run_app(args, cwd=tmp_path, timeout=400)
@@ -193,9 +200,8 @@ def test_multirun_two_methods_two_ranks_and_summary(tmp_path: Path) -> None:
 @pytest.mark.slow
 def test_optuna_hparams_search(tmp_path: Path) -> None:
     sweep = tmp_path / "optuna"
-    args = [a for a in _short(tmp_path) if not a.startswith("hydra.run.dir")]
-    args += ["hparams_search=lora_optuna", "hydra.sweeper.n_trials=2", "hydra.sweeper.sampler.n_startup_trials=2"]
-    args += ["logger=none", f"hydra.sweep.dir={sweep}"]
+    args = [*_short(None, logger="none"), "hparams_search=lora_optuna", f"hydra.sweep.dir={sweep}"]
+    args += ["hydra.sweeper.n_trials=2", "hydra.sweeper.sampler.n_startup_trials=2"]
     proc = run_app(args, cwd=tmp_path, timeout=400)
     assert proc.returncode == 0, proc.stderr[-3000:]
     result = yaml.safe_load((sweep / "optimization_results.yaml").read_text())
