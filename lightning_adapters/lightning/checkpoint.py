@@ -211,7 +211,12 @@ def load_checkpoint_file(path: str | os.PathLike, weights_only: bool = True) -> 
                 f"{path} holds objects that torch.load(weights_only=True) refuses ({str(err).splitlines()[0]}); "
                 "if you trust the file, pass weights_only=False"
             ) from err
-        raise
+        reason = f"{type(err).__name__}: {str(err).splitlines()[0]}" if str(err) else type(err).__name__
+        raise AdapterStateError(
+            f"{path} is not a readable checkpoint ({reason}); "
+            "it may be truncated (a copy or write that did not finish) or not a torch checkpoint. Use another "
+            "checkpoint of the run (e.g. the previous top-k file) or write it again"
+        ) from err
 
 
 def restore_from_checkpoint(
@@ -230,7 +235,7 @@ def restore_from_checkpoint(
         ``model``, injected, with the trained adapter loaded and ready for inference, merging or export.
 
     Raises:
-        AdapterStateError: Not an adapter checkpoint, a different base, or keys that do not fit.
+        AdapterStateError: Not an adapter checkpoint (or unreadable), a different base, or keys that do not fit.
     """
     from lightning.pytorch import LightningModule
 

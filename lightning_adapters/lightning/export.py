@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import copy
 import os
+import shutil
 import tempfile
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -27,7 +28,8 @@ def export_merged(model: nn.Module, directory: str | os.PathLike) -> Path:
 
     A transformers model is written with ``save_pretrained`` (loadable with ``from_pretrained``); any other
     module as ``model.safetensors`` (``safetensors.torch.load_model`` into a fresh instance). ``model`` itself is
-    left untouched.
+    left untouched. The files are written into a scratch directory inside ``directory`` and renamed into place
+    one by one, so a failure midway never leaves a half-written file where a previous export's file was.
 
     Args:
         model: The injected model (not sharded).
@@ -39,12 +41,23 @@ def export_merged(model: nn.Module, directory: str | os.PathLike) -> Path:
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     plain = eject(copy.deepcopy(model), merge=True)
-    if hasattr(plain, "save_pretrained"):
-        plain.save_pretrained(directory)
-    else:
-        from safetensors.torch import save_model
+    # Inside ``directory``: the same file system, so each rename below is atomic.
+    scratch = Path(tempfile.mkdtemp(prefix=".export-", suffix=".tmp", dir=directory))
+    try:
+        if hasattr(plain, "save_pretrained"):
+            plain.save_pretrained(scratch)
+        else:
+            from safetensors.torch import save_model
 
-        save_model(plain, str(directory / "model.safetensors"))
+            save_model(plain, str(scratch / "model.safetensors"))
+        written = sorted(scratch.iterdir())  # save_pretrained writes plain files, no sub-directories
+        for f in written:
+            with open(f, "rb") as fh:
+                os.fsync(fh.fileno())
+        for f in written:
+            os.replace(f, directory / f.name)
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
     return directory
 
 
