@@ -88,6 +88,7 @@ class AdapterRuntime:
         self.pending_hooks_state: dict[str, Any] | None = None
         self.manual_regularization = False
         self.last_step = 0
+        self._prepared: nn.Module | None = None
         self.grads_checked = False
         self._warned: set[str] = set()
 
@@ -149,6 +150,8 @@ class AdapterRuntime:
         if find_records(target):
             inject(target, self.config)  # same config: no-op; another one: a clear error
             apply_trainability(target)
+            if self._prepared is not target:
+                self._after_injection(pl_module, target)  # injected by the user (la.inject) before the trainer ran
             return True
         if _has_dtensor(target):
             raise AdapterConfigError(
@@ -167,6 +170,7 @@ class AdapterRuntime:
         return True
 
     def _after_injection(self, pl_module: nn.Module, target: nn.Module) -> None:
+        self._prepared = target
         pl_module._strict_loading = False
         trainer = pl_module._trainer
         local = self._local_fingerprint(target)

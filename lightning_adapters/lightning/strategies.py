@@ -6,9 +6,10 @@
 - **FSDP2** (``ModelParallelStrategy``): ``adapter_parallelize_fn`` shards adapter layers in their own units,
   then transformer blocks, then the root. When the user's ``configure_model`` does not shard, the integration
   calls it itself.
-- **Checkpoints** under both: the adapter state is gathered into full tensors on rank 0
-  (``get_model_state_dict(full_state_dict=True, ignore_frozen_params=True)``): never the whole model, never a
-  rank's slice, and a single file that ``fit(ckpt_path=...)`` and ``restore_from_checkpoint`` read.
+- **Checkpoints** under both are single files of full adapter tensors (never a rank's slice), which
+  ``fit(ckpt_path=...)`` and ``restore_from_checkpoint`` read. Under FSDP2 only the trainable state is gathered
+  (``get_model_state_dict(full_state_dict=True, ignore_frozen_params=True)``); FSDP1's state-dict hooks insist
+  on every parameter, so there Lightning's full gather runs and the filter drops the base afterwards.
 - **Precision**: ``bf16-true`` casts the whole module in ``strategy.setup``; the adapter dtype policy is
   re-applied right after that cast (before DDP/FSDP wrap the module and the optimizers are built).
 - **Gradient checkpointing**: non-reentrant by default; with reentrant checkpointing and frozen input embeddings,
@@ -184,6 +185,8 @@ def prepare_strategy(trainer: Any, pl_module: nn.Module, runtime: AdapterRuntime
                     "tensor_parallel_size=1) or apply your own parallelization in configure_model"
                 )
             adapter_parallelize_fn(target, mesh["data_parallel"])
+        # Gather the adapter only, instead of the whole model, for every checkpoint.
+        strategy.lightning_module_state_dict = functools.partial(_gather_adapter_state, strategy)
     elif isinstance(strategy, FSDPStrategy):
         if strategy._state_dict_type == "sharded":
             strategy._state_dict_type = "full"
@@ -195,11 +198,6 @@ def prepare_strategy(trainer: Any, pl_module: nn.Module, runtime: AdapterRuntime
         if strategy.kwargs.get("auto_wrap_policy") is None:
             target = runtime.injected_target(pl_module)
             strategy.kwargs["auto_wrap_policy"] = adapter_auto_wrap_policy(block_types_of(target))
-    else:
-        strategy.__dict__["_la_prepared"] = True
-        return
-    # Gather the adapter only, instead of the whole model, for every checkpoint.
-    strategy.lightning_module_state_dict = functools.partial(_gather_adapter_state, strategy)
     strategy.__dict__["_la_prepared"] = True
 
 

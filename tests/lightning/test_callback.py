@@ -123,6 +123,16 @@ def test_mixin_route_checkpoints_are_adapter_only(tmp_path):
     for k, v in la.adapter_state_dict(restored).items():
         assert torch.equal(v, adapter[k])
 
+    x = mlp_data().dataset.tensors[0][:4]
+    with torch.no_grad():
+        adapted = model(x)
+        with model.disabled():
+            torch.testing.assert_close(model(x), BoringMLP()(x), atol=0, rtol=0)  # the untouched base
+        model.merge_adapters()
+        torch.testing.assert_close(model(x), adapted, atol=1e-5, rtol=0)
+        model.unmerge_adapters()
+        torch.testing.assert_close(model(x), adapted, atol=1e-6, rtol=0)
+
 
 def fit_with_last(tmp_path: Path, model, epochs: int, ckpt_path=None, config=None):
     ckpt = ModelCheckpoint(dirpath=tmp_path, save_last=True)
@@ -389,3 +399,16 @@ def test_export_merged_plain_module_loads_into_a_fresh_instance(tmp_path):
     x = mlp_data().dataset.tensors[0][:4]
     torch.testing.assert_close(fresh(x), model(x), atol=1e-5, rtol=0)
     assert not hasattr(fresh.encoder[0], "adapter") and la.adapter_state_dict(model)
+
+
+def test_callback_accepts_a_model_injected_beforehand_with_the_same_config(tmp_path):
+    model = la.inject(BoringMLP(), lora())
+    t = trainer(callbacks=[la.AdapterCallback(lora(), verbose=False)])
+    t.fit(model, mlp_data())
+    t.save_checkpoint(tmp_path / "c.ckpt")
+    meta = torch.load(tmp_path / "c.ckpt", weights_only=True)["lightning_adapters"]
+    assert meta["base_fingerprint"] == la.base_fingerprint(model) and len(meta["adapter_shapes"]) == 6
+
+    other = la.inject(BoringMLP(), lora(r=2))
+    with pytest.raises(AdapterConfigError, match="different config"):
+        trainer(callbacks=[la.AdapterCallback(lora(), verbose=False)]).fit(other, mlp_data())
