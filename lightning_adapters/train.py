@@ -27,6 +27,7 @@ import math
 import netrc
 import os
 import time
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -68,8 +69,12 @@ def method_config(node: DictConfig | None, head: str | None = None) -> AdapterCo
             try:
                 config = dataclasses.replace(config, modules_to_save=[*saved, head])
             except AdapterConfigError:
-                # The method cannot save extra modules (Llama-Adapter): the head stays a fixed random projection.
-                pass
+                # The method's format cannot save extra modules (Llama-Adapter): the head stays frozen as built.
+                warnings.warn(
+                    f"{spec_for_config(config).name} cannot train extra modules, so the task head {head!r} stays "
+                    "frozen at its initial weights; the adapter learns to steer the features into it",
+                    stacklevel=2,
+                )
     return config
 
 

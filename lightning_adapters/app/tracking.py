@@ -24,6 +24,7 @@ from typing_extensions import override
 from lightning_adapters.core.inject import find_records
 from lightning_adapters.core.state import adapter_state_dict
 from lightning_adapters.errors import AdapterStateError
+from lightning_adapters.lightning.checkpoint import load_checkpoint_file
 
 
 def count_parameters(module: torch.nn.Module) -> dict[str, float]:
@@ -152,7 +153,7 @@ def check_adapter_only(path: str | Path, pl_module: torch.nn.Module) -> int:
     Raises:
         AdapterStateError: A key of the checkpoint is not adapter state of ``pl_module`` (a base tensor).
     """
-    ckpt = torch.load(path, map_location="cpu", weights_only=False)
+    ckpt = load_checkpoint_file(path)
     keys = set(ckpt.get("state_dict", {}))
     allowed = set(adapter_state_dict(pl_module))
     extra = sorted(keys - allowed)
