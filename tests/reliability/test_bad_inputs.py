@@ -6,8 +6,10 @@ The rows are summarised in docs/BAD_INPUTS.md; ``test_table_is_documented`` keep
 
 from __future__ import annotations
 
+import functools
 import json
 import re
+import tempfile
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -475,7 +477,120 @@ def _nan_merge(m):
     return la.merge(m, safe=True)
 
 
-ROWS: list[Row] = ENGINE_ROWS + METHOD_ROWS
+def _llm(seed: int = 0) -> nn.Module:
+    from tests.lightning.models import TinyLlamaLM
+
+    return TinyLlamaLM(seed=seed)
+
+
+_CKPT_CONFIG = {"r": 2, "target_modules": ["q_proj"]}
+
+
+@functools.cache
+def _checkpoint_bytes(adapter_only: bool) -> bytes:
+    """One training step of ``_llm()`` saved by the trainer: adapter-only (``AdapterCallback``, LoRA r=2) or full."""
+    from tests.lightning.models import token_data, trainer
+
+    model = _llm()
+    callbacks = (
+        [la.AdapterCallback(la.LoRAConfig(**_CKPT_CONFIG), module="model", verbose=False)] if adapter_only else []
+    )
+    t = trainer(max_steps=1, callbacks=callbacks)
+    t.fit(model, token_data())
+    with tempfile.TemporaryDirectory() as tmp:
+        t.save_checkpoint(Path(tmp) / "c.ckpt")
+        return (Path(tmp) / "c.ckpt").read_bytes()
+
+
+def _write_checkpoint(tmp: Path, adapter_only: bool = True, truncate: bool = False) -> Path:
+    data = _checkpoint_bytes(adapter_only)
+    path = tmp / "run.ckpt"
+    path.write_bytes(data[: len(data) // 2] if truncate else data)
+    _freeze_files(tmp)
+    return path
+
+
+def _resume(cfg_name: str, adapter_only: bool = True, **kw: Any):
+    """``trainer.fit(model, ckpt_path=...)`` with ``AdapterCallback(config)``; must fail in the restore.
+
+    The callback injects at setup (that is its job); what must stay unchanged is the injected model as it was
+    before the restore, so it is snapshot by a callback that runs right after ``AdapterCallback.setup``.
+    """
+
+    def action(m, tmp):
+        import lightning as L
+
+        from tests.lightning.models import token_data, trainer
+
+        class SnapshotAfterInjection(L.Callback):
+            def setup(self, trainer, pl_module, stage):
+                _snapshot_into(pl_module)
+
+        path = _write_checkpoint(tmp, adapter_only)
+        cfg = getattr(la, cfg_name)(**kw)
+        callbacks = [la.AdapterCallback(cfg, module="model", verbose=False), SnapshotAfterInjection()]
+        return trainer(max_steps=2, callbacks=callbacks).fit(m, token_data(), ckpt_path=path)
+
+    return action
+
+
+def _restore(adapter_only: bool = True, truncate: bool = False):
+    return lambda m, tmp: la.restore_from_checkpoint(m, _write_checkpoint(tmp, adapter_only, truncate))
+
+
+LIGHTNING_ROWS = [
+    Row(
+        "resume-different-base",
+        lambda: _llm(seed=1),
+        _resume("LoRAConfig", **_CKPT_CONFIG),
+        la.AdapterStateError,
+        r"different base model \(fingerprint [0-9a-f]+, this model [0-9a-f]+\).*Load the same base weights",
+    ),
+    Row(
+        "resume-different-config",
+        _llm,
+        _resume("LoRAConfig", r=4, target_modules=["q_proj"]),
+        la.AdapterStateError,
+        r"different lora config \(r: checkpoint 2, now 4\); resume with the same config",
+    ),
+    Row(
+        "resume-different-method",
+        _llm,
+        _resume("LoHaConfig", **_CKPT_CONFIG),
+        la.AdapterStateError,
+        r"holds a 'lora' adapter but this model uses 'loha'; resume with the config",
+    ),
+    Row(
+        "resume-not-adapter-checkpoint",
+        _llm,
+        _resume("LoRAConfig", adapter_only=False, **_CKPT_CONFIG),
+        la.AdapterStateError,
+        r"not written by lightning_adapters.*missing adapter keys \['model.model.layers.0.self_attn.q_proj.*new run",
+    ),
+    Row(
+        "restore-different-base",
+        lambda: _llm(seed=1),
+        _restore(),
+        la.AdapterStateError,
+        r"different base model \(fingerprint [0-9a-f]+, this model [0-9a-f]+\)",
+    ),
+    Row(
+        "restore-not-adapter-checkpoint",
+        _llm,
+        _restore(adapter_only=False),
+        la.AdapterStateError,
+        r"run.ckpt has no 'lightning_adapters' entry.*AdapterCallback",
+    ),
+    Row(
+        "restore-truncated",
+        _llm,
+        _restore(truncate=True),
+        la.AdapterStateError,
+        r"run.ckpt is not a readable checkpoint.*truncated",
+    ),
+]
+
+ROWS: list[Row] = ENGINE_ROWS + METHOD_ROWS + LIGHTNING_ROWS
 
 
 @pytest.mark.parametrize("row", [pytest.param(r, id=r.id) for r in ROWS])
@@ -508,8 +623,6 @@ def test_table_is_documented() -> None:
 
 def render_table() -> str:
     """The markdown table of docs/BAD_INPUTS.md, with the message each row really produces."""
-    import tempfile
-
     lines = ["| case | exception | message |", "|---|---|---|"]
     for row in ROWS:
         model = row.make_model() if row.make_model is not None else None
