@@ -190,6 +190,8 @@ def validate_checkpoint(checkpoint: dict[str, Any], pl_module: nn.Module, runtim
                 )
                 if p
             )
+            + ". Resume from a checkpoint that AdapterCallback/AdapterMixin wrote for this model and config, or "
+            "start a new run without ckpt_path"
         )
 
 
