@@ -61,7 +61,7 @@ class _FoldedProduct(torch.autograd.Function):
     """``op(x, W + ΔW(tensors)) + b`` saving only ``x``, ``W`` and the factor tensors."""
 
     @staticmethod
-    def forward(ctx, x, weight, bias, spec, *tensors):  # noqa: ANN001, ANN205 (autograd signature)
+    def forward(ctx, x, weight, bias, spec, *tensors):
         with torch.no_grad():
             w = base_weight_out_in(weight, spec.kind) + spec.delta_fn(*tensors)
             y = _product(spec, x, w, bias)
@@ -71,7 +71,7 @@ class _FoldedProduct(torch.autograd.Function):
         return y
 
     @staticmethod
-    def backward(ctx, gy):  # noqa: ANN001, ANN205
+    def backward(ctx, gy):
         x, weight, *tensors = ctx.saved_tensors
         spec: FoldSpec = ctx.spec
         need_x, need_w, need_b = ctx.needs_input_grad[0], ctx.needs_input_grad[1], ctx.needs_input_grad[2]

@@ -120,6 +120,13 @@ class LoHaConfig(AdapterConfig):
 # Pure functions
 
 
+def scale_rows(w: torch.Tensor, row_scale: float | torch.Tensor, out_axis: int) -> torch.Tensor:
+    """A 2-D factor with its output axis scaled by ``row_scale`` (a number, or one value per output)."""
+    if isinstance(row_scale, torch.Tensor):
+        return w * row_scale.unsqueeze(1 - out_axis)
+    return w * row_scale
+
+
 def hadamard_delta(
     w1a: torch.Tensor, w1b: torch.Tensor, w2a: torch.Tensor, w2b: torch.Tensor, row_scale: float | torch.Tensor
 ) -> torch.Tensor:
@@ -128,10 +135,7 @@ def hadamard_delta(
     w1a, w2a (out, r); w1b, w2b (r, n) -> (out, n). ``row_scale`` is ``s`` or an ``(out,)`` tensor (``s`` times
     the rank-dropout multipliers); it scales the small ``w1a`` rather than the full-size product.
     """
-    if isinstance(row_scale, torch.Tensor):
-        w1a = w1a * row_scale.unsqueeze(1)  # (out, r)
-    else:
-        w1a = w1a * row_scale
+    w1a = scale_rows(w1a, row_scale, out_axis=0)
     return (w1a @ w1b) * (w2a @ w2b)  # (out, r) @ (r, n) ⊙ (out, r) @ (r, n) -> (out, n)
 
 
@@ -145,10 +149,7 @@ def khatri_rao_factors(
     ``w1b[i] ⊙ w2b[j]``, ``ΔW = A · B``: a LoRA of rank ``r²`` whose factors are built from ``O(r²·(out + n))``
     products.
     """
-    if isinstance(row_scale, torch.Tensor):
-        w1a = w1a * row_scale.unsqueeze(1)
-    else:
-        w1a = w1a * row_scale
+    w1a = scale_rows(w1a, row_scale, out_axis=0)
     out_f, r1 = w1a.shape
     r2 = w2a.shape[1]
     a = (w1a[:, :, None] * w2a[:, None, :]).reshape(out_f, r1 * r2)  # (out, r, 1) ⊙ (out, 1, r) -> (out, r²)
@@ -166,10 +167,7 @@ def hadamard_delta_cp(
     row_scale: float | torch.Tensor,
 ) -> torch.Tensor:
     """``ΔW = diag(row_scale) · W_1 ⊙ W_2`` with CP factors; w_ka (r, out) -> (out, in, *k)."""
-    if isinstance(row_scale, torch.Tensor):
-        w1a = w1a * row_scale.unsqueeze(0)  # (r, out): output p is column p
-    else:
-        w1a = w1a * row_scale
+    w1a = scale_rows(w1a, row_scale, out_axis=1)  # (r, out): output p is column p
     return cp_factor(t1, w1a, w1b) * cp_factor(t2, w2a, w2b)
 
 

@@ -170,20 +170,29 @@ def kron_weight(w1: torch.Tensor, w2: torch.Tensor) -> torch.Tensor:
     return (w1[None, :, None, :, None] * w2[:, None, :, None, :]).reshape(b, a * d, c * k)
 
 
+def kron_inner(x2: torch.Tensor, w1: torch.Tensor, b2: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """The two small products of ``kron_apply`` before the last one: ``(ht, k)``.
+
+    x2 (N, c·d), w1 (a, c), b2 (m, d) or None (then m = d) -> ht (m, N·c) holding ``X[n] b2ᵀ`` and
+    k (m·N, a) holding ``w1 X[n] b2ᵀ`` (element ``[k·N + n, p]`` is its ``[p, k]``).
+    """
+    n_tok = x2.shape[0]
+    c = w1.shape[1]
+    xt = x2.reshape(n_tok * c, -1)  # (N·c, d): row n·c + i is X[n][i, :]
+    ht = xt.t().contiguous() if b2 is None else b2 @ xt.t()  # (m, N·c): (X[n] b2ᵀ)[i, k] at [k, n·c + i]
+    k = ht.view(-1, c) @ w1.t()  # (m·N, c) @ (c, a) -> (m·N, a)
+    return ht, k
+
+
 def kron_apply(x2: torch.Tensor, w1: torch.Tensor, a2: torch.Tensor, b2: torch.Tensor | None) -> torch.Tensor:
     """``(w1 ⊗ w2) x`` for every row of ``x2``, as ``w1 · X · w2ᵀ`` with ``w2 = a2 · b2`` (``b2`` None: ``w2 = a2``).
 
     x2 (N, c·d), w1 (a, c), a2 (b, m), b2 (m, d) -> (N·a, b): row ``n·a + p``, column ``q`` is output
-    ``p·b + q`` of token ``n``, so ``.view(N, a·b)`` is the layer output. Every product below is a plain GEMM on
+    ``p·b + q`` of token ``n``, so ``.view(N, a·b)`` is the layer output. Every product is a plain GEMM on
     contiguous or simply transposed operands (no copies, except ``Xᵀ`` when ``w2`` is full).
     """
-    n_tok = x2.shape[0]
-    a, c = w1.shape
-    xt = x2.reshape(n_tok * c, -1)  # (N·c, d): row n·c + i is X[n][i, :]
-    ht = xt.t().contiguous() if b2 is None else b2 @ xt.t()  # (m, N·c): (X[n] b2ᵀ)[i, k] at [k, n·c + i]
-    m = ht.shape[0]
-    k = ht.view(m * n_tok, c) @ w1.t()  # (m·N, c) @ (c, a) -> (m·N, a): (w1 X[n] b2ᵀ)[p, k] at [k·N + n, p]
-    return k.view(m, n_tok * a).t() @ a2.t()  # (N·a, m) @ (m, b) -> (N·a, b)
+    _, k = kron_inner(x2, w1, b2)
+    return k.view(a2.shape[1], -1).t() @ a2.t()  # (N·a, m) @ (m, b) -> (N·a, b)
 
 
 def kron_flops(a: int, b: int, c: int, d: int, r: int | None) -> int:
@@ -196,7 +205,7 @@ class _KronLinear(torch.autograd.Function):
     """``x Wᵀ + b + (w1 ⊗ a2·b2) x`` (times a row mask) that keeps only ``x`` and the factors for backward."""
 
     @staticmethod
-    def forward(ctx, x, weight, bias, kind, w1, a2, b2, mask):  # noqa: ANN001, ANN205 (autograd signature)
+    def forward(ctx, x, weight, bias, kind, w1, a2, b2, mask):
         with torch.no_grad():
             out = _kron_linear_forward(x, base_weight_out_in(weight, kind), bias, w1, a2, b2, mask)
         ctx.kind = kind
@@ -204,7 +213,7 @@ class _KronLinear(torch.autograd.Function):
         return out
 
     @staticmethod
-    def backward(ctx, gy):  # noqa: ANN001, ANN205
+    def backward(ctx, gy):
         x, weight, w1, a2, b2, mask = ctx.saved_tensors
         need = ctx.needs_input_grad
         w = base_weight_out_in(weight, ctx.kind)  # (out, in)
@@ -213,11 +222,8 @@ class _KronLinear(torch.autograd.Function):
         x2 = x.reshape(n_tok, -1)  # (N, in)
         g2 = gy.reshape(n_tok, -1)  # (N, out)
         ge = g2 if mask is None else g2 * mask  # gradient reaching the adapter branch
-        xt = x2.reshape(n_tok * c, -1)  # (N·c, d)
-        # Recompute the small intermediates of kron_apply.
-        ht = xt.t().contiguous() if b2 is None else b2 @ xt.t()  # (m, N·c)
+        ht, k = kron_inner(x2, w1, b2)  # recomputed rather than kept: (m, N·c), (m·N, a)
         m = ht.shape[0]
-        k = ht.view(m * n_tok, c) @ w1.t()  # (m·N, a)
         ge2 = ge.reshape(n_tok * a, -1)  # (N·a, b)
         # (m, N·a) @ (N·a, b) -> (m, b), transposed: both operands row-major (MKL is ~10x slower with the long
         # contraction on transposed operands).
@@ -225,6 +231,7 @@ class _KronLinear(torch.autograd.Function):
         gk = (a2.t() @ ge2.t()).view(m * n_tok, a)  # (m, b) @ (b, N·a) -> (m·N, a)
         g_w1 = gk.t() @ ht.view(m * n_tok, c) if need[4] else None  # (a, m·N) @ (m·N, c) -> (a, c)
         ght = (gk @ w1).view(m, n_tok * c)  # (m·N, a) @ (a, c) -> (m, N·c)
+        xt = x2.reshape(n_tok * c, -1)  # (N·c, d)
         g_b2 = ght @ xt if (b2 is not None and need[6]) else None  # (m, N·c) @ (N·c, d) -> (m, d)
         gx = gw = gb = None
         if need[0]:
@@ -257,7 +264,8 @@ def _kron_linear_forward(
     n_tok = out.numel() // out.shape[-1]
     b = a2.shape[0]
     if mask is None:
-        out.view(-1, b).add_(kron_apply(x.reshape(n_tok, -1), w1, a2, b2))
+        _, k = kron_inner(x.reshape(n_tok, -1), w1, b2)
+        out.view(-1, b).addmm_(k.view(a2.shape[1], -1).t(), a2.t())  # += (N·a, m) @ (m, b)
     else:
         y = kron_apply(x.reshape(n_tok, -1), w1, a2, b2).view(n_tok, -1) * mask  # (N, out)
         out.view(n_tok, -1).add_(y)
