@@ -135,6 +135,7 @@ class FailingOnRank1(TinyLlamaLM):
 
 
 def fit_ddp_failing(ckpt_dir: str) -> None:
+    """Two CPU ranks (DDP, gloo) with ``AdapterCallback``; rank 1 raises at its third batch."""
     from lightning.pytorch.strategies import DDPStrategy
 
     model = FailingOnRank1()
