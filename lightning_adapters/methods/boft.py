@@ -122,18 +122,19 @@ def butterfly_matrix(blocks: list[torch.Tensor], b: int) -> torch.Tensor:
     return out
 
 
-def butterfly_layouts(m: int, n: int, b: int) -> tuple[tuple[int, ...], list[tuple[int, ...]]]:
-    """The canonical split of the feature axis and the block layout of every factor (see ``oft.relayout``).
+def butterfly_layouts(m: int, n: int, b: int) -> tuple[tuple[int, ...], list[tuple]]:
+    """The canonical split of the feature axis and the block layout of every factor (see ``oft.reorder``).
 
     For ``m > 1`` the axis is (G, c_{m−1}, …, c_0, h): ``G = N/2^{m−1}`` groups, one bit ``c_j`` per factor and
     half-blocks of ``h = b/2``. Factor ``i`` pairs the two half-blocks that differ in bit ``c_i``; its blocks are
-    numbered by the other dims in order, which is PEFT's block order, so ``boft_R`` is used as stored.
+    numbered by the other dims in order, which is PEFT's block order, so ``boft_R`` is used as stored. Factor 0
+    (and ``m = 1``) is the natural order: b consecutive features per block.
     """
     if m == 1:
-        return (n, b), [block_layout([1], [2])]
-    bit = {j: 2 + (m - 1 - j) for j in range(m)}  # canonical dim of c_j
+        return (n, b), [block_layout([0], [1])]
+    bit = {j: 1 + (m - 1 - j) for j in range(m)}  # canonical dim of c_j
     axis = (n // 2 ** (m - 1), *([2] * m), b // 2)
-    layouts = [block_layout([1] + [bit[j] for j in range(m - 1, -1, -1) if j != i], [bit[i], m + 2]) for i in range(m)]
+    layouts = [block_layout([0] + [bit[j] for j in range(m - 1, -1, -1) if j != i], [bit[i], m + 1]) for i in range(m)]
     return axis, layouts
 
 

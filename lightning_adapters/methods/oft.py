@@ -202,106 +202,104 @@ def coft_project(upper: torch.Tensor, eps: float) -> torch.Tensor:
     return upper * torch.where(norm > radius, radius / norm.clamp_min(1e-30), torch.ones_like(norm))
 
 
-# Block rotations of a feature axis. A token tensor (T, d) is viewed with the feature axis split into
-# "canonical" dims, sizes = (T, f_1, …, f_k); a layout is an order of those dims of the form
-# (block dims…, T, in-block dims…), so a permute + reshape gives (n blocks, T, b) for one batched b×b multiply.
-# OFT uses sizes (T, r, b) and the layout (1, 0, 2); BOFT's butterfly factors split the axis further (boft.py).
-LAYOUT_X = None  # the features in their natural order, (T, d)
+# Block rotations of a feature axis, computed feature-major: a batch of rows x (T, d) is handled as xᵀ (d, T),
+# so every layout change below keeps the token axis contiguous and every block multiply is a (b×b)·(b×T)
+# product with a long inner dimension. The feature axis is split into canonical dims ``axis`` = (f_0, …, f_k)
+# (d = f_0·…·f_k); a layout is ``(order, n)``: the canonical dims in storage order, of which the first ``n``
+# number the blocks and the rest index a feature inside its block. OFT uses axis (r, b) and the natural layout
+# ((0, 1), 1), which needs no copy at all; BOFT's butterfly factors split the axis further (boft.py).
 
 
-def block_layout(block_dims: list[int], inner_dims: list[int]) -> tuple[int, ...]:
-    """The layout with canonical dims ``block_dims`` numbering the blocks and ``inner_dims`` inside a block."""
-    return (*block_dims, 0, *inner_dims)
+def block_layout(block_dims: list[int], inner_dims: list[int]) -> tuple[tuple[int, ...], int]:
+    """The layout whose blocks are numbered by ``block_dims`` and filled by ``inner_dims`` (indices of ``axis``)."""
+    return (*block_dims, *inner_dims), len(block_dims)
 
 
-def relayout(t: torch.Tensor, sizes: tuple[int, ...], src: tuple[int, ...] | None, dst: tuple[int, ...] | None):
-    """A tensor stored in layout ``src`` -> a contiguous copy in layout ``dst``.
+def reorder(t: torch.Tensor, axis: tuple[int, ...], src: tuple[int, ...], dst: tuple[int, ...]) -> torch.Tensor:
+    """Features of ``t`` (d, C) stored in canonical order ``src`` -> stored in order ``dst`` (d, C).
 
-    Args:
-        t: (T, d) for ``LAYOUT_X``, else (n, T, b) stored in ``src`` order.
-        sizes: The canonical sizes (T, f_1, …, f_k).
-
-    Returns:
-        (T, d) for ``LAYOUT_X``, else (n, T, b).
+    A copy only when the orders differ; each copied run is a whole column of C contiguous values.
     """
-    natural = tuple(range(len(sizes)))
-    src, dst = src or natural, dst or natural
-    view = t.reshape([sizes[c] for c in src]).permute([src.index(c) for c in dst])
-    if dst == natural:
-        return view.reshape(sizes[0], -1)
-    at = dst.index(0)
-    return view.reshape(math.prod([sizes[c] for c in dst[:at]]), sizes[0], math.prod([sizes[c] for c in dst[at + 1 :]]))
+    if src == dst:
+        return t
+    cols = t.shape[1]
+    view = t.reshape(*[axis[c] for c in src], cols)
+    return view.permute(*[src.index(c) for c in dst], len(src)).reshape(-1, cols)
 
 
 def chain_forward(t: torch.Tensor, axis: tuple[int, ...], layouts: tuple, blocks: list[torch.Tensor]) -> torch.Tensor:
-    """Rows of ``t`` (T, d) times ``blockdiag(blocks[0]) ⋯ blockdiag(blocks[-1])``, each in its layout -> (T, d)."""
-    sizes = (t.shape[0], *axis)
-    cur, lay = t, LAYOUT_X
-    for layout, blk in zip(layouts, blocks):
-        cur = torch.bmm(relayout(cur, sizes, lay, layout), blk)  # (n, T, b) @ (n, b, b) -> (n, T, b)
-        lay = layout
-    return relayout(cur, sizes, lay, LAYOUT_X)
+    """Columns of ``t`` (d, C) as row vectors times ``blockdiag(blocks[0]) ⋯ blockdiag(blocks[-1])`` -> (d, C).
+
+    Each ``blocks[k]`` (n, b, b) acts on the blocks of ``layouts[k]``: a column ``x`` becomes ``Q_kᵀ x`` block-wise.
+    """
+    natural = tuple(range(len(axis)))
+    cur, order = t, natural
+    for (lay, _), blk in zip(layouts, blocks):
+        cur, order = reorder(cur, axis, order, lay), lay
+        n, b, _ = blk.shape
+        cur = torch.bmm(blk.transpose(1, 2), cur.reshape(n, b, -1)).reshape(n * b, -1)  # (n, b, b) @ (n, b, C)
+    return reorder(cur, axis, order, natural)
 
 
 def chain_backward(
-    x: torch.Tensor,
+    t: torch.Tensor,
     grad: torch.Tensor,
     axis: tuple[int, ...],
     layouts: tuple,
     blocks: list[torch.Tensor],
-    need_x: bool,
+    need_t: bool,
     need_blocks: list[bool],
 ) -> tuple[torch.Tensor | None, list[torch.Tensor | None]]:
-    """Gradients of ``chain_forward(x)`` w.r.t. ``x`` (T, d) and every block (n, b, b), given ``grad`` (T, d).
+    """Gradients of ``chain_forward(t)`` w.r.t. ``t`` (d, C) and every block (n, b, b), given ``grad`` (d, C).
 
-    The input of every factor is recomputed from ``x`` rather than kept from the forward.
+    The input of every factor is recomputed from ``t`` rather than kept from the forward.
     """
-    sizes = (x.shape[0], *axis)
-    inputs, cur, lay = [], x, LAYOUT_X
-    for layout, blk in zip(layouts[:-1], blocks[:-1]):
-        inputs.append(relayout(cur, sizes, lay, layout))
-        cur, lay = torch.bmm(inputs[-1], blk), layout
-    inputs.append(relayout(cur, sizes, lay, layouts[-1]))
-    g, lay = relayout(grad, sizes, LAYOUT_X, layouts[-1]), layouts[-1]
+    natural = tuple(range(len(axis)))
+    inputs, cur, order = [], t, natural
+    for (lay, _), blk in zip(layouts, blocks):
+        cur, order = reorder(cur, axis, order, lay), lay
+        n, b, _ = blk.shape
+        inputs.append(cur.reshape(n, b, -1))  # (n, b, C): the input of this factor, block by block
+        if len(inputs) < len(blocks):
+            cur = torch.bmm(blk.transpose(1, 2), inputs[-1]).reshape(n * b, -1)
+    g = reorder(grad, axis, natural, order)
     grads: list[torch.Tensor | None] = [None] * len(blocks)
     for k in reversed(range(len(blocks))):
+        n, b, _ = blocks[k].shape
+        gk = g.reshape(n, b, -1)  # (n, b, C)
         if need_blocks[k]:
-            grads[k] = torch.bmm(inputs[k].transpose(1, 2), g)  # (n, b, T) @ (n, T, b) -> (n, b, b)
-        if k == 0 and not need_x:
+            grads[k] = torch.bmm(inputs[k], gk.transpose(1, 2))  # (n, b, C) @ (n, C, b) -> (n, b, b)
+        if k == 0 and not need_t:
             return None, grads
-        g = torch.bmm(g, blocks[k].transpose(1, 2))  # (n, T, b) @ (n, b, b)
-        prev = layouts[k - 1] if k else LAYOUT_X
-        g, lay = relayout(g, sizes, lay, prev), prev
+        g = torch.bmm(blocks[k], gk).reshape(n * b, -1)  # (n, b, b) @ (n, b, C)
+        prev = layouts[k - 1][0] if k else natural
+        g, order = reorder(g, axis, order, prev), prev
     return g, grads
 
 
 class _BlockRotation(torch.autograd.Function):
-    """``x`` (T, d) through a chain of block-diagonal multiplies (``chain_forward``).
-
-    Only ``x`` and the blocks are saved for backward, so the rotation adds no activation memory beyond the
-    input, which the caller usually keeps alive anyway.
-    """
+    """Rows ``x`` (T, d) through ``chain_forward``; only ``x`` and the blocks are saved for backward."""
 
     @staticmethod
     def forward(ctx, x, axis, layouts, *blocks):  # noqa: D102 - autograd protocol
         ctx.axis, ctx.layouts = axis, layouts
         ctx.save_for_backward(x, *blocks)
-        return chain_forward(x, axis, layouts, list(blocks))
+        return chain_forward(x.t(), axis, layouts, list(blocks)).t()
 
     @staticmethod
     def backward(ctx, grad):  # noqa: D102 - autograd protocol
         x, *blocks = ctx.saved_tensors
         need = ctx.needs_input_grad
-        dx, grads = chain_backward(x, grad, ctx.axis, ctx.layouts, blocks, need[0], list(need[3:]))
-        return (dx, None, None, *grads)
+        dx, grads = chain_backward(x.t(), grad.t(), ctx.axis, ctx.layouts, blocks, need[0], list(need[3:]))
+        return (dx.t() if dx is not None else None, None, None, *grads)
 
 
 class _RotatedLinear(torch.autograd.Function):
     """``F.linear(x · R, W, bias)`` computed as ``F.linear(x, W·Rᵀ, bias)`` for a frozen ``W`` and bias.
 
-    Rotating ``W`` (out·d values) instead of every token (T·d) is cheaper when out < T. The backward needs
-    ``gy·W``, the gradient w.r.t. ``x·R``, which replaces the product ``gy·W'`` a plain linear would compute
-    for ``x``; the rotation's gradients then follow from it as in ``_BlockRotation``.
+    Rotating ``W`` (out·d values) instead of every token (T·d) is cheaper when out ≤ T. The backward needs
+    ``gy·W``, the gradient w.r.t. ``x·R``, in place of the product ``gy·W'`` a plain linear would compute for
+    ``x``; it is computed transposed, (d, T), which is the layout the rotation's gradients want.
     """
 
     @staticmethod
@@ -309,33 +307,31 @@ class _RotatedLinear(torch.autograd.Function):
         ctx.axis, ctx.layouts = axis, layouts
         ctx.save_for_backward(x, weight, *blocks)
         dt = blocks[0].dtype
-        # W·Rᵀ: rows of W through the transposed factors in reverse order.
+        # (W·Rᵀ)ᵀ = R·Wᵀ: the columns of Wᵀ through the transposed factors in reverse order.
         back = [blk.transpose(1, 2) for blk in reversed(blocks)]
-        w_rot = chain_forward(weight.to(dt), axis, tuple(reversed(layouts)), back)  # (out, d)
-        return F.linear(x, w_rot.to(weight.dtype), bias)
+        w_rot_t = chain_forward(weight.t().to(dt), axis, tuple(reversed(layouts)), back)  # (d, out)
+        return F.linear(x, w_rot_t.t().to(weight.dtype), bias)
 
     @staticmethod
     def backward(ctx, grad):  # noqa: D102 - autograd protocol
         x, weight, *blocks = ctx.saved_tensors
         need = ctx.needs_input_grad
         dt = blocks[0].dtype
-        g = (grad.reshape(-1, grad.shape[-1]) @ weight).to(dt)  # (T, out) @ (out, d): gradient w.r.t. x·R
-        x2 = x.reshape(-1, x.shape[-1]).to(dt)
-        dx, grads = chain_backward(x2, g, ctx.axis, ctx.layouts, blocks, need[0], list(need[5:]))
-        dx = dx.reshape(x.shape).to(x.dtype) if dx is not None else None
+        g_t = torch.mm(weight.t(), grad.reshape(-1, grad.shape[-1]).t()).to(dt)  # (d, out) @ (out, T) = (gy·W)ᵀ
+        x_t = x.reshape(-1, x.shape[-1]).t().to(dt)  # (d, T)
+        dx_t, grads = chain_backward(x_t, g_t, ctx.axis, ctx.layouts, blocks, need[0], list(need[5:]))
+        dx = dx_t.t().reshape(x.shape).to(x.dtype) if dx_t is not None else None
         return (dx, None, None, None, None, *grads)
 
 
-def rotate_features(
-    x: torch.Tensor, steps: list[tuple[tuple[int, ...], torch.Tensor]], axis: tuple[int, ...]
-) -> torch.Tensor:
+def rotate_features(x: torch.Tensor, steps: list[tuple[tuple, torch.Tensor]], axis: tuple[int, ...]) -> torch.Tensor:
     """Row vectors times a product of block-diagonal matrices, never building a d×d matrix.
 
     Args:
         x: (..., d) with d = prod(``axis``).
         steps: ``(layout, blocks)`` applied left to right: ``x ← x · blockdiag(blocks)``, the blocks (n, b, b)
             acting on the groups of features the layout forms.
-        axis: The canonical split of the feature axis (f_1, …, f_k).
+        axis: The canonical split of the feature axis (f_0, …, f_k).
 
     Returns:
         (..., d), the rotated rows.
@@ -351,7 +347,7 @@ def rotated_linear(
     x: torch.Tensor,
     weight: torch.Tensor,
     bias: torch.Tensor | None,
-    steps: list[tuple[tuple[int, ...], torch.Tensor]],
+    steps: list[tuple[tuple, torch.Tensor]],
     axis: tuple[int, ...],
 ) -> torch.Tensor:
     """``F.linear(rotate_features(x, steps, axis), weight, bias)``, rotating whichever of x and W is smaller.
@@ -415,7 +411,7 @@ def resolve_blocks(config: OFTConfig, d: int, what: str, name: str) -> tuple[int
     return d // b, b
 
 
-_OFT_LAYOUT = block_layout([1], [2])  # (T, r, b) -> (r, T, b)
+_OFT_LAYOUT = block_layout([0], [1])  # the natural order: r blocks of b consecutive features
 
 
 class OFTLayer(AdapterLayer):

@@ -7,7 +7,14 @@ import torch
 from torch import nn
 
 import lightning_adapters as la
-from lightning_adapters.methods.oft import OFTConfig, cayley, rotate_features, rotated_linear, skew_symmetric
+from lightning_adapters.methods.oft import (
+    OFTConfig,
+    block_layout,
+    cayley,
+    rotate_features,
+    rotated_linear,
+    skew_symmetric,
+)
 from tests.helpers import SmallCNN, Wrap
 
 
@@ -139,7 +146,7 @@ def test_rotation_gradients_on_both_paths():
     torch.manual_seed(0)
     w, bias = torch.randn(6, 8, dtype=torch.float64), torch.randn(6, dtype=torch.float64)
     blocks = torch.randn(2, 4, 4, dtype=torch.float64, requires_grad=True)
-    layout = (1, 0, 2)
+    layout = block_layout([0], [1])  # 2 blocks of 4 consecutive features
     for tokens in (3, 8):  # the token path (fewer tokens than outputs) and the weight path
         x = torch.randn(tokens, 8, dtype=torch.float64, requires_grad=True)
         assert torch.autograd.gradcheck(lambda x, b: rotated_linear(x, w, bias, [(layout, b)], (2, 4)), (x, blocks))
