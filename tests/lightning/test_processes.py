@@ -14,10 +14,9 @@ from pathlib import Path
 
 import pytest
 import torch
-from lightning.pytorch.callbacks import ModelCheckpoint
 
 import lightning_adapters as la
-from tests.lightning.models import BoringMLP, TinyLlamaLM, mlp_data, token_data, trainer
+from tests.lightning.models import TinyLlamaLM, token_data, trainer
 
 pytestmark = [pytest.mark.slow, pytest.mark.xdist_group("procs")]
 
@@ -56,16 +55,10 @@ def assert_adapters_close(got: dict, want: dict, atol: float) -> None:
 
 
 def test_kill_and_resume_in_a_fresh_process_is_exact(tmp_path):
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # the subprocesses run single-threaded too: same reduction order, same bits
-    try:
-        straight = BoringMLP(lr=0.05)
-        cb = la.AdapterCallback(la.LoRAConfig(r=4, alpha=8.0, target_modules=["encoder.0", "encoder.2", "encoder.4"]))
-        t = trainer(max_epochs=2, callbacks=[cb, ModelCheckpoint(dirpath=tmp_path / "s", save_last=True)])
-        t.fit(straight, mlp_data())
-    finally:
-        torch.set_num_threads(threads)
-    want = {k: v.detach().clone() for k, v in la.adapter_state_dict(straight).items()}
+    # The uninterrupted reference runs in its own process as well: a reference computed inside the (threaded,
+    # long-lived) pytest worker can differ from a fresh process in the last bits, which AdamW then amplifies.
+    straight = run(tmp_path, "straight", "--optimizer", "adamw", "--epochs", "2", "--ckpt-dir", str(tmp_path / "s"))
+    want = straight["adapter"]
 
     ckpt_dir = tmp_path / "ckpt"
     run(tmp_path, "first", "--optimizer", "adamw", "--epochs", "1", "--ckpt-dir", str(ckpt_dir))
@@ -82,7 +75,7 @@ def test_kill_and_resume_in_a_fresh_process_is_exact(tmp_path):
         str(ckpt_dir / "last.ckpt"),
     )
     assert_adapters_close(resumed["adapter"], want, atol=1e-6)
-    assert resumed["global_step"] == t.global_step == 16
+    assert resumed["global_step"] == straight["global_step"] == 16
     assert resumed["steps"] == [16] * 6  # AdamW's own step count for each of the 6 adapter tensors
 
 
