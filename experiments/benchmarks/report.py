@@ -93,6 +93,8 @@ def markdown(results: dict[str, Any]) -> str:
             f"{m.get('transformers')}, peft {m.get('peft')}); methods {run.get('methods')}, "
             f"workloads {run.get('workloads')}{' (--quick)' if run.get('quick') else ''}."
         )
+    if meta.get("quick"):
+        lines += ["", "**Smoke run (`--quick`): toy sizes and two steps; these numbers measure nothing.**"]
     lines += [
         "",
         "Ratios are medians over rounds of per-round ratios (configurations alternate step by step in one process);",
@@ -131,10 +133,52 @@ def markdown(results: dict[str, Any]) -> str:
         if util:
             notes.append(f"- CPU use during the timed steps (200% = both threads busy): {', '.join(util)}")
         lines += notes + [""]
+    lines += checks(results)
     skipped = meta.get("skipped") or []
     if skipped:
         lines += ["Not run: " + "; ".join(skipped), ""]
     return "\n".join(lines)
+
+
+TARGETS = {"lora": 0.95, "adalora": 1.0}
+MERGED_TOLERANCE = 0.03
+
+
+def checks(results: dict[str, Any]) -> list[str]:
+    """The issue's acceptance checks, stated against the measured numbers."""
+    out = ["## Checks", ""]
+    for label, target in TARGETS.items():
+        vals = {
+            w: _get(r, "methods", label, "train", "ours_over_other") for w, r in results.get("workloads", {}).items()
+        }
+        vals = {w: v for w, v in vals.items() if v is not None}
+        if vals:
+            got = ", ".join(f"{w} {v:.3f}×" for w, v in vals.items())
+            ok = all(v <= target for v in vals.values())
+            out.append(f"- {label} train step ≤ {target}× PEFT's: {got} — {'met' if ok else 'NOT met'}.")
+    bad, good = [], []
+    for w, r in results.get("workloads", {}).items():
+        for label, e in r.get("methods", {}).items():
+            v = _get(e, "eval_merged", "ours_over_base")
+            if v is not None:
+                (good if abs(v - 1) <= MERGED_TOLERANCE else bad).append(f"{w}/{label} {v:.3f}×")
+    if good or bad:
+        verdict = "all within" if not bad else f"outside: {', '.join(bad)}; within"
+        out.append(f"- Merged eval latency / base eval latency, ±{MERGED_TOLERANCE:.0%}: {verdict}: {', '.join(good)}.")
+    busy = [
+        f"{run.get('started')}: load {run.get('load_average_start')} → {run.get('load_average_end')}"
+        for run in results.get("meta", {}).get("runs", [])
+        if (run.get("load_average_start") or [0])[0] > (run.get("machine", {}).get("cores") or 1)
+    ]
+    if busy:
+        out.append(
+            "- The machine was shared while measuring (more runnable processes than cores: "
+            + "; ".join(busy)
+            + "). Under such contention every parallel op waits for a descheduled thread now and then, which "
+            "penalises configurations that run more, smaller ops (PEFT's) beyond what alternation cancels; "
+            "see `train_cpu_util` per row."
+        )
+    return out + [""]
 
 
 def chart(results: dict[str, Any], path: Path) -> None:

@@ -18,14 +18,14 @@ output and renormalises the adapted weight row-wise::
 
 with the norm detached from the graph (the paper's §4.3), as PEFT does.
 
-Speed (Linear and Conv1D): one autograd Function runs the whole layer. It saves only ``x``, the rank-r
-``h = A x`` and references to the weights, never a full-size temporary, and computes no gradient nobody asked
-for (no ``∂x`` when ``x`` does not require grad, no ``∂W`` for the frozen base). On CPU the rank-r products cost
-memory traffic, not arithmetic, so the layer saves passes over full-size tensors: with enough rows it multiplies by
-the folded ``W + s·B·A`` (forward) and by ``[W + s·B·A | s·B]`` (backward, giving ``∂x`` and ``∂h`` in one
-product) instead of accumulating ``s·h·Bᵀ`` and ``∂h·A`` in place; the rank-r products are laid out thin side
-first, which BLAS runs several times faster. Outputs and gradients are those of the formula above; with ``B = 0``
-the folded weight is ``W`` exactly, so the layer is exactly the base at init.
+Speed (Linear and Conv1D): one autograd Function runs the whole layer. It saves ``x``, the rank-r ``h = A x``,
+the weights and at most one weight-sized product, never an activation-sized temporary, and computes no gradient
+nobody asked for (no ``∂x`` when ``x`` does not require grad, no ``∂W`` for the frozen base). On CPU the rank-r
+products cost memory traffic, not arithmetic, so the layer saves passes over full-size tensors: with enough rows
+it multiplies by the folded ``W + s·B·A`` (forward) and by ``[W + s·B·A | s·B]`` (backward, giving ``∂x`` and
+``∂h`` in one product) instead of accumulating ``s·h·Bᵀ`` and ``∂h·A`` in place; the rank-r products are laid out
+thin side first, which BLAS runs several times faster. Outputs and gradients are those of the formula above; with
+``B = 0`` the folded weight is ``W`` exactly, so the layer is exactly the base at init.
 """
 
 from __future__ import annotations
@@ -144,13 +144,24 @@ def fold_pays_backward(rows: int, in_f: int, out_f: int) -> bool:
     return 3 * in_f * out_f < rows * (out_f + 2 * in_f)
 
 
+def _fold_cat(weight: torch.Tensor, A: torch.Tensor, B: torch.Tensor, scale: float) -> torch.Tensor:
+    """``[W + s·B·A | s·B]``: (out, in) and (out, r) side by side -> (out, in + r)."""
+    out_f, in_f = weight.shape
+    w_cat = torch.empty(out_f, in_f + A.shape[0], dtype=weight.dtype, device=weight.device)
+    w_cat[:, :in_f].copy_(weight).addmm_(B, A, alpha=scale)
+    w_cat[:, in_f:].copy_(B).mul_(scale)
+    return w_cat
+
+
 class _LoRALinear(torch.autograd.Function):
     """``y = x Wᵀ + b + s · (x_d Aᵀ) Bᵀ`` for 2-D-flattened rows, with a hand-written, minimal backward.
 
     ``x_d`` is the dropped-out adapter input, or ``None`` when it is ``x`` itself. Saved: ``x`` (and ``x_d``),
-    ``hᵀ = A x_dᵀ`` (r, rows) and the weights; nothing full-size is created for autograd. The rank-r products are
-    written with the thin dimension first (``A xᵀ``, ``Bᵀ gᵀ``, ``hᵀ g``): BLAS runs these layouts several times
-    faster than ``x Aᵀ``, ``g B`` and ``gᵀ h`` on CPU.
+    ``hᵀ = A x_dᵀ`` (r, rows), the weights and, when both directions fold and ``x`` needs a gradient,
+    ``[W + s·B·A | s·B]``: the forward multiplies by its left part and the backward by all of it, so it is built
+    once per step (one weight-sized tensor per layer, alive until backward; still less than the full-size
+    temporaries PEFT keeps). The rank-r products are written thin side first (``A xᵀ``, ``Bᵀ gᵀ``, ``hᵀ g``):
+    BLAS runs these layouts several times faster than ``x Aᵀ``, ``g B`` and ``gᵀ h`` on CPU.
     """
 
     @staticmethod
@@ -160,22 +171,26 @@ class _LoRALinear(torch.autograd.Function):
         a_in = x2 if xd is None else xd.reshape(-1, in_f)  # (N, in) adapter input
         rows = x2.shape[0]
         fold = xd is None and fold_pays(rows, in_f, out_f)
+        fold_back = xd is None and fold_pays_backward(rows, in_f, out_f)
         need_h = ctx.needs_input_grad[5] or not fold
         h_t = torch.mm(A, a_in.t()) if need_h else None  # (r, N)
-        if fold:
-            y = F.linear(x2, torch.addmm(weight, B, A, alpha=scale), bias)  # (N, out), W + s·B·A
+        w_cat = None
+        if fold and fold_back and ctx.needs_input_grad[0]:
+            w_cat = _fold_cat(weight, A, B, scale)  # (out, in + r)
+            y = F.linear(x2, w_cat[:, :in_f], bias)  # (N, out), W + s·B·A
+        elif fold:
+            y = F.linear(x2, torch.addmm(weight, B, A, alpha=scale), bias)
         else:
             y = F.linear(x2, weight, bias)
             y.addmm_(h_t.t(), B.t(), alpha=scale)  # += s · h Bᵀ, scaling the (N, r) factor, in place
-        ctx.scale, ctx.has_xd = scale, xd is not None
-        ctx.fold_back = xd is None and fold_pays_backward(rows, in_f, out_f)
+        ctx.scale, ctx.has_xd, ctx.fold_back = scale, xd is not None, fold_back
         ctx.x_shape = x.shape if xd is None else (x.shape, xd.shape)
-        ctx.save_for_backward(x2, None if xd is None else a_in, h_t, weight, A, B)
+        ctx.save_for_backward(x2, None if xd is None else a_in, h_t, weight, A, B, w_cat)
         return y.view(*x.shape[:-1], out_f)
 
     @staticmethod
     def backward(ctx, gy):  # noqa: ANN001, ANN205
-        x2, a_in, h_t, weight, A, B = ctx.saved_tensors
+        x2, a_in, h_t, weight, A, B, w_cat = ctx.saved_tensors
         need_x, need_xd, need_w, need_b, need_a, need_b_lora = ctx.needs_input_grad[:6]
         s = ctx.scale
         if a_in is None:
@@ -187,10 +202,7 @@ class _LoRALinear(torch.autograd.Function):
         dh = None  # ∂L/∂h = s · g B  (N, r)
         if need_x and ctx.fold_back:
             # One product gives both: g [W + s·B·A | s·B] -> (N, in + r) = [∂x | ∂h].
-            w_cat = torch.empty(out_f, in_f + A.shape[0], dtype=weight.dtype, device=weight.device)
-            w_cat[:, :in_f].copy_(weight).addmm_(B, A, alpha=s)
-            w_cat[:, in_f:].copy_(B).mul_(s)
-            both = torch.mm(g, w_cat)
+            both = torch.mm(g, _fold_cat(weight, A, B, s) if w_cat is None else w_cat)
             gx, dh = both[:, :in_f].view(x_shape), both[:, in_f:]
         else:
             if need_a or need_xd or (need_x and not ctx.has_xd):
