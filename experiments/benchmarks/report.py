@@ -88,7 +88,8 @@ def markdown(results: dict[str, Any]) -> str:
     for run in meta.get("runs", []):
         m = run.get("machine", {})
         lines.append(
-            f"- Run {run.get('started')} → {run.get('finished')} on `{m.get('host')}` ({m.get('cpu')}, "
+            f"- Run {run.get('started')} → {run.get('finished')} of commit `{(run.get('commit') or '?')[:10]}` "
+            f"on `{m.get('host')}` ({m.get('cpu')}, "
             f"{m.get('cores')} cores, {m.get('threads')} threads; torch {m.get('torch')}, transformers "
             f"{m.get('transformers')}, peft {m.get('peft')}); methods {run.get('methods')}, "
             f"workloads {run.get('workloads')}{' (--quick)' if run.get('quick') else ''}."

@@ -160,6 +160,17 @@ def _write(results: dict[str, Any], out: Path) -> None:
     report.chart(results, out / "ratios.png")
 
 
+def _commit() -> str | None:
+    """The measured code's git commit (``LA_BENCH_COMMIT`` when run from an exported snapshot)."""
+    if os.environ.get("LA_BENCH_COMMIT"):
+        return os.environ["LA_BENCH_COMMIT"]
+    try:
+        out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True, text=True, timeout=30)
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+    return out.stdout.strip() or None
+
+
 def main(argv: list[str] | None = None) -> int:
     args = _parse(argv)
     if args.worker:
@@ -181,6 +192,7 @@ def main(argv: list[str] | None = None) -> int:
     results = _load(out / "results.json", args.fresh, quick, bool(args.methods or args.workloads))
     run_meta = {
         "started": measure.now(),
+        "commit": _commit(),
         "machine": measure.machine(),
         "methods": [c.label for c in cases],
         "workloads": workloads,
