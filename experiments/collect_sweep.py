@@ -32,7 +32,8 @@ def collect(sweep_dir: str | Path) -> list[dict[str, Any]]:
     Raises:
         FileNotFoundError: No ``summary.json`` below ``sweep_dir``.
     """
-    paths = sorted(Path(sweep_dir).rglob("summary.json"))
+    sweep_dir = Path(sweep_dir)
+    paths = sorted(sweep_dir.rglob("summary.json"))
     if not paths:
         raise FileNotFoundError(f"no summary.json below {str(sweep_dir)!r}; is it a training-app multirun directory?")
     rows = []
@@ -48,7 +49,7 @@ def collect(sweep_dir: str | Path) -> list[dict[str, Any]]:
                 "value": s.get("best_metric"),
                 "step_time_ms": s.get("perf/step_time_ms"),
                 "peak_mem_mb": s.get("perf/peak_mem_mb"),
-                "job": str(path.parent),
+                "job": str(path.parent.relative_to(sweep_dir)),
             }
         )
     rows.sort(key=lambda r: (str(r["method"]), r["rank"] if r["rank"] is not None else -1))
