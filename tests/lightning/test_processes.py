@@ -15,9 +15,6 @@ from pathlib import Path
 import pytest
 import torch
 
-import lightning_adapters as la
-from tests.lightning.models import TinyLlamaLM, token_data, trainer
-
 pytestmark = [pytest.mark.slow, pytest.mark.xdist_group("procs")]
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -79,18 +76,23 @@ def test_kill_and_resume_in_a_fresh_process_is_exact(tmp_path):
     assert resumed["steps"] == [16] * 6  # AdamW's own step count for each of the 6 adapter tensors
 
 
-def single_process_reference(epochs: int) -> dict[str, torch.Tensor]:
-    model = TinyLlamaLM()
-    cfg = la.LoRAConfig(r=2, alpha=4.0, target_modules=["q_proj", "v_proj", "down_proj"])
-    trainer(max_epochs=epochs, callbacks=[la.AdapterCallback(cfg, module="model", verbose=False)]).fit(
-        model, token_data(batch_size=4)
-    )
-    return {k: v.detach().clone() for k, v in la.adapter_state_dict(model).items()}
-
-
 @pytest.mark.parametrize("strategy", ["ddp", "fsdp2"])
 def test_two_processes_train_save_full_adapter_and_resume(strategy, tmp_path):
-    want = single_process_reference(epochs=2)  # 16 samples, global batch 4: 8 optimizer steps
+    # 16 samples, global batch 4: 8 optimizer steps. The reference also runs in a fresh process (see above).
+    want = run(
+        tmp_path,
+        "reference",
+        "--strategy",
+        "single",
+        "--model",
+        "llama",
+        "--global-batch",
+        "4",
+        "--epochs",
+        "2",
+        "--ckpt-dir",
+        str(tmp_path / "ref"),
+    )["adapter"]
     # One launch: 1 epoch with checkpoints every 2 steps, then a new Trainer and model resume from last.ckpt.
     out = run(
         tmp_path,
