@@ -85,12 +85,7 @@ def _load_all() -> None:
         return
     _LOADED = True
     for mod in _METHOD_MODULES:
-        try:
-            importlib.import_module(f"lightning_adapters.methods.{mod}")
-        except ModuleNotFoundError as err:
-            # A method file not written yet is simply absent; any other import failure is a real bug.
-            if err.name != f"lightning_adapters.methods.{mod}":
-                raise
+        importlib.import_module(f"lightning_adapters.methods.{mod}")
 
 
 def available_methods() -> list[str]:

@@ -7,7 +7,6 @@ adapted leaves the model exactly as it was.
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
@@ -321,9 +320,3 @@ def config_of(model: nn.Module) -> AdapterConfig:
     if not recs:
         raise AdapterConfigError("model has no adapters; call lightning_adapters.inject(model, config) first")
     return recs[0][2].config
-
-
-def replace_config(model: nn.Module, config: AdapterConfig) -> None:
-    """Swap the stored config for an equivalent one (used when a loader fills in derived fields)."""
-    recs = find_records(model)
-    recs[0][2].config = dataclasses.replace(config)
