@@ -70,3 +70,16 @@ def compute_dtype(t: torch.Tensor) -> torch.dtype:
     if t.device.type == "cpu" and t.dtype in (torch.float16, torch.bfloat16):
         return torch.float32
     return t.dtype
+
+
+def add_delta_(weight: torch.Tensor, delta: torch.Tensor, *, sign: float = 1.0, safe: bool = False) -> None:
+    """``weight += sign · delta`` in place, computed in ``compute_dtype`` (merge/unmerge of additive methods).
+
+    With ``safe`` the result is checked to be finite before ``weight`` is written, so a bad ΔW changes nothing.
+    """
+    cd = compute_dtype(weight)
+    with torch.no_grad():
+        new = weight.to(cd) + delta.to(cd) * sign
+        if safe:
+            check_finite(new, "merged weight")
+        weight.copy_(new.to(weight.dtype))

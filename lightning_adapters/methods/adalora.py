@@ -60,7 +60,7 @@ from lightning_adapters.core.inject import adapted_modules, find_records
 from lightning_adapters.core.layer import AdapterLayer
 from lightning_adapters.core.targeting import LINEAR_TYPES
 from lightning_adapters.errors import AdapterConfigError, AdapterStateError
-from lightning_adapters.methods._common import check_finite, compute_dtype, in_out_features, layer_kind
+from lightning_adapters.methods._common import add_delta_, in_out_features, layer_kind
 from lightning_adapters.registry import MethodSpec, register
 
 SCHEDULES = ("step", "epoch")
@@ -272,20 +272,13 @@ class AdaLoRALayer(AdapterLayer):
         return dw.reshape(base.weight.shape)
 
     def merge(self, base: nn.Module, *, safe: bool = False) -> None:
-        w = base.weight
-        cd = compute_dtype(w)
         with torch.no_grad():
-            new = w.to(cd) + self.delta_weight(base).to(cd)
-            if safe:
-                check_finite(new, "merged weight")
-            w.copy_(new.to(w.dtype))
+            add_delta_(base.weight, self.delta_weight(base), safe=safe)
         self.merged = True
 
     def unmerge(self, base: nn.Module) -> None:
-        w = base.weight
-        cd = compute_dtype(w)
         with torch.no_grad():
-            w.copy_((w.to(cd) - self.delta_weight(base).to(cd)).to(w.dtype))
+            add_delta_(base.weight, self.delta_weight(base), sign=-1.0)
         self.merged = False
 
     # --- forward -----------------------------------------------------------------------------------------

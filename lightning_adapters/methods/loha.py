@@ -55,8 +55,7 @@ from lightning_adapters.config import (
 from lightning_adapters.core.layer import AdapterLayer
 from lightning_adapters.core.targeting import LINEAR_TYPES
 from lightning_adapters.methods._common import (
-    check_finite,
-    compute_dtype,
+    add_delta_,
     in_out_features,
     kaiming_uniform_,
     layer_kind,
@@ -251,20 +250,13 @@ class LoHaLayer(AdapterLayer):
     # --- merge -------------------------------------------------------------------------------------------
 
     def merge(self, base: nn.Module, *, safe: bool = False) -> None:
-        w = base.weight
-        cd = compute_dtype(w)
         with torch.no_grad():
-            new = w.to(cd) + self.delta_weight().to(cd)
-            if safe:
-                check_finite(new, "merged weight")
-            w.copy_(new.to(w.dtype))
+            add_delta_(base.weight, self.delta_weight(), safe=safe)
         self.merged = True
 
     def unmerge(self, base: nn.Module) -> None:
-        w = base.weight
-        cd = compute_dtype(w)
         with torch.no_grad():
-            w.copy_((w.to(cd) - self.delta_weight().to(cd)).to(w.dtype))
+            add_delta_(base.weight, self.delta_weight(), sign=-1.0)
         self.merged = False
 
     # --- forward -----------------------------------------------------------------------------------------
