@@ -12,7 +12,7 @@ from torch import nn
 import lightning_adapters as la
 from lightning_adapters.methods.loha import LoHaConfig, LoHaLayer
 from lightning_adapters.methods.lokr import LoKrConfig, LoKrLayer
-from tests.helpers import LAYERS, Wrap, randomize_adapter, tiny_gpt2, token_batch
+from tests.helpers import LAYERS, Wrap, randomize_adapter, tiny_gpt2, tiny_llama, token_batch
 
 CONFIGS = {"loha": LoHaConfig, "lokr": LoKrConfig}
 LAYER_CLS = {"loha": LoHaLayer, "lokr": LoKrLayer}
@@ -211,3 +211,18 @@ def test_peft_layer_selection_options_are_refused(method):
     spec = la.get_method(method)
     with pytest.raises(la.AdapterConfigError, match="layers_to_transform"):
         spec.config_from_peft({"peft_type": spec.peft_type, "r": 2, "layers_to_transform": [0]})
+
+
+@pytest.mark.parametrize(
+    ("method", "kw", "count"),
+    [
+        ("loha", dict(r=4, alpha=8), 3584),
+        ("lokr", dict(r=4, alpha=8), 448),
+        ("lokr", dict(r=2, alpha=8, decompose_both=True), 240),
+        ("lokr", dict(r=4, alpha=8, init_weights="lycoris"), 448),
+    ],
+)
+def test_trainable_counts_on_tiny_llama_match_peft(method, kw, count):
+    """METHODS.md §0's table (PEFT 0.21, tiny Llama, q_proj and v_proj targeted)."""
+    model = la.inject(tiny_llama(), CONFIGS[method](target_modules=["q_proj", "v_proj"], **kw))
+    assert sum(p.numel() for p in model.parameters() if p.requires_grad) == count
