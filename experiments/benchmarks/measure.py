@@ -210,19 +210,29 @@ def _method_name(config: Any) -> str:
     return spec_for_config(config).name
 
 
-def alternate(fns: dict[str, Callable[[], Any]], warmup: int, repeats: int) -> dict[str, list[float]]:
-    """Run every function once per round, rotating the order; return the timed rounds' durations."""
+def alternate(
+    fns: dict[str, Callable[[], Any]], warmup: int, repeats: int
+) -> tuple[dict[str, list[float]], dict[str, list[float]]]:
+    """Run every function once per round, rotating the order; return the timed rounds' wall-clock durations and
+    process CPU times (with one thread the CPU time is immune to the time other processes take the core away)."""
     names = list(fns)
-    times: dict[str, list[float]] = {k: [] for k in names}
+    wall: dict[str, list[float]] = {k: [] for k in names}
+    cpu: dict[str, list[float]] = {k: [] for k in names}
     for i in range(warmup + repeats):
         k0 = i % len(names)
         for name in names[k0:] + names[:k0]:
-            t0 = time.perf_counter()
+            c0, t0 = time.process_time(), time.perf_counter()
             fns[name]()
-            dt = time.perf_counter() - t0
+            dt, dc = time.perf_counter() - t0, time.process_time() - c0
             if i >= warmup:
-                times[name].append(dt)
-    return times
+                wall[name].append(dt)
+                cpu[name].append(dc)
+    return wall, cpu
+
+
+def ratios(times: dict[str, list[float]], pairs: dict[str, tuple[str, str]]) -> dict[str, float]:
+    """``{name: paired_ratio(times[a], times[b])}`` for ``pairs = {name: (a, b)}``."""
+    return {name: paired_ratio(times[a], times[b]) for name, (a, b) in pairs.items()}
 
 
 def paired_ratio(a: list[float], b: list[float]) -> float:
@@ -362,12 +372,16 @@ def method_worker(
         "base": train_step(frozen, batch, "plain"),
     }
     cpu0, wall0 = cpu_seconds(), time.perf_counter()
-    times = alternate(fns, warmup, steps)
+    times, cpu = alternate(fns, warmup, steps)
     res["train_cpu_util"] = round((cpu_seconds() - cpu0) / (time.perf_counter() - wall0), 3)
+    pairs = {
+        "ours_over_other": ("ours", other_name),
+        "ours_over_base": ("ours", "base"),
+        "other_over_base": (other_name, "base"),
+    }
     res["train"] = summarize(times)
-    res["train"]["ours_over_other"] = paired_ratio(times["ours"], times[other_name])
-    res["train"]["ours_over_base"] = paired_ratio(times["ours"], times["base"])
-    res["train"]["other_over_base"] = paired_ratio(times[other_name], times["base"])
+    res["train"].update(ratios(times, pairs))
+    res["train"]["cpu_time"] = ratios(cpu, pairs)
     res["other"] = other_name
 
     base_macs = flops.base_train_macs(w)
@@ -382,18 +396,20 @@ def method_worker(
     for m in (ours, other, frozen):
         m.eval()
     evals = {"ours": eval_fn(ours, batch), other_name: eval_fn(other, batch), "base": eval_fn(frozen, batch)}
-    t = alternate(evals, 1, eval_repeats)
+    t, c = alternate(evals, 1, eval_repeats)
+    pairs = {"ours_over_other": ("ours", other_name), "ours_over_base": ("ours", "base")}
     res["eval_unmerged"] = summarize(t)
-    res["eval_unmerged"]["ours_over_other"] = paired_ratio(t["ours"], t[other_name])
-    res["eval_unmerged"]["ours_over_base"] = paired_ratio(t["ours"], t["base"])
+    res["eval_unmerged"].update(ratios(t, pairs))
+    res["eval_unmerged"]["cpu_time"] = ratios(c, pairs)
     res["mergeable"] = _mergeable(ours)
     if res["mergeable"]:
         res["merge"] = _merge_costs(ours, other, other_kind)
         _merge(ours, "ours"), _merge(other, other_kind)
-        t = alternate(evals, 1, eval_repeats)
+        t, c = alternate(evals, 1, eval_repeats)
+        pairs = {"ours_over_base": ("ours", "base"), "other_over_base": (other_name, "base")}
         res["eval_merged"] = summarize(t)
-        res["eval_merged"]["ours_over_base"] = paired_ratio(t["ours"], t["base"])
-        res["eval_merged"]["other_over_base"] = paired_ratio(t[other_name], t["base"])
+        res["eval_merged"].update(ratios(t, pairs))
+        res["eval_merged"]["cpu_time"] = ratios(c, pairs)
         _unmerge(ours, "ours"), _unmerge(other, other_kind)
 
     # Checkpoint of an adapter-only Lightning run (the real thing when AdapterCallback is available).
@@ -462,18 +478,19 @@ def anchors_worker(w: Workload, warmup: int, steps: int, eval_repeats: int) -> d
     batch = make_batch(w)
     full = copy.deepcopy(base).train()
     frozen = freeze_as_base(base)
-    times = alternate(
+    times, cpu = alternate(
         {"full": train_step(full, batch, "plain"), "base": train_step(frozen, batch, "plain")}, warmup, steps
     )
     res["train"] = summarize(times)
     res["train"]["full_over_base"] = paired_ratio(times["full"], times["base"])
+    res["train"]["cpu_time"] = {"full_over_base": paired_ratio(cpu["full"], cpu["base"])}
     res["flops"] = {
         "base_train_macs": flops.base_train_macs(w),
         "full_train_macs": flops.full_train_macs(w),
         "full_limit_over_base": flops.full_train_macs(w) / flops.base_train_macs(w),
     }
     frozen.eval()
-    t = alternate({"base": eval_fn(frozen, batch)}, 1, eval_repeats)
+    t, _ = alternate({"base": eval_fn(frozen, batch)}, 1, eval_repeats)
     res["eval"] = summarize(t)
     with tempfile.TemporaryDirectory() as d:
         from safetensors.torch import save_file

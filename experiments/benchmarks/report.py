@@ -155,14 +155,24 @@ def checks(results: dict[str, Any]) -> list[str]:
         vals = {w: v for w, v in vals.items() if v is not None}
         if vals:
             got = ", ".join(f"{w} {v:.3f}×" for w, v in vals.items())
+            cpu = {
+                w: _get(r, "methods", label, "train", "cpu_time", "ours_over_other")
+                for w, r in results.get("workloads", {}).items()
+            }
+            cpu_txt = ", ".join(f"{w} {v:.3f}×" for w, v in cpu.items() if v is not None)
             ok = all(v <= target for v in vals.values())
-            out.append(f"- {label} train step ≤ {target}× PEFT's: {got} — {'met' if ok else 'NOT met'}.")
+            out.append(
+                f"- {label} train step ≤ {target}× PEFT's: wall clock {got} — {'met' if ok else 'NOT met'}"
+                + (f" (process CPU time: {cpu_txt})." if cpu_txt else ".")
+            )
     bad, good = [], []
     for w, r in results.get("workloads", {}).items():
         for label, e in r.get("methods", {}).items():
             v = _get(e, "eval_merged", "ours_over_base")
+            c = _get(e, "eval_merged", "cpu_time", "ours_over_base")
             if v is not None:
-                (good if abs(v - 1) <= MERGED_TOLERANCE else bad).append(f"{w}/{label} {v:.3f}×")
+                txt = f"{w}/{label} {v:.3f}×" + (f" (CPU {c:.3f}×)" if c is not None else "")
+                (good if abs(v - 1) <= MERGED_TOLERANCE else bad).append(txt)
     if good or bad:
         verdict = "all within" if not bad else f"outside: {', '.join(bad)}; within"
         out.append(f"- Merged eval latency / base eval latency, ±{MERGED_TOLERANCE:.0%}: {verdict}: {', '.join(good)}.")

@@ -51,6 +51,7 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--fresh", action="store_true", help="start new results instead of updating results.json")
     p.add_argument("--anchors", action="store_true", help="re-measure the anchors even when updating results")
     p.add_argument("--no-memory", action="store_true", help="skip the peak-memory processes")
+    p.add_argument("--threads", type=int, help="torch threads (default 2, the reference setting; quick 1)")
     p.add_argument("--worker", help=argparse.SUPPRESS)
     p.add_argument("--worker-out", help=argparse.SUPPRESS)
     return p.parse_args(argv)
@@ -60,7 +61,7 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
 # Worker side (one process per measurement in full mode)
 
 
-def _setup_torch(quick: bool) -> None:
+def _setup_torch(quick: bool, threads: int | None = None) -> None:
     import warnings
 
     import torch
@@ -68,7 +69,7 @@ def _setup_torch(quick: bool) -> None:
     from experiments.benchmarks.measure import THREADS
 
     # Quick mode's toy ops are too small to share between threads: one thread avoids OpenMP barrier waits.
-    torch.set_num_threads(1 if quick else THREADS)
+    torch.set_num_threads(threads or (1 if quick else THREADS))
     warnings.filterwarnings("ignore")
     try:
         from transformers.utils import logging as hf_logging
@@ -83,7 +84,7 @@ def run_job(job: dict[str, Any]) -> dict[str, Any]:
     from experiments.benchmarks import measure
     from experiments.benchmarks.workloads import get_workload
 
-    _setup_torch(job["quick"])
+    _setup_torch(job["quick"], job.get("threads"))
     w = get_workload(job["workload"], job["quick"])
     if job["kind"] == "anchors":
         return measure.anchors_worker(w, job["warmup"], job["steps"], job["eval_repeats"])
@@ -176,7 +177,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.worker:
         _worker_main(args)
         return 0
-    _setup_torch(args.quick)
+    _setup_torch(args.quick, args.threads)
     import lightning_adapters as la
     from experiments.benchmarks import measure
     from experiments.benchmarks.cases import case_by_label, select
@@ -208,7 +209,7 @@ def main(argv: list[str] | None = None) -> int:
     results["meta"]["peft_version"] = run_meta["machine"]["peft"]
     for s in skipped:
         print(f"[bench] skip {s}", flush=True)
-    common = {"quick": quick, "steps": steps, "warmup": warmup, "eval_repeats": eval_repeats}
+    common = {"quick": quick, "steps": steps, "warmup": warmup, "eval_repeats": eval_repeats, "threads": args.threads}
     with tempfile.TemporaryDirectory(prefix="la-bench-") as tmp:
         for wname in workloads:
             wres = results["workloads"].setdefault(wname, {})
