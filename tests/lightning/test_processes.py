@@ -27,10 +27,16 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+_LAUNCH_VARS = {"WORLD_SIZE", "RANK", "LOCAL_RANK", "NODE_RANK", "GROUP_RANK", "LOCAL_WORLD_SIZE", "MASTER_PORT"}
+
+
 def run(tmp_path: Path, name: str, *args: str, expect_ok: bool = True) -> dict | subprocess.CompletedProcess:
     out = tmp_path / f"{name}.pt"
+    # Other tests in this worker may have run Lightning in-process (DDP launchers export WORLD_SIZE, LOCAL_RANK,
+    # ...; seed_everything exports PL_GLOBAL_SEED): a child seeing those would think it was already launched.
+    inherited = {k: v for k, v in os.environ.items() if not k.startswith("PL_") and k not in _LAUNCH_VARS}
     env = {
-        **os.environ,
+        **inherited,
         "MASTER_ADDR": "127.0.0.1",
         "MASTER_PORT": str(free_port()),
         "PYTHONPATH": str(ROOT),
