@@ -6,6 +6,7 @@ import csv
 import json
 import socket
 import struct
+import time
 from pathlib import Path
 from typing import Any
 
@@ -251,7 +252,12 @@ def test_wandb_offline_run_holds_config_metrics_and_adapter_artifact(
 
     run_files = list((tmp_path / "wandb").glob("offline-run-*/run-*.wandb"))
     assert len(run_files) == 1
+    # wandb's writer process may still be flushing the log after run.finish() returns: wait for its exit record.
+    deadline = time.monotonic() + 60
     records = read_wandb_records(run_files[0])
+    while not any(r.HasField("exit") for r in records) and time.monotonic() < deadline:
+        time.sleep(0.5)
+        records = read_wandb_records(run_files[0])
     config = {u.key: json.loads(u.value_json) for r in records if r.HasField("config") for u in r.config.update}
     assert config["method"]["r"] == 8 and config["model"]["backbone"]["hidden_size"] == 128
     assert isinstance(config["method"]["target_modules"], list)  # plain containers, resolved
