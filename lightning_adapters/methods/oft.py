@@ -222,6 +222,8 @@ def reorder(t: torch.Tensor, axis: tuple[int, ...], src: tuple[int, ...], dst: t
     """
     if src == dst:
         return t
+    if t.stride(0) == 1 and t.shape[1] > 1:
+        t = t.contiguous()  # a transposed view (d, C) of rows (C, d): PyTorch's blocked 2-D transpose first
     cols = t.shape[1]
     view = t.reshape(*[axis[c] for c in src], cols)
     return view.permute(*[src.index(c) for c in dst], len(src)).reshape(-1, cols)
