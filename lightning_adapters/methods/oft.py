@@ -296,6 +296,31 @@ class _BlockRotation(torch.autograd.Function):
         return (dx.t() if dx is not None else None, None, None, *grads)
 
 
+_NATURAL_2D = block_layout([0], [1])  # axis (n, b): n blocks of b consecutive features (OFT, BOFT with m = 1)
+
+
+def _natural_block_backward(
+    x: torch.Tensor, weight: torch.Tensor, grad: torch.Tensor, blocks: torch.Tensor, need_x: bool, need_blocks: bool
+) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+    """Backward of ``F.linear(x · blockdiag(Q), W)`` for one factor of consecutive-feature blocks, token-major.
+
+    The gradient w.r.t. ``x·R`` is ``gy·W``, taken in the base layer's own GEMM layout (T, out) @ (out, d). Its
+    blocks are then used in place as strided (n, T, b) batches (rows of b contiguous values, which BLAS reads
+    without a copy): ``∂Q_k = x_kᵀ g_k`` and ``∂x_k = g_k Q_kᵀ``. No (d, T) transpose is ever made, and ``∂x``
+    comes back token-major and contiguous, so autograd's sum over x's consumers (q, k, v) stays a plain add.
+    """
+    n, b = blocks.shape[0], blocks.shape[1]
+    dt = blocks.dtype
+    x2 = x.reshape(-1, x.shape[-1])
+    g = torch.mm(grad.reshape(-1, grad.shape[-1]), weight).to(dt)  # (T, d)
+    g3 = g.view(-1, n, b).transpose(0, 1)  # (n, T, b), a strided view
+    d_blocks = torch.bmm(x2.to(dt).view(-1, n, b).permute(1, 2, 0), g3) if need_blocks else None  # (n, b, b)
+    dx = None
+    if need_x:
+        dx = torch.bmm(g3, blocks.transpose(1, 2)).transpose(0, 1).reshape(x.shape).to(x.dtype)  # (T, n, b)
+    return dx, d_blocks
+
+
 class _RotatedLinear(torch.autograd.Function):
     """``F.linear(x · R, W, bias)`` computed as ``F.linear(x, W·Rᵀ, bias)`` for a frozen ``W`` and bias.
 
@@ -319,6 +344,9 @@ class _RotatedLinear(torch.autograd.Function):
         x, weight, *blocks = ctx.saved_tensors
         need = ctx.needs_input_grad
         dt = blocks[0].dtype
+        if len(axis_layouts := ctx.layouts) == 1 and axis_layouts[0] == _NATURAL_2D and len(ctx.axis) == 2:
+            dx, grad_blocks = _natural_block_backward(x, weight, grad, blocks[0], need[0], need[5])
+            return (dx, None, None, None, None, grad_blocks)
         g_t = torch.mm(weight.t(), grad.reshape(-1, grad.shape[-1]).t()).to(dt)  # (d, out) @ (out, T) = (gy·W)ᵀ
         x_t = x.reshape(-1, x.shape[-1]).t().to(dt)  # (d, T)
         dx_t, grads = chain_backward(x_t, g_t, ctx.axis, ctx.layouts, blocks, need[0], list(need[5:]))

@@ -25,8 +25,9 @@ CONFIGS = {
     "lokr": lambda: la.LoKrConfig(r=4, alpha=8, target_modules="all-linear", decompose_both=True),
     "oft": lambda: la.OFTConfig(oft_block_size=8, target_modules="all-linear"),
     "boft-m1": lambda: la.BOFTConfig(boft_block_size=4, target_modules=["q_proj", "o_proj", "up_proj"]),
-    "boft-m2": lambda: la.BOFTConfig(boft_block_size=4, boft_n_butterfly_factor=2,
-                                     target_modules=["q_proj", "o_proj", "up_proj"]),
+    "boft-m2": lambda: la.BOFTConfig(
+        boft_block_size=4, boft_n_butterfly_factor=2, target_modules=["q_proj", "o_proj", "up_proj"]
+    ),
     "adalora": lambda: la.AdaLoRAConfig(init_r=6, target_r=4, total_step=20, target_modules="all-linear"),
     "llama_adapter": lambda: la.LlamaAdapterConfig(adapter_len=4, adapter_layers=2),
 }

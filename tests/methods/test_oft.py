@@ -147,8 +147,9 @@ def test_rotation_gradients_on_both_paths():
     w, bias = torch.randn(6, 8, dtype=torch.float64), torch.randn(6, dtype=torch.float64)
     blocks = torch.randn(2, 4, 4, dtype=torch.float64, requires_grad=True)
     layout = block_layout([0], [1])  # 2 blocks of 4 consecutive features
-    for tokens in (3, 8):  # the token path (fewer tokens than outputs) and the weight path
-        x = torch.randn(tokens, 8, dtype=torch.float64, requires_grad=True)
+    # The token path (fewer tokens than outputs), the weight path, and the weight path with a batch dimension.
+    for shape in ((3, 8), (8, 8), (2, 5, 8)):
+        x = torch.randn(*shape, dtype=torch.float64, requires_grad=True)
         assert torch.autograd.gradcheck(lambda x, b: rotated_linear(x, w, bias, [(layout, b)], (2, 4)), (x, blocks))
     assert torch.autograd.gradcheck(lambda x, b: rotate_features(x, [(layout, b)], (2, 4)), (x, blocks))
 
