@@ -61,6 +61,7 @@ from lightning_adapters.core.layer import AdapterLayer
 from lightning_adapters.core.targeting import LINEAR_TYPES
 from lightning_adapters.errors import AdapterConfigError, AdapterStateError
 from lightning_adapters.methods._common import add_delta_, in_out_features, layer_kind
+from lightning_adapters.methods.lora import _LoRALinear
 from lightning_adapters.registry import MethodSpec, register
 
 SCHEDULES = ("step", "epoch")
@@ -284,6 +285,18 @@ class AdaLoRALayer(AdapterLayer):
     # --- forward -----------------------------------------------------------------------------------------
 
     def adapted_forward(self, base: nn.Module, x: torch.Tensor) -> torch.Tensor:
+        fused = (
+            self.kind != "conv2d"
+            and x.dtype == base.weight.dtype == self.lora_A.dtype
+            and not torch.is_autocast_enabled(x.device.type)
+        )
+        if fused:
+            # LoRA's hand-written product with A' = A ⊙ E (autograd splits ∂A' into ∂A and ∂E): the scale folded
+            # into the base weight or applied to the rank-r factor, rank-r products thin side first.
+            weight = base.weight.t() if self.kind == "conv1d_t" else base.weight  # (out, in)
+            xd = F.dropout(x, self.dropout_p, True) if self.dropout_p > 0.0 and self.training else None
+            scale = self.alpha / (self.r + RANKNUM_EPS)  # ranknum is init_r, fixed
+            return _LoRALinear.apply(x, xd, weight, base.bias, self.lora_A * self.lora_E, self.lora_B, scale)
         out = base._la_base_forward(x)
         xd = x if x.dtype == self.lora_A.dtype else x.to(self.lora_A.dtype)
         if self.dropout_p > 0.0 and self.training:
@@ -292,10 +305,11 @@ class AdaLoRALayer(AdapterLayer):
             dw = self._svd_product().reshape(base.weight.shape)  # (out, in, kh, kw)
             delta = F.conv2d(xd, dw, None, base.stride, base.padding, base.dilation, base.groups)
         else:
-            # Same operation order as PEFT, so training runs match it bit for bit.
+            # Same operations and rounding as PEFT, so training runs match it bit for bit; the scale and the sum
+            # are applied in place (the same arithmetic without two output-sized temporaries).
             h = xd @ (self.lora_A * self.lora_E).T  # (..., r)
-            delta = (h @ self.lora_B.T) * self.alpha / (self.ranknum + RANKNUM_EPS)  # (..., out)
-        return out + delta.to(out.dtype)
+            delta = (h @ self.lora_B.T).mul_(self.alpha).div_(self.ranknum + RANKNUM_EPS)  # (..., out)
+        return out.add_(delta.to(out.dtype))  # no backward reads ``out``: linear and conv keep their inputs
 
     # --- rank masks --------------------------------------------------------------------------------------
 
