@@ -45,9 +45,9 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--methods", nargs="+", help="row labels or method names (default: every registered method)")
     p.add_argument("--workloads", nargs="+", choices=["encoder", "decoder"], help="default: both")
     p.add_argument("--out", type=Path, help="output directory")
-    p.add_argument("--steps", type=int, help="timed train steps per configuration (default 15; quick 2)")
+    p.add_argument("--steps", type=int, help="timed train steps per configuration (default 21; quick 2)")
     p.add_argument("--warmup", type=int, help="untimed warm-up steps (default 3; quick 1)")
-    p.add_argument("--eval-repeats", type=int, help="timed eval forwards per configuration (default 9; quick 2)")
+    p.add_argument("--eval-repeats", type=int, help="timed eval forwards per configuration (default 21; quick 2)")
     p.add_argument("--fresh", action="store_true", help="start new results instead of updating results.json")
     p.add_argument("--anchors", action="store_true", help="re-measure the anchors even when updating results")
     p.add_argument("--no-memory", action="store_true", help="skip the peak-memory processes")
@@ -185,9 +185,9 @@ def main(argv: list[str] | None = None) -> int:
 
     quick = args.quick
     out = args.out or (DEFAULT_OUT / "quick" if quick else DEFAULT_OUT)
-    steps = args.steps or (2 if quick else 15)
+    steps = args.steps or (2 if quick else 21)
     warmup = args.warmup if args.warmup is not None else (1 if quick else 3)
-    eval_repeats = args.eval_repeats or (2 if quick else 9)
+    eval_repeats = args.eval_repeats or (2 if quick else 21)
     workloads = args.workloads or ["encoder", "decoder"]
     cases, skipped = select(args.methods, la.available_methods())
     results = _load(out / "results.json", args.fresh, quick, bool(args.methods or args.workloads))
