@@ -228,6 +228,8 @@ class _LoRALinear(torch.autograd.Function):
         g = gy.reshape(-1, out_f)  # (N, out)
         gx = gxd = gw = gbias = ga = gb = None
         dh = None  # ∂L/∂h = s · g B  (N, r)
+        if need_b_lora:  # first: g was just written by the layer above and is still in cache
+            gb = thin_rows_product(h_t.t(), g).mul_(s).t()  # (r, out) product, returned as (out, r)
         if need_x and ctx.fold_back:
             # One product gives both: g [W + s·B·A | s·B] -> (N, in + r) = [∂x | ∂h].
             both = torch.mm(g, _fold_cat(weight, A, B, s) if w_cat is None else w_cat)
@@ -248,8 +250,6 @@ class _LoRALinear(torch.autograd.Function):
             gbias = g.sum(0)
         if need_a:
             ga = thin_rows_product(dh, a_in)  # (r, in)
-        if need_b_lora:
-            gb = thin_rows_product(h_t.t(), g).mul_(s).t()  # (r, out) product, returned as (out, r)
         return gx, gxd, gw, gbias, ga, gb, None
 
 
