@@ -12,6 +12,7 @@ import pkgutil
 
 import pytest
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 
 import lightning_adapters as la
 from tests import contract
@@ -158,3 +159,35 @@ def _plain(base_sd, case: ContractCase):
     model = Wrap(LAYERS[case.layer].make()).eval()
     model.load_state_dict(base_sd)
     return model
+
+
+class _AtenOps(TorchDispatchMode):
+    """Records the name of every ATen operator that runs inside the ``with`` block."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.ops: list[str] = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):  # noqa: ANN001, ANN204 - dispatch protocol
+        self.ops.append(str(func.overloadpacket))
+        return func(*args, **(kwargs or {}))
+
+
+@pytest.mark.parametrize("case", [p for p in PARAMS if p.values[0].mergeable])
+def test_merged_forward_runs_exactly_the_base_operators(case: ContractCase) -> None:
+    """After ``merge`` the adapted model costs what the base costs: the same ATen calls, nothing more."""
+    model, x = _build(case)
+    base_sd = {k: v.clone() for k, v in model.state_dict().items()}
+    la.inject(model, case.make_config(["layer"]))
+    randomize_adapter(model)
+    la.merge(model)
+    with torch.no_grad(), _AtenOps() as merged:
+        model(x)
+    plain_model = _plain(base_sd, case)
+    with torch.no_grad(), _AtenOps() as plain:
+        plain_model(x)
+    assert merged.ops == plain.ops
+    la.unmerge(model)
+    with torch.no_grad(), _AtenOps() as unmerged:
+        model(x)
+    assert unmerged.ops != plain.ops  # the recorder sees the adapter's work when it runs
