@@ -297,6 +297,9 @@ class _BlockRotation(torch.autograd.Function):
 
 
 _NATURAL_2D = block_layout([0], [1])  # axis (n, b): n blocks of b consecutive features (OFT, BOFT with m = 1)
+# Smallest block for which the token-major backward beats the feature-major one: a (T, b) @ (b, b) product with
+# a tiny b (BOFT's 4) wastes most of each BLAS call, while (b, b) @ (b, T) keeps the long T axis innermost.
+TOKEN_MAJOR_MIN_BLOCK = 16
 
 
 def _natural_block_backward(
@@ -344,7 +347,12 @@ class _RotatedLinear(torch.autograd.Function):
         x, weight, *blocks = ctx.saved_tensors
         need = ctx.needs_input_grad
         dt = blocks[0].dtype
-        if len(axis_layouts := ctx.layouts) == 1 and axis_layouts[0] == _NATURAL_2D and len(ctx.axis) == 2:
+        if (
+            len(axis_layouts := ctx.layouts) == 1
+            and axis_layouts[0] == _NATURAL_2D
+            and len(ctx.axis) == 2
+            and ctx.axis[1] >= TOKEN_MAJOR_MIN_BLOCK
+        ):
             dx, grad_blocks = _natural_block_backward(x, weight, grad, blocks[0], need[0], need[5])
             return (dx, None, None, None, None, grad_blocks)
         g_t = torch.mm(weight.t(), grad.reshape(-1, grad.shape[-1]).t()).to(dt)  # (d, out) @ (out, T) = (gy·W)ᵀ

@@ -212,3 +212,16 @@ def test_embedding_rotates_the_output_and_merges():
     ids = torch.tensor([[1, 5, 19]])
     r_bd = torch.block_diag(*_layer(model).rotation_blocks().unbind(0))
     assert torch.allclose(model(ids), emb.weight[ids] @ r_bd, atol=1e-6)
+
+
+def test_token_major_backward_gradients():
+    """Blocks of at least TOKEN_MAJOR_MIN_BLOCK features take the token-major backward on the weight path."""
+    from lightning_adapters.methods.oft import TOKEN_MAJOR_MIN_BLOCK
+
+    torch.manual_seed(0)
+    b = TOKEN_MAJOR_MIN_BLOCK
+    w, bias = torch.randn(5, 2 * b, dtype=torch.float64), torch.randn(5, dtype=torch.float64)
+    blocks = torch.randn(2, b, b, dtype=torch.float64, requires_grad=True)
+    layout = block_layout([0], [1])
+    x = torch.randn(2, 3, 2 * b, dtype=torch.float64, requires_grad=True)  # 6 tokens > 5 outputs: weight path
+    assert torch.autograd.gradcheck(lambda x, q: rotated_linear(x, w, bias, [(layout, q)], (2, b)), (x, blocks))
