@@ -61,7 +61,7 @@ from lightning_adapters.core.layer import AdapterLayer
 from lightning_adapters.core.targeting import LINEAR_TYPES
 from lightning_adapters.errors import AdapterConfigError, AdapterStateError
 from lightning_adapters.methods._common import add_delta_, in_out_features, layer_kind
-from lightning_adapters.methods.lora import _LoRALinear
+from lightning_adapters.methods.lora import _LoRALinear, fused_linear_applies
 from lightning_adapters.registry import MethodSpec, register
 
 SCHEDULES = ("step", "epoch")
@@ -285,12 +285,7 @@ class AdaLoRALayer(AdapterLayer):
     # --- forward -----------------------------------------------------------------------------------------
 
     def adapted_forward(self, base: nn.Module, x: torch.Tensor) -> torch.Tensor:
-        fused = (
-            self.kind != "conv2d"
-            and x.dtype == base.weight.dtype == self.lora_A.dtype
-            and not torch.is_autocast_enabled(x.device.type)
-        )
-        if fused:
+        if self.kind != "conv2d" and fused_linear_applies(x, base.weight, self.lora_A):
             # LoRA's hand-written product with A' = A ⊙ E (autograd splits ∂A' into ∂A and ∂E): the scale folded
             # into the base weight or applied to the rank-r factor, rank-r products thin side first.
             weight = base.weight.t() if self.kind == "conv1d_t" else base.weight  # (out, in)

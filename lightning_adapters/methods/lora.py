@@ -181,6 +181,11 @@ def thin_cols_product(m: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
     return out.transpose(0, 1).reshape(m.shape[0], -1)  # (r, N): a copy of r·N values
 
 
+def fused_linear_applies(x: torch.Tensor, weight: torch.Tensor, A: torch.Tensor) -> bool:
+    """Whether ``_LoRALinear`` can run the layer: one dtype throughout and no autocast to honour."""
+    return x.dtype == weight.dtype == A.dtype and not torch.is_autocast_enabled(x.device.type)
+
+
 class _LoRALinear(torch.autograd.Function):
     """``y = x Wᵀ + b + s · (x_d Aᵀ) Bᵀ`` for 2-D-flattened rows, with a hand-written, minimal backward.
 
@@ -401,8 +406,7 @@ class LoRALayer(AdapterLayer):
         return F.linear(x, base.weight, bias)
 
     def _forward_linear(self, base: nn.Module, x: torch.Tensor) -> torch.Tensor:
-        fused = x.dtype == base.weight.dtype == self.lora_A.dtype and not torch.is_autocast_enabled(x.device.type)
-        if fused and not self.use_dora:
+        if not self.use_dora and fused_linear_applies(x, base.weight, self.lora_A):
             weight = base.weight.t() if self.kind == "conv1d_t" else base.weight  # (out, in)
             dropped = self.dropout_p > 0.0 and self.training
             xd = F.dropout(x, self.dropout_p, True) if dropped else None

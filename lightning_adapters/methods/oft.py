@@ -347,12 +347,7 @@ class _RotatedLinear(torch.autograd.Function):
         x, weight, *blocks = ctx.saved_tensors
         need = ctx.needs_input_grad
         dt = blocks[0].dtype
-        if (
-            len(axis_layouts := ctx.layouts) == 1
-            and axis_layouts[0] == _NATURAL_2D
-            and len(ctx.axis) == 2
-            and ctx.axis[1] >= TOKEN_MAJOR_MIN_BLOCK
-        ):
+        if ctx.layouts == (_NATURAL_2D,) and len(ctx.axis) == 2 and ctx.axis[1] >= TOKEN_MAJOR_MIN_BLOCK:
             dx, grad_blocks = _natural_block_backward(x, weight, grad, blocks[0], need[0], need[5])
             return (dx, None, None, None, None, grad_blocks)
         g_t = torch.mm(weight.t(), grad.reshape(-1, grad.shape[-1]).t()).to(dt)  # (d, out) @ (out, T) = (gy·W)ᵀ
