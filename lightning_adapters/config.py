@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import re
 from dataclasses import dataclass
 from typing import Any
 
@@ -70,6 +71,8 @@ def _check_selector(value: Any, name: str, *, allow_all_linear: bool) -> Any:
             if not allow_all_linear:
                 raise AdapterConfigError(f"{name}='all-linear' is only meaningful for target_modules")
             return "all-linear"
+        if isinstance(value, str):
+            check_regex(value, value, name)
         return value
     try:
         items = list(value)
@@ -82,6 +85,20 @@ def _check_selector(value: Any, name: str, *, allow_all_linear: bool) -> Any:
             f"{name} must be a non-empty list of non-empty strings, got {value!r}; e.g. ['q_proj', 'v_proj']"
         )
     return items
+
+
+def check_regex(key: str, pattern: str, where: str) -> None:
+    """Raise unless ``pattern`` (the form ``key`` is matched in) compiles as a regular expression.
+
+    Done when the config is built, so a typo fails there and not deep inside ``inject`` as a bare ``re.error``.
+    """
+    try:
+        re.compile(pattern)
+    except re.error as err:
+        raise AdapterConfigError(
+            f"{where}: {key!r} is not a valid regular expression ({err}); escape special characters "
+            f"(re.escape) or, for target_modules/exclude_modules, give a list of module name suffixes instead"
+        ) from None
 
 
 def check_positive_int(value: Any, name: str, method: str, *, allow_zero: bool = False) -> None:
@@ -118,13 +135,26 @@ def check_choice(value: Any, name: str, method: str, choices: tuple) -> None:
         raise AdapterConfigError(f"{method}: {name} must be one of {list(choices)}, got {value!r}")
 
 
-def pattern_dict(value: Any, name: str, method: str) -> dict:
-    """Validate a ``{regex: value}`` override dict (``rank_pattern``, ``alpha_pattern``)."""
+def pattern_dict(value: Any, name: str, method: str, *, regex_keys: bool = True) -> dict:
+    """Validate a ``{module regex: value}`` override dict (``rank_pattern``, ``alpha_pattern``).
+
+    With ``regex_keys`` every key must be a string that compiles in the form it is matched in
+    (``(.*\\.)?(key)$``, see ``methods._common.pattern_value``); AdaLoRA's rank masks are keyed by exact names.
+    """
     if value is None:
         return {}
     if not isinstance(value, dict) and not hasattr(value, "items"):
         raise AdapterConfigError(f"{method}: {name} must be a dict of {{module regex: value}}, got {value!r}")
-    return dict(value.items())
+    out = dict(value.items())
+    for key in out:
+        if not isinstance(key, str) or not key:
+            raise AdapterConfigError(
+                f"{method}: {name} keys must be non-empty module name patterns (strings), got {key!r}"
+            )
+        if regex_keys:
+            check_regex(key, key, f"{method}: {name} key")
+            check_regex(key, rf"(.*\.)?({key})$", f"{method}: {name} key")
+    return out
 
 
 __all__ = [
@@ -133,5 +163,6 @@ __all__ = [
     "check_positive_float",
     "check_positive_int",
     "check_probability",
+    "check_regex",
     "pattern_dict",
 ]

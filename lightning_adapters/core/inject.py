@@ -16,7 +16,7 @@ from torch import nn
 
 from lightning_adapters.config import AdapterConfig
 from lightning_adapters.core.layer import AdapterLayer, attach, detach, get_adapter, is_adapted
-from lightning_adapters.core.targeting import name_matches, resolve_targets
+from lightning_adapters.core.targeting import check_adaptable, name_matches, resolve_targets
 from lightning_adapters.errors import AdapterConfigError, NotMergeableError, TargetError, UnsupportedLayerError
 from lightning_adapters.registry import spec_for_config
 
@@ -147,6 +147,7 @@ def inject(model: nn.Module, config: AdapterConfig) -> nn.Module:
                 f"{spec.name}: cannot adapt {bad}; supported layer types are {supported}. "
                 f"Narrow target_modules or add these names to exclude_modules"
             )
+        check_adaptable(model, targets, spec.name)
         # Build every layer before attaching any, so a failure changes nothing.
         layers = {n: spec.create_layer(m, config, n) for n, m in modules.items()}
         for n, layer in layers.items():

@@ -6,9 +6,10 @@ import difflib
 import re
 from typing import Any
 
+import torch
 from torch import nn
 
-from lightning_adapters.errors import TargetError
+from lightning_adapters.errors import TargetError, UnsupportedLayerError
 
 try:
     from transformers.pytorch_utils import Conv1D
@@ -51,6 +52,18 @@ def output_head_names(model: nn.Module) -> set[str]:
     return {n for n, m in model.named_modules() if m is head}
 
 
+def module_aliases(model: nn.Module) -> list[tuple[list[str], nn.Module]]:
+    """Every sub-module with all the names it is reachable under, in ``named_modules`` order.
+
+    A module registered twice (``nn.ModuleList([block] * 2)``, ``self.b = self.a``) is one entry with several
+    names; its first name is the one ``named_modules()`` reports.
+    """
+    by_id: dict[int, tuple[list[str], nn.Module]] = {}
+    for n, m in model.named_modules(remove_duplicate=False):
+        by_id.setdefault(id(m), ([], m))[0].append(n)
+    return list(by_id.values())
+
+
 def resolve_targets(
     model: nn.Module,
     target_modules: Any,
@@ -75,13 +88,31 @@ def resolve_targets(
                 f"set target_modules (known defaults: {sorted(table)})"
             )
         target_modules = table[model_type]
-    names: list[str] = []
     if target_modules == "all-linear":
         heads = output_head_names(model)
-        names = [n for n, m in model.named_modules() if isinstance(m, LINEAR_TYPES) and n not in heads]
+
+        def selected(n: str, m: nn.Module) -> bool:
+            return isinstance(m, LINEAR_TYPES) and n not in heads and not name_matches(n, exclude_modules)
+
     else:
-        names = [n for n, _ in model.named_modules() if n and name_matches(n, target_modules)]
-    names = [n for n in names if not name_matches(n, exclude_modules) and n not in skip]
+
+        def selected(n: str, m: nn.Module) -> bool:
+            return bool(n) and name_matches(n, target_modules) and not name_matches(n, exclude_modules)
+
+    names: list[str] = []
+    for all_names, module in module_aliases(model):
+        chosen = [n for n in all_names if selected(n, module) and n not in skip]
+        if not chosen:
+            continue
+        left_out = [n for n in all_names if n not in chosen]
+        if left_out:
+            raise TargetError(
+                f"{method}: module {chosen[0]!r} is also registered as {left_out[0]!r} (one module object under "
+                f"{len(all_names)} names); an adapter on it acts under every name, but {left_out[0]!r} is not "
+                f"selected (not in target_modules, excluded, or in modules_to_save). Select all of {all_names} "
+                f"or none, or give one name its own copy (copy.deepcopy) before inject"
+            )
+        names.append(all_names[0])
     if not names:
         all_names = [n for n, _ in model.named_modules() if n]
         wanted = [target_modules] if isinstance(target_modules, str) else list(target_modules)
@@ -95,3 +126,90 @@ def resolve_targets(
             f"(exclude_modules={exclude_modules!r}); {hint}"
         )
     return names
+
+
+def _storage_span(t: torch.Tensor) -> tuple[int, int, int] | None:
+    """``(storage address, first byte, last byte + 1)`` of the memory ``t`` can touch, or None without storage."""
+    if t.device.type == "meta" or t.numel() == 0:
+        return None
+    try:
+        base = t.untyped_storage().data_ptr()
+    except (RuntimeError, NotImplementedError, TypeError):  # tensor subclasses without a plain storage
+        return None
+    start = t.storage_offset() * t.element_size()
+    extent = sum((size - 1) * abs(stride) for size, stride in zip(t.shape, t.stride())) + 1
+    return base, start, start + extent * t.element_size()
+
+
+def check_untied(model: nn.Module, targets: list[str], method: str) -> None:
+    """Refuse a target whose ``weight`` shares memory with a tensor of another module (or another name).
+
+    ``merge`` writes ``W + ΔW`` into the target's weight. If that memory is also another module's weight (tied
+    input/output embeddings, ``tie_word_embeddings=True``) or another tensor of the model, the merge changes that
+    module too, so the merged model would no longer compute what the unmerged one does. Untying is the fix.
+
+    Raises:
+        TargetError: Naming the target and the tensor it shares memory with, with the fix.
+    """
+    spans: dict[int, list[tuple[int, int, str, int]]] = {}
+    for mod_name, module in model.named_modules():
+        tensors = list(module._parameters.items()) + list(module._buffers.items())
+        for t_name, t in tensors:
+            span = None if t is None else _storage_span(t)
+            if span is not None:
+                full = f"{mod_name}.{t_name}" if mod_name else t_name
+                spans.setdefault(span[0], []).append((span[1], span[2], full, id(module)))
+    for target in targets:
+        module = model.get_submodule(target)
+        weight = module._parameters.get("weight")
+        span = None if weight is None else _storage_span(weight)
+        if span is None:
+            continue
+        own = f"{target}.weight" if target else "weight"
+        for start, end, full, owner in spans.get(span[0], []):
+            if (owner == id(module) and full.rsplit(".", 1)[-1] == "weight") or end <= span[1] or start >= span[2]:
+                continue
+            untie = f"model.{own} = torch.nn.Parameter(model.{own}.detach().clone())"
+            raise TargetError(
+                f"{method}: {own!r} shares its memory with {full!r} (tied weights, e.g. tie_word_embeddings=True); "
+                f"merging the adapter into {target!r} would change {full!r} too, so merged and unmerged outputs "
+                f"would differ. Leave {target!r} out (exclude_modules=[{target!r}]) or untie it before inject: "
+                f"{untie} (for a transformers model also set config.tie_word_embeddings=False so it is not re-tied)"
+            )
+
+
+def check_called(model: nn.Module, targets: list[str], method: str) -> None:
+    """Refuse a target whose parent reads its weight directly instead of calling it.
+
+    Such an adapter would be skipped by the unmerged forward (and its parameters get no gradient) but take
+    effect once merged. Known readers: ``nn.MultiheadAttention`` (``out_proj.weight`` goes straight to
+    ``F.multi_head_attention_forward``) and ``nn.TransformerEncoderLayer``, whose inference fast path reads
+    ``linear1``/``linear2`` weights while PyTorch's MHA fast path is enabled.
+
+    Raises:
+        UnsupportedLayerError: Naming the target, the reader and the fix.
+    """
+    for target in targets:
+        parent_name, _, leaf = target.rpartition(".")
+        parent = model.get_submodule(parent_name) if target else None
+        where = f" {parent_name!r}" if parent_name else ""
+        if isinstance(parent, nn.MultiheadAttention):
+            raise UnsupportedLayerError(
+                f"{method}: {target!r} is the {leaf} of nn.MultiheadAttention{where}, which reads {leaf}.weight "
+                f"directly instead of calling it, so an adapter there would be ignored until merged; leave it out "
+                f"(exclude_modules=[{target!r}])"
+            )
+        if isinstance(parent, nn.TransformerEncoderLayer) and leaf in ("linear1", "linear2"):
+            if torch.backends.mha.get_fastpath_enabled():
+                raise UnsupportedLayerError(
+                    f"{method}: {target!r} belongs to nn.TransformerEncoderLayer{where}, whose inference fast path "
+                    f"reads {leaf}.weight directly, so an adapter there would be ignored in eval under no_grad; "
+                    f"switch PyTorch's fast path off before inject (torch.backends.mha.set_fastpath_enabled(False)) "
+                    f"or leave it out (exclude_modules=[{target!r}])"
+                )
+
+
+def check_adaptable(model: nn.Module, targets: list[str], method: str) -> None:
+    """Checks that a per-layer adapter on each target really acts where it is and merges consistently."""
+    check_called(model, targets, method)
+    check_untied(model, targets, method)

@@ -133,7 +133,7 @@ class AdaLoRAConfig(AdapterConfig):
         check_probability(self.dropout, "dropout", m)
         check_choice(self.init_weights, "init_weights", m, (True, False))
         check_choice(self.schedule, "schedule", m, SCHEDULES)
-        self.rank_pattern = pattern_dict(self.rank_pattern, "rank_pattern", m)
+        self.rank_pattern = pattern_dict(self.rank_pattern, "rank_pattern", m, regex_keys=False)
         for k, v in self.rank_pattern.items():
             flags = list(v)
             if len(flags) != self.init_r or not all(isinstance(f, bool) for f in flags):
@@ -298,7 +298,8 @@ class AdaLoRALayer(AdapterLayer):
             xd = F.dropout(xd, self.dropout_p, True)
         if self.kind == "conv2d":
             dw = self._svd_product().reshape(base.weight.shape)  # (out, in, kh, kw)
-            delta = F.conv2d(xd, dw, None, base.stride, base.padding, base.dilation, base.groups)
+            # The base's own conv call, so padding_mode (reflect/replicate/circular) and string padding hold too.
+            delta = base._conv_forward(xd, dw, None)
         else:
             # Same operations and rounding as PEFT, so training runs match it bit for bit; the scale and the sum
             # are applied in place (the same arithmetic without two output-sized temporaries).
