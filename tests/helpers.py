@@ -148,7 +148,42 @@ LAYERS: dict[str, LayerKind] = {
         lambda: nn.Conv2d(8, 16, 3, padding=1, groups=2),
         lambda: torch.randn(2, 8, 7, 7, generator=_g(11)),
     ),
+    # Padding other than zeros, and string padding (an even kernel makes "same" pad asymmetrically).
+    "conv2d_reflect": LayerKind(
+        "conv2d_reflect",
+        lambda: nn.Conv2d(8, 16, 3, padding=1, padding_mode="reflect"),
+        lambda: torch.randn(2, 8, 7, 7, generator=_g(12)),
+    ),
+    "conv2d_circular_strided": LayerKind(
+        "conv2d_circular_strided",
+        lambda: nn.Conv2d(8, 16, 3, stride=2, padding=2, dilation=2, padding_mode="circular"),
+        lambda: torch.randn(2, 8, 9, 9, generator=_g(13)),
+    ),
+    "conv2d_replicate_groups": LayerKind(
+        "conv2d_replicate_groups",
+        lambda: nn.Conv2d(8, 16, 3, padding=(1, 2), groups=2, padding_mode="replicate"),
+        lambda: torch.randn(2, 8, 7, 7, generator=_g(14)),
+    ),
+    "conv2d_same": LayerKind(
+        "conv2d_same",
+        lambda: nn.Conv2d(8, 16, (2, 3), padding="same", dilation=(2, 1)),
+        lambda: torch.randn(2, 8, 7, 7, generator=_g(15)),
+    ),
+    "conv1d_replicate_same": LayerKind(
+        "conv1d_replicate_same",
+        lambda: nn.Conv1d(8, 12, 4, padding="same", padding_mode="replicate"),
+        lambda: torch.randn(2, 8, 15, generator=_g(16)),
+    ),
 }
+
+# The layers above whose conv attributes go beyond zeros padding given as numbers.
+CONV_PADDING_LAYERS = [
+    "conv2d_reflect",
+    "conv2d_circular_strided",
+    "conv2d_replicate_groups",
+    "conv2d_same",
+    "conv1d_replicate_same",
+]
 
 
 @dataclass

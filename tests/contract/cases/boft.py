@@ -14,6 +14,10 @@ _SIZES = {
     "conv2d_strided": (6, 6, 2),  # 72 = 12 blocks of 6
     "conv2d_dilated": (9, 2, 3),  # 72 = 36 blocks of 2
     "conv2d_groups": (4, 6, 2),  # 4·3·3 = 36
+    "conv2d_reflect": (8, 4, 2),  # 72
+    "conv2d_circular_strided": (6, None, None),  # 72
+    "conv2d_replicate_groups": (4, None, None),  # 36
+    "conv2d_same": (8, 4, 2),  # 8·2·3 = 48 = 12 blocks of 4
 }
 
 

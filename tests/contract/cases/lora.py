@@ -1,7 +1,7 @@
 """LoRA rows of the contract suite: every variant on every supported layer kind."""
 
 from lightning_adapters.methods.lora import LoRAConfig
-from tests.helpers import ContractCase
+from tests.helpers import CONV_PADDING_LAYERS, ContractCase
 
 _VARIANTS = {
     "plain": dict(r=4, alpha=8),
@@ -34,4 +34,10 @@ CASES = [
     ContractCase(id=f"lora-{v}-{layer}", make_config=_make(kw), layer=layer, identity_at_init=v != "noinit")
     for v, kw in _VARIANTS.items()
     for layer in _LAYERS
+]
+# Padding modes, string padding, stride/dilation/groups together: the plain and DoRA forms.
+CASES += [
+    ContractCase(id=f"lora-{v}-{layer}", make_config=_make(_VARIANTS[v]), layer=layer)
+    for v in ("plain", "dora")
+    for layer in CONV_PADDING_LAYERS
 ]

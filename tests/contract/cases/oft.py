@@ -46,3 +46,15 @@ CASES = [
     ContractCase(id=f"oft-r-{layer}", make_config=_make({"r": r, "oft_block_size": 0}), layer=layer)
     for layer, r in {"linear": 3, "conv2d": 9}.items()
 ]
+# Padding modes and string padding (the rotation acts on the kernel, the base conv call does the rest).
+_PADDING_BLOCK = {
+    "conv2d_reflect": 8,  # 8·3·3 = 72
+    "conv2d_circular_strided": 9,  # 72
+    "conv2d_replicate_groups": 6,  # 4·3·3 = 36
+    "conv2d_same": 8,  # 8·2·3 = 48
+}
+CASES += [
+    ContractCase(id=f"oft-{v}-{layer}", make_config=_make({"oft_block_size": b, **_VARIANTS[v]}), layer=layer)
+    for v in ("neumann", "exact")
+    for layer, b in _PADDING_BLOCK.items()
+]
