@@ -11,13 +11,13 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
 from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
 
+from lightning_adapters.core.files import reading, replace_directory, target_directory, write_file
 from lightning_adapters.core.inject import adapted_modules, eject, find_records, inject
 from lightning_adapters.errors import AdapterConfigError, AdapterStateError
 from lightning_adapters.registry import get_method, get_method_by_peft_type
@@ -44,8 +44,12 @@ def _single_record(model: nn.Module):
     return recs[0]
 
 
-def peft_tensors(model: nn.Module, save_dtype: torch.dtype | None = None) -> dict[str, torch.Tensor]:
-    """The adapter tensors under PEFT's key names (``base_model.model.<module>.<suffix>``)."""
+def peft_tensors(model: nn.Module) -> dict[str, torch.Tensor]:
+    """The adapter tensors under PEFT's key names (``base_model.model.<module>.<suffix>``), as CPU copies.
+
+    Raises:
+        AdapterStateError: A tensor is on the meta device (a model built without its weights).
+    """
     prefix, root, rec = _single_record(model)
     spec = get_method(rec.method)
     out: dict[str, torch.Tensor] = {}
@@ -62,10 +66,13 @@ def peft_tensors(model: nn.Module, save_dtype: torch.dtype | None = None) -> dic
     for m in rec.modules_to_save:
         for k, t in root.get_submodule(m).state_dict().items():
             out[f"{PEFT_PREFIX}{m}.{k}"] = t
-    out = {k: _full(v) for k, v in out.items()}
-    if save_dtype is not None:
-        out = {k: v.to(save_dtype) if v.is_floating_point() else v for k, v in out.items()}
-    return out
+    for k, v in out.items():
+        if v.is_meta:
+            raise AdapterStateError(
+                f"tensor {k!r} is on the meta device (the model was built without weights); materialize and load "
+                "the weights (e.g. model.to_empty(device='cpu') then load_state_dict) before saving"
+            )
+    return {k: _full(v) for k, v in out.items()}
 
 
 def peft_config_dict(model: nn.Module) -> dict[str, Any]:
@@ -99,68 +106,137 @@ def peft_config_dict(model: nn.Module) -> dict[str, Any]:
     return {k: d[k] for k in sorted(d)}
 
 
-def atomic_write_bytes(path: Path, data: bytes) -> None:
-    """Write ``data`` to a temporary file next to ``path`` and rename it over ``path`` (never half-written)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+def _save_dtype(value: Any) -> torch.dtype | None:
+    """``save_dtype`` as a floating torch dtype (a name such as ``"bfloat16"`` is accepted), else an error."""
+    if value is None:
+        return None
+    dtype = value
+    if isinstance(value, str):
+        dtype = _SAVE_DTYPES.get(value.removeprefix("torch."))
+    if dtype not in _SAVE_DTYPES.values():
+        names = ", ".join(f"torch.{n}" for n in _SAVE_DTYPES)
+        raise AdapterConfigError(
+            f"save_peft: save_dtype={value!r} is not a floating dtype the file can hold; use one of {names} "
+            "(or its name as a string), or None to keep the adapter's dtype"
+        )
+    return dtype
 
 
-def save_peft(model: nn.Module, directory: str | os.PathLike, save_dtype: torch.dtype | None = None) -> Path:
+_SAVE_DTYPES = {
+    "float16": torch.float16,
+    "bfloat16": torch.bfloat16,
+    "float32": torch.float32,
+    "float64": torch.float64,
+}
+
+
+def _check_finite(tensors: dict[str, torch.Tensor], what: str) -> None:
+    """Refuse non-finite floating tensors (checked on the CPU copies about to be written)."""
+    for key, t in tensors.items():
+        if t.is_floating_point() and not bool(torch.isfinite(t).all()):
+            raise AdapterStateError(
+                f"{what}: tensor {key!r} holds {int((~torch.isfinite(t)).sum())} non-finite values (NaN/inf); "
+                "nothing was written. Fix the training run (lower the learning rate, check the loss) or pass "
+                "safe=False to write it anyway"
+            )
+
+
+# Files a PEFT save owns: a previous save's pickle weights would contradict the new safetensors file.
+_PEFT_FILES = frozenset({CONFIG_NAME, WEIGHTS_NAME, "adapter_model.bin"})
+
+
+def save_peft(
+    model: nn.Module,
+    directory: str | os.PathLike,
+    save_dtype: torch.dtype | str | None = None,
+    *,
+    safe: bool = False,
+) -> Path:
     """Write the adapter of ``model`` in PEFT's format; ``PeftModel.from_pretrained(base, directory)`` loads it.
 
-    Everything is computed before the first byte is written, and each file is written to a temporary name
-    and renamed, so a failure never leaves a half-written adapter where a good one was.
+    Everything is computed and checked before the disk is touched, and the directory's adapter files are replaced
+    together (``lightning_adapters.core.files.replace_directory``): a failure or a crash at any point leaves
+    the previous adapter loadable, never new weights next to an old config. Saves of the same directory from
+    several threads or processes take turns. Other files in the directory are kept.
 
     Args:
         model: A model injected with ``lightning_adapters.inject`` (or ``load_peft``).
         directory: Output directory (created if needed).
-        save_dtype: Cast floating tensors to this dtype in the file (default: keep the adapter dtype).
+        save_dtype: Cast floating tensors to this dtype in the file (``torch.float16``/``bfloat16``/``float32``/
+            ``float64`` or its name; default: keep the adapter dtype). A value that overflows the dtype is refused.
+        safe: Also refuse tensors that are already non-finite (NaN/inf) in the model.
 
     Returns:
         The directory path.
+
+    Raises:
+        AdapterConfigError: A bad ``directory`` or ``save_dtype``.
+        AdapterStateError: Tensors on the meta device, values that do not fit ``save_dtype``, or (``safe=True``)
+            non-finite values.
     """
     from safetensors.torch import save as st_save
 
-    directory = Path(directory)
-    tensors = peft_tensors(model, save_dtype)
+    target = target_directory(directory, "save_peft")
+    dtype = _save_dtype(save_dtype)
+    tensors = peft_tensors(model)
+    if safe:
+        _check_finite(tensors, "save_peft")
+    if dtype is not None:
+        cast = {k: v.to(dtype) if v.is_floating_point() else v for k, v in tensors.items()}
+        for k, v in cast.items():
+            if v.is_floating_point() and not bool(torch.isfinite(v).all()) and bool(torch.isfinite(tensors[k]).all()):
+                raise AdapterStateError(
+                    f"save_peft: tensor {k!r} overflows {dtype} (largest magnitude "
+                    f"{tensors[k].abs().max().item():.4g}); save in torch.float32 or bfloat16"
+                )
+        tensors = cast
     config_bytes = (json.dumps(peft_config_dict(model), indent=2, sort_keys=True) + "\n").encode()
     weights_bytes = st_save(tensors, metadata={"format": "pt"})
-    atomic_write_bytes(directory / WEIGHTS_NAME, weights_bytes)
-    atomic_write_bytes(directory / CONFIG_NAME, config_bytes)
-    return directory
+
+    def fill(staging: Path) -> None:
+        write_file(staging / WEIGHTS_NAME, weights_bytes)
+        write_file(staging / CONFIG_NAME, config_bytes)
+
+    replace_directory(target, fill, owned=_PEFT_FILES.__contains__)
+    return Path(directory)
 
 
 def read_peft_dir(directory: str | os.PathLike) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
-    """Read and validate a PEFT adapter directory: its config dict and its tensors (prefix removed)."""
+    """Read and validate a PEFT adapter directory: its config dict and its tensors (prefix removed).
+
+    Holds the directory's shared lock while reading, so a concurrent ``save_peft`` cannot swap the files
+    between the config and the weights.
+    """
     from safetensors import SafetensorError
-    from safetensors.torch import load_file
+    from safetensors.torch import load
 
     directory = Path(directory)
     cfg_path, w_path = directory / CONFIG_NAME, directory / WEIGHTS_NAME
-    if not cfg_path.is_file():
-        raise AdapterStateError(f"{cfg_path} does not exist; a PEFT adapter directory holds {CONFIG_NAME}")
-    if not w_path.is_file():
-        alt = directory / "adapter_model.bin"
-        hint = " (only safetensors files are read: re-save it with safe_serialization=True)" if alt.exists() else ""
-        raise AdapterStateError(f"{w_path} does not exist{hint}")
+    with reading(directory) as src:
+        if not (src / CONFIG_NAME).is_file():
+            raise AdapterStateError(f"{cfg_path} does not exist; a PEFT adapter directory holds {CONFIG_NAME}")
+        if not (src / WEIGHTS_NAME).is_file():
+            alt = src / "adapter_model.bin"
+            hint = " (only safetensors files are read: re-save it with safe_serialization=True)" if alt.exists() else ""
+            raise AdapterStateError(f"{w_path} does not exist{hint}")
+        config_raw = (src / CONFIG_NAME).read_bytes()
+        weights_raw = (src / WEIGHTS_NAME).read_bytes()
     try:
-        config = json.loads(cfg_path.read_text())
+        config = json.loads(config_raw.decode("utf-8"))
+    except UnicodeDecodeError as err:
+        raise AdapterStateError(f"{cfg_path} is not UTF-8 text ({err}); re-save the adapter") from err
     except json.JSONDecodeError as err:
         raise AdapterStateError(f"{cfg_path} is not valid JSON ({err}); re-save the adapter") from err
-    if not isinstance(config, dict) or "peft_type" not in config:
+    if not isinstance(config, dict):
+        raise AdapterStateError(
+            f"{cfg_path} holds a JSON {type(config).__name__}, not an object; it is not a PEFT adapter config"
+        )
+    if "peft_type" not in config:
         raise AdapterStateError(f"{cfg_path} has no 'peft_type' field; it is not a PEFT adapter config")
+    if not isinstance(config["peft_type"], str):
+        raise AdapterConfigError(f"{cfg_path}: field 'peft_type' must be a string, got {config['peft_type']!r}")
     try:
-        tensors = load_file(str(w_path))
+        tensors = load(weights_raw)
     except (SafetensorError, OSError, ValueError) as err:
         raise AdapterStateError(
             f"{w_path} is not a readable safetensors file ({err}); it may be truncated or in another format"
@@ -169,6 +245,72 @@ def read_peft_dir(directory: str | os.PathLike) -> tuple[dict[str, Any], dict[st
     for k, v in tensors.items():
         stripped[k[len(PEFT_PREFIX) :] if k.startswith(PEFT_PREFIX) else k] = v
     return config, stripped
+
+
+_JSON_KIND = {bool: "a boolean", int: "an integer", float: "a number", str: "a string", dict: "an object"}
+
+
+def _json_kind(value: Any) -> str:
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return "a boolean"
+    if isinstance(value, int):
+        return "an integer"
+    return _JSON_KIND.get(type(value), f"a {type(value).__name__}")
+
+
+def check_peft_config_types(path: Path, config: dict[str, Any], spec: Any) -> None:
+    """Check the JSON type of every field ``spec`` translates, before any of it is used.
+
+    The expected types are those of the fields this library itself writes for a default config of the method
+    (PEFT writes the same kinds): integers stay integers (``true`` is not 1), numbers accept integers, booleans
+    must be booleans (``init_*`` also takes PEFT's named initialisations, a string), objects are objects.
+    Target lists and patterns are checked element by element.
+
+    Raises:
+        AdapterConfigError: Naming ``path``, the field, its value and the type expected.
+    """
+
+    def bad(field: str, value: Any, want: str) -> AdapterConfigError:
+        return AdapterConfigError(
+            f"{path}: field {field!r} must be {want}, got {_json_kind(value)} ({value!r}); fix or re-save the file"
+        )
+
+    defaults = spec.config_to_peft(spec.config_cls())
+    for field, default in defaults.items():
+        if field not in config or default is None:
+            continue
+        value = config[field]
+        if isinstance(default, bool):
+            if not isinstance(value, bool) and not (field.startswith("init_") and isinstance(value, str)):
+                raise bad(
+                    field, value, "a boolean" + (" or an initialisation name" if field.startswith("init_") else "")
+                )
+        elif isinstance(default, int):
+            if isinstance(value, bool) or not isinstance(value, int):
+                raise bad(field, value, "an integer")
+        elif isinstance(default, float):
+            if isinstance(value, bool) or not isinstance(value, (int, float)):
+                raise bad(field, value, "a number")
+        elif isinstance(default, str):
+            if not isinstance(value, str):
+                raise bad(field, value, "a string")
+        elif isinstance(default, dict) and value is not None and not isinstance(value, dict):
+            raise bad(field, value, "an object (or null)")
+    for field in ("target_modules", "exclude_modules", "modules_to_save"):
+        value = config.get(field)
+        names_ok = isinstance(value, list) and all(isinstance(v, str) for v in value)
+        if value is None or names_ok or (field != "modules_to_save" and isinstance(value, str)):
+            continue
+        raise bad(field, value, "a list of module names" + (" or a regex string" if field != "modules_to_save" else ""))
+    for field, kinds, want in (("rank_pattern", (int,), "integers"), ("alpha_pattern", (int, float), "numbers")):
+        pattern = config.get(field)
+        if not isinstance(pattern, dict):
+            continue
+        for key, value in pattern.items():
+            if isinstance(value, bool) or not isinstance(value, kinds):
+                raise bad(f"{field}[{key!r}]", value, f"one of {want}")
 
 
 def load_peft(model: nn.Module, directory: str | os.PathLike) -> nn.Module:
@@ -185,6 +327,7 @@ def load_peft(model: nn.Module, directory: str | os.PathLike) -> nn.Module:
     """
     config_dict, tensors = read_peft_dir(directory)
     spec = get_method_by_peft_type(config_dict["peft_type"])
+    check_peft_config_types(Path(directory) / CONFIG_NAME, config_dict, spec)
     config = spec.config_from_peft(config_dict)
     if spec.prepare_peft_load is not None:
         config, tensors = spec.prepare_peft_load(config, config_dict, tensors)

@@ -1,5 +1,8 @@
 """Export at the end of ``fit``: a PEFT-format adapter directory and a merged plain model.
 
+Both go through ``lightning_adapters.core.files.replace_directory`` (each directory replaced as a whole) and
+refuse non-finite weights, so a diverged run never overwrites a good export.
+
 ``export_merged`` merges into a copy, so the trained model in memory keeps its adapter (merging and unmerging
 in place would round a bf16 base twice). Both exports are written by rank zero; under FSDP the adapter tensors
 are gathered first, with every rank taking part.
@@ -8,57 +11,83 @@ are gathered first, with every rank taking part.
 from __future__ import annotations
 
 import copy
+import fnmatch
 import os
-import shutil
 import tempfile
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+import torch
 from torch import nn
 
+from lightning_adapters.core.files import replace_directory, target_directory
 from lightning_adapters.core.inject import eject
+from lightning_adapters.errors import AdapterStateError
 from lightning_adapters.interop.peft import save_peft
 
 if TYPE_CHECKING:
     from lightning_adapters.lightning.runtime import AdapterRuntime
 
 
-def export_merged(model: nn.Module, directory: str | os.PathLike) -> Path:
+# What a merged export owns in its directory: transformers' config files and every weight-file layout
+# save_pretrained writes (a previous export's shards must not survive next to a new single file).
+_MERGED_NAMES = frozenset({"config.json", "generation_config.json", "model.safetensors"})
+_MERGED_PATTERNS = ("model-*.safetensors", "model.safetensors.index.json", "pytorch_model*.bin", "pytorch_model*.json")
+
+
+def _merged_owned(name: str) -> bool:
+    return name in _MERGED_NAMES or any(fnmatch.fnmatchcase(name, p) for p in _MERGED_PATTERNS)
+
+
+def export_merged(model: nn.Module, directory: str | os.PathLike, *, safe: bool = True) -> Path:
     """Write a plain copy of an injected ``model`` with its adapter merged into the base weights.
 
     A transformers model is written with ``save_pretrained`` (loadable with ``from_pretrained``); any other
     module as ``model.safetensors`` (``safetensors.torch.load_model`` into a fresh instance). ``model`` itself is
-    left untouched. The files are written into a scratch directory inside ``directory`` and renamed into place
-    one by one, so a failure midway never leaves a half-written file where a previous export's file was.
+    left untouched. The export's files are replaced together (``lightning_adapters.core.files``): a failure or a
+    crash at any point leaves the previous export whole, concurrent exports to one directory take turns, and
+    other files in the directory are kept.
 
     Args:
-        model: The injected model (not sharded).
+        model: The injected model (not sharded, not on the meta device).
         directory: Output directory (created if needed).
+        safe: Check every floating tensor of the merged copy is finite before touching ``directory``, so a
+            diverged adapter (or a merge that overflows a half-precision base) never replaces a good export.
 
     Returns:
         The directory.
+
+    Raises:
+        AdapterConfigError: A bad ``directory``.
+        AdapterStateError: ``model`` is on the meta device, or (``safe``) the merged weights are not finite.
     """
-    directory = Path(directory)
-    directory.mkdir(parents=True, exist_ok=True)
+    target = target_directory(directory, "export_merged")
+    for name, t in list(model.named_parameters()) + list(model.named_buffers()):
+        if t.is_meta:
+            raise AdapterStateError(
+                f"export_merged: {name!r} is on the meta device (the model was built without weights); "
+                "materialize and load the weights before exporting"
+            )
     plain = eject(copy.deepcopy(model), merge=True)
-    # Inside ``directory``: the same file system, so each rename below is atomic.
-    scratch = Path(tempfile.mkdtemp(prefix=".export-", suffix=".tmp", dir=directory))
-    try:
+    if safe:
+        for name, t in plain.state_dict().items():
+            if t.is_floating_point() and not bool(torch.isfinite(t).all()):
+                raise AdapterStateError(
+                    f"export_merged: merged tensor {name!r} holds {int((~torch.isfinite(t)).sum())} non-finite "
+                    f"values (NaN/inf); nothing was written to {str(directory)!r}. Check the adapter (a diverged "
+                    "run, or a merge overflowing a half-precision base) or pass safe=False to write it anyway"
+                )
+
+    def fill(staging: Path) -> None:
         if hasattr(plain, "save_pretrained"):
-            plain.save_pretrained(scratch)
+            plain.save_pretrained(staging)
         else:
             from safetensors.torch import save_model
 
-            save_model(plain, str(scratch / "model.safetensors"))
-        written = sorted(scratch.iterdir())  # save_pretrained writes plain files, no sub-directories
-        for f in written:
-            with open(f, "rb") as fh:
-                os.fsync(fh.fileno())
-        for f in written:
-            os.replace(f, directory / f.name)
-    finally:
-        shutil.rmtree(scratch, ignore_errors=True)
-    return directory
+            save_model(plain, str(staging / "model.safetensors"))
+
+    replace_directory(target, fill, owned=_merged_owned)
+    return Path(directory)
 
 
 def export_at_fit_end(trainer: Any, pl_module: nn.Module, runtime: AdapterRuntime) -> None:
@@ -73,16 +102,16 @@ def export_at_fit_end(trainer: Any, pl_module: nn.Module, runtime: AdapterRuntim
         if any(hasattr(p, "device_mesh") for p in target.parameters()):
             # save_peft gathers DTensors collectively, so every rank runs it; only rank zero keeps the files.
             if trainer.is_global_zero:
-                save_peft(target, opts.export_peft_dir)
+                save_peft(target, opts.export_peft_dir, safe=True)
             else:
-                with tempfile.TemporaryDirectory() as scratch:
-                    save_peft(target, scratch)
+                with tempfile.TemporaryDirectory() as scratch:  # its lock file too lands inside scratch
+                    save_peft(target, Path(scratch) / "adapter", safe=True)
         elif isinstance(trainer.strategy.model, FullyShardedDataParallel):
             with FullyShardedDataParallel.summon_full_params(trainer.strategy.model, writeback=False):
                 if trainer.is_global_zero:
-                    save_peft(target, opts.export_peft_dir)
+                    save_peft(target, opts.export_peft_dir, safe=True)
         elif trainer.is_global_zero:
-            save_peft(target, opts.export_peft_dir)
+            save_peft(target, opts.export_peft_dir, safe=True)
     if opts.export_merged_dir and trainer.is_global_zero:
         export_merged(target, opts.export_merged_dir)
     trainer.strategy.barrier("lightning_adapters.export")

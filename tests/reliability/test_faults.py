@@ -1,12 +1,16 @@
-"""Faults: a training process killed mid-write resumes exactly; a failing DDP rank ends the run everywhere; an
-export that fails midway leaves the previous export's files whole.
+"""Faults: a training process killed mid-write resumes exactly; a failing DDP rank ends the run everywhere; every
+directory writer (``save_peft``, ``export_merged``, the Lightning exports) survives a failure or a crash at each
+of its file-system steps with the previous or the new content, never a mix; concurrent saves take turns.
 
-The training runs are ``tests/reliability/fault_script.py`` in fresh processes.
+The training runs and the concurrent savers are ``tests/reliability/fault_script.py`` in fresh processes.
 """
 
 from __future__ import annotations
 
+import builtins
+import copy
 import errno
+import functools
 import os
 import re
 import signal
@@ -14,6 +18,7 @@ import socket
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -179,106 +184,221 @@ def live_members(pgid: int) -> list[int]:
     return live
 
 
+class InjectedFault(OSError):
+    """What a patched ``os`` function raises (an I/O error, as a full or failing disk gives)."""
+
+
+class Faults:
+    """Patch file-system functions so that call number ``n`` (counted over all of them) fails.
+
+    ``crash=False``: only that call fails, and the writer's own error handling runs (disk full, EIO).
+    ``crash=True``: that call and every later one fail, so no clean-up reaches the disk: what is left is what
+    a process killed at that step leaves (``os.close`` is left alone: a dead process's locks are released).
+    """
+
+    OS_STEPS = ("open", "write", "fsync", "rename", "replace", "link", "mkdir", "unlink", "rmdir", "chmod")
+
+    def __init__(self, monkeypatch: pytest.MonkeyPatch, n: int, crash: bool) -> None:
+        self.n, self.crash, self.calls, self.hit = n, crash, 0, False
+        for name in self.OS_STEPS:
+            monkeypatch.setattr(os, name, self._wrap(f"os.{name}", getattr(os, name)))
+        # Weight files that third-party code writes itself (safetensors' Rust writer, transformers' json dumps).
+        import safetensors.torch
+        import transformers.modeling_utils
+
+        monkeypatch.setattr(safetensors.torch, "save_file", self._wrap("save_file", safetensors.torch.save_file))
+        monkeypatch.setattr(
+            transformers.modeling_utils,
+            "safe_save_file",
+            self._wrap("safe_save_file", transformers.modeling_utils.safe_save_file),
+        )
+        monkeypatch.setattr(builtins, "open", self._wrap_open(builtins.open))
+
+    def _fail(self, what: str) -> None:
+        self.calls += 1
+        if self.calls == self.n or (self.crash and self.hit):
+            self.hit = True
+            raise InjectedFault(errno.EIO, f"injected fault at {what} (call {self.calls})")
+
+    def _wrap(self, what: str, real):
+        def call(*args, **kwargs):
+            self._fail(what)
+            return real(*args, **kwargs)
+
+        return call
+
+    def _wrap_open(self, real):
+        def call(file, mode="r", *args, **kwargs):
+            if any(c in mode for c in "wax+"):  # only opens for writing are write steps
+                self._fail(f"open({file!r}, {mode!r})")
+            return real(file, mode, *args, **kwargs)
+
+        return call
+
+
 def files_in(directory: Path) -> dict[str, bytes]:
-    """Every file under ``directory`` (temporary ones included) and its bytes."""
+    """Every file under ``directory`` and its bytes."""
     return {str(p.relative_to(directory)): p.read_bytes() for p in sorted(directory.rglob("*")) if p.is_file()}
 
 
-def _disk_full(path: str | os.PathLike, data: bytes) -> None:
-    """Write half of ``data`` to ``path``, then fail as a full disk would."""
-    with open(path, "wb") as f:
-        f.write(data[: len(data) // 2])
-    raise OSError(errno.ENOSPC, "No space left on device (simulated)", str(path))
+@dataclass
+class WritePath:
+    """One directory writer under test: ``write(model, dir)`` and ``outputs(dir)`` (the loaded content's outputs)."""
+
+    write: Callable[[torch.nn.Module, Path], None]
+    outputs: Callable[[Path], torch.Tensor]
 
 
-class _HalfWritingFile:
-    """A binary file object whose first write stops halfway with ENOSPC."""
-
-    def __init__(self, f) -> None:
-        self._f = f
-
-    def write(self, data: bytes) -> int:
-        self._f.write(data[: len(data) // 2])
-        self._f.flush()
-        raise OSError(errno.ENOSPC, "No space left on device (simulated)")
-
-    def __getattr__(self, name: str):
-        return getattr(self._f, name)
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self._f.close()
+def _ids() -> torch.Tensor:
+    return torch.arange(16).reshape(2, 8)
 
 
-def _safetensors_disk_full(tensors, filename, metadata=None) -> None:
-    from safetensors.torch import save
+@functools.cache
+def _llama_base() -> torch.nn.Module:
+    from tests.helpers import tiny_llama
 
-    _disk_full(filename, save(tensors, metadata=metadata))
+    torch.manual_seed(0)
+    return tiny_llama()
 
 
-def test_failed_lightning_exports_leave_the_previous_export_whole(tmp_path, monkeypatch):
+def _peft_outputs(d: Path) -> torch.Tensor:
+    with torch.no_grad():
+        return la.load_peft(copy.deepcopy(_llama_base()), d)(_ids()).logits
+
+
+def _merged_llama_outputs(d: Path) -> torch.Tensor:
     from transformers import LlamaForCausalLM
 
-    from tests.helpers import randomize_adapter, tiny_llama
+    with torch.no_grad():
+        return LlamaForCausalLM.from_pretrained(d).eval()(_ids()).logits
+
+
+def _merged_cnn_outputs(d: Path) -> torch.Tensor:
+    from safetensors.torch import load_model
+
+    from tests.helpers import SmallCNN
+
+    plain = SmallCNN()
+    load_model(plain, str(d / "model.safetensors"))
+    with torch.no_grad():
+        return plain(torch.ones(1, 3, 8, 8))
+
+
+def _lightning_export(kind: str):
+    """Run the end-of-fit export of a fitted ``TinyLlamaLM`` with only the ``kind`` export switched on."""
+    from dataclasses import replace
+
+    from lightning_adapters.lightning.export import export_at_fit_end
+    from lightning_adapters.lightning.runtime import get_runtime
+
+    def write(fitted, d: Path) -> None:
+        trainer_, module = fitted
+        runtime = get_runtime(module)
+        runtime.options = replace(
+            runtime.options,
+            export_peft_dir=str(d) if kind == "peft" else None,
+            export_merged_dir=str(d) if kind == "merged" else None,
+        )
+        export_at_fit_end(trainer_, module, runtime)
+
+    return write
+
+
+WRITE_PATHS = {
+    "save_peft": WritePath(lambda m, d: la.save_peft(m, d), _peft_outputs),
+    "export_merged_transformers": WritePath(lambda m, d: la.export_merged(m, d), _merged_llama_outputs),
+    "export_merged_module": WritePath(lambda m, d: la.export_merged(m, d), _merged_cnn_outputs),
+    "lightning_peft_export": WritePath(_lightning_export("peft"), _peft_outputs),
+    "lightning_merged_export": WritePath(_lightning_export("merged"), _merged_llama_outputs),
+}
+
+
+@functools.cache
+def _subject(path: str, seed: int):
+    """What ``WRITE_PATHS[path].write`` takes, with adapter values drawn from ``seed`` (built once per test run)."""
+    from tests.helpers import SmallCNN, randomize_adapter, tiny_llama
+
+    if path == "export_merged_module":
+        torch.manual_seed(0)
+        model = la.inject(SmallCNN(), la.LoRAConfig(r=2, target_modules=["conv1", "fc"]))
+        randomize_adapter(model, seed=seed)
+        return model
+    if path.startswith("lightning"):
+        return _fitted(seed)
+    torch.manual_seed(0)
+    # The adapters differ in their config too (alpha), so new weights next to an old config would show.
+    model = la.inject(tiny_llama(), la.LoRAConfig(r=2, alpha=2.0 + seed, target_modules=["q_proj", "v_proj"]))
+    randomize_adapter(model, seed=seed)
+    return model
+
+
+@functools.cache
+def _fitted(seed: int):
+    """A ``TinyLlamaLM`` fitted one step with ``AdapterCallback``, its adapter then drawn from ``seed``."""
+    from tests.helpers import randomize_adapter
     from tests.lightning.models import token_data, trainer
 
-    peft_dir, merged_dir = tmp_path / "peft", tmp_path / "merged"
-    model = fault_script.TinyLlamaLM()
-    cb = la.AdapterCallback(
-        fault_script.CONFIG, module="model", verbose=False, export_peft_dir=peft_dir, export_merged_dir=merged_dir
-    )
-    trainer(max_steps=2, callbacks=[cb]).fit(model, token_data())
-    good_peft, good_merged = files_in(peft_dir), files_in(merged_dir)
-    assert {"adapter_config.json", "adapter_model.safetensors"} <= set(good_peft)
-    assert {"config.json", "model.safetensors"} <= set(good_merged)
-
-    randomize_adapter(model.model, seed=1)  # what a later export writes differs from what is on disk
-    real_fdopen = os.fdopen
-    with monkeypatch.context() as m:
-        m.setattr(os, "fdopen", lambda fd, *a, **kw: _HalfWritingFile(real_fdopen(fd, *a, **kw)))
-        with pytest.raises(OSError, match="No space left"):
-            la.save_peft(model.model, peft_dir)
-    assert files_in(peft_dir) == good_peft  # previous files byte for byte, no temporary file left
-    with monkeypatch.context() as m:
-        m.setattr("transformers.modeling_utils.safe_save_file", _safetensors_disk_full)
-        with pytest.raises(OSError, match="No space left"):
-            la.export_merged(model.model, merged_dir)
-    assert files_in(merged_dir) == good_merged
-
-    # Without a fault the same calls replace the files, and the new exports load.
-    la.save_peft(model.model, peft_dir)
-    la.export_merged(model.model, merged_dir)
-    assert files_in(peft_dir).keys() == good_peft.keys() and files_in(peft_dir) != good_peft
-    assert files_in(merged_dir).keys() == good_merged.keys() and files_in(merged_dir) != good_merged
-    want = la.adapter_state_dict(model.model)
-    torch.manual_seed(0)
-    loaded = la.adapter_state_dict(la.load_peft(tiny_llama(), peft_dir))
-    assert loaded.keys() == want.keys() and all(torch.equal(loaded[k], want[k]) for k in want)
-    ids = torch.arange(16).reshape(2, 8)
-    with torch.no_grad():
-        torch.testing.assert_close(
-            LlamaForCausalLM.from_pretrained(merged_dir).eval()(ids).logits,
-            model.model.eval()(ids).logits,
-            atol=1e-5,
-            rtol=0,
-        )
+    module = fault_script.TinyLlamaLM()
+    trainer_ = trainer(max_steps=1, callbacks=[la.AdapterCallback(fault_script.CONFIG, module="model", verbose=False)])
+    trainer_.fit(module, token_data(n=4))
+    randomize_adapter(module.model, seed=seed)
+    return trainer_, module
 
 
-def test_failed_merged_export_of_a_plain_module_leaves_the_previous_file_whole(tmp_path, monkeypatch):
-    from tests.helpers import SmallCNN, randomize_adapter
+# The Lightning exports run the same writers as save_peft / export_merged: there a crash at each step suffices.
+CASES = [(p, c) for p in WRITE_PATHS for c in (False, True) if c or not p.startswith("lightning")]
 
-    model = la.inject(SmallCNN(), la.LoRAConfig(r=2, target_modules=["conv1", "fc"]))
-    randomize_adapter(model)
-    la.export_merged(model, tmp_path)
-    good = files_in(tmp_path)
-    assert set(good) == {"model.safetensors"}
-    randomize_adapter(model, seed=1)
-    with monkeypatch.context() as m:
-        m.setattr("safetensors.torch.save_file", _safetensors_disk_full)
-        with pytest.raises(OSError, match="No space left"):
-            la.export_merged(model, tmp_path)
-    assert files_in(tmp_path) == good
-    la.export_merged(model, tmp_path)
-    assert files_in(tmp_path).keys() == good.keys() and files_in(tmp_path) != good
+
+@pytest.mark.parametrize(("path", "crash"), CASES, ids=[f"{p}-{'crash' if c else 'error'}" for p, c in CASES])
+def test_a_fault_at_any_write_step_leaves_the_old_or_the_new_content(path, crash, tmp_path, monkeypatch):
+    """Fail the N-th file-system step of a write for N = 1, 2, ... until a write gets through.
+
+    After every fault the directory holds exactly the previous export's files or exactly the new one's (plus
+    a file of the user's that every write keeps), loads, and gives the outputs of that export; the next write
+    (no fault) recovers whatever a crash left and leaves no temporary file next to the directory.
+    """
+    spec = WRITE_PATHS[path]
+    old_subject, new_subject = _subject(path, seed=1), _subject(path, seed=2)
+    ref_old, ref_new = tmp_path / "ref-old", tmp_path / "ref-new"
+    spec.write(old_subject, ref_old)
+    spec.write(new_subject, ref_new)
+    old_files, new_files = files_in(ref_old), files_in(ref_new)
+    assert old_files.keys() == new_files.keys() and old_files != new_files
+    old_out, new_out = spec.outputs(ref_old), spec.outputs(ref_new)
+    assert not torch.equal(old_out, new_out)
+
+    parent = tmp_path / "out"
+    target = parent / "adapter"
+    n, outcomes = 0, {"old": 0, "new": 0}
+    while True:
+        n += 1
+        spec.write(old_subject, target)
+        (target / "NOTES.txt").write_text("the user's own file")
+        with monkeypatch.context() as m:
+            faults = Faults(m, n, crash)
+            try:
+                spec.write(new_subject, target)
+            except InjectedFault:
+                pass
+        if not faults.hit:
+            break
+        # Only this library's loader knows the crash-between-renames fallback; PEFT and transformers read
+        # ``target`` itself, so it is checked as those readers see it (``readable_directory`` is the same path
+        # except in that one window).
+        from lightning_adapters.core.files import readable_directory
+
+        seen = readable_directory(target)
+        on_disk = files_in(seen)
+        assert on_disk.pop("NOTES.txt") == b"the user's own file", n
+        state = "old" if on_disk == old_files else "new" if on_disk == new_files else None
+        assert state is not None, f"fault {n}: a mix of files {sorted(on_disk)}"
+        outcomes[state] += 1
+        # Equal bytes load equally, so loading is checked the first time each state is seen, and whenever a crash
+        # left only the backup (this library's loader reads it; PEFT and transformers would find no directory).
+        peft = path in ("save_peft", "lightning_peft_export")
+        if (seen == target and outcomes[state] == 1) or (seen != target and peft):
+            assert torch.equal(spec.outputs(target), old_out if state == "old" else new_out), n
+    assert n > 10 and outcomes["old"] > 0, (n, outcomes)  # every step of the write was failed once
+    assert files_in(target) == {**new_files, "NOTES.txt": b"the user's own file"}
+    assert torch.equal(spec.outputs(target), new_out)
+    assert sorted(p.name for p in parent.iterdir()) == [".adapter.lock", "adapter"]  # nothing left over
