@@ -26,12 +26,13 @@ import pytest
 import torch
 
 import lightning_adapters as la
-from tests.reliability import fault_script
+from tests.reliability import fault_script, saver_script
 
 pytestmark = [pytest.mark.slow, pytest.mark.xdist_group("procs")]
 
 ROOT = Path(__file__).resolve().parents[2]
 SCRIPT = ROOT / "tests" / "reliability" / "fault_script.py"
+SAVER = ROOT / "tests" / "reliability" / "saver_script.py"
 HANG_LIMIT_S = 300  # far above a healthy run; reaching it means a hang
 
 
@@ -71,8 +72,8 @@ def _no_leftover_processes():
             run.proc.wait()
 
 
-def start(log: Path, *args: str, tmpdir: Path | None = None) -> Run:
-    """Start the fault script in its own session, stdout and stderr going to ``log``."""
+def start(log: Path, *args: str, tmpdir: Path | None = None, script: Path = SCRIPT) -> Run:
+    """Start ``script`` (the fault script) in its own session, stdout and stderr going to ``log``."""
     env = {
         **os.environ,
         "MASTER_ADDR": "127.0.0.1",
@@ -84,7 +85,7 @@ def start(log: Path, *args: str, tmpdir: Path | None = None) -> Run:
         env["TMPDIR"] = str(tmpdir)
     with open(log, "w") as f:
         proc = subprocess.Popen(
-            [sys.executable, str(SCRIPT), *args], env=env, stdout=f, stderr=subprocess.STDOUT, start_new_session=True
+            [sys.executable, str(script), *args], env=env, stdout=f, stderr=subprocess.STDOUT, start_new_session=True
         )
     _STARTED.append(Run(args, proc, log))
     return _STARTED[-1]
@@ -402,3 +403,69 @@ def test_a_fault_at_any_write_step_leaves_the_old_or_the_new_content(path, crash
     assert files_in(target) == {**new_files, "NOTES.txt": b"the user's own file"}
     assert torch.equal(spec.outputs(target), new_out)
     assert sorted(p.name for p in parent.iterdir()) == [".adapter.lock", "adapter"]  # nothing left over
+
+
+def _equal_states(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> bool:
+    return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def _which_saved(directory: Path, saved: dict[tuple[int, int], dict[str, torch.Tensor]]) -> tuple[int, int]:
+    """Load ``directory`` and return the (saver, save) whose adapter it holds; anything else fails the test."""
+    loaded = la.adapter_state_dict(la.load_peft(copy.deepcopy(saver_script.base()), directory))
+    hits = [key for key, state in saved.items() if _equal_states(loaded, state)]
+    assert len(hits) == 1, f"{directory} holds none of the saved adapters (keys {sorted(loaded)[:2]} ...)"
+    return hits[0]
+
+
+def test_two_processes_saving_to_one_directory_take_turns(tmp_path):
+    """2 processes x 20 saves of different adapters into one directory, with loads running all along."""
+    target = tmp_path / "adapter"
+    n = saver_script.SAVES
+    saved = {(s, i): la.adapter_state_dict(saver_script.saved_adapter(s, i)) for s in (0, 1) for i in range(n)}
+    savers = [start(tmp_path / f"saver{s}.log", str(target), str(s), script=SAVER) for s in (0, 1)]
+    deadline = time.time() + HANG_LIMIT_S
+    while not all(Path(f"{target}.ready-{s}").exists() for s in (0, 1)):
+        assert time.time() < deadline and all(r.proc.poll() is None for r in savers), [
+            r.log.read_text() for r in savers
+        ]
+        time.sleep(0.05)
+    Path(f"{target}.go").touch()
+    seen = []
+    while any(r.proc.poll() is None for r in savers):
+        if target.exists():
+            seen.append(_which_saved(target, saved))
+    for run in savers:
+        assert finish(run).returncode == 0, run.output[-4000:]
+    final = _which_saved(target, saved)
+    assert final in {(0, n - 1), (1, n - 1)}  # the last save of one of the two
+    assert seen, "no load overlapped the saves"
+    assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith(".")) == [".adapter.lock"]
+
+
+def test_threads_saving_to_one_directory_take_turns(tmp_path):
+    """The lock holds between threads of one process too (a flock per open file, not per process)."""
+    import threading
+
+    target = tmp_path / "adapter"
+    models = {(s, i): saver_script.saved_adapter(s, i) for s in (0, 1) for i in range(4)}
+    saved = {key: la.adapter_state_dict(m) for key, m in models.items()}
+    errors: list[BaseException] = []
+
+    def saver(s: int) -> None:
+        try:
+            for i in range(4):
+                la.save_peft(models[(s, i)], target)
+        except BaseException as err:  # noqa: BLE001 - reported by the assertion below
+            errors.append(err)
+
+    threads = [threading.Thread(target=saver, args=(s,)) for s in (0, 1)]
+    for t in threads:
+        t.start()
+    seen = []
+    while any(t.is_alive() for t in threads):
+        if target.exists():
+            seen.append(_which_saved(target, saved))
+    for t in threads:
+        t.join()
+    assert not errors, errors
+    assert _which_saved(target, saved) in {(0, 3), (1, 3)}

@@ -1,0 +1,64 @@
+"""A process that saves 20 different adapters into one PEFT directory, for the concurrency test in
+``test_faults.py`` (two of these run at once). Kept apart from ``fault_script.py`` so it does not import Lightning
+and starts quickly.
+
+    python tests/reliability/saver_script.py DIR SAVER
+"""
+
+from __future__ import annotations
+
+import copy
+import functools
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
+
+import torch  # noqa: E402
+from torch import nn  # noqa: E402
+
+import lightning_adapters as la  # noqa: E402
+
+SAVES = 20
+# Each saver has its own config (rank and targets), so weights next to the other saver's config cannot load.
+SAVER_CONFIGS = (
+    la.LoRAConfig(r=2, alpha=4.0, target_modules=["q_proj"]),
+    la.LoRAConfig(r=4, alpha=8.0, target_modules=["q_proj", "v_proj"]),
+)
+
+
+@functools.cache
+def base() -> nn.Module:
+    """The tiny Llama every adapter sits on."""
+    from tests.helpers import tiny_llama
+
+    torch.manual_seed(0)
+    return tiny_llama()
+
+
+def saved_adapter(saver: int, i: int) -> nn.Module:
+    """The model whose adapter ``saver`` writes at its ``i``-th save (every value depends on both)."""
+    model = la.inject(copy.deepcopy(base()), SAVER_CONFIGS[saver])
+    g = torch.Generator().manual_seed(1000 * saver + i)
+    with torch.no_grad():
+        for t in la.adapter_state_dict(model).values():
+            t.copy_(torch.randn(t.shape, generator=g))
+    return model
+
+
+def main() -> None:
+    """Build the 20 models, announce readiness (``DIR.ready-SAVER``), wait for ``DIR.go``, then save them all."""
+    directory, saver = sys.argv[1], int(sys.argv[2])
+    torch.set_num_threads(1)
+    models = [saved_adapter(saver, i) for i in range(SAVES)]
+    Path(f"{directory}.ready-{saver}").touch()
+    while not Path(f"{directory}.go").exists():
+        time.sleep(0.01)
+    for model in models:
+        la.save_peft(model, directory)
+        time.sleep(0.05)  # spreads the saves over a second or two, so the test's loads overlap them
+
+
+if __name__ == "__main__":
+    main()
