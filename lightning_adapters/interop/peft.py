@@ -54,15 +54,14 @@ def peft_tensors(model: nn.Module) -> dict[str, torch.Tensor]:
     spec = get_method(rec.method)
     out: dict[str, torch.Tensor] = {}
     if spec.peft_state is not None:
-        items = spec.peft_state(root).items()
+        out.update({PEFT_PREFIX + k: t for k, t in spec.peft_state(root).items()})
     else:
-        items = (
-            (f"{name}.{suffix}", t)
-            for name, _, layer in adapted_modules(root)
-            for suffix, t in layer.peft_state().items()
-        )
-    for key, t in items:
-        out[PEFT_PREFIX + key] = t
+        for name, _, layer in adapted_modules(root):
+            try:
+                state = layer.peft_state()
+            except AdapterConfigError as err:  # the layer has no PEFT form: say which one
+                raise AdapterConfigError(f"{rec.method}: cannot save {name!r} in PEFT's format: {err}") from err
+            out.update({f"{PEFT_PREFIX}{name}.{suffix}": t for suffix, t in state.items()})
     for m in rec.modules_to_save:
         for k, t in root.get_submodule(m).state_dict().items():
             out[f"{PEFT_PREFIX}{m}.{k}"] = t
@@ -349,7 +348,11 @@ def _load_tensors(model: nn.Module, tensors: dict[str, torch.Tensor], spec) -> N
         expected.update({k: tuple(v.shape) for k, v in spec.peft_state(root).items()})
     else:
         for name, _, layer in adapted_modules(root):
-            for suffix, shape in layer.peft_shapes().items():
+            try:
+                shapes = layer.peft_shapes()
+            except AdapterConfigError as err:
+                raise AdapterConfigError(f"{spec.name}: cannot load {name!r} from PEFT's format: {err}") from err
+            for suffix, shape in shapes.items():
                 expected[f"{name}.{suffix}"] = shape
     for m in rec.modules_to_save:
         for k, t in root.get_submodule(m).state_dict().items():
@@ -385,13 +388,16 @@ def _load_tensors(model: nn.Module, tensors: dict[str, torch.Tensor], spec) -> N
     else:
         for name, _, layer in adapted_modules(root):
             prefix = name + "."
-            layer.load_peft_state(
-                {
-                    k[len(prefix) :]: v
-                    for k, v in tensors.items()
-                    if k.startswith(prefix) and k[len(prefix) :] in layer.peft_shapes()
-                }
-            )
+            try:
+                layer.load_peft_state(
+                    {
+                        k[len(prefix) :]: v
+                        for k, v in tensors.items()
+                        if k.startswith(prefix) and k[len(prefix) :] in layer.peft_shapes()
+                    }
+                )
+            except AdapterStateError as err:
+                raise AdapterStateError(f"PEFT {spec.peft_type} adapter, module {name!r}: {err}") from err
     with torch.no_grad():
         for key, base in base_layer_keys.items():
             base.weight.copy_(tensors[key].to(dtype=base.weight.dtype, device=base.weight.device))

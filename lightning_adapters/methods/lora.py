@@ -48,7 +48,7 @@ from lightning_adapters.config import (
 )
 from lightning_adapters.core.layer import AdapterLayer
 from lightning_adapters.core.targeting import LINEAR_TYPES
-from lightning_adapters.errors import AdapterConfigError
+from lightning_adapters.errors import AdapterConfigError, AdapterStateError
 from lightning_adapters.methods._common import (
     check_finite,
     compute_dtype,
@@ -117,6 +117,33 @@ def conv_delta_weight(A: torch.Tensor, B: torch.Tensor, groups: int, scale: floa
     a = A.reshape(groups, r // groups, -1)  # (g, r/g, in/g·k)
     b = B.reshape(groups, out // groups, r // groups)  # (g, out/g, r/g)
     return (torch.bmm(b, a) * scale).reshape(out, *A.shape[1:])  # (out, in/g, *k)
+
+
+def grouped_to_dense_A(A: torch.Tensor, groups: int) -> torch.Tensor:
+    """PEFT's layout of a grouped conv's ``lora_A``: one ungrouped conv whose off-group weights are zero.
+
+    A (r, in/g, *k) -> (r, in, *k): row block ``j`` (r/g rows) keeps its weights on input block ``j`` only, so the
+    ungrouped conv computes exactly what the grouped one does.
+    """
+    r, in_g, *k = A.shape
+    a = A.reshape(groups, r // groups, in_g, *k)  # (g, r/g, in/g, *k)
+    dense = A.new_zeros(groups, r // groups, groups, in_g, *k)  # (g, r/g, g, in/g, *k)
+    idx = torch.arange(groups, device=A.device)
+    dense[idx, :, idx] = a
+    return dense.reshape(r, groups * in_g, *k)
+
+
+def dense_to_grouped_A(A: torch.Tensor, groups: int) -> torch.Tensor | None:
+    """Inverse of ``grouped_to_dense_A``: (r, in, *k) -> (r, in/g, *k), or None if a weight crosses groups."""
+    r, in_f, *k = A.shape
+    blocks = A.reshape(groups, r // groups, groups, in_f // groups, *k)  # (g, r/g, g, in/g, *k)
+    idx = torch.arange(groups, device=A.device)
+    diagonal = blocks[idx, :, idx]  # (g, r/g, in/g, *k)
+    off = blocks.clone()
+    off[idx, :, idx] = 0
+    if bool(off.any()):
+        return None
+    return diagonal.reshape(r, in_f // groups, *k)
 
 
 def linear_delta_weight(A: torch.Tensor, B: torch.Tensor, scale: float) -> torch.Tensor:
@@ -475,7 +502,16 @@ class LoRALayer(AdapterLayer):
         if self.kind == "embedding":
             out = {"lora_embedding_A": self.lora_A, "lora_embedding_B": self.lora_B}
         else:
-            out = {"lora_A.weight": self.lora_A, "lora_B.weight": self.lora_B}
+            if self.groups > 1 and self.use_dora:
+                raise AdapterConfigError(
+                    f"DoRA on a conv with groups={self.groups} has no PEFT equivalent (PEFT 0.21 computes the "
+                    "DoRA weight norm of a grouped conv differently, so the file would load with other outputs); "
+                    "use use_dora=False there (exclude_modules), or keep this adapter with adapter_state_dict"
+                )
+            # PEFT's grouped conv LoRA keeps A ungrouped (in -> r); ours is grouped, written as its exact
+            # block-diagonal equivalent.
+            a = grouped_to_dense_A(self.lora_A.detach(), self.groups) if self.groups > 1 else self.lora_A
+            out = {"lora_A.weight": a, "lora_B.weight": self.lora_B}
         if self.use_dora:
             out["lora_magnitude_vector"] = self.magnitude
         return {k: v.detach() for k, v in out.items()}
@@ -484,6 +520,17 @@ class LoRALayer(AdapterLayer):
         return {k: tuple(v.shape) for k, v in self.peft_state().items()}
 
     def load_peft_state(self, state: dict[str, torch.Tensor]) -> None:
+        state = dict(state)
+        if self.groups > 1 and "lora_A.weight" in state:
+            grouped = dense_to_grouped_A(state["lora_A.weight"], self.groups)
+            if grouped is None:
+                raise AdapterStateError(
+                    f"lora_A.weight mixes input channels across the conv's {self.groups} groups (an ungrouped A, "
+                    "as PEFT trains it); lightning_adapters keeps grouped-conv LoRA grouped so it can merge, and "
+                    "can only load an A whose weights outside each group's block are zero. Load it with PEFT, "
+                    "or retrain the adapter with lightning_adapters"
+                )
+            state["lora_A.weight"] = grouped
         names = {
             "lora_embedding_A": "lora_A",
             "lora_embedding_B": "lora_B",
