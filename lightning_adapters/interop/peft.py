@@ -68,8 +68,8 @@ def peft_tensors(model: nn.Module) -> dict[str, torch.Tensor]:
     for k, v in out.items():
         if v.is_meta:
             raise AdapterStateError(
-                f"tensor {k!r} is on the meta device (the model was built without weights); materialize and load "
-                "the weights (e.g. model.to_empty(device='cpu') then load_state_dict) before saving"
+                f"save_peft: tensor {k!r} is on the meta device (the model was built without weights); materialize "
+                "and load the weights (e.g. model.to_empty(device='cpu') then load_state_dict) before saving"
             )
     return {k: _full(v) for k, v in out.items()}
 
