@@ -469,3 +469,58 @@ def test_threads_saving_to_one_directory_take_turns(tmp_path):
         t.join()
     assert not errors, errors
     assert _which_saved(target, saved) in {(0, 3), (1, 3)}
+
+
+def test_lightning_exports_refuse_non_finite_weights_and_keep_the_previous_exports(tmp_path):
+    from dataclasses import replace
+
+    from lightning_adapters.lightning.export import export_at_fit_end
+    from lightning_adapters.lightning.runtime import get_runtime
+
+    trainer_, module = _fitted(seed=3)
+    runtime = get_runtime(module)
+    saved_options = runtime.options
+    runtime.options = replace(runtime.options, export_peft_dir=str(tmp_path / "peft"), export_merged_dir=None)
+    try:
+        export_at_fit_end(trainer_, module, runtime)
+        good = files_in(tmp_path)
+        state = la.adapter_state_dict(module.model)
+        key = next(iter(state))
+        kept = state[key].clone()
+        with torch.no_grad():
+            state[key][0, 0] = float("inf")  # a diverged step
+        try:
+            with pytest.raises(la.AdapterStateError, match=r"save_peft: tensor .* holds 1 non-finite values"):
+                export_at_fit_end(trainer_, module, runtime)
+            assert files_in(tmp_path) == good
+            runtime.options = replace(runtime.options, export_peft_dir=None, export_merged_dir=str(tmp_path / "m"))
+            with pytest.raises(la.AdapterError, match=r"non-finite"):
+                export_at_fit_end(trainer_, module, runtime)
+            assert files_in(tmp_path) == good and not (tmp_path / "m").exists()
+        finally:
+            with torch.no_grad():
+                state[key].copy_(kept)
+    finally:
+        runtime.options = saved_options
+
+
+def test_export_merged_refuses_a_merge_that_overflows_a_half_precision_base(tmp_path):
+    """W + ΔW within fp32 but beyond fp16's 65504: the export checks the tensors it would write (in fp16)."""
+    from tests.helpers import Wrap
+
+    model = Wrap(torch.nn.Linear(4, 4, bias=False)).half()
+    with torch.no_grad():
+        model.layer.weight.fill_(6.0e4)
+    la.inject(model, la.LoRAConfig(r=1, alpha=1.0, target_modules=["layer"]))
+    la.export_merged(model, tmp_path / "out")  # ΔW = 0 at init: a good export
+    good = files_in(tmp_path)
+    with torch.no_grad():
+        model.layer.adapter.lora_A.fill_(100.0)
+        model.layer.adapter.lora_B.fill_(100.0)  # ΔW = 1e4 everywhere
+    with pytest.raises(la.AdapterError, match=r"non-finite"):
+        la.export_merged(model, tmp_path / "out")
+    assert files_in(tmp_path) == good
+    la.export_merged(model, tmp_path / "unsafe", safe=False)  # asked for: written as it is
+    from safetensors.torch import load_file
+
+    assert torch.isinf(load_file(tmp_path / "unsafe" / "model.safetensors")["layer.weight"]).all()
