@@ -53,8 +53,9 @@ def target_directory(directory: str | os.PathLike, what: str) -> Path:
         what: The calling function, for the error message (e.g. ``"save_peft"``).
 
     Raises:
-        AdapterConfigError: Not a path, an empty path, the file-system root, an existing file, or the current
-            working directory or one of its parents (swapping it would leave this process in a deleted directory).
+        AdapterConfigError: Not a path, an empty path, the file-system root, an existing file, the current
+            working directory or one of its parents (swapping it would leave this process in a deleted directory),
+            a mount point, or a directory whose parent is not writable (nothing to stage the swap in).
     """
     if not isinstance(directory, (str, os.PathLike)):
         raise AdapterConfigError(f"{what}: directory must be a str or os.PathLike, got {type(directory).__name__}")
@@ -71,6 +72,20 @@ def target_directory(directory: str | os.PathLike, what: str) -> Path:
         raise AdapterConfigError(
             f"{what}: directory {raw!r} is the current working directory or contains it, and the directory is "
             "replaced as a whole; pass a sub-directory such as 'adapter/'"
+        )
+    if path.is_dir() and os.path.ismount(path):
+        raise AdapterConfigError(
+            f"{what}: directory {raw!r} is a mount point, which cannot be swapped by rename (the directory is "
+            f"replaced as a whole); pass a sub-directory such as '{os.path.join(raw, 'adapter')}'"
+        )
+    existing = path.parent
+    while not existing.exists():
+        existing = existing.parent
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise AdapterConfigError(
+            f"{what}: directory {raw!r} cannot be replaced as a whole because {str(existing)!r} is not writable "
+            "(the new content is staged next to it and swapped in by rename); pass a directory whose parent you "
+            "can write, e.g. a sub-directory of it"
         )
     return path
 

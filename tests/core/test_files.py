@@ -1,0 +1,130 @@
+"""The whole-directory writer (``lightning_adapters.core.files``) on its own: what a swap keeps, drops and
+recovers, and the targets it refuses before touching anything."""
+
+from __future__ import annotations
+
+import os
+import stat
+from pathlib import Path
+
+import pytest
+
+import lightning_adapters as la
+from lightning_adapters.core.files import (
+    reading,
+    replace_directory,
+    sibling,
+    target_directory,
+    write_file,
+)
+
+
+def _writer(**files: bytes):
+    def fill(staging: Path) -> None:
+        for name, data in files.items():
+            write_file(staging / name, data)
+
+    return fill
+
+
+def _owned(name: str) -> bool:
+    return name.startswith("weights") or name == "config"
+
+
+def _tree(root: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}
+
+
+def test_swap_replaces_owned_files_and_keeps_the_users(tmp_path):
+    target = target_directory(tmp_path / "a" / "b", "test")  # parents are created
+    replace_directory(target, _writer(config=b"1", weights_v1=b"w1"), owned=_owned)
+    (target / "README.md").write_text("mine")
+    (target / "sub").mkdir()
+    (target / "sub" / "notes").write_text("also mine")
+    os.symlink("README.md", target / "link")
+    os.chmod(target, 0o750)
+    replace_directory(target, _writer(config=b"2", weights_v2=b"w2"), owned=_owned)
+    # weights_v1 is owned and not rewritten: a stale file of the previous save, dropped.
+    assert _tree(target) == {
+        "README.md": b"mine",
+        "config": b"2",
+        "link": b"mine",
+        "sub/notes": b"also mine",
+        "weights_v2": b"w2",
+    }
+    assert os.readlink(target / "link") == "README.md"
+    assert stat.S_IMODE(target.stat().st_mode) == 0o750  # the directory keeps its permissions
+    assert sorted(p.name for p in target.parent.iterdir()) == [".b.lock", "b"]
+
+
+def test_a_failing_fill_leaves_the_previous_content_and_no_staging(tmp_path):
+    target = target_directory(tmp_path / "d", "test")
+    replace_directory(target, _writer(config=b"1"), owned=_owned)
+
+    def fill(staging: Path) -> None:
+        write_file(staging / "config", b"2")
+        raise RuntimeError("serialisation failed")
+
+    with pytest.raises(RuntimeError, match="serialisation failed"):
+        replace_directory(target, fill, owned=_owned)
+    assert _tree(target) == {"config": b"1"}
+    assert sorted(p.name for p in tmp_path.iterdir()) == [".d.lock", "d"]
+
+
+def test_crash_between_the_renames_is_read_and_recovered(tmp_path):
+    target = target_directory(tmp_path / "d", "test")
+    replace_directory(target, _writer(config=b"old"), owned=_owned)
+    # What a writer killed after its first rename leaves: no target, the backup, its staging directory.
+    os.rename(target, sibling(target, ".old"))
+    staging = sibling(target, ".new-deadbeef")
+    staging.mkdir()
+    (staging / "config").write_bytes(b"new")
+    with reading(target) as src:
+        assert (src / "config").read_bytes() == b"old"
+    replace_directory(target, _writer(config=b"newer"), owned=_owned)
+    assert _tree(target) == {"config": b"newer"}
+    assert sorted(p.name for p in tmp_path.iterdir()) == [".d.lock", "d"]
+
+
+def test_crash_after_the_renames_keeps_the_new_content(tmp_path):
+    target = target_directory(tmp_path / "d", "test")
+    replace_directory(target, _writer(config=b"new"), owned=_owned)
+    backup = sibling(target, ".old")
+    backup.mkdir()
+    (backup / "config").write_bytes(b"old")  # the clean-up that a killed writer did not do
+    with reading(target) as src:
+        assert (src / "config").read_bytes() == b"new"
+    replace_directory(target, _writer(config=b"newer"), owned=_owned)
+    assert not backup.exists() and _tree(target) == {"config": b"newer"}
+
+
+def test_a_symlinked_target_stays_a_symlink(tmp_path):
+    real = tmp_path / "real"
+    replace_directory(target_directory(real, "test"), _writer(config=b"1"), owned=_owned)
+    os.symlink(real, tmp_path / "alias")
+    replace_directory(target_directory(tmp_path / "alias", "test"), _writer(config=b"2"), owned=_owned)
+    assert (tmp_path / "alias").is_symlink() and (real / "config").read_bytes() == b"2"
+
+
+def test_loading_from_a_directory_without_a_lock_file_creates_none(tmp_path):
+    from tests.helpers import tiny_llama
+
+    model = la.inject(tiny_llama(), la.LoRAConfig(r=2, target_modules=["q_proj"]))
+    la.save_peft(model, tmp_path / "w" / "adapter")
+    os.rename(tmp_path / "w" / "adapter", tmp_path / "copy")  # e.g. an adapter downloaded or copied elsewhere
+    la.load_peft(tiny_llama(), tmp_path / "copy")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["copy", "w"]
+
+
+def test_mount_point_and_unwritable_parent_are_refused_before_writing(tmp_path, monkeypatch):
+    target = tmp_path / "out"
+    target.mkdir()
+    monkeypatch.setattr(os.path, "ismount", lambda p: Path(p) == target)
+    with pytest.raises(la.AdapterConfigError, match=r"is a mount point.*pass a sub-directory such as '.*out/adapter'"):
+        target_directory(target, "save_peft")
+    monkeypatch.undo()
+    real_access = os.access
+    monkeypatch.setattr(os, "access", lambda p, mode: Path(p) != tmp_path and real_access(p, mode))
+    with pytest.raises(la.AdapterConfigError, match=rf"'{tmp_path}' is not writable"):
+        target_directory(tmp_path / "new" / "deeper", "export_merged")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]
