@@ -29,3 +29,11 @@ class AdapterStateError(AdapterError, ValueError):
 
 class NotMergeableError(AdapterError, TypeError):
     """The method has no weight-space form, so it cannot be merged into the base."""
+
+
+class AdapterTypeError(AdapterError, TypeError):
+    """An argument has the wrong type: not an ``nn.Module``, not an adapter config, not a tensor."""
+
+
+class MergeError(AdapterError, ValueError):
+    """A merge would write non-finite weights into the base, or could not be undone; nothing was changed."""

@@ -1,7 +1,8 @@
 """inject, eject, merge, unmerge, disabled, freezing and the summary table.
 
 Every entry point validates everything first and mutates second, so a bad config or a layer that cannot be
-adapted leaves the model exactly as it was.
+adapted leaves the model exactly as it was. ``inject`` also snapshots the module tree before its first change and
+puts it back on any exception (even ``KeyboardInterrupt``), so it never leaves a half-adapted model.
 """
 
 from __future__ import annotations
@@ -17,7 +18,15 @@ from torch import nn
 from lightning_adapters.config import AdapterConfig
 from lightning_adapters.core.layer import AdapterLayer, attach, detach, get_adapter, is_adapted
 from lightning_adapters.core.targeting import check_adaptable, name_matches, resolve_targets
-from lightning_adapters.errors import AdapterConfigError, NotMergeableError, TargetError, UnsupportedLayerError
+from lightning_adapters.errors import (
+    AdapterConfigError,
+    AdapterStateError,
+    AdapterTypeError,
+    MergeError,
+    NotMergeableError,
+    TargetError,
+    UnsupportedLayerError,
+)
 from lightning_adapters.registry import spec_for_config
 
 RECORD_ATTR = "_la_record"
@@ -33,6 +42,70 @@ class InjectionRecord:
     modules_to_save: list[str]
     original_requires_grad: dict[str, bool] = field(default_factory=dict)
     extra: dict[str, Any] = field(default_factory=dict)
+
+
+def check_module(model: Any, what: str) -> None:
+    """Refuse anything that is not an ``nn.Module`` with a library error naming it.
+
+    Raises:
+        AdapterTypeError: ``model`` is ``None``, a dict, a path, a class rather than an instance, ...
+    """
+    if not isinstance(model, nn.Module):
+        shown = repr(model)
+        shown = shown if len(shown) <= 60 else shown[:57] + "..."
+        hint = " (a class: instantiate it first)" if isinstance(model, type) else ""
+        raise AdapterTypeError(
+            f"{what}: model must be a torch.nn.Module instance, got {type(model).__name__} {shown}{hint}"
+        )
+
+
+def check_materialized(model: nn.Module, what: str) -> None:
+    """Refuse a model whose adapted weights or adapter tensors live on the meta device (no values to merge).
+
+    Raises:
+        AdapterStateError: Naming the first such tensor and how to materialise it.
+    """
+    for name, base, layer in adapted_modules(model):
+        tensors = [("weight", base.weight)] + [(f"adapter.{n}", t) for n, t in layer.named_parameters()]
+        for tname, t in tensors:
+            if t.is_meta:
+                raise AdapterStateError(
+                    f"{what}: {name}.{tname} is on the meta device (its values were never loaded), so there is "
+                    f"nothing to {what}; materialise the model first (model.to_empty(device=...) then load its "
+                    f"weights, or build it without device='meta')"
+                )
+
+
+class ModelSnapshot:
+    """Enough of a module tree to put it back exactly after a failed in-place change.
+
+    Per module: its class, its attribute dict and a shallow copy of every dict attribute (``_modules``,
+    ``_parameters``, ``_buffers``, the hook dicts), restored into the same dict objects so hook handles stay
+    valid. Per parameter: ``requires_grad`` and the tensor behind ``.data``. Values written in place are not
+    copied: the changes this undoes (class swaps, new children, hooks, freezing, ``.data`` casts) never do that.
+    """
+
+    def __init__(self, model: nn.Module) -> None:
+        self.modules = [
+            (m, type(m), dict(m.__dict__), {k: (v, dict(v)) for k, v in m.__dict__.items() if isinstance(v, dict)})
+            for m in model.modules()
+        ]
+        self.params = [(p, p.requires_grad, p.data) for p in model.parameters()]
+
+    def restore(self) -> None:
+        """Put every module and parameter back as it was when the snapshot was taken."""
+        for m, cls, attrs, containers in self.modules:
+            if type(m) is not cls:
+                m.__class__ = cls
+            for obj, content in containers.values():
+                obj.clear()
+                obj.update(content)
+            m.__dict__.clear()
+            m.__dict__.update(attrs)
+        for p, flag, data in self.params:
+            if p.data.data_ptr() != data.data_ptr() or p.dtype != data.dtype or p.shape != data.shape:
+                p.data = data
+            p.requires_grad_(flag)
 
 
 def get_record(model: nn.Module) -> InjectionRecord | None:
@@ -104,12 +177,17 @@ def inject(model: nn.Module, config: AdapterConfig) -> nn.Module:
         ``model``, for chaining.
 
     Raises:
+        AdapterTypeError: ``model`` is not an ``nn.Module`` or ``config`` is not an adapter config.
         AdapterConfigError: Already injected with another config, or a config value does not fit a layer.
         TargetError: ``target_modules`` matches nothing (the message lists the closest names).
         UnsupportedLayerError: A matched module has a type the method cannot adapt.
+
+    Any exception raised while adapting (a layer that cannot be built, a failing hook, ``KeyboardInterrupt``)
+    restores the model's module tree, classes, hooks, parameters and ``requires_grad`` flags before it propagates.
     """
+    check_module(model, "inject")
     if not isinstance(config, AdapterConfig):
-        raise TypeError(f"config must be an adapter config such as LoRAConfig(...), got {type(config).__name__}")
+        raise AdapterTypeError(f"config must be an adapter config such as LoRAConfig(...), got {type(config).__name__}")
     spec = spec_for_config(config)
     existing = find_records(model)
     if existing:
@@ -125,44 +203,49 @@ def inject(model: nn.Module, config: AdapterConfig) -> nn.Module:
         raise AdapterConfigError("model already contains adapter layers; eject them before injecting again")
 
     to_save = _resolve_modules_to_save(model, config, spec.name)
-    original_rg = {n: p.requires_grad for n, p in model.named_parameters()}
-    extra: dict[str, Any] = {}
-    if spec.inject_model is not None:
-        targets, extra = spec.inject_model(model, config)
-    else:
-        skip = {n for n, _ in model.named_modules() if any(n == s or n.startswith(s + ".") for s in to_save)}
-        targets = resolve_targets(
-            model,
-            config.target_modules,
-            config.exclude_modules,
-            method=spec.name,
-            default_targets=spec.default_targets or None,
-            skip=skip,
-        )
-        modules = {n: model.get_submodule(n) for n in targets}
-        bad = {n: type(m).__name__ for n, m in modules.items() if not isinstance(m, spec.supported_types)}
-        if bad:
-            supported = sorted(t.__name__ for t in spec.supported_types)
-            raise UnsupportedLayerError(
-                f"{spec.name}: cannot adapt {bad}; supported layer types are {supported}. "
-                f"Narrow target_modules or add these names to exclude_modules"
+    snapshot = ModelSnapshot(model)
+    try:
+        original_rg = {n: p.requires_grad for n, p in model.named_parameters()}
+        extra: dict[str, Any] = {}
+        if spec.inject_model is not None:
+            targets, extra = spec.inject_model(model, config)
+        else:
+            skip = {n for n, _ in model.named_modules() if any(n == s or n.startswith(s + ".") for s in to_save)}
+            targets = resolve_targets(
+                model,
+                config.target_modules,
+                config.exclude_modules,
+                method=spec.name,
+                default_targets=spec.default_targets or None,
+                skip=skip,
             )
-        check_adaptable(model, targets, spec.name)
-        # Build every layer before attaching any, so a failure changes nothing.
-        layers = {n: spec.create_layer(m, config, n) for n, m in modules.items()}
-        for n, layer in layers.items():
-            attach(modules[n], layer)
-            layer.apply_dtype(adapter_dtype_for(_base_dtype(modules[n]), config))
-    record = InjectionRecord(
-        config=config,
-        method=spec.name,
-        targets=list(targets),
-        modules_to_save=to_save,
-        original_requires_grad=original_rg,
-        extra=extra,
-    )
-    model.__dict__[RECORD_ATTR] = record
-    apply_trainability(model)
+            modules = {n: model.get_submodule(n) for n in targets}
+            bad = {n: type(m).__name__ for n, m in modules.items() if not isinstance(m, spec.supported_types)}
+            if bad:
+                supported = sorted(t.__name__ for t in spec.supported_types)
+                raise UnsupportedLayerError(
+                    f"{spec.name}: cannot adapt {bad}; supported layer types are {supported}. "
+                    f"Narrow target_modules or add these names to exclude_modules"
+                )
+            check_adaptable(model, targets, spec.name)
+            # Build every layer before attaching any: a layer that cannot be built fails before any change.
+            layers = {n: spec.create_layer(m, config, n) for n, m in modules.items()}
+            for n, layer in layers.items():
+                attach(modules[n], layer)
+                layer.apply_dtype(adapter_dtype_for(_base_dtype(modules[n]), config))
+        record = InjectionRecord(
+            config=config,
+            method=spec.name,
+            targets=list(targets),
+            modules_to_save=to_save,
+            original_requires_grad=original_rg,
+            extra=extra,
+        )
+        model.__dict__[RECORD_ATTR] = record
+        apply_trainability(model)
+    except BaseException:
+        snapshot.restore()
+        raise
     return model
 
 
@@ -196,10 +279,25 @@ def apply_dtype_policy(model: nn.Module) -> None:
 def merge(model: nn.Module, *, safe: bool = False) -> nn.Module:
     """Fold every adapter into its base weights; forward is then the plain base forward.
 
+    Exactness: ``unmerge`` recomputes ΔW and subtracts it (or inverts the rotation/scaling), in fp32 for a
+    half-precision base on CPU, so the base comes back up to rounding: for additive methods each element within
+    ``u·(|W + ΔW| + |W|)`` of its original value, ``u`` the base dtype's unit roundoff (2⁻²⁴ fp32, 2⁻¹¹ fp16,
+    2⁻⁸ bf16), and bit-exact wherever ``ΔW`` is 0. Rows a merge scales by 0 (DoRA, BOFT) are kept and put back
+    bit-exactly. ``eject(model)`` without ``merge`` never merged, so it returns the exact original weights.
+
     Args:
-        safe: Check each merged weight is finite before writing it; on failure every layer is left unmerged
-            and a ``ValueError`` names the layer.
+        safe: Check each merged weight in the base's own dtype (so an fp16 overflow to ``inf`` counts) before it
+            is written. On a refusal every layer this call merged gets its weight back from a copy taken just
+            before its merge: bit-exact, at the cost of holding one copy of each merged weight during the call.
+            Without ``safe`` no copy is kept.
+
+    Raises:
+        MergeError: ``safe`` and a merged weight would be non-finite (the message names the layer).
+        NotMergeableError: The method has no weight-space form.
+        AdapterStateError: An adapted weight or adapter tensor is on the meta device.
+        AdapterTypeError: ``model`` is not an ``nn.Module``.
     """
+    check_module(model, "merge")
     for prefix, _, rec in find_records(model):
         if rec.extra.get("mergeable", True) is False:
             where = f" on {prefix!r}" if prefix else ""
@@ -211,25 +309,35 @@ def merge(model: nn.Module, *, safe: bool = False) -> nn.Module:
     for name, _, layer in layers:
         if not layer.mergeable:
             raise_not_mergeable(name, layer)
-    done = []
+    check_materialized(model, "merge")
+    done: list[tuple[nn.Module, AdapterLayer, torch.Tensor | None]] = []
     try:
         for name, base, layer in layers:
-            if not layer.merged:
-                try:
-                    layer.merge(base, safe=safe)
-                except ValueError as err:
-                    raise ValueError(f"merge of {name!r} refused: {err}") from err
-                done.append((base, layer))
-    except Exception:
-        for base, layer in reversed(done):
-            layer.unmerge(base)
+            if layer.merged:
+                continue
+            if safe:
+                # Registered before the merge runs, so even an interrupted write is undone from the copy.
+                done.append((base, layer, base.weight.detach().clone()))
+            try:
+                layer.merge(base, safe=safe)
+            except MergeError as err:
+                raise MergeError(f"merge of {name!r} refused: {err}") from err
+            if not safe:
+                done.append((base, layer, None))
+    except BaseException:
+        for base, layer, original in reversed(done):
+            if original is None:
+                layer.unmerge(base)
+                continue
+            with torch.no_grad():
+                base.weight.copy_(original)
+            layer.forget_merge()
+            layer.merged = False
         raise
     return model
 
 
 def raise_not_mergeable(name: str, layer: AdapterLayer) -> None:
-    from lightning_adapters.errors import NotMergeableError
-
     raise NotMergeableError(
         f"{type(layer).__name__} on {name!r} is not mergeable: the method has no weight-space form; "
         f"keep the adapter attached (or eject it with merge=False)"
@@ -237,7 +345,9 @@ def raise_not_mergeable(name: str, layer: AdapterLayer) -> None:
 
 
 def unmerge(model: nn.Module) -> nn.Module:
-    """Undo ``merge``: the base weights return to their values before the merge."""
+    """Undo ``merge``: the base weights return to their values before the merge (up to rounding, see ``merge``)."""
+    check_module(model, "unmerge")
+    check_materialized(model, "unmerge")
     for _, base, layer in adapted_modules(model):
         if layer.merged:
             layer.unmerge(base)
@@ -247,6 +357,7 @@ def unmerge(model: nn.Module) -> nn.Module:
 @contextlib.contextmanager
 def disabled(model: nn.Module) -> Iterator[nn.Module]:
     """Run the base model: adapters are switched off (and merged ones unmerged) inside the block."""
+    check_module(model, "disabled")
     layers = list(adapted_modules(model))
     remerge = [(b, layer) for _, b, layer in layers if layer.merged]
     for base, layer in remerge:
@@ -267,15 +378,21 @@ def disabled(model: nn.Module) -> Iterator[nn.Module]:
             layer.merge(base)
 
 
-def eject(model: nn.Module, merge: bool = False) -> nn.Module:
+def eject(model: nn.Module, merge: bool = False, *, safe: bool = False) -> nn.Module:
     """Remove every adapter and return the plain model (with the adapters merged in if ``merge``).
 
     Without ``merge`` the base weights, classes and ``requires_grad`` flags are those from before ``inject``.
+
+    Args:
+        merge: Fold the adapters into the base weights before removing them.
+        safe: With ``merge``: as ``merge(model, safe=True)``; a refused merge raises ``MergeError`` and leaves the
+            model injected and exactly as it was.
     """
+    check_module(model, "eject")
     records = find_records(model)
     layers = list(adapted_modules(model))
     if merge:
-        globals()["merge"](model)
+        globals()["merge"](model, safe=safe)
     else:
         unmerge(model)
     for _, root, rec in records:
@@ -294,6 +411,7 @@ def eject(model: nn.Module, merge: bool = False) -> nn.Module:
 
 def summary(model: nn.Module) -> str:
     """A table of adapted modules and their trainable parameter counts, with totals and the trainable %."""
+    check_module(model, "summary")
     rows = []
     for name, base, layer in adapted_modules(model):
         n = sum(p.numel() for p in layer.parameters())
@@ -317,6 +435,7 @@ def summary(model: nn.Module) -> str:
 
 def config_of(model: nn.Module) -> AdapterConfig:
     """The config ``model`` (or its single injected sub-module) was injected with."""
+    check_module(model, "config_of")
     recs = find_records(model)
     if not recs:
         raise AdapterConfigError("model has no adapters; call lightning_adapters.inject(model, config) first")

@@ -57,6 +57,9 @@ class AdapterLayer(nn.Module):
         """Undo ``merge``."""
         raise NotMergeableError(f"{type(self).__name__} cannot be merged into the base weights")
 
+    def forget_merge(self) -> None:
+        """Drop whatever ``merge`` kept for ``unmerge`` (after the base weight was restored from a copy)."""
+
     def peft_state(self) -> dict[str, torch.Tensor]:
         """Tensors under PEFT's key suffixes and layouts (e.g. ``{"lora_A.weight": A}``)."""
         return {k: v for k, v in self.state_dict().items()}

@@ -3,13 +3,15 @@
 from __future__ import annotations
 
 import hashlib
+from collections.abc import Mapping
+from typing import Any
 
 import torch
 from torch import nn
 
-from lightning_adapters.core.inject import adapted_modules, find_records
+from lightning_adapters.core.inject import adapted_modules, check_module, find_records
 from lightning_adapters.core.layer import ADAPTER_ATTR
-from lightning_adapters.errors import AdapterStateError
+from lightning_adapters.errors import AdapterStateError, AdapterTypeError
 
 
 def adapter_prefixes(model: nn.Module) -> list[str]:
@@ -32,49 +34,121 @@ def adapter_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
 
     Tensors are detached references to the live ones, as ``state_dict()`` gives them.
     """
+    check_module(model, "adapter_state_dict")
     prefixes = adapter_prefixes(model)
     if not prefixes:
         raise AdapterStateError("model has no adapters; call lightning_adapters.inject(model, config) first")
     return {k: v for k, v in model.state_dict().items() if is_adapter_key(k, prefixes)}
 
 
-def load_adapter_state_dict(model: nn.Module, state_dict: dict[str, torch.Tensor], strict: bool = True) -> None:
-    """Copy adapter tensors into an injected ``model``; every key and shape is checked before anything changes.
+def _kind(dtype: torch.dtype) -> str:
+    if dtype == torch.bool:
+        return "bool"
+    if dtype.is_complex:
+        return "complex"
+    return "floating" if dtype.is_floating_point else "integer"
+
+
+def value_problem(key: str, value: Any, target: torch.Tensor, check_finite: bool = True) -> str | None:
+    """Why ``value`` cannot be copied into the live tensor ``target`` (``None`` if it can), naming ``key``.
+
+    Checked: a dense tensor with values (not meta), the shape, the dtype kind (a float parameter takes floats, a
+    bool mask takes bools or 0/1 values, an integer buffer takes integers) and, with ``check_finite``, no NaN/Inf
+    in floating values. Devices may differ: values are moved to ``target``'s device.
+    """
+    if not isinstance(value, torch.Tensor):
+        shown = repr(value)
+        shown = shown if len(shown) <= 40 else shown[:37] + "..."
+        return f"{key}: a {type(value).__name__} ({shown}), not a torch.Tensor"
+    if value.is_meta:
+        return f"{key}: a meta tensor (shape only, no values); load the real values"
+    if value.layout != torch.strided:
+        return f"{key}: a {str(value.layout).removeprefix('torch.')} tensor; pass a dense tensor (.to_dense())"
+    if tuple(value.shape) != tuple(target.shape):
+        return f"{key}: got {tuple(value.shape)}, model has {tuple(target.shape)}"
+    got, want = _kind(value.dtype), _kind(target.dtype)
+    name = str(value.dtype).removeprefix("torch.")
+    if want == "bool" and got != "bool":
+        if got == "complex" or not bool(((value == 0) | (value == 1)).all()):
+            return f"{key}: a {name} tensor with values other than 0/1 for a bool mask; pass a bool tensor"
+    elif want != "bool" and got != want:
+        return f"{key}: dtype {name} ({got}) for a {want} tensor ({str(target.dtype).removeprefix('torch.')})"
+    if check_finite and got == "floating" and not bool(torch.isfinite(value).all()):
+        bad = int((~torch.isfinite(value)).sum())
+        return f"{key}: {bad} non-finite values (NaN/Inf); pass check_finite=False to load them anyway"
+    return None
+
+
+def load_adapter_state_dict(
+    model: nn.Module, state_dict: Mapping[str, torch.Tensor], strict: bool = True, *, check_finite: bool = True
+) -> None:
+    """Copy adapter tensors into an injected ``model``; every key and value is checked before anything changes.
+
+    The values are first converted (device, dtype) into staged copies, then copied into the model, so neither a
+    bad value nor a failing conversion (e.g. out of device memory) leaves some tensors loaded and others not.
 
     Args:
         state_dict: As produced by ``adapter_state_dict`` (keys relative to ``model``).
-        strict: Refuse missing and unexpected keys (shape mismatches are always refused).
+        strict: Refuse missing and unexpected keys (bad values of known keys are always refused).
+        check_finite: Refuse NaN/Inf in floating values (an adapter holding them turns every output into NaN).
 
     Raises:
-        AdapterStateError: Missing, unexpected or mis-shaped keys, listed by name.
+        AdapterTypeError: ``model`` is not a module or ``state_dict`` is not a mapping.
+        AdapterStateError: Missing or unexpected keys, or values that are not tensors, are meta tensors, have
+            another shape or dtype kind, or are non-finite; all listed by key. Also a model whose adapter tensors
+            are on the meta device.
     """
+    check_module(model, "load_adapter_state_dict")
+    if not isinstance(state_dict, Mapping):
+        raise AdapterTypeError(
+            f"load_adapter_state_dict: state_dict must be a mapping of names to tensors (as adapter_state_dict "
+            f"returns), got {type(state_dict).__name__}"
+        )
     expected = adapter_state_dict(model)
+    bad_keys = [k for k in state_dict if not isinstance(k, str)]
+    if bad_keys:
+        raise AdapterStateError(
+            f"adapter state keys must be strings such as the ones adapter_state_dict returns; got {bad_keys[:5]}"
+        )
     missing = sorted(set(expected) - set(state_dict))
     unexpected = sorted(set(state_dict) - set(expected))
-    shapes = {
-        k: (tuple(state_dict[k].shape), tuple(v.shape))
-        for k, v in expected.items()
-        if k in state_dict and tuple(state_dict[k].shape) != tuple(v.shape)
+    given = {k: state_dict[k] for k in expected if k in state_dict}
+    misshaped = {
+        k for k, v in given.items() if isinstance(v, torch.Tensor) and tuple(v.shape) != tuple(expected[k].shape)
     }
+    shapes = [value_problem(k, given[k], expected[k]) for k in sorted(misshaped)]
+    values = [value_problem(k, v, expected[k], check_finite) for k, v in given.items() if k not in misshaped]
+    values = [v for v in values if v is not None]
     problems = []
     if strict and missing:
         problems.append(f"missing keys {missing[:10]}{' ...' if len(missing) > 10 else ''}")
     if strict and unexpected:
         problems.append(f"unexpected keys {unexpected[:10]}{' ...' if len(unexpected) > 10 else ''}")
     if shapes:
-        problems.append("shape mismatches " + ", ".join(f"{k}: got {g}, model has {e}" for k, (g, e) in shapes.items()))
+        problems.append("shape mismatches " + ", ".join(shapes[:10]) + (" ..." if len(shapes) > 10 else ""))
+    if values:
+        problems.append("bad values " + "; ".join(values[:10]) + (" ..." if len(values) > 10 else ""))
     if problems:
         raise AdapterStateError(
             "adapter state does not fit the model: "
             + "; ".join(problems)
             + ". Check that the state was saved from the same method config and base model"
         )
-    live = dict(model.named_parameters())
-    live.update(dict(model.named_buffers()))
+    live = dict(model.named_parameters(remove_duplicate=False))
+    live.update(dict(model.named_buffers(remove_duplicate=False)))
+    targets = {k: live[k] for k in expected if k in state_dict and k in live}
+    meta = [k for k, t in targets.items() if t.is_meta]
+    if meta:
+        raise AdapterStateError(
+            f"the model's adapter tensors {meta[:5]} are on the meta device, so loading into them would keep no "
+            f"values; materialise the model first (model.to_empty(device=...) then load its weights)"
+        )
+    # Staged copies: converting can fail (device memory) and values may alias live tensors; neither may leave a
+    # half-loaded adapter.
+    staged = {k: state_dict[k].to(device=t.device, dtype=t.dtype, copy=True) for k, t in targets.items()}
     with torch.no_grad():
-        for k, v in state_dict.items():
-            if k in expected and k in live:
-                live[k].copy_(v.to(device=live[k].device, dtype=live[k].dtype))
+        for k, t in targets.items():
+            t.copy_(staged[k])
 
 
 def base_fingerprint(model: nn.Module) -> str:

@@ -10,6 +10,7 @@ import torch
 from torch import nn
 
 from lightning_adapters.core.targeting import Conv1D
+from lightning_adapters.errors import AdapterConfigError, MergeError, UnsupportedLayerError
 
 
 def layer_kind(base: nn.Module) -> str:
@@ -24,7 +25,7 @@ def layer_kind(base: nn.Module) -> str:
         return "conv1d"
     if isinstance(base, nn.Conv2d):
         return "conv2d"
-    raise TypeError(f"unsupported layer type {type(base).__name__}")
+    raise UnsupportedLayerError(f"unsupported layer type {type(base).__name__}")
 
 
 def in_out_features(base: nn.Module) -> tuple[int, int]:
@@ -60,9 +61,66 @@ def kaiming_uniform_(t: torch.Tensor) -> torch.Tensor:
 
 
 def check_finite(t: torch.Tensor, what: str) -> None:
-    """Raise ``ValueError`` if ``t`` has NaN/Inf (used by ``merge(safe=True)`` before any write)."""
+    """Raise ``MergeError`` if ``t`` has NaN/Inf (used by ``merge(safe=True)`` before any write)."""
     if not torch.isfinite(t).all():
-        raise ValueError(f"{what} has non-finite values (NaN or Inf); the base weights were left unchanged")
+        bad = int((~torch.isfinite(t)).sum())
+        raise MergeError(
+            f"{what} has {bad} non-finite values (NaN or Inf) in {str(t.dtype).removeprefix('torch.')}; the base "
+            f"weights were left unchanged. Check the adapter tensors for NaN/Inf, or keep a half-precision base "
+            f"unmerged when the merged values overflow its range"
+        )
+
+
+def write_weight_(weight: torch.Tensor, new: torch.Tensor, *, safe: bool = False) -> None:
+    """Copy ``new`` into ``weight``; with ``safe`` the values are checked in ``weight``'s own dtype first.
+
+    Checking after the cast matters for half-precision bases: an fp32 sum of 7e4 is finite, but its fp16 value
+    is ``inf``.
+    """
+    cast = new.to(weight.dtype)
+    if safe:
+        check_finite(cast, "merged weight")
+    weight.copy_(cast)
+
+
+def _out_dim(kind: str) -> int:
+    # Conv1D (in, out) and Embedding (V, d) keep their outputs in columns; every other layout in rows.
+    return 1 if kind in ("conv1d_t", "embedding") else 0
+
+
+def stash_rows(weight: torch.Tensor, which: torch.Tensor, kind: str) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+    """Copies of the output slices ``which`` (out,) bool of ``weight``: ``(indices, values)``, or ``(None, None)``.
+
+    Used by merges that scale outputs and cannot unscale a factor of 0 (DoRA, BOFT): unmerge puts them back.
+    """
+    if not bool(which.any()):
+        return None, None
+    idx = which.nonzero().reshape(-1).to(weight.device)
+    return idx, weight.detach().index_select(_out_dim(kind), idx).clone()
+
+
+def restore_rows_(weight: torch.Tensor, idx: torch.Tensor | None, rows: torch.Tensor | None, kind: str) -> None:
+    """Put back the slices ``stash_rows`` kept (no-op when it kept none)."""
+    if idx is not None:
+        weight.index_copy_(_out_dim(kind), idx.to(weight.device), rows.to(device=weight.device, dtype=weight.dtype))
+
+
+# A rank-like value this many times above a layer's largest dimension is refused before anything is allocated.
+RANK_LIMIT_FACTOR = 16
+
+
+def check_rank(value: int, dims: tuple[int, ...], name: str, method: str, field: str = "r") -> None:
+    """Refuse a rank far above the layer's dimensions (``r=10**12`` would only fail in the allocator, if at all).
+
+    A rank above ``min(dims)`` adds no expressiveness; up to ``RANK_LIMIT_FACTOR × max(dims)`` is still allowed
+    (PEFT allows any rank, and adapters saved with it must load), beyond that the value is a mistake.
+    """
+    limit = RANK_LIMIT_FACTOR * max(dims)
+    if value > limit:
+        raise AdapterConfigError(
+            f"{method}: {field}={value} on {name!r} is far above the layer's dimensions {tuple(dims)} (at most "
+            f"{limit} is accepted); a {field} above {min(dims)} adds nothing, so use {field} <= {min(dims)}"
+        )
 
 
 def compute_dtype(t: torch.Tensor) -> torch.dtype:
@@ -79,7 +137,4 @@ def add_delta_(weight: torch.Tensor, delta: torch.Tensor, *, sign: float = 1.0, 
     """
     cd = compute_dtype(weight)
     with torch.no_grad():
-        new = weight.to(cd) + delta.to(cd) * sign
-        if safe:
-            check_finite(new, "merged weight")
-        weight.copy_(new.to(weight.dtype))
+        write_weight_(weight, weight.to(cd) + delta.to(cd) * sign, safe=safe)

@@ -60,7 +60,7 @@ from lightning_adapters.core.inject import adapted_modules, find_records
 from lightning_adapters.core.layer import AdapterLayer
 from lightning_adapters.core.targeting import LINEAR_TYPES
 from lightning_adapters.errors import AdapterConfigError, AdapterStateError
-from lightning_adapters.methods._common import add_delta_, in_out_features, layer_kind
+from lightning_adapters.methods._common import add_delta_, check_rank, in_out_features, layer_kind
 from lightning_adapters.methods.lora import _LoRALinear, fused_linear_applies
 from lightning_adapters.registry import MethodSpec, register
 
@@ -240,6 +240,7 @@ class AdaLoRALayer(AdapterLayer):
                 )
             in_f = in_f * base.kernel_size[0] * base.kernel_size[1]
         r = config.init_r
+        check_rank(r, (in_f, out_f), name, "adalora", "init_r")
         self.r, self.alpha = r, float(config.alpha)
         self.dropout_p = float(config.dropout)
         dev = base.weight.device
@@ -257,6 +258,8 @@ class AdaLoRALayer(AdapterLayer):
                     nn.init.normal_(p)
         keep = torch.tensor(config.rank_pattern.get(name, [True] * r), dtype=torch.bool, device=dev)
         self.register_buffer("rank_mask", keep)
+        with torch.no_grad():
+            self.lora_E.masked_fill_(~keep.view(-1, 1), 0.0)  # ranks pruned by the pattern start empty
         self.register_buffer("ranknum", torch.full((1,), float(r), device=dev, dtype=dt), persistent=False)
 
     # --- weight-space form -------------------------------------------------------------------------------
@@ -320,10 +323,19 @@ class AdaLoRALayer(AdapterLayer):
         """Number of kept triplets."""
         return int(self.rank_mask.sum())
 
-    # --- PEFT layout: tensors sliced to the kept ranks ----------------------------------------------------
+    # --- PEFT layout: tensors sliced to the exported ranks ------------------------------------------------
+
+    def export_mask(self) -> torch.Tensor:
+        """Ranks an export holds (r,) bool: the kept ones, and pruned ones whose ``E`` is not 0.
+
+        Masking is soft, so a pruned ``E_i`` regrows between masks and the forward uses it; exporting only the
+        kept ranks would give PEFT another adapter than the one in memory. The ``rank_pattern`` written with the
+        export is this mask, so the file, PEFT's model and ``load_peft``'s model all equal the model in memory.
+        """
+        return self.rank_mask | (self.lora_E.detach().reshape(-1) != 0)
 
     def peft_state(self) -> dict[str, torch.Tensor]:
-        keep = self.rank_mask
+        keep = self.export_mask()
         return {
             "lora_A": self.lora_A.detach()[keep],
             "lora_B": self.lora_B.detach()[:, keep],
@@ -331,7 +343,7 @@ class AdaLoRALayer(AdapterLayer):
         }
 
     def peft_shapes(self) -> dict[str, tuple[int, ...]]:
-        k = self.kept_rank
+        k = int(self.export_mask().sum())
         return {"lora_A": (k, self.lora_A.shape[1]), "lora_B": (self.lora_B.shape[0], k), "lora_E": (k, 1)}
 
     def load_peft_state(self, state: dict[str, torch.Tensor]) -> None:
@@ -559,11 +571,15 @@ def _to_peft(cfg: AdaLoRAConfig) -> dict[str, Any]:
 
 
 def _peft_config_extra(root: nn.Module) -> dict[str, Any]:
-    """The live ``rank_pattern`` in PEFT's key format (``None`` while nothing is pruned) and the resolved total."""
+    """The exported ``rank_pattern`` in PEFT's key format (``None`` while nothing is pruned) and the resolved total.
+
+    The pattern is each layer's ``export_mask`` (the ranks the file holds), not its ``rank_mask``.
+    """
     layers = adalora_layers(root)
+    masks = {name: layer.export_mask() for name, layer in layers.items()}
     out: dict[str, Any] = {}
-    if any(not bool(layer.rank_mask.all()) for layer in layers.values()):
-        out["rank_pattern"] = {f"{name}.lora_E": layer.rank_mask.tolist() for name, layer in layers.items()}
+    if any(not bool(m.all()) for m in masks.values()):
+        out["rank_pattern"] = {f"{name}.lora_E": m.tolist() for name, m in masks.items()}
     for _, _, rec in find_records(root):
         total = rec.extra.get("adalora_total_step")
         if total is not None and rec.config.total_step is None:

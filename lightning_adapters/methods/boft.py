@@ -43,7 +43,7 @@ from torch import nn
 from lightning_adapters.config import AdapterConfig, check_positive_int, check_probability
 from lightning_adapters.core.layer import AdapterLayer
 from lightning_adapters.errors import AdapterConfigError
-from lightning_adapters.methods._common import check_finite, layer_kind
+from lightning_adapters.methods._common import layer_kind, restore_rows_, stash_rows, write_weight_
 from lightning_adapters.methods.oft import (
     block_dropout_mask,
     block_layout,
@@ -199,6 +199,9 @@ class BOFTLayer(AdapterLayer):
             with torch.no_grad():
                 nn.init.normal_(self.boft_R, mean=0.0, std=0.1)
                 nn.init.normal_(self.boft_s, mean=1.0, std=0.1)
+        # Plain attributes, not buffers: no dtype policy or cast may round the copies merge keeps.
+        self.merge_rows_idx: torch.Tensor | None = None
+        self.merge_rows: torch.Tensor | None = None
 
     # --- rotation ------------------------------------------------------------------------------------------
 
@@ -247,30 +250,39 @@ class BOFTLayer(AdapterLayer):
     # --- merge ---------------------------------------------------------------------------------------------
 
     def _merged(self, w: torch.Tensor, inverse: bool) -> torch.Tensor:
-        """``diag(s)·W·Rᵀ`` or its inverse ``diag(1/s)·W·R`` (R orthogonal), computed in float64."""
+        """``diag(s)·W·Rᵀ`` or its inverse ``diag(1/s)·W·R`` (R orthogonal), computed in float64.
+
+        The inverse leaves rows with ``s = 0`` at 0 (their originals are restored from the copy ``merge`` kept).
+        """
         blocks = self.factor_blocks(dtype=torch.float64)
         s = self.boft_s.detach().to(torch.float64).reshape(-1, 1)  # (out, 1)
         w2 = w.detach().to(torch.float64).reshape(w.shape[0], -1)
         if inverse:
-            return self.rotate(w2 / s, blocks).reshape(w.shape)
+            inv = 1.0 / s
+            return self.rotate(w2 * torch.where(torch.isfinite(inv), inv, 0.0), blocks).reshape(w.shape)
         return (self.rotate(w2, blocks, transpose=True) * s).reshape(w.shape)
 
     def merge(self, base: nn.Module, *, safe: bool = False) -> None:
         w = base.weight
         with torch.no_grad():
-            if safe and not bool((self.boft_s != 0).all()):
-                raise ValueError("boft_s has zeros, so the merge could not be undone")
             new = self._merged(w, inverse=False)
-            if safe:
-                check_finite(new, "merged weight")
-            w.copy_(new.to(w.dtype))
+            # A row scaled by s = 0 is lost in the product: keep its original for unmerge.
+            lost = ~torch.isfinite(1.0 / self.boft_s.detach().to(torch.float64).reshape(-1))
+            idx, rows = stash_rows(w, lost, self.kind)
+            write_weight_(w, new, safe=safe)
+            self.merge_rows_idx, self.merge_rows = idx, rows
         self.merged = True
 
     def unmerge(self, base: nn.Module) -> None:
         w = base.weight
         with torch.no_grad():
             w.copy_(self._merged(w, inverse=True).to(w.dtype))
+            restore_rows_(w, self.merge_rows_idx, self.merge_rows, self.kind)
+        self.forget_merge()
         self.merged = False
+
+    def forget_merge(self) -> None:
+        self.merge_rows_idx = self.merge_rows = None
 
     # --- PEFT layout ---------------------------------------------------------------------------------------
 

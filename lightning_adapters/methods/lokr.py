@@ -55,6 +55,7 @@ from lightning_adapters.core.targeting import LINEAR_TYPES
 from lightning_adapters.errors import AdapterConfigError
 from lightning_adapters.methods._common import (
     add_delta_,
+    check_rank,
     in_out_features,
     kaiming_uniform_,
     layer_kind,
@@ -288,6 +289,7 @@ class LoKrLayer(AdapterLayer):
         self.kind = layer_kind(base)
         in_f, out_f = in_out_features(base)
         r = int(pattern_value(config.rank_pattern, name, config.r))
+        check_rank(r, (base.weight.numel() // out_f, out_f), name, "lokr")
         alpha = float(pattern_value(config.alpha_pattern, name, config.alpha))
         self.r, self.alpha, self.scale = r, alpha, alpha / r
         self.rank_dropout = float(config.rank_dropout)

@@ -16,7 +16,9 @@ output and renormalises the adapted weight row-wise::
 
     y = m / ||W + s·B·A||_row ⊙ (W x + s · B A x) + b
 
-with the norm detached from the graph (the paper's §4.3), as PEFT does.
+with the norm detached from the graph (the paper's §4.3), as PEFT does. A row whose ``W + s·B·A`` is exactly zero
+has no direction: its factor ``m / ||·||`` is taken as 0 (PEFT computes ``0/0 = NaN`` there), which keeps the
+layer the base at init and every gradient finite; merging such a row keeps a copy of it, so unmerge restores it.
 
 Speed (Linear and Conv1D): one autograd Function runs the whole layer. It saves ``x``, the rank-r ``h = A x``,
 the weights and at most one weight-sized product, never an activation-sized temporary, and computes no gradient
@@ -50,12 +52,15 @@ from lightning_adapters.core.layer import AdapterLayer
 from lightning_adapters.core.targeting import LINEAR_TYPES
 from lightning_adapters.errors import AdapterConfigError, AdapterStateError
 from lightning_adapters.methods._common import (
-    check_finite,
+    check_rank,
     compute_dtype,
     in_out_features,
     kaiming_uniform_,
     layer_kind,
     pattern_value,
+    restore_rows_,
+    stash_rows,
+    write_weight_,
 )
 from lightning_adapters.registry import MethodSpec, register
 
@@ -154,6 +159,15 @@ def linear_delta_weight(A: torch.Tensor, B: torch.Tensor, scale: float) -> torch
 def row_norm(weight: torch.Tensor) -> torch.Tensor:
     """L2 norm of every output slice of ``weight`` (out, ...) -> (out,)."""
     return weight.reshape(weight.shape[0], -1).norm(p=2, dim=1)
+
+
+def dora_factor(magnitude: torch.Tensor, norm: torch.Tensor) -> torch.Tensor:
+    """``m / ||W + s·B·A||`` per output, 0 where the norm is 0 (a zero row has no direction to scale).
+
+    The division runs on a norm with its zeros replaced by 1, so neither the value nor ``∂/∂m`` is NaN there.
+    """
+    zero = norm == 0
+    return torch.where(zero, torch.zeros_like(magnitude), magnitude / torch.where(zero, torch.ones_like(norm), norm))
 
 
 def fold_pays(rows: int, in_f: int, out_f: int) -> bool:
@@ -301,6 +315,8 @@ class LoRALayer(AdapterLayer):
         self.kind = layer_kind(base)
         in_f, out_f = in_out_features(base)
         r = int(pattern_value(config.rank_pattern, name, config.r))
+        k_numel = math.prod(base.kernel_size) if self.kind in ("conv1d", "conv2d") else 1
+        check_rank(r, (in_f * k_numel, out_f), name, "lora")
         alpha = float(pattern_value(config.alpha_pattern, name, config.alpha))
         self.r, self.alpha = r, alpha
         self.scale = lora_scale(alpha, r, config.use_rslora)
@@ -334,6 +350,10 @@ class LoRALayer(AdapterLayer):
                 norm = norm.reshape(1, out_f, *([1] * (base.weight.dim() - 2)))
             self.magnitude = nn.Parameter(norm.to(dt))
         self.register_buffer("merge_norm", None, persistent=False)
+        # DoRA rows whose factor is 0 cannot be recovered by dividing: merge keeps them (indices, values).
+        # Plain attributes, not buffers: no dtype policy or cast may round the copies.
+        self.merge_rows_idx: torch.Tensor | None = None
+        self.merge_rows: torch.Tensor | None = None
 
     def _init(self, mode: Any) -> None:
         with torch.no_grad():
@@ -383,17 +403,18 @@ class LoRALayer(AdapterLayer):
         cd = compute_dtype(w)
         with torch.no_grad():
             dw = self.delta_weight().to(cd)
-            if self.use_dora:
-                norm = self._dora_norm(base)
-                factor = (self.magnitude / norm).to(cd)  # (out,) or (1, out, 1...)
-                new = _scale_rows(w.to(cd) + dw, factor, self.kind)
-            else:
-                new = w.to(cd) + dw
-            if safe:
-                check_finite(new, "merged weight")
-            if self.use_dora:
-                self.merge_norm = norm
-            w.copy_(new.to(w.dtype))
+            if not self.use_dora:
+                write_weight_(w, w.to(cd) + dw, safe=safe)
+                self.merged = True
+                return
+            norm = self._dora_norm(base)
+            factor = dora_factor(self.magnitude, norm).to(cd)  # (out,) or (1, out, 1...)
+            new = _scale_rows(w.to(cd) + dw, factor, self.kind)
+            # Rows scaled by 0 (or by a factor whose inverse overflows) cannot be unscaled: keep the originals.
+            lost = ~torch.isfinite(1.0 / factor.reshape(-1))
+            idx, rows = stash_rows(w, lost, self.kind)
+            write_weight_(w, new, safe=safe)
+            self.merge_norm, self.merge_rows_idx, self.merge_rows = norm, idx, rows
         self.merged = True
 
     def unmerge(self, base: nn.Module) -> None:
@@ -401,14 +422,19 @@ class LoRALayer(AdapterLayer):
         cd = compute_dtype(w)
         with torch.no_grad():
             dw = self.delta_weight().to(cd)
-            if self.use_dora:
-                factor = (self.magnitude / self.merge_norm).to(cd)
-                old = _scale_rows(w.to(cd), 1.0 / factor, self.kind) - dw
-                self.merge_norm = None
-            else:
-                old = w.to(cd) - dw
-            w.copy_(old.to(w.dtype))
+            if not self.use_dora:
+                w.copy_((w.to(cd) - dw).to(w.dtype))
+                self.merged = False
+                return
+            inv = 1.0 / dora_factor(self.magnitude, self.merge_norm).to(cd)
+            inv = torch.where(torch.isfinite(inv), inv, torch.zeros_like(inv))
+            w.copy_((_scale_rows(w.to(cd), inv, self.kind) - dw).to(w.dtype))
+            restore_rows_(w, self.merge_rows_idx, self.merge_rows, self.kind)
+            self.merge_norm = self.merge_rows_idx = self.merge_rows = None
         self.merged = False
+
+    def forget_merge(self) -> None:
+        self.merge_norm = self.merge_rows_idx = self.merge_rows = None
 
     # --- forward -----------------------------------------------------------------------------------------
 
@@ -446,7 +472,7 @@ class LoRALayer(AdapterLayer):
         return out + (F.linear(h, self.lora_B) * self.scale).to(out.dtype)
 
     def _forward_linear_dora(self, base: nn.Module, x: torch.Tensor, xd: torch.Tensor, h: torch.Tensor) -> torch.Tensor:
-        factor = self.magnitude / self._dora_norm(base)  # (out,)
+        factor = dora_factor(self.magnitude, self._dora_norm(base))  # (out,)
         lora = F.linear(h, self.lora_B) * self.scale  # (..., out)
         if self.dropout_p > 0.0 and self.training:
             # PEFT's form when the adapter sees a dropped input: base(x) + (m/n − 1)·W·x_d + (m/n)·s·B·A·x_d.
@@ -465,7 +491,7 @@ class LoRALayer(AdapterLayer):
         h = base._conv_forward(xd, self.lora_A, None)  # (N, r, *spatial_out): same stride/padding/dilation/groups
         lora = conv(h, self.lora_B, groups=self.groups) * self.scale  # (N, out, *spatial_out)
         if self.use_dora:
-            factor = self.magnitude / self._dora_norm(base)  # (1, out, 1...)
+            factor = dora_factor(self.magnitude, self._dora_norm(base))  # (1, out, 1...)
             if self.dropout_p > 0.0 and self.training:
                 out = self._la_base(base, x)
                 wx_d = base._conv_forward(xd.to(base.weight.dtype), base.weight, None)
@@ -492,7 +518,7 @@ class LoRALayer(AdapterLayer):
         h = self._embed(base, x, self.lora_A.t())  # (..., V) lookup in Aᵀ (V, r) -> (..., r)
         lora = F.linear(h, self.lora_B) * self.scale  # (..., r) @ (r, d) -> (..., d)
         if self.use_dora:
-            factor = self.magnitude / self._dora_norm(base)  # (d,)
+            factor = dora_factor(self.magnitude, self._dora_norm(base))  # (d,)
             return (factor * (out.to(lora.dtype) + lora)).to(out.dtype)
         return out + lora.to(out.dtype)
 

@@ -48,7 +48,7 @@ from torch import nn
 from lightning_adapters.config import AdapterConfig, check_positive_float, check_positive_int, check_probability
 from lightning_adapters.core.layer import AdapterLayer
 from lightning_adapters.errors import AdapterConfigError
-from lightning_adapters.methods._common import check_finite, layer_kind
+from lightning_adapters.methods._common import layer_kind, write_weight_
 from lightning_adapters.registry import MethodSpec, register
 
 
@@ -536,10 +536,7 @@ class OFTLayer(AdapterLayer):
     def merge(self, base: nn.Module, *, safe: bool = False) -> None:
         w = base.weight
         with torch.no_grad():
-            new = self._merged(w, inverse=False)
-            if safe:
-                check_finite(new, "merged weight")
-            w.copy_(new.to(w.dtype))
+            write_weight_(w, self._merged(w, inverse=False), safe=safe)
         self.merged = True
 
     def unmerge(self, base: nn.Module) -> None:

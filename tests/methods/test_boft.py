@@ -146,16 +146,26 @@ def test_dropout_replaces_blocks_of_one_factor_in_training():
     assert sorted(zero.tolist()) == [0, 4]  # ⌊0.5 · 8⌋ blocks of exactly one factor
 
 
-def test_scale_leaves_the_bias_alone_and_safe_merge_refuses_a_zero_scale():
+@pytest.mark.parametrize("safe", [False, True])
+def test_zero_scale_leaves_the_bias_alone_and_merges_reversibly(safe):
+    """``s_i = 0`` zeroes output i (bias kept); merging cannot divide it back out, so the row is kept and restored."""
     lin = nn.Linear(8, 3)
+    original = lin.weight.detach().clone()
     model = la.inject(Wrap(lin), BOFTConfig(boft_block_size=4, target_modules=["layer"]))
+    _random(model, std=0.3)
     with torch.no_grad():
-        model.layer.adapter.boft_s.zero_()
+        model.layer.adapter.boft_s[1] = 0.0
     x = torch.randn(2, 8)
-    assert torch.allclose(model(x), lin.bias.expand(2, 3))
-    with pytest.raises(ValueError, match="boft_s has zeros"):
-        la.merge(model, safe=True)
-    assert not model.layer.adapter.merged
+    unmerged = model(x)
+    assert torch.equal(unmerged[:, 1], lin.bias[1].expand(2))
+    la.merge(model, safe=safe)
+    assert torch.equal(lin.weight[1], torch.zeros(8))
+    assert torch.allclose(model(x), unmerged, atol=1e-6)
+    la.unmerge(model)
+    assert torch.isfinite(lin.weight).all()
+    assert torch.equal(lin.weight[1], original[1])  # the kept row: bit-exact
+    assert torch.allclose(lin.weight, original, atol=1e-6)
+    assert not model.layer.adapter.merged and model.layer.adapter.merge_rows is None
 
 
 def test_rotation_saves_only_the_input_and_the_unscaled_output():
