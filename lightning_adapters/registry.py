@@ -74,7 +74,7 @@ _LOADED = False
 def register(spec: MethodSpec) -> MethodSpec:
     """Add a method to the registry; a name can be registered once."""
     if spec.name in _REGISTRY and _REGISTRY[spec.name] is not spec:
-        raise ValueError(f"method {spec.name!r} is already registered")
+        raise AdapterConfigError(f"method {spec.name!r} is already registered; register each method once")
     _REGISTRY[spec.name] = spec
     return spec
 
