@@ -16,7 +16,7 @@ import torch
 from torch import nn
 
 from lightning_adapters.config import AdapterConfig
-from lightning_adapters.core.layer import AdapterLayer, attach, detach, get_adapter, is_adapted
+from lightning_adapters.core.layer import ADAPTER_ATTR, AdapterLayer, attach, detach, get_adapter, is_adapted
 from lightning_adapters.core.targeting import check_adaptable, name_matches, resolve_targets
 from lightning_adapters.errors import (
     AdapterConfigError,
@@ -228,6 +228,12 @@ def inject(model: nn.Module, config: AdapterConfig) -> nn.Module:
                     f"Narrow target_modules or add these names to exclude_modules"
                 )
             check_adaptable(model, targets, spec.name)
+            taken = [n for n, m in modules.items() if ADAPTER_ATTR in m._modules or hasattr(m, ADAPTER_ATTR)]
+            if taken:
+                raise AdapterConfigError(
+                    f"{spec.name}: {taken} already have an attribute {ADAPTER_ATTR!r}, where the adapter would go; "
+                    f"rename that attribute or add these modules to exclude_modules"
+                )
             # Build every layer before attaching any: a layer that cannot be built fails before any change.
             layers = {n: spec.create_layer(m, config, n) for n, m in modules.items()}
             for n, layer in layers.items():

@@ -146,11 +146,11 @@ def test_llama_adapter_inject_rolls_back_a_failing_hook_registration(hook, monke
 
 
 def test_attribute_clash_on_a_later_target_leaves_no_adapter():
-    """A real bad input, not a patch: the second target already has an ``adapter`` attribute."""
+    """A real bad input: the second target already has an ``adapter`` attribute (refused before any change)."""
     model = tiny_llama()
     model.model.layers[1].self_attn.q_proj.adapter = "user data"
     before = _tree(model)
-    with pytest.raises(la.AdapterError, match="already has an attribute 'adapter'"):
+    with pytest.raises(la.AdapterConfigError, match=r"\['model.layers.1.self_attn.q_proj'\] already have an attr"):
         la.inject(model, la.LoRAConfig(r=2, target_modules=["q_proj"]))
     _assert_same_tree(model, before)
 

@@ -21,7 +21,7 @@ from torch import nn
 
 import lightning_adapters as la
 from tests.helpers import SmallCNN, Wrap, tiny_bert, tiny_gpt2, tiny_llama
-from tests.reliability import rows_i15files, rows_i15models
+from tests.reliability import rows_i15files, rows_i15models, rows_i15state
 
 DOC = Path(__file__).resolve().parents[2] / "docs" / "BAD_INPUTS.md"
 
@@ -594,6 +594,7 @@ LIGHTNING_ROWS = [
 ROWS: list[Row] = ENGINE_ROWS + METHOD_ROWS + LIGHTNING_ROWS
 ROWS += rows_i15models.rows(Row)
 ROWS += rows_i15files.rows(Row)
+ROWS += rows_i15state.rows(Row, _snapshot_into)
 
 
 @pytest.mark.parametrize("row", [pytest.param(r, id=r.id) for r in ROWS])
