@@ -250,9 +250,29 @@ def replace_directory(target: Path, fill: Callable[[Path], None], *, owned: Call
     return target
 
 
-@contextmanager
-def reading(directory: str | os.PathLike) -> Iterator[Path]:
-    """Hold the shared lock of ``directory`` and yield where its current content is to be read."""
+def read_files(directory: str | os.PathLike, names: tuple[str, ...]) -> dict[str, bytes | None]:
+    """The bytes of the files ``names`` of one version of ``directory`` (None for a missing or non-regular one).
+
+    Reads under the shared lock, and through one descriptor of the directory, so every file comes from the
+    same directory even where no lock file exists yet (a swap then makes a read fail, never mix versions).
+    """
     path = Path(os.path.realpath(os.fspath(directory)))
+    out: dict[str, bytes | None] = {}
     with directory_lock(path, shared=True):
-        yield readable_directory(path)
+        src = readable_directory(path)
+        try:
+            dir_fd = os.open(src, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+        except (FileNotFoundError, NotADirectoryError):
+            return dict.fromkeys(names)
+        try:
+            for name in names:
+                try:
+                    fd = os.open(name, os.O_RDONLY | os.O_CLOEXEC, dir_fd=dir_fd)
+                except FileNotFoundError:
+                    out[name] = None
+                    continue
+                with os.fdopen(fd, "rb") as f:
+                    out[name] = f.read() if stat.S_ISREG(os.fstat(f.fileno()).st_mode) else None
+        finally:
+            os.close(dir_fd)
+    return out

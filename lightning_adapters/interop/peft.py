@@ -17,7 +17,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from lightning_adapters.core.files import reading, replace_directory, target_directory, write_file
+from lightning_adapters.core.files import read_files, replace_directory, target_directory, write_file
 from lightning_adapters.core.inject import adapted_modules, eject, find_records, inject
 from lightning_adapters.errors import AdapterConfigError, AdapterStateError
 from lightning_adapters.registry import get_method, get_method_by_peft_type
@@ -211,15 +211,14 @@ def read_peft_dir(directory: str | os.PathLike) -> tuple[dict[str, Any], dict[st
 
     directory = Path(directory)
     cfg_path, w_path = directory / CONFIG_NAME, directory / WEIGHTS_NAME
-    with reading(directory) as src:
-        if not (src / CONFIG_NAME).is_file():
-            raise AdapterStateError(f"{cfg_path} does not exist; a PEFT adapter directory holds {CONFIG_NAME}")
-        if not (src / WEIGHTS_NAME).is_file():
-            alt = src / "adapter_model.bin"
-            hint = " (only safetensors files are read: re-save it with safe_serialization=True)" if alt.exists() else ""
-            raise AdapterStateError(f"{w_path} does not exist{hint}")
-        config_raw = (src / CONFIG_NAME).read_bytes()
-        weights_raw = (src / WEIGHTS_NAME).read_bytes()
+    raw = read_files(directory, (CONFIG_NAME, WEIGHTS_NAME))
+    config_raw, weights_raw = raw[CONFIG_NAME], raw[WEIGHTS_NAME]
+    if config_raw is None:
+        raise AdapterStateError(f"{cfg_path} does not exist; a PEFT adapter directory holds {CONFIG_NAME}")
+    if weights_raw is None:
+        alt = directory / "adapter_model.bin"
+        hint = " (only safetensors files are read: re-save it with safe_serialization=True)" if alt.exists() else ""
+        raise AdapterStateError(f"{w_path} does not exist{hint}")
     try:
         config = json.loads(config_raw.decode("utf-8"))
     except UnicodeDecodeError as err:
