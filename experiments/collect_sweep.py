@@ -1,10 +1,13 @@
 """Collect a training-app multirun into a table and a plot of metric vs trainable parameters per method.
 
-Every job of ``python -m lightning_adapters.train -m ...`` writes ``summary.json`` into its output directory.
-This script reads them all and writes, next to them (or into ``--out``):
+Every job of ``python -m lightning_adapters.train -m ...`` writes ``summary.json`` into its output directory,
+also when it fails (``status: "failed"`` and its error line). This script reads them all and writes, next to
+them (or into ``--out``):
 
 - ``sweep_table.md`` and ``sweep_table.csv``: method, rank, trainable parameters (and %), best validation
-  metric, mean step time, peak memory, one row per job, sorted by method then rank;
+  metric, mean step time, peak memory, one row per job, sorted by method then rank; failed jobs are listed
+  below the table with their overrides and error line (in the CSV: ``status`` and ``error`` columns), and so
+  is a job directory without ``summary.json`` (killed, or still running);
 - ``sweep_plot.png``: best validation metric against trainable parameters (log scale), one line per method,
   each point labelled with its rank.
 
@@ -24,21 +27,36 @@ from pathlib import Path
 from typing import Any
 
 COLUMNS = ("method", "rank", "trainable_params", "trainable_pct", "metric", "value", "step_time_ms", "peak_mem_mb")
+NO_SUMMARY = "no summary.json: the job was killed or is still running"
+
+
+def _overrides(job_dir: Path) -> str:
+    """The job's command-line overrides (Hydra's ``.hydra/overrides.yaml``), space separated."""
+    path = job_dir / ".hydra" / "overrides.yaml"
+    if not path.is_file():
+        return ""
+    # One "- key=value" item per line; read without a YAML parser to keep the script's imports minimal.
+    items = [line[2:].strip() for line in path.read_text().splitlines() if line.startswith("- ")]
+    return " ".join(item.strip("'\"") for item in items)
 
 
 def collect(sweep_dir: str | Path) -> list[dict[str, Any]]:
-    """One row per ``summary.json`` found below ``sweep_dir``, sorted by method then rank.
+    """One row per job below ``sweep_dir``, sorted by method then rank; failed jobs have ``status="failed"``.
+
+    A job is a directory holding ``summary.json`` or Hydra's ``.hydra/`` folder (a job that died before writing
+    its summary is listed with ``error`` = ``NO_SUMMARY``).
 
     Raises:
-        FileNotFoundError: No ``summary.json`` below ``sweep_dir``.
+        FileNotFoundError: No job below ``sweep_dir``.
     """
     sweep_dir = Path(sweep_dir)
-    paths = sorted(sweep_dir.rglob("summary.json"))
-    if not paths:
+    jobs = {p.parent for p in sweep_dir.rglob("summary.json")} | {p.parent for p in sweep_dir.rglob(".hydra")}
+    if not jobs:
         raise FileNotFoundError(f"no summary.json below {str(sweep_dir)!r}; is it a training-app multirun directory?")
     rows = []
-    for path in paths:
-        s = json.loads(path.read_text())
+    for job in sorted(jobs):
+        path = job / "summary.json"
+        s = json.loads(path.read_text()) if path.is_file() else {"status": "failed", "error": NO_SUMMARY}
         rows.append(
             {
                 "method": s.get("method"),
@@ -49,10 +67,13 @@ def collect(sweep_dir: str | Path) -> list[dict[str, Any]]:
                 "value": s.get("best_metric"),
                 "step_time_ms": s.get("perf/step_time_ms"),
                 "peak_mem_mb": s.get("perf/peak_mem_mb"),
-                "job": str(path.parent.relative_to(sweep_dir)),
+                "job": str(job.relative_to(sweep_dir)),
+                "status": s.get("status", "ok"),
+                "error": s.get("error", ""),
+                "overrides": _overrides(job),
             }
         )
-    rows.sort(key=lambda r: (str(r["method"]), r["rank"] if r["rank"] is not None else -1))
+    rows.sort(key=lambda r: (str(r["method"]), r["rank"] if r["rank"] is not None else -1, r["job"]))
     return rows
 
 
@@ -67,11 +88,13 @@ def _fmt(value: Any, digits: int) -> str:
 
 
 def markdown_table(rows: list[dict[str, Any]]) -> str:
-    """The rows as a Markdown table."""
-    metric = rows[0]["metric"] if rows else "metric"
+    """The finished jobs as a Markdown table, then the failed ones with their overrides and error line."""
+    done = [r for r in rows if r["status"] != "failed"]
+    failed = [r for r in rows if r["status"] == "failed"]
+    metric = next((r["metric"] for r in rows if r["metric"]), "metric")
     header = ["method", "rank", "trainable params", "trainable %", f"best {metric}", "step time (ms)", "peak mem (MiB)"]
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-    for r in rows:
+    for r in done:
         cells = [
             _fmt(r["method"], 0),
             _fmt(r["rank"], 0),
@@ -82,6 +105,11 @@ def markdown_table(rows: list[dict[str, Any]]) -> str:
             _fmt(r["peak_mem_mb"], 0),
         ]
         lines.append("| " + " | ".join(cells) + " |")
+    if failed:
+        lines += ["", f"**{len(failed)} failed job(s)**", "", "| job | overrides | error |", "|---|---|---|"]
+        for r in failed:
+            error = str(r["error"]).replace("|", "\\|")
+            lines.append(f"| {r['job']} | `{r['overrides']}` | {error} |")
     return "\n".join(lines) + "\n"
 
 
@@ -108,7 +136,7 @@ def plot(rows: list[dict[str, Any]], path: str | Path) -> None:
                 ax.annotate(f"r={rank}", (x, y), textcoords="offset points", xytext=(4, 4), fontsize=7)
     ax.set_xscale("log")
     ax.set_xlabel("trainable parameters (log scale)")
-    ax.set_ylabel(f"best {rows[0]['metric']}" if rows else "metric")
+    ax.set_ylabel(f"best {next((r['metric'] for r in rows if r['metric']), 'metric')}")
     ax.set_title("Validation metric vs trainable parameters")
     ax.grid(True, alpha=0.3)
     ax.legend(fontsize=8)
@@ -125,7 +153,7 @@ def write_outputs(sweep_dir: str | Path, out_dir: str | Path | None = None) -> d
     paths = {"md": out / "sweep_table.md", "csv": out / "sweep_table.csv", "png": out / "sweep_plot.png"}
     paths["md"].write_text(markdown_table(rows))
     with paths["csv"].open("w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=[*COLUMNS, "job"])
+        writer = csv.DictWriter(f, fieldnames=[*COLUMNS, "job", "status", "error", "overrides"])
         writer.writeheader()
         writer.writerows(rows)
     plot(rows, paths["png"])
@@ -140,6 +168,9 @@ def main(argv: list[str] | None = None) -> None:
     paths = write_outputs(args.sweep_dir, args.out)
     print(paths["md"].read_text())
     print("wrote " + ", ".join(str(p) for p in paths.values()))
+    failed = sum(r["status"] == "failed" for r in collect(args.sweep_dir))
+    if failed:
+        print(f"{failed} job(s) failed: see the list below the table")
 
 
 if __name__ == "__main__":

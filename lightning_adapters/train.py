@@ -33,7 +33,8 @@ from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
 
-from lightning_adapters.app.store import RANK_ALIASES, from_schema, register_configs
+from lightning_adapters.app.outputs import RunOutputs, report, wandb_description
+from lightning_adapters.app.store import RANK_ALIASES, check_trainer, from_schema, register_configs
 from lightning_adapters.config import AdapterConfig
 from lightning_adapters.errors import AdapterConfigError
 from lightning_adapters.registry import spec_for_config
@@ -109,14 +110,27 @@ def _json_safe(value: Any) -> Any:
     return str(value)
 
 
-def _finish_wandb(trainer: Any, extra: dict[str, float]) -> None:
-    """Close this job's W&B run, so the next job of a multirun starts its own."""
+def _wandb_run(trainer: Any) -> Any:
+    """This job's W&B run (started by its ``WandbLogger``), or ``None``."""
     from lightning.pytorch.loggers import WandbLogger
 
     for logger in trainer.loggers:
         if isinstance(logger, WandbLogger) and trainer.is_global_zero:
-            logger.experiment.summary.update(extra)
-            logger.experiment.finish()
+            return logger.experiment
+    return None
+
+
+def _finish_active_wandb_run(exit_code: int) -> None:
+    """Finish the W&B run this process has open, if any, so the next job of a multirun starts its own.
+
+    Called when a job ends, failed or not: an unfinished run would be picked up by the next job's
+    ``WandbLogger``, which then logs into the failed job's run directory.
+    """
+    import sys
+
+    wandb = sys.modules.get("wandb")  # never imported: no run can be open
+    if wandb is not None and wandb.run is not None:
+        wandb.run.finish(exit_code=exit_code)
 
 
 def _instantiate_dict(node: DictConfig | None) -> list[Any]:
@@ -148,6 +162,7 @@ def build(cfg: DictConfig) -> Job:
 
     import lightning_adapters as la
 
+    check_trainer(cfg.trainer)
     if cfg.get("seed") is not None:
         L.seed_everything(cfg.seed, workers=True)
     task = instantiate(cfg.model)
@@ -168,14 +183,48 @@ def build(cfg: DictConfig) -> Job:
 
 
 def train(cfg: DictConfig) -> dict[str, Any]:
-    """Run one training job from a composed config; return its summary (also written to ``summary.json``)."""
+    """Run one training job from a composed config; return its summary (also written to ``summary.json``).
+
+    A job that fails still writes ``summary.json`` (``status: "failed"`` and its error line, which
+    ``experiments/collect_sweep.py`` lists) and finishes its W&B run before the error propagates.
+    """
+    started = time.perf_counter()
+    out_dir = Path(cfg.paths.output_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    try:
+        summary = _train(cfg, out_dir, started)
+    except BaseException as err:
+        failed = {
+            "status": "failed",
+            "error": f"{type(err).__name__}: {(str(err).strip().splitlines() or [''])[0]}",
+            "method": _method_choice(),
+            "rank": OmegaConf.select(cfg, "method.r", default=None),
+            "metric": cfg.get("optimized_metric"),
+            "wall_s": time.perf_counter() - started,
+            "output_dir": str(out_dir),
+        }
+        if int(os.environ.get("RANK", "0")) == 0:
+            (out_dir / "summary.json").write_text(json.dumps(_json_safe(failed), indent=2))
+        _finish_active_wandb_run(exit_code=1)
+        raise
+    _finish_active_wandb_run(exit_code=0)
+    return summary
+
+
+def _method_choice() -> str | None:
+    """The ``method`` option Hydra composed (``None`` outside a Hydra run)."""
+    from hydra.core.hydra_config import HydraConfig
+
+    if not HydraConfig.initialized():
+        return None
+    return HydraConfig.get().runtime.choices.get("method")
+
+
+def _train(cfg: DictConfig, out_dir: Path, started: float) -> dict[str, Any]:
     from lightning.pytorch.callbacks import ModelCheckpoint
 
     from lightning_adapters.app.tracking import RunStats
 
-    started = time.perf_counter()
-    out_dir = Path(cfg.paths.output_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
     job = build(cfg)
     trainer = job.trainer
     # Plain resolved containers (never ListConfig/DictConfig) for the loggers; Hydra's own node is not logged.
@@ -185,15 +234,30 @@ def train(cfg: DictConfig) -> dict[str, Any]:
 
     trainer.fit(job.task, datamodule=job.datamodule, ckpt_path=cfg.get("ckpt_path"))
 
+    checkpoint = next((c for c in trainer.checkpoint_callbacks if isinstance(c, ModelCheckpoint)), None)
+    best = checkpoint.best_model_path if checkpoint is not None else ""
     test_metrics: dict[str, float] = {}
     if cfg.get("test"):
-        best = next((c.best_model_path for c in trainer.checkpoint_callbacks if isinstance(c, ModelCheckpoint)), "")
         results = trainer.test(job.task, datamodule=job.datamodule, ckpt_path=best or None, weights_only=False)
         test_metrics = {k: float(v) for k, v in (results[0] if results else {}).items()}
 
     stats = next((c for c in trainer.callbacks if isinstance(c, RunStats)), None)
     config = job.config
+    adapter = cfg.get("adapter") or {}
+    peft_dir = adapter.get("export_peft_dir") if config is not None else None
+    run = _wandb_run(trainer)
+    score = checkpoint.best_model_score if checkpoint is not None else None
+    outputs = RunOutputs(
+        run_dir=out_dir,
+        checkpoint=Path(best) if best and Path(best).is_file() else None,
+        monitor=checkpoint.monitor if checkpoint is not None else None,
+        best=float(score) if score is not None else None,
+        peft_dir=Path(peft_dir) if peft_dir and (Path(peft_dir) / "adapter_config.json").is_file() else None,
+        module=adapter.get("module"),
+        wandb=wandb_description(run) if run is not None else None,
+    )
     summary = {
+        "status": "ok",
         "method": spec_for_config(config).name if config is not None else "none",
         "rank": rank_of(config),
         "method_config": config.to_dict() if config is not None else None,
@@ -203,10 +267,13 @@ def train(cfg: DictConfig) -> dict[str, Any]:
         "test_metrics": test_metrics,
         "wall_s": time.perf_counter() - started,
         "output_dir": str(out_dir),
+        "outputs": outputs.as_dict(),
     }
     if trainer.is_global_zero:
         (out_dir / "summary.json").write_text(json.dumps(_json_safe(summary), indent=2))
-    _finish_wandb(trainer, test_metrics)
+        if run is not None:
+            run.summary.update(test_metrics)
+        print("\n" + report(outputs), flush=True)
     return summary
 
 
@@ -223,6 +290,9 @@ def main() -> float | None:
 
     # Nothing is downloaded unless the user allows it; the default model and data ship in Python packages.
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    # Lightning 2.6 calls a torch.utils._pytree API that newer torch deprecates, on every fit: nothing a user of
+    # the app can act on.
+    warnings.filterwarnings("ignore", message=r"`isinstance\(treespec, LeafSpec\)` is deprecated")
     register_configs()
     return hydra.main(config_path=CONFIG_DIR, config_name="train", version_base="1.3")(_hydra_entry)()
 

@@ -13,6 +13,7 @@ are what the ``target=conv`` preset adapts.
 
 from __future__ import annotations
 
+import logging
 import math
 import warnings
 from collections.abc import Callable, Iterable
@@ -45,8 +46,34 @@ def pretrained_backbone(name_or_path: str, dtype: str | None = None, **model_kwa
 
     if dtype:
         model_kwargs["dtype"] = getattr(torch, dtype)
+    # transformers prints a table of every checkpoint key the model does not use. Without a pooler that table
+    # only lists the pooler's weights, which are left out on purpose: the keys are checked here instead, and
+    # only the unexpected ones are reported.
+    hf_logger = logging.getLogger("transformers.modeling_utils")
+    quiet = _DropLoadReport()
+    hf_logger.addFilter(quiet)
+    try:
+        model, info = AutoModel.from_pretrained(name_or_path, output_loading_info=True, **model_kwargs)
+    finally:
+        hf_logger.removeFilter(quiet)
+    skipped = () if model_kwargs.get("add_pooling_layer", True) else ("pooler.",)
+    problems = {
+        "missing": sorted(info.get("missing_keys", [])),
+        "unexpected": sorted(k for k in info.get("unexpected_keys", []) if not k.startswith(skipped)),
+        "mismatched": sorted(str(k) for k in info.get("mismatched_keys", [])),
+    }
+    for kind, keys in problems.items():
+        if keys:
+            warnings.warn(f"{name_or_path}: {len(keys)} {kind} weights, e.g. {keys[:4]}", stacklevel=2)
     # from_pretrained returns eval mode; train like a freshly built module (Lightning switches modes around eval).
-    return AutoModel.from_pretrained(name_or_path, **model_kwargs).train()
+    return model.train()
+
+
+class _DropLoadReport(logging.Filter):
+    """Drops transformers' key-by-key load report (``pretrained_backbone`` checks the keys itself)."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "LOAD REPORT" not in record.getMessage()
 
 
 def backbone_from_config(model_type: str, model_kwargs: dict[str, Any] | None = None, **config: Any) -> nn.Module:

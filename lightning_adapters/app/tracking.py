@@ -144,6 +144,20 @@ class RunStats(Callback):
                 logger.experiment.summary.update(final)
 
 
+class QuietWandbLogger(WandbLogger):
+    """Lightning's ``WandbLogger``, minus the ``anonymous=None`` it always passes to ``wandb.init``.
+
+    W&B 0.19+ warns on every run that the ``anonymous`` setting has no effect as soon as the key is present,
+    even as ``None``; this logger leaves the key out unless ``anonymous=True`` was asked for. Everything else is
+    the parent's.
+    """
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        if self._wandb_init.get("anonymous") is None:
+            del self._wandb_init["anonymous"]
+
+
 def check_adapter_only(path: str | Path, pl_module: torch.nn.Module) -> int:
     """Raise unless the checkpoint at ``path`` holds adapter (and ``modules_to_save``) tensors only.
 

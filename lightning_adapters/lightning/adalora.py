@@ -4,8 +4,8 @@
 ``training_hooks``) and call it:
 
 - ``setup``: resolves the schedule length (``trainer.estimated_stepping_batches`` in step mode,
-  ``trainer.max_epochs`` in epoch mode, when ``total_step`` is None) and rejects impossible schedules before
-  the first batch;
+  ``trainer.max_epochs`` in epoch mode, when ``total_step`` is None); a run too short for ``tinit + tfinal``
+  (``fast_dev_run``, a one-epoch smoke test) trains without reallocation, with a one-line warning;
 - ``loss_term``: ``orth_reg_weight · R_orth``, added to every training loss by the integration;
 - ``on_optimizer_step_end`` (after ``optimizer.step()``, before ``zero_grad``, once per *optimizer* step, so
   gradient accumulation is counted right): importance update and, in step mode, PEFT's masking schedule;
@@ -24,6 +24,7 @@ import os
 from typing import Any
 
 import torch
+from lightning.pytorch.utilities import rank_zero_warn
 from torch import nn
 
 from lightning_adapters.errors import AdapterConfigError, AdapterStateError
@@ -57,6 +58,7 @@ class AdaLoRATrainingHooks(MethodTrainingHooks):
         if not self.names:
             raise AdapterConfigError("adalora: the model has no AdaLoRA layers; inject an AdaLoRAConfig first")
         self.allocator = None
+        self.reallocate = True
         self.history: list[dict[str, Any]] = []
         self.last_epoch = 0
         self._logged = 0
@@ -88,7 +90,19 @@ class AdaLoRATrainingHooks(MethodTrainingHooks):
     def setup(self, trainer: Any, pl_module: Any) -> None:
         m = _method()
         total = self.resolve_total(trainer)
-        m.check_schedule(self.config.tinit, self.config.tfinal, total, self.config.schedule)
+        cfg = self.config
+        if cfg.total_step is None and cfg.tinit + cfg.tfinal >= total:
+            # A run the trainer made too short for the schedule (fast_dev_run, a smoke test, one epoch): it still
+            # trains, at the initial rank; an explicit total_step was validated with the config.
+            unit = "optimizer steps" if cfg.schedule == "step" else "epochs"
+            rank_zero_warn(
+                f"adalora: this run has {total} {unit}, too few for tinit={cfg.tinit} + tfinal={cfg.tfinal}; "
+                f"training without rank reallocation (every layer keeps init_r={cfg.init_r})"
+            )
+            self.reallocate = False
+            return
+        self.reallocate = True
+        m.check_schedule(cfg.tinit, cfg.tfinal, total, cfg.schedule)
         if self.allocator is None:
             self.allocator = m.RankAllocator(self.model, self.config, total)
         self.allocator.total = total
@@ -117,6 +131,8 @@ class AdaLoRATrainingHooks(MethodTrainingHooks):
     # --- steps and epochs ----------------------------------------------------------------------------------
 
     def on_optimizer_step_end(self, trainer: Any, pl_module: Any, optimizer_step: int) -> None:
+        if not self.reallocate:
+            return
         alloc = self._require()
         if self.config.schedule == "step":
             budget, masks = alloc.step(optimizer_step)
@@ -129,6 +145,8 @@ class AdaLoRATrainingHooks(MethodTrainingHooks):
             alloc.apply(alloc.final_pattern)
 
     def on_train_epoch_end(self, trainer: Any, pl_module: Any) -> None:
+        if not self.reallocate:
+            return
         alloc = self._require()
         if self.config.schedule == "epoch":
             epoch = int(trainer.current_epoch) + 1  # epochs completed
@@ -182,6 +200,8 @@ class AdaLoRATrainingHooks(MethodTrainingHooks):
     # --- checkpoint state ----------------------------------------------------------------------------------
 
     def state_dict(self) -> dict[str, Any]:
+        if self.allocator is None and self._pending is not None:
+            return self._pending  # resumed into a run without reallocation: keep the loaded state as it was
         return {
             "allocator": None if self.allocator is None else self.allocator.state_dict(),
             "history": [dict(h, ranks=list(h["ranks"])) for h in self.history],
@@ -228,27 +248,55 @@ def rank_history_table(names: list[str], history: list[dict[str, Any]]) -> tuple
     return columns, rows
 
 
+def _common_prefix(names: list[str]) -> str:
+    """The dotted prefix every name shares (``"backbone.encoder."``), never a whole name."""
+    parts = [n.split(".") for n in names]
+    shared = []
+    for column in zip(*[p[:-1] for p in parts]):
+        if len(set(column)) != 1:
+            break
+        shared.append(column[0])
+    return ".".join(shared) + "." if shared else ""
+
+
 def rank_heatmap(names: list[str], history: list[dict[str, Any]], max_rank: int):
-    """A matplotlib ``Figure``: kept rank of every matrix (rows) at every reallocation (columns)."""
+    """A matplotlib ``Figure``: kept rank of every matrix (rows) at every reallocation (columns).
+
+    The prefix all module names share goes into the axis label; the figure is widened to the longest remaining
+    name, so the title, the names and the colour bar all lie inside the image.
+    """
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
     data = torch.tensor([h["ranks"] for h in history], dtype=torch.float32).T.numpy()  # (layers, reallocations)
+    prefix = _common_prefix(names) if len(names) > 1 else ""
     width = min(16.0, 3.0 + 0.25 * max(1, len(history)))
     height = min(16.0, 1.5 + 0.22 * max(1, len(names)))
-    fig = Figure(figsize=(width, height), dpi=80)
-    FigureCanvasAgg(fig)
+    fig = Figure(figsize=(width, height), dpi=80, layout="constrained")
+    canvas = FigureCanvasAgg(fig)
     ax = fig.add_subplot(1, 1, 1)
     im = ax.imshow(data, aspect="auto", interpolation="nearest", cmap="viridis", vmin=0, vmax=max_rank)
     ax.set_yticks(range(len(names)))
-    ax.set_yticklabels(names, fontsize=6)
+    ax.set_yticklabels([n[len(prefix) :] for n in names], fontsize=6)
     ticks = list(range(0, len(history), max(1, len(history) // 12)))
     ax.set_xticks(ticks)
     ax.set_xticklabels([str(history[i]["t"]) for i in ticks], fontsize=7)
     ax.set_xlabel("reallocation (t)")
-    ax.set_title("AdaLoRA kept rank per matrix")
-    fig.colorbar(im, ax=ax)
-    fig.tight_layout()
+    ax.set_title("AdaLoRA kept rank per matrix" + (f"\nmodules under {prefix}" if prefix else ""), fontsize=9)
+    fig.colorbar(im, ax=ax, label="kept rank")
+    # Widen the figure by the longest name, then grow it by whatever still sticks out (measured, in inches).
+    renderer = canvas.get_renderer()
+    labels = max(t.get_window_extent(renderer).width for t in ax.get_yticklabels()) / fig.dpi
+    fig.set_size_inches(width + labels, height + 0.3)
+    for _ in range(3):
+        canvas.draw()
+        box = fig.get_tightbbox(renderer)
+        w, h = fig.get_size_inches()
+        grow_w = max(0.0, -box.x0) + max(0.0, box.x1 - w)
+        grow_h = max(0.0, -box.y0) + max(0.0, box.y1 - h)
+        if grow_w < 0.01 and grow_h < 0.01:
+            break
+        fig.set_size_inches(w + grow_w + 0.1, h + grow_h + 0.1)
     return fig
 
 

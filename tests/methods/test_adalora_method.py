@@ -78,13 +78,11 @@ def _fake_trainer(**kw):
 @pytest.mark.parametrize(
     "config, trainer, words",
     [
-        (cfg(tinit=6, tfinal=4), _fake_trainer(estimated_stepping_batches=10), ["tinit=6", "total_step=10"]),
-        (cfg(schedule="epoch", tinit=1, tfinal=1), _fake_trainer(max_epochs=2), ["epochs", "total_step=2"]),
         (cfg(schedule="epoch"), _fake_trainer(max_epochs=-1), ["max_epochs"]),
         (cfg(), _fake_trainer(estimated_stepping_batches=float("inf")), ["unbounded"]),
     ],
 )
-def test_hooks_setup_rejects_impossible_schedules_from_the_trainer(config, trainer, words) -> None:
+def test_hooks_setup_rejects_schedules_the_trainer_cannot_size(config, trainer, words) -> None:
     model = la.inject(tiny_llama(), config)
     hooks = AdaLoRATrainingHooks(model, config)
     with pytest.raises(la.AdapterConfigError) as err:
@@ -92,6 +90,23 @@ def test_hooks_setup_rejects_impossible_schedules_from_the_trainer(config, train
     for w in words:
         assert w in str(err.value)
     assert hooks.allocator is None
+
+
+@pytest.mark.parametrize(
+    "config, trainer, words",
+    [
+        (cfg(tinit=6, tfinal=4), _fake_trainer(estimated_stepping_batches=10), ["tinit=6", "10 optimizer steps"]),
+        (cfg(schedule="epoch", tinit=1, tfinal=1), _fake_trainer(max_epochs=2), ["2 epochs", "tfinal=1"]),
+    ],
+)
+def test_hooks_setup_turns_reallocation_off_when_the_trainer_run_is_too_short(config, trainer, words) -> None:
+    model = la.inject(tiny_llama(), config)
+    hooks = AdaLoRATrainingHooks(model, config)
+    with pytest.warns(UserWarning, match="without rank reallocation") as caught:
+        hooks.setup(trainer, None)
+    for w in words:
+        assert w in str(caught[0].message)
+    assert hooks.reallocate is False and hooks.allocator is None
 
 
 # --- maths ----------------------------------------------------------------------------------------------------

@@ -295,12 +295,12 @@ ENGINE_ROWS = [
 
 
 def _adalora_schedule(m, tmp):
-    """An impossible schedule is refused when the Lightning hooks learn ``total_step`` from the trainer."""
+    """A step schedule is refused when the trainer cannot say how many optimizer steps the run has."""
     from lightning_adapters.lightning.adalora import AdaLoRATrainingHooks
 
     class _Trainer:
-        estimated_stepping_batches = 10
-        max_epochs = 1
+        estimated_stepping_batches = float("inf")
+        max_epochs = -1
 
     la.inject(m, la.AdaLoRAConfig(init_r=4, target_r=2, tinit=6, tfinal=4, target_modules=["q_proj"]))
     _snapshot_into(m)
@@ -431,7 +431,7 @@ METHOD_ROWS = [
         la.AdapterConfigError,
         r"tinit.*tfinal.*total_step",
     ),
-    Row("adalora-schedule-from-trainer", tiny_llama, _adalora_schedule, la.AdapterConfigError, r"total_step.*10"),
+    Row("adalora-schedule-from-trainer", tiny_llama, _adalora_schedule, la.AdapterConfigError, r"unbounded"),
     Row(
         "adalora-embedding",
         tiny_llama,
