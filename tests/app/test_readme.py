@@ -88,7 +88,15 @@ RULES = (
         "the harness's smoke mode",
     ),
     Rule(r"python -m lightning_adapters\.train", FEW_BATCHES, "the default job for 2 batches", default_job=True),
-    Rule(r"python -m lightning_adapters\.train -m .*", TINY, "every job of the sweep on a tiny model, one step"),
+    Rule(
+        r"python -m lightning_adapters\.train -m .*logger=.*", TINY, "every job of the sweep on a tiny model, one step"
+    ),
+    Rule(
+        r"python -m lightning_adapters\.train -m (?!.*logger=).*",
+        (*TINY, "logger=csv"),
+        "every job of the sweep on a tiny model, one step; CSV instead of one W&B run per job (W&B in a multirun: "
+        "tests/app/test_first_contact.py)",
+    ),
     Rule(
         r"python -m lightning_adapters\.train (?!-m )(?!.*hparams_search).*",
         TINY,
