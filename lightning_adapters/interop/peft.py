@@ -304,7 +304,9 @@ def check_peft_config_types(path: Path, config: dict[str, Any], spec: Any) -> No
         raise bad(field, value, "a list of module names" + (" or a regex string" if field != "modules_to_save" else ""))
     for field, kinds, want in (("rank_pattern", (int,), "integers"), ("alpha_pattern", (int, float), "numbers")):
         pattern = config.get(field)
-        if not isinstance(pattern, dict):
+        # Only where the method writes per-module numbers (LoRA, LoHa, LoKr); AdaLoRA's rank_pattern holds
+        # per-module rank masks and is checked by its own loader.
+        if not isinstance(pattern, dict) or not isinstance(defaults.get(field), dict):
             continue
         for key, value in pattern.items():
             if isinstance(value, bool) or not isinstance(value, kinds):
