@@ -18,6 +18,7 @@ resume onto another base or config, drives a method's training hooks (AdaLoRA) a
 from __future__ import annotations
 
 import os
+from collections.abc import Mapping
 from typing import Any
 
 from lightning.pytorch import Callback, LightningModule, Trainer
@@ -25,18 +26,30 @@ from typing_extensions import override
 
 from lightning_adapters.config import AdapterConfig
 from lightning_adapters.lightning import export, strategies
-from lightning_adapters.lightning.runtime import AdapterOptions, AdapterRuntime, attach_runtime, get_runtime
+from lightning_adapters.lightning.runtime import (
+    AdapterOptions,
+    AdapterRuntime,
+    as_config,
+    attach_runtime,
+    detach_runtime,
+    get_runtime,
+)
 
 
 class AdapterCallback(Callback):
     """Inject an adapter into a LightningModule and make training, checkpoints and export adapter-aware.
 
     Args:
-        config: The adapter config, e.g. ``LoRAConfig(r=8)``. ``None`` takes it from an ``AdapterMixin`` module's
-            ``adapter_config``.
-        module: Dotted name of the sub-module to adapt (e.g. ``"model"``); ``None`` adapts the whole module.
-        export_peft_dir: At the end of ``fit``, write the adapter here in PEFT's format
-            (``PeftModel.from_pretrained(base, export_peft_dir)`` loads it).
+        config: The adapter config, e.g. ``LoRAConfig(r=8)``, or the same as a mapping, as a LightningCLI YAML
+            gives it: ``{method: lora, r: 8}`` or ``{class_path: lightning_adapters.LoRAConfig, init_args: {r: 8}}``
+            (a mapping is read when the trainer sets up, so a bad value fails there with the library's message).
+            ``None`` takes it from an ``AdapterMixin`` module's ``adapter_config``.
+        module: Dotted name of the sub-module to adapt (e.g. ``"encoder"``); ``None`` adapts the whole module.
+            Parameters of the LightningModule outside it that require grad (a task head) train in full and are
+            saved in every checkpoint; ``modules_to_save`` may name such modules too.
+        export_peft_dir: At the end of ``fit``, write the adapter of ``module`` here in PEFT's format
+            (``PeftModel.from_pretrained(base, export_peft_dir)`` loads it; keys are relative to ``module``, or to
+            the whole LightningModule with ``module=None``).
         export_merged_dir: At the end of ``fit``, write a plain copy of the adapted module with the adapter merged
             in (``save_pretrained`` for transformers models, else ``model.safetensors``).
         gradient_checkpointing: Switch on non-reentrant gradient checkpointing of the (transformers) model.
@@ -45,7 +58,7 @@ class AdapterCallback(Callback):
 
     def __init__(
         self,
-        config: AdapterConfig | None,
+        config: Mapping[str, Any] | AdapterConfig | None,
         module: str | None = None,
         *,
         export_peft_dir: str | os.PathLike | None = None,
@@ -54,9 +67,12 @@ class AdapterCallback(Callback):
         verbose: bool = True,
     ) -> None:
         super().__init__()
-        if config is not None and not isinstance(config, AdapterConfig):
-            raise TypeError(f"config must be an adapter config such as LoRAConfig(...), got {type(config).__name__}")
-        self.config = config
+        if config is not None and not isinstance(config, (AdapterConfig, Mapping)):
+            raise TypeError(
+                "config must be an adapter config such as LoRAConfig(...) or a mapping such as "
+                f"{{'method': 'lora', 'r': 8}}, got {type(config).__name__}"
+            )
+        self._config = config
         self.options = AdapterOptions(
             module=module,
             export_peft_dir=None if export_peft_dir is None else str(export_peft_dir),
@@ -65,6 +81,13 @@ class AdapterCallback(Callback):
             verbose=verbose,
         )
         self._runtime: AdapterRuntime | None = None
+
+    @property
+    def config(self) -> AdapterConfig | None:
+        """The adapter config (a mapping given to ``__init__`` is converted on first access)."""
+        if self._config is not None and not isinstance(self._config, AdapterConfig):
+            self._config = as_config(self._config)
+        return self._config
 
     def _rt(self, pl_module: LightningModule) -> AdapterRuntime:
         return self._runtime if self._runtime is not None else get_runtime(pl_module)
@@ -108,6 +131,12 @@ class AdapterCallback(Callback):
     @override
     def on_fit_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
         export.export_at_fit_end(trainer, pl_module, self._rt(pl_module))
+
+    @override
+    def on_exception(self, trainer: Trainer, pl_module: LightningModule, exception: BaseException) -> None:
+        # A fit that failed before injection (e.g. a bad module name) leaves the module as it was given.
+        if detach_runtime(pl_module):
+            self._runtime = None
 
     @override
     def state_dict(self) -> dict[str, Any]:

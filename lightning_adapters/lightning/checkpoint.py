@@ -13,16 +13,22 @@ LightningModule). Which keys are adapter keys is read from the injection record,
 
 from __future__ import annotations
 
+import dataclasses
 import os
+import re
+import warnings
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
 
+from lightning_adapters.config import AdapterConfig
 from lightning_adapters.core.inject import eject, find_records, inject
-from lightning_adapters.core.state import base_fingerprint, is_adapter_key, load_adapter_state_dict
-from lightning_adapters.errors import AdapterStateError
+from lightning_adapters.core.layer import ADAPTER_ATTR
+from lightning_adapters.core.state import base_fingerprint, load_adapter_state_dict
+from lightning_adapters.errors import AdapterConfigError, AdapterStateError
+from lightning_adapters.lightning.scope import inner_config
 from lightning_adapters.registry import get_method
 
 if TYPE_CHECKING:
@@ -51,8 +57,8 @@ def expected_shapes(pl_module: nn.Module, runtime: AdapterRuntime) -> dict[str, 
 
     if any(isinstance(m, FullyShardedDataParallel) for m in pl_module.modules()):
         return dict(runtime.shapes)
-    prefixes = runtime.adapter_key_prefixes(pl_module)
-    return {k: _shape(v) for k, v in pl_module.state_dict().items() if is_adapter_key(k, prefixes)}
+    saved = runtime.saved_keys(pl_module)
+    return {k: _shape(v) for k, v in pl_module.state_dict().items() if saved(k)}
 
 
 def build_metadata(pl_module: nn.Module, runtime: AdapterRuntime) -> dict[str, Any]:
@@ -80,8 +86,8 @@ def filter_checkpoint(checkpoint: dict[str, Any], pl_module: nn.Module, runtime:
     """
     meta = build_metadata(pl_module, runtime)
     state = checkpoint.get("state_dict", {})
-    prefixes = runtime.adapter_key_prefixes(pl_module)
-    kept = {k: v for k, v in state.items() if is_adapter_key(k, prefixes)}
+    saved = runtime.saved_keys(pl_module)
+    kept = {k: v for k, v in state.items() if saved(k)}
     # Sharded strategies gather the state on rank 0 only; other ranks hold an empty dict and write nothing.
     if state:
         shapes = meta["adapter_shapes"]
@@ -117,12 +123,67 @@ def _config_differences(saved: dict[str, Any], current: dict[str, Any]) -> list[
     return diffs
 
 
+def check_metadata_entry(meta: Any, where: str) -> None:
+    """Refuse a ``checkpoint["lightning_adapters"]`` entry that is not what the integration writes.
+
+    Args:
+        meta: The entry.
+        where: How to name the checkpoint in the message (its path, or "the checkpoint").
+
+    Raises:
+        AdapterStateError: Naming the missing or mistyped key.
+    """
+    if not isinstance(meta, dict):
+        raise AdapterStateError(
+            f"{where}: the '{METADATA_KEY}' entry must be a dict, got {type(meta).__name__}; the file was edited or "
+            "damaged. Use a checkpoint written by AdapterCallback/AdapterMixin"
+        )
+    for key, kind in (("method", str), ("config", dict)):
+        if key not in meta:
+            raise AdapterStateError(
+                f"{where}: the '{METADATA_KEY}' entry has no {key!r} key (it holds {sorted(meta)}); the file was "
+                "edited or damaged. Use a checkpoint written by AdapterCallback/AdapterMixin"
+            )
+        if not isinstance(meta[key], kind):
+            raise AdapterStateError(
+                f"{where}: '{METADATA_KEY}'[{key!r}] must be a {kind.__name__}, got {meta[key]!r}; the file was "
+                "edited or damaged"
+            )
+    for key in ("module", "base_fingerprint"):
+        if meta.get(key) is not None and not isinstance(meta[key], str):
+            raise AdapterStateError(f"{where}: '{METADATA_KEY}'[{key!r}] must be a string, got {meta[key]!r}")
+    shapes = meta.get("adapter_shapes", {})
+    if not isinstance(shapes, dict):
+        raise AdapterStateError(f"{where}: '{METADATA_KEY}'['adapter_shapes'] must be a dict, got {shapes!r}")
+
+
+def check_state_entry(checkpoint: dict[str, Any], where: str) -> dict[str, torch.Tensor]:
+    """The checkpoint's ``state_dict``, refused unless it is a dict of tensors.
+
+    Raises:
+        AdapterStateError: No ``state_dict`` key, or a value that is not a tensor (named).
+    """
+    if "state_dict" not in checkpoint:
+        raise AdapterStateError(
+            f"{where} has no 'state_dict' key (it holds {sorted(map(str, checkpoint))}); the file was edited or "
+            "damaged. Use a checkpoint written by AdapterCallback/AdapterMixin"
+        )
+    state = checkpoint["state_dict"]
+    if not isinstance(state, dict):
+        raise AdapterStateError(f"{where}: 'state_dict' must be a dict of tensors, got {type(state).__name__}")
+    bad = [f"{k!r}: {type(v).__name__}" for k, v in state.items() if not isinstance(v, torch.Tensor)]
+    if bad:
+        raise AdapterStateError(f"{where}: 'state_dict' values must be tensors; got {bad[:6]}")
+    return state
+
+
 def check_metadata(meta: dict[str, Any], method: str, config_dict: dict[str, Any], fingerprint: str | None) -> None:
     """Refuse a checkpoint trained with another method, config or base model.
 
     Raises:
         AdapterStateError: Naming what differs and how to proceed.
     """
+    check_metadata_entry(meta, "the checkpoint")
     if meta.get("method") != method:
         raise AdapterStateError(
             f"the checkpoint holds a {meta.get('method')!r} adapter but this model uses {method!r}; resume with the "
@@ -170,9 +231,9 @@ def validate_checkpoint(checkpoint: dict[str, Any], pl_module: nn.Module, runtim
                 + ". Resume with the model and config the checkpoint was trained with"
             )
     # Sharded strategies have already loaded the tensors and removed "state_dict" from the checkpoint.
-    state = checkpoint.get("state_dict")
-    if state is None:
+    if "state_dict" not in checkpoint and _strategy_loads_state(pl_module):
         return
+    state = check_state_entry(checkpoint, "the checkpoint")
     model_keys = set(pl_module.state_dict())
     missing = [k for k in expected if k not in state]
     unknown = [k for k in state if k not in model_keys]
@@ -193,6 +254,14 @@ def validate_checkpoint(checkpoint: dict[str, Any], pl_module: nn.Module, runtim
             + ". Resume from a checkpoint that AdapterCallback/AdapterMixin wrote for this model and config, or "
             "start a new run without ckpt_path"
         )
+
+
+def _strategy_loads_state(pl_module: nn.Module) -> bool:
+    trainer = getattr(pl_module, "_trainer", None)
+    if trainer is None:
+        return False
+    names = {c.__name__ for c in type(trainer.strategy).__mro__}
+    return bool(names & {"FSDPStrategy", "ModelParallelStrategy", "DeepSpeedStrategy"})
 
 
 def load_checkpoint_file(path: str | os.PathLike, weights_only: bool = True) -> dict[str, Any]:
@@ -221,52 +290,207 @@ def load_checkpoint_file(path: str | os.PathLike, weights_only: bool = True) -> 
         ) from err
 
 
+def _config_from_metadata(meta: dict[str, Any], where: str) -> AdapterConfig:
+    try:
+        spec = get_method(meta["method"])
+    except AdapterConfigError as err:
+        raise AdapterStateError(f"{where}: {err}") from None
+    fields = {f.name for f in dataclasses.fields(spec.config_cls) if f.init}
+    unknown = sorted(str(k) for k in meta["config"] if k not in fields)
+    if unknown:
+        raise AdapterStateError(
+            f"{where}: the {spec.name} config in the checkpoint has unknown fields {unknown}; it was written by "
+            f"another version of lightning_adapters (library_version {meta.get('library_version')!r}) or edited"
+        )
+    try:
+        return spec.config_cls(**meta["config"])
+    except AdapterConfigError as err:
+        raise AdapterStateError(f"{where}: the checkpoint's {spec.name} config is invalid: {err}") from None
+
+
+def _modules_of(state: dict[str, Any], meta: dict[str, Any]) -> list[str]:
+    # The top-level names a user can pass as ``module`` for this checkpoint.
+    names = {k.split(".", 1)[0] for k in state if "." in k}
+    if meta.get("module"):
+        names.add(meta["module"])
+    return sorted(names)
+
+
+def _adapted_names(keys: Any) -> list[str]:
+    # ``<module>.adapter.<tensor>`` -> ``<module>``: the modules the adapter was attached to.
+    marker = f".{ADAPTER_ATTR}."
+    return sorted({k[: k.index(marker)] for k in keys if marker in k})
+
+
+def _needs_configure_model(model: nn.Module, sub: str, adapter_keys: Any) -> bool:
+    # True when the modules the checkpoint adapted do not exist yet (a model built in configure_model).
+    try:
+        target = model.get_submodule(sub) if sub else model
+    except AttributeError:
+        return True
+    names = {n for n, _ in target.named_modules()}
+    return any(n not in names for n in _adapted_names(adapter_keys))
+
+
+def _check_beside(model: nn.Module, beside: dict[str, torch.Tensor], where: str) -> None:
+    live = model.state_dict()
+    missing = sorted(k for k in beside if k not in live)
+    bad = [
+        f"{k}: checkpoint {_shape(v)}, model {_shape(live[k])}"
+        for k, v in beside.items()
+        if k in live and _shape(v) != _shape(live[k])
+    ]
+    if missing or bad:
+        raise AdapterStateError(
+            f"{where}: the tensors trained beside the adapter do not fit this model: "
+            + "; ".join(
+                p for p in (f"missing {_list(missing)}" if missing else "", f"mis-shaped {bad[:6]}" if bad else "") if p
+            )
+            + ". Pass an instance of the LightningModule class that was trained"
+        )
+
+
+def _locate(state: dict[str, torch.Tensor], role: str, trained: str, meta: dict[str, Any], where: str) -> tuple:
+    """Split the checkpoint for a model that is the trained LightningModule's sub-module ``role``.
+
+    Returns:
+        ``(sub, adapter, beside, derived)``: where in the model the adapter goes; its tensors, keyed relative to
+        that sub-module; the tensors trained beside it, keyed relative to the model; and, when the model is only
+        a part of the adapted sub-module, the exact module names to adapt there (else ``None``).
+    """
+    role_prefix = f"{role}." if role else ""
+    if not role or role == trained or trained.startswith(role_prefix):
+        # The model holds the whole adapted sub-module (and maybe what was trained beside it).
+        sub = trained[len(role_prefix) :]
+        rel = {k[len(role_prefix) :]: v for k, v in state.items() if k.startswith(role_prefix)}
+        sub_prefix = f"{sub}." if sub else ""
+        adapter = {k[len(sub_prefix) :]: v for k, v in rel.items() if k.startswith(sub_prefix)}
+        beside = {k: v for k, v in rel.items() if not k.startswith(sub_prefix)}
+        return sub, adapter, beside, None
+    if not trained or role.startswith(trained + "."):
+        # The model is a part of the adapted sub-module: adapt exactly the modules the checkpoint adapted there.
+        adapter = {k[len(role_prefix) :]: v for k, v in state.items() if k.startswith(role_prefix)}
+        if not adapter:
+            raise AdapterStateError(
+                f"{where} holds no adapter tensors under module={role!r}; its tensors lie under "
+                f"{_modules_of(state, meta)}: pass one of these with the matching sub-module, or the LightningModule"
+            )
+        return "", adapter, {}, _adapted_names(adapter)
+    raise AdapterStateError(
+        f"module={role!r} does not hold the adapter of {where}, which was injected into {trained!r}; pass "
+        f"module={trained!r} with that sub-module, or the LightningModule itself"
+    )
+
+
 def restore_from_checkpoint(
-    model: nn.Module, ckpt_path: str | os.PathLike, *, check_base: bool = True, weights_only: bool = True
+    model: nn.Module,
+    ckpt_path: str | os.PathLike,
+    *,
+    module: str | None = None,
+    check_base: bool = True,
+    weights_only: bool = True,
 ) -> nn.Module:
-    """Inject the adapter of a Lightning adapter checkpoint into a base model and load its tensors.
+    """Inject the adapter of a Lightning adapter checkpoint into a model and load its trained tensors.
+
+    A LightningModule whose model does not exist yet is given its ``configure_model`` call first, as the Trainer
+    would. Everything is checked before ``model`` changes, and a call refused after injection is rolled back: a
+    refused call leaves ``model`` as it was, an adapter it already had included.
 
     Args:
-        model: Either a LightningModule of the class that was trained, or the bare model that was adapted (the
-            sub-module named by ``AdapterCallback(module=...)``), freshly built with the same base weights.
+        model: A LightningModule of the class that was trained (the adapter, its ``modules_to_save`` and the
+            tensors trained beside the adapted sub-module, e.g. a task head, are restored), or a bare model: by
+            default the sub-module the adapter was injected into (``AdapterCallback(module=...)``), freshly built
+            with the same base weights.
         ckpt_path: A ``.ckpt`` written by ``ModelCheckpoint``/``trainer.save_checkpoint`` with the integration.
-        check_base: Refuse a base model whose fingerprint differs from the one the adapter was trained on.
+        module: Which sub-module of the trained LightningModule ``model`` is, when not the default (``""``: the
+            whole LightningModule). E.g. with an adapter injected into the whole LightningModule,
+            ``restore_from_checkpoint(encoder, ckpt, module="backbone")`` restores the part of it inside
+            ``self.backbone`` onto the bare encoder (``la.save_peft(encoder, dir)`` then writes a PEFT adapter
+            for the encoder alone).
+        check_base: Refuse a base model whose fingerprint differs from the one the adapter was trained on (checked
+            when ``model`` holds the whole adapted sub-module).
         weights_only: Passed to ``torch.load``.
 
     Returns:
         ``model``, injected, with the trained adapter loaded and ready for inference, merging or export.
 
     Raises:
-        AdapterStateError: Not an adapter checkpoint (or unreadable), a different base, or keys that do not fit.
+        AdapterStateError: Not an adapter checkpoint (or unreadable or edited), a different base, keys that do not
+            fit, or a ``module`` that does not hold the adapter.
     """
     from lightning.pytorch import LightningModule
 
+    if module is not None and not isinstance(module, str):
+        raise AdapterConfigError(f"module must be a dotted sub-module name such as 'model' or None, got {module!r}")
+    where = str(ckpt_path)
     checkpoint = load_checkpoint_file(ckpt_path, weights_only=weights_only)
+    if not isinstance(checkpoint, dict):
+        raise AdapterStateError(f"{where} holds a {type(checkpoint).__name__}, not a Lightning checkpoint")
     meta = checkpoint.get(METADATA_KEY)
     if meta is None:
         raise AdapterStateError(
-            f"{ckpt_path} has no '{METADATA_KEY}' entry: it was not written by AdapterCallback/AdapterMixin"
+            f"{where} has no '{METADATA_KEY}' entry: it was not written by AdapterCallback/AdapterMixin"
         )
-    spec = get_method(meta["method"])
-    config = spec.config_cls(**meta["config"])
-    module = meta.get("module", "")
-    prefix = f"{module}." if module else ""
-    if isinstance(model, LightningModule):
-        target = model.get_submodule(module) if module else model
-    elif not module:
+    check_metadata_entry(meta, where)
+    state = check_state_entry(checkpoint, where)
+    full_config = _config_from_metadata(meta, where)
+    trained = meta.get("module") or ""
+    is_lightning = isinstance(model, LightningModule)
+    if module is None and not is_lightning and not trained:
         raise AdapterStateError(
             "the adapter was injected into the whole LightningModule, so its keys are relative to it; pass an "
-            "instance of the trained LightningModule class (not the bare model) to restore_from_checkpoint"
+            "instance of the trained LightningModule class, or name the sub-module this model is with module=..., "
+            f"one of {_modules_of(state, meta)}"
         )
-    else:
-        target = model
-    inject(target, config)
+    role = (module if module is not None else ("" if is_lightning else trained)).strip(".")
+    sub, adapter, beside, derived = _locate(state, role, trained, meta, where)
+    role_prefix = f"{role}." if role else ""
+    left_out = sorted(k for k in state if not k.startswith(role_prefix))
+
+    had_adapter = bool(find_records(model))
+    if is_lightning and _needs_configure_model(model, sub, adapter):
+        model.configure_model()
     try:
-        if check_base:
-            check_metadata(meta, spec.name, config.to_dict(), base_fingerprint(target))
-        state = {k[len(prefix) :]: v for k, v in checkpoint["state_dict"].items() if k.startswith(prefix)}
-        load_adapter_state_dict(target, state, strict=True)
+        target = model.get_submodule(sub) if sub else model
+    except AttributeError:
+        raise AdapterStateError(
+            f"{type(model).__name__} has no sub-module {sub!r}, where the adapter of {where} was injected; pass an "
+            "instance of the trained LightningModule class, or that sub-module itself"
+        ) from None
+    _check_beside(model, beside, where)
+    config = inner_config(target, full_config)
+    if derived is not None and get_method(meta["method"]).inject_model is None:
+        exact = "|".join(re.escape(n) for n in derived)
+        config = dataclasses.replace(config, target_modules=exact, exclude_modules=None)
+
+    sub_prefix = f"{sub}." if sub else ""
+    originals = {
+        k: v.detach().clone()
+        for k, v in model.state_dict(keep_vars=True).items()
+        if k in beside or (k.startswith(sub_prefix) and k[len(sub_prefix) :] in adapter)
+    }
+    inject(target, config)  # a conflicting adapter already there is refused before anything changes
+    try:
+        if check_base and derived is None:
+            check_metadata(meta, meta["method"], full_config.to_dict(), base_fingerprint(target))
+        load_adapter_state_dict(target, adapter, strict=True)
+        live = model.state_dict(keep_vars=True)
+        with torch.no_grad():
+            for k, v in beside.items():
+                live[k].copy_(v.to(device=live[k].device, dtype=live[k].dtype))
     except BaseException:
-        eject(target)
+        live = model.state_dict(keep_vars=True)
+        with torch.no_grad():
+            for k, v in originals.items():
+                live[k].copy_(v)
+        if not had_adapter:
+            for _, root, _ in find_records(model):
+                eject(root)
         raise
+    if left_out:
+        warnings.warn(
+            f"{where} also holds tensors trained outside module={role!r} that this model does not contain: "
+            f"{_list(left_out)}; pass an instance of the trained LightningModule to restore them too",
+            stacklevel=2,
+        )
     return model

@@ -17,9 +17,11 @@ through ``configure_callbacks`` when the trainer has none.
 
 from __future__ import annotations
 
+import dataclasses
+import importlib
 import sys
 import warnings
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -28,10 +30,10 @@ from torch import nn
 
 from lightning_adapters.config import AdapterConfig
 from lightning_adapters.core.inject import apply_trainability, find_records, inject, summary
-from lightning_adapters.core.state import adapter_prefixes, base_fingerprint
+from lightning_adapters.core.state import adapter_prefixes, base_fingerprint, is_adapter_key
 from lightning_adapters.errors import AdapterConfigError, AdapterStateError, TargetError
 from lightning_adapters.lightning import checkpoint as ckpt
-from lightning_adapters.lightning import strategies
+from lightning_adapters.lightning import scope, strategies
 from lightning_adapters.registry import get_method
 
 RUNTIME_ATTR = "_la_runtime"
@@ -57,6 +59,69 @@ class AdapterOptions:
     verbose: bool = True
 
 
+def _config_class(path: Any) -> type:
+    import lightning_adapters
+
+    if not isinstance(path, str) or not path:
+        raise AdapterConfigError(f"class_path must be the name of a config class such as 'LoRAConfig', got {path!r}")
+    module_name, _, name = path.rpartition(".")
+    try:
+        owner = importlib.import_module(module_name) if module_name else lightning_adapters
+        cls = getattr(owner, name)
+    except (ImportError, AttributeError):
+        cls = None
+    if not (isinstance(cls, type) and issubclass(cls, AdapterConfig) and cls is not AdapterConfig):
+        raise AdapterConfigError(
+            f"class_path {path!r} is not an adapter config class; use one of lightning_adapters.LoRAConfig, "
+            "LoHaConfig, LoKrConfig, OFTConfig, BOFTConfig, AdaLoRAConfig, LlamaAdapterConfig"
+        )
+    return cls
+
+
+def as_config(value: Any) -> AdapterConfig:
+    """An adapter config from a config object or from the mappings a YAML file (LightningCLI) gives.
+
+    Accepted: a config such as ``LoRAConfig(r=8)``; ``{"method": "lora", "r": 8, ...}`` (the method's registry
+    name plus its fields); jsonargparse's ``{"class_path": "lightning_adapters.LoRAConfig", "init_args": {...}}``
+    (``class_path`` may also be the bare class name).
+
+    Raises:
+        AdapterConfigError: Naming the unknown method, class or field, or the bad value.
+    """
+    if isinstance(value, AdapterConfig):
+        return value
+    if not isinstance(value, Mapping):
+        raise AdapterConfigError(
+            "expected an adapter config such as LoRAConfig(r=8), or a mapping such as {method: lora, r: 8}, got "
+            f"{type(value).__name__}: {value!r}"
+        )
+    data = dict(value)
+    if "class_path" in data:
+        extra = sorted(set(data) - {"class_path", "init_args"})
+        if extra:
+            raise AdapterConfigError(
+                f"unexpected keys {extra} next to class_path in {value!r}; put the config's fields under init_args"
+            )
+        cls = _config_class(data["class_path"])
+        fields = data.get("init_args") or {}
+    elif "method" in data:
+        method = data.pop("method")
+        cls = get_method(method.lower() if isinstance(method, str) else method).config_cls
+        fields = data
+    else:
+        raise AdapterConfigError(
+            f"an adapter config given as a mapping needs 'method' (e.g. {{method: lora, r: 8}}) or 'class_path' "
+            f"(e.g. {{class_path: lightning_adapters.LoRAConfig, init_args: {{r: 8}}}}), got {value!r}"
+        )
+    if not isinstance(fields, Mapping):
+        raise AdapterConfigError(f"init_args of {cls.__name__} must be a mapping of its fields, got {fields!r}")
+    known = [f.name for f in dataclasses.fields(cls) if f.init]
+    unknown = sorted(str(k) for k in fields if k not in known)
+    if unknown:
+        raise AdapterConfigError(f"{cls.__name__} has no field {unknown}; its fields are {known}")
+    return cls(**dict(fields))
+
+
 def _rank_zero_info(message: str) -> None:
     from lightning.pytorch.utilities.rank_zero import rank_zero_info
 
@@ -75,13 +140,16 @@ class AdapterRuntime:
         options: Where to inject and what else to do.
     """
 
-    def __init__(self, config: AdapterConfig, options: AdapterOptions) -> None:
-        if not isinstance(config, AdapterConfig):
-            raise AdapterConfigError(
-                f"expected an adapter config such as LoRAConfig(...), got {type(config).__name__}: {config!r}"
-            )
-        self.config = config
+    def __init__(self, config: AdapterConfig | Mapping[str, Any], options: AdapterOptions) -> None:
+        self.config = as_config(config)
         self.options = options
+        # The config injected into the sub-module: ``config`` less the modules_to_save that lie beside it.
+        self.inject_config = self.config
+        # Trainable state beside the sub-module (see ``scope``): exact keys and the modules_to_save prefixes.
+        self.outside_keys: set[str] = set()
+        self.outside_prefixes: list[str] = []
+        # What attach_runtime changed on the module, undone when a fit fails before injection.
+        self.attached: tuple[bool, Any, bool] | None = None
         self.fingerprint: str | None = None
         self.shapes: dict[str, list[int]] = {}
         self.hooks: Any = None
@@ -131,6 +199,12 @@ class AdapterRuntime:
             out.append(prefix + p)
         return out
 
+    def saved_keys(self, pl_module: nn.Module) -> Callable[[str], bool]:
+        """Predicate on the LightningModule's state-dict keys: adapter tensors and trainable state beside them."""
+        prefixes = self.adapter_key_prefixes(pl_module) + self.outside_prefixes
+        exact = set(self.outside_keys)
+        return lambda key: key in exact or is_adapter_key(key, prefixes)
+
     # --- injection -----------------------------------------------------------------------------------------
 
     def inject(self, pl_module: nn.Module, *, defer: bool = False) -> bool:
@@ -147,9 +221,16 @@ class AdapterRuntime:
                 f"AdapterCallback(module={self.options.module!r}): the LightningModule has no sub-module of that "
                 "name after configure_model; pass the attribute path of the model to adapt, e.g. module='model'"
             )
+        try:
+            self.inject_config, outside = scope.split_modules_to_save(pl_module, self.options.module or "", self.config)
+        except TargetError:
+            if defer:
+                return False
+            raise
         if find_records(target):
-            inject(target, self.config)  # same config: no-op; another one: a clear error
+            inject(target, self.inject_config)  # same config: no-op; another one: a clear error
             apply_trainability(target)
+            self._train_outside(pl_module, outside)
             if self._prepared is not target:
                 self._after_injection(pl_module, target)  # injected by the user (la.inject) before the trainer ran
             return True
@@ -161,13 +242,21 @@ class AdapterRuntime:
                 "lightning_adapters.adapter_parallelize_fn"
             )
         try:
-            inject(target, self.config)
+            inject(target, self.inject_config)
         except TargetError:
             if defer:
                 return False
             raise
+        self._train_outside(pl_module, outside)
         self._after_injection(pl_module, target)
         return True
+
+    def _train_outside(self, pl_module: nn.Module, saved_modules: list[str]) -> None:
+        for name in saved_modules:
+            pl_module.get_submodule(name).requires_grad_(True)
+        self.outside_keys, self.outside_prefixes = scope.outside_state(
+            pl_module, self.options.module or "", saved_modules
+        )
 
     def _after_injection(self, pl_module: nn.Module, target: nn.Module) -> None:
         self._prepared = target
@@ -179,8 +268,17 @@ class AdapterRuntime:
         self.shapes = ckpt.expected_shapes(pl_module, self)
         if self.options.gradient_checkpointing:
             strategies.enable_gradient_checkpointing(target)
+        if not self.options.module:
+            record = find_records(target)[0][2]
+            frozen, low_rank = scope.frozen_parts(target, record)
+            if frozen or low_rank:
+                self.warn_once("frozen-parts", scope.frozen_parts_message(target, frozen, low_rank, record.method))
         if self.options.verbose:
-            _rank_zero_info("lightning_adapters: injected " + type(self.config).__name__ + "\n" + summary(target))
+            beside = sorted(self.outside_keys) + self.outside_prefixes
+            extra = f"\ntrained in full beside {self.options.module!r}: {beside}" if beside else ""
+            _rank_zero_info(
+                "lightning_adapters: injected " + type(self.config).__name__ + "\n" + summary(target) + extra
+            )
 
     @staticmethod
     def _local_fingerprint(target: nn.Module) -> str | None:
@@ -301,10 +399,17 @@ def get_runtime(pl_module: nn.Module) -> AdapterRuntime:
     return runtime
 
 
-def attach_runtime(pl_module: nn.Module, config: AdapterConfig | None, options: AdapterOptions) -> AdapterRuntime:
-    """Give ``pl_module`` a runtime for ``config`` (or reuse its mixin's), and swap its class."""
+def attach_runtime(
+    pl_module: nn.Module, config: AdapterConfig | Mapping[str, Any] | None, options: AdapterOptions
+) -> AdapterRuntime:
+    """Give ``pl_module`` a runtime for ``config`` (or reuse its mixin's), and swap its class.
+
+    ``detach_runtime`` undoes this while nothing is injected yet (a fit that fails before injection).
+    """
     existing = pl_module.__dict__.get(RUNTIME_ATTR)
     own = getattr(pl_module, "adapter_config", None)
+    own = None if own is None else as_config(own)
+    config = None if config is None else as_config(config)
     if config is None:
         config = own if own is not None else (existing.config if existing is not None else None)
     if config is None:
@@ -324,14 +429,43 @@ def attach_runtime(pl_module: nn.Module, config: AdapterConfig | None, options: 
         raise AdapterConfigError(
             f"AdapterCallback(module={options.module!r}) differs from the module's adapter_module={mixin_module!r}"
         )
-    if existing is None:
+    if options.module is not None and not isinstance(options.module, str):
+        raise AdapterConfigError(
+            f"module must be the dotted attribute name of a sub-module (e.g. 'model') or None, got {options.module!r}"
+        )
+    created = existing is None
+    if created:
         existing = AdapterRuntime(config, options)
         pl_module.__dict__[RUNTIME_ATTR] = existing
     else:
         existing.options = options
+    swapped = not getattr(type(pl_module), "_la_swapped", False)
+    if existing.attached is None and existing._prepared is None:
+        existing.attached = (swapped, pl_module._strict_loading, created)
     swap_class(pl_module)
     pl_module._strict_loading = False
     return existing
+
+
+def detach_runtime(pl_module: nn.Module) -> bool:
+    """Undo ``attach_runtime`` if nothing was injected: the module's class, ``strict_loading`` and runtime.
+
+    Returns:
+        Whether the module was restored (an injected module keeps its runtime and class).
+    """
+    runtime = pl_module.__dict__.get(RUNTIME_ATTR)
+    if runtime is None or runtime.attached is None or runtime._prepared is not None:
+        return False
+    swapped, strict_loading, created = runtime.attached
+    runtime.attached = None
+    if swapped:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            pl_module.__class__ = type(pl_module).__bases__[1]
+    pl_module._strict_loading = strict_loading
+    if created:
+        del pl_module.__dict__[RUNTIME_ATTR]
+    return True
 
 
 class AdapterModuleHooks:

@@ -1,0 +1,211 @@
+"""What is trained and saved around the adapted sub-module, and ``restore_from_checkpoint`` on every model shape.
+
+Issue 14 (bug 2): a task head beside ``AdapterCallback(module="encoder")`` trained but was in no checkpoint, so
+resuming gave a random head and ``restore_from_checkpoint`` predicted garbage; ``modules_to_save=["head"]`` was
+refused; with ``module=None`` a head was frozen at its random init without a word. Bug 5: ``restore_from_checkpoint``
+on a module that builds its model in ``configure_model``. Issue 15: a refused restore ejected the user's adapter.
+"""
+
+from __future__ import annotations
+
+import warnings
+from pathlib import Path
+
+import pytest
+import torch
+from lightning.pytorch.callbacks import ModelCheckpoint
+
+import lightning_adapters as la
+from lightning_adapters.errors import AdapterStateError
+from tests.lightning.models import BoringMLP, TinyLlamaLM, mlp_data, token_data, trainer
+
+ENCODER_TARGETS = ["0", "2", "4"]  # relative to self.encoder
+
+
+def lora(**kw) -> la.LoRAConfig:
+    kw.setdefault("r", 4)
+    kw.setdefault("alpha", 8.0)
+    kw.setdefault("target_modules", ENCODER_TARGETS)
+    return la.LoRAConfig(**kw)
+
+
+class MixinMLP(la.AdapterMixin, BoringMLP):
+    """``BoringMLP`` adapted through the mixin, on ``self.encoder``; the head beside it trains in full."""
+
+    def __init__(self, seed: int = 0) -> None:
+        super().__init__(seed=seed)
+        self.adapter_config = lora()
+        self.adapter_module = "encoder"
+
+
+def make(route: str, seed: int = 0) -> BoringMLP:
+    return MixinMLP(seed=seed) if route == "mixin" else BoringMLP(seed=seed)
+
+
+def callbacks(route: str, *extra, config=None) -> list:
+    own = [] if route == "mixin" else [la.AdapterCallback(config or lora(), module="encoder", verbose=False)]
+    return [*own, *extra]
+
+
+def predictions(model) -> torch.Tensor:
+    x = mlp_data().dataset.tensors[0][:16]
+    model.eval()
+    with torch.no_grad():
+        return model(x)
+
+
+@pytest.mark.parametrize("route", ["callback", "mixin"])
+def test_head_beside_the_adapted_module_is_checkpointed_resumed_and_restored(route, tmp_path):
+    # Straight: 2 epochs. Split: 1 epoch, then resume from last.ckpt for the second.
+    straight = make(route)
+    trainer(max_epochs=2, callbacks=callbacks(route)).fit(straight, mlp_data())
+    first = make(route)
+    head_at_init = first.head.weight.detach().clone()
+    ckpt = ModelCheckpoint(dirpath=tmp_path, save_last=True)
+    trainer(max_epochs=1, callbacks=callbacks(route, ckpt)).fit(first, mlp_data())
+    assert not torch.equal(first.head.weight, head_at_init)  # the head trains
+
+    saved = torch.load(tmp_path / "last.ckpt", weights_only=True)
+    assert {"head.weight", "head.bias"} <= set(saved["state_dict"])
+    assert not any(k.startswith("encoder.") and ".adapter." not in k for k in saved["state_dict"])  # base left out
+    assert torch.equal(saved["state_dict"]["head.weight"], first.head.weight.detach())
+
+    resumed = make(route)
+    trainer(max_epochs=2, callbacks=callbacks(route)).fit(resumed, mlp_data(), ckpt_path=tmp_path / "last.ckpt")
+    torch.testing.assert_close(resumed.head.weight, straight.head.weight, atol=1e-6, rtol=0)
+    torch.testing.assert_close(predictions(resumed), predictions(straight), atol=1e-5, rtol=0)
+
+    restored = la.restore_from_checkpoint(make(route), tmp_path / "last.ckpt")
+    torch.testing.assert_close(predictions(restored), predictions(first), atol=0, rtol=0)
+
+
+def test_modules_to_save_may_name_a_module_beside_the_adapted_one(tmp_path):
+    model = BoringMLP()
+    model.head.requires_grad_(False)  # frozen by the user: modules_to_save makes it train
+    head = model.head.weight.detach().clone()
+    cb = la.AdapterCallback(lora(modules_to_save=["head"]), module="encoder", verbose=False)
+    t = trainer(callbacks=[cb])
+    t.fit(model, mlp_data())
+    assert model.head.weight.requires_grad and not torch.equal(model.head.weight, head)
+    assert la.config_of(model.encoder).modules_to_save is None  # the injected config names only what is inside
+    t.save_checkpoint(tmp_path / "c.ckpt")
+    saved = torch.load(tmp_path / "c.ckpt", weights_only=True)
+    assert saved["lightning_adapters"]["config"]["modules_to_save"] == ["head"]
+    assert {"head.weight", "head.bias"} <= set(saved["state_dict"])
+    fresh = BoringMLP()
+    fresh.head.requires_grad_(False)
+    restored = la.restore_from_checkpoint(fresh, tmp_path / "c.ckpt")
+    torch.testing.assert_close(predictions(restored), predictions(model), atol=0, rtol=0)
+
+
+def test_bare_model_restore_warns_about_the_head_it_cannot_hold(tmp_path):
+    model = BoringMLP()
+    t = trainer(callbacks=[la.AdapterCallback(lora(), module="encoder", verbose=False)])
+    t.fit(model, mlp_data())
+    t.save_checkpoint(tmp_path / "c.ckpt")
+    encoder = BoringMLP().encoder
+    with pytest.warns(UserWarning, match=r"trained outside module='encoder'.*head.bias.*head.weight"):
+        la.restore_from_checkpoint(encoder, tmp_path / "c.ckpt")
+    x = mlp_data().dataset.tensors[0][:4]
+    model.eval()
+    with torch.no_grad():
+        torch.testing.assert_close(encoder(x), model.encoder(x), atol=0, rtol=0)
+
+
+def _fit_warnings(model, config) -> list[str]:
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        trainer(max_steps=1, callbacks=[la.AdapterCallback(config, verbose=False)]).fit(model, mlp_data())
+    return [str(w.message) for w in caught if "lightning_adapters:" in str(w.message)]
+
+
+def test_a_head_frozen_or_low_ranked_by_whole_module_injection_is_warned_about():
+    frozen = _fit_warnings(BoringMLP(), lora(target_modules=["encoder.0", "encoder.2", "encoder.4"]))
+    assert len(frozen) == 1
+    assert "'head' (Linear, 1,028 parameters) was trainable before injection and is now frozen" in frozen[0]
+    assert "modules_to_save=['head']" in frozen[0] and "module='<backbone attribute>'" in frozen[0]
+
+    low_rank = _fit_warnings(BoringMLP(), lora(target_modules="all-linear"))
+    assert len(low_rank) == 1 and "'head' (Linear, 1,028 parameters) got a lora adapter from" in low_rank[0]
+
+    # The fixes the message names silence it; so does freezing the module on purpose.
+    assert not _fit_warnings(BoringMLP(), lora(target_modules="all-linear", modules_to_save=["head"]))
+    assert not _fit_warnings(BoringMLP(), lora(target_modules=["encoder.0"], modules_to_save=["head"]))
+    deliberate = BoringMLP()
+    deliberate.head.requires_grad_(False)
+    assert not _fit_warnings(deliberate, lora(target_modules=["encoder.0"]))
+
+
+class LazyMixinLM(la.AdapterMixin, TinyLlamaLM):
+    """The README's mixin pattern: the model is built in ``configure_model``."""
+
+    def __init__(self, seed: int = 0) -> None:
+        super().__init__(build_in_configure_model=True, seed=seed)
+        self.adapter_config = la.LoRAConfig(r=2, target_modules=["q_proj", "v_proj"])
+        self.adapter_module = "model"
+
+
+def test_restore_calls_configure_model_as_the_trainer_would(tmp_path):
+    model = LazyMixinLM()
+    t = trainer(max_steps=2)
+    t.fit(model, token_data())
+    t.save_checkpoint(tmp_path / "c.ckpt")
+    restored = la.restore_from_checkpoint(LazyMixinLM(), tmp_path / "c.ckpt")
+    ids = token_data().dataset.tensors[0][:2]
+    model.eval()
+    restored.eval()
+    with torch.no_grad():
+        torch.testing.assert_close(
+            restored.model(input_ids=ids).logits, model.model(input_ids=ids).logits, atol=0, rtol=0
+        )
+
+
+def _trained_checkpoint(tmp_path: Path, seed: int = 0) -> Path:
+    model = TinyLlamaLM(seed=seed)
+    cb = la.AdapterCallback(la.LoRAConfig(r=2, target_modules=["q_proj"]), module="model", verbose=False)
+    t = trainer(max_steps=2, callbacks=[cb])
+    t.fit(model, token_data())
+    path = tmp_path / f"seed{seed}.ckpt"
+    t.save_checkpoint(path)
+    return path
+
+
+def test_a_refused_restore_keeps_the_adapter_the_model_had(tmp_path):
+    own = _trained_checkpoint(tmp_path, seed=1)
+    other = _trained_checkpoint(tmp_path, seed=0)
+    model = la.restore_from_checkpoint(TinyLlamaLM(seed=1), own)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    grads = {n: p.requires_grad for n, p in model.named_parameters()}
+    with pytest.raises(AdapterStateError, match="different base model"):
+        la.restore_from_checkpoint(model, other)
+    after = model.state_dict()
+    assert set(after) == set(before) and all(torch.equal(after[k], v) for k, v in before.items())
+    assert {n: p.requires_grad for n, p in model.named_parameters()} == grads
+    # Refused after injection on a model without an adapter: back to the plain model.
+    plain = TinyLlamaLM(seed=1)
+    plain_before = {k: v.clone() for k, v in plain.state_dict().items()}
+    with pytest.raises(AdapterStateError, match="different base model"):
+        la.restore_from_checkpoint(plain, other)
+    assert set(plain.state_dict()) == set(plain_before) and not la.core.inject.find_records(plain)
+
+
+def test_restore_onto_a_part_of_the_adapted_module_then_export_it(tmp_path):
+    # Adapter injected into the whole LightningModule (module=None), head in modules_to_save, as the app does.
+    model = TinyLlamaLM()
+    cb = la.AdapterCallback(la.LoRAConfig(r=2, target_modules="all-linear", modules_to_save=["lm_head"]), verbose=False)
+    t = trainer(max_steps=2, callbacks=[cb])
+    t.fit(model, token_data())
+    t.save_checkpoint(tmp_path / "c.ckpt")
+    ids = token_data().dataset.tensors[0][:2]
+    model.eval()
+    with torch.no_grad():
+        expected = model.model.model(input_ids=ids).last_hidden_state
+
+    bare = TinyLlamaLM().model.model  # the decoder body without the LM head
+    la.restore_from_checkpoint(bare, tmp_path / "c.ckpt", module="model.model")
+    with torch.no_grad():
+        torch.testing.assert_close(bare(input_ids=ids).last_hidden_state, expected, atol=0, rtol=0)
+    la.save_peft(bare, tmp_path / "peft")
+    again = la.load_peft(TinyLlamaLM().model.model, tmp_path / "peft")
+    with torch.no_grad():
+        torch.testing.assert_close(again(input_ids=ids).last_hidden_state, expected, atol=1e-6, rtol=0)
