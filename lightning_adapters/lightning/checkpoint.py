@@ -171,9 +171,11 @@ def check_state_entry(checkpoint: dict[str, Any], where: str) -> dict[str, torch
     state = checkpoint["state_dict"]
     if not isinstance(state, dict):
         raise AdapterStateError(f"{where}: 'state_dict' must be a dict of tensors, got {type(state).__name__}")
-    bad = [f"{k!r}: {type(v).__name__}" for k, v in state.items() if not isinstance(v, torch.Tensor)]
+    bad = [f"{k} ({type(v).__name__})" for k, v in state.items() if not isinstance(v, torch.Tensor)]
     if bad:
-        raise AdapterStateError(f"{where}: 'state_dict' values must be tensors; got {bad[:6]}")
+        raise AdapterStateError(
+            f"{where}: 'state_dict' values must be tensors; got {', '.join(bad[:6])}; the file was edited or damaged"
+        )
     return state
 
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 import functools
 import json
 import re
+import sys
 import tempfile
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -21,7 +22,7 @@ from torch import nn
 
 import lightning_adapters as la
 from tests.helpers import SmallCNN, Wrap, tiny_bert, tiny_gpt2, tiny_llama
-from tests.reliability import rows_i15files, rows_i15models, rows_i15state
+from tests.reliability import rows_i14lit, rows_i15files, rows_i15models, rows_i15state
 
 DOC = Path(__file__).resolve().parents[2] / "docs" / "BAD_INPUTS.md"
 
@@ -595,6 +596,7 @@ ROWS: list[Row] = ENGINE_ROWS + METHOD_ROWS + LIGHTNING_ROWS
 ROWS += rows_i15models.rows(Row)
 ROWS += rows_i15files.rows(Row)
 ROWS += rows_i15state.rows(Row, _snapshot_into)
+ROWS += rows_i14lit.rows(sys.modules[__name__])
 
 
 @pytest.mark.parametrize("row", [pytest.param(r, id=r.id) for r in ROWS])
