@@ -14,8 +14,8 @@ Public API::
 
 from __future__ import annotations
 
-from importlib import import_module
-from typing import Any
+from importlib import import_module as _import_module
+from typing import TYPE_CHECKING
 
 from lightning_adapters.config import AdapterConfig
 from lightning_adapters.core.inject import (
@@ -64,10 +64,19 @@ _LAZY = {
 }
 
 
+if TYPE_CHECKING:
+    from typing import Any
+
+
 def __getattr__(name: str) -> Any:
     if name in _LAZY:
-        return getattr(import_module(_LAZY[name]), name)
+        return getattr(_import_module(_LAZY[name]), name)
     raise AttributeError(f"module 'lightning_adapters' has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    # The public API, lazy names included (the default would list helpers such as _import_module, not the configs).
+    return sorted({*__all__, "__version__"})
 
 
 __all__ = [

@@ -29,7 +29,8 @@ class AdapterConfig:
             method's per-architecture default (``q_proj``/``v_proj`` on Llama, ``query``/``value`` on Bert, ...).
         exclude_modules: Modules never adapted, in the same forms as ``target_modules``.
         modules_to_save: Name suffixes of modules trained in full (e.g. a new classification head); their
-            tensors are part of the adapter state.
+            tensors are part of the adapter state. With ``AdapterCallback(module=...)`` they may also name modules
+            of the LightningModule beside that sub-module.
         adapter_dtype: Dtype of the adapter tensors (``"float32"``, ``"bfloat16"``, ...). ``None`` (default)
             means: fp32 when the base layer is half precision, else the base dtype (PEFT's behaviour).
     """
@@ -52,9 +53,31 @@ class AdapterConfig:
         if self.adapter_dtype is not None and self.adapter_dtype not in _DTYPES:
             raise AdapterConfigError(f"adapter_dtype {self.adapter_dtype!r} is not one of {_DTYPES} (or None)")
 
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        # help(LoRAConfig) and LightningCLI's --help document the shared fields too, not only the method's own.
+        cls.__doc__ = _with_shared_fields(cls.__doc__)
+
     def to_dict(self) -> dict[str, Any]:
         """Plain JSON-safe dict of the fields (lists, not tuples or ListConfig)."""
         return {f.name: _plain(getattr(self, f.name)) for f in dataclasses.fields(self)}
+
+
+# An ``Attributes:`` entry of a class docstring: "        name: text" and its deeper-indented continuation lines.
+_ENTRY = re.compile(r"^ {8}(\w+): .*(?:\n {12}.*)*", re.M)
+
+
+def _with_shared_fields(doc: str | None) -> str | None:
+    """``doc`` with ``AdapterConfig``'s attribute entries appended to its ``Attributes:`` section (its last one),
+    except those it documents itself."""
+    if doc is None:
+        return None
+    own = {m.group(1) for m in _ENTRY.finditer(doc)}
+    shared = [m.group(0) for m in _ENTRY.finditer(AdapterConfig.__doc__ or "") if m.group(1) not in own]
+    if not shared:
+        return doc
+    header = "" if "\n    Attributes:\n" in doc else "\n\n    Attributes:"
+    return doc.rstrip() + header + "\n" + "\n".join(shared) + "\n    "
 
 
 def _plain(value: Any) -> Any:

@@ -16,6 +16,7 @@ import torch
 from lightning.pytorch.callbacks import ModelCheckpoint
 
 import lightning_adapters as la
+from lightning_adapters.core.inject import find_records
 from lightning_adapters.errors import AdapterStateError
 from tests.lightning.models import BoringMLP, TinyLlamaLM, mlp_data, token_data, trainer
 
@@ -186,7 +187,7 @@ def test_a_refused_restore_keeps_the_adapter_the_model_had(tmp_path):
     plain_before = {k: v.clone() for k, v in plain.state_dict().items()}
     with pytest.raises(AdapterStateError, match="different base model"):
         la.restore_from_checkpoint(plain, other)
-    assert set(plain.state_dict()) == set(plain_before) and not la.core.inject.find_records(plain)
+    assert set(plain.state_dict()) == set(plain_before) and not find_records(plain)
 
 
 def test_restore_onto_a_part_of_the_adapted_module_then_export_it(tmp_path):
