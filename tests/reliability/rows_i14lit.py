@@ -86,7 +86,7 @@ def _with_adapter(bi: ModuleType):
         m = bi._llm(seed=1)
         la.inject(m.model, la.LoRAConfig(**bi._CKPT_CONFIG))
         with torch.no_grad():
-            for k, v in la.adapter_state_dict(m.model).items():
+            for v in la.adapter_state_dict(m.model).values():
                 v.copy_(torch.full_like(v, 0.25))
         return m
 
