@@ -108,6 +108,12 @@ RULES = (
         "two Optuna trials on a tiny model, one step each",
     ),
     Rule(r"python experiments/collect_sweep\.py .*", (), "reads the sweep the commands before it ran", timeout=120),
+    Rule(
+        r"python experiments/lightning_cli/train\.py fit --config experiments/lightning_cli/config\.yaml "
+        r"--config experiments/lightning_cli/(lora|loha)\.yaml",
+        ("--trainer.fast_dev_run=true",),
+        "the LightningCLI example on the pretrained MiniLM for one training and one validation batch",
+    ),
 )
 
 # Filled in when the command runs, from what the commands before it wrote (in the copy of the repository).
