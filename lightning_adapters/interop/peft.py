@@ -20,10 +20,12 @@ from torch import nn
 from lightning_adapters.core.files import read_files, replace_directory, target_directory, write_file
 from lightning_adapters.core.inject import adapted_modules, eject, find_records, inject
 from lightning_adapters.errors import AdapterConfigError, AdapterStateError
+from lightning_adapters.interop.peft_fields import check_peft_fields
 from lightning_adapters.registry import get_method, get_method_by_peft_type
 
 CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"
+PICKLE_WEIGHTS_NAME = "adapter_model.bin"
 PEFT_PREFIX = "base_model.model."
 PEFT_VERSION = "0.21.2"
 
@@ -141,7 +143,7 @@ def _check_finite(tensors: dict[str, torch.Tensor], what: str) -> None:
 
 
 # Files a PEFT save owns: a previous save's pickle weights would contradict the new safetensors file.
-_PEFT_FILES = frozenset({CONFIG_NAME, WEIGHTS_NAME, "adapter_model.bin"})
+_PEFT_FILES = frozenset({CONFIG_NAME, WEIGHTS_NAME, PICKLE_WEIGHTS_NAME})
 
 
 def save_peft(
@@ -212,13 +214,21 @@ def read_peft_dir(directory: str | os.PathLike) -> tuple[dict[str, Any], dict[st
     directory = Path(directory)
     cfg_path, w_path = directory / CONFIG_NAME, directory / WEIGHTS_NAME
     raw = read_files(directory, (CONFIG_NAME, WEIGHTS_NAME))
-    config_raw, weights_raw = raw[CONFIG_NAME], raw[WEIGHTS_NAME]
+    pickled = False
+    if raw[CONFIG_NAME] is not None and raw[WEIGHTS_NAME] is None:
+        # PEFT's pickle format (save_pretrained(safe_serialization=False)); read with its config from one version.
+        raw = read_files(directory, (CONFIG_NAME, PICKLE_WEIGHTS_NAME))
+        pickled = raw[PICKLE_WEIGHTS_NAME] is not None
+        w_path = directory / PICKLE_WEIGHTS_NAME if pickled else w_path
+    config_raw = raw[CONFIG_NAME]
+    weights_raw = raw[PICKLE_WEIGHTS_NAME if pickled else WEIGHTS_NAME]
     if config_raw is None:
         raise AdapterStateError(f"{cfg_path} does not exist; a PEFT adapter directory holds {CONFIG_NAME}")
     if weights_raw is None:
-        alt = directory / "adapter_model.bin"
-        hint = " (only safetensors files are read: re-save it with safe_serialization=True)" if alt.exists() else ""
-        raise AdapterStateError(f"{w_path} does not exist{hint}")
+        raise AdapterStateError(
+            f"{w_path} does not exist (nor {PICKLE_WEIGHTS_NAME}); a PEFT adapter directory holds its weights in "
+            f"{WEIGHTS_NAME} or {PICKLE_WEIGHTS_NAME}"
+        )
     try:
         config = json.loads(config_raw.decode("utf-8"))
     except UnicodeDecodeError as err:
@@ -233,16 +243,50 @@ def read_peft_dir(directory: str | os.PathLike) -> tuple[dict[str, Any], dict[st
         raise AdapterStateError(f"{cfg_path} has no 'peft_type' field; it is not a PEFT adapter config")
     if not isinstance(config["peft_type"], str):
         raise AdapterConfigError(f"{cfg_path}: field 'peft_type' must be a string, got {config['peft_type']!r}")
-    try:
-        tensors = load(weights_raw)
-    except (SafetensorError, OSError, ValueError) as err:
-        raise AdapterStateError(
-            f"{w_path} is not a readable safetensors file ({err}); it may be truncated or in another format"
-        ) from err
+    if pickled:
+        tensors = _load_pickled_state(w_path, weights_raw)
+    else:
+        try:
+            tensors = load(weights_raw)
+        except (SafetensorError, OSError, ValueError) as err:
+            raise AdapterStateError(
+                f"{w_path} is not a readable safetensors file ({err}); it may be truncated or in another format"
+            ) from err
     stripped = {}
     for k, v in tensors.items():
         stripped[k[len(PEFT_PREFIX) :] if k.startswith(PEFT_PREFIX) else k] = v
     return config, stripped
+
+
+def _load_pickled_state(path: Path, raw: bytes) -> dict[str, torch.Tensor]:
+    """The ``{name: tensor}`` of a pickled ``adapter_model.bin``, read with ``weights_only=True`` (no code runs).
+
+    Raises:
+        AdapterStateError: Naming the file, when it is not a readable pickle of a flat dict of tensors.
+    """
+    import io
+    import pickle
+
+    try:
+        obj = torch.load(io.BytesIO(raw), map_location="cpu", weights_only=True)
+    except (pickle.UnpicklingError, RuntimeError, EOFError, OSError, ValueError, AttributeError, TypeError) as err:
+        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise AdapterStateError(
+            f"{path} is not a readable PyTorch state dict ({first}); it may be truncated, or hold Python objects "
+            f"other than tensors (only weights_only=True pickles are read: nothing in the file is executed)"
+        ) from err
+    if not isinstance(obj, dict):
+        raise AdapterStateError(
+            f"{path} holds a {type(obj).__name__}, not a state dict of tensors ({{name: tensor}}); re-save the adapter"
+        )
+    bad = [k for k, v in obj.items() if not isinstance(k, str) or not isinstance(v, torch.Tensor)]
+    if bad:
+        raise AdapterStateError(
+            f"{path} is not a state dict of tensors: entries {bad[:5]!r} are not (name, tensor) pairs; re-save the "
+            "adapter"
+        )
+    # A pickle may share storage between entries or hold views; the loaders copy values, so plain copies are safe.
+    return {k: v.detach().clone().contiguous() for k, v in obj.items()}
 
 
 _JSON_KIND = {bool: "a boolean", int: "an integer", float: "a number", str: "a string", dict: "an object"}
@@ -327,6 +371,7 @@ def load_peft(model: nn.Module, directory: str | os.PathLike) -> nn.Module:
     """
     config_dict, tensors = read_peft_dir(directory)
     spec = get_method_by_peft_type(config_dict["peft_type"])
+    check_peft_fields(Path(directory) / CONFIG_NAME, config_dict)
     check_peft_config_types(Path(directory) / CONFIG_NAME, config_dict, spec)
     config = spec.config_from_peft(config_dict)
     if spec.prepare_peft_load is not None:

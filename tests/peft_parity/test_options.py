@@ -1,0 +1,430 @@
+"""Every field of PEFT 0.21.2's config classes is supported, ignored on purpose or refused by name.
+
+The table is ``lightning_adapters.interop.peft_fields.PEFT_FIELDS``. Here: it lists exactly PEFT's fields (a field
+PEFT adds fails ``test_table_lists_every_peft_field``); every supported field set to a non-default value moves
+PEFT -> ours -> PEFT with equal outputs and input gradients and is written back; every ignored field set to a
+non-default value still loads with the outputs of the PEFT model that wrote the file; every refused field set to a
+non-default value is refused naming the field. Plus pickled ``adapter_model.bin`` directories.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import json
+import pickle
+
+import peft
+import pytest
+import torch
+from torch import nn
+
+import lightning_adapters as la
+from lightning_adapters.errors import AdapterConfigError, AdapterStateError
+from lightning_adapters.interop.peft_fields import IGNORED, PEFT_FIELDS, REFUSED, SUPPORTED, markdown
+from tests.peft_parity.test_boft import fbd_stand_in  # noqa: F401 (fixture)
+
+PEFT_CLASSES = {
+    "LORA": peft.LoraConfig,
+    "ADALORA": peft.AdaLoraConfig,
+    "LOHA": peft.LoHaConfig,
+    "LOKR": peft.LoKrConfig,
+    "OFT": peft.OFTConfig,
+    "BOFT": peft.BOFTConfig,
+    "ADAPTION_PROMPT": peft.AdaptionPromptConfig,
+}
+
+
+class _Block(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.q_proj = nn.Linear(16, 16)
+        self.v_proj = nn.Linear(16, 16)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x + self.v_proj(torch.tanh(self.q_proj(x)))
+
+
+class Tiny(nn.Module):
+    """Three blocks under ``model.layers.<i>`` (PEFT's default layer pattern finds the index) and a head."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.model = nn.Module()
+        self.model.layers = nn.ModuleList([_Block() for _ in range(3)])
+        self.lm_head = nn.Linear(16, 8)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        for block in self.model.layers:
+            x = block(x)
+        return self.lm_head(x)
+
+
+def tiny() -> Tiny:
+    torch.manual_seed(0)
+    return Tiny().double().eval()  # float64: the comparisons test the maths, not float32 rounding
+
+
+def inputs() -> torch.Tensor:
+    return torch.randn(2, 5, 16, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+
+
+TARGETS = ["q_proj", "v_proj"]
+BASE_KW = {
+    "LORA": dict(r=4, lora_alpha=8, target_modules=TARGETS),
+    "ADALORA": dict(init_r=4, target_r=2, total_step=10, lora_alpha=8, target_modules=TARGETS),
+    "LOHA": dict(r=2, alpha=4, target_modules=TARGETS),
+    "LOKR": dict(r=2, alpha=4, target_modules=TARGETS),
+    "OFT": dict(r=0, oft_block_size=4, target_modules=TARGETS),
+    "BOFT": dict(boft_block_size=4, target_modules=TARGETS),
+}
+_TARGETING = {
+    "target_modules": {"target_modules": ["q_proj"]},
+    "exclude_modules": {"exclude_modules": ["model.layers.0.v_proj"]},
+    "modules_to_save": {"modules_to_save": ["lm_head"]},
+}
+# Non-default values for every supported field (the PEFT config kwargs that set it), per PEFT type.
+SUPPORTED_EXAMPLES: dict[str, dict[str, dict]] = {
+    "LORA": {
+        **_TARGETING,
+        "r": {"r": 2},
+        "lora_alpha": {"lora_alpha": 3},
+        "lora_dropout": {"lora_dropout": 0.1},
+        "use_rslora": {"use_rslora": True},
+        "init_lora_weights": {"init_lora_weights": "gaussian"},
+        "rank_pattern": {"rank_pattern": {"v_proj": 2}},
+        "alpha_pattern": {"alpha_pattern": {"q_proj": 3}},
+        "use_dora": {"use_dora": True},
+    },
+    "ADALORA": {
+        **_TARGETING,
+        "lora_alpha": {"lora_alpha": 3},
+        "lora_dropout": {"lora_dropout": 0.1},
+        "init_lora_weights": {"init_lora_weights": False},
+        "init_r": {"init_r": 3},
+        "target_r": {"target_r": 1},
+        "tinit": {"tinit": 1},
+        "tfinal": {"tfinal": 2},
+        "deltaT": {"deltaT": 2},
+        "beta1": {"beta1": 0.5},
+        "beta2": {"beta2": 0.6},
+        "orth_reg_weight": {"orth_reg_weight": 0.1},
+        "total_step": {"total_step": 20},
+    },
+    "LOHA": {
+        **_TARGETING,
+        "r": {"r": 3},
+        "alpha": {"alpha": 5},
+        "rank_dropout": {"rank_dropout": 0.1},
+        "module_dropout": {"module_dropout": 0.1},
+        "use_effective_conv2d": {"use_effective_conv2d": True},
+        "init_weights": {"init_weights": False},
+        "rank_pattern": {"rank_pattern": {"v_proj": 3}},
+        "alpha_pattern": {"alpha_pattern": {"q_proj": 3}},
+    },
+    "LOKR": {
+        **_TARGETING,
+        "r": {"r": 3},
+        "alpha": {"alpha": 5},
+        "rank_dropout": {"rank_dropout": 0.1},
+        "module_dropout": {"module_dropout": 0.1},
+        "use_effective_conv2d": {"use_effective_conv2d": True},
+        "init_weights": {"init_weights": "lycoris"},
+        "rank_pattern": {"rank_pattern": {"v_proj": 3}},
+        "alpha_pattern": {"alpha_pattern": {"q_proj": 3}},
+        "decompose_both": {"decompose_both": True},
+        "decompose_factor": {"decompose_factor": 2},
+        "rank_dropout_scale": {"rank_dropout_scale": True},
+    },
+    "OFT": {
+        **_TARGETING,
+        "r": {"r": 4, "oft_block_size": 0},
+        "oft_block_size": {"oft_block_size": 8},
+        "module_dropout": {"module_dropout": 0.1},
+        "init_weights": {"init_weights": False},
+        "coft": {"coft": True},
+        "eps": {"coft": True, "eps": 1e-3},
+        "block_share": {"block_share": True},
+        "use_cayley_neumann": {"use_cayley_neumann": False},
+        "num_cayley_neumann_terms": {"num_cayley_neumann_terms": 3},
+    },
+    "BOFT": {
+        **_TARGETING,
+        "boft_block_size": {"boft_block_size": 2},
+        "boft_block_num": {"boft_block_size": 0, "boft_block_num": 4},
+        "boft_n_butterfly_factor": {"boft_n_butterfly_factor": 2},
+        "boft_dropout": {"boft_dropout": 0.1},
+        "init_weights": {"init_weights": False},
+    },
+}
+# Supported fields whose parity lives in a dedicated test (the generic model above cannot carry them).
+_LLAMA_ADAPTER_PARITY = "tests/peft_parity/test_llama_adapter.py::test_peft_adapter_loads_with_equal_logits"
+DEDICATED = {
+    ("ADALORA", "rank_pattern"): "tests/peft_parity/test_adalora.py::test_peft_trained_adapter_loads_through_load_peft",
+    ("ADAPTION_PROMPT", "target_modules"): _LLAMA_ADAPTER_PARITY,
+    ("ADAPTION_PROMPT", "adapter_len"): _LLAMA_ADAPTER_PARITY,
+    ("ADAPTION_PROMPT", "adapter_layers"): _LLAMA_ADAPTER_PARITY,
+}
+
+# Non-default values of ignored fields, written into a PEFT file by hand (JSON values).
+IGNORED_EXAMPLES = {
+    "task_type": "CAUSAL_LM",
+    "inference_mode": False,
+    "revision": "main",
+    "base_model_name_or_path": "someone/some-model",
+    "peft_version": "0.0.1",
+    "auto_mapping": {"base_model_class": "Tiny", "parent_library": "tests"},
+    "fan_in_fan_out": True,
+    "megatron_core": "megatron.core.other",
+    "loftq_config": {"loftq_bits": 4, "loftq_iter": 1},
+    "eva_config": {"rho": 2.0},
+    "corda_config": {"corda_method": "kpm"},
+    "lora_ga_config": {"direction": "ArB2r"},
+    "qalora_group_size": 32,
+    "runtime_config": {"ephemeral_gpu_offload": True},
+    "ensure_weight_tying": True,
+    "r": 4,
+    "use_rslora": True,
+    "alpha_pattern": {"q_proj": 3},
+    "lora_bias": True,
+}
+# Non-default values of refused fields (JSON values); anything else gets a generic non-empty value.
+REFUSED_EXAMPLES = {
+    "bias": "all",
+    "lora_bias": True,
+    "layers_to_transform": [0],
+    "layers_pattern": "layers",
+    "megatron_config": {"tensor_model_parallel_size": 2},
+    "trainable_token_indices": [1, 2],
+    "velora_config": {"rank": 4},
+    "alora_invocation_tokens": [5, 6],
+    "use_qalora": True,
+    "monteclora_config": {"n_samples": 2},
+    "layer_replication": [[0, 2], [1, 3]],
+    "target_parameters": ["experts.gate_up_proj"],
+    "use_bdlora": {"lora_a_is_blockdiagonal": ["q_proj"]},
+    "arrow_config": {"top_k": 2},
+    "kasa_config": {"beta": 0.1},
+    "use_dora": True,
+    "loftq_config": {"loftq_bits": 4},
+}
+
+
+def _rows(status: str) -> list[tuple[str, str]]:
+    return [(t, f) for t, table in PEFT_FIELDS.items() for f, rule in table.items() if rule.status == status]
+
+
+def _randomize(model: nn.Module, seed: int = 0) -> None:
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            # PEFT's AdaLoRA ``ranknum`` turns trainable when cast to float64, but it is a constant (never saved).
+            if p.requires_grad and "ranknum" not in name:
+                p.add_(torch.randn(p.shape, generator=g, dtype=p.dtype) * 0.1)
+
+
+def _peft_config(peft_type: str, **kw):
+    return PEFT_CLASSES[peft_type](**{**BASE_KW[peft_type], **kw})
+
+
+def _write_peft(peft_type: str, directory, **kw) -> tuple[nn.Module, nn.Module]:
+    """A PEFT model with random adapter values saved to ``directory``; returns (base, peft model)."""
+    base = tiny()
+    pm = peft.get_peft_model(copy.deepcopy(base), _peft_config(peft_type, **kw)).eval()
+    _randomize(pm)
+    pm.save_pretrained(directory)
+    return base, pm
+
+
+def _out_and_input_grad(model: nn.Module) -> tuple[torch.Tensor, torch.Tensor]:
+    x = inputs().requires_grad_(True)
+    y = model(x)
+    y.square().sum().backward()
+    return y.detach(), x.grad
+
+
+def _edit_config(directory, **fields) -> None:
+    path = directory / "adapter_config.json"
+    d = json.loads(path.read_text())
+    d.update(fields)
+    path.write_text(json.dumps(d))
+
+
+def _close(got: torch.Tensor, want: torch.Tensor) -> None:
+    """Equal within 1e-5 relative to the tensor's scale."""
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5 * float(want.abs().max()))
+
+
+def _same(a, b) -> bool:
+    if isinstance(a, (list, set, tuple)) and isinstance(b, (list, set, tuple)):
+        return sorted(map(str, a)) == sorted(map(str, b))
+    return a == b
+
+
+@pytest.mark.parametrize("peft_type", list(PEFT_CLASSES))
+def test_table_lists_every_peft_field(peft_type):
+    fields = {f.name for f in dataclasses.fields(PEFT_CLASSES[peft_type])}
+    table = set(PEFT_FIELDS[peft_type])
+    assert fields - table == set(), f"PEFT {peft_type} fields not classified in peft_fields.py: {fields - table}"
+    assert table - fields == set(), f"peft_fields.py lists fields PEFT {peft_type} does not have: {table - fields}"
+    for name, rule in PEFT_FIELDS[peft_type].items():
+        assert rule.status in (SUPPORTED, IGNORED, REFUSED) and rule.why, name
+
+
+@pytest.mark.parametrize("peft_type", list(PEFT_CLASSES))
+def test_refused_defaults_are_peft_defaults(peft_type):
+    defaults = {
+        f.name: f.default if f.default is not dataclasses.MISSING else f.default_factory()
+        for f in dataclasses.fields(PEFT_CLASSES[peft_type])
+    }
+    for name, rule in PEFT_FIELDS[peft_type].items():
+        if rule.status == REFUSED:
+            assert rule.default == defaults[name], (peft_type, name)
+
+
+def test_every_supported_field_has_a_parity_case():
+    for peft_type, name in _rows(SUPPORTED):
+        if name == "peft_type":
+            continue  # every case below loads a file of that type
+        assert name in SUPPORTED_EXAMPLES.get(peft_type, {}) or (peft_type, name) in DEDICATED, (peft_type, name)
+    for path_and_name in set(DEDICATED.values()):
+        path, func = path_and_name.split("::")
+        with open(path) as f:
+            assert f"def {func}(" in f.read(), path_and_name
+
+
+def test_every_ignored_and_refused_field_has_a_case():
+    for _, name in _rows(IGNORED):
+        assert name in IGNORED_EXAMPLES, name
+
+
+def test_docs_are_generated_from_the_table():
+    with open("docs/PEFT_OPTIONS.md") as f:
+        regenerate = "python -m lightning_adapters.interop.peft_fields > docs/PEFT_OPTIONS.md"
+        assert f.read() == markdown(), f"regenerate: {regenerate}"
+
+
+SUPPORTED_CASES = [(t, f) for t, fields in SUPPORTED_EXAMPLES.items() for f in fields]
+
+
+@pytest.mark.parametrize(("peft_type", "field"), SUPPORTED_CASES, ids=[f"{t}-{f}" for t, f in SUPPORTED_CASES])
+def test_supported_field_round_trips_with_equal_outputs(peft_type, field, tmp_path, request):
+    if peft_type == "BOFT":
+        request.getfixturevalue("fbd_stand_in")
+    kw = SUPPORTED_EXAMPLES[peft_type][field]
+    base, pm = _write_peft(peft_type, tmp_path / "peft", **kw)
+    want_y, want_gx = _out_and_input_grad(pm)
+
+    ours = la.load_peft(copy.deepcopy(base), tmp_path / "peft").eval()
+    y, gx = _out_and_input_grad(ours)
+    _close(y, want_y)
+    _close(gx, want_gx)
+
+    la.save_peft(ours, tmp_path / "ours")
+    written = json.loads((tmp_path / "ours" / "adapter_config.json").read_text())
+    for k, v in kw.items():
+        assert _same(written[k], json.loads(json.dumps(v))), (k, written[k], v)
+    back = peft.PeftModel.from_pretrained(copy.deepcopy(base), tmp_path / "ours").eval()
+    y2, gx2 = _out_and_input_grad(back)
+    _close(y2, want_y)
+    _close(gx2, want_gx)
+
+
+IGNORED_CASES = [(t, f) for t, f in _rows(IGNORED) if t != "ADAPTION_PROMPT"]
+
+
+@pytest.mark.parametrize(("peft_type", "field"), IGNORED_CASES, ids=[f"{t}-{f}" for t, f in IGNORED_CASES])
+def test_ignored_field_loads_with_the_outputs_of_the_writer(peft_type, field, tmp_path):
+    base, pm = _write_peft(peft_type, tmp_path)
+    _edit_config(tmp_path, **{field: IGNORED_EXAMPLES[field]})
+    want, _ = _out_and_input_grad(pm)
+    y, _ = _out_and_input_grad(la.load_peft(copy.deepcopy(base), tmp_path).eval())
+    _close(y, want)
+
+
+REFUSED_CASES = _rows(REFUSED)
+
+
+@pytest.mark.parametrize(("peft_type", "field"), REFUSED_CASES, ids=[f"{t}-{f}" for t, f in REFUSED_CASES])
+def test_refused_field_is_named(peft_type, field, tmp_path):
+    base = tiny()
+    if peft_type == "ADAPTION_PROMPT":
+        pytest.skip("AdaptionPromptConfig has no refused field")
+    _write_peft(peft_type, tmp_path)
+    value = REFUSED_EXAMPLES[field]
+    _edit_config(tmp_path, **{field: value})
+    model = copy.deepcopy(base)
+    with pytest.raises(AdapterConfigError, match=rf"option {field}=") as err:
+        la.load_peft(model, tmp_path)
+    assert repr(value) in str(err.value)
+    assert not list(la.core.inject.find_records(model)), "the model was changed by a refused load"
+
+
+def test_mica_is_refused_by_name(tmp_path):
+    base, _ = _write_peft("LORA", tmp_path)
+    _edit_config(tmp_path, init_lora_weights="mica")
+    with pytest.raises(AdapterConfigError, match=r"init_lora_weights='mica'.*MiCA trains lora_A only"):
+        la.load_peft(copy.deepcopy(base), tmp_path)
+
+
+def test_field_unknown_to_the_table_is_refused_unless_off(tmp_path):
+    base, pm = _write_peft("LORA", tmp_path)
+    _edit_config(tmp_path, some_future_option=None, another_future_flag=False)
+    want, _ = _out_and_input_grad(pm)
+    y, _ = _out_and_input_grad(la.load_peft(copy.deepcopy(base), tmp_path).eval())
+    _close(y, want)
+    _edit_config(tmp_path, some_future_option={"k": 1})
+    with pytest.raises(AdapterConfigError, match=r"some_future_option=\{'k': 1\} is not known"):
+        la.load_peft(copy.deepcopy(base), tmp_path)
+
+
+# --- adapter_model.bin ----------------------------------------------------------------------------------------
+
+
+def test_pickled_adapter_loads_with_equal_outputs_and_gradients(tmp_path):
+    base = tiny()
+    pm = peft.get_peft_model(copy.deepcopy(base), _peft_config("LORA", use_dora=True)).eval()
+    _randomize(pm)
+    pm.save_pretrained(tmp_path / "bin", safe_serialization=False)
+    assert (tmp_path / "bin" / "adapter_model.bin").is_file()
+    assert not (tmp_path / "bin" / "adapter_model.safetensors").exists()
+    want_y, want_gx = _out_and_input_grad(pm)
+    ours = la.load_peft(copy.deepcopy(base), tmp_path / "bin").eval()
+    y, gx = _out_and_input_grad(ours)
+    _close(y, want_y)
+    _close(gx, want_gx)
+    # We write safetensors (into the same directory: the stale pickle goes, so the two cannot disagree).
+    la.save_peft(ours, tmp_path / "bin")
+    assert (tmp_path / "bin" / "adapter_model.safetensors").is_file()
+    assert not (tmp_path / "bin" / "adapter_model.bin").exists()
+
+
+class _NotATensor:
+    pass
+
+
+@pytest.mark.parametrize(
+    ("payload", "message"),
+    [
+        (b"not a pickle at all", r"adapter_model\.bin is not a readable PyTorch state dict"),
+        ("pickle-object", r"adapter_model\.bin is not a readable PyTorch state dict"),
+        ("list", r"adapter_model\.bin holds a list, not a state dict of tensors"),
+        ("dict-of-ints", r"adapter_model\.bin is not a state dict of tensors: entries \['x'\]"),
+    ],
+)
+def test_bad_pickled_adapter_is_refused_naming_the_file(payload, message, tmp_path):
+    base, _ = _write_peft("LORA", tmp_path)
+    (tmp_path / "adapter_model.safetensors").unlink()
+    target = tmp_path / "adapter_model.bin"
+    if payload == "pickle-object":
+        target.write_bytes(pickle.dumps({"x": _NotATensor()}))
+    elif payload == "list":
+        torch.save([torch.zeros(1)], target)
+    elif payload == "dict-of-ints":
+        torch.save({"x": 1}, target)
+    else:
+        target.write_bytes(payload)
+    model = copy.deepcopy(base)
+    with pytest.raises(AdapterStateError, match=message):
+        la.load_peft(model, tmp_path)
+    assert not list(la.core.inject.find_records(model))
