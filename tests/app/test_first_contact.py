@@ -247,3 +247,25 @@ def test_pretrained_encoder_without_pooler_loads_quietly_and_reports_real_mismat
     assert "LOAD REPORT" not in "".join(capfd.readouterr()) and not caught
     with pytest.warns(UserWarning, match="unexpected weights.*encoder.layer.2"):
         pretrained_backbone(minilm_dir(), add_pooling_layer=False, num_hidden_layers=2)
+
+
+def test_load_task_rebuilds_the_runs_initial_model_without_touching_the_global_rng(tmp_path: Path) -> None:
+    # Llama-Adapter cannot save the head, so a reload depends on the head being rebuilt with its initial weights.
+    from omegaconf import OmegaConf
+
+    from lightning_adapters.app import load_task
+
+    cfg = compose_app(["model=tiny_llama", "method=llama_adapter", "logger=none", "seed=7"], tmp_path)
+    (tmp_path / ".hydra").mkdir()
+    OmegaConf.save(OmegaConf.masked_copy(cfg, [k for k in cfg if k != "hydra"]), tmp_path / ".hydra" / "config.yaml")
+    built = build(cfg).task  # the app seeds, then builds the task
+    torch.manual_seed(123)
+    expected_next = torch.rand(3)
+    torch.manual_seed(123)
+    loaded = load_task(tmp_path)
+    assert torch.equal(torch.rand(3), expected_next)  # the caller's random stream is untouched
+    assert type(loaded) is type(built)
+    for (name, a), (_, b) in zip(built.state_dict().items(), loaded.state_dict().items()):
+        assert torch.equal(a, b), name
+    with pytest.raises(FileNotFoundError, match="training-app run"):
+        load_task(tmp_path / "nowhere")
