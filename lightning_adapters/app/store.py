@@ -11,6 +11,7 @@ signature (``trainer/trainer_schema``); the union-typed arguments OmegaConf cann
 from __future__ import annotations
 
 import dataclasses
+import functools
 import inspect
 import math
 import os
@@ -133,26 +134,22 @@ def _omegaconf_type(annotation: Any) -> Any:
     return Any
 
 
-_TRAINER_SCHEMA: list[type] = []
-
-
+@functools.cache
 def trainer_schema() -> type:
     """The dataclass stored as ``trainer/trainer_schema``: ``_target_`` plus every ``Trainer`` argument.
 
     Arguments with a plain type (``max_epochs: int | None``, ``accumulate_grad_batches: int``, ...) are typed, so
     Hydra refuses ``trainer.max_epochs=one`` while composing; union-typed ones (``devices``, ``precision``,
-    ``limit_train_batches``, ...) are ``Any`` here and checked by ``check_trainer``.
+    ``limit_train_batches``, ...) are ``Any`` here and checked by ``check_trainer``. Each field defaults to
+    ``Trainer``'s own default; an argument whose default YAML cannot hold is left out (``+trainer.<name>=``).
     """
-    if _TRAINER_SCHEMA:
-        return _TRAINER_SCHEMA[0]
     fields: list[tuple[str, Any, Any]] = [("_target_", str, dataclasses.field(default="lightning.pytorch.Trainer"))]
     for name, (annotation, default) in _trainer_hints().items():
-        kind = _omegaconf_type(annotation)
-        plain_default = default if default is None or isinstance(default, _PLAIN) else None
-        fields.append((name, kind, dataclasses.field(default=plain_default)))
+        if default is not None and not isinstance(default, _PLAIN):
+            continue
+        fields.append((name, _omegaconf_type(annotation), dataclasses.field(default=default)))
     schema = dataclasses.make_dataclass("TrainerSchema", fields)
     schema.__doc__ = "The arguments of lightning.pytorch.Trainer, for Hydra's compose-time type checks."
-    _TRAINER_SCHEMA.append(schema)
     return schema
 
 
