@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 # torch is pinned for the dev install only (a CPU wheel); the library itself asks for a range.
 TORCH_PIN := torch==2.13.0
 
-.PHONY: train test venv lint bench
+.PHONY: train test venv lint bench mutate
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -27,3 +27,10 @@ lint: venv
 
 bench: venv
 	$(PY) -m experiments.benchmarks.run $(ARGS)
+
+# Mutation testing (slow, not part of CI; docs/MUTATION.md). MUTANTS='lightning_adapters.core.state.*' limits the
+# run to matching mutant names; MUTATE_JOBS sets the worker count. Results stay in ./mutants (git-ignored).
+MUTATE_JOBS ?= 1
+mutate: venv
+	nice -n 19 $(PY) -m mutmut run --max-children $(MUTATE_JOBS) $(MUTANTS)
+	$(PY) -m mutmut results
