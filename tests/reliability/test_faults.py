@@ -421,8 +421,8 @@ def test_two_processes_saving_to_one_directory_take_turns(tmp_path):
     """2 processes x 20 saves of different adapters into one directory, with loads running all along."""
     target = tmp_path / "adapter"
     n = saver_script.SAVES
-    saved = {(s, i): la.adapter_state_dict(saver_script.saved_adapter(s, i)) for s in (0, 1) for i in range(n)}
     savers = [start(tmp_path / f"saver{s}.log", str(target), str(s), script=SAVER) for s in (0, 1)]
+    saved = {(s, i): la.adapter_state_dict(saver_script.saved_adapter(s, i)) for s in (0, 1) for i in range(n)}
     deadline = time.time() + HANG_LIMIT_S
     while not all(Path(f"{target}.ready-{s}").exists() for s in (0, 1)):
         assert time.time() < deadline and all(r.proc.poll() is None for r in savers), [
@@ -434,6 +434,7 @@ def test_two_processes_saving_to_one_directory_take_turns(tmp_path):
     while any(r.proc.poll() is None for r in savers):
         if target.exists():
             seen.append(_which_saved(target, saved))
+        time.sleep(0.005)  # leaves the savers room to take the lock
     for run in savers:
         assert finish(run).returncode == 0, run.output[-4000:]
     final = _which_saved(target, saved)
