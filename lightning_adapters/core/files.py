@@ -8,11 +8,14 @@ the sibling file ``.<name>.lock``::
     rename .<name>.new-<rand>  -> <name>
     fsync the parent directory; remove .<name>.old
 
-Why a swap and not a manifest checked on load: the files keep the names PEFT and transformers read, so every
-reader (``PeftModel.from_pretrained`` included, which knows nothing of a manifest) finds one complete set. The
-lock serialises writers of the same target across threads and processes (``flock`` locks belong to an open file
-description, so two threads of one process exclude each other too); this library's loaders take it shared, so
-they never see the instant between the two renames nor a set that changes while they read it.
+Why a swap and not a manifest checked on load: the files keep the names PEFT and transformers read, and at any
+instant but the one between the two renames ``<name>`` holds one complete set, which readers that know nothing
+of a manifest (``PeftModel.from_pretrained``, ``from_pretrained``) also benefit from; a manifest would protect
+only this library's loader. The lock serialises writers of the same target across threads and processes
+(``flock`` locks belong to an open file description, so two threads of one process exclude each other too);
+this library's loaders take it shared and read every file through one descriptor of the directory, so they
+never see the instant between the renames nor pair files of two versions (a reader that opens the files one by
+one without the lock, as PEFT does, could still do so if a save lands between its two opens).
 
 Crash recovery: a process killed between the two renames leaves no ``<name>`` and a complete ``.<name>.old``;
 readers then read ``.<name>.old``, and the next writer renames it back before anything else. A process killed
@@ -24,7 +27,6 @@ the new directory, so a save replaces its own files and keeps the others, as a f
 
 from __future__ import annotations
 
-import fcntl
 import os
 import secrets
 import shutil
@@ -97,6 +99,8 @@ def directory_lock(directory: Path, *, shared: bool) -> Iterator[None]:
     A writer creates the lock file; a reader only takes it if it exists (no writer of this library ever wrote
     there otherwise), so loading from a read-only or foreign directory leaves no trace.
     """
+    import fcntl  # POSIX; imported here so that importing the library does not need it
+
     lock = sibling(directory, LOCK_SUFFIX)
     if shared:
         try:
