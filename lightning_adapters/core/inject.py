@@ -227,7 +227,7 @@ def inject(model: nn.Module, config: AdapterConfig) -> nn.Module:
                     f"{spec.name}: cannot adapt {bad}; supported layer types are {supported}. "
                     f"Narrow target_modules or add these names to exclude_modules"
                 )
-            check_adaptable(model, targets, spec.name)
+            check_adaptable(model, targets, spec.name, spec.supported_types)
             taken = [n for n, m in modules.items() if ADAPTER_ATTR in m._modules or hasattr(m, ADAPTER_ATTR)]
             if taken:
                 raise AdapterConfigError(

@@ -209,7 +209,46 @@ def check_called(model: nn.Module, targets: list[str], method: str) -> None:
                 )
 
 
-def check_adaptable(model: nn.Module, targets: list[str], method: str) -> None:
+def check_plain_layers(model: nn.Module, targets: list[str], method: str, supported: tuple[type, ...]) -> None:
+    """Refuse a target whose product is not the plain one of the supported type it derives from.
+
+    The methods compute the adapted layer from ``weight``/``bias`` with the supported type's own product (or call
+    ``_conv_forward``), and merge by writing ``weight``. A subclass with its own ``forward`` (a scaled embedding,
+    a conv that pads in ``forward``) would lose what that forward adds, and a computed weight (a parametrization,
+    ``weight_norm``, ``spectral_norm``) would not keep a merge.
+
+    Raises:
+        UnsupportedLayerError: Naming the target, what is special about it and the fix.
+    """
+    from torch.nn.utils import parametrize
+
+    for target in targets:
+        module = model.get_submodule(target)
+        kinds = [t for t in supported if isinstance(module, t)]
+        if not kinds:
+            continue  # inject reports unsupported types itself
+        ref = next(t for t in kinds if all(issubclass(t, o) for o in kinds))  # the most derived supported type
+        overridden = [
+            f for f in ("forward", "_conv_forward") if getattr(type(module), f, None) is not getattr(ref, f, None)
+        ]
+        if overridden:
+            raise UnsupportedLayerError(
+                f"{method}: {target!r} is a {type(module).__name__}, a subclass of {ref.__name__} with its own "
+                f"{overridden[0]}; the adapter computes {ref.__name__}'s product from the weights, so what that "
+                f"{overridden[0]} adds would be lost. Leave it out (exclude_modules=[{target!r}]) or use a plain "
+                f"{ref.__name__}"
+            )
+        if parametrize.is_parametrized(module) or not isinstance(module._parameters.get("weight"), nn.Parameter):
+            raise UnsupportedLayerError(
+                f"{method}: the weight of {target!r} is computed (a parametrization, weight_norm or spectral_norm), "
+                f"not a plain Parameter, so a merge into it would be lost; make it plain first "
+                f"(torch.nn.utils.parametrize.remove_parametrizations(module, 'weight') or "
+                f"torch.nn.utils.remove_weight_norm(module)) or leave it out (exclude_modules=[{target!r}])"
+            )
+
+
+def check_adaptable(model: nn.Module, targets: list[str], method: str, supported: tuple[type, ...]) -> None:
     """Checks that a per-layer adapter on each target really acts where it is and merges consistently."""
     check_called(model, targets, method)
+    check_plain_layers(model, targets, method, supported)
     check_untied(model, targets, method)

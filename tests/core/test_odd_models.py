@@ -4,6 +4,7 @@ and convolutions with every padding mode. Whenever ``inject`` accepts a model, m
 from __future__ import annotations
 
 import copy
+from collections import OrderedDict
 
 import pytest
 import torch
@@ -136,6 +137,42 @@ def test_module_registered_twice_refused_when_one_name_is_not_selected() -> None
         la.inject(model, la.LoRAConfig(r=2, target_modules=["0", "1"], modules_to_save=["0"]))
     _assert_unchanged(model, before)
     assert type(model[0]) is nn.Linear
+
+
+class _Doubled(nn.Linear):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return super().forward(x) * 2
+
+
+def _computed(how: str) -> nn.Module:
+    layer = nn.Linear(64, 64)
+    if how == "parametrization":
+        return torch.nn.utils.parametrizations.weight_norm(layer)
+    if how == "spectral_norm":
+        return torch.nn.utils.spectral_norm(layer)
+    return torch.nn.utils.parametrizations.orthogonal(layer)
+
+
+@pytest.mark.parametrize("method", sorted(LINEAR_CONFIGS))
+def test_subclass_with_its_own_forward_refused_for_every_method(method: str) -> None:
+    """Without the check the adapted layer computed nn.Linear's product: not even identity at init."""
+    model = nn.Sequential(_Doubled(64, 64), nn.Linear(64, 2))
+    before = _state(model)
+    with pytest.raises(la.UnsupportedLayerError, match=r"'0' is a _Doubled, a subclass of Linear with its own forward"):
+        la.inject(model, LINEAR_CONFIGS[method](["0", "1"]))
+    _assert_unchanged(model, before)
+    assert type(model[0]) is _Doubled and type(model[1]) is nn.Linear
+
+
+@pytest.mark.parametrize("how", ["parametrization", "spectral_norm", "orthogonal"])
+@pytest.mark.parametrize("method", sorted(LINEAR_CONFIGS))
+def test_computed_weight_refused_for_every_method(method: str, how: str) -> None:
+    """A merge into a computed weight was lost (parametrization) or overwritten by the next forward (hooks)."""
+    model = nn.Sequential(OrderedDict(net=_computed(how), out=nn.Linear(64, 2))).eval()
+    before = _state(model)
+    with pytest.raises(la.UnsupportedLayerError, match=r"the weight of 'net' is computed"):
+        la.inject(model, LINEAR_CONFIGS[method](["net"]))
+    _assert_unchanged(model, before)
 
 
 class _Attention(nn.Module):

@@ -8,6 +8,7 @@ and ``python -m tests.reliability.test_bad_inputs`` keeps working).
 from __future__ import annotations
 
 import copy
+from collections import OrderedDict
 from typing import Any
 
 import torch
@@ -71,6 +72,25 @@ def _encoder() -> nn.Module:
 def _ragged_list() -> nn.Module:
     block = nn.Linear(6, 6)
     return nn.Sequential(copy.deepcopy(block), block, block)
+
+
+class _ScaledEmbedding(nn.Embedding):
+    """An embedding that scales its output in forward (as BART's and Gemma's word embeddings do)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return super().forward(x) * 8.0
+
+
+def _scaled_embedding() -> nn.Module:
+    return nn.Sequential(_ScaledEmbedding(20, 8), nn.Linear(8, 4))
+
+
+def _weight_norm() -> nn.Module:
+    return nn.Sequential(OrderedDict(net=torch.nn.utils.parametrizations.weight_norm(nn.Linear(8, 8))))
+
+
+def _spectral_norm() -> nn.Module:
+    return nn.Sequential(nn.Linear(8, 8), torch.nn.utils.spectral_norm(nn.Conv2d(8, 8, 3)))
 
 
 def rows(Row: type) -> list:  # noqa: N803 - the Row class of test_bad_inputs
@@ -169,6 +189,27 @@ def rows(Row: type) -> list:  # noqa: N803 - the Row class of test_bad_inputs
             _inject("OFTConfig", oft_block_size=4, target_modules=["attn"]),
             la.UnsupportedLayerError,
             r"oft: cannot adapt \{'attn': 'MultiheadAttention'\}",
+        ),
+        Row(
+            "subclass-with-own-forward",
+            _scaled_embedding,
+            _inject("LoRAConfig", r=2, target_modules=["0"]),
+            la.UnsupportedLayerError,
+            r"lora: '0' is a _ScaledEmbedding, a subclass of Embedding with its own forward.*exclude_modules=\['0'\]",
+        ),
+        Row(
+            "parametrized-weight",
+            _weight_norm,
+            _inject("LoKrConfig", r=2, target_modules=["net"]),
+            la.UnsupportedLayerError,
+            r"lokr: the weight of 'net' is computed \(a parametrization.*remove_parametrizations",
+        ),
+        Row(
+            "spectral-norm-hook-weight",
+            _spectral_norm,
+            _inject("OFTConfig", oft_block_size=8, target_modules=["1"]),
+            la.UnsupportedLayerError,
+            r"oft: the weight of '1' is computed .*not a plain Parameter",
         ),
         Row(
             "encoder-layer-fast-path",
