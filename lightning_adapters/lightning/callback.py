@@ -130,7 +130,15 @@ class AdapterCallback(Callback):
 
     @override
     def on_fit_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
-        export.export_at_fit_end(trainer, pl_module, self._rt(pl_module))
+        runtime = self._rt(pl_module)
+        beside = sorted(runtime.outside_keys) + runtime.outside_prefixes
+        if beside and (runtime.options.export_peft_dir or runtime.options.export_merged_dir):
+            runtime.warn_once(
+                "export-beside",
+                f"the exports hold {runtime.options.module!r} only; {beside[:6]} trained beside it are in the "
+                "Lightning checkpoints: la.restore_from_checkpoint(YourModule(), ckpt) restores everything",
+            )
+        export.export_at_fit_end(trainer, pl_module, runtime)
 
     @override
     def on_exception(self, trainer: Trainer, pl_module: LightningModule, exception: BaseException) -> None:

@@ -38,8 +38,11 @@ class AdapterMixin:
     """Adapter support for a LightningModule: list it before ``LightningModule`` in the bases.
 
     Attributes:
-        adapter_config: The adapter config to inject (set it in ``__init__``).
-        adapter_module: Dotted name of the sub-module to inject into; ``None`` injects into the whole module.
+        adapter_config: The adapter config to inject (set it in ``__init__``): a config such as
+            ``LoRAConfig(r=8)``, or a mapping such as ``{"method": "lora", "r": 8}``.
+        adapter_module: Dotted name of the sub-module to inject into; ``None`` injects into the whole module. With a
+            sub-module, every parameter beside it that requires grad (e.g. a new ``self.head``) trains in full and is
+            saved in every checkpoint; ``modules_to_save`` may name such modules too.
     """
 
     adapter_config: AdapterConfig | None = None

@@ -210,3 +210,30 @@ def test_restore_onto_a_part_of_the_adapted_module_then_export_it(tmp_path):
     again = la.load_peft(TinyLlamaLM().model.model, tmp_path / "peft")
     with torch.no_grad():
         torch.testing.assert_close(again(input_ids=ids).last_hidden_state, expected, atol=1e-6, rtol=0)
+
+
+def test_export_of_a_sub_module_says_where_the_head_is_and_loads_onto_the_bare_sub_module(tmp_path):
+    model = BoringMLP()
+    cb = la.AdapterCallback(lora(), module="encoder", export_peft_dir=tmp_path / "peft", verbose=False)
+    with pytest.warns(UserWarning, match=r"the exports hold 'encoder' only; \['head.bias', 'head.weight'\]"):
+        trainer(callbacks=[cb]).fit(model, mlp_data())
+    encoder = la.load_peft(BoringMLP().encoder, tmp_path / "peft")
+    x = mlp_data().dataset.tensors[0][:4]
+    model.eval()
+    with torch.no_grad():
+        torch.testing.assert_close(encoder(x), model.encoder(x), atol=1e-6, rtol=0)
+
+
+def test_mixin_takes_its_config_as_a_mapping(tmp_path):
+    class Model(la.AdapterMixin, BoringMLP):
+        def __init__(self):
+            super().__init__()
+            self.adapter_config = {"method": "loha", "r": 2, "target_modules": ENCODER_TARGETS}
+            self.adapter_module = "encoder"
+
+    model = Model()
+    trainer(max_steps=2).fit(model, mlp_data())
+    config = la.config_of(model.encoder)
+    assert isinstance(config, la.LoHaConfig) and config.r == 2
+    assert {k.split(".adapter.")[0] for k in la.adapter_state_dict(model.encoder)} == set(ENCODER_TARGETS)
+    assert model.head.weight.requires_grad  # beside the adapted module: trains in full
