@@ -1,14 +1,19 @@
-"""A process that saves 20 different adapters into one PEFT directory, for the concurrency test in
-``test_faults.py`` (two of these run at once). Kept apart from ``fault_script.py`` so it does not import Lightning
-and starts quickly.
+"""Processes that save PEFT adapters, for ``test_faults.py``. Kept apart from ``fault_script.py`` so they do not
+import Lightning and start quickly.
 
-    python tests/reliability/saver_script.py DIR SAVER
+``DIR SAVER`` saves 20 different adapters into DIR (two of these run at once in the concurrency test).
+``DIR SAVER --kill-at-rename N`` saves adapter 0, then saves adapter 1 and gets SIGKILL right after its N-th
+rename (1: between moving the old directory aside and moving the new one in).
+
+    python tests/reliability/saver_script.py DIR SAVER [--kill-at-rename N]
 """
 
 from __future__ import annotations
 
 import copy
 import functools
+import os
+import signal
 import sys
 import time
 from pathlib import Path
@@ -56,10 +61,28 @@ def saved_adapter(saver: int, i: int) -> nn.Module:
     return model
 
 
+def killed_mid_save(directory: str, saver: int, at_rename: int) -> None:
+    """Save adapter 0, then die by SIGKILL right after the ``at_rename``-th rename of the save of adapter 1."""
+    la.save_peft(saved_adapter(saver, 0), directory)
+    real_rename, calls = os.rename, []
+
+    def rename_then_die(src, dst, *args, **kwargs):
+        real_rename(src, dst, *args, **kwargs)
+        calls.append(dst)
+        if len(calls) == at_rename:
+            os.kill(os.getpid(), signal.SIGKILL)
+
+    os.rename = rename_then_die
+    la.save_peft(saved_adapter(saver, 1), directory)
+
+
 def main() -> None:
     """Build the 20 models, announce readiness (``DIR.ready-SAVER``), wait for ``DIR.go``, then save them all."""
     directory, saver = sys.argv[1], int(sys.argv[2])
     torch.set_num_threads(1)
+    if len(sys.argv) > 3:
+        killed_mid_save(directory, saver, int(sys.argv[4]))
+        return
     models = [saved_adapter(saver, i) for i in range(SAVES)]
     Path(f"{directory}.ready-{saver}").touch()
     while not Path(f"{directory}.go").exists():

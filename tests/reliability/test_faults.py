@@ -525,3 +525,24 @@ def test_export_merged_refuses_a_merge_that_overflows_a_half_precision_base(tmp_
     from safetensors.torch import load_file
 
     assert torch.isinf(load_file(tmp_path / "unsafe" / "model.safetensors")["layer.weight"]).all()
+
+
+def test_a_saver_killed_between_its_renames_releases_the_lock_and_the_next_save_recovers(tmp_path):
+    """A real SIGKILL inside ``save_peft``, with the old adapter moved aside and the new one not yet in place:
+    the loader reads the old adapter, and a save from another process neither waits for the dead one's lock nor
+    keeps its leftovers. (Every other step is crashed in-process by ``Faults(crash=True)`` above.)"""
+    target = tmp_path / "adapter"
+    run = finish(start(tmp_path / "killed.log", str(target), "0", "--kill-at-rename", "1", script=SAVER))
+    assert run.returncode == -signal.SIGKILL, run.output[-4000:]
+    leftovers = sorted(p.name for p in tmp_path.iterdir() if p.name.startswith(".adapter."))
+    assert not target.exists()
+    assert (
+        leftovers[0] == ".adapter.lock"
+        and leftovers[1].startswith(".adapter.new-")
+        and leftovers[2:] == [".adapter.old"]
+    )
+    saved = {(0, i): la.adapter_state_dict(saver_script.saved_adapter(0, i)) for i in range(3)}
+    assert _which_saved(target, saved) == (0, 0)
+    la.save_peft(saver_script.saved_adapter(0, 2), target)  # would block forever if the lock were still held
+    assert _which_saved(target, saved) == (0, 2)
+    assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith(".")) == [".adapter.lock"]
