@@ -8,6 +8,7 @@ import stat
 from pathlib import Path
 
 import pytest
+import torch
 
 import lightning_adapters as la
 from lightning_adapters.core.files import (
@@ -126,3 +127,20 @@ def test_mount_point_and_unwritable_parent_are_refused_before_writing(tmp_path, 
     with pytest.raises(la.AdapterConfigError, match=rf"'{tmp_path}' is not writable"):
         target_directory(tmp_path / "new" / "deeper", "export_merged")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]
+
+
+@pytest.mark.parametrize("dtype", ["bfloat16", "torch.float16", torch.float16])
+def test_save_dtype_by_name_or_dtype_casts_the_file(dtype, tmp_path):
+    from safetensors.torch import load_file
+
+    from tests.helpers import randomize_adapter, tiny_llama
+
+    model = la.inject(tiny_llama(), la.LoRAConfig(r=2, target_modules=["q_proj"]))
+    randomize_adapter(model)
+    la.save_peft(model, tmp_path, save_dtype=dtype)
+    want = torch.bfloat16 if dtype == "bfloat16" else torch.float16
+    saved = load_file(tmp_path / "adapter_model.safetensors")
+    ours = {f"base_model.model.{k.replace('.adapter.', '.')}": v for k, v in la.adapter_state_dict(model).items()}
+    assert {k.replace(".weight", "") for k in saved} == set(ours)
+    for k, v in saved.items():
+        assert v.dtype == want and torch.equal(v, ours[k.replace(".weight", "")].to(want)), k
