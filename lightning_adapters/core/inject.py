@@ -405,7 +405,8 @@ def eject(model: nn.Module, merge: bool = False, *, safe: bool = False) -> nn.Mo
         spec_eject = rec.extra.get("eject")
         if spec_eject is not None:
             spec_eject(root)
-    for _, base, _ in layers:
+    for _, base, layer in layers:
+        layer.on_eject(base, merged=merge)
         detach(base)
     for _, root, rec in records:
         for n, p in root.named_parameters():

@@ -60,6 +60,12 @@ class AdapterLayer(nn.Module):
     def forget_merge(self) -> None:
         """Drop whatever ``merge`` kept for ``unmerge`` (after the base weight was restored from a copy)."""
 
+    def on_attach(self, base: nn.Module) -> None:
+        """Called once the layer is installed on ``base`` (an init that changes the base weight does it here)."""
+
+    def on_eject(self, base: nn.Module, merged: bool) -> None:
+        """Called before the layer is removed by ``eject``; ``merged`` says whether the adapter was folded in."""
+
     def peft_state(self) -> dict[str, torch.Tensor]:
         """Tensors under PEFT's key suffixes and layouts (e.g. ``{"lora_A.weight": A}``)."""
         return {k: v for k, v in self.state_dict().items()}
@@ -149,6 +155,7 @@ def attach(module: nn.Module, layer: AdapterLayer) -> None:
     layer.train(module.training)
     module.add_module(ADAPTER_ATTR, layer)
     module.__class__ = adapted_class(type(module))
+    layer.on_attach(module)
 
 
 def detach(module: nn.Module) -> AdapterLayer:

@@ -152,6 +152,7 @@ def save_peft(
     save_dtype: torch.dtype | str | None = None,
     *,
     safe: bool = False,
+    convert_to_lora: bool = False,
 ) -> Path:
     """Write the adapter of ``model`` in PEFT's format; ``PeftModel.from_pretrained(base, directory)`` loads it.
 
@@ -166,6 +167,9 @@ def save_peft(
         save_dtype: Cast floating tensors to this dtype in the file (``torch.float16``/``bfloat16``/``float32``/
             ``float64`` or its name; default: keep the adapter dtype). A value that overflows the dtype is refused.
         safe: Also refuse tensors that are already non-finite (NaN/inf) in the model.
+        convert_to_lora: LoRA only: write a residual-init adapter (PiSSA, OLoRA, CorDA: the base holds
+            ``W − s·B0·A0``) as a plain LoRA of twice the rank that applies to the *unmodified* base, as PEFT's
+            ``save_pretrained(path_initial_model_for_weight_conversion=...)`` does.
 
     Returns:
         The directory path.
@@ -180,6 +184,9 @@ def save_peft(
     target = target_directory(directory, "save_peft")
     dtype = _save_dtype(save_dtype)
     tensors = peft_tensors(model)
+    peft_config = peft_config_dict(model)
+    if convert_to_lora:
+        tensors, peft_config = _as_plain_lora(model, tensors, peft_config)
     if safe:
         _check_finite(tensors, "save_peft")
     if dtype is not None:
@@ -191,7 +198,7 @@ def save_peft(
                     f"{tensors[k].abs().max().item():.4g}); save in torch.float32 or bfloat16"
                 )
         tensors = cast
-    config_bytes = (json.dumps(peft_config_dict(model), indent=2, sort_keys=True) + "\n").encode()
+    config_bytes = (json.dumps(peft_config, indent=2, sort_keys=True) + "\n").encode()
     weights_bytes = st_save(tensors, metadata={"format": "pt"})
 
     def fill(staging: Path) -> None:
@@ -200,6 +207,21 @@ def save_peft(
 
     replace_directory(target, fill, owned=_PEFT_FILES.__contains__)
     return Path(directory)
+
+
+def _as_plain_lora(
+    model: nn.Module, tensors: dict[str, torch.Tensor], config: dict[str, Any]
+) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    from lightning_adapters.methods import lora_init
+
+    _, root, rec = _single_record(model)
+    if rec.method != "lora":
+        raise AdapterConfigError(
+            f"save_peft(convert_to_lora=True) rewrites LoRA adapters initialised with PiSSA/OLoRA/CorDA; this model "
+            f"holds a {rec.method} adapter. Drop convert_to_lora"
+        )
+    layers = {name: layer for name, _, layer in adapted_modules(root)}
+    return lora_init.convert_to_plain_lora(layers, tensors, config, PEFT_PREFIX)
 
 
 def read_peft_dir(directory: str | os.PathLike) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:

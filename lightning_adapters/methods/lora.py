@@ -42,7 +42,6 @@ from torch import nn
 
 from lightning_adapters.config import (
     AdapterConfig,
-    check_choice,
     check_positive_float,
     check_positive_int,
     check_probability,
@@ -51,6 +50,7 @@ from lightning_adapters.config import (
 from lightning_adapters.core.layer import AdapterLayer
 from lightning_adapters.core.targeting import LINEAR_TYPES
 from lightning_adapters.errors import AdapterConfigError, AdapterStateError
+from lightning_adapters.methods import lora_init
 from lightning_adapters.methods._common import (
     check_rank,
     compute_dtype,
@@ -61,6 +61,7 @@ from lightning_adapters.methods._common import (
     restore_rows_,
     stash_rows,
     write_weight_,
+    weight_as_out_in,
 )
 from lightning_adapters.registry import MethodSpec, register
 
@@ -75,8 +76,11 @@ class LoRAConfig(AdapterConfig):
         dropout: Dropout on the adapter's input (``lora_dropout``); not applied on Embedding (as PEFT).
         use_rslora: Scale by ``alpha / sqrt(r)`` (rank-stabilised LoRA).
         use_dora: Weight-decomposed LoRA (a learnable magnitude per output).
-        init_weights: ``True`` (A kaiming-uniform, B = 0), ``"gaussian"`` (A ~ N(0, 1/r), B = 0) or ``False``
-            (both random: not identity at init) (``init_lora_weights``).
+        init_weights: ``True`` (A kaiming-uniform, B = 0), ``"gaussian"`` (A ~ N(0, 1/r), B = 0), ``False``
+            (both random: not identity at init), ``"pissa"``, ``"pissa_niter_<K>"``, ``"olora"`` (the adapter
+            takes the weight's principal part, the base keeps the residual), ``"orthogonal"`` (B·A = 0 with
+            neither zero), ``"eva"``, ``"corda"`` (from the layer inputs of a few batches: see
+            ``lightning_adapters.initialize_from_data``) (``init_lora_weights``; maths in ``lora_init``).
         rank_pattern: ``{module regex: r}`` per-module ranks.
         alpha_pattern: ``{module regex: alpha}`` per-module alphas.
     """
@@ -95,13 +99,21 @@ class LoRAConfig(AdapterConfig):
         check_positive_int(self.r, "r", "lora")
         check_positive_float(self.alpha, "alpha", "lora")
         check_probability(self.dropout, "dropout", "lora")
-        check_choice(self.init_weights, "init_weights", "lora", (True, False, "gaussian"))
+        lora_init.check_init_weights(self.init_weights)
         self.rank_pattern = pattern_dict(self.rank_pattern, "rank_pattern", "lora")
         self.alpha_pattern = pattern_dict(self.alpha_pattern, "alpha_pattern", "lora")
         for k, v in self.rank_pattern.items():
             check_positive_int(v, f"rank_pattern[{k!r}]", "lora")
         for k, v in self.alpha_pattern.items():
             check_positive_float(v, f"alpha_pattern[{k!r}]", "lora")
+        if self.init_weights == "orthogonal":
+            odd = {"r": self.r} if self.r % 2 else {}
+            odd.update({f"rank_pattern[{k!r}]": v for k, v in self.rank_pattern.items() if v % 2})
+            if odd:
+                raise AdapterConfigError(
+                    f"lora: init_weights='orthogonal' needs even ranks (A and B take alternate rows of an r x r "
+                    f"orthogonal matrix), got {odd}; use an even r"
+                )
 
 
 # ------------------------------------------------------------------------------------------------------------
@@ -342,10 +354,18 @@ class LoRALayer(AdapterLayer):
             a_shape, b_shape = (r, in_f), (out_f, r)
         self.lora_A = nn.Parameter(torch.empty(a_shape, device=dev, dtype=dt))
         self.lora_B = nn.Parameter(torch.empty(b_shape, device=dev, dtype=dt))
-        self._init(config.init_weights)
+        # Residual inits (PiSSA, OLoRA, CorDA) keep their initial factors: the base becomes W − s·B0·A0 when the
+        # layer is attached, and gets s·B0·A0 back on eject (and in save_peft(convert_to_lora=True)).
+        self.register_buffer("init_A", None, persistent=False)
+        self.register_buffer("init_B", None, persistent=False)
+        self.init_mode: Any = config.init_weights
+        self.residual_applied = False
+        self._init(config.init_weights, base, name)
         if self.use_dora:
             with torch.no_grad():
-                norm = row_norm(self._merged_weight_fp(base))  # (out,)
+                # The adapted weight at init is W itself (W_res + s·B0·A0 = W for the residual inits).
+                w = weight_as_out_in(base).to(compute_dtype(base.weight)) if self.init_A is not None else None
+                norm = row_norm(w if w is not None else self._merged_weight_fp(base))  # (out,)
             if self.kind in ("conv1d", "conv2d"):
                 norm = norm.reshape(1, out_f, *([1] * (base.weight.dim() - 2)))
             self.magnitude = nn.Parameter(norm.to(dt))
@@ -355,7 +375,32 @@ class LoRALayer(AdapterLayer):
         self.merge_rows_idx: torch.Tensor | None = None
         self.merge_rows: torch.Tensor | None = None
 
-    def _init(self, mode: Any) -> None:
+    def _init(self, mode: Any, base: nn.Module, name: str) -> None:
+        family = lora_init.base_mode(mode)
+        if self.kind in ("conv1d", "conv2d") and mode not in (True, False, "gaussian"):
+            raise AdapterConfigError(
+                f"lora: init_weights={mode!r} works on Linear and Conv1D layers, not on the convolution {name!r} "
+                "(PEFT has no conv form either); add it to exclude_modules or use init_weights=True"
+            )
+        if self.kind == "conv1d_t" and family == "olora":
+            raise AdapterConfigError(
+                f"lora: init_weights='olora' on the transformers Conv1D {name!r} is refused: PEFT 0.21 factors the "
+                "stored (in, out) weight, giving factors of the wrong shapes, so no PEFT file could match; use "
+                "'pissa' there or add it to exclude_modules"
+            )
+        if self.kind != "embedding" and family in ("pissa", "olora"):
+            with torch.no_grad():
+                A, B = lora_init.weight_factors(mode, weight_as_out_in(base), self.r, self.scale)
+                self.lora_A.copy_(A)
+                self.lora_B.copy_(B)
+            self.init_A, self.init_B = A.to(self.lora_A), B.to(self.lora_B)
+            return
+        if self.kind != "embedding" and family == "orthogonal":
+            with torch.no_grad():
+                A, B = lora_init.orthogonal_factors(self.r, self.in_features, self.out_features)
+                self.lora_A.copy_(A.to(base.weight.dtype))  # PEFT stores them in the base dtype
+                self.lora_B.copy_(B.to(base.weight.dtype))
+            return
         with torch.no_grad():
             if self.kind == "embedding":
                 if mode is False:
@@ -372,6 +417,38 @@ class LoRALayer(AdapterLayer):
                 kaiming_uniform_(self.lora_B)
             else:
                 nn.init.zeros_(self.lora_B)
+
+    # --- residual inits --------------------------------------------------------------------------------------
+
+    def set_residual(self, base: nn.Module, A0: torch.Tensor, B0: torch.Tensor) -> None:
+        """Make ``A0``, ``B0`` the initial factors of a residual init: the base becomes ``W − s·B0·A0``.
+
+        Any previous residual is added back first, so calling it again (a data-driven re-init) starts from ``W``.
+        """
+        with torch.no_grad():
+            if self.residual_applied:
+                self._add_to_base(base, lora_init.lora_delta(self.init_A, self.init_B, self.scale))
+            self.init_A, self.init_B = A0.to(self.lora_A), B0.to(self.lora_B)
+            self._add_to_base(base, -lora_init.lora_delta(self.init_A, self.init_B, self.scale))
+        self.residual_applied = True
+
+    def _add_to_base(self, base: nn.Module, delta: torch.Tensor) -> None:
+        """``W += delta`` for ``delta (out, in)`` in float32, written back in the base layout and dtype."""
+        w = base.weight
+        d = delta.t() if self.kind == "conv1d_t" else delta
+        w.copy_((w.to(torch.float32) + d.to(w.device)).to(w.dtype))
+
+    def on_attach(self, base: nn.Module) -> None:
+        """Apply a residual init's ``W − s·B0·A0`` to the base (after every layer was built without error)."""
+        if self.init_A is not None and not self.residual_applied:
+            self.set_residual(base, self.init_A, self.init_B)
+
+    def on_eject(self, base: nn.Module, merged: bool) -> None:
+        """Without ``merged``, give a residual init's ``s·B0·A0`` back to the base, restoring ``W``."""
+        if self.residual_applied and not merged:
+            with torch.no_grad():
+                self._add_to_base(base, lora_init.lora_delta(self.init_A, self.init_B, self.scale))
+            self.residual_applied = False
 
     # --- weight-space form -------------------------------------------------------------------------------
 
@@ -625,10 +702,7 @@ def _from_peft(d: dict[str, Any]) -> LoRAConfig:
                 f"lora: PEFT option {k}={d[k]!r} is not supported by lightning_adapters; "
                 f"only {k}={neutral!r} adapters can be loaded"
             )
-    init = d.get("init_lora_weights", True)
-    if init not in (True, False, "gaussian"):
-        # Data-driven inits (PiSSA, EVA, ...) only matter at creation time; the saved tensors are plain LoRA.
-        init = True
+    init = lora_init.init_from_peft(d.get("init_lora_weights", True))
     return LoRAConfig(
         r=d.get("r", 8),
         alpha=d.get("lora_alpha", 8),

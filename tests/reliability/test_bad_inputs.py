@@ -22,7 +22,7 @@ from torch import nn
 
 import lightning_adapters as la
 from tests.helpers import SmallCNN, Wrap, tiny_bert, tiny_gpt2, tiny_llama
-from tests.reliability import rows_i14lit, rows_i15files, rows_i15models, rows_i15state
+from tests.reliability import rows_i14lit, rows_i15files, rows_i15models, rows_i15state, rows_i18init
 
 DOC = Path(__file__).resolve().parents[2] / "docs" / "BAD_INPUTS.md"
 
@@ -276,7 +276,7 @@ ENGINE_ROWS = [
     Row("lora-alpha-zero", None, _cfg("LoRAConfig", alpha=0), la.AdapterConfigError, r"alpha.*> 0, got 0"),
     Row("lora-dropout-one", None, _cfg("LoRAConfig", dropout=1.0), la.AdapterConfigError, r"\[0, 1\), got 1.0"),
     Row("lora-dropout-negative", None, _cfg("LoRAConfig", dropout=-0.1), la.AdapterConfigError, r"got -0.1"),
-    Row("lora-init-unknown", None, _cfg("LoRAConfig", init_weights="pissa"), la.AdapterConfigError, r"'pissa'"),
+    Row("lora-init-unknown", None, _cfg("LoRAConfig", init_weights="pisa"), la.AdapterConfigError, r"'pisa'"),
     Row(
         "lora-conv-groups",
         lambda: Wrap(nn.Conv2d(8, 8, 3, groups=4)),
@@ -597,6 +597,7 @@ ROWS += rows_i15models.rows(Row)
 ROWS += rows_i15files.rows(Row)
 ROWS += rows_i15state.rows(Row, _snapshot_into)
 ROWS += rows_i14lit.rows(sys.modules[__name__])
+ROWS += rows_i18init.rows(Row)
 
 
 @pytest.mark.parametrize("row", [pytest.param(r, id=r.id) for r in ROWS])

@@ -1,0 +1,250 @@
+"""LoRA initialisations against PEFT 0.21 (``init_lora_weights``): factors, residual base, files both ways."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from peft import LoraConfig, PeftModel, get_peft_model, set_peft_model_state_dict
+
+import lightning_adapters as la
+from lightning_adapters.core.inject import adapted_modules
+from lightning_adapters.interop.peft import peft_tensors
+from tests.helpers import SmallCNN, randomize_adapter, tiny_gpt2, tiny_llama, token_batch
+
+RTOL = 1e-5
+
+
+def _close(a: torch.Tensor, b: torch.Tensor, rtol: float = RTOL) -> None:
+    scale = b.abs().max().clamp_min(1e-12)
+    assert ((a - b).abs().max() / scale).item() <= rtol, ((a - b).abs().max() / scale).item()
+
+
+def _logits(model, x):
+    with torch.no_grad():
+        return model(x).logits
+
+
+def _peft_layers(pm):
+    from peft.tuners.lora import LoraLayer
+
+    return {n.removeprefix("base_model.model."): m for n, m in pm.named_modules() if isinstance(m, LoraLayer)}
+
+
+def _randomize_peft(model, seed=0, std=0.1):
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.requires_grad:
+                p.add_(torch.randn(p.shape, generator=g) * std)
+
+
+TARGETS = ["q_proj", "v_proj", "down_proj"]
+WEIGHT_CASES = {
+    "pissa": ("llama", dict(r=4, lora_alpha=8, init_lora_weights="pissa", target_modules=TARGETS)),
+    "pissa-rslora-dora": (
+        "llama",
+        dict(r=4, lora_alpha=8, init_lora_weights="pissa", target_modules=TARGETS, use_rslora=True, use_dora=True),
+    ),
+    "pissa-gpt2-conv1d": (
+        "gpt2",
+        dict(r=4, lora_alpha=8, init_lora_weights="pissa", target_modules=["c_attn", "c_fc"], fan_in_fan_out=True),
+    ),
+    "pissa-embedding": ("llama", dict(r=4, lora_alpha=8, init_lora_weights="pissa", target_modules=["embed_tokens"])),
+    "olora": ("llama", dict(r=4, lora_alpha=16, init_lora_weights="olora", target_modules=TARGETS)),
+    "olora-patterns": (
+        "llama",
+        dict(
+            r=4,
+            lora_alpha=8,
+            init_lora_weights="olora",
+            target_modules=TARGETS,
+            rank_pattern={"v_proj": 2},
+            alpha_pattern={"q_proj": 3},
+        ),
+    ),
+}
+
+
+def _build(kind):
+    torch.manual_seed(0)
+    return tiny_llama() if kind == "llama" else tiny_gpt2()
+
+
+@pytest.mark.parametrize("case", list(WEIGHT_CASES))
+def test_weight_init_equals_peft(case):
+    """Same A, B and residual base weight as PEFT; the model starts as the base; merge and eject stay exact."""
+    kind, kw = WEIGHT_CASES[case]
+    base = _build(kind)
+    x = token_batch(128)
+    ref = _logits(base, x)
+    pm = get_peft_model(copy.deepcopy(base), LoraConfig(**kw))
+    ours = la.inject(copy.deepcopy(base), la.get_method("lora").config_from_peft(pm.peft_config["default"].to_dict()))
+    _close(_logits(ours, x), ref)  # identity at init (W_res + s·B0·A0 = W)
+    peft_layers = _peft_layers(pm)
+    our_layers = {n: layer for n, _, layer in adapted_modules(ours)}
+    assert set(our_layers) == set(peft_layers)
+    for name, layer in our_layers.items():
+        p = peft_layers[name]
+        state = layer.peft_state()
+        a_key = "lora_A.weight" if "lora_A.weight" in state else "lora_embedding_A"
+        pa = p.lora_A["default"].weight if a_key == "lora_A.weight" else p.lora_embedding_A["default"]
+        if a_key == "lora_A.weight":  # embeddings fall back to PEFT's random default: compare the rest only
+            _close(state[a_key], pa)
+            _close(state["lora_B.weight"], p.lora_B["default"].weight)
+        _close(ours.get_submodule(name).weight, p.get_base_layer().weight)
+    # trained adapters: same outputs, merged too, and eject gives back the original base
+    randomize_adapter(ours)
+    set_peft_model_state_dict(pm, peft_tensors(ours))
+    _close(_logits(ours, x), _logits(pm, x))
+    expected = _logits(ours, x)
+    la.merge(ours)
+    _close(_logits(ours, x), expected)
+    la.unmerge(ours)
+    plain = la.eject(ours)
+    for p, q in zip(plain.parameters(), base.parameters()):
+        _close(p, q)
+    _close(_logits(plain, x), ref)
+
+
+def _single_layer(init, r=4, alpha=8, seed=None):
+    """PEFT and ours on one q_proj, PEFT's init re-run by hand from ``seed`` on the original weight."""
+    base = _build("llama")
+    name = "model.layers.0.self_attn.q_proj"
+    w = base.get_submodule(name).weight.detach().clone()
+    pm = get_peft_model(copy.deepcopy(base), LoraConfig(r=r, lora_alpha=alpha, target_modules=[name]))
+    p = _peft_layers(pm)[name]
+    with torch.no_grad():
+        p.get_base_layer().weight.copy_(w)
+    if seed is not None:
+        torch.manual_seed(seed)
+    if init == "orthogonal":
+        p.orthogonal_init("default")
+    else:
+        p.pissa_init("default", init)
+    if seed is not None:
+        torch.manual_seed(seed)
+    ours = la.inject(copy.deepcopy(base), la.LoRAConfig(r=r, alpha=alpha, target_modules=[name], init_weights=init))
+    layer = ours.get_submodule(name).adapter
+    return p, layer, ours.get_submodule(name).weight, base, ours
+
+
+@pytest.mark.parametrize("init", ["pissa_niter_2", "orthogonal"])
+def test_random_inits_equal_peft_on_the_same_seed(init):
+    """pissa_niter_K draws from a fixed seed (0), orthogonal from the global RNG in PEFT's order."""
+    p, layer, w, base, ours = _single_layer(init, seed=0)
+    _close(layer.lora_A, p.lora_A["default"].weight)
+    _close(layer.lora_B, p.lora_B["default"].weight)
+    _close(w, p.get_base_layer().weight)
+    if init == "orthogonal":
+        assert layer.lora_B.abs().min() > 0 and layer.lora_A.abs().min() > 0
+        assert (layer.lora_B @ layer.lora_A).abs().max() < 1e-6  # B·A = 0 though neither factor is
+    x = token_batch(128)
+    _close(_logits(ours, x), _logits(base, x))
+
+
+def test_pissa_niter_is_repeatable_and_close_to_the_exact_svd():
+    """The residual is rebuilt identically on every injection (resume, load), and approaches exact PiSSA."""
+    from lightning_adapters.methods.lora_init import pissa_factors
+
+    _, a, w1, _, _ = _single_layer("pissa_niter_2")
+    torch.manual_seed(123)  # the global RNG does not matter
+    _, b, w2, _, _ = _single_layer("pissa_niter_2")
+    assert torch.equal(a.lora_A, b.lora_A) and torch.equal(w1, w2)
+    g = torch.Generator().manual_seed(0)
+    u, _ = torch.linalg.qr(torch.randn(48, 32, generator=g))
+    v, _ = torch.linalg.qr(torch.randn(40, 32, generator=g))
+    w = u @ torch.diag(0.2 ** torch.arange(32.0)) @ v.t()  # (48, 40), a decaying spectrum
+    A, B = pissa_factors(w, 4, 2.0)
+    An, Bn = pissa_factors(w, 4, 2.0, niter=4)
+    _close(Bn @ An, B @ A, 1e-4)
+    _close(2.0 * B @ A, u[:, :4] @ torch.diag(0.2 ** torch.arange(4.0)) @ v[:, :4].t(), 1e-5)
+
+
+@pytest.mark.parametrize("init", ["pissa", "olora"])
+def test_files_both_ways(tmp_path, init):
+    """PEFT -> ours -> PEFT on the unmodified base: the residual is rebuilt on load; outputs and merge equal."""
+    base = _build("llama")
+    x = token_batch(128)
+    pm = get_peft_model(
+        copy.deepcopy(base), LoraConfig(r=4, lora_alpha=8, init_lora_weights=init, target_modules=TARGETS)
+    )
+    _randomize_peft(pm)
+    pm.save_pretrained(tmp_path / "peft")
+    expected = _logits(pm, x)
+    ours = la.load_peft(copy.deepcopy(base), tmp_path / "peft")
+    assert la.config_of(ours).init_weights == init
+    _close(_logits(ours, x), expected)
+    la.save_peft(ours, tmp_path / "ours")
+    back = PeftModel.from_pretrained(copy.deepcopy(base), tmp_path / "ours")
+    _close(_logits(back, x), expected)
+    la.merge(ours)
+    _close(_logits(ours, x), expected)
+
+
+@pytest.mark.parametrize("init", ["pissa", "olora"])
+def test_convert_to_lora_equals_peft_conversion(tmp_path, init):
+    """save_peft(convert_to_lora=True) writes PEFT's converted tensors; they load on the unmodified base."""
+    base = _build("llama")
+    x = token_batch(128)
+    kw = dict(r=4, lora_alpha=8, init_lora_weights=init, target_modules=TARGETS, alpha_pattern={"v_proj": 4})
+    pm = get_peft_model(copy.deepcopy(base), LoraConfig(**kw))
+    pm.peft_config["default"].init_lora_weights = True
+    pm.save_pretrained(tmp_path / "init")  # the initial adapter, PEFT's recipe for the conversion
+    pm.peft_config["default"].init_lora_weights = init
+    ours = la.inject(copy.deepcopy(base), la.get_method("lora").config_from_peft(LoraConfig(**kw).to_dict()))
+    _randomize_peft(pm)
+    la.load_adapter_state_dict(ours, _our_state_from_peft(pm))
+    expected = _logits(pm, x)
+    _close(_logits(ours, x), expected)
+    pm.save_pretrained(tmp_path / "peft", path_initial_model_for_weight_conversion=str(tmp_path / "init"))
+    la.save_peft(ours, tmp_path / "ours", convert_to_lora=True)
+    from safetensors.torch import load_file
+
+    theirs = load_file(tmp_path / "peft" / "adapter_model.safetensors")
+    mine = load_file(tmp_path / "ours" / "adapter_model.safetensors")
+    assert set(theirs) == set(mine)
+    for k in theirs:
+        _close(mine[k], theirs[k])
+    for d in ("ours", "peft"):
+        plain_peft = PeftModel.from_pretrained(copy.deepcopy(base), tmp_path / d)
+        assert plain_peft.peft_config["default"].init_lora_weights is True
+        assert plain_peft.peft_config["default"].r == 8
+        assert plain_peft.peft_config["default"].lora_alpha == 16
+        assert plain_peft.peft_config["default"].alpha_pattern == {"v_proj": 8}
+    _close(_logits(PeftModel.from_pretrained(copy.deepcopy(base), tmp_path / "ours"), x), expected)
+    _close(_logits(la.load_peft(copy.deepcopy(base), tmp_path / "ours"), x), expected)
+
+
+def _our_state_from_peft(pm):
+    out = {}
+    for name, p in _peft_layers(pm).items():
+        out[f"{name}.adapter.lora_A"] = p.lora_A["default"].weight.detach()
+        out[f"{name}.adapter.lora_B"] = p.lora_B["default"].weight.detach()
+    return out
+
+
+@pytest.mark.parametrize(
+    ("init", "needle"),
+    [("loftq", "quantized"), ("lora_ga", "LoRA-GA"), ("mica", "MiCA"), ("pissa_niter_x", "pissa_niter_<K>")],
+)
+def test_unimplemented_inits_are_refused_by_name(init, needle):
+    with pytest.raises(la.AdapterConfigError, match=needle) as err:
+        la.LoRAConfig(init_weights=init)
+    assert repr(init) in str(err.value)
+
+
+def test_refusals_before_any_change():
+    model = SmallCNN()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    with pytest.raises(la.AdapterConfigError, match="convolution 'conv1'"):
+        la.inject(model, la.LoRAConfig(r=4, target_modules=["fc", "conv1"], init_weights="pissa"))
+    assert all(torch.equal(v, model.state_dict()[k]) for k, v in before.items())
+    assert not any(hasattr(m, "adapter") for m in model.modules())
+    with pytest.raises(la.AdapterConfigError, match="even"):
+        la.LoRAConfig(r=3, init_weights="orthogonal")
+    with pytest.raises(la.AdapterConfigError, match="transformers Conv1D"):
+        la.inject(tiny_gpt2(), la.LoRAConfig(r=4, target_modules=["c_attn"], init_weights="olora"))
+    with pytest.raises(la.AdapterConfigError, match="corda"):
+        la.get_method("lora").config_from_peft(LoraConfig(r=4, init_lora_weights="corda").to_dict())
