@@ -61,6 +61,7 @@ _LAZY = {
     "adapter_auto_wrap_policy": "lightning_adapters.lightning.strategies",
     "adapter_parallelize_fn": "lightning_adapters.lightning.strategies",
     "export_merged": "lightning_adapters.lightning.export",
+    "loraplus_param_groups": "lightning_adapters.optim",
 }
 
 

@@ -27,6 +27,7 @@ from torchmetrics import MeanAbsoluteError, MetricCollection, PearsonCorrCoef, S
 from torchmetrics.classification import BinaryAccuracy, BinaryAUROC, BinaryF1Score
 
 from lightning_adapters.app.data import OBJECTIVES
+from lightning_adapters.optim import loraplus_param_groups
 
 POOLINGS = ("mean", "cls", "last")
 LR_SCHEDULES = ("linear", "cosine", "constant")
@@ -236,11 +237,31 @@ class TextRegressor(L.LightningModule):
     def test_step(self, batch: tuple[torch.Tensor, ...], batch_idx: int) -> None:
         self._eval_step(batch, self.test_metrics, "test")
 
+    def _optimizer(self, params: list[nn.Parameter]) -> torch.optim.Optimizer:
+        """The optimizer; with ``loraplus_lr_ratio`` in its arguments, over LoRA+ parameter groups.
+
+        ``+model.optimizer.loraplus_lr_ratio=16`` (optionally ``+model.optimizer.loraplus_lr_embedding=...``) gives B
+        16 times the learning rate (``lightning_adapters.loraplus_param_groups``, PEFT's groups); the optimizer's
+        ``weight_decay`` applies to every group but biases and norms.
+        """
+        factory = self.optimizer_factory
+        keywords = dict(getattr(factory, "keywords", {}))
+        ratio = keywords.pop("loraplus_lr_ratio", None)
+        lr_embedding = keywords.pop("loraplus_lr_embedding", 1e-6)
+        if ratio is None:
+            return factory(params)
+        if "lr" not in keywords:
+            raise ValueError("model.optimizer.loraplus_lr_ratio needs model.optimizer.lr (the learning rate of A)")
+        groups = loraplus_param_groups(
+            self, keywords["lr"], ratio, weight_decay=keywords.get("weight_decay", 0.0), lr_embedding=lr_embedding
+        )
+        return factory.func(groups, *factory.args, **keywords)
+
     def configure_optimizers(self) -> dict[str, Any]:
         params = [p for p in self.parameters() if p.requires_grad]
         if not params:
             raise RuntimeError("TextRegressor has no trainable parameter: nothing to optimise")
-        opt = self.optimizer_factory(params)
+        opt = self._optimizer(params)
         total = max(1, int(self.trainer.estimated_stepping_batches))
         warmup = int(self.warmup_ratio * total)
         schedule = self.lr_schedule

@@ -32,6 +32,7 @@ from lightning_adapters.config import AdapterConfig
 from lightning_adapters.core.inject import disabled, merge, unmerge
 from lightning_adapters.core.state import adapter_state_dict
 from lightning_adapters.lightning.runtime import get_runtime, swap_class
+from lightning_adapters.optim import loraplus_param_groups
 
 
 class AdapterMixin:
@@ -68,6 +69,13 @@ class AdapterMixin:
     def trainable_parameters(self) -> list[nn.Parameter]:
         """The parameters that train (adapters and ``modules_to_save``), for ``configure_optimizers``."""
         return [p for p in self.parameters() if p.requires_grad]
+
+    def loraplus_param_groups(self, lr: float, loraplus_lr_ratio: float, **kwargs: Any) -> list[dict[str, Any]]:
+        """LoRA+ parameter groups of the trainable parameters (``lightning_adapters.loraplus_param_groups``).
+
+        Example: ``torch.optim.AdamW(self.loraplus_param_groups(lr=2e-4, loraplus_lr_ratio=16))``.
+        """
+        return loraplus_param_groups(self, lr, loraplus_lr_ratio, **kwargs)
 
     def adapter_state_dict(self) -> dict[str, torch.Tensor]:
         """The adapter tensors, keyed relative to the injected module (as ``lightning_adapters.adapter_state_dict``)."""

@@ -60,8 +60,8 @@ from lightning_adapters.methods._common import (
     pattern_value,
     restore_rows_,
     stash_rows,
-    write_weight_,
     weight_as_out_in,
+    write_weight_,
 )
 from lightning_adapters.registry import MethodSpec, register
 

@@ -248,3 +248,73 @@ def test_refusals_before_any_change():
         la.inject(tiny_gpt2(), la.LoRAConfig(r=4, target_modules=["c_attn"], init_weights="olora"))
     with pytest.raises(la.AdapterConfigError, match="corda"):
         la.get_method("lora").config_from_peft(LoraConfig(r=4, init_lora_weights="corda").to_dict())
+
+
+# ------------------------------------------------------------------------------------------------------------
+# LoRA+
+
+
+def _peft_name(name: str) -> str:
+    """Our parameter name -> PEFT's (``x.adapter.lora_A`` -> ``base_model.model.x.lora_A.default.weight``)."""
+    suffix = {
+        "adapter.lora_A": ("lora_A.default.weight", "lora_embedding_A.default"),
+        "adapter.lora_B": ("lora_B.default.weight", "lora_embedding_B.default"),
+        "adapter.magnitude": ("lora_magnitude_vector.default.weight",) * 2,
+    }
+    for ours, (linear, emb) in suffix.items():
+        if name.endswith(ours):
+            module = name[: -len(ours) - 1]
+            return f"base_model.model.{module}.{emb if module.endswith('embed_tokens') else linear}"
+    module, _, leaf = name.rpartition(".")
+    return f"base_model.model.{module}.modules_to_save.default.{leaf}"
+
+
+LORAPLUS_CASES = {
+    "embed-dora-norm": dict(
+        r=4,
+        lora_alpha=8,
+        target_modules=["embed_tokens", "q_proj", "v_proj"],
+        use_dora=True,
+        modules_to_save=["model.norm", "lm_head"],
+    ),
+    "bert-layernorm-head": dict(
+        r=4, lora_alpha=8, target_modules=["query", "value"], modules_to_save=["classifier", "LayerNorm"]
+    ),
+}
+
+
+@pytest.mark.parametrize("case", list(LORAPLUS_CASES))
+def test_loraplus_groups_equal_peft(case):
+    """Same members, learning rates and weight decay per group as peft.optimizers.create_loraplus_optimizer."""
+    from peft.optimizers import create_loraplus_optimizer
+
+    from tests.helpers import tiny_bert
+
+    kw = LORAPLUS_CASES[case]
+    torch.manual_seed(0)
+    base = tiny_bert() if case.startswith("bert") else tiny_llama(tie_word_embeddings=False)
+    pm = get_peft_model(copy.deepcopy(base), LoraConfig(**kw))
+    opt = create_loraplus_optimizer(
+        pm, torch.optim.AdamW, lr=1e-3, loraplus_lr_ratio=16, loraplus_weight_decay=0.1, loraplus_lr_embedding=3e-6
+    )
+    ours = la.inject(copy.deepcopy(base), la.get_method("lora").config_from_peft(pm.peft_config["default"].to_dict()))
+    groups = la.loraplus_param_groups(ours, lr=1e-3, loraplus_lr_ratio=16, weight_decay=0.1, lr_embedding=3e-6)
+    peft_names = {id(p): n for n, p in pm.named_parameters()}
+    our_names = {id(p): n for n, p in ours.named_parameters()}
+    assert len(groups) == len(opt.param_groups) == 4
+    for g, pg in zip(groups, opt.param_groups):
+        assert (g["lr"], g["weight_decay"]) == (pg["lr"], pg["weight_decay"])
+        assert sorted(_peft_name(our_names[id(p)]) for p in g["params"]) == sorted(
+            peft_names[id(p)] for p in pg["params"]
+        )
+    assert sum(len(g["params"]) for g in groups) == sum(p.requires_grad for p in ours.parameters())
+    assert all(g["params"] for g in groups[:3]) if case.startswith("embed") else groups[1]["params"] == []
+    torch.optim.AdamW(groups).step()  # usable as is
+
+
+def test_loraplus_bad_arguments():
+    model = la.inject(tiny_llama(), la.LoRAConfig(r=2, target_modules=["q_proj"]))
+    with pytest.raises(la.AdapterConfigError, match="loraplus_lr_ratio must be a positive number, got 0"):
+        la.loraplus_param_groups(model, lr=1e-3, loraplus_lr_ratio=0)
+    with pytest.raises(la.AdapterConfigError, match="no trainable parameter"):
+        la.loraplus_param_groups(tiny_llama().requires_grad_(False), lr=1e-3, loraplus_lr_ratio=4)

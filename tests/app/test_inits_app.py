@@ -1,0 +1,43 @@
+"""The app exposes LoRA's inits (``method.init_weights``) and LoRA+ (``model.optimizer.loraplus_lr_ratio``)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+from hydra.utils import instantiate
+
+import lightning_adapters as la
+from lightning_adapters.train import method_config
+from tests.app.conftest import compose_app
+
+
+@pytest.mark.parametrize("init", ["pissa", "pissa_niter_3", "olora", "orthogonal", "eva", "corda", "false"])
+def test_init_weights_composes(init: str, tmp_path: Path) -> None:
+    cfg = compose_app([f"method.init_weights={init}"], tmp_path)
+    config = method_config(cfg.method, head="head")
+    assert config.init_weights == (False if init == "false" else init)
+
+
+def test_refused_init_names_the_option(tmp_path: Path) -> None:
+    cfg = compose_app(["method.init_weights=loftq"], tmp_path)
+    with pytest.raises(la.AdapterConfigError, match="init_weights='loftq'.*quantized"):
+        method_config(cfg.method, head="head")
+
+
+def test_loraplus_option_builds_peft_groups(tmp_path: Path) -> None:
+    overrides = ["model=tiny_bert", "+model.optimizer.loraplus_lr_ratio=16", "method.target_modules=[query,value]"]
+    cfg = compose_app(overrides, tmp_path)
+    module = instantiate(cfg.model)
+    la.inject(module, method_config(cfg.method, head="head"))
+    lr, wd = cfg.model.optimizer.lr, cfg.model.optimizer.weight_decay
+    opt = module._optimizer([p for p in module.parameters() if p.requires_grad])
+    assert isinstance(opt, torch.optim.AdamW)
+    expected = la.loraplus_param_groups(module, lr, 16, weight_decay=wd)
+    assert [(g["lr"], g["weight_decay"], [id(p) for p in g["params"]]) for g in opt.param_groups] == [
+        (g["lr"], g["weight_decay"], [id(p) for p in g["params"]]) for g in expected
+    ]
+    assert opt.param_groups[2]["lr"] == 16 * lr and opt.param_groups[2]["params"]  # every lora_B
+    plain = instantiate(compose_app(["model=tiny_bert"], tmp_path).model)
+    assert len(plain._optimizer(list(plain.parameters())).param_groups) == 1  # without the option: unchanged
