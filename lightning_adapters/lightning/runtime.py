@@ -272,7 +272,7 @@ class AdapterRuntime:
             record = find_records(target)[0][2]
             frozen, low_rank = scope.frozen_parts(target, record)
             if frozen or low_rank:
-                self.warn_once("frozen-parts", scope.frozen_parts_message(target, frozen, low_rank, record.method))
+                self.warn_once("frozen-parts", scope.frozen_parts_message(target, frozen, low_rank, record.config))
         if self.options.verbose:
             beside = sorted(self.outside_keys) + self.outside_prefixes
             extra = f"\ntrained in full beside {self.options.module!r}: {beside}" if beside else ""

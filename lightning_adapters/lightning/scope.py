@@ -27,7 +27,7 @@ from lightning_adapters.config import AdapterConfig
 from lightning_adapters.core.inject import InjectionRecord, adapted_modules
 from lightning_adapters.core.layer import is_adapted
 from lightning_adapters.core.targeting import name_matches
-from lightning_adapters.errors import TargetError
+from lightning_adapters.errors import AdapterConfigError, TargetError
 
 
 def inside(name: str, module: str) -> bool:
@@ -145,8 +145,16 @@ def frozen_parts(root: nn.Module, record: InjectionRecord) -> tuple[list[str], l
     return frozen, low_rank
 
 
-def frozen_parts_message(root: nn.Module, frozen: list[str], low_rank: list[str], method: str) -> str:
-    """The warning for ``frozen_parts``' findings, naming each module and the fixes."""
+def _accepts_modules_to_save(config: AdapterConfig, names: list[str]) -> bool:
+    try:
+        dataclasses.replace(config, modules_to_save=names)
+    except AdapterConfigError:
+        return False  # e.g. Llama-Adapter, whose PEFT format has no modules_to_save
+    return True
+
+
+def frozen_parts_message(root: nn.Module, frozen: list[str], low_rank: list[str], config: AdapterConfig) -> str:
+    """The warning for ``frozen_parts``' findings, naming each module and the fixes that work for ``config``."""
 
     def describe(names: list[str]) -> str:
         out = []
@@ -166,15 +174,19 @@ def frozen_parts_message(root: nn.Module, frozen: list[str], low_rank: list[str]
         )
     if low_rank:
         parts.append(
-            f"{describe(low_rank)} got a {method} adapter from target_modules='all-linear': its weights stay frozen "
+            f"{describe(low_rank)} got a {type(config).__name__} adapter from target_modules='all-linear': its "
+            "weights stay frozen "
             "at their current values and only a low-rank update trains"
         )
     names = frozen + low_rank
+    beside = (
+        "adapt only the backbone with AdapterCallback(config, module='<backbone attribute>') (AdapterMixin: "
+        "adapter_module), which trains and checkpoints everything beside it that requires grad"
+    )
+    fix = f"modules_to_save={names!r} in the config, or {beside}" if _accepts_modules_to_save(config, names) else beside
     return (
         "lightning_adapters: "
         + "; ".join(parts)
-        + f". If this is a new task head, train it in full: modules_to_save={names!r} in the config, or adapt only "
-        "the backbone with AdapterCallback(config, module='<backbone attribute>') (AdapterMixin: adapter_module), "
-        "which trains and checkpoints everything beside it that requires grad. If it is meant to stay frozen, "
-        "call requires_grad_(False) on it in __init__ and this warning goes away"
+        + f". If this is a new task head, train it in full: {fix}. If it is meant to stay frozen, call "
+        "requires_grad_(False) on it in __init__ and this warning goes away"
     )

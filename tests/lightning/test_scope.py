@@ -127,7 +127,7 @@ def test_a_head_frozen_or_low_ranked_by_whole_module_injection_is_warned_about()
     assert "modules_to_save=['head']" in frozen[0] and "module='<backbone attribute>'" in frozen[0]
 
     low_rank = _fit_warnings(BoringMLP(), lora(target_modules="all-linear"))
-    assert len(low_rank) == 1 and "'head' (Linear, 1,028 parameters) got a lora adapter from" in low_rank[0]
+    assert len(low_rank) == 1 and "'head' (Linear, 1,028 parameters) got a LoRAConfig adapter from" in low_rank[0]
 
     # The fixes the message names silence it; so does freezing the module on purpose.
     assert not _fit_warnings(BoringMLP(), lora(target_modules="all-linear", modules_to_save=["head"]))
@@ -135,6 +135,17 @@ def test_a_head_frozen_or_low_ranked_by_whole_module_injection_is_warned_about()
     deliberate = BoringMLP()
     deliberate.head.requires_grad_(False)
     assert not _fit_warnings(deliberate, lora(target_modules=["encoder.0"]))
+
+
+def test_the_frozen_head_warning_only_suggests_fixes_the_method_accepts():
+    from lightning_adapters.lightning.scope import frozen_parts_message
+
+    model = BoringMLP()
+    lora_message = frozen_parts_message(model, ["head"], [], lora())
+    assert "modules_to_save=['head']" in lora_message and "module='<backbone attribute>'" in lora_message
+    # Llama-Adapter's PEFT format has no modules_to_save: only the sub-module route is offered.
+    llama_message = frozen_parts_message(model, ["head"], [], la.LlamaAdapterConfig())
+    assert "modules_to_save=" not in llama_message and "module='<backbone attribute>'" in llama_message
 
 
 class LazyMixinLM(la.AdapterMixin, TinyLlamaLM):
