@@ -168,3 +168,21 @@ def test_llama_adapter_policy_on_each_half_dtype(dtype: torch.dtype) -> None:
     model.to(dtype)
     la.apply_dtype_policy(model)
     assert {v.dtype for v in la.adapter_state_dict(model).values()} == {torch.float32}
+
+
+@pytest.mark.parametrize("dtype", HALF, ids=lambda d: str(d).split(".")[1])
+@pytest.mark.parametrize("method, layer", [c for c in CASES if c[1] in ("linear", "linear-many-rows", "conv2d")])
+def test_autocast_takes_the_plain_path_with_the_same_maths(method: str, layer: str, dtype: torch.dtype) -> None:
+    """Under CPU autocast the fused Functions step aside (``fused_linear_applies``, ``_lycoris``'s special path,
+    LoKr's differentiable Kronecker form); values and gradients still match float64 to the half precision."""
+    model, x = _build(method, layer)
+    ref_model = copy.deepcopy(model).double()
+    la.apply_dtype_policy(ref_model)
+    with torch.autocast("cpu", dtype=dtype):
+        y, grads = _run(model, x)
+    y_ref, grads_ref = _run(ref_model, x.double())
+    _close(y, y_ref, TOL[dtype], "output")
+    assert grads.keys() == grads_ref.keys()
+    for name, grad in grads.items():
+        assert grad.dtype == torch.float32, name
+        _close(grad, grads_ref[name], TOL[dtype] * 2, name)
