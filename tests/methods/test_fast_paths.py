@@ -14,7 +14,7 @@ Dispatch table (tests named without their ``test_`` prefix; a row starting with 
 |--------------------------------------------------------|------------------------------|------------------------------|
 | lora ``fused_linear_applies`` (one dtype, no autocast) | fused / plain (fp64 adapter  | lora_fused_thresholds,       |
 |                                                        | on an fp32 base)             | lora_plain_path_mixed_dtypes |
-| any: autocast on -> plain / differentiable path       | bf16 and fp16 autocast       | test_dtypes.py: autocast_*   |
+| any: autocast on -> plain / differentiable path        | bf16 and fp16 autocast       | test_dtypes.py: autocast_*   |
 | lora fwd fold ``3·in < 2·rows``,                       | F/F, F/T, T/F, T/T at each   | lora_fused_thresholds        |
 |   bwd fold ``3·in·out < rows·(out + 2·in)``            | edge (``LORA_SHAPES``)       |                              |
 | lora ``[W+sBA | sB]`` iff both fold and x needs grad   | x grad / x constant          | lora_fused_thresholds        |
