@@ -194,9 +194,10 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     try:
         summary = _train(cfg, out_dir, started)
     except BaseException as err:
+        first_line = (str(err).strip().splitlines() or [""])[0]
         failed = {
             "status": "failed",
-            "error": f"{type(err).__name__}: {(str(err).strip().splitlines() or [''])[0]}",
+            "error": f"{type(err).__name__}: {first_line}" if first_line else type(err).__name__,
             "method": _method_choice(),
             "rank": OmegaConf.select(cfg, "method.r", default=None),
             "metric": cfg.get("optimized_metric"),
