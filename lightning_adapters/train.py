@@ -7,8 +7,9 @@ English words and emoticons (the VADER lexicon), on the CPU in a few minutes, of
 The app builds only user-facing pieces: a LightningDataModule, a LightningModule for the task, the callbacks
 and loggers of the config, and ``AdapterCallback(method config)``, which does all the adapter work (injection,
 freezing, adapter-only checkpoints, the PEFT export). Each run writes ``summary.json`` (method, rank, trainable
-parameters, best metric, step time, peak memory) to its output directory, which ``experiments/collect_sweep.py``
-collects across a multirun.
+parameters, best metric, step time, peak memory; for a failed job its error line) to its output directory, which
+``experiments/collect_sweep.py`` collects across a multirun, and ends by printing where its outputs are and the
+lines that load the trained model (``lightning_adapters.app.outputs``).
 
 Examples::
 
