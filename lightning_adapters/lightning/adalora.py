@@ -94,7 +94,7 @@ class AdaLoRATrainingHooks(MethodTrainingHooks):
         if cfg.total_step is None and cfg.tinit + cfg.tfinal >= total:
             # A run the trainer made too short for the schedule (fast_dev_run, a smoke test, one epoch): it still
             # trains, at the initial rank; an explicit total_step was validated with the config.
-            unit = "optimizer steps" if cfg.schedule == "step" else "epochs"
+            unit = ("optimizer step" if cfg.schedule == "step" else "epoch") + ("" if total == 1 else "s")
             rank_zero_warn(
                 f"adalora: this run has {total} {unit}, too few for tinit={cfg.tinit} + tfinal={cfg.tfinal}; "
                 f"training without rank reallocation (every layer keeps init_r={cfg.init_r})"
