@@ -170,7 +170,7 @@ def main(argv: list[str] | None = None) -> None:
     print("wrote " + ", ".join(str(p) for p in paths.values()))
     failed = sum(r["status"] == "failed" for r in collect(args.sweep_dir))
     if failed:
-        print(f"{failed} job(s) failed: see the list below the table")
+        print(f"{failed} job(s) failed: listed with their error under the table above")
 
 
 if __name__ == "__main__":
