@@ -148,6 +148,16 @@ LAYERS: dict[str, LayerKind] = {
         lambda: nn.Conv2d(8, 16, 3, padding=1, groups=2),
         lambda: torch.randn(2, 8, 7, 7, generator=_g(11)),
     ),
+    "conv3d": LayerKind(
+        "conv3d",
+        lambda: nn.Conv3d(4, 6, 3, stride=(1, 2, 1), padding=1),
+        lambda: torch.randn(2, 4, 3, 5, 4, generator=_g(17)),
+    ),
+    "conv3d_groups_reflect": LayerKind(
+        "conv3d_groups_reflect",
+        lambda: nn.Conv3d(4, 6, (1, 3, 3), padding=(0, 1, 1), groups=2, padding_mode="reflect"),
+        lambda: torch.randn(2, 4, 3, 5, 4, generator=_g(18)),
+    ),
     # Padding other than zeros, and string padding (an even kernel makes "same" pad asymmetrically).
     "conv2d_reflect": LayerKind(
         "conv2d_reflect",

@@ -345,7 +345,7 @@ def merge(model: nn.Module, *, safe: bool = False) -> nn.Module:
 
 def raise_not_mergeable(name: str, layer: AdapterLayer) -> None:
     raise NotMergeableError(
-        f"{type(layer).__name__} on {name!r} is not mergeable: the method has no weight-space form; "
+        f"{type(layer).__name__} on {name!r} is not mergeable: {layer.not_mergeable_reason}; "
         f"keep the adapter attached (or eject it with merge=False)"
     )
 

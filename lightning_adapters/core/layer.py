@@ -35,6 +35,8 @@ class AdapterLayer(nn.Module):
     """
 
     mergeable: bool = True
+    # Why a layer with ``mergeable = False`` cannot merge (completes "... is not mergeable: <reason>").
+    not_mergeable_reason: str = "the method has no weight-space form"
 
     def __init__(self) -> None:
         super().__init__()

@@ -14,7 +14,7 @@ from lightning_adapters.errors import AdapterConfigError, MergeError, Unsupporte
 
 
 def layer_kind(base: nn.Module) -> str:
-    """``"linear"``, ``"conv1d_t"`` (transformers Conv1D), ``"embedding"``, ``"conv1d"`` or ``"conv2d"``."""
+    """``"linear"``, ``"conv1d_t"`` (transformers Conv1D), ``"embedding"`` or ``"conv1d"``/``"conv2d"``/``"conv3d"``."""
     if Conv1D is not None and isinstance(base, Conv1D):
         return "conv1d_t"
     if isinstance(base, nn.Linear):
@@ -25,6 +25,8 @@ def layer_kind(base: nn.Module) -> str:
         return "conv1d"
     if isinstance(base, nn.Conv2d):
         return "conv2d"
+    if isinstance(base, nn.Conv3d):
+        return "conv3d"
     raise UnsupportedLayerError(f"unsupported layer type {type(base).__name__}")
 
 

@@ -32,6 +32,7 @@ thin side first, which BLAS runs several times faster. Outputs and gradients are
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import dataclass, field
 from typing import Any
@@ -49,7 +50,7 @@ from lightning_adapters.config import (
 )
 from lightning_adapters.core.layer import AdapterLayer
 from lightning_adapters.core.targeting import LINEAR_TYPES
-from lightning_adapters.errors import AdapterConfigError, AdapterStateError
+from lightning_adapters.errors import AdapterConfigError, AdapterStateError, NotMergeableError
 from lightning_adapters.methods import lora_init
 from lightning_adapters.methods._common import (
     check_rank,
@@ -83,6 +84,11 @@ class LoRAConfig(AdapterConfig):
             ``lightning_adapters.initialize_from_data``) (``init_lora_weights``; maths in ``lora_init``).
         rank_pattern: ``{module regex: r}`` per-module ranks.
         alpha_pattern: ``{module regex: alpha}`` per-module alphas.
+        grouped_conv_layout: How LoRA adapts a conv with ``groups > 1``: ``"mergeable"`` (default: ``A`` grouped
+            like the base, so ΔW has the base kernel's shape and merges; saved as PEFT's ungrouped ``A`` with zeros
+            across groups) or ``"peft"`` (PEFT's own layer: ``A`` an ungrouped conv reading every input channel,
+            ``B`` a grouped 1×1 conv; more expressive, but its ΔW is not a grouped kernel, so it cannot be merged,
+            as in PEFT). ``load_peft`` picks ``"peft"`` by itself for a file whose ``lora_A`` mixes groups.
     """
 
     r: int = 8
@@ -93,6 +99,7 @@ class LoRAConfig(AdapterConfig):
     init_weights: Any = True
     rank_pattern: dict[str, int] = field(default_factory=dict)
     alpha_pattern: dict[str, float] = field(default_factory=dict)
+    grouped_conv_layout: str = "mergeable"
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -100,6 +107,11 @@ class LoRAConfig(AdapterConfig):
         check_positive_float(self.alpha, "alpha", "lora")
         check_probability(self.dropout, "dropout", "lora")
         lora_init.check_init_weights(self.init_weights)
+        if self.grouped_conv_layout not in GROUPED_CONV_LAYOUTS:
+            raise AdapterConfigError(
+                f"lora: grouped_conv_layout={self.grouped_conv_layout!r} is not one of {GROUPED_CONV_LAYOUTS}; use "
+                "'mergeable' (A grouped as the base conv, mergeable) or 'peft' (PEFT's ungrouped A, not mergeable)"
+            )
         self.rank_pattern = pattern_dict(self.rank_pattern, "rank_pattern", "lora")
         self.alpha_pattern = pattern_dict(self.alpha_pattern, "alpha_pattern", "lora")
         for k, v in self.rank_pattern.items():
@@ -115,6 +127,11 @@ class LoRAConfig(AdapterConfig):
                     f"orthogonal matrix), got {odd}; use an even r"
                 )
 
+
+GROUPED_CONV_LAYOUTS = ("mergeable", "peft")
+
+CONV_KINDS = ("conv1d", "conv2d", "conv3d")
+_CONV_FN = {"conv1d": F.conv1d, "conv2d": F.conv2d, "conv3d": F.conv3d}
 
 # ------------------------------------------------------------------------------------------------------------
 # Pure functions
@@ -161,6 +178,16 @@ def dense_to_grouped_A(A: torch.Tensor, groups: int) -> torch.Tensor | None:
     if bool(off.any()):
         return None
     return diagonal.reshape(r, in_f // groups, *k)
+
+
+def _conv_ungrouped(base: nn.Module, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """``x`` convolved with ``weight`` (r, in, *k) using the base conv's stride, padding (mode) and dilation, but
+    one group: PEFT's ``lora_A`` of a grouped conv."""
+    conv = _CONV_FN[layer_kind(base)]
+    if base.padding_mode != "zeros":
+        x = F.pad(x, base._reversed_padding_repeated_twice, mode=base.padding_mode)
+        return conv(x, weight, None, base.stride, 0, base.dilation, 1)
+    return conv(x, weight, None, base.stride, base.padding, base.dilation, 1)
 
 
 def linear_delta_weight(A: torch.Tensor, B: torch.Tensor, scale: float) -> torch.Tensor:
@@ -327,7 +354,7 @@ class LoRALayer(AdapterLayer):
         self.kind = layer_kind(base)
         in_f, out_f = in_out_features(base)
         r = int(pattern_value(config.rank_pattern, name, config.r))
-        k_numel = math.prod(base.kernel_size) if self.kind in ("conv1d", "conv2d") else 1
+        k_numel = math.prod(base.kernel_size) if self.kind in CONV_KINDS else 1
         check_rank(r, (in_f * k_numel, out_f), name, "lora")
         alpha = float(pattern_value(config.alpha_pattern, name, config.alpha))
         self.r, self.alpha = r, alpha
@@ -338,15 +365,32 @@ class LoRALayer(AdapterLayer):
         dev = base.weight.device
         dt = torch.float32 if base.weight.dtype in (torch.float16, torch.bfloat16) else base.weight.dtype
         self.groups = 1
-        if self.kind in ("conv1d", "conv2d"):
+        self.name = name
+        # PEFT's grouped-conv layer (A ungrouped, B grouped): see LoRAConfig.grouped_conv_layout.
+        self.peft_layout = False
+        if self.kind in CONV_KINDS:
             self.groups = base.groups
             if r % self.groups:
                 valid = [k * self.groups for k in range(1, 5)]
                 raise AdapterConfigError(
                     f"lora: r={r} on {name!r} must be divisible by the conv's groups={self.groups}; use r in {valid}"
                 )
+            self.peft_layout = self.groups > 1 and config.grouped_conv_layout == "peft"
+            if self.peft_layout and self.use_dora:
+                raise AdapterConfigError(
+                    f"lora: use_dora=True with grouped_conv_layout='peft' on the grouped conv {name!r} is refused: "
+                    "DoRA needs the adapted weight W + ΔW, which this layout has no grouped form of; use "
+                    "grouped_conv_layout='mergeable' or use_dora=False"
+                )
+            if self.peft_layout:
+                self.mergeable = False
+                self.not_mergeable_reason = (
+                    f"its LoRA uses PEFT's grouped-conv layout (grouped_conv_layout='peft': lora_A reads all "
+                    f"{in_f} input channels, the base conv has groups={self.groups}), so ΔW is not a kernel of the "
+                    "grouped base conv; PEFT cannot merge it either"
+                )
             k = tuple(base.kernel_size)
-            a_shape = (r, in_f // self.groups, *k)
+            a_shape = (r, in_f if self.peft_layout else in_f // self.groups, *k)
             b_shape = (out_f, r // self.groups) + (1,) * len(k)
         elif self.kind == "embedding":
             a_shape, b_shape = (r, in_f), (out_f, r)
@@ -366,7 +410,7 @@ class LoRALayer(AdapterLayer):
                 # The adapted weight at init is W itself (W_res + s·B0·A0 = W for the residual inits).
                 w = weight_as_out_in(base).to(compute_dtype(base.weight)) if self.init_A is not None else None
                 norm = row_norm(w if w is not None else self._merged_weight_fp(base))  # (out,)
-            if self.kind in ("conv1d", "conv2d"):
+            if self.kind in CONV_KINDS:
                 norm = norm.reshape(1, out_f, *([1] * (base.weight.dim() - 2)))
             self.magnitude = nn.Parameter(norm.to(dt))
         self.register_buffer("merge_norm", None, persistent=False)
@@ -377,7 +421,7 @@ class LoRALayer(AdapterLayer):
 
     def _init(self, mode: Any, base: nn.Module, name: str) -> None:
         family = lora_init.base_mode(mode)
-        if self.kind in ("conv1d", "conv2d") and mode not in (True, False, "gaussian"):
+        if self.kind in CONV_KINDS and mode not in (True, False, "gaussian"):
             raise AdapterConfigError(
                 f"lora: init_weights={mode!r} works on Linear and Conv1D layers, not on the convolution {name!r} "
                 "(PEFT has no conv form either); add it to exclude_modules or use init_weights=True"
@@ -454,8 +498,9 @@ class LoRALayer(AdapterLayer):
 
     def delta_weight(self) -> torch.Tensor:
         """ΔW in the base weight's own layout: (out, in), (in, out) for Conv1D, (V, d) for Embedding, kernels."""
+        self._check_mergeable()
         A, B = self.lora_A, self.lora_B
-        if self.kind in ("conv1d", "conv2d"):
+        if self.kind in CONV_KINDS:
             return conv_delta_weight(A, B, self.groups, self.scale)
         dw = linear_delta_weight(A, B, self.scale)  # (out, in) or (d, V)
         return dw.t() if self.kind in ("conv1d_t", "embedding") else dw
@@ -475,7 +520,12 @@ class LoRALayer(AdapterLayer):
             n = row_norm(self._merged_weight_fp(base))
         return n.reshape(self.magnitude.shape).to(self.magnitude.dtype)
 
+    def _check_mergeable(self) -> None:
+        if self.peft_layout:
+            raise NotMergeableError(f"LoRA on {self.name!r} cannot be merged: {self.not_mergeable_reason}")
+
     def merge(self, base: nn.Module, *, safe: bool = False) -> None:
+        self._check_mergeable()
         w = base.weight
         cd = compute_dtype(w)
         with torch.no_grad():
@@ -518,7 +568,7 @@ class LoRALayer(AdapterLayer):
     def adapted_forward(self, base: nn.Module, x: torch.Tensor) -> torch.Tensor:
         if self.kind == "embedding":
             return self._forward_embedding(base, x)
-        if self.kind in ("conv1d", "conv2d"):
+        if self.kind in CONV_KINDS:
             return self._forward_conv(base, x)
         return self._forward_linear(base, x)
 
@@ -563,9 +613,12 @@ class LoRALayer(AdapterLayer):
         return out + ((factor - 1) * wx.to(factor.dtype) + factor * lora).to(out.dtype)
 
     def _forward_conv(self, base: nn.Module, x: torch.Tensor) -> torch.Tensor:
-        conv = F.conv1d if self.kind == "conv1d" else F.conv2d
+        conv = _CONV_FN[self.kind]
         xd = self._dropped(x)
-        h = base._conv_forward(xd, self.lora_A, None)  # (N, r, *spatial_out): same stride/padding/dilation/groups
+        if self.peft_layout:
+            h = _conv_ungrouped(base, xd, self.lora_A)  # (N, r, *spatial_out): A reads every input channel
+        else:
+            h = base._conv_forward(xd, self.lora_A, None)  # (N, r, *spatial_out): same stride/padding/dilation/groups
         lora = conv(h, self.lora_B, groups=self.groups) * self.scale  # (N, out, *spatial_out)
         if self.use_dora:
             factor = dora_factor(self.magnitude, self._dora_norm(base))  # (1, out, 1...)
@@ -613,7 +666,8 @@ class LoRALayer(AdapterLayer):
                 )
             # PEFT's grouped conv LoRA keeps A ungrouped (in -> r); ours is grouped, written as its exact
             # block-diagonal equivalent.
-            a = grouped_to_dense_A(self.lora_A.detach(), self.groups) if self.groups > 1 else self.lora_A
+            grouped = self.groups > 1 and not self.peft_layout
+            a = grouped_to_dense_A(self.lora_A.detach(), self.groups) if grouped else self.lora_A
             out = {"lora_A.weight": a, "lora_B.weight": self.lora_B}
         if self.use_dora:
             out["lora_magnitude_vector"] = self.magnitude
@@ -624,14 +678,13 @@ class LoRALayer(AdapterLayer):
 
     def load_peft_state(self, state: dict[str, torch.Tensor]) -> None:
         state = dict(state)
-        if self.groups > 1 and "lora_A.weight" in state:
+        if self.groups > 1 and not self.peft_layout and "lora_A.weight" in state:
             grouped = dense_to_grouped_A(state["lora_A.weight"], self.groups)
             if grouped is None:
                 raise AdapterStateError(
                     f"lora_A.weight mixes input channels across the conv's {self.groups} groups (an ungrouped A, "
-                    "as PEFT trains it); lightning_adapters keeps grouped-conv LoRA grouped so it can merge, and "
-                    "can only load an A whose weights outside each group's block are zero. Load it with PEFT, "
-                    "or retrain the adapter with lightning_adapters"
+                    "as PEFT trains it), which grouped_conv_layout='mergeable' cannot hold; inject with "
+                    "grouped_conv_layout='peft' (load_peft does so by itself for such files)"
                 )
             state["lora_A.weight"] = grouped
         names = {
@@ -648,6 +701,7 @@ class LoRALayer(AdapterLayer):
 
     def extra_repr(self) -> str:
         dora = ", dora" if self.use_dora else ""
+        dora += ", peft grouped-conv layout" if self.peft_layout else ""
         return f"{self.kind}, r={self.r}, scale={self.scale:g}{dora}, merged={self.merged}"
 
 
@@ -718,14 +772,36 @@ def _from_peft(d: dict[str, Any]) -> LoRAConfig:
     )
 
 
+def _prepare_peft_load(
+    config: LoRAConfig, config_dict: dict[str, Any], tensors: dict[str, torch.Tensor]
+) -> tuple[LoRAConfig, dict[str, torch.Tensor]]:
+    """Select PEFT's grouped-conv layout when a grouped conv's ``lora_A`` in the file mixes groups.
+
+    A grouped conv's LoRA is recognised by its shapes: ``lora_A`` (r, in, *k) and ``lora_B`` (out, r/g, 1...)
+    with ``g = r / lora_B.shape[1] > 1``. Files whose ``A`` is block-diagonal (ours, or PEFT's trained that way)
+    keep the mergeable layout.
+    """
+    for key, a in tensors.items():
+        if not key.endswith(".lora_A.weight") or a.dim() < 3:
+            continue
+        b = tensors.get(key[: -len("lora_A.weight")] + "lora_B.weight")
+        if b is None or b.dim() != a.dim() or b.shape[1] == 0 or a.shape[0] % b.shape[1]:
+            continue
+        groups = a.shape[0] // b.shape[1]
+        if groups > 1 and a.shape[1] % groups == 0 and dense_to_grouped_A(a, groups) is None:
+            return dataclasses.replace(config, grouped_conv_layout="peft"), tensors
+    return config, tensors
+
+
 SPEC = register(
     MethodSpec(
         name="lora",
         config_cls=LoRAConfig,
         peft_type="LORA",
-        supported_types=LINEAR_TYPES + (nn.Embedding, nn.Conv1d, nn.Conv2d),
+        supported_types=LINEAR_TYPES + (nn.Embedding, nn.Conv1d, nn.Conv2d, nn.Conv3d),
         create_layer=LoRALayer,
         config_to_peft=_to_peft,
         config_from_peft=_from_peft,
+        prepare_peft_load=_prepare_peft_load,
     )
 )

@@ -1,10 +1,12 @@
 """Grouped-conv LoRA in PEFT's file layout.
 
 PEFT 0.21 builds ``lora_A`` of a grouped conv as an ungrouped conv (in -> r) and ``lora_B`` with the base's
-groups; ours keeps ``lora_A`` grouped (so ΔW has the base kernel's shape and merges). ``save_peft`` writes the
-exact block-diagonal equivalent, which PEFT loads with equal outputs and gradients; ``load_peft`` reads such a
-file back exactly, and refuses (naming the module) an ``A`` with weights across groups, which a grouped ΔW cannot
-hold. DoRA on a grouped conv, which PEFT computes differently, is refused on save.
+groups; ours keeps ``lora_A`` grouped by default (so ΔW has the base kernel's shape and merges). ``save_peft``
+writes the exact block-diagonal equivalent, which PEFT loads with equal outputs and gradients; ``load_peft`` reads
+such a file back exactly. A PEFT file whose ``A`` has weights across groups loads into PEFT's own layout
+(``grouped_conv_layout="peft"``, also available for training), which equals PEFT's forward and gradients, saves
+back in PEFT's layout and, as in PEFT, refuses to merge. DoRA on a grouped conv, which PEFT computes differently,
+is refused on save.
 """
 
 from __future__ import annotations
@@ -130,16 +132,116 @@ def test_peft_grouped_conv_file_with_block_diagonal_A_loads_with_equal_outputs(t
     torch.testing.assert_close(merged(_x()), y_peft, atol=1e-5, rtol=0)
 
 
-def test_peft_grouped_conv_file_with_cross_group_A_is_refused(tmp_path):
-    base = _base()
+def _peft_trained(base: nn.Module) -> nn.Module:
+    """PEFT's own grouped-conv LoRA (dense A across groups), with a non-zero B so the adapter matters."""
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        theirs = get_peft_model(copy.deepcopy(base), LoraConfig(r=12, lora_alpha=8, target_modules=["conv"]))
-    theirs.save_pretrained(tmp_path)  # PEFT's own init: a dense A
-    model = copy.deepcopy(base)
-    with pytest.raises(la.AdapterStateError, match=r"module 'conv': lora_A.weight mixes input channels across"):
-        la.load_peft(model, tmp_path)
-    assert not any(n.endswith("adapter") for n, _ in model.named_modules())  # nothing left injected
+        theirs = get_peft_model(copy.deepcopy(base), LoraConfig(r=12, lora_alpha=8, target_modules=["conv", "conv1"]))
+    g = torch.Generator().manual_seed(5)
+    with torch.no_grad():
+        for n, p in theirs.named_parameters():
+            if "lora_B" in n:
+                p.copy_(torch.randn(p.shape, generator=g) * 0.1)
+    return theirs.eval()
+
+
+def _grads(model: nn.Module, names: tuple[str, ...], peft: bool) -> dict[str, torch.Tensor]:
+    """Gradients of lora_A/lora_B of each named module (after a backward), in PEFT's layout on both sides."""
+    out = {}
+    for name in names:
+        if peft:
+            layer = model.base_model.model.get_submodule(name)
+            a, b = layer.lora_A["default"].weight, layer.lora_B["default"].weight
+            out[f"{name}.A"], out[f"{name}.B"] = a.grad, b.grad
+        else:
+            layer = model.get_submodule(name).adapter
+            out[f"{name}.A"], out[f"{name}.B"] = layer.lora_A.grad, layer.lora_B.grad
+    return out
+
+
+def test_peft_grouped_conv_file_with_cross_group_A_loads_in_peft_layout(tmp_path):
+    base = _base()
+    theirs = _peft_trained(base)
+    theirs.save_pretrained(tmp_path / "peft")
+    ours = la.load_peft(copy.deepcopy(base), tmp_path / "peft").eval()
+    assert la.config_of(ours).grouped_conv_layout == "peft"
+    assert ours.conv.adapter.lora_A.shape == (12, 8, 3, 3)  # ungrouped, as PEFT's
+    y_ours, gx_ours = _input_grad(ours)
+    y_peft, gx_peft = _input_grad(theirs)
+    assert not torch.allclose(y_peft, base(_x()), atol=1e-3)  # the adapter matters
+    torch.testing.assert_close(y_ours, y_peft, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(gx_ours, gx_peft, atol=1e-5, rtol=1e-5)
+    mine, peft_g = _grads(ours, ("conv", "conv1"), False), _grads(theirs, ("conv", "conv1"), True)
+    for k in peft_g:
+        torch.testing.assert_close(mine[k], peft_g[k], atol=1e-5, rtol=1e-5)
+    # Saved back in PEFT's layout, bit for bit, and PEFT loads it with the same outputs.
+    la.save_peft(ours, tmp_path / "ours")
+    want, got = load_file(tmp_path / "peft" / "adapter_model.safetensors"), load_file(
+        tmp_path / "ours" / "adapter_model.safetensors"
+    )
+    assert want.keys() == got.keys() and all(torch.equal(want[k], got[k]) for k in want)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        again = PeftModel.from_pretrained(copy.deepcopy(base), tmp_path / "ours").eval()
+    torch.testing.assert_close(again(_x()).detach(), y_peft, atol=1e-5, rtol=1e-5)
+
+
+def test_peft_layout_trained_here_loads_in_peft_with_equal_outputs_and_gradients(tmp_path):
+    base = _base()
+    cfg = la.LoRAConfig(r=12, alpha=8, target_modules=["conv", "conv1"], grouped_conv_layout="peft")
+    ours = la.inject(copy.deepcopy(base), cfg)
+    randomize_adapter(ours, seed=2)
+    assert ours.conv1.adapter.lora_A.shape == (12, 12, 3)
+    la.save_peft(ours, tmp_path)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        theirs = PeftModel.from_pretrained(copy.deepcopy(base), tmp_path, is_trainable=True).eval()
+    y_ours, gx_ours = _input_grad(ours.eval())
+    y_peft, gx_peft = _input_grad(theirs)
+    torch.testing.assert_close(y_peft, y_ours, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(gx_peft, gx_ours, atol=1e-5, rtol=1e-5)
+    mine, peft_g = _grads(ours, ("conv", "conv1"), False), _grads(theirs, ("conv", "conv1"), True)
+    for k in peft_g:
+        torch.testing.assert_close(peft_g[k], mine[k], atol=1e-5, rtol=1e-5)
+    # Cross-group weights are really used: zeroing them changes the output.
+    with torch.no_grad():
+        a = ours.conv.adapter.lora_A
+        a.copy_(grouped_to_dense_A(a[:, :2].clone(), 4))
+    assert not torch.allclose(ours(_x()), y_ours, atol=1e-4)
+
+
+@pytest.mark.parametrize("how", ["merge", "eject", "export_merged"])
+def test_peft_layout_refuses_to_merge_before_changing_anything(tmp_path, how):
+    base = _base()
+    ours = la.inject(
+        copy.deepcopy(base), la.LoRAConfig(r=12, target_modules=["conv1", "conv"], grouped_conv_layout="peft")
+    )
+    randomize_adapter(ours, seed=4)
+    before = {k: v.clone() for k, v in ours.state_dict().items()}
+    y = ours(_x()).detach()
+    calls = {
+        "merge": lambda: la.merge(ours),
+        "eject": lambda: la.eject(ours, merge=True),
+        "export_merged": lambda: la.export_merged(ours, tmp_path / "out"),
+    }
+    with pytest.raises(la.NotMergeableError, match=r"on 'conv' is not mergeable: .*grouped_conv_layout='peft'"):
+        calls[how]()
+    after = ours.state_dict()
+    assert before.keys() == after.keys() and all(torch.equal(before[k], after[k]) for k in before)
+    assert ours.conv.adapter.merged is False and ours.conv1.adapter.merged is False
+    torch.testing.assert_close(ours(_x()), y, atol=0, rtol=0)
+    assert not (tmp_path / "out").exists()
+    la.eject(ours)  # without merge it is fine: the exact base comes back
+    assert all(torch.equal(ours.state_dict()[k], v) for k, v in base.state_dict().items())
+
+
+def test_grouped_conv_layout_is_validated_and_refuses_dora():
+    with pytest.raises(la.AdapterConfigError, match=r"grouped_conv_layout='dense' is not one of"):
+        la.LoRAConfig(grouped_conv_layout="dense")
+    model = _base()
+    with pytest.raises(la.AdapterConfigError, match=r"use_dora=True with grouped_conv_layout='peft' on the grouped"):
+        la.inject(model, la.LoRAConfig(r=12, target_modules=["conv"], use_dora=True, grouped_conv_layout="peft"))
+    assert not any(n.endswith("adapter") for n, _ in model.named_modules())
 
 
 def test_file_written_for_grouped_conv_has_peft_shapes(tmp_path):

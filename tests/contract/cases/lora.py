@@ -23,6 +23,7 @@ _LAYERS = [
     "conv2d_strided",
     "conv2d_dilated",
     "conv2d_groups",
+    "conv3d",
 ]
 
 
@@ -39,5 +40,15 @@ CASES = [
 CASES += [
     ContractCase(id=f"lora-{v}-{layer}", make_config=_make(_VARIANTS[v]), layer=layer)
     for v in ("plain", "dora")
-    for layer in CONV_PADDING_LAYERS
+    for layer in CONV_PADDING_LAYERS + ["conv3d_groups_reflect"]
+]
+# PEFT's grouped-conv layout (A ungrouped): forward, gradients and save/load, but never mergeable.
+CASES += [
+    ContractCase(
+        id=f"lora-peftgroups-{layer}",
+        make_config=_make(dict(r=4, alpha=8, grouped_conv_layout="peft")),
+        layer=layer,
+        mergeable=False,
+    )
+    for layer in ("conv2d_groups", "conv2d_replicate_groups", "conv3d_groups_reflect")
 ]
