@@ -176,8 +176,9 @@ def test_peft_grouped_conv_file_with_cross_group_A_loads_in_peft_layout(tmp_path
         torch.testing.assert_close(mine[k], peft_g[k], atol=1e-5, rtol=1e-5)
     # Saved back in PEFT's layout, bit for bit, and PEFT loads it with the same outputs.
     la.save_peft(ours, tmp_path / "ours")
-    want, got = load_file(tmp_path / "peft" / "adapter_model.safetensors"), load_file(
-        tmp_path / "ours" / "adapter_model.safetensors"
+    want, got = (
+        load_file(tmp_path / "peft" / "adapter_model.safetensors"),
+        load_file(tmp_path / "ours" / "adapter_model.safetensors"),
     )
     assert want.keys() == got.keys() and all(torch.equal(want[k], got[k]) for k in want)
     with warnings.catch_warnings():
