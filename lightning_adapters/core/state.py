@@ -49,12 +49,15 @@ def _kind(dtype: torch.dtype) -> str:
     return "floating" if dtype.is_floating_point else "integer"
 
 
-def value_problem(key: str, value: Any, target: torch.Tensor, check_finite: bool = True) -> str | None:
+def value_problem(
+    key: str, value: Any, target: torch.Tensor, check_finite: bool = True, finite_hint: str = ""
+) -> str | None:
     """Why ``value`` cannot be copied into the live tensor ``target`` (``None`` if it can), naming ``key``.
 
     Checked: a dense tensor with values (not meta), the shape, the dtype kind (a float parameter takes floats, a
     bool mask takes bools or 0/1 values, an integer buffer takes integers) and, with ``check_finite``, no NaN/Inf
-    in floating values. Devices may differ: values are moved to ``target``'s device.
+    in floating values (``finite_hint`` is appended to that message). Devices may differ: values are moved to
+    ``target``'s device.
     """
     if not isinstance(value, torch.Tensor):
         shown = repr(value)
@@ -75,7 +78,7 @@ def value_problem(key: str, value: Any, target: torch.Tensor, check_finite: bool
         return f"{key}: dtype {name} ({got}) for a {want} tensor ({str(target.dtype).removeprefix('torch.')})"
     if check_finite and got == "floating" and not bool(torch.isfinite(value).all()):
         bad = int((~torch.isfinite(value)).sum())
-        return f"{key}: {bad} non-finite values (NaN/Inf); pass check_finite=False to load them anyway"
+        return f"{key}: {bad} non-finite values (NaN/Inf){finite_hint}"
     return None
 
 
@@ -117,7 +120,8 @@ def load_adapter_state_dict(
         k for k, v in given.items() if isinstance(v, torch.Tensor) and tuple(v.shape) != tuple(expected[k].shape)
     }
     shapes = [value_problem(k, given[k], expected[k]) for k in sorted(misshaped)]
-    values = [value_problem(k, v, expected[k], check_finite) for k, v in given.items() if k not in misshaped]
+    hint = "; pass check_finite=False to load them anyway"
+    values = [value_problem(k, v, expected[k], check_finite, hint) for k, v in given.items() if k not in misshaped]
     values = [v for v in values if v is not None]
     problems = []
     if strict and missing:

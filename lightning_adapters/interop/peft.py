@@ -19,6 +19,7 @@ from torch import nn
 
 from lightning_adapters.core.files import read_files, replace_directory, target_directory, write_file
 from lightning_adapters.core.inject import adapted_modules, eject, find_records, inject
+from lightning_adapters.core.state import value_problem
 from lightning_adapters.errors import AdapterConfigError, AdapterStateError
 from lightning_adapters.interop.peft_fields import check_peft_fields
 from lightning_adapters.registry import get_method, get_method_by_peft_type
@@ -409,6 +410,33 @@ def load_peft(model: nn.Module, directory: str | os.PathLike) -> nn.Module:
     return model
 
 
+def _check_values(root: nn.Module, rec, tensors: dict[str, torch.Tensor], expected: dict[str, Any], spec) -> None:
+    """Refuse values a copy would silently convert or that would make every output NaN, before any copy.
+
+    Adapter tensors must be finite floats; ``modules_to_save`` and base-layer tensors must have the dtype kind
+    of the model tensor they go into (an integer buffer takes integers).
+    """
+    live = dict(root.state_dict(keep_vars=True))
+    for name, base, _ in adapted_modules(root):
+        live[f"{name}.base_layer.weight"] = base.weight
+    problems = []
+    for key in expected:
+        value = tensors[key]
+        target = live.get(key)
+        if target is None:  # an adapter tensor in PEFT's layout: a float of the adapter's own shape
+            target = torch.empty(value.shape, dtype=torch.float32, device="meta")
+        problem = value_problem(key, value, target)
+        if problem is not None:
+            problems.append(problem)
+    if problems:
+        raise AdapterStateError(
+            f"PEFT {spec.peft_type} adapter holds values the model cannot take: "
+            + "; ".join(problems[:8])
+            + (" ..." if len(problems) > 8 else "")
+            + ". Re-save the adapter from a model whose tensors are finite floats"
+        )
+
+
 def _load_tensors(model: nn.Module, tensors: dict[str, torch.Tensor], spec) -> None:
     _, root, rec = _single_record(model)
     expected: dict[str, tuple[int, ...]] = {}
@@ -451,6 +479,7 @@ def _load_tensors(model: nn.Module, tensors: dict[str, torch.Tensor], spec) -> N
             + "; ".join(parts)
             + ". Check the adapter was trained on this base model architecture"
         )
+    _check_values(root, rec, tensors, expected, spec)
     if spec.load_peft_state is not None:
         spec.load_peft_state(root, tensors)
     else:

@@ -499,12 +499,42 @@ class RankAllocator:
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        """Inverse of ``state_dict``; the layer names must be this model's."""
+        """Inverse of ``state_dict``; the layer names, flags and shapes must be this model's (checked first).
+
+        Raises:
+            AdapterStateError: A missing entry, other layer names, flags that are not ``init_r`` 0/1 values, or
+                importance tensors of another shape; nothing is changed.
+        """
+        fields = ("ema", "unc", "final_pattern", "last_pattern", "rank_mask", "updates", "total")
+        missing = [f for f in fields if f not in state] if isinstance(state, dict) else list(fields)
+        if missing:
+            raise AdapterStateError(
+                f"adalora: allocator state lacks {missing}; resume from a checkpoint the AdaLoRA hooks wrote"
+            )
         names = set(state["rank_mask"])
         if names != set(self.layers):
             raise AdapterStateError(
                 f"adalora: allocator state is for modules {sorted(names)[:6]}, the model has "
                 f"{sorted(self.layers)[:6]}; resume with the same model and target_modules"
+            )
+        problems = []
+        for where in ("rank_mask", "final_pattern", "last_pattern"):
+            for n, flags in (state.get(where) or {}).items():
+                ok = n in self.layers and isinstance(flags, (list, tuple)) and len(flags) == self.layers[n].r
+                if not ok or not all(f in (0, 1) for f in flags):
+                    problems.append(
+                        f"{where}[{n!r}]={flags!r:.60} (want {self.layers[n].r if n in self.layers else '?'} 0/1 flags)"
+                    )
+        for where in ("ema", "unc"):
+            for n, sub in state[where].items():
+                for k, v in sub.items():
+                    want = getattr(self.layers[n], k, None) if n in self.layers else None
+                    if not isinstance(v, torch.Tensor) or want is None or tuple(v.shape) != tuple(want.shape):
+                        problems.append(f"{where}[{n!r}][{k!r}] does not fit the layer's {k}")
+        if problems:
+            raise AdapterStateError(
+                f"adalora: allocator state does not fit the model: {'; '.join(problems[:6])}; resume from a "
+                "checkpoint written for this model and config"
             )
 
         def to_dev(d: dict[str, dict[str, torch.Tensor]]) -> dict[str, dict[str, torch.Tensor]]:

@@ -449,3 +449,26 @@ def test_layer_kind_of_an_unsupported_module_is_a_library_error():
 
     with pytest.raises(la.UnsupportedLayerError, match="ReLU"):
         layer_kind(nn.ReLU())
+
+
+@pytest.mark.parametrize(
+    "spoil, match",
+    [
+        (lambda t: t.to(torch.int32), r"dtype int32 \(integer\) for a floating tensor"),
+        (lambda t: t.clone().fill_(float("nan")), r"128 non-finite values"),
+    ],
+    ids=["integer", "nan"],
+)
+def test_load_peft_refuses_values_a_copy_would_convert_or_poison(spoil, match, tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    la.save_peft(la.inject(tiny_llama(), la.LoRAConfig(r=2, target_modules=["q_proj"])), tmp_path / "a")
+    path = tmp_path / "a" / "adapter_model.safetensors"
+    tensors = load_file(str(path))
+    key = sorted(tensors)[-1]
+    save_file({**tensors, key: spoil(tensors[key])}, str(path))
+    model = tiny_llama()
+    before = _tree(model)
+    with pytest.raises(la.AdapterStateError, match=rf"q_proj.lora_B.weight: {match}"):
+        la.load_peft(model, tmp_path / "a")
+    _assert_same_tree(model, before)

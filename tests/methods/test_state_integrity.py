@@ -162,3 +162,31 @@ def test_pruned_adalora_with_zeroed_singular_values_keeps_the_learned_pattern(tm
     pattern = json.loads((tmp_path / "adapter_config.json").read_text())["rank_pattern"]
     assert pattern["model.layers.0.self_attn.q_proj.lora_E"] == [True, False, True, False]
     assert pattern["model.layers.1.self_attn.v_proj.lora_E"] == [False] * 4
+
+
+@pytest.mark.parametrize(
+    "spoil, match",
+    [
+        (lambda st: st["rank_mask"].update({next(iter(st["rank_mask"])): [1, 0.5, 0, 1]}), r"rank_mask\[.*0/1 flags"),
+        (lambda st: st["rank_mask"].update({next(iter(st["rank_mask"])): [True, False]}), r"want 4 0/1 flags"),
+        (lambda st: st["ema"][next(iter(st["ema"]))].update(lora_A=torch.zeros(3)), r"ema\[.*'lora_A'\] does not fit"),
+        (lambda st: st.pop("updates"), r"lacks \['updates'\]"),
+    ],
+    ids=["half-flag", "short-flags", "ema-shape", "missing-entry"],
+)
+def test_allocator_state_is_checked_before_anything_changes(spoil, match):
+    from lightning_adapters.methods.adalora import RankAllocator
+
+    model = la.inject(tiny_llama(), la.AdaLoRAConfig(init_r=4, target_r=2, total_step=10, target_modules=["q_proj"]))
+    randomize_adapter(model, std=0.3)
+    source = RankAllocator(model, la.config_of(model))
+    source.update_importance()
+    source.allocate(5)
+    state = copy.deepcopy(source.state_dict())
+    spoil(state)
+    target = RankAllocator(model, la.config_of(model))
+    masks = {n: layer.rank_mask.clone() for n, layer in target.layers.items()}
+    with pytest.raises(la.AdapterStateError, match=match):
+        target.load_state_dict(state)
+    assert all(torch.equal(layer.rank_mask, masks[n]) for n, layer in target.layers.items())
+    assert target.ema == {} and target.updates == 0

@@ -102,6 +102,35 @@ def _half_refusal(snapshot_into: Callable, eject: bool) -> Callable:
     return action
 
 
+def _spoiled_peft(spoil: Callable) -> Callable:
+    """Save a good PEFT directory, replace its last tensor (sorted) by ``spoil(tensor)``, load it."""
+
+    def action(m, tmp):
+        from safetensors.torch import load_file, save_file
+
+        src = tmp / "src"
+        la.save_peft(la.inject(tiny_llama(), la.LoRAConfig(r=2, target_modules=["q_proj"])), src)
+        tensors = load_file(str(src / "adapter_model.safetensors"))
+        key = sorted(tensors)[-1]
+        save_file({**tensors, key: spoil(tensors[key])}, str(src / "adapter_model.safetensors"))
+        return la.load_peft(m, src)
+
+    return action
+
+
+def _allocator_flags(snapshot_into: Callable) -> Callable:
+    def action(m, tmp):
+        from lightning_adapters.methods.adalora import RankAllocator
+
+        la.inject(m, la.AdaLoRAConfig(init_r=4, target_r=2, total_step=10, target_modules=["q_proj"]))
+        state = RankAllocator(m, la.config_of(m)).state_dict()
+        state["rank_mask"]["model.layers.1.self_attn.q_proj"] = [1, 0.5, 0, 1]
+        snapshot_into(m)
+        return RankAllocator(m, la.config_of(m)).load_state_dict(state)
+
+    return action
+
+
 def rows(Row: type, snapshot_into: Callable) -> list:  # noqa: N803 - the Row class of test_bad_inputs
     """The rows, as ``Row`` instances."""
     s = snapshot_into
@@ -213,5 +242,27 @@ def rows(Row: type, snapshot_into: Callable) -> list:  # noqa: N803 - the Row cl
             _half_refusal(s, eject=True),
             la.MergeError,
             r"merge of 'model.layers.1.self_attn.v_proj' refused",
+        ),
+        Row(
+            "peft-integer-tensor",
+            tiny_llama,
+            _spoiled_peft(lambda t: t.to(torch.int32)),
+            la.AdapterStateError,
+            r"holds values the model cannot take: model.layers.1.self_attn.q_proj.lora_B.weight: dtype int32 "
+            r"\(integer\) for a floating tensor",
+        ),
+        Row(
+            "peft-non-finite-tensor",
+            tiny_llama,
+            _spoiled_peft(lambda t: t.clone().fill_(float("nan"))),
+            la.AdapterStateError,
+            r"q_proj.lora_B.weight: 128 non-finite values \(NaN/Inf\)",
+        ),
+        Row(
+            "adalora-allocator-state-flags",
+            tiny_llama,
+            _allocator_flags(s),
+            la.AdapterStateError,
+            r"rank_mask\['model.layers.1.self_attn.q_proj'\]=\[1, 0.5, 0, 1\] \(want 4 0/1 flags\)",
         ),
     ]
