@@ -111,17 +111,19 @@ def restore_rows_(weight: torch.Tensor, idx: torch.Tensor | None, rows: torch.Te
 RANK_LIMIT_FACTOR = 16
 
 
-def check_rank(value: int, dims: tuple[int, ...], name: str, method: str, field: str = "r") -> None:
+def check_rank(value: int, dims: tuple[int, ...], name: str, method: str, field: str = "r", why: str = "") -> None:
     """Refuse a rank far above the layer's dimensions (``r=10**12`` would only fail in the allocator, if at all).
 
     A rank above ``min(dims)`` adds no expressiveness; up to ``RANK_LIMIT_FACTOR × max(dims)`` is still allowed
-    (PEFT allows any rank, and adapters saved with it must load), beyond that the value is a mistake.
+    (PEFT allows any rank, and adapters saved with it must load), beyond that the value is a mistake. ``why``
+    replaces the rank explanation in the message (e.g. for Llama-Adapter's prompt length).
     """
     limit = RANK_LIMIT_FACTOR * max(dims)
     if value > limit:
+        why = why or f"more than {min(dims)} ranks add no expressiveness"
         raise AdapterConfigError(
             f"{method}: {field}={value} on {name!r} is far above the layer's dimensions {tuple(dims)} (at most "
-            f"{limit} is accepted); a {field} above {min(dims)} adds nothing, so use {field} <= {min(dims)}"
+            f"{limit} is accepted, nothing was allocated); {why}, so use {field} <= {min(dims)}"
         )
 
 

@@ -50,6 +50,7 @@ from lightning_adapters.config import AdapterConfig, check_positive_int
 from lightning_adapters.core.inject import adapter_dtype_for
 from lightning_adapters.core.targeting import Conv1D
 from lightning_adapters.errors import AdapterConfigError, TargetError, UnsupportedLayerError
+from lightning_adapters.methods._common import check_rank
 from lightning_adapters.registry import MethodSpec, register
 
 METHOD = "llama_adapter"
@@ -340,6 +341,10 @@ def _inject(model: nn.Module, config: LlamaAdapterConfig) -> tuple[list[str], di
     taken = [n for n, a in attns.items() if hasattr(a, HOLDER_ATTR)]
     if taken:
         raise AdapterConfigError(f"{METHOD}: {taken} already have an attribute {HOLDER_ATTR!r}; eject it first")
+    for n in names:
+        hidden = shapes[n][0]
+        why = f"the prompt's keys and values span at most hidden={hidden} dimensions"
+        check_rank(config.adapter_len, (hidden,), n, METHOD, "adapter_len", why)
     # Everything is checked; build every holder before touching the model.
     holders = {
         n: AdaptionPrompt(flavour, config.adapter_len, *shapes[n], device=_query_proj(attns[n], flavour).weight.device)

@@ -415,8 +415,9 @@ def test_config_that_is_not_a_config_is_a_library_type_error():
         (lambda: la.LoHaConfig(r=10**12, target_modules=["q_proj"]), "r"),
         (lambda: la.LoKrConfig(r=10**12, target_modules=["q_proj"]), "r"),
         (lambda: la.AdaLoRAConfig(init_r=10**12, target_r=2, target_modules=["q_proj"]), "init_r"),
+        (lambda: la.LlamaAdapterConfig(adapter_len=10**9, adapter_layers=1), "adapter_len"),
     ],
-    ids=["lora", "lora-rank-pattern", "loha", "lokr", "adalora"],
+    ids=["lora", "lora-rank-pattern", "loha", "lokr", "adalora", "llama-adapter"],
 )
 def test_absurd_rank_is_refused_before_anything_is_allocated(cfg, field, monkeypatch):
     model = tiny_llama()
