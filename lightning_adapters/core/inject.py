@@ -82,7 +82,8 @@ class ModelSnapshot:
     Per module: its class, its attribute dict and a shallow copy of every dict attribute (``_modules``,
     ``_parameters``, ``_buffers``, the hook dicts), restored into the same dict objects so hook handles stay
     valid. Per parameter: ``requires_grad`` and the tensor behind ``.data``. Values written in place are not
-    copied: the changes this undoes (class swaps, new children, hooks, freezing, ``.data`` casts) never do that.
+    copied unless named with ``keep_values``: the other changes this undoes (class swaps, new children, hooks,
+    freezing, ``.data`` casts) never write values.
     """
 
     def __init__(self, model: nn.Module) -> None:
@@ -91,6 +92,11 @@ class ModelSnapshot:
             for m in model.modules()
         ]
         self.params = [(p, p.requires_grad, p.data) for p in model.parameters()]
+        self.values: list[tuple[torch.Tensor, torch.Tensor]] = []
+
+    def keep_values(self, t: torch.Tensor) -> None:
+        """Also copy ``t``'s values, to be written back by ``restore`` (for a change made in place)."""
+        self.values.append((t, t.detach().clone()))
 
     def restore(self) -> None:
         """Put every module and parameter back as it was when the snapshot was taken."""
@@ -106,6 +112,9 @@ class ModelSnapshot:
             if p.data.data_ptr() != data.data_ptr() or p.dtype != data.dtype or p.shape != data.shape:
                 p.data = data
             p.requires_grad_(flag)
+        with torch.no_grad():
+            for t, copy in self.values:
+                t.copy_(copy)
 
 
 def get_record(model: nn.Module) -> InjectionRecord | None:
@@ -237,6 +246,8 @@ def inject(model: nn.Module, config: AdapterConfig) -> nn.Module:
             # Build every layer before attaching any: a layer that cannot be built fails before any change.
             layers = {n: spec.create_layer(m, config, n) for n, m in modules.items()}
             for n, layer in layers.items():
+                if layer.changes_base_on_attach:  # a residual init writes W − s·B0·A0 into the base
+                    snapshot.keep_values(modules[n].weight)
                 attach(modules[n], layer)
                 layer.apply_dtype(adapter_dtype_for(_base_dtype(modules[n]), config))
         record = InjectionRecord(

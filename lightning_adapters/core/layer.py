@@ -62,6 +62,11 @@ class AdapterLayer(nn.Module):
     def forget_merge(self) -> None:
         """Drop whatever ``merge`` kept for ``unmerge`` (after the base weight was restored from a copy)."""
 
+    @property
+    def changes_base_on_attach(self) -> bool:
+        """Whether ``on_attach`` will write the base weight's values (``inject`` then keeps a copy to roll back)."""
+        return False
+
     def on_attach(self, base: nn.Module) -> None:
         """Called once the layer is installed on ``base`` (an init that changes the base weight does it here)."""
 

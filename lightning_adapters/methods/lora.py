@@ -482,6 +482,10 @@ class LoRALayer(AdapterLayer):
         d = delta.t() if self.kind == "conv1d_t" else delta
         w.copy_((w.to(torch.float32) + d.to(w.device)).to(w.dtype))
 
+    @property
+    def changes_base_on_attach(self) -> bool:
+        return self.init_A is not None and not self.residual_applied
+
     def on_attach(self, base: nn.Module) -> None:
         """Apply a residual init's ``W − s·B0·A0`` to the base (after every layer was built without error)."""
         if self.init_A is not None and not self.residual_applied:

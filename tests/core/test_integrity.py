@@ -126,6 +126,27 @@ def test_inject_rolls_back_when_any_layer_step_fails(method, monkeypatch):
     _assert_same_tree(model, before)
 
 
+@pytest.mark.parametrize("init", ["pissa", "olora"])
+def test_inject_with_a_residual_init_rolls_back_the_base_values_bit_exactly(init, monkeypatch):
+    """PiSSA/OLoRA write ``W − s·B0·A0`` into each base on attach; a later failure must give back ``W`` exactly."""
+    cfg = la.LoRAConfig(r=2, init_weights=init, target_modules=["q_proj", "v_proj"])
+    for n in (2, 3, 4):
+        model = _mixed_flags_llama()
+        before = _tree(model)
+        with monkeypatch.context() as mp:
+            mp.setattr(inject_mod, "attach", _fail_on_call(n, inject_mod.attach, Boom("attach")))
+            with pytest.raises(Boom):
+                la.inject(model, cfg)
+        _assert_same_tree(model, before)
+    model = _mixed_flags_llama()
+    before = _tree(model)
+    with monkeypatch.context() as mp:
+        mp.setattr(inject_mod, "apply_trainability", _fail_on_call(1, inject_mod.apply_trainability, Boom("x")))
+        with pytest.raises(Boom):
+            la.inject(model, cfg)
+    _assert_same_tree(model, before)
+
+
 @pytest.mark.parametrize("hook", ["register_forward_hook", "register_forward_pre_hook"])
 def test_llama_adapter_inject_rolls_back_a_failing_hook_registration(hook, monkeypatch):
     cfg = la.LlamaAdapterConfig(adapter_len=4, adapter_layers=2)
