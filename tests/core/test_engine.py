@@ -165,7 +165,7 @@ def test_unsupported_layer_type_is_named():
         (dict(r=2.5), "got 2.5"),
         (dict(alpha=0), "alpha must be a finite number > 0"),
         (dict(dropout=1.0), r"dropout must be in \[0, 1\), got 1.0"),
-        (dict(init_weights="pissa"), "init_weights must be one of"),
+        (dict(init_weights="pisa"), "init_weights must be True, False, one of .*got .pisa."),
         (dict(rank_pattern={"q_proj": 0}), r"rank_pattern\['q_proj'\]"),
         (dict(target_modules=[]), "non-empty list"),
         (dict(target_modules=["q_proj"], adapter_dtype="float8"), "adapter_dtype 'float8'"),
