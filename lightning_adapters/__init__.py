@@ -62,6 +62,7 @@ _LAZY = {
     "adapter_parallelize_fn": "lightning_adapters.lightning.strategies",
     "export_merged": "lightning_adapters.lightning.export",
     "loraplus_param_groups": "lightning_adapters.optim",
+    "initialize_from_data": "lightning_adapters.methods.lora_data",
 }
 
 

@@ -33,7 +33,7 @@ from lightning_adapters.core.inject import apply_trainability, find_records, inj
 from lightning_adapters.core.state import adapter_prefixes, base_fingerprint, is_adapter_key
 from lightning_adapters.errors import AdapterConfigError, AdapterStateError, TargetError
 from lightning_adapters.lightning import checkpoint as ckpt
-from lightning_adapters.lightning import scope, strategies
+from lightning_adapters.lightning import data_init, scope, strategies
 from lightning_adapters.registry import get_method
 
 RUNTIME_ATTR = "_la_runtime"
@@ -289,6 +289,7 @@ class AdapterRuntime:
     def after_configure_model(self, pl_module: nn.Module) -> None:
         """Inject after the user's ``configure_model`` and prepare the strategy (called on every stage)."""
         self.inject(pl_module)
+        data_init.initialize_in_fit(pl_module, self.injected_target(pl_module), self.config)
         trainer = pl_module._trainer
         if trainer is not None:
             strategies.prepare_strategy(trainer, pl_module, self)

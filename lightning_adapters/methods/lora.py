@@ -51,7 +51,7 @@ from lightning_adapters.config import (
 from lightning_adapters.core.layer import AdapterLayer
 from lightning_adapters.core.targeting import LINEAR_TYPES
 from lightning_adapters.errors import AdapterConfigError, AdapterStateError, NotMergeableError
-from lightning_adapters.methods import lora_init
+from lightning_adapters.methods import lora_data, lora_init
 from lightning_adapters.methods._common import (
     check_rank,
     compute_dtype,
@@ -80,8 +80,11 @@ class LoRAConfig(AdapterConfig):
         init_weights: ``True`` (A kaiming-uniform, B = 0), ``"gaussian"`` (A ~ N(0, 1/r), B = 0), ``False``
             (both random: not identity at init), ``"pissa"``, ``"pissa_niter_<K>"``, ``"olora"`` (the adapter
             takes the weight's principal part, the base keeps the residual), ``"orthogonal"`` (B·A = 0 with
-            neither zero), ``"eva"``, ``"corda"`` (from the layer inputs of a few batches: see
+            neither zero), ``"corda"`` (from the layer inputs of a few batches: see
             ``lightning_adapters.initialize_from_data``) (``init_lora_weights``; maths in ``lora_init``).
+        corda_method: CorDA's ``"ipm"`` (adapt along the inputs' principal directions) or ``"kpm"`` (the least
+            used ones, preserving knowledge) (``corda_config.corda_method``).
+        init_batches: How many train batches a Lightning fit reads for a data-driven init (``"corda"``).
         rank_pattern: ``{module regex: r}`` per-module ranks.
         alpha_pattern: ``{module regex: alpha}`` per-module alphas.
         grouped_conv_layout: How LoRA adapts a conv with ``groups > 1``: ``"mergeable"`` (default: ``A`` grouped
@@ -97,6 +100,8 @@ class LoRAConfig(AdapterConfig):
     use_rslora: bool = False
     use_dora: bool = False
     init_weights: Any = True
+    corda_method: str = "ipm"
+    init_batches: int = 4
     rank_pattern: dict[str, int] = field(default_factory=dict)
     alpha_pattern: dict[str, float] = field(default_factory=dict)
     grouped_conv_layout: str = "mergeable"
@@ -112,6 +117,11 @@ class LoRAConfig(AdapterConfig):
                 f"lora: grouped_conv_layout={self.grouped_conv_layout!r} is not one of {GROUPED_CONV_LAYOUTS}; use "
                 "'mergeable' (A grouped as the base conv, mergeable) or 'peft' (PEFT's ungrouped A, not mergeable)"
             )
+        if self.corda_method not in lora_data.CORDA_METHODS:
+            raise AdapterConfigError(
+                f"lora: corda_method must be one of {list(lora_data.CORDA_METHODS)}, got {self.corda_method!r}"
+            )
+        check_positive_int(self.init_batches, "init_batches", "lora")
         self.rank_pattern = pattern_dict(self.rank_pattern, "rank_pattern", "lora")
         self.alpha_pattern = pattern_dict(self.alpha_pattern, "alpha_pattern", "lora")
         for k, v in self.rank_pattern.items():
@@ -403,6 +413,7 @@ class LoRALayer(AdapterLayer):
         self.register_buffer("init_A", None, persistent=False)
         self.register_buffer("init_B", None, persistent=False)
         self.init_mode: Any = config.init_weights
+        self.corda_method = config.corda_method
         self.residual_applied = False
         self._init(config.init_weights, base, name)
         if self.use_dora:
@@ -730,6 +741,7 @@ def _to_peft(cfg: LoRAConfig) -> dict[str, Any]:
         "use_rslora": cfg.use_rslora,
         "use_dora": cfg.use_dora,
         "init_lora_weights": cfg.init_weights,
+        **({"corda_config": {"corda_method": cfg.corda_method}} if cfg.init_weights == "corda" else {}),
         "rank_pattern": dict(cfg.rank_pattern),
         "alpha_pattern": dict(cfg.alpha_pattern),
         "bias": "none",

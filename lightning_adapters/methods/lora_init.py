@@ -11,16 +11,17 @@ while the adapter holds the weight's principal part:
   the same on every run and rank, and can be rebuilt from the base on load and resume.
 - ``"olora"`` (Büyükakyüz 2024, OLoRA): ``W = Q R``; ``B = Q[:, :r]``, ``A = R[:r]``.
 - ``"corda"`` (Yang et al. 2024, CorDA): the SVD of ``W C`` (``C`` the covariance of the layer's inputs over
-  some batches); ``W C = U S Vᵀ``, ``A = sqrt(S_r/s)·(C⁻¹ V)_rᵀ``, ``B = U_r·sqrt(S_r/s)`` (see ``lora_data``).
+  some batches); ``W C = U S Vᵀ``, ``A = sqrt(S_r/s)·(C⁻¹ V)_rᵀ``, ``B = U_r·sqrt(S_r/s)`` (see ``lora_data``;
+  until it runs the layer has the default init and the base is untouched).
 
 Non-residual inits keep ``W`` and start from ``B·A = 0``:
 
 - ``"orthogonal"``: a random orthogonal ``Q (r, r)``; ``A`` from its odd rows, ``B`` from its even rows, so
   ``B·A = 0`` by orthogonality while neither factor is zero.
-- ``"eva"`` (Paischer et al. 2024, EVA): ``A`` = the top right-singular vectors of the layer's inputs, ``B = 0``
-  (see ``lora_data``).
 
-``"loftq"`` needs a quantized base (bitsandbytes), which this library does not have yet: refused by name.
+Refused by name: ``"loftq"`` (needs a bitsandbytes-quantized base, which this library does not have yet),
+``"eva"``, ``"lora_ga"`` and ``"mica"`` (not implemented). PEFT files written with ``"eva"``, ``"loftq"`` or
+``"lora_ga"`` still load: their saved tensors are a plain LoRA.
 As in PEFT, the weight-based inits apply to Linear and transformers ``Conv1D`` layers; an Embedding falls back to
 the default init and a convolution is refused.
 """
@@ -37,8 +38,8 @@ from lightning_adapters.errors import AdapterConfigError
 #: Inits that replace the base weight by ``W − s·B·A``.
 RESIDUAL_INITS = ("pissa", "olora", "corda")
 #: Inits computed from the layer inputs of a few batches (``lightning_adapters.initialize_from_data``).
-DATA_INITS = ("corda", "eva")
-_NAMED = ("gaussian", "pissa", "olora", "orthogonal", "corda", "eva")
+DATA_INITS = ("corda",)
+_NAMED = ("gaussian", "pissa", "olora", "orthogonal", "corda")
 #: Seed of the random test matrix of ``"pissa_niter_K"`` (PEFT's result after ``torch.manual_seed(0)``).
 PISSA_NITER_SEED = 0
 _PISSA_NITER = re.compile(r"pissa_niter_(\d+)")
@@ -50,6 +51,10 @@ _REFUSED = {
     ),
     "lora_ga": "LoRA-GA (gradient-based init) is not implemented; use 'pissa' or 'eva'",
     "mica": "MiCA (trains lora_A only, from the smallest singular vectors) is not implemented",
+    "eva": (
+        "EVA (incremental PCA of the layer inputs with rank redistribution) is not implemented; use 'corda' for a "
+        "data-driven init, or run EVA in PEFT and load its adapter with load_peft (the saved tensors are plain LoRA)"
+    ),
 }
 
 
@@ -203,6 +208,7 @@ def convert_to_plain_lora(
         out[a_key], out[b_key] = as_plain_lora(A, B, A0, B0)
     grow = 2**0.5 if config.get("use_rslora") else 2.0
     config = dict(config)
+    config.pop("corda_config", None)
     config.update(
         init_lora_weights=True,
         r=2 * config["r"],

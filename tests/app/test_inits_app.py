@@ -13,16 +13,17 @@ from lightning_adapters.train import method_config
 from tests.app.conftest import compose_app
 
 
-@pytest.mark.parametrize("init", ["pissa", "pissa_niter_3", "olora", "orthogonal", "eva", "corda", "false"])
+@pytest.mark.parametrize("init", ["pissa", "pissa_niter_3", "olora", "orthogonal", "corda", "false"])
 def test_init_weights_composes(init: str, tmp_path: Path) -> None:
     cfg = compose_app([f"method.init_weights={init}"], tmp_path)
     config = method_config(cfg.method, head="head")
     assert config.init_weights == (False if init == "false" else init)
 
 
-def test_refused_init_names_the_option(tmp_path: Path) -> None:
-    cfg = compose_app(["method.init_weights=loftq"], tmp_path)
-    with pytest.raises(la.AdapterConfigError, match="init_weights='loftq'.*quantized"):
+@pytest.mark.parametrize(("init", "why"), [("loftq", "quantized"), ("eva", "EVA")])
+def test_refused_init_names_the_option(init: str, why: str, tmp_path: Path) -> None:
+    cfg = compose_app([f"method.init_weights={init}"], tmp_path)
+    with pytest.raises(la.AdapterConfigError, match=f"init_weights='{init}'.*{why}"):
         method_config(cfg.method, head="head")
 
 

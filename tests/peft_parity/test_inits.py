@@ -318,3 +318,61 @@ def test_loraplus_bad_arguments():
         la.loraplus_param_groups(model, lr=1e-3, loraplus_lr_ratio=0)
     with pytest.raises(la.AdapterConfigError, match="no trainable parameter"):
         la.loraplus_param_groups(tiny_llama().requires_grad_(False), lr=1e-3, loraplus_lr_ratio=4)
+
+
+# ------------------------------------------------------------------------------------------------------------
+# CorDA (data-driven)
+
+
+def _corda_batches(n=3):
+    return [token_batch(128, shape=(1, 9), seed=s) for s in range(n)]  # batch size 1: PEFT's hook squeezes it
+
+
+@pytest.mark.parametrize("method", ["ipm", "kpm"])
+def test_corda_equals_peft(tmp_path, method):
+    """initialize_from_data on the same batches gives PEFT's preprocess_corda init; converted files load in PEFT."""
+    from peft.tuners.lora.config import CordaConfig
+    from peft.tuners.lora.corda import preprocess_corda
+
+    base = _build("llama")
+    x = token_batch(128)
+    batches = _corda_batches()
+    kw = dict(r=4, lora_alpha=8, target_modules=TARGETS, rank_pattern={"v_proj": 2})
+    peft_cfg = LoraConfig(**kw, init_lora_weights="corda", corda_config=CordaConfig(corda_method=method))
+    hooked = copy.deepcopy(base)
+    preprocess_corda(hooked, peft_cfg, run_model=lambda: [hooked(b) for b in batches])
+    pm = get_peft_model(hooked, peft_cfg)
+    cfg = la.LoRAConfig(r=4, alpha=8, target_modules=TARGETS, rank_pattern={"v_proj": 2}, init_weights="corda")
+    cfg.corda_method = method
+    ours = la.inject(copy.deepcopy(base), cfg)
+    la.initialize_from_data(ours, batches)
+    _close(_logits(ours, x), _logits(base, x))
+    for name, p in _peft_layers(pm).items():
+        layer = ours.get_submodule(name).adapter
+        _close(layer.lora_A, p.lora_A["default"].weight, 1e-4)
+        _close(layer.lora_B, p.lora_B["default"].weight, 1e-4)
+        _close(ours.get_submodule(name).weight, p.get_base_layer().weight)
+    # trained: same outputs; as plain LoRA (PEFT's conversion) on the unmodified base, in PEFT and here
+    _randomize_peft(pm)
+    la.load_adapter_state_dict(ours, _our_state_from_peft(pm))
+    expected = _logits(pm, x)
+    _close(_logits(ours, x), expected)
+    la.save_peft(ours, tmp_path / "ours", convert_to_lora=True)
+    _close(_logits(PeftModel.from_pretrained(copy.deepcopy(base), tmp_path / "ours"), x), expected)
+    _close(_logits(la.load_peft(copy.deepcopy(base), tmp_path / "ours"), x), expected)
+    # a second call starts again from the original weight; eject gives it back
+    la.initialize_from_data(ours, batches)
+    _close(_logits(ours, x), _logits(base, x))
+    plain = la.eject(ours)
+    for p, q in zip(plain.parameters(), base.parameters()):
+        _close(p, q)
+
+
+def test_corda_bad_uses():
+    with pytest.raises(la.AdapterConfigError, match="no LoRA layer with a data-driven init"):
+        la.initialize_from_data(la.inject(tiny_llama(), la.LoRAConfig(r=2, target_modules=["q_proj"])), [])
+    model = la.inject(tiny_llama(), la.LoRAConfig(r=2, target_modules=["q_proj"], init_weights="corda"))
+    with pytest.raises(la.AdapterStateError, match="never ran on the batches"):
+        la.initialize_from_data(model, [])
+    with pytest.raises(la.AdapterConfigError, match="corda_method must be one of"):
+        la.LoRAConfig(init_weights="corda", corda_method="pca")

@@ -26,6 +26,28 @@ def rows(Row: type) -> list:  # noqa: N803 - the Row class of test_bad_inputs
         Row("lora-init-loftq", None, _cfg(init_weights="loftq"), la.AdapterConfigError, r"'loftq'.*quantized"),
         Row("lora-init-mica", None, _cfg(init_weights="mica"), la.AdapterConfigError, r"'mica'.*MiCA"),
         Row("lora-init-lora-ga", None, _cfg(init_weights="lora_ga"), la.AdapterConfigError, r"'lora_ga'"),
+        Row("lora-init-eva", None, _cfg(init_weights="eva"), la.AdapterConfigError, r"'eva'.*EVA.*'corda'"),
+        Row(
+            "lora-corda-method-unknown",
+            None,
+            _cfg(init_weights="corda", corda_method="pca"),
+            la.AdapterConfigError,
+            r"corda_method must be one of \['ipm', 'kpm'\], got 'pca'",
+        ),
+        Row(
+            "lora-initialize-from-data-no-corda-layer",
+            lambda: la.inject(tiny_gpt2(), la.LoRAConfig(r=2, target_modules=["c_attn"])),
+            lambda m, p: la.initialize_from_data(m, []),
+            la.AdapterConfigError,
+            r"no LoRA layer with a data-driven init.*init_weights='corda'",
+        ),
+        Row(
+            "lora-loraplus-ratio-not-positive",
+            tiny_gpt2,
+            lambda m, p: la.loraplus_param_groups(m, lr=1e-3, loraplus_lr_ratio=-2),
+            la.AdapterConfigError,
+            r"loraplus_lr_ratio must be a positive number, got -2",
+        ),
         Row(
             "lora-init-pissa-niter-bad",
             None,

@@ -1,0 +1,188 @@
+"""Data-driven LoRA initialisation: CorDA (Yang et al. 2024, "CorDA: Context-Oriented Decomposition Adaptation").
+
+CorDA orients the adapter by the covariance of each layer's inputs. Over a few batches every call of a targeted
+layer adds ``Xᵀ X`` of its input rows ``X (N, in)``, each call scaled by ``1 / |max X|``; ``C`` is the mean over
+calls. With a damping ``λ·mean(diag C)·I`` (``λ`` from 0.01, doubled until ``(C+λ..)⁻¹`` inverts to within 0.05)::
+
+    W C = U S Vᵀ,      V' = C⁻¹ V                      (out, k), (k,), (in, k)
+    "ipm" keeps the r largest triplets (the task's principal directions), "kpm" the r smallest (keeps knowledge)
+    A = sqrt(S_r/s) · V'_rᵀ,   B = U_r · sqrt(S_r/s),   W_res = W − s·B·A
+
+so ``W_res + s·B·A = W`` at the start, as for PiSSA. Equal to PEFT's ``preprocess_corda`` followed by
+``init_lora_weights="corda"`` on the same inputs.
+
+``initialize_from_data`` runs the model on the batches, collects the statistics (summed over ranks when
+``torch.distributed`` is initialised, so every rank gets the same init) and re-initialises every CorDA layer.
+In a Lightning fit ``AdapterCallback``/``AdapterMixin`` call it on the first ``init_batches`` train batches
+right after injection, before the optimizer exists (``lightning_adapters.lightning.data_init``).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable, Mapping
+from typing import Any
+
+import torch
+from torch import nn
+
+from lightning_adapters.core.inject import adapted_modules
+from lightning_adapters.errors import AdapterConfigError, AdapterStateError
+from lightning_adapters.methods._common import weight_as_out_in
+from lightning_adapters.methods.lora_init import DATA_INITS
+
+CORDA_METHODS = ("ipm", "kpm")
+
+
+def corda_factors(
+    weight: torch.Tensor, covariance: torch.Tensor, r: int, scale: float, method: str = "ipm"
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """CorDA's ``(A (r, in), B (out, r))`` for ``W (out, in)`` and the input covariance ``C (in, in)`` (float32)."""
+    w, c = weight.float(), covariance.float()
+    eye = torch.eye(c.shape[0], device=c.device)
+    damp = 0.01
+    while True:
+        fixed = c + torch.diag(torch.ones(c.shape[0], device=c.device) * torch.mean(torch.diag(c)) * damp)
+        inv = torch.linalg.inv(fixed)
+        if torch.dist(fixed @ inv, eye).item() < 0.05:
+            break
+        damp *= 2
+    u, s, vh = torch.linalg.svd(w @ fixed, full_matrices=False)  # (out, k), (k,), (k, in)
+    v = (vh @ inv).t()  # (in, k)
+    keep = slice(None, r) if method == "ipm" else slice(-r, None)
+    u, s, v = u[:, keep], s[keep] / scale, v[:, keep]
+    root = s.sqrt()
+    return (v.t() * root.view(-1, 1)).contiguous(), (u * root).contiguous()  # (r, in), (out, r)
+
+
+def default_forward(model: nn.Module, batch: Any) -> Any:
+    """Run ``model`` on one batch: ``model(**batch)`` for a mapping, ``model(batch[0])`` for a tuple or list
+    (``(inputs, targets)``), else ``model(batch)``."""
+    if isinstance(batch, Mapping):
+        return model(**batch)
+    if isinstance(batch, (tuple, list)):
+        return model(batch[0])
+    return model(batch)
+
+
+def _to_device(batch: Any, device: torch.device) -> Any:
+    if isinstance(batch, torch.Tensor):
+        return batch.to(device)
+    if isinstance(batch, Mapping):
+        return type(batch)({k: _to_device(v, device) for k, v in batch.items()})
+    if isinstance(batch, (tuple, list)):
+        return type(batch)(_to_device(v, device) for v in batch)
+    return batch
+
+
+def data_init_layers(model: nn.Module) -> dict[str, tuple[nn.Module, nn.Module]]:
+    """``{name: (base, layer)}`` of the LoRA layers whose ``init_weights`` needs data."""
+    return {
+        name: (base, layer)
+        for name, base, layer in adapted_modules(model)
+        if getattr(layer, "init_mode", None) in DATA_INITS
+    }
+
+
+@torch.no_grad()
+def initialize_from_data(
+    model: nn.Module,
+    batches: Iterable[Any],
+    *,
+    forward_fn: Callable[[nn.Module, Any], Any] | None = None,
+    all_reduce: bool | None = None,
+) -> nn.Module:
+    """Initialise the data-driven LoRA layers of ``model`` (``init_weights="corda"``) from ``batches``.
+
+    Call it after ``inject`` and before building the optimizer (a Lightning fit does it itself). Layers already
+    initialised are re-initialised from the original weight.
+
+    Args:
+        model: A model injected with ``LoRAConfig(init_weights="corda", ...)``.
+        batches: The batches to read (e.g. the first few of the train dataloader); moved to the model's device.
+        forward_fn: ``(model, batch) -> Any`` running the model (default ``default_forward``).
+        all_reduce: Sum the statistics over ``torch.distributed`` ranks (default: when it is initialised); every
+            rank must then call this function.
+
+    Returns:
+        ``model``.
+
+    Raises:
+        AdapterConfigError: No layer of ``model`` has a data-driven init, or the adapters are merged.
+        AdapterStateError: A layer never ran on ``batches`` or its inputs are not finite.
+    """
+    layers = data_init_layers(model)
+    if not layers:
+        raise AdapterConfigError(
+            "initialize_from_data: the model has no LoRA layer with a data-driven init; inject "
+            "LoRAConfig(init_weights='corda', ...) first"
+        )
+    if any(layer.merged for _, layer in layers.values()):
+        raise AdapterConfigError("initialize_from_data: the adapters are merged; call unmerge(model) first")
+    stats = {
+        name: [torch.zeros(layer.in_features, layer.in_features, device=base.weight.device), 0]
+        for name, (base, layer) in layers.items()
+    }
+
+    def collect(name: str) -> Callable:
+        def hook(module: nn.Module, args: tuple, output: Any) -> None:
+            x = args[0].detach().reshape(-1, args[0].shape[-1]).float()  # (N, in)
+            x = x / x.max().abs()
+            if not torch.isfinite(x).all():
+                raise AdapterStateError(f"initialize_from_data: the inputs of {name!r} are not finite")
+            entry = stats[name]
+            entry[0] = entry[0] + (x.t() @ x).to(entry[0].device)  # (in, N) @ (N, in)
+            entry[1] += 1
+
+        return hook
+
+    handles = [base.register_forward_hook(collect(name)) for name, (base, _) in layers.items()]
+    device = next(iter(layers.values()))[0].weight.device
+    run = forward_fn or default_forward
+    training = model.training
+    model.eval()
+    try:
+        for batch in batches:
+            run(model, _to_device(batch, device))
+    finally:
+        for h in handles:
+            h.remove()
+        model.train(training)
+    _reduce(stats, all_reduce)
+    for name, (base, layer) in layers.items():
+        total, count = stats[name]
+        if count == 0:
+            raise AdapterStateError(
+                f"initialize_from_data: {name!r} never ran on the batches given; pass batches that reach it "
+                "(or a forward_fn that calls the model the way training does)"
+            )
+        weight = _original_weight(base, layer)
+        A, B = corda_factors(weight, (total / count).to(weight.device), layer.r, layer.scale, layer.corda_method)
+        layer.lora_A.copy_(A)
+        layer.lora_B.copy_(B)
+        layer.set_residual(base, A, B)
+    return model
+
+
+def _original_weight(base: nn.Module, layer: nn.Module) -> torch.Tensor:
+    """``W (out, in)`` as before any residual init (``W_res + s·B0·A0``), float32."""
+    from lightning_adapters.methods.lora_init import lora_delta
+
+    w = weight_as_out_in(base).float()
+    if layer.residual_applied:
+        w = w + lora_delta(layer.init_A, layer.init_B, layer.scale).to(w.device)
+    return w
+
+
+def _reduce(stats: dict[str, list], all_reduce: bool | None) -> None:
+    """Sum covariances and call counts over ranks (names sorted, so every rank reduces in the same order)."""
+    import torch.distributed as dist
+
+    if all_reduce is None:
+        all_reduce = dist.is_available() and dist.is_initialized()
+    if not all_reduce:
+        return
+    for name in sorted(stats):
+        total, count = stats[name]
+        packed = torch.cat([total.reshape(-1), torch.tensor([float(count)], device=total.device)])
+        dist.all_reduce(packed)
+        stats[name] = [packed[:-1].reshape(total.shape), int(round(packed[-1].item()))]
