@@ -4,7 +4,11 @@ from the mixin."""
 from __future__ import annotations
 
 import itertools
+import os
+import subprocess
+import sys
 
+import pytest
 import torch
 from lightning.pytorch import Callback
 
@@ -65,3 +69,40 @@ def test_corda_with_the_mixin_and_loraplus_groups():
     assert [g["lr"] for g in groups] == [0.01, 1e-6, 0.08, 0.08]
     b_ids = {id(m.adapter.lora_B) for m in model.encoder if hasattr(m, "adapter")}
     assert {id(p) for p in groups[2]["params"]} == b_ids
+
+
+@pytest.mark.slow
+def test_corda_on_two_ddp_processes_uses_every_rank(tmp_path):
+    """Rank k reads batches k, k+2 of the first 4; the summed statistics give every rank the single-process init."""
+    from tests.lightning.test_processes import _LAUNCH_VARS, ROOT, free_port
+
+    out = tmp_path / "state"
+    inherited = {k: v for k, v in os.environ.items() if not k.startswith("PL_") and k not in _LAUNCH_VARS}
+    env = {**inherited, "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(free_port()), "PYTHONPATH": str(ROOT)}
+    env["OMP_NUM_THREADS"] = "1"
+    script = ROOT / "tests" / "lightning" / "scripts" / "corda_ddp.py"
+    proc = subprocess.run(
+        [sys.executable, str(script), "--out", str(out), "--batches", "4"],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    ranks = [torch.load(f"{out}.rank{k}", weights_only=True) for k in range(2)]
+    model = la.inject(BoringMLP(), corda())
+    la.initialize_from_data(model, itertools.islice(mlp_data(), 4))
+    expected = model.state_dict()
+    only_rank0 = la.inject(BoringMLP(), corda())
+    la.initialize_from_data(only_rank0, [b for i, b in enumerate(itertools.islice(mlp_data(), 4)) if i % 2 == 0])
+    half = only_rank0.state_dict()
+
+    def rel(a, b):
+        return ((a - b).abs().max() / b.abs().max()).item()
+
+    for k, v in expected.items():
+        assert torch.equal(ranks[0][k], ranks[1][k]), k  # every rank has the same init
+        # = one process on all 4 batches; C (256 x 256 from 32 rows) is inverted, so summation order shows at 1e-3
+        assert rel(ranks[0][k], v) < 5e-3, (k, rel(ranks[0][k], v))
+        if k.endswith("lora_A"):
+            assert rel(half[k], v) > 0.1, k  # rank 0's batches alone give another init
