@@ -8,6 +8,7 @@ puts it back on any exception (even ``KeyboardInterrupt``), so it never leaves a
 from __future__ import annotations
 
 import contextlib
+import copy
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
@@ -251,7 +252,9 @@ def inject(model: nn.Module, config: AdapterConfig) -> nn.Module:
                 attach(modules[n], layer)
                 layer.apply_dtype(adapter_dtype_for(_base_dtype(modules[n]), config))
         record = InjectionRecord(
-            config=config,
+            # A copy: the caller's object may be edited later (cfg.r = 8), and the record must keep describing
+            # the adapters really built, for save_peft, checkpoints and the same-config check above.
+            config=copy.deepcopy(config),
             method=spec.name,
             targets=list(targets),
             modules_to_save=to_save,

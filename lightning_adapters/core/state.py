@@ -150,6 +150,20 @@ def load_adapter_state_dict(
     # Staged copies: converting can fail (device memory) and values may alias live tensors; neither may leave a
     # half-loaded adapter.
     staged = {k: state_dict[k].to(device=t.device, dtype=t.dtype, copy=True) for k, t in targets.items()}
+    if check_finite:
+        # A finite value can overflow in the model's dtype (1e6 into an fp16 adapter, 1e300 float64 into fp32).
+        cast = [
+            f"{k}: {int((~torch.isfinite(v)).sum())} values overflow to inf as {str(v.dtype).removeprefix('torch.')}"
+            for k, v in staged.items()
+            if v.is_floating_point() and not bool(torch.isfinite(v).all())
+        ]
+        if cast:
+            raise AdapterStateError(
+                "adapter state does not fit the model: "
+                + "; ".join(cast[:10])
+                + (" ..." if len(cast) > 10 else "")
+                + "; scale the values into the adapter dtype's range, or pass check_finite=False to load them anyway"
+            )
     with torch.no_grad():
         for k, t in targets.items():
             t.copy_(staged[k])

@@ -215,7 +215,8 @@ def check_plain_layers(model: nn.Module, targets: list[str], method: str, suppor
     The methods compute the adapted layer from ``weight``/``bias`` with the supported type's own product (or call
     ``_conv_forward``), and merge by writing ``weight``. A subclass with its own ``forward`` (a scaled embedding,
     a conv that pads in ``forward``) would lose what that forward adds, and a computed weight (a parametrization,
-    ``weight_norm``, ``spectral_norm``) would not keep a merge.
+    ``weight_norm``, ``spectral_norm``) would not keep a merge. An ``nn.Embedding`` with ``max_norm`` rewrites its
+    own weight in every forward.
 
     Raises:
         UnsupportedLayerError: Naming the target, what is special about it and the fix.
@@ -237,6 +238,15 @@ def check_plain_layers(model: nn.Module, targets: list[str], method: str, suppor
                 f"{overridden[0]}; the adapter computes {ref.__name__}'s product from the weights, so what that "
                 f"{overridden[0]} adds would be lost. Leave it out (exclude_modules=[{target!r}]) or use a plain "
                 f"{ref.__name__}"
+            )
+        if isinstance(module, nn.Embedding) and module.max_norm is not None:
+            # F.embedding renormalises the looked-up rows of the weight in place: the base weight changes on every
+            # forward, and the merged weight is renormalised as a whole where the unmerged path adds ΔW after.
+            raise UnsupportedLayerError(
+                f"{method}: {target!r} is an nn.Embedding with max_norm={module.max_norm}, whose forward rescales "
+                f"rows of its weight in place, so merged and unmerged outputs would differ and the base weight would "
+                f"drift; set max_norm=None on it (module.max_norm = None) or leave it out "
+                f"(exclude_modules=[{target!r}])"
             )
         if parametrize.is_parametrized(module) or not isinstance(module._parameters.get("weight"), nn.Parameter):
             raise UnsupportedLayerError(

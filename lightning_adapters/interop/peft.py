@@ -380,19 +380,46 @@ def check_peft_config_types(path: Path, config: dict[str, Any], spec: Any) -> No
                 raise bad(f"{field}[{key!r}]", value, f"one of {want}")
 
 
-def load_peft(model: nn.Module, directory: str | os.PathLike) -> nn.Module:
+def _check_file_values(directory: str | os.PathLike, tensors: dict[str, torch.Tensor], check_finite: bool) -> None:
+    """Refuse tensors of a PEFT file that are not floating, or (``check_finite``) not finite in fp32.
+
+    Every tensor PEFT writes (adapter factors, modules_to_save and base layer copies) is floating; an integer one
+    would be truncated into the model silently. fp32 is the narrowest dtype an adapter is loaded into by default,
+    so a float64 value beyond its range counts as non-finite too.
+    """
+    for key, t in sorted(tensors.items()):
+        if not t.is_floating_point():
+            raise AdapterStateError(
+                f"{directory}: tensor {key!r} has dtype {str(t.dtype).removeprefix('torch.')}, not a floating dtype; "
+                "PEFT adapter tensors are floating point, re-save the adapter"
+            )
+        if check_finite and not bool(torch.isfinite(t.float()).all()):
+            raise AdapterStateError(
+                f"{directory}: tensor {key!r} holds {int((~torch.isfinite(t.float())).sum())} non-finite values "
+                "(NaN/inf, or beyond float32's range), which would turn every output into NaN; nothing was loaded. "
+                "Pass check_finite=False to load them anyway"
+            )
+
+
+def load_peft(model: nn.Module, directory: str | os.PathLike, *, check_finite: bool = True) -> nn.Module:
     """Inject the adapter described by a PEFT directory into ``model`` and load its weights.
 
-    Every key and shape is checked; on any mismatch the injection is undone and ``model`` is left as it was.
+    Every key, shape and value is checked; on any mismatch the injection is undone and ``model`` is left as it
+    was.
+
+    Args:
+        check_finite: Refuse NaN/inf values in the file (as ``load_adapter_state_dict`` does).
 
     Returns:
         ``model``, injected and with the adapter trainable.
 
     Raises:
-        AdapterStateError: Unreadable directory, or missing / unexpected / mis-shaped tensors.
+        AdapterStateError: Unreadable directory, missing / unexpected / mis-shaped tensors, non-floating tensors,
+            or (``check_finite``) non-finite values.
         AdapterConfigError: An unknown or unsupported ``peft_type`` or PEFT option.
     """
     config_dict, tensors = read_peft_dir(directory)
+    _check_file_values(directory, tensors, check_finite)
     spec = get_method_by_peft_type(config_dict["peft_type"])
     check_peft_fields(Path(directory) / CONFIG_NAME, config_dict)
     check_peft_config_types(Path(directory) / CONFIG_NAME, config_dict, spec)

@@ -22,7 +22,7 @@ from torch import nn
 
 import lightning_adapters as la
 from tests.helpers import SmallCNN, Wrap, tiny_bert, tiny_gpt2, tiny_llama
-from tests.reliability import rows_i14lit, rows_i15files, rows_i15models, rows_i15state, rows_i18init
+from tests.reliability import rows_i14lit, rows_i15files, rows_i15models, rows_i15red, rows_i15state, rows_i18init
 
 DOC = Path(__file__).resolve().parents[2] / "docs" / "BAD_INPUTS.md"
 
@@ -598,6 +598,7 @@ ROWS += rows_i15files.rows(Row)
 ROWS += rows_i15state.rows(Row, _snapshot_into)
 ROWS += rows_i14lit.rows(sys.modules[__name__])
 ROWS += rows_i18init.rows(Row)
+ROWS += rows_i15red.rows(Row, _snapshot_into)
 
 
 @pytest.mark.parametrize("row", [pytest.param(r, id=r.id) for r in ROWS])

@@ -1,0 +1,117 @@
+"""Bad-input rows of the adversarial re-run of issue 15: values that only turn bad in the model's dtype, PEFT
+files with values no adapter should hold, configs edited after inject, and layers that rewrite their own weight.
+
+``rows(Row, snapshot_into)`` builds them with ``test_bad_inputs.Row`` and its snapshot function (passed in, so this
+module never imports the test module). Rows that inject first call ``snapshot_into(model)`` right before the
+refused call: the injected model is what must stay unchanged.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+import lightning_adapters as la
+from tests.helpers import tiny_llama
+
+
+def _fp16_adapter_overflow(snapshot_into: Callable) -> Callable:
+    """1e6 is finite in the float64 state dict, inf once cast into the fp16 adapter."""
+
+    def action(m, tmp):
+        la.inject(m, la.LoRAConfig(r=2, target_modules=["q_proj"], adapter_dtype="float16"))
+        sd = {k: v.double() for k, v in la.adapter_state_dict(m).items()}
+        sd[sorted(sd)[-1]][0, 0] = 1e6
+        snapshot_into(m)
+        return la.load_adapter_state_dict(m, sd)
+
+    return action
+
+
+def _edited_config(snapshot_into: Callable) -> Callable:
+    """The same config object, edited after inject, is a different config, not a no-op."""
+
+    def action(m, tmp):
+        cfg = la.LoRAConfig(r=2, target_modules=["q_proj"])
+        la.inject(m, cfg)
+        cfg.target_modules = ["v_proj"]
+        snapshot_into(m)
+        return la.inject(m, cfg)
+
+    return action
+
+
+def _peft_file(edit: Callable[[torch.Tensor], torch.Tensor], cfg: Callable[[], la.AdapterConfig]) -> Callable:
+    """Save a good adapter of another tiny llama into ``tmp/src``, let ``edit`` change its first tensor, load it."""
+
+    def action(m, tmp):
+        src = tmp / "src"
+        la.save_peft(la.inject(tiny_llama(), cfg()), src)
+        path = src / "adapter_model.safetensors"
+        tensors = load_file(path)
+        key = sorted(tensors)[0]
+        tensors[key] = edit(tensors[key])
+        save_file(tensors, path)
+        return la.load_peft(m, src)
+
+    return action
+
+
+def _nan(t: torch.Tensor) -> torch.Tensor:
+    t = t.clone()
+    t.view(-1)[0] = float("nan")
+    return t
+
+
+def rows(Row: type, snapshot_into: Callable) -> list:  # noqa: N803 - the Row class of test_bad_inputs
+    """The rows, as ``Row`` instances."""
+    s = snapshot_into
+    return [
+        Row(
+            "state-overflows-adapter-dtype",
+            tiny_llama,
+            _fp16_adapter_overflow(s),
+            la.AdapterStateError,
+            r"q_proj.adapter.lora_B: 1 values overflow to inf as float16.*check_finite=False",
+        ),
+        Row(
+            "inject-same-config-object-edited",
+            tiny_llama,
+            _edited_config(s),
+            la.AdapterConfigError,
+            r"already has a lora adapter with a different config; call lightning_adapters.eject\(model\) first",
+        ),
+        Row(
+            "embedding-max-norm",
+            lambda: nn.Sequential(nn.Embedding(10, 8, max_norm=1.0)),
+            lambda m, p: la.inject(m, la.LoRAConfig(r=2, target_modules=["0"])),
+            la.UnsupportedLayerError,
+            r"'0' is an nn.Embedding with max_norm=1.0.*rescales rows of its weight in place.*max_norm = None",
+        ),
+        Row(
+            "peft-file-nan-value",
+            tiny_llama,
+            _peft_file(_nan, lambda: la.LoHaConfig(r=2, target_modules=["q_proj"])),
+            la.AdapterStateError,
+            r"tensor 'model.layers.0.self_attn.q_proj.hada_w1_a' holds 1 non-finite values.*check_finite=False",
+        ),
+        Row(
+            "peft-file-float64-beyond-float32",
+            tiny_llama,
+            _peft_file(
+                lambda t: t.double() + 1e300, lambda: la.OFTConfig(r=0, oft_block_size=4, target_modules=["q_proj"])
+            ),
+            la.AdapterStateError,
+            r"holds \d+ non-finite values \(NaN/inf, or beyond float32's range\)",
+        ),
+        Row(
+            "peft-file-integer-tensor",
+            tiny_llama,
+            _peft_file(lambda t: (t * 10).long(), lambda: la.LoRAConfig(r=2, target_modules=["q_proj"])),
+            la.AdapterStateError,
+            r"tensor 'model.layers.0.self_attn.q_proj.lora_A.weight' has dtype int64, not a floating dtype",
+        ),
+    ]
