@@ -47,6 +47,8 @@ class MethodSpec:
             by ``load_peft`` (e.g. AdaLoRA resizes ranks from a ``rank_pattern``).
         peft_config_extra: Optional ``root -> dict`` of ``adapter_config.json`` fields that depend on the
             injected model's live state rather than on the config (AdaLoRA's learned ``rank_pattern``).
+        extra_layers: Optional ``(model, config, targets) -> {module name: AdapterLayer}`` of layers a config adds
+            besides its targets (LoRA's trainable-token rows), built before anything is attached.
         training_hooks: Optional ``MethodTrainingHooks`` subclass the Lightning integration drives
             (``lightning_adapters/lightning/hooks.py``).
     """
@@ -64,6 +66,7 @@ class MethodSpec:
     load_peft_state: Callable[..., None] | None = None
     prepare_peft_load: Callable[..., tuple] | None = None
     peft_config_extra: Callable[[Any], dict] | None = None
+    extra_layers: Callable[..., dict] | None = None
     training_hooks: type | None = None
 
 

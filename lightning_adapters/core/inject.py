@@ -238,6 +238,9 @@ def inject(model: nn.Module, config: AdapterConfig) -> nn.Module:
                     f"Narrow target_modules or add these names to exclude_modules"
                 )
             check_adaptable(model, targets, spec.name, spec.supported_types)
+            if spec.extra_layers is not None:
+                extra_built = spec.extra_layers(model, config, targets)
+                modules.update({n: model.get_submodule(n) for n in extra_built})
             taken = [n for n, m in modules.items() if ADAPTER_ATTR in m._modules or hasattr(m, ADAPTER_ATTR)]
             if taken:
                 raise AdapterConfigError(
@@ -245,7 +248,9 @@ def inject(model: nn.Module, config: AdapterConfig) -> nn.Module:
                     f"rename that attribute or add these modules to exclude_modules"
                 )
             # Build every layer before attaching any: a layer that cannot be built fails before any change.
-            layers = {n: spec.create_layer(m, config, n) for n, m in modules.items()}
+            layers = {n: spec.create_layer(m, config, n) for n, m in modules.items() if n in targets}
+            if spec.extra_layers is not None:
+                layers.update(extra_built)
             for n, layer in layers.items():
                 if layer.changes_base_on_attach:  # a residual init writes W − s·B0·A0 into the base
                     snapshot.keep_values(modules[n].weight)

@@ -221,7 +221,7 @@ def _as_plain_lora(
             f"save_peft(convert_to_lora=True) rewrites LoRA adapters initialised with PiSSA/OLoRA/CorDA; this model "
             f"holds a {rec.method} adapter. Drop convert_to_lora"
         )
-    layers = {name: layer for name, _, layer in adapted_modules(root)}
+    layers = {name: layer for name, _, layer in adapted_modules(root) if hasattr(layer, "lora_A")}
     return lora_init.convert_to_plain_lora(layers, tensors, config, PEFT_PREFIX)
 
 

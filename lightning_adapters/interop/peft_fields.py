@@ -129,6 +129,9 @@ LORA_FIELDS: dict[str, PeftField] = {
     "use_dora": _s("use_dora"),
     "lora_bias": _r("a trainable bias on lora_B", False),
     **_LORA_VARIANTS,
+    "trainable_token_indices": _s(
+        "trainable_token_indices (only those embedding rows train; a head tied to the embedding shares them)"
+    ),
 }
 
 ADALORA_FIELDS: dict[str, PeftField] = {

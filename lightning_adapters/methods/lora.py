@@ -51,7 +51,7 @@ from lightning_adapters.config import (
 from lightning_adapters.core.layer import AdapterLayer
 from lightning_adapters.core.targeting import LINEAR_TYPES
 from lightning_adapters.errors import AdapterConfigError, AdapterStateError, NotMergeableError
-from lightning_adapters.methods import lora_data, lora_init
+from lightning_adapters.methods import lora_data, lora_init, trainable_tokens
 from lightning_adapters.methods._common import (
     check_rank,
     compute_dtype,
@@ -92,6 +92,9 @@ class LoRAConfig(AdapterConfig):
             across groups) or ``"peft"`` (PEFT's own layer: ``A`` an ungrouped conv reading every input channel,
             ``B`` a grouped 1×1 conv; more expressive, but its ΔW is not a grouped kernel, so it cannot be merged,
             as in PEFT). ``load_peft`` picks ``"peft"`` by itself for a file whose ``lora_A`` mixes groups.
+        trainable_token_indices: Embedding rows trained in full besides the LoRA (e.g. new special tokens): a
+            list of token ids of the model's input embedding, or ``{embedding module name: ids}``; a head tied to
+            the embedding shares the rows (see ``methods.trainable_tokens``).
     """
 
     r: int = 8
@@ -105,6 +108,7 @@ class LoRAConfig(AdapterConfig):
     rank_pattern: dict[str, int] = field(default_factory=dict)
     alpha_pattern: dict[str, float] = field(default_factory=dict)
     grouped_conv_layout: str = "mergeable"
+    trainable_token_indices: Any = None
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -112,6 +116,11 @@ class LoRAConfig(AdapterConfig):
         check_positive_float(self.alpha, "alpha", "lora")
         check_probability(self.dropout, "dropout", "lora")
         lora_init.check_init_weights(self.init_weights)
+        trainable_tokens.check_indices(self.trainable_token_indices, "lora")
+        if isinstance(self.trainable_token_indices, dict):
+            self.trainable_token_indices = {k: list(v) for k, v in self.trainable_token_indices.items()}
+        elif self.trainable_token_indices is not None:
+            self.trainable_token_indices = list(self.trainable_token_indices)
         if self.grouped_conv_layout not in GROUPED_CONV_LAYOUTS:
             raise AdapterConfigError(
                 f"lora: grouped_conv_layout={self.grouped_conv_layout!r} is not one of {GROUPED_CONV_LAYOUTS}; use "
@@ -747,6 +756,7 @@ def _to_peft(cfg: LoRAConfig) -> dict[str, Any]:
         "bias": "none",
         "fan_in_fan_out": False,
         "lora_bias": False,
+        "trainable_token_indices": cfg.trainable_token_indices,
     }
 
 
@@ -756,7 +766,6 @@ _UNSUPPORTED_PEFT_LORA = {
     "layers_to_transform": None,
     "layer_replication": None,
     "target_parameters": None,
-    "trainable_token_indices": None,
     "alora_invocation_tokens": None,
     "use_qalora": False,
     "use_bdlora": None,
@@ -782,6 +791,7 @@ def _from_peft(d: dict[str, Any]) -> LoRAConfig:
         init_weights=init,
         rank_pattern=d.get("rank_pattern") or {},
         alpha_pattern=d.get("alpha_pattern") or {},
+        trainable_token_indices=d.get("trainable_token_indices"),
         target_modules=d.get("target_modules"),
         exclude_modules=d.get("exclude_modules"),
         modules_to_save=d.get("modules_to_save"),
@@ -819,5 +829,6 @@ SPEC = register(
         config_to_peft=_to_peft,
         config_from_peft=_from_peft,
         prepare_peft_load=_prepare_peft_load,
+        extra_layers=trainable_tokens.token_layers,
     )
 )
