@@ -165,6 +165,8 @@ def init_from_peft(value: Any) -> Any:
     only the saved tensors (``"eva"``, ``"orthogonal"``, ``"loftq"``, ``"lora_ga"``, ...) load as the default.
     ``"corda"`` needs its calibration data to rebuild the residual: refused, naming the fix.
     """
+    if isinstance(value, str) and value.lower() in ("olora", "gaussian"):
+        value = value.lower()  # PEFT compares these two case-insensitively ("OLoRA")
     if value in (True, False, "gaussian", "pissa", "olora") or (
         isinstance(value, str) and _PISSA_NITER.fullmatch(value)
     ):

@@ -67,6 +67,21 @@ WEIGHT_CASES = {
 }
 
 
+def _assert_same_grads(ours, pm, x):
+    """Gradients of every adapter factor equal PEFT's on the same loss."""
+    ours(x).logits.square().mean().backward()
+    pm(x).logits.square().mean().backward()
+    for name, p in _peft_layers(pm).items():
+        layer = ours.get_submodule(name).adapter
+        if "default" in p.lora_A:
+            theirs = (p.lora_A["default"].weight.grad, p.lora_B["default"].weight.grad)
+        else:
+            theirs = (p.lora_embedding_A["default"].grad, p.lora_embedding_B["default"].grad)
+        _close(layer.lora_A.grad, theirs[0], 1e-4)
+        _close(layer.lora_B.grad, theirs[1], 1e-4)
+    ours.zero_grad()
+
+
 def _build(kind):
     torch.manual_seed(0)
     return tiny_llama() if kind == "llama" else tiny_gpt2()
@@ -98,6 +113,7 @@ def test_weight_init_equals_peft(case):
     randomize_adapter(ours)
     set_peft_model_state_dict(pm, peft_tensors(ours))
     _close(_logits(ours, x), _logits(pm, x))
+    _assert_same_grads(ours, pm, x)
     expected = _logits(ours, x)
     la.merge(ours)
     _close(_logits(ours, x), expected)
@@ -162,7 +178,7 @@ def test_pissa_niter_is_repeatable_and_close_to_the_exact_svd():
     _close(2.0 * B @ A, u[:, :4] @ torch.diag(0.2 ** torch.arange(4.0)) @ v[:, :4].t(), 1e-5)
 
 
-@pytest.mark.parametrize("init", ["pissa", "olora"])
+@pytest.mark.parametrize("init", ["pissa", "OLoRA"])
 def test_files_both_ways(tmp_path, init):
     """PEFT -> ours -> PEFT on the unmodified base: the residual is rebuilt on load; outputs and merge equal."""
     base = _build("llama")
@@ -174,7 +190,7 @@ def test_files_both_ways(tmp_path, init):
     pm.save_pretrained(tmp_path / "peft")
     expected = _logits(pm, x)
     ours = la.load_peft(copy.deepcopy(base), tmp_path / "peft")
-    assert la.config_of(ours).init_weights == init
+    assert la.config_of(ours).init_weights == init.lower()
     _close(_logits(ours, x), expected)
     la.save_peft(ours, tmp_path / "ours")
     back = PeftModel.from_pretrained(copy.deepcopy(base), tmp_path / "ours")
@@ -357,6 +373,7 @@ def test_corda_equals_peft(tmp_path, method):
     la.load_adapter_state_dict(ours, _our_state_from_peft(pm))
     expected = _logits(pm, x)
     _close(_logits(ours, x), expected)
+    _assert_same_grads(ours, pm, x)
     la.save_peft(ours, tmp_path / "ours", convert_to_lora=True)
     _close(_logits(PeftModel.from_pretrained(copy.deepcopy(base), tmp_path / "ours"), x), expected)
     _close(_logits(la.load_peft(copy.deepcopy(base), tmp_path / "ours"), x), expected)
