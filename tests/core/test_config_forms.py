@@ -223,3 +223,46 @@ def test_saved_config_round_trips_each_form(tmp_path) -> None:
     assert saved["target_modules"] == cfg.target_modules and saved["exclude_modules"] == ["layers.10.out_proj"]
     back = la.load_peft(copy.deepcopy(_model()), tmp_path)
     assert _adapted_names(back) == {"layers.1.proj", "layers.1.out_proj", "layers.10.proj"}
+
+
+def _new_keys(make, inject) -> tuple[nn.Module, set[str]]:
+    """The model after ``inject`` and the state-dict keys the injection added (the adapter tensors)."""
+    model = make()
+    before = set(model.state_dict())
+    inject(model)
+    return model, set(model.state_dict()) - before
+
+
+def test_adapter_state_of_an_injection_into_a_submodule() -> None:
+    """Injected into ``outer.sub``: keys and the ``modules_to_save`` prefix carry the ``sub.`` path."""
+
+    class Outer(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.sub = _model()
+            self.fc = nn.Linear(6, 6)  # the same leaf name as the saved module inside sub, outside the record
+
+    model, added = _new_keys(
+        Outer, lambda m: la.inject(m.sub, la.LoRAConfig(r=2, target_modules=["layers.1.proj"], modules_to_save=["fc"]))
+    )
+    assert added == {"sub.layers.1.proj.adapter.lora_A", "sub.layers.1.proj.adapter.lora_B"}
+    assert set(la.adapter_state_dict(model)) == added | {"sub.fc.weight", "sub.fc.bias"}
+
+
+def test_adapter_state_of_an_adapted_root_module() -> None:
+    """A bare ``nn.Linear`` selected by ``"all-linear"`` is adapted itself: its adapter keys have no parent path."""
+    model, added = _new_keys(
+        lambda: nn.Linear(6, 4), lambda m: la.inject(m, la.LoRAConfig(r=2, target_modules="all-linear"))
+    )
+    assert added == {"adapter.lora_A", "adapter.lora_B"}
+    assert set(la.adapter_state_dict(model)) == added
+
+
+def test_llama_adapter_state_is_exactly_its_prompts_and_gates() -> None:
+    """Llama-Adapter keeps its tensors on holder modules (``trainable_modules``): they are the adapter state."""
+    from tests.helpers import tiny_llama
+
+    model, added = _new_keys(tiny_llama, lambda m: la.inject(m, la.LlamaAdapterConfig(adapter_len=2, adapter_layers=1)))
+    assert len(added) == 2 and {k.rsplit(".", 1)[-1] for k in added} == {"adaption_prompt", "adaption_gate"}
+    assert set(la.adapter_state_dict(model)) == added
+    assert {n for n, p in model.named_parameters() if p.requires_grad} == added
