@@ -266,3 +266,16 @@ def test_llama_adapter_state_is_exactly_its_prompts_and_gates() -> None:
     assert len(added) == 2 and {k.rsplit(".", 1)[-1] for k in added} == {"adaption_prompt", "adaption_gate"}
     assert set(la.adapter_state_dict(model)) == added
     assert {n for n, p in model.named_parameters() if p.requires_grad} == added
+
+
+@pytest.mark.parametrize(
+    "call, name",
+    [
+        (lambda bad: la.adapter_state_dict(bad), "adapter_state_dict"),
+        (lambda bad: la.load_adapter_state_dict(bad, {}), "load_adapter_state_dict"),
+    ],
+    ids=["adapter_state_dict", "load_adapter_state_dict"],
+)
+def test_state_functions_name_themselves_for_a_non_module(call, name) -> None:
+    with pytest.raises(la.AdapterError, match=rf"^{name}: model must be a torch.nn.Module instance, got dict"):
+        call({"fc.weight": torch.zeros(1)})
