@@ -663,9 +663,9 @@ class LoRALayer(AdapterLayer):
         return base._la_base_forward(x)
 
     def _embed(self, base: nn.Module, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
-        return F.embedding(
-            x, weight, base.padding_idx, base.max_norm, base.norm_type, base.scale_grad_by_freq, base.sparse
-        )
+        # The base's padding_idx and gradient scaling, but a dense gradient: ``weight`` is a transposed view of
+        # ``lora_A``, which a sparse gradient cannot flow back through (``max_norm`` bases are refused at inject).
+        return F.embedding(x, weight, base.padding_idx, None, base.norm_type, base.scale_grad_by_freq, False)
 
     def _forward_embedding(self, base: nn.Module, x: torch.Tensor) -> torch.Tensor:
         out = self._la_base(base, x)  # (..., d)

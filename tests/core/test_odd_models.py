@@ -175,6 +175,40 @@ def test_computed_weight_refused_for_every_method(method: str, how: str) -> None
     _assert_unchanged(model, before)
 
 
+EMBEDDING_CONFIGS = {
+    "lora": lambda: la.LoRAConfig(r=2, target_modules=["layer"]),
+    "dora": lambda: la.LoRAConfig(r=2, use_dora=True, target_modules=["layer"]),
+    "oft": lambda: la.OFTConfig(oft_block_size=4, target_modules=["layer"]),
+}
+
+
+@pytest.mark.parametrize("method", sorted(EMBEDDING_CONFIGS))
+def test_embedding_max_norm_refused(method: str) -> None:
+    """max_norm renormalised the merged rows, not the unmerged ones: merged ≠ unmerged by ~2-6 before the check."""
+    model = Wrap(nn.Embedding(20, 8, max_norm=1.0))
+    before = _state(model)
+    with pytest.raises(la.UnsupportedLayerError, match=r"'layer' is an nn.Embedding with max_norm=1.0.*= None"):
+        la.inject(model, EMBEDDING_CONFIGS[method]())
+    _assert_unchanged(model, before)
+
+
+@pytest.mark.parametrize("method", sorted(EMBEDDING_CONFIGS))
+def test_sparse_embedding_trains_like_a_dense_one(method: str) -> None:
+    """``sparse=True`` only concerns the frozen base: adapter gradients equal those on a dense twin."""
+    x = torch.randint(0, 20, (3, 5), generator=torch.Generator().manual_seed(0))
+    grads = []
+    for sparse in (False, True):
+        torch.manual_seed(0)
+        model = Wrap(nn.Embedding(20, 8, padding_idx=0, sparse=sparse))
+        la.inject(model, EMBEDDING_CONFIGS[method]())
+        randomize_adapter(model, std=0.3)
+        model(x).pow(2).sum().backward()
+        grads.append({n: p.grad for n, p in model.named_parameters() if p.requires_grad})
+    assert grads[0].keys() == grads[1].keys()
+    for n, g in grads[0].items():
+        assert not grads[1][n].is_sparse and torch.allclose(grads[1][n], g, atol=1e-6), n
+
+
 class _Attention(nn.Module):
     def __init__(self) -> None:
         super().__init__()

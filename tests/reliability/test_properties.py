@@ -54,7 +54,13 @@ def _layer(draw, kind: str, dtype: torch.dtype, g: torch.Generator):
         x = torch.randn(2, 3, i, generator=g)
     elif kind == "embedding":
         v, d = draw(st.integers(2, 40)), draw(PRIMEISH)
-        return kind, nn.Embedding(v, d).to(dtype), torch.randint(0, v, (2, 5), generator=g)
+        attrs = {
+            "padding_idx": draw(st.sampled_from([None, 0])),
+            "max_norm": draw(st.sampled_from([None, None, None, 1.0])),  # renormalises in place: refused
+            "scale_grad_by_freq": draw(st.booleans()),
+            "sparse": draw(st.booleans()),
+        }
+        return kind, nn.Embedding(v, d, **attrs).to(dtype), torch.randint(0, v, (2, 5), generator=g)
     else:
         groups = draw(st.sampled_from([1, 1, 1, 2, 3]))
         i = groups * draw(st.integers(1, 6))
@@ -334,8 +340,8 @@ def _check_case_seeded(method: str, kwargs: dict, layer_case, sharing: str) -> N
         assert str(err)
         return
     model = Shared(layer, sharing).eval()
+    base_out = model(x)  # first: an Embedding's max_norm renormalises its weight in this call
     before = {k: v.clone() for k, v in model.state_dict().items()}
-    base_out = model(x)
     try:
         la.inject(model, cfg)
     except la.AdapterError as err:
@@ -344,6 +350,7 @@ def _check_case_seeded(method: str, kwargs: dict, layer_case, sharing: str) -> N
         assert all(torch.equal(model.state_dict()[k], v) for k, v in before.items())
         return
     assert sharing not in REFUSED, f"inject accepted a {sharing} model"
+    assert getattr(layer, "max_norm", None) is None, "inject accepted an Embedding with max_norm"
     half = x.dtype in (torch.float16, torch.bfloat16) or layer.weight.dtype in (torch.float16, torch.bfloat16)
     w0 = layer.weight.detach().clone()
     out = model(x)
