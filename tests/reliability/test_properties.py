@@ -26,7 +26,7 @@ DTYPES = st.sampled_from([torch.float32, torch.float32, torch.bfloat16, torch.fl
 PADDING_MODES = st.sampled_from(["zeros", "zeros", "reflect", "replicate", "circular"])
 
 
-KINDS = ["linear", "conv1d_t", "embedding", "conv1d", "conv2d"]
+KINDS = ["linear", "conv1d_t", "embedding", "conv1d", "conv2d", "conv3d"]
 
 
 @st.composite
@@ -70,7 +70,11 @@ def _layer(draw, kind: str, dtype: torch.dtype, g: torch.Generator):
         stride = 1 if padding == "same" else draw(st.sampled_from([1, 2]))  # torch refuses "same" with stride > 1
         dilation = draw(st.sampled_from([1, 1, 2]))
         mode = draw(PADDING_MODES)
-        conv, shape = (nn.Conv1d, (2, i, 9)) if kind == "conv1d" else (nn.Conv2d, (2, i, 9, 9))
+        conv, shape = {
+            "conv1d": (nn.Conv1d, (2, i, 9)),
+            "conv2d": (nn.Conv2d, (2, i, 9, 9)),
+            "conv3d": (nn.Conv3d, (2, i, 5, 5, 5)),
+        }[kind]
         bias = draw(st.booleans())
         layer = conv(i, o, k, stride, padding, dilation, groups, bias=bias, padding_mode=mode)
         x = torch.randn(*shape, generator=g)
@@ -309,7 +313,7 @@ def supported_kinds(method: str) -> list[str]:
     from transformers.pytorch_utils import Conv1D
 
     classes = {"linear": nn.Linear, "conv1d_t": Conv1D, "embedding": nn.Embedding, "conv1d": nn.Conv1d}
-    classes["conv2d"] = nn.Conv2d
+    classes.update(conv2d=nn.Conv2d, conv3d=nn.Conv3d)
     types = la.get_method(method).supported_types
     return [k for k, c in classes.items() if issubclass(c, types)]
 
