@@ -324,14 +324,18 @@ def _adapted_names(keys: Any) -> list[str]:
     return sorted({k[: k.index(marker)] for k in keys if marker in k})
 
 
-def _needs_configure_model(model: nn.Module, sub: str, adapter_keys: Any) -> bool:
-    # True when the modules the checkpoint adapted do not exist yet (a model built in configure_model).
+def _needs_configure_model(model: nn.Module, sub: str, adapter_keys: Any, beside_keys: Any) -> bool:
+    # True when the modules the checkpoint adapted, or the tensors trained beside them (a head), do not exist yet:
+    # a model, or only its head, built in configure_model.
     try:
         target = model.get_submodule(sub) if sub else model
     except AttributeError:
         return True
     names = {n for n, _ in target.named_modules()}
-    return any(n not in names for n in _adapted_names(adapter_keys))
+    if any(n not in names for n in _adapted_names(adapter_keys)):
+        return True
+    live = model.state_dict().keys()
+    return any(k not in live for k in beside_keys)
 
 
 def _check_beside(model: nn.Module, beside: dict[str, torch.Tensor], where: str) -> None:
@@ -450,7 +454,7 @@ def restore_from_checkpoint(
     left_out = sorted(k for k in state if not k.startswith(role_prefix))
 
     had_adapter = bool(find_records(model))
-    if is_lightning and _needs_configure_model(model, sub, adapter):
+    if is_lightning and _needs_configure_model(model, sub, adapter, beside):
         model.configure_model()
     try:
         target = model.get_submodule(sub) if sub else model

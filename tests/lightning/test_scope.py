@@ -248,3 +248,26 @@ def test_mixin_takes_its_config_as_a_mapping(tmp_path):
     assert isinstance(config, la.LoHaConfig) and config.r == 2
     assert {k.split(".adapter.")[0] for k in la.adapter_state_dict(model.encoder)} == set(ENCODER_TARGETS)
     assert model.head.weight.requires_grad  # beside the adapted module: trains in full
+
+
+class HeadInConfigureModel(BoringMLP):
+    """The encoder built in ``__init__``, the task head only in ``configure_model`` (as Lightning allows)."""
+
+    def __init__(self, seed: int = 0) -> None:
+        super().__init__(seed=seed)
+        del self.head
+
+    def configure_model(self) -> None:
+        if not hasattr(self, "head"):
+            torch.manual_seed(1)
+            self.head = torch.nn.Linear(256, 4)
+
+
+def test_restore_builds_a_head_that_only_configure_model_creates(tmp_path):
+    model = HeadInConfigureModel()
+    t = trainer(max_steps=2, callbacks=[la.AdapterCallback(lora(), module="encoder", verbose=False)])
+    t.fit(model, mlp_data())
+    t.save_checkpoint(tmp_path / "c.ckpt")
+    assert {"head.weight", "head.bias"} <= set(torch.load(tmp_path / "c.ckpt", weights_only=True)["state_dict"])
+    restored = la.restore_from_checkpoint(HeadInConfigureModel(), tmp_path / "c.ckpt")
+    torch.testing.assert_close(predictions(restored), predictions(model), atol=0, rtol=0)
