@@ -380,27 +380,6 @@ def check_peft_config_types(path: Path, config: dict[str, Any], spec: Any) -> No
                 raise bad(f"{field}[{key!r}]", value, f"one of {want}")
 
 
-def _check_file_values(directory: str | os.PathLike, tensors: dict[str, torch.Tensor], check_finite: bool) -> None:
-    """Refuse tensors of a PEFT file that are not floating, or (``check_finite``) not finite in fp32.
-
-    Every tensor PEFT writes (adapter factors, modules_to_save and base layer copies) is floating; an integer one
-    would be truncated into the model silently. fp32 is the narrowest dtype an adapter is loaded into by default,
-    so a float64 value beyond its range counts as non-finite too.
-    """
-    for key, t in sorted(tensors.items()):
-        if not t.is_floating_point():
-            raise AdapterStateError(
-                f"{directory}: tensor {key!r} has dtype {str(t.dtype).removeprefix('torch.')}, not a floating dtype; "
-                "PEFT adapter tensors are floating point, re-save the adapter"
-            )
-        if check_finite and not bool(torch.isfinite(t.float()).all()):
-            raise AdapterStateError(
-                f"{directory}: tensor {key!r} holds {int((~torch.isfinite(t.float())).sum())} non-finite values "
-                "(NaN/inf, or beyond float32's range), which would turn every output into NaN; nothing was loaded. "
-                "Pass check_finite=False to load them anyway"
-            )
-
-
 def load_peft(model: nn.Module, directory: str | os.PathLike, *, check_finite: bool = True) -> nn.Module:
     """Inject the adapter described by a PEFT directory into ``model`` and load its weights.
 
@@ -408,7 +387,8 @@ def load_peft(model: nn.Module, directory: str | os.PathLike, *, check_finite: b
     was.
 
     Args:
-        check_finite: Refuse NaN/inf values in the file (as ``load_adapter_state_dict`` does).
+        check_finite: Refuse NaN/inf values in the file, and values that overflow the dtype they are loaded into
+            (as ``load_adapter_state_dict`` does).
 
     Returns:
         ``model``, injected and with the adapter trainable.
@@ -419,7 +399,6 @@ def load_peft(model: nn.Module, directory: str | os.PathLike, *, check_finite: b
         AdapterConfigError: An unknown or unsupported ``peft_type`` or PEFT option.
     """
     config_dict, tensors = read_peft_dir(directory)
-    _check_file_values(directory, tensors, check_finite)
     spec = get_method_by_peft_type(config_dict["peft_type"])
     check_peft_fields(Path(directory) / CONFIG_NAME, config_dict)
     check_peft_config_types(Path(directory) / CONFIG_NAME, config_dict, spec)
@@ -430,14 +409,16 @@ def load_peft(model: nn.Module, directory: str | os.PathLike, *, check_finite: b
         raise AdapterConfigError("model already has adapters; eject them before load_peft")
     inject(model, config)
     try:
-        _load_tensors(model, tensors, spec)
+        _load_tensors(model, tensors, spec, check_finite)
     except BaseException:
         eject(model)
         raise
     return model
 
 
-def _check_values(root: nn.Module, rec, tensors: dict[str, torch.Tensor], expected: dict[str, Any], spec) -> None:
+def _check_values(
+    root: nn.Module, rec, tensors: dict[str, torch.Tensor], expected: dict[str, Any], spec, check_finite: bool
+) -> None:
     """Refuse values a copy would silently convert or that would make every output NaN, before any copy.
 
     Adapter tensors must be finite floats; ``modules_to_save`` and base-layer tensors must have the dtype kind
@@ -452,7 +433,7 @@ def _check_values(root: nn.Module, rec, tensors: dict[str, torch.Tensor], expect
         target = live.get(key)
         if target is None:  # an adapter tensor in PEFT's layout: a float of the adapter's own shape
             target = torch.empty(value.shape, dtype=torch.float32, device="meta")
-        problem = value_problem(key, value, target)
+        problem = value_problem(key, value, target, check_finite)
         if problem is not None:
             problems.append(problem)
     if problems:
@@ -460,11 +441,12 @@ def _check_values(root: nn.Module, rec, tensors: dict[str, torch.Tensor], expect
             f"PEFT {spec.peft_type} adapter holds values the model cannot take: "
             + "; ".join(problems[:8])
             + (" ..." if len(problems) > 8 else "")
-            + ". Re-save the adapter from a model whose tensors are finite floats"
+            + ". Re-save the adapter from a model whose tensors are finite floats (or pass check_finite=False to "
+            "load non-finite values anyway)"
         )
 
 
-def _load_tensors(model: nn.Module, tensors: dict[str, torch.Tensor], spec) -> None:
+def _load_tensors(model: nn.Module, tensors: dict[str, torch.Tensor], spec, check_finite: bool = True) -> None:
     _, root, rec = _single_record(model)
     expected: dict[str, tuple[int, ...]] = {}
     if spec.peft_state is not None:
@@ -506,7 +488,7 @@ def _load_tensors(model: nn.Module, tensors: dict[str, torch.Tensor], spec) -> N
             + "; ".join(parts)
             + ". Check the adapter was trained on this base model architecture"
         )
-    _check_values(root, rec, tensors, expected, spec)
+    _check_values(root, rec, tensors, expected, spec, check_finite)
     if spec.load_peft_state is not None:
         spec.load_peft_state(root, tensors)
     else:

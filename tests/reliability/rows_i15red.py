@@ -1,5 +1,5 @@
-"""Bad-input rows of the adversarial re-run of issue 15: values that only turn bad in the model's dtype, PEFT
-files with values no adapter should hold, configs edited after inject, and layers that rewrite their own weight.
+"""Bad-input rows of the adversarial re-run of issue 15: values that only turn bad in the model's dtype (a state
+dict or a PEFT file), configs edited after inject, and layers that rewrite their own weight.
 
 ``rows(Row, snapshot_into)`` builds them with ``test_bad_inputs.Row`` and its snapshot function (passed in, so this
 module never imports the test module). Rows that inject first call ``snapshot_into(model)`` right before the
@@ -60,12 +60,6 @@ def _peft_file(edit: Callable[[torch.Tensor], torch.Tensor], cfg: Callable[[], l
     return action
 
 
-def _nan(t: torch.Tensor) -> torch.Tensor:
-    t = t.clone()
-    t.view(-1)[0] = float("nan")
-    return t
-
-
 def rows(Row: type, snapshot_into: Callable) -> list:  # noqa: N803 - the Row class of test_bad_inputs
     """The rows, as ``Row`` instances."""
     s = snapshot_into
@@ -75,7 +69,7 @@ def rows(Row: type, snapshot_into: Callable) -> list:  # noqa: N803 - the Row cl
             tiny_llama,
             _fp16_adapter_overflow(s),
             la.AdapterStateError,
-            r"q_proj.adapter.lora_B: 1 values overflow to inf as float16.*check_finite=False",
+            r"q_proj.adapter.lora_B: 1 values overflow to inf as float16; pass check_finite=False",
         ),
         Row(
             "inject-same-config-object-edited",
@@ -92,26 +86,12 @@ def rows(Row: type, snapshot_into: Callable) -> list:  # noqa: N803 - the Row cl
             r"'0' is an nn.Embedding with max_norm=1.0.*rescales rows of its weight in place.*max_norm = None",
         ),
         Row(
-            "peft-file-nan-value",
-            tiny_llama,
-            _peft_file(_nan, lambda: la.LoHaConfig(r=2, target_modules=["q_proj"])),
-            la.AdapterStateError,
-            r"tensor 'model.layers.0.self_attn.q_proj.hada_w1_a' holds 1 non-finite values.*check_finite=False",
-        ),
-        Row(
             "peft-file-float64-beyond-float32",
             tiny_llama,
             _peft_file(
                 lambda t: t.double() + 1e300, lambda: la.OFTConfig(r=0, oft_block_size=4, target_modules=["q_proj"])
             ),
             la.AdapterStateError,
-            r"holds \d+ non-finite values \(NaN/inf, or beyond float32's range\)",
-        ),
-        Row(
-            "peft-file-integer-tensor",
-            tiny_llama,
-            _peft_file(lambda t: (t * 10).long(), lambda: la.LoRAConfig(r=2, target_modules=["q_proj"])),
-            la.AdapterStateError,
-            r"tensor 'model.layers.0.self_attn.q_proj.lora_A.weight' has dtype int64, not a floating dtype",
+            r"oft_R.weight: \d+ values overflow to inf as float32.*check_finite=False",
         ),
     ]
