@@ -26,7 +26,7 @@ def initialize_in_fit(pl_module: nn.Module, target: nn.Module, config: Any) -> b
     """Run the data-driven init of ``target`` from the fit's first train batches, once; returns whether it ran."""
     trainer = getattr(pl_module, "_trainer", None)
     layers = data_init_layers(target)
-    if trainer is None or not layers or all(layer.residual_applied for _, layer in layers.values()):
+    if trainer is None or not any(layer.needs_data for _, layer in layers.values()):
         return False
     from lightning.pytorch.trainer.states import TrainerFn
 

@@ -423,6 +423,10 @@ class LoRALayer(AdapterLayer):
         self.register_buffer("init_B", None, persistent=False)
         self.init_mode: Any = config.init_weights
         self.corda_method = config.corda_method
+        # A data-driven init (CorDA) is pending until initialize_from_data runs: until then the layer refuses to
+        # run, merge or convert, since its residual base is unknown (an adapter trained with it would be wrong).
+        self.needs_data = config.init_weights in lora_init.DATA_INITS and self.kind in ("linear", "conv1d_t")
+        self.module_name = name
         self.residual_applied = False
         self._init(config.init_weights, base, name)
         if self.use_dora:
@@ -550,6 +554,7 @@ class LoRALayer(AdapterLayer):
 
     def merge(self, base: nn.Module, *, safe: bool = False) -> None:
         self._check_mergeable()
+        self.check_initialized()
         w = base.weight
         cd = compute_dtype(w)
         with torch.no_grad():
@@ -589,7 +594,20 @@ class LoRALayer(AdapterLayer):
 
     # --- forward -----------------------------------------------------------------------------------------
 
+    def check_initialized(self) -> None:
+        """Raise while a data-driven init (CorDA) has not run: the residual base it trains on is not there yet."""
+        if self.needs_data:
+            raise AdapterStateError(
+                f"lora: {self.module_name!r} was injected with init_weights={self.init_mode!r} and has not been "
+                "initialised from data: call lightning_adapters.initialize_from_data(model, batches) before running, "
+                "merging or converting it (a Lightning fit does it from its first init_batches train batches). To use "
+                "a trained CorDA adapter elsewhere, run it on the training's first batches before loading the adapter "
+                "state, or save it with save_peft(..., convert_to_lora=True) and load that onto the plain base"
+            )
+
     def adapted_forward(self, base: nn.Module, x: torch.Tensor) -> torch.Tensor:
+        if self.needs_data:
+            self.check_initialized()
         if self.kind == "embedding":
             return self._forward_embedding(base, x)
         if self.kind in CONV_KINDS:

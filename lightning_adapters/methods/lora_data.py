@@ -79,7 +79,7 @@ def data_init_layers(model: nn.Module) -> dict[str, tuple[nn.Module, nn.Module]]
     return {
         name: (base, layer)
         for name, base, layer in adapted_modules(model)
-        if getattr(layer, "init_mode", None) in DATA_INITS
+        if getattr(layer, "init_mode", None) in DATA_INITS and layer.kind in ("linear", "conv1d_t")
     }
 
 
@@ -139,13 +139,18 @@ def initialize_from_data(
     device = next(iter(layers.values()))[0].weight.device
     run = forward_fn or default_forward
     training = model.training
+    enabled = {name: layer.enabled for name, (_, layer) in layers.items()}
     model.eval()
+    for _, layer in layers.values():
+        layer.enabled = False  # the statistics are the base layer's inputs (PEFT hooks the model before injection)
     try:
         for batch in batches:
             run(model, _to_device(batch, device))
     finally:
         for h in handles:
             h.remove()
+        for name, (_, layer) in layers.items():
+            layer.enabled = enabled[name]
         model.train(training)
     _reduce(stats, all_reduce)
     for name, (base, layer) in layers.items():
@@ -160,6 +165,7 @@ def initialize_from_data(
         layer.lora_A.copy_(A)
         layer.lora_B.copy_(B)
         layer.set_residual(base, A, B)
+        layer.needs_data = False
     return model
 
 

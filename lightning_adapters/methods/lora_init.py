@@ -200,6 +200,7 @@ def convert_to_plain_lora(
     """
     out = dict(tensors)
     for name, layer in layers.items():
+        layer.check_initialized()
         a_key = next(k for k in (f"{prefix}{name}.lora_A.weight", f"{prefix}{name}.lora_embedding_A") if k in out)
         b_key = a_key.replace("lora_A.weight", "lora_B.weight").replace("lora_embedding_A", "lora_embedding_B")
         A, B = out[a_key], out[b_key]

@@ -385,11 +385,27 @@ def test_corda_equals_peft(tmp_path, method):
         _close(p, q)
 
 
+def peft_tensors_plain(model):
+    from lightning_adapters.interop.peft import _as_plain_lora, peft_config_dict
+
+    return _as_plain_lora(model, peft_tensors(model), peft_config_dict(model))
+
+
 def test_corda_bad_uses():
     with pytest.raises(la.AdapterConfigError, match="no LoRA layer with a data-driven init"):
         la.initialize_from_data(la.inject(tiny_llama(), la.LoRAConfig(r=2, target_modules=["q_proj"])), [])
     model = la.inject(tiny_llama(), la.LoRAConfig(r=2, target_modules=["q_proj"], init_weights="corda"))
     with pytest.raises(la.AdapterStateError, match="never ran on the batches"):
         la.initialize_from_data(model, [])
+    # until the data init ran, the layer refuses to run, merge or convert (its residual base is not there)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    for action in (lambda: model(token_batch(128)), lambda: la.merge(model), lambda: peft_tensors_plain(model)):
+        with pytest.raises(la.AdapterStateError, match="'model.layers.0.self_attn.q_proj'.*initialize_from_data"):
+            action()
+    assert all(torch.equal(v, model.state_dict()[k]) for k, v in before.items())
+    with la.disabled(model):
+        model(token_batch(128))  # the base itself runs
+    la.initialize_from_data(model, _corda_batches(1))
+    model(token_batch(128))
     with pytest.raises(la.AdapterConfigError, match="corda_method must be one of"):
         la.LoRAConfig(init_weights="corda", corda_method="pca")
