@@ -106,3 +106,23 @@ def test_corda_on_two_ddp_processes_uses_every_rank(tmp_path):
         assert rel(ranks[0][k], v) < 5e-3, (k, rel(ranks[0][k], v))
         if k.endswith("lora_A"):
             assert rel(half[k], v) > 0.1, k  # rank 0's batches alone give another init
+
+
+def test_pissa_fit_checkpoint_restores_onto_a_fresh_model(tmp_path):
+    """The residual base is rebuilt from the plain base on restore: same outputs as the trained model."""
+    cfg = la.LoRAConfig(r=4, alpha=8.0, target_modules=TARGETS, init_weights="pissa", modules_to_save=["head"])
+    model = BoringMLP()
+    x = torch.randn(5, 256)
+    with torch.no_grad():
+        base_out = model(x)
+    t = trainer(max_steps=3, callbacks=[la.AdapterCallback(cfg, verbose=False)])
+    t.fit(model, mlp_data())
+    t.save_checkpoint(tmp_path / "p.ckpt")
+    with torch.no_grad():
+        trained = model(x)
+    assert not torch.allclose(trained, base_out)
+    fresh = la.restore_from_checkpoint(BoringMLP(), tmp_path / "p.ckpt")
+    with torch.no_grad():
+        torch.testing.assert_close(fresh(x), trained, rtol=1e-5, atol=1e-6)
+        plain = la.eject(fresh)  # the base the residual came from (the head trained in full stays trained)
+        torch.testing.assert_close(plain.encoder(x), BoringMLP().encoder(x), rtol=1e-5, atol=1e-5)
