@@ -56,11 +56,12 @@ def loraplus_param_groups(
     b_ids: set[int] = set()
     embedding_ids: set[int] = set()
     for _, _, layer in adapted_modules(model):
-        b = getattr(layer, "lora_B", None)
-        if isinstance(b, nn.Parameter):
-            b_ids.add(id(b))
-            if getattr(layer, "kind", None) == "embedding":
-                embedding_ids.update({id(b), id(layer.lora_A)})
+        for b_name in ("lora_B", "out_lora_B"):  # out_lora_B: the out_proj factor of LoRA on MultiheadAttention
+            b = getattr(layer, b_name, None)
+            if isinstance(b, nn.Parameter):
+                b_ids.add(id(b))
+        if getattr(layer, "kind", None) == "embedding":
+            embedding_ids.update({id(layer.lora_B), id(layer.lora_A)})
     no_decay = _no_decay_ids(model)
     groups: dict[str, list[nn.Parameter]] = {"A": [], "embedding": [], "B": [], "B_no_decay": []}
     for name, p in model.named_parameters():

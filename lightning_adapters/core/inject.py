@@ -67,7 +67,7 @@ def check_materialized(model: nn.Module, what: str) -> None:
         AdapterStateError: Naming the first such tensor and how to materialise it.
     """
     for name, base, layer in adapted_modules(model):
-        tensors = [("weight", base.weight)] + [(f"adapter.{n}", t) for n, t in layer.named_parameters()]
+        tensors = list(layer.base_weights(base).items()) + [(f"adapter.{n}", t) for n, t in layer.named_parameters()]
         for tname, t in tensors:
             if t.is_meta:
                 raise AdapterStateError(
@@ -335,14 +335,14 @@ def merge(model: nn.Module, *, safe: bool = False) -> nn.Module:
         if not layer.mergeable:
             raise_not_mergeable(name, layer)
     check_materialized(model, "merge")
-    done: list[tuple[nn.Module, AdapterLayer, torch.Tensor | None]] = []
+    done: list[tuple[nn.Module, AdapterLayer, dict[str, torch.Tensor] | None]] = []
     try:
         for name, base, layer in layers:
             if layer.merged:
                 continue
             if safe:
                 # Registered before the merge runs, so even an interrupted write is undone from the copy.
-                done.append((base, layer, base.weight.detach().clone()))
+                done.append((base, layer, {n: t.detach().clone() for n, t in layer.base_weights(base).items()}))
             try:
                 layer.merge(base, safe=safe)
             except MergeError as err:
@@ -355,7 +355,9 @@ def merge(model: nn.Module, *, safe: bool = False) -> nn.Module:
                 layer.unmerge(base)
                 continue
             with torch.no_grad():
-                base.weight.copy_(original)
+                live = layer.base_weights(base)
+                for n, t in original.items():
+                    live[n].copy_(t)
             layer.forget_merge()
             layer.merged = False
         raise

@@ -59,6 +59,10 @@ class AdapterLayer(nn.Module):
         """Undo ``merge``."""
         raise NotMergeableError(f"{type(self).__name__} cannot be merged into the base weights")
 
+    def base_weights(self, base: nn.Module) -> dict[str, torch.Tensor]:
+        """The base tensors ``merge`` writes, by name relative to ``base`` (``merge(safe=True)`` copies them)."""
+        return {"weight": base.weight}
+
     def forget_merge(self) -> None:
         """Drop whatever ``merge`` kept for ``unmerge`` (after the base weight was restored from a copy)."""
 

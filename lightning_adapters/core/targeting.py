@@ -184,7 +184,7 @@ def check_called(model: nn.Module, targets: list[str], method: str) -> None:
     Such an adapter would be skipped by the unmerged forward (and its parameters get no gradient) but take
     effect once merged. Known readers: ``nn.MultiheadAttention`` (``out_proj.weight`` goes straight to
     ``F.multi_head_attention_forward``) and ``nn.TransformerEncoderLayer``, whose inference fast path reads
-    ``linear1``/``linear2`` weights while PyTorch's MHA fast path is enabled.
+    ``linear1``/``linear2``/``self_attn`` weights while PyTorch's MHA fast path is enabled.
 
     Raises:
         UnsupportedLayerError: Naming the target, the reader and the fix.
@@ -198,8 +198,14 @@ def check_called(model: nn.Module, targets: list[str], method: str) -> None:
                 f"{method}: {target!r} is the {leaf} of nn.MultiheadAttention{where}, which reads {leaf}.weight "
                 f"directly instead of calling it, so an adapter there would be ignored until merged; leave it out "
                 f"(exclude_modules=[{target!r}])"
+                + (
+                    f", and target the nn.MultiheadAttention {parent_name!r} itself: LoRA adapts its in_proj and "
+                    "out_proj together, as PEFT does"
+                    if method == "lora"
+                    else ""
+                )
             )
-        if isinstance(parent, nn.TransformerEncoderLayer) and leaf in ("linear1", "linear2"):
+        if isinstance(parent, nn.TransformerEncoderLayer) and leaf in ("linear1", "linear2", "self_attn"):
             if torch.backends.mha.get_fastpath_enabled():
                 raise UnsupportedLayerError(
                     f"{method}: {target!r} belongs to nn.TransformerEncoderLayer{where}, whose inference fast path "
@@ -248,7 +254,8 @@ def check_plain_layers(model: nn.Module, targets: list[str], method: str, suppor
                 f"drift; set max_norm=None on it (module.max_norm = None) or leave it out "
                 f"(exclude_modules=[{target!r}])"
             )
-        if parametrize.is_parametrized(module) or not isinstance(module._parameters.get("weight"), nn.Parameter):
+        weight_name = "in_proj_weight" if isinstance(module, nn.MultiheadAttention) else "weight"
+        if parametrize.is_parametrized(module) or not isinstance(module._parameters.get(weight_name), nn.Parameter):
             raise UnsupportedLayerError(
                 f"{method}: the weight of {target!r} is computed (a parametrization, weight_norm or spectral_norm), "
                 f"not a plain Parameter, so a merge into it would be lost; make it plain first "

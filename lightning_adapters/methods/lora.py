@@ -51,7 +51,7 @@ from lightning_adapters.config import (
 from lightning_adapters.core.layer import AdapterLayer
 from lightning_adapters.core.targeting import LINEAR_TYPES
 from lightning_adapters.errors import AdapterConfigError, AdapterStateError, NotMergeableError
-from lightning_adapters.methods import lora_data, lora_init, trainable_tokens
+from lightning_adapters.methods import lora_data, lora_init, lora_mha, trainable_tokens
 from lightning_adapters.methods._common import (
     check_rank,
     compute_dtype,
@@ -816,6 +816,13 @@ def _from_peft(d: dict[str, Any]) -> LoRAConfig:
     )
 
 
+def _create_layer(base: nn.Module, config: LoRAConfig, name: str) -> AdapterLayer:
+    """A ``LoRALayer``, or for ``nn.MultiheadAttention`` the layer adapting its two projection weights."""
+    if isinstance(base, nn.MultiheadAttention):
+        return lora_mha.LoRAMultiheadAttentionLayer(base, config, name, lora_scale)
+    return LoRALayer(base, config, name)
+
+
 def _prepare_peft_load(
     config: LoRAConfig, config_dict: dict[str, Any], tensors: dict[str, torch.Tensor]
 ) -> tuple[LoRAConfig, dict[str, torch.Tensor]]:
@@ -842,8 +849,8 @@ SPEC = register(
         name="lora",
         config_cls=LoRAConfig,
         peft_type="LORA",
-        supported_types=LINEAR_TYPES + (nn.Embedding, nn.Conv1d, nn.Conv2d, nn.Conv3d),
-        create_layer=LoRALayer,
+        supported_types=LINEAR_TYPES + (nn.Embedding, nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.MultiheadAttention),
+        create_layer=_create_layer,
         config_to_peft=_to_peft,
         config_from_peft=_from_peft,
         prepare_peft_load=_prepare_peft_load,
