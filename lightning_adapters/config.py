@@ -158,6 +158,12 @@ def check_choice(value: Any, name: str, method: str, choices: tuple) -> None:
         raise AdapterConfigError(f"{method}: {name} must be one of {list(choices)}, got {value!r}")
 
 
+def peft_bias(d: dict[str, Any], only: str) -> Any:
+    """PEFT's ``bias`` field in our spelling: PEFT treats every ``"<name>_only"`` alike, as the method's ``only``."""
+    value = d.get("bias", "none")
+    return only if isinstance(value, str) and value.endswith("_only") else value
+
+
 def pattern_dict(value: Any, name: str, method: str, *, regex_keys: bool = True) -> dict:
     """Validate a ``{module regex: value}`` override dict (``rank_pattern``, ``alpha_pattern``).
 
@@ -188,4 +194,5 @@ __all__ = [
     "check_probability",
     "check_regex",
     "pattern_dict",
+    "peft_bias",
 ]

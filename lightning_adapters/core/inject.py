@@ -274,8 +274,33 @@ def inject(model: nn.Module, config: AdapterConfig) -> nn.Module:
     return model
 
 
+def trained_biases(root: nn.Module, rec: InjectionRecord) -> list[str]:
+    """Names (relative to ``root``) of the base biases the config's ``bias`` option trains, as PEFT's ``bias`` does.
+
+    ``"all"``: every parameter called ``bias`` in the model; ``"<method>_only"`` (``"lora_only"``, ...): the biases
+    of the adapted modules; ``"none"`` (and methods without the option): none. Adapter parameters are not listed
+    (they train anyway).
+    """
+    mode = getattr(rec.config, "bias", "none")
+    if mode == "none":
+        return []
+    if mode == "all":
+        adapter_ids = {id(p) for _, _, layer in adapted_modules(root) for p in layer.parameters()}
+        return [
+            n
+            for n, p in root.named_parameters()
+            if (n == "bias" or n.endswith(".bias")) and id(p) not in adapter_ids
+        ]
+    return [
+        f"{name}.bias" if name else "bias"
+        for name, base, _ in adapted_modules(root)
+        if isinstance(getattr(base, "bias", None), nn.Parameter)
+    ]
+
+
 def apply_trainability(model: nn.Module) -> None:
-    """Freeze every parameter except adapter and ``modules_to_save`` ones (a pure function of the config)."""
+    """Freeze every parameter except adapter, ``modules_to_save`` and ``bias``-trained ones (a pure function of the
+    config)."""
     records = find_records(model)
     if not records:
         return
@@ -283,6 +308,7 @@ def apply_trainability(model: nn.Module) -> None:
     for _prefix, root, rec in records:
         for _, _, layer in adapted_modules(root):
             trainable.update(id(p) for p in layer.parameters())
+        trainable.update(id(root.get_parameter(n)) for n in trained_biases(root, rec))
         for extra in rec.extra.get("trainable_modules", []):
             trainable.update(id(p) for p in root.get_submodule(extra).parameters())
         for name in rec.modules_to_save:

@@ -9,24 +9,27 @@ from typing import Any
 import torch
 from torch import nn
 
-from lightning_adapters.core.inject import adapted_modules, check_module, find_records
+from lightning_adapters.core.inject import adapted_modules, check_module, find_records, trained_biases
 from lightning_adapters.core.layer import ADAPTER_ATTR
 from lightning_adapters.errors import AdapterStateError, AdapterTypeError
 
 
 def adapter_prefixes(model: nn.Module) -> list[str]:
-    """Key prefixes (with trailing dot) of every adapter child and ``modules_to_save`` module in ``model``."""
+    """Key prefixes (with trailing dot) of every adapter child and ``modules_to_save`` module in ``model``, and the
+    exact keys (no trailing dot) of the base biases the config's ``bias`` option trains."""
     prefixes = [f"{name}.{ADAPTER_ATTR}." if name else f"{ADAPTER_ATTR}." for name, _, _ in adapted_modules(model)]
-    for prefix, _, rec in find_records(model):
+    for prefix, root, rec in find_records(model):
         for m in rec.modules_to_save + list(rec.extra.get("trainable_modules", [])):
             full = f"{prefix}.{m}" if prefix else m
             prefixes.append(full + ".")
+        prefixes += [f"{prefix}.{n}" if prefix else n for n in trained_biases(root, rec)]
     return prefixes
 
 
 def is_adapter_key(key: str, prefixes: list[str]) -> bool:
-    """Whether a state-dict key falls under one of ``prefixes`` (structure, never a substring test)."""
-    return any(key.startswith(p) for p in prefixes)
+    """Whether a state-dict key falls under one of ``prefixes`` (a prefix ending in ``.``) or is one of the exact
+    keys among them (structure, never a substring test)."""
+    return any(key.startswith(p) if p.endswith(".") else key == p for p in prefixes)
 
 
 def adapter_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:

@@ -18,7 +18,7 @@ import torch
 from torch import nn
 
 from lightning_adapters.core.files import read_files, replace_directory, target_directory, write_file
-from lightning_adapters.core.inject import adapted_modules, eject, find_records, inject
+from lightning_adapters.core.inject import adapted_modules, eject, find_records, inject, trained_biases
 from lightning_adapters.core.state import value_problem
 from lightning_adapters.errors import AdapterConfigError, AdapterStateError
 from lightning_adapters.interop.peft_fields import check_peft_fields
@@ -68,6 +68,8 @@ def peft_tensors(model: nn.Module) -> dict[str, torch.Tensor]:
     for m in rec.modules_to_save:
         for k, t in root.get_submodule(m).state_dict().items():
             out[f"{PEFT_PREFIX}{m}.{k}"] = t
+    for key, param in peft_bias_params(root, rec).items():
+        out[PEFT_PREFIX + key] = param.detach()
     for k, v in out.items():
         if v.is_meta:
             raise AdapterStateError(
@@ -75,6 +77,21 @@ def peft_tensors(model: nn.Module) -> dict[str, torch.Tensor]:
                 "and load the weights (e.g. model.to_empty(device='cpu') then load_state_dict) before saving"
             )
     return {k: _full(v) for k, v in out.items()}
+
+
+def peft_bias_params(root: nn.Module, rec: Any) -> dict[str, nn.Parameter]:
+    """The base biases the config's ``bias`` option trains, under PEFT's keys (without ``base_model.model.``).
+
+    PEFT moves an adapted module's own parameters under ``base_layer``, so its bias is ``<module>.base_layer.bias``;
+    any other bias keeps its name.
+    """
+    adapted = {name for name, _, _ in adapted_modules(root)}
+    out = {}
+    for name in trained_biases(root, rec):
+        module = name[: -len(".bias")] if name != "bias" else ""
+        key = (f"{module}.base_layer.bias" if module else "base_layer.bias") if module in adapted else name
+        out[key] = root.get_parameter(name)
+    return out
 
 
 def peft_config_dict(model: nn.Module) -> dict[str, Any]:
@@ -463,6 +480,13 @@ def _load_tensors(model: nn.Module, tensors: dict[str, torch.Tensor], spec, chec
     for m in rec.modules_to_save:
         for k, t in root.get_submodule(m).state_dict().items():
             expected[f"{m}.{k}"] = tuple(t.shape)
+    biases = peft_bias_params(root, rec)
+    expected.update({k: tuple(p.shape) for k, p in biases.items()})
+    if biases and rec.modules_to_save:
+        # With bias="all" PEFT also writes the biases inside its modules_to_save wrapper (the trained copy, again,
+        # and the untouched original); ``<module>.bias`` already holds the trained one.
+        wrapped = tuple(f"{m}.{w}." for m in rec.modules_to_save for w in ("modules_to_save", "original_module"))
+        tensors = {k: v for k, v in tensors.items() if not (k.startswith(wrapped) and k.endswith("bias"))}
     # PEFT writes full base embedding / lm_head matrices next to the adapter when they are targeted
     # (``save_embedding_layers``); they load into the base layer as PEFT loads them.
     base_layer_keys = {}
@@ -508,6 +532,8 @@ def _load_tensors(model: nn.Module, tensors: dict[str, torch.Tensor], spec, chec
     with torch.no_grad():
         for key, base in base_layer_keys.items():
             base.weight.copy_(tensors[key].to(dtype=base.weight.dtype, device=base.weight.device))
+        for key, param in biases.items():
+            param.copy_(tensors[key].to(dtype=param.dtype, device=param.device))
         for m in rec.modules_to_save:
             mod = root.get_submodule(m)
             for k, t in list(mod.named_parameters()) + list(mod.named_buffers()):

@@ -80,7 +80,7 @@ _FAN_IN_FAN_OUT = _i(
     "PEFT derives it from the layer type (true for transformers Conv1D, false for nn.Linear, overriding the file "
     "with a warning); lightning_adapters reads each layer's layout from its type the same way"
 )
-_BIAS = _r("training the base biases; use modules_to_save for the modules whose bias must train", "none")
+_BIAS = _s("bias ('none', 'all' or '<method>_only'): the base biases trained and saved with the adapter")
 
 _MICA = "mica"
 _LORA_VARIANTS = {

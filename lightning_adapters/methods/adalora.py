@@ -55,6 +55,7 @@ from lightning_adapters.config import (
     check_positive_int,
     check_probability,
     pattern_dict,
+    peft_bias,
 )
 from lightning_adapters.core.inject import adapted_modules, find_records
 from lightning_adapters.core.layer import AdapterLayer
@@ -91,6 +92,9 @@ class AdaLoRAConfig(AdapterConfig):
             the budget decaying across epochs).
         rank_pattern: ``{module name: [keep flags] * init_r}``: ranks already pruned (filled from a PEFT
             ``rank_pattern`` by ``load_peft``); usually left empty.
+        bias: Train base biases too, as PEFT's ``bias``: ``"none"``, ``"all"`` (every bias in the model) or
+            ``"lora_only"`` (the biases of the adapted modules). They are saved with the adapter; merging, ejecting or
+            ``disabled()`` does not undo their training.
     """
 
     init_r: int = 12
@@ -107,10 +111,12 @@ class AdaLoRAConfig(AdapterConfig):
     init_weights: bool = True
     schedule: str = "step"
     rank_pattern: dict[str, list[bool]] = field(default_factory=dict)
+    bias: str = "none"
 
     def __post_init__(self) -> None:
         super().__post_init__()
         m = "adalora"
+        check_choice(self.bias, "bias", m, ("none", "all", "lora_only"))
         check_positive_int(self.init_r, "init_r", m)
         check_positive_int(self.target_r, "target_r", m)
         if self.target_r > self.init_r:
@@ -594,7 +600,7 @@ def _to_peft(cfg: AdaLoRAConfig) -> dict[str, Any]:
         "lora_dropout": cfg.dropout,
         "init_lora_weights": cfg.init_weights,
         "rank_pattern": None,
-        "bias": "none",
+        "bias": cfg.bias,
         "fan_in_fan_out": False,
         "use_dora": False,
     }
@@ -618,7 +624,6 @@ def _peft_config_extra(root: nn.Module) -> dict[str, Any]:
 
 
 _UNSUPPORTED_PEFT = {
-    "bias": "none",
     "use_dora": False,
     "layers_to_transform": None,
     "layer_replication": None,
@@ -656,6 +661,7 @@ def _from_peft(d: dict[str, Any]) -> AdaLoRAConfig:
         dropout=d.get("lora_dropout", 0.0) or 0.0,
         init_weights=bool(d.get("init_lora_weights", True)),
         rank_pattern=pattern,
+        bias=peft_bias(d, "lora_only"),
         target_modules=d.get("target_modules"),
         exclude_modules=d.get("exclude_modules"),
         modules_to_save=d.get("modules_to_save"),

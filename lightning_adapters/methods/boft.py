@@ -40,7 +40,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from lightning_adapters.config import AdapterConfig, check_positive_int, check_probability
+from lightning_adapters.config import AdapterConfig, check_choice, check_positive_int, check_probability, peft_bias
 from lightning_adapters.core.layer import AdapterLayer
 from lightning_adapters.errors import AdapterConfigError
 from lightning_adapters.methods._common import layer_kind, restore_rows_, stash_rows, write_weight_
@@ -68,6 +68,9 @@ class BOFTConfig(AdapterConfig):
         boft_n_butterfly_factor: Number of butterfly factors ``m`` (1 = OFT with an output scale).
         boft_dropout: Probability of replacing a block of one random factor by the identity in a training forward.
         init_weights: ``True`` (identity at init) or ``False`` (``R_raw`` ~ N(0, 0.1), ``s`` ~ N(1, 0.1)).
+        bias: Train base biases too, as PEFT's ``bias``: ``"none"``, ``"all"`` (every bias in the model) or
+            ``"boft_only"`` (the biases of the adapted modules). They are saved with the adapter; merging, ejecting or
+            ``disabled()`` does not undo their training.
     """
 
     boft_block_size: int = 4
@@ -75,9 +78,11 @@ class BOFTConfig(AdapterConfig):
     boft_n_butterfly_factor: int = 1
     boft_dropout: float = 0.0
     init_weights: bool = True
+    bias: str = "none"
 
     def __post_init__(self) -> None:
         super().__post_init__()
+        check_choice(self.bias, "bias", "boft", ("none", "all", "boft_only"))
         check_positive_int(self.boft_block_size, "boft_block_size", "boft", allow_zero=True)
         check_positive_int(self.boft_block_num, "boft_block_num", "boft", allow_zero=True)
         if (self.boft_block_size == 0) == (self.boft_block_num == 0):
@@ -313,14 +318,14 @@ def _to_peft(cfg: BOFTConfig) -> dict[str, Any]:
         "boft_n_butterfly_factor": cfg.boft_n_butterfly_factor,
         "boft_dropout": cfg.boft_dropout,
         "init_weights": cfg.init_weights,
-        "bias": "none",
+        "bias": cfg.bias,
         "fan_in_fan_out": False,
         "layers_to_transform": None,
         "layers_pattern": None,
     }
 
 
-_UNSUPPORTED_PEFT = {"bias": "none", "layers_to_transform": None, "layers_pattern": None}
+_UNSUPPORTED_PEFT = {"layers_to_transform": None, "layers_pattern": None}
 
 
 def _from_peft(d: dict[str, Any]) -> BOFTConfig:
@@ -331,6 +336,7 @@ def _from_peft(d: dict[str, Any]) -> BOFTConfig:
         boft_n_butterfly_factor=d.get("boft_n_butterfly_factor", 1),
         boft_dropout=d.get("boft_dropout", 0.0) or 0.0,
         init_weights=d.get("init_weights", True),
+        bias=peft_bias(d, "boft_only"),
         target_modules=d.get("target_modules"),
         exclude_modules=d.get("exclude_modules"),
         modules_to_save=d.get("modules_to_save"),

@@ -43,10 +43,12 @@ from torch import nn
 
 from lightning_adapters.config import (
     AdapterConfig,
+    check_choice,
     check_positive_float,
     check_positive_int,
     check_probability,
     pattern_dict,
+    peft_bias,
 )
 from lightning_adapters.core.layer import AdapterLayer
 from lightning_adapters.core.targeting import LINEAR_TYPES
@@ -95,6 +97,9 @@ class LoRAConfig(AdapterConfig):
         trainable_token_indices: Embedding rows trained in full besides the LoRA (e.g. new special tokens): a
             list of token ids of the model's input embedding, or ``{embedding module name: ids}``; a head tied to
             the embedding shares the rows (see ``methods.trainable_tokens``).
+        bias: Train base biases too, as PEFT's ``bias``: ``"none"``, ``"all"`` (every bias in the model) or
+            ``"lora_only"`` (the biases of the adapted modules). They are saved with the adapter; merging, ejecting or
+            ``disabled()`` does not undo their training.
     """
 
     r: int = 8
@@ -109,9 +114,11 @@ class LoRAConfig(AdapterConfig):
     alpha_pattern: dict[str, float] = field(default_factory=dict)
     grouped_conv_layout: str = "mergeable"
     trainable_token_indices: Any = None
+    bias: str = "none"
 
     def __post_init__(self) -> None:
         super().__post_init__()
+        check_choice(self.bias, "bias", "lora", ("none", "all", "lora_only"))
         check_positive_int(self.r, "r", "lora")
         check_positive_float(self.alpha, "alpha", "lora")
         check_probability(self.dropout, "dropout", "lora")
@@ -771,7 +778,7 @@ def _to_peft(cfg: LoRAConfig) -> dict[str, Any]:
         **({"corda_config": {"corda_method": cfg.corda_method}} if cfg.init_weights == "corda" else {}),
         "rank_pattern": dict(cfg.rank_pattern),
         "alpha_pattern": dict(cfg.alpha_pattern),
-        "bias": "none",
+        "bias": cfg.bias,
         "fan_in_fan_out": False,
         "lora_bias": False,
         "trainable_token_indices": cfg.trainable_token_indices,
@@ -779,7 +786,6 @@ def _to_peft(cfg: LoRAConfig) -> dict[str, Any]:
 
 
 _UNSUPPORTED_PEFT_LORA = {
-    "bias": "none",
     "lora_bias": False,
     "layers_to_transform": None,
     "layer_replication": None,
@@ -810,6 +816,7 @@ def _from_peft(d: dict[str, Any]) -> LoRAConfig:
         rank_pattern=d.get("rank_pattern") or {},
         alpha_pattern=d.get("alpha_pattern") or {},
         trainable_token_indices=d.get("trainable_token_indices"),
+        bias=peft_bias(d, "lora_only"),
         target_modules=d.get("target_modules"),
         exclude_modules=d.get("exclude_modules"),
         modules_to_save=d.get("modules_to_save"),

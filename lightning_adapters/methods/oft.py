@@ -45,7 +45,14 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from lightning_adapters.config import AdapterConfig, check_positive_float, check_positive_int, check_probability
+from lightning_adapters.config import (
+    AdapterConfig,
+    check_choice,
+    check_positive_float,
+    check_positive_int,
+    check_probability,
+    peft_bias,
+)
 from lightning_adapters.core.layer import AdapterLayer
 from lightning_adapters.errors import AdapterConfigError
 from lightning_adapters.methods._common import layer_kind, write_weight_
@@ -70,6 +77,9 @@ class OFTConfig(AdapterConfig):
         auto_adjust: PEFT's silent behaviour: replace an ``r`` or ``oft_block_size`` that does not divide a
             layer by the nearest divisor (with a warning) instead of raising. ``load_peft`` sets it, so PEFT
             adapters load with the shapes PEFT gave them; it is not written to PEFT's config file.
+        bias: Train base biases too, as PEFT's ``bias``: ``"none"``, ``"all"`` (every bias in the model) or
+            ``"oft_only"`` (the biases of the adapted modules). They are saved with the adapter; merging, ejecting or
+            ``disabled()`` does not undo their training.
     """
 
     r: int = 0
@@ -82,9 +92,11 @@ class OFTConfig(AdapterConfig):
     module_dropout: float = 0.0
     init_weights: bool = True
     auto_adjust: bool = False
+    bias: str = "none"
 
     def __post_init__(self) -> None:
         super().__post_init__()
+        check_choice(self.bias, "bias", "oft", ("none", "all", "oft_only"))
         check_positive_int(self.r, "r", "oft", allow_zero=True)
         check_positive_int(self.oft_block_size, "oft_block_size", "oft", allow_zero=True)
         if (self.r == 0) == (self.oft_block_size == 0):
@@ -584,14 +596,14 @@ def _to_peft(cfg: OFTConfig) -> dict[str, Any]:
         "eps": cfg.eps,
         "module_dropout": cfg.module_dropout,
         "init_weights": cfg.init_weights,
-        "bias": "none",
+        "bias": cfg.bias,
         "fan_in_fan_out": False,
         "layers_to_transform": None,
         "layers_pattern": None,
     }
 
 
-_UNSUPPORTED_PEFT = {"bias": "none", "layers_to_transform": None, "layers_pattern": None}
+_UNSUPPORTED_PEFT = {"layers_to_transform": None, "layers_pattern": None}
 
 
 def check_peft_options(d: dict[str, Any], method: str, unsupported: dict[str, Any]) -> None:
@@ -622,6 +634,7 @@ def _from_peft(d: dict[str, Any]) -> OFTConfig:
         module_dropout=d.get("module_dropout", 0.0) or 0.0,
         init_weights=d.get("init_weights", True),
         auto_adjust=True,
+        bias=peft_bias(d, "oft_only"),
         target_modules=d.get("target_modules"),
         exclude_modules=d.get("exclude_modules"),
         modules_to_save=d.get("modules_to_save"),

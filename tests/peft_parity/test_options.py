@@ -95,6 +95,7 @@ SUPPORTED_EXAMPLES: dict[str, dict[str, dict]] = {
         "rank_pattern": {"rank_pattern": {"v_proj": 2}},
         "alpha_pattern": {"alpha_pattern": {"q_proj": 3}},
         "use_dora": {"use_dora": True},
+        "bias": {"bias": "all"},
     },
     "ADALORA": {
         **_TARGETING,
@@ -110,6 +111,7 @@ SUPPORTED_EXAMPLES: dict[str, dict[str, dict]] = {
         "beta2": {"beta2": 0.6},
         "orth_reg_weight": {"orth_reg_weight": 0.1},
         "total_step": {"total_step": 20},
+        "bias": {"bias": "lora_only"},
     },
     "LOHA": {
         **_TARGETING,
@@ -147,6 +149,7 @@ SUPPORTED_EXAMPLES: dict[str, dict[str, dict]] = {
         "block_share": {"block_share": True},
         "use_cayley_neumann": {"use_cayley_neumann": False},
         "num_cayley_neumann_terms": {"num_cayley_neumann_terms": 3},
+        "bias": {"bias": "all"},
     },
     "BOFT": {
         **_TARGETING,
@@ -155,6 +158,7 @@ SUPPORTED_EXAMPLES: dict[str, dict[str, dict]] = {
         "boft_n_butterfly_factor": {"boft_n_butterfly_factor": 2},
         "boft_dropout": {"boft_dropout": 0.1},
         "init_weights": {"init_weights": False},
+        "bias": {"bias": "boft_only"},
     },
 }
 # Supported fields whose parity lives in a dedicated test (the generic model above cannot carry them).
@@ -429,3 +433,86 @@ def test_bad_pickled_adapter_is_refused_naming_the_file(payload, message, tmp_pa
     with pytest.raises(AdapterStateError, match=message):
         la.load_peft(model, tmp_path)
     assert not list(la.core.inject.find_records(model))
+
+
+# --- bias="all" / "<method>_only" -------------------------------------------------------------------------------
+
+OUR_CONFIGS = {
+    "LORA": lambda bias: la.LoRAConfig(r=4, alpha=8, target_modules=TARGETS, bias=bias),
+    "ADALORA": lambda bias: la.AdaLoRAConfig(init_r=4, target_r=2, total_step=10, target_modules=TARGETS, bias=bias),
+    "OFT": lambda bias: la.OFTConfig(r=0, oft_block_size=4, target_modules=TARGETS, bias=bias),
+    "BOFT": lambda bias: la.BOFTConfig(boft_block_size=4, target_modules=TARGETS, bias=bias),
+}
+ONLY = {"LORA": "lora_only", "ADALORA": "lora_only", "OFT": "oft_only", "BOFT": "boft_only"}
+BIAS_CASES = [(t, mode) for t in OUR_CONFIGS for mode in ("all", ONLY[t])]
+
+
+def _peft_bias_grads(pm: nn.Module) -> dict[str, torch.Tensor]:
+    """Gradients of PEFT's trainable base biases, keyed by the base model's own parameter names."""
+    out = {}
+    for n, p in pm.named_parameters():
+        if p.requires_grad and n.endswith(".bias") and ".lora_" not in n and ".modules_to_save." not in n:
+            out[n.removeprefix("base_model.model.").replace(".base_layer.", ".")] = p.grad
+    return out
+
+
+@pytest.mark.parametrize(("peft_type", "mode"), BIAS_CASES, ids=[f"{t}-{m}" for t, m in BIAS_CASES])
+def test_bias_option_trains_saves_and_loads_as_peft(peft_type, mode, tmp_path, request):
+    if peft_type == "BOFT":
+        request.getfixturevalue("fbd_stand_in")
+    base, pm = _write_peft(peft_type, tmp_path / "peft", bias=mode)
+    ours = la.load_peft(copy.deepcopy(base), tmp_path / "peft").eval()
+    # Trainability is PEFT's: the same base biases (and, with our own config, the same ones again).
+    want_y, want_gx = _out_and_input_grad(pm)
+    y, gx = _out_and_input_grad(ours)
+    _close(y, want_y)
+    _close(gx, want_gx)
+    peft_grads = _peft_bias_grads(pm)
+    ours_biases = {n: p for n, p in ours.named_parameters() if p.requires_grad and n.endswith(".bias")}
+    ours_biases = {n: p for n, p in ours_biases.items() if ".adapter." not in n}
+    assert set(ours_biases) == set(peft_grads)
+    expected = {"all": 7, ONLY[peft_type]: 6}[mode]  # 6 adapted layers (+ the head's bias with "all")
+    assert len(ours_biases) == expected
+    for n, p in ours_biases.items():
+        _close(p.grad, peft_grads[n])
+    fresh = OUR_CONFIGS[peft_type](mode)
+    injected = la.inject(copy.deepcopy(base), fresh)
+    assert {n for n, p in injected.named_parameters() if p.requires_grad and ".adapter." not in n} == set(ours_biases)
+
+    # One SGD step on both sides changes the biases; the trained values go PEFT <- ours and ours <- ours.
+    for model in (pm, ours):
+        with torch.no_grad():
+            for n, p in model.named_parameters():
+                if p.requires_grad and p.grad is not None and "ranknum" not in n:  # see _randomize
+                    p.sub_(0.5 * p.grad)
+                    p.grad = None
+    stepped, _ = _out_and_input_grad(pm)
+    assert not torch.allclose(stepped, want_y)
+    _close(_out_and_input_grad(ours)[0], stepped)
+    state = la.adapter_state_dict(ours)
+    assert set(ours_biases) <= set(state)
+    assert not {k for k in state if k.endswith(".weight") and ".adapter." not in k}
+    la.save_peft(ours, tmp_path / "ours")
+    back = peft.PeftModel.from_pretrained(copy.deepcopy(base), tmp_path / "ours").eval()
+    _close(_out_and_input_grad(back)[0], stepped)
+    again = la.load_peft(copy.deepcopy(base), tmp_path / "ours").eval()
+    _close(_out_and_input_grad(again)[0], stepped)
+    other = la.inject(copy.deepcopy(base), OUR_CONFIGS[peft_type](mode))
+    la.load_adapter_state_dict(other, state)
+    _close(_out_and_input_grad(other.eval())[0], stepped)
+
+
+def test_bias_all_with_modules_to_save_loads_peft_s_wrapper_copies(tmp_path):
+    base, pm = _write_peft("LORA", tmp_path / "peft", bias="all", modules_to_save=["lm_head"])
+    ours = la.load_peft(copy.deepcopy(base), tmp_path / "peft").eval()
+    want, _ = _out_and_input_grad(pm)
+    _close(_out_and_input_grad(ours)[0], want)
+    la.save_peft(ours, tmp_path / "ours")
+    back = peft.PeftModel.from_pretrained(copy.deepcopy(base), tmp_path / "ours").eval()
+    _close(_out_and_input_grad(back)[0], want)
+
+
+@pytest.mark.parametrize("make", [lambda: la.LoRAConfig(bias="some"), lambda: la.OFTConfig(bias="lora_only")])
+def test_bad_bias_value_is_refused_naming_it(make):
+    with pytest.raises(AdapterConfigError, match=r"bias must be one of"):
+        make()
