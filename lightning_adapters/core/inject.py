@@ -287,9 +287,7 @@ def trained_biases(root: nn.Module, rec: InjectionRecord) -> list[str]:
     if mode == "all":
         adapter_ids = {id(p) for _, _, layer in adapted_modules(root) for p in layer.parameters()}
         return [
-            n
-            for n, p in root.named_parameters()
-            if (n == "bias" or n.endswith(".bias")) and id(p) not in adapter_ids
+            n for n, p in root.named_parameters() if (n == "bias" or n.endswith(".bias")) and id(p) not in adapter_ids
         ]
     return [
         f"{name}.bias" if name else "bias"
