@@ -33,12 +33,21 @@ class AdapterConfig:
             of the LightningModule beside that sub-module.
         adapter_dtype: Dtype of the adapter tensors (``"float32"``, ``"bfloat16"``, ...). ``None`` (default)
             means: fp32 when the base layer is half precision, else the base dtype (PEFT's behaviour).
+        layers_to_transform: Adapt only the modules of these layer indices (an int or a list of ints), as PEFT's
+            option: a module matched by a ``target_modules`` suffix is kept when the first number in its name
+            after ``layers_pattern`` (by default: after its second name segment, e.g. ``model.layers.3.q_proj``) is
+            one of them. A module named in full in ``target_modules`` is kept whatever its index. Not with a regex
+            or ``"all-linear"`` ``target_modules`` (PEFT refuses that too).
+        layers_pattern: The name(s) of the layer list, e.g. ``"layers"`` or ``["h", "layers"]``; only with
+            ``layers_to_transform``.
     """
 
     target_modules: Any = None
     exclude_modules: Any = None
     modules_to_save: list[str] | None = None
     adapter_dtype: str | None = None
+    layers_to_transform: Any = None
+    layers_pattern: Any = None
 
     def __post_init__(self) -> None:
         self.target_modules = _check_selector(self.target_modules, "target_modules", allow_all_linear=True)
@@ -52,6 +61,42 @@ class AdapterConfig:
             self.modules_to_save = list(self.modules_to_save)
         if self.adapter_dtype is not None and self.adapter_dtype not in _DTYPES:
             raise AdapterConfigError(f"adapter_dtype {self.adapter_dtype!r} is not one of {_DTYPES} (or None)")
+        self._check_layer_selection()
+
+    def _check_layer_selection(self) -> None:
+        ltt, pattern = self.layers_to_transform, self.layers_pattern
+        if ltt is not None:
+            items = [ltt] if isinstance(ltt, int) and not isinstance(ltt, bool) else ltt
+            if isinstance(items, (str, bytes)) or not hasattr(items, "__iter__"):
+                items = None
+            else:
+                items = list(items)
+            if items is None or not all(isinstance(i, int) and not isinstance(i, bool) and i >= 0 for i in items):
+                raise AdapterConfigError(
+                    f"layers_to_transform must be a layer index >= 0 or a list of them, got {ltt!r}; e.g. [0, 1]"
+                )
+            self.layers_to_transform = ltt if isinstance(ltt, int) else items
+            if isinstance(self.target_modules, str):
+                raise AdapterConfigError(
+                    f"layers_to_transform={ltt!r} needs target_modules as a list of name suffixes, got "
+                    f"{self.target_modules!r}; list the module names (e.g. ['q_proj', 'v_proj']) or select the "
+                    "layers in the regex itself"
+                )
+        if pattern is not None:
+            items = [pattern] if isinstance(pattern, str) else pattern
+            ok = hasattr(items, "__iter__") and all(isinstance(p, str) for p in items)
+            if not ok:
+                raise AdapterConfigError(
+                    f"layers_pattern must be a string or a list of strings, got {pattern!r}; e.g. 'layers'"
+                )
+            for p in items:
+                check_regex(p, rf"(?:^|.*?\.){p}\.(?P<idx>\d+)\.", "layers_pattern")
+            self.layers_pattern = pattern if isinstance(pattern, str) else list(items)
+            if items and ltt is None:
+                raise AdapterConfigError(
+                    f"layers_pattern={pattern!r} is only used with layers_to_transform; set layers_to_transform "
+                    "(e.g. [0, 1]) or drop layers_pattern"
+                )
 
     def __init_subclass__(cls, **kwargs: Any) -> None:
         super().__init_subclass__(**kwargs)
@@ -164,6 +209,15 @@ def peft_bias(d: dict[str, Any], only: str) -> Any:
     return only if isinstance(value, str) and value.endswith("_only") else value
 
 
+def peft_layer_selection(d: dict[str, Any]) -> dict[str, Any]:
+    """PEFT's ``layers_to_transform`` / ``layers_pattern`` as config kwargs (PEFT reads empty values as unset)."""
+    ltt, pattern = d.get("layers_to_transform"), d.get("layers_pattern")
+    return {
+        "layers_to_transform": None if ltt is None or ltt == [] else ltt,
+        "layers_pattern": None if pattern in (None, "", []) else pattern,
+    }
+
+
 def pattern_dict(value: Any, name: str, method: str, *, regex_keys: bool = True) -> dict:
     """Validate a ``{module regex: value}`` override dict (``rank_pattern``, ``alpha_pattern``).
 
@@ -195,4 +249,5 @@ __all__ = [
     "check_regex",
     "pattern_dict",
     "peft_bias",
+    "peft_layer_selection",
 ]

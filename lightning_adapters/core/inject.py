@@ -228,6 +228,8 @@ def inject(model: nn.Module, config: AdapterConfig) -> nn.Module:
                 method=spec.name,
                 default_targets=spec.default_targets or None,
                 skip=skip,
+                layers_to_transform=config.layers_to_transform,
+                layers_pattern=config.layers_pattern,
             )
             modules = {n: model.get_submodule(n) for n in targets}
             bad = {n: type(m).__name__ for n, m in modules.items() if not isinstance(m, spec.supported_types)}

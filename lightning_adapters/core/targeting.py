@@ -38,6 +38,27 @@ def name_matches(name: str, selector: Any) -> bool:
     return any(name == s or name.endswith("." + s) for s in selector)
 
 
+def layer_index_selected(name: str, layers_to_transform: Any, layers_pattern: Any) -> bool:
+    """PEFT's layer filter: whether module ``name``'s layer index is one of ``layers_to_transform``.
+
+    The index is the first number that follows a ``layers_pattern`` segment (``(^|.*.)<pattern>.<idx>.``), or
+    without a pattern the first number that is the third name segment or later (``model.layers.3.q_proj`` -> 3,
+    ``model.layers.1.experts.0.w1`` -> 1). A name without such an index is not selected.
+    """
+    patterns = [layers_pattern] if isinstance(layers_pattern, str) else list(layers_pattern or [])
+    match = None
+    if not patterns:
+        match = re.match(r".*?\.[^.]*\.(?P<idx>\d+)\.", name)
+    for pattern in patterns:
+        match = re.match(rf"(?:^|.*?\.){pattern}\.(?P<idx>\d+)\.", name)
+        if match is not None:
+            break
+    if match is None:
+        return False
+    index = int(match.group("idx"))
+    return index == layers_to_transform if isinstance(layers_to_transform, int) else index in layers_to_transform
+
+
 def output_head_names(model: nn.Module) -> set[str]:
     """Names of a transformers model's output embedding (``lm_head``), excluded by ``"all-linear"``."""
     get_out = getattr(model, "get_output_embeddings", None)
@@ -72,8 +93,13 @@ def resolve_targets(
     method: str,
     default_targets: dict[str, list[str]] | None = None,
     skip: set[str] | None = None,
+    layers_to_transform: Any = None,
+    layers_pattern: Any = None,
 ) -> list[str]:
     """Names of the modules ``target_modules`` selects, minus ``exclude_modules`` and ``skip``.
+
+    With ``layers_to_transform`` (list ``target_modules`` only) a module matched by a suffix is kept only if its
+    layer index is selected (``layer_index_selected``); one named in full is kept as it is (PEFT's rule).
 
     Raises:
         TargetError: Nothing matched; the message shows the closest module names.
@@ -95,9 +121,16 @@ def resolve_targets(
             return isinstance(m, LINEAR_TYPES) and n not in heads and not name_matches(n, exclude_modules)
 
     else:
+        by_index = layers_to_transform is not None and not (
+            isinstance(layers_to_transform, list) and not layers_to_transform
+        )
 
         def selected(n: str, m: nn.Module) -> bool:
-            return bool(n) and name_matches(n, target_modules) and not name_matches(n, exclude_modules)
+            if not n or not name_matches(n, target_modules) or name_matches(n, exclude_modules):
+                return False
+            if not by_index or isinstance(target_modules, str) or n in target_modules:
+                return True
+            return layer_index_selected(n, layers_to_transform, layers_pattern)
 
     names: list[str] = []
     for all_names, module in module_aliases(model):

@@ -72,8 +72,8 @@ _TARGETING = {
     "target_modules": _s("target_modules (list of name suffixes, full-match regex or 'all-linear')"),
     "exclude_modules": _s("exclude_modules"),
     "modules_to_save": _s("modules_to_save (trained in full, saved in the file)"),
-    "layers_to_transform": _r("layer selection by index; list the modules in target_modules instead"),
-    "layers_pattern": _r("layer selection by index; list the modules in target_modules instead"),
+    "layers_to_transform": _s("layers_to_transform (PEFT's layer-index filter on suffix-matched modules)"),
+    "layers_pattern": _s("layers_pattern (the layer list's name; PEFT's default index rule without it)"),
 }
 
 _FAN_IN_FAN_OUT = _i(

@@ -24,8 +24,6 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from lightning_adapters.errors import AdapterConfigError
-
 
 @dataclass(frozen=True)
 class FoldSpec:
@@ -207,13 +205,3 @@ def rank_dropout_multipliers(
 def module_dropped(training: bool, p: float) -> bool:
     """PEFT's module dropout: in training, skip the adapter when a uniform draw is ``<= p``."""
     return training and p > 0.0 and float(torch.rand(1)) <= p
-
-
-def check_lycoris_peft_options(d: dict, method: str) -> None:
-    """Refuse PEFT LyCORIS options this library does not implement (layer selection by index)."""
-    for k in ("layers_to_transform", "layers_pattern"):
-        if d.get(k) not in (None, [], ""):
-            raise AdapterConfigError(
-                f"{method}: PEFT option {k}={d[k]!r} is not supported by lightning_adapters; "
-                f"list the modules in target_modules instead"
-            )

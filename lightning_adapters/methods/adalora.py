@@ -56,6 +56,7 @@ from lightning_adapters.config import (
     check_probability,
     pattern_dict,
     peft_bias,
+    peft_layer_selection,
 )
 from lightning_adapters.core.inject import adapted_modules, find_records
 from lightning_adapters.core.layer import AdapterLayer
@@ -600,6 +601,8 @@ def _to_peft(cfg: AdaLoRAConfig) -> dict[str, Any]:
         "lora_dropout": cfg.dropout,
         "init_lora_weights": cfg.init_weights,
         "rank_pattern": None,
+        "layers_to_transform": cfg.layers_to_transform,
+        "layers_pattern": cfg.layers_pattern,
         "bias": cfg.bias,
         "fan_in_fan_out": False,
         "use_dora": False,
@@ -625,7 +628,6 @@ def _peft_config_extra(root: nn.Module) -> dict[str, Any]:
 
 _UNSUPPORTED_PEFT = {
     "use_dora": False,
-    "layers_to_transform": None,
     "layer_replication": None,
     "target_parameters": None,
     "trainable_token_indices": None,
@@ -662,6 +664,7 @@ def _from_peft(d: dict[str, Any]) -> AdaLoRAConfig:
         init_weights=bool(d.get("init_lora_weights", True)),
         rank_pattern=pattern,
         bias=peft_bias(d, "lora_only"),
+        **peft_layer_selection(d),
         target_modules=d.get("target_modules"),
         exclude_modules=d.get("exclude_modules"),
         modules_to_save=d.get("modules_to_save"),

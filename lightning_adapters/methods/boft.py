@@ -40,7 +40,14 @@ from typing import Any
 import torch
 from torch import nn
 
-from lightning_adapters.config import AdapterConfig, check_choice, check_positive_int, check_probability, peft_bias
+from lightning_adapters.config import (
+    AdapterConfig,
+    check_choice,
+    check_positive_int,
+    check_probability,
+    peft_bias,
+    peft_layer_selection,
+)
 from lightning_adapters.core.layer import AdapterLayer
 from lightning_adapters.errors import AdapterConfigError
 from lightning_adapters.methods._common import layer_kind, restore_rows_, stash_rows, write_weight_
@@ -48,7 +55,6 @@ from lightning_adapters.methods.oft import (
     block_dropout_mask,
     block_layout,
     cayley,
-    check_peft_options,
     divisors,
     rotate_features,
     rotated_linear,
@@ -320,16 +326,12 @@ def _to_peft(cfg: BOFTConfig) -> dict[str, Any]:
         "init_weights": cfg.init_weights,
         "bias": cfg.bias,
         "fan_in_fan_out": False,
-        "layers_to_transform": None,
-        "layers_pattern": None,
+        "layers_to_transform": cfg.layers_to_transform,
+        "layers_pattern": cfg.layers_pattern,
     }
 
 
-_UNSUPPORTED_PEFT = {"layers_to_transform": None, "layers_pattern": None}
-
-
 def _from_peft(d: dict[str, Any]) -> BOFTConfig:
-    check_peft_options(d, "boft", _UNSUPPORTED_PEFT)
     return BOFTConfig(
         boft_block_size=d.get("boft_block_size", 4) or 0,
         boft_block_num=d.get("boft_block_num", 0) or 0,
@@ -337,6 +339,7 @@ def _from_peft(d: dict[str, Any]) -> BOFTConfig:
         boft_dropout=d.get("boft_dropout", 0.0) or 0.0,
         init_weights=d.get("init_weights", True),
         bias=peft_bias(d, "boft_only"),
+        **peft_layer_selection(d),
         target_modules=d.get("target_modules"),
         exclude_modules=d.get("exclude_modules"),
         modules_to_save=d.get("modules_to_save"),

@@ -104,6 +104,11 @@ class LlamaAdapterConfig(AdapterConfig):
                 f"{METHOD}: modules_to_save={self.modules_to_save!r} is not supported (PEFT's adaption-prompt "
                 f"format cannot store it); use a LoRA config with modules_to_save for that"
             )
+        if self.layers_to_transform is not None:
+            raise AdapterConfigError(
+                f"{METHOD}: layers_to_transform={self.layers_to_transform!r} is not supported; the adapted layers "
+                f"are the top adapter_layers attention modules, so set adapter_layers instead"
+            )
 
 
 # ------------------------------------------------------------------------------------------------------------

@@ -51,6 +51,7 @@ from lightning_adapters.config import (
     check_positive_int,
     check_probability,
     pattern_dict,
+    peft_layer_selection,
 )
 from lightning_adapters.core.layer import AdapterLayer
 from lightning_adapters.core.targeting import LINEAR_TYPES
@@ -63,7 +64,6 @@ from lightning_adapters.methods._common import (
     pattern_value,
 )
 from lightning_adapters.methods._lycoris import (
-    check_lycoris_peft_options,
     cp_factor,
     fold_spec,
     folded_forward,
@@ -332,13 +332,12 @@ def _to_peft(cfg: LoHaConfig) -> dict[str, Any]:
         "init_weights": cfg.init_weights,
         "rank_pattern": dict(cfg.rank_pattern),
         "alpha_pattern": dict(cfg.alpha_pattern),
-        "layers_to_transform": None,
-        "layers_pattern": None,
+        "layers_to_transform": cfg.layers_to_transform,
+        "layers_pattern": cfg.layers_pattern,
     }
 
 
 def _from_peft(d: dict[str, Any]) -> LoHaConfig:
-    check_lycoris_peft_options(d, "loha")
     return LoHaConfig(
         r=d.get("r", 8),
         alpha=d.get("alpha", 8),
@@ -348,6 +347,7 @@ def _from_peft(d: dict[str, Any]) -> LoHaConfig:
         init_weights=bool(d.get("init_weights", True)),
         rank_pattern=d.get("rank_pattern") or {},
         alpha_pattern=d.get("alpha_pattern") or {},
+        **peft_layer_selection(d),
         target_modules=d.get("target_modules"),
         exclude_modules=d.get("exclude_modules"),
         modules_to_save=d.get("modules_to_save"),

@@ -49,6 +49,7 @@ from lightning_adapters.config import (
     check_positive_int,
     check_probability,
     pattern_dict,
+    peft_layer_selection,
 )
 from lightning_adapters.core.layer import AdapterLayer
 from lightning_adapters.core.targeting import LINEAR_TYPES
@@ -63,7 +64,6 @@ from lightning_adapters.methods._common import (
 )
 from lightning_adapters.methods._lycoris import (
     base_weight_out_in,
-    check_lycoris_peft_options,
     cp_factor,
     fold_spec,
     folded_forward,
@@ -487,13 +487,12 @@ def _to_peft(cfg: LoKrConfig) -> dict[str, Any]:
         "init_weights": cfg.init_weights,
         "rank_pattern": dict(cfg.rank_pattern),
         "alpha_pattern": dict(cfg.alpha_pattern),
-        "layers_to_transform": None,
-        "layers_pattern": None,
+        "layers_to_transform": cfg.layers_to_transform,
+        "layers_pattern": cfg.layers_pattern,
     }
 
 
 def _from_peft(d: dict[str, Any]) -> LoKrConfig:
-    check_lycoris_peft_options(d, "lokr")
     init = d.get("init_weights", True)
     return LoKrConfig(
         r=d.get("r", 8),
@@ -507,6 +506,7 @@ def _from_peft(d: dict[str, Any]) -> LoKrConfig:
         init_weights=init if init == "lycoris" else bool(init),
         rank_pattern=d.get("rank_pattern") or {},
         alpha_pattern=d.get("alpha_pattern") or {},
+        **peft_layer_selection(d),
         target_modules=d.get("target_modules"),
         exclude_modules=d.get("exclude_modules"),
         modules_to_save=d.get("modules_to_save"),

@@ -49,6 +49,7 @@ from lightning_adapters.config import (
     check_probability,
     pattern_dict,
     peft_bias,
+    peft_layer_selection,
 )
 from lightning_adapters.core.layer import AdapterLayer
 from lightning_adapters.core.targeting import LINEAR_TYPES
@@ -778,6 +779,8 @@ def _to_peft(cfg: LoRAConfig) -> dict[str, Any]:
         **({"corda_config": {"corda_method": cfg.corda_method}} if cfg.init_weights == "corda" else {}),
         "rank_pattern": dict(cfg.rank_pattern),
         "alpha_pattern": dict(cfg.alpha_pattern),
+        "layers_to_transform": cfg.layers_to_transform,
+        "layers_pattern": cfg.layers_pattern,
         "bias": cfg.bias,
         "fan_in_fan_out": False,
         "lora_bias": False,
@@ -787,7 +790,6 @@ def _to_peft(cfg: LoRAConfig) -> dict[str, Any]:
 
 _UNSUPPORTED_PEFT_LORA = {
     "lora_bias": False,
-    "layers_to_transform": None,
     "layer_replication": None,
     "target_parameters": None,
     "alora_invocation_tokens": None,
@@ -817,6 +819,7 @@ def _from_peft(d: dict[str, Any]) -> LoRAConfig:
         alpha_pattern=d.get("alpha_pattern") or {},
         trainable_token_indices=d.get("trainable_token_indices"),
         bias=peft_bias(d, "lora_only"),
+        **peft_layer_selection(d),
         target_modules=d.get("target_modules"),
         exclude_modules=d.get("exclude_modules"),
         modules_to_save=d.get("modules_to_save"),

@@ -52,6 +52,7 @@ from lightning_adapters.config import (
     check_positive_int,
     check_probability,
     peft_bias,
+    peft_layer_selection,
 )
 from lightning_adapters.core.layer import AdapterLayer
 from lightning_adapters.errors import AdapterConfigError
@@ -598,26 +599,12 @@ def _to_peft(cfg: OFTConfig) -> dict[str, Any]:
         "init_weights": cfg.init_weights,
         "bias": cfg.bias,
         "fan_in_fan_out": False,
-        "layers_to_transform": None,
-        "layers_pattern": None,
+        "layers_to_transform": cfg.layers_to_transform,
+        "layers_pattern": cfg.layers_pattern,
     }
 
 
-_UNSUPPORTED_PEFT = {"layers_to_transform": None, "layers_pattern": None}
-
-
-def check_peft_options(d: dict[str, Any], method: str, unsupported: dict[str, Any]) -> None:
-    """Refuse PEFT options this library does not implement, naming the option."""
-    for k, neutral in unsupported.items():
-        if d.get(k, neutral) not in (neutral, [], {}):
-            raise AdapterConfigError(
-                f"{method}: PEFT option {k}={d[k]!r} is not supported by lightning_adapters; "
-                f"only {k}={neutral!r} adapters can be loaded"
-            )
-
-
 def _from_peft(d: dict[str, Any]) -> OFTConfig:
-    check_peft_options(d, "oft", _UNSUPPORTED_PEFT)
     if "oft_block_size" not in d:
         raise AdapterConfigError(
             "oft: the adapter config has no 'oft_block_size', so it was saved by PEFT < 0.14, whose OFT format "
@@ -635,6 +622,7 @@ def _from_peft(d: dict[str, Any]) -> OFTConfig:
         init_weights=d.get("init_weights", True),
         auto_adjust=True,
         bias=peft_bias(d, "oft_only"),
+        **peft_layer_selection(d),
         target_modules=d.get("target_modules"),
         exclude_modules=d.get("exclude_modules"),
         modules_to_save=d.get("modules_to_save"),

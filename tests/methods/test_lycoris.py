@@ -207,10 +207,12 @@ def test_bf16_base_keeps_fp32_adapters(method, layer):
 
 
 @pytest.mark.parametrize("method", list(CONFIGS))
-def test_peft_layer_selection_options_are_refused(method):
+def test_peft_layer_selection_options_are_read(method):
     spec = la.get_method(method)
-    with pytest.raises(la.AdapterConfigError, match="layers_to_transform"):
-        spec.config_from_peft({"peft_type": spec.peft_type, "r": 2, "layers_to_transform": [0]})
+    d = {"peft_type": spec.peft_type, "r": 2, "layers_to_transform": [0], "layers_pattern": "layers"}
+    cfg = spec.config_from_peft({**d, "target_modules": ["q_proj"]})
+    assert (cfg.layers_to_transform, cfg.layers_pattern) == ([0], "layers")
+    assert spec.config_to_peft(cfg)["layers_to_transform"] == [0]
 
 
 @pytest.mark.parametrize(

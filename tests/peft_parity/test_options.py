@@ -82,6 +82,8 @@ _TARGETING = {
     "target_modules": {"target_modules": ["q_proj"]},
     "exclude_modules": {"exclude_modules": ["model.layers.0.v_proj"]},
     "modules_to_save": {"modules_to_save": ["lm_head"]},
+    "layers_to_transform": {"layers_to_transform": [0, 2]},
+    "layers_pattern": {"layers_to_transform": 1, "layers_pattern": "layers"},
 }
 # Non-default values for every supported field (the PEFT config kwargs that set it), per PEFT type.
 SUPPORTED_EXAMPLES: dict[str, dict[str, dict]] = {
@@ -516,3 +518,91 @@ def test_bias_all_with_modules_to_save_loads_peft_s_wrapper_copies(tmp_path):
 def test_bad_bias_value_is_refused_naming_it(make):
     with pytest.raises(AdapterConfigError, match=r"bias must be one of"):
         make()
+
+
+# --- layers_to_transform / layers_pattern ---------------------------------------------------------------------
+
+LAYER_NAMES = [
+    "model.layers.0.q_proj",
+    "model.layers.12.self_attn.q_proj",
+    "layers.1.q_proj",
+    "q_proj",
+    "transformer.h.2.attn.c_attn",
+    "model.layers.1.mlp.experts.0.w1",
+    "encoder.block.3.layer.0.SelfAttention.q",
+    "model.decoder.layers.2.fc1",
+    "model.layers.x.q_proj",
+]
+LAYER_OPTIONS = [
+    (0, None),
+    ([1, 2], None),
+    ([2], "layers"),
+    ([0, 3], ["h", "block"]),
+    (1, "layers"),
+    ([0], "layer"),
+    ([], None),
+    ([2], "decoder.layers"),
+]
+
+
+def _module_tree(names: list[str]) -> nn.Module:
+    root = nn.Module()
+    for name in names:
+        *path, leaf = name.split(".")
+        mod = root
+        for part in path:
+            if part not in mod._modules:
+                mod.add_module(part, nn.Module())
+            mod = mod._modules[part]
+        mod.add_module(leaf, nn.Linear(2, 2))
+    return root
+
+
+@pytest.mark.parametrize(("ltt", "pattern"), LAYER_OPTIONS)
+def test_layer_selection_is_peft_s(ltt, pattern):
+    from peft.tuners.tuners_utils import check_target_module_exists
+
+    from lightning_adapters.core.targeting import resolve_targets
+
+    targets = sorted({n.rsplit(".", 1)[-1] for n in LAYER_NAMES}) + ["model.layers.12.self_attn.q_proj"]
+    cfg = peft.LoraConfig(target_modules=targets, layers_to_transform=ltt, layers_pattern=pattern)
+    want = sorted(n for n in LAYER_NAMES if check_target_module_exists(cfg, n))
+    got = resolve_targets(
+        _module_tree(LAYER_NAMES), targets, None, method="lora", layers_to_transform=ltt, layers_pattern=pattern
+    )
+    assert sorted(got) == want
+
+
+def test_layers_to_transform_selects_the_modules_peft_selects_and_a_full_name_bypasses_it():
+    names = lambda m: sorted(n for n, mod in m.named_modules() if la.core.layer.is_adapted(mod))  # noqa: E731
+    ours = la.inject(tiny(), la.LoRAConfig(target_modules=["q_proj", "v_proj"], layers_to_transform=[1]))
+    assert names(ours) == ["model.layers.1.q_proj", "model.layers.1.v_proj"]
+    full = ["q_proj", "model.layers.2.v_proj"]
+    ours = la.inject(tiny(), la.LoRAConfig(target_modules=full, layers_to_transform=0, layers_pattern="layers"))
+    pm = peft.get_peft_model(
+        tiny(), peft.LoraConfig(target_modules=full, layers_to_transform=0, layers_pattern="layers")
+    )
+    peft_names = sorted(n.removeprefix("base_model.model.") for n, m in pm.named_modules() if hasattr(m, "lora_A"))
+    assert names(ours) == peft_names == ["model.layers.0.q_proj", "model.layers.2.v_proj"]
+
+
+@pytest.mark.parametrize(
+    ("kw", "message"),
+    [
+        (dict(target_modules=".*q_proj", layers_to_transform=[0]), r"layers_to_transform=\[0\] needs target_modules"),
+        (dict(target_modules="all-linear", layers_to_transform=[0]), r"needs target_modules as a list"),
+        (dict(target_modules=["q_proj"], layers_pattern="layers"), r"layers_pattern='layers' is only used with"),
+        (dict(target_modules=["q_proj"], layers_to_transform=[-1]), r"layers_to_transform must be a layer index"),
+        (dict(target_modules=["q_proj"], layers_to_transform="0"), r"layers_to_transform must be a layer index"),
+        (dict(target_modules=["q_proj"], layers_to_transform=[0], layers_pattern=3), r"layers_pattern must be"),
+        (dict(target_modules=["q_proj"], layers_to_transform=[0], layers_pattern="(x"), r"not a valid regular"),
+    ],
+)
+def test_bad_layer_selection_is_refused_naming_it(kw, message):
+    with pytest.raises(AdapterConfigError, match=message):
+        la.LoRAConfig(**kw)
+
+
+def test_llama_adapter_refuses_layers_to_transform():
+    with pytest.raises(AdapterConfigError, match="layers_to_transform=\\[0\\] is not supported; .*adapter_layers"):
+        la.LlamaAdapterConfig(layers_to_transform=[0])
