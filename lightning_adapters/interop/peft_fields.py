@@ -127,7 +127,7 @@ LORA_FIELDS: dict[str, PeftField] = {
     "rank_pattern": _s("rank_pattern"),
     "alpha_pattern": _s("alpha_pattern"),
     "use_dora": _s("use_dora"),
-    "lora_bias": _r("a trainable bias on lora_B", False),
+    "lora_bias": _s("lora_bias (a trainable bias on lora_B, added to the base bias on merge)"),
     **_LORA_VARIANTS,
     "trainable_token_indices": _s(
         "trainable_token_indices (only those embedding rows train; a head tied to the embedding shares them)"

@@ -6,6 +6,8 @@ Maths (Hu et al. 2021, "LoRA: Low-Rank Adaptation of Large Language Models"). Fo
     y = W x + b + s · B A x,        A (r, in), B (out, r),  s = alpha / r      (rsLoRA: s = alpha / sqrt(r))
 
 ``B = 0`` at init, so the layer starts as the base. ``ΔW = s·B·A`` can be merged into ``W`` exactly.
+With ``lora_bias`` (PEFT's option) ``B`` also has a bias ``b_B (out,)``, zero at init:
+``y = W x + b + s · (B A x + b_B)``, merged as ``b += s · b_B``.
 
 Convolutions: ``A`` is a conv with the base kernel, stride, padding, dilation and groups (``r`` channels out),
 ``B`` a 1×1 conv with the base groups, so ``ΔW`` has the base kernel's exact shape and merges for any
@@ -56,6 +58,7 @@ from lightning_adapters.core.targeting import LINEAR_TYPES
 from lightning_adapters.errors import AdapterConfigError, AdapterStateError, NotMergeableError
 from lightning_adapters.methods import lora_data, lora_init, lora_mha, trainable_tokens
 from lightning_adapters.methods._common import (
+    check_finite,
     check_rank,
     compute_dtype,
     in_out_features,
@@ -101,6 +104,9 @@ class LoRAConfig(AdapterConfig):
         bias: Train base biases too, as PEFT's ``bias``: ``"none"``, ``"all"`` (every bias in the model) or
             ``"lora_only"`` (the biases of the adapted modules). They are saved with the adapter; merging, ejecting or
             ``disabled()`` does not undo their training.
+        lora_bias: A trainable bias on ``lora_B`` (PEFT's ``lora_bias``), added to the base bias by ``merge`` (so a
+            base layer without a bias cannot merge). Not with DoRA, Embedding or an ``init_weights`` other than
+            True/False (as PEFT).
     """
 
     r: int = 8
@@ -116,10 +122,18 @@ class LoRAConfig(AdapterConfig):
     grouped_conv_layout: str = "mergeable"
     trainable_token_indices: Any = None
     bias: str = "none"
+    lora_bias: bool = False
 
     def __post_init__(self) -> None:
         super().__post_init__()
         check_choice(self.bias, "bias", "lora", ("none", "all", "lora_only"))
+        check_choice(self.lora_bias, "lora_bias", "lora", (False, True))
+        if self.lora_bias and self.use_dora:
+            raise AdapterConfigError("lora: lora_bias=True does not work with use_dora=True (PEFT refuses it too)")
+        if self.lora_bias and self.init_weights not in (True, False):
+            raise AdapterConfigError(
+                f"lora: lora_bias=True needs init_weights True or False (as in PEFT), got {self.init_weights!r}"
+            )
         check_positive_int(self.r, "r", "lora")
         check_positive_float(self.alpha, "alpha", "lora")
         check_probability(self.dropout, "dropout", "lora")
@@ -425,6 +439,21 @@ class LoRALayer(AdapterLayer):
             a_shape, b_shape = (r, in_f), (out_f, r)
         self.lora_A = nn.Parameter(torch.empty(a_shape, device=dev, dtype=dt))
         self.lora_B = nn.Parameter(torch.empty(b_shape, device=dev, dtype=dt))
+        self.lora_B_bias: nn.Parameter | None = None
+        if config.lora_bias:
+            if self.kind == "embedding":
+                raise AdapterConfigError(
+                    f"lora: lora_bias=True is not supported on the Embedding {name!r} (PEFT refuses it too); "
+                    "leave it out of target_modules or set lora_bias=False"
+                )
+            self.lora_B_bias = nn.Parameter(torch.empty(out_f, device=dev, dtype=dt))
+        if self.lora_B_bias is not None and getattr(base, "bias", None) is None:
+            # Checked by merge() before any layer is written.
+            self.mergeable = False
+            self.not_mergeable_reason = (
+                "it has no bias, so its lora_bias=True adapter cannot merge (the merge adds s·b_B to the base "
+                "bias); train it with lora_bias=False to merge"
+            )
         # Residual inits (PiSSA, OLoRA, CorDA) keep their initial factors: the base becomes W − s·B0·A0 when the
         # layer is attached, and gets s·B0·A0 back on eject (and in save_peft(convert_to_lora=True)).
         self.register_buffer("init_A", None, persistent=False)
@@ -493,6 +522,12 @@ class LoRALayer(AdapterLayer):
                 kaiming_uniform_(self.lora_B)
             else:
                 nn.init.zeros_(self.lora_B)
+            if self.lora_B_bias is not None:
+                if mode is False:  # nn.Linear's / nn.Conv's default bias init for lora_B's fan-in
+                    bound = 1.0 / math.sqrt(math.prod(self.lora_B.shape[1:]))
+                    nn.init.uniform_(self.lora_B_bias, -bound, bound)
+                else:
+                    nn.init.zeros_(self.lora_B_bias)
 
     # --- residual inits --------------------------------------------------------------------------------------
 
@@ -568,7 +603,12 @@ class LoRALayer(AdapterLayer):
         with torch.no_grad():
             dw = self.delta_weight().to(cd)
             if not self.use_dora:
+                new_bias = self._merged_bias(base, 1.0)
+                if safe and new_bias is not None:
+                    check_finite(new_bias, "merged bias")  # before anything is written
                 write_weight_(w, w.to(cd) + dw, safe=safe)
+                if new_bias is not None:
+                    base.bias.copy_(new_bias)
                 self.merged = True
                 return
             norm = self._dora_norm(base)
@@ -588,6 +628,9 @@ class LoRALayer(AdapterLayer):
             dw = self.delta_weight().to(cd)
             if not self.use_dora:
                 w.copy_((w.to(cd) - dw).to(w.dtype))
+                new_bias = self._merged_bias(base, -1.0)
+                if new_bias is not None:
+                    base.bias.copy_(new_bias)
                 self.merged = False
                 return
             inv = 1.0 / dora_factor(self.magnitude, self.merge_norm).to(cd)
@@ -596,6 +639,15 @@ class LoRALayer(AdapterLayer):
             restore_rows_(w, self.merge_rows_idx, self.merge_rows, self.kind)
             self.merge_norm = self.merge_rows_idx = self.merge_rows = None
         self.merged = False
+
+    def _merged_bias(self, base: nn.Module, sign: float) -> torch.Tensor | None:
+        """``b ± s·b_B`` in the base bias dtype, or None without ``lora_bias``."""
+        if self.lora_B_bias is None:
+            return None
+        if base.bias is None:
+            raise NotMergeableError(f"LoRA on {self.name!r} cannot be merged: {self.not_mergeable_reason}")
+        cd = compute_dtype(base.bias)
+        return (base.bias.to(cd) + sign * self.scale * self.lora_B_bias.to(cd)).to(base.bias.dtype)
 
     def forget_merge(self) -> None:
         self.merge_norm = self.merge_rows_idx = self.merge_rows = None
@@ -640,13 +692,16 @@ class LoRALayer(AdapterLayer):
             weight = base.weight.t() if self.kind == "conv1d_t" else base.weight  # (out, in)
             dropped = self.dropout_p > 0.0 and self.training
             xd = F.dropout(x, self.dropout_p, True) if dropped else None
-            return _LoRALinear.apply(x, xd, weight, base.bias, self.lora_A, self.lora_B, self.scale)
+            bias = base.bias
+            if self.lora_B_bias is not None:  # s·b_B folds into the base bias: y = x Wᵀ + (b + s·b_B) + s·B A x
+                bias = self.scale * self.lora_B_bias if bias is None else bias + self.scale * self.lora_B_bias
+            return _LoRALinear.apply(x, xd, weight, bias, self.lora_A, self.lora_B, self.scale)
         xd = self._dropped(x)
         h = F.linear(xd, self.lora_A)  # (..., in) @ (in, r) -> (..., r)
         if self.use_dora:
             return self._forward_linear_dora(base, x, xd, h)
         out = self._base_linear(base, x)  # (..., out)
-        return out + (F.linear(h, self.lora_B) * self.scale).to(out.dtype)
+        return out + (F.linear(h, self.lora_B, self.lora_B_bias) * self.scale).to(out.dtype)
 
     def _forward_linear_dora(self, base: nn.Module, x: torch.Tensor, xd: torch.Tensor, h: torch.Tensor) -> torch.Tensor:
         factor = dora_factor(self.magnitude, self._dora_norm(base))  # (out,)
@@ -669,7 +724,7 @@ class LoRALayer(AdapterLayer):
             h = _conv_ungrouped(base, xd, self.lora_A)  # (N, r, *spatial_out): A reads every input channel
         else:
             h = base._conv_forward(xd, self.lora_A, None)  # (N, r, *spatial_out): same stride/padding/dilation/groups
-        lora = conv(h, self.lora_B, groups=self.groups) * self.scale  # (N, out, *spatial_out)
+        lora = conv(h, self.lora_B, self.lora_B_bias, groups=self.groups) * self.scale  # (N, out, *spatial_out)
         if self.use_dora:
             factor = dora_factor(self.magnitude, self._dora_norm(base))  # (1, out, 1...)
             if self.dropout_p > 0.0 and self.training:
@@ -719,6 +774,8 @@ class LoRALayer(AdapterLayer):
             grouped = self.groups > 1 and not self.peft_layout
             a = grouped_to_dense_A(self.lora_A.detach(), self.groups) if grouped else self.lora_A
             out = {"lora_A.weight": a, "lora_B.weight": self.lora_B}
+            if self.lora_B_bias is not None:
+                out["lora_B.bias"] = self.lora_B_bias
         if self.use_dora:
             out["lora_magnitude_vector"] = self.magnitude
         return {k: v.detach() for k, v in out.items()}
@@ -743,6 +800,7 @@ class LoRALayer(AdapterLayer):
             "lora_A.weight": "lora_A",
             "lora_B.weight": "lora_B",
             "lora_magnitude_vector": "magnitude",
+            "lora_B.bias": "lora_B_bias",
         }
         with torch.no_grad():
             for k, v in state.items():
@@ -783,13 +841,12 @@ def _to_peft(cfg: LoRAConfig) -> dict[str, Any]:
         "layers_pattern": cfg.layers_pattern,
         "bias": cfg.bias,
         "fan_in_fan_out": False,
-        "lora_bias": False,
+        "lora_bias": cfg.lora_bias,
         "trainable_token_indices": cfg.trainable_token_indices,
     }
 
 
 _UNSUPPORTED_PEFT_LORA = {
-    "lora_bias": False,
     "layer_replication": None,
     "target_parameters": None,
     "alora_invocation_tokens": None,
@@ -819,6 +876,7 @@ def _from_peft(d: dict[str, Any]) -> LoRAConfig:
         alpha_pattern=d.get("alpha_pattern") or {},
         trainable_token_indices=d.get("trainable_token_indices"),
         bias=peft_bias(d, "lora_only"),
+        lora_bias=d.get("lora_bias", False),
         **peft_layer_selection(d),
         target_modules=d.get("target_modules"),
         exclude_modules=d.get("exclude_modules"),

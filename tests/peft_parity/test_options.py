@@ -98,6 +98,7 @@ SUPPORTED_EXAMPLES: dict[str, dict[str, dict]] = {
         "alpha_pattern": {"alpha_pattern": {"q_proj": 3}},
         "use_dora": {"use_dora": True},
         "bias": {"bias": "all"},
+        "lora_bias": {"lora_bias": True},
     },
     "ADALORA": {
         **_TARGETING,
@@ -606,3 +607,117 @@ def test_bad_layer_selection_is_refused_naming_it(kw, message):
 def test_llama_adapter_refuses_layers_to_transform():
     with pytest.raises(AdapterConfigError, match="layers_to_transform=\\[0\\] is not supported; .*adapter_layers"):
         la.LlamaAdapterConfig(layers_to_transform=[0])
+
+
+# --- lora_bias --------------------------------------------------------------------------------------------------
+
+
+class _ConvNet(nn.Module):
+    """Conv1d, Conv2d and a bias-free Linear."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.c1 = nn.Conv1d(4, 6, 3, padding=1)
+        self.c2 = nn.Conv2d(6, 8, 3, padding=1)
+        self.nobias = nn.Linear(8, 5, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # x (N, 4, L)
+        h = torch.tanh(self.c1(x))  # (N, 6, L)
+        h = self.c2(h.unsqueeze(-1)).squeeze(-1)  # (N, 8, L)
+        return self.nobias(h.transpose(1, 2))  # (N, L, 5)
+
+
+def _lora_bias_grads(model: nn.Module, peft_side: bool) -> dict[str, torch.Tensor]:
+    if peft_side:
+        return {
+            n.removeprefix("base_model.model.").replace(".lora_B.default.bias", ""): p.grad
+            for n, p in model.named_parameters()
+            if n.endswith("lora_B.default.bias")
+        }
+    return {n.replace(".adapter.lora_B_bias", ""): p.grad for n, p in model.named_parameters() if "lora_B_bias" in n}
+
+
+@pytest.mark.parametrize("rows", [5, 40], ids=["unfolded", "folded"])  # both sides of fold_pays (3·in < 2·rows)
+def test_lora_bias_linear_outputs_gradients_merge_and_round_trip(rows, tmp_path):
+    base = tiny()
+    pm = peft.get_peft_model(copy.deepcopy(base), _peft_config("LORA", lora_bias=True)).eval()
+    _randomize(pm)
+    pm.save_pretrained(tmp_path / "peft")
+    x = torch.randn(2, rows, 16, dtype=torch.float64, generator=torch.Generator().manual_seed(2))
+    ours = la.load_peft(copy.deepcopy(base), tmp_path / "peft").eval()
+    assert all(p.requires_grad for n, p in ours.named_parameters() if "lora_B_bias" in n)
+    outs, grads = [], []
+    for model, peft_side in ((pm, True), (ours, False)):
+        xi = x.clone().requires_grad_(True)
+        y = model(xi)
+        y.square().sum().backward()
+        outs.append((y.detach(), xi.grad))
+        grads.append(_lora_bias_grads(model, peft_side))
+    _close(outs[1][0], outs[0][0])
+    _close(outs[1][1], outs[0][1])
+    assert set(grads[0]) == set(grads[1]) and len(grads[0]) == 6
+    for k in grads[0]:
+        _close(grads[1][k], grads[0][k])
+    # Merge adds s·b_B to the base bias, as PEFT's merge_and_unload does.
+    with torch.no_grad():
+        la.merge(ours)
+        merged_peft = copy.deepcopy(pm).merge_and_unload()
+        _close(ours(x), outs[0][0])
+        for name, p in merged_peft.named_parameters():
+            _close(ours.get_parameter(name), p)
+        la.unmerge(ours)
+        for name, p in base.named_parameters():
+            _close(ours.get_parameter(name), p)
+    la.save_peft(ours, tmp_path / "ours")
+    written = json.loads((tmp_path / "ours" / "adapter_config.json").read_text())
+    assert written["lora_bias"] is True
+    back = peft.PeftModel.from_pretrained(copy.deepcopy(base), tmp_path / "ours").eval()
+    _close(back(x), outs[0][0])
+
+
+def test_lora_bias_on_convs_and_a_bias_free_layer(tmp_path):
+    torch.manual_seed(0)
+    base = _ConvNet().double().eval()
+    kw = dict(r=2, lora_alpha=4, target_modules=["c1", "c2", "nobias"], lora_bias=True)
+    pm = peft.get_peft_model(copy.deepcopy(base), peft.LoraConfig(**kw)).eval()
+    _randomize(pm)
+    pm.save_pretrained(tmp_path / "peft")
+    x = torch.randn(3, 4, 7, dtype=torch.float64, generator=torch.Generator().manual_seed(3))
+    ours = la.load_peft(copy.deepcopy(base), tmp_path / "peft").eval()
+    xs = [x.clone().requires_grad_(True) for _ in range(2)]
+    ys = [pm(xs[0]), ours(xs[1])]
+    for y in ys:
+        y.square().sum().backward()
+    _close(ys[1].detach(), ys[0].detach())
+    _close(xs[1].grad, xs[0].grad)
+    g_peft, g_ours = _lora_bias_grads(pm, True), _lora_bias_grads(ours, False)
+    assert set(g_peft) == set(g_ours) == {"c1", "c2", "nobias"}
+    for k in g_peft:
+        _close(g_ours[k], g_peft[k])
+    before = {n: p.detach().clone() for n, p in ours.named_parameters()}
+    with pytest.raises(la.NotMergeableError, match=r"'nobias' is not mergeable: it has no bias, so its lora_bias=True"):
+        la.merge(ours)
+    assert all(torch.equal(p, before[n]) for n, p in ours.named_parameters()), "a refused merge changed weights"
+    la.save_peft(ours, tmp_path / "ours")
+    back = peft.PeftModel.from_pretrained(copy.deepcopy(base), tmp_path / "ours").eval()
+    _close(back(x).detach(), ys[0].detach())
+
+
+@pytest.mark.parametrize(
+    ("kw", "message"),
+    [
+        (dict(use_dora=True), r"lora_bias=True does not work with use_dora=True"),
+        (dict(init_weights="gaussian"), r"lora_bias=True needs init_weights True or False"),
+        (dict(lora_bias=1), r"lora_bias must be one of \[False, True\], got 1"),
+    ],
+)
+def test_bad_lora_bias_is_refused_naming_it(kw, message):
+    with pytest.raises(AdapterConfigError, match=message):
+        la.LoRAConfig(**{"target_modules": ["q_proj"], "lora_bias": True, **kw})
+
+
+def test_lora_bias_on_an_embedding_is_refused_naming_it():
+    model = nn.Sequential(nn.Embedding(10, 4))
+    with pytest.raises(AdapterConfigError, match=r"lora_bias=True is not supported on the Embedding '0'"):
+        la.inject(model, la.LoRAConfig(target_modules=["0"], lora_bias=True))
+    assert not list(la.core.inject.find_records(model))
