@@ -121,7 +121,9 @@ LORA_FIELDS: dict[str, PeftField] = {
     "bias": _BIAS,
     "use_rslora": _s("use_rslora"),
     "init_lora_weights": _s(
-        "init_weights; 'mica' is refused: MiCA trains lora_A only, and loading it as LoRA would train lora_B too",
+        "init_weights ('pissa'/'olora' recomputed on load, 'corda' refused naming the fix, inits that only shape "
+        "the saved tensors load as plain LoRA); 'mica' is refused: MiCA trains lora_A only, and loading it as LoRA "
+        "would train lora_B too",
         refused_values=(_MICA,),
     ),
     "rank_pattern": _s("rank_pattern"),
