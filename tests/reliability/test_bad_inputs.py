@@ -22,7 +22,15 @@ from torch import nn
 
 import lightning_adapters as la
 from tests.helpers import SmallCNN, Wrap, tiny_bert, tiny_gpt2, tiny_llama
-from tests.reliability import rows_i14lit, rows_i15files, rows_i15models, rows_i15red, rows_i15state, rows_i18init
+from tests.reliability import (
+    rows_i14lit,
+    rows_i15files,
+    rows_i15models,
+    rows_i15red,
+    rows_i15state,
+    rows_i18init,
+    rows_i18io,
+)
 
 DOC = Path(__file__).resolve().parents[2] / "docs" / "BAD_INPUTS.md"
 
@@ -212,9 +220,9 @@ ENGINE_ROWS = [
     Row(
         "peft-unsupported-option",
         tiny_llama,
-        _peft_dir(tiny_llama, "LoRAConfig", _edit_json(bias="all"), target_modules=["q_proj"]),
+        _peft_dir(tiny_llama, "LoRAConfig", _edit_json(layer_replication=[[0, 2]]), target_modules=["q_proj"]),
         la.AdapterConfigError,
-        r"bias='all'",
+        r"option layer_replication=\[\[0, 2\]\] is not supported",
     ),
     Row(
         "peft-missing-tensor",
@@ -599,6 +607,7 @@ ROWS += rows_i15state.rows(Row, _snapshot_into)
 ROWS += rows_i14lit.rows(sys.modules[__name__])
 ROWS += rows_i18init.rows(Row)
 ROWS += rows_i15red.rows(Row, _snapshot_into)
+ROWS += rows_i18io.rows(Row)
 
 
 @pytest.mark.parametrize("row", [pytest.param(r, id=r.id) for r in ROWS])
