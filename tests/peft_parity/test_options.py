@@ -721,3 +721,29 @@ def test_lora_bias_on_an_embedding_is_refused_naming_it():
     with pytest.raises(AdapterConfigError, match=r"lora_bias=True is not supported on the Embedding '0'"):
         la.inject(model, la.LoRAConfig(target_modules=["0"], lora_bias=True))
     assert not list(la.core.inject.find_records(model))
+
+
+def test_lightning_checkpoint_carries_the_trained_biases(tmp_path):
+    from tests.lightning.models import BoringMLP, mlp_data, trainer
+
+    model = BoringMLP(optimizer="sgd")
+    enc_bias, head = model.encoder[0].bias.detach().clone(), model.head.bias.detach().clone()
+    cfg = la.LoRAConfig(r=4, target_modules=["encoder.0", "encoder.2", "encoder.4"], bias="lora_only")
+    t = trainer(callbacks=[la.AdapterCallback(cfg, verbose=False)])
+    t.fit(model, mlp_data())
+    assert not torch.equal(model.encoder[0].bias, enc_bias)
+    assert torch.equal(model.head.bias, head)  # not an adapted module: frozen
+    t.save_checkpoint(tmp_path / "c.ckpt")
+    sd = torch.load(tmp_path / "c.ckpt", weights_only=False)["state_dict"]
+    assert {"encoder.0.bias", "encoder.2.bias", "encoder.4.bias"} <= set(sd)
+    assert not {"head.bias", "encoder.0.weight", "head.weight"} & set(sd)
+    restored = la.restore_from_checkpoint(BoringMLP(optimizer="sgd"), tmp_path / "c.ckpt").eval()
+    x = torch.randn(3, 256, generator=torch.Generator().manual_seed(0))
+    torch.testing.assert_close(restored(x), model.eval()(x))
+
+
+@pytest.mark.parametrize("field", sorted({f for t, f in REFUSED_CASES}))
+def test_refused_field_passed_to_our_config_is_named(field):
+    cls = la.AdaLoRAConfig if field in ("use_dora", "loftq_config") else la.LoRAConfig
+    with pytest.raises(TypeError, match=rf"unexpected keyword argument '{field}'"):
+        cls(target_modules=["q_proj"], **{field: REFUSED_EXAMPLES[field]})
