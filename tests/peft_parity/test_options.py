@@ -742,8 +742,8 @@ def test_lightning_checkpoint_carries_the_trained_biases(tmp_path):
     torch.testing.assert_close(restored(x), model.eval()(x))
 
 
-@pytest.mark.parametrize("field", sorted({f for t, f in REFUSED_CASES}))
-def test_refused_field_passed_to_our_config_is_named(field):
-    cls = la.AdaLoRAConfig if field in ("use_dora", "loftq_config") else la.LoRAConfig
+@pytest.mark.parametrize(("peft_type", "field"), REFUSED_CASES, ids=[f"{t}-{f}" for t, f in REFUSED_CASES])
+def test_refused_field_passed_to_our_config_is_named(peft_type, field):
+    cls = {"LORA": la.LoRAConfig, "ADALORA": la.AdaLoRAConfig}[peft_type]
     with pytest.raises(TypeError, match=rf"unexpected keyword argument '{field}'"):
         cls(target_modules=["q_proj"], **{field: REFUSED_EXAMPLES[field]})
