@@ -887,6 +887,11 @@ def _from_peft(d: dict[str, Any]) -> LoRAConfig:
 def _create_layer(base: nn.Module, config: LoRAConfig, name: str) -> AdapterLayer:
     """A ``LoRALayer``, or for ``nn.MultiheadAttention`` the layer adapting its two projection weights."""
     if isinstance(base, nn.MultiheadAttention):
+        if config.lora_bias:
+            raise AdapterConfigError(
+                f"lora: lora_bias=True is not supported on the nn.MultiheadAttention {name!r} (PEFT refuses it too); "
+                f"use lora_bias=False or exclude_modules=[{name!r}]"
+            )
         return lora_mha.LoRAMultiheadAttentionLayer(base, config, name, lora_scale)
     return LoRALayer(base, config, name)
 

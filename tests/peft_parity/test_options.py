@@ -716,9 +716,12 @@ def test_bad_lora_bias_is_refused_naming_it(kw, message):
         la.LoRAConfig(**{"target_modules": ["q_proj"], "lora_bias": True, **kw})
 
 
-def test_lora_bias_on_an_embedding_is_refused_naming_it():
-    model = nn.Sequential(nn.Embedding(10, 4))
-    with pytest.raises(AdapterConfigError, match=r"lora_bias=True is not supported on the Embedding '0'"):
+@pytest.mark.parametrize(
+    ("layer", "kind"), [(lambda: nn.Embedding(10, 4), "Embedding"), (lambda: nn.MultiheadAttention(4, 2), "nn.Multi")]
+)
+def test_lora_bias_on_an_embedding_or_attention_is_refused_naming_it(layer, kind):
+    model = nn.Sequential(layer())
+    with pytest.raises(AdapterConfigError, match=rf"lora_bias=True is not supported on the {kind}.* '0'"):
         la.inject(model, la.LoRAConfig(target_modules=["0"], lora_bias=True))
     assert not list(la.core.inject.find_records(model))
 
