@@ -35,7 +35,7 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
-from lightning_adapters.errors import AdapterConfigError
+from lightning_adapters.errors import AdapterConfigError, AdapterStateError
 
 LOCK_SUFFIX = ".lock"
 OLD_SUFFIX = ".old"
@@ -67,6 +67,14 @@ def target_directory(directory: str | os.PathLike, what: str) -> Path:
     path = Path(os.path.realpath(raw))
     if path.parent == path:
         raise AdapterConfigError(f"{what}: directory {raw!r} is the file-system root; pass a sub-directory")
+    # The staging sibling ".<name>.new-<8 hex>" must fit the file system's limit on a name (255 bytes on most).
+    longest = len(os.fsencode(sibling(path, NEW_INFIX + "0" * 8).name))
+    if longest > 255:
+        raise AdapterConfigError(
+            f"{what}: directory name {path.name[:40]!r}... is {len(os.fsencode(path.name))} bytes long; the "
+            f"directory is staged beside it as '.<name>{NEW_INFIX}xxxxxxxx', which needs a name of at most "
+            f"{255 - (longest - len(os.fsencode(path.name)))} bytes; pass a shorter name"
+        )
     if path.exists() and not path.is_dir():
         raise AdapterConfigError(f"{what}: {raw!r} exists and is not a directory; pass a directory path")
     cwd = Path.cwd().resolve()
@@ -109,7 +117,13 @@ def directory_lock(directory: Path, *, shared: bool) -> Iterator[None]:
             yield
             return
     else:
-        fd = os.open(lock, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o666)
+        try:
+            fd = os.open(lock, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o666)
+        except IsADirectoryError:
+            raise AdapterConfigError(
+                f"{str(lock)!r} is a directory, where writers of {str(directory)!r} keep their lock file; remove it "
+                "or write to another directory"
+            ) from None
     try:
         fcntl.flock(fd, fcntl.LOCK_SH if shared else fcntl.LOCK_EX)
         yield
@@ -257,6 +271,9 @@ def replace_directory(target: Path, fill: Callable[[Path], None], *, owned: Call
 def read_files(directory: str | os.PathLike, names: tuple[str, ...]) -> dict[str, bytes | None]:
     """The bytes of the files ``names`` of one version of ``directory`` (None for a missing or non-regular one).
 
+    Raises:
+        AdapterStateError: A file that exists but cannot be opened (a symlink loop, no read permission).
+
     Reads under the shared lock, and through one descriptor of the directory, so every file comes from the
     same directory even where no lock file exists yet (a swap then makes a read fail, never mix versions).
     """
@@ -275,8 +292,14 @@ def read_files(directory: str | os.PathLike, names: tuple[str, ...]) -> dict[str
                 except FileNotFoundError:
                     out[name] = None
                     continue
+                except OSError as err:  # a symlink loop, no read permission, ...
+                    raise AdapterStateError(f"{src / name} cannot be opened ({err.strerror})") from err
+                if not stat.S_ISREG(os.fstat(fd).st_mode):  # a directory opens too, but fdopen(..., "rb") refuses it
+                    os.close(fd)
+                    out[name] = None
+                    continue
                 with os.fdopen(fd, "rb") as f:
-                    out[name] = f.read() if stat.S_ISREG(os.fstat(f.fileno()).st_mode) else None
+                    out[name] = f.read()
         finally:
             os.close(dir_fd)
     return out

@@ -18,7 +18,7 @@ import torch
 from torch import nn
 
 from lightning_adapters.core.files import read_files, replace_directory, target_directory, write_file
-from lightning_adapters.core.inject import adapted_modules, eject, find_records, inject, trained_biases
+from lightning_adapters.core.inject import adapted_modules, check_module, eject, find_records, inject, trained_biases
 from lightning_adapters.core.state import value_problem
 from lightning_adapters.errors import AdapterConfigError, AdapterStateError
 from lightning_adapters.interop.peft_fields import check_peft_fields
@@ -251,6 +251,11 @@ def read_peft_dir(directory: str | os.PathLike) -> tuple[dict[str, Any], dict[st
     from safetensors import SafetensorError
     from safetensors.torch import load
 
+    if not isinstance(directory, (str, os.PathLike)) or not str(os.fspath(directory)).strip():
+        raise AdapterConfigError(
+            f"load_peft: directory must be the path of a PEFT adapter directory (a non-empty str or os.PathLike), "
+            f"got {directory!r}"
+        )
     directory = Path(directory)
     cfg_path, w_path = directory / CONFIG_NAME, directory / WEIGHTS_NAME
     raw = read_files(directory, (CONFIG_NAME, WEIGHTS_NAME))
@@ -261,13 +266,14 @@ def read_peft_dir(directory: str | os.PathLike) -> tuple[dict[str, Any], dict[st
         pickled = raw[PICKLE_WEIGHTS_NAME] is not None
         w_path = directory / PICKLE_WEIGHTS_NAME if pickled else w_path
     config_raw = raw[CONFIG_NAME]
-    weights_raw = raw[PICKLE_WEIGHTS_NAME if pickled else WEIGHTS_NAME]
+    # The second read (pickle fallback) holds no entry for the safetensors name.
+    weights_raw = raw.get(PICKLE_WEIGHTS_NAME if pickled else WEIGHTS_NAME)
     if config_raw is None:
         raise AdapterStateError(f"{cfg_path} does not exist; a PEFT adapter directory holds {CONFIG_NAME}")
     if weights_raw is None:
         raise AdapterStateError(
-            f"{w_path} does not exist (nor {PICKLE_WEIGHTS_NAME}); a PEFT adapter directory holds its weights in "
-            f"{WEIGHTS_NAME} or {PICKLE_WEIGHTS_NAME}"
+            f"{w_path} does not exist as a file (nor {PICKLE_WEIGHTS_NAME}); a PEFT adapter directory holds its "
+            f"weights in {WEIGHTS_NAME} or {PICKLE_WEIGHTS_NAME}"
         )
     try:
         config = json.loads(config_raw.decode("utf-8"))
@@ -413,8 +419,10 @@ def load_peft(model: nn.Module, directory: str | os.PathLike, *, check_finite: b
     Raises:
         AdapterStateError: Unreadable directory, missing / unexpected / mis-shaped tensors, non-floating tensors,
             or (``check_finite``) non-finite values.
-        AdapterConfigError: An unknown or unsupported ``peft_type`` or PEFT option.
+        AdapterConfigError: An unknown or unsupported ``peft_type`` or PEFT option, or ``directory`` not a path.
+        AdapterTypeError: ``model`` is not an ``nn.Module``.
     """
+    check_module(model, "load_peft")
     config_dict, tensors = read_peft_dir(directory)
     spec = get_method_by_peft_type(config_dict["peft_type"])
     check_peft_fields(Path(directory) / CONFIG_NAME, config_dict)

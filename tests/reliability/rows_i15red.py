@@ -8,6 +8,7 @@ refused call: the injected model is what must stay unchanged.
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable
 
 import torch
@@ -60,6 +61,46 @@ def _peft_file(edit: Callable[[torch.Tensor], torch.Tensor], cfg: Callable[[], l
     return action
 
 
+def _lora_dir(tmp, edit: Callable | None = None):
+    """A good LoRA adapter of ``nn.Sequential(nn.Linear(4, 4))`` in ``tmp/a``, then ``edit(dir)``."""
+    src = tmp / "a"
+    la.save_peft(la.inject(_linear(), la.LoRAConfig(r=2, target_modules=["0"])), src)
+    if edit is not None:
+        edit(src)
+    return src
+
+
+def _linear() -> nn.Module:
+    return nn.Sequential(nn.Linear(4, 4))
+
+
+def _weights_replaced(by: Callable) -> Callable:
+    def edit(src):
+        os.remove(src / "adapter_model.safetensors")
+        by(src / "adapter_model.safetensors")
+
+    return edit
+
+
+def _config_loop(src) -> None:
+    os.remove(src / "adapter_config.json")
+    os.symlink(src / "adapter_config.json", src / "adapter_config.json")
+
+
+def _lock_is_directory(m, tmp):
+    (tmp / ".a.lock").mkdir()
+    return la.save_peft(la.inject(_linear(), la.LoRAConfig(r=2, target_modules=["0"])), tmp / "a")
+
+
+def _long_name(snapshot_into: Callable) -> Callable:
+    def action(m, tmp):
+        la.inject(m, la.LoRAConfig(r=2, target_modules=["0"]))
+        snapshot_into(m)
+        return la.save_peft(m, tmp / ("x" * 250))
+
+    return action
+
+
 def rows(Row: type, snapshot_into: Callable) -> list:  # noqa: N803 - the Row class of test_bad_inputs
     """The rows, as ``Row`` instances."""
     s = snapshot_into
@@ -93,5 +134,54 @@ def rows(Row: type, snapshot_into: Callable) -> list:  # noqa: N803 - the Row cl
             ),
             la.AdapterStateError,
             r"oft_R.weight: \d+ values overflow to inf as float32.*check_finite=False",
+        ),
+        Row(
+            "peft-weights-file-missing",
+            _linear,
+            lambda m, tmp: la.load_peft(m, _lora_dir(tmp, _weights_replaced(lambda p: None))),
+            la.AdapterStateError,
+            r"a/adapter_model.safetensors does not exist as a file \(nor adapter_model.bin\)",
+        ),
+        Row(
+            "peft-weights-path-is-a-directory",
+            _linear,
+            lambda m, tmp: la.load_peft(m, _lora_dir(tmp, _weights_replaced(os.mkdir))),
+            la.AdapterStateError,
+            r"a/adapter_model.safetensors does not exist as a file",
+        ),
+        Row(
+            "peft-config-symlink-loop",
+            _linear,
+            lambda m, tmp: la.load_peft(m, _lora_dir(tmp, _config_loop)),
+            la.AdapterStateError,
+            r"a/adapter_config.json cannot be opened \(Too many levels of symbolic links\)",
+        ),
+        Row(
+            "load-peft-directory-none",
+            _linear,
+            lambda m, tmp: la.load_peft(m, None),
+            la.AdapterConfigError,
+            r"load_peft: directory must be the path of a PEFT adapter directory .*got None",
+        ),
+        Row(
+            "load-peft-model-none",
+            None,
+            lambda m, tmp: la.load_peft(None, _lora_dir(tmp)),
+            la.AdapterTypeError,
+            r"load_peft: model must be a torch.nn.Module instance, got NoneType",
+        ),
+        Row(
+            "save-peft-lock-path-is-a-directory",
+            None,
+            _lock_is_directory,
+            la.AdapterConfigError,
+            r"\.a\.lock' is a directory, where writers of .*a' keep their lock file",
+        ),
+        Row(
+            "save-peft-name-too-long-to-stage",
+            _linear,
+            _long_name(s),
+            la.AdapterConfigError,
+            r"is 250 bytes long; the directory is staged beside it .*at most 241 bytes",
         ),
     ]
