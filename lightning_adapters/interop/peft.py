@@ -432,6 +432,7 @@ def load_peft(model: nn.Module, directory: str | os.PathLike, *, check_finite: b
         config, tensors = spec.prepare_peft_load(config, config_dict, tensors)
     if find_records(model):
         raise AdapterConfigError("model already has adapters; eject them before load_peft")
+    _check_not_a_sub_module(model, directory, tensors)
     inject(model, config)
     try:
         _load_tensors(model, tensors, spec, check_finite)
@@ -439,6 +440,34 @@ def load_peft(model: nn.Module, directory: str | os.PathLike, *, check_finite: b
         eject(model)
         raise
     return model
+
+
+def _check_not_a_sub_module(model: nn.Module, directory: str | os.PathLike, tensors: dict[str, torch.Tensor]) -> None:
+    """Refuse a file written from a larger model that holds ``model`` as one of its sub-modules.
+
+    E.g. the training app's export is keyed by its task module (``backbone.encoder...``, ``head.weight``): on the bare
+    encoder no key names one of its modules, while every key under ``backbone.`` does once that prefix is removed.
+    """
+    names = [n for n, _ in model.named_modules() if n]
+
+    def fits(key: str) -> bool:
+        return any(key.startswith(n + ".") for n in names)
+
+    if not names or any(fits(k) for k in tensors):
+        return
+    for outer in sorted({k.split(".", 1)[0] for k in tensors if "." in k}):
+        inner = [k[len(outer) + 1 :] for k in tensors if k.startswith(outer + ".")]
+        if all(fits(k) for k in inner):
+            beside = sorted({k.split(".", 1)[0] for k in tensors if not k.startswith(outer + ".")})
+            raise AdapterStateError(
+                f"{directory} was saved from a model that holds this {type(model).__name__} as its sub-module "
+                f"{outer!r} (its keys start with '{outer}.'"
+                + (f", and it also holds {beside} beside it" if beside else "")
+                + "), so none of its keys fit this model. Load it onto that larger model (for the training app's "
+                "export, lightning_adapters.app.load_task(run)); for this model alone, restore the Lightning "
+                f"checkpoint onto it with la.restore_from_checkpoint(model, ckpt, module={outer!r}) and save_peft "
+                "that"
+            )
 
 
 def _check_values(

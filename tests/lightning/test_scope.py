@@ -271,3 +271,18 @@ def test_restore_builds_a_head_that_only_configure_model_creates(tmp_path):
     assert {"head.weight", "head.bias"} <= set(torch.load(tmp_path / "c.ckpt", weights_only=True)["state_dict"])
     restored = la.restore_from_checkpoint(HeadInConfigureModel(), tmp_path / "c.ckpt")
     torch.testing.assert_close(predictions(restored), predictions(model), atol=0, rtol=0)
+
+
+@pytest.mark.parametrize("modules_to_save", [["head"], None])
+def test_an_export_of_the_whole_module_loaded_onto_its_sub_module_names_the_sub_module(modules_to_save, tmp_path):
+    # The app's case: adapter injected into the whole LightningModule, exported, then loaded onto the bare encoder.
+    # Before: 'modules_to_save entries ['head'] match no module', or missing/unexpected keys "check the architecture".
+    config = lora(target_modules=["encoder.0", "encoder.2"], modules_to_save=modules_to_save)
+    cb = la.AdapterCallback(config, export_peft_dir=tmp_path / "peft", verbose=False)
+    trainer(max_steps=1, callbacks=[cb]).fit(BoringMLP(), mlp_data())
+    encoder = BoringMLP().encoder
+    before = {k: v.clone() for k, v in encoder.state_dict().items()}
+    with pytest.raises(AdapterStateError, match=r"sub-module 'encoder'.*module='encoder'"):
+        la.load_peft(encoder, tmp_path / "peft")
+    assert not find_records(encoder)
+    assert all(torch.equal(encoder.state_dict()[k], v) for k, v in before.items())
