@@ -165,7 +165,10 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("sweep_dir", help="a multirun directory, e.g. logs/train/multiruns/<date_time>")
     parser.add_argument("--out", default=None, help="where to write the table and plot (default: sweep_dir)")
     args = parser.parse_args(argv)
-    paths = write_outputs(args.sweep_dir, args.out)
+    try:
+        paths = write_outputs(args.sweep_dir, args.out)
+    except FileNotFoundError as err:  # a wrong path is a usage error: one line, no traceback
+        parser.error(str(err))
     print(paths["md"].read_text())
     print("wrote " + ", ".join(str(p) for p in paths.values()))
     failed = sum(r["status"] == "failed" for r in collect(args.sweep_dir))

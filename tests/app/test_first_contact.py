@@ -13,6 +13,7 @@ import pytest
 import torch
 from hydra.errors import ConfigCompositionException
 
+from experiments.collect_sweep import main as collect_sweep_main
 from experiments.collect_sweep import write_outputs
 from lightning_adapters.errors import AdapterConfigError
 from lightning_adapters.train import build
@@ -269,3 +270,13 @@ def test_load_task_rebuilds_the_runs_initial_model_without_touching_the_global_r
         assert torch.equal(a, b), name
     with pytest.raises(FileNotFoundError, match="training-app run"):
         load_task(tmp_path / "nowhere")
+
+
+def test_collect_sweep_on_a_path_that_is_not_a_sweep_says_so_in_one_line(tmp_path: Path, capsys) -> None:
+    (tmp_path / "multirun.yaml").write_text("hydra: {}\n")
+    for wrong in (tmp_path / "multirun.yaml", tmp_path / "missing"):
+        with pytest.raises(SystemExit) as exit_info:
+            collect_sweep_main([str(wrong)])
+        assert exit_info.value.code == 2
+        err = capsys.readouterr().err
+        assert "no summary.json below" in err and str(wrong) in err and "Traceback" not in err
