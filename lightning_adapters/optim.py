@@ -60,6 +60,8 @@ def loraplus_param_groups(
             b = getattr(layer, b_name, None)
             if isinstance(b, nn.Parameter):
                 b_ids.add(id(b))
+            elif isinstance(b, nn.ParameterDict):  # LoRA on target_parameters: one B per parameter
+                b_ids.update(id(v) for v in b.values())
         if getattr(layer, "kind", None) == "embedding":
             embedding_ids.update({id(layer.lora_B), id(layer.lora_A)})
     no_decay = _no_decay_ids(model)

@@ -105,6 +105,8 @@ def resolve_targets(
         TargetError: Nothing matched; the message shows the closest module names.
     """
     skip = skip or set()
+    if isinstance(target_modules, list) and not target_modules:
+        return []  # a config that adapts only what its method adds itself (LoRA's target_parameters)
     if target_modules is None:
         model_type = getattr(getattr(model, "config", None), "model_type", None)
         table = default_targets if default_targets is not None else DEFAULT_TARGETS

@@ -134,6 +134,7 @@ LORA_FIELDS: dict[str, PeftField] = {
     "trainable_token_indices": _s(
         "trainable_token_indices (only those embedding rows train; a head tied to the embedding shares them)"
     ),
+    "target_parameters": _s("target_parameters (LoRA per expert on fused 3-D MoE weights, or on 2-D parameters)"),
 }
 
 ADALORA_FIELDS: dict[str, PeftField] = {

@@ -56,7 +56,7 @@ from lightning_adapters.config import (
 from lightning_adapters.core.layer import AdapterLayer
 from lightning_adapters.core.targeting import LINEAR_TYPES
 from lightning_adapters.errors import AdapterConfigError, AdapterStateError, NotMergeableError
-from lightning_adapters.methods import lora_data, lora_init, lora_mha, trainable_tokens
+from lightning_adapters.methods import lora_data, lora_init, lora_mha, lora_params, trainable_tokens
 from lightning_adapters.methods._common import (
     check_finite,
     check_rank,
@@ -107,6 +107,9 @@ class LoRAConfig(AdapterConfig):
         lora_bias: A trainable bias on ``lora_B`` (PEFT's ``lora_bias``), added to the base bias by ``merge`` (so a
             base layer without a bias cannot merge). Not with DoRA, Embedding or an ``init_weights`` other than
             True/False (as PEFT).
+        target_parameters: ``nn.Parameter``s adapted besides ``target_modules``, as ``"<module>.<parameter>"``
+            suffixes, e.g. ``["experts.gate_up_proj", "experts.down_proj"]`` for the fused 3-D expert weights of
+            transformers MoE blocks (one LoRA per expert; see ``methods.lora_params``).
     """
 
     r: int = 8
@@ -123,8 +126,14 @@ class LoRAConfig(AdapterConfig):
     trainable_token_indices: Any = None
     bias: str = "none"
     lora_bias: bool = False
+    target_parameters: Any = None
 
     def __post_init__(self) -> None:
+        # target_modules=[] is valid only when target_parameters names what to adapt (as in PEFT).
+        only_params = isinstance(self.target_modules, (list, tuple)) and not self.target_modules
+        only_params = only_params and bool(self.target_parameters)
+        if only_params:
+            self.target_modules = None
         super().__post_init__()
         check_choice(self.bias, "bias", "lora", ("none", "all", "lora_only"))
         check_choice(self.lora_bias, "lora_bias", "lora", (False, True))
@@ -134,11 +143,16 @@ class LoRAConfig(AdapterConfig):
             raise AdapterConfigError(
                 f"lora: lora_bias=True needs init_weights True or False (as in PEFT), got {self.init_weights!r}"
             )
+        if only_params:
+            self.target_modules = []
         check_positive_int(self.r, "r", "lora")
         check_positive_float(self.alpha, "alpha", "lora")
         check_probability(self.dropout, "dropout", "lora")
         lora_init.check_init_weights(self.init_weights)
         trainable_tokens.check_indices(self.trainable_token_indices, "lora")
+        lora_params.check_target_parameters(self.target_parameters)
+        if self.target_parameters is not None:
+            self.target_parameters = list(self.target_parameters)
         if isinstance(self.trainable_token_indices, dict):
             self.trainable_token_indices = {k: list(v) for k, v in self.trainable_token_indices.items()}
         elif self.trainable_token_indices is not None:
@@ -843,12 +857,12 @@ def _to_peft(cfg: LoRAConfig) -> dict[str, Any]:
         "fan_in_fan_out": False,
         "lora_bias": cfg.lora_bias,
         "trainable_token_indices": cfg.trainable_token_indices,
+        "target_parameters": cfg.target_parameters,
     }
 
 
 _UNSUPPORTED_PEFT_LORA = {
     "layer_replication": None,
-    "target_parameters": None,
     "alora_invocation_tokens": None,
     "use_qalora": False,
     "use_bdlora": None,
@@ -878,6 +892,7 @@ def _from_peft(d: dict[str, Any]) -> LoRAConfig:
         bias=peft_bias(d, "lora_only"),
         lora_bias=d.get("lora_bias", False),
         **peft_layer_selection(d),
+        target_parameters=d.get("target_parameters") or None,
         target_modules=d.get("target_modules"),
         exclude_modules=d.get("exclude_modules"),
         modules_to_save=d.get("modules_to_save"),
@@ -894,6 +909,16 @@ def _create_layer(base: nn.Module, config: LoRAConfig, name: str) -> AdapterLaye
             )
         return lora_mha.LoRAMultiheadAttentionLayer(base, config, name, lora_scale)
     return LoRALayer(base, config, name)
+
+
+def _extra_layers(model: nn.Module, config: LoRAConfig, targets: list[str]) -> dict[str, AdapterLayer]:
+    """Layers besides the targets: trainable-token rows and LoRA on ``target_parameters``."""
+    tokens = trainable_tokens.token_layers(model, config, targets)
+    params = lora_params.param_layers(model, config, targets, lora_scale)
+    both = sorted(set(tokens) & set(params))
+    if both:
+        raise AdapterConfigError(f"lora: {both} are in trainable_token_indices and target_parameters; choose one")
+    return {**tokens, **params}
 
 
 def _prepare_peft_load(
@@ -927,6 +952,6 @@ SPEC = register(
         config_to_peft=_to_peft,
         config_from_peft=_from_peft,
         prepare_peft_load=_prepare_peft_load,
-        extra_layers=trainable_tokens.token_layers,
+        extra_layers=_extra_layers,
     )
 )

@@ -62,6 +62,11 @@ class LoRAMultiheadAttentionLayer(AdapterLayer):
                 f"lora: use_dora=True on the nn.MultiheadAttention {name!r} is not supported (PEFT refuses it too); "
                 f"use use_dora=False or exclude_modules=[{name!r}]"
             )
+        if getattr(config, "lora_bias", False):
+            raise AdapterConfigError(
+                f"lora: lora_bias=True on the nn.MultiheadAttention {name!r} is not supported (its projections are "
+                f"merged into the weights for every call); use lora_bias=False or exclude_modules=[{name!r}]"
+            )
         if config.init_weights not in (True, False, "gaussian"):
             raise AdapterConfigError(
                 f"lora: init_weights={config.init_weights!r} is not available on the nn.MultiheadAttention {name!r}; "

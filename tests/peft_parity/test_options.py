@@ -172,6 +172,7 @@ DEDICATED = {
     ("ADAPTION_PROMPT", "adapter_len"): _LLAMA_ADAPTER_PARITY,
     ("ADAPTION_PROMPT", "adapter_layers"): _LLAMA_ADAPTER_PARITY,
     ("LORA", "trainable_token_indices"): "tests/peft_parity/test_trainable_tokens.py::test_peft_to_ours_to_peft",
+    ("LORA", "target_parameters"): "tests/peft_parity/test_lora_target_parameters.py::test_moe_experts_both_ways",
 }
 
 # Non-default values of ignored fields, written into a PEFT file by hand (JSON values).
