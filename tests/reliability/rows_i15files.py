@@ -159,7 +159,8 @@ def _grouped() -> nn.Module:
 
 
 def _cross_group_file(m, tmp):
-    """A PEFT-style grouped-conv file whose ungrouped lora_A has weights across groups."""
+    """A PEFT-style grouped-conv file whose ungrouped lora_A has weights across groups: it loads (PEFT's layout,
+    ``grouped_conv_layout='peft'``), and merging it is refused before anything changes."""
     from safetensors.torch import load_file, save_file
 
     src = tmp / "src"
@@ -167,7 +168,12 @@ def _cross_group_file(m, tmp):
     t = load_file(src / "adapter_model.safetensors")
     t["base_model.model.conv.lora_A.weight"].fill_(0.5)  # (4, 8, 3, 3): every row reads every group
     save_file(t, src / "adapter_model.safetensors")
-    return _leaves_files_alone(tmp, lambda: la.load_peft(m, src))
+    loaded = la.load_peft(_grouped(), src)
+    before = {k: v.clone() for k, v in loaded.state_dict().items()}
+    try:
+        return _leaves_files_alone(tmp, lambda: la.merge(loaded))
+    finally:
+        assert all(torch.equal(v, loaded.state_dict()[k]) for k, v in before.items())
 
 
 def _grouped_dora_save(m, tmp):
@@ -339,8 +345,8 @@ def rows(Row: type) -> list:  # noqa: N803 - the Row class of test_bad_inputs
             "peft-grouped-conv-cross-group",
             _grouped,
             _cross_group_file,
-            la.AdapterStateError,
-            r"module 'conv': lora_A.weight mixes input channels across the conv's 4 groups",
+            la.NotMergeableError,
+            r"on 'conv' is not mergeable: its LoRA uses PEFT's grouped-conv layout \(grouped_conv_layout='peft'",
         ),
         Row(
             "save-peft-grouped-conv-dora",
