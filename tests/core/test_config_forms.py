@@ -279,3 +279,8 @@ def test_llama_adapter_state_is_exactly_its_prompts_and_gates() -> None:
 def test_state_functions_name_themselves_for_a_non_module(call, name) -> None:
     with pytest.raises(la.AdapterError, match=rf"^{name}: model must be a torch.nn.Module instance, got dict"):
         call({"fc.weight": torch.zeros(1)})
+
+
+def test_adapter_state_of_a_model_without_adapters_says_what_to_do() -> None:
+    with pytest.raises(la.AdapterStateError, match=r"^model has no adapters; call lightning_adapters\.inject\(model"):
+        la.adapter_state_dict(_model())
