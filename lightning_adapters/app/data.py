@@ -26,14 +26,22 @@ class ByteTokenizer:
     """Tokenizer with no vocabulary file: UTF-8 bytes shifted by one, id 0 is padding (``vocab_size`` 257).
 
     Used with the randomly initialised models built from a config (tiny Llama, text CNN), which have no
-    tokenizer of their own. Calls like a Hugging Face tokenizer for the arguments the data module passes.
+    tokenizer of their own. Calls like a Hugging Face tokenizer for the arguments the data module passes, and as
+    the README's inference code calls one (``tokenizer(words, padding=True, return_tensors="pt")``: no
+    ``max_length``, nothing cut).
     """
 
     vocab_size = 257
     pad_token_id = 0
 
     def __call__(
-        self, texts: list[str], *, max_length: int, padding: bool = True, truncation: bool = True, **_: Any
+        self,
+        texts: list[str],
+        *,
+        max_length: int | None = None,
+        padding: bool = True,
+        truncation: bool = True,
+        **_: Any,
     ) -> dict[str, torch.Tensor]:
         rows = [[b + 1 for b in t.encode("utf-8")][:max_length] for t in texts]
         width = max(1, max(len(r) for r in rows))

@@ -217,9 +217,11 @@ class AdapterRuntime:
         if target is None:
             if defer:
                 return False
+            children = [n for n, _ in pl_module.named_children()]
             raise AdapterConfigError(
                 f"AdapterCallback(module={self.options.module!r}): the LightningModule has no sub-module of that "
-                "name after configure_model; pass the attribute path of the model to adapt, e.g. module='model'"
+                f"name after configure_model; pass the attribute path of the model to adapt (its sub-modules: "
+                f"{children}), or module=None for the whole LightningModule"
             )
         try:
             self.inject_config, outside = scope.split_modules_to_save(pl_module, self.options.module or "", self.config)

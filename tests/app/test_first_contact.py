@@ -280,3 +280,13 @@ def test_collect_sweep_on_a_path_that_is_not_a_sweep_says_so_in_one_line(tmp_pat
         assert exit_info.value.code == 2
         err = capsys.readouterr().err
         assert "no summary.json below" in err and str(wrong) in err and "Traceback" not in err
+
+
+def test_the_byte_tokenizer_of_the_tiny_models_calls_like_the_readme_calls_a_tokenizer() -> None:
+    # README "Inference with what you trained": task.tokenizer(words, padding=True, return_tensors="pt").
+    from lightning_adapters.app.data import ByteTokenizer
+
+    batch = ByteTokenizer()(["ab", ":)!"], padding=True, return_tensors="pt")
+    assert batch["input_ids"].tolist() == [[ord("a") + 1, ord("b") + 1, 0], [ord(":") + 1, ord(")") + 1, ord("!") + 1]]
+    assert batch["attention_mask"].tolist() == [[1, 1, 0], [1, 1, 1]]
+    assert ByteTokenizer()(["abc"], max_length=2)["input_ids"].tolist() == [[ord("a") + 1, ord("b") + 1]]

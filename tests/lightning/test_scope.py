@@ -286,3 +286,9 @@ def test_an_export_of_the_whole_module_loaded_onto_its_sub_module_names_the_sub_
         la.load_peft(encoder, tmp_path / "peft")
     assert not find_records(encoder)
     assert all(torch.equal(encoder.state_dict()[k], v) for k, v in before.items())
+
+
+def test_a_misspelt_module_name_lists_the_sub_modules_there_are():
+    cb = la.AdapterCallback(lora(), module="encodr", verbose=False)
+    with pytest.raises(la.AdapterConfigError, match=r"module='encodr'.*sub-modules: \['encoder', 'head'\]"):
+        trainer(max_steps=1, callbacks=[cb]).fit(BoringMLP(), mlp_data())
