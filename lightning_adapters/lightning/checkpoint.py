@@ -113,11 +113,24 @@ def filter_checkpoint(checkpoint: dict[str, Any], pl_module: nn.Module, runtime:
     checkpoint[METADATA_KEY] = meta
 
 
-def _config_differences(saved: dict[str, Any], current: dict[str, Any]) -> list[str]:
+def _field_defaults(method: str) -> dict[str, Any]:
+    # The default of every field of the method's config (fields built by a factory included).
+    out = {}
+    for f in dataclasses.fields(get_method(method).config_cls):
+        if f.default is not dataclasses.MISSING:
+            out[f.name] = f.default
+        elif f.default_factory is not dataclasses.MISSING:
+            out[f.name] = f.default_factory()
+    return out
+
+
+def _config_differences(saved: dict[str, Any], current: dict[str, Any], defaults: dict[str, Any]) -> list[str]:
     # A field the current config leaves at None is filled at fit time (e.g. AdaLoRA's total_step): not a change.
+    # A field the saved config lacks was added to the library after the checkpoint was written, which then ran
+    # with its default (``_config_from_metadata`` rebuilds it the same way).
     diffs = []
     for name in sorted(set(saved) | set(current)):
-        now, then = current.get(name), saved.get(name)
+        now, then = current.get(name), saved.get(name, defaults.get(name))
         if now is not None and now != then:
             diffs.append(f"{name}: checkpoint {then!r}, now {now!r}")
     return diffs
@@ -191,7 +204,7 @@ def check_metadata(meta: dict[str, Any], method: str, config_dict: dict[str, Any
             f"the checkpoint holds a {meta.get('method')!r} adapter but this model uses {method!r}; resume with the "
             "config the checkpoint was trained with, or start a new run without ckpt_path"
         )
-    diffs = _config_differences(meta.get("config", {}), config_dict)
+    diffs = _config_differences(meta.get("config", {}), config_dict, _field_defaults(method))
     if diffs:
         raise AdapterStateError(
             f"the checkpoint was trained with a different {method} config ({'; '.join(diffs)}); resume with the "

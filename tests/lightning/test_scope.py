@@ -292,3 +292,26 @@ def test_a_misspelt_module_name_lists_the_sub_modules_there_are():
     cb = la.AdapterCallback(lora(), module="encodr", verbose=False)
     with pytest.raises(la.AdapterConfigError, match=r"module='encodr'.*sub-modules: \['encoder', 'head'\]"):
         trainer(max_steps=1, callbacks=[cb]).fit(BoringMLP(), mlp_data())
+
+
+def test_a_checkpoint_written_before_a_config_field_existed_restores_and_resumes(tmp_path):
+    # Fields added to LoRAConfig later (here lora_bias, bias) are absent from older checkpoints, which ran with
+    # their defaults; such a checkpoint was refused as "a different lora config (lora_bias: checkpoint None ...)".
+    model = BoringMLP()
+    t = trainer(max_steps=2, callbacks=[la.AdapterCallback(lora(), module="encoder", verbose=False)])
+    t.fit(model, mlp_data())
+    t.save_checkpoint(tmp_path / "new.ckpt")
+    old = torch.load(tmp_path / "new.ckpt", weights_only=True)
+    for field in ("lora_bias", "bias"):
+        del old["lightning_adapters"]["config"][field]
+    torch.save(old, tmp_path / "old.ckpt")
+
+    restored = la.restore_from_checkpoint(BoringMLP(), tmp_path / "old.ckpt")
+    torch.testing.assert_close(predictions(restored), predictions(model), atol=0, rtol=0)
+    trainer(max_steps=3, callbacks=[la.AdapterCallback(lora(), module="encoder", verbose=False)]).fit(
+        BoringMLP(), mlp_data(), ckpt_path=tmp_path / "old.ckpt"
+    )
+    # A value other than the default is still a different config.
+    changed = la.AdapterCallback(lora(lora_bias=True), module="encoder", verbose=False)
+    with pytest.raises(AdapterStateError, match=r"lora_bias: checkpoint False, now True"):
+        trainer(max_steps=3, callbacks=[changed]).fit(BoringMLP(), mlp_data(), ckpt_path=tmp_path / "old.ckpt")
