@@ -198,6 +198,10 @@ def inject(model: nn.Module, config: AdapterConfig) -> nn.Module:
     check_module(model, "inject")
     if not isinstance(config, AdapterConfig):
         raise AdapterTypeError(f"config must be an adapter config such as LoRAConfig(...), got {type(config).__name__}")
+    # Work on a validated copy: fields set after construction (cfg.r = 0) skipped __post_init__'s checks, and the
+    # record must keep describing the adapters really built when the caller edits their object later (cfg.r = 8).
+    config = copy.deepcopy(config)
+    config.__post_init__()
     spec = spec_for_config(config)
     existing = find_records(model)
     if existing:
@@ -259,9 +263,7 @@ def inject(model: nn.Module, config: AdapterConfig) -> nn.Module:
                 attach(modules[n], layer)
                 layer.apply_dtype(adapter_dtype_for(_base_dtype(modules[n]), config))
         record = InjectionRecord(
-            # A copy: the caller's object may be edited later (cfg.r = 8), and the record must keep describing
-            # the adapters really built, for save_peft, checkpoints and the same-config check above.
-            config=copy.deepcopy(config),
+            config=config,
             method=spec.name,
             targets=list(targets),
             modules_to_save=to_save,

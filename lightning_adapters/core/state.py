@@ -148,6 +148,13 @@ def load_adapter_state_dict(
             + "; ".join(problems)
             + ". Check that the state was saved from the same method config and base model"
         )
+    merged = [name for name, _, layer in adapted_modules(model) if layer.merged]
+    if merged:
+        raise AdapterStateError(
+            f"the adapters of {merged[:5]}{' ...' if len(merged) > 5 else ''} are merged into the base weights; "
+            "loading new values now would keep the old adapter in the base (and a later unmerge would subtract the "
+            "new one, corrupting the base). Call lightning_adapters.unmerge(model) first, load, then merge again"
+        )
     live = dict(model.named_parameters(remove_duplicate=False))
     live.update(dict(model.named_buffers(remove_duplicate=False)))
     targets = {k: live[k] for k in expected if k in state_dict and k in live}

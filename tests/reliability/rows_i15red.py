@@ -101,6 +101,31 @@ def _long_name(snapshot_into: Callable) -> Callable:
     return action
 
 
+def _load_while_merged(snapshot_into: Callable) -> Callable:
+    """New values loaded into a merged adapter: the base would keep the old ΔW and unmerge subtract the new."""
+
+    def action(m, tmp):
+        la.inject(m, la.OFTConfig(r=0, oft_block_size=4, target_modules=["q_proj"]))
+        sd = {k: v + 0.1 for k, v in la.adapter_state_dict(m).items()}
+        la.merge(m)
+        snapshot_into(m)
+        return la.load_adapter_state_dict(m, sd)
+
+    return action
+
+
+def _set_after(**fields) -> Callable:
+    """A config whose fields are set after construction, past ``__post_init__``'s checks."""
+
+    def action(m, tmp):
+        cfg = la.LoRAConfig(r=2, target_modules=["q_proj"])
+        for k, v in fields.items():
+            setattr(cfg, k, v)
+        return la.inject(m, cfg)
+
+    return action
+
+
 def rows(Row: type, snapshot_into: Callable) -> list:  # noqa: N803 - the Row class of test_bad_inputs
     """The rows, as ``Row`` instances."""
     s = snapshot_into
@@ -183,5 +208,27 @@ def rows(Row: type, snapshot_into: Callable) -> list:  # noqa: N803 - the Row cl
             _long_name(s),
             la.AdapterConfigError,
             r"is 250 bytes long; the directory is staged beside it .*at most 241 bytes",
+        ),
+        Row(
+            "load-state-while-merged",
+            tiny_llama,
+            _load_while_merged(s),
+            la.AdapterStateError,
+            r"the adapters of \['model.layers.0.self_attn.q_proj', .*are merged into the base weights.*"
+            r"lightning_adapters.unmerge\(model\) first",
+        ),
+        Row(
+            "config-rank-zero-set-after-construction",
+            tiny_llama,
+            _set_after(r=0),
+            la.AdapterConfigError,
+            r"lora: r must be an integer > 0, got 0",
+        ),
+        Row(
+            "config-dropout-set-after-construction",
+            tiny_llama,
+            _set_after(dropout=2.0),
+            la.AdapterConfigError,
+            r"lora: dropout must be in \[0, 1\), got 2.0",
         ),
     ]
