@@ -338,8 +338,8 @@ def _adapted_names(keys: Any) -> list[str]:
 
 
 def _needs_configure_model(model: nn.Module, sub: str, adapter_keys: Any, beside_keys: Any) -> bool:
-    # True when the modules the checkpoint adapted, or the tensors trained beside them (a head), do not exist yet:
-    # a model, or only its head, built in configure_model.
+    # True when the modules the checkpoint adapted, or the other tensors it saved (a head in modules_to_save or
+    # beside the adapted module), do not exist yet: a model, or only its head, built in configure_model.
     try:
         target = model.get_submodule(sub) if sub else model
     except AttributeError:
@@ -347,8 +347,11 @@ def _needs_configure_model(model: nn.Module, sub: str, adapter_keys: Any, beside
     names = {n for n, _ in target.named_modules()}
     if any(n not in names for n in _adapted_names(adapter_keys)):
         return True
+    # The other saved tensors (modules_to_save, trained biases) are plain tensors of the model.
     live = model.state_dict().keys()
-    return any(k not in live for k in beside_keys)
+    sub_prefix = f"{sub}." if sub else ""
+    saved = [sub_prefix + k for k in adapter_keys if f".{ADAPTER_ATTR}." not in k]
+    return any(k not in live for k in [*saved, *beside_keys])
 
 
 def _check_beside(model: nn.Module, beside: dict[str, torch.Tensor], where: str) -> None:

@@ -263,9 +263,12 @@ class HeadInConfigureModel(BoringMLP):
             self.head = torch.nn.Linear(256, 4)
 
 
-def test_restore_builds_a_head_that_only_configure_model_creates(tmp_path):
+@pytest.mark.parametrize("module", ["encoder", None])
+def test_restore_builds_a_head_that_only_configure_model_creates(module, tmp_path):
+    # module=None: the head is in modules_to_save, its tensors are saved with the adapter's.
+    config = lora() if module else lora(target_modules=["encoder.0", "encoder.2"], modules_to_save=["head"])
     model = HeadInConfigureModel()
-    t = trainer(max_steps=2, callbacks=[la.AdapterCallback(lora(), module="encoder", verbose=False)])
+    t = trainer(max_steps=2, callbacks=[la.AdapterCallback(config, module=module, verbose=False)])
     t.fit(model, mlp_data())
     t.save_checkpoint(tmp_path / "c.ckpt")
     assert {"head.weight", "head.bias"} <= set(torch.load(tmp_path / "c.ckpt", weights_only=True)["state_dict"])
