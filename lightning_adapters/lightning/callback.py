@@ -25,6 +25,7 @@ from lightning.pytorch import Callback, LightningModule, Trainer
 from typing_extensions import override
 
 from lightning_adapters.config import AdapterConfig
+from lightning_adapters.errors import AdapterTypeError
 from lightning_adapters.lightning import export, strategies
 from lightning_adapters.lightning.runtime import (
     AdapterOptions,
@@ -68,7 +69,7 @@ class AdapterCallback(Callback):
     ) -> None:
         super().__init__()
         if config is not None and not isinstance(config, (AdapterConfig, Mapping)):
-            raise TypeError(
+            raise AdapterTypeError(
                 "config must be an adapter config such as LoRAConfig(...) or a mapping such as "
                 f"{{'method': 'lora', 'r': 8}}, got {type(config).__name__}"
             )

@@ -231,4 +231,11 @@ def rows(Row: type, snapshot_into: Callable) -> list:  # noqa: N803 - the Row cl
             la.AdapterConfigError,
             r"lora: dropout must be in \[0, 1\), got 2.0",
         ),
+        Row(
+            "callback-config-not-a-config",
+            None,
+            lambda m, tmp: la.AdapterCallback(8),
+            la.AdapterTypeError,
+            r"config must be an adapter config such as LoRAConfig\(...\) or a mapping .*got int",
+        ),
     ]
