@@ -24,7 +24,7 @@ import torch
 from torch import nn
 
 from lightning_adapters.config import AdapterConfig
-from lightning_adapters.core.inject import eject, find_records, inject
+from lightning_adapters.core.inject import check_module, eject, find_records, inject
 from lightning_adapters.core.layer import ADAPTER_ATTR
 from lightning_adapters.core.state import base_fingerprint, load_adapter_state_dict
 from lightning_adapters.errors import AdapterConfigError, AdapterStateError
@@ -439,9 +439,17 @@ def restore_from_checkpoint(
     Raises:
         AdapterStateError: Not an adapter checkpoint (or unreadable or edited), a different base, keys that do not
             fit, or a ``module`` that does not hold the adapter.
+        AdapterConfigError: ``ckpt_path`` is not a path or ``module`` not a name.
+        AdapterTypeError: ``model`` is not an ``nn.Module``.
     """
     from lightning.pytorch import LightningModule
 
+    check_module(model, "restore_from_checkpoint")
+    if not isinstance(ckpt_path, (str, os.PathLike)) or not str(os.fspath(ckpt_path)).strip():
+        raise AdapterConfigError(
+            f"restore_from_checkpoint: ckpt_path must be the path of a .ckpt file (a non-empty str or os.PathLike), "
+            f"got {ckpt_path!r}"
+        )
     if module is not None and not isinstance(module, str):
         raise AdapterConfigError(f"module must be a dotted sub-module name such as 'model' or None, got {module!r}")
     where = str(ckpt_path)

@@ -238,4 +238,18 @@ def rows(Row: type, snapshot_into: Callable) -> list:  # noqa: N803 - the Row cl
             la.AdapterTypeError,
             r"config must be an adapter config such as LoRAConfig\(...\) or a mapping .*got int",
         ),
+        Row(
+            "restore-ckpt-path-none",
+            _linear,
+            lambda m, tmp: la.restore_from_checkpoint(m, None),
+            la.AdapterConfigError,
+            r"restore_from_checkpoint: ckpt_path must be the path of a .ckpt file .*got None",
+        ),
+        Row(
+            "restore-model-none",
+            None,
+            lambda m, tmp: la.restore_from_checkpoint(None, tmp / "run.ckpt"),
+            la.AdapterTypeError,
+            r"restore_from_checkpoint: model must be a torch.nn.Module instance, got NoneType",
+        ),
     ]
