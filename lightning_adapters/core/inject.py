@@ -118,6 +118,24 @@ class ModelSnapshot:
                 t.copy_(copy)
 
 
+def check_writable(layers: list[tuple[str, nn.Module, AdapterLayer]], what: str) -> None:
+    """Refuse base weights that are inference tensors while inference mode is off (they cannot change in place).
+
+    Raises:
+        AdapterStateError: Naming the first such weight and the two ways out.
+    """
+    if torch.is_inference_mode_enabled():
+        return
+    for name, base, _ in layers:
+        weight = base._parameters.get("weight")
+        if weight is not None and weight.is_inference():
+            raise AdapterStateError(
+                f"{what}: {name}.weight is an inference tensor (the model was built or loaded under "
+                f"torch.inference_mode()), which cannot be changed in place outside inference mode; call {what} "
+                f"inside `with torch.inference_mode():`, or build the model outside it"
+            )
+
+
 def get_record(model: nn.Module) -> InjectionRecord | None:
     """The injection record of ``model`` itself (not of a sub-module)."""
     return model.__dict__.get(RECORD_ATTR)
@@ -363,6 +381,7 @@ def merge(model: nn.Module, *, safe: bool = False) -> nn.Module:
         if not layer.mergeable:
             raise_not_mergeable(name, layer)
     check_materialized(model, "merge")
+    check_writable([t for t in layers if not t[2].merged], "merge")
     done: list[tuple[nn.Module, AdapterLayer, dict[str, torch.Tensor] | None]] = []
     try:
         for name, base, layer in layers:
@@ -403,6 +422,7 @@ def unmerge(model: nn.Module) -> nn.Module:
     """Undo ``merge``: the base weights return to their values before the merge (up to rounding, see ``merge``)."""
     check_module(model, "unmerge")
     check_materialized(model, "unmerge")
+    check_writable([t for t in adapted_modules(model) if t[2].merged], "unmerge")
     for _, base, layer in adapted_modules(model):
         if layer.merged:
             layer.unmerge(base)

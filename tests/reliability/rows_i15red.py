@@ -126,6 +126,20 @@ def _set_after(**fields) -> Callable:
     return action
 
 
+def _inference_pair() -> nn.Module:
+    with torch.inference_mode():
+        return nn.Sequential(nn.Linear(4, 4), nn.Linear(4, 4))
+
+
+def _merge_inference(snapshot_into: Callable) -> Callable:
+    def action(m, tmp):
+        la.inject(m, la.LoRAConfig(r=2, target_modules=["0", "1"], init_weights=False))
+        snapshot_into(m)
+        return la.merge(m)
+
+    return action
+
+
 def rows(Row: type, snapshot_into: Callable) -> list:  # noqa: N803 - the Row class of test_bad_inputs
     """The rows, as ``Row`` instances."""
     s = snapshot_into
@@ -251,5 +265,12 @@ def rows(Row: type, snapshot_into: Callable) -> list:  # noqa: N803 - the Row cl
             lambda m, tmp: la.restore_from_checkpoint(None, tmp / "run.ckpt"),
             la.AdapterTypeError,
             r"restore_from_checkpoint: model must be a torch.nn.Module instance, got NoneType",
+        ),
+        Row(
+            "merge-inference-tensors",
+            _inference_pair,
+            _merge_inference(s),
+            la.AdapterStateError,
+            r"merge: 0.weight is an inference tensor .*inside `with torch.inference_mode\(\):`",
         ),
     ]
