@@ -466,6 +466,20 @@ def eject(model: nn.Module, merge: bool = False, *, safe: bool = False) -> nn.Mo
     check_module(model, "eject")
     records = find_records(model)
     layers = list(adapted_modules(model))
+    if not torch.is_inference_mode_enabled():
+        # Giving requires_grad back to an inference tensor fails outside inference mode: refuse before any change.
+        frozen = [
+            n
+            for _, root, rec in records
+            for n, p in root.named_parameters()
+            if rec.original_requires_grad.get(n) and not p.requires_grad and p.is_inference()
+        ]
+        if frozen:
+            raise AdapterStateError(
+                f"eject: {frozen[0]!r} is an inference tensor (the model was built under torch.inference_mode()) "
+                f"whose requires_grad=True can only be given back inside inference mode; call eject inside "
+                f"`with torch.inference_mode():`"
+            )
     if merge:
         globals()["merge"](model, safe=safe)
     else:

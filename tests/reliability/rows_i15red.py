@@ -140,6 +140,15 @@ def _merge_inference(snapshot_into: Callable) -> Callable:
     return action
 
 
+def _eject_inference(snapshot_into: Callable) -> Callable:
+    def action(m, tmp):
+        la.inject(m, la.LoRAConfig(r=2, target_modules=["0", "1"]))
+        snapshot_into(m)
+        return la.eject(m)
+
+    return action
+
+
 def rows(Row: type, snapshot_into: Callable) -> list:  # noqa: N803 - the Row class of test_bad_inputs
     """The rows, as ``Row`` instances."""
     s = snapshot_into
@@ -272,5 +281,12 @@ def rows(Row: type, snapshot_into: Callable) -> list:  # noqa: N803 - the Row cl
             _merge_inference(s),
             la.AdapterStateError,
             r"merge: 0.weight is an inference tensor .*inside `with torch.inference_mode\(\):`",
+        ),
+        Row(
+            "eject-inference-tensors",
+            _inference_pair,
+            _eject_inference(s),
+            la.AdapterStateError,
+            r"eject: '0.weight' is an inference tensor .*inside `with torch.inference_mode\(\):`",
         ),
     ]
