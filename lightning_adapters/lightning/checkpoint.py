@@ -411,6 +411,7 @@ def restore_from_checkpoint(
     module: str | None = None,
     check_base: bool = True,
     weights_only: bool = True,
+    check_finite: bool = True,
 ) -> nn.Module:
     """Inject the adapter of a Lightning adapter checkpoint into a model and load its trained tensors.
 
@@ -432,6 +433,8 @@ def restore_from_checkpoint(
         check_base: Refuse a base model whose fingerprint differs from the one the adapter was trained on (checked
             when ``model`` holds the whole adapted sub-module).
         weights_only: Passed to ``torch.load``.
+        check_finite: Refuse adapter tensors that are NaN or infinite (or overflow the model's dtype); False loads
+            them as they are, as ``load_adapter_state_dict(..., check_finite=False)`` does.
 
     Returns:
         ``model``, injected, with the trained adapter loaded and ready for inference, merging or export.
@@ -503,7 +506,7 @@ def restore_from_checkpoint(
     try:
         if check_base and derived is None:
             check_metadata(meta, meta["method"], full_config.to_dict(), base_fingerprint(target))
-        load_adapter_state_dict(target, adapter, strict=True)
+        load_adapter_state_dict(target, adapter, strict=True, check_finite=check_finite)
         live = model.state_dict(keep_vars=True)
         with torch.no_grad():
             for k, v in beside.items():

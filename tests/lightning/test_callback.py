@@ -412,3 +412,19 @@ def test_callback_accepts_a_model_injected_beforehand_with_the_same_config(tmp_p
     other = la.inject(BoringMLP(), lora(r=2))
     with pytest.raises(AdapterConfigError, match="different config"):
         trainer(callbacks=[la.AdapterCallback(lora(), verbose=False)]).fit(other, mlp_data())
+
+
+def test_restore_refuses_a_non_finite_checkpoint_unless_asked(tmp_path):
+    trained = BoringMLP()
+    fit_with_last(tmp_path, trained, 1)
+    ckpt = torch.load(tmp_path / "last.ckpt", weights_only=False)
+    key = next(k for k in ckpt["state_dict"] if k.endswith("lora_B"))
+    ckpt["state_dict"][key][0, 0] = float("nan")
+    torch.save(ckpt, tmp_path / "nan.ckpt")
+    fresh = BoringMLP()
+    before = {k: v.clone() for k, v in fresh.state_dict().items()}
+    with pytest.raises(AdapterStateError, match="check_finite=False"):
+        la.restore_from_checkpoint(fresh, tmp_path / "nan.ckpt")
+    assert fresh.state_dict().keys() == before.keys()  # the refused call left no adapter behind
+    la.restore_from_checkpoint(fresh, tmp_path / "nan.ckpt", check_finite=False)
+    assert torch.isnan(fresh.state_dict()[key]).sum() == 1
