@@ -228,6 +228,8 @@ def read_wandb_records(path: Path) -> list[Any]:
         if kind == 0 and length == 0:
             pos += left
             continue
+        if pos + 7 + length > len(data):
+            break  # the writer is still appending this chunk: read only the records before it
         chunk, pos = data[pos + 7 : pos + 7 + length], pos + 7 + length
         chunks = chunk if kind in (1, 2) else chunks + chunk
         if kind in (1, 4):
