@@ -49,8 +49,8 @@ class MethodSpec:
             injected model's live state rather than on the config (AdaLoRA's learned ``rank_pattern``).
         extra_layers: Optional ``(model, config, targets) -> {module name: AdapterLayer}`` of layers a config adds
             besides its targets (LoRA's trainable-token rows), built before anything is attached.
-        training_hooks: Optional ``MethodTrainingHooks`` subclass the Lightning integration drives
-            (``lightning_adapters/lightning/hooks.py``).
+        training_hooks: Optional schedule class ``(model, config) -> TrainingSchedule`` holding the method's
+            training-time logic (``lightning_adapters/schedules.py``); the Lightning integration drives it.
     """
 
     name: str

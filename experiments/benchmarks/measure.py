@@ -18,7 +18,6 @@ import tempfile
 import time
 from collections.abc import Callable
 from pathlib import Path
-from types import SimpleNamespace
 from typing import Any
 
 import torch
@@ -158,28 +157,22 @@ def outputs_diff(a: nn.Module, b: nn.Module, batch: dict[str, torch.Tensor]) -> 
 # Train steps
 
 
-class _TrainerStub(SimpleNamespace):
-    """The few trainer attributes a method's training hooks read outside Lightning."""
-
-
 def train_step(model: nn.Module, batch: dict[str, torch.Tensor], kind: str, config: Any = None) -> Callable[[], None]:
     """One training step closure: zero_grad + forward + backward + AdamW (+ the method's per-step extras).
 
-    ``kind``: ``"ours"`` (drives the method's ``training_hooks``, e.g. AdaLoRA's loss term and allocator),
+    ``kind``: ``"ours"`` (drives the method's training schedule, e.g. AdaLoRA's loss term and allocator),
     ``"peft"`` (calls ``update_and_allocate`` when PEFT's model has it), ``"plain"`` (anchors).
     """
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=LR) if params else None
-    hooks = None
-    stub = _TrainerStub(estimated_stepping_batches=10**6, max_epochs=1, current_epoch=0, global_step=0, loggers=[])
-    stub.is_global_zero = True
+    schedule = None
     if kind == "ours":
         import lightning_adapters as la
 
-        hooks_cls = la.get_method(_method_name(config)).training_hooks
-        if hooks_cls is not None:
-            hooks = hooks_cls(model, config)
-            hooks.setup(stub, None)
+        schedule_cls = la.get_method(_method_name(config)).training_hooks
+        if schedule_cls is not None:
+            schedule = schedule_cls(model, config)
+            schedule.start({"optimizer_steps": 10**6, "epochs": 1}.get(schedule.length_unit))
     allocate = getattr(getattr(model, "base_model", None), "update_and_allocate", None) if kind == "peft" else None
     counter = [0]
 
@@ -187,16 +180,15 @@ def train_step(model: nn.Module, batch: dict[str, torch.Tensor], kind: str, conf
         if opt is not None:
             opt.zero_grad(set_to_none=True)
         loss = loss_of(model, batch)
-        if hooks is not None:
-            extra = hooks.loss_term()
+        if schedule is not None:
+            extra = schedule.loss_term()
             if extra is not None:
                 loss = loss + extra
         loss.backward()
         if opt is not None:
             opt.step()
-        if hooks is not None:
-            stub.global_step = counter[0]
-            hooks.on_optimizer_step_end(stub, None, counter[0])
+        if schedule is not None:
+            schedule.after_optimizer_step(counter[0])
         if allocate is not None:
             allocate(counter[0])
         counter[0] += 1

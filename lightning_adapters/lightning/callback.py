@@ -115,7 +115,9 @@ class AdapterCallback(Callback):
         runtime = self._rt(pl_module)
         if not runtime.grads_checked:
             runtime.grads_checked = True
-            strategies.check_gradients(trainer, pl_module, runtime)
+            message = strategies.check_gradients(trainer, runtime.injected_target(pl_module), runtime.key_prefix())
+            if message is not None:
+                runtime.warn_once("dead-grads", message)
 
     @override
     def on_train_batch_end(
@@ -127,7 +129,7 @@ class AdapterCallback(Callback):
     def on_train_epoch_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
         runtime = self._rt(pl_module)
         if runtime.hooks is not None:
-            runtime.hooks.on_train_epoch_end(trainer, pl_module)
+            runtime.hooks.on_train_epoch_end(trainer)
 
     @override
     def on_fit_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
@@ -139,7 +141,12 @@ class AdapterCallback(Callback):
                 f"the exports hold {runtime.options.module!r} only; {beside[:6]} trained beside it are in the "
                 "Lightning checkpoints: la.restore_from_checkpoint(YourModule(), ckpt) restores everything",
             )
-        export.export_at_fit_end(trainer, pl_module, runtime)
+        export.export_at_fit_end(
+            trainer,
+            runtime.injected_target(pl_module),
+            peft_dir=runtime.options.export_peft_dir,
+            merged_dir=runtime.options.export_merged_dir,
+        )
 
     @override
     def on_exception(self, trainer: Trainer, pl_module: LightningModule, exception: BaseException) -> None:

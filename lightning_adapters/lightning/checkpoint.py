@@ -17,8 +17,9 @@ import dataclasses
 import os
 import re
 import warnings
+from collections.abc import Callable, Mapping
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
 from torch import nn
@@ -30,9 +31,6 @@ from lightning_adapters.core.state import base_fingerprint, load_adapter_state_d
 from lightning_adapters.errors import AdapterConfigError, AdapterStateError
 from lightning_adapters.lightning.scope import inner_config
 from lightning_adapters.registry import get_method
-
-if TYPE_CHECKING:
-    from lightning_adapters.lightning.runtime import AdapterRuntime
 
 METADATA_KEY = "lightning_adapters"
 FORMAT_VERSION = 1
@@ -47,46 +45,49 @@ def _list(keys: list[str], limit: int = 6) -> str:
     return f"{keys[:limit]}{f' and {len(keys) - limit} more' if len(keys) > limit else ''}"
 
 
-def expected_shapes(pl_module: nn.Module, runtime: AdapterRuntime) -> dict[str, list[int]]:
-    """Full (global) shape of every adapter tensor, keyed as in the LightningModule's state dict.
+def expected_shapes(
+    pl_module: nn.Module, saved: Callable[[str], bool], recorded: Mapping[str, list[int]]
+) -> dict[str, list[int]]:
+    """Full (global) shape of every saved tensor, keyed as in the LightningModule's state dict.
 
-    FSDP1 flattens parameters and gathers the whole model in ``state_dict()``, so under it the shapes recorded
-    at injection are used; elsewhere ``state_dict()`` only returns references (DTensors report global shapes).
+    Args:
+        pl_module: The LightningModule.
+        saved: Which of its state-dict keys a checkpoint holds (adapter tensors and what trains beside them).
+        recorded: The shapes taken at injection, used under FSDP1, which flattens parameters and gathers the
+            whole model in ``state_dict()``; elsewhere ``state_dict()`` only returns references (DTensors report
+            global shapes).
     """
     from torch.distributed.fsdp import FullyShardedDataParallel
 
     if any(isinstance(m, FullyShardedDataParallel) for m in pl_module.modules()):
-        return dict(runtime.shapes)
-    saved = runtime.saved_keys(pl_module)
+        return dict(recorded)
     return {k: _shape(v) for k, v in pl_module.state_dict().items() if saved(k)}
 
 
-def build_metadata(pl_module: nn.Module, runtime: AdapterRuntime) -> dict[str, Any]:
-    """The ``checkpoint["lightning_adapters"]`` entry for the current adapter."""
+def build_metadata(
+    *, method: str, config: AdapterConfig, module: str, fingerprint: str | None, shapes: dict[str, list[int]]
+) -> dict[str, Any]:
+    """The ``checkpoint["lightning_adapters"]`` entry (see the module docstring for the fields)."""
     from lightning_adapters import __version__
 
-    target = runtime.injected_target(pl_module)
-    record = find_records(target)[0][2]
     return {
         "format": FORMAT_VERSION,
         "library_version": __version__,
-        "method": record.method,
-        "config": runtime.config.to_dict(),
-        "module": runtime.options.module or "",
-        "base_fingerprint": runtime.fingerprint,
-        "adapter_shapes": expected_shapes(pl_module, runtime),
+        "method": method,
+        "config": config.to_dict(),
+        "module": module,
+        "base_fingerprint": fingerprint,
+        "adapter_shapes": shapes,
     }
 
 
-def filter_checkpoint(checkpoint: dict[str, Any], pl_module: nn.Module, runtime: AdapterRuntime) -> None:
-    """Drop every non-adapter tensor from ``checkpoint["state_dict"]``, check the rest, add the metadata.
+def filter_checkpoint(checkpoint: dict[str, Any], meta: dict[str, Any], saved: Callable[[str], bool]) -> None:
+    """Keep only the ``saved`` tensors of ``checkpoint["state_dict"]``, check them against ``meta``, add ``meta``.
 
     Raises:
         AdapterStateError: An adapter tensor is missing, a rank's shard or empty where the full tensor is due.
     """
-    meta = build_metadata(pl_module, runtime)
     state = checkpoint.get("state_dict", {})
-    saved = runtime.saved_keys(pl_module)
     kept = {k: v for k, v in state.items() if saved(k)}
     # Sharded strategies gather the state on rank 0 only; other ranks hold an empty dict and write nothing.
     if state:
@@ -219,14 +220,28 @@ def check_metadata(meta: dict[str, Any], method: str, config_dict: dict[str, Any
         )
 
 
-def validate_checkpoint(checkpoint: dict[str, Any], pl_module: nn.Module, runtime: AdapterRuntime) -> None:
-    """The strict half of non-strict loading: metadata, every adapter key and shape, no unknown key."""
-    target = runtime.injected_target(pl_module)
-    method = find_records(target)[0][2].method
-    expected = expected_shapes(pl_module, runtime)
+def validate_checkpoint(
+    checkpoint: dict[str, Any],
+    pl_module: nn.Module,
+    *,
+    method: str,
+    config: AdapterConfig,
+    fingerprint: str | None,
+    expected: dict[str, list[int]],
+) -> None:
+    """The strict half of non-strict loading: metadata, every adapter key and shape, no unknown key.
+
+    Args:
+        checkpoint: The checkpoint being restored.
+        pl_module: The LightningModule it is restored into.
+        method: The injected method's name.
+        config: The injected config.
+        fingerprint: The base model's fingerprint (None: not known, not checked).
+        expected: ``expected_shapes`` of the LightningModule.
+    """
     meta = checkpoint.get(METADATA_KEY)
     if meta is not None:
-        check_metadata(meta, method, runtime.config.to_dict(), runtime.fingerprint)
+        check_metadata(meta, method, config.to_dict(), fingerprint)
         saved = meta.get("adapter_shapes", {})
         missing = sorted(set(expected) - set(saved))
         extra = sorted(set(saved) - set(expected))

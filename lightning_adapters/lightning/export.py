@@ -15,7 +15,7 @@ import fnmatch
 import os
 import tempfile
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
 from torch import nn
@@ -24,10 +24,6 @@ from lightning_adapters.core.files import replace_directory, target_directory
 from lightning_adapters.core.inject import eject
 from lightning_adapters.errors import AdapterStateError
 from lightning_adapters.interop.peft import save_peft
-
-if TYPE_CHECKING:
-    from lightning_adapters.lightning.runtime import AdapterRuntime
-
 
 # What a merged export owns in its directory: transformers' config files and every weight-file layout
 # save_pretrained writes (a previous export's shards must not survive next to a new single file).
@@ -90,28 +86,31 @@ def export_merged(model: nn.Module, directory: str | os.PathLike, *, safe: bool 
     return Path(directory)
 
 
-def export_at_fit_end(trainer: Any, pl_module: nn.Module, runtime: AdapterRuntime) -> None:
-    """Write the exports the runtime's options ask for."""
+def export_at_fit_end(
+    trainer: Any, target: nn.Module, *, peft_dir: str | None = None, merged_dir: str | None = None
+) -> None:
+    """Write ``target`` (the injected module) in PEFT's format to ``peft_dir`` and merged to ``merged_dir``.
+
+    Every rank calls it (sharded tensors are gathered collectively); rank zero writes.
+    """
     from torch.distributed.fsdp import FullyShardedDataParallel
 
-    opts = runtime.options
-    if not (opts.export_peft_dir or opts.export_merged_dir):
+    if not (peft_dir or merged_dir):
         return
-    target = runtime.injected_target(pl_module)
-    if opts.export_peft_dir:
+    if peft_dir:
         if any(hasattr(p, "device_mesh") for p in target.parameters()):
             # save_peft gathers DTensors collectively, so every rank runs it; only rank zero keeps the files.
             if trainer.is_global_zero:
-                save_peft(target, opts.export_peft_dir, safe=True)
+                save_peft(target, peft_dir, safe=True)
             else:
                 with tempfile.TemporaryDirectory() as scratch:  # its lock file too lands inside scratch
                     save_peft(target, Path(scratch) / "adapter", safe=True)
         elif isinstance(trainer.strategy.model, FullyShardedDataParallel):
             with FullyShardedDataParallel.summon_full_params(trainer.strategy.model, writeback=False):
                 if trainer.is_global_zero:
-                    save_peft(target, opts.export_peft_dir, safe=True)
+                    save_peft(target, peft_dir, safe=True)
         elif trainer.is_global_zero:
-            save_peft(target, opts.export_peft_dir, safe=True)
-    if opts.export_merged_dir and trainer.is_global_zero:
-        export_merged(target, opts.export_merged_dir)
+            save_peft(target, peft_dir, safe=True)
+    if merged_dir and trainer.is_global_zero:
+        export_merged(target, merged_dir)
     trainer.strategy.barrier("lightning_adapters.export")

@@ -54,7 +54,7 @@ class AdapterMixin:
         # Put the integration's configure_model / checkpoint / training_step wrappers in front of the subclass.
         swap_class(self)
         # Lightning loads adapter-only state dicts non-strictly; the integration checks the adapter keys itself.
-        self._strict_loading = False
+        self.strict_loading = False
 
     def inject_adapters(self) -> nn.Module:
         """Inject now (idempotent); call it in ``configure_model`` before sharding the model yourself.

@@ -34,7 +34,9 @@ from lightning_adapters.core.state import adapter_prefixes, base_fingerprint, is
 from lightning_adapters.errors import AdapterConfigError, AdapterStateError, TargetError
 from lightning_adapters.lightning import checkpoint as ckpt
 from lightning_adapters.lightning import data_init, scope, strategies
+from lightning_adapters.lightning.hooks import ScheduleDriver
 from lightning_adapters.registry import get_method
+from lightning_adapters.schedules import TrainingSchedule
 
 RUNTIME_ATTR = "_la_runtime"
 _WRAPPER_ATTRS = ("_fsdp_wrapped_module.", "_checkpoint_wrapped_module.", "_orig_mod.")
@@ -152,7 +154,7 @@ class AdapterRuntime:
         self.attached: tuple[bool, Any, bool] | None = None
         self.fingerprint: str | None = None
         self.shapes: dict[str, list[int]] = {}
-        self.hooks: Any = None
+        self.hooks: ScheduleDriver | None = None
         self.pending_hooks_state: dict[str, Any] | None = None
         self.manual_regularization = False
         self.last_step = 0
@@ -262,12 +264,12 @@ class AdapterRuntime:
 
     def _after_injection(self, pl_module: nn.Module, target: nn.Module) -> None:
         self._prepared = target
-        pl_module._strict_loading = False
+        pl_module.strict_loading = False
         trainer = pl_module._trainer
         local = self._local_fingerprint(target)
         # Ranks may initialise the base differently before DDP broadcasts rank 0's weights: use rank 0's fingerprint.
         self.fingerprint = trainer.strategy.broadcast(local) if trainer is not None else local
-        self.shapes = ckpt.expected_shapes(pl_module, self)
+        self.shapes = ckpt.expected_shapes(pl_module, self.saved_keys(pl_module), self.shapes)
         if self.options.gradient_checkpointing:
             strategies.enable_gradient_checkpointing(target)
         if not self.options.module:
@@ -294,7 +296,12 @@ class AdapterRuntime:
         data_init.initialize_in_fit(pl_module, self.injected_target(pl_module), self.config)
         trainer = pl_module._trainer
         if trainer is not None:
-            strategies.prepare_strategy(trainer, pl_module, self)
+            strategies.prepare_strategy(
+                trainer,
+                pl_module,
+                self.injected_target(pl_module),
+                merged_export=bool(self.options.export_merged_dir),
+            )
 
     # --- checkpoints ---------------------------------------------------------------------------------------
 
@@ -303,51 +310,72 @@ class AdapterRuntime:
         target = self.injected_target(pl_module)
         if self.fingerprint is None:
             self.fingerprint = self._local_fingerprint(target)
-        ckpt.filter_checkpoint(checkpoint, pl_module, self)
+        saved = self.saved_keys(pl_module)
+        meta = ckpt.build_metadata(
+            method=find_records(target)[0][2].method,
+            config=self.config,
+            module=self.options.module or "",
+            fingerprint=self.fingerprint,
+            shapes=ckpt.expected_shapes(pl_module, saved, self.shapes),
+        )
+        ckpt.filter_checkpoint(checkpoint, meta, saved)
 
     def on_load_checkpoint(self, pl_module: nn.Module, checkpoint: dict[str, Any]) -> None:
         """Refuse a checkpoint from another base or config; check every adapter key and shape."""
-        ckpt.validate_checkpoint(checkpoint, pl_module, self)
+        target = self.injected_target(pl_module)
+        ckpt.validate_checkpoint(
+            checkpoint,
+            pl_module,
+            method=find_records(target)[0][2].method,
+            config=self.config,
+            fingerprint=self.fingerprint,
+            expected=ckpt.expected_shapes(pl_module, self.saved_keys(pl_module), self.shapes),
+        )
 
     # --- method training hooks -----------------------------------------------------------------------------
 
     def start_fit(self, trainer: Any, pl_module: nn.Module) -> None:
-        """Create this fit's method hooks (if the method has any) and run the fit-start checks."""
+        """Create this fit's method schedule (if the method has one) and run the fit-start checks."""
         target = self.injected_target(pl_module)
         self.grads_checked = False
         self.manual_regularization = False
-        strategies.check_optimizers(trainer, pl_module, self)
+        strategies.check_optimizers(trainer, pl_module, target, self.key_prefix())
         strategies.handle_input_grads(target)
         method = find_records(target)[0][2].method
-        hooks_cls = get_method(method).training_hooks
-        self.hooks = hooks_cls(target, self.config) if hooks_cls is not None else None
+        schedule_cls = get_method(method).training_hooks
+        self.hooks = ScheduleDriver(schedule_cls(target, self.config)) if schedule_cls is not None else None
         if self.hooks is not None:
-            self.hooks.setup(trainer, pl_module)
+            self.hooks.setup(trainer)
             self.apply_pending_state()
 
+    @property
+    def schedule(self) -> TrainingSchedule | None:
+        """This fit's method schedule (e.g. ``AdaLoRASchedule``), or None."""
+        return self.hooks.schedule if self.hooks is not None else None
+
     def apply_pending_state(self) -> None:
-        """Hand restored hook state to the hooks once both exist (after ``setup``, so setup cannot overwrite it)."""
+        """Hand restored schedule state over once the schedule exists (after ``start``, which cannot overwrite it)."""
         if self.hooks is not None and self.pending_hooks_state is not None:
             self.hooks.load_state_dict(self.pending_hooks_state)
             self.pending_hooks_state = None
 
     def hooks_state(self) -> dict[str, Any]:
-        """The method hooks' state for the callback's checkpoint entry."""
+        """The method schedule's state for the callback's checkpoint entry."""
         return {"training_hooks": self.hooks.state_dict() if self.hooks is not None else None}
 
     def load_hooks_state(self, state: Mapping[str, Any]) -> None:
-        """Keep restored hook state until the hooks exist."""
+        """Keep restored schedule state until the schedule exists."""
         hooks_state = state.get("training_hooks")
         if hooks_state is not None:
             self.pending_hooks_state = dict(hooks_state)
             self.apply_pending_state()
 
     def after_batch(self, trainer: Any, pl_module: nn.Module) -> None:
-        """Report every optimizer step (not every batch: accumulation) to the hooks, while gradients still exist."""
+        """Report every optimizer step (not every batch: accumulation) to the schedule, while gradients exist."""
         step = trainer.global_step
         if step > self.last_step:
             if self.hooks is not None:
-                self.hooks.on_optimizer_step_end(trainer, pl_module, step - 1)
+                self.hooks.on_optimizer_step_end(trainer, step - 1)
             self.last_step = step
 
     def loss_term(self) -> torch.Tensor | None:
@@ -444,9 +472,10 @@ def attach_runtime(
         existing.options = options
     swapped = not getattr(type(pl_module), "_la_swapped", False)
     if existing.attached is None and existing._prepared is None:
-        existing.attached = (swapped, pl_module._strict_loading, created)
+        existing.attached = (swapped, pl_module.strict_loading, created)
     swap_class(pl_module)
-    pl_module._strict_loading = False
+    # Lightning then loads adapter-only state dicts non-strictly; ``on_load_checkpoint`` checks the adapter keys.
+    pl_module.strict_loading = False
     return existing
 
 
@@ -465,7 +494,7 @@ def detach_runtime(pl_module: nn.Module) -> bool:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             pl_module.__class__ = type(pl_module).__bases__[1]
-    pl_module._strict_loading = strict_loading
+    pl_module.strict_loading = strict_loading
     if created:
         del pl_module.__dict__[RUNTIME_ATTR]
     return True

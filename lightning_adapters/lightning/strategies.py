@@ -20,17 +20,14 @@ from __future__ import annotations
 
 import functools
 from collections.abc import Callable, Iterable
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
+from lightning.pytorch.utilities.rank_zero import rank_zero_warn
 from torch import nn
 
 from lightning_adapters.core.inject import adapted_modules, apply_dtype_policy, find_records
 from lightning_adapters.core.layer import AdapterLayer
 from lightning_adapters.errors import AdapterConfigError, AdapterStateError
-
-if TYPE_CHECKING:
-    from lightning_adapters.lightning.runtime import AdapterRuntime
-
 
 # ------------------------------------------------------------------------------------------------------------
 # Wrapping policies
@@ -155,15 +152,22 @@ def _gather_adapter_state(strategy: Any) -> dict[str, Any]:
     return get_model_state_dict(strategy.model, options=options)
 
 
-def prepare_strategy(trainer: Any, pl_module: nn.Module, runtime: AdapterRuntime) -> None:
-    """Adjust the trainer's strategy and precision plugin for adapters (idempotent)."""
+def prepare_strategy(trainer: Any, pl_module: nn.Module, target: nn.Module, *, merged_export: bool = False) -> None:
+    """Adjust the trainer's strategy and precision plugin for adapters (idempotent).
+
+    Args:
+        trainer: The trainer.
+        pl_module: The LightningModule.
+        target: Its injected (sub-)module.
+        merged_export: Whether a merged copy is exported at fit end (refused under FSDP).
+    """
     from lightning.pytorch.strategies import FSDPStrategy, ModelParallelStrategy
 
     strategy = trainer.strategy
     _reapply_dtype_policy_after_conversion(strategy.precision_plugin)
     if strategy.__dict__.get("_la_prepared"):
         return
-    if runtime.options.export_merged_dir and isinstance(strategy, (FSDPStrategy, ModelParallelStrategy)):
+    if merged_export and isinstance(strategy, (FSDPStrategy, ModelParallelStrategy)):
         raise AdapterConfigError(
             f"export_merged_dir is not supported under {type(strategy).__name__} (a merged copy needs the whole "
             "unsharded model on one rank); export the adapter with export_peft_dir and merge afterwards: "
@@ -172,12 +176,10 @@ def prepare_strategy(trainer: Any, pl_module: nn.Module, runtime: AdapterRuntime
     if isinstance(strategy, ModelParallelStrategy):
         if strategy._save_distributed_checkpoint:
             strategy._save_distributed_checkpoint = False
-            runtime.warn_once(
-                "mp-full",
+            rank_zero_warn(
                 "ModelParallelStrategy: adapter checkpoints are saved as single files of full adapter tensors "
                 "(save_distributed_checkpoint=False); the frozen base is not saved",
             )
-        target = runtime.injected_target(pl_module)
         if not any(hasattr(p, "device_mesh") for p in pl_module.parameters()):
             mesh = strategy.device_mesh
             if mesh["tensor_parallel"].size() > 1:
@@ -192,13 +194,11 @@ def prepare_strategy(trainer: Any, pl_module: nn.Module, runtime: AdapterRuntime
     elif isinstance(strategy, FSDPStrategy):
         if strategy._state_dict_type == "sharded":
             strategy._state_dict_type = "full"
-            runtime.warn_once(
-                "fsdp-full",
+            rank_zero_warn(
                 "FSDPStrategy: adapter checkpoints are saved as single files of full adapter tensors "
                 "(state_dict_type='full'); the frozen base is not saved",
             )
         if strategy.kwargs.get("auto_wrap_policy") is None:
-            target = runtime.injected_target(pl_module)
             strategy.kwargs["auto_wrap_policy"] = adapter_auto_wrap_policy(block_types_of(target))
     strategy.__dict__["_la_prepared"] = True
 
@@ -221,8 +221,14 @@ def _reapply_dtype_policy_after_conversion(plugin: Any) -> None:
 # Fit-time checks
 
 
-def check_optimizers(trainer: Any, pl_module: nn.Module, runtime: AdapterRuntime) -> None:
+def check_optimizers(trainer: Any, pl_module: nn.Module, target: nn.Module, prefix: str) -> None:
     """Every trainable adapter parameter must be in an optimizer (frozen ones there are harmless: no gradient).
+
+    Args:
+        trainer: The trainer (its optimizers are configured).
+        pl_module: The LightningModule.
+        target: Its injected (sub-)module.
+        prefix: ``target``'s key prefix in the LightningModule (``"model."``), to name parameters.
 
     Raises:
         AdapterConfigError: Naming the missing parameters and the one-line fix.
@@ -230,8 +236,6 @@ def check_optimizers(trainer: Any, pl_module: nn.Module, runtime: AdapterRuntime
     if not pl_module.automatic_optimization and not trainer.optimizers:
         return
     in_optimizer = {id(p) for opt in trainer.optimizers for group in opt.param_groups for p in group["params"]}
-    target = runtime.injected_target(pl_module)
-    prefix = runtime.key_prefix()
     missing = [prefix + n for n, p in target.named_parameters() if p.requires_grad and id(p) not in in_optimizer]
     if missing:
         shown = missing[:5] + ([f"... {len(missing) - 5} more"] if len(missing) > 5 else [])
@@ -243,16 +247,27 @@ def check_optimizers(trainer: Any, pl_module: nn.Module, runtime: AdapterRuntime
         )
 
 
-def check_gradients(trainer: Any, pl_module: nn.Module, runtime: AdapterRuntime) -> None:
-    """After the first backward: report adapter parameters that got no gradient (before DDP's own error)."""
+def check_gradients(trainer: Any, target: nn.Module, prefix: str) -> str | None:
+    """After the first backward: adapter parameters that got no gradient (reported before DDP's own error).
+
+    Args:
+        trainer: The trainer.
+        target: The injected (sub-)module.
+        prefix: ``target``'s key prefix in the LightningModule, to name parameters.
+
+    Returns:
+        A warning to show once, or None when every trainable parameter got a gradient.
+
+    Raises:
+        AdapterStateError: Under DDP without ``find_unused_parameters``, which would fail at the next step.
+    """
     from lightning.pytorch.strategies import DDPStrategy, FSDPStrategy
 
     if isinstance(trainer.strategy, FSDPStrategy):
-        return  # FSDP1 leaves .grad unset on ranks that hold no shard of a parameter
-    target = runtime.injected_target(pl_module)
-    dead = [runtime.key_prefix() + n for n, p in target.named_parameters() if p.requires_grad and p.grad is None]
+        return None  # FSDP1 leaves .grad unset on ranks that hold no shard of a parameter
+    dead = [prefix + n for n, p in target.named_parameters() if p.requires_grad and p.grad is None]
     if not dead:
-        return
+        return None
     message = (
         f"{len(dead)} adapter parameters got no gradient in the first backward: {dead[:8]}"
         f"{' ...' if len(dead) > 8 else ''}. Their modules do not reach the loss (e.g. an unused pooler). "
@@ -264,7 +279,7 @@ def check_gradients(trainer: Any, pl_module: nn.Module, runtime: AdapterRuntime)
             message + "; DDP would otherwise fail at the next step with 'Expected to have finished reduction' "
             "(or use DDPStrategy(find_unused_parameters=True))"
         )
-    runtime.warn_once("dead-grads", message)
+    return message
 
 
 # ------------------------------------------------------------------------------------------------------------

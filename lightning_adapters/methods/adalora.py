@@ -33,13 +33,16 @@ regulariser ``R = mean over all A and B of ‖A Aᵀ − I‖_F and ‖Bᵀ B �
 ``orth_reg_weight · R`` is added to the training loss.
 
 In ``schedule="step"`` time ``t`` counts optimizer steps and masks happen every ``deltaT`` steps (PEFT's exact
-schedule); in ``schedule="epoch"`` it counts completed epochs and masks happen at epoch ends. The Lightning
-driver is ``lightning_adapters.lightning.adalora.AdaLoRATrainingHooks``; ``RankAllocator`` here also works in a
-hand-written loop (``allocator.step(t)`` after ``optimizer.step()`` and before ``zero_grad()``).
+schedule); in ``schedule="epoch"`` it counts completed epochs and masks happen at epoch ends. ``RankAllocator``
+tracks importance and masks; ``AdaLoRASchedule`` is the whole run (sizing, both schedules, the regulariser, the
+rank history, checkpoint state) behind the ``lightning_adapters.schedules.TrainingSchedule`` protocol, which the
+Lightning integration drives and logs. A hand-written loop can use either (``allocator.step(t)`` after
+``optimizer.step()`` and before ``zero_grad()`` is PEFT's ``update_and_allocate(t)``).
 """
 
 from __future__ import annotations
 
+import math
 import re
 from dataclasses import dataclass, field
 from typing import Any
@@ -65,6 +68,7 @@ from lightning_adapters.errors import AdapterConfigError, AdapterStateError
 from lightning_adapters.methods._common import add_delta_, check_rank, in_out_features, layer_kind
 from lightning_adapters.methods.lora import _LoRALinear, fused_linear_applies
 from lightning_adapters.registry import MethodSpec, register
+from lightning_adapters.schedules import Heatmap, ScheduleReport
 
 SCHEDULES = ("step", "epoch")
 RANKNUM_EPS = 1e-5
@@ -580,6 +584,233 @@ def _broadcast_from_rank0(scores: dict[str, torch.Tensor]) -> dict[str, torch.Te
 
 
 # ------------------------------------------------------------------------------------------------------------
+# The whole training run
+
+
+def resolve_total(config: AdaLoRAConfig, length: float | None) -> int:
+    """The schedule length: ``config.total_step``, else the run's ``length`` (optimizer steps or epochs).
+
+    Raises:
+        AdapterConfigError: ``total_step`` is None and ``length`` is unknown or unbounded, naming what to set.
+    """
+    if config.total_step is not None:
+        return int(config.total_step)
+    if config.schedule == "step":
+        if length is None or not math.isfinite(length):
+            raise AdapterConfigError(
+                "adalora: total_step=None but the trainer's number of optimizer steps is unbounded; "
+                "set Trainer(max_epochs=...) or max_steps, or AdaLoRAConfig.total_step"
+            )
+        return int(length)
+    if length is None or length < 0:
+        raise AdapterConfigError(
+            "adalora: schedule='epoch' with total_step=None needs Trainer(max_epochs=N); "
+            "or set AdaLoRAConfig.total_step to the number of epochs"
+        )
+    return int(length)
+
+
+def rank_history_table(names: list[str], history: list[dict[str, Any]]) -> tuple[list[str], list[list[Any]]]:
+    """Columns ``[t, global_step, budget, kept, <module>...]`` and one row per reallocation."""
+    columns = ["t", "global_step", "budget", "kept", *names]
+    rows = [[h["t"], h["global_step"], h["budget"], sum(h["ranks"]), *h["ranks"]] for h in history]
+    return columns, rows
+
+
+class AdaLoRASchedule:
+    """AdaLoRA over a whole run: sizing, the step or epoch schedule, the regulariser, rank history and state.
+
+    It implements ``lightning_adapters.schedules.TrainingSchedule`` (the method's ``training_hooks``): the Lightning
+    integration builds one per fit, calls ``start`` with the trainer's number of optimizer steps (``"step"``) or
+    epochs (``"epoch"``) when ``total_step`` is None, adds ``loss_term()`` to every training loss, calls
+    ``after_optimizer_step`` once per optimizer step (gradient accumulation counted right) and ``after_epoch`` at
+    every epoch end, and logs what they return and ``report()``. A run too short for ``tinit + tfinal``
+    (``fast_dev_run``, a one-epoch smoke test) trains without reallocation; ``start`` returns a notice saying so.
+
+    Args:
+        model: The module ``inject`` was called on with an ``AdaLoRAConfig``.
+        config: That config.
+
+    Attributes:
+        allocator: The ``RankAllocator`` (created by ``start``; None in a run without reallocation).
+        reallocate: Whether this run reallocates ranks (False when it is too short).
+        history: One entry per reallocation: ``{"t", "global_step", "budget", "ranks"}`` (``ranks`` in the order of
+            ``names``).
+        names: Module names of the adapted matrices.
+        last_epoch: The last epoch end seen (epoch mode; a resumed run may reach the same end twice).
+    """
+
+    def __init__(self, model: nn.Module, config: AdaLoRAConfig) -> None:
+        self.model = model
+        self.config = config
+        self.names = list(adalora_layers(model))
+        if not self.names:
+            raise AdapterConfigError("adalora: the model has no AdaLoRA layers; inject an AdaLoRAConfig first")
+        self.allocator: RankAllocator | None = None
+        self.reallocate = True
+        self.history: list[dict[str, Any]] = []
+        self.last_epoch = 0
+        self._pending: dict[str, Any] | None = None
+
+    @property
+    def length_unit(self) -> str | None:
+        """``"optimizer_steps"`` or ``"epochs"``: what ``start`` needs; None when ``total_step`` is set."""
+        if self.config.total_step is not None:
+            return None
+        return "optimizer_steps" if self.config.schedule == "step" else "epochs"
+
+    def start(self, length: float | None = None) -> str | None:
+        """Size the schedule for a run of ``length`` optimizer steps or epochs; a notice if it is too short.
+
+        Raises:
+            AdapterConfigError: The length is needed and unknown, or the schedule does not fit ``total_step``.
+        """
+        cfg = self.config
+        total = resolve_total(cfg, length)
+        if cfg.total_step is None and cfg.tinit + cfg.tfinal >= total:
+            # A run the trainer made too short for the schedule (fast_dev_run, a smoke test, one epoch): it still
+            # trains, at the initial rank; an explicit total_step was validated with the config.
+            self.reallocate = False
+            unit = ("optimizer step" if cfg.schedule == "step" else "epoch") + ("" if total == 1 else "s")
+            return (
+                f"adalora: this run has {total} {unit}, too few for tinit={cfg.tinit} + tfinal={cfg.tfinal}; "
+                f"training without rank reallocation (every layer keeps init_r={cfg.init_r})"
+            )
+        self.reallocate = True
+        check_schedule(cfg.tinit, cfg.tfinal, total, cfg.schedule)
+        if self.allocator is None:
+            self.allocator = RankAllocator(self.model, cfg, total)
+        self.allocator.total = total
+        if self._pending is not None:
+            self._apply_state(self._pending)
+            self._pending = None
+        recs = find_records(self.model)
+        if recs and cfg.schedule == "step":
+            # save_peft writes the resolved schedule length when the config left it to the trainer.
+            recs[0][2].extra["adalora_total_step"] = total
+        return None
+
+    def _require(self) -> RankAllocator:
+        if self.allocator is None:
+            raise AdapterStateError("adalora: the schedule was used before start(length) was called")
+        return self.allocator
+
+    @property
+    def rank_pattern(self) -> dict[str, list[bool]]:
+        """The current keep flags of every adapted matrix."""
+        return rank_pattern(self.model)
+
+    def loss_term(self) -> torch.Tensor | None:
+        """``orth_reg_weight · R_orth`` (None when the weight is 0)."""
+        w = self.config.orth_reg_weight
+        if w == 0:
+            return None
+        return w * orthogonal_regularizer(list(adalora_layers(self.model).values()))
+
+    def after_optimizer_step(self, step: int, global_step: int | None = None) -> dict[str, float] | None:
+        """Importance update and, in step mode, PEFT's masking at ``step``; the allocation's metrics, if any.
+
+        Args:
+            step: The 0-based optimizer step that just ran (gradients still present).
+            global_step: The loop's step counter to record in the history (default ``step``).
+        """
+        if not self.reallocate:
+            return None
+        alloc = self._require()
+        if self.config.schedule == "step":
+            budget, masks = alloc.step(step)
+            return None if masks is None else self._record(step, step if global_step is None else global_step, budget)
+        if alloc.final_pattern is None:
+            alloc.update_importance()
+        else:
+            alloc.apply(alloc.final_pattern)
+        return None
+
+    def after_epoch(self, epoch: int, global_step: int | None = None) -> dict[str, float] | None:
+        """In epoch mode the one reallocation after ``epoch`` completed epochs; its metrics, if any.
+
+        Idempotent per epoch: a resumed run may reach the same epoch end twice.
+        """
+        if not self.reallocate or self.config.schedule != "epoch":
+            return None
+        alloc = self._require()
+        if epoch <= self.last_epoch:
+            return None
+        self.last_epoch = epoch
+        if alloc.final_pattern is not None:
+            return None
+        at = epoch if global_step is None else global_step
+        if epoch >= alloc.total - self.config.tfinal:
+            alloc.finalize()
+            return self._record(epoch, at, alloc.target_budget)
+        budget, now = alloc.budget(epoch)
+        if not now:
+            return None
+        alloc.allocate(budget)
+        return self._record(epoch, at, budget)
+
+    def _record(self, t: int, global_step: int, budget: int) -> dict[str, float]:
+        layers = adalora_layers(self.model)
+        ranks = [layers[n].kept_rank for n in self.names]
+        self.history.append({"t": int(t), "global_step": int(global_step), "budget": int(budget), "ranks": ranks})
+        metrics = {"adalora/budget": float(budget), "adalora/kept": float(sum(ranks))}
+        metrics.update({f"adalora/rank/{n}": float(r) for n, r in zip(self.names, ranks)})
+        return metrics
+
+    def report(self) -> ScheduleReport | None:
+        """The rank history: a table (one row per reallocation) and a heatmap of kept rank, layers × reallocations."""
+        if not self.history:
+            return None
+        columns, rows = rank_history_table(self.names, self.history)
+        heatmap = Heatmap(
+            values=[[float(h["ranks"][i]) for h in self.history] for i in range(len(self.names))],
+            row_labels=list(self.names),
+            column_labels=[str(h["t"]) for h in self.history],
+            vmax=float(self.config.init_r),
+            title="AdaLoRA kept rank per matrix",
+            xlabel="reallocation (t)",
+            colorbar="kept rank",
+        )
+        return ScheduleReport("adalora/ranks", columns, rows, "adalora/rank_heatmap", heatmap)
+
+    def state_dict(self) -> dict[str, Any]:
+        """EMAs, masks, counters and history, so a resumed run continues exactly."""
+        if self.allocator is None and self._pending is not None:
+            return self._pending  # resumed into a run without reallocation: keep the loaded state as it was
+        return {
+            "allocator": None if self.allocator is None else self.allocator.state_dict(),
+            "history": [dict(h, ranks=list(h["ranks"])) for h in self.history],
+            "last_epoch": self.last_epoch,
+            "names": list(self.names),
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Inverse of ``state_dict``, before or after ``start``.
+
+        Raises:
+            AdapterStateError: The state is for other modules.
+        """
+        if list(state.get("names", [])) != self.names:
+            raise AdapterStateError(
+                f"adalora: the checkpoint's AdaLoRA state is for modules {state.get('names', [])[:6]}, this model "
+                f"has {self.names[:6]}; resume with the same model and target_modules"
+            )
+        if self.allocator is None:
+            self._pending = state
+        else:
+            self._apply_state(state)
+
+    def _apply_state(self, state: dict[str, Any]) -> None:
+        alloc = self._require()
+        total = alloc.total
+        if state["allocator"] is not None:
+            alloc.load_state_dict(state["allocator"])
+            alloc.total = total
+        self.history = [dict(h, ranks=list(h["ranks"])) for h in state["history"]]
+        self.last_epoch = int(state["last_epoch"])
+
+
+# ------------------------------------------------------------------------------------------------------------
 # PEFT config translation
 
 
@@ -671,13 +902,6 @@ def _from_peft(d: dict[str, Any]) -> AdaLoRAConfig:
     )
 
 
-def _training_hooks() -> type:
-    # The Lightning driver lives with the other Lightning code; it imports this module lazily, so no cycle.
-    from lightning_adapters.lightning.adalora import AdaLoRATrainingHooks
-
-    return AdaLoRATrainingHooks
-
-
 # PEFT's AdaLoRA defaults per architecture (no mistral/qwen2 entries, unlike LoRA).
 _DEFAULT_TARGETS = {
     "llama": ["q_proj", "v_proj"],
@@ -697,19 +921,22 @@ SPEC = register(
         config_from_peft=_from_peft,
         default_targets=_DEFAULT_TARGETS,
         peft_config_extra=_peft_config_extra,
-        training_hooks=_training_hooks(),
+        training_hooks=AdaLoRASchedule,
     )
 )
 
 __all__ = [
     "AdaLoRAConfig",
     "AdaLoRALayer",
+    "AdaLoRASchedule",
     "RankAllocator",
     "adalora_layers",
     "budget_schedule",
     "masks_for_budget",
     "orthogonal_regularizer",
+    "rank_history_table",
     "rank_pattern",
+    "resolve_total",
     "triplet_scores",
     "update_importance",
 ]

@@ -30,7 +30,7 @@ class ScrambleRank1(L.Callback):
         if trainer.global_rank != 1:
             return
         g = torch.Generator().manual_seed(trainer.current_epoch)
-        for per_layer in get_runtime(pl_module).hooks.allocator.ema.values():
+        for per_layer in get_runtime(pl_module).schedule.allocator.ema.values():
             for t in per_layer.values():
                 t.mul_(torch.rand(t.shape, generator=g))
         self.perturbed = True
@@ -51,8 +51,8 @@ def main(out: Path) -> None:
         callbacks=[scramble, la.AdapterCallback(cfg(schedule="epoch", tinit=0, tfinal=1), module="model")],
     )
     trainer.fit(module, data())
-    hooks = get_runtime(module).hooks
-    result = {"pattern": rank_pattern(module.model), "history": hooks.history, "perturbed": scramble.perturbed}
+    schedule = get_runtime(module).schedule
+    result = {"pattern": rank_pattern(module.model), "history": schedule.history, "perturbed": scramble.perturbed}
     (out / f"rank{trainer.global_rank}.json").write_text(json.dumps(result))
 
 

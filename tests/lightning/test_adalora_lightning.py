@@ -79,7 +79,7 @@ def fit(module: L.LightningModule, config, callbacks=(), ckpt_path=None, adapter
     trainer = L.Trainer(callbacks=[*extra, *callbacks], **{**defaults, **kw})
     torch.manual_seed(adapter_seed)
     trainer.fit(module, data(), ckpt_path=ckpt_path)
-    return trainer, get_runtime(module).hooks
+    return trainer, get_runtime(module).schedule
 
 
 def _kept(module: LlamaLM) -> int:

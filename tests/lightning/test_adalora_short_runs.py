@@ -10,8 +10,8 @@ import torch
 from torch.utils.data import DataLoader, TensorDataset
 
 import lightning_adapters as la
-from lightning_adapters.lightning.adalora import rank_heatmap
-from lightning_adapters.methods.adalora import adalora_layers
+from lightning_adapters.lightning.reports import heatmap_figure
+from lightning_adapters.methods.adalora import AdaLoRASchedule, adalora_layers
 from tests.helpers import tiny_llama
 
 
@@ -112,10 +112,13 @@ NAME_SETS = {
 @pytest.mark.parametrize("names", NAME_SETS.values(), ids=NAME_SETS.keys())
 def test_rank_heatmap_keeps_title_names_and_colour_bar_on_the_canvas(names: list[str]) -> None:
     pytest.importorskip("matplotlib")
-    history = [
+    model = la.inject(tiny_llama(), la.AdaLoRAConfig(init_r=4, target_r=2, target_modules=["q_proj", "v_proj"]))
+    schedule = AdaLoRASchedule(model, la.config_of(model))
+    schedule.names = names
+    schedule.history = [
         {"t": t, "global_step": t, "budget": 0, "ranks": [(i + t) % 5 for i in range(len(names))]} for t in (1, 2)
     ]
-    fig = rank_heatmap(names, history, max_rank=4)
+    fig = heatmap_figure(schedule.report().heatmap)
     fig.canvas.draw()
     renderer = fig.canvas.get_renderer()
     width, height = fig.bbox.width, fig.bbox.height  # pixels

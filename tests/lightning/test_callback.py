@@ -12,7 +12,6 @@ from lightning.pytorch.callbacks import ModelCheckpoint
 
 import lightning_adapters as la
 from lightning_adapters.errors import AdapterConfigError, AdapterStateError
-from lightning_adapters.lightning.hooks import MethodTrainingHooks
 from tests.lightning.models import BoringMLP, TinyLlamaLM, mlp_data, token_data, trainer
 
 TARGETS = ["encoder.0", "encoder.2", "encoder.4"]
@@ -225,31 +224,38 @@ def test_mixin_injects_after_configure_model_once():
 
 
 # ------------------------------------------------------------------------------------------------------------
-# Method training hooks (a fake hooks class stands in for AdaLoRA)
+# Method training schedules (a fake schedule stands in for AdaLoRA's)
 
 
-class FakeHooks(MethodTrainingHooks):
-    instances: list[FakeHooks] = []
+class FakeSchedule:
+    """A ``TrainingSchedule`` recording how the integration drives it."""
+
+    instances: list[FakeSchedule] = []
+    length_unit = "optimizer_steps"
 
     def __init__(self, model, config):
-        super().__init__(model, config)
+        self.model = model
         self.events: list = []
         self.steps = 0
-        FakeHooks.instances.append(self)
+        FakeSchedule.instances.append(self)
 
-    def setup(self, trainer, pl_module):
-        self.events.append(("setup", trainer.global_step))
+    def start(self, length):
+        self.events.append(("start", length))
 
     def loss_term(self):
         return torch.tensor(1.5)
 
-    def on_optimizer_step_end(self, trainer, pl_module, optimizer_step):
+    def after_optimizer_step(self, step, global_step=None):
         grads = [p.grad for n, p in self.model.named_parameters() if "adapter" in n]
-        self.events.append(("step", optimizer_step, all(g is not None for g in grads)))
+        self.events.append(("step", step, all(g is not None for g in grads)))
         self.steps += 1
+        return {"fake/steps": float(self.steps)}
 
-    def on_train_epoch_end(self, trainer, pl_module):
-        self.events.append(("epoch_end", trainer.current_epoch))
+    def after_epoch(self, epoch, global_step=None):
+        self.events.append(("epoch_end", epoch, global_step))
+
+    def report(self):
+        return None
 
     def state_dict(self):
         return {"steps": self.steps}
@@ -282,9 +288,9 @@ class RawLoss(BoringMLP):
 
 @pytest.fixture
 def fake_hooks(monkeypatch):
-    monkeypatch.setattr(la.get_method("lora"), "training_hooks", FakeHooks)
-    FakeHooks.instances.clear()
-    return FakeHooks.instances
+    monkeypatch.setattr(la.get_method("lora"), "training_hooks", FakeSchedule)
+    FakeSchedule.instances.clear()
+    return FakeSchedule.instances
 
 
 def test_hooks_driven_per_optimizer_step_and_loss_term_added(fake_hooks, tmp_path):
@@ -301,8 +307,8 @@ def test_hooks_driven_per_optimizer_step_and_loss_term_added(fake_hooks, tmp_pat
     (hooks,) = fake_hooks
     steps = [e for e in hooks.events if e[0] == "step"]
     assert steps == [("step", i, True) for i in range(6)]
-    assert hooks.events[0] == ("setup", 0)
-    assert [e for e in hooks.events if e[0] == "epoch_end"] == [("epoch_end", 0), ("epoch_end", 1)]
+    assert hooks.events[0] == ("start", 6)  # sized in optimizer steps, as its length_unit asks
+    assert [e for e in hooks.events if e[0] == "epoch_end"] == [("epoch_end", 1, 3), ("epoch_end", 2, 6)]
     # Lightning divides the loss by the accumulation factor before backward.
     assert rec.losses == pytest.approx([(r + 1.5) / 3 for r in model.raw], abs=1e-6)
     saved = torch.load(tmp_path / "last.ckpt", weights_only=True)["callbacks"]["AdapterCallback"]
@@ -313,7 +319,7 @@ def test_hooks_driven_per_optimizer_step_and_loss_term_added(fake_hooks, tmp_pat
         RawLoss(), mlp_data(), ckpt_path=tmp_path / "last.ckpt"
     )
     (resumed,) = fake_hooks
-    assert resumed.events[:2] == [("setup", 0), ("load", 6)]  # state arrives after setup
+    assert resumed.events[:2] == [("start", 9), ("load", 6)]  # state arrives after start
     assert [e[1] for e in resumed.events if e[0] == "step"] == [6, 7, 8]
 
 

@@ -1,4 +1,4 @@
-"""AdaLoRA maths, bad input and the training hooks called directly (no Trainer)."""
+"""AdaLoRA maths, bad input, and its training schedule driven by hand and through the Lightning driver."""
 
 from __future__ import annotations
 
@@ -13,8 +13,9 @@ from torch import nn
 
 import lightning_adapters as la
 from lightning_adapters.interop.peft import peft_config_dict
-from lightning_adapters.lightning.adalora import AdaLoRATrainingHooks
+from lightning_adapters.lightning.hooks import ScheduleDriver
 from lightning_adapters.methods.adalora import (
+    AdaLoRASchedule,
     RankAllocator,
     adalora_layers,
     budget_schedule,
@@ -84,12 +85,12 @@ def _fake_trainer(**kw):
 )
 def test_hooks_setup_rejects_schedules_the_trainer_cannot_size(config, trainer, words) -> None:
     model = la.inject(tiny_llama(), config)
-    hooks = AdaLoRATrainingHooks(model, config)
+    hooks = ScheduleDriver(AdaLoRASchedule(model, config))
     with pytest.raises(la.AdapterConfigError) as err:
-        hooks.setup(trainer, None)
+        hooks.setup(trainer)
     for w in words:
         assert w in str(err.value)
-    assert hooks.allocator is None
+    assert hooks.schedule.allocator is None
 
 
 @pytest.mark.parametrize(
@@ -101,12 +102,17 @@ def test_hooks_setup_rejects_schedules_the_trainer_cannot_size(config, trainer, 
 )
 def test_hooks_setup_turns_reallocation_off_when_the_trainer_run_is_too_short(config, trainer, words) -> None:
     model = la.inject(tiny_llama(), config)
-    hooks = AdaLoRATrainingHooks(model, config)
+    hooks = ScheduleDriver(AdaLoRASchedule(model, config))
     with pytest.warns(UserWarning, match="without rank reallocation") as caught:
-        hooks.setup(trainer, None)
+        hooks.setup(trainer)
     for w in words:
         assert w in str(caught[0].message)
-    assert hooks.reallocate is False and hooks.allocator is None
+    assert hooks.schedule.reallocate is False and hooks.schedule.allocator is None
+    # Driven by hand, the schedule returns the notice instead.
+    notice = AdaLoRASchedule(la.inject(tiny_llama(), config), config).start(
+        trainer.estimated_stepping_batches if config.schedule == "step" else trainer.max_epochs
+    )
+    assert notice == str(caught[0].message)
 
 
 # --- maths ----------------------------------------------------------------------------------------------------
@@ -146,8 +152,7 @@ def test_export_before_any_pruning_has_no_rank_pattern_and_a_valid_total() -> No
     model = la.inject(tiny_llama(), cfg(tinit=3, tfinal=2))
     d = peft_config_dict(model)
     assert d["rank_pattern"] is None and d["total_step"] == 6 and d["peft_type"] == "ADALORA"
-    hooks = AdaLoRATrainingHooks(model, cfg(tinit=3, tfinal=2))
-    hooks.setup(_fake_trainer(estimated_stepping_batches=40), None)
+    AdaLoRASchedule(model, cfg(tinit=3, tfinal=2)).start(40)
     assert peft_config_dict(model)["total_step"] == 40
 
 
@@ -184,7 +189,7 @@ def _drive(model, hooks, trainer, steps, start=0):
         loss.backward()
         opt.step()
         trainer.global_step = t + 1
-        hooks.on_optimizer_step_end(trainer, None, t)
+        hooks.on_optimizer_step_end(trainer, t)
         opt.zero_grad()
     return opt
 
@@ -195,14 +200,14 @@ def test_hooks_log_to_any_logger_without_crashing() -> None:
     model = la.inject(tiny_llama(), config)
     plain, wandb = MetricsOnly(), WandbLike()
     trainer = _fake_trainer(estimated_stepping_batches=8, loggers=[plain, wandb], is_global_zero=True)
-    hooks = AdaLoRATrainingHooks(model, config)
-    hooks.setup(trainer, None)
+    hooks = ScheduleDriver(AdaLoRASchedule(model, config))
+    hooks.setup(trainer)
     _drive(model, hooks, trainer, 8)
-    hooks.on_train_epoch_end(trainer, None)
-    assert [h["t"] for h in hooks.history] == [2, 3, 4, 5, 6]
+    hooks.on_train_epoch_end(trainer)
+    assert [h["t"] for h in hooks.schedule.history] == [2, 3, 4, 5, 6]
     assert plain.metrics[-1]["adalora/kept"] == 8.0 and plain.metrics[-1]["adalora/budget"] == 8.0
     key, columns, rows = wandb.tables[-1]
-    assert columns[4:] == hooks.names and len(rows) == 5
+    assert columns[4:] == hooks.schedule.names and len(rows) == 5
     image = wandb.images[-1][1][0]
     assert isinstance(image, np.ndarray) and image.ndim == 3 and image.shape[2] == 3 and image.dtype == np.uint8
 
@@ -213,29 +218,28 @@ def test_hooks_state_round_trip_continues_exactly() -> None:
     model = la.inject(tiny_llama(), config)
     twin = copy.deepcopy(model)
     trainer = _fake_trainer(estimated_stepping_batches=10)
-    hooks = AdaLoRATrainingHooks(model, config)
-    hooks.setup(trainer, None)
+    hooks = ScheduleDriver(AdaLoRASchedule(model, config))
+    hooks.setup(trainer)
     _drive(model, hooks, trainer, 10)
 
-    # Interrupted twin: 5 steps, then a fresh hooks object restored from the state (and the optimizer's).
-    t_hooks = AdaLoRATrainingHooks(twin, config)
-    t_hooks.setup(_fake_trainer(estimated_stepping_batches=10), None)
+    # Interrupted twin: 5 steps, then a fresh schedule restored from the state (and the optimizer's).
+    t_hooks = ScheduleDriver(AdaLoRASchedule(twin, config))
+    t_hooks.setup(_fake_trainer(estimated_stepping_batches=10))
     opt = _drive(twin, t_hooks, _fake_trainer(), 5)
     state, opt_state = copy.deepcopy(t_hooks.state_dict()), copy.deepcopy(opt.state_dict())
-    resumed = AdaLoRATrainingHooks(twin, config)
-    resumed.load_state_dict(state)  # before setup, as Lightning restores before fit start
-    resumed.setup(_fake_trainer(estimated_stepping_batches=10), None)
+    resumed = AdaLoRASchedule(twin, config)
+    resumed.load_state_dict(state)  # before start, as Lightning restores before fit start
+    resumed.start(10)
     opt2 = torch.optim.AdamW([p for p in twin.parameters() if p.requires_grad], lr=0.02)
     opt2.load_state_dict(opt_state)
-    trainer2 = _fake_trainer()
     for t in range(5, 10):
         ids = token_batch(128, (2, 8), seed=t)
         (twin(input_ids=ids, labels=ids).loss + resumed.loss_term()).backward()
         opt2.step()
-        resumed.on_optimizer_step_end(trainer2, None, t)
+        resumed.after_optimizer_step(t, t + 1)
         opt2.zero_grad()
-    assert resumed.rank_pattern == hooks.rank_pattern
-    assert [h["ranks"] for h in resumed.history] == [h["ranks"] for h in hooks.history]
+    assert resumed.rank_pattern == hooks.schedule.rank_pattern
+    assert resumed.history == hooks.schedule.history
     for k, v in la.adapter_state_dict(model).items():
         assert torch.allclose(la.adapter_state_dict(twin)[k].float(), v.float(), atol=1e-6), k
 
@@ -243,11 +247,11 @@ def test_hooks_state_round_trip_continues_exactly() -> None:
 def test_state_for_other_modules_is_refused() -> None:
     model = la.inject(tiny_llama(), cfg())
     other = la.inject(tiny_llama(), cfg(target_modules=["q_proj"]))
-    hooks = AdaLoRATrainingHooks(model, cfg())
-    hooks.setup(_fake_trainer(), None)
-    state = hooks.state_dict()
+    schedule = AdaLoRASchedule(model, cfg())
+    schedule.start(10)
+    state = schedule.state_dict()
     with pytest.raises(la.AdapterStateError, match="target_modules"):
-        AdaLoRATrainingHooks(other, cfg(target_modules=["q_proj"])).load_state_dict(state)
+        AdaLoRASchedule(other, cfg(target_modules=["q_proj"])).load_state_dict(state)
 
 
 def test_allocator_without_total_step_says_what_to_set() -> None:

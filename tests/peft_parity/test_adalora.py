@@ -10,7 +10,13 @@ import torch
 from peft import AdaLoraConfig, PeftModel, get_peft_model
 
 import lightning_adapters as la
-from lightning_adapters.methods.adalora import RankAllocator, adalora_layers, orthogonal_regularizer, rank_pattern
+from lightning_adapters.methods.adalora import (
+    AdaLoRASchedule,
+    RankAllocator,
+    adalora_layers,
+    orthogonal_regularizer,
+    rank_pattern,
+)
 from tests.helpers import SmallCNN, tiny_gpt2, tiny_llama, token_batch
 
 # One worker runs the whole module, so the shared schedule run below is computed once under xdist.
@@ -56,41 +62,54 @@ def _max_weight_diff(pm, ours) -> float:
 
 
 def _train_pair(steps: int):
-    """Drive PEFT's update_and_allocate and our RankAllocator side by side; yield after every step."""
+    """Drive PEFT's update_and_allocate, our RankAllocator and our AdaLoRASchedule side by side; yield every step.
+
+    ``ours`` runs the hand-written-loop API (``RankAllocator.step``); ``twin`` the schedule the Lightning
+    integration drives (its own loss term, ``after_optimizer_step``); both must follow PEFT.
+    """
     torch.manual_seed(0)
     base = tiny_llama()
     ours = la.inject(copy.deepcopy(base), _our_cfg())
     pm = get_peft_model(base, _peft_cfg())
     _copy_peft_weights(pm, ours)
+    twin = copy.deepcopy(ours)
     alloc = RankAllocator(ours, la.config_of(ours))
-    opt_p = torch.optim.AdamW([p for p in pm.parameters() if p.requires_grad], lr=0.02)
-    opt_o = torch.optim.AdamW([p for p in ours.parameters() if p.requires_grad], lr=0.02)
+    schedule = AdaLoRASchedule(twin, la.config_of(twin))
+    assert schedule.length_unit is None and schedule.start(None) is None  # total_step is in the config
+    opts = [torch.optim.AdamW([p for p in m.parameters() if p.requires_grad], lr=0.02) for m in (pm, ours, twin)]
     layers = list(adalora_layers(ours).values())
     for t in range(steps):
         ids = token_batch(128, (4, 12), seed=t)
         # AdaLoraModel.forward adds orth_reg_weight · R_orth to the model's loss itself.
         loss_p = pm.base_model(input_ids=ids, labels=ids).loss
         loss_o = ours(input_ids=ids, labels=ids).loss + 0.5 * orthogonal_regularizer(layers)
-        loss_p.backward()
-        loss_o.backward()
-        opt_p.step()
-        opt_o.step()
+        loss_t = twin(input_ids=ids, labels=ids).loss + schedule.loss_term()
+        for loss in (loss_p, loss_o, loss_t):
+            loss.backward()
+        for opt in opts:
+            opt.step()
         pm.base_model.update_and_allocate(t)
         budget, _ = alloc.step(t)
-        yield t, pm, ours, alloc, budget
-        opt_p.zero_grad()
-        opt_o.zero_grad()
+        event = schedule.after_optimizer_step(t)
+        yield t, pm, ours, alloc, budget, twin, event
+        for opt in opts:
+            opt.zero_grad()
 
 
 @pytest.fixture(scope="module")
 def schedule_run():
     """One side-by-side run over the whole schedule (17 steps: past the final mask at t = 10)."""
     records = []
-    for t, pm, ours, alloc, budget in _train_pair(17):
+    for t, pm, ours, alloc, budget, twin, event in _train_pair(17):
         records.append(
             dict(
                 t=t,
                 budget=budget,
+                event=event,
+                twin_pattern=rank_pattern(twin),
+                twin_same=all(
+                    torch.equal(v, la.adapter_state_dict(twin)[k]) for k, v in la.adapter_state_dict(ours).items()
+                ),
                 peft_schedule=pm.base_model.rankallocator.budget_schedule(t),
                 our_schedule=alloc.budget(t),
                 peft=_peft_pattern(pm),
@@ -128,6 +147,20 @@ def test_whole_schedule_matches_update_and_allocate(schedule_run) -> None:
         for flags, zero in zip(final.values(), r["zero_e"]):
             assert all(z for keep, z in zip(flags, zero) if not keep)
     assert schedule_run["alloc"].final_pattern is not None
+
+
+def test_the_schedule_the_integration_drives_follows_update_and_allocate(schedule_run) -> None:
+    """``AdaLoRASchedule`` (what AdapterCallback calls) masks as PEFT does and reports each allocation it makes."""
+    records = schedule_run["records"]
+    for r in records:
+        t = r["t"]
+        assert r["twin_same"], t  # the same tensors, bit for bit, as the hand-written RankAllocator loop
+        assert r["twin_pattern"] == r["mine"], t
+        if r["event"] is not None:
+            assert r["event"]["adalora/budget"] == r["peft_schedule"][0], t
+            assert r["event"]["adalora/kept"] == sum(sum(v) for v in r["twin_pattern"].values()), t
+    # Allocation events at the cubic-phase masks and the final mask; none while the final mask is re-applied.
+    assert [r["t"] for r in records if r["event"] is not None] == [4, 6, 8, 10]
 
 
 def test_peft_trained_adapter_loads_through_load_peft(schedule_run, tmp_path) -> None:

@@ -305,15 +305,11 @@ ENGINE_ROWS = [
 
 def _adalora_schedule(m, tmp):
     """A step schedule is refused when the trainer cannot say how many optimizer steps the run has."""
-    from lightning_adapters.lightning.adalora import AdaLoRATrainingHooks
-
-    class _Trainer:
-        estimated_stepping_batches = float("inf")
-        max_epochs = -1
+    from lightning_adapters.methods.adalora import AdaLoRASchedule
 
     la.inject(m, la.AdaLoRAConfig(init_r=4, target_r=2, tinit=6, tfinal=4, target_modules=["q_proj"]))
     _snapshot_into(m)
-    return AdaLoRATrainingHooks(m, la.config_of(m)).setup(_Trainer(), None)
+    return AdaLoRASchedule(m, la.config_of(m)).start(float("inf"))
 
 
 METHOD_ROWS = [

@@ -287,20 +287,16 @@ def _merged_cnn_outputs(d: Path) -> torch.Tensor:
 
 def _lightning_export(kind: str):
     """Run the end-of-fit export of a fitted ``TinyLlamaLM`` with only the ``kind`` export switched on."""
-    from dataclasses import replace
-
     from lightning_adapters.lightning.export import export_at_fit_end
-    from lightning_adapters.lightning.runtime import get_runtime
 
     def write(fitted, d: Path) -> None:
         trainer_, module = fitted
-        runtime = get_runtime(module)
-        runtime.options = replace(
-            runtime.options,
-            export_peft_dir=str(d) if kind == "peft" else None,
-            export_merged_dir=str(d) if kind == "merged" else None,
+        export_at_fit_end(
+            trainer_,
+            module.model,
+            peft_dir=str(d) if kind == "peft" else None,
+            merged_dir=str(d) if kind == "merged" else None,
         )
-        export_at_fit_end(trainer_, module, runtime)
 
     return write
 
@@ -473,36 +469,26 @@ def test_threads_saving_to_one_directory_take_turns(tmp_path):
 
 
 def test_lightning_exports_refuse_non_finite_weights_and_keep_the_previous_exports(tmp_path):
-    from dataclasses import replace
-
     from lightning_adapters.lightning.export import export_at_fit_end
-    from lightning_adapters.lightning.runtime import get_runtime
 
     trainer_, module = _fitted(seed=3)
-    runtime = get_runtime(module)
-    saved_options = runtime.options
-    runtime.options = replace(runtime.options, export_peft_dir=str(tmp_path / "peft"), export_merged_dir=None)
+    export_at_fit_end(trainer_, module.model, peft_dir=str(tmp_path / "peft"))
+    good = files_in(tmp_path)
+    state = la.adapter_state_dict(module.model)
+    key = next(iter(state))
+    kept = state[key].clone()
+    with torch.no_grad():
+        state[key][0, 0] = float("inf")  # a diverged step
     try:
-        export_at_fit_end(trainer_, module, runtime)
-        good = files_in(tmp_path)
-        state = la.adapter_state_dict(module.model)
-        key = next(iter(state))
-        kept = state[key].clone()
-        with torch.no_grad():
-            state[key][0, 0] = float("inf")  # a diverged step
-        try:
-            with pytest.raises(la.AdapterStateError, match=r"save_peft: tensor .* holds 1 non-finite values"):
-                export_at_fit_end(trainer_, module, runtime)
-            assert files_in(tmp_path) == good
-            runtime.options = replace(runtime.options, export_peft_dir=None, export_merged_dir=str(tmp_path / "m"))
-            with pytest.raises(la.AdapterError, match=r"non-finite"):
-                export_at_fit_end(trainer_, module, runtime)
-            assert files_in(tmp_path) == good and not (tmp_path / "m").exists()
-        finally:
-            with torch.no_grad():
-                state[key].copy_(kept)
+        with pytest.raises(la.AdapterStateError, match=r"save_peft: tensor .* holds 1 non-finite values"):
+            export_at_fit_end(trainer_, module.model, peft_dir=str(tmp_path / "peft"))
+        assert files_in(tmp_path) == good
+        with pytest.raises(la.AdapterError, match=r"non-finite"):
+            export_at_fit_end(trainer_, module.model, merged_dir=str(tmp_path / "m"))
+        assert files_in(tmp_path) == good and not (tmp_path / "m").exists()
     finally:
-        runtime.options = saved_options
+        with torch.no_grad():
+            state[key].copy_(kept)
 
 
 def test_export_merged_refuses_a_merge_that_overflows_a_half_precision_base(tmp_path):
