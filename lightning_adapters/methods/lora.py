@@ -56,7 +56,7 @@ from lightning_adapters.config import (
 from lightning_adapters.core.layer import AdapterLayer
 from lightning_adapters.core.targeting import LINEAR_TYPES
 from lightning_adapters.errors import AdapterConfigError, AdapterStateError, NotMergeableError
-from lightning_adapters.methods import lora_data, lora_init, lora_mha, lora_params, trainable_tokens
+from lightning_adapters.methods import lora_data, lora_eva, lora_init, lora_mha, lora_params, trainable_tokens
 from lightning_adapters.methods._common import (
     check_finite,
     check_rank,
@@ -86,11 +86,24 @@ class LoRAConfig(AdapterConfig):
         init_weights: ``True`` (A kaiming-uniform, B = 0), ``"gaussian"`` (A ~ N(0, 1/r), B = 0), ``False``
             (both random: not identity at init), ``"pissa"``, ``"pissa_niter_<K>"``, ``"olora"`` (the adapter
             takes the weight's principal part, the base keeps the residual), ``"orthogonal"`` (B·A = 0 with
-            neither zero), ``"corda"`` (from the layer inputs of a few batches: see
-            ``lightning_adapters.initialize_from_data``) (``init_lora_weights``; maths in ``lora_init``).
+            neither zero), ``"corda"``, ``"eva"`` (from the layer inputs of a few batches: see
+            ``lightning_adapters.initialize_from_data``) (``init_lora_weights``; maths in ``lora_init``,
+            ``lora_data`` and ``lora_eva``).
         corda_method: CorDA's ``"ipm"`` (adapt along the inputs' principal directions) or ``"kpm"`` (the least
             used ones, preserving knowledge) (``corda_config.corda_method``).
-        init_batches: How many train batches a Lightning fit reads for a data-driven init (``"corda"``).
+        eva_rho: EVA's rank redistribution bound (>= 1): a layer may end with up to ``round(rho·r)`` ranks
+            (``eva_config.rho``; 1 keeps every layer's rank).
+        eva_tau: EVA's convergence threshold in [0, 1]: the cosine similarity of a layer's components between two
+            consecutive batches at which it stops (``eva_config.tau``).
+        eva_use_label_mask: EVA skips the token positions whose ``labels`` are ``eva_label_mask_value``
+            (``eva_config.use_label_mask``).
+        eva_label_mask_value: The label of the positions EVA skips (``eva_config.label_mask_value``).
+        eva_whiten: Divide EVA's components by the square roots of their singular values
+            (``eva_config.whiten``).
+        eva_adjust_scaling_factors: Multiply a layer's alpha by ``new_r / r`` after EVA's redistribution, keeping
+            its scale ``alpha / r`` (``eva_config.adjust_scaling_factors``).
+        init_batches: How many train batches a Lightning fit reads for a data-driven init (``"corda"``, ``"eva"``;
+            EVA cycles them until its components converge).
         rank_pattern: ``{module regex: r}`` per-module ranks.
         alpha_pattern: ``{module regex: alpha}`` per-module alphas.
         grouped_conv_layout: How LoRA adapts a conv with ``groups > 1``: ``"mergeable"`` (default: ``A`` grouped
@@ -119,6 +132,12 @@ class LoRAConfig(AdapterConfig):
     use_dora: bool = False
     init_weights: Any = True
     corda_method: str = "ipm"
+    eva_rho: float = 2.0
+    eva_tau: float = 0.99
+    eva_use_label_mask: bool = True
+    eva_label_mask_value: int = -100
+    eva_whiten: bool = False
+    eva_adjust_scaling_factors: bool = True
     init_batches: int = 4
     rank_pattern: dict[str, int] = field(default_factory=dict)
     alpha_pattern: dict[str, float] = field(default_factory=dict)
@@ -167,6 +186,7 @@ class LoRAConfig(AdapterConfig):
                 f"lora: corda_method must be one of {list(lora_data.CORDA_METHODS)}, got {self.corda_method!r}"
             )
         check_positive_int(self.init_batches, "init_batches", "lora")
+        lora_eva.check_options(self)
         self.rank_pattern = pattern_dict(self.rank_pattern, "rank_pattern", "lora")
         self.alpha_pattern = pattern_dict(self.alpha_pattern, "alpha_pattern", "lora")
         for k, v in self.rank_pattern.items():
@@ -413,7 +433,8 @@ class LoRALayer(AdapterLayer):
         check_rank(r, (in_f * k_numel, out_f), name, "lora")
         alpha = float(pattern_value(config.alpha_pattern, name, config.alpha))
         self.r, self.alpha = r, alpha
-        self.scale = lora_scale(alpha, r, config.use_rslora)
+        self.use_rslora = bool(config.use_rslora)
+        self.scale = lora_scale(alpha, r, self.use_rslora)
         self.dropout_p = float(config.dropout)
         self.use_dora = bool(config.use_dora)
         self.in_features, self.out_features = in_f, out_f
@@ -474,8 +495,9 @@ class LoRALayer(AdapterLayer):
         self.register_buffer("init_B", None, persistent=False)
         self.init_mode: Any = config.init_weights
         self.corda_method = config.corda_method
-        # A data-driven init (CorDA) is pending until initialize_from_data runs: until then the layer refuses to
-        # run, merge or convert, since its residual base is unknown (an adapter trained with it would be wrong).
+        # A data-driven init (CorDA, EVA) is pending until initialize_from_data runs: until then the layer refuses
+        # to run, merge or convert, since its residual base or its rank is unknown (an adapter trained with it
+        # would be wrong).
         self.needs_data = config.init_weights in lora_init.DATA_INITS and self.kind in ("linear", "conv1d_t")
         self.module_name = name
         self.residual_applied = False
@@ -496,6 +518,8 @@ class LoRALayer(AdapterLayer):
 
     def _init(self, mode: Any, base: nn.Module, name: str) -> None:
         family = lora_init.base_mode(mode)
+        if mode == "eva" and not self.needs_data:
+            mode = True  # EVA reads Linear/Conv1D inputs only; PEFT gives the other layers the default init
         if self.kind in CONV_KINDS and mode not in (True, False, "gaussian"):
             raise AdapterConfigError(
                 f"lora: init_weights={mode!r} works on Linear and Conv1D layers, not on the convolution {name!r} "
@@ -562,6 +586,17 @@ class LoRALayer(AdapterLayer):
         w = base.weight
         d = delta.t() if self.kind == "conv1d_t" else delta
         w.copy_((w.to(torch.float32) + d.to(w.device)).to(w.dtype))
+
+    def set_rank(self, r: int, alpha: float) -> None:
+        """Give the layer rank ``r`` and scaling numerator ``alpha`` (EVA's redistribution): new ``lora_A (r, in)``
+        and ``lora_B = 0 (out, r)`` on the same device and dtype; the caller writes ``lora_A``."""
+        if self.kind not in ("linear", "conv1d_t") or self.init_A is not None or self.merged:
+            raise AdapterStateError(f"lora: the rank of {self.module_name!r} cannot change (not a plain LoRA Linear)")
+        like = self.lora_A
+        self.lora_A = nn.Parameter(torch.zeros(r, self.in_features, device=like.device, dtype=like.dtype))
+        self.lora_B = nn.Parameter(torch.zeros(self.out_features, r, device=like.device, dtype=like.dtype))
+        self.r, self.alpha = r, float(alpha)
+        self.scale = lora_scale(self.alpha, r, self.use_rslora)
 
     @property
     def changes_base_on_attach(self) -> bool:
@@ -669,14 +704,25 @@ class LoRALayer(AdapterLayer):
     # --- forward -----------------------------------------------------------------------------------------
 
     def check_initialized(self) -> None:
-        """Raise while a data-driven init (CorDA) has not run: the residual base it trains on is not there yet."""
+        """Raise while a data-driven init (CorDA, EVA) has not run: the residual base (CorDA) or the rank (EVA) it
+        trains with is not there yet."""
         if self.needs_data:
+            if self.init_mode == "eva":
+                elsewhere = (
+                    "To use a trained EVA adapter elsewhere, save it with save_peft and load it with load_peft (the "
+                    "file holds EVA's ranks in rank_pattern)"
+                )
+            else:
+                elsewhere = (
+                    "To use a trained CorDA adapter elsewhere, run it on the training's first batches before loading "
+                    "the adapter state, or save it with save_peft(..., convert_to_lora=True) and load that onto the "
+                    "plain base"
+                )
             raise AdapterStateError(
                 f"lora: {self.module_name!r} was injected with init_weights={self.init_mode!r} and has not been "
                 "initialised from data: call lightning_adapters.initialize_from_data(model, batches) before running, "
-                "merging or converting it (a Lightning fit does it from its first init_batches train batches). To use "
-                "a trained CorDA adapter elsewhere, run it on the training's first batches before loading the adapter "
-                "state, or save it with save_peft(..., convert_to_lora=True) and load that onto the plain base"
+                "merging or converting it (a Lightning fit does it from its first init_batches train batches). "
+                + elsewhere
             )
 
     def adapted_forward(self, base: nn.Module, x: torch.Tensor) -> torch.Tensor:
@@ -849,6 +895,7 @@ def _to_peft(cfg: LoRAConfig) -> dict[str, Any]:
         "use_dora": cfg.use_dora,
         "init_lora_weights": cfg.init_weights,
         **({"corda_config": {"corda_method": cfg.corda_method}} if cfg.init_weights == "corda" else {}),
+        **({"eva_config": lora_eva.peft_eva_config(cfg)} if cfg.init_weights == "eva" else {}),
         "rank_pattern": dict(cfg.rank_pattern),
         "alpha_pattern": dict(cfg.alpha_pattern),
         "layers_to_transform": cfg.layers_to_transform,

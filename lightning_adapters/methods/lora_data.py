@@ -25,8 +25,9 @@ from typing import Any
 import torch
 from torch import nn
 
-from lightning_adapters.core.inject import adapted_modules
+from lightning_adapters.core.inject import adapted_modules, disabled, find_records
 from lightning_adapters.errors import AdapterConfigError, AdapterStateError
+from lightning_adapters.methods import lora_eva
 from lightning_adapters.methods._common import weight_as_out_in
 from lightning_adapters.methods.lora_init import DATA_INITS
 
@@ -91,33 +92,96 @@ def initialize_from_data(
     forward_fn: Callable[[nn.Module, Any], Any] | None = None,
     all_reduce: bool | None = None,
 ) -> nn.Module:
-    """Initialise the data-driven LoRA layers of ``model`` (``init_weights="corda"``) from ``batches``.
+    """Initialise the data-driven LoRA layers of ``model`` (``init_weights="corda"`` or ``"eva"``) from ``batches``.
 
-    Call it after ``inject`` and before building the optimizer (a Lightning fit does it itself). Layers already
-    initialised are re-initialised from the original weight.
+    Call it after ``inject`` and before building the optimizer (a Lightning fit does it itself). CorDA layers
+    already initialised are re-initialised from the original weight; EVA runs once per injection (it may change
+    ranks and remove adapters). The adapters are switched off while the batches run: the statistics are those of
+    the base model's layer inputs.
 
     Args:
-        model: A model injected with ``LoRAConfig(init_weights="corda", ...)``.
+        model: A model injected with ``LoRAConfig(init_weights="corda" | "eva", ...)``.
         batches: The batches to read (e.g. the first few of the train dataloader); moved to the model's device.
+            EVA cycles them until its components converge (``eva_tau``).
         forward_fn: ``(model, batch) -> Any`` running the model (default ``default_forward``).
-        all_reduce: Sum the statistics over ``torch.distributed`` ranks (default: when it is initialised); every
-            rank must then call this function.
+        all_reduce: Combine the statistics of all ``torch.distributed`` ranks (default: when it is initialised;
+            CorDA sums the covariances, EVA gathers every layer's input rows); every rank must then call this
+            function, and every rank gets the same init.
 
     Returns:
         ``model``.
 
     Raises:
-        AdapterConfigError: No layer of ``model`` has a data-driven init, or the adapters are merged.
-        AdapterStateError: A layer never ran on ``batches`` or its inputs are not finite.
+        AdapterConfigError: No layer of ``model`` has a data-driven init, the adapters are merged, or EVA already
+            ran on this injection.
+        AdapterStateError: A layer never ran on ``batches``, its inputs are not finite, or EVA did not converge.
     """
     layers = data_init_layers(model)
     if not layers:
         raise AdapterConfigError(
             "initialize_from_data: the model has no LoRA layer with a data-driven init; inject "
-            "LoRAConfig(init_weights='corda', ...) first"
+            "LoRAConfig(init_weights='corda' | 'eva', ...) first"
         )
     if any(layer.merged for _, layer in layers.values()):
         raise AdapterConfigError("initialize_from_data: the adapters are merged; call unmerge(model) first")
+    eva = {name: pair for name, pair in layers.items() if pair[1].init_mode == "eva"}
+    done = [name for name, (_, layer) in eva.items() if not layer.needs_data]
+    if done:
+        raise AdapterConfigError(
+            f"initialize_from_data: EVA already initialised {done[:3]} (it may have changed their ranks); to run it "
+            "again, eject the adapters and inject the config again"
+        )
+    if all_reduce is None:
+        import torch.distributed as dist
+
+        all_reduce = dist.is_available() and dist.is_initialized()
+    batches = list(batches)
+    device = next(iter(layers.values()))[0].weight.device
+    run = forward_fn or default_forward
+    training = model.training
+    model.eval()
+    try:
+        with disabled(model):  # the base model's layer inputs (PEFT hooks the model before or without adapters)
+            if eva:
+                comps = lora_eva.eva_components(
+                    model,
+                    eva,
+                    batches,
+                    run,
+                    _eva_options(model, eva),
+                    gather=all_reduce,
+                    prepare=lambda b: _to_device(b, device),
+                )
+            corda = {name: pair for name, pair in layers.items() if name not in eva}
+            if corda:
+                stats = _covariances(model, corda, batches, run, device)
+    finally:
+        model.train(training)
+    if eva:
+        lora_eva.apply_components(model, eva, comps, _eva_options(model, eva).eva_adjust_scaling_factors)
+    if corda:
+        _reduce(stats, all_reduce)
+        _apply_corda(corda, stats)
+    return model
+
+
+def _eva_options(model: nn.Module, layers: dict[str, tuple[nn.Module, nn.Module]]) -> Any:
+    """The config of the injection holding the EVA layers."""
+    first = next(iter(layers))
+    for prefix, _, rec in find_records(model):
+        if prefix == "" or first.startswith(prefix + "."):
+            return rec.config
+    raise AdapterConfigError(f"initialize_from_data: {first!r} belongs to no injection of this model")
+
+
+def _covariances(
+    model: nn.Module,
+    layers: dict[str, tuple[nn.Module, nn.Module]],
+    batches: list[Any],
+    run: Callable[[nn.Module, Any], Any],
+    device: torch.device,
+) -> dict[str, list]:
+    """CorDA's ``[Σ Xᵀ X (in, in), calls]`` per layer over ``batches``."""
     stats = {
         name: [torch.zeros(layer.in_features, layer.in_features, device=base.weight.device), 0]
         for name, (base, layer) in layers.items()
@@ -136,23 +200,16 @@ def initialize_from_data(
         return hook
 
     handles = [base.register_forward_hook(collect(name)) for name, (base, _) in layers.items()]
-    device = next(iter(layers.values()))[0].weight.device
-    run = forward_fn or default_forward
-    training = model.training
-    enabled = {name: layer.enabled for name, (_, layer) in layers.items()}
-    model.eval()
-    for _, layer in layers.values():
-        layer.enabled = False  # the statistics are the base layer's inputs (PEFT hooks the model before injection)
     try:
         for batch in batches:
             run(model, _to_device(batch, device))
     finally:
         for h in handles:
             h.remove()
-        for name, (_, layer) in layers.items():
-            layer.enabled = enabled[name]
-        model.train(training)
-    _reduce(stats, all_reduce)
+    return stats
+
+
+def _apply_corda(layers: dict[str, tuple[nn.Module, nn.Module]], stats: dict[str, list]) -> None:
     for name, (base, layer) in layers.items():
         total, count = stats[name]
         if count == 0:
@@ -166,7 +223,6 @@ def initialize_from_data(
         layer.lora_B.copy_(B)
         layer.set_residual(base, A, B)
         layer.needs_data = False
-    return model
 
 
 def _original_weight(base: nn.Module, layer: nn.Module) -> torch.Tensor:
@@ -179,12 +235,10 @@ def _original_weight(base: nn.Module, layer: nn.Module) -> torch.Tensor:
     return w
 
 
-def _reduce(stats: dict[str, list], all_reduce: bool | None) -> None:
+def _reduce(stats: dict[str, list], all_reduce: bool) -> None:
     """Sum covariances and call counts over ranks (names sorted, so every rank reduces in the same order)."""
     import torch.distributed as dist
 
-    if all_reduce is None:
-        all_reduce = dist.is_available() and dist.is_initialized()
     if not all_reduce:
         return
     for name in sorted(stats):

@@ -16,12 +16,15 @@ while the adapter holds the weight's principal part:
 
 Non-residual inits keep ``W`` and start from ``B·A = 0``:
 
+- ``"eva"`` (Paischer et al. 2024, EVA): ``A`` the top principal components of the layer's inputs over some
+  batches, ``B = 0``, with the rank budget redistributed between layers by explained variance (see
+  ``lora_eva``; until it runs the layer refuses to run).
 - ``"orthogonal"``: a random orthogonal ``Q (r, r)``; ``A`` from its odd rows, ``B`` from its even rows, so
   ``B·A = 0`` by orthogonality while neither factor is zero.
 
 Refused by name: ``"loftq"`` (needs a bitsandbytes-quantized base, which this library does not have yet),
-``"eva"``, ``"lora_ga"`` and ``"mica"`` (not implemented). PEFT files written with ``"eva"``, ``"loftq"`` or
-``"lora_ga"`` still load: their saved tensors are a plain LoRA.
+``"lora_ga"`` and ``"mica"`` (not implemented). PEFT files written with ``"eva"``, ``"loftq"`` or ``"lora_ga"``
+still load: their saved tensors (and ``rank_pattern``) are a plain LoRA.
 As in PEFT, the weight-based inits apply to Linear and transformers ``Conv1D`` layers; an Embedding falls back to
 the default init and a convolution is refused.
 """
@@ -38,8 +41,8 @@ from lightning_adapters.errors import AdapterConfigError
 #: Inits that replace the base weight by ``W − s·B·A``.
 RESIDUAL_INITS = ("pissa", "olora", "corda")
 #: Inits computed from the layer inputs of a few batches (``lightning_adapters.initialize_from_data``).
-DATA_INITS = ("corda",)
-_NAMED = ("gaussian", "pissa", "olora", "orthogonal", "corda")
+DATA_INITS = ("corda", "eva")
+_NAMED = ("gaussian", "pissa", "olora", "orthogonal", "corda", "eva")
 #: Seed of the random test matrix of ``"pissa_niter_K"`` (PEFT's result after ``torch.manual_seed(0)``).
 PISSA_NITER_SEED = 0
 _PISSA_NITER = re.compile(r"pissa_niter_(\d+)")
@@ -51,10 +54,6 @@ _REFUSED = {
     ),
     "lora_ga": "LoRA-GA (gradient-based init) is not implemented; use 'pissa' or 'eva'",
     "mica": "MiCA (trains lora_A only, from the smallest singular vectors) is not implemented",
-    "eva": (
-        "EVA (incremental PCA of the layer inputs with rank redistribution) is not implemented; use 'corda' for a "
-        "data-driven init, or run EVA in PEFT and load its adapter with load_peft (the saved tensors are plain LoRA)"
-    ),
 }
 
 

@@ -67,7 +67,7 @@ class LoRAMultiheadAttentionLayer(AdapterLayer):
                 f"lora: lora_bias=True on the nn.MultiheadAttention {name!r} is not supported (its projections are "
                 f"merged into the weights for every call); use lora_bias=False or exclude_modules=[{name!r}]"
             )
-        if config.init_weights not in (True, False, "gaussian"):
+        if config.init_weights not in (True, False, "gaussian", "eva"):
             raise AdapterConfigError(
                 f"lora: init_weights={config.init_weights!r} is not available on the nn.MultiheadAttention {name!r}; "
                 "use True, False or 'gaussian' there (exclude_modules for the others)"
@@ -87,7 +87,7 @@ class LoRAMultiheadAttentionLayer(AdapterLayer):
         self.lora_B = nn.Parameter(torch.empty(3 * e, r, device=w.device, dtype=dt))
         self.out_lora_A = nn.Parameter(torch.empty(r, e, device=w.device, dtype=dt))
         self.out_lora_B = nn.Parameter(torch.empty(e, r, device=w.device, dtype=dt))
-        mode = config.init_weights
+        mode = True if config.init_weights == "eva" else config.init_weights  # EVA leaves MHA at the default (PEFT)
         with torch.no_grad():
             for a, b in ((self.lora_A, self.lora_B), (self.out_lora_A, self.out_lora_B)):
                 if mode == "gaussian":
