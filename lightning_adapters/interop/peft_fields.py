@@ -122,8 +122,9 @@ LORA_FIELDS: dict[str, PeftField] = {
     "use_rslora": _s("use_rslora"),
     "init_lora_weights": _s(
         "init_weights ('pissa'/'olora' recomputed on load, 'corda' refused naming the fix, inits that only shape "
-        "the saved tensors load as plain LoRA); 'mica' is refused: MiCA trains lora_A only, and loading it as LoRA "
-        "would train lora_B too",
+        "the saved tensors ('eva' with its rank_pattern, 'orthogonal', ...) load as plain LoRA; 'eva' is computed "
+        "here from data by initialize_from_data or a Lightning fit); 'mica' is refused: MiCA trains lora_A only, and "
+        "loading it as LoRA would train lora_B too",
         refused_values=(_MICA,),
     ),
     "rank_pattern": _s("rank_pattern"),

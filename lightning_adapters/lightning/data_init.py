@@ -1,10 +1,11 @@
-"""Data-driven LoRA inits (CorDA) inside a Lightning fit: right after injection, before the optimizer exists.
+"""Data-driven LoRA inits (CorDA, EVA) inside a Lightning fit: right after injection, before the optimizer exists.
 
 ``AdapterRuntime.after_configure_model`` calls ``initialize_in_fit`` once the adapters are injected. In a fit
 whose config has a data-driven ``init_weights``, it reads the first ``init_batches`` batches of the train
-dataloader (on DDP, rank ``k`` runs batches ``k, k + world, ...`` of them and the statistics are summed over
-ranks, so the init is the one a single process gets from those batches) and initialises the layers before the
-strategy wraps the model and ``configure_optimizers`` runs. A module may define
+dataloader (on DDP, rank ``k`` runs batches ``k, k + world, ...`` of them; CorDA sums its statistics over ranks, so
+the init is the one a single process gets from those batches, and EVA gathers every layer's input rows from all
+ranks, so it is the one a single process gets from batches concatenating the ranks' batches) and initialises the
+layers before the strategy wraps the model and ``configure_optimizers`` runs. A module may define
 ``adapter_init_forward(batch)`` to say how a batch runs the model; otherwise the injected module gets the batch
 as ``lightning_adapters.methods.lora_data.default_forward`` passes it.
 

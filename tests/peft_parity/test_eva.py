@@ -175,7 +175,7 @@ def test_eva_equals_peft_with_whitening_and_a_removed_layer(tmp_path):
 def test_whitening_divides_each_layer_once():
     """The one difference from PEFT: it whitens a shared PCA in place, once per layer reading it, so q_proj and
     k_proj (same inputs) both end with ``V_kᵀ / S`` there instead of ``V_kᵀ / sqrt(S)``. Here both get
-    ``V_kᵀ / sqrt(S)``: rows parallel to PEFT's, longer by ``sqrt(S_i)``, and q_proj's and k_proj's leading rows equal."""
+    ``V_kᵀ / sqrt(S)``: rows parallel to PEFT's, longer by ``sqrt(S_i)``; q_proj's and k_proj's leading rows equal."""
     base = tiny_llama()
     batches = lm_batches(2)
     peft_cfg = LoraConfig(

@@ -26,7 +26,6 @@ def rows(Row: type) -> list:  # noqa: N803 - the Row class of test_bad_inputs
         Row("lora-init-loftq", None, _cfg(init_weights="loftq"), la.AdapterConfigError, r"'loftq'.*quantized"),
         Row("lora-init-mica", None, _cfg(init_weights="mica"), la.AdapterConfigError, r"'mica'.*MiCA"),
         Row("lora-init-lora-ga", None, _cfg(init_weights="lora_ga"), la.AdapterConfigError, r"'lora_ga'"),
-        Row("lora-init-eva", None, _cfg(init_weights="eva"), la.AdapterConfigError, r"'eva'.*EVA.*'corda'"),
         Row(
             "lora-corda-method-unknown",
             None,

@@ -23,6 +23,7 @@ from torch import nn
 import lightning_adapters as la
 from tests.helpers import SmallCNN, Wrap, tiny_bert, tiny_gpt2, tiny_llama
 from tests.reliability import (
+    rows_eva,
     rows_i14lit,
     rows_i15files,
     rows_i15models,
@@ -604,6 +605,7 @@ ROWS += rows_i14lit.rows(sys.modules[__name__])
 ROWS += rows_i18init.rows(Row)
 ROWS += rows_i15red.rows(Row, _snapshot_into)
 ROWS += rows_i18io.rows(Row)
+ROWS += rows_eva.rows(Row)
 
 
 @pytest.mark.parametrize("row", [pytest.param(r, id=r.id) for r in ROWS])
