@@ -41,12 +41,13 @@ def tiny(
     ]
 
 
-def compose_app(overrides: list[str], output_dir: Path) -> DictConfig:
-    """Compose the app's config with ``overrides`` and make ``${hydra:...}`` resolvable, as ``@hydra.main`` does."""
+def compose_app(overrides: list[str], output_dir: Path, config_name: str = "train") -> DictConfig:
+    """Compose the app's config (``train``, or ``eval``) with ``overrides`` and make ``${hydra:...}`` resolvable, as
+    ``@hydra.main`` does."""
     register_configs()
     GlobalHydra.instance().clear()
     with initialize_config_dir(CONFIG_DIR, version_base="1.3"):
-        cfg = compose("train", overrides=overrides, return_hydra_config=True)
+        cfg = compose(config_name, overrides=overrides, return_hydra_config=True)
     HydraConfig.instance().set_config(cfg)
     with open_dict(cfg):
         cfg.paths.output_dir = str(output_dir)
@@ -54,11 +55,11 @@ def compose_app(overrides: list[str], output_dir: Path) -> DictConfig:
     return cfg
 
 
-def run_app(args: list[str], cwd: Path, timeout: float = 240) -> subprocess.CompletedProcess:
-    """Run ``python -m lightning_adapters.train <args>`` in a fresh process (offline, W&B off unless asked)."""
+def run_app(args: list[str], cwd: Path, timeout: float = 240, app: str = "train") -> subprocess.CompletedProcess:
+    """Run ``python -m lightning_adapters.<app> <args>`` in a fresh process (offline, W&B off unless asked)."""
     env = dict(os.environ, PYTHONPATH=str(ROOT), HF_HUB_OFFLINE="1", WANDB_MODE="offline", WANDB_SILENT="true")
     return subprocess.run(
-        [sys.executable, "-m", "lightning_adapters.train", *args],
+        [sys.executable, "-m", f"lightning_adapters.{app}", *args],
         cwd=cwd,
         env=env,
         capture_output=True,

@@ -109,6 +109,11 @@ RULES = (
     ),
     Rule(r"python experiments/collect_sweep\.py .*", (), "reads the sweep the commands before it ran", timeout=120),
     Rule(
+        r"python -m lightning_adapters\.eval ckpt_path=logs/train/runs/<run>/\S+",
+        ("trainer.limit_test_batches=2",),
+        "tests the adapter of the default job the commands before it trained, on 2 test batches",
+    ),
+    Rule(
         r"python experiments/lightning_cli/train\.py fit --config experiments/lightning_cli/config\.yaml "
         r"--config experiments/lightning_cli/(lora|loha)\.yaml",
         ("--trainer.fast_dev_run=true",),
@@ -121,6 +126,7 @@ PLACEHOLDERS = {
     "<time>": lambda repo: _newest(repo / "logs" / "train" / "multiruns").name,
     "<date_time>": lambda repo: _newest(repo / "logs" / "train" / "multiruns").name,
     "<directory holding both multiruns>": lambda repo: "logs/train/multiruns",
+    "<run>": lambda repo: _newest_run_with_checkpoint(repo).name,
 }
 AVOIDABLE_WARNINGS = ("LOAD REPORT", "anonymous setting", "LeafSpec", "Warning:", "WARNING")
 
@@ -130,6 +136,14 @@ def _newest(folder: Path) -> Path:
     if not runs:
         raise AssertionError(f"no run in {folder}: run the README commands before this one first")
     return runs[-1]
+
+
+def _newest_run_with_checkpoint(repo: Path) -> Path:
+    runs = repo / "logs" / "train" / "runs"
+    done = sorted(p for p in runs.iterdir() if (p / "checkpoints" / "last.ckpt").is_file()) if runs.is_dir() else []
+    if not done:
+        raise AssertionError(f"no run with checkpoints/last.ckpt in {runs}: run the README's training commands first")
+    return done[-1]
 
 
 @dataclass(frozen=True)
