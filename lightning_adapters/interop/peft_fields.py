@@ -87,9 +87,10 @@ _LORA_VARIANTS = {
     "megatron_config": _r("Megatron-LM tensor-parallel LoRA layers"),
     "megatron_core": _i("the Python module PEFT imports when megatron_config is set (refused on its own)"),
     "trainable_token_indices": _r("trainable embedding rows (PEFT's TrainableTokens)"),
-    "loftq_config": _i(
-        "initialisation-time only: the file holds the trained LoRA tensors; as in PEFT, they belong on the "
-        "LoftQ-quantized base the user prepares"
+    "loftq_config": _s(
+        "loftq_bits / loftq_iter: with init_lora_weights='loftq' the quantised base is recomputed from the original "
+        "weights on load, as PEFT does; with init_lora_weights=true (PEFT's LoftQ example) the file belongs on the "
+        "LoftQ-quantised base the user saved"
     ),
     "eva_config": _i("initialisation-time only (EVA): the file holds the resulting LoRA tensors"),
     "corda_config": _i("initialisation-time only (CorDA): the file holds the resulting LoRA tensors"),

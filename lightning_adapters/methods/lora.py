@@ -86,7 +86,8 @@ class LoRAConfig(AdapterConfig):
         init_weights: ``True`` (A kaiming-uniform, B = 0), ``"gaussian"`` (A ~ N(0, 1/r), B = 0), ``False``
             (both random: not identity at init), ``"pissa"``, ``"pissa_niter_<K>"``, ``"olora"`` (the adapter
             takes the weight's principal part, the base keeps the residual), ``"orthogonal"`` (B·A = 0 with
-            neither zero), ``"corda"``, ``"eva"`` (from the layer inputs of a few batches: see
+            neither zero), ``"loftq"`` (the base weight becomes its bitsandbytes-quantised value, the adapter holds
+            the quantisation error), ``"corda"``, ``"eva"`` (from the layer inputs of a few batches: see
             ``lightning_adapters.initialize_from_data``) (``init_lora_weights``; maths in ``lora_init``,
             ``lora_data`` and ``lora_eva``).
         corda_method: CorDA's ``"ipm"`` (adapt along the inputs' principal directions) or ``"kpm"`` (the least
@@ -102,6 +103,8 @@ class LoRAConfig(AdapterConfig):
             (``eva_config.whiten``).
         eva_adjust_scaling_factors: Multiply a layer's alpha by ``new_r / r`` after EVA's redistribution, keeping
             its scale ``alpha / r`` (``eva_config.adjust_scaling_factors``).
+        loftq_bits: LoftQ's quantisation: 4 (NF4) or 8 (int8) (``loftq_config.loftq_bits``).
+        loftq_iter: LoftQ's alternations of quantisation and SVD (``loftq_config.loftq_iter``).
         init_batches: How many train batches a Lightning fit reads for a data-driven init (``"corda"``, ``"eva"``;
             EVA cycles them until its components converge).
         rank_pattern: ``{module regex: r}`` per-module ranks.
@@ -138,6 +141,8 @@ class LoRAConfig(AdapterConfig):
     eva_label_mask_value: int = -100
     eva_whiten: bool = False
     eva_adjust_scaling_factors: bool = True
+    loftq_bits: int = 4
+    loftq_iter: int = 1
     init_batches: int = 4
     rank_pattern: dict[str, int] = field(default_factory=dict)
     alpha_pattern: dict[str, float] = field(default_factory=dict)
@@ -187,6 +192,8 @@ class LoRAConfig(AdapterConfig):
             )
         check_positive_int(self.init_batches, "init_batches", "lora")
         lora_eva.check_options(self)
+        check_choice(self.loftq_bits, "loftq_bits", "lora", lora_init.LOFTQ_BITS)
+        check_positive_int(self.loftq_iter, "loftq_iter", "lora")
         self.rank_pattern = pattern_dict(self.rank_pattern, "rank_pattern", "lora")
         self.alpha_pattern = pattern_dict(self.alpha_pattern, "alpha_pattern", "lora")
         for k, v in self.rank_pattern.items():
@@ -495,6 +502,11 @@ class LoRALayer(AdapterLayer):
         self.register_buffer("init_B", None, persistent=False)
         self.init_mode: Any = config.init_weights
         self.corda_method = config.corda_method
+        self.loftq_bits, self.loftq_iter = config.loftq_bits, config.loftq_iter
+        # LoftQ: the quantised base Q (until on_attach writes it), then the original W (so eject can restore it).
+        # Plain attributes in the base's dtype, outside the state dict and the adapter dtype policy.
+        self.loftq_base: torch.Tensor | None = None
+        self.loftq_original: torch.Tensor | None = None
         # A data-driven init (CorDA, EVA) is pending until initialize_from_data runs: until then the layer refuses
         # to run, merge or convert, since its residual base or its rank is unknown (an adapter trained with it
         # would be wrong).
@@ -504,8 +516,12 @@ class LoRALayer(AdapterLayer):
         self._init(config.init_weights, base, name)
         if self.use_dora:
             with torch.no_grad():
-                # The adapted weight at init is W itself (W_res + s·B0·A0 = W for the residual inits).
+                # The adapted weight at init is W itself (W_res + s·B0·A0 = W for the residual inits), or LoftQ's
+                # Q + s·B·A (PEFT's DoRA reads the base after LoftQ replaced it).
                 w = weight_as_out_in(base).to(compute_dtype(base.weight)) if self.init_A is not None else None
+                if self.loftq_base is not None:
+                    cd = compute_dtype(base.weight)
+                    w = self.loftq_base.to(cd) + lora_init.lora_delta(self.lora_A, self.lora_B, self.scale).to(cd)
                 norm = row_norm(w if w is not None else self._merged_weight_fp(base))  # (out,)
             if self.kind in CONV_KINDS:
                 norm = norm.reshape(1, out_f, *([1] * (base.weight.dim() - 2)))
@@ -538,6 +554,14 @@ class LoRALayer(AdapterLayer):
                 self.lora_B.copy_(B)
             self.init_A, self.init_B = A.to(self.lora_A), B.to(self.lora_B)
             return
+        if family == "loftq":
+            self._check_loftq(base, name)
+            with torch.no_grad():
+                q, A, B = lora_init.loftq_factors(weight_as_out_in(base), self.r, self.loftq_bits, self.loftq_iter)
+                self.lora_A.copy_(A)
+                self.lora_B.copy_(B)
+            self.loftq_base = q.to(base.weight.dtype)
+            return
         if self.kind != "embedding" and family == "orthogonal":
             with torch.no_grad():
                 A, B = lora_init.orthogonal_factors(self.r, self.in_features, self.out_features)
@@ -566,6 +590,20 @@ class LoRALayer(AdapterLayer):
                     nn.init.uniform_(self.lora_B_bias, -bound, bound)
                 else:
                     nn.init.zeros_(self.lora_B_bias)
+
+    def _check_loftq(self, base: nn.Module, name: str) -> None:
+        if self.kind != "linear":
+            raise AdapterConfigError(
+                f"lora: init_weights='loftq' works on nn.Linear layers, not on the {type(base).__name__} {name!r} "
+                "(PEFT's LoftQ has no correct form there either); add it to exclude_modules or use init_weights=True"
+            )
+        weight = base.weight
+        if not weight.is_floating_point() or getattr(weight, "quant_state", None) is not None or weight.is_meta:
+            raise AdapterConfigError(
+                f"lora: init_weights='loftq' needs the full-precision weight of {name!r}, which is quantised or "
+                "has no values; inject LoftQ on the plain model (it writes the quantised values into the base "
+                "itself), or load a trained LoftQ adapter onto its quantised base as a plain LoRA"
+            )
 
     # --- residual inits --------------------------------------------------------------------------------------
 
@@ -600,19 +638,30 @@ class LoRALayer(AdapterLayer):
 
     @property
     def changes_base_on_attach(self) -> bool:
-        return self.init_A is not None and not self.residual_applied
+        return (self.init_A is not None and not self.residual_applied) or self.loftq_base is not None
 
     def on_attach(self, base: nn.Module) -> None:
-        """Apply a residual init's ``W − s·B0·A0`` to the base (after every layer was built without error)."""
+        """Apply a residual init's ``W − s·B0·A0``, or LoftQ's ``Q``, to the base (after every layer was built
+        without error)."""
         if self.init_A is not None and not self.residual_applied:
             self.set_residual(base, self.init_A, self.init_B)
+        if self.loftq_base is not None:
+            with torch.no_grad():
+                self.loftq_original = base.weight.detach().clone()
+                base.weight.copy_(self.loftq_base)
+            self.loftq_base = None
 
     def on_eject(self, base: nn.Module, merged: bool) -> None:
-        """Without ``merged``, give a residual init's ``s·B0·A0`` back to the base, restoring ``W``."""
+        """Without ``merged``, give a residual init's ``s·B0·A0`` back to the base, or LoftQ's original ``W``,
+        restoring ``W``."""
         if self.residual_applied and not merged:
             with torch.no_grad():
                 self._add_to_base(base, lora_init.lora_delta(self.init_A, self.init_B, self.scale))
             self.residual_applied = False
+        if self.loftq_original is not None and not merged:
+            with torch.no_grad():
+                base.weight.copy_(self.loftq_original)
+        self.loftq_original = None
 
     # --- weight-space form -------------------------------------------------------------------------------
 
@@ -896,6 +945,11 @@ def _to_peft(cfg: LoRAConfig) -> dict[str, Any]:
         "init_lora_weights": cfg.init_weights,
         **({"corda_config": {"corda_method": cfg.corda_method}} if cfg.init_weights == "corda" else {}),
         **({"eva_config": lora_eva.peft_eva_config(cfg)} if cfg.init_weights == "eva" else {}),
+        **(
+            {"loftq_config": {"loftq_bits": cfg.loftq_bits, "loftq_iter": cfg.loftq_iter}}
+            if cfg.init_weights == "loftq"
+            else {}
+        ),
         "rank_pattern": dict(cfg.rank_pattern),
         "alpha_pattern": dict(cfg.alpha_pattern),
         "layers_to_transform": cfg.layers_to_transform,
@@ -926,7 +980,9 @@ def _from_peft(d: dict[str, Any]) -> LoRAConfig:
                 f"only {k}={neutral!r} adapters can be loaded"
             )
     init = lora_init.init_from_peft(d.get("init_lora_weights", True))
+    loftq = d.get("loftq_config") or {}
     return LoRAConfig(
+        **({"loftq_bits": loftq.get("loftq_bits", 4), "loftq_iter": loftq.get("loftq_iter", 1)} if loftq else {}),
         r=d.get("r", 8),
         alpha=d.get("lora_alpha", 8),
         dropout=d.get("lora_dropout", 0.0) or 0.0,

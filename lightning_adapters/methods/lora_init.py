@@ -22,9 +22,18 @@ Non-residual inits keep ``W`` and start from ``B·A = 0``:
 - ``"orthogonal"``: a random orthogonal ``Q (r, r)``; ``A`` from its odd rows, ``B`` from its even rows, so
   ``B·A = 0`` by orthogonality while neither factor is zero.
 
-Refused by name: ``"loftq"`` (needs a bitsandbytes-quantized base, which this library does not have yet),
-``"lora_ga"`` and ``"mica"`` (not implemented). PEFT files written with ``"eva"``, ``"loftq"`` or ``"lora_ga"``
-still load: their saved tensors (and ``rank_pattern``) are a plain LoRA.
+``"loftq"`` (Li et al. 2023, LoftQ) replaces the base weight by a quantised one and lets the adapter hold the
+quantisation error, alternating ``loftq_iter`` times between bitsandbytes' quantisation (NF4 with blocks of 64, or
+int8 per row) and a truncated SVD, as PEFT's ``loftq_init``::
+
+    R = W;  repeat: Q = deq(quant(R)),  W − Q = U S Vᵀ,  B = U_r·sqrt(S_r),  A = sqrt(S_r)·V_rᵀ,  R = W − B·A
+    base = Q (the last one),  lora_A = A,  lora_B = B      (not divided by the scale s, as PEFT)
+
+so the base holds values bitsandbytes represents exactly (quantising it again changes nothing) and
+``Q + B·A ≈ W``. ``eject`` gives ``W`` back (the layer keeps a copy of it); ``merge`` folds ``s·B·A`` into ``Q``.
+
+Refused by name: ``"lora_ga"`` and ``"mica"`` (not implemented). PEFT files written with ``"eva"`` or
+``"lora_ga"`` still load: their saved tensors (and ``rank_pattern``) are a plain LoRA.
 As in PEFT, the weight-based inits apply to Linear and transformers ``Conv1D`` layers; an Embedding falls back to
 the default init and a convolution is refused.
 """
@@ -42,16 +51,15 @@ from lightning_adapters.errors import AdapterConfigError
 RESIDUAL_INITS = ("pissa", "olora", "corda")
 #: Inits computed from the layer inputs of a few batches (``lightning_adapters.initialize_from_data``).
 DATA_INITS = ("corda", "eva")
-_NAMED = ("gaussian", "pissa", "olora", "orthogonal", "corda", "eva")
+_NAMED = ("gaussian", "pissa", "olora", "orthogonal", "corda", "eva", "loftq")
+#: ``loftq_bits`` values: bitsandbytes NF4 and int8, the two PEFT's ``loftq_init`` quantises with.
+LOFTQ_BITS = (4, 8)
+#: Elements per absmax scale of LoftQ's NF4 (bitsandbytes' ``Params4bit`` default, which PEFT uses).
+LOFTQ_NF4_BLOCKSIZE = 64
 #: Seed of the random test matrix of ``"pissa_niter_K"`` (PEFT's result after ``torch.manual_seed(0)``).
 PISSA_NITER_SEED = 0
 _PISSA_NITER = re.compile(r"pissa_niter_(\d+)")
 _REFUSED = {
-    "loftq": (
-        "LoftQ alternates a bitsandbytes NF4/int8 quantisation of W with an SVD of the quantisation error, and "
-        "lightning_adapters has no quantized bases yet; use 'pissa' on the full-precision base, or run LoftQ in "
-        "PEFT and load the resulting adapter with load_peft onto its quantized base"
-    ),
     "lora_ga": "LoRA-GA (gradient-based init) is not implemented; use 'pissa' or 'eva'",
     "mica": "MiCA (trains lora_A only, from the smallest singular vectors) is not implemented",
 }
@@ -139,6 +147,47 @@ def weight_factors(mode: Any, weight: torch.Tensor, r: int, scale: float) -> tup
     return pissa_factors(w, r, scale, int(niter.group(1)) if niter else None)
 
 
+def quantize_roundtrip(weight: torch.Tensor, bits: int) -> torch.Tensor:
+    """``deq(quant(W))`` in float32 with bitsandbytes: NF4 in blocks of 64 (no double quantisation), or int8 with one
+    absmax scale per row of the float16-rounded weight; the two quantisers of PEFT's ``loftq_init``."""
+    try:
+        import bitsandbytes.functional as bnbf
+    except ImportError as err:
+        raise AdapterConfigError(
+            "lora: init_weights='loftq' quantises with bitsandbytes, which is not installed; pip install bitsandbytes "
+            "(CPU or CUDA)"
+        ) from err
+    w = weight.detach().contiguous()
+    if bits == 4:
+        packed, state = bnbf.quantize_4bit(
+            w.float(), blocksize=LOFTQ_NF4_BLOCKSIZE, compress_statistics=False, quant_type="nf4"
+        )
+        return bnbf.dequantize_4bit(packed, state).float()
+    codes, scales, _ = bnbf.int8_vectorwise_quant(w.to(torch.float16))
+    return bnbf.int8_vectorwise_dequant(codes, scales).float()
+
+
+def loftq_factors(weight: torch.Tensor, r: int, bits: int, iters: int) -> tuple[torch.Tensor, ...]:
+    """LoftQ: the quantised base ``Q (out, in)`` and ``A (r, in)``, ``B (out, r)`` with ``Q + B·A ≈ W``, float32.
+
+    Args:
+        weight: ``W (out, in)``.
+        r: Rank.
+        bits: 4 (NF4) or 8 (int8).
+        iters: Alternations of quantisation and SVD (``loftq_iter`` >= 1).
+    """
+    w = weight.detach().float()
+    target = w
+    for step in range(iters):
+        q = quantize_roundtrip(target, bits)  # (out, in)
+        u, s, vh = torch.linalg.svd(w - q, full_matrices=False)  # (out, k), (k,), (k, in)
+        root = s[:r].sqrt()  # (r,)
+        B, A = u[:, :r] * root, root[:, None] * vh[:r]  # (out, r), (r, in)
+        if step + 1 < iters:
+            target = w - B @ A  # the next quantisation sees W without what the adapter already holds
+    return q, A.contiguous(), B.contiguous()
+
+
 def lora_delta(A: torch.Tensor, B: torch.Tensor, scale: float) -> torch.Tensor:
     """``s·B·A``: (out, r) @ (r, in) -> (out, in), float32 (scaled on the B side, as PEFT rounds it)."""
     return (scale * B.float()) @ A.float()
@@ -158,15 +207,15 @@ def as_plain_lora(
 def init_from_peft(value: Any) -> Any:
     """``init_weights`` for an adapter read from PEFT's ``init_lora_weights``.
 
-    Inits that change the base (``"pissa"``, ``"pissa_niter_K"``, ``"olora"``) are recomputed on load, as PEFT
-    does, so the saved factors land on the same residual weight (for ``"pissa_niter_K"`` only up to the
-    randomised SVD's error when the file comes from PEFT, whose draw cannot be repeated). Inits whose effect is
-    only the saved tensors (``"eva"``, ``"orthogonal"``, ``"loftq"``, ``"lora_ga"``, ...) load as the default.
+    Inits that change the base (``"pissa"``, ``"pissa_niter_K"``, ``"olora"``, ``"loftq"``) are recomputed on
+    load, as PEFT does, so the saved factors land on the same residual / quantised weight (for ``"pissa_niter_K"``
+    only up to the randomised SVD's error when the file comes from PEFT, whose draw cannot be repeated). Inits
+    whose effect is only the saved tensors (``"eva"``, ``"orthogonal"``, ``"lora_ga"``, ...) load as the default.
     ``"corda"`` needs its calibration data to rebuild the residual: refused, naming the fix.
     """
     if isinstance(value, str) and value.lower() in ("olora", "gaussian"):
         value = value.lower()  # PEFT compares these two case-insensitively ("OLoRA")
-    if value in (True, False, "gaussian", "pissa", "olora") or (
+    if value in (True, False, "gaussian", "pissa", "olora", "loftq") or (
         isinstance(value, str) and _PISSA_NITER.fullmatch(value)
     ):
         return value
@@ -197,6 +246,13 @@ def convert_to_plain_lora(
         config: ``peft_config_dict`` output.
         prefix: PEFT's key prefix (``base_model.model.``).
     """
+    loftq = [name for name, layer in layers.items() if getattr(layer, "init_mode", None) == "loftq"]
+    if loftq:
+        raise AdapterConfigError(
+            f"save_peft(convert_to_lora=True): {loftq[:3]} hold LoftQ adapters, trained on the quantised base Q, not "
+            "a low-rank residual of W, so no plain LoRA of the original base equals them (PEFT cannot convert them "
+            "either); save without convert_to_lora (the file recomputes Q from the original base on load)"
+        )
     out = dict(tensors)
     for name, layer in layers.items():
         layer.check_initialized()

@@ -173,6 +173,7 @@ DEDICATED = {
     ("ADAPTION_PROMPT", "adapter_layers"): _LLAMA_ADAPTER_PARITY,
     ("LORA", "trainable_token_indices"): "tests/peft_parity/test_trainable_tokens.py::test_peft_to_ours_to_peft",
     ("LORA", "target_parameters"): "tests/peft_parity/test_lora_target_parameters.py::test_moe_experts_both_ways",
+    ("LORA", "loftq_config"): "tests/peft_parity/test_loftq.py::test_loftq_equals_peft",
 }
 
 # Non-default values of ignored fields, written into a PEFT file by hand (JSON values).
@@ -185,7 +186,6 @@ IGNORED_EXAMPLES = {
     "auto_mapping": {"base_model_class": "Tiny", "parent_library": "tests"},
     "fan_in_fan_out": True,
     "megatron_core": "megatron.core.other",
-    "loftq_config": {"loftq_bits": 4, "loftq_iter": 1},
     "eva_config": {"rho": 2.0},
     "corda_config": {"corda_method": "kpm"},
     "lora_ga_config": {"direction": "ArB2r"},

@@ -1,5 +1,6 @@
-"""Bad-input rows of EVA (``LoRAConfig(init_weights="eva")``): its options, layers it cannot read, a run without
-batches or a second run, and a model used before the data init.
+"""Bad-input rows of EVA and LoftQ (``LoRAConfig(init_weights="eva" | "loftq")``): their options, layers they cannot
+adapt, an EVA run without batches or a second run, a model used before the data init, a LoftQ adapter converted to
+plain LoRA.
 
 ``rows(Row)`` builds them with ``test_bad_inputs.Row`` (passed in, so this module never imports the test module).
 """
@@ -12,7 +13,7 @@ import torch
 from torch import nn
 
 import lightning_adapters as la
-from tests.helpers import tiny_llama
+from tests.helpers import tiny_gpt2, tiny_llama
 
 
 def _cfg(**kw: Any):
@@ -97,5 +98,33 @@ def rows(Row: type) -> list:  # noqa: N803 - the Row class of test_bad_inputs
             lambda m, p: la.initialize_from_data(m, _tokens()),
             la.AdapterConfigError,
             r"EVA already initialised \['model.layers.0.self_attn.q_proj'.*inject the config again",
+        ),
+        Row(
+            "lora-loftq-bits",
+            None,
+            lambda m, p: la.LoRAConfig(init_weights="loftq", loftq_bits=2),
+            la.AdapterConfigError,
+            r"loftq_bits must be one of \[4, 8\], got 2",
+        ),
+        Row(
+            "lora-loftq-iter-zero",
+            None,
+            lambda m, p: la.LoRAConfig(init_weights="loftq", loftq_iter=0),
+            la.AdapterConfigError,
+            r"loftq_iter must be an integer > 0, got 0",
+        ),
+        Row(
+            "lora-loftq-on-conv1d",
+            tiny_gpt2,
+            lambda m, p: la.inject(m, la.LoRAConfig(r=2, target_modules=["c_attn"], init_weights="loftq")),
+            la.AdapterConfigError,
+            r"'loftq' works on nn.Linear layers, not on the Conv1D 'transformer.h.0.attn.c_attn'",
+        ),
+        Row(
+            "lora-loftq-convert-to-lora",
+            lambda: la.inject(tiny_llama(), la.LoRAConfig(r=2, target_modules=["q_proj"], init_weights="loftq")),
+            lambda m, p: la.save_peft(m, p / "out", convert_to_lora=True),
+            la.AdapterConfigError,
+            r"convert_to_lora=True\): .* hold LoftQ adapters.*save without convert_to_lora",
         ),
     ]

@@ -23,7 +23,6 @@ def _inject(**kw: Any):
 def rows(Row: type) -> list:  # noqa: N803 - the Row class of test_bad_inputs
     """The rows, as ``Row`` instances."""
     return [
-        Row("lora-init-loftq", None, _cfg(init_weights="loftq"), la.AdapterConfigError, r"'loftq'.*quantized"),
         Row("lora-init-mica", None, _cfg(init_weights="mica"), la.AdapterConfigError, r"'mica'.*MiCA"),
         Row("lora-init-lora-ga", None, _cfg(init_weights="lora_ga"), la.AdapterConfigError, r"'lora_ga'"),
         Row(
