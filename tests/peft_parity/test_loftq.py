@@ -128,3 +128,20 @@ def test_loftq_refusals(tmp_path):
     with pytest.raises(la.AdapterConfigError, match="convert_to_lora.*LoftQ"):
         la.save_peft(model, tmp_path / "out", convert_to_lora=True)
     assert not (tmp_path / "out").exists()
+
+
+def test_loftq_fit_checkpoint_restores_onto_a_fresh_model(tmp_path):
+    """Q is a function of W: a fresh model recomputes it on restore and gets the trained model's outputs back."""
+    from tests.lightning.models import BoringMLP, mlp_data, trainer
+
+    cfg = la.LoRAConfig(r=4, target_modules=["encoder.0", "encoder.2"], init_weights="loftq", modules_to_save=["head"])
+    model = BoringMLP()
+    t = trainer(max_steps=2, callbacks=[la.AdapterCallback(cfg, verbose=False)])
+    t.fit(model, mlp_data())
+    t.save_checkpoint(tmp_path / "q.ckpt")
+    x = torch.randn(5, 256)
+    fresh = la.restore_from_checkpoint(BoringMLP(), tmp_path / "q.ckpt")
+    with torch.no_grad():
+        torch.testing.assert_close(fresh(x), model(x), rtol=1e-5, atol=1e-6)
+        plain = la.eject(fresh)
+        torch.testing.assert_close(plain.encoder(x), BoringMLP().encoder(x), rtol=0, atol=0)  # W itself
