@@ -65,8 +65,8 @@ from lightning_adapters.core.inject import adapted_modules, find_records
 from lightning_adapters.core.layer import AdapterLayer
 from lightning_adapters.core.targeting import LINEAR_TYPES
 from lightning_adapters.errors import AdapterConfigError, AdapterStateError
+from lightning_adapters.kernels.lowrank import fused_linear_applies, lowrank_linear
 from lightning_adapters.methods._common import add_delta_, check_rank, in_out_features, layer_kind
-from lightning_adapters.methods.lora import _LoRALinear, fused_linear_applies
 from lightning_adapters.registry import MethodSpec, register
 from lightning_adapters.schedules import Heatmap, ScheduleReport
 
@@ -300,12 +300,12 @@ class AdaLoRALayer(AdapterLayer):
 
     def adapted_forward(self, base: nn.Module, x: torch.Tensor) -> torch.Tensor:
         if self.kind != "conv2d" and fused_linear_applies(x, base.weight, self.lora_A):
-            # LoRA's hand-written product with A' = A ⊙ E (autograd splits ∂A' into ∂A and ∂E): the scale folded
+            # The low-rank kernel with A' = A ⊙ E (autograd splits ∂A' into ∂A and ∂E): the scale folded
             # into the base weight or applied to the rank-r factor, rank-r products thin side first.
             weight = base.weight.t() if self.kind == "conv1d_t" else base.weight  # (out, in)
             xd = F.dropout(x, self.dropout_p, True) if self.dropout_p > 0.0 and self.training else None
             scale = self.alpha / (self.r + RANKNUM_EPS)  # ranknum is init_r, fixed
-            return _LoRALinear.apply(x, xd, weight, base.bias, self.lora_A * self.lora_E, self.lora_B, scale)
+            return lowrank_linear(x, xd, weight, base.bias, self.lora_A * self.lora_E, self.lora_B, scale)
         out = base._la_base_forward(x)
         xd = x if x.dtype == self.lora_A.dtype else x.to(self.lora_A.dtype)
         if self.dropout_p > 0.0 and self.training:

@@ -23,7 +23,7 @@ Training options (PEFT semantics): ``rank_dropout`` drops whole output rows of `
 and divides by the mask mean (always rescaled, unlike LoKr); ``module_dropout`` skips the whole adapter for a
 training forward with that probability.
 
-Speed: ``ΔW`` is folded into the base weight, so a forward is one product with ``W + ΔW`` (see ``_lycoris``)
+Speed: ``ΔW`` is folded into the base weight, so a forward is one product with ``W + ΔW`` (see ``kernels.folded``)
 instead of PEFT's base product plus a second full-size product with ``ΔW``; the factors get their exact
 gradient from ``∂L/∂(W + ΔW)``. On Linear/Conv1D layers where it needs fewer multiply-adds (wide layers, small
 ``r``), the update is instead applied as the rank-``r²`` product ``ΔW = A·B`` of ``khatri_rao_factors``,
@@ -55,6 +55,7 @@ from lightning_adapters.config import (
 )
 from lightning_adapters.core.layer import AdapterLayer
 from lightning_adapters.core.targeting import LINEAR_TYPES
+from lightning_adapters.kernels.folded import fold_spec, folded_forward, grad_needed, separate_forward
 from lightning_adapters.methods._common import (
     add_delta_,
     check_rank,
@@ -63,15 +64,7 @@ from lightning_adapters.methods._common import (
     layer_kind,
     pattern_value,
 )
-from lightning_adapters.methods._lycoris import (
-    cp_factor,
-    fold_spec,
-    folded_forward,
-    grad_needed,
-    module_dropped,
-    rank_dropout_multipliers,
-    separate_forward,
-)
+from lightning_adapters.methods._lycoris import cp_factor, module_dropped, rank_dropout_multipliers
 from lightning_adapters.registry import MethodSpec, register
 
 

@@ -54,6 +54,13 @@ from lightning_adapters.config import (
 from lightning_adapters.core.layer import AdapterLayer
 from lightning_adapters.core.targeting import LINEAR_TYPES
 from lightning_adapters.errors import AdapterConfigError
+from lightning_adapters.kernels.folded import (
+    base_weight_out_in,
+    fold_spec,
+    folded_forward,
+    grad_needed,
+    separate_forward,
+)
 from lightning_adapters.methods._common import (
     add_delta_,
     check_rank,
@@ -62,16 +69,7 @@ from lightning_adapters.methods._common import (
     layer_kind,
     pattern_value,
 )
-from lightning_adapters.methods._lycoris import (
-    base_weight_out_in,
-    cp_factor,
-    fold_spec,
-    folded_forward,
-    grad_needed,
-    module_dropped,
-    rank_dropout_multipliers,
-    separate_forward,
-)
+from lightning_adapters.methods._lycoris import cp_factor, module_dropped, rank_dropout_multipliers
 from lightning_adapters.registry import MethodSpec, register
 
 

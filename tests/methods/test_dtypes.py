@@ -33,7 +33,7 @@ def _conv1d_t(in_f: int, out_f: int) -> nn.Module:
 
 LAYERS = {
     "linear": (lambda: nn.Linear(16, 12), lambda: torch.randn(2, 5, 16)),
-    "linear-many-rows": (lambda: nn.Linear(16, 12), lambda: torch.randn(4, 40, 16)),  # folds in _LoRALinear
+    "linear-many-rows": (lambda: nn.Linear(16, 12), lambda: torch.randn(4, 40, 16)),  # folds in kernels.lowrank
     "conv1d_t": (lambda: _conv1d_t(16, 12), lambda: torch.randn(2, 5, 16)),
     "conv2d": (lambda: nn.Conv2d(4, 6, 3, padding=1), lambda: torch.randn(2, 4, 5, 5)),
     "embedding": (lambda: nn.Embedding(10, 8), lambda: torch.randint(0, 10, (2, 5))),
@@ -173,7 +173,7 @@ def test_llama_adapter_policy_on_each_half_dtype(dtype: torch.dtype) -> None:
 @pytest.mark.parametrize("dtype", HALF, ids=lambda d: str(d).split(".")[1])
 @pytest.mark.parametrize("method, layer", [c for c in CASES if c[1] in ("linear", "linear-many-rows", "conv2d")])
 def test_autocast_takes_the_plain_path_with_the_same_maths(method: str, layer: str, dtype: torch.dtype) -> None:
-    """Under CPU autocast the fused Functions step aside (``fused_linear_applies``, ``_lycoris``'s special path,
+    """Under CPU autocast the fused Functions step aside (``fused_linear_applies``, ``kernels.folded``'s special path,
     LoKr's differentiable Kronecker form); values and gradients still match float64 to the half precision."""
     model, x = _build(method, layer)
     ref_model = copy.deepcopy(model).double()

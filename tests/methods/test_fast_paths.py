@@ -20,11 +20,11 @@ Dispatch table (tests named without their ``test_`` prefix; a row starting with 
 | lora ``[W+sBA | sB]`` iff both fold and x needs grad   | x grad / x constant          | lora_fused_thresholds        |
 | lora ``h`` kept iff B needs grad or no fwd fold        | A, B, A+B frozen / trainable | lora_fused_thresholds        |
 | lora dropout in training: no fold, own ``∂x_d``        | 10 / 19 / 64 rows            | lora_fused_dropout           |
-| lora ``_row_chunks``: split iff rows >= 256, even      | 254 / 255 / 256 / 257 rows   | lora_row_split_threshold     |
+| lora ``row_chunks``: split iff rows >= 256, even       | 254 / 255 / 256 / 257 rows   | lora_row_split_threshold     |
 | lora DoRA (plain path), with / without dropout         | Linear, Conv1D, Conv1d,      | dora_formula                 |
 |                                                        | Conv2d groups=2, Embedding   |                              |
 | lora conv (A conv + grouped 1x1 B), Embedding          | dilated, strided g=2, 1x1    | lora_conv_embedding_formula  |
-| adalora ``_LoRALinear`` with ``A ⊙ E``                 | rows 10 / 11 / 19, 7         | adalora_fused_thresholds     |
+| adalora ``LowRankLinear`` with ``A ⊙ E``               | rows 10 / 11 / 19, 7         | adalora_fused_thresholds     |
 | adalora plain path (mixed dtypes), Conv2d              | with / without dropout       | adalora_plain_and_conv       |
 | loha ``_rank_r2_is_cheaper``, grad:                    | (24, 23) fold,               | loha_paths                   |
 |   ``3r²(in + out) < in·out``                           | (25, 24) rank-r²             |                              |
@@ -34,7 +34,7 @@ Dispatch table (tests named without their ``test_`` prefix; a row starting with 
 | lokr ``_kron_is_cheaper``, grad: ``4k < in·out``       | (9, 10) fold, (10, 12) kron  | lokr_paths                   |
 | lokr same, no grad: ``tokens·k <= 8·in·out``           | 34 / 35, 16 / 17 tokens      | lokr_paths                   |
 | lokr full / low-rank w2, w1_a·w1_b; forced kron        | full w2 backward             | lokr_paths                   |
-| loha/lokr conv: ``_FoldedProduct`` / no-grad fold /    | x grad, factors only, no     | loha_lokr_conv_paths         |
+| loha/lokr conv: ``FoldedProduct`` / no-grad fold /     | x grad, factors only, no     | loha_lokr_conv_paths         |
 |   autograd fallback; LoHa CP form                      | grad; reflect, ``'same'``    |                              |
 | oft ``rotated_linear``: rotate tokens iff              | 19 / 20 tokens (20 outs),    | oft_linear_paths             |
 |   tokens < out or a trainable base                     | trainable base               |                              |
@@ -57,7 +57,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import lightning_adapters as la
-from lightning_adapters.methods import lora as lora_mod
+from lightning_adapters.kernels import lowrank
 from lightning_adapters.methods import oft as oft_mod
 from lightning_adapters.methods.lokr import LoKrLayer
 from tests.helpers import Wrap
@@ -146,7 +146,7 @@ def _input(lead: tuple[int, ...], in_f: int, x_grad: bool, dtype: torch.dtype = 
 
 
 # ============================================================================================================
-# LoRA (Linear / Conv1D): _LoRALinear
+# LoRA (Linear / Conv1D): kernels.lowrank.LowRankLinear
 
 
 def lora_scale_ref(alpha: float, r: int, rslora: bool) -> float:
@@ -189,14 +189,14 @@ LORA_SHAPES = [
 def test_lora_fused_thresholds(variant: str, shape, x_grad: bool, frozen: str) -> None:
     in_f, out_f, rows, fold, fold_back = shape
     kind, _, rs = variant.partition("-")
-    assert lora_mod.fold_pays(rows, in_f, out_f) is fold
-    assert lora_mod.fold_pays_backward(rows, in_f, out_f) is fold_back
+    assert lowrank.fold_pays(rows, in_f, out_f) is fold
+    assert lowrank.fold_pays_backward(rows, in_f, out_f) is fold_back
     model = _lora_layer(kind, in_f, out_f, rslora=bool(rs))
     a = model.layer.adapter
     a.lora_A.requires_grad_("A" not in frozen)
     a.lora_B.requires_grad_("B" not in frozen)
     x = _input((rows,) if rows % 2 else (1, rows), in_f, x_grad)  # 2-D rows and a batch of one
-    assert lora_mod.fused_linear_applies(x, model.layer.weight, a.lora_A)
+    assert lowrank.fused_linear_applies(x, model.layer.weight, a.lora_A)
     scale = lora_scale_ref(5.0, 3, bool(rs))
     compare(model, lambda t: _lora_ref(model.layer, t, scale), x, [a.lora_A, a.lora_B])
 
@@ -221,7 +221,7 @@ def test_lora_fused_dropout(rows: int, x_grad: bool, frozen: str) -> None:
 def test_lora_row_split_threshold(in_f: int, out_f: int, rows: int, split: bool, dropout: float, two_threads) -> None:
     """254 rows are below 256: no split; (200, 8, 256): the forward does not fold but the row product splits."""
     split = split and rows >= 256
-    assert (lora_mod._row_chunks(rows) == 2) is split
+    assert (lowrank.row_chunks(rows) == 2) is split
     model = _lora_layer("linear", in_f, out_f, r=3, alpha=5.0, dropout=dropout)
     a = model.layer.adapter
     x = _input((rows,), in_f, True)
@@ -231,7 +231,7 @@ def test_lora_row_split_threshold(in_f: int, out_f: int, rows: int, split: bool,
 @pytest.mark.parametrize("kind", ["linear", "conv1d_t"])
 @pytest.mark.parametrize("dropout", [0.0, 0.3], ids=["nodrop", "drop"])
 def test_lora_plain_path_mixed_dtypes(kind: str, dropout: float) -> None:
-    """fp32 base, fp64 adapter: ``_LoRALinear`` does not apply; the plain path computes the same formula."""
+    """fp32 base, fp64 adapter: ``LowRankLinear`` does not apply; the plain path computes the same formula."""
     model = la.inject(
         Wrap(_base(kind, 13, 7, torch.float32)),
         la.LoRAConfig(
@@ -241,7 +241,7 @@ def test_lora_plain_path_mixed_dtypes(kind: str, dropout: float) -> None:
     a = model.layer.adapter
     _randomize(a)
     x = _input((2, 9), 13, True, torch.float32)
-    assert not lora_mod.fused_linear_applies(x, model.layer.weight, a.lora_A)
+    assert not lowrank.fused_linear_applies(x, model.layer.weight, a.lora_A)
     s = lora_scale_ref(5.0, 3, True)
 
     def ref(t: torch.Tensor) -> torch.Tensor:
@@ -371,7 +371,7 @@ def test_dora_formula(name: str, dropout: float) -> None:
 
 
 # ============================================================================================================
-# AdaLoRA: _LoRALinear with A ⊙ E, the plain path and Conv2d
+# AdaLoRA: LowRankLinear with A ⊙ E, the plain path and Conv2d
 
 
 def _adalora_ref(layer: nn.Module, x: torch.Tensor, p: float = 0.0) -> torch.Tensor:
@@ -396,12 +396,12 @@ def _adalora(base: nn.Module, **kw) -> nn.Module:
 @pytest.mark.parametrize("dropout", [0.0, 0.3], ids=["nodrop", "drop"])
 def test_adalora_fused_thresholds(kind: str, shape, x_grad: bool, dropout: float) -> None:
     in_f, out_f, rows, fold, fold_back = shape
-    assert lora_mod.fold_pays(rows, in_f, out_f) is fold
-    assert lora_mod.fold_pays_backward(rows, in_f, out_f) is fold_back
+    assert lowrank.fold_pays(rows, in_f, out_f) is fold
+    assert lowrank.fold_pays_backward(rows, in_f, out_f) is fold_back
     model = _adalora(_base(kind, in_f, out_f), dropout=dropout)
     a = model.layer.adapter
     x = _input((rows,), in_f, x_grad)
-    assert lora_mod.fused_linear_applies(x, model.layer.weight, a.lora_A)
+    assert lowrank.fused_linear_applies(x, model.layer.weight, a.lora_A)
     compare(model, lambda t: _adalora_ref(model.layer, t, dropout), x, [a.lora_A, a.lora_E, a.lora_B], seed=5)
 
 
@@ -426,7 +426,7 @@ def test_adalora_plain_and_conv(case: str, dropout: float) -> None:
     model = _adalora(_base("linear", 13, 7, torch.float32), dropout=dropout, adapter_dtype="float64")
     a = model.layer.adapter
     x = _input((2, 9), 13, True, torch.float32)
-    assert not lora_mod.fused_linear_applies(x, model.layer.weight, a.lora_A)
+    assert not lowrank.fused_linear_applies(x, model.layer.weight, a.lora_A)
 
     def ref32(t: torch.Tensor) -> torch.Tensor:
         td = F.dropout(t.double(), dropout, True) if dropout else t.double()
@@ -476,7 +476,7 @@ def _linear_ref(method: str, model: nn.Module) -> Callable[[torch.Tensor], torch
 
 # (in, out, r, tokens, grad mode) -> which path; the predicate is asserted.
 LOHA_CASES = [
-    ("fold-grad", 24, 23, 2, 9, True, False),  # 12·(in+out) = 564 >= in·out = 552: fold (_FoldedProduct)
+    ("fold-grad", 24, 23, 2, 9, True, False),  # 12·(in+out) = 564 >= in·out = 552: fold (FoldedProduct)
     ("r2-grad", 25, 24, 2, 9, True, True),  # 588 < 600: rank-r²
     ("r2-nograd", 25, 24, 2, 36, False, True),  # 36·4·49 = 7056 < 12·600 = 7200
     ("fold-nograd", 25, 24, 2, 37, False, False),  # 7252 >= 7200
@@ -570,7 +570,7 @@ LYCORIS_CONVS = {
 @pytest.mark.parametrize("name", list(LYCORIS_CONVS))
 @pytest.mark.parametrize("mode", ["xgrad", "factors-only", "nograd"])
 def test_loha_lokr_conv_paths(method: str, name: str, mode: str) -> None:
-    """Conv layers always fold: ``_FoldedProduct`` with gradients, a no-grad fold without, and the
+    """Conv layers always fold: ``FoldedProduct`` with gradients, a no-grad fold without, and the
     differentiable fallback for padding the Function cannot replay (reflect, ``"same"``)."""
     if method == "loha-cp" and name.startswith("conv1d"):
         pytest.skip("the CP test formula is written for 2-D kernels")

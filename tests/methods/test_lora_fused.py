@@ -13,7 +13,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import lightning_adapters as la
-from lightning_adapters.methods.lora import fold_pays, fold_pays_backward
+from lightning_adapters.kernels.lowrank import fold_pays, fold_pays_backward
 from tests.helpers import Wrap
 
 
@@ -98,7 +98,7 @@ def two_threads():
 
 @pytest.mark.parametrize("rows", [512, 301])
 def test_thin_products_equal_plain_matmul(rows: int, two_threads) -> None:
-    from lightning_adapters.methods.lora import thin_cols_product, thin_rows_product
+    from lightning_adapters.kernels.lowrank import thin_cols_product, thin_rows_product
 
     g = torch.Generator().manual_seed(0)
     u = torch.randn(8, rows, dtype=torch.float64, generator=g).t()  # (rows, 8), a transposed view
@@ -112,9 +112,9 @@ def test_thin_products_equal_plain_matmul(rows: int, two_threads) -> None:
 @pytest.mark.parametrize("dropout", [0.0, 0.3], ids=["nodrop", "drop"])
 def test_fused_matches_autograd_with_split_thin_products(dropout: float, two_threads) -> None:
     """Enough rows (2 × 160) that the rank-r products run as two half-row batches."""
-    from lightning_adapters.methods.lora import _row_chunks
+    from lightning_adapters.kernels.lowrank import row_chunks
 
-    assert _row_chunks(320) == 2 and fold_pays(320, 12, 10) and fold_pays_backward(320, 12, 10)
+    assert row_chunks(320) == 2 and fold_pays(320, 12, 10) and fold_pays_backward(320, 12, 10)
     model = _make("linear", 12, 10, dropout)
     x = torch.randn(2, 160, 12, generator=torch.Generator().manual_seed(1)).requires_grad_(True)
     g = torch.randn(2, 160, 10, generator=torch.Generator().manual_seed(2))

@@ -1,0 +1,144 @@
+"""``kernels.lowrank`` against plain autograd of ``y = x Wᵀ + b + s · (x_d Aᵀ) Bᵀ``, on both sides of each dispatch.
+
+The Function chooses per call: fold ``W + s·B·A`` into the forward product (``fold_pays``), multiply the backward
+by ``[W + s·B·A | s·B]`` (``fold_pays_backward``), keep ``h = A x_d`` (only when B needs a gradient or the forward
+does not fold), split the rank-r products over two row halves (``row_chunks``); with a separate dropout input
+``x_d`` it never folds. Every case compares the output and the gradients of ``x``, ``x_d``, ``W``, ``b``, ``A``,
+``B`` (those that require grad) with the formula written with stock ops.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from lightning_adapters.kernels import lowrank
+from tests.kernels.helpers import F64, assert_kernel_matches, leaf
+
+
+@pytest.fixture
+def two_threads():
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    yield
+    torch.set_num_threads(before)
+
+
+def _formula(x, xd, weight, bias, A, B, s):
+    a_in = x if xd is None else xd
+    y = x @ weight.T + s * (a_in @ A.T) @ B.T
+    return y if bias is None else y + bias
+
+
+# (in, out, rows, forward folds, backward folds): just below and above each edge, and both mixed cases.
+SHAPES = [
+    (12, 10, 10, False, False),
+    (12, 10, 11, False, True),
+    (12, 10, 18, False, True),
+    (12, 10, 19, True, True),
+    (4, 40, 6, False, False),
+    (4, 40, 7, True, False),
+    (4, 40, 10, True, False),
+    (4, 40, 11, True, True),
+]
+
+
+@pytest.mark.parametrize("shape", SHAPES, ids=lambda s: f"{s[0]}x{s[1]}-rows{s[2]}-f{int(s[3])}b{int(s[4])}")
+@pytest.mark.parametrize("grads", ["all", "x-frozen", "A-frozen", "B-frozen", "adapter-only"])
+@pytest.mark.parametrize("layout", ["plain", "transposed-weight-no-bias"])
+def test_lowrank_linear_on_both_sides_of_the_fold_thresholds(shape, grads: str, layout: str) -> None:
+    in_f, out_f, rows, fold, fold_back = shape
+    assert lowrank.fold_pays(rows, in_f, out_f) is fold
+    assert lowrank.fold_pays_backward(rows, in_f, out_f) is fold_back
+    x = leaf(rows, in_f, seed=1, grad=grads not in ("x-frozen", "adapter-only"))
+    if rows % 2 == 0:
+        x = x.view(2, rows // 2, in_f)  # a batch dimension on half the cases
+    if layout == "plain":
+        weight, bias = leaf(out_f, in_f, seed=2, grad=grads == "all"), leaf(out_f, seed=3, grad=grads == "all")
+    else:  # transformers Conv1D stores (in, out): the kernel gets a transposed view
+        weight, bias = leaf(in_f, out_f, seed=2, grad=grads == "all").t(), None
+    A = leaf(3, in_f, seed=4, grad=grads != "A-frozen")
+    B = leaf(out_f, 3, seed=5, grad=grads != "B-frozen")
+    s = 5.0 / 3**0.5
+    assert lowrank.fused_linear_applies(x, weight, A)
+    inputs = [t for t in (x, weight, bias, A, B) if t is not None]
+    assert_kernel_matches(
+        lambda: lowrank.lowrank_linear(x, None, weight, bias, A, B, s),
+        lambda: _formula(x, None, weight, bias, A, B, s),
+        inputs,
+    )
+
+
+@pytest.mark.parametrize("rows", [10, 19, 64])
+@pytest.mark.parametrize("grads", ["all", "x-frozen", "xd-frozen", "A-frozen", "B-frozen"])
+def test_lowrank_linear_with_a_separate_adapter_input(rows: int, grads: str) -> None:
+    """A dropped-out ``x_d`` (here any other tensor): no fold, ``∂x`` and ``∂x_d`` computed apart."""
+    x = leaf(rows, 12, seed=1, grad=grads != "x-frozen")
+    xd = leaf(rows, 12, seed=6, grad=grads != "xd-frozen")
+    weight, bias = leaf(10, 12, seed=2, grad=False), leaf(10, seed=3, grad=False)
+    A, B = leaf(3, 12, seed=4, grad=grads != "A-frozen"), leaf(10, 3, seed=5, grad=grads != "B-frozen")
+    assert_kernel_matches(
+        lambda: lowrank.lowrank_linear(x, xd, weight, bias, A, B, 1.7),
+        lambda: _formula(x, xd, weight, bias, A, B, 1.7),
+        [x, xd, A, B],
+    )
+
+
+def test_lowrank_linear_with_a_product_for_A() -> None:
+    """AdaLoRA passes ``A ⊙ E``: the kernel's ``∂A'`` reaches both factors through autograd."""
+    x = leaf(19, 12, seed=1)
+    weight, bias = leaf(10, 12, seed=2, grad=False), leaf(10, seed=3, grad=False)
+    A, E, B = leaf(3, 12, seed=4), leaf(3, 1, seed=7), leaf(10, 3, seed=5)
+    assert_kernel_matches(
+        lambda: lowrank.lowrank_linear(x, None, weight, bias, A * E, B, 0.4),
+        lambda: _formula(x, None, weight, bias, A * E, B, 0.4),
+        [x, A, E, B],
+    )
+
+
+def test_folded_forward_is_exactly_the_base_when_B_is_zero() -> None:
+    x = leaf(64, 12, seed=1, grad=False)
+    weight, bias = leaf(10, 12, seed=2, grad=False), leaf(10, seed=3, grad=False)
+    A, B = leaf(3, 12, seed=4), torch.zeros(10, 3, dtype=F64, requires_grad=True)
+    assert lowrank.fold_pays(64, 12, 10)
+    assert torch.equal(lowrank.lowrank_linear(x, None, weight, bias, A, B, 2.0), x @ weight.T + bias)
+
+
+def test_fused_linear_applies_only_to_one_dtype_without_autocast() -> None:
+    x, w, a = torch.ones(2, 3), torch.ones(4, 3), torch.ones(1, 3)
+    assert lowrank.fused_linear_applies(x, w, a)
+    assert not lowrank.fused_linear_applies(x, w, a.double())
+    assert not lowrank.fused_linear_applies(x.double(), w, a)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert not lowrank.fused_linear_applies(x, w, a)
+
+
+@pytest.mark.parametrize("rows, split", [(254, True), (255, False), (256, True), (257, False)])
+@pytest.mark.parametrize("xd", [False, True], ids=["x", "xd"])
+def test_lowrank_linear_on_both_sides_of_the_row_split(rows: int, split: bool, xd: bool, two_threads) -> None:
+    """254 rows stay below 256 (no split); odd counts never split."""
+    assert (lowrank.row_chunks(rows) == 2) is (split and rows >= 256)
+    x = leaf(rows, 12, seed=1)
+    xd_t = leaf(rows, 12, seed=6) if xd else None
+    weight, bias = leaf(10, 12, seed=2, grad=False), leaf(10, seed=3, grad=False)
+    A, B = leaf(3, 12, seed=4), leaf(10, 3, seed=5)
+    assert_kernel_matches(
+        lambda: lowrank.lowrank_linear(x, xd_t, weight, bias, A, B, 1.3),
+        lambda: _formula(x, xd_t, weight, bias, A, B, 1.3),
+        [t for t in (x, xd_t, A, B) if t is not None],
+    )
+
+
+@pytest.mark.parametrize("rows", [512, 301])
+def test_thin_products_equal_plain_matmul(rows: int, two_threads) -> None:
+    u = leaf(8, rows, seed=1, grad=False).t()  # (rows, 8), a transposed view
+    v = leaf(rows, 40, seed=2, grad=False)
+    m = leaf(8, 40, seed=3, grad=False)
+    torch.testing.assert_close(lowrank.thin_rows_product(u, v), u.t() @ v, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(lowrank.thin_cols_product(m, v), m @ v.t(), rtol=1e-12, atol=1e-12)
+    assert lowrank.thin_cols_product(m, v).is_contiguous()
+
+
+def test_fold_cat_is_the_folded_weight_beside_the_scaled_B() -> None:
+    w, A, B = leaf(10, 12, seed=1, grad=False), leaf(3, 12, seed=2, grad=False), leaf(10, 3, seed=3, grad=False)
+    torch.testing.assert_close(lowrank.fold_cat(w, A, B, 0.5), torch.cat([w + 0.5 * B @ A, 0.5 * B], dim=1))
