@@ -142,3 +142,29 @@ def add_delta_(weight: torch.Tensor, delta: torch.Tensor, *, sign: float = 1.0, 
     cd = compute_dtype(weight)
     with torch.no_grad():
         write_weight_(weight, weight.to(cd) + delta.to(cd) * sign, safe=safe)
+
+
+# --- orthogonal methods (OFT, BOFT) ------------------------------------------------------------------------
+
+
+def divisors(d: int) -> list[int]:
+    """Every divisor of ``d`` in increasing order."""
+    small = [k for k in range(1, math.isqrt(d) + 1) if d % k == 0]
+    return sorted(set(small + [d // k for k in small]))
+
+
+def rotated_size(base: nn.Module, kind: str) -> tuple[int, str]:
+    """Size of the space OFT/BOFT rotate on ``base`` and how to describe it in errors."""
+    if kind == "linear":
+        return base.in_features, f"in_features={base.in_features}"
+    if kind == "embedding":
+        return base.embedding_dim, f"embedding_dim={base.embedding_dim}"
+    kh, kw = base.kernel_size
+    cin = base.in_channels // base.groups
+    return cin * kh * kw, f"flattened kernel size {cin * kh * kw} (in_channels/groups={cin} × {kh}×{kw})"
+
+
+def block_dropout_mask(n: int, p: float, device: torch.device) -> torch.Tensor:
+    """Boolean (n,) mask with exactly ``⌊p·n⌋`` randomly chosen True entries (the blocks to drop)."""
+    k = int(p * n)
+    return torch.randperm(n, device=device) < k

@@ -21,8 +21,8 @@ not even compile against torch 2.11); here every ``m`` runs in plain PyTorch on 
 Speed: PEFT builds dense d×d permutation and rotation matrices in every forward. Here a permutation is never
 materialised: each factor is one batched ``b×b`` multiply in a layout of the features where its blocks are
 contiguous (``butterfly_layouts``), so going from one factor to the next is a single strided copy. A Linear
-rotates whichever of its input and its weight is smaller (``oft.rotated_linear``) and saves only its input
-for backward (and the unscaled output, for the gradient of ``s``). Conv2d rotates the kernel flattened to
+rotates whichever of its input and its weight is smaller (``kernels.rotation.rotated_linear``) and saves only its
+input for backward (and the unscaled output, for the gradient of ``s``). Conv2d rotates the kernel flattened to
 (out, C/groups·kh·kw) (any stride, padding, dilation and groups; PEFT ignores dilation and rejects groups),
 which merges exactly.
 
@@ -50,15 +50,15 @@ from lightning_adapters.config import (
 )
 from lightning_adapters.core.layer import AdapterLayer
 from lightning_adapters.errors import AdapterConfigError
-from lightning_adapters.methods._common import layer_kind, restore_rows_, stash_rows, write_weight_
-from lightning_adapters.methods.oft import (
+from lightning_adapters.kernels.rotation import block_layout, cayley, rotate_features, rotated_linear
+from lightning_adapters.methods._common import (
     block_dropout_mask,
-    block_layout,
-    cayley,
     divisors,
-    rotate_features,
-    rotated_linear,
+    layer_kind,
+    restore_rows_,
     rotated_size,
+    stash_rows,
+    write_weight_,
 )
 from lightning_adapters.registry import MethodSpec, register
 
@@ -134,7 +134,7 @@ def butterfly_matrix(blocks: list[torch.Tensor], b: int) -> torch.Tensor:
 
 
 def butterfly_layouts(m: int, n: int, b: int) -> tuple[tuple[int, ...], list[tuple]]:
-    """The canonical split of the feature axis and the block layout of every factor (see ``oft.reorder``).
+    """The canonical split of the feature axis and the block layout of every factor (see ``kernels.rotation.reorder``).
 
     For ``m > 1`` the axis is (G, c_{m−1}, …, c_0, h): ``G = N/2^{m−1}`` groups, one bit ``c_j`` per factor and
     half-blocks of ``h = b/2``. Factor ``i`` pairs the two half-blocks that differ in bit ``c_i``; its blocks are

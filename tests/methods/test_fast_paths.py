@@ -38,8 +38,8 @@ Dispatch table (tests named without their ``test_`` prefix; a row starting with 
 |   autograd fallback; LoHa CP form                      | grad; reflect, ``'same'``    |                              |
 | oft ``rotated_linear``: rotate tokens iff              | 19 / 20 tokens (20 outs),    | oft_linear_paths             |
 |   tokens < out or a trainable base                     | trainable base               |                              |
-| oft ``_RotatedLinear`` bwd token-major iff b >= 16     | blocks 15 / 16               | oft_linear_paths             |
-| oft ``_UnitSkewInverse`` Gauss-Jordan iff b <= 8       | blocks 8 / 9 (exact Cayley)  | oft_linear_paths             |
+| oft ``RotatedLinear`` bwd token-major iff b >= 16      | blocks 15 / 16               | oft_linear_paths             |
+| oft ``UnitSkewInverse`` Gauss-Jordan iff b <= 8        | blocks 8 / 9 (exact Cayley)  | oft_linear_paths             |
 | oft Neumann / exact, ``block_share``                   | both                         | oft_linear_paths             |
 | oft Conv2d (groups=2), Embedding                       | Neumann / exact              | oft_conv_and_embedding       |
 | boft token / weight path; m = 1, b = 16 (token-        | 11 / 12 tokens (12 outs)     | boft_linear_paths            |
@@ -57,8 +57,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import lightning_adapters as la
-from lightning_adapters.kernels import lowrank
-from lightning_adapters.methods import oft as oft_mod
+from lightning_adapters.kernels import lowrank, rotation
 from lightning_adapters.methods.lokr import LoKrLayer
 from tests.helpers import Wrap
 from tests.methods.test_boft import _dense_rotation
@@ -649,7 +648,7 @@ def test_oft_linear_paths(case, x_grad: bool, grads: str) -> None:
     base.bias.requires_grad_(grads == "trainable-base")
     if not x_grad and grads == "frozen-adapter":
         pytest.skip("nothing requires grad")
-    assert (b >= oft_mod.TOKEN_MAJOR_MIN_BLOCK) is (b >= 16)
+    assert (b >= rotation.TOKEN_MAJOR_MIN_BLOCK) is (b >= 16)
     x = _input((tokens,) if tokens % 2 else (2, tokens // 2), in_f, x_grad)
 
     def ref(t: torch.Tensor) -> torch.Tensor:

@@ -7,14 +7,14 @@ import torch
 from torch import nn
 
 import lightning_adapters as la
-from lightning_adapters.methods.oft import (
-    OFTConfig,
+from lightning_adapters.kernels.rotation import (
+    TOKEN_MAJOR_MIN_BLOCK,
     block_layout,
     cayley,
     rotate_features,
     rotated_linear,
-    skew_symmetric,
 )
+from lightning_adapters.methods.oft import OFTConfig, skew_symmetric
 from tests.helpers import SmallCNN, Wrap
 
 
@@ -216,8 +216,6 @@ def test_embedding_rotates_the_output_and_merges():
 
 def test_token_major_backward_gradients():
     """Blocks of at least TOKEN_MAJOR_MIN_BLOCK features take the token-major backward on the weight path."""
-    from lightning_adapters.methods.oft import TOKEN_MAJOR_MIN_BLOCK
-
     torch.manual_seed(0)
     b = TOKEN_MAJOR_MIN_BLOCK
     w, bias = torch.randn(5, 2 * b, dtype=torch.float64), torch.randn(5, dtype=torch.float64)
