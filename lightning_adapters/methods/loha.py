@@ -26,7 +26,7 @@ training forward with that probability.
 Speed: ``ΔW`` is folded into the base weight, so a forward is one product with ``W + ΔW`` (see ``kernels.folded``)
 instead of PEFT's base product plus a second full-size product with ``ΔW``; the factors get their exact
 gradient from ``∂L/∂(W + ΔW)``. On Linear/Conv1D layers where it needs fewer multiply-adds (wide layers, small
-``r``), the update is instead applied as the rank-``r²`` product ``ΔW = A·B`` of ``khatri_rao_factors``,
+``r``), the update is instead applied as the rank-``r²`` product ``ΔW = A·B`` of ``kernels.hadamard``,
 added in place to the base output, so no full-size tensor is formed at all.
 
 PEFT's gradients of ``hada_w1_a``/``hada_w2_a`` in the ``use_effective_conv2d`` form are wrong (its
@@ -41,7 +41,6 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from lightning_adapters.config import (
@@ -56,6 +55,7 @@ from lightning_adapters.config import (
 from lightning_adapters.core.layer import AdapterLayer
 from lightning_adapters.core.targeting import LINEAR_TYPES
 from lightning_adapters.kernels.folded import fold_spec, folded_forward, grad_needed, separate_forward
+from lightning_adapters.kernels.hadamard import khatri_rao_factors, rank_r2_linear, rank_r2_pays
 from lightning_adapters.methods._common import (
     add_delta_,
     check_rank,
@@ -130,24 +130,6 @@ def hadamard_delta(
     """
     w1a = scale_rows(w1a, row_scale, out_axis=0)
     return (w1a @ w1b) * (w2a @ w2b)  # (out, r) @ (r, n) ⊙ (out, r) @ (r, n) -> (out, n)
-
-
-def khatri_rao_factors(
-    w1a: torch.Tensor, w1b: torch.Tensor, w2a: torch.Tensor, w2b: torch.Tensor, row_scale: float | torch.Tensor
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """``ΔW`` of ``hadamard_delta`` as a rank-``r²`` product ``A · B``.
-
-    ``(w1a·w1b) ⊙ (w2a·w2b) = Σ_ij (w1a[:, i] ⊙ w2a[:, j]) (w1b[i] ⊙ w2b[j])``, so with column ``i·r + j`` of
-    ``A (out, r²)`` equal to ``w1a[:, i] ⊙ w2a[:, j]`` and row ``i·r + j`` of ``B (r², n)`` equal to
-    ``w1b[i] ⊙ w2b[j]``, ``ΔW = A · B``: a LoRA of rank ``r²`` whose factors are built from ``O(r²·(out + n))``
-    products.
-    """
-    w1a = scale_rows(w1a, row_scale, out_axis=0)
-    out_f, r1 = w1a.shape
-    r2 = w2a.shape[1]
-    a = (w1a[:, :, None] * w2a[:, None, :]).reshape(out_f, r1 * r2)  # (out, r, 1) ⊙ (out, 1, r) -> (out, r²)
-    b = (w1b[:, None, :] * w2b[None, :, :]).reshape(r1 * r2, -1)  # (r, 1, n) ⊙ (1, r, n) -> (r², n)
-    return a, b
 
 
 def hadamard_delta_cp(
@@ -271,27 +253,14 @@ class LoHaLayer(AdapterLayer):
         return separate_forward(base, self.kind, x, self._delta(*tensors))
 
     def _rank_r2_is_cheaper(self, x: torch.Tensor, needs_grad: bool) -> bool:
-        """Per-layer choice between folding and the rank-``r²`` form, by multiply-add counts.
-
-        With gradients the fold adds one full-size product (the weight gradient, ``in·out`` per token) and the
-        rank-``r²`` form six thin ones (``3·r²·(in + out)`` per token); without gradients the fold costs the
-        rebuild of ``W + ΔW`` (about ``(2r + 8)·in·out``) and the rank-``r²`` form ``r²·(in + out)`` per token.
-        """
-        r2, io = self.r * self.r, self.in_features + self.out_features
-        full = self.in_features * self.out_features
-        if needs_grad:
-            return 3 * r2 * io < full
-        return (x.numel() // x.shape[-1]) * r2 * io < (2 * self.r + 8) * full
+        """Whether this layer runs the rank-``r²`` form rather than folding (``kernels.hadamard.rank_r2_pays``)."""
+        return rank_r2_pays(self.r, self.in_features, self.out_features, x.numel() // x.shape[-1], needs_grad)
 
     def _forward_rank_r2(self, base: nn.Module, x: torch.Tensor, tensors: list[torch.Tensor]) -> torch.Tensor:
-        """``base(x) + A (B x)`` with ``ΔW = A·B`` from ``khatri_rao_factors``, accumulated in place."""
-        a, b = khatri_rao_factors(*tensors[:4], tensors[4] if len(tensors) > 4 else self.scale)
-        out = base._la_base_forward(x)  # (..., out)
-        h = F.linear(x if x.dtype == b.dtype else x.to(b.dtype), b)  # (..., in) @ (in, r²) -> (..., r²)
-        if out.dtype == h.dtype:
-            out.view(-1, out.shape[-1]).addmm_(h.reshape(-1, h.shape[-1]), a.t())  # += (N, r²) @ (r², out)
-            return out
-        return out + F.linear(h, a).to(out.dtype)
+        """``base(x) + A (B x)`` with ``ΔW = A·B`` the Khatri-Rao form of the Hadamard product."""
+        w1a = scale_rows(tensors[0], tensors[4] if len(tensors) > 4 else self.scale, out_axis=0)
+        a, b = khatri_rao_factors(w1a, *tensors[1:4])
+        return rank_r2_linear(base, x, a, b)
 
     # --- PEFT layout ---------------------------------------------------------------------------------------
 

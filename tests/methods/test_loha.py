@@ -8,7 +8,8 @@ import torch.nn.functional as F
 from torch import nn
 
 import lightning_adapters as la
-from lightning_adapters.methods.loha import LoHaConfig, LoHaLayer, hadamard_delta, khatri_rao_factors
+from lightning_adapters.kernels.hadamard import khatri_rao_factors
+from lightning_adapters.methods.loha import LoHaConfig, LoHaLayer, hadamard_delta, scale_rows
 from tests.helpers import Wrap, randomize_adapter
 
 
@@ -21,7 +22,7 @@ def _factors(out_f=7, n=5, r=3, seed=0):
 def test_rank_r2_factors_give_the_hadamard_delta(row_scale):
     w1a, w1b, w2a, w2b = _factors()
     scale = torch.linspace(0.0, 2.0, 7, dtype=torch.float64) if row_scale == "tensor" else row_scale
-    a, b = khatri_rao_factors(w1a, w1b, w2a, w2b, scale)
+    a, b = khatri_rao_factors(scale_rows(w1a, scale, out_axis=0), w1b, w2a, w2b)
     assert a.shape == (7, 9) and b.shape == (9, 5)
     expected = (w1a @ w1b) * (w2a @ w2b) * (scale.unsqueeze(1) if row_scale == "tensor" else scale)
     assert torch.allclose(a @ b, expected, atol=1e-12)

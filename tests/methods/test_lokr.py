@@ -8,7 +8,8 @@ import torch.nn.functional as F
 from torch import nn
 
 import lightning_adapters as la
-from lightning_adapters.methods.lokr import LoKrConfig, LoKrLayer, factorization, kron_apply
+from lightning_adapters.kernels.kronecker import kron_apply
+from lightning_adapters.methods.lokr import LoKrConfig, LoKrLayer, factorization
 from tests.helpers import Wrap, randomize_adapter
 
 
