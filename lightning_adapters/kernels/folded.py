@@ -9,9 +9,10 @@ Memory: the autograd Function below saves only ``x``, the base weight (already a
 ``W + ΔW`` is rebuilt in backward, as activation checkpointing would, which costs ``O(out·in·r)`` next to the
 ``O(N·out·in)`` products. PEFT keeps a full-size ``ΔW`` per layer for backward.
 
-``folded_forward`` dispatches: a no-grad fold without gradients, the autograd Function ``FoldedProduct`` with
+``delta_forward`` is the one call a method makes: ``folded_forward`` when everything shares a dtype, which picks a
+no-grad fold without gradients, the autograd Function ``FoldedProduct`` with
 them, and the same expression from differentiable ops under ``torch.compile``, autocast or a padding the Function
-cannot replay. ``separate_forward`` is PEFT's two-product reference form, for adapters in another dtype.
+cannot replay; else ``separate_forward``, PEFT's two-product reference form, for adapters in another dtype.
 
 ``delta_fn(*tensors)`` returns ``ΔW`` as ``(out, in[/groups], *kernel)``, the output-first layout; for
 transformers ``Conv1D`` (weight ``(in, out)``) the base weight is read transposed.
@@ -180,3 +181,17 @@ def separate_forward(base: nn.Module, kind: str, x: torch.Tensor, delta: torch.T
     else:
         extra = base._conv_forward(xd, delta, None)
     return out + extra.to(out.dtype)
+
+
+def delta_forward(
+    base: nn.Module, kind: str, x: torch.Tensor, tensors: Sequence[torch.Tensor], delta_fn: Callable[..., torch.Tensor]
+) -> torch.Tensor:
+    """``op(x, W + ΔW) + b`` with ``ΔW = delta_fn(*tensors)``: the dispatch of an additive weight-space adapter.
+
+    Folded (``folded_forward``) when ``x``, the base weight and ``tensors[0]`` share one dtype; otherwise PEFT's
+    ``base(x) + op(x, ΔW)`` (``separate_forward``) with the adapter product in the adapter's dtype.
+    """
+    dt = tensors[0].dtype
+    if x.dtype == dt and base.weight.dtype == dt:
+        return folded_forward(base, fold_spec(base, kind, delta_fn), x, tensors)
+    return separate_forward(base, kind, x, delta_fn(*tensors))

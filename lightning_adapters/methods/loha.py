@@ -54,7 +54,7 @@ from lightning_adapters.config import (
 )
 from lightning_adapters.core.layer import AdapterLayer
 from lightning_adapters.core.targeting import LINEAR_TYPES
-from lightning_adapters.kernels.folded import fold_spec, folded_forward, grad_needed, separate_forward
+from lightning_adapters.kernels.folded import delta_forward, grad_needed
 from lightning_adapters.kernels.hadamard import khatri_rao_factors, rank_r2_linear, rank_r2_pays
 from lightning_adapters.methods._common import (
     add_delta_,
@@ -248,9 +248,7 @@ class LoHaLayer(AdapterLayer):
             tensors = [*tensors, keep * self.scale]
         if self.kind in ("linear", "conv1d_t") and self._rank_r2_is_cheaper(x, grad_needed(base, x, tensors)):
             return self._forward_rank_r2(base, x, tensors)
-        if x.dtype == dt and base.weight.dtype == dt:
-            return folded_forward(base, fold_spec(base, self.kind, self._delta), x, tensors)
-        return separate_forward(base, self.kind, x, self._delta(*tensors))
+        return delta_forward(base, self.kind, x, tensors, self._delta)
 
     def _rank_r2_is_cheaper(self, x: torch.Tensor, needs_grad: bool) -> bool:
         """Whether this layer runs the rank-``r²`` form rather than folding (``kernels.hadamard.rank_r2_pays``)."""

@@ -54,12 +54,7 @@ from lightning_adapters.config import (
 from lightning_adapters.core.layer import AdapterLayer
 from lightning_adapters.core.targeting import LINEAR_TYPES
 from lightning_adapters.errors import AdapterConfigError
-from lightning_adapters.kernels.folded import (
-    fold_spec,
-    folded_forward,
-    grad_needed,
-    separate_forward,
-)
+from lightning_adapters.kernels.folded import delta_forward, grad_needed
 from lightning_adapters.kernels.kronecker import kron_linear, kron_pays
 from lightning_adapters.methods._common import (
     add_delta_,
@@ -305,10 +300,7 @@ class LoKrLayer(AdapterLayer):
             needs_grad = grad_needed(base, x, tensors)
             if not same_dtype or self._kron_is_cheaper(x.numel() // x.shape[-1], needs_grad):
                 return self._forward_kron(base, x, tensors, mask, same_dtype, needs_grad)
-        extra = [] if mask is None else [mask]
-        if same_dtype:
-            return folded_forward(base, fold_spec(base, self.kind, self._delta), x, tensors + extra)
-        return separate_forward(base, self.kind, x, self._delta(*tensors, *extra))
+        return delta_forward(base, self.kind, x, tensors + ([] if mask is None else [mask]), self._delta)
 
     def _forward_kron(
         self,

@@ -144,3 +144,26 @@ def test_base_weight_out_in_reads_conv1d_t_transposed() -> None:
     w = torch.arange(6.0).reshape(2, 3)
     assert folded.base_weight_out_in(w, "conv1d_t").shape == (3, 2)
     assert folded.base_weight_out_in(w, "linear") is w
+
+
+@pytest.mark.parametrize("adapter_dtype", [torch.float64, torch.float32], ids=["same-dtype", "other-dtype"])
+@pytest.mark.parametrize("name", ["linear", "conv2d-strided-groups"])
+def test_delta_forward_folds_in_one_dtype_and_separates_otherwise(name: str, adapter_dtype: torch.dtype) -> None:
+    """float64 base: float64 factors fold (the Function is in the graph), float32 factors run PEFT's two products."""
+    base, shape, kind = _base(name)
+    base.requires_grad_(False)
+    p, q, dshape = _factors(base, kind, "x-and-factors")
+    p, q = (t.detach().to(adapter_dtype).requires_grad_() for t in (p, q))
+    x = leaf(*shape, seed=3)
+    out = folded.delta_forward(base, kind, x, [p, q], _delta_fn(dshape))
+    assert (type(out.grad_fn).__name__ == "FoldedProductBackward") is (adapter_dtype == torch.float64)
+    tol = 1e-10 if adapter_dtype == torch.float64 else 1e-5
+
+    def formula() -> torch.Tensor:
+        dw = _delta_fn(dshape)(p, q)
+        if adapter_dtype == torch.float64:
+            return _reference(base, kind, x, dw)
+        extra = F.linear(x.float(), dw) if kind == "linear" else base._conv_forward(x.float(), dw, None)
+        return base(x) + extra.double()
+
+    assert_kernel_matches(lambda: out, formula, [x, p, q], rtol=tol, atol=tol)
