@@ -208,6 +208,12 @@ class TextRegressor(L.LightningModule):
         pooled = pool(hidden, attention_mask, self.pooling)  # (B, H)
         return self.head(self.dropout(pooled.to(self.head.weight.dtype))).squeeze(-1)  # (B,)
 
+    def adapter_init_batch(self, batch: tuple[torch.Tensor, ...]) -> dict[str, torch.Tensor]:
+        """A train batch as this module's (or its backbone's) keyword arguments, for the data-driven LoRA inits
+        (CorDA, EVA; EVA then skips the padded positions)."""
+        ids, mask, _ = batch
+        return {"input_ids": ids, "attention_mask": mask}
+
     def _loss(self, out: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         out, y = out.float(), y.float()
         if self.objective == "regression":

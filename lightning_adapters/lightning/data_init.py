@@ -6,8 +6,10 @@ dataloader (on DDP, rank ``k`` runs batches ``k, k + world, ...`` of them; CorDA
 the init is the one a single process gets from those batches, and EVA gathers every layer's input rows from all
 ranks, so it is the one a single process gets from batches concatenating the ranks' batches) and initialises the
 layers before the strategy wraps the model and ``configure_optimizers`` runs. A module may define
-``adapter_init_forward(batch)`` to say how a batch runs the model; otherwise the injected module gets the batch
-as ``lightning_adapters.methods.lora_data.default_forward`` passes it.
+``adapter_init_batch(batch)`` to turn a train batch into what the injected module is called with (a mapping is
+passed as keyword arguments, and EVA then reads only the token positions its ``attention_mask`` and ``labels``
+keep), or ``adapter_init_forward(batch)`` to run the model itself; otherwise the injected module gets the batch as
+``lightning_adapters.methods.lora_data.default_forward`` passes it.
 
 On a resumed fit the init runs again on the same first batches, then the checkpoint restores the trained
 factors: the residual base is the same as long as the dataloader yields the same first batches.
@@ -39,6 +41,9 @@ def initialize_in_fit(pl_module: nn.Module, target: nn.Module, config: Any) -> b
     rank, world = trainer.global_rank, trainer.world_size
     first = itertools.islice(iter(source.dataloader()), config.init_batches)
     mine = [batch for i, batch in enumerate(first) if i % world == rank]
+    convert = getattr(pl_module, "adapter_init_batch", None)
+    if callable(convert):
+        mine = [convert(batch) for batch in mine]
     custom = getattr(pl_module, "adapter_init_forward", None)
     forward = (lambda _model, batch: custom(batch)) if callable(custom) else default_forward
     initialize_from_data(target, mine, forward_fn=forward, all_reduce=world > 1)

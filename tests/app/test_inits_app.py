@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pytest
@@ -9,8 +10,8 @@ import torch
 from hydra.utils import instantiate
 
 import lightning_adapters as la
-from lightning_adapters.train import method_config
-from tests.app.conftest import compose_app
+from lightning_adapters.train import method_config, train
+from tests.app.conftest import compose_app, tiny
 
 
 @pytest.mark.parametrize("init", ["pissa", "pissa_niter_3", "olora", "orthogonal", "corda", "eva", "loftq", "false"])
@@ -18,6 +19,41 @@ def test_init_weights_composes(init: str, tmp_path: Path) -> None:
     cfg = compose_app([f"method.init_weights={init}"], tmp_path)
     config = method_config(cfg.method, head="head")
     assert config.init_weights == (False if init == "false" else init)
+
+
+@pytest.mark.parametrize("init", ["corda", "eva"])
+def test_data_driven_init_trains_in_the_app(init: str, tmp_path: Path) -> None:
+    """The app's module hands its (ids, mask, y) batches to the data init as keyword arguments
+    (``adapter_init_batch``), so CorDA and EVA run inside its fit; the exported adapter names the init."""
+    cfg = compose_app([*tiny(), "trainer.fast_dev_run=true", f"method.init_weights={init}"], tmp_path)
+    summary = train(cfg)
+    assert 0 < summary["params/trainable"] < summary["params/total"]
+    written = json.loads((tmp_path / "peft" / "adapter_config.json").read_text())
+    assert written["init_lora_weights"] == init
+
+
+def test_adapter_init_batch_gives_eva_the_attention_mask(tmp_path: Path) -> None:
+    """EVA reads only the positions the mask keeps: padding the batches with garbage tokens changes nothing."""
+    from lightning_adapters.app.task import TextRegressor
+
+    g = torch.Generator().manual_seed(0)
+    ids = torch.randint(0, 100, (8, 6), generator=g)
+    mask = torch.ones_like(ids)
+    padded = torch.cat([ids, torch.randint(0, 100, (8, 3), generator=g)], dim=1)
+    padded_mask = torch.cat([mask, torch.zeros(8, 3, dtype=torch.long)], dim=1)
+    y = torch.zeros(8)
+    cfg = la.LoRAConfig(r=2, target_modules=["query", "value"], init_weights="eva", eva_tau=0.8)
+    factors = []
+    for batch in ((ids, mask, y), (padded, padded_mask, y)):
+        torch.manual_seed(0)
+        module = instantiate(compose_app(["model=tiny_bert"], tmp_path).model)
+        assert isinstance(module, TextRegressor)
+        la.inject(module.backbone, cfg)
+        la.initialize_from_data(module.backbone, [module.adapter_init_batch(batch)])
+        factors.append({k: v for k, v in la.adapter_state_dict(module.backbone).items() if k.endswith("lora_A")})
+    assert factors[0].keys() == factors[1].keys()
+    for k in factors[0]:
+        torch.testing.assert_close(factors[1][k], factors[0][k], rtol=1e-5, atol=1e-6)
 
 
 def test_loftq_options_compose(tmp_path: Path) -> None:
