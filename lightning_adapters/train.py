@@ -213,6 +213,13 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     return summary
 
 
+def _task_overrides() -> list[str]:
+    """The job's command-line overrides (empty outside a Hydra run)."""
+    from hydra.core.hydra_config import HydraConfig
+
+    return list(HydraConfig.get().overrides.task) if HydraConfig.initialized() else []
+
+
 def _method_choice() -> str | None:
     """The ``method`` option Hydra composed (``None`` outside a Hydra run)."""
     from hydra.core.hydra_config import HydraConfig
@@ -231,6 +238,12 @@ def _train(cfg: DictConfig, out_dir: Path, started: float) -> dict[str, Any]:
     trainer = job.trainer
     # Plain resolved containers (never ListConfig/DictConfig) for the loggers; Hydra's own node is not logged.
     plain = OmegaConf.to_container(OmegaConf.masked_copy(cfg, [k for k in cfg if k != "hydra"]), resolve=True)
+    # What a sweep summary reads back from a W&B run whose summary.json did not come back from a cluster.
+    plain["run"] = {
+        "method": spec_for_config(job.config).name if job.config is not None else "none",
+        "rank": rank_of(job.config),
+        "overrides": _task_overrides(),
+    }
     for logger in trainer.loggers:
         logger.log_hyperparams(plain)
 
@@ -280,6 +293,8 @@ def _train(cfg: DictConfig, out_dir: Path, started: float) -> dict[str, Any]:
 
 
 def _hydra_entry(cfg: DictConfig) -> float | None:
+    # A launcher plugin (submitit, Ray) runs this in another process, which has not registered the resolvers.
+    register_configs()
     summary = train(cfg)
     best = summary.get("best_metric")
     # Optuna maximises or minimises this value; a failed metric must not look like a good one.
@@ -295,6 +310,10 @@ def main() -> float | None:
     # Lightning 2.6 calls a torch.utils._pytree API that newer torch deprecates, on every fit: nothing a user of
     # the app can act on.
     warnings.filterwarnings("ignore", message=r"`isinstance\(treespec, LeafSpec\)` is deprecated")
+    # configs/hydra/launcher/<name>.yaml tunes the launcher plugin's config of the same name, which Hydra 1.3 uses
+    # as its schema (so a wrong key or type still fails at compose time) while warning that this matching by name
+    # is deprecated: nothing a user of the app can act on.
+    warnings.filterwarnings("ignore", message=r"'hydra/launcher/\w+' is validated against ConfigStore schema")
     register_configs()
     return hydra.main(config_path=CONFIG_DIR, config_name="train", version_base="1.3")(_hydra_entry)()
 
