@@ -13,6 +13,8 @@ so ``W_res + s·B·A = W`` at the start, as for PiSSA. Equal to PEFT's ``preproc
 
 ``initialize_from_data`` runs the model on the batches, collects the statistics (summed over ranks when
 ``torch.distributed`` is initialised, so every rank gets the same init) and re-initialises every CorDA layer.
+EVA layers (``init_weights="eva"``, maths in ``lora_eva``) are initialised by the same call, from the same
+batches cycled until their components converge.
 In a Lightning fit ``AdapterCallback``/``AdapterMixin`` call it on the first ``init_batches`` train batches
 right after injection, before the optimizer exists (``lightning_adapters.lightning.data_init``).
 """
