@@ -63,6 +63,8 @@ _LAZY = {
     "export_merged": "lightning_adapters.lightning.export",
     "loraplus_param_groups": "lightning_adapters.optim",
     "initialize_from_data": "lightning_adapters.methods.lora_data",
+    "quantize": "lightning_adapters.quant",
+    "merge_errors": "lightning_adapters.core.quant_ops",
 }
 
 

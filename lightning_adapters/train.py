@@ -142,6 +142,19 @@ def _instantiate_dict(node: DictConfig | None) -> list[Any]:
     return [instantiate(v) for v in node.values() if v is not None and "_target_" in v]
 
 
+def quantize_task(task: Any, node: DictConfig | None) -> None:
+    """Quantize the task's ``quantization.module`` (the backbone) as the ``quantization`` group says (``scheme: null``:
+    leave it in full precision)."""
+    import lightning_adapters as la
+
+    if not node or node.get("scheme") is None:
+        return
+    opts = OmegaConf.to_container(node, resolve=True)
+    module = opts.pop("module", None)
+    scheme = opts.pop("scheme")
+    la.quantize(task.get_submodule(module) if module else task, scheme, **opts)
+
+
 @dataclasses.dataclass
 class Job:
     """Everything a composed config builds, before ``fit``."""
@@ -167,6 +180,7 @@ def build(cfg: DictConfig) -> Job:
     if cfg.get("seed") is not None:
         L.seed_everything(cfg.seed, workers=True)
     task = instantiate(cfg.model)
+    quantize_task(task, cfg.get("quantization"))
     config = method_config(cfg.get("method"), head=getattr(task, "head_name", None))
     datamodule = instantiate(cfg.data, tokenizer=task.tokenizer)
     callbacks = _instantiate_dict(cfg.get("callbacks"))

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import logging
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
@@ -18,6 +19,13 @@ from torch import nn
 
 from lightning_adapters.config import AdapterConfig
 from lightning_adapters.core.layer import ADAPTER_ATTR, AdapterLayer, attach, detach, get_adapter, is_adapted
+from lightning_adapters.core.quant import QuantizedWeight, is_quantized, stand_in
+from lightning_adapters.core.quant_ops import (
+    check_unmergeable,
+    dequantize_model,
+    merge_quantized,
+    unmerge_quantized,
+)
 from lightning_adapters.core.targeting import check_adaptable, name_matches, resolve_targets
 from lightning_adapters.errors import (
     AdapterConfigError,
@@ -31,6 +39,7 @@ from lightning_adapters.errors import (
 from lightning_adapters.registry import spec_for_config
 
 RECORD_ATTR = "_la_record"
+log = logging.getLogger("lightning_adapters")
 
 
 @dataclass
@@ -272,9 +281,17 @@ def inject(model: nn.Module, config: AdapterConfig) -> nn.Module:
                     f"rename that attribute or add these modules to exclude_modules"
                 )
             # Build every layer before attaching any: a layer that cannot be built fails before any change.
-            layers = {n: spec.create_layer(m, config, n) for n, m in modules.items() if n in targets}
+            # A quantized base is built on as its dequantized stand-in (core/quant.py): same shapes, float weight.
+            layers = {n: spec.create_layer(stand_in(m), config, n) for n, m in modules.items() if n in targets}
             if spec.extra_layers is not None:
                 layers.update(extra_built)
+            for n, layer in layers.items():
+                if layer.changes_base_on_attach and is_quantized(modules[n]):
+                    raise UnsupportedLayerError(
+                        f"{spec.name}: {n!r} is a quantized base, which an init that rewrites the base weight "
+                        f"(init_weights={getattr(config, 'init_weights', None)!r}) cannot write exactly; use the "
+                        "default init there, or dequantize that layer (lightning_adapters.quantize(..., skip=[...]))"
+                    )
             for n, layer in layers.items():
                 if layer.changes_base_on_attach:  # a residual init writes W − s·B0·A0 into the base
                     snapshot.keep_values(modules[n].weight)
@@ -347,7 +364,7 @@ def apply_dtype_policy(model: nn.Module) -> None:
             rec.extra["apply_dtype"](root, rec.config)
 
 
-def merge(model: nn.Module, *, safe: bool = False) -> nn.Module:
+def merge(model: nn.Module, *, safe: bool = False, keep_original: bool = False) -> nn.Module:
     """Fold every adapter into its base weights; forward is then the plain base forward.
 
     Exactness: ``unmerge`` recomputes ΔW and subtracts it (or inverts the rotation/scaling), in fp32 for a
@@ -356,11 +373,18 @@ def merge(model: nn.Module, *, safe: bool = False) -> nn.Module:
     2⁻⁸ bf16), and bit-exact wherever ``ΔW`` is 0. Rows a merge scales by 0 (DoRA, BOFT) are kept and put back
     bit-exactly. ``eject(model)`` without ``merge`` never merged, so it returns the exact original weights.
 
+    Quantized bases (``lightning_adapters.quantize``, bitsandbytes/torchao layers): the weight is dequantized, merged
+    and quantized again with the layer's own settings. That re-quantization changes the merged weight by up to
+    one quantization step; the largest change per layer is logged and returned by
+    ``lightning_adapters.merge_errors(model)``. ``unmerge`` then needs ``keep_original``.
+
     Args:
         safe: Check each merged weight in the base's own dtype (so an fp16 overflow to ``inf`` counts) before it
             is written. On a refusal every layer this call merged gets its weight back from a copy taken just
             before its merge: bit-exact, at the cost of holding one copy of each merged weight during the call.
             Without ``safe`` no copy is kept.
+        keep_original: Keep the quantized weight of each quantized base from before the merge, so ``unmerge`` (and
+            ``disabled``) can put it back bit-exactly. Costs one quantized weight per layer; no effect on float bases.
 
     Raises:
         MergeError: ``safe`` and a merged weight would be non-finite (the message names the layer).
@@ -382,10 +406,18 @@ def merge(model: nn.Module, *, safe: bool = False) -> nn.Module:
             raise_not_mergeable(name, layer)
     check_materialized(model, "merge")
     check_writable([t for t in layers if not t[2].merged], "merge")
-    done: list[tuple[nn.Module, AdapterLayer, dict[str, torch.Tensor] | None]] = []
+    done: list[tuple[nn.Module, AdapterLayer, dict[str, torch.Tensor] | QuantizedWeight | None]] = []
+    errors: dict[str, float] = {}
     try:
         for name, base, layer in layers:
             if layer.merged:
+                continue
+            if is_quantized(base):
+                done.append((base, layer, QuantizedWeight.of(base)))
+                try:
+                    errors[name] = merge_quantized(base, layer, safe=safe, keep_original=keep_original)
+                except MergeError as err:
+                    raise MergeError(f"merge of {name!r} refused: {err}") from err
                 continue
             if safe:
                 # Registered before the merge runs, so even an interrupted write is undone from the copy.
@@ -398,6 +430,11 @@ def merge(model: nn.Module, *, safe: bool = False) -> nn.Module:
                 done.append((base, layer, None))
     except BaseException:
         for base, layer, original in reversed(done):
+            if isinstance(original, QuantizedWeight):
+                original.restore(base)
+                layer.forget_merge()
+                layer.merged = False
+                continue
             if original is None:
                 layer.unmerge(base)
                 continue
@@ -408,6 +445,15 @@ def merge(model: nn.Module, *, safe: bool = False) -> nn.Module:
             layer.forget_merge()
             layer.merged = False
         raise
+    if errors:
+        worst = max(errors, key=errors.get)
+        log.info(
+            "merge: re-quantizing %d quantized base(s) added up to %.3g to a merged weight (largest on %r); "
+            "lightning_adapters.merge_errors(model) lists them",
+            len(errors),
+            errors[worst],
+            worst,
+        )
     return model
 
 
@@ -423,10 +469,27 @@ def unmerge(model: nn.Module) -> nn.Module:
     check_module(model, "unmerge")
     check_materialized(model, "unmerge")
     check_writable([t for t in adapted_modules(model) if t[2].merged], "unmerge")
+    check_unmergeable(list(adapted_modules(model)), "unmerge")
     for _, base, layer in adapted_modules(model):
         if layer.merged:
-            layer.unmerge(base)
+            unmerge_layer(base, layer)
     return model
+
+
+def unmerge_layer(base: nn.Module, layer: AdapterLayer) -> None:
+    """``layer.unmerge(base)``, or for a quantized base the weight kept by ``merge(keep_original=True)``."""
+    if is_quantized(base):
+        unmerge_quantized(base, layer)
+    else:
+        layer.unmerge(base)
+
+
+def merge_layer(base: nn.Module, layer: AdapterLayer) -> None:
+    """``layer.merge(base)``, re-quantizing a quantized base (keeping its weight so ``unmerge_layer`` is exact)."""
+    if is_quantized(base):
+        merge_quantized(base, layer, keep_original=True)
+    else:
+        layer.merge(base)
 
 
 @contextlib.contextmanager
@@ -434,9 +497,10 @@ def disabled(model: nn.Module) -> Iterator[nn.Module]:
     """Run the base model: adapters are switched off (and merged ones unmerged) inside the block."""
     check_module(model, "disabled")
     layers = list(adapted_modules(model))
+    check_unmergeable(layers, "disabled")
     remerge = [(b, layer) for _, b, layer in layers if layer.merged]
     for base, layer in remerge:
-        layer.unmerge(base)
+        unmerge_layer(base, layer)
     # Whole-model methods name the modules that carry their ``enabled`` flag in ``extra["switch_modules"]``.
     switches = [layer for _, _, layer in layers] + [
         root.get_submodule(n) for _, root, rec in find_records(model) for n in rec.extra.get("switch_modules", [])
@@ -450,10 +514,12 @@ def disabled(model: nn.Module) -> Iterator[nn.Module]:
         for s, was in zip(switches, previous):
             s.enabled = was
         for base, layer in remerge:
-            layer.merge(base)
+            merge_layer(base, layer)
 
 
-def eject(model: nn.Module, merge: bool = False, *, safe: bool = False) -> nn.Module:
+def eject(
+    model: nn.Module, merge: bool = False, *, safe: bool = False, dtype: torch.dtype | None = None
+) -> nn.Module:
     """Remove every adapter and return the plain model (with the adapters merged in if ``merge``).
 
     Without ``merge`` the base weights, classes and ``requires_grad`` flags are those from before ``inject``.
@@ -462,6 +528,10 @@ def eject(model: nn.Module, merge: bool = False, *, safe: bool = False) -> nn.Mo
         merge: Fold the adapters into the base weights before removing them.
         safe: With ``merge``: as ``merge(model, safe=True)``; a refused merge raises ``MergeError`` and leaves the
             model injected and exactly as it was.
+        dtype: Replace every quantized base layer (``lightning_adapters.quantize``) by a plain ``nn.Linear`` with
+            its dequantized weight in this dtype (e.g. ``torch.bfloat16`` for serving), merging into that weight
+            without re-quantizing. ``None`` keeps quantized layers quantized (a merge re-quantizes). Float layers
+            are not changed.
     """
     check_module(model, "eject")
     records = find_records(model)
@@ -480,10 +550,19 @@ def eject(model: nn.Module, merge: bool = False, *, safe: bool = False) -> nn.Mo
                 f"whose requires_grad=True can only be given back inside inference mode; call eject inside "
                 f"`with torch.inference_mode():`"
             )
-    if merge:
-        globals()["merge"](model, safe=safe)
-    else:
-        unmerge(model)
+    if not merge:
+        check_unmergeable(layers, "eject")
+    quantized = dequantize_model(model, dtype) if dtype is not None else []
+    layers = list(adapted_modules(model)) if quantized else layers
+    try:
+        if merge:
+            globals()["merge"](model, safe=safe)
+        else:
+            unmerge(model)
+    except BaseException:
+        for parent, leaf, module in quantized:  # a refused merge leaves the quantized layers in place
+            setattr(parent, leaf, module)
+        raise
     for _, root, rec in records:
         spec_eject = rec.extra.get("eject")
         if spec_eject is not None:

@@ -17,6 +17,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from lightning_adapters.core.quant import is_quantized, run_on_stand_in
 from lightning_adapters.errors import AdapterError, NotMergeableError
 
 ADAPTER_ATTR = "adapter"
@@ -114,18 +115,24 @@ def _adapted_forward(self: nn.Module, *args: Any, **kwargs: Any) -> Any:
     return adapter(self, *args, **kwargs)
 
 
-_CLASS_CACHE: dict[type, type] = {}
+def _adapted_forward_quantized(self: nn.Module, *args: Any, **kwargs: Any) -> Any:
+    # The adapter computes with a dequantized stand-in of this quantized base (core/quant.py).
+    return run_on_stand_in(self, _adapted_forward, *args, **kwargs)
 
 
-def adapted_class(base_cls: type) -> type:
+_CLASS_CACHE: dict[tuple[type, bool], type] = {}
+
+
+def adapted_class(base_cls: type, quantized: bool = False) -> type:
     """The subclass of ``base_cls`` that routes ``forward`` through the ``adapter`` child.
 
     Classes are created once per base class and published in this module under a unique name, so an adapted
-    model can still be pickled (``torch.save(model)``).
+    model can still be pickled (``torch.save(model)``). ``quantized``: the base holds a quantized weight, so the
+    adapter runs on its dequantized stand-in (``core.quant.run_on_stand_in``).
     """
-    if base_cls in _CLASS_CACHE:
-        return _CLASS_CACHE[base_cls]
-    name = f"Adapted{base_cls.__name__}"
+    if (base_cls, quantized) in _CLASS_CACHE:
+        return _CLASS_CACHE[(base_cls, quantized)]
+    name = f"Adapted{'Quantized' if quantized else ''}{base_cls.__name__}"
     module = sys.modules[__name__]
     while hasattr(module, name):
         name += "_"
@@ -133,7 +140,7 @@ def adapted_class(base_cls: type) -> type:
         name,
         (base_cls,),
         {
-            "forward": _adapted_forward,
+            "forward": _adapted_forward_quantized if quantized else _adapted_forward,
             "_la_base_forward": base_cls.forward,
             "_la_adapted": True,
             "__module__": __name__,
@@ -141,7 +148,7 @@ def adapted_class(base_cls: type) -> type:
         },
     )
     setattr(module, name, cls)
-    _CLASS_CACHE[base_cls] = cls
+    _CLASS_CACHE[(base_cls, quantized)] = cls
     return cls
 
 
@@ -165,7 +172,7 @@ def attach(module: nn.Module, layer: AdapterLayer) -> None:
         )
     layer.train(module.training)
     module.add_module(ADAPTER_ATTR, layer)
-    module.__class__ = adapted_class(type(module))
+    module.__class__ = adapted_class(type(module), quantized=is_quantized(module))
     layer.on_attach(module)
 
 

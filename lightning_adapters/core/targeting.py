@@ -9,6 +9,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from lightning_adapters.core.quant import quant_scheme
 from lightning_adapters.errors import TargetError, UnsupportedLayerError
 
 try:
@@ -257,7 +258,8 @@ def check_plain_layers(model: nn.Module, targets: list[str], method: str, suppor
     ``_conv_forward``), and merge by writing ``weight``. A subclass with its own ``forward`` (a scaled embedding,
     a conv that pads in ``forward``) would lose what that forward adds, and a computed weight (a parametrization,
     ``weight_norm``, ``spectral_norm``) would not keep a merge. An ``nn.Embedding`` with ``max_norm`` rewrites its
-    own weight in every forward.
+    own weight in every forward. Quantized bases (``core.quant``: bitsandbytes layers, torchao weights) pass: the
+    methods compute with their dequantized weight, and a merge re-quantizes.
 
     Raises:
         UnsupportedLayerError: Naming the target, what is special about it and the fix.
@@ -269,6 +271,12 @@ def check_plain_layers(model: nn.Module, targets: list[str], method: str, suppor
         kinds = [t for t in supported if isinstance(module, t)]
         if not kinds:
             continue  # inject reports unsupported types itself
+        try:
+            scheme = quant_scheme(module)
+        except UnsupportedLayerError as err:
+            raise UnsupportedLayerError(f"{method}: cannot adapt {target!r}: {err}") from err
+        if scheme is not None:
+            continue  # a quantized base: the methods compute with its dequantized weight (core/quant.py)
         ref = next(t for t in kinds if all(issubclass(t, o) for o in kinds))  # the most derived supported type
         overridden = [
             f for f in ("forward", "_conv_forward") if getattr(type(module), f, None) is not getattr(ref, f, None)

@@ -35,6 +35,7 @@ from lightning_adapters.errors import AdapterConfigError, AdapterStateError, Tar
 from lightning_adapters.lightning import checkpoint as ckpt
 from lightning_adapters.lightning import data_init, scope, strategies
 from lightning_adapters.lightning.hooks import ScheduleDriver
+from lightning_adapters.quant import prepare_for_kbit_training
 from lightning_adapters.registry import get_method
 from lightning_adapters.schedules import TrainingSchedule
 
@@ -270,6 +271,7 @@ class AdapterRuntime:
         # Ranks may initialise the base differently before DDP broadcasts rank 0's weights: use rank 0's fingerprint.
         self.fingerprint = trainer.strategy.broadcast(local) if trainer is not None else local
         self.shapes = ckpt.expected_shapes(pl_module, self.saved_keys(pl_module), self.shapes)
+        prepare_for_kbit_training(target)  # a quantized base: norms, heads and adapters in fp32 (no-op otherwise)
         if self.options.gradient_checkpointing:
             strategies.enable_gradient_checkpointing(target)
         if not self.options.module:

@@ -1,0 +1,115 @@
+"""LoRA, DoRA, AdaLoRA, OFT and BOFT on bitsandbytes 4-bit and 8-bit bases against PEFT 0.21, both ways.
+
+PEFT's layers run the bitsandbytes layer's own forward for the base term (on CPU too), so an adapter trained
+with PEFT on a quantized base loads here with equal outputs on the same quantized base, and ours loads in PEFT.
+"""
+
+from __future__ import annotations
+
+import copy
+import warnings
+
+import pytest
+import torch
+from torch import nn
+
+import lightning_adapters as la
+
+peft = pytest.importorskip("peft")
+pytest.importorskip("bitsandbytes")
+
+
+class Net(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.q = nn.Linear(64, 64)
+        self.v = nn.Linear(64, 32)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.v(torch.relu(self.q(x)))
+
+
+TARGETS = ["q", "v"]
+# (PEFT config, our config): the same adapter described both ways.
+METHODS = {
+    "lora": (
+        lambda: peft.LoraConfig(r=4, lora_alpha=8, target_modules=TARGETS),
+        lambda: la.LoRAConfig(r=4, alpha=8, target_modules=TARGETS),
+    ),
+    "dora": (
+        lambda: peft.LoraConfig(r=4, lora_alpha=8, use_dora=True, target_modules=TARGETS),
+        lambda: la.LoRAConfig(r=4, alpha=8, use_dora=True, target_modules=TARGETS),
+    ),
+    "adalora": (
+        lambda: peft.AdaLoraConfig(init_r=4, target_r=2, lora_alpha=8, total_step=10, target_modules=TARGETS),
+        lambda: la.AdaLoRAConfig(init_r=4, target_r=2, alpha=8.0, total_step=10, target_modules=TARGETS),
+    ),
+    "oft": (
+        lambda: peft.OFTConfig(r=0, oft_block_size=8, target_modules=TARGETS),
+        lambda: la.OFTConfig(oft_block_size=8, target_modules=TARGETS),
+    ),
+    "boft": (
+        lambda: peft.BOFTConfig(boft_block_size=8, boft_n_butterfly_factor=1, target_modules=TARGETS),
+        lambda: la.BOFTConfig(boft_block_size=8, boft_n_butterfly_factor=1, target_modules=TARGETS),
+    ),
+}
+CASES = [pytest.param(m, s, id=f"{m}-{s}") for m in METHODS for s in ("nf4", "int8")]
+
+
+def _base(scheme: str) -> nn.Module:
+    torch.manual_seed(0)
+    return la.quantize(Net(), scheme, skip=[])
+
+
+def _peft_base(model: nn.Module, scheme: str) -> nn.Module:
+    # PEFT picks its bitsandbytes layers from these flags (transformers sets them when it loads a quantized model).
+    model.is_loaded_in_4bit = scheme != "int8"
+    model.is_loaded_in_8bit = scheme == "int8"
+    return model
+
+
+def _randomize(params: list[nn.Parameter], seed: int) -> None:
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in params:
+            p.add_(torch.randn(p.shape, generator=g) * 0.05)
+
+
+def _x() -> torch.Tensor:
+    return torch.randn(4, 6, 64, generator=torch.Generator().manual_seed(1))
+
+
+@pytest.mark.parametrize("method,scheme", CASES)
+def test_peft_adapter_loads_with_equal_outputs(method: str, scheme: str, tmp_path) -> None:
+    make_peft, _ = METHODS[method]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        theirs = peft.get_peft_model(_peft_base(_base(scheme), scheme), make_peft())
+    _randomize([p for p in theirs.parameters() if p.requires_grad], seed=2)
+    theirs.eval()
+    x = _x()
+    with torch.no_grad():
+        expected = theirs(x)
+    theirs.save_pretrained(tmp_path)
+    ours = la.load_peft(_base(scheme).eval(), tmp_path)
+    with torch.no_grad():
+        got = ours(x)
+    assert torch.allclose(got, expected, atol=1e-5, rtol=0), (got - expected).abs().max()
+
+
+@pytest.mark.parametrize("method,scheme", CASES)
+def test_our_adapter_loads_in_peft_with_equal_outputs(method: str, scheme: str, tmp_path) -> None:
+    _, make_ours = METHODS[method]
+    ours = la.inject(_base(scheme), make_ours())
+    _randomize(list(la.adapter_state_dict(ours).values()), seed=3)
+    ours.eval()
+    x = _x()
+    with torch.no_grad():
+        expected = ours(x)
+    la.save_peft(ours, tmp_path)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        theirs = peft.PeftModel.from_pretrained(_peft_base(_base(scheme), scheme), tmp_path).eval()
+    with torch.no_grad():
+        got = theirs(x)
+    assert torch.allclose(got, expected, atol=1e-5, rtol=0), (got - expected).abs().max()
