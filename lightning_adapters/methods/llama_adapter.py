@@ -48,6 +48,7 @@ from torch import nn
 
 from lightning_adapters.config import AdapterConfig, check_positive_int
 from lightning_adapters.core.inject import adapter_dtype_for
+from lightning_adapters.core.quant import is_quantized
 from lightning_adapters.core.targeting import Conv1D
 from lightning_adapters.errors import AdapterConfigError, TargetError, UnsupportedLayerError
 from lightning_adapters.methods._common import check_rank
@@ -192,6 +193,11 @@ class AdaptionPrompt(nn.Module):
             kv = torch.addmm(c.bias, p, c.weight)  # (L, H) @ (H, 3E) -> (L, 3E): Conv1D's (in, out) layout
             _, k, v = kv.split(kv.shape[-1] // 3, dim=-1)  # (L, E) each
             proj_dtype = c.weight.dtype
+        elif is_quantized(attn.k_proj) or is_quantized(attn.v_proj):
+            # A quantized base projects the prompt with its own kernel (its output takes the prompt's dtype).
+            p = self.adaption_prompt[0]  # (L, H)
+            k, v = attn.k_proj(p), attn.v_proj(p)  # (L, n_kv·d) each
+            proj_dtype = p.dtype
         else:
             p = self.adaption_prompt[0].to(attn.k_proj.weight.dtype)  # (L, H)
             k = nn.functional.linear(p, attn.k_proj.weight, attn.k_proj.bias)  # (L, n_kv·d)
@@ -295,7 +301,7 @@ def _shape_of(name: str, attn: nn.Module, flavour: str) -> tuple[int, int, int, 
     missing = [p for p, m in projs.items() if not isinstance(m, nn.Linear)]
     if missing:
         raise bad(f"it has no nn.Linear {missing}")
-    if not all(m.weight.is_floating_point() for m in projs.values()):
+    if not all(m.weight.is_floating_point() or is_quantized(m) for m in projs.values()):
         raise bad("its weights are not floating point (quantized layers are not supported)")
     q, k, v, o = projs.values()
     if q.out_features % head_dim or k.out_features % head_dim or v.out_features != k.out_features:

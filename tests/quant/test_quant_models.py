@@ -1,0 +1,104 @@
+"""Quantized bases in real models and in Lightning: transformers' BitsAndBytesConfig, Llama-Adapter on a 4-bit
+Llama, k-bit preparation by the callback, adapter-only checkpoints and a Hydra QLoRA run."""
+
+from __future__ import annotations
+
+import warnings
+
+import lightning as L
+import pytest
+import torch
+from lightning.pytorch.callbacks import ModelCheckpoint
+
+import lightning_adapters as la
+from lightning_adapters.core.quant import is_quantized, quant_scheme
+from tests.helpers import randomize_adapter, tiny_llama
+from tests.lightning.models import TinyLlamaLM, token_data
+
+pytest.importorskip("bitsandbytes")
+
+
+def _ids(seed: int = 0) -> torch.Tensor:
+    return torch.randint(0, 128, (2, 8), generator=torch.Generator().manual_seed(seed))
+
+
+@pytest.mark.parametrize("load", ["4bit", "8bit"])
+def test_model_loaded_by_transformers_with_bitsandbytes_config(load: str, tmp_path) -> None:
+    from transformers import AutoModelForCausalLM, BitsAndBytesConfig
+
+    torch.manual_seed(0)
+    tiny_llama().save_pretrained(tmp_path)
+    qc = (
+        BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True)
+        if load == "4bit"
+        else BitsAndBytesConfig(load_in_8bit=True)
+    )
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        model = AutoModelForCausalLM.from_pretrained(tmp_path, quantization_config=qc, device_map="cpu")
+    assert quant_scheme(model.model.layers[0].self_attn.q_proj) == ("nf4" if load == "4bit" else "int8")
+    model.train()  # bitsandbytes' training kernels (its eval kernels differ by their own rounding)
+    ids = _ids()
+    base = model(ids).logits
+    la.inject(model, la.LoRAConfig(r=4, target_modules=["q_proj", "v_proj"]))
+    assert torch.allclose(model(ids).logits, base, atol=1e-4)
+    randomize_adapter(model)
+    model(input_ids=ids, labels=ids).loss.backward()
+    grads = [p.grad for p in model.parameters() if p.requires_grad]
+    assert grads and all(g is not None and torch.isfinite(g).all() for g in grads)
+
+
+def test_llama_adapter_on_a_4bit_llama_is_unchanged() -> None:
+    torch.manual_seed(0)
+    model = la.quantize(tiny_llama(), "nf4").train()
+    assert is_quantized(model.model.layers[1].self_attn.q_proj) and not is_quantized(model.lm_head)
+    ids = _ids()
+    base = model(ids).logits
+    la.inject(model, la.LlamaAdapterConfig(adapter_len=4, adapter_layers=1))
+    assert torch.allclose(model(ids).logits, base, atol=1e-5)  # the gate starts at zero
+    randomize_adapter(model)
+    loss = model(input_ids=ids, labels=ids).loss
+    loss.backward()
+    trainable = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    assert trainable and all(p.grad is not None and torch.isfinite(p.grad).all() for _, p in trainable)
+
+
+class QLlamaLM(TinyLlamaLM):
+    """A bf16 tiny Llama quantized to NF4 (the user's module; it knows nothing about adapters)."""
+
+    def _build(self) -> torch.nn.Module:
+        torch.manual_seed(self.seed)
+        return la.quantize(tiny_llama(torch_dtype=torch.bfloat16).to(torch.bfloat16), "nf4", compute_dtype="bfloat16")
+
+
+def test_callback_prepares_kbit_training_and_checkpoints_only_the_adapter(tmp_path) -> None:
+    module = QLlamaLM(lr=0.05)
+    assert module.model.model.norm.weight.dtype == torch.bfloat16
+    ckpt = ModelCheckpoint(dirpath=tmp_path, save_top_k=-1, every_n_train_steps=2)
+    weights = ModelCheckpoint(dirpath=tmp_path / "w", save_weights_only=True, every_n_train_steps=4, save_top_k=-1)
+    trainer = L.Trainer(
+        max_steps=4,
+        accelerator="cpu",
+        logger=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        callbacks=[la.AdapterCallback(la.LoRAConfig(r=4, target_modules=["q_proj", "v_proj"]), verbose=False), ckpt,
+                   weights],
+    )
+    trainer.fit(module, token_data())
+    trainer.save_checkpoint(tmp_path / "w" / "manual.ckpt", weights_only=True)
+    model = module.model
+    # k-bit preparation, without a call by the user: norms, embeddings, head and adapters in fp32.
+    assert model.model.norm.weight.dtype == torch.float32
+    assert model.model.layers[0].input_layernorm.weight.dtype == torch.float32
+    assert model.lm_head.weight.dtype == torch.float32
+    assert model.model.layers[0].self_attn.q_proj.adapter.lora_A.dtype == torch.float32
+    assert is_quantized(model.model.layers[0].self_attn.q_proj)
+    adapter = set(la.adapter_state_dict(module))
+    files = sorted(tmp_path.glob("*.ckpt")) + sorted((tmp_path / "w").glob("*.ckpt"))
+    assert len(files) == 4
+    for path in files:
+        sd = torch.load(path, weights_only=True)["state_dict"]
+        assert set(sd) == adapter, path.name
+        assert all(v.is_floating_point() for v in sd.values())
+        assert not any(k.rsplit(".", 1)[-1] in ("absmax", "quant_map", "SCB", "weight_format") for k in sd)
