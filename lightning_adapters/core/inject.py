@@ -23,6 +23,7 @@ from lightning_adapters.core.quant import QuantizedWeight, is_quantized, stand_i
 from lightning_adapters.core.quant_ops import (
     check_unmergeable,
     dequantize_model,
+    forget_hf_quantization,
     merge_quantized,
     unmerge_quantized,
 )
@@ -563,6 +564,8 @@ def eject(
         for parent, leaf, module in quantized:  # a refused merge leaves the quantized layers in place
             setattr(parent, leaf, module)
         raise
+    if quantized:
+        forget_hf_quantization(model)
     for _, root, rec in records:
         spec_eject = rec.extra.get("eject")
         if spec_eject is not None:

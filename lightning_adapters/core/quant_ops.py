@@ -118,3 +118,11 @@ def _plain_copy(module: nn.Module, dtype: torch.dtype) -> nn.Module:
         plain.add_module(ADAPTER_ATTR, module._modules[ADAPTER_ATTR])
         plain.__class__ = adapted_class(nn.Linear)
     return plain
+
+
+def forget_hf_quantization(model: nn.Module) -> None:
+    """Drop transformers' record of a quantization (``config.quantization_config``, ``hf_quantizer``) once no layer
+    of ``model`` is quantized any more, so ``save_pretrained`` writes a plain model."""
+    quantizer = getattr(model, "hf_quantizer", None)
+    if quantizer is not None and not any(is_quantized(m) for m in model.modules()):
+        quantizer.remove_quantization_config(model)

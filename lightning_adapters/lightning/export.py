@@ -35,7 +35,9 @@ def _merged_owned(name: str) -> bool:
     return name in _MERGED_NAMES or any(fnmatch.fnmatchcase(name, p) for p in _MERGED_PATTERNS)
 
 
-def export_merged(model: nn.Module, directory: str | os.PathLike, *, safe: bool = True) -> Path:
+def export_merged(
+    model: nn.Module, directory: str | os.PathLike, *, safe: bool = True, dtype: torch.dtype | None = None
+) -> Path:
     """Write a plain copy of an injected ``model`` with its adapter merged into the base weights.
 
     A transformers model is written with ``save_pretrained`` (loadable with ``from_pretrained``); any other
@@ -49,6 +51,9 @@ def export_merged(model: nn.Module, directory: str | os.PathLike, *, safe: bool 
         directory: Output directory (created if needed).
         safe: Check every floating tensor of the merged copy is finite before touching ``directory``, so a
             diverged adapter (or a merge that overflows a half-precision base) never replaces a good export.
+        dtype: Dequantize the quantized base layers (``lightning_adapters.quantize``, bitsandbytes/torchao) into
+            plain ``nn.Linear`` layers of this dtype and merge there, without re-quantizing (as ``eject(dtype=)``);
+            ``None`` keeps them quantized.
 
     Returns:
         The directory.
@@ -64,7 +69,7 @@ def export_merged(model: nn.Module, directory: str | os.PathLike, *, safe: bool 
                 f"export_merged: {name!r} is on the meta device (the model was built without weights); "
                 "materialize and load the weights before exporting"
             )
-    plain = eject(copy.deepcopy(model), merge=True)
+    plain = eject(copy.deepcopy(model), merge=True, dtype=dtype)
     if safe:
         for name, t in plain.state_dict().items():
             if t.is_floating_point() and not bool(torch.isfinite(t).all()):

@@ -46,6 +46,16 @@ def test_model_loaded_by_transformers_with_bitsandbytes_config(load: str, tmp_pa
     model(input_ids=ids, labels=ids).loss.backward()
     grads = [p.grad for p in model.parameters() if p.requires_grad]
     assert grads and all(g is not None and torch.isfinite(g).all() for g in grads)
+    # A dequantized merged export loads as a plain transformers model with the adapted outputs.
+    with torch.no_grad():
+        adapted = model(ids).logits
+    la.export_merged(model, tmp_path / "merged", dtype=torch.float32)
+    plain = AutoModelForCausalLM.from_pretrained(tmp_path / "merged").train()
+    assert getattr(plain.config, "quantization_config", None) is None
+    assert type(plain.model.layers[0].self_attn.q_proj) is torch.nn.Linear
+    with torch.no_grad():
+        assert torch.allclose(plain(ids).logits, adapted, atol=1e-4)
+    assert is_quantized(model.model.layers[0].self_attn.q_proj)  # the model itself is untouched
 
 
 def test_llama_adapter_on_a_4bit_llama_is_unchanged() -> None:

@@ -31,6 +31,7 @@ from tests.reliability import (
     rows_i15state,
     rows_i18init,
     rows_i18io,
+    rows_quant,
 )
 
 DOC = Path(__file__).resolve().parents[2] / "docs" / "BAD_INPUTS.md"
@@ -606,6 +607,7 @@ ROWS += rows_i18init.rows(Row)
 ROWS += rows_i15red.rows(Row, _snapshot_into)
 ROWS += rows_i18io.rows(Row)
 ROWS += rows_eva.rows(Row)
+ROWS += rows_quant.rows(Row)
 
 
 @pytest.mark.parametrize("row", [pytest.param(r, id=r.id) for r in ROWS])
