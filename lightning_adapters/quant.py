@@ -209,3 +209,13 @@ def prepare_for_kbit_training(model: nn.Module) -> list[str]:
             p.data = p.data.to(torch.float32)
             cast.append(name)
     return cast
+
+
+def quantize_for_precision_plugin(trainer: Any, module: nn.Module) -> None:
+    """Let Lightning's ``BitsandbytesPrecision`` swap ``module``'s Linear layers for its bitsandbytes layers now,
+    before adapters are injected into them (it would otherwise replace the adapted layers later, in
+    ``strategy.setup``, dropping their adapters). No-op for any other precision plugin or an already converted
+    module; the weights are quantized when the strategy moves the model to its CUDA device."""
+    plugin = getattr(getattr(trainer, "strategy", None), "precision_plugin", None)
+    if type(plugin).__name__ == "BitsandbytesPrecision":
+        plugin.convert_module(module)

@@ -75,7 +75,7 @@ def quant_scheme(module: nn.Module) -> str | None:
         if isinstance(module, bnb.nn.Linear4bit):
             return module.weight.quant_type
         if isinstance(module, bnb.nn.Linear8bitLt):
-            if module.weight.dtype != torch.int8:
+            if module.state.has_fp16_weights:
                 raise UnsupportedLayerError(
                     f"a bitsandbytes Linear8bitLt with has_fp16_weights=True (weights {module.weight.dtype}, "
                     "quantized on the fly and trained themselves) is not a frozen quantized base; build it with "
@@ -158,7 +158,9 @@ def dequantized_weight(module: nn.Module, dtype: torch.dtype | None = None) -> t
     """
     scheme = quant_scheme(module)
     dtype = dtype or compute_dtype_of(module)
-    if scheme in ("nf4", "fp4"):
+    if _pending(module):
+        w = module.weight.data  # quantized when it moves to its device (Lightning's BitsandbytesPrecision layers)
+    elif scheme in ("nf4", "fp4"):
         state = _bnb_4bit_state(module)
         w = _bnb().functional.dequantize_4bit(module.weight.data, state)
     elif scheme == "int8":
@@ -172,6 +174,12 @@ def dequantized_weight(module: nn.Module, dtype: torch.dtype | None = None) -> t
     return w.to(dtype).reshape(module.out_features, module.in_features)
 
 
+def _pending(module: nn.Module) -> bool:
+    """Whether a bitsandbytes layer still holds its float weight, to be quantized when it moves to its device."""
+    w = module._parameters.get("weight")
+    return getattr(w, "bnb_quantized", True) is False or (type(w).__name__ == "Int8Params" and w.dtype != torch.int8)
+
+
 def requantize_(module: nn.Module, weight: torch.Tensor) -> float:
     """Quantize ``weight`` (out, in) into ``module`` with the module's own settings; returns the error this adds.
 
@@ -183,6 +191,9 @@ def requantize_(module: nn.Module, weight: torch.Tensor) -> float:
     """
     scheme = quant_scheme(module)
     w = weight.detach()
+    if _pending(module):
+        module.weight.data = w.to(module.weight.dtype).reshape(module.weight.shape).clone()
+        return 0.0
     if scheme in ("nf4", "fp4"):
         old = _bnb_4bit_state(module)
         p = module.weight
@@ -240,6 +251,8 @@ class QuantizedWeight:
     def of(cls, module: nn.Module) -> QuantizedWeight:
         """Copy ``module``'s quantized weight."""
         scheme = quant_scheme(module)
+        if _pending(module):
+            return cls("pending", {"data": module.weight.data.clone()})
         if scheme in ("nf4", "fp4"):
             import copy
 
@@ -252,7 +265,9 @@ class QuantizedWeight:
     def restore(self, module: nn.Module) -> None:
         """Put the copied weight back into ``module``."""
         t = self.tensors
-        if self.scheme in ("nf4", "fp4"):
+        if self.scheme == "pending":
+            module.weight.data = t["data"]
+        elif self.scheme in ("nf4", "fp4"):
             module.weight.data, module.weight.quant_state = t["data"], t["state"]
             if getattr(module, "quant_state", None) is not None:
                 module.quant_state = t["state"]
@@ -292,6 +307,26 @@ class DequantizedLinear(nn.Linear):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return F.linear(x, self.weight, self.bias)
+
+
+def quantized_base(base: nn.Module) -> nn.Module | None:
+    """The quantized layer behind a stand-in (what a method's ``base`` is on a quantized layer), else None."""
+    return base.__dict__["_la_real"] if isinstance(base, DequantizedLinear) else None
+
+
+def base_linear(base: nn.Module, x: torch.Tensor, with_bias: bool = True) -> torch.Tensor:
+    """``x Wᵀ (+ b)`` of a Linear base, as the base itself computes it.
+
+    A plain base: ``F.linear``. A quantized stand-in: without autograd, the quantized layer's own forward (its
+    inference kernels, e.g. bitsandbytes' packed CPU kernel, give the exact base output); with autograd, ``F.linear``
+    with the dequantized weight, which is what the quantized layer's training matmul computes, and whose saved
+    weight ``run_on_stand_in`` re-dequantizes in backward.
+    """
+    real = quantized_base(base)
+    if real is not None and not torch.is_grad_enabled():
+        out = real._la_base_forward(x)
+        return out if with_bias or base.bias is None else out - base.bias.to(out.dtype)
+    return F.linear(x, base.weight, base.bias if with_bias else None)
 
 
 def stand_in(module: nn.Module, dtype: torch.dtype | None = None, weight: torch.Tensor | None = None) -> nn.Module:

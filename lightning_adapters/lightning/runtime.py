@@ -35,7 +35,7 @@ from lightning_adapters.errors import AdapterConfigError, AdapterStateError, Tar
 from lightning_adapters.lightning import checkpoint as ckpt
 from lightning_adapters.lightning import data_init, scope, strategies
 from lightning_adapters.lightning.hooks import ScheduleDriver
-from lightning_adapters.quant import prepare_for_kbit_training
+from lightning_adapters.quant import prepare_for_kbit_training, quantize_for_precision_plugin
 from lightning_adapters.registry import get_method
 from lightning_adapters.schedules import TrainingSchedule
 
@@ -246,6 +246,7 @@ class AdapterRuntime:
                 "before fully_shard, or drop the fully_shard calls and let the integration shard the model with "
                 "lightning_adapters.adapter_parallelize_fn"
             )
+        quantize_for_precision_plugin(pl_module._trainer, pl_module)
         try:
             inject(target, self.inject_config)
         except TargetError:
