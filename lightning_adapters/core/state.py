@@ -184,9 +184,10 @@ def base_fingerprint(model: nn.Module) -> str:
         if is_adapter_key(name, prefixes):
             continue
         h.update(f"{name}:{tuple(t.shape)};".encode())
-        # Values are sampled from plain tensors only (a sharded DTensor's local slice differs per rank) and
-        # rounded to bf16, so the same base cast to bf16 by Lightning's precision plugin keeps its fingerprint.
-        if sampled < 8 and t.numel() > 0 and t.is_floating_point() and not hasattr(t, "to_local"):
+        # Values are sampled from plain tensors only (a sharded DTensor's local slice differs per rank; a quantized
+        # tensor subclass such as torchao's NF4Tensor cannot be sliced) and rounded to bf16, so the same base cast
+        # to bf16 by Lightning's precision plugin keeps its fingerprint.
+        if sampled < 8 and t.numel() > 0 and t.is_floating_point() and type(t) is torch.Tensor:
             flat = t.detach().reshape(-1)
             sample = flat[: min(64, flat.numel())].to(torch.bfloat16).float().cpu()
             h.update(sample.numpy().tobytes())

@@ -6,7 +6,6 @@ with PEFT on a quantized base loads here with equal outputs on the same quantize
 
 from __future__ import annotations
 
-import copy
 import warnings
 
 import pytest
