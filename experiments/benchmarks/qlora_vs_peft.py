@@ -1,0 +1,133 @@
+"""QLoRA: LoRA and DoRA on a 4-bit NF4 base against PEFT 0.21's QLoRA, and against the fp32 base.
+
+Decoder workload of the benchmark harness (Llama-style, 4 layers, hidden 512, ffn 1376, batch 4×256, CPU), every
+linear of the blocks adapted (r = 8) and quantized with bitsandbytes NF4 (``lightning_adapters.quantize``; the
+embedding and the LM head stay fp32, as transformers keeps them). Rows: ``lora`` and ``dora`` on the NF4 base,
+ours against PEFT on the same quantized base and with the same adapter values (PEFT's, loaded with ``load_peft``),
+and ``lora_fp32``: ours on the fp32 base against the same PEFT QLoRA model, to show what the 4-bit base costs in
+time. A step is zero_grad + forward + backward + AdamW; the two sides of a row alternate so drift in machine speed
+hits both alike. Base-weight memory: the bytes the quantized layers' weights take (packed data and quantization
+state), against the same layers in fp32.
+
+Run::
+
+    python -m experiments.benchmarks.qlora_vs_peft --steps 10 --json experiments/benchmarks/results/qlora.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import statistics
+import tempfile
+import time
+from typing import Any
+
+import torch
+from torch import nn
+
+from experiments.benchmarks.measure import cpu_seconds, randomize
+from experiments.benchmarks.oft_boft_vs_peft import _stepper
+from experiments.benchmarks.workloads import build_model, get_workload, make_batch
+
+ROWS: dict[str, tuple[dict[str, Any], str]] = {
+    # label: (LoRA options, our side's base: "nf4" or "fp32"); the reference is always PEFT on the NF4 base
+    "lora": ({}, "nf4"),
+    "dora": ({"use_dora": True}, "nf4"),
+    "lora_fp32": ({}, "fp32"),
+}
+RANK = 8
+
+
+def base_weight_bytes(model: nn.Module) -> dict[str, int]:
+    """Bytes of the block linears' weights (quantization state included) and of the same weights in fp32."""
+    from lightning_adapters.core.quant import is_quantized
+
+    quantized = fp32 = 0
+    for name, m in model.named_modules():
+        if not is_quantized(m):
+            continue
+        sd = m.state_dict()
+        quantized += sum(t.numel() * t.element_size() for k, t in sd.items() if k != "bias" and torch.is_tensor(t))
+        fp32 += m.in_features * m.out_features * 4
+    return {"quantized": quantized, "fp32": fp32}
+
+
+def build_pair(label: str, quick: bool) -> tuple[dict[str, nn.Module], dict[str, torch.Tensor], dict[str, int]]:
+    """``{"ours": model, "peft": model}`` of a row with equal base and adapter values, a batch, base-weight bytes."""
+    from peft import LoraConfig, get_peft_model
+
+    import lightning_adapters as la
+
+    kw, our_base = ROWS[label]
+    w = get_workload("decoder", quick)
+    fp32 = build_model(w)
+    nf4 = la.quantize(copy.deepcopy(fp32), "nf4", compute_dtype=torch.float32)
+    nf4.is_loaded_in_4bit = True  # PEFT picks its bitsandbytes layers from this flag (transformers sets it)
+    peft = get_peft_model(copy.deepcopy(nf4), LoraConfig(r=RANK, lora_alpha=16, target_modules=w.targets, **kw))
+    randomize(peft)
+    with tempfile.TemporaryDirectory() as d:
+        peft.save_pretrained(d)
+        ours = la.load_peft(copy.deepcopy(nf4 if our_base == "nf4" else fp32), d)
+    return {"ours": ours.train(), "peft": peft.train()}, make_batch(w), base_weight_bytes(nf4)
+
+
+def time_row(label: str, steps: int, warmup: int, quick: bool) -> dict[str, Any]:
+    """Median step times of both sides, the median of per-round ratios ours / PEFT, and base-weight memory."""
+    models, batch, weights = build_pair(label, quick)
+    with torch.no_grad():
+        diff = float((models["ours"](**batch).logits - models["peft"](**batch).logits).abs().max())
+    fns = {k: _stepper(m, batch) for k, m in models.items()}
+    times: dict[str, list[float]] = {k: [] for k in fns}
+    cpu: dict[str, list[float]] = {k: [] for k in fns}
+    names = list(fns)
+    for i in range(warmup + steps):
+        for k in names[i % 2 :] + names[: i % 2]:
+            c0, t0 = cpu_seconds(), time.perf_counter()
+            fns[k]()
+            if i >= warmup:
+                times[k].append(time.perf_counter() - t0)
+                cpu[k].append(cpu_seconds() - c0)
+    return {
+        "row": label,
+        "our_base": ROWS[label][1],
+        "median_ms": {k: 1000 * statistics.median(v) for k, v in times.items()},
+        "ratio": statistics.median(a / b for a, b in zip(times["ours"], times["peft"])),
+        "cpu_ratio": statistics.median(a / b for a, b in zip(cpu["ours"], cpu["peft"])),
+        "max_abs_logit_diff_at_start": diff,
+        "base_weight_mib": {k: v / 2**20 for k, v in weights.items()},
+        "base_weight_ratio_fp32_over_nf4": weights["fp32"] / weights["quantized"],
+        "steps": steps,
+    }
+
+
+def main(argv: list[str] | None = None) -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--rows", nargs="+", default=list(ROWS), choices=list(ROWS))
+    p.add_argument("--steps", type=int, default=10)
+    p.add_argument("--warmup", type=int, default=2)
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--quick", action="store_true", help="toy sizes, for a smoke run")
+    p.add_argument("--json", help="also write the results here")
+    args = p.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    results: dict[str, Any] = {"torch": torch.__version__, "threads": args.threads, "rows": []}
+    for label in args.rows:
+        row = time_row(label, args.steps, args.warmup, args.quick)
+        results["rows"].append(row)
+        ms, mib = row["median_ms"], row["base_weight_mib"]
+        print(
+            f"{label} ({row['our_base']} base): ours {ms['ours']:.0f} ms, PEFT QLoRA {ms['peft']:.0f} ms, ratio "
+            f"{row['ratio']:.3f} (CPU time {row['cpu_ratio']:.3f}); base weights {mib['quantized']:.1f} MiB nf4 vs "
+            f"{mib['fp32']:.1f} MiB fp32 ({row['base_weight_ratio_fp32_over_nf4']:.1f}x); start logit diff "
+            f"{row['max_abs_logit_diff_at_start']:.2g}",
+            flush=True,
+        )
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(results, f, indent=2)
+
+
+if __name__ == "__main__":
+    main()
