@@ -161,6 +161,8 @@ def _bnb_4bit(
     )
     new.bias = None if m.bias is None else nn.Parameter(m.bias.detach().clone(), requires_grad=m.bias.requires_grad)
     new.train(m.training)
+    # Keep bitsandbytes' storage layout: its bf16-packed CPU inference kernel rounds the scales (core/quant.py).
+    new.support_avx512bf16_for_cpu = False
     return new.to(device)  # bitsandbytes quantizes when the weight moves to its device
 
 

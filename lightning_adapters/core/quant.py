@@ -124,10 +124,12 @@ def compute_dtype_of(module: nn.Module) -> torch.dtype:
 
 
 def _bnb_4bit_state(module: nn.Module) -> Any:
-    """The layer's ``QuantState`` in bitsandbytes' storage layout.
+    """The layer's ``QuantState`` in bitsandbytes' storage layout, which the layer then keeps.
 
-    On x86 CPUs with AVX512-BF16, an inference forward of ``Linear4bit`` repacks the weight for its CPU kernel;
-    its own ``state_dict`` packs it back first, and so does this.
+    On x86 CPUs with AVX512-BF16, an inference forward of ``Linear4bit`` repacks the weight for a bf16 CPU kernel,
+    rounding its scales (unpacking changes the dequantized weight by up to ~1e-2 of its range); its own
+    ``state_dict`` unpacks it first, and so does this. The layer is then told not to repack (its inference uses
+    the exact dequantizing kernel), so merging, dequantizing and the adapted forward all see one weight.
     """
     bnb = _bnb()
     weight = module.weight
@@ -142,6 +144,7 @@ def _bnb_4bit_state(module: nn.Module) -> Any:
     if getattr(state, "packing_format_for_cpu", False):
         weight.data, state = bnb.functional._convert_weight_packed_for_cpu_inverse(weight.data, state)
         weight.quant_state = state
+    module.support_avx512bf16_for_cpu = False
     return state
 
 
@@ -303,7 +306,10 @@ class DequantizedLinear(nn.Linear):
         return w
 
     def _la_base_forward(self, *args: Any, **kwargs: Any) -> Any:
-        return self.__dict__["_la_real"]._la_base_forward(*args, **kwargs)
+        out = self.__dict__["_la_real"]._la_base_forward(*args, **kwargs)
+        # bitsandbytes returns a view made inside its autograd Function, which the methods' in-place sums may not
+        # write to (PEFT clones it too).
+        return out.clone() if isinstance(out, torch.Tensor) and out._is_view() else out
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return F.linear(x, self.weight, self.bias)
@@ -314,19 +320,28 @@ def quantized_base(base: nn.Module) -> nn.Module | None:
     return base.__dict__["_la_real"] if isinstance(base, DequantizedLinear) else None
 
 
+def runs_own_kernel(base: nn.Module, x: torch.Tensor) -> bool:
+    """Whether the base term of a quantized stand-in comes from the quantized layer's own forward: when no gradient
+    has to flow back to ``x`` through it (so its inference kernels, e.g. bitsandbytes' packed CPU kernel, give the
+    base output exactly as the plain quantized model computes it)."""
+    return quantized_base(base) is not None and not (torch.is_grad_enabled() and x.requires_grad)
+
+
 def base_linear(base: nn.Module, x: torch.Tensor, with_bias: bool = True) -> torch.Tensor:
     """``x Wᵀ (+ b)`` of a Linear base, as the base itself computes it.
 
-    A plain base: ``F.linear``. A quantized stand-in: without autograd, the quantized layer's own forward (its
-    inference kernels, e.g. bitsandbytes' packed CPU kernel, give the exact base output); with autograd, ``F.linear``
-    with the dequantized weight, which is what the quantized layer's training matmul computes, and whose saved
-    weight ``run_on_stand_in`` re-dequantizes in backward.
+    A plain base: ``F.linear``. A quantized stand-in: the quantized layer's own forward when ``runs_own_kernel``;
+    else (``x`` needs its gradient) ``F.linear`` with the dequantized weight, which is what the quantized layer's
+    training matmul computes, and whose saved weight ``run_on_stand_in`` re-dequantizes in backward.
     """
     real = quantized_base(base)
-    if real is not None and not torch.is_grad_enabled():
+    if real is not None and runs_own_kernel(base, x):
         out = real._la_base_forward(x)
         return out if with_bias or base.bias is None else out - base.bias.to(out.dtype)
-    return F.linear(x, base.weight, base.bias if with_bias else None)
+    bias = base.bias if with_bias else None
+    if real is not None and bias is not None and bias.dtype != x.dtype:
+        bias = bias.to(x.dtype)  # as the quantized layers cast their bias to the compute dtype
+    return F.linear(x, base.weight, bias)
 
 
 def stand_in(module: nn.Module, dtype: torch.dtype | None = None, weight: torch.Tensor | None = None) -> nn.Module:
@@ -337,8 +352,11 @@ def stand_in(module: nn.Module, dtype: torch.dtype | None = None, weight: torch.
         dtype: The dtype its ``weight`` is dequantized to (default: ``compute_dtype_of(module)``).
         weight: A tensor to use as its weight instead of dequantizing on access (a merge writes into it).
     """
-    if not is_quantized(module):
+    scheme = quant_scheme(module)
+    if scheme is None:
         return module
+    if scheme in ("nf4", "fp4") and not _pending(module):
+        _bnb_4bit_state(module)  # bitsandbytes' storage layout, kept (see there)
     view = DequantizedLinear.__new__(DequantizedLinear)
     d = view.__dict__
     d.update(module.__dict__)

@@ -63,9 +63,11 @@ from lightning_adapters.config import (
 )
 from lightning_adapters.core.inject import adapted_modules, find_records
 from lightning_adapters.core.layer import AdapterLayer
+from lightning_adapters.core.quant import quantized_base, runs_own_kernel
 from lightning_adapters.core.targeting import LINEAR_TYPES
 from lightning_adapters.errors import AdapterConfigError, AdapterStateError
 from lightning_adapters.kernels.lowrank import fused_linear_applies, lowrank_linear
+from lightning_adapters.kernels.quantized import quantized_lowrank_applies, quantized_lowrank_linear
 from lightning_adapters.methods._common import add_delta_, check_rank, in_out_features, layer_kind
 from lightning_adapters.registry import MethodSpec, register
 from lightning_adapters.schedules import Heatmap, ScheduleReport
@@ -299,7 +301,14 @@ class AdaLoRALayer(AdapterLayer):
     # --- forward -----------------------------------------------------------------------------------------
 
     def adapted_forward(self, base: nn.Module, x: torch.Tensor) -> torch.Tensor:
-        if self.kind != "conv2d" and fused_linear_applies(x, base.weight, self.lora_A):
+        real = quantized_base(base)
+        if real is not None:
+            if not runs_own_kernel(base, x) and quantized_lowrank_applies(x, self.lora_A):
+                # Training on a quantized base: W dequantized inside one Function, in forward and in backward.
+                xd = F.dropout(x, self.dropout_p, True) if self.dropout_p > 0.0 and self.training else None
+                scale = self.alpha / (self.r + RANKNUM_EPS)  # ranknum is init_r, fixed
+                return quantized_lowrank_linear(x, xd, base.bias, self.lora_A * self.lora_E, self.lora_B, scale, real)
+        elif self.kind != "conv2d" and fused_linear_applies(x, base.weight, self.lora_A):
             # The low-rank kernel with A' = A ⊙ E (autograd splits ∂A' into ∂A and ∂E): the scale folded
             # into the base weight or applied to the rank-r factor, rank-r products thin side first.
             weight = base.weight.t() if self.kind == "conv1d_t" else base.weight  # (out, in)

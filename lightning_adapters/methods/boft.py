@@ -49,6 +49,7 @@ from lightning_adapters.config import (
     peft_layer_selection,
 )
 from lightning_adapters.core.layer import AdapterLayer
+from lightning_adapters.core.quant import base_linear, quantized_base
 from lightning_adapters.errors import AdapterConfigError
 from lightning_adapters.kernels.rotation import block_layout, cayley, rotate_features, rotated_linear
 from lightning_adapters.methods._common import (
@@ -254,7 +255,11 @@ class BOFTLayer(AdapterLayer):
             w_new = (w_rot * self._scale()[:, None]).reshape(w.shape).to(w.dtype)
             return base._conv_forward(x, w_new, base.bias)
         steps = [(self.layouts[i], blocks[i]) for i in range(self.m - 1, -1, -1)]  # x·R: B_{m−1} first
-        z = rotated_linear(x, w, None, steps, self.axis)  # W (Rᵀ x), no bias: (..., out)
+        if quantized_base(base) is not None:
+            # A quantized base: rotate the input and run the layer's own product (no rotated weight-sized copy).
+            z = base_linear(base, rotate_features(x.to(dt), steps, self.axis).to(x.dtype), with_bias=False)
+        else:
+            z = rotated_linear(x, w, None, steps, self.axis)  # W (Rᵀ x), no bias: (..., out)
         s = self._scale().to(z.dtype)
         return z * s if base.bias is None else torch.addcmul(base.bias, z, s)
 

@@ -53,8 +53,9 @@ from lightning_adapters.config import (
     peft_layer_selection,
 )
 from lightning_adapters.core.layer import AdapterLayer
+from lightning_adapters.core.quant import runs_own_kernel
 from lightning_adapters.core.targeting import LINEAR_TYPES
-from lightning_adapters.kernels.folded import delta_forward, grad_needed
+from lightning_adapters.kernels.folded import delta_forward, grad_needed, separate_forward
 from lightning_adapters.kernels.hadamard import khatri_rao_factors, rank_r2_linear, rank_r2_pays
 from lightning_adapters.methods._common import (
     add_delta_,
@@ -243,6 +244,9 @@ class LoHaLayer(AdapterLayer):
             return base._la_base_forward(x)
         tensors = self._factors()
         dt = tensors[0].dtype
+        if runs_own_kernel(base, x):
+            # A quantized base whose input needs no gradient: its own kernel gives the base term exactly, then ΔW x.
+            return separate_forward(base, self.kind, x, self._delta(*tensors))
         if self.training and self.rank_dropout > 0.0:
             keep = rank_dropout_multipliers(self.out_features, self.rank_dropout, True, dt, tensors[0].device)
             tensors = [*tensors, keep * self.scale]

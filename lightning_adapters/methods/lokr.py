@@ -52,9 +52,10 @@ from lightning_adapters.config import (
     peft_layer_selection,
 )
 from lightning_adapters.core.layer import AdapterLayer
+from lightning_adapters.core.quant import runs_own_kernel
 from lightning_adapters.core.targeting import LINEAR_TYPES
 from lightning_adapters.errors import AdapterConfigError
-from lightning_adapters.kernels.folded import delta_forward, grad_needed
+from lightning_adapters.kernels.folded import delta_forward, grad_needed, separate_forward
 from lightning_adapters.kernels.kronecker import kron_linear, kron_pays
 from lightning_adapters.methods._common import (
     add_delta_,
@@ -290,6 +291,9 @@ class LoKrLayer(AdapterLayer):
             return base._la_base_forward(x)
         tensors = self._factors()
         dt = tensors[0].dtype
+        if runs_own_kernel(base, x):
+            # A quantized base whose input needs no gradient: its own kernel gives the base term exactly, then ΔW x.
+            return separate_forward(base, self.kind, x, self._delta(*tensors))
         mask = None
         if self.training and self.rank_dropout > 0.0:
             mask = rank_dropout_multipliers(

@@ -50,9 +50,11 @@ from lightning_adapters.config import (
     peft_layer_selection,
 )
 from lightning_adapters.core.layer import AdapterLayer
+from lightning_adapters.core.quant import base_linear, quantized_base, runs_own_kernel
 from lightning_adapters.core.targeting import LINEAR_TYPES
 from lightning_adapters.errors import AdapterConfigError, AdapterStateError, NotMergeableError
 from lightning_adapters.kernels.lowrank import fused_linear_applies, lowrank_linear
+from lightning_adapters.kernels.quantized import quantized_lowrank_applies, quantized_lowrank_linear
 from lightning_adapters.methods import lora_data, lora_eva, lora_init, lora_mha, lora_params, trainable_tokens
 from lightning_adapters.methods._common import (
     check_finite,
@@ -657,6 +659,8 @@ class LoRALayer(AdapterLayer):
         return x if x.dtype == self.lora_A.dtype else x.to(self.lora_A.dtype)
 
     def _base_linear(self, base: nn.Module, x: torch.Tensor, with_bias: bool = True) -> torch.Tensor:
+        if self.kind == "linear":
+            return base_linear(base, x, with_bias)  # a quantized base computes it with its own kernel
         bias = base.bias if with_bias else None
         if self.kind == "conv1d_t":
             x2 = x.reshape(-1, x.shape[-1])
@@ -665,7 +669,16 @@ class LoRALayer(AdapterLayer):
         return F.linear(x, base.weight, bias)
 
     def _forward_linear(self, base: nn.Module, x: torch.Tensor) -> torch.Tensor:
-        if not self.use_dora and fused_linear_applies(x, base.weight, self.lora_A):
+        real = quantized_base(base)
+        if real is not None:
+            if not self.use_dora and not runs_own_kernel(base, x) and quantized_lowrank_applies(x, self.lora_A):
+                # Training on a quantized base: W dequantized inside one Function, in forward and in backward.
+                xd = F.dropout(x, self.dropout_p, True) if self.dropout_p > 0.0 and self.training else None
+                bias = base.bias
+                if self.lora_B_bias is not None:
+                    bias = self.scale * self.lora_B_bias if bias is None else bias + self.scale * self.lora_B_bias
+                return quantized_lowrank_linear(x, xd, bias, self.lora_A, self.lora_B, self.scale, real)
+        elif not self.use_dora and fused_linear_applies(x, base.weight, self.lora_A):
             weight = base.weight.t() if self.kind == "conv1d_t" else base.weight  # (out, in)
             dropped = self.dropout_p > 0.0 and self.training
             xd = F.dropout(x, self.dropout_p, True) if dropped else None

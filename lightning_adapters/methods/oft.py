@@ -55,6 +55,7 @@ from lightning_adapters.config import (
     peft_layer_selection,
 )
 from lightning_adapters.core.layer import AdapterLayer
+from lightning_adapters.core.quant import base_linear, quantized_base
 from lightning_adapters.errors import AdapterConfigError
 from lightning_adapters.kernels.rotation import block_layout, cayley, rotate_features, rotated_linear
 from lightning_adapters.methods._common import (
@@ -274,6 +275,9 @@ class OFTLayer(AdapterLayer):
         if self.kind == "embedding":
             out = base._la_base_forward(x)  # (..., d)
             return self.rotate(out.to(dt), blocks).to(out.dtype)
+        if quantized_base(base) is not None:
+            # A quantized base: rotate the input and run the layer's own product (no rotated weight-sized copy).
+            return base_linear(base, self.rotate(x.to(dt), blocks).to(x.dtype))
         w = base.weight
         if self.kind == "conv2d":
             w_rot = self.rotate(w.reshape(w.shape[0], -1).to(dt), blocks, transpose=True)  # W·R_bdᵀ (out, d)

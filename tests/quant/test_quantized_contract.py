@@ -3,7 +3,9 @@
 Truths: the quantized layer's own forward (identity at init), finite gradients that reach only the adapter, a
 merge whose output differs from the unmerged one by no more than the re-quantization error ``merge_errors``
 reports (``|E x|_i <= max|E| · ||x||_1``), a bit-exact ``keep_original`` unmerge, an exact state round trip, and
-``eject(merge=True, dtype=...)`` equal to the unmerged adapted output up to that dtype's rounding.
+``eject(merge=True, dtype=...)`` equal to the unmerged adapted output up to that dtype's rounding. Models run in
+train mode (the configs have no dropout): there bitsandbytes' own forward is the dequantized product for every
+scheme, while its int8 inference kernel also quantizes the activations.
 """
 
 from __future__ import annotations
@@ -48,7 +50,7 @@ class Net(nn.Module):
 
 def _quantized(scheme: str, seed: int = 0) -> Net:
     torch.manual_seed(seed)
-    return la.quantize(Net().eval(), scheme, skip=[])
+    return la.quantize(Net().train(), scheme, skip=[])
 
 
 def _x(seed: int = 1) -> torch.Tensor:
@@ -64,7 +66,6 @@ def test_identity_training_step_and_state_round_trip(method: str, scheme: str) -
     assert torch.allclose(model(x), base_out, atol=1e-5), (model(x) - base_out).abs().max()
     # A training step: finite gradients on the adapter only, and on the input (checkpointing needs them).
     randomize_adapter(model, seed=2)
-    model.train()
     xg = x.clone().requires_grad_(True)
     model(xg).pow(2).mean().backward()
     adapter = set(la.adapter_state_dict(model))
@@ -76,10 +77,9 @@ def test_identity_training_step_and_state_round_trip(method: str, scheme: str) -
             assert p.grad is None, n
     assert xg.grad is not None and torch.isfinite(xg.grad).all()
     # The adapter state names no quantized tensor and loads exactly into a fresh quantized model.
-    model.eval()
     out = model(x)
     sd = {k: v.clone() for k, v in la.adapter_state_dict(model).items()}
-    assert all(v.is_floating_point() for v in sd.values())
+    assert not any(v.dtype in (torch.uint8, torch.int8) for v in sd.values())  # (AdaLoRA keeps a bool rank mask)
     fresh = _quantized(scheme)
     la.inject(fresh, METHODS[method]())
     la.load_adapter_state_dict(fresh, sd)

@@ -1,0 +1,89 @@
+"""Low-rank adapters on a quantized base (QLoRA): ``y = x Wᵀ + b + s · (x_d Aᵀ) Bᵀ`` with ``W`` dequantized on the fly.
+
+``quantized_lowrank_linear`` runs the layer as one autograd Function that dequantizes ``W`` (bitsandbytes NF4/FP4/
+int8 or torchao, ``core.quant.dequantized_weight``) in forward and again in backward, never keeping it between the
+two, as the quantized layer's own training matmul does. The dequantized ``W`` is a fresh tensor, so without input
+dropout the update is folded into it in place: ``x (W + s·B·A)ᵀ`` is one product over the rows, where PEFT's QLoRA
+layer runs the base matmul, two rank-r products, a scaling and an add (and clones the base output). Backward:
+``∂x = g (W + s·B·A)`` from the re-dequantized, re-folded weight (``g W + ∂h A`` with dropout), ``∂h = s·g B``,
+``∂A = ∂hᵀ x_d``, ``∂B = s·gᵀ h``. Saved: ``x`` (and ``x_d``), ``hᵀ`` (r, rows) and the factors; the weight-sized
+tensors live only inside forward and inside backward. ``A`` may be any differentiable tensor (AdaLoRA: ``A ⊙ E``).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from lightning_adapters.core.quant import dequantized_weight
+
+
+def quantized_lowrank_applies(x: torch.Tensor, A: torch.Tensor) -> bool:
+    """Whether ``quantized_lowrank_linear`` can run: the input in the adapter's dtype and no autocast to honour."""
+    return x.dtype == A.dtype and x.is_floating_point() and not torch.is_autocast_enabled(x.device.type)
+
+
+def quantized_lowrank_linear(
+    x: torch.Tensor,
+    xd: torch.Tensor | None,
+    bias: torch.Tensor | None,
+    A: torch.Tensor,
+    B: torch.Tensor,
+    scale: float,
+    module: nn.Module,
+) -> torch.Tensor:
+    """``x Wᵀ + b + s·(x_d Aᵀ) Bᵀ`` for the quantized Linear ``module`` (``xd``: the dropped-out input, or None).
+
+    Shapes: x, xd (..., in); A (r, in); B (out, r); bias (out,) -> (..., out), in ``x``'s dtype.
+    """
+    if bias is not None and bias.dtype != x.dtype:
+        bias = bias.to(x.dtype)
+    return _QuantizedLowRankLinear.apply(x, xd, bias, A, B, scale, module)
+
+
+class _QuantizedLowRankLinear(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx: Any, x, xd, bias, A, B, scale, module):  # noqa: ANN001, ANN205 (autograd signature)
+        w = dequantized_weight(module, x.dtype)  # (out, in), a fresh tensor
+        out_f, in_f = w.shape
+        x2 = x.reshape(-1, in_f)  # (N, in)
+        a_in = x2 if xd is None else xd.reshape(-1, in_f)  # (N, in) adapter input
+        h_t = torch.mm(A, a_in.t()) if ctx.needs_input_grad[4] or xd is not None else None  # (r, N)
+        if xd is None:
+            y = F.linear(x2, w.addmm_(B, A, alpha=scale), bias)  # x (W + s·B·A)ᵀ: one product over the rows
+        else:
+            y = F.linear(x2, w, bias).addmm_(h_t.t(), B.t(), alpha=scale)  # + s · h Bᵀ
+        ctx.scale, ctx.module, ctx.has_xd = scale, module, xd is not None
+        ctx.shapes = (x.shape, None if xd is None else xd.shape)
+        # x itself is only needed for ∂A without dropout; with dropout ∂A reads x_d.
+        ctx.save_for_backward(x2 if xd is None and ctx.needs_input_grad[3] else None, None if xd is None else a_in,
+                              h_t, A, B)
+        return y.view(*x.shape[:-1], out_f)
+
+    @staticmethod
+    def backward(ctx: Any, gy):  # noqa: ANN001, ANN205
+        x2, a_in, h_t, A, B = ctx.saved_tensors
+        need_x, need_xd, need_bias, need_a, need_b = ctx.needs_input_grad[:5]
+        s = ctx.scale
+        x_shape, xd_shape = ctx.shapes
+        a_in = x2 if a_in is None else a_in
+        g = gy.reshape(-1, B.shape[0])  # (N, out)
+        gx = gxd = gbias = ga = gb = None
+        dh = torch.mm(g, B).mul_(s) if need_a or need_xd else None  # (N, r) = s · g B
+        if need_x:
+            w = dequantized_weight(ctx.module, g.dtype)  # dequantized again: never kept since forward
+            if not ctx.has_xd:
+                w.addmm_(B, A, alpha=s)  # ∂x = g (W + s·B·A)
+            gx = torch.mm(g, w).view(x_shape)
+        if need_xd:
+            gxd = torch.mm(dh, A).view(xd_shape)
+        if need_bias:
+            gbias = g.sum(0)
+        if need_a:
+            ga = torch.mm(dh.t(), a_in)  # (r, in)
+        if need_b:
+            gb = torch.mm(g.t(), h_t.t()).mul_(s)  # (out, r)
+        return gx, gxd, gbias, ga, gb, None, None
