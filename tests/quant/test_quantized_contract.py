@@ -129,3 +129,38 @@ def test_eject_dequantized(method: str, scheme: str) -> None:
     base = la.eject(model, dtype=torch.float32)  # without merge: the dequantized base
     assert type(base.layer) is nn.Linear
     assert torch.allclose(base(x), _quantized(scheme)(x), atol=1e-5)
+
+
+@pytest.mark.parametrize("method", ["dora", "oft", "loha"])
+def test_gradients_equal_the_dequantized_float_model_and_no_weight_is_kept(method: str) -> None:
+    """The adapted quantized layer computes what the same adapter on a float layer holding the dequantized weight
+    computes (outputs, input and adapter gradients), and keeps no full-precision weight for backward: saved
+    tensors that reach the surrounding hooks (activation checkpointing's) are never weight-sized."""
+    model, x = _quantized("nf4"), _x()
+    float_model = Net().train()
+    with torch.no_grad():
+        float_model.layer.weight.copy_(dequantized_weight(model.layer, torch.float32))
+        float_model.layer.bias.copy_(model.layer.bias)
+    for m in (model, float_model):
+        la.inject(m, METHODS[method]())
+    randomize_adapter(model, seed=4)
+    la.load_adapter_state_dict(float_model, la.adapter_state_dict(model))
+    shapes: list[torch.Size] = []
+
+    def pack(t: torch.Tensor) -> torch.Tensor:
+        shapes.append(t.shape)
+        return t
+
+    xq, xf = x.clone().requires_grad_(True), x.clone().requires_grad_(True)
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        yq = model(xq)
+    assert shapes and all(s.numel() < IN * OUT for s in shapes), shapes
+    yf = float_model(xf)
+    assert torch.allclose(yq, yf, atol=1e-5)
+    yq.pow(2).sum().backward()
+    yf.pow(2).sum().backward()
+    assert torch.allclose(xq.grad, xf.grad, atol=1e-4)
+    fgrads = {n: p.grad for n, p in float_model.named_parameters() if p.requires_grad}
+    for n, p in model.named_parameters():
+        if p.requires_grad:
+            assert torch.allclose(p.grad, fgrads[n], atol=1e-4), n

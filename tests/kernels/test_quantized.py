@@ -1,0 +1,57 @@
+"""kernels.quantized: the QLoRA Function equals plain autograd of ``x Wᵀ + b + s·(x_d Aᵀ) Bᵀ`` with the dequantized
+``W``, outputs and every gradient, with and without input dropout, and keeps no weight-sized tensor for backward."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import lightning_adapters as la
+from lightning_adapters.core.quant import dequantized_weight
+from lightning_adapters.kernels.quantized import quantized_lowrank_linear
+
+pytest.importorskip("bitsandbytes")
+
+
+@pytest.mark.parametrize("scheme", ["nf4", "int8"])
+@pytest.mark.parametrize("dropout", [False, True])
+def test_equals_plain_autograd(scheme: str, dropout: bool) -> None:
+    torch.manual_seed(0)
+    layer = la.quantize(nn.Sequential(nn.Linear(96, 40)), scheme, skip=[])[0]
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(3, 7, 96, generator=g, requires_grad=True)
+    xd = (x * (torch.rand(x.shape, generator=g) > 0.3)).detach().requires_grad_(True) if dropout else None
+    A = torch.randn(4, 96, generator=g, requires_grad=True)
+    B = torch.randn(40, 4, generator=g, requires_grad=True)
+    bias = torch.randn(40, generator=g, requires_grad=True)
+    gy = torch.randn(3, 7, 40, generator=g)
+    y = quantized_lowrank_linear(x, xd, bias, A, B, 0.5, layer)
+    ins = [t for t in (x, xd, A, B, bias) if t is not None]
+    grads = torch.autograd.grad(y, ins, gy)
+    w = dequantized_weight(layer, torch.float32)
+    ref = F.linear(x, w, bias) + 0.5 * F.linear(F.linear(x if xd is None else xd, A), B)
+    ref_grads = torch.autograd.grad(ref, ins, gy)
+    assert torch.allclose(y, ref, atol=1e-4)
+    for got, want in zip(grads, ref_grads):
+        assert torch.allclose(got, want, atol=1e-4)
+
+
+def test_keeps_no_weight_sized_tensor_for_backward() -> None:
+    torch.manual_seed(0)
+    layer = la.quantize(nn.Sequential(nn.Linear(256, 192)), "nf4", skip=[])[0]
+    x = torch.randn(8, 256, requires_grad=True)
+    A = torch.randn(4, 256, requires_grad=True)
+    B = torch.randn(192, 4, requires_grad=True)
+    saved: list[torch.Size] = []
+
+    def pack(t: torch.Tensor) -> torch.Tensor:
+        saved.append(t.shape)
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        y = quantized_lowrank_linear(x, None, layer.bias, A, B, 2.0, layer)
+    assert saved and all(s.numel() < 192 * 256 for s in saved), saved
+    y.sum().backward()
+    assert x.grad is not None and A.grad is not None and B.grad is not None
