@@ -57,7 +57,8 @@ def compose_app(overrides: list[str], output_dir: Path, config_name: str = "trai
 
 def run_app(args: list[str], cwd: Path, timeout: float = 240, app: str = "train") -> subprocess.CompletedProcess:
     """Run ``python -m lightning_adapters.<app> <args>`` in a fresh process (offline, W&B off unless asked)."""
-    env = dict(os.environ, PYTHONPATH=str(ROOT), HF_HUB_OFFLINE="1", WANDB_MODE="offline", WANDB_SILENT="true")
+    path = os.pathsep.join(p for p in (str(ROOT), os.environ.get("PYTHONPATH", "")) if p)
+    env = dict(os.environ, PYTHONPATH=path, HF_HUB_OFFLINE="1", WANDB_MODE="offline", WANDB_SILENT="true")
     return subprocess.run(
         [sys.executable, "-m", f"lightning_adapters.{app}", *args],
         cwd=cwd,

@@ -71,6 +71,14 @@ def test_launcher_presets_set_partition_gpus_time_and_array_parallelism(tmp_path
             compose_app(["hydra/launcher=submitit_slurm", bad], tmp_path)
 
 
+def test_ray_presets_connect_to_a_cluster_or_start_a_local_instance(tmp_path: Path) -> None:
+    pytest.importorskip("hydra_plugins.hydra_ray_launcher", reason="the Ray launcher is the optional 'ray' extra")
+    cluster = compose_app(["hydra/launcher=ray"], tmp_path).hydra.launcher
+    assert cluster._target_.endswith("ray_launcher.RayLauncher") and cluster.ray.init.address == "auto"
+    local = compose_app(["hydra/launcher=ray_local"], tmp_path).hydra.launcher.ray
+    assert (local.init.address, local.init.num_cpus, local.remote.num_cpus, local.remote.num_gpus) == (None, 2, 1, 0)
+
+
 # Four tiny jobs; OFT with r=3 blocks cannot split the 32 features of the tiny Bert, so exactly one job fails.
 SWEEP = [
     "model=tiny_bert",
@@ -147,6 +155,31 @@ def test_submitit_local_sweep_runs_every_job_in_its_own_directory_and_lists_the_
     (wandb_job,) = [r for name, r in again.items() if name.startswith("wandb_only/")]
     assert wandb_job["source"] == "wandb" and wandb_job["value"] == pytest.approx(original["1"]["value"])
     assert len(again) == 5
+
+
+@pytest.mark.slow
+def test_ray_local_sweep_runs_every_job_in_its_own_directory_and_lists_the_failed_one(tmp_path: Path) -> None:
+    pytest.importorskip("hydra_plugins.hydra_ray_launcher", reason="the Ray launcher is the optional 'ray' extra")
+    sweep = tmp_path / "sweep"
+    proc = run_app(["-m", "hydra/launcher=ray_local", *SWEEP, f"hydra.sweep.dir={sweep}"], cwd=tmp_path, timeout=600)
+    _check_sweep(sweep, proc)
+    assert "Ray Launcher is launching 4 jobs" in proc.stdout + proc.stderr
+
+
+def test_wandb_sweep_yaml_drives_the_hydra_app_with_overrides_that_compose(tmp_path: Path) -> None:
+    import yaml
+
+    from lightning_adapters.train import CONFIG_DIR
+
+    sweep = yaml.safe_load((Path(CONFIG_DIR).parent / "experiments" / "wandb_sweep.yaml").read_text())
+    assert sweep["command"][-3:] == ["-m", "lightning_adapters.train", "${args_no_hyphens}"]
+    # The metric W&B optimises is one the app puts into the run summary at fit end.
+    assert sweep["metric"] == {"name": "best_metric", "goal": "maximize"}
+    # Every value W&B can choose is a valid override of the app (the extremes of a range included).
+    for name, spec in sweep["parameters"].items():
+        for value in spec.get("values", [spec.get("min"), spec.get("max")]):
+            cfg = compose_app([f"{name}={value}"], tmp_path)
+            assert cfg is not None
 
 
 def test_offline_run_reader_reads_config_history_summary_and_exit(tmp_path: Path) -> None:
