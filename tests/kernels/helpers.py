@@ -10,6 +10,7 @@ F64 = torch.float64
 
 
 def gen(seed: int) -> torch.Generator:
+    """A CPU generator seeded with ``seed``."""
     return torch.Generator().manual_seed(seed)
 
 

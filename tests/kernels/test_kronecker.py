@@ -78,6 +78,20 @@ def test_kron_linear_differentiable_form_for_another_adapter_dtype(mask: bool) -
     assert_kernel_matches(lambda: out, formula, [x, w1, a2, b2], rtol=1e-6, atol=1e-6)
 
 
+def test_kron_linear_under_autocast_takes_the_differentiable_form() -> None:
+    """One dtype and gradients wanted, but autocast on: not the Function (it would ignore autocast)."""
+    base = _base("linear", False).float()
+    x = leaf(4, C_ * D_, seed=1).float().detach().requires_grad_()
+    w1, a2, b2 = (
+        leaf(*s, seed=i).float().detach().requires_grad_() for i, s in enumerate([(A_, C_), (B_, R_), (R_, D_)])
+    )
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = kronecker.kron_linear(base, "linear", x, w1, a2, b2, None, fused=True, needs_grad=True)
+    assert out.grad_fn is not None and type(out.grad_fn).__name__ != "KronLinearBackward"
+    ref = _formula(base, "linear", x, w1, a2, b2, None)
+    torch.testing.assert_close(out.float(), ref, rtol=3e-2, atol=3e-2)
+
+
 def test_kron_apply_is_the_kronecker_product() -> None:
     x2 = leaf(7, C_ * D_, seed=1, grad=False)
     w1, a2, b2 = leaf(A_, C_, seed=2), leaf(B_, R_, seed=3), leaf(R_, D_, seed=4)
