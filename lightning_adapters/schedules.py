@@ -1,6 +1,6 @@
 """What a method that changes during training (AdaLoRA) gives the training loop: a schedule object.
 
-A method registers a schedule class as ``MethodSpec.training_hooks``; it is built as ``cls(model, config)`` once per
+A method registers a schedule class as its ``training_hooks``; it is built as ``cls(model, config)`` once per
 fit and holds all of the method's training-time logic (when to measure, when to reallocate, what to regularise, what
 to keep in checkpoints). It knows nothing of Lightning: ``lightning_adapters.lightning.hooks`` drives it from the
 trainer and sends what it reports to the loggers, and a hand-written loop can drive it the same way::

@@ -25,7 +25,7 @@ from omegaconf import OmegaConf
 
 from lightning_adapters.config import AdapterConfig
 from lightning_adapters.errors import AdapterConfigError
-from lightning_adapters.registry import MethodSpec, available_methods, get_method
+from lightning_adapters.registry import Method, available_methods, get_method
 
 # Methods whose config has no ``r``: the field ``method.r`` sets instead, so that one sweep axis
 # (``method.r=4,8,16``) means "adapter capacity" for every method.
@@ -76,7 +76,7 @@ def rank_fields(method: str, r: int) -> dict[str, Any]:
     return {RANK_ALIASES[method]: r}
 
 
-def schema_for(spec: MethodSpec) -> type:
+def schema_for(spec: Method) -> type:
     """The dataclass stored as ``<name>_schema``: the config class, plus an ``r`` field when it has none."""
     cls = spec.config_cls
     if "r" in {f.name for f in dataclasses.fields(cls)} or spec.name not in RANK_ALIASES:

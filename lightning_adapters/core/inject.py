@@ -37,7 +37,7 @@ from lightning_adapters.errors import (
     TargetError,
     UnsupportedLayerError,
 )
-from lightning_adapters.registry import spec_for_config
+from lightning_adapters.registry import LayerMethod, ModelAdapter, spec_for_config
 
 RECORD_ATTR = "_la_record"
 log = logging.getLogger("lightning_adapters")
@@ -45,14 +45,32 @@ log = logging.getLogger("lightning_adapters")
 
 @dataclass
 class InjectionRecord:
-    """What ``inject`` did to a model, kept on the model (outside the module tree and its state dict)."""
+    """What ``inject`` did to a model, kept on the model (outside the module tree and its state dict).
+
+    Attributes:
+        config: The validated copy of the config the adapter was built from.
+        method: The method's registry name.
+        targets: Names of the adapted modules.
+        modules_to_save: Names of the modules trained in full.
+        original_requires_grad: Every parameter's ``requires_grad`` before ``inject`` (``eject`` gives it back).
+        model_adapter: The instance a whole-model method (``ModelMethod``) returned; ``None`` for per-layer ones.
+        resolved_peft_fields: Fields of ``adapter_config.json`` resolved after injection (AdaLoRA's ``total_step``
+            when the config left it to the trainer, EVA's ``rank_pattern``/``alpha_pattern``); ``save_peft`` writes
+            them over every other value of those fields.
+    """
 
     config: AdapterConfig
     method: str
     targets: list[str]
     modules_to_save: list[str]
     original_requires_grad: dict[str, bool] = field(default_factory=dict)
-    extra: dict[str, Any] = field(default_factory=dict)
+    model_adapter: ModelAdapter | None = None
+    resolved_peft_fields: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def holders(self) -> list[str]:
+        """Modules a whole-model adapter added (trainable, part of the adapter state); empty for per-layer ones."""
+        return list(self.model_adapter.holders) if self.model_adapter is not None else []
 
 
 def check_module(model: Any, what: str) -> None:
@@ -248,9 +266,10 @@ def inject(model: nn.Module, config: AdapterConfig) -> nn.Module:
     snapshot = ModelSnapshot(model)
     try:
         original_rg = {n: p.requires_grad for n, p in model.named_parameters()}
-        extra: dict[str, Any] = {}
-        if spec.inject_model is not None:
-            targets, extra = spec.inject_model(model, config)
+        model_adapter = None
+        if not isinstance(spec, LayerMethod):
+            model_adapter = spec.inject(model, config, "default")
+            targets = model_adapter.targets
         else:
             skip = {n for n, _ in model.named_modules() if any(n == s or n.startswith(s + ".") for s in to_save)}
             targets = resolve_targets(
@@ -272,9 +291,8 @@ def inject(model: nn.Module, config: AdapterConfig) -> nn.Module:
                     f"Narrow target_modules or add these names to exclude_modules"
                 )
             check_adaptable(model, targets, spec.name, spec.supported_types)
-            if spec.extra_layers is not None:
-                extra_built = spec.extra_layers(model, config, targets)
-                modules.update({n: model.get_submodule(n) for n in extra_built})
+            extra_built = spec.extra_layers(model, config, targets)
+            modules.update({n: model.get_submodule(n) for n in extra_built})
             taken = [n for n, m in modules.items() if ADAPTER_ATTR in m._modules or hasattr(m, ADAPTER_ATTR)]
             if taken:
                 raise AdapterConfigError(
@@ -284,8 +302,7 @@ def inject(model: nn.Module, config: AdapterConfig) -> nn.Module:
             # Build every layer before attaching any: a layer that cannot be built fails before any change.
             # A quantized base is built on as its dequantized stand-in (core/quant.py): same shapes, float weight.
             layers = {n: spec.create_layer(stand_in(m), config, n) for n, m in modules.items() if n in targets}
-            if spec.extra_layers is not None:
-                layers.update(extra_built)
+            layers.update(extra_built)
             for n, layer in layers.items():
                 if layer.changes_base_on_attach and is_quantized(modules[n]):
                     raise UnsupportedLayerError(
@@ -304,7 +321,7 @@ def inject(model: nn.Module, config: AdapterConfig) -> nn.Module:
             targets=list(targets),
             modules_to_save=to_save,
             original_requires_grad=original_rg,
-            extra=extra,
+            model_adapter=model_adapter,
         )
         model.__dict__[RECORD_ATTR] = record
         apply_trainability(model)
@@ -347,8 +364,8 @@ def apply_trainability(model: nn.Module) -> None:
         for _, _, layer in adapted_modules(root):
             trainable.update(id(p) for p in layer.parameters())
         trainable.update(id(root.get_parameter(n)) for n in trained_biases(root, rec))
-        for extra in rec.extra.get("trainable_modules", []):
-            trainable.update(id(p) for p in root.get_submodule(extra).parameters())
+        for holder in rec.holders:
+            trainable.update(id(p) for p in root.get_submodule(holder).parameters())
         for name in rec.modules_to_save:
             trainable.update(id(p) for p in root.get_submodule(name).parameters())
     for p in model.parameters():
@@ -361,8 +378,8 @@ def apply_dtype_policy(model: nn.Module) -> None:
         for _, base, layer in adapted_modules(root):
             layer.apply_dtype(adapter_dtype_for(_base_dtype(base), rec.config))
         # Whole-model methods (no per-layer adapters) re-apply their own policy.
-        if "apply_dtype" in rec.extra:
-            rec.extra["apply_dtype"](root, rec.config)
+        if rec.model_adapter is not None:
+            rec.model_adapter.apply_dtype(root, rec.config)
 
 
 def merge(model: nn.Module, *, safe: bool = False, keep_original: bool = False) -> nn.Module:
@@ -395,7 +412,7 @@ def merge(model: nn.Module, *, safe: bool = False, keep_original: bool = False) 
     """
     check_module(model, "merge")
     for prefix, _, rec in find_records(model):
-        if rec.extra.get("mergeable", True) is False:
+        if rec.model_adapter is not None:
             where = f" on {prefix!r}" if prefix else ""
             raise NotMergeableError(
                 f"the {rec.method} adapter{where} is not mergeable: the method has no weight-space form; "
@@ -502,9 +519,9 @@ def disabled(model: nn.Module) -> Iterator[nn.Module]:
     remerge = [(b, layer) for _, b, layer in layers if layer.merged]
     for base, layer in remerge:
         unmerge_layer(base, layer)
-    # Whole-model methods name the modules that carry their ``enabled`` flag in ``extra["switch_modules"]``.
+    # Whole-model adapters carry their ``enabled`` flag on their holder modules.
     switches = [layer for _, _, layer in layers] + [
-        root.get_submodule(n) for _, root, rec in find_records(model) for n in rec.extra.get("switch_modules", [])
+        root.get_submodule(n) for _, root, rec in find_records(model) for n in rec.holders
     ]
     previous = [s.enabled for s in switches]
     for s in switches:
@@ -567,9 +584,8 @@ def eject(
     if quantized:
         forget_hf_quantization(model)
     for _, root, rec in records:
-        spec_eject = rec.extra.get("eject")
-        if spec_eject is not None:
-            spec_eject(root)
+        if rec.model_adapter is not None:
+            rec.model_adapter.eject(root)
     for _, base, layer in layers:
         layer.on_eject(base, merged=merge)
         detach(base)
@@ -593,8 +609,9 @@ def summary(model: nn.Module) -> str:
             full = f"{prefix}.{m}" if prefix else m
             n = sum(p.numel() for p in root.get_submodule(m).parameters())
             rows.append((full, type(root.get_submodule(m)).__name__, "modules_to_save", n))
-        for extra_name, extra_rows in rec.extra.get("summary_rows", {}).items():
-            rows.append((f"{prefix}.{extra_name}" if prefix else extra_name, *extra_rows))
+        if rec.model_adapter is not None:
+            for holder, *cells in rec.model_adapter.summary_rows(root):
+                rows.append((f"{prefix}.{holder}" if prefix else holder, *cells))
     total = sum(p.numel() for p in model.parameters())
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     w = max([len(r[0]) for r in rows] + [6])

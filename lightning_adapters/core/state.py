@@ -19,7 +19,7 @@ def adapter_prefixes(model: nn.Module) -> list[str]:
     exact keys (no trailing dot) of the base biases the config's ``bias`` option trains."""
     prefixes = [f"{name}.{ADAPTER_ATTR}." if name else f"{ADAPTER_ATTR}." for name, _, _ in adapted_modules(model)]
     for prefix, root, rec in find_records(model):
-        for m in rec.modules_to_save + list(rec.extra.get("trainable_modules", [])):
+        for m in rec.modules_to_save + rec.holders:
             full = f"{prefix}.{m}" if prefix else m
             prefixes.append(full + ".")
         prefixes += [f"{prefix}.{n}" if prefix else n for n in trained_biases(root, rec)]

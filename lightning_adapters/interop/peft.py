@@ -3,8 +3,8 @@
 ``save_peft`` writes what PEFT 0.21's ``save_pretrained`` writes for a ``PeftModel`` around the same base
 (keys ``base_model.model.<module>.<suffix>``, PEFT's field names), so ``PeftModel.from_pretrained`` loads it;
 ``load_peft`` reads such a directory (with or without the ``base_model.model.`` prefix), injects the matching
-method and loads the tensors. Per-method names and layouts come from the registry (``MethodSpec`` and each
-layer's ``peft_state``).
+method and loads the tensors. Per-method names and layouts come from the registry (the method's
+``PeftTranslation`` members, and each layer's or ``ModelAdapter``'s ``peft_state``).
 """
 
 from __future__ import annotations
@@ -54,10 +54,9 @@ def peft_tensors(model: nn.Module) -> dict[str, torch.Tensor]:
         AdapterStateError: A tensor is on the meta device (a model built without its weights).
     """
     prefix, root, rec = _single_record(model)
-    spec = get_method(rec.method)
     out: dict[str, torch.Tensor] = {}
-    if spec.peft_state is not None:
-        out.update({PEFT_PREFIX + k: t for k, t in spec.peft_state(root).items()})
+    if rec.model_adapter is not None:
+        out.update({PEFT_PREFIX + k: t for k, t in rec.model_adapter.peft_state(root).items()})
     else:
         for name, _, layer in adapted_modules(root):
             try:
@@ -100,8 +99,7 @@ def peft_config_dict(model: nn.Module) -> dict[str, Any]:
     spec = get_method(rec.method)
     cfg = rec.config
     d = spec.config_to_peft(cfg)
-    if spec.peft_config_extra is not None:
-        d.update(spec.peft_config_extra(root))
+    d.update(spec.peft_config_extra(root))
     target = cfg.target_modules
     if target == "all-linear" or target is None:
         # PEFT resolves these before saving; write the resolved names so any loader selects the same modules.
@@ -119,9 +117,11 @@ def peft_config_dict(model: nn.Module) -> dict[str, Any]:
             "peft_version": PEFT_VERSION,
         }
     )
-    # A whole-model method can rewrite fields it resolved at injection (e.g. Llama-Adapter's attention name).
-    if "peft_config" in rec.extra:
-        d = rec.extra["peft_config"](d)
+    # Fields resolved after the config was written: at injection by a whole-model method (Llama-Adapter's attention
+    # name), or later (AdaLoRA's schedule length, EVA's ranks).
+    if rec.model_adapter is not None:
+        d = rec.model_adapter.peft_config(d)
+    d.update(rec.resolved_peft_fields)
     return {k: d[k] for k in sorted(d)}
 
 
@@ -428,8 +428,7 @@ def load_peft(model: nn.Module, directory: str | os.PathLike, *, check_finite: b
     check_peft_fields(Path(directory) / CONFIG_NAME, config_dict)
     check_peft_config_types(Path(directory) / CONFIG_NAME, config_dict, spec)
     config = spec.config_from_peft(config_dict)
-    if spec.prepare_peft_load is not None:
-        config, tensors = spec.prepare_peft_load(config, config_dict, tensors)
+    config, tensors = spec.prepare_peft_load(config, config_dict, tensors)
     if find_records(model):
         raise AdapterConfigError("model already has adapters; eject them before load_peft")
     _check_not_a_sub_module(model, directory, tensors)
@@ -504,8 +503,8 @@ def _check_values(
 def _load_tensors(model: nn.Module, tensors: dict[str, torch.Tensor], spec, check_finite: bool = True) -> None:
     _, root, rec = _single_record(model)
     expected: dict[str, tuple[int, ...]] = {}
-    if spec.peft_state is not None:
-        expected.update({k: tuple(v.shape) for k, v in spec.peft_state(root).items()})
+    if rec.model_adapter is not None:
+        expected.update({k: tuple(v.shape) for k, v in rec.model_adapter.peft_state(root).items()})
     else:
         for name, _, layer in adapted_modules(root):
             try:
@@ -551,8 +550,8 @@ def _load_tensors(model: nn.Module, tensors: dict[str, torch.Tensor], spec, chec
             + ". Check the adapter was trained on this base model architecture"
         )
     _check_values(root, rec, tensors, expected, spec, check_finite)
-    if spec.load_peft_state is not None:
-        spec.load_peft_state(root, tensors)
+    if rec.model_adapter is not None:
+        rec.model_adapter.load_peft_state(root, tensors)
     else:
         for name, _, layer in adapted_modules(root):
             prefix = name + "."

@@ -30,7 +30,7 @@ from lightning_adapters.core.layer import ADAPTER_ATTR
 from lightning_adapters.core.state import base_fingerprint, load_adapter_state_dict
 from lightning_adapters.errors import AdapterConfigError, AdapterStateError
 from lightning_adapters.lightning.scope import inner_config
-from lightning_adapters.registry import get_method
+from lightning_adapters.registry import LayerMethod, get_method
 
 METADATA_KEY = "lightning_adapters"
 FORMAT_VERSION = 1
@@ -507,7 +507,7 @@ def restore_from_checkpoint(
         ) from None
     _check_beside(model, beside, where)
     config = inner_config(target, full_config)
-    if derived is not None and get_method(meta["method"]).inject_model is None:
+    if derived is not None and isinstance(get_method(meta["method"]), LayerMethod):
         exact = "|".join(re.escape(n) for n in derived)
         config = dataclasses.replace(config, target_modules=exact, exclude_modules=None)
 

@@ -1,7 +1,7 @@
 """How the Lightning integration drives a method's training schedule (``lightning_adapters.schedules``).
 
 Most methods need nothing from the loop. A method that does (AdaLoRA) registers a schedule class as
-``MethodSpec.training_hooks``; ``AdapterCallback`` and ``AdapterMixin`` build one per fit and a ``ScheduleDriver``
+the method's ``training_hooks``; ``AdapterCallback`` and ``AdapterMixin`` build one per fit and a ``ScheduleDriver``
 calls it: ``start`` at fit start with the trainer's number of optimizer steps or epochs, ``loss_term`` on every
 training loss, ``after_optimizer_step`` once per optimizer step (after ``optimizer.step()``, before ``zero_grad``,
 so gradients are still there and accumulation is counted right), ``after_epoch`` at every epoch end. What the

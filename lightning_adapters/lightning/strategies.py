@@ -129,7 +129,7 @@ def adapter_parallelize_fn(
         # Layers run through adapted_forward, not __call__: FSDP must gather their parameters around that method.
         register_fsdp_forward_method(layer, "adapted_forward")
     for _, root, rec in records:
-        for name in rec.modules_to_save + list(rec.extra.get("trainable_modules", [])):
+        for name in rec.modules_to_save + rec.holders:
             fully_shard(root.get_submodule(name), **kwargs)
     blocks = tuple(block_types) if block_types is not None else block_types_of(module)
     if blocks:

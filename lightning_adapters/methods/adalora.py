@@ -69,7 +69,7 @@ from lightning_adapters.errors import AdapterConfigError, AdapterStateError
 from lightning_adapters.kernels.lowrank import fused_linear_applies, lowrank_linear
 from lightning_adapters.kernels.quantized import quantized_lowrank_applies, quantized_lowrank_linear
 from lightning_adapters.methods._common import add_delta_, check_rank, in_out_features, layer_kind
-from lightning_adapters.registry import MethodSpec, register
+from lightning_adapters.registry import LayerMethod, register
 from lightning_adapters.schedules import Heatmap, ScheduleReport
 
 SCHEDULES = ("step", "epoch")
@@ -696,7 +696,7 @@ class AdaLoRASchedule:
         recs = find_records(self.model)
         if recs and cfg.schedule == "step":
             # save_peft writes the resolved schedule length when the config left it to the trainer.
-            recs[0][2].extra["adalora_total_step"] = total
+            recs[0][2].resolved_peft_fields["total_step"] = total
         return None
 
     def _require(self) -> RankAllocator:
@@ -850,7 +850,7 @@ def _to_peft(cfg: AdaLoRAConfig) -> dict[str, Any]:
 
 
 def _peft_config_extra(root: nn.Module) -> dict[str, Any]:
-    """The exported ``rank_pattern`` in PEFT's key format (``None`` while nothing is pruned) and the resolved total.
+    """The exported ``rank_pattern`` in PEFT's key format (left out while nothing is pruned).
 
     The pattern is each layer's ``export_mask`` (the ranks the file holds), not its ``rank_mask``.
     """
@@ -859,10 +859,6 @@ def _peft_config_extra(root: nn.Module) -> dict[str, Any]:
     out: dict[str, Any] = {}
     if any(not bool(m.all()) for m in masks.values()):
         out["rank_pattern"] = {f"{name}.lora_E": m.tolist() for name, m in masks.items()}
-    for _, _, rec in find_records(root):
-        total = rec.extra.get("adalora_total_step")
-        if total is not None and rec.config.total_step is None:
-            out["total_step"] = int(total)
     return out
 
 
@@ -919,20 +915,23 @@ _DEFAULT_TARGETS = {
     "gpt2": ["c_attn"],
 }
 
-SPEC = register(
-    MethodSpec(
-        name="adalora",
-        config_cls=AdaLoRAConfig,
-        peft_type="ADALORA",
-        supported_types=LINEAR_TYPES + (nn.Conv2d,),
-        create_layer=AdaLoRALayer,
-        config_to_peft=_to_peft,
-        config_from_peft=_from_peft,
-        default_targets=_DEFAULT_TARGETS,
-        peft_config_extra=_peft_config_extra,
-        training_hooks=AdaLoRASchedule,
-    )
-)
+
+class AdaLoRAMethod(LayerMethod):
+    """AdaLoRA in the registry."""
+
+    name = "adalora"
+    config_cls = AdaLoRAConfig
+    peft_type = "ADALORA"
+    supported_types = LINEAR_TYPES + (nn.Conv2d,)
+    default_targets = _DEFAULT_TARGETS
+    create_layer = AdaLoRALayer
+    config_to_peft = staticmethod(_to_peft)
+    config_from_peft = staticmethod(_from_peft)
+    peft_config_extra = staticmethod(_peft_config_extra)
+    training_hooks = AdaLoRASchedule
+
+
+register(AdaLoRAMethod())
 
 __all__ = [
     "AdaLoRAConfig",

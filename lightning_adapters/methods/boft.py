@@ -61,7 +61,7 @@ from lightning_adapters.methods._common import (
     stash_rows,
     write_weight_,
 )
-from lightning_adapters.registry import MethodSpec, register
+from lightning_adapters.registry import LayerMethod, register
 
 
 @dataclass
@@ -369,15 +369,17 @@ def _prepare_peft_load(
     return config, tensors
 
 
-SPEC = register(
-    MethodSpec(
-        name="boft",
-        config_cls=BOFTConfig,
-        peft_type="BOFT",
-        supported_types=(nn.Linear, nn.Conv2d),
-        create_layer=BOFTLayer,
-        config_to_peft=_to_peft,
-        config_from_peft=_from_peft,
-        prepare_peft_load=_prepare_peft_load,
-    )
-)
+class BOFTMethod(LayerMethod):
+    """BOFT in the registry."""
+
+    name = "boft"
+    config_cls = BOFTConfig
+    peft_type = "BOFT"
+    supported_types = (nn.Linear, nn.Conv2d)
+    create_layer = BOFTLayer
+    config_to_peft = staticmethod(_to_peft)
+    config_from_peft = staticmethod(_from_peft)
+    prepare_peft_load = staticmethod(_prepare_peft_load)
+
+
+register(BOFTMethod())

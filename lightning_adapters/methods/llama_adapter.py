@@ -37,7 +37,6 @@ used; the prompt term does not depend on cached keys.
 
 from __future__ import annotations
 
-import functools
 import math
 import re
 from dataclasses import dataclass
@@ -52,7 +51,7 @@ from lightning_adapters.core.quant import is_quantized
 from lightning_adapters.core.targeting import Conv1D
 from lightning_adapters.errors import AdapterConfigError, TargetError, UnsupportedLayerError
 from lightning_adapters.methods._common import check_rank
-from lightning_adapters.registry import MethodSpec, register
+from lightning_adapters.registry import ModelAdapter, ModelMethod, register
 
 METHOD = "llama_adapter"
 HOLDER_ATTR = "adapter"
@@ -312,16 +311,6 @@ def _shape_of(name: str, attn: nn.Module, flavour: str) -> tuple[int, int, int, 
     return q.in_features, n_heads, n_kv, head_dim
 
 
-def _holders(root: nn.Module) -> list[tuple[str, nn.Module, AdaptionPrompt]]:
-    """``(attention name, attention, holder)`` for every adapted attention under ``root``."""
-    out = []
-    for name, mod in root.named_modules():
-        holder = mod._modules.get(HOLDER_ATTR)
-        if isinstance(holder, AdaptionPrompt):
-            out.append((name, mod, holder))
-    return out
-
-
 def _query_proj(attn: nn.Module, flavour: str) -> nn.Module:
     return attn.c_attn if flavour == "gpt2" else attn.q_proj
 
@@ -330,7 +319,7 @@ def _hooked_modules(attn: nn.Module, flavour: str) -> list[nn.Module]:
     return [attn, attn.c_attn] if flavour == "gpt2" else [attn, attn.q_proj, attn.o_proj]
 
 
-def _inject(model: nn.Module, config: LlamaAdapterConfig) -> tuple[list[str], dict[str, Any]]:
+def _inject(model: nn.Module, config: LlamaAdapterConfig) -> PromptAdapter:
     model_type = _model_type(model)
     if model_type not in SUPPORTED:
         raise UnsupportedLayerError(
@@ -372,29 +361,9 @@ def _inject(model: nn.Module, config: LlamaAdapterConfig) -> tuple[list[str], di
         else:
             attn.q_proj.register_forward_hook(holder.after_query)
             attn.o_proj.register_forward_pre_hook(holder.before_output)
-    _apply_dtype(model, config)
-    holder_names = [f"{n}.{HOLDER_ATTR}" for n in names]
-    extra = {
-        "trainable_modules": holder_names,
-        "switch_modules": holder_names,
-        "mergeable": False,
-        "eject": _eject,
-        "apply_dtype": _apply_dtype,
-        "peft_config": functools.partial(_peft_config_fields, attr=attr),
-        "summary_rows": {
-            h: (type(attns[n]).__name__, "AdaptionPrompt", config.adapter_len * shapes[n][0] + 1)
-            for n, h in zip(names, holder_names)
-        },
-    }
-    return names, extra
-
-
-def _apply_dtype(root: nn.Module, config: LlamaAdapterConfig) -> None:
-    """Cast every prompt and gate to the adapter dtype policy (fp32 on a half-precision base by default)."""
-    for _, attn, holder in _holders(root):
-        dtype = adapter_dtype_for(_query_proj(attn, holder.flavour).weight.dtype, config)
-        for p in holder.parameters():
-            p.data = p.data.to(dtype)
+    adapter = PromptAdapter(targets=names, holders=[f"{n}.{HOLDER_ATTR}" for n in names], attr=attr)
+    adapter.apply_dtype(model, config)
+    return adapter
 
 
 def _remove_hooks(module: nn.Module, holder: AdaptionPrompt) -> None:
@@ -409,39 +378,70 @@ def _remove_hooks(module: nn.Module, holder: AdaptionPrompt) -> None:
                 flags.pop(hook_id, None)
 
 
-def _eject(root: nn.Module) -> None:
-    """Remove every hook and prompt holder: the attention modules are exactly as before ``inject``."""
-    for _, attn, holder in _holders(root):
-        for mod in _hooked_modules(attn, holder.flavour):
-            _remove_hooks(mod, holder)
-        del attn._modules[HOLDER_ATTR]
+@dataclass
+class PromptAdapter(ModelAdapter):
+    """One injected Llama-Adapter: the adapted attention modules and their prompt holders.
+
+    Attributes:
+        targets: The adapted attention modules.
+        holders: Their ``AdaptionPrompt`` children (``<attention>.adapter``), in the same order.
+        attr: The attention attribute name the adapter targets (PEFT's ``target_modules``).
+    """
+
+    targets: list[str]
+    holders: list[str]
+    attr: str
+
+    def _each(self, root: nn.Module) -> list[tuple[str, nn.Module, AdaptionPrompt]]:
+        """``(attention name, attention, holder)`` per adapted attention."""
+        return [(t, root.get_submodule(t), root.get_submodule(h)) for t, h in zip(self.targets, self.holders)]
+
+    def eject(self, root: nn.Module) -> None:
+        """Remove every hook and prompt holder: the attention modules are exactly as before ``inject``."""
+        for _, attn, holder in self._each(root):
+            for mod in _hooked_modules(attn, holder.flavour):
+                _remove_hooks(mod, holder)
+            del attn._modules[HOLDER_ATTR]
+
+    def apply_dtype(self, root: nn.Module, config: AdapterConfig) -> None:
+        """Cast every prompt and gate to the adapter dtype policy (fp32 on a half-precision base by default)."""
+        for _, attn, holder in self._each(root):
+            dtype = adapter_dtype_for(_query_proj(attn, holder.flavour).weight.dtype, config)
+            for p in holder.parameters():
+                p.data = p.data.to(dtype)
+
+    def summary_rows(self, root: nn.Module) -> list[tuple[str, str, str, int]]:
+        """One row per prompt holder."""
+        return [
+            (h, type(attn).__name__, type(holder).__name__, sum(p.numel() for p in holder.parameters()))
+            for h, (_, attn, holder) in zip(self.holders, self._each(root))
+        ]
+
+    def peft_config(self, fields: dict[str, Any]) -> dict[str, Any]:
+        """PEFT's ``AdaptionPromptConfig`` has one attention name and no exclude/modules_to_save fields."""
+        fields = {k: v for k, v in fields.items() if k not in ("exclude_modules", "modules_to_save")}
+        fields["target_modules"] = self.attr
+        return fields
+
+    def peft_state(self, root: nn.Module) -> dict[str, torch.Tensor]:
+        """Keys ``<attention>.adaption_prompt`` / ``<attention>.adaption_gate``."""
+        out = {}
+        for name, _, holder in self._each(root):
+            out[f"{name}.adaption_prompt"] = holder.adaption_prompt.detach()
+            out[f"{name}.adaption_gate"] = holder.adaption_gate.detach()
+        return out
+
+    def load_peft_state(self, root: nn.Module, tensors: dict[str, torch.Tensor]) -> None:
+        """Inverse of ``peft_state``."""
+        with torch.no_grad():
+            for name, _, holder in self._each(root):
+                for suffix in ("adaption_prompt", "adaption_gate"):
+                    p = getattr(holder, suffix)
+                    p.copy_(tensors[f"{name}.{suffix}"].to(dtype=p.dtype, device=p.device))
 
 
 # ------------------------------------------------------------------------------------------------------------
 # PEFT format: keys ``<attention>.adaption_prompt`` / ``<attention>.adaption_gate``
-
-
-def _peft_state(root: nn.Module) -> dict[str, torch.Tensor]:
-    out = {}
-    for name, _, holder in _holders(root):
-        out[f"{name}.adaption_prompt"] = holder.adaption_prompt.detach()
-        out[f"{name}.adaption_gate"] = holder.adaption_gate.detach()
-    return out
-
-
-def _load_peft_state(root: nn.Module, tensors: dict[str, torch.Tensor]) -> None:
-    with torch.no_grad():
-        for name, _, holder in _holders(root):
-            for suffix in ("adaption_prompt", "adaption_gate"):
-                p = getattr(holder, suffix)
-                p.copy_(tensors[f"{name}.{suffix}"].to(dtype=p.dtype, device=p.device))
-
-
-def _peft_config_fields(d: dict[str, Any], attr: str) -> dict[str, Any]:
-    """PEFT's ``AdaptionPromptConfig`` has one attention name and no exclude/modules_to_save fields."""
-    d = {k: v for k, v in d.items() if k not in ("exclude_modules", "modules_to_save")}
-    d["target_modules"] = attr
-    return d
 
 
 def _to_peft(cfg: LlamaAdapterConfig) -> dict[str, Any]:
@@ -456,15 +456,18 @@ def _from_peft(d: dict[str, Any]) -> LlamaAdapterConfig:
     )
 
 
-SPEC = register(
-    MethodSpec(
-        name=METHOD,
-        config_cls=LlamaAdapterConfig,
-        peft_type="ADAPTION_PROMPT",
-        config_to_peft=_to_peft,
-        config_from_peft=_from_peft,
-        inject_model=_inject,
-        peft_state=_peft_state,
-        load_peft_state=_load_peft_state,
-    )
-)
+class LlamaAdapterMethod(ModelMethod):
+    """Llama-Adapter in the registry."""
+
+    name = METHOD
+    config_cls = LlamaAdapterConfig
+    peft_type = "ADAPTION_PROMPT"
+    config_to_peft = staticmethod(_to_peft)
+    config_from_peft = staticmethod(_from_peft)
+
+    def inject(self, model: nn.Module, config: AdapterConfig, name: str) -> PromptAdapter:
+        """Prompts and hooks on the top ``adapter_layers`` attention modules (see the module docstring)."""
+        return _inject(model, config)
+
+
+register(LlamaAdapterMethod())

@@ -66,7 +66,7 @@ from lightning_adapters.methods._common import (
     pattern_value,
 )
 from lightning_adapters.methods._lycoris import cp_factor, module_dropped, rank_dropout_multipliers
-from lightning_adapters.registry import MethodSpec, register
+from lightning_adapters.registry import LayerMethod, register
 
 
 @dataclass
@@ -318,14 +318,16 @@ def _from_peft(d: dict[str, Any]) -> LoHaConfig:
     )
 
 
-SPEC = register(
-    MethodSpec(
-        name="loha",
-        config_cls=LoHaConfig,
-        peft_type="LOHA",
-        supported_types=LINEAR_TYPES + (nn.Conv1d, nn.Conv2d),
-        create_layer=LoHaLayer,
-        config_to_peft=_to_peft,
-        config_from_peft=_from_peft,
-    )
-)
+class LoHaMethod(LayerMethod):
+    """LoHa in the registry."""
+
+    name = "loha"
+    config_cls = LoHaConfig
+    peft_type = "LOHA"
+    supported_types = LINEAR_TYPES + (nn.Conv1d, nn.Conv2d)
+    create_layer = LoHaLayer
+    config_to_peft = staticmethod(_to_peft)
+    config_from_peft = staticmethod(_from_peft)
+
+
+register(LoHaMethod())

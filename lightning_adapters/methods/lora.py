@@ -69,7 +69,7 @@ from lightning_adapters.methods._common import (
     weight_as_out_in,
     write_weight_,
 )
-from lightning_adapters.registry import MethodSpec, register
+from lightning_adapters.registry import LayerMethod, register
 
 
 @dataclass
@@ -926,16 +926,18 @@ def _prepare_peft_load(
     return config, tensors
 
 
-SPEC = register(
-    MethodSpec(
-        name="lora",
-        config_cls=LoRAConfig,
-        peft_type="LORA",
-        supported_types=LINEAR_TYPES + (nn.Embedding, nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.MultiheadAttention),
-        create_layer=_create_layer,
-        config_to_peft=_to_peft,
-        config_from_peft=_from_peft,
-        prepare_peft_load=_prepare_peft_load,
-        extra_layers=_extra_layers,
-    )
-)
+class LoRAMethod(LayerMethod):
+    """LoRA in the registry."""
+
+    name = "lora"
+    config_cls = LoRAConfig
+    peft_type = "LORA"
+    supported_types = LINEAR_TYPES + (nn.Embedding, nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.MultiheadAttention)
+    create_layer = staticmethod(_create_layer)
+    extra_layers = staticmethod(_extra_layers)
+    config_to_peft = staticmethod(_to_peft)
+    config_from_peft = staticmethod(_from_peft)
+    prepare_peft_load = staticmethod(_prepare_peft_load)
+
+
+register(LoRAMethod())

@@ -451,7 +451,10 @@ def apply_components(
                     ranks[name] = layer.r
                 if layer.alpha != rec.config.alpha:
                     alphas[name] = layer.alpha
-        rec.extra["peft_config"] = _SavedPatterns(ranks, alphas, sorted(rec.targets) if mine else None)
+        # Saved as PEFT's _load_eva_state_dict rewrites them: every pattern replaced, the targets once some dropped.
+        rec.resolved_peft_fields.update(rank_pattern=ranks, alpha_pattern=alphas)
+        if mine:
+            rec.resolved_peft_fields["target_modules"] = sorted(rec.targets)
         apply_trainability(root)
 
 
@@ -461,17 +464,3 @@ def _inside(name: str, prefix: str) -> bool:
 
 def _relative(name: str, prefix: str) -> str:
     return name[len(prefix) + 1 :] if prefix else name
-
-
-class _SavedPatterns:
-    """Rewrites a saved ``adapter_config.json`` dict with EVA's ranks and alphas (PEFT's ``_load_eva_state_dict``
-    replaces ``rank_pattern``, ``alpha_pattern`` and ``target_modules`` the same way)."""
-
-    def __init__(self, ranks: dict[str, int], alphas: dict[str, float], targets: list[str] | None) -> None:
-        self.ranks, self.alphas, self.targets = ranks, alphas, targets
-
-    def __call__(self, d: dict[str, Any]) -> dict[str, Any]:
-        d = dict(d, rank_pattern=dict(self.ranks), alpha_pattern=dict(self.alphas))
-        if self.targets is not None:
-            d["target_modules"] = list(self.targets)
-        return d

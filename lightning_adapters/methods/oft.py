@@ -65,7 +65,7 @@ from lightning_adapters.methods._common import (
     rotated_size,
     write_weight_,
 )
-from lightning_adapters.registry import MethodSpec, register
+from lightning_adapters.registry import LayerMethod, register
 
 
 @dataclass
@@ -379,14 +379,16 @@ def _from_peft(d: dict[str, Any]) -> OFTConfig:
     )
 
 
-SPEC = register(
-    MethodSpec(
-        name="oft",
-        config_cls=OFTConfig,
-        peft_type="OFT",
-        supported_types=(nn.Linear, nn.Embedding, nn.Conv2d),
-        create_layer=OFTLayer,
-        config_to_peft=_to_peft,
-        config_from_peft=_from_peft,
-    )
-)
+class OFTMethod(LayerMethod):
+    """OFT in the registry."""
+
+    name = "oft"
+    config_cls = OFTConfig
+    peft_type = "OFT"
+    supported_types = (nn.Linear, nn.Embedding, nn.Conv2d)
+    create_layer = OFTLayer
+    config_to_peft = staticmethod(_to_peft)
+    config_from_peft = staticmethod(_from_peft)
+
+
+register(OFTMethod())
