@@ -41,20 +41,16 @@ from lightning_adapters.errors import (
     UnsupportedLayerError,
 )
 from lightning_adapters.interop.peft import load_peft, save_peft
-from lightning_adapters.registry import available_methods, get_method
+from lightning_adapters.registry import available_methods, builtin_configs, get_method
 
 __version__ = "0.1.0"
 
-# Config classes and Lightning integrations are resolved lazily so ``import lightning_adapters`` stays cheap
-# and each method file registers itself on first use.
+# Every method's config class (LoRAConfig, ...), as the registry discovers the method files.
+_CONFIGS = builtin_configs()
+globals().update(_CONFIGS)
+
+# Lightning integrations are resolved lazily so ``import lightning_adapters`` does not import Lightning.
 _LAZY = {
-    "LoRAConfig": "lightning_adapters.methods.lora",
-    "LoHaConfig": "lightning_adapters.methods.loha",
-    "LoKrConfig": "lightning_adapters.methods.lokr",
-    "OFTConfig": "lightning_adapters.methods.oft",
-    "BOFTConfig": "lightning_adapters.methods.boft",
-    "AdaLoRAConfig": "lightning_adapters.methods.adalora",
-    "LlamaAdapterConfig": "lightning_adapters.methods.llama_adapter",
     "AdapterCallback": "lightning_adapters.lightning.callback",
     "AdapterMixin": "lightning_adapters.lightning.mixin",
     "restore_from_checkpoint": "lightning_adapters.lightning.checkpoint",
@@ -109,5 +105,6 @@ __all__ = [
     "save_peft",
     "summary",
     "unmerge",
+    *_CONFIGS,
     *_LAZY,
 ]

@@ -1,4 +1,4 @@
-"""The method registry and the two protocols a method implements to plug into the engine.
+"""The method registry and the two interfaces a method implements to plug into the engine.
 
 A method is one object registered under its name:
 
@@ -9,17 +9,25 @@ A method is one object registered under its name:
   ``inject`` hands it the model and keeps the ``ModelAdapter`` it returns, one per injected adapter (so one per
   adapter name), which answers everything the engine asks about that instance afterwards.
 
-Both kinds translate configs to and from PEFT's ``adapter_config.json`` with the same four members. Members with
-a body are optional: a method overrides them only when it needs to. ``inject`` uses the registry to build
+Both kinds share ``Method``'s members: names, config class, PEFT translation, training hooks. Abstract members are
+required; the others have defaults a method overrides only when it needs to. ``inject`` uses the registry to build
 adapters, ``save_peft``/``load_peft`` to translate, the Hydra ConfigStore stores each config class, and the
 contract test suite parametrizes over ``available_methods()``.
+
+Discovery is the only list of methods: the registry imports every public module of ``lightning_adapters.methods``
+(a method file registers itself when imported), then every module named by an ``lightning_adapters.methods`` entry
+point of an installed distribution (a method shipped in another package). A module that registers nothing (a
+helper such as ``methods/lora_init.py``) is harmless.
 """
 
 from __future__ import annotations
 
+import abc
 import importlib
+import importlib.metadata
+import pkgutil
 from collections.abc import Mapping, Sequence
-from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
+from typing import TYPE_CHECKING, Any
 
 from lightning_adapters.errors import AdapterConfigError
 
@@ -31,11 +39,13 @@ if TYPE_CHECKING:
     from lightning_adapters.core.layer import AdapterLayer
     from lightning_adapters.schedules import TrainingSchedule
 
-_METHOD_MODULES = ("lora", "loha", "lokr", "oft", "boft", "adalora", "llama_adapter")
+METHODS_PACKAGE = "lightning_adapters.methods"
+ENTRY_POINT_GROUP = "lightning_adapters.methods"
 
 
-class PeftTranslation(Protocol):
-    """How a method's config reads and writes PEFT's ``adapter_config.json`` (members of both method kinds).
+class Method(abc.ABC):
+    """What every method declares: its names, its config class, and how that config reads and writes PEFT's
+    ``adapter_config.json``. A method subclasses ``LayerMethod`` or ``ModelMethod``, not this class.
 
     Attributes:
         name: Registry name, e.g. ``"lora"``; also the ``method`` Hydra option.
@@ -51,11 +61,13 @@ class PeftTranslation(Protocol):
     peft_type: str
     training_hooks: type[TrainingSchedule] | None = None
 
+    @abc.abstractmethod
     def config_to_peft(self, config: AdapterConfig) -> dict[str, Any]:
         """The method's own fields of ``adapter_config.json`` for ``config`` (``peft_type`` included); the shared
         fields (targets, ``modules_to_save``, versions) are written by ``save_peft``."""
         ...
 
+    @abc.abstractmethod
     def config_from_peft(self, fields: dict[str, Any]) -> AdapterConfig:
         """Our config from the fields of a PEFT ``adapter_config.json`` (already type-checked by ``load_peft``).
 
@@ -77,8 +89,7 @@ class PeftTranslation(Protocol):
         return {}
 
 
-@runtime_checkable
-class LayerMethod(PeftTranslation, Protocol):
+class LayerMethod(Method):
     """A method that adapts single modules, one ``AdapterLayer`` per targeted module.
 
     Attributes:
@@ -91,6 +102,7 @@ class LayerMethod(PeftTranslation, Protocol):
     supported_types: tuple[type, ...]
     default_targets: Mapping[str, Sequence[str]] = {}
 
+    @abc.abstractmethod
     def create_layer(self, base: nn.Module, config: AdapterConfig, module_name: str) -> AdapterLayer:
         """The adapter layer for the targeted module ``base`` (named ``module_name`` in the model), built without
         changing ``base``; a value that does not fit the module raises here, before anything is attached."""
@@ -102,8 +114,7 @@ class LayerMethod(PeftTranslation, Protocol):
         return {}
 
 
-@runtime_checkable
-class ModelAdapter(Protocol):
+class ModelAdapter(abc.ABC):
     """One injected instance of a ``ModelMethod``: what it added to the model and how to drive it.
 
     ``inject`` keeps it in the adapter's ``InjectionRecord``; module names are relative to the module ``inject``
@@ -118,36 +129,42 @@ class ModelAdapter(Protocol):
     targets: list[str]
     holders: list[str]
 
+    @abc.abstractmethod
     def eject(self, root: nn.Module) -> None:
         """Remove every module and hook this instance added: ``root`` is as before its injection."""
         ...
 
+    @abc.abstractmethod
     def apply_dtype(self, root: nn.Module, config: AdapterConfig) -> None:
-        """Cast the instance's tensors to the dtype policy (``lightning_adapters.dtypes.adapter_dtype_for``)."""
+        """Cast the instance's tensors to the adapter dtype policy (``core.inject.adapter_dtype_for``)."""
         ...
 
+    @abc.abstractmethod
     def summary_rows(self, root: nn.Module) -> list[tuple[str, str, str, int]]:
         """Rows of ``summary``: ``(module name, base type, adapter type, parameter count)`` per holder."""
         ...
 
+    @abc.abstractmethod
     def peft_config(self, fields: dict[str, Any]) -> dict[str, Any]:
         """``adapter_config.json``'s fields rewritten with what the injection resolved (e.g. the attention module
         name when the config left it to the architecture's default)."""
         ...
 
+    @abc.abstractmethod
     def peft_state(self, root: nn.Module) -> dict[str, torch.Tensor]:
         """The instance's tensors under PEFT's key names, without the ``base_model.model.`` prefix."""
         ...
 
+    @abc.abstractmethod
     def load_peft_state(self, root: nn.Module, tensors: dict[str, torch.Tensor]) -> None:
         """Copy PEFT-named tensors into the instance (keys and shapes already checked against ``peft_state``)."""
         ...
 
 
-@runtime_checkable
-class ModelMethod(PeftTranslation, Protocol):
+class ModelMethod(Method):
     """A method that changes the model as a whole rather than module by module (Llama-Adapter)."""
 
+    @abc.abstractmethod
     def inject(self, model: nn.Module, config: AdapterConfig, name: str) -> ModelAdapter:
         """Add the adapter instance called ``name`` to ``model`` and return its handle.
 
@@ -157,40 +174,87 @@ class ModelMethod(PeftTranslation, Protocol):
         ...
 
 
-Method = LayerMethod | ModelMethod
-
 _REGISTRY: dict[str, Method] = {}
-_LOADED = False
+_BUILTIN_LOADED = False
+_PLUGINS_LOADED = False
 
 
 def register(method: Method) -> Method:
     """Add a method to the registry; a name can be registered once.
 
     Returns:
-        ``method``, so a method file can write ``METHOD = register(LoRA())``.
+        ``method``.
 
     Raises:
-        AdapterConfigError: Another object is already registered under ``method.name``, or ``method`` is neither
-            a ``LayerMethod`` nor a ``ModelMethod``.
+        AdapterConfigError: Another object is already registered under ``method.name``, ``method`` is neither a
+            ``LayerMethod`` nor a ``ModelMethod`` instance, or it lacks one of the attributes they require.
     """
     if not isinstance(method, (LayerMethod, ModelMethod)):
         raise AdapterConfigError(
-            f"register: {method!r} is neither a LayerMethod (create_layer, supported_types, ...) nor a ModelMethod "
-            "(inject); subclass one of the protocols in lightning_adapters.registry"
+            f"register: {method!r} is neither a LayerMethod nor a ModelMethod; subclass one of them "
+            "(lightning_adapters.registry) and register an instance"
         )
+    required = ("name", "config_cls", "peft_type") + (("supported_types",) if isinstance(method, LayerMethod) else ())
+    missing = [a for a in required if not hasattr(method, a)]
+    if missing:
+        raise AdapterConfigError(f"register: {type(method).__name__} does not set {missing}; set them on the class")
     if method.name in _REGISTRY and _REGISTRY[method.name] is not method:
         raise AdapterConfigError(f"method {method.name!r} is already registered; register each method once")
     _REGISTRY[method.name] = method
     return method
 
 
-def _load_all() -> None:
-    global _LOADED
-    if _LOADED:
+def method_modules() -> list[str]:
+    """Dotted names of the public modules of ``lightning_adapters.methods``, from every folder on its ``__path__``."""
+    package = importlib.import_module(METHODS_PACKAGE)
+    names = {info.name for info in pkgutil.iter_modules(package.__path__) if not info.name.startswith("_")}
+    return [f"{METHODS_PACKAGE}.{name}" for name in sorted(names)]
+
+
+def _load_builtin() -> None:
+    global _BUILTIN_LOADED
+    if _BUILTIN_LOADED:
         return
-    _LOADED = True
-    for mod in _METHOD_MODULES:
-        importlib.import_module(f"lightning_adapters.methods.{mod}")
+    _BUILTIN_LOADED = True
+    for module in method_modules():
+        importlib.import_module(module)
+
+
+def _load_plugins() -> None:
+    global _PLUGINS_LOADED
+    if _PLUGINS_LOADED:
+        return
+    _PLUGINS_LOADED = True
+    for entry in importlib.metadata.entry_points(group=ENTRY_POINT_GROUP):
+        dist = entry.dist.name if entry.dist is not None else "an unknown distribution"
+        try:
+            loaded = entry.load()
+        except Exception as err:
+            raise AdapterConfigError(
+                f"the {ENTRY_POINT_GROUP} entry point {entry.name!r} = {entry.value!r} of {dist} failed to import "
+                f"({type(err).__name__}: {err}); fix or uninstall that package"
+            ) from err
+        # ``module:object`` names a method object; a bare module registered its methods while importing.
+        if isinstance(loaded, Method):
+            register(loaded)
+
+
+def _load_all() -> None:
+    _load_builtin()
+    _load_plugins()
+
+
+def builtin_configs() -> dict[str, type[AdapterConfig]]:
+    """``{class name: config class}`` of every method shipped in ``lightning_adapters.methods`` (imports them).
+
+    ``lightning_adapters`` exports these (``la.LoRAConfig``, ...); plugin methods' configs stay in their own packages.
+    """
+    _load_builtin()
+    return {
+        m.config_cls.__name__: m.config_cls
+        for m in _REGISTRY.values()
+        if m.config_cls.__module__.startswith(METHODS_PACKAGE + ".")
+    }
 
 
 def available_methods() -> list[str]:

@@ -4,7 +4,7 @@
 (keys ``base_model.model.<module>.<suffix>``, PEFT's field names), so ``PeftModel.from_pretrained`` loads it;
 ``load_peft`` reads such a directory (with or without the ``base_model.model.`` prefix), injects the matching
 method and loads the tensors. Per-method names and layouts come from the registry (the method's
-``PeftTranslation`` members, and each layer's or ``ModelAdapter``'s ``peft_state``).
+``config_to_peft``/``config_from_peft`` members, and each layer's or ``ModelAdapter``'s ``peft_state``).
 """
 
 from __future__ import annotations
