@@ -107,11 +107,9 @@ def cycles(graph: dict[str, set[str]]) -> list[list[str]]:
     return sorted(out)
 
 
-# Cycles being removed by the Lightning-side redesign of issue 16 (AdaLoRA's schedule moves into the method's
-# allocator; lightning/runtime.py stops being a hub). Listed so that any new cycle fails this test, and so does the
-# removal of one of these: then delete its entry, until the list is empty.
+# A cycle being removed by the Lightning-side redesign of issue 16 (lightning/runtime.py stops being a hub). Listed so
+# that any new cycle fails this test, and so does the removal of this one: then delete its entry.
 KNOWN_CYCLES = [
-    ["lightning_adapters.lightning.adalora", "lightning_adapters.methods.adalora"],
     ["lightning_adapters.lightning.callback", "lightning_adapters.lightning.runtime"],
 ]
 
