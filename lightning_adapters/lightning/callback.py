@@ -18,10 +18,13 @@ resume onto another base or config, drives a method's training hooks (AdaLoRA) a
 from __future__ import annotations
 
 import os
+import sys
+import warnings
 from collections.abc import Mapping
 from typing import Any
 
 from lightning.pytorch import Callback, LightningModule, Trainer
+from torch import nn
 from typing_extensions import override
 
 from lightning_adapters.config import AdapterConfig
@@ -96,6 +99,7 @@ class AdapterCallback(Callback):
     @override
     def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
         self._runtime = attach_runtime(pl_module, self.config, self.options)
+        swap_class(pl_module)
         # A model built in __init__ is adapted now (before a configure_model that may shard it); one built in
         # configure_model is adapted right after it.
         self._runtime.inject(pl_module, defer=True)
@@ -162,3 +166,58 @@ class AdapterCallback(Callback):
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         if self._runtime is not None:
             self._runtime.load_hooks_state(state_dict)
+
+
+# ------------------------------------------------------------------------------------------------------------
+# The module class swap (here, beside the callback it adds, so runtime.py imports neither)
+
+
+class AdapterModuleHooks:
+    """Methods placed in front of the user's LightningModule class; each calls the user's own method first."""
+
+    _la_swapped = True
+
+    def configure_model(self) -> None:
+        super().configure_model()
+        get_runtime(self).after_configure_model(self)
+
+    def training_step(self, *args: Any, **kwargs: Any) -> Any:
+        out = super().training_step(*args, **kwargs)
+        return get_runtime(self).add_loss_term(self, out)
+
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        super().on_save_checkpoint(checkpoint)
+        get_runtime(self).on_save_checkpoint(self, checkpoint)
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        get_runtime(self).on_load_checkpoint(self, checkpoint)
+        super().on_load_checkpoint(checkpoint)
+
+    def configure_callbacks(self) -> Any:
+        own = super().configure_callbacks()
+        trainer = self._trainer
+        if trainer is not None and any(isinstance(cb, AdapterCallback) for cb in trainer.callbacks):
+            return own
+        own = list(own) if isinstance(own, (list, tuple)) else ([] if own is None else [own])
+        return [*own, AdapterCallback(None)]
+
+
+_CLASS_CACHE: dict[type, type] = {}
+
+
+def swap_class(pl_module: nn.Module) -> None:
+    """Put ``AdapterModuleHooks`` in front of ``pl_module``'s class (once; picklable, like ``core.layer``)."""
+    cls = type(pl_module)
+    if getattr(cls, "_la_swapped", False):
+        return
+    if cls not in _CLASS_CACHE:
+        module = sys.modules[__name__]
+        name = f"Adapter{cls.__name__}"
+        while hasattr(module, name):
+            name += "_"
+        new = type(name, (AdapterModuleHooks, cls), {"__module__": __name__, "__qualname__": name})
+        setattr(module, name, new)
+        _CLASS_CACHE[cls] = new
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        pl_module.__class__ = _CLASS_CACHE[cls]

@@ -31,7 +31,8 @@ from torch import nn
 from lightning_adapters.config import AdapterConfig
 from lightning_adapters.core.inject import disabled, merge, unmerge
 from lightning_adapters.core.state import adapter_state_dict
-from lightning_adapters.lightning.runtime import get_runtime, swap_class
+from lightning_adapters.lightning.callback import swap_class
+from lightning_adapters.lightning.runtime import get_runtime
 from lightning_adapters.optim import loraplus_param_groups
 
 

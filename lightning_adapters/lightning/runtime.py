@@ -7,19 +7,18 @@ the restore of sharded strategies; ``on_train_start``. Injection must follow the
 model may be built there) and precede the restore and the optimizers, and the checkpoint filter must run for
 weights-only saves too, where callbacks' ``on_save_checkpoint`` is skipped. A callback alone cannot do either.
 
-So the runtime swaps the LightningModule's class for a subclass, as ``core.layer`` does for adapted layers:
-``Adapter<UserModule>`` runs the user's ``configure_model``, ``training_step`` and checkpoint hooks, then the
-adapter work. Loop events (fit start, optimizer steps, epoch ends, fit end) are driven from ``AdapterCallback``,
-which runs before ``ModelCheckpoint`` (Lightning moves checkpoint callbacks last), so a checkpoint taken at a
-step or epoch end already holds the method hooks' updated state. ``AdapterMixin`` adds that callback itself
-through ``configure_callbacks`` when the trainer has none.
+So the integration swaps the LightningModule's class for a subclass, as ``core.layer`` does for adapted layers
+(``callback.swap_class``): ``Adapter<UserModule>`` runs the user's ``configure_model``, ``training_step`` and
+checkpoint hooks, then this runtime's adapter work. Loop events (fit start, optimizer steps, epoch ends, fit end)
+are driven from ``AdapterCallback``, which runs before ``ModelCheckpoint`` (Lightning moves checkpoint callbacks
+last), so a checkpoint taken at a step or epoch end already holds the method schedule's updated state.
+``AdapterMixin`` adds that callback itself through ``configure_callbacks`` when the trainer has none.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import importlib
-import sys
 import warnings
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
@@ -436,7 +435,7 @@ def get_runtime(pl_module: nn.Module) -> AdapterRuntime:
 def attach_runtime(
     pl_module: nn.Module, config: AdapterConfig | Mapping[str, Any] | None, options: AdapterOptions
 ) -> AdapterRuntime:
-    """Give ``pl_module`` a runtime for ``config`` (or reuse its mixin's), and swap its class.
+    """Give ``pl_module`` a runtime for ``config`` (or reuse its mixin's); the caller then swaps its class.
 
     ``detach_runtime`` undoes this while nothing is injected yet (a fit that fails before injection).
     """
@@ -476,7 +475,6 @@ def attach_runtime(
     swapped = not getattr(type(pl_module), "_la_swapped", False)
     if existing.attached is None and existing._prepared is None:
         existing.attached = (swapped, pl_module.strict_loading, created)
-    swap_class(pl_module)
     # Lightning then loads adapter-only state dicts non-strictly; ``on_load_checkpoint`` checks the adapter keys.
     pl_module.strict_loading = False
     return existing
@@ -501,56 +499,3 @@ def detach_runtime(pl_module: nn.Module) -> bool:
     if created:
         del pl_module.__dict__[RUNTIME_ATTR]
     return True
-
-
-class AdapterModuleHooks:
-    """Methods placed in front of the user's LightningModule class; each calls the user's own method first."""
-
-    _la_swapped = True
-
-    def configure_model(self) -> None:
-        super().configure_model()
-        get_runtime(self).after_configure_model(self)
-
-    def training_step(self, *args: Any, **kwargs: Any) -> Any:
-        out = super().training_step(*args, **kwargs)
-        return get_runtime(self).add_loss_term(self, out)
-
-    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        super().on_save_checkpoint(checkpoint)
-        get_runtime(self).on_save_checkpoint(self, checkpoint)
-
-    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        get_runtime(self).on_load_checkpoint(self, checkpoint)
-        super().on_load_checkpoint(checkpoint)
-
-    def configure_callbacks(self) -> Any:
-        from lightning_adapters.lightning.callback import AdapterCallback
-
-        own = super().configure_callbacks()
-        trainer = self._trainer
-        if trainer is not None and any(isinstance(cb, AdapterCallback) for cb in trainer.callbacks):
-            return own
-        own = list(own) if isinstance(own, (list, tuple)) else ([] if own is None else [own])
-        return [*own, AdapterCallback(None)]
-
-
-_CLASS_CACHE: dict[type, type] = {}
-
-
-def swap_class(pl_module: nn.Module) -> None:
-    """Put ``AdapterModuleHooks`` in front of ``pl_module``'s class (once; picklable, like ``core.layer``)."""
-    cls = type(pl_module)
-    if getattr(cls, "_la_swapped", False):
-        return
-    if cls not in _CLASS_CACHE:
-        module = sys.modules[__name__]
-        name = f"Adapter{cls.__name__}"
-        while hasattr(module, name):
-            name += "_"
-        new = type(name, (AdapterModuleHooks, cls), {"__module__": __name__, "__qualname__": name})
-        setattr(module, name, new)
-        _CLASS_CACHE[cls] = new
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        pl_module.__class__ = _CLASS_CACHE[cls]
