@@ -12,6 +12,8 @@ $(VENV)/.installed: pyproject.toml
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q $(TORCH_PIN)
 	$(PY) -m pip install -q -e ".[dev,app]" $(TORCH_PIN)
+# DeepSpeed (tests/lightning/test_deepspeed.py): built against the torch above, its kernels left to JIT
+	DS_BUILD_OPS=0 $(PY) -m pip install -q --no-build-isolation "deepspeed>=0.16,<0.20" $(TORCH_PIN)
 	touch $@
 
 venv: $(VENV)/.installed

@@ -3,8 +3,9 @@
 It composes ``configs/eval.yaml`` with Hydra, rebuilds the task module a training-app run trained, puts the
 trained adapter on it and runs ``Trainer.test`` on the test split:
 
-- ``ckpt_path`` is an adapter-only ``.ckpt`` written by the training app (``la.restore_from_checkpoint``: the
-  adapter and the head) or a PEFT export directory (``la.load_peft``);
+- ``ckpt_path`` is an adapter-only ``.ckpt`` written by the training app, or the checkpoint directory it writes
+  under DeepSpeed (``la.restore_from_checkpoint``: the adapter and the head), or a PEFT export directory
+  (``la.load_peft``);
 - the model and the data split come from the run that wrote it: the run directory holding ``ckpt_path`` (its
   ``.hydra/config.yaml``), so the test split is the one the run tested on. ``model.*`` and ``data.*`` overrides
   given to the eval app apply on top (e.g. ``data.batch_size=256``); with ``run_dir=null`` the ``model`` and
@@ -32,6 +33,7 @@ from omegaconf import DictConfig, OmegaConf, open_dict
 
 from lightning_adapters.app.store import check_trainer, register_configs
 from lightning_adapters.errors import AdapterConfigError
+from lightning_adapters.lightning.checkpoint import DEEPSPEED_STATES
 from lightning_adapters.train import CONFIG_DIR, _instantiate_dict, _json_safe
 
 RUN_CONFIG = Path(".hydra") / "config.yaml"
@@ -91,14 +93,15 @@ def run_config(cfg: DictConfig) -> tuple[DictConfig, Path | None]:
 
 
 def load_adapter(task: Any, ckpt_path: Path, module: str | None) -> Any:
-    """Put the adapter of ``ckpt_path`` (an adapter-only checkpoint or a PEFT directory) on ``task``.
+    """Put the adapter of ``ckpt_path`` (an adapter-only checkpoint, a DeepSpeed checkpoint directory or a PEFT
+    directory) on ``task``.
 
     Raises:
         AdapterConfigError: ``ckpt_path`` is neither a file nor a directory with ``adapter_config.json``.
     """
     import lightning_adapters as la
 
-    if ckpt_path.is_file():
+    if ckpt_path.is_file() or any((ckpt_path / f).is_file() for f in DEEPSPEED_STATES):
         return la.restore_from_checkpoint(task, ckpt_path)
     if (ckpt_path / PEFT_CONFIG).is_file():
         la.load_peft(task.get_submodule(module) if module else task, ckpt_path)

@@ -278,7 +278,7 @@ def _train(cfg: DictConfig, out_dir: Path, started: float) -> dict[str, Any]:
     score = checkpoint.best_model_score if checkpoint is not None else None
     outputs = RunOutputs(
         run_dir=out_dir,
-        checkpoint=Path(best) if best and Path(best).is_file() else None,
+        checkpoint=Path(best) if best and Path(best).exists() else None,  # a directory under DeepSpeed
         monitor=checkpoint.monitor if checkpoint is not None else None,
         best=float(score) if score is not None else None,
         peft_dir=Path(peft_dir) if peft_dir and (Path(peft_dir) / "adapter_config.json").is_file() else None,

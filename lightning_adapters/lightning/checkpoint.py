@@ -33,6 +33,13 @@ from lightning_adapters.lightning.scope import inner_config
 from lightning_adapters.registry import LayerMethod, get_method
 
 METADATA_KEY = "lightning_adapters"
+# Under DeepSpeed the checkpoint is the engine's directory; its client state keeps the adapter tensors here.
+DEEPSPEED_ADAPTER_KEY = "lightning_adapters_state_dict"
+# The engine's file holding rank 0's client state, below DeepSpeedStrategy's tag "checkpoint": ZeRO 1-2, then 3.
+DEEPSPEED_STATES = (
+    Path("checkpoint") / "mp_rank_00_model_states.pt",
+    Path("checkpoint") / "zero_pp_rank_0_mp_rank_00_model_states.pt",
+)
 FORMAT_VERSION = 1
 
 
@@ -61,7 +68,9 @@ def expected_shapes(
 
     if any(isinstance(m, FullyShardedDataParallel) for m in pl_module.modules()):
         return dict(recorded)
-    return {k: _shape(v) for k, v in pl_module.state_dict().items() if saved(k)}
+    # keep_vars: ZeRO-3 parameters are empty partitions that carry their full shape as ds_shape.
+    state = pl_module.state_dict(keep_vars=True)
+    return {k: [int(s) for s in getattr(v, "ds_shape", v.shape)] for k, v in state.items() if saved(k)}
 
 
 def build_metadata(
@@ -297,6 +306,9 @@ def _strategy_loads_state(pl_module: nn.Module) -> bool:
 def load_checkpoint_file(path: str | os.PathLike, weights_only: bool = True) -> dict[str, Any]:
     """Read a Lightning checkpoint file onto the CPU."""
     path = Path(path)
+    states = next((path / f for f in DEEPSPEED_STATES if (path / f).is_file()), None)
+    if states is not None:
+        return _deepspeed_client_state(path, states, weights_only)
     if path.is_dir():
         raise AdapterStateError(
             f"{path} is a directory (a sharded checkpoint); adapter checkpoints are single files: train with the "
@@ -318,6 +330,17 @@ def load_checkpoint_file(path: str | os.PathLike, weights_only: bool = True) -> 
             "it may be truncated (a copy or write that did not finish) or not a torch checkpoint. Use another "
             "checkpoint of the run (e.g. the previous top-k file) or write it again"
         ) from err
+
+
+def _deepspeed_client_state(path: Path, states_file: Path, weights_only: bool) -> dict[str, Any]:
+    """The adapter checkpoint inside a DeepSpeed checkpoint directory written with the integration."""
+    states = load_checkpoint_file(states_file, weights_only=weights_only)
+    if DEEPSPEED_ADAPTER_KEY not in states or METADATA_KEY not in states:
+        raise AdapterStateError(
+            f"{path} is a DeepSpeed checkpoint written without lightning_adapters (no {DEEPSPEED_ADAPTER_KEY!r} in "
+            f"{states_file.relative_to(path)}); train with AdapterCallback/AdapterMixin under DeepSpeedStrategy"
+        )
+    return {**states, "state_dict": states[DEEPSPEED_ADAPTER_KEY]}
 
 
 def _config_from_metadata(meta: dict[str, Any], where: str) -> AdapterConfig:
@@ -439,7 +462,9 @@ def restore_from_checkpoint(
             tensors trained beside the adapted sub-module, e.g. a task head, are restored), or a bare model: by
             default the sub-module the adapter was injected into (``AdapterCallback(module=...)``), freshly built
             with the same base weights.
-        ckpt_path: A ``.ckpt`` written by ``ModelCheckpoint``/``trainer.save_checkpoint`` with the integration.
+        ckpt_path: A ``.ckpt`` written by ``ModelCheckpoint``/``trainer.save_checkpoint`` with the integration,
+            or the checkpoint directory they write under ``DeepSpeedStrategy`` (its adapter tensors were gathered
+            from every ZeRO partition when it was saved).
         module: Which sub-module of the trained LightningModule ``model`` is, when not the default (``""``: the
             whole LightningModule). E.g. with an adapter injected into the whole LightningModule,
             ``restore_from_checkpoint(encoder, ckpt, module="backbone")`` restores the part of it inside

@@ -24,6 +24,7 @@ from lightning_adapters.core.files import replace_directory, target_directory
 from lightning_adapters.core.inject import eject
 from lightning_adapters.errors import AdapterStateError
 from lightning_adapters.interop.peft import save_peft
+from lightning_adapters.lightning.strategies import gathered, is_zero3
 
 # What a merged export owns in its directory: transformers' config files and every weight-file layout
 # save_pretrained writes (a previous export's shards must not survive next to a new single file).
@@ -112,6 +113,10 @@ def export_at_fit_end(
                     save_peft(target, Path(scratch) / "adapter", safe=True)
         elif isinstance(trainer.strategy.model, FullyShardedDataParallel):
             with FullyShardedDataParallel.summon_full_params(trainer.strategy.model, writeback=False):
+                if trainer.is_global_zero:
+                    save_peft(target, peft_dir, safe=True)
+        elif is_zero3(trainer.strategy):
+            with gathered(trainer.strategy, (p for p in target.parameters() if p.requires_grad)):
                 if trainer.is_global_zero:
                     save_peft(target, peft_dir, safe=True)
         elif trainer.is_global_zero:

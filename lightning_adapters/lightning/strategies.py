@@ -18,6 +18,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import functools
 from collections.abc import Callable, Iterable
 from typing import Any
@@ -28,6 +29,7 @@ from torch import nn
 from lightning_adapters.core.inject import adapted_modules, apply_dtype_policy, find_records
 from lightning_adapters.core.layer import AdapterLayer
 from lightning_adapters.errors import AdapterConfigError, AdapterStateError
+from lightning_adapters.lightning.checkpoint import DEEPSPEED_ADAPTER_KEY
 
 # ------------------------------------------------------------------------------------------------------------
 # Wrapping policies
@@ -152,6 +154,72 @@ def _gather_adapter_state(strategy: Any) -> dict[str, Any]:
     return get_model_state_dict(strategy.model, options=options)
 
 
+def is_deepspeed(strategy: Any) -> bool:
+    """Whether ``strategy`` is Lightning's ``DeepSpeedStrategy`` (or a subclass)."""
+    from lightning.pytorch.strategies import DeepSpeedStrategy
+
+    return isinstance(strategy, DeepSpeedStrategy)
+
+
+def is_zero3(strategy: Any) -> bool:
+    """Whether ``strategy`` partitions the parameters themselves (DeepSpeed ZeRO stage 3)."""
+    return is_deepspeed(strategy) and strategy.zero_stage_3
+
+
+def gathered(strategy: Any, params: Iterable[nn.Parameter]) -> Any:
+    """A context in which ``params`` are whole on every rank: ZeRO-3 gathers its partitions, elsewhere a no-op.
+
+    Every rank must enter it (under ZeRO-3 it is a collective).
+    """
+    if not is_zero3(strategy):
+        return contextlib.nullcontext()
+    import deepspeed
+
+    return deepspeed.zero.GatheredParameters(list(params), modifier_rank=None)
+
+
+def _gather_deepspeed_state(strategy: Any) -> dict[str, Any]:
+    # Whole trainable tensors and buffers (ZeRO-3 partitions gathered, on every rank); the adapter filter follows
+    # in on_save_checkpoint. Frozen parameters are left out: under ZeRO-3 they are empty partitions.
+    module = strategy.lightning_module
+    trainable = {n for n, p in module.named_parameters() if p.requires_grad}
+    buffers = {n for n, _ in module.named_buffers()}
+    with gathered(strategy, (p for p in module.parameters() if p.requires_grad)):
+        return {
+            k: v.detach().cpu().clone() for k, v in module.state_dict().items() if k in trainable or k in buffers
+        }
+
+
+def _keep_adapter_state(save: Callable[..., None]) -> Callable[..., None]:
+    # DeepSpeedStrategy leaves "state_dict" out of the client state it gives the engine (the engine saves the
+    # module itself, here without the frozen base); the gathered, filtered adapter tensors go under their own key.
+    def save_checkpoint(checkpoint: dict[str, Any], filepath: Any, storage_options: Any = None) -> None:
+        save({**checkpoint, DEEPSPEED_ADAPTER_KEY: checkpoint.get("state_dict", {})}, filepath, storage_options)
+
+    return save_checkpoint
+
+
+def _prepare_deepspeed(strategy: Any, target: nn.Module) -> None:
+    method = find_records(target)[0][2].method
+    if method == "adalora":
+        raise AdapterConfigError(
+            "AdaLoRA under DeepSpeedStrategy is not supported: its rank allocation reads every adapter parameter's "
+            "gradient, which ZeRO keeps in its own partitioned buffers; train AdaLoRA with strategy ddp or fsdp2"
+        )
+    # The engine's own files (optimizer partitions for an exact resume) hold no frozen parameter.
+    strategy.exclude_frozen_parameters = True
+    strategy.lightning_module_state_dict = functools.partial(_gather_deepspeed_state, strategy)
+    strategy.save_checkpoint = _keep_adapter_state(strategy.save_checkpoint)
+    if is_zero3(strategy):
+        import deepspeed
+
+        # Adapted layers run their adapter from their own forward, not through the adapter module's __call__,
+        # where ZeRO-3 gathers a module's partitions: make the adapter's parameters the base layer's too.
+        for _, base, layer in adapted_modules(target):
+            for p in layer.parameters():
+                deepspeed.zero.register_external_parameter(base, p)
+
+
 def prepare_strategy(trainer: Any, pl_module: nn.Module, target: nn.Module, *, merged_export: bool = False) -> None:
     """Adjust the trainer's strategy and precision plugin for adapters (idempotent).
 
@@ -167,7 +235,7 @@ def prepare_strategy(trainer: Any, pl_module: nn.Module, target: nn.Module, *, m
     _reapply_dtype_policy_after_conversion(strategy.precision_plugin)
     if strategy.__dict__.get("_la_prepared"):
         return
-    if merged_export and isinstance(strategy, (FSDPStrategy, ModelParallelStrategy)):
+    if merged_export and (isinstance(strategy, (FSDPStrategy, ModelParallelStrategy)) or is_zero3(strategy)):
         raise AdapterConfigError(
             f"export_merged_dir is not supported under {type(strategy).__name__} (a merged copy needs the whole "
             "unsharded model on one rank); export the adapter with export_peft_dir and merge afterwards: "
@@ -191,6 +259,8 @@ def prepare_strategy(trainer: Any, pl_module: nn.Module, target: nn.Module, *, m
             adapter_parallelize_fn(target, mesh["data_parallel"])
         # Gather the adapter only, instead of the whole model, for every checkpoint.
         strategy.lightning_module_state_dict = functools.partial(_gather_adapter_state, strategy)
+    elif is_deepspeed(strategy):
+        _prepare_deepspeed(strategy, target)
     elif isinstance(strategy, FSDPStrategy):
         if strategy._state_dict_type == "sharded":
             strategy._state_dict_type = "full"
@@ -221,6 +291,16 @@ def _reapply_dtype_policy_after_conversion(plugin: Any) -> None:
 # Fit-time checks
 
 
+def _optimizer_params(optimizer: Any) -> list[nn.Parameter]:
+    # DeepSpeed's ZeRO optimizers keep flat partitions in param_groups; the model's own parameters are in
+    # bit16_groups (stages 1 and 2) or fp16_groups (stage 3).
+    for attr in ("bit16_groups", "fp16_groups"):
+        groups = getattr(optimizer, attr, None)
+        if groups:
+            return [p for group in groups for p in group]
+    return [p for group in optimizer.param_groups for p in group["params"]]
+
+
 def check_optimizers(trainer: Any, pl_module: nn.Module, target: nn.Module, prefix: str) -> None:
     """Every trainable adapter parameter must be in an optimizer (frozen ones there are harmless: no gradient).
 
@@ -235,7 +315,7 @@ def check_optimizers(trainer: Any, pl_module: nn.Module, target: nn.Module, pref
     """
     if not pl_module.automatic_optimization and not trainer.optimizers:
         return
-    in_optimizer = {id(p) for opt in trainer.optimizers for group in opt.param_groups for p in group["params"]}
+    in_optimizer = {id(p) for opt in trainer.optimizers for p in _optimizer_params(opt)}
     missing = [prefix + n for n, p in target.named_parameters() if p.requires_grad and id(p) not in in_optimizer]
     if missing:
         shown = missing[:5] + ([f"... {len(missing) - 5} more"] if len(missing) > 5 else [])
@@ -265,6 +345,8 @@ def check_gradients(trainer: Any, target: nn.Module, prefix: str) -> str | None:
 
     if isinstance(trainer.strategy, FSDPStrategy):
         return None  # FSDP1 leaves .grad unset on ranks that hold no shard of a parameter
+    if is_deepspeed(trainer.strategy):
+        return None  # ZeRO reduces gradients into its own partitioned buffers; .grad stays unset
     dead = [prefix + n for n, p in target.named_parameters() if p.requires_grad and p.grad is None]
     if not dead:
         return None

@@ -51,6 +51,7 @@ def test_fast_dev_run_every_method(method: str, tmp_path: Path) -> None:
 
 
 OWN_TESTS = {("strategy", "ddp"), ("strategy", "fsdp"), ("strategy", "fsdp2"), ("hparams_search", "lora_optuna")}
+OWN_TESTS |= {("strategy", "deepspeed_zero2"), ("strategy", "deepspeed_zero3")}  # tests/lightning/test_deepspeed.py
 OWN_TESTS |= {("logger", "wandb"), ("trainer", "slurm")}  # trainer=slurm: tests/app/test_cluster.py
 OPTIONS = [
     (g.name, f.stem)
