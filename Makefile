@@ -13,6 +13,7 @@ $(VENV)/.installed: pyproject.toml
 	$(PY) -m pip install -q $(TORCH_PIN)
 	$(PY) -m pip install -q -e ".[dev,app]" $(TORCH_PIN)
 # DeepSpeed (tests/lightning/test_deepspeed.py): built against the torch above, its kernels left to JIT
+	$(PY) -m pip install -q "setuptools>=77" wheel
 	DS_BUILD_OPS=0 $(PY) -m pip install -q --no-build-isolation "deepspeed>=0.16,<0.20" $(TORCH_PIN)
 	touch $@
 

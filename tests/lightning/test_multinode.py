@@ -1,4 +1,5 @@
-"""Multi-node DDP on CPU: two "nodes" of one process each on localhost equal one process with the global batch.
+"""Multi-node DDP and FSDP2 on CPU: two "nodes" of one process each on localhost equal one process with the global
+batch.
 
 Each node is a separate process started with ``NODE_RANK``/``MASTER_ADDR``/``MASTER_PORT``/``WORLD_SIZE``, as a
 cluster launcher (``srun``, ``torchrun --nnodes``) starts them, and ``Trainer(num_nodes=2, devices=1)``.
@@ -29,13 +30,15 @@ def _free_port() -> int:
 
 @pytest.mark.slow
 @pytest.mark.xdist_group("procs")
-def test_two_nodes_equal_one_process_and_only_global_rank_zero_writes(tmp_path: Path) -> None:
+@pytest.mark.parametrize(("strategy", "method"), [("ddp", "adalora"), ("fsdp2", "lora")])
+def test_two_nodes_equal_one_process_and_only_global_rank_zero_writes(strategy: str, method: str, tmp_path: Path):
     port = str(_free_port())
     procs = []
     for node in (0, 1):
         env = {k: v for k, v in os.environ.items() if k not in ("LOCAL_RANK", "RANK", "SLURM_NTASKS")}
         env.update(PYTHONPATH=str(ROOT), MASTER_ADDR="127.0.0.1", MASTER_PORT=port, NODE_RANK=str(node), WORLD_SIZE="2")
-        args = ["--nodes", "2", "--dir", str(tmp_path / f"node{node}"), "--out", str(tmp_path / f"node{node}.pt")]
+        args = ["--nodes", "2", "--strategy", strategy, "--method", method]
+        args += ["--dir", str(tmp_path / f"node{node}"), "--out", str(tmp_path / f"node{node}.pt")]
         procs.append(subprocess.Popen([sys.executable, str(SCRIPT), *args], env=env, stderr=subprocess.PIPE, text=True))
     errors = [p.communicate(timeout=300)[1] for p in procs]
     for p, err in zip(procs, errors):
@@ -43,11 +46,12 @@ def test_two_nodes_equal_one_process_and_only_global_rank_zero_writes(tmp_path: 
     nodes = [torch.load(tmp_path / f"node{i}.pt", weights_only=False) for i in (0, 1)]
     assert [(n["global_rank"], n["world_size"]) for n in nodes] == [(0, 2), (1, 2)]
 
-    single = run(1, tmp_path / "single")
-    # AdaLoRA pruned from init_r=6 towards target_r=2, to the same ranks on both nodes and in the single process.
-    assert nodes[0]["rank_pattern"] == nodes[1]["rank_pattern"] == single["rank_pattern"]
-    kept = [sum(flags) for flags in single["rank_pattern"].values()]
-    assert sum(kept) == 2 * len(kept) and kept != [6] * len(kept)
+    single = run(1, tmp_path / "single", method=method)
+    if method == "adalora":
+        # Pruned from init_r=6 towards target_r=2, to the same ranks on both nodes and in the single process.
+        assert nodes[0]["rank_pattern"] == nodes[1]["rank_pattern"] == single["rank_pattern"]
+        kept = [sum(flags) for flags in single["rank_pattern"].values()]
+        assert sum(kept) == 2 * len(kept) and kept != [6] * len(kept)
     for node in nodes:
         assert node["adapter"].keys() == single["adapter"].keys()
         for k, v in single["adapter"].items():
