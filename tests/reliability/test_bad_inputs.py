@@ -32,6 +32,7 @@ from tests.reliability import (
     rows_i18init,
     rows_i18io,
     rows_quant,
+    rows_scaleout,
 )
 
 DOC = Path(__file__).resolve().parents[2] / "docs" / "BAD_INPUTS.md"
@@ -608,6 +609,7 @@ ROWS += rows_i15red.rows(Row, _snapshot_into)
 ROWS += rows_i18io.rows(Row)
 ROWS += rows_eva.rows(Row)
 ROWS += rows_quant.rows(Row)
+ROWS += rows_scaleout.rows(Row)
 
 
 @pytest.mark.parametrize("row", [pytest.param(r, id=r.id) for r in ROWS])
