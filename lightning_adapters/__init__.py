@@ -6,6 +6,7 @@ Public API::
     cfg = la.LoRAConfig(r=8, alpha=16, target_modules=["q_proj", "v_proj"])
     la.inject(model, cfg)
     la.adapter_state_dict(model); la.load_adapter_state_dict(model, sd)
+    la.inject(model, other_cfg, name="b"); la.set_active(model, ["default", "b"]); la.set_trainable(model, "b")
     la.merge(model); la.unmerge(model); la.eject(model, merge=False)
     with la.disabled(model): ...
     la.save_peft(model, "dir"); la.load_peft(model, "dir")
@@ -28,6 +29,14 @@ from lightning_adapters.core.inject import (
     merge,
     summary,
     unmerge,
+)
+from lightning_adapters.core.named import (
+    active,
+    adapter_names,
+    delete,
+    set_active,
+    set_scale,
+    set_trainable,
 )
 from lightning_adapters.core.state import adapter_state_dict, base_fingerprint, load_adapter_state_dict
 from lightning_adapters.errors import (
@@ -89,12 +98,15 @@ __all__ = [
     "NotMergeableError",
     "TargetError",
     "UnsupportedLayerError",
+    "active",
+    "adapter_names",
     "adapter_state_dict",
     "apply_dtype_policy",
     "apply_trainability",
     "available_methods",
     "base_fingerprint",
     "config_of",
+    "delete",
     "disabled",
     "eject",
     "get_method",
@@ -103,6 +115,9 @@ __all__ = [
     "load_peft",
     "merge",
     "save_peft",
+    "set_active",
+    "set_scale",
+    "set_trainable",
     "summary",
     "unmerge",
     *_CONFIGS,

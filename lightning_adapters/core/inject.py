@@ -3,6 +3,11 @@
 Every entry point validates everything first and mutates second, so a bad config or a layer that cannot be
 adapted leaves the model exactly as it was. ``inject`` also snapshots the module tree before its first change and
 puts it back on any exception (even ``KeyboardInterrupt``), so it never leaves a half-adapted model.
+
+A model may hold several named adapters (``inject(model, config, name=...)``). The model they were injected into
+(the *root*) keeps a ``ModelAdapters`` entry outside its module tree and state dict: one ``InjectionRecord`` per
+name, which names are active and which are trainable. The named functions that switch, delete, scale and train
+adapters live in ``core/named.py``.
 """
 
 from __future__ import annotations
@@ -10,6 +15,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import logging
+import re
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
@@ -18,7 +24,17 @@ import torch
 from torch import nn
 
 from lightning_adapters.config import AdapterConfig
-from lightning_adapters.core.layer import ADAPTER_ATTR, AdapterLayer, attach, detach, get_adapter, is_adapted
+from lightning_adapters.core.layer import (
+    ADAPTER_ATTR,
+    DEFAULT_NAME,
+    AdapterLayer,
+    AdapterSet,
+    adapter_set,
+    attach,
+    attach_blocked,
+    detach,
+    is_adapted,
+)
 from lightning_adapters.core.quant import QuantizedWeight, is_quantized, stand_in
 from lightning_adapters.core.quant_ops import (
     check_unmergeable,
@@ -39,7 +55,7 @@ from lightning_adapters.errors import (
 )
 from lightning_adapters.registry import LayerMethod, ModelAdapter, spec_for_config
 
-RECORD_ATTR = "_la_record"
+RECORD_ATTR = "_la_adapters"
 log = logging.getLogger("lightning_adapters")
 
 
@@ -57,6 +73,7 @@ class InjectionRecord:
         resolved_peft_fields: Fields of ``adapter_config.json`` resolved after injection (AdaLoRA's ``total_step``
             when the config left it to the trainer, EVA's ``rank_pattern``/``alpha_pattern``); ``save_peft`` writes
             them over every other value of those fields.
+        name: The adapter's name (``inject(..., name=...)``).
     """
 
     config: AdapterConfig
@@ -67,10 +84,27 @@ class InjectionRecord:
     model_adapter: ModelAdapter | None = None
     resolved_peft_fields: dict[str, Any] = field(default_factory=dict)
 
+    name: str = DEFAULT_NAME
+
     @property
     def holders(self) -> list[str]:
         """Modules a whole-model adapter added (trainable, part of the adapter state); empty for per-layer ones."""
         return list(self.model_adapter.holders) if self.model_adapter is not None else []
+
+
+@dataclass
+class ModelAdapters:
+    """The named adapters of one root module, in injection order.
+
+    Attributes:
+        records: ``{name: InjectionRecord}``.
+        active: Names whose layers act in the forward (the first injected one until ``set_active``).
+        trainable: Names whose tensors require grad (the first injected one until ``set_trainable``).
+    """
+
+    records: dict[str, InjectionRecord] = field(default_factory=dict)
+    active: list[str] = field(default_factory=list)
+    trainable: list[str] = field(default_factory=list)
 
 
 def check_module(model: Any, what: str) -> None:
@@ -94,8 +128,10 @@ def check_materialized(model: nn.Module, what: str) -> None:
     Raises:
         AdapterStateError: Naming the first such tensor and how to materialise it.
     """
-    for name, base, layer in adapted_modules(model):
-        tensors = list(layer.base_weights(base).items()) + [(f"adapter.{n}", t) for n, t in layer.named_parameters()]
+    for name, adapter, base, layer in adapter_layers(model):
+        tensors = list(layer.base_weights(base).items()) + [
+            (f"{ADAPTER_ATTR}.{adapter}.{n}", t) for n, t in layer.named_parameters()
+        ]
         for tname, t in tensors:
             if t.is_meta:
                 raise AdapterStateError(
@@ -164,26 +200,49 @@ def check_writable(layers: list[tuple[str, nn.Module, AdapterLayer]], what: str)
             )
 
 
-def get_record(model: nn.Module) -> InjectionRecord | None:
-    """The injection record of ``model`` itself (not of a sub-module)."""
+def get_adapters(model: nn.Module) -> ModelAdapters | None:
+    """The ``ModelAdapters`` entry of ``model`` itself (not of a sub-module)."""
     return model.__dict__.get(RECORD_ATTR)
 
 
-def find_records(model: nn.Module) -> list[tuple[str, nn.Module, InjectionRecord]]:
-    """Every ``(prefix, module, record)`` of injected modules inside ``model`` (itself included)."""
+def find_roots(model: nn.Module) -> list[tuple[str, nn.Module, ModelAdapters]]:
+    """Every ``(prefix, root, ModelAdapters)`` of injected modules inside ``model`` (itself included)."""
     out = []
     for name, mod in model.named_modules(remove_duplicate=True):
-        rec = mod.__dict__.get(RECORD_ATTR)
-        if rec is not None:
-            out.append((name, mod, rec))
+        entry = mod.__dict__.get(RECORD_ATTR)
+        if entry is not None:
+            out.append((name, mod, entry))
     return out
 
 
-def adapted_modules(model: nn.Module) -> Iterator[tuple[str, nn.Module, AdapterLayer]]:
-    """``(name, base_module, adapter_layer)`` for every adapted module in ``model``."""
-    for name, mod in model.named_modules():
+def find_records(model: nn.Module) -> list[tuple[str, nn.Module, InjectionRecord]]:
+    """Every ``(prefix, root, record)`` of the adapters inside ``model`` (itself included), one per name."""
+    return [(name, mod, rec) for name, mod, entry in find_roots(model) for rec in entry.records.values()]
+
+
+def adapter_layers(
+    model: nn.Module, names: list[str] | None = None
+) -> Iterator[tuple[str, str, nn.Module, AdapterLayer]]:
+    """``(module name, adapter name, base module, layer)`` for every adapter layer in ``model``.
+
+    Args:
+        names: Only the layers of these adapters (``None``: all).
+    """
+    for module_name, mod in model.named_modules():
         if is_adapted(mod):
-            yield name, mod, get_adapter(mod)
+            for adapter, layer in adapter_set(mod)._modules.items():
+                if names is None or adapter in names:
+                    yield module_name, adapter, mod, getattr(layer, "_fsdp_wrapped_module", layer)
+
+
+def adapted_modules(model: nn.Module, names: list[str] | None = None) -> Iterator[tuple[str, nn.Module, AdapterLayer]]:
+    """``(module name, base module, layer)`` for every adapter layer in ``model`` (one per adapter name).
+
+    Args:
+        names: Only the layers of these adapters (``None``: all).
+    """
+    for module_name, _, mod, layer in adapter_layers(model, names):
+        yield module_name, mod, layer
 
 
 def _configs_equal(a: AdapterConfig, b: AdapterConfig) -> bool:
@@ -219,22 +278,74 @@ def _base_dtype(module: nn.Module) -> torch.dtype:
     return torch.float32
 
 
-def inject(model: nn.Module, config: AdapterConfig) -> nn.Module:
-    """Add the adapters ``config`` describes to ``model`` in place and freeze everything else.
+_NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_-]*")
+RESERVED_NAMES = ("__base__",)
 
-    Base parameter names and values are untouched; adapter tensors appear under ``<module>.adapter.*``.
-    Injecting the same config again is a no-op; a different config raises.
+
+def check_name(name: Any, what: str) -> str:
+    """Refuse an adapter name that cannot be a module name in the ``adapter`` set (returns it).
+
+    Raises:
+        AdapterConfigError: Not a string, empty, with characters other than letters, digits, ``_`` and ``-``,
+            reserved (``"__base__"``), or an attribute of the set (``"keys"``, ``"train"``, ...).
+    """
+    if not isinstance(name, str) or not _NAME.fullmatch(name) or name in RESERVED_NAMES or hasattr(AdapterSet, name):
+        why = "reserved" if name in RESERVED_NAMES else "not usable"
+        raise AdapterConfigError(
+            f"{what}: adapter name {name!r} is {why}; use a string of letters, digits, '_' and '-' that is not "
+            f"{list(RESERVED_NAMES)} nor an nn.ModuleDict attribute, e.g. 'default' or 'task_b'"
+        )
+    return name
+
+
+def _add_to_existing(model: nn.Module, name: str) -> ModelAdapters | None:
+    """The root entry a new adapter ``name`` joins (``None`` for a first adapter); refuses what cannot be added."""
+    roots = find_roots(model)
+    if not roots:
+        if any(is_adapted(m) for m in model.modules()):
+            raise AdapterConfigError("model already contains adapter layers; eject them before injecting again")
+        return None
+    prefix, _, entry = roots[0]
+    if prefix:
+        raise AdapterConfigError(
+            f"model already has adapters injected into its sub-module {prefix!r} ({list(entry.records)}); inject "
+            f"the new adapter into that sub-module too, or call lightning_adapters.eject(model) first"
+        )
+    if name in entry.records:
+        raise AdapterConfigError(
+            f"model already has an adapter named {name!r} ({entry.records[name].method}) with a different config; "
+            f"pick another name (inject(model, config, name='...')), or lightning_adapters.delete(model, {name!r}) "
+            f"first"
+        )
+    merged = [a for _, a, _, layer in adapter_layers(model) if layer.merged]
+    if merged:
+        raise AdapterConfigError(
+            f"inject {name!r}: adapter {merged[0]!r} is merged into the base weights, which a new adapter would be "
+            f"built on; call lightning_adapters.unmerge(model) first"
+        )
+    return entry
+
+
+def inject(model: nn.Module, config: AdapterConfig, name: str = DEFAULT_NAME) -> nn.Module:
+    """Add the adapter ``config`` describes to ``model`` in place, under ``name``, and freeze everything else.
+
+    Base parameter names and values are untouched; the adapter's tensors appear under
+    ``<module>.adapter.<name>.*``. The first adapter of a model is active and trainable; a further one (another
+    name, any method) is added inactive and frozen: choose with ``set_active`` and ``set_trainable``. Injecting the
+    same config under the same name again is a no-op; another config under a taken name raises.
 
     Args:
         model: Any ``nn.Module`` (a transformers model, a plain PyTorch model, a LightningModule's sub-module).
         config: A method config such as ``LoRAConfig(r=8, target_modules=["q_proj", "v_proj"])``.
+        name: The adapter's name (letters, digits, ``_``, ``-``); ``"default"`` unless given.
 
     Returns:
         ``model``, for chaining.
 
     Raises:
         AdapterTypeError: ``model`` is not an ``nn.Module`` or ``config`` is not an adapter config.
-        AdapterConfigError: Already injected with another config, or a config value does not fit a layer.
+        AdapterConfigError: ``name`` is taken by another config or not usable, a config value does not fit a layer,
+            or the new adapter cannot share a module or tensor with the adapters already there (named).
         TargetError: ``target_modules`` matches nothing (the message lists the closest names).
         UnsupportedLayerError: A matched module has a type the method cannot adapt.
 
@@ -244,31 +355,28 @@ def inject(model: nn.Module, config: AdapterConfig) -> nn.Module:
     check_module(model, "inject")
     if not isinstance(config, AdapterConfig):
         raise AdapterTypeError(f"config must be an adapter config such as LoRAConfig(...), got {type(config).__name__}")
+    check_name(name, "inject")
     # Work on a validated copy: fields set after construction (cfg.r = 0) skipped __post_init__'s checks, and the
     # record must keep describing the adapters really built when the caller edits their object later (cfg.r = 8).
     config = copy.deepcopy(config)
     config.__post_init__()
     spec = spec_for_config(config)
-    existing = find_records(model)
-    if existing:
-        prefix, _, rec = existing[0]
-        if prefix == "" and _configs_equal(rec.config, config):
-            return model
-        where = f" (on sub-module {prefix!r})" if prefix else ""
-        raise AdapterConfigError(
-            f"model already has a {rec.method} adapter{where} with a different config; "
-            f"call lightning_adapters.eject(model) first, then inject the new config"
-        )
-    if any(is_adapted(m) for m in model.modules()):
-        raise AdapterConfigError("model already contains adapter layers; eject them before injecting again")
+    entry = get_adapters(model)
+    if entry is not None and name in entry.records and _configs_equal(entry.records[name].config, config):
+        return model
+    entry = _add_to_existing(model, name)
+    others = [] if entry is None else list(entry.records.values())
 
     to_save = _resolve_modules_to_save(model, config, spec.name)
+    _check_shared_tensors(model, name, to_save, others)
     snapshot = ModelSnapshot(model)
     try:
         original_rg = {n: p.requires_grad for n, p in model.named_parameters()}
+        if others:
+            original_rg = dict(others[0].original_requires_grad)
         model_adapter = None
         if not isinstance(spec, LayerMethod):
-            model_adapter = spec.inject(model, config, "default")
+            model_adapter = spec.inject(model, config, name)
             targets = model_adapter.targets
         else:
             skip = {n for n, _ in model.named_modules() if any(n == s or n.startswith(s + ".") for s in to_save)}
@@ -293,7 +401,7 @@ def inject(model: nn.Module, config: AdapterConfig) -> nn.Module:
             check_adaptable(model, targets, spec.name, spec.supported_types)
             extra_built = spec.extra_layers(model, config, targets)
             modules.update({n: model.get_submodule(n) for n in extra_built})
-            taken = [n for n, m in modules.items() if ADAPTER_ATTR in m._modules or hasattr(m, ADAPTER_ATTR)]
+            taken = [n for n, m in modules.items() if attach_blocked(m)]
             if taken:
                 raise AdapterConfigError(
                     f"{spec.name}: {taken} already have an attribute {ADAPTER_ATTR!r}, where the adapter would go; "
@@ -303,6 +411,7 @@ def inject(model: nn.Module, config: AdapterConfig) -> nn.Module:
             # A quantized base is built on as its dequantized stand-in (core/quant.py): same shapes, float weight.
             layers = {n: spec.create_layer(stand_in(m), config, n) for n, m in modules.items() if n in targets}
             layers.update(extra_built)
+            _check_base_changes(name, layers, modules)
             for n, layer in layers.items():
                 if layer.changes_base_on_attach and is_quantized(modules[n]):
                     raise UnsupportedLayerError(
@@ -313,7 +422,7 @@ def inject(model: nn.Module, config: AdapterConfig) -> nn.Module:
             for n, layer in layers.items():
                 if layer.changes_base_on_attach:  # a residual init writes W − s·B0·A0 into the base
                     snapshot.keep_values(modules[n].weight)
-                attach(modules[n], layer)
+                attach(modules[n], layer, name)
                 layer.apply_dtype(adapter_dtype_for(_base_dtype(modules[n]), config))
         record = InjectionRecord(
             config=config,
@@ -322,13 +431,63 @@ def inject(model: nn.Module, config: AdapterConfig) -> nn.Module:
             modules_to_save=to_save,
             original_requires_grad=original_rg,
             model_adapter=model_adapter,
+            name=name,
         )
-        model.__dict__[RECORD_ATTR] = record
+        if entry is None:
+            entry = ModelAdapters(active=[name], trainable=[name])
+            model.__dict__[RECORD_ATTR] = entry
+        entry.records[name] = record
+        sync_active(model)
         apply_trainability(model)
     except BaseException:
-        snapshot.restore()
+        snapshot.restore()  # a first adapter's entry goes with the root's __dict__; a joined entry loses the record
+        if others:
+            entry.records.pop(name, None)
         raise
     return model
+
+
+def _check_shared_tensors(model: nn.Module, name: str, to_save: list[str], others: list[InjectionRecord]) -> None:
+    # modules_to_save are trained in place (not copied per adapter): two adapters cannot both own one.
+    for rec in others:
+        owned = rec.modules_to_save
+        shared = [m for m in to_save if any(m == o or m.startswith(o + ".") or o.startswith(m + ".") for o in owned)]
+        if shared:
+            raise AdapterConfigError(
+                f"inject {name!r}: modules_to_save {shared} are already saved by adapter {rec.name!r}; a module is "
+                f"trained in place, so only one adapter may own it: leave them out of this config's modules_to_save"
+            )
+
+
+def _check_base_changes(name: str, layers: dict[str, AdapterLayer], modules: dict[str, nn.Module]) -> None:
+    # An init that rewrites the base weight (PiSSA, OLoRA, CorDA) would change what the other adapters of the
+    # module are applied to.
+    for n, layer in layers.items():
+        mod = modules[n]
+        if not is_adapted(mod):
+            continue
+        holders = list(adapter_set(mod)._modules.items())
+        changing = [a for a, other in holders if getattr(other, "changes_base_on_attach", False)]
+        if layer.changes_base_on_attach or changing:
+            who = f"adapter {changing[0]!r}" if changing else f"adapter {name!r}"
+            raise AdapterConfigError(
+                f"inject {name!r}: {n!r} already holds adapter {holders[0][0]!r}, and {who} uses an init that "
+                f"rewrites the base weight (residual init), which would change the other adapter's base; use "
+                f"init_weights=True for one of them, or exclude {n!r} (exclude_modules)"
+            )
+
+
+def sync_active(model: nn.Module) -> None:
+    """Write the root's active names into every adapter set and whole-model switch under it (flags only)."""
+    for _, root, entry in find_roots(model):
+        active = tuple(entry.active)
+        for _, mod in root.named_modules():
+            if is_adapted(mod):
+                adapters = adapter_set(mod)
+                adapters.active = tuple(n for n in active if n in adapters._modules)
+        for rec in entry.records.values():
+            for n in rec.holders:
+                root.get_submodule(n).active = rec.name in active
 
 
 def trained_biases(root: nn.Module, rec: InjectionRecord) -> list[str]:
@@ -348,42 +507,111 @@ def trained_biases(root: nn.Module, rec: InjectionRecord) -> list[str]:
         ]
     return [
         f"{name}.bias" if name else "bias"
-        for name, base, _ in adapted_modules(root)
+        for name, base, _ in adapted_modules(root, [rec.name])
         if isinstance(getattr(base, "bias", None), nn.Parameter)
     ]
 
 
 def apply_trainability(model: nn.Module) -> None:
-    """Freeze every parameter except adapter, ``modules_to_save`` and ``bias``-trained ones (a pure function of the
-    config)."""
-    records = find_records(model)
-    if not records:
+    """Freeze every parameter except the trainable adapters' tensors, ``modules_to_save`` and ``bias``-trained ones
+    (a pure function of the configs and the trainable names)."""
+    roots = find_roots(model)
+    if not roots:
         return
     trainable: set[int] = set()
-    for _prefix, root, rec in records:
-        for _, _, layer in adapted_modules(root):
-            trainable.update(id(p) for p in layer.parameters())
-        trainable.update(id(root.get_parameter(n)) for n in trained_biases(root, rec))
-        for holder in rec.holders:
-            trainable.update(id(p) for p in root.get_submodule(holder).parameters())
-        for name in rec.modules_to_save:
-            trainable.update(id(p) for p in root.get_submodule(name).parameters())
+    for _prefix, root, entry in roots:
+        for rec in entry.records.values():
+            if rec.name not in entry.trainable:
+                continue
+            for _, _, layer in adapted_modules(root, [rec.name]):
+                trainable.update(id(p) for p in layer.parameters())
+            trainable.update(id(root.get_parameter(n)) for n in trained_biases(root, rec))
+            trainable.update(_record_trainable(root, rec))
     for p in model.parameters():
         p.requires_grad_(id(p) in trainable)
+
+
+def _record_trainable(root: nn.Module, rec: InjectionRecord) -> set[int]:
+    # Ids of the whole modules an adapter trains: whole-model methods' holders and modules_to_save.
+    names = rec.holders + rec.modules_to_save
+    return {id(p) for n in names for p in root.get_submodule(n).parameters()}
 
 
 def apply_dtype_policy(model: nn.Module) -> None:
     """Re-apply each adapter's dtype policy (e.g. after Lightning's ``bf16-true`` cast the whole module)."""
     for _, root, rec in find_records(model):
-        for _, base, layer in adapted_modules(root):
+        for _, base, layer in adapted_modules(root, [rec.name]):
             layer.apply_dtype(adapter_dtype_for(_base_dtype(base), rec.config))
         # Whole-model methods (no per-layer adapters) re-apply their own policy.
         if rec.model_adapter is not None:
             rec.model_adapter.apply_dtype(root, rec.config)
 
 
-def merge(model: nn.Module, *, safe: bool = False, keep_original: bool = False) -> nn.Module:
-    """Fold every adapter into its base weights; forward is then the plain base forward.
+def known_names(model: nn.Module) -> list[str]:
+    """Names of every adapter in ``model``, in injection order."""
+    return [rec.name for _, _, rec in find_records(model)]
+
+
+def check_names(model: nn.Module, names: Any, what: str, *, allow_empty: bool = False) -> list[str]:
+    """``names`` (one name or a list of them) as a list, refused unless each is an adapter of ``model``, once.
+
+    Raises:
+        AdapterConfigError: Naming the unknown or repeated name and the known ones.
+        AdapterTypeError: ``names`` is neither a string nor a list/tuple of strings.
+    """
+    known = known_names(model)
+    if not known:
+        raise AdapterConfigError(f"{what}: model has no adapters; call lightning_adapters.inject(model, config) first")
+    given = [names] if isinstance(names, str) else names
+    if not isinstance(given, (list, tuple)) or not all(isinstance(n, str) for n in given):
+        raise AdapterTypeError(
+            f"{what}: adapter names must be a string or a list of strings, got {names!r}; the model has {known}"
+        )
+    if not given and not allow_empty:
+        raise AdapterConfigError(f"{what}: got no adapter name; pass one or more of {known}")
+    unknown = [n for n in given if n not in known]
+    if unknown:
+        raise AdapterConfigError(f"{what}: unknown adapter name {unknown[0]!r}; the model has {known}")
+    repeated = sorted({n for n in given if given.count(n) > 1})
+    if repeated:
+        raise AdapterConfigError(f"{what}: adapter {repeated[0]!r} is named twice in {list(given)}; name it once")
+    return list(given)
+
+
+def active_names(model: nn.Module) -> list[str]:
+    """The active adapter names of every root in ``model``, in order."""
+    return [n for _, _, entry in find_roots(model) for n in entry.active]
+
+
+def check_stackable(model: nn.Module, acting: dict[int, list[tuple[str, str, AdapterLayer]]], what: str) -> None:
+    """Refuse a module on which several layers would act together while one of them is not additive.
+
+    Args:
+        acting: ``{id(module): [(module name, adapter name, layer), ...]}`` of the layers that would act.
+
+    Raises:
+        AdapterConfigError: Naming the module, the adapters and why the layer cannot stack.
+    """
+    for group in acting.values():
+        if len(group) < 2:
+            continue
+        for module_name, adapter, layer in group:
+            if not layer.additive:
+                others = [a for _, a, _ in group if a != adapter]
+                raise AdapterConfigError(
+                    f"{what}: adapters {[a for _, a, _ in group]} would act together on {module_name!r}, but "
+                    f"{adapter!r} ({type(layer).__name__}) cannot stack: {layer.not_additive_reason}. Activate or "
+                    f"merge it without {others}, or target other modules with one of them"
+                )
+
+
+def merge(model: nn.Module, names: Any = None, *, safe: bool = False, keep_original: bool = False) -> nn.Module:
+    """Fold adapters into their base weights; forward then runs the plain base forward for them.
+
+    Args:
+        names: The adapters to merge (one name or a list); ``None``: the active ones. Merged adapters act whatever
+            ``set_active`` says until ``unmerge``; several merged into one module must be additive (as for
+            stacking).
 
     Exactness: ``unmerge`` recomputes ΔW and subtracts it (or inverts the rotation/scaling), in fp32 for a
     half-precision base on CPU, so the base comes back up to rounding: for additive methods each element within
@@ -411,17 +639,32 @@ def merge(model: nn.Module, *, safe: bool = False, keep_original: bool = False) 
         AdapterTypeError: ``model`` is not an ``nn.Module``.
     """
     check_module(model, "merge")
+    if names is None:
+        names = active_names(model)
+    elif find_records(model):
+        names = check_names(model, names, "merge")
     for prefix, _, rec in find_records(model):
-        if rec.model_adapter is not None:
+        if rec.name in names and rec.model_adapter is not None:
             where = f" on {prefix!r}" if prefix else ""
             raise NotMergeableError(
                 f"the {rec.method} adapter{where} is not mergeable: the method has no weight-space form; "
                 f"keep the adapter attached (or eject it with merge=False)"
             )
-    layers = list(adapted_modules(model))
+    layers = [(n, b, layer) for n, a, b, layer in adapter_layers(model, names)]
     for name, _, layer in layers:
         if not layer.mergeable:
             raise_not_mergeable(name, layer)
+        if layer.strength != 1.0 and not layer.merged:
+            raise MergeError(
+                f"merge: {name!r} of an adapter scaled by set_scale to {layer.strength:g}; merging folds the "
+                f"unscaled adapter, so set_scale(model, name, 1.0) first"
+            )
+    acting: dict[int, list[tuple[str, str, AdapterLayer]]] = {}
+    active = set(active_names(model))
+    for module_name, adapter, base, layer in adapter_layers(model):
+        if layer.merged or adapter in names or (adapter in active and layer.enabled):
+            acting.setdefault(id(base), []).append((module_name, adapter, layer))
+    check_stackable(model, acting, "merge")
     check_materialized(model, "merge")
     check_writable([t for t in layers if not t[2].merged], "merge")
     done: list[tuple[nn.Module, AdapterLayer, dict[str, torch.Tensor] | QuantizedWeight | None]] = []
@@ -488,7 +731,8 @@ def unmerge(model: nn.Module) -> nn.Module:
     check_materialized(model, "unmerge")
     check_writable([t for t in adapted_modules(model) if t[2].merged], "unmerge")
     check_unmergeable(list(adapted_modules(model)), "unmerge")
-    for _, base, layer in adapted_modules(model):
+    # Reverse order: several adapters merged into one module come out in the opposite order they went in.
+    for _, base, layer in reversed(list(adapted_modules(model))):
         if layer.merged:
             unmerge_layer(base, layer)
     return model
@@ -535,15 +779,14 @@ def disabled(model: nn.Module) -> Iterator[nn.Module]:
             merge_layer(base, layer)
 
 
-def eject(
-    model: nn.Module, merge: bool = False, *, safe: bool = False, dtype: torch.dtype | None = None
-) -> nn.Module:
-    """Remove every adapter and return the plain model (with the adapters merged in if ``merge``).
+def eject(model: nn.Module, merge: bool = False, *, safe: bool = False, dtype: torch.dtype | None = None) -> nn.Module:
+    """Remove every adapter and return the plain model (with the active adapters merged in if ``merge``).
 
     Without ``merge`` the base weights, classes and ``requires_grad`` flags are those from before ``inject``.
 
     Args:
-        merge: Fold the adapters into the base weights before removing them.
+        merge: Fold the active adapters (and those already merged) into the base weights before removing them;
+            the inactive ones are dropped, as PEFT's ``merge_and_unload`` does.
         safe: With ``merge``: as ``merge(model, safe=True)``; a refused merge raises ``MergeError`` and leaves the
             model injected and exactly as it was.
         dtype: Replace every quantized base layer (``lightning_adapters.quantize``) by a plain ``nn.Linear`` with
@@ -571,7 +814,6 @@ def eject(
     if not merge:
         check_unmergeable(layers, "eject")
     quantized = dequantize_model(model, dtype) if dtype is not None else []
-    layers = list(adapted_modules(model)) if quantized else layers
     try:
         if merge:
             globals()["merge"](model, safe=safe)
@@ -586,24 +828,30 @@ def eject(
     for _, root, rec in records:
         if rec.model_adapter is not None:
             rec.model_adapter.eject(root)
-    for _, base, layer in layers:
-        layer.on_eject(base, merged=merge)
-        detach(base)
+    for _, adapter, base, layer in list(adapter_layers(model)):
+        layer.on_eject(base, merged=layer.merged)
+        detach(base, adapter)
     for _, root, rec in records:
         for n, p in root.named_parameters():
             if n in rec.original_requires_grad:
                 p.requires_grad_(rec.original_requires_grad[n])
-        del root.__dict__[RECORD_ATTR]
+        root.__dict__.pop(RECORD_ATTR, None)
     return model
 
 
 def summary(model: nn.Module) -> str:
-    """A table of adapted modules and their trainable parameter counts, with totals and the trainable %."""
+    """A table of adapted modules and their parameter counts, with totals, the trainable % and the adapters' names.
+
+    With several adapters a layer's row names its adapter (``LoRALayer[b]``); the last line lists every adapter
+    with its method and whether it is active and trainable.
+    """
     check_module(model, "summary")
     rows = []
-    for name, base, layer in adapted_modules(model):
+    several = len(known_names(model)) > 1
+    for name, adapter, base, layer in adapter_layers(model):
         n = sum(p.numel() for p in layer.parameters())
-        rows.append((name, type(base).__mro__[1].__name__, type(layer).__name__, n))
+        kind = f"{type(layer).__name__}[{adapter}]" if several else type(layer).__name__
+        rows.append((name, type(base).__mro__[1].__name__, kind, n))
     for prefix, root, rec in find_records(model):
         for m in rec.modules_to_save:
             full = f"{prefix}.{m}" if prefix else m
@@ -619,13 +867,27 @@ def summary(model: nn.Module) -> str:
     lines += [f"{r[0]:<{w}}  {r[1]:<12}  {r[2]:<18}  {r[3]:>10,}" for r in rows]
     pct = 100.0 * trainable / total if total else 0.0
     lines.append(f"trainable params: {trainable:,} of {total:,} ({pct:.4f}%)")
+    described = []
+    for _, _, entry in find_roots(model):
+        for name, rec in entry.records.items():
+            flags = [f for f, on in (("active", name in entry.active), ("trainable", name in entry.trainable)) if on]
+            described.append(f"{name} ({rec.method}{'; ' + ', '.join(flags) if flags else ''})")
+    if described:
+        lines.append("adapters: " + ", ".join(described))
     return "\n".join(lines)
 
 
-def config_of(model: nn.Module) -> AdapterConfig:
-    """The config ``model`` (or its single injected sub-module) was injected with."""
+def config_of(model: nn.Module, name: str | None = None) -> AdapterConfig:
+    """The config adapter ``name`` of ``model`` (or of its injected sub-module) was injected with.
+
+    Args:
+        name: The adapter; ``None``: the first one injected.
+    """
     check_module(model, "config_of")
     recs = find_records(model)
     if not recs:
         raise AdapterConfigError("model has no adapters; call lightning_adapters.inject(model, config) first")
-    return recs[0][2].config
+    if name is None:
+        return recs[0][2].config
+    (chosen,) = check_names(model, [name], "config_of")
+    return next(rec.config for _, _, rec in recs if rec.name == chosen)

@@ -1,12 +1,16 @@
 """Adapter layers and how they attach to a base module without renaming its parameters.
 
 A targeted module keeps its own ``weight``/``bias`` and its class identity: injection swaps its class for a
-subclass (``AdaptedLinear`` for ``nn.Linear``, ...) whose ``forward`` hands over to the adapter child
-registered as ``<module>.adapter``. So ``isinstance(m, nn.Linear)`` still holds, ``<mod>.weight`` keeps its
-key, adapter state lives under ``<mod>.adapter.*``, and ``eject`` restores the original class. Owning the
-forward (rather than adding a forward hook after it) lets a method fold ΔW into the base matmul or rotate the
-input, which is where the speed over PEFT comes from. Adapters are switched off with flags, never by changing
-the module tree, so a compiled model stays valid.
+subclass (``AdaptedLinear`` for ``nn.Linear``, ...) whose ``forward`` hands over to the named adapter layers
+held in an ``AdapterSet`` child registered as ``<module>.adapter``. So ``isinstance(m, nn.Linear)`` still holds,
+``<mod>.weight`` keeps its key, the state of the adapter named ``a`` lives under ``<mod>.adapter.a.*``, and
+``eject`` restores the original class. Owning the forward (rather than adding a forward hook after it) lets a
+method fold ΔW into the base matmul or rotate the input, which is where the speed over PEFT comes from.
+
+Which adapters act is a flag of the set (``AdapterSet.active``), never a change of the module tree, so a compiled
+model stays valid when the active adapters change (Dynamo guards on the flag and recompiles). One acting layer
+runs its own ``adapted_forward`` (the fast paths); several act as ``base(x) + Σ strength_i · delta_output_i(x)``,
+which only additive layers (``AdapterLayer.additive``) can do.
 """
 
 from __future__ import annotations
@@ -21,6 +25,7 @@ from lightning_adapters.core.quant import is_quantized, run_on_stand_in
 from lightning_adapters.errors import AdapterError, NotMergeableError
 
 ADAPTER_ATTR = "adapter"
+DEFAULT_NAME = "default"
 
 
 class AdapterLayer(nn.Module):
@@ -28,14 +33,20 @@ class AdapterLayer(nn.Module):
 
     Subclasses implement ``adapted_forward`` (the full output of the adapted module) and, if mergeable,
     ``delta_weight``-style ``merge``/``unmerge``; ``peft_state``/``load_peft_state`` translate to PEFT's
-    suffixes and layouts.
+    suffixes and layouts. An additive layer (output = base output + a term of its own) sets ``additive`` and
+    implements ``delta_output``: it can then act together with other additive layers on the same module and be
+    scaled by ``set_scale``.
 
     Attributes:
         merged: Whether the adapter is folded into the base weights.
         enabled: False inside ``disabled()``.
+        strength: Multiplier of the layer's term when it acts through ``delta_output`` (``set_scale``).
     """
 
     mergeable: bool = True
+    additive: bool = False
+    # Why a layer with ``additive = False`` cannot act together with another one (completes "... cannot stack: ").
+    not_additive_reason: str = "its output is not the base output plus a term of its own"
     # Why a layer with ``mergeable = False`` cannot merge (completes "... is not mergeable: <reason>").
     not_mergeable_reason: str = "the method has no weight-space form"
 
@@ -43,10 +54,19 @@ class AdapterLayer(nn.Module):
         super().__init__()
         self.merged = False
         self.enabled = True
+        self.strength = 1.0
 
     def adapted_forward(self, base: nn.Module, *args: Any, **kwargs: Any) -> Any:
         """Output of ``base`` with the adapter applied."""
         raise NotImplementedError
+
+    def delta_output(self, base: nn.Module, *args: Any, **kwargs: Any) -> torch.Tensor | None:
+        """The layer's additive term, ``adapted_forward(...) - base(...)`` computed on its own (``None``: zero).
+
+        Only for layers with ``additive = True``; used when several layers act on one module, or the layer's
+        ``strength`` is not 1.
+        """
+        raise NotImplementedError(f"{type(self).__name__} is not additive: {self.not_additive_reason}")
 
     def forward(self, base: nn.Module, *args: Any, **kwargs: Any) -> Any:
         """``adapted_forward``, for wrappers that act on module calls (FSDP1 gathers the adapter's parameters)."""
@@ -105,14 +125,54 @@ class AdapterLayer(nn.Module):
         return f"merged={self.merged}"
 
 
-def _adapted_forward(self: nn.Module, *args: Any, **kwargs: Any) -> Any:
-    adapter = self._modules[ADAPTER_ATTR]
-    if adapter.merged or not adapter.enabled:
-        return self._la_base_forward(*args, **kwargs)
+class AdapterSet(nn.ModuleDict):
+    """The named adapter layers of one adapted module, registered as ``<module>.adapter``.
+
+    Attributes:
+        active: Names of the layers that act, in order (a flag read by the forward, so switching adapters never
+            changes the module tree). Names without a layer here are left out by ``set_active``.
+    """
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.active: tuple[str, ...] = ()
+
+    def extra_repr(self) -> str:
+        return f"active={list(self.active)}"
+
+
+def _call(adapter: nn.Module, base: nn.Module, args: tuple, kwargs: dict) -> Any:
     if isinstance(adapter, AdapterLayer):
-        return adapter.adapted_forward(self, *args, **kwargs)
+        return adapter.adapted_forward(base, *args, **kwargs)
     # A wrapper around the layer (FSDP1's FullyShardedDataParallel): calling it gathers the parameters first.
-    return adapter(self, *args, **kwargs)
+    return adapter(base, *args, **kwargs)
+
+
+def _adapted_forward(self: nn.Module, *args: Any, **kwargs: Any) -> Any:
+    adapters = self._modules[ADAPTER_ATTR]
+    active = adapters.active
+    if len(active) == 1:
+        # One adapter: its own forward, with every fast path of the method (the single-adapter case).
+        adapter = adapters._modules[active[0]]
+        if adapter.merged or not adapter.enabled:
+            return self._la_base_forward(*args, **kwargs)
+        if adapter.strength == 1.0:
+            return _call(adapter, self, args, kwargs)
+        layers = [adapter]
+    else:
+        layers = [a for a in (adapters._modules[n] for n in active) if not a.merged and a.enabled]
+        if not layers:
+            return self._la_base_forward(*args, **kwargs)
+        if len(layers) == 1 and layers[0].strength == 1.0:
+            return _call(layers[0], self, args, kwargs)
+    # Several additive layers, or a scaled one: base(x) + Σ strength_i · term_i(x) (set_active/set_scale checked
+    # that every layer here is additive).
+    out = self._la_base_forward(*args, **kwargs)
+    for adapter in layers:
+        term = _unwrap(adapter).delta_output(self, *args, **kwargs)
+        if term is not None:
+            out = out + (term if adapter.strength == 1.0 else term * adapter.strength).to(out.dtype)
+    return out
 
 
 def _adapted_forward_quantized(self: nn.Module, *args: Any, **kwargs: Any) -> Any:
@@ -124,7 +184,7 @@ _CLASS_CACHE: dict[tuple[type, bool], type] = {}
 
 
 def adapted_class(base_cls: type, quantized: bool = False) -> type:
-    """The subclass of ``base_cls`` that routes ``forward`` through the ``adapter`` child.
+    """The subclass of ``base_cls`` that routes ``forward`` through the ``adapter`` set.
 
     Classes are created once per base class and published in this module under a unique name, so an adapted
     model can still be pickled (``torch.save(model)``). ``quantized``: the base holds a quantized weight, so the
@@ -158,31 +218,64 @@ def _unwrap(child: nn.Module | None) -> nn.Module | None:
 
 
 def is_adapted(module: nn.Module) -> bool:
-    """Whether ``module`` carries an adapter installed by ``attach``."""
-    return getattr(type(module), "_la_adapted", False) and isinstance(
-        _unwrap(module._modules.get(ADAPTER_ATTR)), AdapterLayer
-    )
+    """Whether ``module`` carries adapters installed by ``attach``."""
+    return getattr(type(module), "_la_adapted", False) and isinstance(module._modules.get(ADAPTER_ATTR), AdapterSet)
 
 
-def attach(module: nn.Module, layer: AdapterLayer) -> None:
-    """Install ``layer`` on ``module`` (class swap + ``adapter`` child)."""
-    if ADAPTER_ATTR in module._modules or hasattr(module, ADAPTER_ATTR):
+def attach_blocked(module: nn.Module) -> bool:
+    """Whether ``module`` has an attribute ``adapter`` of its own, where the adapter set would go."""
+    if is_adapted(module):
+        return False
+    return ADAPTER_ATTR in module._modules or hasattr(module, ADAPTER_ATTR)
+
+
+def attach(module: nn.Module, layer: AdapterLayer, name: str = DEFAULT_NAME) -> None:
+    """Install ``layer`` on ``module`` under ``name`` (class swap + ``adapter`` set on the first one).
+
+    The layer does not act until ``name`` is in the set's ``active`` names.
+    """
+    if attach_blocked(module):
         raise AdapterError(
             f"{type(module).__name__} already has an attribute {ADAPTER_ATTR!r}; cannot attach an adapter to it"
         )
     layer.train(module.training)
-    module.add_module(ADAPTER_ATTR, layer)
-    module.__class__ = adapted_class(type(module), quantized=is_quantized(module))
+    if not is_adapted(module):
+        adapters = AdapterSet()
+        adapters.train(module.training)
+        module.add_module(ADAPTER_ATTR, adapters)
+        module.__class__ = adapted_class(type(module), quantized=is_quantized(module))
+    adapters = module._modules[ADAPTER_ATTR]
+    if name in adapters._modules:
+        raise AdapterError(f"{type(module).__name__} already holds an adapter named {name!r}")
+    adapters.add_module(name, layer)
     layer.on_attach(module)
 
 
-def detach(module: nn.Module) -> AdapterLayer:
-    """Remove the adapter from ``module`` and restore its original class; returns the removed layer."""
-    layer = module._modules.pop(ADAPTER_ATTR)
-    module.__class__ = type(module).__mro__[1]
+def detach(module: nn.Module, name: str | None = None) -> AdapterLayer:
+    """Remove the adapter ``name`` (``None``: the only one) from ``module``; returns the removed layer.
+
+    The last one removed takes the ``adapter`` set with it and restores the module's original class.
+    """
+    adapters = module._modules[ADAPTER_ATTR]
+    if name is None:
+        (name,) = list(adapters._modules)
+    layer = adapters._modules.pop(name)
+    adapters.active = tuple(n for n in adapters.active if n != name)
+    if not adapters._modules:
+        del module._modules[ADAPTER_ATTR]
+        module.__class__ = type(module).__mro__[1]
     return layer
 
 
-def get_adapter(module: nn.Module) -> AdapterLayer:
-    """The adapter child of an adapted module."""
-    return _unwrap(module._modules[ADAPTER_ATTR])
+def adapter_set(module: nn.Module) -> AdapterSet:
+    """The ``AdapterSet`` of an adapted module."""
+    return module._modules[ADAPTER_ATTR]
+
+
+def get_adapter(module: nn.Module, name: str | None = None) -> AdapterLayer:
+    """The adapter layer ``name`` of an adapted module (``None``: its only layer, else the first active one)."""
+    adapters = module._modules[ADAPTER_ATTR]
+    if name is None:
+        names = list(adapters._modules)
+        name = names[0] if len(names) == 1 or not adapters.active else adapters.active[0]
+    return _unwrap(adapters._modules[name])

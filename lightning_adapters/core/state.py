@@ -1,4 +1,15 @@
-"""Adapter state: which tensors belong to the adapter, loading them strictly, and the base fingerprint."""
+"""Adapter state: which tensors belong to the adapter, loading them strictly, and the base fingerprint.
+
+Two key layouts (both keyed relative to the model, base keys unchanged):
+
+- **the model's own keys** (``adapter_state_dict(model)``): ``<module>.adapter.<name>.<tensor>``, a subset of
+  ``model.state_dict()`` that carries the adapter names; ``modules_to_save`` and trained biases keep their base
+  keys. It round-trips through ``load_adapter_state_dict(model, sd)``, whatever the number of adapters.
+- **one adapter, name-free** (``adapter_state_dict(model, name="a")``): ``<module>.adapter.<tensor>``, the layout
+  of the single-adapter state dicts and checkpoints written before adapters had names. It loads into any adapter
+  with the same targets: ``load_adapter_state_dict(model, sd, name="b")``, and with ``name=None`` into a model
+  that holds one adapter (so old checkpoints still load).
+"""
 
 from __future__ import annotations
 
@@ -9,16 +20,36 @@ from typing import Any
 import torch
 from torch import nn
 
-from lightning_adapters.core.inject import adapted_modules, check_module, find_records, trained_biases
+from lightning_adapters.core.inject import (
+    adapter_layers,
+    check_module,
+    check_names,
+    find_records,
+    known_names,
+    trained_biases,
+)
 from lightning_adapters.core.layer import ADAPTER_ATTR
 from lightning_adapters.errors import AdapterStateError, AdapterTypeError
 
 
-def adapter_prefixes(model: nn.Module) -> list[str]:
-    """Key prefixes (with trailing dot) of every adapter child and ``modules_to_save`` module in ``model``, and the
-    exact keys (no trailing dot) of the base biases the config's ``bias`` option trains."""
-    prefixes = [f"{name}.{ADAPTER_ATTR}." if name else f"{ADAPTER_ATTR}." for name, _, _ in adapted_modules(model)]
+def _layer_prefix(module_name: str, adapter: str | None) -> str:
+    # ``<module>.adapter.<name>.`` (the model's own keys) or, without a name, ``<module>.adapter.``.
+    tail = f"{ADAPTER_ATTR}.{adapter}." if adapter is not None else f"{ADAPTER_ATTR}."
+    return f"{module_name}.{tail}" if module_name else tail
+
+
+def adapter_prefixes(model: nn.Module, names: list[str] | None = None) -> list[str]:
+    """Key prefixes (with trailing dot) of every adapter layer and ``modules_to_save`` module in ``model``, and the
+    exact keys (no trailing dot) of the base biases the config's ``bias`` option trains, as ``model.state_dict()``
+    names them.
+
+    Args:
+        names: Only those of these adapters (``None``: all).
+    """
+    prefixes = [_layer_prefix(module_name, adapter) for module_name, adapter, _, _ in adapter_layers(model, names)]
     for prefix, root, rec in find_records(model):
+        if names is not None and rec.name not in names:
+            continue
         for m in rec.modules_to_save + rec.holders:
             full = f"{prefix}.{m}" if prefix else m
             prefixes.append(full + ".")
@@ -32,16 +63,56 @@ def is_adapter_key(key: str, prefixes: list[str]) -> bool:
     return any(key.startswith(p) if p.endswith(".") else key == p for p in prefixes)
 
 
-def adapter_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
-    """The adapter tensors (and ``modules_to_save`` tensors) of ``model``, keyed as in ``model.state_dict()``.
+def name_free_keys(model: nn.Module, name: str) -> dict[str, str]:
+    """``{model key: name-free key}`` of the layer tensors of adapter ``name`` (``...adapter.<name>.x`` ->
+    ``...adapter.x``), read from ``model.state_dict()``'s keys."""
+    out = {}
+    keys = list(model.state_dict(keep_vars=True))
+    pairs = [(_layer_prefix(m, adapter), _layer_prefix(m, None)) for m, adapter, _, _ in adapter_layers(model, [name])]
+    # Whole-model methods hold theirs at ``<module>.adapter.<name>`` too (Llama-Adapter's prompts).
+    tail = f".{ADAPTER_ATTR}.{name}"
+    for prefix, _, rec in find_records(model):
+        if rec.name == name:
+            held = [f"{prefix}.{m}" if prefix else m for m in rec.holders]
+            pairs += [(m + ".", m[: -len(name)]) for m in held if m.endswith(tail)]
+    for live, free in pairs:
+        out.update({k: free + k[len(live) :] for k in keys if k.startswith(live)})
+    return out
 
-    Tensors are detached references to the live ones, as ``state_dict()`` gives them.
+
+def _selected(model: nn.Module, name: str | None, what: str) -> list[str]:
+    if name is None:
+        known = known_names(model)
+        if not known:
+            raise AdapterStateError("model has no adapters; call lightning_adapters.inject(model, config) first")
+        return known
+    if not isinstance(name, str):
+        raise AdapterTypeError(f"{what}: name must be one adapter name (a string) or None, got {name!r}")
+    return check_names(model, name, what)
+
+
+def adapter_state_dict(model: nn.Module, name: str | None = None) -> dict[str, torch.Tensor]:
+    """The adapter tensors (and ``modules_to_save`` tensors) of ``model``.
+
+    Tensors are detached references to the live ones, as ``state_dict()`` gives them. Keys: see the module
+    docstring (the model's own keys, or name-free for one named adapter).
+
+    Args:
+        name: The adapter to return, name-free; ``None``: every adapter of the model, keyed as in
+            ``model.state_dict()``.
+
+    Raises:
+        AdapterStateError: The model has no adapters.
+        AdapterConfigError: ``name`` is not one of the model's adapters.
     """
     check_module(model, "adapter_state_dict")
-    prefixes = adapter_prefixes(model)
-    if not prefixes:
-        raise AdapterStateError("model has no adapters; call lightning_adapters.inject(model, config) first")
-    return {k: v for k, v in model.state_dict().items() if is_adapter_key(k, prefixes)}
+    selected = _selected(model, name, "adapter_state_dict")
+    prefixes = adapter_prefixes(model, selected)
+    state = {k: v for k, v in model.state_dict().items() if is_adapter_key(k, prefixes)}
+    if name is not None:
+        free = name_free_keys(model, name)
+        state = {free.get(k, k): v for k, v in state.items()}
+    return state
 
 
 def _kind(dtype: torch.dtype) -> str:
@@ -93,7 +164,12 @@ def value_problem(
 
 
 def load_adapter_state_dict(
-    model: nn.Module, state_dict: Mapping[str, torch.Tensor], strict: bool = True, *, check_finite: bool = True
+    model: nn.Module,
+    state_dict: Mapping[str, torch.Tensor],
+    strict: bool = True,
+    *,
+    name: str | None = None,
+    check_finite: bool = True,
 ) -> None:
     """Copy adapter tensors into an injected ``model``; every key and value is checked before anything changes.
 
@@ -101,8 +177,11 @@ def load_adapter_state_dict(
     bad value nor a failing conversion (e.g. out of device memory) leaves some tensors loaded and others not.
 
     Args:
-        state_dict: As produced by ``adapter_state_dict`` (keys relative to ``model``).
+        state_dict: As produced by ``adapter_state_dict`` (keys relative to ``model``): one adapter's name-free
+            keys, or the named keys of several.
         strict: Refuse missing and unexpected keys (bad values of known keys are always refused).
+        name: Load into this adapter only, from a one-adapter state (e.g. ``adapter_state_dict(model, name="a")``
+            loads into ``"b"``); ``None``: into every adapter of the model.
         check_finite: Refuse NaN/Inf in floating values (an adapter holding them turns every output into NaN).
 
     Raises:
@@ -117,12 +196,20 @@ def load_adapter_state_dict(
             f"load_adapter_state_dict: state_dict must be a mapping of names to tensors (as adapter_state_dict "
             f"returns), got {type(state_dict).__name__}"
         )
-    expected = adapter_state_dict(model)
+    selected = _selected(model, name, "load_adapter_state_dict")
+    expected = adapter_state_dict(model, name)
     bad_keys = [k for k in state_dict if not isinstance(k, str)]
     if bad_keys:
         raise AdapterStateError(
             f"adapter state keys must be strings such as the ones adapter_state_dict returns; got {bad_keys[:5]}"
         )
+    if name is None and len(selected) == 1:
+        # A one-adapter model also takes the name-free layout (state dicts and checkpoints from before names).
+        own = {v: k for k, v in name_free_keys(model, selected[0]).items()}
+        state_dict = {own.get(k, k): v for k, v in state_dict.items()}
+        free: dict[str, str] = {}
+    else:
+        free = name_free_keys(model, name) if name is not None else {}
     missing = sorted(set(expected) - set(state_dict))
     unexpected = sorted(set(state_dict) - set(expected))
     given = {k: state_dict[k] for k in expected if k in state_dict}
@@ -143,12 +230,19 @@ def load_adapter_state_dict(
     if values:
         problems.append("bad values " + "; ".join(values[:10]) + (" ..." if len(values) > 10 else ""))
     if problems:
+        several = (
+            f". The model holds several adapters {selected}: a state of one adapter (adapter_state_dict(model, "
+            f"name=...)) loads with load_adapter_state_dict(model, sd, name=...)"
+            if len(selected) > 1 and unexpected and strict
+            else ""
+        )
         raise AdapterStateError(
             "adapter state does not fit the model: "
             + "; ".join(problems)
+            + several
             + ". Check that the state was saved from the same method config and base model"
         )
-    merged = [name for name, _, layer in adapted_modules(model) if layer.merged]
+    merged = [module_name for module_name, _, _, layer in adapter_layers(model, selected) if layer.merged]
     if merged:
         raise AdapterStateError(
             f"the adapters of {merged[:5]}{' ...' if len(merged) > 5 else ''} are merged into the base weights; "
@@ -157,7 +251,8 @@ def load_adapter_state_dict(
         )
     live = dict(model.named_parameters(remove_duplicate=False))
     live.update(dict(model.named_buffers(remove_duplicate=False)))
-    targets = {k: live[k] for k in expected if k in state_dict and k in live}
+    own = {v: k for k, v in free.items()}  # name-free key -> the model's own key
+    targets = {k: live[own.get(k, k)] for k in expected if k in state_dict and own.get(k, k) in live}
     meta = [k for k, t in targets.items() if t.is_meta]
     if meta:
         raise AdapterStateError(

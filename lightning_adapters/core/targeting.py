@@ -278,9 +278,9 @@ def check_plain_layers(model: nn.Module, targets: list[str], method: str, suppor
         if scheme is not None:
             continue  # a quantized base: the methods compute with its dequantized weight (core/quant.py)
         ref = next(t for t in kinds if all(issubclass(t, o) for o in kinds))  # the most derived supported type
-        overridden = [
-            f for f in ("forward", "_conv_forward") if getattr(type(module), f, None) is not getattr(ref, f, None)
-        ]
+        # A module that already holds another named adapter is judged by its own class, not the adapted subclass.
+        own = type(module).__mro__[1] if getattr(type(module), "_la_adapted", False) else type(module)
+        overridden = [f for f in ("forward", "_conv_forward") if getattr(own, f, None) is not getattr(ref, f, None)]
         if overridden:
             raise UnsupportedLayerError(
                 f"{method}: {target!r} is a {type(module).__name__}, a subclass of {ref.__name__} with its own "

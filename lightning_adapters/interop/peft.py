@@ -42,8 +42,13 @@ def _single_record(model: nn.Module):
     recs = find_records(model)
     if not recs:
         raise AdapterConfigError("model has no adapters; call lightning_adapters.inject(model, config) first")
-    if len(recs) > 1:
+    if len({r[0] for r in recs}) > 1:
         raise AdapterConfigError(f"model has adapters on several sub-modules {[r[0] for r in recs]}; save each one")
+    if len(recs) > 1:
+        raise AdapterConfigError(
+            f"the PEFT format of this version holds one adapter; the model has {[r[2].name for r in recs]}: delete "
+            f"the others first (lightning_adapters.delete), or keep several with adapter_state_dict"
+        )
     return recs[0]
 
 
@@ -58,7 +63,7 @@ def peft_tensors(model: nn.Module) -> dict[str, torch.Tensor]:
     if rec.model_adapter is not None:
         out.update({PEFT_PREFIX + k: t for k, t in rec.model_adapter.peft_state(root).items()})
     else:
-        for name, _, layer in adapted_modules(root):
+        for name, _, layer in adapted_modules(root, [rec.name]):
             try:
                 state = layer.peft_state()
             except AdapterConfigError as err:  # the layer has no PEFT form: say which one
@@ -84,7 +89,7 @@ def peft_bias_params(root: nn.Module, rec: Any) -> dict[str, nn.Parameter]:
     PEFT moves an adapted module's own parameters under ``base_layer``, so its bias is ``<module>.base_layer.bias``;
     any other bias keeps its name.
     """
-    adapted = {name for name, _, _ in adapted_modules(root)}
+    adapted = {name for name, _, _ in adapted_modules(root, [rec.name])}
     out = {}
     for name in trained_biases(root, rec):
         module = name[: -len(".bias")] if name != "bias" else ""
@@ -238,7 +243,7 @@ def _as_plain_lora(
             f"save_peft(convert_to_lora=True) rewrites LoRA adapters initialised with PiSSA/OLoRA/CorDA; this model "
             f"holds a {rec.method} adapter. Drop convert_to_lora"
         )
-    layers = {name: layer for name, _, layer in adapted_modules(root) if hasattr(layer, "lora_A")}
+    layers = {name: layer for name, _, layer in adapted_modules(root, [rec.name]) if hasattr(layer, "lora_A")}
     return lora_init.convert_to_plain_lora(layers, tensors, config, PEFT_PREFIX)
 
 
@@ -478,7 +483,7 @@ def _check_values(
     of the model tensor they go into (an integer buffer takes integers).
     """
     live = dict(root.state_dict(keep_vars=True))
-    for name, base, _ in adapted_modules(root):
+    for name, base, _ in adapted_modules(root, [rec.name]):
         if isinstance(getattr(base, "weight", None), torch.Tensor):
             live[f"{name}.base_layer.weight"] = base.weight
     problems = []
@@ -506,7 +511,7 @@ def _load_tensors(model: nn.Module, tensors: dict[str, torch.Tensor], spec, chec
     if rec.model_adapter is not None:
         expected.update({k: tuple(v.shape) for k, v in rec.model_adapter.peft_state(root).items()})
     else:
-        for name, _, layer in adapted_modules(root):
+        for name, _, layer in adapted_modules(root, [rec.name]):
             try:
                 shapes = layer.peft_shapes()
             except AdapterConfigError as err:
@@ -526,7 +531,7 @@ def _load_tensors(model: nn.Module, tensors: dict[str, torch.Tensor], spec, chec
     # PEFT writes full base embedding / lm_head matrices next to the adapter when they are targeted
     # (``save_embedding_layers``); they load into the base layer as PEFT loads them.
     base_layer_keys = {}
-    for name, base, _ in adapted_modules(root):
+    for name, base, _ in adapted_modules(root, [rec.name]):
         key = f"{name}.base_layer.weight"
         if key in tensors:
             base_layer_keys[key] = base
@@ -553,7 +558,7 @@ def _load_tensors(model: nn.Module, tensors: dict[str, torch.Tensor], spec, chec
     if rec.model_adapter is not None:
         rec.model_adapter.load_peft_state(root, tensors)
     else:
-        for name, _, layer in adapted_modules(root):
+        for name, _, layer in adapted_modules(root, [rec.name]):
             prefix = name + "."
             try:
                 layer.load_peft_state(

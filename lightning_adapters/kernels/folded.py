@@ -175,12 +175,16 @@ def separate_forward(base: nn.Module, kind: str, x: torch.Tensor, delta: torch.T
     ``x`` is cast to ``ΔW``'s dtype for the adapter product and the sum is returned in the base output's dtype.
     """
     out = base._la_base_forward(x)
+    return out + delta_term(base, kind, x, delta).to(out.dtype)
+
+
+def delta_term(base: nn.Module, kind: str, x: torch.Tensor, delta: torch.Tensor) -> torch.Tensor:
+    """``op(x, ΔW)`` alone, in ``ΔW``'s dtype (``ΔW`` output-first): the term an additive adapter adds to
+    ``base(x)``, for several adapters acting on one module."""
     xd = x if x.dtype == delta.dtype else x.to(delta.dtype)
     if kind in ("linear", "conv1d_t"):
-        extra = F.linear(xd, delta)
-    else:
-        extra = base._conv_forward(xd, delta, None)
-    return out + extra.to(out.dtype)
+        return F.linear(xd, delta)  # (..., in) @ (in, out) -> (..., out)
+    return base._conv_forward(xd, delta, None)  # the base's stride/padding/dilation/groups
 
 
 def delta_forward(

@@ -25,9 +25,9 @@ import torch
 from torch import nn
 
 from lightning_adapters.config import AdapterConfig
-from lightning_adapters.core.inject import check_module, eject, find_records, inject
+from lightning_adapters.core.inject import check_module, eject, find_records, inject, known_names
 from lightning_adapters.core.layer import ADAPTER_ATTR
-from lightning_adapters.core.state import base_fingerprint, load_adapter_state_dict
+from lightning_adapters.core.state import base_fingerprint, load_adapter_state_dict, name_free_keys
 from lightning_adapters.errors import AdapterConfigError, AdapterStateError
 from lightning_adapters.lightning.scope import inner_config
 from lightning_adapters.registry import LayerMethod, get_method
@@ -229,6 +229,24 @@ def check_metadata(meta: dict[str, Any], method: str, config_dict: dict[str, Any
         )
 
 
+def upgrade_unnamed_keys(checkpoint: dict[str, Any], pl_module: nn.Module) -> None:
+    """Rename the keys of a checkpoint written before adapters had names, in place, for a one-adapter model.
+
+    Such checkpoints key the adapter's tensors ``<module>.adapter.<tensor>``; the model's own keys are
+    ``<module>.adapter.<name>.<tensor>``. Keys that are not of that form are left as they are.
+    """
+    names = known_names(pl_module)
+    if len(names) != 1:
+        return
+    own = {free: live for live, free in name_free_keys(pl_module, names[0]).items()}
+    state = checkpoint.get("state_dict")
+    if isinstance(state, dict):
+        checkpoint["state_dict"] = {own.get(k, k): v for k, v in state.items()}
+    meta = checkpoint.get(METADATA_KEY)
+    if isinstance(meta, dict) and isinstance(meta.get("adapter_shapes"), dict):
+        meta["adapter_shapes"] = {own.get(k, k): v for k, v in meta["adapter_shapes"].items()}
+
+
 def validate_checkpoint(
     checkpoint: dict[str, Any],
     pl_module: nn.Module,
@@ -248,6 +266,7 @@ def validate_checkpoint(
         fingerprint: The base model's fingerprint (None: not known, not checked).
         expected: ``expected_shapes`` of the LightningModule.
     """
+    upgrade_unnamed_keys(checkpoint, pl_module)
     meta = checkpoint.get(METADATA_KEY)
     if meta is not None:
         check_metadata(meta, method, config.to_dict(), fingerprint)

@@ -241,6 +241,8 @@ class AdaLoRALayer(AdapterLayer):
     ``r = init_r``; buffers ``rank_mask`` (r,) bool (kept ranks, saved) and ``ranknum`` (1,) = init_r (not saved).
     """
 
+    additive = True
+
     def __init__(self, base: nn.Module, config: AdaLoRAConfig, name: str) -> None:
         super().__init__()
         self.kind = layer_kind(base)
@@ -329,6 +331,16 @@ class AdaLoRALayer(AdapterLayer):
             h = xd @ (self.lora_A * self.lora_E).T  # (..., r)
             delta = (h @ self.lora_B.T).mul_(self.alpha).div_(self.ranknum + RANKNUM_EPS)  # (..., out)
         return out.add_(delta.to(out.dtype))  # no backward reads ``out``: linear and conv keep their inputs
+
+    def delta_output(self, base: nn.Module, x: torch.Tensor) -> torch.Tensor:
+        """``B (A ⊙ E) x · α / (ranknum + ε)``: the term ``adapted_forward`` adds."""
+        xd = x if x.dtype == self.lora_A.dtype else x.to(self.lora_A.dtype)
+        if self.dropout_p > 0.0 and self.training:
+            xd = F.dropout(xd, self.dropout_p, True)
+        if self.kind == "conv2d":
+            return base._conv_forward(xd, self._svd_product().reshape(base.weight.shape), None)
+        h = xd @ (self.lora_A * self.lora_E).T  # (..., r)
+        return (h @ self.lora_B.T) * self.alpha / (self.ranknum + RANKNUM_EPS)  # (..., out)
 
     # --- rank masks --------------------------------------------------------------------------------------
 

@@ -174,6 +174,8 @@ def check_butterfly(d: int, b: int, m: int, name: str, what: str) -> None:
 class BOFTLayer(AdapterLayer):
     """BOFT on one Linear or Conv2d module; ``boft_R`` (m, N, b, b) and ``boft_s`` in PEFT's layouts."""
 
+    not_additive_reason = "it rotates and scales the base weight (s ⊙ W R), not a term added to the base output"
+
     def __init__(self, base: nn.Module, config: BOFTConfig, name: str) -> None:
         super().__init__()
         self.kind = layer_kind(base)

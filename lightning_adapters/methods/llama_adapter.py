@@ -20,9 +20,11 @@ here it is added once). For GPT-2 PEFT adds ``g · A V_p`` to the attention outp
 is kept, so PEFT adapters load with equal outputs. PEFT has no Qwen2 and breaks when
 ``head_dim · n_h ≠ hidden``; both work here.
 
-Attachment: the attention module keeps its class and every base parameter its name. The prompt and gate
-live on a child ``<attention>.adapter`` (keys ``...self_attn.adapter.adaption_prompt``; PEFT's file names
-them ``...self_attn.adaption_prompt``). Forward hooks do the work, switched off by a flag:
+Attachment: the attention module keeps its class and every base parameter its name. The prompt and gate of
+the adapter named ``<name>`` live on ``<attention>.adapter.<name>`` (keys
+``...self_attn.adapter.<name>.adaption_prompt``; PEFT's file names them ``...self_attn.adaption_prompt``).
+Forward hooks do the work, switched off by flags (``enabled`` for ``disabled``, ``active`` for ``set_active``).
+Several named instances each hook the same attentions; their terms add up when several are active:
 
 - a pre-hook on the attention computes ``K_p``, ``V_p`` and takes ``(cos, sin)`` from the model's own
   ``position_embeddings`` argument (so rotary-embedding refactors in transformers do not matter);
@@ -47,6 +49,7 @@ from torch import nn
 
 from lightning_adapters.config import AdapterConfig, check_positive_int
 from lightning_adapters.core.inject import adapter_dtype_for
+from lightning_adapters.core.layer import AdapterSet
 from lightning_adapters.core.quant import is_quantized
 from lightning_adapters.core.targeting import Conv1D
 from lightning_adapters.errors import AdapterConfigError, TargetError, UnsupportedLayerError
@@ -156,13 +159,14 @@ def prompt_attention(q: torch.Tensor, k_p: torch.Tensor, v_p: torch.Tensor) -> t
 class AdaptionPrompt(nn.Module):
     """Prompt and gate of one attention layer, plus the hooks that apply them.
 
-    Registered as ``<attention>.adapter``; its hooks are bound methods, so ``copy.deepcopy`` and pickling of
-    the model carry them over consistently.
+    Registered as ``<attention>.adapter.<name>``; its hooks are bound methods, so ``copy.deepcopy`` and pickling
+    of the model carry them over consistently.
 
     Attributes:
         adaption_prompt: ``(1, L, hidden)`` ~ N(0, 1).
         adaption_gate: ``(1,)`` = 0.
         enabled: False inside ``lightning_adapters.disabled``.
+        active: False while ``set_active`` has chosen other adapters.
     """
 
     def __init__(
@@ -174,6 +178,7 @@ class AdaptionPrompt(nn.Module):
         self.adaption_prompt = nn.Parameter(torch.randn(1, adapter_len, hidden, device=device))
         self.adaption_gate = nn.Parameter(torch.zeros(1, device=device))
         self.enabled = True
+        self.active = True
         self._prompt_kv: tuple[torch.Tensor, torch.Tensor] | None = None
         self._rope: tuple[torch.Tensor, torch.Tensor] | None = None
         self._query: torch.Tensor | None = None
@@ -229,7 +234,7 @@ class AdaptionPrompt(nn.Module):
     def before_attention(self, attn: nn.Module, args: tuple, kwargs: dict) -> None:
         """Pre-hook on the attention: prompt keys/values and, for RoPE models, the layer's ``(cos, sin)``."""
         self._prompt_kv = self._rope = self._query = None
-        if not self.enabled:
+        if not (self.enabled and self.active):
             return
         if self.flavour == "rope":
             pe = kwargs.get("position_embeddings", args[1] if len(args) > 1 else None)
@@ -319,7 +324,7 @@ def _hooked_modules(attn: nn.Module, flavour: str) -> list[nn.Module]:
     return [attn, attn.c_attn] if flavour == "gpt2" else [attn, attn.q_proj, attn.o_proj]
 
 
-def _inject(model: nn.Module, config: LlamaAdapterConfig) -> PromptAdapter:
+def _inject(model: nn.Module, config: LlamaAdapterConfig, name: str) -> PromptAdapter:
     model_type = _model_type(model)
     if model_type not in SUPPORTED:
         raise UnsupportedLayerError(
@@ -338,7 +343,12 @@ def _inject(model: nn.Module, config: LlamaAdapterConfig) -> PromptAdapter:
     names = names[-config.adapter_layers :]
     attns = {n: model.get_submodule(n) for n in names}
     shapes = {n: _shape_of(n, a, flavour) for n, a in attns.items()}
-    taken = [n for n, a in attns.items() if hasattr(a, HOLDER_ATTR)]
+    # Another named Llama-Adapter keeps its prompts in the same ``adapter`` set; anything else there is refused.
+    taken = [
+        n
+        for n, a in attns.items()
+        if hasattr(a, HOLDER_ATTR) and not isinstance(a._modules.get(HOLDER_ATTR), AdapterSet)
+    ]
     if taken:
         raise AdapterConfigError(f"{METHOD}: {taken} already have an attribute {HOLDER_ATTR!r}; eject it first")
     for n in names:
@@ -352,7 +362,9 @@ def _inject(model: nn.Module, config: LlamaAdapterConfig) -> PromptAdapter:
     }
     for n, holder in holders.items():
         attn = attns[n]
-        attn.add_module(HOLDER_ATTR, holder)
+        if not isinstance(attn._modules.get(HOLDER_ATTR), AdapterSet):
+            attn.add_module(HOLDER_ATTR, AdapterSet())
+        attn._modules[HOLDER_ATTR].add_module(name, holder)
         holder.train(attn.training)
         attn.register_forward_pre_hook(holder.before_attention, with_kwargs=True)
         if flavour == "gpt2":
@@ -361,7 +373,7 @@ def _inject(model: nn.Module, config: LlamaAdapterConfig) -> PromptAdapter:
         else:
             attn.q_proj.register_forward_hook(holder.after_query)
             attn.o_proj.register_forward_pre_hook(holder.before_output)
-    adapter = PromptAdapter(targets=names, holders=[f"{n}.{HOLDER_ATTR}" for n in names], attr=attr)
+    adapter = PromptAdapter(targets=names, holders=[f"{n}.{HOLDER_ATTR}.{name}" for n in names], attr=attr)
     adapter.apply_dtype(model, config)
     return adapter
 
@@ -384,7 +396,7 @@ class PromptAdapter(ModelAdapter):
 
     Attributes:
         targets: The adapted attention modules.
-        holders: Their ``AdaptionPrompt`` children (``<attention>.adapter``), in the same order.
+        holders: Their ``AdaptionPrompt`` children (``<attention>.adapter.<name>``), in the same order.
         attr: The attention attribute name the adapter targets (PEFT's ``target_modules``).
     """
 
@@ -397,11 +409,15 @@ class PromptAdapter(ModelAdapter):
         return [(t, root.get_submodule(t), root.get_submodule(h)) for t, h in zip(self.targets, self.holders)]
 
     def eject(self, root: nn.Module) -> None:
-        """Remove every hook and prompt holder: the attention modules are exactly as before ``inject``."""
-        for _, attn, holder in self._each(root):
+        """Remove this instance's hooks and prompt holders; the last instance removed takes the ``adapter`` set
+        with it, so the attention modules are exactly as before ``inject``."""
+        for holder_name, (_, attn, holder) in zip(self.holders, self._each(root)):
             for mod in _hooked_modules(attn, holder.flavour):
                 _remove_hooks(mod, holder)
-            del attn._modules[HOLDER_ATTR]
+            holders = attn._modules[HOLDER_ATTR]
+            del holders._modules[holder_name.rpartition(".")[2]]
+            if not holders._modules:
+                del attn._modules[HOLDER_ATTR]
 
     def apply_dtype(self, root: nn.Module, config: AdapterConfig) -> None:
         """Cast every prompt and gate to the adapter dtype policy (fp32 on a half-precision base by default)."""
@@ -467,7 +483,7 @@ class LlamaAdapterMethod(ModelMethod):
 
     def inject(self, model: nn.Module, config: AdapterConfig, name: str) -> PromptAdapter:
         """Prompts and hooks on the top ``adapter_layers`` attention modules (see the module docstring)."""
-        return _inject(model, config)
+        return _inject(model, config, name)
 
 
 register(LlamaAdapterMethod())

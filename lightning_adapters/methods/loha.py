@@ -55,7 +55,7 @@ from lightning_adapters.config import (
 from lightning_adapters.core.layer import AdapterLayer
 from lightning_adapters.core.quant import runs_own_kernel
 from lightning_adapters.core.targeting import LINEAR_TYPES
-from lightning_adapters.kernels.folded import delta_forward, grad_needed, separate_forward
+from lightning_adapters.kernels.folded import delta_forward, delta_term, grad_needed, separate_forward
 from lightning_adapters.kernels.hadamard import khatri_rao_factors, rank_r2_linear, rank_r2_pays
 from lightning_adapters.methods._common import (
     add_delta_,
@@ -159,6 +159,8 @@ class LoHaLayer(AdapterLayer):
     ``hada_w*_b`` (r, in/groups).
     """
 
+    additive = True
+
     def __init__(self, base: nn.Module, config: LoHaConfig, name: str) -> None:
         super().__init__()
         self.kind = layer_kind(base)
@@ -253,6 +255,17 @@ class LoHaLayer(AdapterLayer):
         if self.kind in ("linear", "conv1d_t") and self._rank_r2_is_cheaper(x, grad_needed(base, x, tensors)):
             return self._forward_rank_r2(base, x, tensors)
         return delta_forward(base, self.kind, x, tensors, self._delta)
+
+    def delta_output(self, base: nn.Module, x: torch.Tensor) -> torch.Tensor | None:
+        """``op(x, ΔW)``, the term ``adapted_forward`` adds (``None`` when module dropout skips the adapter)."""
+        if module_dropped(self.training, self.module_dropout):
+            return None
+        tensors = self._factors()
+        if self.training and self.rank_dropout > 0.0:
+            dt = tensors[0].dtype
+            keep = rank_dropout_multipliers(self.out_features, self.rank_dropout, True, dt, tensors[0].device)
+            tensors = [*tensors, keep * self.scale]
+        return delta_term(base, self.kind, x, self._delta(*tensors))
 
     def _rank_r2_is_cheaper(self, x: torch.Tensor, needs_grad: bool) -> bool:
         """Whether this layer runs the rank-``r²`` form rather than folding (``kernels.hadamard.rank_r2_pays``)."""

@@ -55,7 +55,7 @@ from lightning_adapters.core.layer import AdapterLayer
 from lightning_adapters.core.quant import runs_own_kernel
 from lightning_adapters.core.targeting import LINEAR_TYPES
 from lightning_adapters.errors import AdapterConfigError
-from lightning_adapters.kernels.folded import delta_forward, grad_needed, separate_forward
+from lightning_adapters.kernels.folded import delta_forward, delta_term, grad_needed, separate_forward
 from lightning_adapters.kernels.kronecker import kron_linear, kron_pays
 from lightning_adapters.methods._common import (
     add_delta_,
@@ -175,6 +175,8 @@ class LoKrLayer(AdapterLayer):
     ``lokr_w2 (b, d[, *k])`` or ``lokr_w2_a (b, r)`` + ``lokr_w2_b (r, d·prod(k))``; Tucker form
     ``lokr_t2 (r, r, *k)``, ``lokr_w2_a (r, b)``, ``lokr_w2_b (r, d)``.
     """
+
+    additive = True
 
     def __init__(self, base: nn.Module, config: LoKrConfig, name: str) -> None:
         super().__init__()
@@ -305,6 +307,19 @@ class LoKrLayer(AdapterLayer):
             if not same_dtype or self._kron_is_cheaper(x.numel() // x.shape[-1], needs_grad):
                 return self._forward_kron(base, x, tensors, mask, same_dtype, needs_grad)
         return delta_forward(base, self.kind, x, tensors + ([] if mask is None else [mask]), self._delta)
+
+    def delta_output(self, base: nn.Module, x: torch.Tensor) -> torch.Tensor | None:
+        """``op(x, ΔW)``, the term ``adapted_forward`` adds (``None`` when module dropout skips the adapter)."""
+        if module_dropped(self.training, self.module_dropout):
+            return None
+        tensors = self._factors()
+        if self.training and self.rank_dropout > 0.0:
+            dt = tensors[0].dtype
+            mask = rank_dropout_multipliers(
+                self.out_features, self.rank_dropout, self.rank_dropout_scale, dt, tensors[0].device
+            )
+            tensors = [*tensors, mask]
+        return delta_term(base, self.kind, x, self._delta(*tensors))
 
     def _forward_kron(
         self,

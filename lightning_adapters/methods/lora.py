@@ -314,6 +314,9 @@ class LoRALayer(AdapterLayer):
         self.scale = lora_scale(alpha, r, self.use_rslora)
         self.dropout_p = float(config.dropout)
         self.use_dora = bool(config.use_dora)
+        # Stacking adds delta_output terms; DoRA's output is not the base output plus a term of its own.
+        self.additive = not self.use_dora
+        self.not_additive_reason = "DoRA rescales every output row of W + ΔW by its learned magnitude"
         self.in_features, self.out_features = in_f, out_f
         dev = base.weight.device
         dt = torch.float32 if base.weight.dtype in (torch.float16, torch.bfloat16) else base.weight.dtype
@@ -652,6 +655,21 @@ class LoRALayer(AdapterLayer):
         if self.kind in CONV_KINDS:
             return self._forward_conv(base, x)
         return self._forward_linear(base, x)
+
+    def delta_output(self, base: nn.Module, x: torch.Tensor) -> torch.Tensor:
+        """``s·B A x`` (plus ``s·b_B`` with ``lora_bias``): the term ``adapted_forward`` adds (LoRA without DoRA)."""
+        if self.needs_data:
+            self.check_initialized()
+        if self.kind == "embedding":
+            h = self._embed(base, x, self.lora_A.t())  # (..., V) lookup in Aᵀ (V, r) -> (..., r)
+            return F.linear(h, self.lora_B) * self.scale  # (..., d)
+        xd = self._dropped(x)
+        if self.kind in CONV_KINDS:
+            # (N, r, *spatial_out): PEFT's layout reads every input channel, else the base conv's own grouping.
+            grouped = not self.peft_layout
+            h = base._conv_forward(xd, self.lora_A, None) if grouped else _conv_ungrouped(base, xd, self.lora_A)
+            return _CONV_FN[self.kind](h, self.lora_B, self.lora_B_bias, groups=self.groups) * self.scale
+        return F.linear(F.linear(xd, self.lora_A), self.lora_B, self.lora_B_bias) * self.scale  # (..., out)
 
     def _dropped(self, x: torch.Tensor) -> torch.Tensor:
         if self.dropout_p > 0.0 and self.training:

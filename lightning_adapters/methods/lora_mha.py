@@ -49,6 +49,8 @@ _KEYS = {
 class LoRAMultiheadAttentionLayer(AdapterLayer):
     """LoRA factors for ``in_proj_weight`` (``lora_A``, ``lora_B``) and ``out_proj.weight`` (``out_lora_*``)."""
 
+    not_additive_reason = "it folds ΔW into the weights nn.MultiheadAttention reads in its own forward"
+
     def __init__(self, base: nn.MultiheadAttention, config: Any, name: str, scale_fn: Any) -> None:
         super().__init__()
         if not base._qkv_same_embed_dim:

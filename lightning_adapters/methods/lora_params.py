@@ -76,6 +76,8 @@ class _Factors:
 class LoRAParamLayer(AdapterLayer):
     """LoRA factors for some ``nn.Parameter``s of one module (``lora_A[name]``, ``lora_B[name]``)."""
 
+    not_additive_reason = "it folds ΔW into parameters the module reads in its own forward"
+
     def __init__(self, module: nn.Module, names: list[str], config: Any, module_name: str, scale_fn: Any) -> None:
         super().__init__()
         for field, value, ok in (

@@ -214,6 +214,8 @@ class OFTLayer(AdapterLayer):
     (1, b(b−1)/2) with ``block_share``.
     """
 
+    not_additive_reason = "it rotates the base weight (W R), which is not a term added to the base output"
+
     def __init__(self, base: nn.Module, config: OFTConfig, name: str) -> None:
         super().__init__()
         self.kind = layer_kind(base)

@@ -61,6 +61,8 @@ class TrainableTokensLayer(AdapterLayer):
         tied: Whether this layer is the head tied to another layer's embedding (it has no tensors in the file).
     """
 
+    not_additive_reason = "it replaces embedding rows rather than adding to them"
+
     def __init__(self, base: nn.Module, indices: list[int], name: str, delta: nn.Parameter | None = None) -> None:
         super().__init__()
         rows = base.weight.shape[0]

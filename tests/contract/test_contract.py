@@ -55,7 +55,7 @@ def test_identity_keys_and_trainability(case: ContractCase) -> None:
     for k, v in base_sd.items():
         assert torch.equal(sd[k], v), k
     adapter_keys = set(la.adapter_state_dict(model))
-    assert adapter_keys and all(k.startswith("layer.adapter.") for k in adapter_keys)
+    assert adapter_keys and all(k.startswith("layer.adapter.default.") for k in adapter_keys)
     assert set(sd) - set(base_sd) == adapter_keys
     trainable = {n for n, p in model.named_parameters() if p.requires_grad}
     assert trainable and trainable <= adapter_keys

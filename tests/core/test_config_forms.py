@@ -245,7 +245,7 @@ def test_adapter_state_of_an_injection_into_a_submodule() -> None:
     model, added = _new_keys(
         Outer, lambda m: la.inject(m.sub, la.LoRAConfig(r=2, target_modules=["layers.1.proj"], modules_to_save=["fc"]))
     )
-    assert added == {"sub.layers.1.proj.adapter.lora_A", "sub.layers.1.proj.adapter.lora_B"}
+    assert added == {"sub.layers.1.proj.adapter.default.lora_A", "sub.layers.1.proj.adapter.default.lora_B"}
     assert set(la.adapter_state_dict(model)) == added | {"sub.fc.weight", "sub.fc.bias"}
 
 
@@ -254,7 +254,7 @@ def test_adapter_state_of_an_adapted_root_module() -> None:
     model, added = _new_keys(
         lambda: nn.Linear(6, 4), lambda m: la.inject(m, la.LoRAConfig(r=2, target_modules="all-linear"))
     )
-    assert added == {"adapter.lora_A", "adapter.lora_B"}
+    assert added == {"adapter.default.lora_A", "adapter.default.lora_B"}
     assert set(la.adapter_state_dict(model)) == added
 
 

@@ -62,7 +62,7 @@ def test_inject_freezes_everything_but_adapters_and_modules_to_save():
     trainable = {n for n, p in model.named_parameters() if p.requires_grad}
     assert trainable == set(la.adapter_state_dict(model))
     assert {"classifier.weight", "classifier.bias"} <= trainable
-    assert all(".adapter." in n or n.startswith("classifier.") for n in trainable)
+    assert all(".adapter.default." in n or n.startswith("classifier.") for n in trainable)
 
 
 def test_same_config_twice_is_a_noop_and_a_different_one_is_refused():
@@ -85,7 +85,7 @@ def test_modules_named_like_adapters_are_not_adapter_state():
             self.body = nn.Linear(8, 8)
 
     model = la.inject(Net(), la.LoRAConfig(r=2, target_modules=["body"]))
-    assert set(la.adapter_state_dict(model)) == {"body.adapter.lora_A", "body.adapter.lora_B"}
+    assert set(la.adapter_state_dict(model)) == {"body.adapter.default.lora_A", "body.adapter.default.lora_B"}
     assert not model.lora_head.weight.requires_grad
 
 
@@ -110,7 +110,7 @@ def test_merge_safe_refuses_non_finite_and_changes_nothing():
     la.inject(model, la.LoRAConfig(r=2, target_modules=["q_proj", "v_proj"]))
     randomize_adapter(model)
     with torch.no_grad():
-        model.model.layers[1].self_attn.v_proj.adapter.lora_B[0, 0] = float("nan")
+        model.model.layers[1].self_attn.v_proj.adapter.default.lora_B[0, 0] = float("nan")
     before = {k: v.clone() for k, v in model.state_dict().items()}
     with pytest.raises(ValueError, match="v_proj"):
         la.merge(model, safe=True)
@@ -201,7 +201,7 @@ def test_bad_adapter_state_dict_is_refused_before_loading(problem):
     if problem == "missing":
         del sd[key]
     elif problem == "unexpected":
-        sd["model.layers.0.self_attn.k_proj.adapter.lora_A"] = torch.zeros(2, 64)
+        sd["model.layers.0.self_attn.k_proj.adapter.default.lora_A"] = torch.zeros(2, 64)
     else:
         sd[key] = torch.zeros(3, 3)
     before = {k: v.clone() for k, v in la.adapter_state_dict(model).items()}

@@ -140,7 +140,9 @@ def test_save_dtype_by_name_or_dtype_casts_the_file(dtype, tmp_path):
     la.save_peft(model, tmp_path, save_dtype=dtype)
     want = torch.bfloat16 if dtype == "bfloat16" else torch.float16
     saved = load_file(tmp_path / "adapter_model.safetensors")
-    ours = {f"base_model.model.{k.replace('.adapter.', '.')}": v for k, v in la.adapter_state_dict(model).items()}
+    ours = {
+        f"base_model.model.{k.replace('.adapter.default.', '.')}": v for k, v in la.adapter_state_dict(model).items()
+    }
     assert {k.replace(".weight", "") for k in saved} == set(ours)
     for k, v in saved.items():
         assert v.dtype == want and torch.equal(v, ours[k.replace(".weight", "")].to(want)), k

@@ -287,7 +287,7 @@ def test_safe_merge_refuses_a_weight_that_overflows_fp16():
         model[1].weight.fill_(60000.0)  # fp16 max is 65504
     la.inject(model, la.LoRAConfig(r=2, target_modules=["0", "1"]))
     with torch.no_grad():
-        for layer in (model[0].adapter, model[1].adapter):
+        for layer in (model[0].adapter.default, model[1].adapter.default):
             layer.lora_A.fill_(1.0)
             layer.lora_B.fill_(1250.0)  # ΔW = s·B·A = 4·2·1250 = 1e4 per element: 7e4 overflows fp16, not fp32
     before = _tree(model)
@@ -303,7 +303,7 @@ def test_refused_safe_merge_restores_earlier_layers_bit_exactly(dtype):
     la.inject(model, la.LoRAConfig(r=4, target_modules=["q_proj", "k_proj", "v_proj", "o_proj"]))
     randomize_adapter(model, std=0.5)
     with torch.no_grad():
-        model.model.layers[1].self_attn.o_proj.adapter.lora_B[0, 0] = float("nan")  # the last layer merged
+        model.model.layers[1].self_attn.o_proj.adapter.default.lora_B[0, 0] = float("nan")  # the last layer merged
     before = _tree(model)
     with pytest.raises(la.MergeError, match=r"layers\.1\.self_attn\.o_proj"):
         la.merge(model, safe=True)
@@ -336,7 +336,7 @@ def test_unmerge_meets_the_documented_rounding_bound(dtype, method):
     la.inject(model, cfgs[method])
     randomize_adapter(model, std=0.5)
     base = model.model.layers[0].self_attn.q_proj
-    layer = base.adapter
+    layer = base.adapter.default
     w0 = base.weight.detach().clone()
     with torch.no_grad():
         dw = layer.delta_weight(base) if method == "adalora" else layer.delta_weight()
@@ -365,7 +365,7 @@ def test_eject_merge_safe_refuses_and_leaves_the_model_injected():
     la.inject(model, la.LoRAConfig(r=2, target_modules=["0", "1"]))
     randomize_adapter(model, std=0.5)
     with torch.no_grad():
-        model[1].adapter.lora_A[0, 0] = float("inf")
+        model[1].adapter.default.lora_A[0, 0] = float("inf")
     before = _tree(model)
     with pytest.raises(la.MergeError, match="'1' refused"):
         la.eject(model, merge=True, safe=True)
@@ -375,9 +375,9 @@ def test_eject_merge_safe_refuses_and_leaves_the_model_injected():
     assert all(_same(now["params"][k][4], v[4]) for k, v in before["params"].items())
     # A good adapter ejects merged, with the safe check on.
     with torch.no_grad():
-        model[1].adapter.lora_A[0, 0] = 0.0
+        model[1].adapter.default.lora_A[0, 0] = 0.0
     with torch.no_grad():
-        expected = [(m.weight.float() + m.adapter.delta_weight().float()).to(torch.bfloat16) for m in model]
+        expected = [(m.weight.float() + m.adapter.default.delta_weight().float()).to(torch.bfloat16) for m in model]
     la.eject(model, merge=True, safe=True)
     assert not inject_mod.find_records(model) and type(model[1]) is nn.Linear
     assert all(torch.equal(m.weight, w) for m, w in zip(model, expected))
@@ -395,7 +395,7 @@ def test_merge_of_a_meta_model_is_refused():
 def test_merge_errors_are_library_errors():
     model = la.inject(tiny_gpt2(), la.LoRAConfig(r=2, target_modules=["c_attn"]))
     with torch.no_grad():
-        model.transformer.h[0].attn.c_attn.adapter.lora_B.fill_(float("nan"))
+        model.transformer.h[0].attn.c_attn.adapter.default.lora_B.fill_(float("nan"))
     with pytest.raises(la.AdapterError) as info:
         la.merge(model, safe=True)
     assert isinstance(info.value, ValueError) and "transformer.h.0.attn.c_attn" in str(info.value)
@@ -461,7 +461,7 @@ def test_absurd_rank_is_refused_before_anything_is_allocated(cfg, field, monkeyp
 def test_rank_above_the_layer_size_is_still_allowed_up_to_the_limit():
     """PEFT allows any rank; a rank a little above the layer's size (saved by PEFT, say) must still load."""
     model = la.inject(Wrap(nn.Linear(4, 4)), la.LoRAConfig(r=64, target_modules=["layer"]))
-    assert model.layer.adapter.lora_A.shape == (64, 4)
+    assert model.layer.adapter.default.lora_A.shape == (64, 4)
     with pytest.raises(la.AdapterConfigError, match="r=65 on 'layer'.*at most 64"):
         la.inject(Wrap(nn.Linear(4, 4)), la.LoRAConfig(r=65, target_modules=["layer"]))
 

@@ -121,7 +121,7 @@ def test_module_registered_twice_adapts_once_and_merges_consistently(method: str
     twin[2] = copy.deepcopy(twin[0])
     assert torch.allclose(twin(x), out, atol=1e-6)
     out.pow(2).sum().backward()
-    grads = [p.grad for p in model[0].adapter.parameters() if p.requires_grad]
+    grads = [p.grad for p in model[0].adapter.default.parameters() if p.requires_grad]
     assert grads and all(g is not None and torch.isfinite(g).all() for g in grads)
     la.merge(model)
     assert torch.allclose(model(x), out, atol=1e-4)

@@ -388,7 +388,9 @@ def test_adapter_without_gradient_is_reported():
             (ids,) = batch
             return self.model.model(input_ids=ids).last_hidden_state.pow(2).mean()
 
-    with pytest.warns(UserWarning, match=r"got no gradient in the first backward: \['model.lm_head.adapter.lora_A'"):
+    with pytest.warns(
+        UserWarning, match=r"got no gradient in the first backward: \['model.lm_head.adapter.default.lora_A'"
+    ):
         trainer(max_steps=1, callbacks=[la.AdapterCallback(cfg, module="model", verbose=False)]).fit(
             HiddenOnly(), token_data()
         )

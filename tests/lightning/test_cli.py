@@ -30,7 +30,7 @@ class CaptureAtStart(Callback):
         CaptureAtStart.start = {
             k: v.detach().clone()
             for k, v in pl_module.state_dict().items()
-            if ".adapter." in k or k.startswith("head.")
+            if ".adapter.default." in k or k.startswith("head.")
         }
 
 
@@ -51,12 +51,12 @@ def test_fit_through_lightning_cli_from_yaml(yaml, method, config_cls, tmp_path,
 
     adapter = {f"backbone.{k}": v for k, v in la.adapter_state_dict(model.backbone).items()}
     assert len(adapter) > 0 and all(
-        not p.requires_grad for n, p in model.backbone.named_parameters() if ".adapter." not in n
+        not p.requires_grad for n, p in model.backbone.named_parameters() if ".adapter.default." not in n
     )
     start = CaptureAtStart.start
     assert set(start) == set(adapter) | {"head.weight", "head.bias"}
     changed = [k for k, v in start.items() if not torch.equal(v, model.state_dict()[k])]
-    assert "head.weight" in changed and any(".adapter." in k for k in changed)  # both trained
+    assert "head.weight" in changed and any(".adapter.default." in k for k in changed)  # both trained
 
     ckpt = torch.load(tmp_path / "logs" / "lightning_cli" / yaml / "checkpoints" / "last.ckpt", weights_only=True)
     assert set(ckpt["state_dict"]) == set(adapter) | {"head.weight", "head.bias"}  # no tensor of the frozen base

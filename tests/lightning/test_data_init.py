@@ -28,7 +28,7 @@ class Snapshot(Callback):
     def on_fit_start(self, trainer, pl_module):
         self.state = {k: v.detach().clone() for k, v in pl_module.state_dict().items()}
         self.optimized = {id(p) for g in trainer.optimizers[0].param_groups for p in g["params"]}
-        self.lora = [m.adapter.lora_A for m in pl_module.encoder if hasattr(m, "adapter")]
+        self.lora = [m.adapter.default.lora_A for m in pl_module.encoder if hasattr(m, "adapter")]
 
 
 def _plain_init():
@@ -67,7 +67,7 @@ def test_corda_with_the_mixin_and_loraplus_groups():
         assert torch.equal(snap.state[k], v), k
     groups = model.trainer.optimizers[0].param_groups
     assert [g["lr"] for g in groups] == [0.01, 1e-6, 0.08, 0.08]
-    b_ids = {id(m.adapter.lora_B) for m in model.encoder if hasattr(m, "adapter")}
+    b_ids = {id(m.adapter.default.lora_B) for m in model.encoder if hasattr(m, "adapter")}
     assert {id(p) for p in groups[2]["params"]} == b_ids
 
 

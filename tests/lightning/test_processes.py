@@ -140,5 +140,5 @@ def test_ddp_reports_an_adapter_without_gradient_before_ddp_fails(tmp_path):
         expect_ok=False,
     )
     assert proc.returncode != 0
-    assert "got no gradient in the first backward: ['model.lm_head.adapter.lora_A'" in proc.stderr
+    assert "got no gradient in the first backward: ['model.lm_head.adapter.default.lora_A'" in proc.stderr
     assert "AdapterStateError" in proc.stderr and "RuntimeError: Expected to have finished reduction" not in proc.stderr

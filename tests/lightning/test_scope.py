@@ -68,7 +68,9 @@ def test_head_beside_the_adapted_module_is_checkpointed_resumed_and_restored(rou
 
     saved = torch.load(tmp_path / "last.ckpt", weights_only=True)
     assert {"head.weight", "head.bias"} <= set(saved["state_dict"])
-    assert not any(k.startswith("encoder.") and ".adapter." not in k for k in saved["state_dict"])  # base left out
+    assert not any(
+        k.startswith("encoder.") and ".adapter.default." not in k for k in saved["state_dict"]
+    )  # base left out
     assert torch.equal(saved["state_dict"]["head.weight"], first.head.weight.detach())
 
     resumed = make(route)
@@ -246,7 +248,7 @@ def test_mixin_takes_its_config_as_a_mapping(tmp_path):
     trainer(max_steps=2).fit(model, mlp_data())
     config = la.config_of(model.encoder)
     assert isinstance(config, la.LoHaConfig) and config.r == 2
-    assert {k.split(".adapter.")[0] for k in la.adapter_state_dict(model.encoder)} == set(ENCODER_TARGETS)
+    assert {k.split(".adapter.default.")[0] for k in la.adapter_state_dict(model.encoder)} == set(ENCODER_TARGETS)
     assert model.head.weight.requires_grad  # beside the adapted module: trains in full
 
 

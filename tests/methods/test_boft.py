@@ -97,7 +97,7 @@ def test_linear_equals_dense_butterfly_formula(m, b):
     lin = nn.Linear(32, 12).double()
     model = la.inject(Wrap(lin), BOFTConfig(boft_block_size=b, boft_n_butterfly_factor=m, target_modules=["layer"]))
     _random(model, std=0.4)
-    layer = model.layer.adapter
+    layer = model.layer.adapter.default
     r = _dense_rotation(layer.boft_R.detach())
     s = layer.boft_s.detach().reshape(-1)
     for tokens in (5, 40):  # the token path and the weight path
@@ -110,7 +110,7 @@ def test_conv_equals_dense_butterfly_formula():
     conv = nn.Conv2d(4, 6, 3, padding=2, dilation=2).double()
     model = la.inject(Wrap(conv), BOFTConfig(boft_block_size=6, boft_n_butterfly_factor=2, target_modules=["layer"]))
     _random(model, std=0.4)
-    layer = model.layer.adapter
+    layer = model.layer.adapter.default
     r = _dense_rotation(layer.boft_R.detach())
     w = (conv.weight.reshape(6, -1) @ r.T * layer.boft_s.detach().reshape(-1, 1)).reshape(conv.weight.shape)
     x = torch.randn(2, 4, 7, 7, dtype=torch.float64)
@@ -122,7 +122,7 @@ def test_rotation_is_orthogonal():
         Wrap(nn.Linear(64, 8)), BOFTConfig(boft_block_size=8, boft_n_butterfly_factor=3, target_modules=["layer"])
     )
     _random(model, std=0.5)
-    layer = model.layer.adapter
+    layer = model.layer.adapter.default
     r = butterfly_matrix(layer.factor_blocks(), 8)
     assert (r @ r.T - torch.eye(64)).abs().max() < 1e-5
     assert (r - torch.eye(64)).abs().max() > 0.1
@@ -139,7 +139,7 @@ def test_dropout_replaces_blocks_of_one_factor_in_training():
     ref = model(x)
     model.train()
     assert any(not torch.allclose(model(x), ref) for _ in range(6))
-    layer = model.layer.adapter
+    layer = model.layer.adapter.default
     layer.boft_R.grad = None
     model(x).pow(2).sum().backward()
     zero = (layer.boft_R.grad.abs().sum((-1, -2)) == 0).sum(1)  # (m,) blocks without gradient per factor
@@ -154,7 +154,7 @@ def test_zero_scale_leaves_the_bias_alone_and_merges_reversibly(safe):
     model = la.inject(Wrap(lin), BOFTConfig(boft_block_size=4, target_modules=["layer"]))
     _random(model, std=0.3)
     with torch.no_grad():
-        model.layer.adapter.boft_s[1] = 0.0
+        model.layer.adapter.default.boft_s[1] = 0.0
     x = torch.randn(2, 8)
     unmerged = model(x)
     assert torch.equal(unmerged[:, 1], lin.bias[1].expand(2))
@@ -165,7 +165,7 @@ def test_zero_scale_leaves_the_bias_alone_and_merges_reversibly(safe):
     assert torch.isfinite(lin.weight).all()
     assert torch.equal(lin.weight[1], original[1])  # the kept row: bit-exact
     assert torch.allclose(lin.weight, original, atol=1e-6)
-    assert not model.layer.adapter.merged and model.layer.adapter.merge_rows is None
+    assert not model.layer.adapter.default.merged and model.layer.adapter.default.merge_rows is None
 
 
 def test_rotation_saves_only_the_input_and_the_unscaled_output():

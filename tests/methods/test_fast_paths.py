@@ -101,7 +101,7 @@ def _base(kind: str, in_f: int, out_f: int, dtype: torch.dtype = F64) -> nn.Modu
 
 def _w_out_in(layer: nn.Module) -> torch.Tensor:
     """The base weight as (out, in) whatever the layer kind."""
-    return layer.weight.t() if layer.adapter.kind == "conv1d_t" else layer.weight
+    return layer.weight.t() if layer.adapter.default.kind == "conv1d_t" else layer.weight
 
 
 def compare(
@@ -154,7 +154,7 @@ def lora_scale_ref(alpha: float, r: int, rslora: bool) -> float:
 
 def _lora_ref(layer: nn.Module, x: torch.Tensor, scale: float, p: float = 0.0) -> torch.Tensor:
     """``x Wᵀ + b + s · (dropout(x) Aᵀ) Bᵀ``."""
-    a = layer.adapter
+    a = layer.adapter.default
     xd = F.dropout(x, p, True) if p > 0 else x
     return x @ _w_out_in(layer).T + layer.bias + scale * (xd @ a.lora_A.T) @ a.lora_B.T
 
@@ -164,7 +164,7 @@ def _lora_layer(kind: str, in_f: int, out_f: int, *, r: int = 3, alpha: float = 
         Wrap(_base(kind, in_f, out_f)),
         la.LoRAConfig(r=r, alpha=alpha, use_rslora=rslora, target_modules=["layer"], **kw),
     )
-    _randomize(model.layer.adapter)
+    _randomize(model.layer.adapter.default)
     return model.train()
 
 
@@ -191,7 +191,7 @@ def test_lora_fused_thresholds(variant: str, shape, x_grad: bool, frozen: str) -
     assert lowrank.fold_pays(rows, in_f, out_f) is fold
     assert lowrank.fold_pays_backward(rows, in_f, out_f) is fold_back
     model = _lora_layer(kind, in_f, out_f, rslora=bool(rs))
-    a = model.layer.adapter
+    a = model.layer.adapter.default
     a.lora_A.requires_grad_("A" not in frozen)
     a.lora_B.requires_grad_("B" not in frozen)
     x = _input((rows,) if rows % 2 else (1, rows), in_f, x_grad)  # 2-D rows and a batch of one
@@ -205,7 +205,7 @@ def test_lora_fused_thresholds(variant: str, shape, x_grad: bool, frozen: str) -
 @pytest.mark.parametrize("frozen", ["", "A", "B"])
 def test_lora_fused_dropout(rows: int, x_grad: bool, frozen: str) -> None:
     model = _lora_layer("linear", 12, 10, r=3, alpha=5.0, dropout=0.3)
-    a = model.layer.adapter
+    a = model.layer.adapter.default
     a.lora_A.requires_grad_("A" not in frozen)
     a.lora_B.requires_grad_("B" not in frozen)
     x = _input((2, rows), 12, x_grad)
@@ -222,7 +222,7 @@ def test_lora_row_split_threshold(in_f: int, out_f: int, rows: int, split: bool,
     split = split and rows >= 256
     assert (lowrank.row_chunks(rows) == 2) is split
     model = _lora_layer("linear", in_f, out_f, r=3, alpha=5.0, dropout=dropout)
-    a = model.layer.adapter
+    a = model.layer.adapter.default
     x = _input((rows,), in_f, True)
     compare(model, lambda t: _lora_ref(model.layer, t, 5.0 / 3, p=dropout), x, [a.lora_A, a.lora_B], seed=5)
 
@@ -237,7 +237,7 @@ def test_lora_plain_path_mixed_dtypes(kind: str, dropout: float) -> None:
             r=3, alpha=5.0, use_rslora=True, dropout=dropout, adapter_dtype="float64", target_modules=["layer"]
         ),
     ).train()
-    a = model.layer.adapter
+    a = model.layer.adapter.default
     _randomize(a)
     x = _input((2, 9), 13, True, torch.float32)
     assert not lowrank.fused_linear_applies(x, model.layer.weight, a.lora_A)
@@ -297,7 +297,7 @@ def test_lora_conv_embedding_formula(name: str, dropout: float) -> None:
     model = la.inject(
         Wrap(base), la.LoRAConfig(r=r, alpha=3.0, use_rslora=True, dropout=dropout, target_modules=["layer"])
     ).train()
-    a = model.layer.adapter
+    a = model.layer.adapter.default
     _randomize(a)
     s = 3.0 / math.sqrt(r)
 
@@ -337,7 +337,7 @@ def test_dora_formula(name: str, dropout: float) -> None:
     model = la.inject(
         Wrap(base), la.LoRAConfig(r=4, alpha=3.0, use_dora=True, dropout=dropout, target_modules=["layer"])
     ).train()
-    a = model.layer.adapter
+    a = model.layer.adapter.default
     _randomize(a)
     s = 3.0 / 4
     is_conv = isinstance(base, (nn.Conv1d, nn.Conv2d))
@@ -374,7 +374,7 @@ def test_dora_formula(name: str, dropout: float) -> None:
 
 
 def _adalora_ref(layer: nn.Module, x: torch.Tensor, p: float = 0.0) -> torch.Tensor:
-    a = layer.adapter
+    a = layer.adapter.default
     s = 5.0 / (6 + 1e-5)  # alpha / (init_r + 1e-5): PEFT's ranknum convention, init_r = 6
     xd = F.dropout(x, p, True) if p > 0 else x
     w = _w_out_in(layer)
@@ -385,7 +385,7 @@ def _adalora(base: nn.Module, **kw) -> nn.Module:
     model = la.inject(
         Wrap(base), la.AdaLoRAConfig(init_r=6, target_r=2, alpha=5.0, total_step=10, target_modules=["layer"], **kw)
     ).train()
-    _randomize(model.layer.adapter)
+    _randomize(model.layer.adapter.default)
     return model
 
 
@@ -398,7 +398,7 @@ def test_adalora_fused_thresholds(kind: str, shape, x_grad: bool, dropout: float
     assert lowrank.fold_pays(rows, in_f, out_f) is fold
     assert lowrank.fold_pays_backward(rows, in_f, out_f) is fold_back
     model = _adalora(_base(kind, in_f, out_f), dropout=dropout)
-    a = model.layer.adapter
+    a = model.layer.adapter.default
     x = _input((rows,), in_f, x_grad)
     assert lowrank.fused_linear_applies(x, model.layer.weight, a.lora_A)
     compare(model, lambda t: _adalora_ref(model.layer, t, dropout), x, [a.lora_A, a.lora_E, a.lora_B], seed=5)
@@ -412,7 +412,7 @@ def test_adalora_plain_and_conv(case: str, dropout: float) -> None:
         torch.manual_seed(0)
         base = nn.Conv2d(3, 5, 3, stride=2, padding=1).double()
         model = _adalora(base, dropout=dropout)
-        a = model.layer.adapter
+        a = model.layer.adapter.default
         x = torch.randn(2, 3, 7, 7, generator=_g(3), dtype=F64, requires_grad=True)
 
         def ref(t: torch.Tensor) -> torch.Tensor:
@@ -423,7 +423,7 @@ def test_adalora_plain_and_conv(case: str, dropout: float) -> None:
         compare(model, ref, x, [a.lora_A, a.lora_E, a.lora_B], seed=5)
         return
     model = _adalora(_base("linear", 13, 7, torch.float32), dropout=dropout, adapter_dtype="float64")
-    a = model.layer.adapter
+    a = model.layer.adapter.default
     x = _input((2, 9), 13, True, torch.float32)
     assert not lowrank.fused_linear_applies(x, model.layer.weight, a.lora_A)
 
@@ -456,14 +456,14 @@ def _lokr_delta(a: nn.Module, kernel_shape: tuple[int, ...] | None = None) -> to
 def _lycoris(method: str, base: nn.Module, **kw) -> nn.Module:
     cfg_cls = la.LoHaConfig if method == "loha" else la.LoKrConfig
     model = la.inject(Wrap(base), cfg_cls(target_modules=["layer"], **kw)).train()
-    a = model.layer.adapter
+    a = model.layer.adapter.default
     _randomize(a)
     a.scale_ref = kw["alpha"] / kw["r"]  # written here, not read from the layer
     return model
 
 
 def _linear_ref(method: str, model: nn.Module) -> Callable[[torch.Tensor], torch.Tensor]:
-    layer, a = model.layer, model.layer.adapter
+    layer, a = model.layer, model.layer.adapter.default
 
     def ref(t: torch.Tensor) -> torch.Tensor:
         dw = _loha_delta(a) if method == "loha" else _lokr_delta(a)  # (out, in)
@@ -488,7 +488,7 @@ LOHA_CASES = [
 def test_loha_paths(case, kind: str, x_grad: bool) -> None:
     _, in_f, out_f, r, tokens, grad_mode, r2 = case
     model = _lycoris("loha", _base(kind, in_f, out_f), r=r, alpha=3.0)
-    a = model.layer.adapter
+    a = model.layer.adapter.default
     x = _input((1, tokens), in_f, x_grad and grad_mode)
     with torch.set_grad_enabled(grad_mode):
         assert a._rank_r2_is_cheaper(x, grad_mode) is r2
@@ -507,7 +507,7 @@ def test_lycoris_mixed_dtypes(method: str, cheap: bool) -> None:
         alpha=3.0,
         adapter_dtype="float64",
     )
-    a = model.layer.adapter
+    a = model.layer.adapter.default
     x = _input((2, 3), in_f, True, torch.float32)
     switch = a._rank_r2_is_cheaper(x, True) if method == "loha" else a._kron_is_cheaper(6, True)
     assert switch is cheap
@@ -541,7 +541,7 @@ LOKR_CASES = [
 def test_lokr_paths(case, kind: str, x_grad: bool, monkeypatch) -> None:
     name, in_f, out_f, kw, tokens, grad_mode, kron = case
     model = _lycoris("lokr", _base(kind, in_f, out_f), alpha=3.0, **kw)
-    a = model.layer.adapter
+    a = model.layer.adapter.default
     assert a.full_w2 is name.startswith("full")
     assert a.full_w1 is not name.startswith("both")
     if kron is None:
@@ -578,7 +578,7 @@ def test_loha_lokr_conv_paths(method: str, name: str, mode: str) -> None:
     base = make().double()
     kw = dict(r=2, alpha=3.0) if method != "lokr" else dict(r=1, alpha=3.0)
     model = _lycoris(method.split("-")[0], base, use_effective_conv2d=method == "loha-cp", **kw)
-    a = model.layer.adapter
+    a = model.layer.adapter.default
     grad_mode = mode != "nograd"
     x = torch.randn(*shape, generator=_g(3), dtype=F64, requires_grad=mode == "xgrad")
 
@@ -641,7 +641,7 @@ def test_oft_linear_paths(case, x_grad: bool, grads: str) -> None:
         Wrap(base),
         la.OFTConfig(oft_block_size=b, use_cayley_neumann=neumann, block_share=share, target_modules=["layer"]),
     ).train()
-    a = model.layer.adapter
+    a = model.layer.adapter.default
     _randomize(a, std=0.2)
     a.oft_R.requires_grad_(grads != "frozen-adapter")
     base.weight.requires_grad_(grads == "trainable-base")
@@ -668,7 +668,7 @@ def test_oft_conv_and_embedding(name: str, neumann: bool) -> None:
         base = nn.Conv2d(4, 6, 3, stride=2, padding=1, groups=2).double()
         x = torch.randn(2, 4, 7, 7, generator=_g(3), dtype=F64, requires_grad=True)
     model = la.inject(Wrap(base), la.OFTConfig(oft_block_size=6, use_cayley_neumann=neumann, target_modules=["layer"]))
-    a = model.layer.adapter
+    a = model.layer.adapter.default
     _randomize(a, std=0.2)
 
     def ref(t: torch.Tensor) -> torch.Tensor:
@@ -691,7 +691,7 @@ def test_boft_linear_paths(m: int, b: int, tokens: int, x_grad: bool) -> None:
     model = la.inject(
         Wrap(base), la.BOFTConfig(boft_block_size=b, boft_n_butterfly_factor=m, target_modules=["layer"])
     ).train()
-    a = model.layer.adapter
+    a = model.layer.adapter.default
     _randomize(a, std=0.3)
     x = _input((tokens,), 32, x_grad)
 

@@ -68,7 +68,7 @@ def _expected_attention(attn: nn.Module, kwargs: dict, base_out: torch.Tensor) -
     """The paper's zero-init attention written out: base + o_proj weight (no bias) · g · softmax(Q K_pᵀ/√d) V_p."""
     x = kwargs["hidden_states"]
     cos, sin = kwargs["position_embeddings"]
-    holder = attn.adapter
+    holder = attn.adapter.default
     prompt, gate = holder.adaption_prompt[0], holder.adaption_gate
     d = attn.head_dim
     b, t, _ = x.shape
@@ -101,7 +101,7 @@ def test_trains_and_matches_the_formula(kind):
     model.eval()
 
     attn = model.model.layers[1].self_attn
-    assert attn.adapter.adaption_gate.abs().item() > 0  # trained away from the zero init
+    assert attn.adapter.default.adaption_gate.abs().item() > 0  # trained away from the zero init
     seen = {}
     h1 = attn.register_forward_pre_hook(lambda m, a, kw: seen.update(kwargs=dict(kw)), with_kwargs=True)
     h2 = attn.register_forward_hook(lambda m, a, out: seen.update(out=out[0]))
@@ -130,7 +130,7 @@ def test_disabled_gives_the_base_and_deepcopy_is_independent():
     twin = copy.deepcopy(model)
     assert torch.equal(twin(x).logits, adapted)
     with torch.no_grad():
-        twin.model.layers[1].self_attn.adapter.adaption_gate.zero_()
+        twin.model.layers[1].self_attn.adapter.default.adaption_gate.zero_()
     assert torch.equal(model(x).logits, adapted)
     assert not torch.equal(twin(x).logits, adapted)
 
@@ -143,8 +143,8 @@ def test_state_keys_merge_and_eject():
     model = la.inject(base, la.LlamaAdapterConfig(adapter_len=3, adapter_layers=1))
     randomize_adapter(model, std=0.5)
     assert sorted(la.adapter_state_dict(model)) == [
-        "model.layers.1.self_attn.adapter.adaption_gate",
-        "model.layers.1.self_attn.adapter.adaption_prompt",
+        "model.layers.1.self_attn.adapter.default.adaption_gate",
+        "model.layers.1.self_attn.adapter.default.adaption_prompt",
     ]
     assert "model.layers.1.self_attn.adapter" in la.summary(model)
     adapted = model(x).logits
@@ -200,3 +200,41 @@ def test_dtype_policy():
         la.LlamaAdapterConfig(adapter_len=3, adapter_layers=1, adapter_dtype="bfloat16"),
     )
     assert all(v.dtype == torch.bfloat16 for v in la.adapter_state_dict(explicit).values())
+
+
+def test_several_named_instances_switch_stack_and_delete() -> None:
+    """Two Llama-Adapters and a LoRA: each alone equals a model holding only it, active prompts add their terms to
+    the heads before ``o_proj``, and deleting the others leaves exactly the single-adapter model."""
+    base = tiny_llama()
+    x = token_batch(128)
+    cfgs = {"a": la.LlamaAdapterConfig(adapter_len=3, adapter_layers=1), "b": la.LlamaAdapterConfig(adapter_len=2)}
+    model = la.inject(copy.deepcopy(base), cfgs["a"], name="a")
+    la.inject(model, cfgs["b"], name="b")
+    la.inject(model, la.LoRAConfig(r=2, target_modules=["q_proj"]), name="c")
+    randomize_adapter(model, std=0.5)
+    assert la.adapter_names(model) == ["a", "b", "c"]
+    heads = []
+    hook = model.model.layers[1].self_attn.o_proj.register_forward_pre_hook(lambda m, args: heads.append(args[0]))
+    alone = {}
+    for name in ("a", "b"):
+        single = la.inject(copy.deepcopy(base), cfgs[name], name=name)
+        la.load_adapter_state_dict(single, la.adapter_state_dict(model, name=name))
+        la.set_active(model, name)
+        alone[name] = model(x).logits
+        assert torch.equal(alone[name], single(x).logits)
+    with la.disabled(model):
+        model(x)
+    la.set_active(model, ["a", "b"])
+    model(x)
+    hook.remove()
+    h_a, h_b, plain, h_ab = heads
+    assert torch.allclose(h_ab, plain + (h_a - plain) + (h_b - plain), atol=1e-5)
+    la.set_active(model, "a")
+    la.delete(model, "b")
+    la.delete(model, "c")
+    single = la.inject(copy.deepcopy(base), cfgs["a"], name="a")
+    la.load_adapter_state_dict(single, la.adapter_state_dict(model, name="a"))
+    assert model.state_dict().keys() == single.state_dict().keys()
+    assert torch.equal(model(x).logits, alone["a"])
+    hooks = [(len(m._forward_pre_hooks), len(m._forward_hooks)) for m in model.modules()]
+    assert hooks == [(len(m._forward_pre_hooks), len(m._forward_hooks)) for m in single.modules()]

@@ -33,7 +33,7 @@ def _layer(base, **kw):
     torch.manual_seed(0)
     model = la.inject(Wrap(base), LoHaConfig(target_modules=["layer"], **kw))
     randomize_adapter(model, std=0.3)
-    return model, model.layer.adapter
+    return model, model.layer.adapter.default
 
 
 def test_shapes_follow_peft_layouts():
@@ -86,14 +86,14 @@ def test_merge_adds_the_textbook_delta():
 
 def test_default_init_is_identity_and_only_w2_b_learns_first():
     model = la.inject(Wrap(nn.Linear(24, 20)), LoHaConfig(r=3, target_modules=["layer"]))
-    layer = model.layer.adapter
+    layer = model.layer.adapter.default
     assert torch.count_nonzero(layer.hada_w2_b) == 0
     assert all(torch.count_nonzero(getattr(layer, n)) > 0 for n in ("hada_w1_a", "hada_w1_b", "hada_w2_a"))
     model(torch.randn(4, 24)).pow(2).sum().backward()
     assert torch.count_nonzero(layer.hada_w2_b.grad) > 0
     assert all(torch.count_nonzero(getattr(layer, n).grad) == 0 for n in ("hada_w1_a", "hada_w1_b", "hada_w2_a"))
     random = la.inject(Wrap(nn.Linear(24, 20)), LoHaConfig(r=3, target_modules=["layer"], init_weights=False))
-    assert torch.count_nonzero(random.layer.adapter.delta_weight()) > 0
+    assert torch.count_nonzero(random.layer.adapter.default.delta_weight()) > 0
 
 
 @pytest.mark.parametrize("grad", [True, False])

@@ -94,7 +94,7 @@ def _adapted(base, **kw):
     torch.manual_seed(0)
     model = la.inject(Wrap(base), LoKrConfig(target_modules=["layer"], **kw))
     randomize_adapter(model, std=0.3)
-    return model, model.layer.adapter
+    return model, model.layer.adapter.default
 
 
 def test_scale_is_alpha_over_r_even_with_full_factors():

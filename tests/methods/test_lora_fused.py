@@ -19,7 +19,7 @@ from tests.helpers import Wrap
 
 def _reference(layer: nn.Module, x: torch.Tensor, p: float) -> torch.Tensor:
     """``x Wᵀ + b + s · B A dropout(x)`` with stock autograd ops (the weight read from the base module)."""
-    a = layer.adapter
+    a = layer.adapter.default
     w = layer.weight.t() if a.kind == "conv1d_t" else layer.weight
     xd = F.dropout(x, p, True) if p > 0 else x
     return F.linear(x, w, layer.bias) + a.scale * F.linear(F.linear(xd, a.lora_A), a.lora_B)
@@ -38,7 +38,7 @@ def _make(kind: str, in_f: int, out_f: int, dropout: float) -> Wrap:
     model = Wrap(base)
     la.inject(model, la.LoRAConfig(r=4, alpha=8, dropout=dropout, target_modules=["layer"]))
     with torch.no_grad():
-        model.layer.adapter.lora_B.normal_(std=0.3)
+        model.layer.adapter.default.lora_B.normal_(std=0.3)
     return model.train()
 
 

@@ -134,8 +134,8 @@ def test_conv1d_t_equals_the_linear_with_the_same_factors(monkeypatch, method, p
     y_conv, y_lin = conv_model(x), lin_model(x)
     assert torch.allclose(y_conv, y_lin, atol=1e-5)
     g = torch.randn_like(y_conv)
-    gx_conv, *g_conv = torch.autograd.grad(y_conv, [x, *conv_model.layer.adapter.parameters()], g)
-    gx_lin, *g_lin = torch.autograd.grad(y_lin, [x, *lin_model.layer.adapter.parameters()], g)
+    gx_conv, *g_conv = torch.autograd.grad(y_conv, [x, *conv_model.layer.adapter.default.parameters()], g)
+    gx_lin, *g_lin = torch.autograd.grad(y_lin, [x, *lin_model.layer.adapter.default.parameters()], g)
     assert torch.allclose(gx_conv, gx_lin, atol=1e-5)
     for a, b in zip(g_conv, g_lin):
         assert torch.allclose(a, b, atol=1e-5)
@@ -174,11 +174,11 @@ def test_trainable_base_gets_the_autograd_gradient(monkeypatch, method, layer, p
     mod.weight.requires_grad_(True)
     mod.bias.requires_grad_(True)
     x = x.requires_grad_()
-    params = [x, mod.weight, mod.bias, *mod.adapter.parameters()]
+    params = [x, mod.weight, mod.bias, *mod.adapter.default.parameters()]
     y = model(x)
     g = torch.randn_like(y)
     got = torch.autograd.grad(y, params, g)
-    dw = mod.adapter.delta_weight()
+    dw = mod.adapter.default.delta_weight()
     if layer == "conv2d":
         ref = F.conv2d(x, mod.weight + dw, mod.bias, padding=1)
     elif layer == "conv1d_t":
@@ -198,12 +198,12 @@ def test_bf16_base_keeps_fp32_adapters(method, layer):
     ref = model(x)
     model.to(torch.bfloat16)
     la.apply_dtype_policy(model)
-    assert all(p.dtype == torch.float32 for p in model.layer.adapter.parameters())
+    assert all(p.dtype == torch.float32 for p in model.layer.adapter.default.parameters())
     y = model(x.to(torch.bfloat16))
     assert y.dtype == torch.bfloat16
     assert torch.allclose(y.float(), ref, atol=0.05, rtol=0.05)
     y.float().pow(2).mean().backward()
-    assert all(p.grad is not None and p.grad.dtype == torch.float32 for p in model.layer.adapter.parameters())
+    assert all(p.grad is not None and p.grad.dtype == torch.float32 for p in model.layer.adapter.default.parameters())
 
 
 @pytest.mark.parametrize("method", list(CONFIGS))

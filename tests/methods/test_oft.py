@@ -19,7 +19,7 @@ from tests.helpers import SmallCNN, Wrap
 
 
 def _layer(model: nn.Module):
-    return model.layer.adapter
+    return model.layer.adapter.default
 
 
 def _random(model: nn.Module, std: float, seed: int = 0) -> None:
@@ -199,10 +199,10 @@ def test_coft_projects_without_mutating_and_passes_gradients_straight_through():
     twin = la.inject(Wrap(nn.Linear(32, 8)), OFTConfig(**cfg))
     twin.layer.load_state_dict(base.state_dict(), strict=False)
     with torch.no_grad():
-        twin.layer.adapter.oft_R.copy_(projected)
+        twin.layer.adapter.default.oft_R.copy_(projected)
     assert torch.allclose(twin(x), model(x), atol=1e-6)
     twin(x).pow(2).sum().backward()
-    assert torch.allclose(twin.layer.adapter.oft_R.grad, layer.oft_R.grad, atol=1e-6)
+    assert torch.allclose(twin.layer.adapter.default.oft_R.grad, layer.oft_R.grad, atol=1e-6)
 
 
 def test_embedding_rotates_the_output_and_merges():

@@ -71,18 +71,18 @@ def test_dora_zero_row_against_peft_and_the_formula():
     la.inject(model, la.LoRAConfig(r=2, use_dora=True, target_modules=["layer"]))
     randomize_adapter(model, std=0.3)
     with torch.no_grad():
-        model.layer.adapter.lora_B[2].zero_()  # keep W + ΔW zero in row 2
+        model.layer.adapter.default.lora_B[2].zero_()  # keep W + ΔW zero in row 2
         inner = peft_model.base_model.model.layer
-        inner.lora_A["default"].weight.copy_(model.layer.adapter.lora_A)
-        inner.lora_B["default"].weight.copy_(model.layer.adapter.lora_B)
-        inner.lora_magnitude_vector["default"].weight.copy_(model.layer.adapter.magnitude)
+        inner.lora_A["default"].weight.copy_(model.layer.adapter.default.lora_A)
+        inner.lora_B["default"].weight.copy_(model.layer.adapter.default.lora_B)
+        inner.lora_magnitude_vector["default"].weight.copy_(model.layer.adapter.default.magnitude)
     x = torch.randn(5, 12)
     ours, theirs = model(x), peft_model(x)
     assert torch.isnan(theirs[:, 2]).all()
     keep = [i for i in range(6) if i != 2]
     assert torch.allclose(ours[:, keep], theirs[:, keep], atol=1e-6)
     # The formula, row by row: y = (m / ||W + ΔW||) ⊙ ((W + ΔW) x) + b, with 0 for the zero row.
-    lin, layer = model.layer, model.layer.adapter
+    lin, layer = model.layer, model.layer.adapter.default
     w = lin.weight + layer.delta_weight()
     norm = w.norm(dim=1)
     factor = torch.where(norm == 0, torch.zeros_like(norm), layer.magnitude / norm.clamp_min(1e-30))
@@ -99,7 +99,7 @@ def test_dora_merge_with_a_zero_factor_unmerges_to_a_finite_exact_base(kind):
     la.inject(model, la.LoRAConfig(r=2, use_dora=True, target_modules=["layer"]))
     randomize_adapter(model, std=0.3)
     with torch.no_grad():
-        model.layer.adapter.magnitude.view(-1)[1] = 0.0
+        model.layer.adapter.default.magnitude.view(-1)[1] = 0.0
     original = base.weight.detach().clone()
     x = make_x()
     unmerged = model(x)
@@ -130,7 +130,7 @@ def _pruned_adalora_state() -> tuple[nn.Module, dict[str, torch.Tensor]]:
     for k in sd:
         if k.endswith("rank_mask"):
             sd[k] = torch.tensor([True, False, True, False])
-    sd["model.layers.1.self_attn.v_proj.adapter.rank_mask"] = torch.zeros(4, dtype=torch.bool)
+    sd["model.layers.1.self_attn.v_proj.adapter.default.rank_mask"] = torch.zeros(4, dtype=torch.bool)
     la.load_adapter_state_dict(model, sd)
     return model, sd
 

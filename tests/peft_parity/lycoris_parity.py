@@ -116,8 +116,8 @@ def gradients(model: nn.Module, x: torch.Tensor) -> dict[str, torch.Tensor]:
 
 
 def peft_name(our_name: str) -> str:
-    """``<module>.adapter.<tensor>`` -> ``base_model.model.<module>.<tensor>.default``, the PEFT parameter name."""
-    module, _, tensor = our_name.rpartition(".adapter.")
+    """``<module>.adapter.default.<tensor>`` -> ``base_model.model.<module>.<tensor>.default``, PEFT's name."""
+    module, _, tensor = our_name.rpartition(".adapter.default.")
     if not tensor:
         return f"base_model.model.{module}"
     return f"base_model.model.{module}.{tensor}.default"
@@ -125,7 +125,7 @@ def peft_name(our_name: str) -> str:
 
 def assert_gradients_match(peft_grads: dict, our_grads: dict, skip: tuple[str, ...] = ()) -> None:
     """Every adapter gradient equals PEFT's within a relative error of 1e-4 (names in ``skip`` excepted)."""
-    adapter = {n: g for n, g in our_grads.items() if ".adapter." in n}
+    adapter = {n: g for n, g in our_grads.items() if ".adapter.default." in n}
     assert adapter and len(adapter) == len([n for n in peft_grads if ".default" in n and "modules_to_save" not in n])
     for name, g in adapter.items():
         if name.rpartition(".")[2] in skip:

@@ -188,7 +188,7 @@ def test_peft_trained_adapter_loads_through_load_peft(schedule_run, tmp_path) ->
 def test_our_export_loads_in_peft(schedule_run, tmp_path) -> None:
     ours = copy.deepcopy(schedule_run["ours"])
     # One matrix pruned to rank 0 on top of the learned final pattern.
-    ours.model.layers[0].self_attn.o_proj.adapter.apply_mask(torch.zeros(6, dtype=torch.bool))
+    ours.model.layers[0].self_attn.o_proj.adapter.default.apply_mask(torch.zeros(6, dtype=torch.bool))
     la.save_peft(ours, tmp_path)
     saved = json.loads((tmp_path / "adapter_config.json").read_text())
     assert saved["peft_type"] == "ADALORA"

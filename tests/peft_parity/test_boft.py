@@ -98,7 +98,7 @@ def test_peft_to_ours(case, tmp_path, fbd_stand_in):
     expected = _out(peft_model, x)
     peft_model.save_pretrained(tmp_path)
     ours = la.load_peft(copy.deepcopy(base), tmp_path).eval()
-    layer = next(m.adapter for m in ours.modules() if hasattr(m, "adapter"))
+    layer = next(m.adapter.default for m in ours.modules() if hasattr(m, "adapter"))
     assert layer.m == kw.get("boft_n_butterfly_factor", 1)
     got = _out(ours, x)
     assert torch.allclose(got, expected, atol=2e-5), (got - expected).abs().max()
@@ -165,7 +165,7 @@ def test_gradients_match_peft(tmp_path, fbd_stand_in):
     ours(x, labels=x).loss.backward()
     theirs = {n: p.grad for n, p in peft_model.named_parameters() if p.requires_grad}
     for name, g in ((n, p.grad) for n, p in ours.named_parameters() if p.requires_grad):
-        module, _, param = name.rpartition(".adapter.")
+        module, _, param = name.rpartition(".adapter.default.")
         ref = theirs[f"base_model.model.{module}.{param}.default"]
         assert (g - ref).norm() / ref.norm() < 1e-4, name
 

@@ -84,7 +84,7 @@ def _check_against_peft(pm, ours, base_out, ours_out) -> None:
     """Same adapted layers, ranks, A (B = 0), alphas, saved patterns; the model is the base at init."""
     _close(ours_out, base_out, 1e-6)
     peft_layers = _peft_layers(pm)
-    ours_layers = {n: m.adapter for n, m in ours.named_modules() if hasattr(m, "adapter")}
+    ours_layers = {n: m.adapter.default for n, m in ours.named_modules() if hasattr(m, "adapter")}
     assert set(ours_layers) == set(peft_layers)
     for name, p in peft_layers.items():
         layer = ours_layers[name]
@@ -172,9 +172,12 @@ def test_eva_equals_peft_with_whitening_and_a_removed_layer(tmp_path):
 
     with torch.no_grad():
         _check_against_peft(pm, ours, base(x), ours(x))
-    assert not hasattr(ours.b, "adapter") and ours.a.adapter.r == 8  # the whole budget went to a
+    assert not hasattr(ours.b, "adapter") and ours.a.adapter.default.r == 8  # the whole budget went to a
     assert peft_config_dict(ours)["target_modules"] == ["a"] == pm.peft_config["default"].target_modules
-    assert {n for n, p in ours.named_parameters() if p.requires_grad} == {"a.adapter.lora_A", "a.adapter.lora_B"}
+    assert {n for n, p in ours.named_parameters() if p.requires_grad} == {
+        "a.adapter.default.lora_A",
+        "a.adapter.default.lora_B",
+    }
     _round_trips(pm, ours, base, x, run, tmp_path)
     assert la.eject(ours) is ours and not any(hasattr(m, "adapter") for m in ours.modules())
 
@@ -197,7 +200,7 @@ def test_whitening_divides_each_layer_once():
     ours = la.inject(copy.deepcopy(base), cfg)
     la.initialize_from_data(ours, batches)
     attn = "model.layers.0.self_attn"
-    q, k = (ours.get_submodule(f"{attn}.{n}").adapter.lora_A.detach() for n in ("q_proj", "k_proj"))
+    q, k = (ours.get_submodule(f"{attn}.{n}").adapter.default.lora_A.detach() for n in ("q_proj", "k_proj"))
     pq = pm.base_model.model.get_submodule(f"{attn}.q_proj").lora_A["default"].weight.detach()
     n = min(q.shape[0], k.shape[0])
     assert n > 0 and q.shape == pq.shape
@@ -259,4 +262,4 @@ def test_eva_gives_up_when_tau_is_never_reached(monkeypatch):
     model = la.inject(TwoBranch(), la.LoRAConfig(r=2, target_modules=["b"], init_weights="eva", eva_tau=1.0))
     with pytest.raises(la.AdapterStateError, match=r"\['b'\] did not reach eva_tau=1.0 in 3 forward passes"):
         la.initialize_from_data(model, branch_batches(2))
-    assert model.b.adapter.needs_data and model.b.adapter.r == 2  # nothing changed
+    assert model.b.adapter.default.needs_data and model.b.adapter.default.r == 2  # nothing changed

@@ -302,7 +302,7 @@ def test_oft_module_dropout_formula() -> None:
     torch.manual_seed(0)
     base = nn.Linear(12, 7).to(F64)
     model = la.inject(Wrap(base), la.OFTConfig(oft_block_size=2, module_dropout=0.5, target_modules=T)).train()
-    a = model.layer.adapter
+    a = model.layer.adapter.default
     with torch.no_grad():
         a.oft_R.add_(torch.randn(a.oft_R.shape, generator=_g(0), dtype=F64) * 0.3)
     x = torch.randn(4, 12, generator=_g(1), dtype=F64, requires_grad=True)

@@ -72,7 +72,7 @@ def _assert_same_grads(ours, pm, x):
     ours(x).logits.square().mean().backward()
     pm(x).logits.square().mean().backward()
     for name, p in _peft_layers(pm).items():
-        layer = ours.get_submodule(name).adapter
+        layer = ours.get_submodule(name).adapter.default
         if "default" in p.lora_A:
             theirs = (p.lora_A["default"].weight.grad, p.lora_B["default"].weight.grad)
         else:
@@ -142,7 +142,7 @@ def _single_layer(init, r=4, alpha=8, seed=None):
     if seed is not None:
         torch.manual_seed(seed)
     ours = la.inject(copy.deepcopy(base), la.LoRAConfig(r=r, alpha=alpha, target_modules=[name], init_weights=init))
-    layer = ours.get_submodule(name).adapter
+    layer = ours.get_submodule(name).adapter.default
     return p, layer, ours.get_submodule(name).weight, base, ours
 
 
@@ -236,8 +236,8 @@ def test_convert_to_lora_equals_peft_conversion(tmp_path, init):
 def _our_state_from_peft(pm):
     out = {}
     for name, p in _peft_layers(pm).items():
-        out[f"{name}.adapter.lora_A"] = p.lora_A["default"].weight.detach()
-        out[f"{name}.adapter.lora_B"] = p.lora_B["default"].weight.detach()
+        out[f"{name}.adapter.default.lora_A"] = p.lora_A["default"].weight.detach()
+        out[f"{name}.adapter.default.lora_B"] = p.lora_B["default"].weight.detach()
     return out
 
 
@@ -271,11 +271,11 @@ def test_refusals_before_any_change():
 
 
 def _peft_name(name: str) -> str:
-    """Our parameter name -> PEFT's (``x.adapter.lora_A`` -> ``base_model.model.x.lora_A.default.weight``)."""
+    """Our parameter name -> PEFT's (``x.adapter.default.lora_A`` -> ``base_model.model.x.lora_A.default.weight``)."""
     suffix = {
-        "adapter.lora_A": ("lora_A.default.weight", "lora_embedding_A.default"),
-        "adapter.lora_B": ("lora_B.default.weight", "lora_embedding_B.default"),
-        "adapter.magnitude": ("lora_magnitude_vector.default.weight",) * 2,
+        "adapter.default.lora_A": ("lora_A.default.weight", "lora_embedding_A.default"),
+        "adapter.default.lora_B": ("lora_B.default.weight", "lora_embedding_B.default"),
+        "adapter.default.magnitude": ("lora_magnitude_vector.default.weight",) * 2,
     }
     for ours, (linear, emb) in suffix.items():
         if name.endswith(ours):
@@ -364,7 +364,7 @@ def test_corda_equals_peft(tmp_path, method):
     la.initialize_from_data(ours, batches)
     _close(_logits(ours, x), _logits(base, x))
     for name, p in _peft_layers(pm).items():
-        layer = ours.get_submodule(name).adapter
+        layer = ours.get_submodule(name).adapter.default
         _close(layer.lora_A, p.lora_A["default"].weight, 1e-4)
         _close(layer.lora_B, p.lora_B["default"].weight, 1e-4)
         _close(ours.get_submodule(name).weight, p.get_base_layer().weight)

@@ -60,10 +60,10 @@ def test_loftq_equals_peft(peft_loftq_on_cpu, tmp_path, bits, iters, extra):
     for name, p in _peft_layers(pm).items():
         module = ours.get_submodule(name)
         _close(module.weight, p.get_base_layer().weight)  # Q: bitsandbytes' dequantised values
-        _close(module.adapter.lora_A, p.lora_A["default"].weight)
-        _close(module.adapter.lora_B, p.lora_B["default"].weight)
+        _close(module.adapter.default.lora_A, p.lora_A["default"].weight)
+        _close(module.adapter.default.lora_B, p.lora_B["default"].weight)
         if extra.get("use_dora"):
-            _close(module.adapter.magnitude, p.lora_magnitude_vector["default"].weight)
+            _close(module.adapter.default.magnitude, p.lora_magnitude_vector["default"].weight)
         error = (module.weight - base.get_submodule(name).weight).abs().max()
         assert error > 1e-3 if bits == 4 else error > 1e-5  # the base really is quantised
     with torch.no_grad():
@@ -73,7 +73,7 @@ def test_loftq_equals_peft(peft_loftq_on_cpu, tmp_path, bits, iters, extra):
     if extra.get("use_dora"):
         state.update(
             {
-                f"{n}.adapter.magnitude": p.lora_magnitude_vector["default"].weight.detach()
+                f"{n}.adapter.default.magnitude": p.lora_magnitude_vector["default"].weight.detach()
                 for n, p in _peft_layers(pm).items()
             }
         )
@@ -104,7 +104,7 @@ def test_loftq_eject_restores_the_original_weight_and_requantising_changes_nothi
     q = model.model.layers[0].self_attn.q_proj.weight.detach().clone()
     assert not torch.equal(q, before["model.layers.0.self_attn.q_proj.weight"])
     torch.testing.assert_close(quantize_roundtrip(q, 4), q, rtol=0, atol=0)  # Q sits on the NF4 grid
-    adapter = model.model.layers[0].self_attn.q_proj.adapter
+    adapter = model.model.layers[0].self_attn.q_proj.adapter.default
     w = before["model.layers.0.self_attn.q_proj.weight"]
     # the adapter holds what quantisation lost: ||W - Q - B·A|| < ||W - Q||
     assert (w - q - adapter.lora_B @ adapter.lora_A).norm() < 0.9 * (w - q).norm()

@@ -175,7 +175,7 @@ def test_gradients_match_peft(tmp_path):
     mine = {n: p.grad for n, p in ours.named_parameters() if p.requires_grad}
     assert len(theirs) == len(mine)
     for name, g in mine.items():
-        module, _, param = name.rpartition(".adapter.")
+        module, _, param = name.rpartition(".adapter.default.")
         pname = {
             "lora_A": "lora_A.default.weight",
             "lora_B": "lora_B.default.weight",

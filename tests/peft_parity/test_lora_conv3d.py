@@ -67,7 +67,13 @@ def test_conv3d_both_directions_with_gradients_and_merge(tmp_path, dora):
                 p.add_(torch.randn(p.shape, generator=g) * 0.1)
     theirs.eval().save_pretrained(tmp_path / "peft")
     ours = la.load_peft(copy.deepcopy(base), tmp_path / "peft").eval()
-    assert ours.conv.adapter.lora_A.shape == (4, 3, 3, 3, 3) and ours.pw.adapter.lora_B.shape == (6, 4, 1, 1, 1)
+    assert ours.conv.adapter.default.lora_A.shape == (4, 3, 3, 3, 3) and ours.pw.adapter.default.lora_B.shape == (
+        6,
+        4,
+        1,
+        1,
+        1,
+    )
     y_peft, gx_peft = _run(theirs)
     y_ours, gx_ours = _run(ours)
     assert not torch.allclose(y_peft, base(_x()), atol=1e-3)  # the adapter matters

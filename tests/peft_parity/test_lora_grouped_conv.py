@@ -91,7 +91,7 @@ def test_ours_to_peft_grouped_conv_outputs_and_gradients(tmp_path):
     assert not torch.allclose(y_ours, base(_x()), atol=1e-3)  # the adapter matters
     # lora_B has the same layout on both sides, so its gradients compare directly.
     for name in ("conv", "conv1"):
-        mine = ours.get_submodule(name).adapter.lora_B.grad
+        mine = ours.get_submodule(name).adapter.default.lora_B.grad
         peft_b = theirs.base_model.model.get_submodule(name).lora_B["default"].weight.grad
         torch.testing.assert_close(peft_b, mine, atol=1e-5, rtol=0)
 
@@ -154,7 +154,7 @@ def _grads(model: nn.Module, names: tuple[str, ...], peft: bool) -> dict[str, to
             a, b = layer.lora_A["default"].weight, layer.lora_B["default"].weight
             out[f"{name}.A"], out[f"{name}.B"] = a.grad, b.grad
         else:
-            layer = model.get_submodule(name).adapter
+            layer = model.get_submodule(name).adapter.default
             out[f"{name}.A"], out[f"{name}.B"] = layer.lora_A.grad, layer.lora_B.grad
     return out
 
@@ -165,7 +165,7 @@ def test_peft_grouped_conv_file_with_cross_group_A_loads_in_peft_layout(tmp_path
     theirs.save_pretrained(tmp_path / "peft")
     ours = la.load_peft(copy.deepcopy(base), tmp_path / "peft").eval()
     assert la.config_of(ours).grouped_conv_layout == "peft"
-    assert ours.conv.adapter.lora_A.shape == (12, 8, 3, 3)  # ungrouped, as PEFT's
+    assert ours.conv.adapter.default.lora_A.shape == (12, 8, 3, 3)  # ungrouped, as PEFT's
     y_ours, gx_ours = _input_grad(ours)
     y_peft, gx_peft = _input_grad(theirs)
     assert not torch.allclose(y_peft, base(_x()), atol=1e-3)  # the adapter matters
@@ -192,7 +192,7 @@ def test_peft_layout_trained_here_loads_in_peft_with_equal_outputs_and_gradients
     cfg = la.LoRAConfig(r=12, alpha=8, target_modules=["conv", "conv1"], grouped_conv_layout="peft")
     ours = la.inject(copy.deepcopy(base), cfg)
     randomize_adapter(ours, seed=2)
-    assert ours.conv1.adapter.lora_A.shape == (12, 12, 3)
+    assert ours.conv1.adapter.default.lora_A.shape == (12, 12, 3)
     la.save_peft(ours, tmp_path)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
@@ -206,7 +206,7 @@ def test_peft_layout_trained_here_loads_in_peft_with_equal_outputs_and_gradients
         torch.testing.assert_close(peft_g[k], mine[k], atol=1e-5, rtol=1e-5)
     # Cross-group weights are really used: zeroing them changes the output.
     with torch.no_grad():
-        a = ours.conv.adapter.lora_A
+        a = ours.conv.adapter.default.lora_A
         a.copy_(grouped_to_dense_A(a[:, :2].clone(), 4))
     assert not torch.allclose(ours(_x()), y_ours, atol=1e-4)
 
@@ -229,7 +229,7 @@ def test_peft_layout_refuses_to_merge_before_changing_anything(tmp_path, how):
         calls[how]()
     after = ours.state_dict()
     assert before.keys() == after.keys() and all(torch.equal(before[k], after[k]) for k in before)
-    assert ours.conv.adapter.merged is False and ours.conv1.adapter.merged is False
+    assert ours.conv.adapter.default.merged is False and ours.conv1.adapter.default.merged is False
     torch.testing.assert_close(ours(_x()), y, atol=0, rtol=0)
     assert not (tmp_path / "out").exists()
     la.eject(ours)  # without merge it is fine: the exact base comes back

@@ -108,7 +108,7 @@ def test_mha_trained_here_loads_in_peft_and_eval_no_grad_uses_the_adapter(tmp_pa
 def test_mha_safe_merge_refusal_restores_both_weights_exactly():
     model = la.inject(_base(), la.LoRAConfig(r=2, target_modules=["attn"]))
     with torch.no_grad():
-        model.attn.adapter.out_lora_B.fill_(float("inf"))
+        model.attn.adapter.default.out_lora_B.fill_(float("inf"))
     w_in, w_out = model.attn.in_proj_weight.clone(), model.attn.out_proj.weight.clone()
     with pytest.raises(la.MergeError, match=r"merge of 'attn' refused: merged out_proj.weight has"):
         la.merge(model, safe=True)

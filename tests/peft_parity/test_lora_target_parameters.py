@@ -122,7 +122,7 @@ def test_moe_experts_both_ways(tmp_path, case):
     peft_params = dict(theirs.named_parameters())
     ours_grad_by_key = {}
     for name, layer_mod in ours.named_modules():
-        adapter = getattr(layer_mod, "adapter", None)
+        adapter = getattr(getattr(layer_mod, "adapter", None), "default", None)
         if adapter is None or not hasattr(adapter, "peft_state"):
             continue
         for suffix, t in adapter.peft_state().items():

@@ -114,7 +114,9 @@ def test_auto_adjusted_block_sizes_load_with_peft_shapes(tmp_path):
     peft_model.save_pretrained(tmp_path)
     with pytest.warns(UserWarning, match="oft_block_size=100"):
         ours = la.load_peft(copy.deepcopy(base), tmp_path).eval()
-    blocks = {n.rsplit(".", 1)[-1]: m.adapter.block_size for n, m in ours.named_modules() if hasattr(m, "adapter")}
+    blocks = {
+        n.rsplit(".", 1)[-1]: m.adapter.default.block_size for n, m in ours.named_modules() if hasattr(m, "adapter")
+    }
     assert blocks == {"q_proj": 64, "down_proj": 128}
     assert torch.allclose(_out(ours, x), expected, atol=2e-5)
     with pytest.raises(
@@ -153,7 +155,7 @@ def test_gradients_match_peft(tmp_path):
     ours(x, labels=x).loss.backward()
     theirs = {n: p.grad for n, p in peft_model.named_parameters() if p.requires_grad}
     for name, g in ((n, p.grad) for n, p in ours.named_parameters() if p.requires_grad):
-        module = name.rpartition(".adapter.")[0]
+        module = name.rpartition(".adapter.default.")[0]
         key = "oft_embedding_R" if module.endswith("embed_tokens") else "oft_R"
         ref = theirs[f"base_model.model.{module}.{key}.default.weight"]
         assert (g - ref).norm() / ref.norm() < 1e-4, name

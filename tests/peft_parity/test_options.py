@@ -473,7 +473,7 @@ def test_bias_option_trains_saves_and_loads_as_peft(peft_type, mode, tmp_path, r
     _close(gx, want_gx)
     peft_grads = _peft_bias_grads(pm)
     ours_biases = {n: p for n, p in ours.named_parameters() if p.requires_grad and n.endswith(".bias")}
-    ours_biases = {n: p for n, p in ours_biases.items() if ".adapter." not in n}
+    ours_biases = {n: p for n, p in ours_biases.items() if ".adapter.default." not in n}
     assert set(ours_biases) == set(peft_grads)
     expected = {"all": 7, ONLY[peft_type]: 6}[mode]  # 6 adapted layers (+ the head's bias with "all")
     assert len(ours_biases) == expected
@@ -481,7 +481,9 @@ def test_bias_option_trains_saves_and_loads_as_peft(peft_type, mode, tmp_path, r
         _close(p.grad, peft_grads[n])
     fresh = OUR_CONFIGS[peft_type](mode)
     injected = la.inject(copy.deepcopy(base), fresh)
-    assert {n for n, p in injected.named_parameters() if p.requires_grad and ".adapter." not in n} == set(ours_biases)
+    assert {n for n, p in injected.named_parameters() if p.requires_grad and ".adapter.default." not in n} == set(
+        ours_biases
+    )
 
     # One SGD step on both sides changes the biases; the trained values go PEFT <- ours and ours <- ours.
     for model in (pm, ours):
@@ -495,7 +497,7 @@ def test_bias_option_trains_saves_and_loads_as_peft(peft_type, mode, tmp_path, r
     _close(_out_and_input_grad(ours)[0], stepped)
     state = la.adapter_state_dict(ours)
     assert set(ours_biases) <= set(state)
-    assert not {k for k in state if k.endswith(".weight") and ".adapter." not in k}
+    assert not {k for k in state if k.endswith(".weight") and ".adapter.default." not in k}
     la.save_peft(ours, tmp_path / "ours")
     back = peft.PeftModel.from_pretrained(copy.deepcopy(base), tmp_path / "ours").eval()
     _close(_out_and_input_grad(back)[0], stepped)
@@ -635,7 +637,9 @@ def _lora_bias_grads(model: nn.Module, peft_side: bool) -> dict[str, torch.Tenso
             for n, p in model.named_parameters()
             if n.endswith("lora_B.default.bias")
         }
-    return {n.replace(".adapter.lora_B_bias", ""): p.grad for n, p in model.named_parameters() if "lora_B_bias" in n}
+    return {
+        n.replace(".adapter.default.lora_B_bias", ""): p.grad for n, p in model.named_parameters() if "lora_B_bias" in n
+    }
 
 
 @pytest.mark.parametrize("rows", [5, 40], ids=["unfolded", "folded"])  # both sides of fold_pays (3·in < 2·rows)

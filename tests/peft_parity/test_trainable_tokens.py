@@ -62,10 +62,10 @@ def test_peft_to_ours_to_peft(tmp_path, tied, form):
     theirs.save_pretrained(tmp_path / "peft")
     ours = la.load_peft(copy.deepcopy(base), tmp_path / "peft")
     emb = ours.model.embed_tokens
-    assert emb.adapter.delta.requires_grad and not emb.weight.requires_grad
+    assert emb.adapter.default.delta.requires_grad and not emb.weight.requires_grad
     assert (getattr(ours.lm_head, "adapter", None) is not None) == tied
     if tied:
-        assert ours.lm_head.adapter.delta is emb.adapter.delta
+        assert ours.lm_head.adapter.default.delta is emb.adapter.default.delta
     y_peft, g_peft = _logits_and_grads(theirs, True)
     y_ours, g_ours = _logits_and_grads(ours, False)
     assert not torch.allclose(y_ours, base(input_ids=_ids()).logits, atol=1e-3)
@@ -89,7 +89,7 @@ def test_peft_to_ours_to_peft(tmp_path, tied, form):
     before = emb.weight.detach().clone()
     la.merge(ours)
     torch.testing.assert_close(ours(input_ids=_ids()).logits, y_peft, atol=1e-5, rtol=1e-5)
-    assert torch.equal(emb.weight[TOKENS], emb.adapter.delta.detach())
+    assert torch.equal(emb.weight[TOKENS], emb.adapter.default.delta.detach())
     la.unmerge(ours)
     assert torch.equal(emb.weight, before)
     merged = la.eject(copy.deepcopy(ours), merge=True)
@@ -105,7 +105,7 @@ def test_only_the_listed_rows_change_in_training():
         opt.zero_grad()
         model(input_ids=_ids()).logits.pow(2).mean().backward()
         opt.step()
-    assert emb.adapter.delta.grad.abs().sum(1).gt(0).all()  # every listed row got a gradient
+    assert emb.adapter.default.delta.grad.abs().sum(1).gt(0).all()  # every listed row got a gradient
     la.merge(model)
     changed = (emb.weight != start).any(1).nonzero().reshape(-1).tolist()
     assert changed == TOKENS  # the merged embedding differs from the base on exactly those rows

@@ -158,7 +158,7 @@ def rows(Row: type, snapshot_into: Callable) -> list:  # noqa: N803 - the Row cl
             tiny_llama,
             _fp16_adapter_overflow(s),
             la.AdapterStateError,
-            r"q_proj.adapter.lora_B: 1 values overflow to inf as float16; pass check_finite=False",
+            r"q_proj.adapter.default.lora_B: 1 values overflow to inf as float16; pass check_finite=False",
         ),
         Row(
             "inject-same-config-object-edited",

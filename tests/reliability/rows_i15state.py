@@ -76,7 +76,7 @@ def _overflow_merge(snapshot_into: Callable) -> Callable:
     def action(m, tmp):
         la.inject(m, la.LoRAConfig(r=2, target_modules=["0", "1"]))
         with torch.no_grad():
-            for layer in (m[0].adapter, m[1].adapter):
+            for layer in (m[0].adapter.default, m[1].adapter.default):
                 layer.lora_A.fill_(1.0)
                 layer.lora_B.fill_(1250.0)  # ΔW = 4·2·1250 = 1e4: 7e4 is finite in fp32, inf in fp16
         snapshot_into(m)
@@ -95,7 +95,7 @@ def _half_refusal(snapshot_into: Callable, eject: bool) -> Callable:
         with torch.no_grad():
             for t in la.adapter_state_dict(m).values():
                 t.add_(torch.randn(t.shape, generator=g) * 0.5)
-            m.model.layers[1].self_attn.v_proj.adapter.lora_B[0, 0] = float("nan")
+            m.model.layers[1].self_attn.v_proj.adapter.default.lora_B[0, 0] = float("nan")
         snapshot_into(m)
         return la.eject(m, merge=True, safe=True) if eject else la.merge(m, safe=True)
 
@@ -140,14 +140,14 @@ def rows(Row: type, snapshot_into: Callable) -> list:  # noqa: N803 - the Row cl
             tiny_llama,
             _state_action(s, _last(lambda t: t.tolist())),
             la.AdapterStateError,
-            r"bad values model.layers.1.self_attn.q_proj.adapter.lora_B: a list \(\[\[.*not a torch.Tensor",
+            r"bad values model.layers.1.self_attn.q_proj.adapter.default.lora_B: a list \(\[\[.*not a torch.Tensor",
         ),
         Row(
             "state-meta-tensor",
             tiny_llama,
             _state_action(s, _last(lambda t: torch.empty_like(t, device="meta"))),
             la.AdapterStateError,
-            r"q_proj.adapter.lora_B: a meta tensor \(shape only, no values\)",
+            r"q_proj.adapter.default.lora_B: a meta tensor \(shape only, no values\)",
         ),
         Row(
             "state-integer-for-float",

@@ -31,6 +31,7 @@ from tests.reliability import (
     rows_i15state,
     rows_i18init,
     rows_i18io,
+    rows_multi,
     rows_quant,
     rows_scaleout,
 )
@@ -146,7 +147,7 @@ def _drop_first(sd):
 
 
 def _add_extra(sd):
-    sd["model.layers.0.self_attn.k_proj.adapter.lora_A"] = torch.zeros(2, 64)
+    sd["model.layers.0.self_attn.k_proj.adapter.default.lora_A"] = torch.zeros(2, 64)
     return sd
 
 
@@ -481,7 +482,7 @@ def _merge_prompt(m):
 def _nan_merge(m):
     la.inject(m, la.LoRAConfig(r=2, target_modules=["q_proj", "v_proj"]))
     with torch.no_grad():
-        m.model.layers[1].self_attn.v_proj.adapter.lora_B.fill_(float("inf"))
+        m.model.layers[1].self_attn.v_proj.adapter.default.lora_B.fill_(float("inf"))
     _snapshot_into(m)
     return la.merge(m, safe=True)
 
@@ -610,6 +611,7 @@ ROWS += rows_i18io.rows(Row)
 ROWS += rows_eva.rows(Row)
 ROWS += rows_quant.rows(Row)
 ROWS += rows_scaleout.rows(Row)
+ROWS += rows_multi.rows(Row, _snapshot_into)
 
 
 @pytest.mark.parametrize("row", [pytest.param(r, id=r.id) for r in ROWS])

@@ -502,8 +502,8 @@ def test_export_merged_refuses_a_merge_that_overflows_a_half_precision_base(tmp_
     la.export_merged(model, tmp_path / "out")  # ΔW = 0 at init: a good export
     good = files_in(tmp_path)
     with torch.no_grad():
-        model.layer.adapter.lora_A.fill_(100.0)
-        model.layer.adapter.lora_B.fill_(100.0)  # ΔW = 1e4 everywhere
+        model.layer.adapter.default.lora_A.fill_(100.0)
+        model.layer.adapter.default.lora_B.fill_(100.0)  # ΔW = 1e4 everywhere
     with pytest.raises(la.AdapterError, match=r"non-finite"):
         la.export_merged(model, tmp_path / "out")
     assert files_in(tmp_path) == good

@@ -43,5 +43,5 @@ def test_load_peft_check_finite_false_loads_the_file_as_is(tmp_path: Path) -> No
     tensors[key][0, 0] = float("inf")
     save_file(tensors, path)
     model = la.load_peft(tiny_llama(), tmp_path / "a", check_finite=False)
-    a = model.model.layers[0].self_attn.q_proj.adapter.lora_A
+    a = model.model.layers[0].self_attn.q_proj.adapter.default.lora_A
     assert torch.equal(a, tensors[key])

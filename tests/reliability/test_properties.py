@@ -368,7 +368,7 @@ def _check_case_seeded(method: str, kwargs: dict, layer_case, sharing: str) -> N
                 t.add_(torch.randn_like(t) * 0.05)
     out = model(x)
     assert torch.isfinite(out).all()
-    adapter_layer = model.layer.adapter
+    adapter_layer = model.layer.adapter.default
     if adapter_layer.mergeable:
         la.merge(model)
         merged = model(x)
