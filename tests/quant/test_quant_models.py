@@ -102,7 +102,7 @@ def test_callback_prepares_kbit_training_and_checkpoints_only_the_adapter(tmp_pa
     assert model.model.norm.weight.dtype == torch.float32
     assert model.model.layers[0].input_layernorm.weight.dtype == torch.float32
     assert model.lm_head.weight.dtype == torch.float32
-    assert model.model.layers[0].self_attn.q_proj.adapter.lora_A.dtype == torch.float32
+    assert model.model.layers[0].self_attn.q_proj.adapter.default.lora_A.dtype == torch.float32
     assert is_quantized(model.model.layers[0].self_attn.q_proj)
     adapter = set(la.adapter_state_dict(module))
     files = sorted(tmp_path.glob("*.ckpt")) + sorted((tmp_path / "w").glob("*.ckpt"))

@@ -32,7 +32,7 @@ def _quantized() -> nn.Module:
 def _merged() -> nn.Module:
     model = la.inject(_quantized(), la.LoRAConfig(r=2, target_modules=["q"]))
     with torch.no_grad():
-        model.q.adapter.lora_B.fill_(0.1)
+        model.q.adapter.default.lora_B.fill_(0.1)
     return la.merge(model)
 
 
