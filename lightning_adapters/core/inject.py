@@ -314,8 +314,8 @@ def _add_to_existing(model: nn.Module, name: str) -> ModelAdapters | None:
     if name in entry.records:
         raise AdapterConfigError(
             f"model already has an adapter named {name!r} ({entry.records[name].method}) with a different config; "
-            f"pick another name (inject(model, config, name='...')), or lightning_adapters.delete(model, {name!r}) "
-            f"first"
+            f"pick another name (inject(model, config, name='...')), or remove it first: lightning_adapters.delete("
+            f"model, {name!r}) while another one is active, or lightning_adapters.eject(model) to remove every adapter"
         )
     merged = [a for _, a, _, layer in adapter_layers(model) if layer.merged]
     if merged:

@@ -165,7 +165,7 @@ def rows(Row: type, snapshot_into: Callable) -> list:  # noqa: N803 - the Row cl
             tiny_llama,
             _edited_config(s),
             la.AdapterConfigError,
-            r"already has a lora adapter with a different config; call lightning_adapters.eject\(model\) first",
+            r"already has an adapter named 'default' \(lora\) with a different config.*eject\(model\)",
         ),
         Row(
             "embedding-max-norm",
