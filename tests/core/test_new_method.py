@@ -138,7 +138,7 @@ def test_the_toy_injects_trains_saves_and_loads(own_registry, tmp_path, monkeypa
     base_out = model(x)
     la.inject(model, toy.ToyScaleConfig(target_modules=["fc1", "fc2"], lr_scale=0.5))
     assert torch.equal(model(x), base_out)  # g = 0: the base model
-    assert {n for n, p in model.named_parameters() if p.requires_grad} == {"fc1.adapter.g", "fc2.adapter.g"}
+    assert {n for n, p in model.named_parameters() if p.requires_grad} == {"fc1.adapter.default.g", "fc2.adapter.default.g"}
     assert "ToyScaleLayer" in la.summary(model)
 
     # One SGD step: the closed form of fc2's gradient (y = (1 + g) ⊙ h) is Σ_rows dL/dy ⊙ h.
@@ -147,7 +147,7 @@ def test_the_toy_injects_trains_saves_and_loads(own_registry, tmp_path, monkeypa
     loss = (out - target).pow(2).mean()
     loss.backward()
     h = model.fc2._la_base_forward(torch.relu(model.fc1(x))).detach()
-    torch.testing.assert_close(model.fc2.adapter.g.grad, (2 * (out - target) / out.numel() * h).sum(0).detach())
+    torch.testing.assert_close(model.fc2.adapter.default.g.grad, (2 * (out - target) / out.numel() * h).sum(0).detach())
     with torch.no_grad():
         for p in model.parameters():
             if p.grad is not None:
@@ -156,7 +156,7 @@ def test_the_toy_injects_trains_saves_and_loads(own_registry, tmp_path, monkeypa
     assert (trained - target).pow(2).mean() < loss
 
     sd = {k: v.clone() for k, v in la.adapter_state_dict(model).items()}
-    assert set(sd) == {"fc1.adapter.g", "fc2.adapter.g"}
+    assert set(sd) == {"fc1.adapter.default.g", "fc2.adapter.default.g"}
     fresh, _ = _pair()
     la.load_adapter_state_dict(la.inject(fresh, toy.ToyScaleConfig(target_modules=["fc1", "fc2"])), sd)
     assert torch.equal(fresh(x), trained)

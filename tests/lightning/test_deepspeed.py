@@ -47,11 +47,11 @@ def test_deepspeed_zero_adapter_only_checkpoint_exact_resume_restore_and_peft_ex
     cpu = "cpu" if offload else None
     assert result["offload"] == {"offload_optimizer": cpu, "offload_param": cpu if stage == 3 else None}
     straight, resumed = result["straight"], result["resumed"]
-    assert set(straight) == {f"encoder.{i}.adapter.lora_{m}" for i in (0, 2, 4) for m in "AB"} | {
+    assert set(straight) == {f"encoder.{i}.adapter.default.lora_{m}" for i in (0, 2, 4) for m in "AB"} | {
         "head.weight",
         "head.bias",
     }
-    assert straight["encoder.0.adapter.lora_A"].shape == (4, 256)
+    assert straight["encoder.0.adapter.default.lora_A"].shape == (4, 256)
     # Resuming from the first epoch's checkpoint directory ends exactly where the uninterrupted run ends.
     for k, v in straight.items():
         torch.testing.assert_close(resumed[k], v, rtol=0, atol=0, msg=k)
