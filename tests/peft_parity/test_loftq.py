@@ -145,3 +145,35 @@ def test_loftq_fit_checkpoint_restores_onto_a_fresh_model(tmp_path):
         torch.testing.assert_close(fresh(x), model(x), rtol=1e-5, atol=1e-6)
         plain = la.eject(fresh)
         torch.testing.assert_close(plain.encoder(x), BoringMLP().encoder(x), rtol=0, atol=0)  # W itself
+
+
+def test_loftq_adapter_runs_on_the_quantized_base():
+    """QLoRA with LoftQ: with loftq_iter=1, LoftQ's base is bitsandbytes' NF4 of W (blocks of 64), which is what
+    ``la.quantize(model, "nf4")`` stores, so the trained adapter gives the same outputs on the 4-bit model. LoftQ
+    itself needs the full-precision weights: refused on a quantized base (as in PEFT), before any change."""
+    from lightning_adapters.core.quant import dequantized_weight, is_quantized
+
+    base = tiny_llama()
+    x = torch.randint(0, 128, (2, 9), generator=torch.Generator().manual_seed(1))
+    cfg = la.LoRAConfig(r=4, alpha=8, target_modules="all-linear", init_weights="loftq")
+    lofted = la.inject(copy.deepcopy(base), cfg)
+    g = torch.Generator().manual_seed(0)
+    state = {k: v + 0.05 * torch.randn(v.shape, generator=g) for k, v in la.adapter_state_dict(lofted).items()}
+    la.load_adapter_state_dict(lofted, state)
+    quantized = la.quantize(copy.deepcopy(base), "nf4")
+    four_bit = [n for n, m in quantized.named_modules() if is_quantized(m)]
+    assert four_bit and {n for n, m in lofted.named_modules() if hasattr(m, "adapter")} == set(four_bit)
+    for name in four_bit:
+        torch.testing.assert_close(
+            dequantized_weight(quantized.get_submodule(name), torch.float32),
+            lofted.get_submodule(name).weight,
+            rtol=0,
+            atol=0,
+        )
+    with pytest.raises(la.UnsupportedLayerError, match=r"'model.layers.0.self_attn.q_proj' is a quantized base.*loftq"):
+        la.inject(quantized, cfg)
+    assert not any(hasattr(m, "adapter") for m in quantized.modules())
+    la.inject(quantized, la.LoRAConfig(r=4, alpha=8, target_modules="all-linear"))
+    la.load_adapter_state_dict(quantized, state)
+    with torch.no_grad():
+        _close(_logits(quantized, x), _logits(lofted, x), 1e-4)
