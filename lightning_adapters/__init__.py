@@ -69,6 +69,9 @@ _LAZY = {
     "loraplus_param_groups": "lightning_adapters.optim",
     "initialize_from_data": "lightning_adapters.methods.lora_data",
     "quantize": "lightning_adapters.quant",
+    "combine": "lightning_adapters.combination",
+    "to_lora": "lightning_adapters.combination",
+    "LoRAConversion": "lightning_adapters.combination",
     "merge_errors": "lightning_adapters.core.quant_ops",
 }
 

@@ -72,6 +72,14 @@ class AdapterLayer(nn.Module):
         """``adapted_forward``, for wrappers that act on module calls (FSDP1 gathers the adapter's parameters)."""
         return self.adapted_forward(base, *args, **kwargs)
 
+    def additive_delta(self, base: nn.Module) -> torch.Tensor:
+        """The ``ΔW`` (in ``base.weight``'s layout) of an additive layer: its output is ``base``'s with ``W + ΔW``.
+
+        What ``merge`` adds and ``lightning_adapters.to_lora`` converts; a layer without one raises
+        ``NotMergeableError`` saying why.
+        """
+        raise NotMergeableError(f"{type(self).__name__} has no additive weight-space ΔW: {self.not_additive_reason}")
+
     def merge(self, base: nn.Module, *, safe: bool = False) -> None:
         """Fold the adapter into ``base``'s weights (``safe``: refuse non-finite results, changing nothing)."""
         raise NotMergeableError(f"{type(self).__name__} cannot be merged into the base weights")

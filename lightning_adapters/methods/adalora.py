@@ -290,6 +290,9 @@ class AdaLoRALayer(AdapterLayer):
             return dw.t()
         return dw.reshape(base.weight.shape)
 
+    def additive_delta(self, base: nn.Module) -> torch.Tensor:
+        return self.delta_weight(base)
+
     def merge(self, base: nn.Module, *, safe: bool = False) -> None:
         with torch.no_grad():
             add_delta_(base.weight, self.delta_weight(base), safe=safe)

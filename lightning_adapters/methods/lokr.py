@@ -269,6 +269,9 @@ class LoKrLayer(AdapterLayer):
         dw = self._delta(*self._factors())
         return dw.t() if self.kind == "conv1d_t" else dw
 
+    def additive_delta(self, base: nn.Module) -> torch.Tensor:
+        return self.delta_weight()
+
     # --- merge -------------------------------------------------------------------------------------------
 
     def merge(self, base: nn.Module, *, safe: bool = False) -> None:

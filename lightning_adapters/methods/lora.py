@@ -547,6 +547,16 @@ class LoRALayer(AdapterLayer):
         dw = linear_delta_weight(A, B, self.scale)  # (out, in) or (d, V)
         return dw.t() if self.kind in ("conv1d_t", "embedding") else dw
 
+    def additive_delta(self, base: nn.Module) -> torch.Tensor:
+        """``s·B·A`` in the base layout (LoRA without DoRA; ``lora_bias`` adds a bias term no ΔW holds)."""
+        if not self.additive:
+            raise NotMergeableError(f"LoRA on {self.name!r} has no additive ΔW: {self.not_additive_reason}")
+        if self.lora_B_bias is not None:
+            raise NotMergeableError(
+                f"LoRA on {self.name!r} has lora_bias=True: its output adds s·b_B, which a weight ΔW does not hold"
+            )
+        return self.delta_weight()
+
     def _merged_weight_fp(self, base: nn.Module) -> torch.Tensor:
         """``W + ΔW`` as (out, ...) in the compute dtype (for DoRA norms)."""
         w = base.weight
