@@ -3,8 +3,11 @@
 ``save_peft`` writes what PEFT 0.21's ``save_pretrained`` writes for a ``PeftModel`` around the same base
 (keys ``base_model.model.<module>.<suffix>``, PEFT's field names), so ``PeftModel.from_pretrained`` loads it;
 ``load_peft`` reads such a directory (with or without the ``base_model.model.`` prefix), injects the matching
-method and loads the tensors. Per-method names and layouts come from the registry (the method's
-``config_to_peft``/``config_from_peft`` members, and each layer's or ``ModelAdapter``'s ``peft_state``).
+method and loads the tensors. Several adapters take PEFT's layout: the adapter named ``default`` at the root of the
+directory, every other one in a sub-folder named after it (``<dir>/<name>/adapter_config.json``), each file keyed
+without adapter names, as PEFT's ``save_pretrained`` writes and its ``load_adapter(<dir>/<name>, name)`` reads.
+Per-method names and layouts come from the registry (the method's ``config_to_peft``/``config_from_peft`` members,
+and each layer's or ``ModelAdapter``'s ``peft_state``).
 """
 
 from __future__ import annotations
@@ -18,7 +21,18 @@ import torch
 from torch import nn
 
 from lightning_adapters.core.files import read_files, replace_directory, target_directory, write_file
-from lightning_adapters.core.inject import adapted_modules, check_module, eject, find_records, inject, trained_biases
+from lightning_adapters.core.inject import (
+    adapted_modules,
+    check_module,
+    check_name,
+    check_names,
+    eject,
+    find_records,
+    inject,
+    trained_biases,
+)
+from lightning_adapters.core.layer import DEFAULT_NAME
+from lightning_adapters.core.named import delete
 from lightning_adapters.core.state import value_problem
 from lightning_adapters.errors import AdapterConfigError, AdapterStateError
 from lightning_adapters.interop.peft_fields import check_peft_fields
@@ -38,27 +52,37 @@ def _full(t: torch.Tensor) -> torch.Tensor:
     return t.detach().to("cpu").contiguous().clone()
 
 
-def _single_record(model: nn.Module):
+def _records(model: nn.Module) -> list:
+    """Every ``(prefix, root, record)`` of ``model``'s adapters, all on one root."""
     recs = find_records(model)
     if not recs:
         raise AdapterConfigError("model has no adapters; call lightning_adapters.inject(model, config) first")
     if len({r[0] for r in recs}) > 1:
         raise AdapterConfigError(f"model has adapters on several sub-modules {[r[0] for r in recs]}; save each one")
-    if len(recs) > 1:
-        raise AdapterConfigError(
-            f"the PEFT format of this version holds one adapter; the model has {[r[2].name for r in recs]}: delete "
-            f"the others first (lightning_adapters.delete), or keep several with adapter_state_dict"
-        )
-    return recs[0]
+    return recs
 
 
-def peft_tensors(model: nn.Module) -> dict[str, torch.Tensor]:
-    """The adapter tensors under PEFT's key names (``base_model.model.<module>.<suffix>``), as CPU copies.
+def _record(model: nn.Module, name: str | None = None, what: str = "save_peft"):
+    """The ``(prefix, root, record)`` of adapter ``name`` (``None``: the model's only adapter)."""
+    recs = _records(model)
+    if name is None:
+        if len(recs) > 1:
+            raise AdapterConfigError(
+                f"the model holds several adapters {[r[2].name for r in recs]}; name the one to use (name=...)"
+            )
+        return recs[0]
+    (chosen,) = check_names(model, name, what)
+    return next(r for r in recs if r[2].name == chosen)
+
+
+def peft_tensors(model: nn.Module, name: str | None = None) -> dict[str, torch.Tensor]:
+    """The tensors of adapter ``name`` (``None``: the only one) under PEFT's key names
+    (``base_model.model.<module>.<suffix>``, no adapter name), as CPU copies.
 
     Raises:
         AdapterStateError: A tensor is on the meta device (a model built without its weights).
     """
-    prefix, root, rec = _single_record(model)
+    prefix, root, rec = _record(model, name)
     out: dict[str, torch.Tensor] = {}
     if rec.model_adapter is not None:
         out.update({PEFT_PREFIX + k: t for k, t in rec.model_adapter.peft_state(root).items()})
@@ -98,9 +122,9 @@ def peft_bias_params(root: nn.Module, rec: Any) -> dict[str, nn.Parameter]:
     return out
 
 
-def peft_config_dict(model: nn.Module) -> dict[str, Any]:
-    """The ``adapter_config.json`` content PEFT would write for this adapter."""
-    _, root, rec = _single_record(model)
+def peft_config_dict(model: nn.Module, name: str | None = None) -> dict[str, Any]:
+    """The ``adapter_config.json`` content PEFT would write for adapter ``name`` (``None``: the only one)."""
+    _, root, rec = _record(model, name)
     spec = get_method(rec.method)
     cfg = rec.config
     d = spec.config_to_peft(cfg)
@@ -176,13 +200,19 @@ def save_peft(
     *,
     safe: bool = False,
     convert_to_lora: bool = False,
+    names: str | list[str] | None = None,
 ) -> Path:
-    """Write the adapter of ``model`` in PEFT's format; ``PeftModel.from_pretrained(base, directory)`` loads it.
+    """Write the adapters of ``model`` in PEFT's format; ``PeftModel.from_pretrained(base, directory)`` loads it.
 
-    Everything is computed and checked before the disk is touched, and the directory's adapter files are replaced
-    together (``lightning_adapters.core.files.replace_directory``): a failure or a crash at any point leaves
-    the previous adapter loadable, never new weights next to an old config. Saves of the same directory from
-    several threads or processes take turns. Other files in the directory are kept.
+    The adapter named ``default`` goes to ``directory`` itself, every other one to ``directory/<name>`` (PEFT's
+    layout: ``PeftModel.load_adapter(f"{directory}/{name}", adapter_name=name)`` and ``load_peft(model,
+    directory, name=name)`` read it back).
+
+    Everything is computed and checked before the disk is touched, and the files of every adapter written are
+    replaced together (``lightning_adapters.core.files.replace_directory``): a failure or a crash at any point leaves
+    the previous adapters loadable, never new weights next to an old config. Saves of the same directory from
+    several threads or processes take turns. Other files in the directory are kept, and so are the sub-folders of
+    adapters this call does not write.
 
     Args:
         model: A model injected with ``lightning_adapters.inject`` (or ``load_peft``).
@@ -193,6 +223,7 @@ def save_peft(
         convert_to_lora: LoRA only: write a residual-init adapter (PiSSA, OLoRA, CorDA: the base holds
             ``W − s·B0·A0``) as a plain LoRA of twice the rank that applies to the *unmodified* base, as PEFT's
             ``save_pretrained(path_initial_model_for_weight_conversion=...)`` does.
+        names: The adapters to write (one name or a list); ``None``: every adapter of the model.
 
     Returns:
         The directory path.
@@ -204,44 +235,56 @@ def save_peft(
     """
     from safetensors.torch import save as st_save
 
+    check_module(model, "save_peft")
     target = target_directory(directory, "save_peft")
     dtype = _save_dtype(save_dtype)
-    tensors = peft_tensors(model)
-    peft_config = peft_config_dict(model)
-    if convert_to_lora:
-        tensors, peft_config = _as_plain_lora(model, tensors, peft_config)
-    if safe:
-        _check_finite(tensors, "save_peft")
-    if dtype is not None:
-        cast = {k: v.to(dtype) if v.is_floating_point() else v for k, v in tensors.items()}
-        for k, v in cast.items():
-            if v.is_floating_point() and not bool(torch.isfinite(v).all()) and bool(torch.isfinite(tensors[k]).all()):
-                raise AdapterStateError(
-                    f"save_peft: tensor {k!r} overflows {dtype} (largest magnitude "
-                    f"{tensors[k].abs().max().item():.4g}); save in torch.float32 or bfloat16"
-                )
-        tensors = cast
-    config_bytes = (json.dumps(peft_config, indent=2, sort_keys=True) + "\n").encode()
-    weights_bytes = st_save(tensors, metadata={"format": "pt"})
+    recs = _records(model)
+    chosen = [r[2].name for r in recs] if names is None else check_names(model, names, "save_peft")
+    files: dict[str, tuple[bytes, bytes]] = {}
+    for name in chosen:
+        tensors = peft_tensors(model, name)
+        peft_config = peft_config_dict(model, name)
+        if convert_to_lora:
+            tensors, peft_config = _as_plain_lora(model, tensors, peft_config, name)
+        if safe:
+            _check_finite(tensors, "save_peft")
+        if dtype is not None:
+            cast = {k: v.to(dtype) if v.is_floating_point() else v for k, v in tensors.items()}
+            for k, v in cast.items():
+                finite = bool(torch.isfinite(tensors[k]).all())
+                if v.is_floating_point() and not bool(torch.isfinite(v).all()) and finite:
+                    raise AdapterStateError(
+                        f"save_peft: tensor {k!r} of adapter {name!r} overflows {dtype} (largest magnitude "
+                        f"{tensors[k].abs().max().item():.4g}); save in torch.float32 or bfloat16"
+                    )
+            tensors = cast
+        config_bytes = (json.dumps(peft_config, indent=2, sort_keys=True) + "\n").encode()
+        files[name] = (config_bytes, st_save(tensors, metadata={"format": "pt"}))
 
     def fill(staging: Path) -> None:
-        write_file(staging / WEIGHTS_NAME, weights_bytes)
-        write_file(staging / CONFIG_NAME, config_bytes)
+        for name, (config_bytes, weights_bytes) in files.items():
+            folder = staging if name == DEFAULT_NAME else staging / name
+            folder.mkdir(exist_ok=True)
+            write_file(folder / WEIGHTS_NAME, weights_bytes)
+            write_file(folder / CONFIG_NAME, config_bytes)
 
-    replace_directory(target, fill, owned=_PEFT_FILES.__contains__)
+    # The root's PEFT files belong to this save when it writes ``default``; a sub-folder when it writes that adapter.
+    written = set(files) - {DEFAULT_NAME}
+    root_files = _PEFT_FILES if DEFAULT_NAME in files else frozenset()
+    replace_directory(target, fill, owned=lambda entry: entry in root_files or entry in written)
     return Path(directory)
 
 
 def _as_plain_lora(
-    model: nn.Module, tensors: dict[str, torch.Tensor], config: dict[str, Any]
+    model: nn.Module, tensors: dict[str, torch.Tensor], config: dict[str, Any], name: str | None = None
 ) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
     from lightning_adapters.methods import lora_init
 
-    _, root, rec = _single_record(model)
+    _, root, rec = _record(model, name)
     if rec.method != "lora":
         raise AdapterConfigError(
-            f"save_peft(convert_to_lora=True) rewrites LoRA adapters initialised with PiSSA/OLoRA/CorDA; this model "
-            f"holds a {rec.method} adapter. Drop convert_to_lora"
+            f"save_peft(convert_to_lora=True) rewrites LoRA adapters initialised with PiSSA/OLoRA/CorDA; adapter "
+            f"{rec.name!r} is a {rec.method} adapter. Drop convert_to_lora, or pass names= without it"
         )
     layers = {name: layer for name, _, layer in adapted_modules(root, [rec.name]) if hasattr(layer, "lora_A")}
     return lora_init.convert_to_plain_lora(layers, tensors, config, PEFT_PREFIX)
@@ -274,7 +317,13 @@ def read_peft_dir(directory: str | os.PathLike) -> tuple[dict[str, Any], dict[st
     # The second read (pickle fallback) holds no entry for the safetensors name.
     weights_raw = raw.get(PICKLE_WEIGHTS_NAME if pickled else WEIGHTS_NAME)
     if config_raw is None:
-        raise AdapterStateError(f"{cfg_path} does not exist; a PEFT adapter directory holds {CONFIG_NAME}")
+        inside = sorted(p.parent.name for p in directory.glob(f"*/{CONFIG_NAME}"))
+        hint = (
+            f"; it holds the adapters {inside} in sub-folders: load one with load_peft(model, directory, name=...)"
+            if inside
+            else ""
+        )
+        raise AdapterStateError(f"{cfg_path} does not exist; a PEFT adapter directory holds {CONFIG_NAME}{hint}")
     if weights_raw is None:
         raise AdapterStateError(
             f"{w_path} does not exist as a file (nor {PICKLE_WEIGHTS_NAME}); a PEFT adapter directory holds its "
@@ -408,42 +457,69 @@ def check_peft_config_types(path: Path, config: dict[str, Any], spec: Any) -> No
                 raise bad(f"{field}[{key!r}]", value, f"one of {want}")
 
 
-def load_peft(model: nn.Module, directory: str | os.PathLike, *, check_finite: bool = True) -> nn.Module:
-    """Inject the adapter described by a PEFT directory into ``model`` and load its weights.
+def load_peft(
+    model: nn.Module, directory: str | os.PathLike, name: str | None = None, *, check_finite: bool = True
+) -> nn.Module:
+    """Inject the adapter described by a PEFT directory into ``model``, as adapter ``name``, and load its weights.
 
-    Every key, shape and value is checked; on any mismatch the injection is undone and ``model`` is left as it
-    was.
+    The model may already hold other adapters: the new one joins them inactive and frozen (as ``inject`` adds a
+    further adapter, and PEFT's ``load_adapter``); a model's first adapter is active and trainable. Every key,
+    shape and value is checked; on any mismatch the new adapter is removed and ``model`` is left as it was.
 
     Args:
+        directory: A PEFT adapter directory. For a directory holding several adapters (``save_peft``'s and PEFT's
+            layout: ``default`` at the root, the others in sub-folders named after them), ``name`` picks the
+            sub-folder ``directory/<name>`` when it holds an adapter, else the adapter at the root is loaded under
+            ``name``.
+        name: The adapter's name in ``model`` (``None``: ``"default"``); it must not be taken.
         check_finite: Refuse NaN/inf values in the file, and values that overflow the dtype they are loaded into
             (as ``load_adapter_state_dict`` does).
 
     Returns:
-        ``model``, injected and with the adapter trainable.
+        ``model``, with the adapter loaded.
 
     Raises:
         AdapterStateError: Unreadable directory, missing / unexpected / mis-shaped tensors, non-floating tensors,
             or (``check_finite``) non-finite values.
-        AdapterConfigError: An unknown or unsupported ``peft_type`` or PEFT option, or ``directory`` not a path.
+        AdapterConfigError: An unknown or unsupported ``peft_type`` or PEFT option, ``directory`` not a path, or
+            ``name`` taken or not usable as an adapter name.
         AdapterTypeError: ``model`` is not an ``nn.Module``.
     """
     check_module(model, "load_peft")
+    name = DEFAULT_NAME if name is None else check_name(name, "load_peft")
+    taken = [r[2].name for r in find_records(model)]
+    if name in taken:
+        raise AdapterConfigError(
+            f"load_peft: the model already has an adapter named {name!r}; load this one under another name "
+            f"(load_peft(model, directory, name='...')), or lightning_adapters.delete(model, {name!r}) first"
+        )
+    directory = _adapter_folder(directory, name)
     config_dict, tensors = read_peft_dir(directory)
     spec = get_method_by_peft_type(config_dict["peft_type"])
     check_peft_fields(Path(directory) / CONFIG_NAME, config_dict)
     check_peft_config_types(Path(directory) / CONFIG_NAME, config_dict, spec)
     config = spec.config_from_peft(config_dict)
     config, tensors = spec.prepare_peft_load(config, config_dict, tensors)
-    if find_records(model):
-        raise AdapterConfigError("model already has adapters; eject them before load_peft")
     _check_not_a_sub_module(model, directory, tensors)
-    inject(model, config)
+    inject(model, config, name=name)
     try:
-        _load_tensors(model, tensors, spec, check_finite)
+        _load_tensors(model, tensors, spec, check_finite, name)
     except BaseException:
-        eject(model)
+        if taken:
+            delete(model, name)
+        else:
+            eject(model)
         raise
     return model
+
+
+def _adapter_folder(directory: Any, name: str) -> Any:
+    """``directory/<name>`` when it holds an adapter config (PEFT's layout for a non-default adapter), else
+    ``directory``."""
+    if name == DEFAULT_NAME or not isinstance(directory, (str, os.PathLike)) or not str(os.fspath(directory)).strip():
+        return directory
+    folder = Path(directory) / name
+    return folder if (folder / CONFIG_NAME).is_file() else directory
 
 
 def _check_not_a_sub_module(model: nn.Module, directory: str | os.PathLike, tensors: dict[str, torch.Tensor]) -> None:
@@ -505,8 +581,10 @@ def _check_values(
         )
 
 
-def _load_tensors(model: nn.Module, tensors: dict[str, torch.Tensor], spec, check_finite: bool = True) -> None:
-    _, root, rec = _single_record(model)
+def _load_tensors(
+    model: nn.Module, tensors: dict[str, torch.Tensor], spec, check_finite: bool = True, name: str = DEFAULT_NAME
+) -> None:
+    _, root, rec = _record(model, name, "load_peft")
     expected: dict[str, tuple[int, ...]] = {}
     if rec.model_adapter is not None:
         expected.update({k: tuple(v.shape) for k, v in rec.model_adapter.peft_state(root).items()})

@@ -23,6 +23,7 @@ from torch import nn
 import lightning_adapters as la
 from tests.helpers import SmallCNN, Wrap, tiny_bert, tiny_gpt2, tiny_llama
 from tests.reliability import (
+    rows_combine,
     rows_eva,
     rows_i14lit,
     rows_i15files,
@@ -612,6 +613,7 @@ ROWS += rows_eva.rows(Row)
 ROWS += rows_quant.rows(Row)
 ROWS += rows_scaleout.rows(Row)
 ROWS += rows_multi.rows(Row, _snapshot_into)
+ROWS += rows_combine.rows(Row, _snapshot_into)
 
 
 @pytest.mark.parametrize("row", [pytest.param(r, id=r.id) for r in ROWS])
