@@ -9,7 +9,8 @@ Public API::
     la.inject(model, other_cfg, name="b"); la.set_active(model, ["default", "b"]); la.set_trainable(model, "b")
     la.merge(model); la.unmerge(model); la.eject(model, merge=False)
     with la.disabled(model): ...
-    la.save_peft(model, "dir"); la.load_peft(model, "dir")
+    la.combine(model, {"default": 0.7, "b": 0.3}, name="ab", how="cat"); la.to_lora(model, "b", r=8)
+    la.save_peft(model, "dir"); la.load_peft(model, "dir"); la.load_peft(model, "dir", name="b")
     print(la.summary(model))
 """
 

@@ -187,7 +187,7 @@ def test_readme_several_adapters_code_runs_as_written() -> None:
     from pathlib import Path
 
     text = (Path(__file__).resolve().parents[2] / "README.md").read_text()
-    body = text.split("## Several adapters", 1)[1].split("\n## ", 1)[0]
+    body = text.split("## Several adapters", 1)[1].split("\n## ", 1)[0].split("\n### ", 1)[0]
     (block,) = re.findall(r"```python\n(.*?)```", body, flags=re.S)
     out = io.StringIO()
     with contextlib.redirect_stdout(out):

@@ -259,3 +259,23 @@ def test_to_lora_energy_threshold_keeps_that_fraction_per_layer() -> None:
         assert kept >= 0.9 and (k == 1 or energy[: k - 1].sum() / energy.sum() < 0.9)
         assert model.get_submodule(module).adapter[report.name].r == k
         assert report.errors[module] == pytest.approx(math.sqrt(1 - kept.item()), rel=1e-3)
+
+
+def test_readme_combining_block_runs_as_written() -> None:
+    """The README's "Combining, converting, and PEFT directories" block, executed as written."""
+    import contextlib
+    import io
+    import re
+    from pathlib import Path
+
+    text = (Path(__file__).resolve().parents[2] / "README.md").read_text()
+    body = text.split("### Combining, converting", 1)[1].split("\n## ", 1)[0]
+    (block,) = re.findall(r"```python\n(.*?)```", body, flags=re.S)
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out):
+        exec(compile(block, "README.md", "exec"), {})  # noqa: S102 - the README's own code
+    assert out.getvalue().splitlines() == [
+        "4 True",
+        "['adapter_config.json', 'adapter_model.safetensors', 'b', 'c', 'c_lora', 'mix']",
+        "['default', 'mix'] ['mix']",
+    ]
