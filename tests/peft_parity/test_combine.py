@@ -35,6 +35,10 @@ def _copy_lora(peft_model: nn.Module, model: nn.Module, names: list[str]) -> Non
                     layer = model.get_submodule(mod_name).adapter[n]
                     layer.lora_A.copy_(mod.lora_A[n].weight)
                     layer.lora_B.copy_(mod.lora_B[n].weight)
+                elif n in mod.lora_embedding_A:
+                    layer = model.get_submodule(mod_name).adapter[n]
+                    layer.lora_A.copy_(mod.lora_embedding_A[n])
+                    layer.lora_B.copy_(mod.lora_embedding_B[n])
 
 
 def _pair(rank_b: int = 4, targets_b: tuple[str, ...] = ("q_proj", "k_proj")):
@@ -141,7 +145,7 @@ def test_combine_equals_peft_add_weighted_adapter(how: str, kwargs: dict, monkey
 
 @pytest.mark.parametrize("how", ["cat", "svd"])
 def test_combine_of_other_ranks_and_targets_equals_peft(how: str) -> None:
-    pm, ours = _pair(rank_b=2, targets_b=("q_proj", "o_proj"))
+    pm, ours = _pair(rank_b=2, targets_b=("q_proj", "o_proj", "embed_tokens"))
     weights = {"t2": 1.5, "t1": 0.5}
     pm.add_weighted_adapter(list(weights), list(weights.values()), "ab", combination_type=how)
     la.combine(ours, weights, name="ab", how=how)
@@ -174,6 +178,38 @@ def test_cat_is_exactly_the_weighted_sum_of_the_deltas_and_trains_saves_merges(t
     with torch.no_grad():
         torch.testing.assert_close(ours(x).logits, combined, atol=1e-4, rtol=1e-4)
     la.unmerge(ours)
+
+
+def test_conv_adapters_combine_and_convert_exactly() -> None:
+    from tests.helpers import SmallCNN
+
+    torch.manual_seed(0)
+    model = SmallCNN().eval()
+    la.inject(model, la.LoRAConfig(r=2, alpha=4, target_modules=["conv1", "conv2"]), name="p")
+    la.inject(model, la.LoRAConfig(r=4, alpha=4, target_modules=["conv2", "fc"]), name="q")
+    la.inject(model, la.LoHaConfig(r=2, alpha=4, target_modules=["conv1", "conv2"], init_weights=False), name="h")
+    with torch.no_grad():
+        for n, p in model.named_parameters():
+            if ".adapter.p." in n or ".adapter.q." in n:
+                p.normal_(0, 0.2)
+    x = torch.randn(2, 3, 16, 16)
+    with torch.no_grad():
+        la.set_scale(model, "p", 0.5)
+        la.set_scale(model, "q", -2.0)
+        la.set_active(model, ["p", "q"])
+        stacked = model(x)
+        la.set_scale(model, "p", 1.0)
+        la.set_scale(model, "q", 1.0)
+        la.combine(model, {"p": 0.5, "q": -2.0}, name="pq", how="cat")
+        la.set_active(model, "pq")
+        torch.testing.assert_close(model(x), stacked, atol=1e-5, rtol=1e-5)
+        la.set_active(model, "h")
+        source = model(x)
+        # conv1 ΔW is (8, 3·3·3 = 27), conv2 (16, 8·3·3 = 72): rank 16 holds both.
+        report = la.to_lora(model, "h", r=16)
+        la.set_active(model, report.name)
+        torch.testing.assert_close(model(x), source, atol=1e-5, rtol=1e-5)
+    assert report.error < 1e-5
 
 
 def _loha_pair(decompose: str = "loha"):
