@@ -248,7 +248,7 @@ def _check_lora_source(model: nn.Module, name: str, what: str) -> None:
     if held:
         raise AdapterConfigError(
             f"{what}: adapter {name!r} has {held[0]}, whose extra state has no weighted combination; combine "
-            f"adapters trained without it (or convert this one: lightning_adapters.to_lora(model, {name!r}, r=...))"
+            "adapters trained without it"
         )
     for module_name, _, _, layer in adapter_layers(model, [name]):
         if not isinstance(layer, LoRALayer):

@@ -254,8 +254,8 @@ def save_peft(
                 finite = bool(torch.isfinite(tensors[k]).all())
                 if v.is_floating_point() and not bool(torch.isfinite(v).all()) and finite:
                     raise AdapterStateError(
-                        f"save_peft: tensor {k!r} of adapter {name!r} overflows {dtype} (largest magnitude "
-                        f"{tensors[k].abs().max().item():.4g}); save in torch.float32 or bfloat16"
+                        f"save_peft: tensor {k!r} overflows {dtype} (largest magnitude "
+                        f"{tensors[k].abs().max().item():.4g}) in adapter {name!r}; save in torch.float32 or bfloat16"
                     )
             tensors = cast
         config_bytes = (json.dumps(peft_config, indent=2, sort_keys=True) + "\n").encode()
