@@ -35,7 +35,7 @@ def _plain_init(batches):
 
 def test_eva_in_a_fit_equals_the_plain_entry(tmp_path):
     expected = _plain_init(list(itertools.islice(eva_data(), 4)))
-    ranks = {n: m.adapter.r for n, m in expected.named_modules() if hasattr(m, "adapter")}
+    ranks = {n: m.adapter.default.r for n, m in expected.named_modules() if hasattr(m, "adapter")}
     assert len(set(ranks.values())) > 1  # EVA moved ranks between the three layers
     snap = Snapshot()
     model = BoringMLP()
