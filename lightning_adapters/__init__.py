@@ -39,6 +39,7 @@ from lightning_adapters.core.named import (
     set_scale,
     set_trainable,
 )
+from lightning_adapters.core.routing import per_sample
 from lightning_adapters.core.state import adapter_state_dict, base_fingerprint, load_adapter_state_dict
 from lightning_adapters.errors import (
     AdapterConfigError,
@@ -118,6 +119,7 @@ __all__ = [
     "load_adapter_state_dict",
     "load_peft",
     "merge",
+    "per_sample",
     "save_peft",
     "set_active",
     "set_scale",

@@ -45,6 +45,9 @@ class AdapterLayer(nn.Module):
 
     mergeable: bool = True
     additive: bool = False
+    # Whether ``per_sample`` can split the module's input rows among adapters (its input starts with the batch).
+    routable: bool = True
+    not_routable_reason: str = ""
     # Why a layer with ``additive = False`` cannot act together with another one (completes "... cannot stack: ").
     not_additive_reason: str = "its output is not the base output plus a term of its own"
     # Why a layer with ``mergeable = False`` cannot merge (completes "... is not mergeable: <reason>").
@@ -144,6 +147,8 @@ class AdapterSet(nn.ModuleDict):
     def __init__(self) -> None:
         super().__init__()
         self.active: tuple[str, ...] = ()
+        # Set inside ``per_sample`` (a ``core.routing.Routing``): rows of the batch go to different adapters.
+        self.routing: Any = None
 
     def extra_repr(self) -> str:
         return f"active={list(self.active)}"
@@ -158,6 +163,8 @@ def _call(adapter: nn.Module, base: nn.Module, args: tuple, kwargs: dict) -> Any
 
 def _adapted_forward(self: nn.Module, *args: Any, **kwargs: Any) -> Any:
     adapters = self._modules[ADAPTER_ATTR]
+    if adapters.routing is not None:
+        return adapters.routing.forward(self, adapters, args, kwargs)
     active = adapters.active
     if len(active) == 1:
         # One adapter: its own forward, with every fast path of the method (the single-adapter case).

@@ -50,6 +50,8 @@ class LoRAMultiheadAttentionLayer(AdapterLayer):
     """LoRA factors for ``in_proj_weight`` (``lora_A``, ``lora_B``) and ``out_proj.weight`` (``out_lora_*``)."""
 
     not_additive_reason = "it folds ΔW into the weights nn.MultiheadAttention reads in its own forward"
+    routable = False
+    not_routable_reason = "its query, key, value and masks put the batch first or second (batch_first)"
 
     def __init__(self, base: nn.MultiheadAttention, config: Any, name: str, scale_fn: Any) -> None:
         super().__init__()

@@ -77,6 +77,8 @@ class LoRAParamLayer(AdapterLayer):
     """LoRA factors for some ``nn.Parameter``s of one module (``lora_A[name]``, ``lora_B[name]``)."""
 
     not_additive_reason = "it folds ΔW into parameters the module reads in its own forward"
+    routable = False
+    not_routable_reason = "the module reads the adapted parameters whole, with no batch dimension to split"
 
     def __init__(self, module: nn.Module, names: list[str], config: Any, module_name: str, scale_fn: Any) -> None:
         super().__init__()

@@ -34,6 +34,7 @@ from tests.reliability import (
     rows_i18io,
     rows_multi,
     rows_quant,
+    rows_routing,
     rows_scaleout,
 )
 
@@ -614,6 +615,7 @@ ROWS += rows_quant.rows(Row)
 ROWS += rows_scaleout.rows(Row)
 ROWS += rows_multi.rows(Row, _snapshot_into)
 ROWS += rows_combine.rows(Row, _snapshot_into)
+ROWS += rows_routing.rows(Row, _snapshot_into)
 
 
 @pytest.mark.parametrize("row", [pytest.param(r, id=r.id) for r in ROWS])
