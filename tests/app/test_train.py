@@ -152,7 +152,7 @@ def test_two_cpu_processes(strategy: str, tmp_path: Path, monkeypatch: pytest.Mo
     assert summary["method"] == "lora" and summary["best_metric"] is not None
     for ckpt in (tmp_path / "checkpoints").glob("*.ckpt"):
         state = _adapter_only(ckpt)
-        lora_a = state["backbone.encoder.layer.0.attention.self.query.adapter.lora_A"]
+        lora_a = state["backbone.encoder.layer.0.attention.self.query.adapter.default.lora_A"]
         assert lora_a.shape == (8, 32)  # the full tensor, not one rank's shard
     check_peft_export(tmp_path, "lora")
 

@@ -53,8 +53,8 @@ def test_qlora_with_bitsandbytes_precision(mode: str) -> None:
     q = module.model.model.layers[0].self_attn.q_proj
     assert is_quantized(q) and q.weight.device.type == "cuda"
     assert quant_scheme(q) == ("int8" if mode.startswith("int8") else "nf4")
-    assert q.adapter.lora_A.dtype == torch.float32 and q.adapter.lora_A.device.type == "cuda"
-    assert float(q.adapter.lora_B.abs().max()) > 0  # the adapter trained (B starts at zero)
+    assert q.adapter.default.lora_A.dtype == torch.float32 and q.adapter.default.lora_A.device.type == "cuda"
+    assert float(q.adapter.default.lora_B.abs().max()) > 0  # the adapter trained (B starts at zero)
     ids = next(iter(token_data()))[0].cuda()
     with torch.no_grad():
         start = module.model(ids).logits
