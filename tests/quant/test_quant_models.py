@@ -112,3 +112,19 @@ def test_callback_prepares_kbit_training_and_checkpoints_only_the_adapter(tmp_pa
         assert set(sd) == adapter, path.name
         assert all(v.is_floating_point() for v in sd.values())
         assert not any(k.rsplit(".", 1)[-1] in ("absmax", "quant_map", "SCB", "weight_format") for k in sd)
+
+
+@pytest.mark.parametrize("option", ["nf4", "nf4_double", "fp4", "int8"])
+def test_hydra_quantization_option_quantizes_the_backbone_only(option: str, tmp_path) -> None:
+    from lightning_adapters.train import build
+    from tests.app.conftest import compose_app, tiny
+
+    # (torchao_nf4 needs bigger layers than tiny_bert's: tests/app/test_train.py builds it on the default encoder)
+    cfg = compose_app([*tiny(), f"quantization={option}"], tmp_path)
+    job = build(cfg)
+    layer = job.task.backbone.encoder.layer[0]
+    assert quant_scheme(layer.attention.self.query) == cfg.quantization.scheme
+    assert quant_scheme(layer.output.dense) == cfg.quantization.scheme
+    assert not is_quantized(job.task.head)
+    if option == "nf4_double":
+        assert layer.attention.self.query.weight.quant_state.nested
