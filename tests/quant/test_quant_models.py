@@ -22,21 +22,26 @@ def _ids(seed: int = 0) -> torch.Tensor:
     return torch.randint(0, 128, (2, 8), generator=torch.Generator().manual_seed(seed))
 
 
-@pytest.mark.parametrize("load", ["4bit", "8bit"])
-def test_model_loaded_by_transformers_with_bitsandbytes_config(load: str, tmp_path) -> None:
+@pytest.mark.parametrize("load", ["4bit", "8bit", "torchao_int8"])
+def test_model_loaded_by_transformers_with_a_quantization_config(load: str, tmp_path) -> None:
     from transformers import AutoModelForCausalLM, BitsAndBytesConfig
 
     torch.manual_seed(0)
     tiny_llama().save_pretrained(tmp_path)
-    qc = (
-        BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True)
-        if load == "4bit"
-        else BitsAndBytesConfig(load_in_8bit=True)
-    )
+    if load == "torchao_int8":
+        from torchao.quantization import Int8WeightOnlyConfig
+        from transformers import TorchAoConfig
+
+        qc = TorchAoConfig(Int8WeightOnlyConfig())
+    elif load == "4bit":
+        qc = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True)
+    else:
+        qc = BitsAndBytesConfig(load_in_8bit=True)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         model = AutoModelForCausalLM.from_pretrained(tmp_path, quantization_config=qc, device_map="cpu")
-    assert quant_scheme(model.model.layers[0].self_attn.q_proj) == ("nf4" if load == "4bit" else "int8")
+    expected = {"4bit": "nf4", "8bit": "int8", "torchao_int8": "torchao_int8"}[load]
+    assert quant_scheme(model.model.layers[0].self_attn.q_proj) == expected
     model.train()  # bitsandbytes' training kernels (its eval kernels differ by their own rounding)
     ids = _ids()
     base = model(ids).logits
