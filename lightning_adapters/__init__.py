@@ -12,6 +12,7 @@ Public API::
     la.combine(model, {"default": 0.7, "b": 0.3}, name="ab", how="cat"); la.to_lora(model, "b", r=8)
     la.save_peft(model, "dir"); la.load_peft(model, "dir"); la.load_peft(model, "dir", name="b")
     print(la.summary(model))
+    la.quantize(model, "nf4")          # before inject: a 4-bit base (QLoRA); every method runs on it
 """
 
 from __future__ import annotations

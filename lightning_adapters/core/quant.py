@@ -13,10 +13,12 @@ How a method runs on one: the adapted forward hands the method a *dequantized st
 (``DequantizedLinear``): same ``bias``, ``in_features``/``out_features``, adapter children and ``training`` flag,
 but ``weight`` is the dequantized ``W`` (computed on first use, in the input's dtype) and its ``_la_base_forward``
 is the quantized layer's own forward. So a method's maths is unchanged (``F.linear(x, W)``, ``W + ΔW``, a rotated
-``W``), and the methods that compute the base term with ``_la_base_forward`` use the quantized kernel itself.
-Memory stays that of the quantized base: while the method runs, autograd's saved-tensor hooks store every saved
-view of the dequantized ``W`` as a token and dequantize again in backward (as bitsandbytes' own matmul does), so no
-layer keeps a full-precision copy of its weight between forward and backward.
+``W``). Where no gradient has to flow back to the input through the base (``runs_own_kernel``), methods take the
+base term from the quantized layer's own kernel (``base_linear``), so the output is exactly the quantized model's;
+LoRA and AdaLoRA train through ``kernels.quantized``. Memory stays that of the quantized base: while the method
+runs, autograd's saved-tensor hooks store every saved view of the dequantized ``W`` as a token and dequantize again
+in backward (as bitsandbytes' own matmul does), so no layer keeps a full-precision copy of its weight between
+forward and backward. bitsandbytes 4-bit layers keep their storage layout (see ``_bnb_4bit_state``).
 
 Merging: ``W`` is dequantized (float32), the method merges into it as into any float base, and the result is
 quantized again with the layer's own settings (``requantize_``); the largest absolute change that re-quantizing
@@ -26,6 +28,7 @@ refused unless the quantized weight from before the merge was kept (``QuantizedW
 
 from __future__ import annotations
 
+import copy
 import sys
 from dataclasses import dataclass
 from typing import Any
@@ -257,8 +260,6 @@ class QuantizedWeight:
         if _pending(module):
             return cls("pending", {"data": module.weight.data.clone()})
         if scheme in ("nf4", "fp4"):
-            import copy
-
             state = _bnb_4bit_state(module)
             return cls(scheme, {"data": module.weight.data.clone(), "state": copy.deepcopy(state)})
         if scheme == "int8":
@@ -310,9 +311,6 @@ class DequantizedLinear(nn.Linear):
         # bitsandbytes returns a view made inside its autograd Function, which the methods' in-place sums may not
         # write to (PEFT clones it too).
         return out.clone() if isinstance(out, torch.Tensor) and out._is_view() else out
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.linear(x, self.weight, self.bias)
 
 
 def quantized_base(base: nn.Module) -> nn.Module | None:

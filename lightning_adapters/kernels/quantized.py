@@ -19,6 +19,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from lightning_adapters.core.quant import dequantized_weight
+from lightning_adapters.kernels.lowrank import thin_cols_product, thin_rows_product
 
 
 def quantized_lowrank_applies(x: torch.Tensor, A: torch.Tensor) -> bool:
@@ -51,7 +52,8 @@ class _QuantizedLowRankLinear(torch.autograd.Function):
         out_f, in_f = w.shape
         x2 = x.reshape(-1, in_f)  # (N, in)
         a_in = x2 if xd is None else xd.reshape(-1, in_f)  # (N, in) adapter input
-        h_t = torch.mm(A, a_in.t()) if ctx.needs_input_grad[4] or xd is not None else None  # (r, N)
+        need_h = ctx.needs_input_grad[4] or xd is not None
+        h_t = thin_cols_product(A, a_in) if need_h else None  # (r, N), thin side first
         if xd is None:
             y = F.linear(x2, w.addmm_(B, A, alpha=scale), bias)  # x (W + s·B·A)ᵀ: one product over the rows
         else:
@@ -72,7 +74,8 @@ class _QuantizedLowRankLinear(torch.autograd.Function):
         a_in = x2 if a_in is None else a_in
         g = gy.reshape(-1, B.shape[0])  # (N, out)
         gx = gxd = gbias = ga = gb = None
-        dh = torch.mm(g, B).mul_(s) if need_a or need_xd else None  # (N, r) = s · g B
+        # Rank-r products thin side first (kernels.lowrank): ∂h = s·g B computed as (r, N), used as (N, r).
+        dh = thin_cols_product(B.t(), g).mul_(s).t() if need_a or need_xd else None
         if need_x:
             w = dequantized_weight(ctx.module, g.dtype)  # dequantized again: never kept since forward
             if not ctx.has_xd:
@@ -83,7 +86,7 @@ class _QuantizedLowRankLinear(torch.autograd.Function):
         if need_bias:
             gbias = g.sum(0)
         if need_a:
-            ga = torch.mm(dh.t(), a_in)  # (r, in)
+            ga = thin_rows_product(dh, a_in)  # (r, in)
         if need_b:
-            gb = torch.mm(g.t(), h_t.t()).mul_(s)  # (out, r)
+            gb = thin_rows_product(h_t.t(), g).mul_(s).t()  # (r, out) product, returned as (out, r)
         return gx, gxd, gbias, ga, gb, None, None

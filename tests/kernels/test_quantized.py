@@ -17,16 +17,17 @@ pytest.importorskip("bitsandbytes")
 
 @pytest.mark.parametrize("scheme", ["nf4", "int8"])
 @pytest.mark.parametrize("dropout", [False, True])
-def test_equals_plain_autograd(scheme: str, dropout: bool) -> None:
+@pytest.mark.parametrize("rows", [7, 256], ids=["rows21", "rows768"])  # both sides of lowrank.row_chunks' split
+def test_equals_plain_autograd(scheme: str, dropout: bool, rows: int) -> None:
     torch.manual_seed(0)
     layer = la.quantize(nn.Sequential(nn.Linear(96, 40)), scheme, skip=[])[0]
     g = torch.Generator().manual_seed(1)
-    x = torch.randn(3, 7, 96, generator=g, requires_grad=True)
+    x = torch.randn(3, rows, 96, generator=g, requires_grad=True)
     xd = (x * (torch.rand(x.shape, generator=g) > 0.3)).detach().requires_grad_(True) if dropout else None
     A = torch.randn(4, 96, generator=g, requires_grad=True)
     B = torch.randn(40, 4, generator=g, requires_grad=True)
     bias = torch.randn(40, generator=g, requires_grad=True)
-    gy = torch.randn(3, 7, 40, generator=g)
+    gy = torch.randn(3, rows, 40, generator=g)
     y = quantized_lowrank_linear(x, xd, bias, A, B, 0.5, layer)
     ins = [t for t in (x, xd, A, B, bias) if t is not None]
     grads = torch.autograd.grad(y, ins, gy)
