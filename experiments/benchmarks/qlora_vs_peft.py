@@ -45,7 +45,7 @@ def base_weight_bytes(model: nn.Module) -> dict[str, int]:
     from lightning_adapters.core.quant import is_quantized
 
     quantized = fp32 = 0
-    for name, m in model.named_modules():
+    for m in model.modules():
         if not is_quantized(m):
             continue
         sd = m.state_dict()
