@@ -10,8 +10,8 @@ from __future__ import annotations
 import dataclasses
 import math
 import re
-from dataclasses import dataclass
-from typing import Any
+from dataclasses import dataclass, field
+from typing import Any, ClassVar
 
 from lightning_adapters.errors import AdapterConfigError
 
@@ -218,11 +218,20 @@ def peft_layer_selection(d: dict[str, Any]) -> dict[str, Any]:
     }
 
 
+def pattern_value(pattern: dict[str, Any], module_name: str, default: Any) -> Any:
+    """PEFT's ``rank_pattern``/``alpha_pattern`` lookup: the value of the first key matching the end of the module
+    name (``(.*\\.)?(key)$``), else ``default``."""
+    for key, value in pattern.items():
+        if re.match(rf"(.*\.)?({key})$", module_name):
+            return value
+    return default
+
+
 def pattern_dict(value: Any, name: str, method: str, *, regex_keys: bool = True) -> dict:
     """Validate a ``{module regex: value}`` override dict (``rank_pattern``, ``alpha_pattern``).
 
     With ``regex_keys`` every key must be a string that compiles in the form it is matched in
-    (``(.*\\.)?(key)$``, see ``methods._common.pattern_value``); AdaLoRA's rank masks are keyed by exact names.
+    (``(.*\\.)?(key)$``, see ``pattern_value``); AdaLoRA's rank masks are keyed by exact names.
     """
     if value is None:
         return {}
@@ -240,14 +249,57 @@ def pattern_dict(value: Any, name: str, method: str, *, regex_keys: bool = True)
     return out
 
 
+@dataclass
+class LowRankConfig(AdapterConfig):
+    """The rank and scaling fields of the low-rank methods (LoRA, LoHa, LoKr), validated once for all of them.
+
+    A subclass sets ``method_name`` (the name its errors start with) and documents these fields in its own words.
+
+    Attributes:
+        r: Rank of the update.
+        alpha: Scaling numerator.
+        rank_pattern: ``{module regex: r}`` per-module ranks: the first key that matches the end of a module's name
+            (PEFT's rule) gives that module's rank.
+        alpha_pattern: ``{module regex: alpha}`` per-module alphas, matched the same way.
+    """
+
+    method_name: ClassVar[str] = "low-rank"
+
+    r: int = 8
+    alpha: float = 8.0
+    rank_pattern: dict[str, int] = field(default_factory=dict)
+    alpha_pattern: dict[str, float] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        check_positive_int(self.r, "r", self.method_name)
+        check_positive_float(self.alpha, "alpha", self.method_name)
+        self.rank_pattern = pattern_dict(self.rank_pattern, "rank_pattern", self.method_name)
+        self.alpha_pattern = pattern_dict(self.alpha_pattern, "alpha_pattern", self.method_name)
+        for k, v in self.rank_pattern.items():
+            check_positive_int(v, f"rank_pattern[{k!r}]", self.method_name)
+        for k, v in self.alpha_pattern.items():
+            check_positive_float(v, f"alpha_pattern[{k!r}]", self.method_name)
+
+    def rank_for(self, module_name: str) -> int:
+        """The rank of the module called ``module_name``: its ``rank_pattern`` entry, else ``r``."""
+        return int(pattern_value(self.rank_pattern, module_name, self.r))
+
+    def alpha_for(self, module_name: str) -> float:
+        """The alpha of the module called ``module_name``: its ``alpha_pattern`` entry, else ``alpha``."""
+        return float(pattern_value(self.alpha_pattern, module_name, self.alpha))
+
+
 __all__ = [
     "AdapterConfig",
+    "LowRankConfig",
     "check_choice",
     "check_positive_float",
     "check_positive_int",
     "check_probability",
     "check_regex",
     "pattern_dict",
+    "pattern_value",
     "peft_bias",
     "peft_layer_selection",
 ]

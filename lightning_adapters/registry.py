@@ -136,7 +136,7 @@ class ModelAdapter(abc.ABC):
 
     @abc.abstractmethod
     def apply_dtype(self, root: nn.Module, config: AdapterConfig) -> None:
-        """Cast the instance's tensors to the adapter dtype policy (``core.inject.adapter_dtype_for``)."""
+        """Cast the instance's tensors to the adapter dtype policy (``core.dtypes.adapter_dtype_for``)."""
         ...
 
     @abc.abstractmethod

@@ -24,6 +24,7 @@ import torch
 from torch import nn
 
 from lightning_adapters.config import AdapterConfig
+from lightning_adapters.core.dtypes import adapter_dtype_for
 from lightning_adapters.core.layer import (
     ADAPTER_ATTR,
     DEFAULT_NAME,
@@ -259,15 +260,6 @@ def _resolve_modules_to_save(model: nn.Module, config: AdapterConfig, method: st
     if missing:
         raise TargetError(f"{method}: modules_to_save entries {missing} match no module of the model")
     return names
-
-
-def adapter_dtype_for(base_dtype: torch.dtype, config: AdapterConfig) -> torch.dtype:
-    """The dtype policy: an explicit ``adapter_dtype``, else fp32 on a half-precision base, else the base's."""
-    if config.adapter_dtype is not None:
-        return getattr(torch, config.adapter_dtype)
-    if base_dtype in (torch.float16, torch.bfloat16):
-        return torch.float32
-    return base_dtype if base_dtype.is_floating_point else torch.float32
 
 
 def _base_dtype(module: nn.Module) -> torch.dtype:

@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import math
-import re
-from typing import Any
 
 import torch
 from torch import nn
@@ -46,14 +44,6 @@ def weight_as_out_in(base: nn.Module) -> torch.Tensor:
     """The base weight as ``(out, in)`` (a transposed view for Conv1D, unchanged for others)."""
     w = base.weight
     return w.t() if layer_kind(base) == "conv1d_t" else w
-
-
-def pattern_value(pattern: dict[str, Any], module_name: str, default: Any) -> Any:
-    """PEFT's ``rank_pattern``/``alpha_pattern`` lookup: the first key matching the end of the module name."""
-    for key, value in pattern.items():
-        if re.match(rf"(.*\.)?({key})$", module_name):
-            return value
-    return default
 
 
 def kaiming_uniform_(t: torch.Tensor) -> torch.Tensor:

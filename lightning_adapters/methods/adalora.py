@@ -61,11 +61,13 @@ from lightning_adapters.config import (
     peft_bias,
     peft_layer_selection,
 )
+from lightning_adapters.core.dtypes import working_dtype
 from lightning_adapters.core.inject import adapted_modules, find_records
 from lightning_adapters.core.layer import AdapterLayer
 from lightning_adapters.core.quant import quantized_base, runs_own_kernel
 from lightning_adapters.core.targeting import LINEAR_TYPES
 from lightning_adapters.errors import AdapterConfigError, AdapterStateError
+from lightning_adapters.interop.peft_fields import check_peft_fields
 from lightning_adapters.kernels.lowrank import fused_linear_applies, lowrank_linear
 from lightning_adapters.kernels.quantized import quantized_lowrank_applies, quantized_lowrank_linear
 from lightning_adapters.methods._common import add_delta_, check_rank, in_out_features, layer_kind
@@ -259,7 +261,7 @@ class AdaLoRALayer(AdapterLayer):
         self.r, self.alpha = r, float(config.alpha)
         self.dropout_p = float(config.dropout)
         dev = base.weight.device
-        dt = torch.float32 if base.weight.dtype in (torch.float16, torch.bfloat16) else base.weight.dtype
+        dt = working_dtype(base.weight.dtype)
         self.lora_A = nn.Parameter(torch.empty(r, in_f, device=dev, dtype=dt))
         self.lora_B = nn.Parameter(torch.empty(out_f, r, device=dev, dtype=dt))
         self.lora_E = nn.Parameter(torch.empty(r, 1, device=dev, dtype=dt))
@@ -877,23 +879,8 @@ def _peft_config_extra(root: nn.Module) -> dict[str, Any]:
     return out
 
 
-_UNSUPPORTED_PEFT = {
-    "use_dora": False,
-    "layer_replication": None,
-    "target_parameters": None,
-    "trainable_token_indices": None,
-    "loftq_config": {},
-    "megatron_config": None,
-}
-
-
 def _from_peft(d: dict[str, Any]) -> AdaLoRAConfig:
-    for k, neutral in _UNSUPPORTED_PEFT.items():
-        if d.get(k, neutral) not in (neutral, None, [], {}):
-            raise AdapterConfigError(
-                f"adalora: PEFT option {k}={d[k]!r} is not supported by lightning_adapters; "
-                f"only {k}={neutral!r} adapters can be loaded"
-            )
+    check_peft_fields("adalora", d)
     pattern = {module_name_from_peft_key(k): list(v) for k, v in (d.get("rank_pattern") or {}).items()}
     alpha = d.get("lora_alpha", 8)
     init_r = d.get("init_r", 12)

@@ -48,6 +48,7 @@ from lightning_adapters.config import (
     peft_bias,
     peft_layer_selection,
 )
+from lightning_adapters.core.dtypes import working_dtype
 from lightning_adapters.core.layer import AdapterLayer
 from lightning_adapters.core.quant import base_linear, quantized_base
 from lightning_adapters.errors import AdapterConfigError
@@ -205,7 +206,7 @@ class BOFTLayer(AdapterLayer):
         self.dropout_p = float(config.boft_dropout)
         out = base.weight.shape[0]
         dev = base.weight.device
-        dt = torch.float32 if base.weight.dtype in (torch.float16, torch.bfloat16) else base.weight.dtype
+        dt = working_dtype(base.weight.dtype)
         self.boft_R = nn.Parameter(torch.zeros(m, self.block_num, b, b, device=dev, dtype=dt))
         s_shape = (1, out) if self.kind == "conv2d" else (out, 1)
         self.boft_s = nn.Parameter(torch.ones(s_shape, device=dev, dtype=dt))
@@ -222,7 +223,7 @@ class BOFTLayer(AdapterLayer):
     def factor_blocks(self, dtype: torch.dtype | None = None, dropout: bool = False) -> list[torch.Tensor]:
         """The orthogonal blocks ``Q_i`` (N, b, b) of every factor ``i``, in PEFT's block order."""
         raw = self.boft_R
-        cd = dtype or (torch.float32 if raw.dtype in (torch.float16, torch.bfloat16) else raw.dtype)
+        cd = dtype or working_dtype(raw.dtype)
         raw = raw.to(cd)
         skew = 0.5 * (raw - raw.transpose(-1, -2))  # (m, N, b, b)
         q = cayley(skew.reshape(-1, self.block_size, self.block_size)).reshape(skew.shape)

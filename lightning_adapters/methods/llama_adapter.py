@@ -48,7 +48,7 @@ import torch
 from torch import nn
 
 from lightning_adapters.config import AdapterConfig, check_positive_int
-from lightning_adapters.core.inject import adapter_dtype_for
+from lightning_adapters.core.dtypes import adapter_dtype_for
 from lightning_adapters.core.layer import AdapterSet
 from lightning_adapters.core.quant import is_quantized
 from lightning_adapters.core.targeting import Conv1D

@@ -37,21 +37,19 @@ same ``ΔW``.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import torch
 from torch import nn
 
 from lightning_adapters.config import (
-    AdapterConfig,
+    LowRankConfig,
     check_choice,
-    check_positive_float,
-    check_positive_int,
     check_probability,
-    pattern_dict,
     peft_layer_selection,
 )
+from lightning_adapters.core.dtypes import working_dtype
 from lightning_adapters.core.layer import AdapterLayer
 from lightning_adapters.core.quant import runs_own_kernel
 from lightning_adapters.core.targeting import LINEAR_TYPES
@@ -63,14 +61,13 @@ from lightning_adapters.methods._common import (
     in_out_features,
     kaiming_uniform_,
     layer_kind,
-    pattern_value,
 )
 from lightning_adapters.methods._lycoris import cp_factor, module_dropped, rank_dropout_multipliers
 from lightning_adapters.registry import LayerMethod, register
 
 
 @dataclass
-class LoHaConfig(AdapterConfig):
+class LoHaConfig(LowRankConfig):
     """LoHa hyper-parameters (the same names as PEFT's ``LoHaConfig``).
 
     Attributes:
@@ -85,29 +82,19 @@ class LoHaConfig(AdapterConfig):
         alpha_pattern: ``{module regex: alpha}`` per-module alphas.
     """
 
-    r: int = 8
-    alpha: float = 8.0
+    method_name = "loha"
+
     rank_dropout: float = 0.0
     module_dropout: float = 0.0
     use_effective_conv2d: bool = False
     init_weights: Any = True
-    rank_pattern: dict[str, int] = field(default_factory=dict)
-    alpha_pattern: dict[str, float] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        check_positive_int(self.r, "r", "loha")
-        check_positive_float(self.alpha, "alpha", "loha")
         check_probability(self.rank_dropout, "rank_dropout", "loha")
         check_probability(self.module_dropout, "module_dropout", "loha")
         check_choice(self.use_effective_conv2d, "use_effective_conv2d", "loha", (True, False))
         check_choice(self.init_weights, "init_weights", "loha", (True, False))
-        self.rank_pattern = pattern_dict(self.rank_pattern, "rank_pattern", "loha")
-        self.alpha_pattern = pattern_dict(self.alpha_pattern, "alpha_pattern", "loha")
-        for k, v in self.rank_pattern.items():
-            check_positive_int(v, f"rank_pattern[{k!r}]", "loha")
-        for k, v in self.alpha_pattern.items():
-            check_positive_float(v, f"alpha_pattern[{k!r}]", "loha")
 
 
 # ------------------------------------------------------------------------------------------------------------
@@ -165,15 +152,15 @@ class LoHaLayer(AdapterLayer):
         super().__init__()
         self.kind = layer_kind(base)
         in_f, out_f = in_out_features(base)
-        r = int(pattern_value(config.rank_pattern, name, config.r))
+        r = config.rank_for(name)
         check_rank(r, (base.weight.numel() // out_f, out_f), name, "loha")
-        alpha = float(pattern_value(config.alpha_pattern, name, config.alpha))
+        alpha = config.alpha_for(name)
         self.r, self.alpha, self.scale = r, alpha, alpha / r
         self.rank_dropout = float(config.rank_dropout)
         self.module_dropout = float(config.module_dropout)
         self.in_features, self.out_features = in_f, out_f
         dev = base.weight.device
-        dt = torch.float32 if base.weight.dtype in (torch.float16, torch.bfloat16) else base.weight.dtype
+        dt = working_dtype(base.weight.dtype)
         self.use_cp = False
         n_in = in_f
         if self.kind in ("conv1d", "conv2d"):

@@ -32,7 +32,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -40,19 +40,19 @@ import torch.nn.functional as F
 from torch import nn
 
 from lightning_adapters.config import (
-    AdapterConfig,
+    LowRankConfig,
     check_choice,
-    check_positive_float,
     check_positive_int,
     check_probability,
-    pattern_dict,
     peft_bias,
     peft_layer_selection,
 )
+from lightning_adapters.core.dtypes import working_dtype
 from lightning_adapters.core.layer import AdapterLayer
 from lightning_adapters.core.quant import base_linear, quantized_base, runs_own_kernel
 from lightning_adapters.core.targeting import LINEAR_TYPES
 from lightning_adapters.errors import AdapterConfigError, AdapterStateError, NotMergeableError
+from lightning_adapters.interop.peft_fields import check_peft_fields
 from lightning_adapters.kernels.lowrank import fused_linear_applies, lowrank_linear
 from lightning_adapters.kernels.quantized import quantized_lowrank_applies, quantized_lowrank_linear
 from lightning_adapters.methods import lora_data, lora_eva, lora_init, lora_mha, lora_params, trainable_tokens
@@ -63,7 +63,6 @@ from lightning_adapters.methods._common import (
     in_out_features,
     kaiming_uniform_,
     layer_kind,
-    pattern_value,
     restore_rows_,
     stash_rows,
     weight_as_out_in,
@@ -73,7 +72,7 @@ from lightning_adapters.registry import LayerMethod, register
 
 
 @dataclass
-class LoRAConfig(AdapterConfig):
+class LoRAConfig(LowRankConfig):
     """LoRA hyper-parameters (PEFT's ``LoraConfig`` names in brackets where they differ).
 
     Attributes:
@@ -127,8 +126,8 @@ class LoRAConfig(AdapterConfig):
             transformers MoE blocks (one LoRA per expert; see ``methods.lora_params``).
     """
 
-    r: int = 8
-    alpha: float = 8.0
+    method_name = "lora"
+
     dropout: float = 0.0
     use_rslora: bool = False
     use_dora: bool = False
@@ -143,8 +142,6 @@ class LoRAConfig(AdapterConfig):
     loftq_bits: int = 4
     loftq_iter: int = 1
     init_batches: int = 4
-    rank_pattern: dict[str, int] = field(default_factory=dict)
-    alpha_pattern: dict[str, float] = field(default_factory=dict)
     grouped_conv_layout: str = "mergeable"
     trainable_token_indices: Any = None
     bias: str = "none"
@@ -168,8 +165,6 @@ class LoRAConfig(AdapterConfig):
             )
         if only_params:
             self.target_modules = []
-        check_positive_int(self.r, "r", "lora")
-        check_positive_float(self.alpha, "alpha", "lora")
         check_probability(self.dropout, "dropout", "lora")
         lora_init.check_init_weights(self.init_weights)
         trainable_tokens.check_indices(self.trainable_token_indices, "lora")
@@ -193,12 +188,6 @@ class LoRAConfig(AdapterConfig):
         lora_eva.check_options(self)
         check_choice(self.loftq_bits, "loftq_bits", "lora", lora_init.LOFTQ_BITS)
         check_positive_int(self.loftq_iter, "loftq_iter", "lora")
-        self.rank_pattern = pattern_dict(self.rank_pattern, "rank_pattern", "lora")
-        self.alpha_pattern = pattern_dict(self.alpha_pattern, "alpha_pattern", "lora")
-        for k, v in self.rank_pattern.items():
-            check_positive_int(v, f"rank_pattern[{k!r}]", "lora")
-        for k, v in self.alpha_pattern.items():
-            check_positive_float(v, f"alpha_pattern[{k!r}]", "lora")
         if self.init_weights == "orthogonal":
             odd = {"r": self.r} if self.r % 2 else {}
             odd.update({f"rank_pattern[{k!r}]": v for k, v in self.rank_pattern.items() if v % 2})
@@ -305,10 +294,10 @@ class LoRALayer(AdapterLayer):
         super().__init__()
         self.kind = layer_kind(base)
         in_f, out_f = in_out_features(base)
-        r = int(pattern_value(config.rank_pattern, name, config.r))
+        r = config.rank_for(name)
         k_numel = math.prod(base.kernel_size) if self.kind in CONV_KINDS else 1
         check_rank(r, (in_f * k_numel, out_f), name, "lora")
-        alpha = float(pattern_value(config.alpha_pattern, name, config.alpha))
+        alpha = config.alpha_for(name)
         self.r, self.alpha = r, alpha
         self.use_rslora = bool(config.use_rslora)
         self.scale = lora_scale(alpha, r, self.use_rslora)
@@ -319,7 +308,7 @@ class LoRALayer(AdapterLayer):
         self.not_additive_reason = "DoRA rescales every output row of W + ΔW by its learned magnitude"
         self.in_features, self.out_features = in_f, out_f
         dev = base.weight.device
-        dt = torch.float32 if base.weight.dtype in (torch.float16, torch.bfloat16) else base.weight.dtype
+        dt = working_dtype(base.weight.dtype)
         self.groups = 1
         self.name = name
         # PEFT's grouped-conv layer (A ungrouped, B grouped): see LoRAConfig.grouped_conv_layout.
@@ -871,23 +860,8 @@ def _to_peft(cfg: LoRAConfig) -> dict[str, Any]:
     }
 
 
-_UNSUPPORTED_PEFT_LORA = {
-    "layer_replication": None,
-    "alora_invocation_tokens": None,
-    "use_qalora": False,
-    "use_bdlora": None,
-    "arrow_config": None,
-    "megatron_config": None,
-}
-
-
 def _from_peft(d: dict[str, Any]) -> LoRAConfig:
-    for k, neutral in _UNSUPPORTED_PEFT_LORA.items():
-        if d.get(k, neutral) not in (neutral, [], {}):
-            raise AdapterConfigError(
-                f"lora: PEFT option {k}={d[k]!r} is not supported by lightning_adapters; "
-                f"only {k}={neutral!r} adapters can be loaded"
-            )
+    check_peft_fields("lora", d)
     init = lora_init.init_from_peft(d.get("init_lora_weights", True))
     loftq = d.get("loftq_config") or {}
     return LoRAConfig(

@@ -28,6 +28,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from lightning_adapters.core.dtypes import working_dtype
 from lightning_adapters.core.layer import AdapterLayer
 from lightning_adapters.errors import AdapterConfigError
 from lightning_adapters.methods._common import (
@@ -35,7 +36,6 @@ from lightning_adapters.methods._common import (
     check_rank,
     compute_dtype,
     kaiming_uniform_,
-    pattern_value,
 )
 
 _KEYS = {
@@ -77,16 +77,16 @@ class LoRAMultiheadAttentionLayer(AdapterLayer):
                 "use True, False or 'gaussian' there (exclude_modules for the others)"
             )
         e = base.embed_dim
-        r = int(pattern_value(config.rank_pattern, name, config.r))
+        r = config.rank_for(name)
         check_rank(r, (e, 3 * e), name, "lora")
-        alpha = float(pattern_value(config.alpha_pattern, name, config.alpha))
+        alpha = config.alpha_for(name)
         self.kind = "mha"
         self.name = name
         self.r, self.alpha = r, alpha
         self.scale = scale_fn(alpha, r, config.use_rslora)
         self.use_dora = False
         w = base.in_proj_weight
-        dt = torch.float32 if w.dtype in (torch.float16, torch.bfloat16) else w.dtype
+        dt = working_dtype(w.dtype)
         self.lora_A = nn.Parameter(torch.empty(r, e, device=w.device, dtype=dt))
         self.lora_B = nn.Parameter(torch.empty(3 * e, r, device=w.device, dtype=dt))
         self.out_lora_A = nn.Parameter(torch.empty(r, e, device=w.device, dtype=dt))

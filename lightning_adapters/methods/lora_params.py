@@ -26,9 +26,10 @@ from typing import Any
 import torch
 from torch import nn
 
+from lightning_adapters.core.dtypes import working_dtype
 from lightning_adapters.core.layer import AdapterLayer
 from lightning_adapters.errors import AdapterConfigError, TargetError
-from lightning_adapters.methods._common import check_finite, compute_dtype, kaiming_uniform_, pattern_value
+from lightning_adapters.methods._common import check_finite, compute_dtype, kaiming_uniform_
 
 
 def check_target_parameters(value: Any) -> None:
@@ -112,12 +113,12 @@ class LoRAParamLayer(AdapterLayer):
                     f"lora: target_parameters selects {full!r}, a {w.dim()}-D parameter; only 2-D and 3-D (stacked "
                     "experts) parameters can take LoRA"
                 )
-            r = int(pattern_value(config.rank_pattern, full, config.r))
-            alpha = float(pattern_value(config.alpha_pattern, full, config.alpha))
+            r = config.rank_for(full)
+            alpha = config.alpha_for(full)
             self.scales[n] = scale_fn(alpha, r, config.use_rslora)
             f = _Factors(tuple(w.shape), transposed, r)
             self._factors[n] = f
-            dt = torch.float32 if w.dtype in (torch.float16, torch.bfloat16) else w.dtype
+            dt = working_dtype(w.dtype)
             A = torch.empty(f.a_shape, device=w.device, dtype=dt)
             B = torch.empty(f.b_shape, device=w.device, dtype=dt)
             with torch.no_grad():

@@ -54,6 +54,7 @@ from lightning_adapters.config import (
     peft_bias,
     peft_layer_selection,
 )
+from lightning_adapters.core.dtypes import working_dtype
 from lightning_adapters.core.layer import AdapterLayer
 from lightning_adapters.core.quant import base_linear, quantized_base
 from lightning_adapters.errors import AdapterConfigError
@@ -228,7 +229,7 @@ class OFTLayer(AdapterLayer):
         self.coft, self.eps = config.coft, float(config.eps)
         self.module_dropout = float(config.module_dropout)
         b = self.block_size
-        dt = torch.float32 if base.weight.dtype in (torch.float16, torch.bfloat16) else base.weight.dtype
+        dt = working_dtype(base.weight.dtype)
         n_param_blocks = 1 if self.block_share else self.r
         self.oft_R = nn.Parameter(torch.zeros(n_param_blocks, b * (b - 1) // 2, device=base.weight.device, dtype=dt))
         if config.init_weights is False:
@@ -252,7 +253,7 @@ class OFTLayer(AdapterLayer):
     def rotation_blocks(self, dtype: torch.dtype | None = None, dropout: bool = False) -> torch.Tensor:
         """The ``r`` rotation blocks (r, b, b) of ``R_bd`` (shared blocks repeated), in ``dtype``."""
         w = self.effective_params()
-        cd = dtype or (torch.float32 if w.dtype in (torch.float16, torch.bfloat16) else w.dtype)
+        cd = dtype or working_dtype(w.dtype)
         q = skew_symmetric(w.to(cd), self.rows, self.cols, self.block_size)  # (n, b, b)
         rot = cayley_neumann(q, self.num_terms) if self.use_cayley_neumann else cayley(q)
         if self.block_share:
