@@ -33,6 +33,7 @@ from lightning_adapters.core.inject import (
 )
 from lightning_adapters.core.layer import DEFAULT_NAME
 from lightning_adapters.core.named import delete
+from lightning_adapters.core.report import StateReport
 from lightning_adapters.core.state import value_problem
 from lightning_adapters.errors import AdapterConfigError, AdapterStateError
 from lightning_adapters.interop.peft_fields import check_peft_fields
@@ -614,22 +615,10 @@ def _load_tensors(
         if key in tensors:
             base_layer_keys[key] = base
             expected[key] = tuple(base.weight.shape)
-    missing = sorted(set(expected) - set(tensors))
-    unexpected = sorted(set(tensors) - set(expected))
-    bad = {
-        k: (tuple(tensors[k].shape), s) for k, s in expected.items() if k in tensors and tuple(tensors[k].shape) != s
-    }
-    if missing or unexpected or bad:
-        parts = []
-        if missing:
-            parts.append(f"missing {missing[:8]}{' ...' if len(missing) > 8 else ''}")
-        if unexpected:
-            parts.append(f"unexpected {unexpected[:8]}{' ...' if len(unexpected) > 8 else ''}")
-        if bad:
-            parts.append("mis-shaped " + ", ".join(f"{k}: file {f}, model {e}" for k, (f, e) in list(bad.items())[:8]))
+    report = StateReport.compare(tensors, expected)
+    if report:
         raise AdapterStateError(
-            f"PEFT {spec.peft_type} adapter does not fit the model: "
-            + "; ".join(parts)
+            f"PEFT {spec.peft_type} adapter does not fit the model: {report.describe(given='file')}"
             + ". Check the adapter was trained on this base model architecture"
         )
     _check_values(root, rec, tensors, expected, spec, check_finite)

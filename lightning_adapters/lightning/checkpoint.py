@@ -27,6 +27,7 @@ from torch import nn
 from lightning_adapters.config import AdapterConfig
 from lightning_adapters.core.inject import check_module, eject, find_records, inject, known_names
 from lightning_adapters.core.layer import ADAPTER_ATTR
+from lightning_adapters.core.report import StateReport, key_list
 from lightning_adapters.core.state import base_fingerprint, load_adapter_state_dict, name_free_keys
 from lightning_adapters.errors import AdapterConfigError, AdapterStateError
 from lightning_adapters.lightning.scope import inner_config
@@ -45,11 +46,6 @@ FORMAT_VERSION = 1
 
 def _shape(t: Any) -> list[int]:
     return [int(s) for s in t.shape]
-
-
-def _list(keys: list[str], limit: int = 6) -> str:
-    keys = sorted(keys)
-    return f"{keys[:limit]}{f' and {len(keys) - limit} more' if len(keys) > limit else ''}"
 
 
 def expected_shapes(
@@ -110,9 +106,9 @@ def filter_checkpoint(checkpoint: dict[str, Any], meta: dict[str, Any], saved: C
                 + "; ".join(
                     part
                     for part in (
-                        f"missing {_list(missing)}" if missing else "",
+                        f"missing {key_list(missing, 6)}" if missing else "",
                         f"partial or empty tensors {bad[:6]}" if bad else "",
-                        f"still-sharded tensors {_list(sharded)}" if sharded else "",
+                        f"still-sharded tensors {key_list(sharded, 6)}" if sharded else "",
                     )
                     if part
                 )
@@ -270,47 +266,24 @@ def validate_checkpoint(
     meta = checkpoint.get(METADATA_KEY)
     if meta is not None:
         check_metadata(meta, method, config.to_dict(), fingerprint)
-        saved = meta.get("adapter_shapes", {})
-        missing = sorted(set(expected) - set(saved))
-        extra = sorted(set(saved) - set(expected))
-        bad = [f"{k}: checkpoint {saved[k]}, model {v}" for k, v in expected.items() if k in saved and saved[k] != v]
-        if missing or extra or bad:
+        report = StateReport.compare(meta.get("adapter_shapes", {}), expected)
+        if report:
             raise AdapterStateError(
-                "the checkpoint's adapter does not fit this model: "
-                + "; ".join(
-                    p
-                    for p in (
-                        f"missing {_list(missing)}" if missing else "",
-                        f"unexpected {_list(extra)}" if extra else "",
-                        f"mis-shaped {bad[:6]}" if bad else "",
-                    )
-                    if p
-                )
-                + ". Resume with the model and config the checkpoint was trained with"
+                f"the checkpoint's adapter does not fit this model: {report.describe(given='checkpoint')}. Resume "
+                "with the model and config the checkpoint was trained with"
             )
     # Sharded strategies have already loaded the tensors and removed "state_dict" from the checkpoint.
     if "state_dict" not in checkpoint and _strategy_loads_state(pl_module):
         return
     state = check_state_entry(checkpoint, "the checkpoint")
-    model_keys = set(pl_module.state_dict())
-    missing = [k for k in expected if k not in state]
-    unknown = [k for k in state if k not in model_keys]
-    bad = [f"{k}: {_shape(state[k])} vs {v}" for k, v in expected.items() if k in state and _shape(state[k]) != v]
-    if missing or unknown or bad:
+    # Other tensors of the model may be in the checkpoint too (a full save); only keys it does not have are wrong.
+    report = StateReport.compare({k: _shape(v) for k, v in state.items()}, expected, allowed=pl_module.state_dict())
+    if report:
         origin = "" if meta is not None else " (it was not written by lightning_adapters)"
         raise AdapterStateError(
-            f"the checkpoint{origin} does not hold this model's adapter: "
-            + "; ".join(
-                p
-                for p in (
-                    f"missing adapter keys {_list(missing)}" if missing else "",
-                    f"keys the model does not have {_list(unknown)}" if unknown else "",
-                    f"mis-shaped {bad[:6]}" if bad else "",
-                )
-                if p
-            )
-            + ". Resume from a checkpoint that AdapterCallback/AdapterMixin wrote for this model and config, or "
-            "start a new run without ckpt_path"
+            f"the checkpoint{origin} does not hold this model's adapter: {report.describe(given='checkpoint')}. "
+            "Resume from a checkpoint that AdapterCallback/AdapterMixin wrote for this model and config, or start a "
+            "new run without ckpt_path"
         )
 
 
@@ -413,19 +386,12 @@ def _needs_configure_model(model: nn.Module, sub: str, adapter_keys: Any, beside
 
 def _check_beside(model: nn.Module, beside: dict[str, torch.Tensor], where: str) -> None:
     live = model.state_dict()
-    missing = sorted(k for k in beside if k not in live)
-    bad = [
-        f"{k}: checkpoint {_shape(v)}, model {_shape(live[k])}"
-        for k, v in beside.items()
-        if k in live and _shape(v) != _shape(live[k])
-    ]
-    if missing or bad:
+    # Only the saved tensors are expected: a key the model lacks is unexpected, the rest of the model is not asked for.
+    report = StateReport.compare({k: _shape(v) for k, v in beside.items()}, {k: live[k] for k in beside if k in live})
+    if report:
         raise AdapterStateError(
             f"{where}: the tensors trained beside the adapter do not fit this model: "
-            + "; ".join(
-                p for p in (f"missing {_list(missing)}" if missing else "", f"mis-shaped {bad[:6]}" if bad else "") if p
-            )
-            + ". Pass an instance of the LightningModule class that was trained"
+            f"{report.describe(given='checkpoint')}. Pass an instance of the LightningModule class that was trained"
         )
 
 
@@ -582,7 +548,7 @@ def restore_from_checkpoint(
     if left_out:
         warnings.warn(
             f"{where} also holds tensors trained outside module={role!r} that this model does not contain: "
-            f"{_list(left_out)}; pass an instance of the trained LightningModule to restore them too",
+            f"{key_list(left_out, 6)}; pass an instance of the trained LightningModule to restore them too",
             stacklevel=2,
         )
     return model

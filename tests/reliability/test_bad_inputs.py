@@ -577,7 +577,7 @@ LIGHTNING_ROWS = [
         _llm,
         _resume("LoRAConfig", adapter_only=False, **_CKPT_CONFIG),
         la.AdapterStateError,
-        r"not written by lightning_adapters.*missing adapter keys \['model.model.layers.0.self_attn.q_proj.*new run",
+        r"not written by lightning_adapters.*missing keys \['model.model.layers.0.self_attn.q_proj.*new run",
     ),
     Row(
         "restore-different-base",
