@@ -252,7 +252,7 @@ ENGINE_ROWS = [
             target_modules=["q_proj"],
         ),
         la.AdapterStateError,
-        r"unexpected \['foo.lora_A.weight'\]",
+        r"unexpected keys \['foo.lora_A.weight'\]",
     ),
     Row(
         "peft-misshaped-tensor",
