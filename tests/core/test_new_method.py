@@ -138,7 +138,10 @@ def test_the_toy_injects_trains_saves_and_loads(own_registry, tmp_path, monkeypa
     base_out = model(x)
     la.inject(model, toy.ToyScaleConfig(target_modules=["fc1", "fc2"], lr_scale=0.5))
     assert torch.equal(model(x), base_out)  # g = 0: the base model
-    assert {n for n, p in model.named_parameters() if p.requires_grad} == {"fc1.adapter.default.g", "fc2.adapter.default.g"}
+    assert {n for n, p in model.named_parameters() if p.requires_grad} == {
+        "fc1.adapter.default.g",
+        "fc2.adapter.default.g",
+    }
     assert "ToyScaleLayer" in la.summary(model)
 
     # One SGD step: the closed form of fc2's gradient (y = (1 + g) ⊙ h) is Σ_rows dL/dy ⊙ h.
