@@ -131,7 +131,7 @@ def test_load_peft_and_the_checkpoint_check_word_a_mismatch_alike(tmp_path) -> N
     state = la.adapter_state_dict(narrow)
     expected = {k: list(v.shape) for k, v in la.adapter_state_dict(wide).items()}
     with pytest.raises(
-        la.AdapterStateError, match=r"mis-shaped 0\.adapter\.lora_B: checkpoint \(6, 2\), model \(8, 2\)\."
+        la.AdapterStateError, match=r"mis-shaped 0\.adapter\.default\.lora_B: checkpoint \(6, 2\), model \(8, 2\)\."
     ):
         validate_checkpoint(
             {"state_dict": dict(state)},
