@@ -353,7 +353,7 @@ class AdaLoRALayer(AdapterLayer):
         """Record ``keep`` (r,) bool as the kept ranks and zero the singular values of the others."""
         with torch.no_grad():
             self.rank_mask.copy_(keep.to(self.rank_mask.device))
-            self.lora_E.masked_fill_(~self.rank_mask.view(-1, 1), 0.0)
+            self.lora_E.masked_fill_(_like(self.lora_E, ~self.rank_mask.view(-1, 1)), 0.0)
 
     @property
     def kept_rank(self) -> int:
@@ -369,14 +369,14 @@ class AdaLoRALayer(AdapterLayer):
         kept ranks would give PEFT another adapter than the one in memory. The ``rank_pattern`` written with the
         export is this mask, so the file, PEFT's model and ``load_peft``'s model all equal the model in memory.
         """
-        return self.rank_mask | (self.lora_E.detach().reshape(-1) != 0)
+        return self.rank_mask | (_full(self.lora_E.detach()).reshape(-1) != 0)
 
     def peft_state(self) -> dict[str, torch.Tensor]:
         keep = self.export_mask()
         return {
-            "lora_A": self.lora_A.detach()[keep],
-            "lora_B": self.lora_B.detach()[:, keep],
-            "lora_E": self.lora_E.detach()[keep],
+            "lora_A": _full(self.lora_A.detach())[keep],
+            "lora_B": _full(self.lora_B.detach())[:, keep],
+            "lora_E": _full(self.lora_E.detach())[keep],
         }
 
     def peft_shapes(self) -> dict[str, tuple[int, ...]]:
@@ -481,7 +481,7 @@ class RankAllocator:
                 out[name] = torch.zeros(layer.r, dtype=layer.lora_E.dtype, device=layer.lora_E.device)
                 continue
             s = {k: self.ema[name][k] * self.unc[name][k] for k in self.ema[name]}
-            out[name] = triplet_scores(s["lora_A"], s["lora_E"], s["lora_B"])
+            out[name] = _full(triplet_scores(s["lora_A"], s["lora_E"], s["lora_B"]))
         return _broadcast_from_rank0(out)
 
     def allocate(self, budget: int) -> dict[str, torch.Tensor]:
@@ -590,6 +590,20 @@ class RankAllocator:
         with torch.no_grad():
             for n, flags in state["rank_mask"].items():
                 self.layers[n].rank_mask.copy_(torch.tensor(flags, dtype=torch.bool))
+
+
+def _full(t: torch.Tensor) -> torch.Tensor:
+    # Under FSDP2 the scores come from sharded parameters (DTensors): every rank needs all of them.
+    return t.full_tensor() if hasattr(t, "full_tensor") else t
+
+
+def _like(param: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    # A full mask laid out as ``param`` is (its shard of rows under FSDP2), for in-place masking.
+    if hasattr(param, "device_mesh"):
+        from torch.distributed.tensor import distribute_tensor
+
+        return distribute_tensor(mask, param.device_mesh, param.placements)
+    return mask
 
 
 def _broadcast_from_rank0(scores: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:

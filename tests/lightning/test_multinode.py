@@ -30,7 +30,7 @@ def _free_port() -> int:
 
 @pytest.mark.slow
 @pytest.mark.xdist_group("procs")
-@pytest.mark.parametrize(("strategy", "method"), [("ddp", "adalora"), ("fsdp2", "lora")])
+@pytest.mark.parametrize(("strategy", "method"), [("ddp", "adalora"), ("fsdp2", "lora"), ("fsdp2", "adalora")])
 def test_two_nodes_equal_one_process_and_only_global_rank_zero_writes(strategy: str, method: str, tmp_path: Path):
     port = str(_free_port())
     procs = []
