@@ -29,6 +29,7 @@ from lightning_adapters.core.inject import (
     trained_biases,
 )
 from lightning_adapters.core.layer import ADAPTER_ATTR
+from lightning_adapters.core.report import StateReport
 from lightning_adapters.errors import AdapterStateError, AdapterTypeError
 
 
@@ -221,10 +222,9 @@ def load_adapter_state_dict(
     values = [value_problem(k, v, expected[k], check_finite, hint) for k, v in given.items() if k not in misshaped]
     values = [v for v in values if v is not None]
     problems = []
-    if strict and missing:
-        problems.append(f"missing keys {missing[:10]}{' ...' if len(missing) > 10 else ''}")
-    if strict and unexpected:
-        problems.append(f"unexpected keys {unexpected[:10]}{' ...' if len(unexpected) > 10 else ''}")
+    if strict and (missing or unexpected):
+        # Shapes and values are reported below with their values (value_problem), so the report holds the keys only.
+        problems.append(StateReport(missing=missing, unexpected=unexpected).describe(limit=10))
     if shapes:
         problems.append("shape mismatches " + ", ".join(shapes[:10]) + (" ..." if len(shapes) > 10 else ""))
     if values:
