@@ -51,9 +51,9 @@ class Method(abc.ABC):
         name: Registry name, e.g. ``"lora"``; also the ``method`` Hydra option.
         config_cls: The method's config dataclass (a subclass of ``AdapterConfig``).
         peft_type: PEFT's ``peft_type`` string, e.g. ``"LORA"``.
-        training_hooks: A schedule class, built as ``cls(model, config)`` once per fit, holding the method's
-            training-time logic (``lightning_adapters.schedules.TrainingSchedule``; the Lightning integration drives
-            it), or ``None`` when the method needs nothing from the training loop.
+        training_hooks: A schedule class, built as ``cls(model, config, name)`` (``name``: the adapter trained) once
+            per fit, holding the method's training-time logic (``lightning_adapters.schedules.TrainingSchedule``; the
+            Lightning integration drives it), or ``None`` when the method needs nothing from the training loop.
     """
 
     name: str

@@ -1,9 +1,10 @@
 """What a method that changes during training (AdaLoRA) gives the training loop: a schedule object.
 
-A method registers a schedule class as its ``training_hooks``; it is built as ``cls(model, config)`` once per
-fit and holds all of the method's training-time logic (when to measure, when to reallocate, what to regularise, what
-to keep in checkpoints). It knows nothing of Lightning: ``lightning_adapters.lightning.hooks`` drives it from the
-trainer and sends what it reports to the loggers, and a hand-written loop can drive it the same way::
+A method registers a schedule class as its ``training_hooks``; it is built as ``cls(model, config, name)``
+(``name``: the adapter trained, in a model that may hold several) once per fit and holds all of the method's
+training-time logic (when to measure, when to reallocate, what to regularise, what to keep in checkpoints). It
+knows nothing of Lightning: ``lightning_adapters.lightning.hooks`` drives it from the trainer and sends what it
+reports to the loggers, and a hand-written loop can drive it the same way::
 
     schedule = AdaLoRASchedule(model, config)
     schedule.start(num_optimizer_steps)           # the length in the unit schedule.length_unit names

@@ -13,6 +13,14 @@ built in ``__init__``, else right after the module's ``configure_model``. It fre
 summary, checks at fit start that the optimizer holds every adapter parameter, keeps checkpoints adapter-only
 (with the stock ``ModelCheckpoint`` and ``trainer.save_checkpoint``, weights-only saves included), refuses to
 resume onto another base or config, drives a method's training hooks (AdaLoRA) and can export at fit end.
+
+Several named adapters: the callback trains one (``name``) and can load others first, from PEFT directories or
+from its own checkpoints, e.g. to train ``b`` on top of a frozen ``a``::
+
+    la.AdapterCallback(la.LoRAConfig(r=8), module="model", name="b", init_from={"a": "runs/a/peft"})
+
+Every adapter acts unless ``active`` says otherwise; only ``name`` trains. Checkpoints hold every adapter (or
+those ``save`` names) under its name, with which act and which train, and resuming restores all of it.
 """
 
 from __future__ import annotations
@@ -28,11 +36,14 @@ from torch import nn
 from typing_extensions import override
 
 from lightning_adapters.config import AdapterConfig
+from lightning_adapters.core.inject import DEFAULT_NAME, check_name
 from lightning_adapters.errors import AdapterTypeError
 from lightning_adapters.lightning import export, strategies
 from lightning_adapters.lightning.runtime import (
     AdapterOptions,
     AdapterRuntime,
+    adapter_list,
+    adapter_sources,
     as_config,
     attach_runtime,
     detach_runtime,
@@ -47,7 +58,7 @@ class AdapterCallback(Callback):
         config: The adapter config, e.g. ``LoRAConfig(r=8)``, or the same as a mapping, as a LightningCLI YAML
             gives it: ``{method: lora, r: 8}`` or ``{class_path: lightning_adapters.LoRAConfig, init_args: {r: 8}}``
             (a mapping is read when the trainer sets up, so a bad value fails there with the library's message).
-            ``None`` takes it from an ``AdapterMixin`` module's ``adapter_config``.
+            ``None`` takes it from an ``AdapterMixin`` module's ``adapter_config``, or from ``init_from[name]``.
         module: Dotted name of the sub-module to adapt (e.g. ``"encoder"``); ``None`` adapts the whole module.
             Parameters of the LightningModule outside it that require grad (a task head) train in full and are
             saved in every checkpoint; ``modules_to_save`` may name such modules too.
@@ -58,6 +69,16 @@ class AdapterCallback(Callback):
             in (``save_pretrained`` for transformers models, else ``model.safetensors``).
         gradient_checkpointing: Switch on non-reentrant gradient checkpointing of the (transformers) model.
         verbose: Print the adapter summary on rank zero after injection.
+        name: Name of the adapter this callback injects and trains.
+        init_from: Adapters to load into ``module`` before ``name`` is injected: ``{adapter name: source}``, each
+            source a PEFT directory (``save_peft``/``export_peft_dir`` output, a hub adapter) or an adapter
+            checkpoint of this integration (a checkpoint holding several adapters gives the one of that name).
+            They stay frozen. ``init_from[name]`` (or a bare path, short for ``{name: path}``) starts the trained
+            adapter from the stored one instead of a fresh init; ``config`` may then be ``None``.
+        active: The adapters that act during the fit: a name or a list (``None``: every adapter of the module,
+            stacked). Only ``name`` trains either way.
+        save: The adapters checkpoints and the PEFT export hold (``None``: every one; resuming then needs no
+            ``init_from`` file). The export has PEFT's layout: ``default`` at the root, the others in sub-folders.
     """
 
     def __init__(
@@ -69,6 +90,10 @@ class AdapterCallback(Callback):
         export_merged_dir: str | os.PathLike | None = None,
         gradient_checkpointing: bool = False,
         verbose: bool = True,
+        name: str = DEFAULT_NAME,
+        init_from: str | os.PathLike | Mapping[str, str | os.PathLike] | None = None,
+        active: str | list[str] | None = None,
+        save: str | list[str] | None = None,
     ) -> None:
         super().__init__()
         if config is not None and not isinstance(config, (AdapterConfig, Mapping)):
@@ -77,8 +102,13 @@ class AdapterCallback(Callback):
                 f"{{'method': 'lora', 'r': 8}}, got {type(config).__name__}"
             )
         self._config = config
+        check_name(name, "AdapterCallback")
         self.options = AdapterOptions(
             module=module,
+            name=name,
+            init_from=adapter_sources(init_from, name),
+            active=adapter_list(active, "active"),
+            save=adapter_list(save, "save"),
             export_peft_dir=None if export_peft_dir is None else str(export_peft_dir),
             export_merged_dir=None if export_merged_dir is None else str(export_merged_dir),
             gradient_checkpointing=gradient_checkpointing,
@@ -150,6 +180,7 @@ class AdapterCallback(Callback):
             runtime.injected_target(pl_module),
             peft_dir=runtime.options.export_peft_dir,
             merged_dir=runtime.options.export_merged_dir,
+            names=runtime.saved_names(pl_module),
         )
 
     @override

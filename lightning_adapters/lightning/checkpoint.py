@@ -4,11 +4,15 @@ A checkpoint written through the integration keeps Lightning's layout (so ``Mode
 ``save_last``, loggers and ``fit(ckpt_path=...)`` work unchanged), but ``checkpoint["state_dict"]`` holds only
 the adapter and ``modules_to_save`` tensors, and ``checkpoint["lightning_adapters"]`` says what they belong to::
 
-    {"format": 1, "library_version": "0.1.0", "method": "lora", "config": {...}, "module": "model",
-     "base_fingerprint": "3f2a...", "adapter_shapes": {"model.layers.0.q_proj.adapter.lora_A": [8, 64], ...}}
+    {"format": 2, "library_version": "0.1.0", "method": "lora", "config": {...}, "module": "model",
+     "name": "b", "adapters": {"a": {"method": "lora", "config": {...}}, "b": {...}},
+     "active": ["a", "b"], "trainable": ["b"],
+     "base_fingerprint": "3f2a...", "adapter_shapes": {"model.layers.0.q_proj.adapter.b.lora_A": [8, 64], ...}}
 
 Keys and shapes are relative to the LightningModule; ``module`` is the injected sub-module (``""``: the whole
-LightningModule). Which keys are adapter keys is read from the injection record, never from name substrings.
+LightningModule). ``adapters`` lists every adapter the file holds (the fit may save fewer than the module has);
+``name`` is the one the fit trained, and ``method``/``config`` are its own (format 1 files hold one adapter and
+only these). Which keys are adapter keys is read from the injection records, never from name substrings.
 """
 
 from __future__ import annotations
@@ -25,10 +29,17 @@ import torch
 from torch import nn
 
 from lightning_adapters.config import AdapterConfig
-from lightning_adapters.core.inject import check_module, eject, find_records, inject, known_names
+from lightning_adapters.core.inject import DEFAULT_NAME, check_module, eject, find_records, inject, known_names
 from lightning_adapters.core.layer import ADAPTER_ATTR
+from lightning_adapters.core.named import delete, set_active, set_trainable
 from lightning_adapters.core.report import StateReport, key_list
-from lightning_adapters.core.state import base_fingerprint, load_adapter_state_dict, name_free_keys
+from lightning_adapters.core.state import (
+    adapter_prefixes,
+    base_fingerprint,
+    is_adapter_key,
+    load_adapter_state_dict,
+    name_free_keys,
+)
 from lightning_adapters.errors import AdapterConfigError, AdapterStateError
 from lightning_adapters.lightning.scope import inner_config
 from lightning_adapters.registry import LayerMethod, get_method
@@ -41,7 +52,7 @@ DEEPSPEED_STATES = (
     Path("checkpoint") / "mp_rank_00_model_states.pt",
     Path("checkpoint") / "zero_pp_rank_0_mp_rank_00_model_states.pt",
 )
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
 
 
 def _shape(t: Any) -> list[int]:
@@ -70,20 +81,77 @@ def expected_shapes(
 
 
 def build_metadata(
-    *, method: str, config: AdapterConfig, module: str, fingerprint: str | None, shapes: dict[str, list[int]]
+    *,
+    adapters: dict[str, tuple[str, AdapterConfig]],
+    name: str,
+    active: list[str],
+    trainable: list[str],
+    module: str,
+    fingerprint: str | None,
+    shapes: dict[str, list[int]],
 ) -> dict[str, Any]:
-    """The ``checkpoint["lightning_adapters"]`` entry (see the module docstring for the fields)."""
+    """The ``checkpoint["lightning_adapters"]`` entry (see the module docstring for the fields).
+
+    Args:
+        adapters: ``{name: (method, config)}`` of the adapters the checkpoint holds, in the module's order.
+        name: The adapter the fit trains.
+        active: The adapters acting.
+        trainable: The adapters training.
+        module: The injected sub-module (``""``: the whole LightningModule).
+        fingerprint: The base model's fingerprint.
+        shapes: Full shape of every saved tensor.
+    """
     from lightning_adapters import __version__
 
+    method, config = adapters.get(name, next(iter(adapters.values())))
     return {
         "format": FORMAT_VERSION,
         "library_version": __version__,
         "method": method,
         "config": config.to_dict(),
         "module": module,
+        "name": name,
+        "adapters": {n: {"method": m, "config": c.to_dict()} for n, (m, c) in adapters.items()},
+        "active": list(active),
+        "trainable": list(trainable),
         "base_fingerprint": fingerprint,
         "adapter_shapes": shapes,
     }
+
+
+def saved_adapters(meta: dict[str, Any], where: str, sole: str = DEFAULT_NAME) -> dict[str, dict[str, Any]]:
+    """``{name: {"method", "config"}}`` of the adapters a checkpoint holds (format 1: its one adapter as ``sole``).
+
+    Raises:
+        AdapterStateError: An ``adapters`` entry that is not what the integration writes.
+    """
+    if "adapters" not in meta:
+        return {sole: {"method": meta["method"], "config": meta["config"]}}
+    adapters = meta["adapters"]
+    ok = (
+        isinstance(adapters, dict)
+        and adapters
+        and all(
+            isinstance(n, str)
+            and isinstance(e, dict)
+            and isinstance(e.get("method"), str)
+            and isinstance(e.get("config"), dict)
+            for n, e in adapters.items()
+        )
+    )
+    if not ok:
+        raise AdapterStateError(
+            f"{where}: '{METADATA_KEY}'['adapters'] must map adapter names to {{'method': str, 'config': dict}}, got "
+            f"{adapters!r:.200}; the file was edited or damaged"
+        )
+    for key in ("active", "trainable"):
+        names = meta.get(key, [])
+        if not isinstance(names, list) or not all(isinstance(n, str) for n in names):
+            raise AdapterStateError(
+                f"{where}: '{METADATA_KEY}'[{key!r}] must be a list of adapter names, got {names!r}; the file was "
+                "edited or damaged"
+            )
+    return adapters
 
 
 def filter_checkpoint(checkpoint: dict[str, Any], meta: dict[str, Any], saved: Callable[[str], bool]) -> None:
@@ -133,7 +201,7 @@ def _field_defaults(method: str) -> dict[str, Any]:
 def _config_differences(saved: dict[str, Any], current: dict[str, Any], defaults: dict[str, Any]) -> list[str]:
     # A field the current config leaves at None is filled at fit time (e.g. AdaLoRA's total_step): not a change.
     # A field the saved config lacks was added to the library after the checkpoint was written, which then ran
-    # with its default (``_config_from_metadata`` rebuilds it the same way).
+    # with its default (``config_from_entry`` rebuilds it the same way).
     diffs = []
     for name in sorted(set(saved) | set(current)):
         now, then = current.get(name), saved.get(name, defaults.get(name))
@@ -198,23 +266,40 @@ def check_state_entry(checkpoint: dict[str, Any], where: str) -> dict[str, torch
     return state
 
 
-def check_metadata(meta: dict[str, Any], method: str, config_dict: dict[str, Any], fingerprint: str | None) -> None:
+def check_metadata(
+    meta: dict[str, Any],
+    method: str,
+    config_dict: dict[str, Any],
+    fingerprint: str | None,
+    *,
+    name: str | None = None,
+) -> None:
     """Refuse a checkpoint trained with another method, config or base model.
+
+    Args:
+        meta: The checkpoint's metadata entry.
+        method: The model's method (of adapter ``name``).
+        config_dict: The model's config (of adapter ``name``), as ``to_dict`` gives it.
+        fingerprint: The model's base fingerprint (None: not checked).
+        name: Compare with this adapter of the file (None: the file's trained adapter).
 
     Raises:
         AdapterStateError: Naming what differs and how to proceed.
     """
     check_metadata_entry(meta, "the checkpoint")
-    if meta.get("method") != method:
+    held = {} if name is None else saved_adapters(meta, "the checkpoint", name)
+    entry = meta if name is None else held[name]
+    which = f" for adapter {name!r}" if len(held) > 1 else ""
+    if entry.get("method") != method:
         raise AdapterStateError(
-            f"the checkpoint holds a {meta.get('method')!r} adapter but this model uses {method!r}; resume with the "
-            "config the checkpoint was trained with, or start a new run without ckpt_path"
+            f"the checkpoint holds a {entry.get('method')!r} adapter{which} but this model uses {method!r}; resume "
+            "with the config the checkpoint was trained with, or start a new run without ckpt_path"
         )
-    diffs = _config_differences(meta.get("config", {}), config_dict, _field_defaults(method))
+    diffs = _config_differences(entry.get("config", {}), config_dict, _field_defaults(method))
     if diffs:
         raise AdapterStateError(
-            f"the checkpoint was trained with a different {method} config ({'; '.join(diffs)}); resume with the "
-            "same config, or start a new run without ckpt_path"
+            f"the checkpoint was trained with a different {method} config ({'; '.join(diffs)}){which}; resume with "
+            "the same config, or start a new run without ckpt_path"
         )
     saved_fp = meta.get("base_fingerprint")
     if saved_fp is not None and fingerprint is not None and saved_fp != fingerprint:
@@ -247,25 +332,38 @@ def validate_checkpoint(
     checkpoint: dict[str, Any],
     pl_module: nn.Module,
     *,
-    method: str,
-    config: AdapterConfig,
+    adapters: dict[str, tuple[str, AdapterConfig]],
     fingerprint: str | None,
-    expected: dict[str, list[int]],
+    expected: Callable[[list[str]], dict[str, list[int]]],
 ) -> None:
     """The strict half of non-strict loading: metadata, every adapter key and shape, no unknown key.
 
     Args:
         checkpoint: The checkpoint being restored.
         pl_module: The LightningModule it is restored into.
-        method: The injected method's name.
-        config: The injected config.
+        adapters: ``{name: (method, config)}`` of every adapter of the model.
         fingerprint: The base model's fingerprint (None: not known, not checked).
-        expected: ``expected_shapes`` of the LightningModule.
+        expected: ``expected_shapes`` of the LightningModule for the given adapters' tensors.
     """
     upgrade_unnamed_keys(checkpoint, pl_module)
     meta = checkpoint.get(METADATA_KEY)
+    names = list(adapters)
     if meta is not None:
-        check_metadata(meta, method, config.to_dict(), fingerprint)
+        check_metadata_entry(meta, "the checkpoint")
+        held = saved_adapters(meta, "the checkpoint", names[0] if len(names) == 1 else DEFAULT_NAME)
+        unknown = [n for n in held if n not in adapters]
+        if unknown:
+            raise AdapterStateError(
+                f"the checkpoint holds adapters {unknown} this model does not have (it has {names}); add them before "
+                "resuming (AdapterCallback(init_from={name: source}) loads one), or resume with the setup the "
+                "checkpoint was written with"
+            )
+        for n in held:
+            method, config = adapters[n]
+            check_metadata(meta, method, config.to_dict(), fingerprint, name=n if "adapters" in meta else None)
+        names = list(held)
+    expected = expected(names)
+    if meta is not None:
         report = StateReport.compare(meta.get("adapter_shapes", {}), expected)
         if report:
             raise AdapterStateError(
@@ -335,7 +433,12 @@ def _deepspeed_client_state(path: Path, states_file: Path, weights_only: bool) -
     return {**states, "state_dict": states[DEEPSPEED_ADAPTER_KEY]}
 
 
-def _config_from_metadata(meta: dict[str, Any], where: str) -> AdapterConfig:
+def config_from_entry(meta: dict[str, Any], where: str) -> AdapterConfig:
+    """The config of a checkpoint's metadata entry (or of one of its ``adapters`` entries).
+
+    Raises:
+        AdapterStateError: An unknown method, unknown fields, or values the config refuses, naming the file.
+    """
     try:
         spec = get_method(meta["method"])
     except AdapterConfigError as err:
@@ -427,6 +530,18 @@ def _locate(state: dict[str, torch.Tensor], role: str, trained: str, meta: dict[
     )
 
 
+def _load_named(target: nn.Module, state: dict[str, torch.Tensor], names: list[str], check_finite: bool) -> None:
+    """Load ``state`` (keys as ``target.state_dict()`` names them) into adapters ``names``, each strictly."""
+    if len(names) == 1 and len(known_names(target)) == 1:
+        load_adapter_state_dict(target, state, strict=True, check_finite=check_finite)
+        return
+    for name in names:
+        free = name_free_keys(target, name)
+        own = adapter_prefixes(target, [name])
+        part = {free.get(k, k): v for k, v in state.items() if k in free or is_adapter_key(k, own)}
+        load_adapter_state_dict(target, part, strict=True, name=name, check_finite=check_finite)
+
+
 def restore_from_checkpoint(
     model: nn.Module,
     ckpt_path: str | os.PathLike,
@@ -491,7 +606,7 @@ def restore_from_checkpoint(
         )
     check_metadata_entry(meta, where)
     state = check_state_entry(checkpoint, where)
-    full_config = _config_from_metadata(meta, where)
+    full_config = config_from_entry(meta, where)
     trained = meta.get("module") or ""
     is_lightning = isinstance(model, LightningModule)
     if module is None and not is_lightning and not trained:
@@ -516,10 +631,16 @@ def restore_from_checkpoint(
             "instance of the trained LightningModule class, or that sub-module itself"
         ) from None
     _check_beside(model, beside, where)
-    config = inner_config(target, full_config)
-    if derived is not None and isinstance(get_method(meta["method"]), LayerMethod):
-        exact = "|".join(re.escape(n) for n in derived)
-        config = dataclasses.replace(config, target_modules=exact, exclude_modules=None)
+    held = saved_adapters(meta, where)
+    configs = {}
+    for name, entry in held.items():
+        config = inner_config(target, full_config if name == meta.get("name") else config_from_entry(entry, where))
+        if derived is not None and isinstance(get_method(entry["method"]), LayerMethod):
+            # Only the modules the checkpoint adapted with this adapter, inside the model given.
+            marker = f".{ADAPTER_ATTR}.{name}." if "adapters" in meta else f".{ADAPTER_ATTR}."
+            exact = "|".join(re.escape(n) for n in _adapted_names(k for k in adapter if marker in k))
+            config = dataclasses.replace(config, target_modules=exact, exclude_modules=None)
+        configs[name] = config
 
     sub_prefix = f"{sub}." if sub else ""
     originals = {
@@ -527,15 +648,31 @@ def restore_from_checkpoint(
         for k, v in model.state_dict(keep_vars=True).items()
         if k in beside or (k.startswith(sub_prefix) and k[len(sub_prefix) :] in adapter)
     }
-    inject(target, config)  # a conflicting adapter already there is refused before anything changes
+    injected = []
     try:
+        for name, config in configs.items():
+            new = name not in known_names(target)
+            inject(target, config, name=name)  # a conflicting adapter already there is refused before any change
+            if new:
+                injected.append(name)
         if check_base and derived is None:
-            check_metadata(meta, meta["method"], full_config.to_dict(), base_fingerprint(target))
-        load_adapter_state_dict(target, adapter, strict=True, check_finite=check_finite)
+            fingerprint = base_fingerprint(target)
+            for name, config in configs.items():
+                check_metadata(
+                    meta,
+                    held[name]["method"],
+                    (full_config if name == meta.get("name") else config).to_dict(),
+                    fingerprint,
+                    name=name if "adapters" in meta else None,
+                )
+        _load_named(target, adapter, list(configs), check_finite)
         live = model.state_dict(keep_vars=True)
         with torch.no_grad():
             for k, v in beside.items():
                 live[k].copy_(v.to(device=live[k].device, dtype=live[k].dtype))
+        if meta.get("active") and meta.get("trainable") is not None:
+            set_active(target, [n for n in meta["active"] if n in configs] or list(configs))
+            set_trainable(target, [n for n in meta["trainable"] if n in configs])
     except BaseException:
         live = model.state_dict(keep_vars=True)
         with torch.no_grad():
@@ -544,6 +681,9 @@ def restore_from_checkpoint(
         if not had_adapter:
             for _, root, _ in find_records(model):
                 eject(root)
+        else:
+            for name in reversed(injected):
+                delete(target, name)
         raise
     if left_out:
         warnings.warn(

@@ -93,9 +93,17 @@ def export_merged(
 
 
 def export_at_fit_end(
-    trainer: Any, target: nn.Module, *, peft_dir: str | None = None, merged_dir: str | None = None
+    trainer: Any,
+    target: nn.Module,
+    *,
+    peft_dir: str | None = None,
+    merged_dir: str | None = None,
+    names: list[str] | None = None,
 ) -> None:
     """Write ``target`` (the injected module) in PEFT's format to ``peft_dir`` and merged to ``merged_dir``.
+
+    ``names`` are the adapters the PEFT export holds (``None``: every one; PEFT's layout, ``default`` at the root and
+    the others in sub-folders named after them); the merged copy folds in the adapters that act.
 
     Every rank calls it (sharded tensors are gathered collectively); rank zero writes.
     """
@@ -107,20 +115,20 @@ def export_at_fit_end(
         if any(hasattr(p, "device_mesh") for p in target.parameters()):
             # save_peft gathers DTensors collectively, so every rank runs it; only rank zero keeps the files.
             if trainer.is_global_zero:
-                save_peft(target, peft_dir, safe=True)
+                save_peft(target, peft_dir, safe=True, names=names)
             else:
                 with tempfile.TemporaryDirectory() as scratch:  # its lock file too lands inside scratch
-                    save_peft(target, Path(scratch) / "adapter", safe=True)
+                    save_peft(target, Path(scratch) / "adapter", safe=True, names=names)
         elif isinstance(trainer.strategy.model, FullyShardedDataParallel):
             with FullyShardedDataParallel.summon_full_params(trainer.strategy.model, writeback=False):
                 if trainer.is_global_zero:
-                    save_peft(target, peft_dir, safe=True)
+                    save_peft(target, peft_dir, safe=True, names=names)
         elif is_zero3(trainer.strategy):
             with gathered(trainer.strategy, (p for p in target.parameters() if p.requires_grad)):
                 if trainer.is_global_zero:
-                    save_peft(target, peft_dir, safe=True)
+                    save_peft(target, peft_dir, safe=True, names=names)
         elif trainer.is_global_zero:
-            save_peft(target, peft_dir, safe=True)
+            save_peft(target, peft_dir, safe=True, names=names)
     if merged_dir and trainer.is_global_zero:
         export_merged(target, merged_dir)
     trainer.strategy.barrier("lightning_adapters.export")

@@ -29,7 +29,7 @@ import torch
 from torch import nn
 
 from lightning_adapters.config import AdapterConfig
-from lightning_adapters.core.inject import disabled, merge, unmerge
+from lightning_adapters.core.inject import DEFAULT_NAME, disabled, merge, unmerge
 from lightning_adapters.core.state import adapter_state_dict
 from lightning_adapters.lightning.callback import swap_class
 from lightning_adapters.lightning.runtime import get_runtime
@@ -45,10 +45,19 @@ class AdapterMixin:
         adapter_module: Dotted name of the sub-module to inject into; ``None`` injects into the whole module. With a
             sub-module, every parameter beside it that requires grad (e.g. a new ``self.head``) trains in full and is
             saved in every checkpoint; ``modules_to_save`` may name such modules too.
+        adapter_name: Name of the adapter the module trains (``AdapterCallback``'s ``name``).
+        adapter_init_from: Adapters loaded before it, ``{name: PEFT directory or adapter checkpoint}``, frozen; a
+            bare path (or an entry for ``adapter_name``) starts the trained adapter from it (``init_from``).
+        adapter_active: The adapters acting during training (``None``: every one).
+        adapter_save: The adapters checkpoints hold (``None``: every one).
     """
 
     adapter_config: AdapterConfig | None = None
     adapter_module: str | None = None
+    adapter_name: str = DEFAULT_NAME
+    adapter_init_from: str | dict[str, str] | None = None
+    adapter_active: str | list[str] | None = None
+    adapter_save: str | list[str] | None = None
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)

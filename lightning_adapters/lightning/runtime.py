@@ -19,20 +19,32 @@ from __future__ import annotations
 
 import dataclasses
 import importlib
+import os
 import warnings
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 from torch import nn
 
 from lightning_adapters.config import AdapterConfig
-from lightning_adapters.core.inject import apply_trainability, find_records, inject, summary
+from lightning_adapters.core.inject import (
+    DEFAULT_NAME,
+    InjectionRecord,
+    apply_trainability,
+    check_name,
+    check_names,
+    find_records,
+    inject,
+    known_names,
+    summary,
+)
+from lightning_adapters.core.named import active, set_active, set_trainable, trainable
 from lightning_adapters.core.state import adapter_prefixes, base_fingerprint, is_adapter_key
 from lightning_adapters.errors import AdapterConfigError, AdapterStateError, TargetError
 from lightning_adapters.lightning import checkpoint as ckpt
-from lightning_adapters.lightning import data_init, scope, strategies
+from lightning_adapters.lightning import data_init, scope, sources, strategies
 from lightning_adapters.lightning.hooks import ScheduleDriver
 from lightning_adapters.quant import prepare_for_kbit_training, quantize_for_precision_plugin
 from lightning_adapters.registry import get_method
@@ -48,6 +60,12 @@ class AdapterOptions:
 
     Attributes:
         module: Dotted name of the sub-module to inject into (``None``: the whole LightningModule).
+        name: Name of the adapter the fit trains.
+        init_from: ``{adapter name: source}``: adapters loaded into the module before ``name`` is injected, each
+            from a PEFT directory or an adapter checkpoint of this integration (``sources``); frozen unless the
+            name is ``name``, whose training then starts from the loaded tensors.
+        active: Adapters acting during the fit (``None``: every adapter of the module).
+        save: Adapters whose tensors checkpoints hold (``None``: every adapter of the module).
         export_peft_dir: Write the adapter in PEFT's format here at the end of ``fit``.
         export_merged_dir: Write a plain copy of the injected module with the adapter merged in at the end of ``fit``.
         gradient_checkpointing: Switch on non-reentrant gradient checkpointing of a transformers model at injection.
@@ -55,6 +73,10 @@ class AdapterOptions:
     """
 
     module: str | None = None
+    name: str = DEFAULT_NAME
+    init_from: dict[str, str] = field(default_factory=dict)
+    active: list[str] | None = None
+    save: list[str] | None = None
     export_peft_dir: str | None = None
     export_merged_dir: str | None = None
     gradient_checkpointing: bool = False
@@ -124,6 +146,39 @@ def as_config(value: Any) -> AdapterConfig:
     return cls(**dict(fields))
 
 
+def adapter_sources(value: Any, name: str) -> dict[str, str]:
+    """``init_from`` as ``{adapter name: path}``: a bare path is ``{name: path}``; each path is checked to exist.
+
+    Raises:
+        AdapterConfigError: Not a path or a mapping of adapter names to paths, an unusable name, or a path that is
+            neither a PEFT directory nor a checkpoint file.
+    """
+    if value is None:
+        return {}
+    if isinstance(value, (str, os.PathLike)):
+        value = {name: value}
+    if not isinstance(value, Mapping):
+        raise AdapterConfigError(
+            f"init_from must be a path or a mapping {{adapter name: path}} such as {{'a': 'runs/a/peft'}}, "
+            f"got {value!r}"
+        )
+    return {check_name(n, "init_from"): sources.check_source(n, p) for n, p in value.items()}
+
+
+def adapter_list(value: Any, what: str) -> list[str] | None:
+    """``active``/``save`` as a list of adapter names (``None`` stays ``None``: every adapter).
+
+    Raises:
+        AdapterConfigError: Not a name or a list of names.
+    """
+    if value is None:
+        return None
+    names = [value] if isinstance(value, str) else value
+    if not isinstance(names, (list, tuple)) or not all(isinstance(n, str) for n in names):
+        raise AdapterConfigError(f"{what} must be an adapter name or a list of them (or None for all), got {value!r}")
+    return list(names)
+
+
 def _rank_zero_info(message: str) -> None:
     from lightning.pytorch.utilities.rank_zero import rank_zero_info
 
@@ -142,8 +197,9 @@ class AdapterRuntime:
         options: Where to inject and what else to do.
     """
 
-    def __init__(self, config: AdapterConfig | Mapping[str, Any], options: AdapterOptions) -> None:
-        self.config = as_config(config)
+    def __init__(self, config: AdapterConfig | Mapping[str, Any] | None, options: AdapterOptions) -> None:
+        # None: the trained adapter is loaded from ``options.init_from``, its config with it.
+        self.config = as_config(config) if config is not None else None
         self.options = options
         # The config injected into the sub-module: ``config`` less the modules_to_save that lie beside it.
         self.inject_config = self.config
@@ -187,25 +243,42 @@ class AdapterRuntime:
         """Prefix of the target's keys inside the LightningModule's state dict."""
         return f"{self.options.module}." if self.options.module else ""
 
-    def adapter_key_prefixes(self, pl_module: nn.Module) -> list[str]:
-        """Adapter key prefixes relative to the LightningModule, as its state dict names them.
+    def adapter_key_prefixes(self, pl_module: nn.Module, names: list[str] | None = None) -> list[str]:
+        """Adapter key prefixes relative to the LightningModule, as its state dict names them (of ``names`` only).
 
         Module names under FSDP1 or activation-checkpoint wrappers contain the wrappers' attributes; state dicts
         leave them out, and so do these prefixes.
         """
         prefix = self.key_prefix()
         out = []
-        for p in adapter_prefixes(self.injected_target(pl_module)):
+        for p in adapter_prefixes(self.injected_target(pl_module), names):
             for wrapper in _WRAPPER_ATTRS:
                 p = p.replace(wrapper, "")
             out.append(prefix + p)
         return out
 
-    def saved_keys(self, pl_module: nn.Module) -> Callable[[str], bool]:
-        """Predicate on the LightningModule's state-dict keys: adapter tensors and trainable state beside them."""
-        prefixes = self.adapter_key_prefixes(pl_module) + self.outside_prefixes
+    def saved_keys(self, pl_module: nn.Module, names: list[str] | None = None) -> Callable[[str], bool]:
+        """Predicate on the LightningModule's state-dict keys: adapter tensors and trainable state beside them.
+
+        Args:
+            pl_module: The LightningModule.
+            names: Only these adapters' tensors (``None``: the adapters ``options.save`` names, else every one).
+        """
+        if names is None:
+            names = self.saved_names(pl_module)
+        prefixes = self.adapter_key_prefixes(pl_module, names) + self.outside_prefixes
         exact = set(self.outside_keys)
         return lambda key: key in exact or is_adapter_key(key, prefixes)
+
+    def saved_names(self, pl_module: nn.Module) -> list[str]:
+        """The adapters checkpoints hold: ``options.save``, else every adapter of the module."""
+        names = known_names(self.injected_target(pl_module))
+        return [n for n in names if n in self.options.save] if self.options.save is not None else names
+
+    def record(self, target: nn.Module, name: str | None = None) -> InjectionRecord:
+        """The injection record of adapter ``name`` (default: the trained one) in ``target``."""
+        name = self.options.name if name is None else name
+        return next(rec for _, _, rec in find_records(target) if rec.name == name)
 
     # --- injection -----------------------------------------------------------------------------------------
 
@@ -225,6 +298,8 @@ class AdapterRuntime:
                 f"name after configure_model; pass the attribute path of the model to adapt (its sub-modules: "
                 f"{children}), or module=None for the whole LightningModule"
             )
+        if self.options.init_from and not _has_dtensor(target):
+            self._load_sources(target)
         try:
             self.inject_config, outside = scope.split_modules_to_save(pl_module, self.options.module or "", self.config)
         except TargetError:
@@ -232,11 +307,12 @@ class AdapterRuntime:
                 return False
             raise
         if find_records(target):
-            inject(target, self.inject_config)  # same config: no-op; another one: a clear error
+            inject(target, self.inject_config, name=self.options.name)  # same config: no-op; another: a clear error
             apply_trainability(target)
             self._train_outside(pl_module, outside)
             if self._prepared is not target:
-                self._after_injection(pl_module, target)  # injected by the user (la.inject) before the trainer ran
+                # Injected here after loading ``init_from``, or by the user (la.inject) before the trainer ran.
+                self._after_injection(pl_module, target)
             return True
         if _has_dtensor(target):
             raise AdapterConfigError(
@@ -247,7 +323,7 @@ class AdapterRuntime:
             )
         quantize_for_precision_plugin(pl_module._trainer, pl_module)
         try:
-            inject(target, self.inject_config)
+            inject(target, self.inject_config, name=self.options.name)
         except TargetError:
             if defer:
                 return False
@@ -255,6 +331,45 @@ class AdapterRuntime:
         self._train_outside(pl_module, outside)
         self._after_injection(pl_module, target)
         return True
+
+    def _load_sources(self, target: nn.Module) -> None:
+        """Load the ``init_from`` adapters the module does not hold yet; take the trained one's config if needed."""
+        present = set(known_names(target))
+        for name, path in self.options.init_from.items():
+            if name not in present:
+                sources.load_adapter(target, name, path)
+        if self.options.name in self.options.init_from:
+            loaded = self.record(target).config
+            if self.config is None:
+                self.config = loaded
+            elif type(loaded) is not type(self.config) or loaded.to_dict() != self.config.to_dict():
+                raise AdapterConfigError(
+                    f"adapter {self.options.name!r} loaded from {self.options.init_from[self.options.name]!r} has "
+                    f"the config {loaded!r}, not the one given ({self.config!r}); pass config=None to train it "
+                    "with the config it was saved with"
+                )
+
+    def _assign_roles(self, target: nn.Module) -> None:
+        """Make the trained adapter the only trainable one and ``options.active`` (default: every one) act."""
+        names = known_names(target)
+        if self.options.save is not None:
+            check_names(target, self.options.save, "AdapterCallback(save=...)")
+            if self.options.name not in self.options.save:
+                raise AdapterConfigError(
+                    f"AdapterCallback(save={self.options.save!r}) leaves out the adapter it trains, "
+                    f"{self.options.name!r}; its checkpoints could not resume the fit: add it"
+                )
+        set_trainable(target, self.options.name)
+        chosen = self.options.active if self.options.active is not None else names
+        try:
+            set_active(target, chosen)
+        except AdapterConfigError as err:
+            if self.options.active is not None:
+                raise
+            raise AdapterConfigError(
+                f"{err}. AdapterCallback makes every adapter of the module act together unless told otherwise "
+                f"({names}); pass active=[...] (AdapterMixin: adapter_active) with the ones that should act"
+            ) from None
 
     def _train_outside(self, pl_module: nn.Module, saved_modules: list[str]) -> None:
         for name in saved_modules:
@@ -274,8 +389,9 @@ class AdapterRuntime:
         prepare_for_kbit_training(target)  # a quantized base: norms, heads and adapters in fp32 (no-op otherwise)
         if self.options.gradient_checkpointing:
             strategies.enable_gradient_checkpointing(target)
+        self._assign_roles(target)
         if not self.options.module:
-            record = find_records(target)[0][2]
+            record = self.record(target)
             frozen, low_rank = scope.frozen_parts(target, record)
             if frozen or low_rank:
                 self.warn_once("frozen-parts", scope.frozen_parts_message(target, frozen, low_rank, record.config))
@@ -283,7 +399,9 @@ class AdapterRuntime:
             beside = sorted(self.outside_keys) + self.outside_prefixes
             extra = f"\ntrained in full beside {self.options.module!r}: {beside}" if beside else ""
             _rank_zero_info(
-                "lightning_adapters: injected " + type(self.config).__name__ + "\n" + summary(target) + extra
+                f"lightning_adapters: injected {type(self.config).__name__} as {self.options.name!r}\n"
+                + summary(target)
+                + extra
             )
 
     @staticmethod
@@ -312,27 +430,46 @@ class AdapterRuntime:
         target = self.injected_target(pl_module)
         if self.fingerprint is None:
             self.fingerprint = self._local_fingerprint(target)
-        saved = self.saved_keys(pl_module)
+        names = self.saved_names(pl_module)
+        saved = self.saved_keys(pl_module, names)
         meta = ckpt.build_metadata(
-            method=find_records(target)[0][2].method,
-            config=self.config,
+            adapters={n: self._described(target, n) for n in names},
+            name=self.options.name,
+            active=active(target),
+            trainable=trainable(target),
             module=self.options.module or "",
             fingerprint=self.fingerprint,
             shapes=ckpt.expected_shapes(pl_module, saved, self.shapes),
         )
         ckpt.filter_checkpoint(checkpoint, meta, saved)
 
+    def _described(self, target: nn.Module, name: str) -> tuple[str, AdapterConfig]:
+        # The trained adapter is described by the user's config (its modules_to_save beside the sub-module too).
+        rec = self.record(target, name)
+        return rec.method, self.config if name == self.options.name else rec.config
+
     def on_load_checkpoint(self, pl_module: nn.Module, checkpoint: dict[str, Any]) -> None:
-        """Refuse a checkpoint from another base or config; check every adapter key and shape."""
+        """Refuse a checkpoint from another base or config, check every adapter key and shape; restore which
+        adapters act and train."""
         target = self.injected_target(pl_module)
         ckpt.validate_checkpoint(
             checkpoint,
             pl_module,
-            method=find_records(target)[0][2].method,
-            config=self.config,
+            adapters={n: self._described(target, n) for n in known_names(target)},
             fingerprint=self.fingerprint,
-            expected=ckpt.expected_shapes(pl_module, self.saved_keys(pl_module), self.shapes),
+            expected=lambda names: ckpt.expected_shapes(pl_module, self.saved_keys(pl_module, names), self.shapes),
         )
+        meta = checkpoint.get(ckpt.METADATA_KEY) or {}
+        if "active" in meta and "trainable" in meta:
+            names = known_names(target)
+            missing = [n for n in meta["active"] + meta["trainable"] if n not in names]
+            if missing:
+                raise AdapterStateError(
+                    f"the checkpoint's adapters {meta['active']} act and {meta['trainable']} train, but this model "
+                    f"has no {missing} (it has {names}); load them before resuming (AdapterCallback(init_from=...))"
+                )
+            set_active(target, meta["active"])
+            set_trainable(target, meta["trainable"])
 
     # --- method training hooks -----------------------------------------------------------------------------
 
@@ -343,9 +480,10 @@ class AdapterRuntime:
         self.manual_regularization = False
         strategies.check_optimizers(trainer, pl_module, target, self.key_prefix())
         strategies.handle_input_grads(target)
-        method = find_records(target)[0][2].method
+        method = self.record(target).method
         schedule_cls = get_method(method).training_hooks
-        self.hooks = ScheduleDriver(schedule_cls(target, self.config)) if schedule_cls is not None else None
+        schedule = schedule_cls(target, self.config, self.options.name) if schedule_cls is not None else None
+        self.hooks = ScheduleDriver(schedule) if schedule is not None else None
         if self.hooks is not None:
             self.hooks.setup(trainer)
             self.apply_pending_state()
@@ -422,14 +560,38 @@ def get_runtime(pl_module: nn.Module) -> AdapterRuntime:
     runtime = pl_module.__dict__.get(RUNTIME_ATTR)
     if runtime is None:
         config = getattr(pl_module, "adapter_config", None)
-        if config is None:
+        options = _mixin_options(pl_module, AdapterOptions())
+        if config is None and options.name not in options.init_from:
             raise AdapterConfigError(
                 f"{type(pl_module).__name__} has no adapter config: set self.adapter_config = LoRAConfig(...) in "
                 "__init__ (AdapterMixin), or pass one to AdapterCallback(config)"
             )
-        runtime = AdapterRuntime(config, AdapterOptions(module=getattr(pl_module, "adapter_module", None)))
+        runtime = AdapterRuntime(config, options)
         pl_module.__dict__[RUNTIME_ATTR] = runtime
     return runtime
+
+
+def _mixin_options(pl_module: nn.Module, options: AdapterOptions) -> AdapterOptions:
+    """``options`` completed with an ``AdapterMixin`` module's ``adapter_*`` attributes (a conflict is an error)."""
+    unset = {"module": None, "name": DEFAULT_NAME, "init_from": None, "active": None, "save": None}
+    for key, empty in unset.items():
+        mine = getattr(pl_module, f"adapter_{key}", empty)
+        if key == "name":
+            check_name(mine, "adapter_name")
+        elif key == "init_from":
+            mine = adapter_sources(mine, options.name) if mine is not None else None
+        elif key in ("active", "save"):
+            mine = adapter_list(mine, f"adapter_{key}")
+        given = getattr(options, key)
+        if mine in (empty, given) or (key == "init_from" and not mine):
+            continue
+        if given not in (empty, {}):
+            raise AdapterConfigError(
+                f"AdapterCallback({key}={given!r}) differs from the module's adapter_{key}={mine!r}; give it in one "
+                "place"
+            )
+        setattr(options, key, mine)
+    return options
 
 
 def attach_runtime(
@@ -440,28 +602,26 @@ def attach_runtime(
     ``detach_runtime`` undoes this while nothing is injected yet (a fit that fails before injection).
     """
     existing = pl_module.__dict__.get(RUNTIME_ATTR)
+    options = _mixin_options(pl_module, options)
     own = getattr(pl_module, "adapter_config", None)
     own = None if own is None else as_config(own)
     config = None if config is None else as_config(config)
     if config is None:
         config = own if own is not None else (existing.config if existing is not None else None)
-    if config is None:
+    if config is None and options.name not in options.init_from:
         raise AdapterConfigError(
-            "AdapterCallback needs a config: AdapterCallback(LoRAConfig(...)), or a LightningModule with "
-            "AdapterMixin whose adapter_config is set"
+            "AdapterCallback needs a config: AdapterCallback(LoRAConfig(...)), a LightningModule with "
+            "AdapterMixin whose adapter_config is set, or init_from={name: source} for the trained adapter"
         )
     for other, where in ((own, "the module's adapter_config"), (existing and existing.config, "an earlier setup")):
-        if other is not None and (type(other) is not type(config) or other.to_dict() != config.to_dict()):
+        if (
+            other is not None
+            and config is not None
+            and (type(other) is not type(config) or other.to_dict() != config.to_dict())
+        ):
             raise AdapterConfigError(
                 f"AdapterCallback config {config!r} differs from {where} {other!r}; give the config in one place"
             )
-    mixin_module = getattr(pl_module, "adapter_module", None)
-    if options.module is None:
-        options.module = mixin_module
-    elif mixin_module is not None and mixin_module != options.module:
-        raise AdapterConfigError(
-            f"AdapterCallback(module={options.module!r}) differs from the module's adapter_module={mixin_module!r}"
-        )
     if options.module is not None and not isinstance(options.module, str):
         raise AdapterConfigError(
             f"module must be the dotted attribute name of a sub-module (e.g. 'model') or None, got {options.module!r}"

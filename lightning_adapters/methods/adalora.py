@@ -396,14 +396,19 @@ class AdaLoRALayer(AdapterLayer):
         return f"{self.kind}, init_r={self.r}, kept={self.kept_rank}, alpha={self.alpha:g}, merged={self.merged}"
 
 
-def adalora_layers(model: nn.Module) -> dict[str, AdaLoRALayer]:
-    """``{module name: layer}`` of every AdaLoRA layer in ``model``, in module order."""
-    return {name: layer for name, _, layer in adapted_modules(model) if isinstance(layer, AdaLoRALayer)}
+def adalora_layers(model: nn.Module, adapter: str | None = None) -> dict[str, AdaLoRALayer]:
+    """``{module name: layer}`` of every AdaLoRA layer in ``model`` (of adapter ``adapter`` only), in module order.
+
+    Without ``adapter``, a model holding several AdaLoRA adapters gives the layers of one of them per module: pass
+    the adapter's name there.
+    """
+    names = None if adapter is None else [adapter]
+    return {name: layer for name, _, layer in adapted_modules(model, names) if isinstance(layer, AdaLoRALayer)}
 
 
-def rank_pattern(model: nn.Module) -> dict[str, list[bool]]:
-    """The kept-rank flags of every AdaLoRA matrix, ``{module name: [bool] * init_r}``."""
-    return {name: layer.rank_mask.tolist() for name, layer in adalora_layers(model).items()}
+def rank_pattern(model: nn.Module, adapter: str | None = None) -> dict[str, list[bool]]:
+    """The kept-rank flags of every AdaLoRA matrix, ``{module name: [bool] * init_r}`` (of ``adapter`` only)."""
+    return {name: layer.rank_mask.tolist() for name, layer in adalora_layers(model, adapter).items()}
 
 
 # ------------------------------------------------------------------------------------------------------------
@@ -420,6 +425,7 @@ class RankAllocator:
         model: The injected model.
         config: Its ``AdaLoRAConfig``.
         total: Schedule length (defaults to ``config.total_step``).
+        adapter: The adapter whose layers are allocated, in a model holding several (``None``: every AdaLoRA layer).
 
     Attributes:
         init_budget: ``init_r × #matrices``.
@@ -428,10 +434,12 @@ class RankAllocator:
         last_pattern: The masks of the latest allocation (``None`` before the first).
     """
 
-    def __init__(self, model: nn.Module, config: AdaLoRAConfig, total: int | None = None) -> None:
+    def __init__(
+        self, model: nn.Module, config: AdaLoRAConfig, total: int | None = None, *, adapter: str | None = None
+    ) -> None:
         self.model = model
         self.config = config
-        self.layers = adalora_layers(model)
+        self.layers = adalora_layers(model, adapter)
         if not self.layers:
             raise AdapterConfigError("adalora: the model has no AdaLoRA layers; inject an AdaLoRAConfig first")
         self.total = total if total is not None else config.total_step
@@ -670,6 +678,7 @@ class AdaLoRASchedule:
     Args:
         model: The module ``inject`` was called on with an ``AdaLoRAConfig``.
         config: That config.
+        adapter: The adapter trained, in a model holding several (``None``: every AdaLoRA layer).
 
     Attributes:
         allocator: The ``RankAllocator`` (created by ``start``; None in a run without reallocation).
@@ -680,10 +689,11 @@ class AdaLoRASchedule:
         last_epoch: The last epoch end seen (epoch mode; a resumed run may reach the same end twice).
     """
 
-    def __init__(self, model: nn.Module, config: AdaLoRAConfig) -> None:
+    def __init__(self, model: nn.Module, config: AdaLoRAConfig, adapter: str | None = None) -> None:
         self.model = model
         self.config = config
-        self.names = list(adalora_layers(model))
+        self.adapter = adapter
+        self.names = list(adalora_layers(model, adapter))
         if not self.names:
             raise AdapterConfigError("adalora: the model has no AdaLoRA layers; inject an AdaLoRAConfig first")
         self.allocator: RankAllocator | None = None
@@ -719,15 +729,15 @@ class AdaLoRASchedule:
         self.reallocate = True
         check_schedule(cfg.tinit, cfg.tfinal, total, cfg.schedule)
         if self.allocator is None:
-            self.allocator = RankAllocator(self.model, cfg, total)
+            self.allocator = RankAllocator(self.model, cfg, total, adapter=self.adapter)
         self.allocator.total = total
         if self._pending is not None:
             self._apply_state(self._pending)
             self._pending = None
-        recs = find_records(self.model)
+        recs = [rec for _, _, rec in find_records(self.model) if self.adapter in (None, rec.name)]
         if recs and cfg.schedule == "step":
             # save_peft writes the resolved schedule length when the config left it to the trainer.
-            recs[0][2].resolved_peft_fields["total_step"] = total
+            recs[0].resolved_peft_fields["total_step"] = total
         return None
 
     def _require(self) -> RankAllocator:
@@ -738,14 +748,14 @@ class AdaLoRASchedule:
     @property
     def rank_pattern(self) -> dict[str, list[bool]]:
         """The current keep flags of every adapted matrix."""
-        return rank_pattern(self.model)
+        return rank_pattern(self.model, self.adapter)
 
     def loss_term(self) -> torch.Tensor | None:
         """``orth_reg_weight · R_orth`` (None when the weight is 0)."""
         w = self.config.orth_reg_weight
         if w == 0:
             return None
-        return w * orthogonal_regularizer(list(adalora_layers(self.model).values()))
+        return w * orthogonal_regularizer(list(adalora_layers(self.model, self.adapter).values()))
 
     def after_optimizer_step(self, step: int, global_step: int | None = None) -> dict[str, float] | None:
         """Importance update and, in step mode, PEFT's masking at ``step``; the allocation's metrics, if any.
@@ -790,7 +800,7 @@ class AdaLoRASchedule:
         return self._record(epoch, at, budget)
 
     def _record(self, t: int, global_step: int, budget: int) -> dict[str, float]:
-        layers = adalora_layers(self.model)
+        layers = adalora_layers(self.model, self.adapter)
         ranks = [layers[n].kept_rank for n in self.names]
         self.history.append({"t": int(t), "global_step": int(global_step), "budget": int(budget), "ranks": ranks})
         metrics = {"adalora/budget": float(budget), "adalora/kept": float(sum(ranks))}

@@ -233,7 +233,7 @@ class FakeSchedule:
     instances: list[FakeSchedule] = []
     length_unit = "optimizer_steps"
 
-    def __init__(self, model, config):
+    def __init__(self, model, config, name):
         self.model = model
         self.events: list = []
         self.steps = 0

@@ -32,6 +32,7 @@ from tests.reliability import (
     rows_i15state,
     rows_i18init,
     rows_i18io,
+    rows_lightning,
     rows_multi,
     rows_quant,
     rows_routing,
@@ -616,6 +617,7 @@ ROWS += rows_scaleout.rows(Row)
 ROWS += rows_multi.rows(Row, _snapshot_into)
 ROWS += rows_combine.rows(Row, _snapshot_into)
 ROWS += rows_routing.rows(Row, _snapshot_into)
+ROWS += rows_lightning.rows(Row, _snapshot_into)
 
 
 @pytest.mark.parametrize("row", [pytest.param(r, id=r.id) for r in ROWS])
