@@ -37,6 +37,7 @@ from omegaconf import DictConfig, OmegaConf
 from lightning_adapters.app.outputs import RunOutputs, report, wandb_description
 from lightning_adapters.app.store import RANK_ALIASES, check_trainer, from_schema, register_configs
 from lightning_adapters.config import AdapterConfig
+from lightning_adapters.core.inject import DEFAULT_NAME
 from lightning_adapters.errors import AdapterConfigError
 from lightning_adapters.registry import spec_for_config
 
@@ -175,19 +176,38 @@ def build(cfg: DictConfig) -> Job:
     from hydra.utils import instantiate
 
     import lightning_adapters as la
+    from lightning_adapters.lightning.sources import stored_config
 
     check_trainer(cfg.trainer)
     if cfg.get("seed") is not None:
         L.seed_everything(cfg.seed, workers=True)
     task = instantiate(cfg.model)
     quantize_task(task, cfg.get("quantization"))
-    config = method_config(cfg.get("method"), head=getattr(task, "head_name", None))
+    adapter = OmegaConf.to_container(cfg.get("adapter") or OmegaConf.create({}), resolve=True)
+    name = adapter.get("name") or DEFAULT_NAME
+    init_from = adapter.get("init_from")
+    head = getattr(task, "head_name", None)
+    if isinstance(init_from, dict) and set(init_from) - {name} and not adapter.get("module"):
+        # The loaded adapters come from runs of the app, which trained the head with them: it stays theirs, frozen.
+        head = None
+    config = method_config(cfg.get("method"), head=head)
     datamodule = instantiate(cfg.data, tokenizer=task.tokenizer)
     callbacks = _instantiate_dict(cfg.get("callbacks"))
     if config is not None:
-        adapter = cfg.get("adapter") or {}
+        start = init_from if isinstance(init_from, str) else (init_from or {}).get(name)
+        if start is not None:
+            # The trained adapter is the loaded one and keeps the config it was saved with (not the method group's).
+            config = stored_config(name, start)
         callbacks.insert(
-            0, la.AdapterCallback(config, module=adapter.get("module"), export_peft_dir=adapter.get("export_peft_dir"))
+            0,
+            la.AdapterCallback(
+                None if start is not None else config,
+                module=adapter.get("module"),
+                export_peft_dir=adapter.get("export_peft_dir"),
+                name=name,
+                init_from=init_from,
+                active=adapter.get("active"),
+            ),
         )
     logger_cfgs = [v for v in (cfg.get("logger") or {}).values() if v]
     if any(str(v.get("_target_", "")).endswith("WandbLogger") for v in logger_cfgs) and not _wandb_configured():

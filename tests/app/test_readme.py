@@ -127,6 +127,7 @@ PLACEHOLDERS = {
     "<date_time>": lambda repo: _newest(repo / "logs" / "train" / "multiruns").name,
     "<directory holding both multiruns>": lambda repo: "logs/train/multiruns",
     "<run>": lambda repo: _newest_run_with_checkpoint(repo).name,
+    "<run dir>": lambda repo: f"logs/train/runs/{_newest(repo / 'logs' / 'train' / 'runs').name}",
 }
 AVOIDABLE_WARNINGS = ("LOAD REPORT", "anonymous setting", "LeafSpec", "Warning:", "WARNING")
 
