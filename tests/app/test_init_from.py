@@ -41,9 +41,11 @@ def test_a_second_named_adapter_trains_on_the_loaded_one(first_run: Path, tmp_pa
     overrides = [*tiny(), "adapter.name=b", f"adapter.init_from={{a:{first_run / 'peft'}}}", "method=loha"]
     summary = train(compose_app(overrides, tmp_path))
     assert summary["method"] == "loha"
-    # The export holds b alone; the checkpoint holds a (as loaded, with the head it was trained with) and b.
-    exported = json.loads((tmp_path / "peft" / "adapter_config.json").read_text())
+    # The export and the checkpoint hold a (as loaded, with the head it was trained with) and b (PEFT's layout:
+    # adapters not named "default" in sub-folders named after them).
+    exported = json.loads((tmp_path / "peft" / "b" / "adapter_config.json").read_text())
     assert exported["peft_type"] == "LOHA" and not exported["modules_to_save"]
+    assert json.loads((tmp_path / "peft" / "a" / "adapter_config.json").read_text())["peft_type"] == "LORA"
     (path,) = sorted(tmp_path.rglob("*.ckpt"))[-1:]
     ckpt = torch.load(path, weights_only=True)
     meta = ckpt["lightning_adapters"]
