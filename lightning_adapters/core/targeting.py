@@ -251,6 +251,13 @@ def check_called(model: nn.Module, targets: list[str], method: str) -> None:
                 )
 
 
+def _scalar_embed_scale(module: nn.Module) -> bool:
+    scale = getattr(module, "embed_scale", None)
+    if isinstance(scale, torch.Tensor):
+        return scale.numel() == 1
+    return isinstance(scale, (int, float)) and not isinstance(scale, bool)
+
+
 def check_plain_layers(model: nn.Module, targets: list[str], method: str, supported: tuple[type, ...]) -> None:
     """Refuse a target whose product is not the plain one of the supported type it derives from.
 
@@ -281,6 +288,9 @@ def check_plain_layers(model: nn.Module, targets: list[str], method: str, suppor
         # A module that already holds another named adapter is judged by its own class, not the adapted subclass.
         own = type(module).__mro__[1] if getattr(type(module), "_la_adapted", False) else type(module)
         overridden = [f for f in ("forward", "_conv_forward") if getattr(own, f, None) is not getattr(ref, f, None)]
+        if overridden == ["forward"] and method == "lora" and ref is nn.Embedding and _scalar_embed_scale(module):
+            # transformers' *ScaledWordEmbedding: forward = lookup · embed_scale, which LoRA applies to its term too.
+            overridden = []
         if overridden:
             raise UnsupportedLayerError(
                 f"{method}: {target!r} is a {type(module).__name__}, a subclass of {ref.__name__} with its own "

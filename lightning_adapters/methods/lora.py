@@ -283,6 +283,25 @@ def dora_factor(magnitude: torch.Tensor, norm: torch.Tensor) -> torch.Tensor:
 # Layer
 
 
+def embed_scale(base: nn.Module) -> torch.Tensor | float | None:
+    """The scalar ``embed_scale`` an embedding multiplies its lookup by in its own forward (transformers'
+    ``*ScaledWordEmbedding``: BART, Gemma 3, ...), or ``None`` (absent or not one number)."""
+    scale = getattr(base, "embed_scale", None)
+    if isinstance(scale, bool) or not isinstance(scale, (int, float, torch.Tensor)):
+        return None
+    if isinstance(scale, torch.Tensor) and scale.numel() != 1:
+        return None
+    return scale
+
+
+def _scaled_embedding(base: nn.Module, term: torch.Tensor) -> torch.Tensor:
+    # The base forward scales the looked-up rows of W, so ΔW's rows get the same factor (merging W + ΔW agrees).
+    scale = embed_scale(base)
+    if scale is None:
+        return term
+    return term * (scale.to(term.dtype) if isinstance(scale, torch.Tensor) else scale)
+
+
 class LoRALayer(AdapterLayer):
     """LoRA (optionally DoRA) on one Linear, Conv1D, Embedding, Conv1d or Conv2d module.
 
@@ -339,6 +358,11 @@ class LoRALayer(AdapterLayer):
             b_shape = (out_f, r // self.groups) + (1,) * len(k)
         elif self.kind == "embedding":
             a_shape, b_shape = (r, in_f), (out_f, r)
+            if self.use_dora and embed_scale(base) is not None:
+                raise AdapterConfigError(
+                    f"lora: use_dora=True on the scaled embedding {name!r} ({type(base).__name__}, embed_scale) is "
+                    "not supported; set use_dora=False or leave it out of target_modules"
+                )
         else:
             a_shape, b_shape = (r, in_f), (out_f, r)
         self.lora_A = nn.Parameter(torch.empty(a_shape, device=dev, dtype=dt))
@@ -661,7 +685,7 @@ class LoRALayer(AdapterLayer):
             self.check_initialized()
         if self.kind == "embedding":
             h = self._embed(base, x, self.lora_A.t())  # (..., V) lookup in Aᵀ (V, r) -> (..., r)
-            return F.linear(h, self.lora_B) * self.scale  # (..., d)
+            return _scaled_embedding(base, F.linear(h, self.lora_B) * self.scale)  # (..., d)
         xd = self._dropped(x)
         if self.kind in CONV_KINDS:
             # (N, r, *spatial_out): PEFT's layout reads every input channel, else the base conv's own grouping.
@@ -758,7 +782,7 @@ class LoRALayer(AdapterLayer):
     def _forward_embedding(self, base: nn.Module, x: torch.Tensor) -> torch.Tensor:
         out = self._la_base(base, x)  # (..., d)
         h = self._embed(base, x, self.lora_A.t())  # (..., V) lookup in Aᵀ (V, r) -> (..., r)
-        lora = F.linear(h, self.lora_B) * self.scale  # (..., r) @ (r, d) -> (..., d)
+        lora = _scaled_embedding(base, F.linear(h, self.lora_B) * self.scale)  # (..., r) @ (r, d) -> (..., d)
         if self.use_dora:
             factor = dora_factor(self.magnitude, self._dora_norm(base))  # (d,)
             return (factor * (out.to(lora.dtype) + lora)).to(out.dtype)
