@@ -92,19 +92,34 @@ def run_config(cfg: DictConfig) -> tuple[DictConfig, Path | None]:
     return run, run_dir
 
 
-def load_adapter(task: Any, ckpt_path: Path, module: str | None) -> Any:
+def load_adapter(task: Any, ckpt_path: Path, module: str | None, active: Any = None) -> Any:
     """Put the adapter of ``ckpt_path`` (an adapter-only checkpoint, a DeepSpeed checkpoint directory or a PEFT
     directory) on ``task``.
 
+    A PEFT directory of several adapters (the ``default`` one at its root, the others in sub-folders named after
+    them, as a run with ``adapter.name``/``adapter.init_from`` exports) loads every one of them; ``active`` (the
+    run's ``adapter.active``) says which act, all of them by default, as in training.
+
     Raises:
-        AdapterConfigError: ``ckpt_path`` is neither a file nor a directory with ``adapter_config.json``.
+        AdapterConfigError: ``ckpt_path`` is neither a file nor a directory with ``adapter_config.json`` (at its root
+            or in sub-folders).
     """
     import lightning_adapters as la
 
     if ckpt_path.is_file() or any((ckpt_path / f).is_file() for f in DEEPSPEED_STATES):
         return la.restore_from_checkpoint(task, ckpt_path)
+    target = task.get_submodule(module) if module else task
+    names = sorted(p.name for p in ckpt_path.iterdir() if (p / PEFT_CONFIG).is_file()) if ckpt_path.is_dir() else []
     if (ckpt_path / PEFT_CONFIG).is_file():
-        la.load_peft(task.get_submodule(module) if module else task, ckpt_path)
+        la.load_peft(target, ckpt_path)
+        if not names:
+            return task
+        names = ["default", *names]
+    if names:
+        for name in names[1:] if names[0] == "default" else names:
+            la.load_peft(target, ckpt_path, name=name)
+        acting = [active] if isinstance(active, str) else list(active) if active else names
+        la.set_active(target, acting)
         return task
     raise AdapterConfigError(
         f"ckpt_path={str(ckpt_path)!r} is neither a checkpoint file nor a PEFT directory (no {PEFT_CONFIG}); pass a "
@@ -131,7 +146,8 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
         if seed is not None:
             torch.manual_seed(int(seed))  # the training app seeds torch this way before building the model
         task = instantiate(source.model)
-    load_adapter(task, ckpt_path, module)
+    active = OmegaConf.select(source, "adapter.active", default=None) if run_dir is not None else None
+    load_adapter(task, ckpt_path, module, OmegaConf.to_object(active) if OmegaConf.is_config(active) else active)
     datamodule = instantiate(source.data, tokenizer=task.tokenizer)
     loggers = _instantiate_dict(cfg.get("logger"))
     trainer = instantiate(cfg.trainer, callbacks=_instantiate_dict(cfg.get("callbacks")), logger=loggers or False)

@@ -6,6 +6,7 @@ import json
 from pathlib import Path
 
 import pytest
+import torch
 
 from lightning_adapters.errors import AdapterConfigError
 from lightning_adapters.eval import evaluate, find_run_dir
@@ -85,3 +86,27 @@ def test_eval_refuses_a_missing_path_and_a_model_group_with_a_run(tmp_path: Path
     cfg = compose_app([f"ckpt_path={run / 'x.ckpt'}", f"run_dir={tmp_path}"], tmp_path, config_name="eval")
     with pytest.raises(AdapterConfigError, match="has no .hydra/config.yaml"):
         evaluate(cfg)
+
+
+def test_load_adapter_reads_a_peft_directory_of_several_adapters(tmp_path: Path) -> None:
+    # What a run with adapter.name=b and adapter.init_from={a: ...} exports: no root adapter, a/ and b/ sub-folders.
+    import lightning_adapters as la
+    from lightning_adapters.eval import load_adapter
+
+    def base() -> torch.nn.Module:
+        torch.manual_seed(0)
+        return torch.nn.Sequential(torch.nn.Linear(6, 6), torch.nn.Tanh(), torch.nn.Linear(6, 2))
+
+    trained = base()
+    la.inject(trained, la.LoRAConfig(r=2, target_modules=["0"], init_weights=False), name="a")
+    la.inject(trained, la.LoHaConfig(r=2, target_modules=["0", "2"], init_weights=False), name="b")
+    la.set_active(trained, ["a", "b"])
+    la.save_peft(trained, tmp_path / "peft")
+    assert not (tmp_path / "peft" / "adapter_config.json").exists()
+    x = torch.randn(3, 6)
+    loaded = load_adapter(base(), tmp_path / "peft", None)
+    assert la.adapter_names(loaded) == ["a", "b"] and la.active(loaded) == ["a", "b"]
+    torch.testing.assert_close(loaded(x), trained(x))
+    only_b = load_adapter(base(), tmp_path / "peft", None, active=["b"])
+    la.set_active(trained, "b")
+    torch.testing.assert_close(only_b(x), trained(x))

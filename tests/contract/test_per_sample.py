@@ -119,7 +119,8 @@ def test_generate_inside_per_sample_equals_each_row_alone() -> None:
     _randomize(model, "b", 4)
     ids = torch.randint(0, model.config.vocab_size, (3, 5), generator=torch.Generator().manual_seed(0))
     names = ["b", "__base__", "a"]
-    kw = dict(max_new_tokens=6, do_sample=False, pad_token_id=0)
+    # min_new_tokens: no row stops early at EOS (the batch would pad it, a lone row would not).
+    kw = dict(max_new_tokens=6, min_new_tokens=6, do_sample=False, pad_token_id=0)
     with la.per_sample(model, names):
         out = model.generate(ids, attention_mask=torch.ones_like(ids), **kw)
     for i, name in enumerate(names):

@@ -136,8 +136,7 @@ def test_load_peft_and_the_checkpoint_check_word_a_mismatch_alike(tmp_path) -> N
         validate_checkpoint(
             {"state_dict": dict(state)},
             wide,
-            method="lora",
-            config=la.LoRAConfig(),
+            adapters={"default": ("lora", la.LoRAConfig())},
             fingerprint=None,
-            expected=expected,
+            expected=lambda names: expected,
         )
