@@ -32,7 +32,7 @@ import warnings
 from pathlib import Path
 from typing import Any
 
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig, OmegaConf, open_dict
 
 from lightning_adapters.app.outputs import RunOutputs, report, wandb_description
 from lightning_adapters.app.store import RANK_ALIASES, check_trainer, from_schema, register_configs
@@ -210,8 +210,18 @@ def build(cfg: DictConfig) -> Job:
             ),
         )
     logger_cfgs = [v for v in (cfg.get("logger") or {}).values() if v]
-    if any(str(v.get("_target_", "")).endswith("WandbLogger") for v in logger_cfgs) and not _wandb_configured():
+    wandb_cfgs = [v for v in logger_cfgs if str(v.get("_target_", "")).endswith("WandbLogger")]
+    if wandb_cfgs and not _wandb_configured():
         os.environ["WANDB_MODE"] = "offline"
+        # wandb reads the environment once per process (its setup singleton): a process that already touched wandb
+        # (an earlier job of an in-process sweep, a notebook) would otherwise still try to log in.
+        import wandb
+
+        if wandb.run is None:
+            wandb.teardown()
+        for v in wandb_cfgs:
+            with open_dict(v):
+                v.offline = True
     loggers = _instantiate_dict(cfg.get("logger"))
     trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False)
     return Job(task=task, datamodule=datamodule, trainer=trainer, config=config)

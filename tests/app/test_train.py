@@ -252,6 +252,10 @@ def read_wandb_records(path: Path) -> list[Any]:
 def test_wandb_offline_run_holds_config_metrics_and_adapter_artifact(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
+    import wandb
+
+    monkeypatch.delenv("WANDB_MODE", raising=False)
+    wandb.setup()  # wandb already set up in this process, unconfigured (an earlier job, a notebook): still offline
     monkeypatch.setenv("HOME", str(tmp_path))  # no ~/.netrc login
     monkeypatch.delenv("WANDB_API_KEY", raising=False)
     monkeypatch.setenv("WANDB_MODE", "")  # not configured: the app must switch W&B offline by itself
