@@ -5,7 +5,7 @@ Timed in one process, interleaved: the forward (eval, no grad) of the batch with
 batch routed ``a, b, a, b`` by ``la.per_sample``. The ratio routed / single is the cost of routing; the goal is
 at most 1.3. ``--quick`` runs the toy workload (a smoke test of the script).
 
-    python -m experiments.benchmarks.per_sample [--quick] [--repeats 7] [--json out.json]
+    python -m experiments.benchmarks.per_sample [--quick] [--repeats 7] [--threads 1] [--json out.json]
 """
 
 from __future__ import annotations
@@ -29,17 +29,15 @@ CONFIGS = {
 }
 
 
-def _time(fn, repeats: int) -> float:
-    samples = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        fn()
-        samples.append(time.perf_counter() - t0)
-    return statistics.median(samples)
+def _time(fn) -> tuple[float, float]:
+    """Wall and process-CPU seconds of one call (CPU time is the figure that survives a shared machine)."""
+    w0, c0 = time.perf_counter(), time.process_time()
+    fn()
+    return time.perf_counter() - w0, time.process_time() - c0
 
 
 def measure(method: str, quick: bool, repeats: int) -> dict[str, float]:
-    """Median seconds of the single-adapter and the routed forward, and their ratio."""
+    """Median seconds (wall and CPU) of the single-adapter and the routed forward, and their ratios."""
     w = (QUICK if quick else FULL)["decoder"]
     model = build_model(w).eval()
     la.inject(model, CONFIGS[method](), name="a")
@@ -58,12 +56,17 @@ def measure(method: str, quick: bool, repeats: int) -> dict[str, float]:
         single(), routed()  # warm-up
         s, r = [], []
         for _ in range(repeats):
-            s.append(_time(single, 1))
-            r.append(_time(routed, 1))
+            s.append(_time(single))
+            r.append(_time(routed))
+    wall_s, wall_r = statistics.median(t[0] for t in s), statistics.median(t[0] for t in r)
+    cpu_s, cpu_r = statistics.median(t[1] for t in s), statistics.median(t[1] for t in r)
     return {
-        "single_s": statistics.median(s),
-        "routed_s": statistics.median(r),
-        "ratio": statistics.median(r) / statistics.median(s),
+        "single_s": wall_s,
+        "routed_s": wall_r,
+        "ratio": wall_r / wall_s,
+        "single_cpu_s": cpu_s,
+        "routed_cpu_s": cpu_r,
+        "cpu_ratio": cpu_r / cpu_s,
     }
 
 
@@ -72,13 +75,18 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true")
     parser.add_argument("--repeats", type=int, default=7)
     parser.add_argument("--methods", nargs="+", default=list(CONFIGS), choices=list(CONFIGS))
+    parser.add_argument("--threads", type=int, help="torch threads (default: torch's; 1 on a shared machine)")
     parser.add_argument("--json", type=Path)
     args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
     rows = {m: measure(m, args.quick, args.repeats) for m in args.methods}
-    print("| method | single adapter (ms) | routed a,b,a,b (ms) | routed / single |")
-    print("|---|---|---|---|")
+    print("| method | single adapter (ms) | routed a,b,a,b (ms) | routed / single | CPU time routed / single |")
+    print("|---|---|---|---|---|")
     for m, r in rows.items():
-        print(f"| {m} | {r['single_s'] * 1e3:.1f} | {r['routed_s'] * 1e3:.1f} | {r['ratio']:.2f} |")
+        print(
+            f"| {m} | {r['single_s'] * 1e3:.1f} | {r['routed_s'] * 1e3:.1f} | {r['ratio']:.2f} | {r['cpu_ratio']:.2f} |"
+        )
     if args.json:
         args.json.write_text(json.dumps(rows, indent=1))
 

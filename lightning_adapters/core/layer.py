@@ -48,6 +48,10 @@ class AdapterLayer(nn.Module):
     # Whether ``per_sample`` can split the module's input rows among adapters (its input starts with the batch).
     routable: bool = True
     not_routable_reason: str = ""
+    # Whether ``delta_output`` costs as much as the base op (it builds a weight-sized ΔW and applies it to x):
+    # ``per_sample`` then runs each group of rows through its own folded ``W + ΔW`` instead of the base once plus
+    # one term per group, which would do the base op's arithmetic twice.
+    dense_term: bool = False
     # Why a layer with ``additive = False`` cannot act together with another one (completes "... cannot stack: ").
     not_additive_reason: str = "its output is not the base output plus a term of its own"
     # Why a layer with ``mergeable = False`` cannot merge (completes "... is not mergeable: <reason>").

@@ -3,10 +3,11 @@
 ``with per_sample(model, ["a", "b", "__base__", "a"]):`` makes every adapted module split its input's first
 dimension (the batch) into one group of rows per name. How a module combines the groups depends on its layers:
 
-- every layer that acts is additive (LoRA without DoRA, LoHa, LoKr, AdaLoRA): the base runs once on the whole
-  batch and each group's term is added to its own rows (``index_add``), so the base matmul is not split;
-- otherwise (OFT, BOFT, DoRA, trainable tokens): each group runs the module with its own adapter on its rows and
-  the outputs are put back in row order.
+- every layer that acts is additive with a low-rank term (LoRA without DoRA, AdaLoRA): the base runs once on the
+  whole batch and each group's term is added to its own rows (``index_add``), so the base matmul is not split;
+- otherwise (LoHa and LoKr, whose term is a weight-sized ``ΔW`` applied to the rows and so costs a second base
+  matmul; OFT, BOFT, DoRA, trainable tokens): each group runs the module with its own adapter on its rows (LoHa
+  and LoKr fold ``W + ΔW`` there, as a single adapter does) and the outputs are put back in row order.
 
 A row named ``"__base__"``, or named after an adapter that does not hold the module, gets the base output there.
 Outputs (and gradients) equal running each row alone with its adapter active. The routing is a flag on each
@@ -178,7 +179,8 @@ def routed_forward(module: nn.Module, adapters: AdapterSet, routing: Routing, ar
     layers = [layer for _, layer in acting if layer is not None]
     if not layers:
         return module._la_base_forward(*args, **kwargs)
-    if all(getattr(layer, "_fsdp_wrapped_module", layer).additive for layer in layers):
+    inners = [getattr(layer, "_fsdp_wrapped_module", layer) for layer in layers]
+    if all(inner.additive and not inner.dense_term for inner in inners):
         out = module._la_base_forward(*args, **kwargs)
         for idx, layer in acting:
             if layer is None:

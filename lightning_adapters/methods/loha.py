@@ -147,6 +147,7 @@ class LoHaLayer(AdapterLayer):
     """
 
     additive = True
+    dense_term = True
 
     def __init__(self, base: nn.Module, config: LoHaConfig, name: str) -> None:
         super().__init__()

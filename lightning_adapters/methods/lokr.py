@@ -164,6 +164,7 @@ class LoKrLayer(AdapterLayer):
     """
 
     additive = True
+    dense_term = True
 
     def __init__(self, base: nn.Module, config: LoKrConfig, name: str) -> None:
         super().__init__()

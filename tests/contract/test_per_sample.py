@@ -2,8 +2,8 @@
 
 Truth: the same model run one row at a time with that row's adapter active (``"__base__"`` rows with every adapter
 disabled). Outputs and the gradients of a loss linear in the output (adapter tensors of both adapters and the
-input) must agree, on both of the forward's paths (all-additive layers: one base pass plus per-group terms; others:
-one pass per group).
+input) must agree, on both of the forward's paths (additive layers with low-rank terms: one base pass plus per-group
+terms; others, LoHa and LoKr included: one pass per group).
 """
 
 from __future__ import annotations
@@ -100,6 +100,40 @@ def test_per_sample_scaled_additive_adapters() -> None:
     model, x = _two(loha)
     la.set_scale(model, "b", 0.25)
     _check(model, x, ["b", "a", "b"])
+
+
+def test_per_sample_scaled_low_rank_adapters_on_the_one_base_pass() -> None:
+    lora = next(c for c in CASES if c.id.startswith("lora-plain-linear"))
+    model, x = _two(lora)
+    la.set_scale(model, "b", 0.25)
+    _check(model, x, ["b", "a", "b"])
+
+
+@pytest.mark.parametrize(
+    ("second", "one_base_pass"),
+    [("lora-plain-linear", True), ("adalora-", True), ("loha-", False), ("lokr-", False), ("oft-", False)],
+)
+def test_per_sample_runs_the_base_once_only_for_low_rank_terms(
+    second: str, one_base_pass: bool, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # A dense term (LoHa's and LoKr's weight-sized ΔW applied to the rows) would cost a second base matmul: those
+    # modules fold W + ΔW per group instead. Counted on the adapted module's own base forward.
+    lora = next(c for c in CASES if c.id.startswith("lora-plain-linear"))
+    other = next(c for c in CASES if c.id.startswith(second) and c.layer == "linear")
+    model, x = _two(lora, second=other)
+    layer = model.layer
+    calls = []
+    base_forward = layer._la_base_forward
+    monkeypatch.setattr(layer, "_la_base_forward", lambda *a, **k: calls.append(a[0].shape[0]) or base_forward(*a, **k))
+    with la.per_sample(model, ["b", "a", "__base__", "a"]):
+        y = model(x[:4] if x.shape[0] >= 4 else x.repeat(4, *[1] * (x.dim() - 1))[:4])
+    assert y.shape[0] == 4
+    if one_base_pass:
+        assert calls == [4]
+    else:
+        # The base rows alone, and no pass over the whole batch.
+        assert 4 not in calls and 1 in calls
+    _check(model, x, _names(x.shape[0]))
 
 
 def test_per_sample_rows_for_an_adapter_missing_on_a_module_get_the_base_output() -> None:
