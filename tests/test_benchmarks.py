@@ -41,3 +41,61 @@ def test_quick_merged_eval_covers_every_mergeable_method(tmp_path: Path) -> None
     assert labels == {"lora", "loha", "lokr", "oft", "boft_m1", "boft_m2", "adalora"}
     assert all(r["rounds"] == 2 and r["median_ratio"] > 0 for r in res["rows"])
     assert "| encoder | lora |" in (tmp_path / "merged_eval.md").read_text()
+
+
+def test_step_peak_bytes_is_the_high_water_mark_of_tensor_allocations() -> None:
+    import torch
+
+    from experiments.benchmarks.measure import step_peak_bytes, tensor_bytes
+
+    def fn() -> None:
+        a = torch.empty(1000, 250)  # 1 MB
+        b = torch.empty(500, 250)  # 0.5 MB while a lives: the peak
+        del a, b
+        torch.empty(1000, 250)  # 1 MB again, after both were freed
+
+    assert step_peak_bytes(fn, steps=2) == 1_500_000
+    lin = torch.nn.Linear(10, 20)
+    lin.weight.grad = torch.zeros_like(lin.weight)
+    tied = torch.nn.ModuleDict({"a": lin, "b": lin})  # one storage reached twice is counted once
+    assert tensor_bytes(tied) == 4 * (2 * 200 + 20)
+
+
+def _scale_cells(tmp_path: Path, *args: str) -> dict:
+    from experiments.benchmarks import scale
+
+    assert scale.main(["--quick", "--out", str(tmp_path), *args]) == 0
+    return json.loads((tmp_path / "scale.json").read_text())
+
+
+@pytest.mark.slow
+def test_quick_scale_grid_writes_table_plots_and_ours_equals_peft(tmp_path: Path) -> None:
+    res = _scale_cells(tmp_path, "--methods", "lora", "llama_adapter", "--variants", "bf16", "bf16-adapters")
+    assert set(res["rows"]) == {"lora", "llama_adapter"}
+    grid = {"fp32/h64-s16-L1", "fp32/h128-s16-L1", "fp32/h64-s32-L1"}
+    for label, cells in res["rows"].items():
+        assert set(cells) == grid | {"bf16/decoder", "bf16-adapters/decoder"}, label
+        for key, e in cells.items():
+            assert "error" not in e, (label, key, e.get("error"))
+            assert e["train"]["ours_over_peft"] > 0 and e["memory"]["ours_over_peft"] > 0
+            # Both sides run the same adapter: equal logits (bf16 to its precision).
+            assert e["max_abs_logit_diff"] < (1e-4 if key.startswith("fp32") else 0.1), (label, key)
+        # bf16 base: we keep fp32 adapters by default, as PEFT does for LoRA (its autocast_adapter_dtype leaves
+        # adaption prompts in the base's bf16); bf16 adapters on both sides when asked.
+        peft_default = ["bfloat16"] if label == "llama_adapter" else ["float32"]
+        assert cells["bf16/decoder"]["adapter_dtype"] == {"ours": ["float32"], "peft": peft_default}
+        assert cells["bf16-adapters/decoder"]["adapter_dtype"] == {"ours": ["bfloat16"], "peft": ["bfloat16"]}
+        assert (tmp_path / f"scale_{label}.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    md = (tmp_path / "scale.md").read_text()
+    assert "| lora | fp32/h128-s16-L1 |" in md and "| llama_adapter | bf16-adapters/decoder |" in md
+
+
+@pytest.mark.slow
+def test_quick_scale_compiled_row_compiles_both_sides(tmp_path: Path) -> None:
+    res = _scale_cells(
+        tmp_path, "--methods", "lora", "--points", "--variants", "compile", "--compile-backend", "aot_eager"
+    )
+    e = res["rows"]["lora"]["compile/decoder"]
+    assert "error" not in e, e.get("error")
+    assert set(e["compile_s"]) == {"ours", "peft", "base"}
+    assert e["train"]["ours_over_peft"] > 0

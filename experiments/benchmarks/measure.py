@@ -82,11 +82,11 @@ def cpu_seconds() -> float:
 # Building the models
 
 
-def our_config(case: BenchCase, w: Workload) -> Any:
-    """This library's config for ``case`` on ``w``."""
+def our_config(case: BenchCase, w: Workload, **overrides: Any) -> Any:
+    """This library's config for ``case`` on ``w`` (``overrides``: further config fields, e.g. ``adapter_dtype``)."""
     import lightning_adapters as la
 
-    kw = dict(case.config)
+    kw = dict(case.config, **overrides)
     if not case.own_targets:
         kw["target_modules"] = list(w.targets)
     return la.get_method(case.method).config_cls(**kw)
@@ -98,7 +98,8 @@ def randomize(model: nn.Module, seed: int = 0, std: float = 0.02) -> None:
     with torch.no_grad():
         for p in model.parameters():
             if p.requires_grad and p.is_floating_point():
-                p.add_(torch.randn(p.shape, generator=g, dtype=torch.float32).to(p.dtype) * std)
+                noise = torch.randn(p.shape, generator=g, dtype=torch.float32) * std
+                p.add_(noise.to(device=p.device, dtype=p.dtype))
 
 
 def layer_infos(model: nn.Module) -> list[LayerInfo]:
@@ -114,21 +115,27 @@ def layer_infos(model: nn.Module) -> list[LayerInfo]:
     return out
 
 
-def build_ours(base: nn.Module, case: BenchCase, w: Workload, seed: int = 0) -> nn.Module:
-    """A copy of ``base`` with our adapter for ``case``, randomised."""
+def build_ours(base: nn.Module, case: BenchCase, w: Workload, seed: int = 0, **overrides: Any) -> nn.Module:
+    """A copy of ``base`` with our adapter for ``case`` (config ``overrides`` applied), randomised."""
     import lightning_adapters as la
 
     model = copy.deepcopy(base)
-    la.inject(model, our_config(case, w))
+    la.inject(model, our_config(case, w, **overrides))
     randomize(model, seed)
     return model.train()
 
 
-def load_peft_model(base: nn.Module, adapter_dir: str | os.PathLike) -> nn.Module:
-    """PEFT's model for the adapter saved in ``adapter_dir``, on a copy of ``base``, trainable."""
+def load_peft_model(base: nn.Module, adapter_dir: str | os.PathLike, autocast_adapter_dtype: bool = True) -> nn.Module:
+    """PEFT's model for the adapter saved in ``adapter_dir``, on a copy of ``base``, trainable.
+
+    ``autocast_adapter_dtype``: PEFT's own switch; True (its default) keeps the adapter in fp32 on a bf16/fp16 base,
+    False leaves it in the base's dtype.
+    """
     from peft import PeftModel
 
-    return PeftModel.from_pretrained(copy.deepcopy(base), str(adapter_dir), is_trainable=True).train()
+    return PeftModel.from_pretrained(
+        copy.deepcopy(base), str(adapter_dir), is_trainable=True, autocast_adapter_dtype=autocast_adapter_dtype
+    ).train()
 
 
 def freeze_as_base(model: nn.Module) -> nn.Module:
@@ -193,6 +200,7 @@ def train_step(model: nn.Module, batch: dict[str, torch.Tensor], kind: str, conf
             allocate(counter[0])
         counter[0] += 1
 
+    step.optimizer = opt  # type: ignore[attr-defined]  # the memory measurement counts its state
     return step
 
 
@@ -203,19 +211,34 @@ def _method_name(config: Any) -> str:
 
 
 def alternate(
-    fns: dict[str, Callable[[], Any]], warmup: int, repeats: int
+    fns: dict[str, Callable[[], Any]], warmup: int, repeats: int, device: str | torch.device = "cpu"
 ) -> tuple[dict[str, list[float]], dict[str, list[float]]]:
     """Run every function once per round, rotating the order; return the timed rounds' wall-clock durations and
-    process CPU times (with one thread the CPU time is immune to the time other processes take the core away)."""
+    process CPU times (with one thread the CPU time is immune to the time other processes take the core away).
+
+    On a CUDA ``device`` the duration is the GPU's, between CUDA events recorded around the call (the host may
+    queue ahead; the events time what the stream ran), and the CPU time is the host's.
+    """
     names = list(fns)
     wall: dict[str, list[float]] = {k: [] for k in names}
     cpu: dict[str, list[float]] = {k: [] for k in names}
+    cuda = torch.device(device).type == "cuda"
     for i in range(warmup + repeats):
         k0 = i % len(names)
         for name in names[k0:] + names[:k0]:
+            if cuda:
+                start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+                torch.cuda.synchronize(device)
+                start.record()
             c0, t0 = time.process_time(), time.perf_counter()
             fns[name]()
-            dt, dc = time.perf_counter() - t0, time.process_time() - c0
+            if cuda:
+                end.record()
+                end.synchronize()
+                dt = start.elapsed_time(end) / 1e3
+            else:
+                dt = time.perf_counter() - t0
+            dc = time.process_time() - c0
             if i >= warmup:
                 wall[name].append(dt)
                 cpu[name].append(dc)
@@ -498,6 +521,61 @@ def anchors_worker(w: Workload, warmup: int, steps: int, eval_repeats: int) -> d
 
 # ------------------------------------------------------------------------------------------------------------
 # Peak memory
+
+
+def tensor_bytes(*objs: Any) -> int:
+    """Bytes of the distinct tensor storages held by modules (parameters, their gradients, buffers) and
+    optimizers (their state), each storage counted once."""
+    seen: dict[int, int] = {}
+
+    def add(t: Any) -> None:
+        if isinstance(t, torch.Tensor) and t.device.type != "meta":
+            st = t.untyped_storage()
+            seen[st.data_ptr()] = max(seen.get(st.data_ptr(), 0), st.nbytes())
+
+    for o in objs:
+        if isinstance(o, nn.Module):
+            for p in o.parameters():
+                add(p)
+                add(p.grad)
+            for b in o.buffers():
+                add(b)
+        elif isinstance(o, torch.optim.Optimizer):
+            for st in o.state.values():
+                for v in st.values():
+                    add(v)
+    return sum(seen.values())
+
+
+def step_peak_bytes(fn: Callable[[], Any], steps: int = 2, device: str | torch.device = "cpu") -> int:
+    """High-water mark of the tensor memory ``steps`` calls of ``fn`` allocate above what is allocated before them.
+
+    CUDA: ``torch.cuda.max_memory_allocated`` after a reset, minus the memory allocated at the start. CPU: the
+    allocation and free events of the torch profiler (``profile_memory``), summed in time order: the same
+    quantity at the tensor allocator, blind to glibc's heap and to other processes (unlike the resident set).
+    """
+    dev = torch.device(device)
+    if dev.type == "cuda":
+        torch.cuda.synchronize(dev)
+        before = torch.cuda.memory_allocated(dev)
+        torch.cuda.reset_peak_memory_stats(dev)
+        for _ in range(steps):
+            fn()
+        torch.cuda.synchronize(dev)
+        return torch.cuda.max_memory_allocated(dev) - before
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        for _ in range(steps):
+            fn()
+    events = [e for e in prof.profiler.kineto_results.events() if e.name() == "[memory]"]
+    events.sort(key=lambda e: e.start_ns())
+    live = peak = 0
+    for e in events:
+        if str(e.device_type()).endswith("CPU"):
+            live += e.nbytes()
+            peak = max(peak, live)
+    return peak
 
 
 def _rss_kib(field: str) -> int:

@@ -104,7 +104,8 @@ def _worker_main(args: argparse.Namespace) -> None:
     Path(args.worker_out).write_text(json.dumps(out))
 
 
-def _spawn(job: dict[str, Any], timing: bool) -> dict[str, Any]:
+def _spawn(job: dict[str, Any], timing: bool, module: str = "experiments.benchmarks.run") -> dict[str, Any]:
+    """Run ``job`` in a fresh ``python -m module --worker`` process (glibc's ``TIMING_ENV`` when ``timing``)."""
     env = {k: v for k, v in os.environ.items() if not k.startswith("MALLOC_")}
     if timing:
         env.update(TIMING_ENV)
@@ -114,7 +115,7 @@ def _spawn(job: dict[str, Any], timing: bool) -> dict[str, Any]:
         cmd = [
             sys.executable,
             "-m",
-            "experiments.benchmarks.run",
+            module,
             "--worker",
             json.dumps(job),
             "--worker-out",

@@ -73,9 +73,31 @@ def get_workload(name: str, quick: bool) -> Workload:
     return (QUICK if quick else FULL)[name]
 
 
-def build_model(w: Workload, seed: int = 0) -> nn.Module:
-    """A randomly initialised transformers model of ``w``'s shape, in train mode, dropout off."""
+def llama_ffn(hidden: int) -> int:
+    """Llama's SwiGLU width for ``hidden``: ⌈8/3 · hidden⌉ rounded up to a multiple of 32 (512 -> 1376)."""
+    return -(-(8 * hidden) // (3 * 32)) * 32
+
+
+def scaled_decoder(hidden: int, seq: int, layers: int, batch: int = 1, vocab: int = 32000) -> Workload:
+    """The decoder workload grown to ``hidden`` and ``seq``: heads of 64 up to hidden 1024 and of 128 above
+    (as Llama 1B-7B), half as many KV heads (GQA), Llama's SwiGLU width."""
+    heads = hidden // (64 if hidden <= 1024 else 128)
+    name = f"h{hidden}-s{seq}-L{layers}" + (f"-b{batch}" if batch != 1 else "")
+    return Workload(
+        name, "llama", layers, hidden, heads, max(1, heads // 2), llama_ffn(hidden), vocab, batch, seq, DECODER_TARGETS
+    )
+
+
+def build_model(w: Workload, seed: int = 0, device: str | torch.device | None = None) -> nn.Module:
+    """A randomly initialised transformers model of ``w``'s shape, in train mode, dropout off.
+
+    ``device``: where the weights are created and initialised (a 1B-parameter model initialises in seconds on a
+    GPU and in minutes on two CPU cores); the CPU when None.
+    """
     torch.manual_seed(seed)
+    if device is not None and torch.device(device).type != "cpu":
+        with torch.device(device):
+            return build_model(w, seed)
     if w.kind == "bert":
         from transformers import BertConfig, BertForSequenceClassification
 
@@ -108,15 +130,15 @@ def build_model(w: Workload, seed: int = 0) -> nn.Module:
     return model.train()
 
 
-def make_batch(w: Workload, seed: int = 1) -> dict[str, torch.Tensor]:
-    """A fixed batch of token ids and labels for ``w``."""
+def make_batch(w: Workload, seed: int = 1, device: str | torch.device | None = None) -> dict[str, torch.Tensor]:
+    """A fixed batch of token ids and labels for ``w`` (on ``device``, the CPU when None)."""
     g = torch.Generator().manual_seed(seed)
     ids = torch.randint(0, w.vocab, (w.batch, w.seq), generator=g)
     if w.kind == "bert":
         labels = torch.randint(0, w.num_labels, (w.batch,), generator=g)
     else:
         labels = ids.clone()
-    return {"input_ids": ids, "labels": labels}
+    return {"input_ids": ids.to(device), "labels": labels.to(device)}
 
 
 def loss_of(model: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
