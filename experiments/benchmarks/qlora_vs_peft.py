@@ -4,14 +4,15 @@ Decoder workload of the benchmark harness (Llama-style, 4 layers, hidden 512, ff
 linear of the blocks adapted (r = 8) and quantized with bitsandbytes NF4 (``lightning_adapters.quantize``; the
 embedding and the LM head stay fp32, as transformers keeps them). Rows: ``lora`` and ``dora`` on the NF4 base,
 ours against PEFT on the same quantized base and with the same adapter values (PEFT's, loaded with ``load_peft``),
-and ``lora_fp32``: ours on the fp32 base against the same PEFT QLoRA model, to show what the 4-bit base costs in
-time. A step is zero_grad + forward + backward + AdamW; the two sides of a row alternate so drift in machine speed
-hits both alike. Base-weight memory: the bytes the quantized layers' weights take (packed data and quantization
-state), against the same layers in fp32.
+and ``lora_fp32`` / ``dora_fp32``: ours on the fp32 base against the same PEFT QLoRA model, to show what the 4-bit
+base costs in time. A step is zero_grad + forward + backward + AdamW; the two sides of a row alternate so drift in
+machine speed hits both alike. Base-weight memory: the bytes the quantized layers' weights take (packed data and
+quantization state), against the same layers in fp32. Each row also reports the share of the CPU the process got
+while timing (process CPU time / (wall time × threads)) and the load average, since the development VM is shared.
 
 Run::
 
-    python -m experiments.benchmarks.qlora_vs_peft --steps 10 --json experiments/benchmarks/results/qlora.json
+    python -m experiments.benchmarks.qlora_vs_peft --steps 21 --md experiments/benchmarks/results/qlora_vs_peft.md
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ from __future__ import annotations
 import argparse
 import copy
 import json
+import os
 import statistics
 import tempfile
 import time
@@ -36,6 +38,7 @@ ROWS: dict[str, tuple[dict[str, Any], str]] = {
     "lora": ({}, "nf4"),
     "dora": ({"use_dora": True}, "nf4"),
     "lora_fp32": ({}, "fp32"),
+    "dora_fp32": ({"use_dora": True}, "fp32"),
 }
 RANK = 8
 
@@ -82,13 +85,18 @@ def time_row(label: str, steps: int, warmup: int, quick: bool) -> dict[str, Any]
     times: dict[str, list[float]] = {k: [] for k in fns}
     cpu: dict[str, list[float]] = {k: [] for k in fns}
     names = list(fns)
+    load = os.getloadavg()[0]
+    wall0 = cpu0 = 0.0
     for i in range(warmup + steps):
+        if i == warmup:
+            wall0, cpu0 = time.perf_counter(), cpu_seconds()
         for k in names[i % 2 :] + names[: i % 2]:
             c0, t0 = cpu_seconds(), time.perf_counter()
             fns[k]()
             if i >= warmup:
                 times[k].append(time.perf_counter() - t0)
                 cpu[k].append(cpu_seconds() - c0)
+    cpu_share = (cpu_seconds() - cpu0) / ((time.perf_counter() - wall0) * torch.get_num_threads())
     return {
         "row": label,
         "our_base": ROWS[label][1],
@@ -99,7 +107,29 @@ def time_row(label: str, steps: int, warmup: int, quick: bool) -> dict[str, Any]
         "base_weight_mib": {k: v / 2**20 for k, v in weights.items()},
         "base_weight_ratio_fp32_over_nf4": weights["fp32"] / weights["quantized"],
         "steps": steps,
+        "cpu_percent": 100 * cpu_share,
+        "load_average": [load, os.getloadavg()[0]],
     }
+
+
+def markdown(results: dict[str, Any]) -> str:
+    """The rows as a Markdown table (the README's)."""
+    lines = [
+        f"torch {results['torch']}, {results['threads']} threads, {results['rows'][0]['steps']} timed steps per side",
+        "",
+        "| row (decoder) | our base | step ours / PEFT QLoRA (wall) | (process CPU time) | median step ours / PEFT "
+        "| CPU share | load avg (start, end) | base weights NF4 / fp32 |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for r in results["rows"]:
+        ms, mib = r["median_ms"], r["base_weight_mib"]
+        lines.append(
+            f"| {r['row']} | {r['our_base']} | {r['ratio']:.3f}× | {r['cpu_ratio']:.3f}× | "
+            f"{ms['ours'] / 1000:.2f} s / {ms['peft'] / 1000:.2f} s | {r['cpu_percent']:.0f}% | "
+            f"{r['load_average'][0]:.1f}, {r['load_average'][1]:.1f} | {mib['quantized']:.1f} / {mib['fp32']:.1f} MiB "
+            f"({r['base_weight_ratio_fp32_over_nf4']:.1f}×) |"
+        )
+    return "\n".join(lines) + "\n"
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -110,6 +140,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--quick", action="store_true", help="toy sizes, for a smoke run")
     p.add_argument("--json", help="also write the results here")
+    p.add_argument("--md", help="also write the table here (Markdown)")
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
     results: dict[str, Any] = {"torch": torch.__version__, "threads": args.threads, "rows": []}
@@ -121,12 +152,16 @@ def main(argv: list[str] | None = None) -> None:
             f"{label} ({row['our_base']} base): ours {ms['ours']:.0f} ms, PEFT QLoRA {ms['peft']:.0f} ms, ratio "
             f"{row['ratio']:.3f} (CPU time {row['cpu_ratio']:.3f}); base weights {mib['quantized']:.1f} MiB nf4 vs "
             f"{mib['fp32']:.1f} MiB fp32 ({row['base_weight_ratio_fp32_over_nf4']:.1f}x); start logit diff "
-            f"{row['max_abs_logit_diff_at_start']:.2g}",
+            f"{row['max_abs_logit_diff_at_start']:.2g}; CPU share {row['cpu_percent']:.0f}%, load "
+            f"{row['load_average'][0]:.1f} -> {row['load_average'][1]:.1f}",
             flush=True,
         )
     if args.json:
         with open(args.json, "w") as f:
             json.dump(results, f, indent=2)
+    if args.md:
+        with open(args.md, "w") as f:
+            f.write(markdown(results))
 
 
 if __name__ == "__main__":

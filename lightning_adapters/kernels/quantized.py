@@ -2,12 +2,17 @@
 
 ``quantized_lowrank_linear`` runs the layer as one autograd Function that dequantizes ``W`` (bitsandbytes NF4/FP4/
 int8 or torchao, ``core.quant.dequantized_weight``) in forward and again in backward, never keeping it between the
-two, as the quantized layer's own training matmul does. The dequantized ``W`` is a fresh tensor, so without input
-dropout the update is folded into it in place: ``x (W + s·B·A)ᵀ`` is one product over the rows, where PEFT's QLoRA
-layer runs the base matmul, two rank-r products, a scaling and an add (and clones the base output). Backward:
-``∂x = g (W + s·B·A)`` from the re-dequantized, re-folded weight (``g W + ∂h A`` with dropout), ``∂h = s·g B``,
-``∂A = ∂hᵀ x_d``, ``∂B = s·gᵀ h``. Saved: ``x`` (and ``x_d``), ``hᵀ`` (r, rows) and the factors; the weight-sized
-tensors live only inside forward and inside backward. ``A`` may be any differentiable tensor (AdaLoRA: ``A ⊙ E``).
+two, as the quantized layer's own training matmul does (so a step's peak memory holds one layer's full-precision
+weight at a time, not the model's). The dequantized ``W`` is a fresh tensor, so the update can be folded into it
+in place: ``x (W + s·B·A)ᵀ`` is one product over the rows, where PEFT's QLoRA layer runs the base matmul, two
+rank-r products, a scaling and an add (and clones the base output). Folding costs a pass over the (out, in) weight;
+accumulating ``s·h Bᵀ`` into the output instead costs a pass over the (rows, out) output, so the forward folds when
+``in < rows`` (``fold_forward``). Backward: ``∂h = s·g B`` is needed for ``∂A`` anyway, so ``∂x = g W + ∂h A``
+accumulates into the (rows, in) input gradient unless folding into the (out, in) weight is the smaller pass
+(``out < rows``, ``fold_backward``): ``∂x = g (W + s·B·A)``. With input dropout nothing folds: ``∂x = g W``,
+``∂x_d = ∂h A``. ``∂A = ∂hᵀ x_d``, ``∂B = s·gᵀ h``. Saved: ``x`` (and ``x_d``), ``hᵀ`` (r, rows) and the factors;
+the weight-sized tensors live only inside forward and inside backward. ``A`` may be any differentiable tensor
+(AdaLoRA: ``A ⊙ E``).
 """
 
 from __future__ import annotations
@@ -25,6 +30,18 @@ from lightning_adapters.kernels.lowrank import thin_cols_product, thin_rows_prod
 def quantized_lowrank_applies(x: torch.Tensor, A: torch.Tensor) -> bool:
     """Whether ``quantized_lowrank_linear`` can run: the input in the adapter's dtype and no autocast to honour."""
     return x.dtype == A.dtype and x.is_floating_point() and not torch.is_autocast_enabled(x.device.type)
+
+
+def fold_forward(rows: int, in_f: int) -> bool:
+    """Forward: whether adding ``s·B·A`` into the fresh (out, in) weight touches fewer numbers than adding
+    ``s·h Bᵀ`` into the (rows, out) output (both are in-place rank-r updates)."""
+    return in_f < rows
+
+
+def fold_backward(rows: int, out_f: int) -> bool:
+    """Backward: whether adding ``s·B·A`` into the fresh (out, in) weight touches fewer numbers than adding
+    ``∂h A`` into the (rows, in) input gradient (``∂h`` is computed for ``∂A`` either way)."""
+    return out_f < rows
 
 
 def quantized_lowrank_linear(
@@ -52,9 +69,10 @@ class _QuantizedLowRankLinear(torch.autograd.Function):
         out_f, in_f = w.shape
         x2 = x.reshape(-1, in_f)  # (N, in)
         a_in = x2 if xd is None else xd.reshape(-1, in_f)  # (N, in) adapter input
-        need_h = ctx.needs_input_grad[4] or xd is not None
+        fold = xd is None and fold_forward(x2.shape[0], in_f)
+        need_h = ctx.needs_input_grad[4] or not fold
         h_t = thin_cols_product(A, a_in) if need_h else None  # (r, N), thin side first
-        if xd is None:
+        if fold:
             y = F.linear(x2, w.addmm_(B, A, alpha=scale), bias)  # x (W + s·B·A)ᵀ: one product over the rows
         else:
             y = F.linear(x2, w, bias).addmm_(h_t.t(), B.t(), alpha=scale)  # + s · h Bᵀ
@@ -74,13 +92,19 @@ class _QuantizedLowRankLinear(torch.autograd.Function):
         a_in = x2 if a_in is None else a_in
         g = gy.reshape(-1, B.shape[0])  # (N, out)
         gx = gxd = gbias = ga = gb = None
+        fold = need_x and not ctx.has_xd and fold_backward(g.shape[0], B.shape[0])
         # Rank-r products thin side first (kernels.lowrank): ∂h = s·g B computed as (r, N), used as (N, r).
-        dh = thin_cols_product(B.t(), g).mul_(s).t() if need_a or need_xd else None
+        need_dh = need_a or need_xd or (need_x and not ctx.has_xd and not fold)
+        dh = thin_cols_product(B.t(), g).mul_(s).t() if need_dh else None
         if need_x:
             w = dequantized_weight(ctx.module, g.dtype)  # dequantized again: never kept since forward
-            if not ctx.has_xd:
-                w.addmm_(B, A, alpha=s)  # ∂x = g (W + s·B·A)
-            gx = torch.mm(g, w).view(x_shape)
+            if fold:
+                gx = torch.mm(g, w.addmm_(B, A, alpha=s))  # ∂x = g (W + s·B·A)
+            else:
+                gx = torch.mm(g, w)
+                if not ctx.has_xd:
+                    gx.addmm_(dh, A)  # ∂x = g W + ∂h A
+            gx = gx.view(x_shape)
         if need_xd:
             gxd = torch.mm(dh, A).view(xd_shape)
         if need_bias:

@@ -10,24 +10,40 @@ from torch import nn
 
 import lightning_adapters as la
 from lightning_adapters.core.quant import dequantized_weight
-from lightning_adapters.kernels.quantized import quantized_lowrank_linear
+from lightning_adapters.kernels.quantized import fold_backward, fold_forward, quantized_lowrank_linear
 
 pytest.importorskip("bitsandbytes")
 
 
+# (in, out, rows per batch of 3): both sides of the forward and backward fold rules (fold_forward: in < rows,
+# fold_backward: out < rows) and of lowrank.row_chunks' split (768 rows).
+SHAPES = {
+    "fold_none": (96, 40, 7),
+    "fold_backward_only": (96, 40, 20),
+    "fold_forward_only": (40, 96, 20),
+    "fold_both_split_rows": (96, 40, 256),
+}
+
+
+def test_shapes_cover_both_sides_of_the_fold_rules() -> None:
+    sides = {(fold_forward(3 * rows, i), fold_backward(3 * rows, o)) for i, o, rows in SHAPES.values()}
+    assert sides == {(False, False), (False, True), (True, False), (True, True)}
+
+
 @pytest.mark.parametrize("scheme", ["nf4", "int8"])
 @pytest.mark.parametrize("dropout", [False, True])
-@pytest.mark.parametrize("rows", [7, 256], ids=["rows21", "rows768"])  # both sides of lowrank.row_chunks' split
-def test_equals_plain_autograd(scheme: str, dropout: bool, rows: int) -> None:
+@pytest.mark.parametrize("shape", list(SHAPES))
+def test_equals_plain_autograd(scheme: str, dropout: bool, shape: str) -> None:
+    in_f, out_f, rows = SHAPES[shape]
     torch.manual_seed(0)
-    layer = la.quantize(nn.Sequential(nn.Linear(96, 40)), scheme, skip=[])[0]
+    layer = la.quantize(nn.Sequential(nn.Linear(in_f, out_f)), scheme, skip=[])[0]
     g = torch.Generator().manual_seed(1)
-    x = torch.randn(3, rows, 96, generator=g, requires_grad=True)
+    x = torch.randn(3, rows, in_f, generator=g, requires_grad=True)
     xd = (x * (torch.rand(x.shape, generator=g) > 0.3)).detach().requires_grad_(True) if dropout else None
-    A = torch.randn(4, 96, generator=g, requires_grad=True)
-    B = torch.randn(40, 4, generator=g, requires_grad=True)
-    bias = torch.randn(40, generator=g, requires_grad=True)
-    gy = torch.randn(3, rows, 40, generator=g)
+    A = torch.randn(4, in_f, generator=g, requires_grad=True)
+    B = torch.randn(out_f, 4, generator=g, requires_grad=True)
+    bias = torch.randn(out_f, generator=g, requires_grad=True)
+    gy = torch.randn(3, rows, out_f, generator=g)
     y = quantized_lowrank_linear(x, xd, bias, A, B, 0.5, layer)
     ins = [t for t in (x, xd, A, B, bias) if t is not None]
     grads = torch.autograd.grad(y, ins, gy)
