@@ -83,9 +83,10 @@ class Method(abc.ABC):
         or layouts that only the tensor shapes reveal. By default both are returned unchanged."""
         return config, tensors
 
-    def peft_config_extra(self, root: nn.Module) -> dict[str, Any]:
+    def peft_config_extra(self, root: nn.Module, name: str) -> dict[str, Any]:
         """Fields of ``adapter_config.json`` that depend on the injected model's live state rather than on its
-        config (AdaLoRA's learned ``rank_pattern``); ``root`` is the module ``inject`` was called on."""
+        config (AdaLoRA's learned ``rank_pattern``); ``root`` is the module ``inject`` was called on and ``name``
+        the adapter being written (the model may hold others of the same method)."""
         return {}
 
 

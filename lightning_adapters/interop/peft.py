@@ -129,7 +129,7 @@ def peft_config_dict(model: nn.Module, name: str | None = None) -> dict[str, Any
     spec = get_method(rec.method)
     cfg = rec.config
     d = spec.config_to_peft(cfg)
-    d.update(spec.peft_config_extra(root))
+    d.update(spec.peft_config_extra(root, rec.name))
     target = cfg.target_modules
     if target == "all-linear" or target is None:
         # PEFT resolves these before saving; write the resolved names so any loader selects the same modules.

@@ -890,12 +890,12 @@ def _to_peft(cfg: AdaLoRAConfig) -> dict[str, Any]:
     }
 
 
-def _peft_config_extra(root: nn.Module) -> dict[str, Any]:
-    """The exported ``rank_pattern`` in PEFT's key format (left out while nothing is pruned).
+def _peft_config_extra(root: nn.Module, name: str) -> dict[str, Any]:
+    """The exported ``rank_pattern`` of adapter ``name`` in PEFT's key format (left out while nothing is pruned).
 
     The pattern is each layer's ``export_mask`` (the ranks the file holds), not its ``rank_mask``.
     """
-    layers = adalora_layers(root)
+    layers = adalora_layers(root, name)
     masks = {name: layer.export_mask() for name, layer in layers.items()}
     out: dict[str, Any] = {}
     if any(not bool(m.all()) for m in masks.values()):

@@ -118,3 +118,25 @@ def test_names_selects_what_is_written_and_a_lone_named_adapter_goes_to_its_fold
         la.load_peft(again, tmp_path / "all", name=name)
     for name in ("b", "c", "default"):
         torch.testing.assert_close(_ours(again, name), _ours(model, name))
+
+
+def test_two_adalora_adapters_each_write_their_own_rank_pattern(tmp_path) -> None:
+    # Each adapter's adapter_config.json holds its own pruned ranks, not another AdaLoRA adapter's of the model.
+    base = tiny_llama(num_hidden_layers=1)
+    model = copy.deepcopy(base)
+    cfg = dict(init_r=4, target_r=2, total_step=10, target_modules=["q_proj", "v_proj"], init_weights=False)
+    la.inject(model, la.AdaLoRAConfig(**cfg))
+    la.inject(model, la.AdaLoRAConfig(**cfg), name="second")
+    attn = model.model.layers[0].self_attn
+    attn.q_proj.adapter.default.apply_mask(torch.tensor([True, False, True, False]))
+    attn.v_proj.adapter.second.apply_mask(torch.tensor([False, False, True, True]))
+    la.save_peft(model, tmp_path)
+    first = json.loads((tmp_path / "adapter_config.json").read_text())["rank_pattern"]
+    second = json.loads((tmp_path / "second" / "adapter_config.json").read_text())["rank_pattern"]
+    q, v = "model.layers.0.self_attn.q_proj.lora_E", "model.layers.0.self_attn.v_proj.lora_E"
+    assert first == {q: [True, False, True, False], v: [True] * 4}
+    assert second == {q: [True] * 4, v: [False, False, True, True]}
+    pm = peft.PeftModel.from_pretrained(copy.deepcopy(base), tmp_path)
+    pm.load_adapter(str(tmp_path / "second"), adapter_name="second")
+    for name in ("second", "default"):
+        torch.testing.assert_close(_theirs(pm, name), _ours(model, name), atol=1e-5, rtol=1e-5)
