@@ -41,6 +41,7 @@ from lightning_adapters.core.quant_ops import (
     check_unmergeable,
     dequantize_model,
     forget_hf_quantization,
+    forget_quantized_merge,
     merge_quantized,
     unmerge_quantized,
 )
@@ -685,6 +686,7 @@ def merge(model: nn.Module, names: Any = None, *, safe: bool = False, keep_origi
         for base, layer, original in reversed(done):
             if isinstance(original, QuantizedWeight):
                 original.restore(base)
+                forget_quantized_merge(base, layer)
                 layer.forget_merge()
                 layer.merged = False
                 continue
@@ -753,7 +755,8 @@ def disabled(model: nn.Module) -> Iterator[nn.Module]:
     layers = list(adapted_modules(model))
     check_unmergeable(layers, "disabled")
     remerge = [(b, layer) for _, b, layer in layers if layer.merged]
-    for base, layer in remerge:
+    # Latest merge first: adapters merged into one quantized base come out without re-quantizing the others.
+    for base, layer in reversed(remerge):
         unmerge_layer(base, layer)
     # Whole-model adapters carry their ``enabled`` flag on their holder modules.
     switches = [layer for _, _, layer in layers] + [

@@ -12,14 +12,27 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from lightning_adapters.core.layer import ADAPTER_ATTR, AdapterLayer, adapted_class, get_adapter, is_adapted
+from lightning_adapters.core.layer import ADAPTER_ATTR, AdapterLayer, adapted_class, is_adapted
 from lightning_adapters.core.quant import QuantizedWeight, dequantized_weight, is_quantized, requantize_, stand_in
 from lightning_adapters.errors import MergeError
 
-# On a merged quantized base: the quantized weight from before the merge (``keep_original``), and the error the
+# On a merged quantized base: one ``(layer, quantized weight from before its merge or None)`` per merged adapter, in
+# merge order (several adapters merge on top of each other, each re-quantizing), and the error the last
 # re-quantization added. Plain attributes of the base module, outside its state dict.
 ORIGINAL_ATTR = "_la_quant_original"
 ERROR_ATTR = "_la_quant_merge_error"
+
+
+def _merges(base: nn.Module) -> list[tuple[AdapterLayer, QuantizedWeight | None]]:
+    return base.__dict__.setdefault(ORIGINAL_ATTR, [])
+
+
+def _kept(base: nn.Module, layer: AdapterLayer) -> tuple[int, QuantizedWeight | None] | None:
+    """``(position, kept weight)`` of ``layer``'s merge into ``base``; ``None`` when no merge of it is recorded."""
+    for i, (merged, original) in enumerate(base.__dict__.get(ORIGINAL_ATTR) or []):
+        if merged is layer:
+            return i, original
+    return None
 
 
 def merge_quantized(base: nn.Module, layer: AdapterLayer, *, safe: bool = False, keep_original: bool = False) -> float:
@@ -37,9 +50,19 @@ def merge_quantized(base: nn.Module, layer: AdapterLayer, *, safe: bool = False,
         layer.forget_merge()
         layer.merged = False
         raise
-    base.__dict__[ORIGINAL_ATTR] = original if keep_original else None
+    _merges(base).append((layer, original if keep_original else None))
     base.__dict__[ERROR_ATTR] = error
     return error
+
+
+def forget_quantized_merge(base: nn.Module, layer: AdapterLayer) -> None:
+    """Drop the record of ``layer``'s merge into ``base`` (its merge was rolled back by restoring the weight)."""
+    kept = _kept(base, layer)
+    if kept is not None:
+        del _merges(base)[kept[0]]
+    if not base.__dict__.get(ORIGINAL_ATTR):
+        base.__dict__.pop(ORIGINAL_ATTR, None)
+        base.__dict__.pop(ERROR_ATTR, None)
 
 
 def check_unmergeable(layers: list[tuple[str, nn.Module, AdapterLayer]], what: str) -> None:
@@ -49,7 +72,10 @@ def check_unmergeable(layers: list[tuple[str, nn.Module, AdapterLayer]], what: s
         MergeError: Naming the layer and the two ways out.
     """
     for name, base, layer in layers:
-        if layer.merged and is_quantized(base) and base.__dict__.get(ORIGINAL_ATTR) is None:
+        if not (layer.merged and is_quantized(base)):
+            continue
+        kept = _kept(base, layer)
+        if kept is None or kept[1] is None:
             raise MergeError(
                 f"{what}: {name!r} is a quantized base with the adapter merged and re-quantized, so the original "
                 "quantized weight cannot be recovered exactly (nothing was changed); merge with "
@@ -58,16 +84,26 @@ def check_unmergeable(layers: list[tuple[str, nn.Module, AdapterLayer]], what: s
             )
 
 
-def unmerge_quantized(base: nn.Module, layer: AdapterLayer) -> None:
-    """Put back the quantized weight kept by ``merge_quantized(keep_original=True)`` (bit-exact)."""
-    original = base.__dict__.get(ORIGINAL_ATTR)
-    if original is None:
-        check_unmergeable([("", base, layer)], "unmerge")
+def unmerge_quantized(base: nn.Module, layer: AdapterLayer, name: str = "") -> None:
+    """Put back the quantized weight kept by ``merge_quantized(keep_original=True)`` (bit-exact).
+
+    Adapters merged after ``layer`` into the same base are merged again on top (each keeps its own kept weight or
+    lack of one), so unmerging in reverse merge order re-quantizes nothing.
+    """
+    check_unmergeable([(name, base, layer)], "unmerge")
+    position, original = _kept(base, layer)
+    later = _merges(base)[position + 1 :]
     original.restore(base)
-    base.__dict__.pop(ORIGINAL_ATTR, None)
-    base.__dict__.pop(ERROR_ATTR, None)
+    del _merges(base)[position:]
     layer.forget_merge()
     layer.merged = False
+    for merged, kept in later:
+        merged.forget_merge()
+        merged.merged = False
+        merge_quantized(base, merged, keep_original=kept is not None)
+    if not _merges(base):
+        base.__dict__.pop(ORIGINAL_ATTR, None)
+        base.__dict__.pop(ERROR_ATTR, None)
 
 
 def merge_errors(model: nn.Module) -> dict[str, float]:
@@ -75,7 +111,7 @@ def merge_errors(model: nn.Module) -> dict[str, float]:
     return {
         name: m.__dict__[ERROR_ATTR]
         for name, m in model.named_modules()
-        if m.__dict__.get(ERROR_ATTR) is not None and is_adapted(m) and get_adapter(m).merged
+        if m.__dict__.get(ERROR_ATTR) is not None and m.__dict__.get(ORIGINAL_ATTR)
     }
 
 
@@ -105,16 +141,18 @@ def dequantize_model(model: nn.Module, dtype: torch.dtype) -> list[tuple[nn.Modu
 
 
 def _plain_copy(module: nn.Module, dtype: torch.dtype) -> nn.Module:
-    layer = get_adapter(module) if is_adapted(module) else None
-    if layer is not None and layer.merged and module.__dict__.get(ORIGINAL_ATTR) is not None:
-        unmerge_quantized(module, layer)
+    adapted = is_adapted(module)
+    # The reversible merges on top come out (latest first); a merge without its kept weight stays in the weight.
+    merges = module.__dict__.get(ORIGINAL_ATTR) or []
+    while merges and merges[-1][1] is not None:
+        unmerge_quantized(module, merges[-1][0])
     weight = dequantized_weight(module, dtype)
     plain = nn.Linear(module.in_features, module.out_features, bias=module.bias is not None, device="meta")
     plain.weight = nn.Parameter(weight, requires_grad=module.weight.requires_grad)
     if module.bias is not None:
         plain.bias = nn.Parameter(module.bias.detach().to(dtype), requires_grad=module.bias.requires_grad)
     plain.train(module.training)
-    if layer is not None:
+    if adapted:
         plain.add_module(ADAPTER_ATTR, module._modules[ADAPTER_ATTR])
         plain.__class__ = adapted_class(nn.Linear)
     return plain

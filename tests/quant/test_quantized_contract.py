@@ -169,3 +169,40 @@ def test_gradients_equal_the_dequantized_float_model_and_no_weight_is_kept(metho
     for n, p in model.named_parameters():
         if p.requires_grad:
             assert torch.allclose(p.grad, fgrads[n], atol=1e-4), n
+
+
+@pytest.mark.parametrize("scheme", ["nf4", "int8"])
+def test_two_adapters_merged_into_one_quantized_base_unmerge_exactly(scheme: str) -> None:
+    # Each merge re-quantizes on top of the previous one; unmerge (and disabled) must walk them back in reverse
+    # order to the quantized weight from before the first, and a refusal must leave the model as it was.
+    model, x = _quantized(scheme), _x()
+    la.inject(model, METHODS["lora"]())
+    la.inject(model, METHODS["loha"](), name="b")
+    randomize_adapter(model, std=0.05)
+    la.set_active(model, ["default", "b"])
+    out = model(x)
+    before = dequantized_weight(model.layer, torch.float32)
+    la.merge(model, keep_original=True)
+    merged = model(x)
+    assert not torch.equal(dequantized_weight(model.layer, torch.float32), before)
+    with la.disabled(model):
+        assert torch.equal(dequantized_weight(model.layer, torch.float32), before)
+    assert torch.equal(model(x), merged)
+    la.unmerge(model)
+    assert torch.equal(dequantized_weight(model.layer, torch.float32), before)
+    assert torch.allclose(model(x), out, atol=1e-5)
+    # Merged in the other order than the model lists them: unmerge still gets back to the first weight.
+    la.merge(model, names=["b"], keep_original=True)
+    la.merge(model, names=["default"], keep_original=True)
+    assert set(la.merge_errors(model)) == {"layer"}
+    la.unmerge(model)
+    assert torch.equal(dequantized_weight(model.layer, torch.float32), before)
+    assert la.merge_errors(model) == {}
+    # Only the second merge kept its original: unmerge is refused before anything changes.
+    la.merge(model, names=["default"])
+    la.merge(model, names=["b"], keep_original=True)
+    weight = dequantized_weight(model.layer, torch.float32)
+    with pytest.raises(la.MergeError, match="keep_original=True"):
+        la.unmerge(model)
+    assert torch.equal(dequantized_weight(model.layer, torch.float32), weight)
+    assert all(layer.merged for layer in model.layer.adapter.values())
