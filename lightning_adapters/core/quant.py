@@ -122,6 +122,41 @@ def compute_dtype_of(module: nn.Module) -> torch.dtype:
     return module.weight.dtype
 
 
+def fsdp2_kept_whole(model: nn.Module, mesh_size: int) -> set[nn.Parameter]:
+    """The quantized base weights of ``model`` that FSDP2 (``fully_shard``) must leave whole: its ``ignored_params``.
+
+    Kept whole (each rank holds the full weight at its quantized size, as without FSDP):
+
+    - bitsandbytes weights: their quantization state lives on the ``Parameter`` object (``Params4bit.quant_state``,
+      ``Int8Params.CB``/``SCB``), which ``fully_shard`` replaces by a plain sharded tensor;
+    - torchao tensors other than ``NF4Tensor`` (torchao 0.18's int8 weight-only tensor cannot be split);
+    - torchao ``NF4Tensor`` weights on a one-rank mesh: torch 2.13's world-size-1 path of ``fully_shard`` copies
+      only the first of the three tensors NF4's all-gather extension returns (pytorch/pytorch#197999), so its
+      ``fsdp_post_all_gather`` fails; and NF4 weights whose rows, 4-bit data, block scales or scale-of-scales do
+      not split evenly over ``mesh_size`` ranks (torchao's ``aten.split`` asserts so).
+
+    Every other NF4 weight is sharded through torchao's all-gather extension.
+    """
+    kept: set[nn.Parameter] = set()
+    for m in model.modules():
+        w = m._parameters.get("weight")
+        if w is None:
+            continue
+        if type(w).__module__.startswith("bitsandbytes"):
+            kept.add(w)
+            continue
+        kind = _torchao_kind(w)
+        if kind is None:
+            continue
+        if kind != "nf4" or mesh_size == 1:
+            kept.add(w)
+            continue
+        inner = ("quantized_data", "quantized_scalers", "quantization_factor")
+        if w.size(0) % mesh_size or any(getattr(w, a).numel() % mesh_size for a in inner):
+            kept.add(w)
+    return kept
+
+
 # ------------------------------------------------------------------------------------------------------------
 # Dequantize / re-quantize
 

@@ -28,6 +28,7 @@ from torch import nn
 
 from lightning_adapters.core.inject import adapted_modules, apply_dtype_policy, find_records
 from lightning_adapters.core.layer import AdapterLayer
+from lightning_adapters.core.quant import fsdp2_kept_whole
 from lightning_adapters.errors import AdapterConfigError, AdapterStateError
 from lightning_adapters.lightning.checkpoint import DEEPSPEED_ADAPTER_KEY
 
@@ -107,6 +108,10 @@ def adapter_parallelize_fn(
         mp_policy: Optional ``MixedPrecisionPolicy`` for every unit.
         reshard_after_forward: Passed to ``fully_shard`` for blocks and root (adapter units stay gathered).
 
+    A quantized base (QLoRA) is sharded where its weights allow it: torchao NF4 weights are sharded through
+    torchao's all-gather extension; bitsandbytes weights, and NF4 weights on a one-rank mesh, stay whole on every
+    rank at their quantized size (``core.quant.fsdp2_kept_whole`` says why).
+
     Returns:
         ``module`` (now an ``FSDPModule``).
 
@@ -122,6 +127,9 @@ def adapter_parallelize_fn(
             "self.inject_adapters()) before sharding, so they are sharded too"
         )
     kwargs: dict[str, Any] = {"mesh": device_mesh, "reshard_after_forward": reshard_after_forward}
+    kept_whole = fsdp2_kept_whole(module, device_mesh.size())
+    if kept_whole:
+        kwargs["ignored_params"] = kept_whole  # quantized base weights FSDP2 cannot shard (core.quant)
     if mp_policy is not None:
         kwargs["mp_policy"] = mp_policy
     for _, _, layer in adapted_modules(module):

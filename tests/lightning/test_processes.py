@@ -124,6 +124,19 @@ def test_two_processes_train_save_full_adapter_and_resume(strategy, tmp_path):
     assert_adapters_close(out["adapter"], want, atol=1e-5)
 
 
+def test_fsdp2_on_a_quantized_base_equals_one_process(tmp_path):
+    # QLoRA under FSDP2 (adapter_parallelize_fn): bitsandbytes NF4 attention weights stay whole on every rank,
+    # torchao NF4 MLP weights are sharded over two ranks (and kept whole on one: torch's world-size-1 path cannot
+    # gather them, core.quant.fsdp2_kept_whole). Both give the one-process adapter on the same quantized base.
+    common = ["--model", "llama", "--quantized", "--global-batch", "4", "--epochs", "1"]
+    want = run(tmp_path, "reference", "--strategy", "single", *common, "--ckpt-dir", str(tmp_path / "ref"))["adapter"]
+    assert any(float(v.abs().max()) > 0 for k, v in want.items() if "lora_B" in k)  # it trained
+    for world in (1, 2):
+        sharded = ["--strategy", "fsdp2", "--world", str(world), "--ckpt-dir", str(tmp_path / f"w{world}")]
+        got = run(tmp_path, f"fsdp2_{world}", *sharded, *common)["adapter"]
+        assert_adapters_close(got, want, atol=1e-5)
+
+
 def test_ddp_reports_an_adapter_without_gradient_before_ddp_fails(tmp_path):
     proc = run(
         tmp_path,

@@ -133,3 +133,31 @@ def test_hydra_quantization_option_quantizes_the_backbone_only(option: str, tmp_
     assert not is_quantized(job.task.head)
     if option == "nf4_double":
         assert layer.attention.self.query.weight.quant_state.nested
+
+
+def test_fsdp2_keeps_whole_what_it_cannot_shard() -> None:
+    pytest.importorskip("torchao")
+    from torch import nn
+
+    from lightning_adapters.core.quant import fsdp2_kept_whole
+
+    # torchao NF4 in blocks of 64 with 256 scales per scale-of-scales block: 16384 weights per such block.
+    model = nn.ModuleDict(
+        {
+            "one_block": nn.Linear(128, 128),  # 1 scale-of-scales block: splits over no mesh > 1
+            "four_blocks": nn.Linear(256, 256),  # 4: splits over 2 and 4 ranks, not 8
+            "bnb": nn.Linear(64, 64),
+            "int8": nn.Linear(64, 64),
+            "plain": nn.Linear(64, 64),
+        }
+    )
+    la.quantize(model, "torchao_nf4", skip=["bnb", "int8", "plain"])
+    la.quantize(model, "nf4", skip=["int8", "plain"])
+    la.quantize(model, "torchao_int8", skip=["plain"])
+    assert model["four_blocks"].weight.quantization_factor.numel() == 4
+    always = {model["bnb"].weight, model["int8"].weight}
+    one, four = model["one_block"].weight, model["four_blocks"].weight
+    assert fsdp2_kept_whole(model, 1) == always | {one, four}  # torch's world-size-1 path cannot gather NF4
+    assert fsdp2_kept_whole(model, 2) == always | {one}
+    assert fsdp2_kept_whole(model, 4) == always | {one}
+    assert fsdp2_kept_whole(model, 8) == always | {one, four}

@@ -48,6 +48,18 @@ class Unshuffled(L.LightningDataModule):
         return DataLoader(self.loader.dataset, batch_size=self.loader.batch_size, sampler=sampler)
 
 
+class QuantizedLlamaLM(TinyLlamaLM):
+    """TinyLlamaLM (hidden 128) on a quantized base of both kinds FSDP2 meets: bitsandbytes NF4 attention
+    projections (kept whole on every rank) and torchao NF4 MLP weights (sharded through torchao's extension)."""
+
+    def __init__(self) -> None:
+        super().__init__(hidden_size=128, intermediate_size=256, num_attention_heads=4, num_key_value_heads=4)
+
+    def _build(self) -> torch.nn.Module:
+        model = la.quantize(super()._build(), "nf4", skip=["mlp.gate_proj", "mlp.up_proj", "mlp.down_proj", "lm_head"])
+        return la.quantize(model, "torchao_nf4")
+
+
 def main() -> None:
     p = argparse.ArgumentParser()
     p.add_argument("--strategy", choices=["single", "ddp", "fsdp2"], default="single")
@@ -60,14 +72,22 @@ def main() -> None:
     p.add_argument("--out", required=True)
     p.add_argument("--optimizer", choices=["sgd", "adamw"], default="sgd")
     p.add_argument("--unused", action="store_true", help="target a module that never reaches the loss")
+    p.add_argument("--world", type=int, default=2, help="processes for ddp / fsdp2")
+    p.add_argument(
+        "--quantized", action="store_true", help="llama: attention on bitsandbytes NF4, MLP on torchao NF4 (QLoRA)"
+    )
     args = p.parse_args()
 
-    world = 1 if args.strategy == "single" else 2
+    world = 1 if args.strategy == "single" else args.world
     batch = args.global_batch // world
     if args.model == "mlp":
         fresh, data = (lambda: BoringMLP(optimizer=args.optimizer, lr=0.05)), mlp_data(batch_size=batch)
         config = la.LoRAConfig(r=4, alpha=8.0, target_modules=["encoder.0", "encoder.2", "encoder.4"])
         module = None
+    elif args.quantized:
+        fresh, data = QuantizedLlamaLM, token_data(batch_size=batch)
+        config = la.LoRAConfig(r=2, alpha=4.0, target_modules=["q_proj", "v_proj", "down_proj"])
+        module = "model"
     else:
         fresh, data = TinyLlamaLM, token_data(batch_size=batch)
         targets = ["q_proj", "v_proj", "lm_head"] if args.unused else ["q_proj", "v_proj", "down_proj"]
@@ -81,7 +101,9 @@ def main() -> None:
         strategy = {
             "single": "auto",
             "ddp": DDPStrategy(process_group_backend="gloo"),
-            "fsdp2": ModelParallelStrategy(data_parallel_size=2, tensor_parallel_size=1, process_group_backend="gloo"),
+            "fsdp2": ModelParallelStrategy(
+                data_parallel_size=world, tensor_parallel_size=1, process_group_backend="gloo"
+            ),
         }[args.strategy]
         ckpt = ModelCheckpoint(dirpath=ckpt_dir, save_last=True, every_n_train_steps=2, save_top_k=-1)
         t = trainer(
