@@ -15,7 +15,7 @@ bf16 too) and ``compile`` (fp32, ours and PEFT each through ``Module.compile``; 
 timing, the warm-up steps are run). Every cell times ours, PEFT and the frozen base alternately in one process (one
 process per method, as ``run.py``; on the CPU with ``run.TIMING_ENV``) and takes each configuration's peak tensor
 memory (``measure.step_peak_bytes``: the torch profiler's allocation events on CPU, ``max_memory_allocated`` on
-CUDA) over two steps on top of the tensors it holds.
+CUDA) over its first train step on top of the tensors it holds.
 
 Writes ``scale.json``, ``scale.md`` and one ``scale_<row>.png`` per method to ``--out`` (default
 ``experiments/benchmarks/results/``; ``--quick``: ``results/quick/``). A run restricted with ``--methods``,
@@ -38,8 +38,9 @@ import torch
 
 from experiments.benchmarks.run import DEFAULT_OUT, TIMING_ENV
 
-# (hidden, seq, layers): the hidden sweep at seq 256, then the sequence sweep at hidden 512.
-FULL_POINTS = [(512, 256, 2), (1024, 256, 2), (2048, 256, 2), (4096, 256, 1), (512, 1024, 2), (512, 2048, 2)]
+# (hidden, seq, layers): the hidden sweep at seq 256, then the sequence sweep at hidden 512. Hidden 4096 (one
+# layer: 0.44 B parameters, ~7 GiB for the four copies a cell holds) fits in memory; it runs when named in --points.
+FULL_POINTS = [(512, 256, 2), (1024, 256, 2), (2048, 256, 1), (512, 1024, 2), (512, 2048, 2)]
 QUICK_POINTS = [(64, 16, 1), (128, 16, 1), (64, 32, 1)]
 VARIANTS = ("bf16", "bf16-adapters", "compile")
 
@@ -51,8 +52,8 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--points", nargs="*", help="grid points like h512-s256-L2 (default: the full grid; none: skip)")
     p.add_argument("--variants", nargs="*", choices=VARIANTS, help="variant rows (default: all; none: skip)")
     p.add_argument("--device", default="cpu", help="cpu or cuda (default cpu)")
-    p.add_argument("--steps", type=int, help="timed train steps per cell (default 5; quick 2)")
-    p.add_argument("--warmup", type=int, help="untimed rounds after the memory steps (default 1; quick 1)")
+    p.add_argument("--steps", type=int, help="timed train steps per cell (default 3; quick 2)")
+    p.add_argument("--warmup", type=int, help="untimed rounds after the memory step (default 1)")
     p.add_argument("--threads", type=int, help="torch CPU threads (default 2; quick 1)")
     p.add_argument("--compile-backend", default="inductor", help="torch.compile backend of the compile rows")
     p.add_argument("--profile", action="store_true", help="also write torch.profiler op tables of ours and PEFT")
@@ -161,11 +162,11 @@ def measure_cell(
             t0 = time.perf_counter()
             fns[k]()  # compiles forward and backward; not timed
             res["compile_s"][k] = round(time.perf_counter() - t0, 1)
-    # Peak tensor memory: what the configuration holds (weights, gradients, optimizer state) + two steps' peak.
+    # Peak tensor memory: what the configuration holds (weights, gradients, optimizer state) + one step's peak.
     res["memory"] = {}
     for k, fn in fns.items():
         held = measure.tensor_bytes(models[k], fn.optimizer) if fn.optimizer else measure.tensor_bytes(models[k])
-        peak = measure.step_peak_bytes(fn, 2, dev)
+        peak = measure.step_peak_bytes(fn, 1, dev)  # step 1 allocates the optimizer state; later steps repeat it
         res["memory"][k] = {"held_mib": held / 2**20, "step_peak_mib": peak / 2**20, "peak_mib": (held + peak) / 2**20}
     mem = res["memory"]
     res["memory"]["ours_over_peft"] = mem["ours"]["peak_mib"] / mem["peft"]["peak_mib"]
@@ -197,8 +198,12 @@ def op_table(fn: Any, device: torch.device, rows: int = 25) -> str:
     return prof.key_averages().table(sort_by=key, row_limit=rows, max_name_column_width=48)
 
 
-def run_job(job: dict[str, Any]) -> dict[str, Any]:
-    """Every cell of one method (``job["cells"]``), in this process; a failed cell records its error."""
+def run_job(job: dict[str, Any], on_cell: Any = None) -> dict[str, Any]:
+    """Every cell of one method (``job["cells"]``), in this process; a failed cell records its error.
+
+    ``on_cell``: called with the results so far after each cell (the worker saves them, so a worker stopped
+    midway still returns the cells it measured).
+    """
     from experiments.benchmarks.run import _setup_torch
     from experiments.benchmarks.workloads import get_workload, scaled_decoder
 
@@ -227,6 +232,8 @@ def run_job(job: dict[str, Any]) -> dict[str, Any]:
             except Exception:  # noqa: BLE001 - recorded as this cell's error; the other cells still run
                 out[key] = {"error": traceback.format_exc()}
                 _free(torch.device(job["device"]))
+            if on_cell is not None:
+                on_cell(out)
     return out
 
 
@@ -237,11 +244,12 @@ def cell_key(variant: str, point: Any) -> str:
 
 def _worker_main(args: argparse.Namespace) -> None:
     job = json.loads(args.worker)
+    path = Path(args.worker_out)
     try:
-        out = run_job(job)
+        out = run_job(job, on_cell=lambda so_far: path.write_text(json.dumps(so_far)))
     except Exception:  # noqa: BLE001 - the parent records any failure as this row's error
         out = {"error": traceback.format_exc()}
-    Path(args.worker_out).write_text(json.dumps(out))
+    path.write_text(json.dumps(out))
 
 
 # ------------------------------------------------------------------------------------------------------------
@@ -283,8 +291,8 @@ def main(argv: list[str] | None = None) -> int:
 
     quick = args.quick
     out = args.out or (DEFAULT_OUT / "quick" if quick else DEFAULT_OUT)
-    steps = args.steps or (2 if quick else 5)
-    warmup = args.warmup if args.warmup is not None else 1  # the two memory steps per configuration come first
+    steps = args.steps or (2 if quick else 3)
+    warmup = args.warmup if args.warmup is not None else 1  # the memory step per configuration comes first
     chosen, skipped = select(args.methods, la.available_methods())
     cases = [c for c in chosen if c.peft and "decoder" in c.workloads]
     skipped += [f"{c.label}: PEFT cannot run it ({c.peft_note})" for c in chosen if not c.peft]

@@ -71,10 +71,23 @@ def _row(label: str, key: str, e: dict[str, Any]) -> str:
     return "| " + " | ".join(cells) + " |"
 
 
-def markdown(results: dict[str, Any]) -> str:
-    """Provenance, then one table row per method and cell, then the cells that miss their target."""
+GRID_INTRO = [
+    "Cells `fp32/hH-sS-LN`: the Llama decoder at hidden H, sequence S, N layers, batch 1, fp32 (heads of 64 up to",
+    "hidden 1024 and of 128 above, half as many KV heads, SwiGLU width ⌈8H/3⌉, vocab 32000). Cells `*/decoder`:",
+    "the reference decoder workload (4 layers, hidden 512, batch 4×256) with a bf16 base and fp32 adapters",
+    "(`bf16`), bf16 adapters (`bf16-adapters`), or fp32 with ours and PEFT compiled (`compile`, compilation not",
+    "timed).",
+    "",
+]
+
+
+def markdown(
+    results: dict[str, Any], title: str = "Scale curves: lightning_adapters vs PEFT", intro: list[str] | None = None
+) -> str:
+    """Provenance, ``intro`` (what the cells are; the scale grid's by default), one table row per method and
+    cell, then the cells that miss their target."""
     meta = results.get("meta", {})
-    lines = ["# Scale curves: lightning_adapters vs PEFT", ""]
+    lines = [f"# {title}", ""]
     for run in meta.get("runs", []):
         m = run.get("machine", {})
         lines.append(
@@ -86,15 +99,11 @@ def markdown(results: dict[str, Any]) -> str:
         )
     if meta.get("quick"):
         lines += ["", "**Smoke run (`--quick`): toy sizes and two steps; these numbers measure nothing.**"]
+    lines += ["", *(GRID_INTRO if intro is None else intro)]
     lines += [
-        "",
-        "Cells `fp32/hH-sS-LN`: the Llama decoder at hidden H, sequence S, N layers, batch 1, fp32 (heads of 64 up to",
-        "hidden 1024 and of 128 above, half as many KV heads, SwiGLU width ⌈8H/3⌉, vocab 32000). Cells `*/decoder`:",
-        "the reference decoder workload (4 layers, hidden 512, batch 4×256) with a bf16 base and fp32 adapters",
-        "(`bf16`), bf16 adapters (`bf16-adapters`), or fp32 with ours and PEFT compiled (`compile`, compilation not",
-        "timed). Train-step ratios are medians of per-round ratios (ours, PEFT and the frozen base alternate step by",
+        "Train-step ratios are medians of per-round ratios (ours, PEFT and the frozen base alternate step by",
         "step in one process per method). Peak memory is the tensor memory a configuration holds (weights, gradients,",
-        "optimizer state) plus the high-water mark of two train steps above it (CPU: torch profiler allocation",
+        "optimizer state) plus the high-water mark of its first train step above it (CPU: torch profiler allocation",
         "events; CUDA: `max_memory_allocated`); step memory is that high-water mark alone. ⚠ marks a cell above its",
         "target (train step ≤ 0.95× PEFT's for LoRA, ≤ 1.0× otherwise; peak memory ≤ 1.0×). CPU use is the process's",
         "CPU time over wall time during the timed steps (200% = both threads busy the whole time).",
