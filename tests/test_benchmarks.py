@@ -99,3 +99,31 @@ def test_quick_scale_compiled_row_compiles_both_sides(tmp_path: Path) -> None:
     assert "error" not in e, e.get("error")
     assert set(e["compile_s"]) == {"ours", "peft", "base"}
     assert e["train"]["ours_over_peft"] > 0
+
+
+@pytest.mark.slow
+def test_gpu_script_tiny_runs_its_logic_here_and_names_the_device(tmp_path: Path) -> None:
+    import torch
+
+    from experiments.benchmarks import gpu
+
+    assert gpu.default_device() == ("cuda" if torch.cuda.is_available() else "cpu")
+    assert gpu.order(["boft_m1", "lora", "oft"]) == ["lora", "oft", "boft_m1"]  # PEFT's BOFT may JIT-build
+    assert gpu.main(["--tiny", "--device", "cpu", "--methods", "lora", "oft", "--out", str(tmp_path)]) == 0
+    res = json.loads((tmp_path / "gpu.json").read_text())
+    run = res["meta"]["runs"][0]
+    assert run["device"].startswith("CPU") and run["commit"] and run["started"]
+    for label in ("lora", "oft"):
+        e = res["rows"][label]["bf16/llama-tiny"]
+        assert "error" not in e, e.get("error")
+        assert e["max_abs_logit_diff"] < 0.1  # ours and PEFT run the same adapter on the bf16 base
+    md = (tmp_path / "gpu.md").read_text()
+    assert run["device"] in md and run["commit"][:10] in md and "| lora | bf16/llama-tiny |" in md
+    # On CUDA the same code times with CUDA events and reads max_memory_allocated (tests/gpu/test_bench_cuda.py).
+    assert gpu.LLAMA_1B.layers == 16 and 1.0e9 < _llama_params(gpu.LLAMA_1B) < 1.3e9
+
+
+def _llama_params(w) -> int:
+    from experiments.benchmarks.flops import block_linears
+
+    return w.layers * (sum(i * o for _, i, o in block_linears(w)) + 2 * w.hidden) + 2 * w.vocab * w.hidden + w.hidden

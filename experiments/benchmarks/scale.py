@@ -175,6 +175,7 @@ def measure_cell(
     cpu0, wall0 = measure.cpu_seconds(), time.perf_counter()
     times, cpu = measure.alternate(fns, warmup, steps, dev)
     res["train_cpu_util"] = round((measure.cpu_seconds() - cpu0) / (time.perf_counter() - wall0), 3)
+    res["threads"], res["device"] = torch.get_num_threads(), dev.type
     pairs = {"ours_over_peft": ("ours", "peft"), "ours_over_base": ("ours", "base"), "peft_over_base": ("peft", "base")}
     res["train"] = measure.summarize(times)
     res["train"].update(measure.ratios(times, pairs))
