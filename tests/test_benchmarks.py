@@ -38,7 +38,7 @@ def test_quick_merged_eval_covers_every_mergeable_method(tmp_path: Path) -> None
     res = json.loads((tmp_path / "merged_eval.json").read_text())
     labels = {r["label"] for r in res["rows"]}
     # Every benchmark row whose method can merge, and nothing that cannot (Llama-Adapter).
-    assert labels == {"lora", "loha", "lokr", "oft", "boft_m1", "boft_m2", "adalora"}
+    assert labels == {"lora", "dora", "loha", "lokr", "oft", "boft_m1", "boft_m2", "adalora"}
     assert all(r["rounds"] == 2 and r["median_ratio"] > 0 for r in res["rows"])
     assert "| encoder | lora |" in (tmp_path / "merged_eval.md").read_text()
 

@@ -71,6 +71,12 @@ def _boft(w: Workload, layers: list[LayerInfo], cfg: dict[str, Any]) -> int:
 
 CASES: list[BenchCase] = [
     BenchCase("lora", "lora", {"r": 8, "alpha": 16}, lambda w, ls, c: flops.lora_macs(w.tokens, ls, c["r"])),
+    BenchCase(
+        "dora",
+        "lora",
+        {"r": 8, "alpha": 16, "use_dora": True},
+        lambda w, ls, c: flops.dora_macs(w.tokens, ls, c["r"]),
+    ),
     BenchCase("loha", "loha", {"r": 8, "alpha": 8}, lambda w, ls, c: flops.loha_macs(w.tokens, ls, c["r"])),
     BenchCase("lokr", "lokr", {"r": 8, "alpha": 8}, lambda w, ls, c: flops.lokr_macs(w.tokens, ls)),
     BenchCase("oft", "oft", {"r": 0, "oft_block_size": 32}, _oft),

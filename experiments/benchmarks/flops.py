@@ -108,6 +108,12 @@ def lora_macs(n: int, layers: list[LayerInfo], r: int) -> int:
     return total
 
 
+def dora_macs(n: int, layers: list[LayerInfo], r: int) -> int:
+    """DoRA: the folded LoRA form (``h = A x`` forward; ``∂h``, ``∂A``, ``∂B`` backward) with ``B·A`` built once
+    (``out·in·r``): ``W + s·B·A`` serves the weight norm, the forward and the ``[W + s·B·A | s·B]`` backward."""
+    return sum(2 * n * r * (li.in_f + li.out_f) + r * li.in_f * li.out_f for li in layers)
+
+
 def loha_macs(n: int, layers: list[LayerInfo], r: int) -> int:
     """LoHa ``ΔW = (B₁A₁) ⊙ (B₂A₂)``: the cheaper of the rank-r² factorisation (row-wise products of the factors,
     then LoRA at rank r²) and the folded dense ``ΔW`` (one weight-sized gradient)."""

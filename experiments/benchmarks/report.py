@@ -141,7 +141,7 @@ def markdown(results: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-TARGETS = {"lora": 0.95, "adalora": 1.0}
+TARGETS = {"lora": 0.95, "dora": 0.8, "adalora": 1.0}
 MERGED_TOLERANCE = 0.03
 
 

@@ -7,6 +7,8 @@ sides of them.
 
 - ``lowrank``: ``x Wᵀ + b + s·(x_d Aᵀ) Bᵀ`` as one autograd Function (LoRA, AdaLoRA): folded ``W + s·B·A``,
   ``[W + s·B·A | s·B]`` backward, thin-side-first rank-r products split over two row halves.
+- ``dora``: DoRA's ``f ⊙ (x (W + s·B·A)ᵀ) + b`` (``f = m / ‖W + s·B·A‖``, norm detached) as one autograd Function:
+  one product by the folded weight, ``diag(f)[W + s·B·A | s·B]`` backward, ``∂m`` from the saved unscaled output.
 - ``folded``: ``op(x, W + ΔW(factors))`` as one product for Linear/Conv1D/Conv1d/Conv2d, ``W + ΔW`` rebuilt in
   backward (LoHa, LoKr), and PEFT's two-product form for an adapter in another dtype.
 - ``kronecker``: ``(w1 ⊗ w2) x`` through ``w1 · X · w2ᵀ`` without forming ``ΔW`` (LoKr on Linear/Conv1D).

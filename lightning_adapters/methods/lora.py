@@ -23,9 +23,11 @@ has no direction: its factor ``m / ||·||`` is taken as 0 (PEFT computes ``0/0 =
 layer the base at init and every gradient finite; merging such a row keeps a copy of it, so unmerge restores it.
 
 Speed (Linear and Conv1D): the layer runs as one hand-written autograd Function, ``kernels.lowrank``
-(rank-r products thin side first, the folded ``W + s·B·A`` where it pays, no gradient nobody asked for); the
-plain differentiable form in ``_forward_linear`` is the reference it equals, used for DoRA, mixed dtypes and
-autocast.
+(rank-r products thin side first, the folded ``W + s·B·A`` where it pays, no gradient nobody asked for), DoRA as
+``kernels.dora`` (one product by the folded weight it needs for the norm anyway, ``f`` applied to the weight rather
+than to activations in backward); the plain differentiable form in ``_forward_linear`` is the reference they equal,
+used for mixed dtypes, autocast, quantized bases and (DoRA) a trainable base weight. In eval mode the DoRA norm is
+cached until a weight it depends on changes (``_dora_norm``).
 """
 
 from __future__ import annotations
@@ -53,6 +55,7 @@ from lightning_adapters.core.quant import base_linear, quantized_base, runs_own_
 from lightning_adapters.core.targeting import LINEAR_TYPES
 from lightning_adapters.errors import AdapterConfigError, AdapterStateError, NotMergeableError
 from lightning_adapters.interop.peft_fields import check_peft_fields
+from lightning_adapters.kernels.dora import dora_factor, dora_fused_applies, dora_linear, row_norm
 from lightning_adapters.kernels.lowrank import fused_linear_applies, lowrank_linear
 from lightning_adapters.kernels.quantized import quantized_lowrank_applies, quantized_lowrank_linear
 from lightning_adapters.methods import lora_data, lora_eva, lora_init, lora_mha, lora_params, trainable_tokens
@@ -265,20 +268,6 @@ def linear_delta_weight(A: torch.Tensor, B: torch.Tensor, scale: float) -> torch
     return (B @ A) * scale
 
 
-def row_norm(weight: torch.Tensor) -> torch.Tensor:
-    """L2 norm of every output slice of ``weight`` (out, ...) -> (out,)."""
-    return weight.reshape(weight.shape[0], -1).norm(p=2, dim=1)
-
-
-def dora_factor(magnitude: torch.Tensor, norm: torch.Tensor) -> torch.Tensor:
-    """``m / ||W + s·B·A||`` per output, 0 where the norm is 0 (a zero row has no direction to scale).
-
-    The division runs on a norm with its zeros replaced by 1, so neither the value nor ``∂/∂m`` is NaN there.
-    """
-    zero = norm == 0
-    return torch.where(zero, torch.zeros_like(magnitude), magnitude / torch.where(zero, torch.ones_like(norm), norm))
-
-
 # ------------------------------------------------------------------------------------------------------------
 # Layer
 
@@ -413,6 +402,8 @@ class LoRALayer(AdapterLayer):
                 norm = norm.reshape(1, out_f, *([1] * (base.weight.dim() - 2)))
             self.magnitude = nn.Parameter(norm.to(dt))
         self.register_buffer("merge_norm", None, persistent=False)
+        # DoRA's eval-mode weight norm: (key of the tensors it was computed from, norm); see ``_dora_norm``.
+        self._norm_cache: tuple[tuple, torch.Tensor] | None = None
         # DoRA rows whose factor is 0 cannot be recovered by dividing: merge keeps them (indices, values).
         # Plain attributes, not buffers: no dtype policy or cast may round the copies.
         self.merge_rows_idx: torch.Tensor | None = None
@@ -580,10 +571,39 @@ class LoRALayer(AdapterLayer):
         return w
 
     def _dora_norm(self, base: nn.Module) -> torch.Tensor:
-        """Detached ``||W + ΔW||`` per output, shaped like ``magnitude``."""
+        """Detached ``||W + ΔW||`` per output, shaped like ``magnitude``; cached in eval mode.
+
+        The cache is keyed by the storage, version counter, dtype and shape of ``W``, ``A`` and ``B`` and by the
+        scale: any in-place write through autograd-visible ops (an optimizer step, ``load_state_dict``,
+        ``load_adapter_state_dict``, merge/unmerge, ``copy_`` under ``no_grad``) bumps a version counter, and a
+        replaced tensor or ``.to()`` changes the storage, so a stale norm is never used. ``train()`` drops it. Not
+        cached: training mode (the weights change every step), quantized bases (their stand-in weight is rebuilt
+        per call), and writes through ``.data``, which autograd does not count either.
+        """
+        key = None
+        if not self.training and quantized_base(base) is None:
+            m = self.magnitude
+            key = (
+                self.scale,
+                m.dtype,
+                tuple(m.shape),
+                *(_tensor_key(t) for t in (base.weight, self.lora_A, self.lora_B)),
+            )
+            cached = getattr(self, "_norm_cache", None)  # absent on a layer pickled before the cache existed
+            # A norm computed under inference_mode cannot enter an autograd graph outside it.
+            usable = cached is not None and not (cached[1].is_inference() and not torch.is_inference_mode_enabled())
+            if usable and cached[0] == key:
+                return cached[1]
         with torch.no_grad():
             n = row_norm(self._merged_weight_fp(base))
-        return n.reshape(self.magnitude.shape).to(self.magnitude.dtype)
+        n = n.reshape(self.magnitude.shape).to(self.magnitude.dtype)
+        self._norm_cache = None if key is None else (key, n)
+        return n
+
+    def train(self, mode: bool = True) -> LoRALayer:
+        """``nn.Module.train``; also drops the eval-mode DoRA norm cache."""
+        self._norm_cache = None
+        return super().train(mode)
 
     def _check_mergeable(self) -> None:
         if self.peft_layout:
@@ -719,6 +739,12 @@ class LoRALayer(AdapterLayer):
                 if self.lora_B_bias is not None:
                     bias = self.scale * self.lora_B_bias if bias is None else bias + self.scale * self.lora_B_bias
                 return quantized_lowrank_linear(x, xd, bias, self.lora_A, self.lora_B, self.scale, real)
+        elif self.use_dora and dora_fused_applies(x, base.weight, self.lora_A, self.magnitude):
+            weight = base.weight.t() if self.kind == "conv1d_t" else base.weight  # (out, in)
+            xd = F.dropout(x, self.dropout_p, True) if self.dropout_p > 0.0 and self.training else None
+            # Training computes the norm from the folded weight it multiplies by anyway; eval reads the cache.
+            norm = None if self.training else self._dora_norm(base)
+            return dora_linear(x, xd, weight, base.bias, self.lora_A, self.lora_B, self.magnitude, self.scale, norm)
         elif not self.use_dora and fused_linear_applies(x, base.weight, self.lora_A):
             weight = base.weight.t() if self.kind == "conv1d_t" else base.weight  # (out, in)
             dropped = self.dropout_p > 0.0 and self.training
@@ -842,6 +868,11 @@ class LoRALayer(AdapterLayer):
         dora = ", dora" if self.use_dora else ""
         dora += ", peft grouped-conv layout" if self.peft_layout else ""
         return f"{self.kind}, r={self.r}, scale={self.scale:g}{dora}, merged={self.merged}"
+
+
+def _tensor_key(t: torch.Tensor) -> tuple:
+    """What identifies the values of ``t`` for a cache: its storage, version counter, dtype, device and shape."""
+    return (t.data_ptr(), t._version, t.dtype, t.device, tuple(t.shape))
 
 
 def _scale_rows(w: torch.Tensor, factor: torch.Tensor, kind: str) -> torch.Tensor:

@@ -21,8 +21,10 @@ Dispatch table (tests named without their ``test_`` prefix; a row starting with 
 | lora ``h`` kept iff B needs grad or no fwd fold        | A, B, A+B frozen / trainable | lora_fused_thresholds        |
 | lora dropout in training: no fold, own ``∂x_d``        | 10 / 19 / 64 rows            | lora_fused_dropout           |
 | lora ``row_chunks``: split iff rows >= 256, even       | 254 / 255 / 256 / 257 rows   | lora_row_split_threshold     |
-| lora DoRA (plain path), with / without dropout         | Linear, Conv1D, Conv1d,      | dora_formula                 |
-|                                                        | Conv2d groups=2, Embedding   |                              |
+| lora DoRA, with / without dropout (Linear and Conv1D:  | Linear, Conv1D, Conv1d,      | dora_formula                 |
+|   fused ``kernels.dora``; conv/embedding: plain path)  | Conv2d groups=2, Embedding   |                              |
+| DoRA ``dora_fused_applies``, norm computed / cached,   | every side, fp16/bf16/fp32,  | kernels/test_dora.py,        |
+|   fold / bwd fold, ``∂m``, no-grad path, eval cache    | cache invalidation           | methods/test_dora_fused.py   |
 | lora conv (A conv + grouped 1x1 B), Embedding          | dilated, strided g=2, 1x1    | lora_conv_embedding_formula  |
 | adalora ``LowRankLinear`` with ``A ⊙ E``               | rows 10 / 11 / 19, 7         | adalora_fused_thresholds     |
 | adalora plain path (mixed dtypes), Conv2d              | with / without dropout       | adalora_plain_and_conv       |

@@ -1,0 +1,235 @@
+"""DoRA on Linear / transformers-Conv1D rows: ``y = f ⊙ (x (W + s·B·A)ᵀ) + b`` with ``f = m / ‖W + s·B·A‖_row``.
+
+The norm ``n = ‖W + s·B·A‖_row`` is a constant of the step (detached, the DoRA paper's §4.3, as PEFT), so the
+layer is a row-scaled LoRA whose scale ``f`` is learned through ``m`` alone: ``∂m_j = Σ_i g_ij u_ij / n_j`` with
+``u = x (W + s·B·A)ᵀ`` the unscaled output. With a dropped-out adapter input ``x_d`` (dropout in training) the
+base keeps the clean input, as in PEFT::
+
+    y = x Wᵀ + b + (f − 1) ⊙ (x_d Wᵀ) + f ⊙ s·(x_d Aᵀ) Bᵀ = (x − x_d) Wᵀ + f ⊙ (x_d (W + s·B·A)ᵀ) + b
+
+``DoRALinear`` runs the whole layer as one autograd Function. Training needs the folded ``W + s·B·A`` for the
+norm anyway, so its forward is one product by it (never ``x Wᵀ`` plus a rank-r correction, never PEFT's separate
+base, LoRA and rescaling passes); it saves ``x`` (or ``x_d``), ``u`` (only when ``m`` needs a gradient), the
+rank-r ``h = A x_d`` (only when ``B`` does) and, when the backward folds (``lowrank.fold_pays_backward``) and an
+input needs a gradient, ``[W + s·B·A | s·B]``, which the backward scales row-wise by ``f`` and multiplies once to
+get ``∂x`` (or ``∂x_d``) and ``∂h`` together; otherwise it scales the upstream gradient by ``f`` and runs LoRA's
+unfolded backward. A precomputed ``norm`` (the layer's eval-mode cache) makes the forward fold only where that pays
+(``lowrank.fold_pays``). A base weight that needs a gradient is left to the plain form (DoRA trains ``m``, ``A``,
+``B``). Without autograd (``dora_linear_no_grad``) the factor folds into the weight: one ``addmm`` by
+``diag(f)(W + s·B·A)``.
+
+A row whose ``W + s·B·A`` is exactly zero has no direction: its factor is 0, and so is ``∂m`` there.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from lightning_adapters.kernels.lowrank import (
+    fold_pays,
+    fold_pays_backward,
+    thin_cols_product,
+    thin_rows_product,
+)
+
+
+def row_norm(weight: torch.Tensor) -> torch.Tensor:
+    """L2 norm of every output slice of ``weight`` (out, ...) -> (out,)."""
+    return weight.reshape(weight.shape[0], -1).norm(p=2, dim=1)
+
+
+def dora_factor(magnitude: torch.Tensor, norm: torch.Tensor) -> torch.Tensor:
+    """``m / ‖W + s·B·A‖`` per output, 0 where the norm is 0 (a zero row has no direction to scale).
+
+    The division runs on a norm with its zeros replaced by 1, so neither the value nor ``∂/∂m`` is NaN there.
+    """
+    zero = norm == 0
+    return torch.where(zero, torch.zeros_like(magnitude), magnitude / torch.where(zero, torch.ones_like(norm), norm))
+
+
+def norm_dtype(weight: torch.Tensor) -> torch.dtype:
+    """The dtype the weight norm is computed in: fp32 for half weights on CPU, else the weight's own."""
+    if weight.device.type == "cpu" and weight.dtype in (torch.float16, torch.bfloat16):
+        return torch.float32
+    return weight.dtype
+
+
+def folded_weight(weight: torch.Tensor, A: torch.Tensor, B: torch.Tensor, scale: float) -> torch.Tensor:
+    """``W + s·B·A`` (out, in) in ``norm_dtype(weight)``: (out, r) @ (r, in) added to ``W``."""
+    cd = norm_dtype(weight)
+    return torch.addmm(weight.to(cd), B.to(cd), A.to(cd), alpha=scale)
+
+
+def dora_fused_applies(x: torch.Tensor, weight: torch.Tensor, A: torch.Tensor, magnitude: torch.Tensor) -> bool:
+    """Whether ``DoRALinear`` can run the layer: one dtype throughout, no autocast, a frozen base weight."""
+    same = x.dtype == weight.dtype == A.dtype == magnitude.dtype
+    return same and not weight.requires_grad and not torch.is_autocast_enabled(x.device.type)
+
+
+class DoRALinear(torch.autograd.Function):
+    """``y = (x − x_d) Wᵀ + f ⊙ (x_d (W + s·B·A)ᵀ) + b`` (``x_d = x`` when None) with a hand-written backward.
+
+    ``f = m / n`` per output, ``n`` the detached norm (computed here from the folded weight unless given).
+    """
+
+    @staticmethod
+    def forward(ctx, x, xd, weight, bias, A, B, magnitude, scale, norm):  # noqa: ANN001, ANN205
+        out_f, in_f = weight.shape
+        x2 = x.reshape(-1, in_f)  # (N, in)
+        a_in = x2 if xd is None else xd.reshape(-1, in_f)  # (N, in) adapter input
+        rows = x2.shape[0]
+        need_x, need_xd, _, _, _, need_b_lora, need_m = ctx.needs_input_grad[:7]
+        need_in = need_x if xd is None else need_xd
+        wf = None
+        if norm is None:
+            wf = folded_weight(weight, A, B, scale)  # (out, in) in the norm dtype
+            norm = row_norm(wf).to(magnitude.dtype)  # (out,)
+            wf = wf.to(x.dtype)
+        elif xd is not None or fold_pays(rows, in_f, out_f):
+            wf = folded_weight(weight, A, B, scale).to(x.dtype)
+        factor = dora_factor(magnitude, norm)  # (out,)
+        h_t = thin_cols_product(A, a_in) if need_b_lora or wf is None else None  # (r, N)
+        if wf is None:
+            u = torch.mm(x2, weight.t())  # (N, out)
+            u.addmm_(h_t.t(), B.t(), alpha=scale)  # += s · h Bᵀ
+        else:
+            u = torch.mm(a_in, wf.t())  # (N, out): x_d (W + s·B·A)ᵀ
+        fx = factor.to(x.dtype)
+        y = u * fx if bias is None else torch.addcmul(bias, u, fx)
+        if xd is not None:
+            y.addmm_(x2 - a_in, weight.t())  # + (x − x_d) Wᵀ
+        fold_back = fold_pays_backward(rows, in_f, out_f)
+        w_cat = None
+        if need_in and fold_back:
+            # [W + s·B·A | s·B] (out, in + r); the backward scales its rows by f.
+            w_cat = torch.cat([folded_weight(weight, A, B, scale).to(x.dtype) if wf is None else wf, B * scale], 1)
+        ctx.scale, ctx.has_xd, ctx.fold_back = scale, xd is not None, fold_back
+        ctx.x_shape = x.shape if xd is None else (x.shape, xd.shape)
+        ctx.save_for_backward(
+            None if xd is None else x2,
+            a_in,
+            h_t,
+            weight,
+            A,
+            B,
+            magnitude,
+            norm,
+            factor,
+            u if need_m else None,
+            w_cat,
+        )
+        return y.view(*x.shape[:-1], out_f)
+
+    @staticmethod
+    def backward(ctx, gy):  # noqa: ANN001, ANN205
+        x2, a_in, h_t, weight, A, B, magnitude, norm, factor, u, w_cat = ctx.saved_tensors
+        need_x, need_xd, _, need_bias, need_a, need_b_lora, need_m = ctx.needs_input_grad[:7]
+        s = ctx.scale
+        x_shape, xd_shape = ctx.x_shape if ctx.has_xd else (ctx.x_shape, None)
+        out_f, in_f = weight.shape
+        g = gy.reshape(-1, out_f)  # (N, out)
+        fx = factor.to(g.dtype)
+        gx = gxd = gbias = ga = gb = gm = None
+        # The adapter input's gradient: ∂x without dropout, ∂x_d with it (its base part subtracted below).
+        need_in = need_xd if ctx.has_xd else need_x
+        if need_m:
+            # ∂m = Σ_rows g ⊙ u / n, 0 on zero-norm rows (as ∂/∂m of dora_factor).
+            zero = norm == 0
+            gm = torch.linalg.vecdot(g, u, dim=0).to(magnitude.dtype)  # (out,)
+            gm = torch.where(zero, torch.zeros_like(gm), gm / torch.where(zero, torch.ones_like(norm), norm))
+        if need_bias:
+            gbias = g.sum(0)
+        dh = None  # ∂L/∂h = s · (g ⊙ f) B  (N, r)
+        gin = None  # (g ⊙ f) (W + s·B·A): the adapter input's gradient through the folded weight
+        if w_cat is not None:
+            if need_b_lora:
+                gb = thin_rows_product(h_t.t(), g).mul_(fx * s).t()  # (r, out) -> (out, r): s · (g ⊙ f)ᵀ h
+            both = torch.mm(g, w_cat * fx[:, None])  # (N, in + r) = [(g ⊙ f)(W + s·B·A) | ∂h]
+            gin, dh = both[:, :in_f], both[:, in_f:]
+        else:
+            gs = g * fx  # (N, out)
+            if need_b_lora:
+                gb = thin_rows_product(h_t.t(), gs).mul_(s).t()
+            if need_a or need_in:
+                dh = thin_cols_product(B.t(), gs).mul_(s).t()  # computed as (r, N), used as (N, r)
+            if need_in:
+                gin = torch.mm(gs, weight).addmm_(dh, A)
+        if ctx.has_xd:
+            gbase = torch.mm(g, weight) if need_x or need_xd else None  # g W: the base's part of ∂x and ∂x_d
+            if need_x:
+                gx = gbase.view(x_shape)
+            if need_xd:
+                gxd = gin.sub_(gbase).reshape(xd_shape)
+        elif need_x:
+            gx = gin.reshape(x_shape)
+        if need_a:
+            ga = thin_rows_product(dh, a_in)  # (r, in)
+        return gx, gxd, None, gbias, ga, gb, gm, None, None
+
+
+def dora_linear(
+    x: torch.Tensor,
+    xd: torch.Tensor | None,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    A: torch.Tensor,
+    B: torch.Tensor,
+    magnitude: torch.Tensor,
+    scale: float,
+    norm: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """DoRA's layer output (check ``dora_fused_applies`` first): through ``DoRALinear`` when autograd records,
+    else ``dora_linear_no_grad``.
+
+    Args:
+        x: (..., in) layer input.
+        xd: The dropped-out adapter input (same shape), or None when the adapter reads ``x`` itself.
+        weight: (out, in) frozen base weight (a transposed view for transformers Conv1D).
+        bias: (out,) or None.
+        A: (r, in). B: (out, r). magnitude: (out,) ``m``. scale: ``s``.
+        norm: The detached ``‖W + s·B·A‖_row`` (out,) if already known (a cache), else computed here.
+
+    Returns:
+        (..., out).
+    """
+    tracked = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (x, xd, bias, A, B, magnitude))
+    if tracked:
+        return DoRALinear.apply(x, xd, weight, bias, A, B, magnitude, scale, norm)
+    with torch.no_grad():
+        return dora_linear_no_grad(x, xd, weight, bias, A, B, magnitude, scale, norm)
+
+
+def dora_linear_no_grad(
+    x: torch.Tensor,
+    xd: torch.Tensor | None,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    A: torch.Tensor,
+    B: torch.Tensor,
+    magnitude: torch.Tensor,
+    scale: float,
+    norm: torch.Tensor | None,
+) -> torch.Tensor:
+    """The forward of ``DoRALinear`` without saving anything: ``f`` folded into the weight where the folded weight
+    is built (no norm given, a dropped-out input, or ``fold_pays``), else ``f ⊙ (x Wᵀ + s·h Bᵀ) + b`` in place."""
+    out_f, in_f = weight.shape
+    x2 = x.reshape(-1, in_f)
+    if norm is None or xd is not None or fold_pays(x2.shape[0], in_f, out_f):
+        wf = folded_weight(weight, A, B, scale)  # (out, in), a fresh tensor
+        if norm is None:
+            norm = row_norm(wf).to(magnitude.dtype)
+        factor = dora_factor(magnitude, norm)
+        wf = wf.mul_(factor.to(wf.dtype)[:, None]).to(x.dtype)  # diag(f) (W + s·B·A)
+        if xd is None:
+            y = F.linear(x2, wf, bias)
+        else:
+            y = F.linear(x2 - xd.reshape(-1, in_f), weight, bias).addmm_(xd.reshape(-1, in_f), wf.t())
+    else:
+        factor = dora_factor(magnitude, norm).to(x.dtype)
+        y = torch.mm(x2, weight.t())  # (N, out)
+        y.addmm_(thin_cols_product(A, x2).t(), B.t(), alpha=scale)  # += s · h Bᵀ
+        y.mul_(factor)
+        if bias is not None:
+            y.add_(bias)
+    return y.view(*x.shape[:-1], out_f)
