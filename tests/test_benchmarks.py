@@ -127,3 +127,14 @@ def _llama_params(w) -> int:
     from experiments.benchmarks.flops import block_linears
 
     return w.layers * (sum(i * o for _, i, o in block_linears(w)) + 2 * w.hidden) + 2 * w.vocab * w.hidden + w.hidden
+
+
+def test_a_method_name_selects_its_rows_unless_a_row_has_that_label() -> None:
+    """``--methods lora`` is the LoRA row alone (the ``dora`` row runs the same method); ``boft`` is both BOFT rows."""
+    from experiments.benchmarks.cases import select
+
+    every = ["lora", "boft", "loha"]
+    assert [c.label for c in select(["lora"], every)[0]] == ["lora"]
+    assert [c.label for c in select(["dora"], every)[0]] == ["dora"]
+    assert [c.label for c in select(["lora", "dora"], every)[0]] == ["lora", "dora"]
+    assert [c.label for c in select(["boft"], every)[0]] == ["boft_m1", "boft_m2"]

@@ -124,9 +124,18 @@ def case_by_label(label: str) -> BenchCase:
     raise KeyError(f"no benchmark case {label!r}; known: {[c.label for c in CASES]}")
 
 
+def named(case: BenchCase, labels: list[str] | None) -> bool:
+    """Whether ``labels`` (None: every row) names ``case``: by its label, or by its method unless that is also a
+    row's label (``lora`` is the LoRA row alone, not the ``dora`` row of the same method; ``boft`` is both BOFT rows).
+    """
+    if not labels:
+        return True
+    return case.label in labels or (case.method in labels and all(c.label != case.method for c in CASES))
+
+
 def select(labels: list[str] | None, registered: list[str]) -> tuple[list[BenchCase], list[str]]:
     """The rows to run (all registered ones, or those named by label or method) and notes on skipped ones."""
-    chosen = [c for c in CASES if not labels or c.label in labels or c.method in labels]
+    chosen = [c for c in CASES if named(c, labels)]
     unknown = [x for x in labels or [] if not any(c.label == x or c.method == x for c in CASES)]
     if unknown:
         raise SystemExit(f"unknown --methods {unknown}; choose from {[c.label for c in CASES]}")

@@ -29,7 +29,7 @@ TOLERANCE = 0.03
 def measure(workloads: list[str], labels: list[str] | None, rounds: int, quick: bool) -> dict[str, Any]:
     import lightning_adapters as la
     from experiments.benchmarks import measure as m
-    from experiments.benchmarks.cases import CASES
+    from experiments.benchmarks.cases import CASES, named
     from experiments.benchmarks.workloads import build_model, get_workload, make_batch
 
     rows: list[dict[str, Any]] = []
@@ -38,7 +38,7 @@ def measure(workloads: list[str], labels: list[str] | None, rounds: int, quick: 
         base = build_model(w).eval()
         batch = make_batch(w)
         for case in CASES:
-            if wname not in case.workloads or (labels and case.label not in labels and case.method not in labels):
+            if wname not in case.workloads or not named(case, labels):
                 continue
             ours = m.build_ours(base, case, w).eval()
             try:

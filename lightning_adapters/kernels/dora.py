@@ -9,14 +9,16 @@ base keeps the clean input, as in PEFT::
 
 ``DoRALinear`` runs the whole layer as one autograd Function. Training needs the folded ``W + s·B·A`` for the
 norm anyway, so its forward is one product by it (never ``x Wᵀ`` plus a rank-r correction, never PEFT's separate
-base, LoRA and rescaling passes); it saves ``x`` (or ``x_d``), ``u`` (only when ``m`` needs a gradient), the
-rank-r ``h = A x_d`` (only when ``B`` does) and, when the backward folds (``lowrank.fold_pays_backward``) and an
-input needs a gradient, ``[W + s·B·A | s·B]``, which the backward scales row-wise by ``f`` and multiplies once to
-get ``∂x`` (or ``∂x_d``) and ``∂h`` together; otherwise it scales the upstream gradient by ``f`` and runs LoRA's
-unfolded backward. A precomputed ``norm`` (the layer's eval-mode cache) makes the forward fold only where that pays
-(``lowrank.fold_pays``). A base weight that needs a gradient is left to the plain form (DoRA trains ``m``, ``A``,
-``B``). Without autograd (``dora_linear_no_grad``) the factor folds into the weight: one ``addmm`` by
-``diag(f)(W + s·B·A)``.
+base, LoRA and rescaling passes), bias included, then ``z + (f − 1) ⊙ (z − b)``: at init (``f = 1``, ``B = 0``)
+that is the base module's own output bit for bit (the folded weight keeps ``W``'s memory layout). It saves ``x``
+(or ``x_d``), ``u`` (only when ``m`` needs a gradient), the rank-r ``h = A x_d`` (only when ``B`` does) and, when
+the backward folds (``lowrank.fold_pays_backward``) and an input needs a gradient, ``[W + s·B·A | s·B]``, which the
+backward scales row-wise by ``f`` and multiplies once to get ``∂x`` (or ``∂x_d``) and ``∂h`` together; otherwise it
+scales the upstream gradient by ``f`` and runs LoRA's unfolded backward. A precomputed ``norm`` (the layer's
+eval-mode cache) makes the forward fold only where that pays (``lowrank.fold_pays``; unfolded, ``x Wᵀ + b`` comes
+from the base weight alone and the rank-r term is added to its copy). A base weight that needs a gradient is left
+to the plain form (DoRA trains ``m``, ``A``, ``B``). Without autograd (``dora_linear_no_grad``) the factor folds
+into the weight: one product by ``diag(f)(W + s·B·A)``, ``W`` itself at init.
 
 A row whose ``W + s·B·A`` is exactly zero has no direction: its factor is 0, and so is ``∂m`` there.
 """
@@ -56,8 +58,14 @@ def norm_dtype(weight: torch.Tensor) -> torch.dtype:
 
 
 def folded_weight(weight: torch.Tensor, A: torch.Tensor, B: torch.Tensor, scale: float) -> torch.Tensor:
-    """``W + s·B·A`` (out, in) in ``norm_dtype(weight)``: (out, r) @ (r, in) added to ``W``."""
+    """``W + s·B·A`` (out, in) in ``norm_dtype(weight)``, laid out in memory as ``weight`` is.
+
+    A transposed view (transformers Conv1D stores ``(in, out)``) gets a transposed result, so a product by it runs
+    the same BLAS layout as the base module's own: with ``B = 0`` the output is the base's bit for bit.
+    """
     cd = norm_dtype(weight)
+    if weight.t().is_contiguous() and not weight.is_contiguous():
+        return torch.addmm(weight.t().to(cd), A.t().to(cd), B.t().to(cd), alpha=scale).t()  # (in, out) storage
     return torch.addmm(weight.to(cd), B.to(cd), A.to(cd), alpha=scale)
 
 
@@ -84,21 +92,33 @@ class DoRALinear(torch.autograd.Function):
         wf = None
         if norm is None:
             wf = folded_weight(weight, A, B, scale)  # (out, in) in the norm dtype
-            norm = row_norm(wf).to(magnitude.dtype)  # (out,)
+            norm = torch.linalg.vector_norm(wf, dim=1).to(magnitude.dtype)  # (out,)
             wf = wf.to(x.dtype)
         elif xd is not None or fold_pays(rows, in_f, out_f):
             wf = folded_weight(weight, A, B, scale).to(x.dtype)
         factor = dora_factor(magnitude, norm)  # (out,)
-        h_t = thin_cols_product(A, a_in) if need_b_lora or wf is None else None  # (r, N)
-        if wf is None:
-            u = torch.mm(x2, weight.t())  # (N, out)
-            u.addmm_(h_t.t(), B.t(), alpha=scale)  # += s · h Bᵀ
-        else:
-            u = torch.mm(a_in, wf.t())  # (N, out): x_d (W + s·B·A)ᵀ
         fx = factor.to(x.dtype)
-        y = u * fx if bias is None else torch.addcmul(bias, u, fx)
+        h_t = thin_cols_product(A, a_in) if need_b_lora or wf is None else None  # (r, N)
+        u = None  # x_d (W + s·B·A)ᵀ (N, out), kept for ∂m
         if xd is not None:
+            u = torch.mm(a_in, wf.t())
+            y = u * fx if bias is None else torch.addcmul(bias, u, fx)
             y.addmm_(x2 - a_in, weight.t())  # + (x − x_d) Wᵀ
+        elif wf is None:
+            # z = x Wᵀ + b as the base computes it; y = z + (f ⊙ u − (z − b)): exactly z while f = 1 and B = 0.
+            y = F.linear(x2, weight, bias)  # (N, out)
+            zb = y if bias is None else y - bias
+            u = torch.addmm(zb, h_t.t(), B.t(), alpha=scale)  # x Wᵀ + s · h Bᵀ
+            y.add_(torch.mul(u, fx).sub_(zb))
+        else:
+            y = F.linear(x2, wf, bias)  # (N, out): x (W + s·B·A)ᵀ + b, the base's own product when B = 0
+            if bias is None:
+                u, y = y, y * fx
+            elif need_m:
+                u = y - bias
+                y.addcmul_(u, fx - 1)  # z + (f − 1)(z − b) = f ⊙ u + b
+            else:
+                y.mul_(fx).add_(bias * (1 - fx))  # f ⊙ z + (1 − f) b = f ⊙ u + b
         fold_back = fold_pays_backward(rows, in_f, out_f)
         w_cat = None
         if need_in and fold_back:
@@ -218,18 +238,18 @@ def dora_linear_no_grad(
     if norm is None or xd is not None or fold_pays(x2.shape[0], in_f, out_f):
         wf = folded_weight(weight, A, B, scale)  # (out, in), a fresh tensor
         if norm is None:
-            norm = row_norm(wf).to(magnitude.dtype)
+            norm = torch.linalg.vector_norm(wf, dim=1).to(magnitude.dtype)
         factor = dora_factor(magnitude, norm)
-        wf = wf.mul_(factor.to(wf.dtype)[:, None]).to(x.dtype)  # diag(f) (W + s·B·A)
+        wf = wf.mul_(factor.to(wf.dtype)[:, None]).to(x.dtype)  # diag(f) (W + s·B·A): W itself at init
         if xd is None:
             y = F.linear(x2, wf, bias)
         else:
             y = F.linear(x2 - xd.reshape(-1, in_f), weight, bias).addmm_(xd.reshape(-1, in_f), wf.t())
     else:
         factor = dora_factor(magnitude, norm).to(x.dtype)
-        y = torch.mm(x2, weight.t())  # (N, out)
-        y.addmm_(thin_cols_product(A, x2).t(), B.t(), alpha=scale)  # += s · h Bᵀ
-        y.mul_(factor)
-        if bias is not None:
-            y.add_(bias)
+        # z = x Wᵀ + b as the base computes it; y = z + (f ⊙ u − (z − b)): exactly z while f = 1 and B = 0.
+        y = F.linear(x2, weight, bias)  # (N, out)
+        zb = y if bias is None else y - bias
+        u = torch.addmm(zb, thin_cols_product(A, x2).t(), B.t(), alpha=scale)  # x Wᵀ + s · h Bᵀ
+        y.add_(u.mul_(factor).sub_(zb))
     return y.view(*x.shape[:-1], out_f)

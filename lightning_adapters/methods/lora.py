@@ -578,10 +578,11 @@ class LoRALayer(AdapterLayer):
         ``load_adapter_state_dict``, merge/unmerge, ``copy_`` under ``no_grad``) bumps a version counter, and a
         replaced tensor or ``.to()`` changes the storage, so a stale norm is never used. ``train()`` drops it. Not
         cached: training mode (the weights change every step), quantized bases (their stand-in weight is rebuilt
-        per call), and writes through ``.data``, which autograd does not count either.
+        per call), inside ``torch.compile`` (the norm is part of the compiled graph), and writes through ``.data``,
+        which autograd does not count either.
         """
         key = None
-        if not self.training and quantized_base(base) is None:
+        if not self.training and not torch.compiler.is_compiling() and quantized_base(base) is None:
             m = self.magnitude
             key = (
                 self.scale,

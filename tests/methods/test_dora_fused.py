@@ -290,3 +290,31 @@ def test_merged_eval_equals_the_unmerged_one() -> None:
         la.merge(model)
         merged = model(x)
     torch.testing.assert_close(merged, unmerged, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("kind", ["linear", "conv1d_t"])
+@pytest.mark.parametrize("rows", [2, 300], ids=["unfolded", "folded"])
+@pytest.mark.parametrize("mode", ["train", "eval", "no-grad"])
+def test_fused_dora_is_exactly_the_base_at_init(kind, rows, mode, monkeypatch) -> None:
+    """``B = 0`` and ``m = ‖W‖``: ``f = 1`` exactly, and the output is the base module's bit for bit.
+
+    At this size ``x Wᵀ`` followed by ``+ b`` rounds differently from the base's own product with the bias (and a
+    Conv1D's ``(in, out)`` weight multiplied in the other layout differs too), so only the base's own product
+    passes.
+    """
+    torch.manual_seed(0)
+    if kind == "conv1d_t":
+        from transformers.pytorch_utils import Conv1D
+
+        base = Conv1D(320, 96)
+        nn.init.normal_(base.bias)
+    else:
+        base = nn.Linear(96, 320)
+    model = Wrap(base).train(mode == "train")
+    x = torch.randn(1, rows, 96)
+    expected = model(x)
+    la.inject(model, la.LoRAConfig(r=4, use_dora=True, target_modules=["layer"]))
+    spy = _Spy(monkeypatch)
+    with torch.set_grad_enabled(mode != "no-grad"):
+        got = model(x)
+    assert spy.calls == 1 and torch.equal(got, expected)
