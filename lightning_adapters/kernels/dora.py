@@ -29,6 +29,7 @@ import torch
 import torch.nn.functional as F
 
 from lightning_adapters.kernels.lowrank import (
+    CAT_ALIGN,
     fold_pays,
     fold_pays_backward,
     thin_cols_product,
@@ -122,8 +123,13 @@ class DoRALinear(torch.autograd.Function):
         fold_back = fold_pays_backward(rows, in_f, out_f)
         w_cat = None
         if need_in and fold_back:
-            # [W + s·B·A | s·B] (out, in + r); the backward scales its rows by f.
-            w_cat = torch.cat([folded_weight(weight, A, B, scale).to(x.dtype) if wf is None else wf, B * scale], 1)
+            # [W + s·B·A | s·B | 0] (out, in + r + pad), zero columns up to lowrank's aligned width; the backward
+            # scales its rows by f.
+            r = A.shape[0]
+            w_cat = x.new_empty(out_f, -(-(in_f + r) // CAT_ALIGN) * CAT_ALIGN)
+            w_cat[:, :in_f] = folded_weight(weight, A, B, scale) if wf is None else wf
+            w_cat[:, in_f : in_f + r] = B * scale
+            w_cat[:, in_f + r :] = 0  # never read back; zeros keep stray denormals or NaNs out of the product
         ctx.scale, ctx.has_xd, ctx.fold_back = scale, xd is not None, fold_back
         ctx.x_shape = x.shape if xd is None else (x.shape, xd.shape)
         ctx.save_for_backward(
@@ -165,8 +171,8 @@ class DoRALinear(torch.autograd.Function):
         if w_cat is not None:
             if need_b_lora:
                 gb = thin_rows_product(h_t.t(), g).mul_(fx * s).t()  # (r, out) -> (out, r): s · (g ⊙ f)ᵀ h
-            both = torch.mm(g, w_cat * fx[:, None])  # (N, in + r) = [(g ⊙ f)(W + s·B·A) | ∂h]
-            gin, dh = both[:, :in_f], both[:, in_f:]
+            both = torch.mm(g, w_cat * fx[:, None])  # (N, in + r + pad) = [(g ⊙ f)(W + s·B·A) | ∂h | 0]
+            gin, dh = both[:, :in_f], both[:, in_f : in_f + A.shape[0]]
         else:
             gs = g * fx  # (N, out)
             if need_b_lora:
