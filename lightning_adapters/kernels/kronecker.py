@@ -16,6 +16,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from lightning_adapters.kernels.folded import base_weight_out_in
+from lightning_adapters.kernels.lowrank import thin_cols_product, thin_rows_product
 
 
 def kron_inner(x2: torch.Tensor, w1: torch.Tensor, b2: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
@@ -27,7 +28,8 @@ def kron_inner(x2: torch.Tensor, w1: torch.Tensor, b2: torch.Tensor | None) -> t
     n_tok = x2.shape[0]
     c = w1.shape[1]
     xt = x2.reshape(n_tok * c, -1)  # (N·c, d): row n·c + i is X[n][i, :]
-    ht = xt.t().contiguous() if b2 is None else b2 @ xt.t()  # (m, N·c): (X[n] b2ᵀ)[i, k] at [k, n·c + i]
+    # (m, N·c): (X[n] b2ᵀ)[i, k] at [k, n·c + i]; the rank-m product split over both threads (kernels.lowrank)
+    ht = xt.t().contiguous() if b2 is None else thin_cols_product(b2, xt)
     k = ht.view(-1, c) @ w1.t()  # (m·N, c) @ (c, a) -> (m·N, a)
     return ht, k
 
@@ -74,13 +76,13 @@ class KronLinear(torch.autograd.Function):
         m = ht.shape[0]
         ge2 = ge.reshape(n_tok * a, -1)  # (N·a, b)
         # (m, N·a) @ (N·a, b) -> (m, b), transposed: both operands row-major (MKL is ~10x slower with the long
-        # contraction on transposed operands).
-        g_a2 = (k.view(m, n_tok * a) @ ge2).t() if need[5] else None
-        gk = (a2.t() @ ge2.t()).view(m * n_tok, a)  # (m, b) @ (b, N·a) -> (m·N, a)
+        # contraction on transposed operands), split over two row halves when two threads are available.
+        g_a2 = thin_rows_product(k.view(m, n_tok * a).t(), ge2).t() if need[5] else None
+        gk = thin_cols_product(a2.t(), ge2).view(m * n_tok, a)  # (m, b) @ (b, N·a) -> (m·N, a)
         g_w1 = gk.t() @ ht.view(m * n_tok, c) if need[4] else None  # (a, m·N) @ (m·N, c) -> (a, c)
         ght = (gk @ w1).view(m, n_tok * c)  # (m·N, a) @ (a, c) -> (m, N·c)
         xt = x2.reshape(n_tok * c, -1)  # (N·c, d)
-        g_b2 = ght @ xt if (b2 is not None and need[6]) else None  # (m, N·c) @ (N·c, d) -> (m, d)
+        g_b2 = thin_rows_product(ght.t(), xt) if (b2 is not None and need[6]) else None  # (m, N·c) @ (N·c, d)
         gx = gw = gb = None
         if need[0]:
             gx = g2 @ w  # (N, out) @ (out, in) -> (N, in)

@@ -114,3 +114,34 @@ def test_kron_pays_on_both_sides_of_its_threshold(needs_grad: bool) -> None:
         edge = 8 * full // k  # 51 tokens: 51·160 = 8160 <= 8192
         assert kronecker.kron_pays(a, b, c, d, r, edge, False)
         assert not kronecker.kron_pays(a, b, c, d, r, edge + 1, False)
+
+
+@pytest.fixture
+def two_threads():
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.mark.parametrize("tokens, split", [(128, True), (63, False)])
+@pytest.mark.parametrize("x_grad", [True, False])
+@pytest.mark.parametrize("w2", ["low-rank", "full"])
+def test_kron_linear_on_both_sides_of_the_row_split(
+    tokens: int, split: bool, x_grad: bool, w2: str, two_threads
+) -> None:
+    """With two threads the rank-m products over N·c and N·a rows run as two row halves (``lowrank.row_chunks``)."""
+    from lightning_adapters.kernels.lowrank import row_chunks
+
+    assert (row_chunks(tokens * C_) == 2) is split and (row_chunks(tokens * A_) == 2) is split
+    base = _base("linear", False)
+    x = leaf(tokens, C_ * D_, seed=1, grad=x_grad)
+    w1 = leaf(A_, C_, seed=2)
+    a2 = leaf(B_, D_ if w2 == "full" else R_, seed=3)
+    b2 = None if w2 == "full" else leaf(R_, D_, seed=4)
+    inputs = [t for t in (x, w1, a2, b2) if t is not None]
+    assert_kernel_matches(
+        lambda: kronecker.kron_linear(base, "linear", x, w1, a2, b2, None, fused=True, needs_grad=True),
+        lambda: _formula(base, "linear", x, w1, a2, b2, None),
+        inputs,
+    )
