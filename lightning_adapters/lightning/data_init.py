@@ -22,14 +22,14 @@ from typing import Any
 
 from torch import nn
 
-from lightning_adapters.methods.lora_data import data_init_layers, default_forward, initialize_from_data
+from lightning_adapters.methods.lora_data import data_init_groups, default_forward, initialize_from_data
 
 
 def initialize_in_fit(pl_module: nn.Module, target: nn.Module, config: Any) -> bool:
     """Run the data-driven init of ``target`` from the fit's first train batches, once; returns whether it ran."""
     trainer = getattr(pl_module, "_trainer", None)
-    layers = data_init_layers(target)
-    if trainer is None or not any(layer.needs_data for _, layer in layers.values()):
+    groups = data_init_groups(target)
+    if trainer is None or not any(layer.needs_data for g in groups.values() for _, layer in g.values()):
         return False
     from lightning.pytorch.trainer.states import TrainerFn
 

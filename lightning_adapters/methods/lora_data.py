@@ -27,7 +27,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from lightning_adapters.core.inject import adapted_modules, disabled, find_records
+from lightning_adapters.core.inject import adapter_layers, disabled, find_records
 from lightning_adapters.errors import AdapterConfigError, AdapterStateError
 from lightning_adapters.methods import lora_eva
 from lightning_adapters.methods._common import weight_as_out_in
@@ -77,13 +77,13 @@ def _to_device(batch: Any, device: torch.device) -> Any:
     return batch
 
 
-def data_init_layers(model: nn.Module) -> dict[str, tuple[nn.Module, nn.Module]]:
-    """``{name: (base, layer)}`` of the LoRA layers whose ``init_weights`` needs data."""
-    return {
-        name: (base, layer)
-        for name, base, layer in adapted_modules(model)
-        if getattr(layer, "init_mode", None) in DATA_INITS and layer.kind in ("linear", "conv1d_t")
-    }
+def data_init_groups(model: nn.Module) -> dict[str, dict[str, tuple[nn.Module, nn.Module]]]:
+    """``{adapter name: {module name: (base, layer)}}`` of the LoRA layers whose ``init_weights`` needs data."""
+    out: dict[str, dict[str, tuple[nn.Module, nn.Module]]] = {}
+    for module_name, adapter, base, layer in adapter_layers(model):
+        if getattr(layer, "init_mode", None) in DATA_INITS and layer.kind in ("linear", "conv1d_t"):
+            out.setdefault(adapter, {})[module_name] = (base, layer)
+    return out
 
 
 @torch.no_grad()
@@ -118,17 +118,19 @@ def initialize_from_data(
             ran on this injection.
         AdapterStateError: A layer never ran on ``batches``, its inputs are not finite, or EVA did not converge.
     """
-    layers = data_init_layers(model)
-    if not layers:
+    groups = data_init_groups(model)
+    if not groups:
         raise AdapterConfigError(
             "initialize_from_data: the model has no LoRA layer with a data-driven init; inject "
             "LoRAConfig(init_weights='corda' | 'eva', ...) first"
         )
-    if any(layer.merged for _, layer in layers.values()):
+    if any(layer.merged for group in groups.values() for _, layer in group.values()):
         raise AdapterConfigError("initialize_from_data: the adapters are merged; call unmerge(model) first")
-    eva = {name: pair for name, pair in layers.items() if pair[1].init_mode == "eva"}
-    done = [name for name, (_, layer) in eva.items() if not layer.needs_data]
-    if done:
+    # One init mode per adapter (one config). EVA runs once per adapter; CorDA adapters are initialised again.
+    eva = {a: g for a, g in groups.items() if _mode(g) == "eva" and any(lay.needs_data for _, lay in g.values())}
+    corda = {a: g for a, g in groups.items() if _mode(g) != "eva"}
+    if not eva and not corda:
+        done = [name for g in groups.values() for name in g]
         raise AdapterConfigError(
             f"initialize_from_data: EVA already initialised {done[:3]} (it may have changed their ranks); to run it "
             "again, eject the adapters and inject the config again"
@@ -138,42 +140,49 @@ def initialize_from_data(
 
         all_reduce = dist.is_available() and dist.is_initialized()
     batches = list(batches)
-    device = next(iter(layers.values()))[0].weight.device
+    device = next(iter(next(iter(groups.values())).values()))[0].weight.device
     run = forward_fn or default_forward
+    # CorDA's statistics are the module's input covariance, the same for every adapter on it: collected once.
+    corda_modules = {name: pair for g in corda.values() for name, pair in g.items()}
     training = model.training
     model.eval()
+    comps = {}
     try:
         with disabled(model):  # the base model's layer inputs (PEFT hooks the model before or without adapters)
-            if eva:
-                comps = lora_eva.eva_components(
+            for adapter, group in eva.items():
+                comps[adapter] = lora_eva.eva_components(
                     model,
-                    eva,
+                    group,
                     batches,
                     run,
-                    _eva_options(model, eva),
+                    _config_of(model, adapter),
                     gather=all_reduce,
                     prepare=lambda b: _to_device(b, device),
                 )
-            corda = {name: pair for name, pair in layers.items() if name not in eva}
-            if corda:
-                stats = _covariances(model, corda, batches, run, device)
+            if corda_modules:
+                stats = _covariances(model, corda_modules, batches, run, device)
     finally:
         model.train(training)
-    if eva:
-        lora_eva.apply_components(model, eva, comps, _eva_options(model, eva).eva_adjust_scaling_factors)
-    if corda:
+    for adapter, group in eva.items():
+        adjust = _config_of(model, adapter).eva_adjust_scaling_factors
+        lora_eva.apply_components(model, group, comps[adapter], adjust, adapter)
+    if corda_modules:
         _reduce(stats, all_reduce)
-        _apply_corda(corda, stats)
+        for group in corda.values():
+            _apply_corda(group, stats)
     return model
 
 
-def _eva_options(model: nn.Module, layers: dict[str, tuple[nn.Module, nn.Module]]) -> Any:
-    """The config of the injection holding the EVA layers."""
-    first = next(iter(layers))
-    for prefix, _, rec in find_records(model):
-        if prefix == "" or first.startswith(prefix + "."):
+def _mode(group: dict[str, tuple[nn.Module, nn.Module]]) -> str:
+    return next(iter(group.values()))[1].init_mode
+
+
+def _config_of(model: nn.Module, adapter: str) -> Any:
+    """The config of the injection named ``adapter`` (its EVA options)."""
+    for _, _, rec in find_records(model):
+        if rec.name == adapter:
             return rec.config
-    raise AdapterConfigError(f"initialize_from_data: {first!r} belongs to no injection of this model")
+    raise AdapterConfigError(f"initialize_from_data: adapter {adapter!r} belongs to no injection of this model")
 
 
 def _covariances(

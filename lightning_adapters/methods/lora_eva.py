@@ -407,9 +407,13 @@ def eva_components(
 
 
 def apply_components(
-    model: nn.Module, layers: dict[str, tuple[nn.Module, Any]], comps: dict[str, torch.Tensor], adjust: bool
+    model: nn.Module,
+    layers: dict[str, tuple[nn.Module, Any]],
+    comps: dict[str, torch.Tensor],
+    adjust: bool,
+    adapter: str,
 ) -> None:
-    """Give every layer its EVA rank and ``A``; remove the adapters of layers that got rank 0.
+    """Give every layer of adapter ``adapter`` its EVA rank and ``A``; remove the layers that got rank 0.
 
     A layer of rank ``r`` and scaling numerator ``alpha`` that gets ``k' > 0`` components is rebuilt with rank
     ``k'``, ``lora_A`` the components, ``lora_B = 0`` and (``adjust``: ``eva_adjust_scaling_factors``) alpha
@@ -427,7 +431,7 @@ def apply_components(
         u = comps[name]
         rank = u.shape[0]
         if rank == 0:
-            detach(base)
+            detach(base, adapter)  # only this adapter's layer: the module may hold others
             dropped.append(name)
             continue
         alpha = layer.alpha
@@ -440,12 +444,12 @@ def apply_components(
             layer.lora_B.zero_()
         layer.needs_data = False
     for prefix, root, rec in records:
-        if not any(_inside(n, prefix) for n in layers):
+        if rec.name != adapter or not any(_inside(n, prefix) for n in layers):
             continue
         mine = {_relative(n, prefix) for n in dropped if _inside(n, prefix)}
         rec.targets = [t for t in rec.targets if t not in mine]
         ranks, alphas = {}, {}
-        for name, _, layer in adapted_modules(root):
+        for name, _, layer in adapted_modules(root, [adapter]):
             if isinstance(getattr(layer, "r", None), int) and isinstance(getattr(layer, "alpha", None), float):
                 if layer.r != rec.config.r:
                     ranks[name] = layer.r

@@ -263,3 +263,23 @@ def test_eva_gives_up_when_tau_is_never_reached(monkeypatch):
     with pytest.raises(la.AdapterStateError, match=r"\['b'\] did not reach eva_tau=1.0 in 3 forward passes"):
         la.initialize_from_data(model, branch_batches(2))
     assert model.b.adapter.default.needs_data and model.b.adapter.default.r == 2  # nothing changed
+
+
+def test_eva_next_to_another_adapter_removes_only_its_own_layers():
+    """A second, named EVA adapter on modules that already hold adapter ``first``: the layer EVA gives rank 0 loses
+    only the EVA adapter; ``first`` keeps both of its layers and its outputs, and EVA's components equal those of
+    EVA alone on the base model."""
+    base = TwoBranch()
+    batches = branch_batches()
+    kw = dict(r=4, alpha=8, target_modules=["a", "b"], eva_tau=0.95, eva_whiten=True)
+    alone = la.inject(copy.deepcopy(base), la.LoRAConfig(init_weights="eva", **kw))
+    la.initialize_from_data(alone, batches)
+    model = la.inject(copy.deepcopy(base), la.LoRAConfig(r=2, target_modules=["a", "b"], init_weights=False))
+    first = model(batches[1]).detach()
+    la.inject(model, la.LoRAConfig(init_weights="eva", **kw), name="eva")
+    la.initialize_from_data(model, batches)
+    assert la.adapter_names(model) == ["default", "eva"]
+    assert list(model.a.adapter.keys()) == ["default", "eva"] and list(model.b.adapter.keys()) == ["default"]
+    torch.testing.assert_close(model.a.adapter.eva.lora_A, alone.a.adapter.default.lora_A)
+    la.set_active(model, "default")
+    torch.testing.assert_close(model(batches[1]), first)
