@@ -11,6 +11,8 @@ $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q $(TORCH_PIN)
+# dev holds the Ray launcher (tests/app/test_cluster.py's Ray sweep): hydra-ray-launcher 1.2.2 pins cloudpickle<3,
+# so pip settles on joblib 1.5.x (joblib 1.6 needs cloudpickle>=3; scikit-learn takes either).
 	$(PY) -m pip install -q -e ".[dev,app]" $(TORCH_PIN)
 # DeepSpeed (tests/lightning/test_deepspeed.py): built against the torch above, its kernels left to JIT
 	$(PY) -m pip install -q "setuptools>=77" wheel

@@ -72,7 +72,6 @@ def test_launcher_presets_set_partition_gpus_time_and_array_parallelism(tmp_path
 
 
 def test_ray_presets_connect_to_a_cluster_or_start_a_local_instance(tmp_path: Path) -> None:
-    pytest.importorskip("hydra_plugins.hydra_ray_launcher", reason="the Ray launcher is the optional 'ray' extra")
     cluster = compose_app(["hydra/launcher=ray"], tmp_path).hydra.launcher
     assert cluster._target_.endswith("ray_launcher.RayLauncher") and cluster.ray.init.address == "auto"
     local = compose_app(["hydra/launcher=ray_local"], tmp_path).hydra.launcher.ray
@@ -159,7 +158,6 @@ def test_submitit_local_sweep_runs_every_job_in_its_own_directory_and_lists_the_
 
 @pytest.mark.slow
 def test_ray_local_sweep_runs_every_job_in_its_own_directory_and_lists_the_failed_one(tmp_path: Path) -> None:
-    pytest.importorskip("hydra_plugins.hydra_ray_launcher", reason="the Ray launcher is the optional 'ray' extra")
     sweep = tmp_path / "sweep"
     proc = run_app(["-m", "hydra/launcher=ray_local", *SWEEP, f"hydra.sweep.dir={sweep}"], cwd=tmp_path, timeout=600)
     _check_sweep(sweep, proc)
