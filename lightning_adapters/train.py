@@ -249,12 +249,28 @@ def train(cfg: DictConfig) -> dict[str, Any]:
             "wall_s": time.perf_counter() - started,
             "output_dir": str(out_dir),
         }
-        if int(os.environ.get("RANK", "0")) == 0:
+        if _launched_as_global_rank_zero():
             (out_dir / "summary.json").write_text(json.dumps(_json_safe(failed), indent=2))
         _finish_active_wandb_run(exit_code=1)
         raise
     _finish_active_wandb_run(exit_code=0)
     return summary
+
+
+def _launched_as_global_rank_zero() -> bool:
+    """Whether this process is global rank 0 by what its launcher put in the environment.
+
+    Read from the environment, not the trainer: a job can fail before its trainer or process group exists.
+    torchrun, DeepSpeed and Kubeflow set the global ``RANK``. Lightning's own launches set ``NODE_RANK`` (torchelastic
+    ``GROUP_RANK``) and ``LOCAL_RANK`` for one process per device, under SLURM each task has its ``SLURM_PROCID``,
+    and a process Lightning starts for a further device inherits its task's: global rank 0 is the process all of
+    them, where set, put at 0.
+    """
+    if "RANK" in os.environ:
+        return int(os.environ["RANK"]) == 0
+    node = os.environ.get("NODE_RANK", os.environ.get("GROUP_RANK", "0"))
+    ranks = (os.environ.get("SLURM_PROCID", "0"), node, os.environ.get("LOCAL_RANK", "0"))
+    return all(int(rank) == 0 for rank in ranks)
 
 
 def _task_overrides() -> list[str]:

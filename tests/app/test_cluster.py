@@ -15,6 +15,7 @@ from lightning.pytorch.plugins.environments import SLURMEnvironment
 
 from experiments.collect_sweep import collect, write_outputs
 from experiments.wandb_offline import find_runs, read_run
+from lightning_adapters.errors import AdapterConfigError
 from lightning_adapters.train import build, train
 from tests.app.conftest import compose_app, run_app, tiny
 
@@ -54,6 +55,41 @@ def test_slurm_trainer_preset_trains_under_lightnings_slurm_environment(
     assert isinstance(env, SLURMEnvironment) and env.auto_requeue
     assert (env.global_rank(), env.world_size(), env.main_address) == (0, 1, "127.0.0.1")
     assert train(cfg)["status"] == "ok"
+
+
+RANK_VARIABLES = ("RANK", "SLURM_PROCID", "NODE_RANK", "GROUP_RANK", "LOCAL_RANK")
+
+
+@pytest.mark.parametrize(
+    ("env", "writes"),
+    [
+        ({}, True),
+        ({"NODE_RANK": "0", "LOCAL_RANK": "0"}, True),
+        ({"NODE_RANK": "1", "LOCAL_RANK": "0", "WORLD_SIZE": "2"}, False),  # a second node (Lightning's launch)
+        ({"LOCAL_RANK": "1", "WORLD_SIZE": "2"}, False),  # the second process of one node
+        ({"GROUP_RANK": "1"}, False),
+        ({"SLURM_PROCID": "4"}, False),  # the first task of the second node under trainer=slurm
+        ({"SLURM_PROCID": "0", "LOCAL_RANK": "1"}, False),  # Lightning's process for a second device of task 0
+        ({"SLURM_PROCID": "0"}, True),
+        ({"RANK": "0", "NODE_RANK": "0"}, True),
+        ({"RANK": "2", "LOCAL_RANK": "0"}, False),  # torchrun
+    ],
+)
+def test_a_failed_job_writes_its_summary_once_from_global_rank_zero(
+    env: dict[str, str], writes: bool, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Every process of a multi-node job fails alike (here a config error raised while the adapter is injected);
+    only global rank 0, as its launcher's environment says, writes the failed job's summary.json."""
+    for key in RANK_VARIABLES:
+        monkeypatch.delenv(key, raising=False)
+    for key, value in env.items():
+        monkeypatch.setenv(key, value)
+    cfg = compose_app([*tiny(), "method=oft", "method.r=3"], tmp_path)
+    with pytest.raises(AdapterConfigError, match="does not divide"):
+        train(cfg)
+    assert (tmp_path / "summary.json").is_file() is writes
+    if writes:
+        assert json.loads((tmp_path / "summary.json").read_text())["status"] == "failed"
 
 
 def test_launcher_presets_set_partition_gpus_time_and_array_parallelism(tmp_path: Path) -> None:
