@@ -208,11 +208,13 @@ def _keep_adapter_state(save: Callable[..., None]) -> Callable[..., None]:
 
 
 def _prepare_deepspeed(strategy: Any, target: nn.Module) -> None:
-    method = find_records(target)[0][2].method
-    if method == "adalora":
+    # Every named adapter, not only the first: the one a callback trains may be any of them.
+    adalora = sorted({rec.name for _, _, rec in find_records(target) if rec.method == "adalora"})
+    if adalora:
         raise AdapterConfigError(
-            "AdaLoRA under DeepSpeedStrategy is not supported: its rank allocation reads every adapter parameter's "
-            "gradient, which ZeRO keeps in its own partitioned buffers; train AdaLoRA with strategy ddp or fsdp2"
+            f"AdaLoRA under DeepSpeedStrategy is not supported (adapter(s) {', '.join(map(repr, adalora))}): its "
+            "rank allocation reads every adapter parameter's gradient, which ZeRO keeps in its own partitioned "
+            "buffers; train AdaLoRA with strategy ddp or fsdp2"
         )
     # The engine's own files (optimizer partitions for an exact resume) hold no frozen parameter.
     strategy.exclude_frozen_parameters = True

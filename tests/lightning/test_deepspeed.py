@@ -103,3 +103,28 @@ def test_adalora_under_deepspeed_is_refused_before_anything_changes() -> None:
     with pytest.raises(AdapterConfigError, match="AdaLoRA under DeepSpeedStrategy is not supported.*ddp or fsdp2"):
         prepare_strategy(SimpleNamespace(strategy=strategy), model, model)
     assert strategy.exclude_frozen_parameters is False
+
+
+def test_adalora_under_deepspeed_is_refused_when_it_is_not_the_first_adapter() -> None:
+    """Every named adapter is checked: an AdaLoRA added after a LoRA (the one a callback may train) is refused too."""
+    from types import SimpleNamespace
+
+    from lightning.pytorch.strategies import DeepSpeedStrategy
+
+    from lightning_adapters.errors import AdapterConfigError
+    from lightning_adapters.lightning.strategies import prepare_strategy
+
+    model = BoringMLP()
+    la.inject(model, la.LoRAConfig(target_modules=["encoder.0"], r=2), name="first")
+    la.inject(model, la.AdaLoRAConfig(target_modules=["encoder.2"], total_step=4), name="second")
+    strategy = DeepSpeedStrategy(stage=2)
+    with pytest.raises(AdapterConfigError, match="AdaLoRA under DeepSpeedStrategy is not supported.*'second'"):
+        prepare_strategy(SimpleNamespace(strategy=strategy), model, model)
+    assert strategy.exclude_frozen_parameters is False
+    # A model of LoRA adapters only is prepared.
+    lora_only = BoringMLP()
+    la.inject(lora_only, la.LoRAConfig(target_modules=["encoder.0"], r=2), name="first")
+    la.inject(lora_only, la.LoRAConfig(target_modules=["encoder.2"], r=2), name="second")
+    other = DeepSpeedStrategy(stage=2)
+    prepare_strategy(SimpleNamespace(strategy=other), lora_only, lora_only)
+    assert other.exclude_frozen_parameters is True
