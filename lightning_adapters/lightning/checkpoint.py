@@ -487,6 +487,39 @@ def _needs_configure_model(model: nn.Module, sub: str, adapter_keys: Any, beside
     return any(k not in live for k in [*saved, *beside_keys])
 
 
+def _restore_eva_ranks(
+    target: nn.Module, name: str, config: AdapterConfig, adapter: Mapping[str, torch.Tensor], marker: str
+) -> None:
+    """Give the EVA layers of the freshly injected adapter ``name`` the ranks EVA chose in training, without its data.
+
+    EVA (``init_weights="eva"``) sets each layer's rank from the training batches; the checkpoint keeps the result
+    in the shapes of the saved ``lora_A`` (rank, in), and a layer EVA gave rank 0 has no tensors there. EVA's own
+    last step is replayed with those tensors as its components: the same ranks and alphas (``alpha · r' / r`` under
+    ``eva_adjust_scaling_factors``), the rank-0 layers' adapters removed and the record's ``rank_pattern`` /
+    ``alpha_pattern`` set as in training, so the saved tensors then load and ``save_peft`` writes what the trained
+    model would. Nothing happens when a saved ``lora_A`` does not fit ``(rank, in)`` or none is saved: the loader
+    then reports the mismatch.
+    """
+    from lightning_adapters.core.inject import adapted_modules
+    from lightning_adapters.methods import lora_eva
+
+    layers = {
+        module: (base, layer)
+        for module, base, layer in adapted_modules(target, [name])
+        if getattr(layer, "init_mode", None) == "eva" and getattr(layer, "needs_data", False)
+    }
+    saved = {module: adapter.get(f"{module}{marker}lora_A") for module in layers}
+    fits = all(
+        a is None or (isinstance(a, torch.Tensor) and a.dim() == 2 and a.shape[1] == layers[m][1].in_features)
+        for m, a in saved.items()
+    )
+    if not layers or not fits or all(a is None for a in saved.values()):
+        return
+    comps = {m: a.detach() if a is not None else torch.zeros(0, layers[m][1].in_features) for m, a in saved.items()}
+    with torch.no_grad():
+        lora_eva.apply_components(target, layers, comps, config.eva_adjust_scaling_factors, name)
+
+
 def _check_beside(model: nn.Module, beside: dict[str, torch.Tensor], where: str) -> None:
     live = model.state_dict()
     # Only the saved tensors are expected: a key the model lacks is unexpected, the rest of the model is not asked for.
@@ -564,7 +597,8 @@ def restore_from_checkpoint(
             with the same base weights.
         ckpt_path: A ``.ckpt`` written by ``ModelCheckpoint``/``trainer.save_checkpoint`` with the integration,
             or the checkpoint directory they write under ``DeepSpeedStrategy`` (its adapter tensors were gathered
-            from every ZeRO partition when it was saved).
+            from every ZeRO partition when it was saved). An EVA adapter (``init_weights="eva"``) gets the ranks
+            EVA chose in training from the saved tensors, without its data.
         module: Which sub-module of the trained LightningModule ``model`` is, when not the default (``""``: the
             whole LightningModule). E.g. with an adapter injected into the whole LightningModule,
             ``restore_from_checkpoint(encoder, ckpt, module="backbone")`` restores the part of it inside
@@ -655,6 +689,8 @@ def restore_from_checkpoint(
             inject(target, config, name=name)  # a conflicting adapter already there is refused before any change
             if new:
                 injected.append(name)
+                marker = f".{ADAPTER_ATTR}.{name}." if "adapters" in meta else f".{ADAPTER_ATTR}."
+                _restore_eva_ranks(target, name, config, adapter, marker)
         if check_base and derived is None:
             fingerprint = base_fingerprint(target)
             for name, config in configs.items():

@@ -9,13 +9,17 @@ import os
 import subprocess
 import sys
 
+import lightning as L
 import pytest
 import torch
 from lightning.pytorch import Callback
+from torch.utils.data import DataLoader, TensorDataset
 
 import lightning_adapters as la
+from lightning_adapters.interop.peft import peft_config_dict
 from tests.lightning.models import BoringMLP, trainer
 from tests.lightning.scripts.eva_ddp import eva_config, eva_data
+from tests.peft_parity.test_eva import TwoBranch, branch_batches
 
 
 class Snapshot(Callback):
@@ -98,3 +102,52 @@ def test_eva_on_two_ddp_processes_gathers_every_rank(tmp_path):
         and (only_rank0[k].shape != expected[k].shape or not torch.allclose(only_rank0[k], expected[k], atol=1e-3))
     ]
     assert differs  # rank 0's rows alone give another init
+
+
+class Branches(L.LightningModule):
+    """The EVA parity test's ``TwoBranch`` in a fit: EVA gives ``net.a`` the whole rank budget and ``net.b`` none."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.net = TwoBranch()
+        self.net.head.requires_grad_(False)  # only the adapters train
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.net(x)
+
+    def training_step(self, batch, batch_idx):
+        return self(batch[0]).pow(2).mean()
+
+    def configure_optimizers(self):
+        return torch.optim.SGD([p for p in self.parameters() if p.requires_grad], lr=0.1)
+
+
+def test_an_eva_checkpoint_restores_onto_a_fresh_model_with_eva_ranks_and_removed_layers(tmp_path):
+    """No data at restore time: the ranks, alphas (adjusted to r'/r) and removed layers come from the checkpoint, and
+    the restored model computes, differentiates and exports as the trained one."""
+    config = la.LoRAConfig(r=4, alpha=8.0, target_modules=["net.a", "net.b"], init_weights="eva", eva_tau=0.95)
+    trained = Branches()
+    data = DataLoader(TensorDataset(torch.cat(branch_batches())), batch_size=24)
+    t = trainer(max_steps=3, callbacks=[la.AdapterCallback(config, verbose=False)])
+    t.fit(trained, data)
+    assert trained.net.a.adapter.default.r == 8 and not hasattr(trained.net.b, "adapter")
+    t.save_checkpoint(tmp_path / "eva.ckpt")
+
+    restored = la.restore_from_checkpoint(Branches(), tmp_path / "eva.ckpt")
+    layer = restored.net.a.adapter.default
+    assert (layer.r, layer.alpha, layer.needs_data) == (8, 16.0, False) and not hasattr(restored.net.b, "adapter")
+    want = la.adapter_state_dict(trained)
+    got = la.adapter_state_dict(restored)
+    assert set(got) == set(want) == {"net.a.adapter.default.lora_A", "net.a.adapter.default.lora_B"}
+    for k, v in want.items():
+        assert torch.equal(got[k], v), k
+    assert peft_config_dict(restored) == peft_config_dict(trained)  # rank_pattern, alpha_pattern, target_modules
+    x = branch_batches(1, seed=1)[0]
+    for model in (trained, restored):
+        model.zero_grad()
+        model(x).pow(2).mean().backward()
+    torch.testing.assert_close(restored(x), trained(x), rtol=0, atol=0)
+    for (n, p), (_, q) in zip(trained.named_parameters(), restored.named_parameters(), strict=True):
+        assert p.requires_grad == q.requires_grad, n
+        if p.requires_grad:
+            torch.testing.assert_close(q.grad, p.grad, rtol=0, atol=0, msg=n)
