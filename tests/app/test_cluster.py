@@ -60,8 +60,15 @@ def test_slurm_trainer_preset_trains_under_lightnings_slurm_environment(
 RANK_VARIABLES = ("RANK", "SLURM_PROCID", "NODE_RANK", "GROUP_RANK", "LOCAL_RANK")
 
 
+def _launch_env(monkeypatch: pytest.MonkeyPatch, env: dict[str, str]) -> None:
+    for key in RANK_VARIABLES:
+        monkeypatch.delenv(key, raising=False)
+    for key, value in env.items():
+        monkeypatch.setenv(key, value)
+
+
 @pytest.mark.parametrize(
-    ("env", "writes"),
+    ("env", "zero"),
     [
         ({}, True),
         ({"NODE_RANK": "0", "LOCAL_RANK": "0"}, True),
@@ -73,22 +80,30 @@ RANK_VARIABLES = ("RANK", "SLURM_PROCID", "NODE_RANK", "GROUP_RANK", "LOCAL_RANK
         ({"SLURM_PROCID": "0"}, True),
         ({"RANK": "0", "NODE_RANK": "0"}, True),
         ({"RANK": "2", "LOCAL_RANK": "0"}, False),  # torchrun
+        ({"RANK": "0", "SLURM_PROCID": "1", "LOCAL_RANK": "0"}, True),  # torchrun's rank 0 on SLURM's second task
     ],
 )
-def test_a_failed_job_writes_its_summary_once_from_global_rank_zero(
-    env: dict[str, str], writes: bool, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+def test_global_rank_zero_is_read_from_the_launchers_environment(
+    env: dict[str, str], zero: bool, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """Every process of a multi-node job fails alike (here a config error raised while the adapter is injected);
-    only global rank 0, as its launcher's environment says, writes the failed job's summary.json."""
-    for key in RANK_VARIABLES:
-        monkeypatch.delenv(key, raising=False)
-    for key, value in env.items():
-        monkeypatch.setenv(key, value)
+    from lightning_adapters.train import _launched_as_global_rank_zero
+
+    _launch_env(monkeypatch, env)
+    assert _launched_as_global_rank_zero() is zero
+
+
+@pytest.mark.parametrize("node", [0, 1])
+def test_a_failed_job_writes_its_summary_once_from_global_rank_zero(
+    node: int, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Every node of a multi-node job fails alike (here a config error raised while the adapter is injected, before
+    any process group exists); only global rank 0 writes the failed job's summary.json."""
+    _launch_env(monkeypatch, {"NODE_RANK": str(node), "LOCAL_RANK": "0", "WORLD_SIZE": "2"})
     cfg = compose_app([*tiny(), "method=oft", "method.r=3"], tmp_path)
     with pytest.raises(AdapterConfigError, match="does not divide"):
         train(cfg)
-    assert (tmp_path / "summary.json").is_file() is writes
-    if writes:
+    assert (tmp_path / "summary.json").is_file() is (node == 0)
+    if node == 0:
         assert json.loads((tmp_path / "summary.json").read_text())["status"] == "failed"
 
 
