@@ -1,0 +1,123 @@
+"""Edges of reading and writing PEFT directories that the parity suites do not reach (found by mutation testing,
+docs/MUTATION.md): pickled weights read without running code whatever torch's default, and the reason of an
+unreadable pickle carried into the refusal.
+"""
+
+from __future__ import annotations
+
+import copy
+import io
+import pickle
+
+import pytest
+import torch
+
+import lightning_adapters as la
+from lightning_adapters.errors import AdapterStateError
+from tests.peft_parity.test_options import _write_peft
+
+RAN: list[str] = []
+
+
+def _record_call(tag: str) -> dict:
+    """What a malicious pickle would run; records that it ran."""
+    RAN.append(tag)
+    return {}
+
+
+class _RunsCodeWhenUnpickled:
+    def __reduce__(self):
+        return (_record_call, ("unpickled",))
+
+
+def test_pickled_weights_never_run_code_even_when_torch_defaults_to_full_unpickling(tmp_path, monkeypatch):
+    """``adapter_model.bin`` is read with ``weights_only=True`` explicitly: torch < 2.6 (allowed by the dependency
+    range) and ``TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD=1`` make full unpickling the default, which would run the file's
+    code."""
+    base, _ = _write_peft("LORA", tmp_path)
+    (tmp_path / "adapter_model.safetensors").unlink()
+    (tmp_path / "adapter_model.bin").write_bytes(pickle.dumps({"x": _RunsCodeWhenUnpickled()}))
+    monkeypatch.setenv("TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD", "1")
+    RAN.clear()
+    model = copy.deepcopy(base)
+    with pytest.raises(AdapterStateError, match=r"adapter_model\.bin is not a readable PyTorch state dict"):
+        la.load_peft(model, tmp_path)
+    assert RAN == []
+    assert not list(la.core.inject.find_records(model))
+
+
+def test_unreadable_pickle_refusal_carries_torchs_reason(tmp_path):
+    """The refusal quotes the first line of torch's own error (the independent truth: the same bytes through
+    ``torch.load``), not just the exception's class."""
+    base, _ = _write_peft("LORA", tmp_path)
+    (tmp_path / "adapter_model.safetensors").unlink()
+    payload = b"\x80\x02not a pickle at all"
+    (tmp_path / "adapter_model.bin").write_bytes(payload)
+    with pytest.raises(Exception) as torch_err:
+        torch.load(io.BytesIO(payload), map_location="cpu", weights_only=True)
+    reason = str(torch_err.value).strip().splitlines()[0]
+    assert reason and reason != type(torch_err.value).__name__
+    with pytest.raises(AdapterStateError) as err:
+        la.load_peft(copy.deepcopy(base), tmp_path)
+    assert f"({reason})" in str(err.value)
+
+
+def test_sharded_dtensor_adapters_are_written_as_plain_full_tensors(tmp_path):
+    """Under FSDP2 the adapter parameters are DTensor shards; ``save_peft`` gathers each into a plain tensor. Here a
+    one-process group shards every trainable parameter (``Shard(0)``): the tensors written and read back equal those
+    of the unsharded model, and are plain tensors."""
+    import torch.distributed as dist
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.tensor import Shard, distribute_tensor
+
+    from lightning_adapters.interop.peft import peft_tensors
+
+    if dist.is_initialized():
+        pytest.skip("a process group is already set up in this process")
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(6, 8), torch.nn.ReLU(), torch.nn.Linear(8, 4))
+    la.inject(model, la.LoRAConfig(r=2, alpha=4, target_modules=["0", "2"]))
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.requires_grad:
+                p.normal_()
+    want = peft_tensors(model)
+    dist.init_process_group("gloo", store=dist.FileStore(str(tmp_path / "store"), 1), rank=0, world_size=1)
+    try:
+        mesh = init_device_mesh("cpu", (1,))
+        for module in model.modules():
+            for name, p in list(module.named_parameters(recurse=False)):
+                if p.requires_grad:
+                    setattr(module, name, torch.nn.Parameter(distribute_tensor(p.detach(), mesh, [Shard(0)])))
+        got = peft_tensors(model)
+        la.save_peft(model, tmp_path / "out")
+    finally:
+        dist.destroy_process_group()
+    assert got.keys() == want.keys()
+    for key, value in got.items():
+        assert type(value) is torch.Tensor, key
+        assert torch.equal(value, want[key]), key
+    _, read = la.interop.peft.read_peft_dir(tmp_path / "out")
+    assert {"base_model.model." + k for k in read} == want.keys()
+    for key, value in read.items():
+        assert torch.equal(value, want["base_model.model." + key]), key
+
+
+def test_convert_to_lora_of_one_named_adapter_among_several(tmp_path):
+    """``save_peft(convert_to_lora=True, names="b")`` on a model holding a plain LoRA ``default`` and a PiSSA ``b``:
+    the folder ``b`` holds a plain LoRA that reproduces ``b`` on the *unmodified* base."""
+    from tests.helpers import randomize_adapter
+
+    torch.manual_seed(0)
+    base = torch.nn.Sequential(torch.nn.Linear(6, 8), torch.nn.ReLU(), torch.nn.Linear(8, 5)).double()
+    model = copy.deepcopy(base)
+    la.inject(model, la.LoRAConfig(r=2, alpha=4, target_modules=["0"]))
+    la.inject(model, la.LoRAConfig(r=2, alpha=4, target_modules=["2"], init_weights="pissa"), name="b")
+    randomize_adapter(model)
+    la.set_active(model, "b")
+    x = torch.randn(3, 6, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
+    want = model(x)
+    la.save_peft(model, tmp_path, convert_to_lora=True, names="b")
+    back = la.load_peft(copy.deepcopy(base), tmp_path, name="b")
+    assert la.config_of(back, "b").init_weights is True and la.config_of(back, "b").r == 4
+    torch.testing.assert_close(back(x), want, rtol=1e-6, atol=1e-6)
