@@ -1,14 +1,15 @@
 """Low-rank products on Linear / transformers-Conv1D rows: ``y = x Wᵀ + b + s · (x_d Aᵀ) Bᵀ`` (LoRA, AdaLoRA).
 
 ``lowrank_linear`` runs the whole layer as one autograd Function (``LowRankLinear``). It saves ``x``, the rank-r
-``h = A x_d``, the weights and at most one weight-sized product, never an activation-sized temporary, and computes no
+``h = A x_d`` and the weights, what PEFT's layer saves, never a weight- or activation-sized temporary, and computes no
 gradient nobody asked for (no ``∂x`` when ``x`` does not require grad, no ``∂W`` for a frozen base). On CPU the rank-r
 products cost memory traffic, not arithmetic, so the layer saves passes over full-size tensors: with enough rows it
 multiplies by the folded ``W + s·B·A`` (forward, ``fold_pays``) and by ``[W + s·B·A | s·B]`` (backward, giving ``∂x``
 and ``∂h`` in one product, ``fold_pays_backward``) instead of accumulating ``s·h·Bᵀ`` and ``∂h·A`` in place; the
 rank-r products are laid out thin side first, which BLAS runs several times faster, and split over two row halves
-when two threads are available (``thin_rows_product``, ``thin_cols_product``). Outputs and gradients are those of
-the formula; with ``B = 0`` the folded weight is ``W`` exactly.
+when two threads are available (``thin_rows_product``, ``thin_cols_product``). ``fold_plan`` makes these choices
+per call from the shape and the device. Outputs and gradients are those of the formula; with ``B = 0`` the folded
+weight is ``W`` exactly.
 
 ``A`` may be any differentiable tensor (AdaLoRA passes ``A ⊙ E``; autograd splits its gradient).
 """
@@ -55,9 +56,27 @@ def fold_cat(weight: torch.Tensor, A: torch.Tensor, B: torch.Tensor, scale: floa
     return w_cat
 
 
-def row_chunks(rows: int) -> int:
-    """Into how many row chunks a rank-r product over ``rows`` tokens is split (see ``thin_rows_product``)."""
-    return 2 if rows >= 256 and rows % 2 == 0 and torch.get_num_threads() > 1 else 1
+def fold_plan(rows: int, in_f: int, out_f: int, device: torch.device) -> tuple[bool, bool]:
+    """Whether the forward folds (``fold_pays``) and whether the backward folds (``fold_pays_backward``).
+
+    Both compare element counts, so they hold for every dtype (each side scales with the item size). Only on the
+    CPU, where they were measured: a GPU's rank-r products are cheap next to its launch and GEMM costs and memory is
+    what it lacks, so there the layer runs the plain products. Each folded weight is a temporary of the direction
+    that builds it and is freed right after its product: kept from forward to backward it would hold one extra
+    weight-sized tensor per layer for the whole step (2.5% more peak memory than PEFT on the decoder at hidden 512,
+    sequence 1024, growing with the model), while rebuilding it cost nothing measurable (within ±4% per layer on
+    one CPU thread).
+    """
+    if device.type != "cpu":
+        return False, False
+    return fold_pays(rows, in_f, out_f), fold_pays_backward(rows, in_f, out_f)
+
+
+def row_chunks(rows: int, device: torch.device | None = None) -> int:
+    """Into how many row chunks a rank-r product over ``rows`` tokens is split (see ``thin_rows_product``): two on
+    the CPU with two threads and enough rows, else one (the split works around MKL, a GPU needs none)."""
+    cpu = device is None or device.type == "cpu"
+    return 2 if cpu and rows >= 256 and rows % 2 == 0 and torch.get_num_threads() > 1 else 1
 
 
 def thin_rows_product(u: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
@@ -66,7 +85,7 @@ def thin_rows_product(u: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
     MKL runs such a thin product on about one thread; as a batch of two half-row products plus one tiny sum it
     uses both (25-35% faster at the reference shapes). Any strides that split N into two equal views work.
     """
-    k = row_chunks(u.shape[0])
+    k = row_chunks(u.shape[0], u.device)
     if k == 1:
         return torch.mm(u.t(), v)
     n = u.shape[0] // k
@@ -75,7 +94,7 @@ def thin_rows_product(u: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
 
 def thin_cols_product(m: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
     """``m xᵀ`` (r, N) for a small (r, k) ``m`` and tall ``x`` (N, k), split over N as ``thin_rows_product``."""
-    k = row_chunks(x.shape[0])
+    k = row_chunks(x.shape[0], x.device)
     if k == 1:
         return torch.mm(m, x.t())
     n = x.shape[0] // k
@@ -92,10 +111,8 @@ class LowRankLinear(torch.autograd.Function):
     """``y = x Wᵀ + b + s · (x_d Aᵀ) Bᵀ`` for 2-D-flattened rows, with a hand-written, minimal backward.
 
     ``x_d`` is the dropped-out adapter input, or ``None`` when it is ``x`` itself. Saved: ``x`` (and ``x_d``),
-    ``hᵀ = A x_dᵀ`` (r, rows), the weights and, when both directions fold and ``x`` needs a gradient,
-    ``[W + s·B·A | s·B]``: the forward multiplies by its left part and the backward by all of it, so it is built
-    once per step (one weight-sized tensor per layer, alive until backward; still less than the full-size
-    temporaries PEFT keeps). The rank-r products are written thin side first (``A xᵀ``, ``Bᵀ gᵀ``, ``hᵀ g``):
+    ``hᵀ = A x_dᵀ`` (r, rows) and the weights; a folded weight lives only during its own product (``fold_plan``).
+    The rank-r products are written thin side first (``A xᵀ``, ``Bᵀ gᵀ``, ``hᵀ g``):
     BLAS runs these layouts several times faster than ``x Aᵀ``, ``g B`` and ``gᵀ h`` on CPU.
     """
 
@@ -105,27 +122,22 @@ class LowRankLinear(torch.autograd.Function):
         x2 = x.reshape(-1, in_f)  # (N, in)
         a_in = x2 if xd is None else xd.reshape(-1, in_f)  # (N, in) adapter input
         rows = x2.shape[0]
-        fold = xd is None and fold_pays(rows, in_f, out_f)
-        fold_back = xd is None and fold_pays_backward(rows, in_f, out_f)
+        fold, fold_back = fold_plan(rows, in_f, out_f, x2.device) if xd is None else (False, False)
         need_h = ctx.needs_input_grad[5] or not fold
         h_t = thin_cols_product(A, a_in) if need_h else None  # (r, N)
-        w_cat = None
-        if fold and fold_back and ctx.needs_input_grad[0]:
-            w_cat = fold_cat(weight, A, B, scale)  # (out, in + r)
-            y = F.linear(x2, w_cat[:, :in_f], bias)  # (N, out), W + s·B·A
-        elif fold:
-            y = F.linear(x2, torch.addmm(weight, B, A, alpha=scale), bias)
+        if fold:
+            y = F.linear(x2, torch.addmm(weight, B, A, alpha=scale), bias)  # (N, out); the (out, in) fold is freed
         else:
             y = F.linear(x2, weight, bias)
             y.addmm_(h_t.t(), B.t(), alpha=scale)  # += s · h Bᵀ, scaling the (N, r) factor, in place
         ctx.scale, ctx.has_xd, ctx.fold_back = scale, xd is not None, fold_back
         ctx.x_shape = x.shape if xd is None else (x.shape, xd.shape)
-        ctx.save_for_backward(x2, None if xd is None else a_in, h_t, weight, A, B, w_cat)
+        ctx.save_for_backward(x2, None if xd is None else a_in, h_t, weight, A, B)
         return y.view(*x.shape[:-1], out_f)
 
     @staticmethod
     def backward(ctx, gy):  # noqa: ANN001, ANN205
-        x2, a_in, h_t, weight, A, B, w_cat = ctx.saved_tensors
+        x2, a_in, h_t, weight, A, B = ctx.saved_tensors
         need_x, need_xd, need_w, need_b, need_a, need_b_lora = ctx.needs_input_grad[:6]
         s = ctx.scale
         if a_in is None:
@@ -139,7 +151,7 @@ class LowRankLinear(torch.autograd.Function):
             gb = thin_rows_product(h_t.t(), g).mul_(s).t()  # (r, out) product, returned as (out, r)
         if need_x and ctx.fold_back:
             # One product gives both: g [W + s·B·A | s·B] -> (N, in + r) = [∂x | ∂h].
-            both = torch.mm(g, fold_cat(weight, A, B, s) if w_cat is None else w_cat)  # (N, in + r + pad)
+            both = torch.mm(g, fold_cat(weight, A, B, s))  # (N, in + r + pad); the fold is freed after it
             gx, dh = both[:, :in_f].view(x_shape), both[:, in_f : in_f + A.shape[0]]
         else:
             if need_a or need_xd or (need_x and not ctx.has_xd):

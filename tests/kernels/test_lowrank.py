@@ -163,3 +163,35 @@ def test_lowrank_linear_at_reference_widths_with_an_unaligned_rank(r: int, x_gra
         lambda: _formula(x, None, weight, bias, A, B, 0.7),
         [x, weight, bias, A, B],
     )
+
+
+def test_fold_plan_follows_the_shape_on_cpu_and_runs_plain_products_elsewhere(two_threads) -> None:
+    cpu, gpu = torch.device("cpu"), torch.device("cuda")
+    for in_f, out_f, rows, fold, fold_back in SHAPES:
+        assert lowrank.fold_plan(rows, in_f, out_f, cpu) == (fold, fold_back)
+        assert lowrank.fold_plan(rows, in_f, out_f, gpu) == (False, False)
+    assert lowrank.row_chunks(256, cpu) == 2 and lowrank.row_chunks(256) == 2
+    assert lowrank.row_chunks(256, gpu) == 1  # the two-half split works around MKL; a GPU gets one product
+
+
+def test_no_weight_sized_tensor_lives_from_forward_to_backward() -> None:
+    # 11 rows, in 4, out 40: both directions fold, and every activation is smaller than the (40, 4) weight.
+    in_f, out_f, rows = 4, 40, 11
+    assert lowrank.fold_plan(rows, in_f, out_f, torch.device("cpu")) == (True, True)
+    x, weight = leaf(rows, in_f, seed=1, grad=True), leaf(out_f, in_f, seed=2, grad=False)
+    A, B = leaf(3, in_f, seed=4, grad=True), leaf(out_f, 3, seed=5, grad=True)
+    saved: list[torch.Tensor] = []
+
+    def pack(t: torch.Tensor) -> torch.Tensor:
+        saved.append(t)
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        y = lowrank.lowrank_linear(x, None, weight, None, A, B, 0.5)
+    big = [t.shape for t in saved if t is not weight and t.numel() >= out_f * in_f]
+    assert not big, big  # the folded [W + s·B·A | s·B] is rebuilt in backward, not kept
+    y.square().sum().backward()
+    want = _formula(x.detach(), None, weight, None, A.detach(), B.detach(), 0.5)
+    assert torch.allclose(y, want, atol=1e-12)
+    for t in (x, A, B):
+        assert t.grad is not None
