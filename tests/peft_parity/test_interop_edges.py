@@ -121,3 +121,25 @@ def test_convert_to_lora_of_one_named_adapter_among_several(tmp_path):
     back = la.load_peft(copy.deepcopy(base), tmp_path, name="b")
     assert la.config_of(back, "b").init_weights is True and la.config_of(back, "b").r == 4
     torch.testing.assert_close(back(x), want, rtol=1e-6, atol=1e-6)
+
+
+def test_all_linear_is_written_as_the_modules_peft_resolves_and_the_base_is_named(tmp_path):
+    """``target_modules="all-linear"`` is saved as the resolved module names (the set PEFT itself resolves and
+    saves), so any loader adapts the same modules; ``base_model_name_or_path`` is the base config's name."""
+    import json
+
+    import peft
+
+    from tests.helpers import tiny_gpt2
+
+    base = tiny_gpt2()
+    base.config._name_or_path = "org/tiny-gpt2"
+    ours = la.inject(copy.deepcopy(base), la.LoRAConfig(r=2, alpha=4, target_modules="all-linear"))
+    la.save_peft(ours, tmp_path / "ours")
+    pm = peft.get_peft_model(copy.deepcopy(base), peft.LoraConfig(r=2, lora_alpha=4, target_modules="all-linear"))
+    pm.save_pretrained(tmp_path / "peft")
+    mine = json.loads((tmp_path / "ours" / "adapter_config.json").read_text())
+    theirs = json.loads((tmp_path / "peft" / "adapter_config.json").read_text())
+    assert isinstance(mine["target_modules"], list)
+    assert set(mine["target_modules"]) == set(theirs["target_modules"])
+    assert mine["base_model_name_or_path"] == "org/tiny-gpt2"
