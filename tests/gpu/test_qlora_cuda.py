@@ -76,8 +76,8 @@ class QuantLlamaLM(TinyLlamaLM):
     """A tiny Llama whose block Linears are quantized when it is built (in ``configure_model`` under FSDP2)."""
 
     def __init__(self, scheme: str, **kwargs: object) -> None:
+        self.scheme = scheme  # before TinyLlamaLM.__init__, which may build the model
         super().__init__(**kwargs)
-        self.scheme = scheme
 
     def _build(self) -> torch.nn.Module:
         torch.manual_seed(self.seed)
