@@ -115,19 +115,22 @@ def time_row(label: str, steps: int, warmup: int, quick: bool) -> dict[str, Any]
 def markdown(results: dict[str, Any]) -> str:
     """The rows as a Markdown table (the README's)."""
     lines = [
-        f"torch {results['torch']}, {results['threads']} threads, {results['rows'][0]['steps']} timed steps per side",
+        f"torch {results['torch']}, {results['threads']} threads",
         "",
         "| row (decoder) | our base | step ours / PEFT QLoRA (wall) | (process CPU time) | median step ours / PEFT "
-        "| CPU share | load avg (start, end) | base weights NF4 / fp32 |",
-        "|---|---|---|---|---|---|---|---|",
+        "| timed steps | CPU share | load avg (start, end) | our base weights |",
+        "|---|---|---|---|---|---|---|---|---|",
     ]
     for r in results["rows"]:
         ms, mib = r["median_ms"], r["base_weight_mib"]
+        if r["our_base"] == "nf4":
+            weights = f"{mib['quantized']:.1f} MiB ({r['base_weight_ratio_fp32_over_nf4']:.1f}× < fp32)"
+        else:
+            weights = f"{mib['fp32']:.1f} MiB (fp32)"
         lines.append(
             f"| {r['row']} | {r['our_base']} | {r['ratio']:.3f}× | {r['cpu_ratio']:.3f}× | "
-            f"{ms['ours'] / 1000:.2f} s / {ms['peft'] / 1000:.2f} s | {r['cpu_percent']:.0f}% | "
-            f"{r['load_average'][0]:.1f}, {r['load_average'][1]:.1f} | {mib['quantized']:.1f} / {mib['fp32']:.1f} MiB "
-            f"({r['base_weight_ratio_fp32_over_nf4']:.1f}×) |"
+            f"{ms['ours'] / 1000:.2f} s / {ms['peft'] / 1000:.2f} s | {r['steps']} | {r['cpu_percent']:.0f}% | "
+            f"{r['load_average'][0]:.1f}, {r['load_average'][1]:.1f} | {weights} |"
         )
     return "\n".join(lines) + "\n"
 
