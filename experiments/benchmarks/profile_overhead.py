@@ -68,10 +68,12 @@ def op_profile(step: Callable[[], None], steps: int) -> tuple[dict[OpKey, tuple[
 
 
 def diff_table(ours: dict[OpKey, tuple[float, int]], base: dict[OpKey, tuple[float, int]], top: int) -> list[str]:
-    """Markdown rows of the ``top`` ops whose time grows most from the base's step to ours."""
+    """Markdown rows of the ``top`` ops whose time grows most from the base's step to ours, then the (up to 3) that
+    shrink most: the base's products that ours runs in another shape (e.g. a wider folded product)."""
     keys = sorted(set(ours) | set(base), key=lambda k: ours.get(k, (0.0, 0))[0] - base.get(k, (0.0, 0))[0])
+    shrink = [k for k in keys[:3] if ours.get(k, (0.0, 0))[0] - base.get(k, (0.0, 0))[0] < -1.0]
     lines = ["| op | input shapes | ours ms | base ms | Δ ms | calls ours / base |", "|---|---|---|---|---|---|"]
-    for k in reversed(keys[-top:]):
+    for k in [*reversed(keys[-top:]), *shrink]:
         (o, oc), (b, bc) = ours.get(k, (0.0, 0)), base.get(k, (0.0, 0))
         shapes = ", ".join("×".join(map(str, s)) or "scalar" for s in k[1])
         lines.append(f"| `{k[0]}` | {shapes} | {o:.1f} | {b:.1f} | {o - b:+.1f} | {oc} / {bc} |")

@@ -14,7 +14,13 @@ from lightning_adapters.kernels.rotation import (
     rotate_features,
     rotated_linear,
 )
-from lightning_adapters.methods.oft import OFTConfig, skew_symmetric
+from lightning_adapters.methods.oft import (
+    OFTConfig,
+    cayley_neumann,
+    neumann_coefficients,
+    skew_gather,
+    skew_symmetric,
+)
 from tests.helpers import SmallCNN, Wrap
 
 
@@ -118,7 +124,7 @@ def test_neumann_is_the_transpose_of_exact_cayley():
     model = la.inject(Wrap(nn.Linear(32, 8)), OFTConfig(oft_block_size=8, target_modules=["layer"]))
     _random(model, std=0.05)
     layer = _layer(model)
-    q = skew_symmetric(layer.oft_R.double(), layer.rows, layer.cols, 8)
+    q = skew_symmetric(layer.oft_R.double(), layer.skew_index, layer.skew_sign, 8)
     eye = torch.eye(8, dtype=torch.float64).expand_as(q)
     truth_t = torch.linalg.inv(eye - q) @ (eye + q)  # (I − Q)⁻¹(I + Q) = (I + Q)(I − Q)⁻¹
     exact = (eye - q) @ torch.linalg.inv(eye + q)
@@ -128,6 +134,35 @@ def test_neumann_is_the_transpose_of_exact_cayley():
     layer.num_terms = 5
     r5 = layer.rotation_blocks(dtype=torch.float64)
     assert (r5 - truth_t).abs().max() < 0.01 < (r5 - exact).abs().max()
+
+
+@pytest.mark.parametrize("terms", [2, 3, 5, 8])
+@pytest.mark.parametrize("b", [2, 7])
+def test_skew_gather_and_horner_series_equal_the_scatter_and_the_power_sum(terms: int, b: int):
+    """``skew_symmetric`` (one gather) is ``U − Uᵀ`` scattered from the upper entries, and ``cayley_neumann``
+    (Horner's rule, fused ``baddbmm``) is ``I + Σ c_k Q^k`` from explicit powers: outputs and gradients."""
+    g = torch.Generator().manual_seed(terms * 10 + b)
+    upper = (torch.randn(3, b * (b - 1) // 2, generator=g, dtype=torch.float64) * 0.3).requires_grad_()
+    weights = torch.randn(3, b, b, generator=g, dtype=torch.float64)
+    rows, cols = torch.triu_indices(b, b, 1)
+
+    def truth() -> torch.Tensor:
+        u = upper.new_zeros(3, b, b)
+        u[:, rows, cols] = upper
+        q = u - u.transpose(1, 2)
+        out, power = torch.eye(b, dtype=torch.float64).expand(3, b, b), None
+        for c in neumann_coefficients(terms):
+            power = q if power is None else power @ q
+            out = out + c * power
+        return out
+
+    index, sign = skew_gather(b)
+    got = cayley_neumann(skew_symmetric(upper, index, sign, b), terms)
+    want = truth()
+    torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
+    (g_got,) = torch.autograd.grad((got * weights).sum(), upper)
+    (g_want,) = torch.autograd.grad((want * weights).sum(), upper)
+    torch.testing.assert_close(g_got, g_want, rtol=1e-12, atol=1e-12)
 
 
 def test_forward_equals_dense_block_diagonal_formula():
