@@ -103,8 +103,12 @@ def thin_cols_product(m: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
 
 
 def fused_linear_applies(x: torch.Tensor, weight: torch.Tensor, A: torch.Tensor) -> bool:
-    """Whether ``LowRankLinear`` can run the layer: one dtype throughout and no autocast to honour."""
-    return x.dtype == weight.dtype == A.dtype and not torch.is_autocast_enabled(x.device.type)
+    """Whether ``LowRankLinear`` runs the layer: one dtype throughout, no autocast to honour, and not while
+    ``torch.compile`` traces the model. Compiled, the plain products are better: inductor fuses their scaling and
+    sum into the GEMMs by itself, while the Function's hand-made folds stay fixed in the graph (measured on the
+    reference decoder, both sides compiled: 1.01× PEFT's step and 1.02× its peak memory with the Function)."""
+    same = x.dtype == weight.dtype == A.dtype
+    return same and not torch.is_autocast_enabled(x.device.type) and not torch.compiler.is_compiling()
 
 
 class LowRankLinear(torch.autograd.Function):

@@ -195,3 +195,13 @@ def test_no_weight_sized_tensor_lives_from_forward_to_backward() -> None:
     assert torch.allclose(y, want, atol=1e-12)
     for t in (x, A, B):
         assert t.grad is not None
+
+
+def test_compiled_models_trace_the_plain_products_instead_of_the_function() -> None:
+    x, w, A = torch.ones(3, 4), torch.ones(5, 4), torch.ones(2, 4)
+
+    def which(t: torch.Tensor) -> torch.Tensor:
+        return t + 1 if lowrank.fused_linear_applies(x, w, A) else t - 1
+
+    assert torch.equal(which(x), x + 1)  # eager: the fused Function
+    assert torch.equal(torch.compile(which, backend="eager", fullgraph=True)(x), x - 1)  # traced: plain products
