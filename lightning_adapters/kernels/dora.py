@@ -11,14 +11,15 @@ base keeps the clean input, as in PEFT::
 norm anyway, so its forward is one product by it (never ``x Wᵀ`` plus a rank-r correction, never PEFT's separate
 base, LoRA and rescaling passes), bias included, then ``z + (f − 1) ⊙ (z − b)``: at init (``f = 1``, ``B = 0``)
 that is the base module's own output bit for bit (the folded weight keeps ``W``'s memory layout). It saves ``x``
-(or ``x_d``), ``u`` (only when ``m`` needs a gradient), the rank-r ``h = A x_d`` (only when ``B`` does) and, when
-the backward folds (``lowrank.fold_pays_backward``) and an input needs a gradient, ``[W + s·B·A | s·B]``, which the
-backward scales row-wise by ``f`` and multiplies once to get ``∂x`` (or ``∂x_d``) and ``∂h`` together; otherwise it
-scales the upstream gradient by ``f`` and runs LoRA's unfolded backward. A precomputed ``norm`` (the layer's
-eval-mode cache) makes the forward fold only where that pays (``lowrank.fold_pays``; unfolded, ``x Wᵀ + b`` comes
-from the base weight alone and the rank-r term is added to its copy). A base weight that needs a gradient is left
-to the plain form (DoRA trains ``m``, ``A``, ``B``). Without autograd (``dora_linear_no_grad``) the factor folds
-into the weight: one product by ``diag(f)(W + s·B·A)``, ``W`` itself at init.
+(or ``x_d``), ``u`` (only when ``m`` needs a gradient) and the rank-r ``h = A x_d`` (only when ``B`` does), never a
+weight-sized tensor. When the backward folds (``lowrank.fold_plan``: on the CPU, by shape) and an input needs a
+gradient it rebuilds ``[W + s·B·A | s·B]``, scales its rows by ``f`` and multiplies once to get ``∂x`` (or ``∂x_d``)
+and ``∂h`` together; otherwise it scales the upstream gradient by ``f`` and runs LoRA's unfolded backward. A
+precomputed ``norm`` (the layer's eval-mode cache) makes the forward fold only where that pays (``fold_plan``;
+unfolded, ``x Wᵀ + b`` comes from the base weight alone and the rank-r term is added to its copy). A base weight
+that needs a gradient is left to the plain form (DoRA trains ``m``, ``A``, ``B``). Without autograd
+(``dora_linear_no_grad``) the factor folds into the weight: one product by ``diag(f)(W + s·B·A)``, ``W`` itself at
+init.
 
 A row whose ``W + s·B·A`` is exactly zero has no direction: its factor is 0, and so is ``∂m`` there.
 """
@@ -28,13 +29,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from lightning_adapters.kernels.lowrank import (
-    CAT_ALIGN,
-    fold_pays,
-    fold_pays_backward,
-    thin_cols_product,
-    thin_rows_product,
-)
+from lightning_adapters.kernels.lowrank import fold_cat, fold_plan, thin_cols_product, thin_rows_product
 
 
 def row_norm(weight: torch.Tensor) -> torch.Tensor:
@@ -71,9 +66,12 @@ def folded_weight(weight: torch.Tensor, A: torch.Tensor, B: torch.Tensor, scale:
 
 
 def dora_fused_applies(x: torch.Tensor, weight: torch.Tensor, A: torch.Tensor, magnitude: torch.Tensor) -> bool:
-    """Whether ``DoRALinear`` can run the layer: one dtype throughout, no autocast, a frozen base weight."""
+    """Whether ``DoRALinear`` runs the layer: one dtype throughout, no autocast, a frozen base weight, and not while
+    ``torch.compile`` traces the model (inductor fuses the plain form's scalings into its products, as for LoRA:
+    ``lowrank.fused_linear_applies``)."""
     same = x.dtype == weight.dtype == A.dtype == magnitude.dtype
-    return same and not weight.requires_grad and not torch.is_autocast_enabled(x.device.type)
+    eager = not torch.compiler.is_compiling()
+    return same and eager and not weight.requires_grad and not torch.is_autocast_enabled(x.device.type)
 
 
 class DoRALinear(torch.autograd.Function):
@@ -88,14 +86,13 @@ class DoRALinear(torch.autograd.Function):
         x2 = x.reshape(-1, in_f)  # (N, in)
         a_in = x2 if xd is None else xd.reshape(-1, in_f)  # (N, in) adapter input
         rows = x2.shape[0]
-        need_x, need_xd, _, _, _, need_b_lora, need_m = ctx.needs_input_grad[:7]
-        need_in = need_x if xd is None else need_xd
+        need_b_lora, need_m = ctx.needs_input_grad[5:7]
         wf = None
         if norm is None:
             wf = folded_weight(weight, A, B, scale)  # (out, in) in the norm dtype
             norm = torch.linalg.vector_norm(wf, dim=1).to(magnitude.dtype)  # (out,)
             wf = wf.to(x.dtype)
-        elif xd is not None or fold_pays(rows, in_f, out_f):
+        elif xd is not None or fold_plan(rows, in_f, out_f, x.device)[0]:
             wf = folded_weight(weight, A, B, scale).to(x.dtype)
         factor = dora_factor(magnitude, norm)  # (out,)
         fx = factor.to(x.dtype)
@@ -120,16 +117,7 @@ class DoRALinear(torch.autograd.Function):
                 y.addcmul_(u, fx - 1)  # z + (f − 1)(z − b) = f ⊙ u + b
             else:
                 y.mul_(fx).add_(bias * (1 - fx))  # f ⊙ z + (1 − f) b = f ⊙ u + b
-        fold_back = fold_pays_backward(rows, in_f, out_f)
-        w_cat = None
-        if need_in and fold_back:
-            # [W + s·B·A | s·B | 0] (out, in + r + pad), zero columns up to lowrank's aligned width; the backward
-            # scales its rows by f.
-            r = A.shape[0]
-            w_cat = x.new_empty(out_f, -(-(in_f + r) // CAT_ALIGN) * CAT_ALIGN)
-            w_cat[:, :in_f] = folded_weight(weight, A, B, scale) if wf is None else wf
-            w_cat[:, in_f : in_f + r] = B * scale
-            w_cat[:, in_f + r :] = 0  # never read back; zeros keep stray denormals or NaNs out of the product
+        fold_back = fold_plan(rows, in_f, out_f, x.device)[1]
         ctx.scale, ctx.has_xd, ctx.fold_back = scale, xd is not None, fold_back
         ctx.x_shape = x.shape if xd is None else (x.shape, xd.shape)
         ctx.save_for_backward(
@@ -143,13 +131,12 @@ class DoRALinear(torch.autograd.Function):
             norm,
             factor,
             u if need_m else None,
-            w_cat,
         )
         return y.view(*x.shape[:-1], out_f)
 
     @staticmethod
     def backward(ctx, gy):  # noqa: ANN001, ANN205
-        x2, a_in, h_t, weight, A, B, magnitude, norm, factor, u, w_cat = ctx.saved_tensors
+        x2, a_in, h_t, weight, A, B, magnitude, norm, factor, u = ctx.saved_tensors
         need_x, need_xd, _, need_bias, need_a, need_b_lora, need_m = ctx.needs_input_grad[:7]
         s = ctx.scale
         x_shape, xd_shape = ctx.x_shape if ctx.has_xd else (ctx.x_shape, None)
@@ -168,10 +155,11 @@ class DoRALinear(torch.autograd.Function):
             gbias = g.sum(0)
         dh = None  # ∂L/∂h = s · (g ⊙ f) B  (N, r)
         gin = None  # (g ⊙ f) (W + s·B·A): the adapter input's gradient through the folded weight
-        if w_cat is not None:
+        if need_in and ctx.fold_back:
             if need_b_lora:
                 gb = thin_rows_product(h_t.t(), g).mul_(fx * s).t()  # (r, out) -> (out, r): s · (g ⊙ f)ᵀ h
-            both = torch.mm(g, w_cat * fx[:, None])  # (N, in + r + pad) = [(g ⊙ f)(W + s·B·A) | ∂h | 0]
+            w_cat = fold_cat(weight, A, B, s).mul_(fx[:, None])  # diag(f) [W + s·B·A | s·B | 0], built here
+            both = torch.mm(g, w_cat)  # (N, in + r + pad) = [(g ⊙ f)(W + s·B·A) | ∂h | 0]
             gin, dh = both[:, :in_f], both[:, in_f : in_f + A.shape[0]]
         else:
             gs = g * fx  # (N, out)
@@ -238,10 +226,10 @@ def dora_linear_no_grad(
     norm: torch.Tensor | None,
 ) -> torch.Tensor:
     """The forward of ``DoRALinear`` without saving anything: ``f`` folded into the weight where the folded weight
-    is built (no norm given, a dropped-out input, or ``fold_pays``), else ``f ⊙ (x Wᵀ + s·h Bᵀ) + b`` in place."""
+    is built (no norm given, a dropped-out input, or ``lowrank.fold_plan``), else ``z + (f ⊙ u − (z − b))``."""
     out_f, in_f = weight.shape
     x2 = x.reshape(-1, in_f)
-    if norm is None or xd is not None or fold_pays(x2.shape[0], in_f, out_f):
+    if norm is None or xd is not None or fold_plan(x2.shape[0], in_f, out_f, x.device)[0]:
         wf = folded_weight(weight, A, B, scale)  # (out, in), a fresh tensor
         if norm is None:
             norm = torch.linalg.vector_norm(wf, dim=1).to(magnitude.dtype)

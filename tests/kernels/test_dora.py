@@ -6,12 +6,12 @@ The formula, written with stock ops as PEFT 0.21 computes it (``peft/tuners/lora
     y = x Wᵀ + b + (f − 1) ⊙ (x_d Wᵀ) + f ⊙ s·(x_d Aᵀ) Bᵀ        (x_d = x without dropout)
 
 The Function chooses per call: compute the norm from the folded weight (training) or take a given one (the
-eval-mode cache), and then fold the forward only where ``fold_pays``; multiply the backward by
-``diag(f)[W + s·B·A | s·B]`` when an input needs a gradient and ``fold_pays_backward``, else scale the upstream
-gradient; keep ``u`` only when ``m`` needs a gradient and ``h`` only when ``B`` does; split the rank-r products
-over two row halves (``row_chunks``). Without autograd it runs ``dora_linear_no_grad`` (the factor folded into the
-weight, or applied in place). Every case compares the output and the gradients of ``x``, ``x_d``, ``b``, ``A``,
-``B``, ``m`` (those that require grad) in float64.
+eval-mode cache), and then fold the forward only where ``fold_pays``; multiply the backward by a rebuilt
+``diag(f)[W + s·B·A | s·B]`` when an input needs a gradient and ``fold_pays_backward`` (both through ``fold_plan``
+on the CPU), else scale the upstream gradient; keep ``u`` only when ``m`` needs a gradient and ``h`` only when
+``B`` does; split the rank-r products over two row halves (``row_chunks``). Without autograd it runs
+``dora_linear_no_grad`` (the factor folded into the weight, or applied in place). Every case compares the output
+and the gradients of ``x``, ``x_d``, ``b``, ``A``, ``B``, ``m`` (those that require grad) in float64.
 """
 
 from __future__ import annotations
@@ -181,3 +181,33 @@ def test_dora_fused_applies_only_to_one_dtype_a_frozen_base_and_no_autocast() ->
     assert not dora.dora_fused_applies(x, w.requires_grad_(True), a, m)
     with torch.autocast("cpu", dtype=torch.bfloat16):
         assert not dora.dora_fused_applies(x, w.detach(), a, m)
+
+
+def test_no_weight_sized_tensor_lives_from_forward_to_backward() -> None:
+    # 30 rows, in 40, out 4: the backward folds, and u (30, 4) is smaller than the (4, 40) weight.
+    in_f, out_f, rows = 40, 4, 30
+    assert lowrank.fold_plan(rows, in_f, out_f, torch.device("cpu"))[1]
+    x, weight = leaf(rows, in_f, seed=1), leaf(out_f, in_f, seed=2, grad=False)
+    A, B, m = leaf(3, in_f, seed=4), leaf(out_f, 3, seed=5), leaf(out_f, seed=7)
+    saved: list[torch.Tensor] = []
+
+    def pack(t: torch.Tensor) -> torch.Tensor:
+        saved.append(t)
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        y = dora.dora_linear(x, None, weight, None, A, B, m, 0.5)
+    inputs = {t.untyped_storage().data_ptr() for t in (x, weight)}
+    big = [t.shape for t in saved if t.untyped_storage().data_ptr() not in inputs and t.numel() >= out_f * in_f]
+    assert not big, big  # the folded [W + s·B·A | s·B] is rebuilt in backward, not kept
+    assert_kernel_matches(lambda: y, lambda: _formula(x, None, weight, None, A, B, m, 0.5), [x, A, B, m])
+
+
+def test_compiled_models_trace_the_plain_form_instead_of_the_function() -> None:
+    x, w, A, m = torch.ones(3, 4), torch.ones(5, 4), torch.ones(2, 4), torch.ones(5)
+
+    def which(t: torch.Tensor) -> torch.Tensor:
+        return t + 1 if dora.dora_fused_applies(x, w, A, m) else t - 1
+
+    assert torch.equal(which(x), x + 1)  # eager: the fused Function
+    assert torch.equal(torch.compile(which, backend="eager", fullgraph=True)(x), x - 1)  # traced: plain form
