@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from lightning_adapters.kernels.folded import base_weight_out_in
-from lightning_adapters.kernels.lowrank import thin_cols_product, thin_rows_product
+from lightning_adapters.kernels.lowrank import row_chunks
 
 
 def kron_inner(x2: torch.Tensor, w1: torch.Tensor, b2: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
@@ -28,9 +28,30 @@ def kron_inner(x2: torch.Tensor, w1: torch.Tensor, b2: torch.Tensor | None) -> t
     n_tok = x2.shape[0]
     c = w1.shape[1]
     xt = x2.reshape(n_tok * c, -1)  # (N·c, d): row n·c + i is X[n][i, :]
-    # (m, N·c): (X[n] b2ᵀ)[i, k] at [k, n·c + i]; the rank-m product split over both threads (kernels.lowrank)
-    ht = xt.t().contiguous() if b2 is None else thin_cols_product(b2, xt)
+    ht = xt.t().contiguous() if b2 is None else b2 @ xt.t()  # (m, N·c): (X[n] b2ᵀ)[i, k] at [k, n·c + i]
     k = ht.view(-1, c) @ w1.t()  # (m·N, c) @ (c, a) -> (m·N, a)
+    return ht, k
+
+
+def kron_splits(n_tok: int, a: int, c: int) -> int:
+    """Into how many token groups ``KronLinear`` splits its rank-m products: 2 (one per thread) when two threads are
+    available and the token count is even and large enough (``lowrank.row_chunks``), else 1.
+
+    MKL runs these thin products (8-row outputs, 16-48-long contractions) on one thread; as batches of two token
+    halves both threads work. The halves stay separate through every product, so no layout copy is needed.
+    """
+    return 2 if n_tok % 2 == 0 and row_chunks(n_tok * min(a, c)) == 2 else 1
+
+
+def kron_inner_split(
+    x2: torch.Tensor, w1: torch.Tensor, b2: torch.Tensor | None, s: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``kron_inner`` over ``s`` token groups: ht (s, m, N/s·c) and k (s·m·N/s, a), row ``(h, k, n')`` of k being
+    row ``(k, h·N/s + n')`` of ``kron_inner``'s (``s = 1``: the same tensors)."""
+    c = w1.shape[1]
+    x3 = x2.reshape(s, (x2.shape[0] // s) * c, -1)  # (s, N/s·c, d): row n·c + i of group h is X[h·N/s + n][i, :]
+    ht = x3.transpose(1, 2).contiguous() if b2 is None else torch.bmm(b2.expand(s, -1, -1), x3.transpose(1, 2))
+    k = ht.view(-1, c) @ w1.t()  # (s·m·N/s, c) @ (c, a) -> (s·m·N/s, a)
     return ht, k
 
 
@@ -72,25 +93,26 @@ class KronLinear(torch.autograd.Function):
         x2 = x.reshape(n_tok, -1)  # (N, in)
         g2 = gy.reshape(n_tok, -1)  # (N, out)
         ge = g2 if mask is None else g2 * mask  # gradient reaching the adapter branch
-        ht, k = kron_inner(x2, w1, b2)  # recomputed rather than kept: (m, N·c), (m·N, a)
-        m = ht.shape[0]
-        ge2 = ge.reshape(n_tok * a, -1)  # (N·a, b)
-        # (m, N·a) @ (N·a, b) -> (m, b), transposed: both operands row-major (MKL is ~10x slower with the long
-        # contraction on transposed operands), split over two row halves when two threads are available.
-        g_a2 = thin_rows_product(k.view(m, n_tok * a).t(), ge2).t() if need[5] else None
-        gk = thin_cols_product(a2.t(), ge2).view(m * n_tok, a)  # (m, b) @ (b, N·a) -> (m·N, a)
-        g_w1 = gk.t() @ ht.view(m * n_tok, c) if need[4] else None  # (a, m·N) @ (m·N, c) -> (a, c)
-        ght = (gk @ w1).view(m, n_tok * c)  # (m·N, a) @ (a, c) -> (m, N·c)
-        xt = x2.reshape(n_tok * c, -1)  # (N·c, d)
-        g_b2 = thin_rows_product(ght.t(), xt) if (b2 is not None and need[6]) else None  # (m, N·c) @ (N·c, d)
+        s = kron_splits(n_tok, a, c)  # s token groups, kept apart through every product below
+        ht, k = kron_inner_split(x2, w1, b2, s)  # recomputed rather than kept: (s, m, N/s·c), (s·m·N/s, a)
+        m = ht.shape[1]
+        ge3 = ge.reshape(s, -1, a2.shape[0])  # (s, N/s·a, b)
+        # (m, N/s·a) @ (N/s·a, b) per group, summed -> (m, b), transposed: both operands row-major (MKL is ~10x
+        # slower with the long contraction on transposed operands).
+        g_a2 = torch.bmm(k.view(s, m, -1), ge3).sum(0).t() if need[5] else None
+        gk = torch.bmm(a2.t().expand(s, -1, -1), ge3.transpose(1, 2)).view(-1, a)  # (s, m, N/s·a) as (s·m·N/s, a)
+        g_w1 = gk.t() @ ht.view(-1, c) if need[4] else None  # (a, s·m·N/s) @ (s·m·N/s, c) -> (a, c)
+        ght = (gk @ w1).view(s, m, -1)  # (s·m·N/s, a) @ (a, c) -> (s, m, N/s·c)
+        x3 = x2.reshape(s, ght.shape[2], -1)  # (s, N/s·c, d)
+        g_b2 = torch.bmm(ght, x3).sum(0) if (b2 is not None and need[6]) else None  # (m, d)
         gx = gw = gb = None
         if need[0]:
             gx = g2 @ w  # (N, out) @ (out, in) -> (N, in)
-            gxt = gx.view(n_tok * c, -1)
+            gxt = gx.view(s, ght.shape[2], -1)  # (s, N/s·c, d)
             if b2 is None:
-                gxt.add_(ght.t())
+                gxt.add_(ght.transpose(1, 2))
             else:
-                gxt.addmm_(ght.t(), b2)  # (N·c, m) @ (m, d)
+                gxt.baddbmm_(ght.transpose(1, 2), b2.expand(s, -1, -1))  # += (N/s·c, m) @ (m, d) per group
             gx = gx.view(x.shape)
         if need[1]:
             gw = g2.t() @ x2  # (out, N) @ (N, in)
@@ -114,8 +136,11 @@ def kron_linear_forward(
     n_tok = out.numel() // out.shape[-1]
     b = a2.shape[0]
     if mask is None:
-        _, k = kron_inner(x.reshape(n_tok, -1), w1, b2)
-        out.view(-1, b).addmm_(k.view(a2.shape[1], -1).t(), a2.t())  # += (N·a, m) @ (m, b)
+        sp = kron_splits(n_tok, *w1.shape)
+        _, k = kron_inner_split(x.reshape(n_tok, -1), w1, b2, sp)  # (s·m·N/s, a)
+        m = a2.shape[1]
+        # += (N/s·a, m) @ (m, b) per token group
+        out.view(sp, -1, b).baddbmm_(k.view(sp, m, -1).transpose(1, 2), a2.t().expand(sp, -1, -1))
     else:
         y = kron_apply(x.reshape(n_tok, -1), w1, a2, b2).view(n_tok, -1) * mask  # (N, out)
         out.view(n_tok, -1).add_(y)

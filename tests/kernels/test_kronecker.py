@@ -130,10 +130,8 @@ def two_threads():
 def test_kron_linear_on_both_sides_of_the_row_split(
     tokens: int, split: bool, x_grad: bool, w2: str, two_threads
 ) -> None:
-    """With two threads the rank-m products over N·c and N·a rows run as two row halves (``lowrank.row_chunks``)."""
-    from lightning_adapters.kernels.lowrank import row_chunks
-
-    assert (row_chunks(tokens * C_) == 2) is split and (row_chunks(tokens * A_) == 2) is split
+    """With two threads the rank-m products run over two token halves kept apart (``kronecker.kron_splits``)."""
+    assert kronecker.kron_splits(tokens, A_, C_) == (2 if split else 1)
     base = _base("linear", False)
     x = leaf(tokens, C_ * D_, seed=1, grad=x_grad)
     w1 = leaf(A_, C_, seed=2)
