@@ -14,7 +14,7 @@ import torch
 
 import lightning_adapters as la
 from lightning_adapters.errors import AdapterStateError
-from tests.peft_parity.test_options import _write_peft
+from tests.peft_parity.test_options import _edit_config, _write_peft
 
 RAN: list[str] = []
 
@@ -143,3 +143,55 @@ def test_all_linear_is_written_as_the_modules_peft_resolves_and_the_base_is_name
     assert isinstance(mine["target_modules"], list)
     assert set(mine["target_modules"]) == set(theirs["target_modules"])
     assert mine["base_model_name_or_path"] == "org/tiny-gpt2"
+
+
+def test_safe_save_writes_finite_adapters_and_refuses_only_non_finite_ones(tmp_path):
+    """``safe=True`` refuses NaN/inf (the bad-input table), and writes a finite adapter unchanged."""
+    from tests.helpers import randomize_adapter
+
+    torch.manual_seed(0)
+    model = la.inject(torch.nn.Sequential(torch.nn.Linear(6, 8)), la.LoRAConfig(r=2, alpha=4, target_modules=["0"]))
+    randomize_adapter(model)
+    want = la.interop.peft.peft_tensors(model)
+    la.save_peft(model, tmp_path / "ok", safe=True)
+    _, read = la.interop.peft.read_peft_dir(tmp_path / "ok")
+    assert {"base_model.model." + k: v for k, v in read.items()}.keys() == want.keys()
+    for key, value in read.items():
+        assert torch.equal(value, want["base_model.model." + key])
+    with torch.no_grad():
+        model[0].adapter.default.lora_B.view(-1)[0] = float("nan")
+    with pytest.raises(AdapterStateError, match="non-finite"):
+        la.save_peft(model, tmp_path / "bad", safe=True)
+    assert not (tmp_path / "bad").exists()
+
+
+@pytest.mark.parametrize("value", ["lm_head", [1]])
+def test_modules_to_save_of_the_wrong_json_type_is_refused_naming_the_file(value, tmp_path):
+    """``modules_to_save`` must be a list of names (no regex form, unlike ``target_modules``); the file check names
+    the file and the field before anything is built."""
+    base, _ = _write_peft("LORA", tmp_path, modules_to_save=["lm_head"])
+    _edit_config(tmp_path, modules_to_save=value)
+    model = copy.deepcopy(base)
+    with pytest.raises(la.AdapterConfigError, match=r"adapter_config\.json: field 'modules_to_save' must be a list"):
+        la.load_peft(model, tmp_path)
+    assert not list(la.core.inject.find_records(model))
+
+
+def test_integer_buffers_of_modules_to_save_round_trip(tmp_path):
+    """A saved module holding an integer buffer (BatchNorm's ``num_batches_tracked``) loads back: each value is
+    checked against the kind of the model tensor it goes into, not against an adapter tensor's float."""
+    torch.manual_seed(0)
+
+    def build():
+        return torch.nn.Sequential(torch.nn.Linear(6, 8), torch.nn.BatchNorm1d(8), torch.nn.Linear(8, 3))
+
+    model = la.inject(build(), la.LoRAConfig(r=2, alpha=4, target_modules=["0"], modules_to_save=["1"]))
+    model.train()
+    for _ in range(3):
+        model(torch.randn(4, 6))
+    assert model[1].num_batches_tracked.dtype == torch.int64
+    la.save_peft(model, tmp_path)
+    back = la.load_peft(build(), tmp_path)
+    want, got = model.state_dict(), back.state_dict()
+    for key in ("1.num_batches_tracked", "1.running_mean", "1.running_var", "1.weight"):
+        assert got[key].dtype == want[key].dtype and torch.equal(got[key], want[key]), key
