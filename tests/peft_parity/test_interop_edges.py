@@ -195,3 +195,30 @@ def test_integer_buffers_of_modules_to_save_round_trip(tmp_path):
     want, got = model.state_dict(), back.state_dict()
     for key in ("1.num_batches_tracked", "1.running_mean", "1.running_var", "1.weight"):
         assert got[key].dtype == want[key].dtype and torch.equal(got[key], want[key]), key
+
+
+class _EmbedThenLinear(torch.nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.emb = torch.nn.Embedding(12, 8)
+        self.out = torch.nn.Linear(8, 3)
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        return self.out(self.emb(ids))
+
+
+def test_convert_to_lora_of_a_pissa_embedding_applies_to_the_unmodified_base(tmp_path):
+    """The conversion pairs each ``A`` with its ``B`` for embeddings too (PEFT's ``lora_embedding_A/B`` keys): the
+    written plain LoRA on the unmodified base gives the PiSSA model's outputs."""
+    from tests.helpers import randomize_adapter
+
+    torch.manual_seed(0)
+    base = _EmbedThenLinear().double()
+    config = la.LoRAConfig(r=2, alpha=4, target_modules=["emb", "out"], init_weights="pissa")
+    model = la.inject(copy.deepcopy(base), config)
+    randomize_adapter(model)
+    ids = torch.tensor([[1, 5, 7, 11]])
+    want = model(ids)
+    la.save_peft(model, tmp_path, convert_to_lora=True)
+    back = la.load_peft(copy.deepcopy(base), tmp_path)
+    torch.testing.assert_close(back(ids), want, rtol=1e-6, atol=1e-6)
