@@ -222,3 +222,19 @@ def test_convert_to_lora_of_a_pissa_embedding_applies_to_the_unmodified_base(tmp
     la.save_peft(model, tmp_path, convert_to_lora=True)
     back = la.load_peft(copy.deepcopy(base), tmp_path)
     torch.testing.assert_close(back(ids), want, rtol=1e-6, atol=1e-6)
+
+
+def test_a_root_adapter_loads_under_another_name(tmp_path):
+    """``load_peft(model, directory, name="b")`` reads ``directory/b`` only when that folder holds an adapter; a
+    directory with one adapter at its root loads that one under the new name (documented in ``load_peft``)."""
+    from tests.helpers import randomize_adapter
+
+    torch.manual_seed(0)
+    base = torch.nn.Sequential(torch.nn.Linear(6, 8))
+    model = la.inject(copy.deepcopy(base), la.LoRAConfig(r=2, alpha=4, target_modules=["0"]))
+    randomize_adapter(model)
+    la.save_peft(model, tmp_path)
+    back = la.load_peft(copy.deepcopy(base), tmp_path, name="b")
+    assert la.adapter_names(back) == ["b"]
+    x = torch.randn(3, 6)
+    torch.testing.assert_close(back(x), model(x))
