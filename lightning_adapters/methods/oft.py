@@ -164,8 +164,12 @@ def skew_symmetric(upper: torch.Tensor, index: torch.Tensor, sign: torch.Tensor,
     One gather and one in-place sign flip (``skew_gather``): half the time of scattering into zeros and subtracting
     the transpose, forward and backward.
     """
+    if upper.shape[1] == 0:
+        # Blocks of size 1 have no upper entries: Q = 0, still on the autograd graph of the empty parameter.
+        return upper.new_zeros(upper.shape[0], b, b) + upper.sum()
     q = torch.index_select(upper, 1, index).mul_(sign.to(upper.dtype))  # (n, b·b)
     return q.view(upper.shape[0], b, b)
+
 
 def neumann_coefficients(terms: int) -> list[float]:
     """Coefficients of ``Q, Q², …`` in PEFT's truncated series of ``(I + Q)(I − Q)⁻¹`` with ``terms`` terms."""

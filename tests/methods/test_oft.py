@@ -137,7 +137,7 @@ def test_neumann_is_the_transpose_of_exact_cayley():
 
 
 @pytest.mark.parametrize("terms", [2, 3, 5, 8])
-@pytest.mark.parametrize("b", [2, 7])
+@pytest.mark.parametrize("b", [1, 2, 7])
 def test_skew_gather_and_horner_series_equal_the_scatter_and_the_power_sum(terms: int, b: int):
     """``skew_symmetric`` (one gather) is ``U − Uᵀ`` scattered from the upper entries, and ``cayley_neumann``
     (Horner's rule, fused ``baddbmm``) is ``I + Σ c_k Q^k`` from explicit powers: outputs and gradients."""
