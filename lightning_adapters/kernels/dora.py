@@ -17,7 +17,9 @@ gradient it rebuilds ``[W + s·B·A | s·B]``, scales its rows by ``f`` and mult
 and ``∂h`` together; otherwise it scales the upstream gradient by ``f`` and runs LoRA's unfolded backward. A
 precomputed ``norm`` (the layer's eval-mode cache) makes the forward fold only where that pays (``fold_plan``;
 unfolded, ``x Wᵀ + b`` comes from the base weight alone and the rank-r term is added to its copy). A base weight
-that needs a gradient is left to the plain form (DoRA trains ``m``, ``A``, ``B``). Without autograd
+that needs a gradient is left to the plain form (DoRA trains ``m``, ``A``, ``B``). The Function's maths is
+``dora_forward`` / ``dora_backward``, which take the weight from the caller: ``DoRALinear`` saves the base weight,
+``kernels.quantized`` dequantizes a quantized base's in each direction instead. Without autograd
 (``dora_linear_no_grad``) the factor folds into the weight: one product by ``diag(f)(W + s·B·A)``, ``W`` itself at
 init.
 
@@ -25,6 +27,9 @@ A row whose ``W + s·B·A`` is exactly zero has no direction: its factor is 0, a
 """
 
 from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -77,109 +82,133 @@ def dora_fused_applies(x: torch.Tensor, weight: torch.Tensor, A: torch.Tensor, m
 class DoRALinear(torch.autograd.Function):
     """``y = (x − x_d) Wᵀ + f ⊙ (x_d (W + s·B·A)ᵀ) + b`` (``x_d = x`` when None) with a hand-written backward.
 
-    ``f = m / n`` per output, ``n`` the detached norm (computed here from the folded weight unless given).
+    ``f = m / n`` per output, ``n`` the detached norm (computed here from the folded weight unless given). The
+    maths is ``dora_forward`` / ``dora_backward``, shared with the quantized-base Function
+    (``kernels.quantized``), which dequantizes ``W`` in each of them instead of saving it.
     """
 
     @staticmethod
     def forward(ctx, x, xd, weight, bias, A, B, magnitude, scale, norm):  # noqa: ANN001, ANN205
-        out_f, in_f = weight.shape
-        x2 = x.reshape(-1, in_f)  # (N, in)
-        a_in = x2 if xd is None else xd.reshape(-1, in_f)  # (N, in) adapter input
-        rows = x2.shape[0]
-        need_b_lora, need_m = ctx.needs_input_grad[5:7]
-        wf = None
-        if norm is None:
-            wf = folded_weight(weight, A, B, scale)  # (out, in) in the norm dtype
-            norm = torch.linalg.vector_norm(wf, dim=1).to(magnitude.dtype)  # (out,)
-            wf = wf.to(x.dtype)
-        elif xd is not None or fold_plan(rows, in_f, out_f, x.device)[0]:
-            wf = folded_weight(weight, A, B, scale).to(x.dtype)
-        factor = dora_factor(magnitude, norm)  # (out,)
-        fx = factor.to(x.dtype)
-        h_t = thin_cols_product(A, a_in) if need_b_lora or wf is None else None  # (r, N)
-        u = None  # x_d (W + s·B·A)ᵀ (N, out), kept for ∂m
-        if xd is not None:
-            u = torch.mm(a_in, wf.t())
-            y = u * fx if bias is None else torch.addcmul(bias, u, fx)
-            y.addmm_(x2 - a_in, weight.t())  # + (x − x_d) Wᵀ
-        elif wf is None:
-            # z = x Wᵀ + b as the base computes it; y = z + (f ⊙ u − (z − b)): exactly z while f = 1 and B = 0.
-            y = F.linear(x2, weight, bias)  # (N, out)
-            zb = y if bias is None else y - bias
-            u = torch.addmm(zb, h_t.t(), B.t(), alpha=scale)  # x Wᵀ + s · h Bᵀ
-            y.add_(torch.mul(u, fx).sub_(zb))
-        else:
-            y = F.linear(x2, wf, bias)  # (N, out): x (W + s·B·A)ᵀ + b, the base's own product when B = 0
-            if bias is None:
-                u, y = y, y * fx
-            elif need_m:
-                u = y - bias
-                y.addcmul_(u, fx - 1)  # z + (f − 1)(z − b) = f ⊙ u + b
-            else:
-                y.mul_(fx).add_(bias * (1 - fx))  # f ⊙ z + (1 − f) b = f ⊙ u + b
-        fold_back = fold_plan(rows, in_f, out_f, x.device)[1]
-        ctx.scale, ctx.has_xd, ctx.fold_back = scale, xd is not None, fold_back
-        ctx.x_shape = x.shape if xd is None else (x.shape, xd.shape)
-        ctx.save_for_backward(
-            None if xd is None else x2,
-            a_in,
-            h_t,
-            weight,
-            A,
-            B,
-            magnitude,
-            norm,
-            factor,
-            u if need_m else None,
-        )
-        return y.view(*x.shape[:-1], out_f)
+        y, saved = dora_forward(ctx, x, xd, weight, bias, A, B, magnitude, scale, norm)
+        ctx.save_for_backward(weight, *saved)
+        return y
 
     @staticmethod
     def backward(ctx, gy):  # noqa: ANN001, ANN205
-        x2, a_in, h_t, weight, A, B, magnitude, norm, factor, u = ctx.saved_tensors
-        need_x, need_xd, _, need_bias, need_a, need_b_lora, need_m = ctx.needs_input_grad[:7]
-        s = ctx.scale
-        x_shape, xd_shape = ctx.x_shape if ctx.has_xd else (ctx.x_shape, None)
-        out_f, in_f = weight.shape
-        g = gy.reshape(-1, out_f)  # (N, out)
-        fx = factor.to(g.dtype)
-        gx = gxd = gbias = ga = gb = gm = None
-        # The adapter input's gradient: ∂x without dropout, ∂x_d with it (its base part subtracted below).
-        need_in = need_xd if ctx.has_xd else need_x
-        if need_m:
-            # ∂m = Σ_rows g ⊙ u / n, 0 on zero-norm rows (as ∂/∂m of dora_factor).
-            zero = norm == 0
-            gm = torch.linalg.vecdot(g, u, dim=0).to(magnitude.dtype)  # (out,)
-            gm = torch.where(zero, torch.zeros_like(gm), gm / torch.where(zero, torch.ones_like(norm), norm))
-        if need_bias:
-            gbias = g.sum(0)
-        dh = None  # ∂L/∂h = s · (g ⊙ f) B  (N, r)
-        gin = None  # (g ⊙ f) (W + s·B·A): the adapter input's gradient through the folded weight
-        if need_in and ctx.fold_back:
-            if need_b_lora:
-                gb = thin_rows_product(h_t.t(), g).mul_(fx * s).t()  # (r, out) -> (out, r): s · (g ⊙ f)ᵀ h
-            w_cat = fold_cat(weight, A, B, s).mul_(fx[:, None])  # diag(f) [W + s·B·A | s·B | 0], built here
-            both = torch.mm(g, w_cat)  # (N, in + r + pad) = [(g ⊙ f)(W + s·B·A) | ∂h | 0]
-            gin, dh = both[:, :in_f], both[:, in_f : in_f + A.shape[0]]
+        weight, *saved = ctx.saved_tensors
+        return (*dora_backward(ctx, gy, saved, lambda: weight), None, None)
+
+
+def dora_forward(
+    ctx: Any,
+    x: torch.Tensor,
+    xd: torch.Tensor | None,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    A: torch.Tensor,
+    B: torch.Tensor,
+    magnitude: torch.Tensor,
+    scale: float,
+    norm: torch.Tensor | None,
+) -> tuple[torch.Tensor, tuple[torch.Tensor | None, ...]]:
+    """The forward of a DoRA autograd Function whose inputs start ``(x, xd, weight, bias, A, B, magnitude)``.
+
+    Sets what ``dora_backward`` reads on ``ctx`` and returns the output and the tensors to save for it (never
+    ``weight``: the caller saves it or rebuilds it).
+    """
+    out_f, in_f = weight.shape
+    x2 = x.reshape(-1, in_f)  # (N, in)
+    a_in = x2 if xd is None else xd.reshape(-1, in_f)  # (N, in) adapter input
+    rows = x2.shape[0]
+    need_b_lora, need_m = ctx.needs_input_grad[5:7]
+    wf = None
+    if norm is None:
+        wf = folded_weight(weight, A, B, scale)  # (out, in) in the norm dtype
+        norm = torch.linalg.vector_norm(wf, dim=1).to(magnitude.dtype)  # (out,)
+        wf = wf.to(x.dtype)
+    elif xd is not None or fold_plan(rows, in_f, out_f, x.device)[0]:
+        wf = folded_weight(weight, A, B, scale).to(x.dtype)
+    factor = dora_factor(magnitude, norm)  # (out,)
+    fx = factor.to(x.dtype)
+    h_t = thin_cols_product(A, a_in) if need_b_lora or wf is None else None  # (r, N)
+    u = None  # x_d (W + s·B·A)ᵀ (N, out), kept for ∂m
+    if xd is not None:
+        u = torch.mm(a_in, wf.t())
+        y = u * fx if bias is None else torch.addcmul(bias, u, fx)
+        y.addmm_(x2 - a_in, weight.t())  # + (x − x_d) Wᵀ
+    elif wf is None:
+        # z = x Wᵀ + b as the base computes it; y = z + (f ⊙ u − (z − b)): exactly z while f = 1 and B = 0.
+        y = F.linear(x2, weight, bias)  # (N, out)
+        zb = y if bias is None else y - bias
+        u = torch.addmm(zb, h_t.t(), B.t(), alpha=scale)  # x Wᵀ + s · h Bᵀ
+        y.add_(torch.mul(u, fx).sub_(zb))
+    else:
+        y = F.linear(x2, wf, bias)  # (N, out): x (W + s·B·A)ᵀ + b, the base's own product when B = 0
+        if bias is None:
+            u, y = y, y * fx
+        elif need_m:
+            u = y - bias
+            y.addcmul_(u, fx - 1)  # z + (f − 1)(z − b) = f ⊙ u + b
         else:
-            gs = g * fx  # (N, out)
-            if need_b_lora:
-                gb = thin_rows_product(h_t.t(), gs).mul_(s).t()
-            if need_a or need_in:
-                dh = thin_cols_product(B.t(), gs).mul_(s).t()  # computed as (r, N), used as (N, r)
-            if need_in:
-                gin = torch.mm(gs, weight).addmm_(dh, A)
-        if ctx.has_xd:
-            gbase = torch.mm(g, weight) if need_x or need_xd else None  # g W: the base's part of ∂x and ∂x_d
-            if need_x:
-                gx = gbase.view(x_shape)
-            if need_xd:
-                gxd = gin.sub_(gbase).reshape(xd_shape)
-        elif need_x:
-            gx = gin.reshape(x_shape)
-        if need_a:
-            ga = thin_rows_product(dh, a_in)  # (r, in)
-        return gx, gxd, None, gbias, ga, gb, gm, None, None
+            y.mul_(fx).add_(bias * (1 - fx))  # f ⊙ z + (1 − f) b = f ⊙ u + b
+    fold_back = fold_plan(rows, in_f, out_f, x.device)[1]
+    ctx.scale, ctx.has_xd, ctx.fold_back = scale, xd is not None, fold_back
+    ctx.x_shape = x.shape if xd is None else (x.shape, xd.shape)
+    saved = (None if xd is None else x2, a_in, h_t, A, B, magnitude, norm, factor, u if need_m else None)
+    return y.view(*x.shape[:-1], out_f), saved
+
+
+def dora_backward(
+    ctx: Any, gy: torch.Tensor, saved: Sequence[torch.Tensor | None], weight_of: Callable[[], torch.Tensor]
+) -> tuple[torch.Tensor | None, ...]:
+    """The gradients ``(x, xd, weight, bias, A, B, magnitude)`` (the weight's None) from what ``dora_forward``
+    saved; ``weight_of()`` gives the (out, in) weight, called at most once and only when an input needs a gradient.
+    """
+    x2, a_in, h_t, A, B, magnitude, norm, factor, u = saved
+    need_x, need_xd, _, need_bias, need_a, need_b_lora, need_m = ctx.needs_input_grad[:7]
+    s = ctx.scale
+    x_shape, xd_shape = ctx.x_shape if ctx.has_xd else (ctx.x_shape, None)
+    out_f, in_f = B.shape[0], A.shape[1]
+    g = gy.reshape(-1, out_f)  # (N, out)
+    fx = factor.to(g.dtype)
+    gx = gxd = gbias = ga = gb = gm = None
+    # The adapter input's gradient: ∂x without dropout, ∂x_d with it (its base part subtracted below).
+    need_in = need_xd if ctx.has_xd else need_x
+    weight = weight_of() if need_x or need_xd else None
+    if need_m:
+        # ∂m = Σ_rows g ⊙ u / n, 0 on zero-norm rows (as ∂/∂m of dora_factor).
+        zero = norm == 0
+        gm = torch.linalg.vecdot(g, u, dim=0).to(magnitude.dtype)  # (out,)
+        gm = torch.where(zero, torch.zeros_like(gm), gm / torch.where(zero, torch.ones_like(norm), norm))
+    if need_bias:
+        gbias = g.sum(0)
+    dh = None  # ∂L/∂h = s · (g ⊙ f) B  (N, r)
+    gin = None  # (g ⊙ f) (W + s·B·A): the adapter input's gradient through the folded weight
+    if need_in and ctx.fold_back:
+        if need_b_lora:
+            gb = thin_rows_product(h_t.t(), g).mul_(fx * s).t()  # (r, out) -> (out, r): s · (g ⊙ f)ᵀ h
+        w_cat = fold_cat(weight, A, B, s).mul_(fx[:, None])  # diag(f) [W + s·B·A | s·B | 0], built here
+        both = torch.mm(g, w_cat)  # (N, in + r + pad) = [(g ⊙ f)(W + s·B·A) | ∂h | 0]
+        gin, dh = both[:, :in_f], both[:, in_f : in_f + A.shape[0]]
+    else:
+        gs = g * fx  # (N, out)
+        if need_b_lora:
+            gb = thin_rows_product(h_t.t(), gs).mul_(s).t()
+        if need_a or need_in:
+            dh = thin_cols_product(B.t(), gs).mul_(s).t()  # computed as (r, N), used as (N, r)
+        if need_in:
+            gin = torch.mm(gs, weight).addmm_(dh, A)
+    if ctx.has_xd:
+        gbase = torch.mm(g, weight) if need_x or need_xd else None  # g W: the base's part of ∂x and ∂x_d
+        if need_x:
+            gx = gbase.view(x_shape)
+        if need_xd:
+            gxd = gin.sub_(gbase).reshape(xd_shape)
+    elif need_x:
+        gx = gin.reshape(x_shape)
+    if need_a:
+        ga = thin_rows_product(dh, a_in)  # (r, in)
+    return gx, gxd, None, gbias, ga, gb, gm
 
 
 def dora_linear(
