@@ -136,7 +136,11 @@ class LowRankLinear(torch.autograd.Function):
             y.addmm_(h_t.t(), B.t(), alpha=scale)  # += s · h Bᵀ, scaling the (N, r) factor, in place
         ctx.scale, ctx.has_xd, ctx.fold_back = scale, xd is not None, fold_back
         ctx.x_shape = x.shape if xd is None else (x.shape, xd.shape)
-        ctx.save_for_backward(x2, None if xd is None else a_in, h_t, weight, A, B)
+        # A serves only the adapter input's gradient (∂x through ``[W + s·B·A | s·B]`` or ``+ ∂h A``; ∂x_d = ∂h A).
+        # Not keeping it otherwise matters where A is a temporary (AdaLoRA's A ⊙ E, (r, in) per layer) and a first
+        # layer's input needs no gradient (frozen embeddings): autograd's own products would not keep it either.
+        need_a_later = (ctx.needs_input_grad[0] and xd is None) or ctx.needs_input_grad[1]
+        ctx.save_for_backward(x2, None if xd is None else a_in, h_t, weight, A if need_a_later else None, B)
         return y.view(*x.shape[:-1], out_f)
 
     @staticmethod

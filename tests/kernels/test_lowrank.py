@@ -197,6 +197,33 @@ def test_no_weight_sized_tensor_lives_from_forward_to_backward() -> None:
         assert t.grad is not None
 
 
+@pytest.mark.parametrize("grads", ["x", "xd", "adapter-only", "x-with-xd"])
+@pytest.mark.parametrize("rows", [10, 19], ids=["unfolded", "folded"])
+def test_a_product_for_A_is_kept_only_for_the_adapter_input_gradient(grads: str, rows: int) -> None:
+    """A temporary ``A`` (AdaLoRA's ``A ⊙ E``) is kept for backward only when the adapter input needs a gradient.
+
+    Regression: it was always kept, one (r, in) tensor per layer whose input needs no gradient (a first layer
+    behind frozen embeddings) that PEFT's products do not keep.
+    """
+    x = leaf(rows, 12, seed=1, grad=grads in ("x", "x-with-xd"))
+    xd = leaf(rows, 12, seed=6, grad=grads == "xd") if grads in ("xd", "x-with-xd") else None
+    weight, bias = leaf(10, 12, seed=2, grad=False), leaf(10, seed=3, grad=False)
+    A, E, B = leaf(3, 12, seed=4), leaf(3, 1, seed=7), leaf(10, 3, seed=5)
+    a_e = A * E
+    saved: list[torch.Tensor] = []
+
+    def pack(t: torch.Tensor) -> torch.Tensor:
+        saved.append(t)
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        y = lowrank.lowrank_linear(x, xd, weight, bias, a_e, B, 0.4)
+    kept = any(t is a_e or t.untyped_storage().data_ptr() == a_e.untyped_storage().data_ptr() for t in saved)
+    assert kept is (grads in ("x", "xd"))
+    inputs = [t for t in (x, xd, A, E, B) if t is not None]
+    assert_kernel_matches(lambda: y, lambda: _formula(x, xd, weight, bias, A * E, B, 0.4), inputs)
+
+
 def test_compiled_models_trace_the_plain_products_instead_of_the_function() -> None:
     x, w, A = torch.ones(3, 4), torch.ones(5, 4), torch.ones(2, 4)
 
