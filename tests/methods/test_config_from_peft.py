@@ -38,3 +38,146 @@ def test_missing_fields_take_pefts_defaults(peft_type):
     from_full = spec.config_from_peft(full)
     from_minimal = spec.config_from_peft({"peft_type": full["peft_type"], **required})
     assert from_minimal == from_full
+
+
+# Every field the reader maps, at a value other than PEFT's default (a reader that drops a field or reads the wrong
+# key falls back to the default, which the test above cannot tell from the right value).
+NON_DEFAULT = {
+    "LORA": (
+        peft.LoraConfig,
+        {
+            "target_modules": ["q_proj"],
+            "r": 3,
+            "lora_alpha": 5,
+            "lora_dropout": 0.125,
+            "use_rslora": True,
+            "use_dora": True,
+            "init_lora_weights": "gaussian",
+            "rank_pattern": {"q_proj": 2},
+            "alpha_pattern": {"q_proj": 7},
+            "layers_to_transform": [1, 2],
+            "layers_pattern": "layers",
+            "bias": "lora_only",
+        },
+    ),
+    "ADALORA": (
+        peft.AdaLoraConfig,
+        {
+            "target_modules": ["q_proj"],
+            "init_r": 6,
+            "target_r": 3,
+            "tinit": 2,
+            "tfinal": 3,
+            "deltaT": 2,
+            "beta1": 0.7,
+            "beta2": 0.6,
+            "orth_reg_weight": 0.25,
+            "total_step": 20,
+            "lora_alpha": 5,
+            "lora_dropout": 0.125,
+            "bias": "all",
+            "layers_to_transform": [0, 2],
+            "layers_pattern": "h",
+        },
+    ),
+    "LOHA": (
+        peft.LoHaConfig,
+        {
+            "target_modules": ["q_proj"],
+            "r": 3,
+            "alpha": 5,
+            "rank_dropout": 0.125,
+            "module_dropout": 0.25,
+            "use_effective_conv2d": True,
+            "init_weights": False,
+            "rank_pattern": {"q_proj": 2},
+            "alpha_pattern": {"q_proj": 7},
+            "layers_to_transform": [0, 2],
+            "layers_pattern": "h",
+        },
+    ),
+    "LOKR": (
+        peft.LoKrConfig,
+        {
+            "target_modules": ["q_proj"],
+            "r": 3,
+            "alpha": 5,
+            "rank_dropout": 0.125,
+            "module_dropout": 0.25,
+            "use_effective_conv2d": True,
+            "decompose_both": True,
+            "decompose_factor": 4,
+            "rank_dropout_scale": True,
+            "init_weights": False,
+            "rank_pattern": {"q_proj": 2},
+            "alpha_pattern": {"q_proj": 7},
+            "layers_to_transform": [0, 2],
+            "layers_pattern": "h",
+        },
+    ),
+    "OFT": (
+        peft.OFTConfig,
+        {
+            "target_modules": ["q_proj"],
+            "r": 0,
+            "oft_block_size": 4,
+            "use_cayley_neumann": False,
+            "num_cayley_neumann_terms": 3,
+            "block_share": True,
+            "coft": True,
+            "eps": 1e-3,
+            "module_dropout": 0.25,
+            "init_weights": False,
+            "bias": "oft_only",
+            "layers_to_transform": [0, 2],
+            "layers_pattern": "h",
+        },
+    ),
+    "OFT-r": (
+        peft.OFTConfig,
+        {"target_modules": ["q_proj"], "r": 4, "oft_block_size": 0, "use_cayley_neumann": False},
+    ),
+    "BOFT": (
+        peft.BOFTConfig,
+        {
+            "target_modules": ["q_proj"],
+            "boft_block_size": 0,
+            "boft_block_num": 4,
+            "boft_n_butterfly_factor": 2,
+            "boft_dropout": 0.125,
+            "init_weights": False,
+            "bias": "boft_only",
+            "layers_to_transform": [0, 2],
+            "layers_pattern": "h",
+        },
+    ),
+}
+
+
+@pytest.mark.parametrize("case", sorted(NON_DEFAULT))
+def test_non_default_values_are_read_and_written_back(case):
+    """PEFT's file -> our config -> PEFT's fields: every non-default value comes back as PEFT wrote it."""
+    cls, kwargs = NON_DEFAULT[case]
+    full = _json(cls(**kwargs).to_dict())
+    spec = get_method_by_peft_type(full["peft_type"])
+    back = _json(spec.config_to_peft(spec.config_from_peft(full)))
+    for key in kwargs:
+        if key == "target_modules":
+            continue
+        assert back[key] == full[key], key
+
+
+@pytest.mark.parametrize("tinit, tfinal, total", [(5, 5, 10), (5, 6, 10), (4, 5, 10)])
+def test_adalora_schedule_peft_refuses_loads_without_a_schedule(tinit, tfinal, total):
+    """PEFT refuses ``tinit + tfinal >= total_step`` (no budgeting phase); such a file still loads for inference,
+    with no schedule; a schedule PEFT accepts is kept. The boundary ``tinit + tfinal == total_step`` is refused."""
+    try:
+        peft.AdaLoraConfig(target_modules=["q_proj"], tinit=tinit, tfinal=tfinal, total_step=total)
+        peft_accepts = True
+    except ValueError:
+        peft_accepts = False
+    d = {"peft_type": "ADALORA", "target_modules": ["q_proj"], "tinit": tinit, "tfinal": tfinal, "total_step": total}
+    config = get_method_by_peft_type("ADALORA").config_from_peft(d)
+    assert (tinit, tfinal) == (config.tinit, config.tfinal)
+    assert config.total_step == (total if peft_accepts else None)
+    assert peft_accepts == (tinit + tfinal < total)

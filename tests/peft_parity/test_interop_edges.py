@@ -62,10 +62,19 @@ def test_unreadable_pickle_refusal_carries_torchs_reason(tmp_path):
     assert f"({reason})" in str(err.value)
 
 
-def test_sharded_dtensor_adapters_are_written_as_plain_full_tensors(tmp_path):
+SHARDED_CONFIGS = {
+    "lora": lambda: la.LoRAConfig(r=2, alpha=4, target_modules=["0", "2"]),
+    # AdaLoRA slices its export to the kept ranks (``export_mask``): the gather must come before the slicing.
+    "adalora": lambda: la.AdaLoRAConfig(init_r=3, target_r=2, alpha=4.0, total_step=10, target_modules=["0", "2"]),
+}
+
+
+@pytest.mark.parametrize("method", sorted(SHARDED_CONFIGS))
+def test_sharded_dtensor_adapters_are_written_as_plain_full_tensors(tmp_path, method):
     """Under FSDP2 the adapter parameters are DTensor shards; ``save_peft`` gathers each into a plain tensor. Here a
     one-process group shards every trainable parameter (``Shard(0)``): the tensors written and read back equal those
-    of the unsharded model, and are plain tensors."""
+    of the unsharded model, and are plain tensors. For AdaLoRA one rank of the first layer is pruned (its ``E`` is
+    0), so the export holds 2 of its 3 ranks."""
     import torch.distributed as dist
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.tensor import Shard, distribute_tensor
@@ -76,12 +85,18 @@ def test_sharded_dtensor_adapters_are_written_as_plain_full_tensors(tmp_path):
         pytest.skip("a process group is already set up in this process")
     torch.manual_seed(0)
     model = torch.nn.Sequential(torch.nn.Linear(6, 8), torch.nn.ReLU(), torch.nn.Linear(8, 4))
-    la.inject(model, la.LoRAConfig(r=2, alpha=4, target_modules=["0", "2"]))
+    la.inject(model, SHARDED_CONFIGS[method]())
     with torch.no_grad():
         for p in model.parameters():
             if p.requires_grad:
                 p.normal_()
+        if method == "adalora":
+            layer = model[0].adapter["default"]
+            layer.rank_mask[1] = False
+            layer.lora_E[1] = 0.0
     want = peft_tensors(model)
+    if method == "adalora":
+        assert want["base_model.model.0.lora_E"].shape == (2, 1)
     dist.init_process_group("gloo", store=dist.FileStore(str(tmp_path / "store"), 1), rank=0, world_size=1)
     try:
         mesh = init_device_mesh("cpu", (1,))
@@ -238,3 +253,32 @@ def test_a_root_adapter_loads_under_another_name(tmp_path):
     assert la.adapter_names(back) == ["b"]
     x = torch.randn(3, 6)
     torch.testing.assert_close(back(x), model(x))
+
+
+class _Task(torch.nn.Module):
+    """A task model around an encoder, as the training app's export is keyed: ``backbone.*`` and ``head.*``."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.backbone = torch.nn.Sequential(torch.nn.Linear(6, 8), torch.nn.ReLU(), torch.nn.Linear(8, 8))
+        self.head = torch.nn.Linear(8, 2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.backbone(x))
+
+
+def test_a_file_of_a_larger_model_is_refused_on_its_sub_module_naming_what_is_beside(tmp_path):
+    """Saved from the task model (``backbone.*`` adapters, ``head`` in ``modules_to_save``), read onto the bare
+    encoder: refused naming the sub-module the keys fit and the module beside it, and nothing is injected."""
+    torch.manual_seed(0)
+    task = _Task()
+    la.inject(task, la.LoRAConfig(r=2, target_modules=["backbone.0", "backbone.2"], modules_to_save=["head"]))
+    la.save_peft(task, tmp_path)
+    encoder = copy.deepcopy(_Task().backbone)
+    with pytest.raises(AdapterStateError) as err:
+        la.load_peft(encoder, tmp_path)
+    message = str(err.value)
+    assert "as its sub-module 'backbone'" in message, message
+    assert "it also holds ['head'] beside it" in message, message
+    assert "module='backbone'" in message, message
+    assert not list(la.core.inject.find_records(encoder))

@@ -1,0 +1,137 @@
+"""Every library refusal says which call or which method refused: a user reading ``AdapterConfigError`` from deep in
+a Hydra run, or ``AdapterTypeError`` from a helper that passed the wrong object on, learns where to look. The
+origin is the first word of the message (``"loha: rank_dropout must be ..."``, ``"load_peft: model must be ..."``);
+these tests pin it for the shared checks (``check_probability``, ``check_choice``, ``check_module``), whose callers
+pass the name in (a wrong or missing name there was a surviving mutant, docs/MUTATION.md).
+"""
+
+from __future__ import annotations
+
+import re
+
+import pytest
+import torch
+
+import lightning_adapters as la
+
+# (config class, field, bad value, the method named in the refusal)
+CONFIG_CASES = [
+    ("LoRAConfig", "dropout", 1.5, "lora"),
+    ("LoRAConfig", "bias", "some", "lora"),
+    ("LoRAConfig", "lora_bias", "yes", "lora"),
+    ("AdaLoRAConfig", "dropout", -0.1, "adalora"),
+    ("AdaLoRAConfig", "bias", "some", "adalora"),
+    ("AdaLoRAConfig", "init_weights", "pissa", "adalora"),
+    ("AdaLoRAConfig", "schedule", "hour", "adalora"),
+    ("LoHaConfig", "rank_dropout", 1.5, "loha"),
+    ("LoHaConfig", "module_dropout", 1.0, "loha"),
+    ("LoHaConfig", "use_effective_conv2d", 1, "loha"),
+    ("LoHaConfig", "init_weights", "pissa", "loha"),
+    ("LoKrConfig", "rank_dropout", 1.5, "lokr"),
+    ("LoKrConfig", "module_dropout", 1.0, "lokr"),
+    ("LoKrConfig", "decompose_both", 1, "lokr"),
+    ("LoKrConfig", "init_weights", "pissa", "lokr"),
+    ("OFTConfig", "module_dropout", 1.5, "oft"),
+    ("OFTConfig", "bias", "some", "oft"),
+    ("BOFTConfig", "boft_dropout", 1.5, "boft"),
+    ("BOFTConfig", "bias", "some", "boft"),
+]
+
+
+def _config_kwargs(cls_name: str) -> dict:
+    needs = {
+        "AdaLoRAConfig": {"total_step": 10},
+        "OFTConfig": {"oft_block_size": 4},
+        "BOFTConfig": {"boft_block_size": 4},
+    }
+    return {"target_modules": ["layer"], **needs.get(cls_name, {})}
+
+
+@pytest.mark.parametrize("cls_name, field, bad, method", CONFIG_CASES, ids=lambda v: str(v))
+def test_config_refusals_name_the_method_the_field_and_the_value(cls_name, field, bad, method):
+    with pytest.raises(la.AdapterConfigError) as info:
+        getattr(la, cls_name)(**_config_kwargs(cls_name), **{field: bad})
+    message = str(info.value)
+    assert message.startswith(f"{method}: {field} must be"), message
+    assert repr(bad) in message, message
+
+
+# Each public call that takes a model, called with ``None`` (the rest of its arguments valid or irrelevant: the
+# model is checked first, before anything else is read or changed).
+CALLS = {
+    "active": lambda m: la.active(m),
+    "adapter_names": lambda m: la.adapter_names(m),
+    "adapter_state_dict": lambda m: la.adapter_state_dict(m),
+    "config_of": lambda m: la.config_of(m),
+    "delete": lambda m: la.delete(m, "default"),
+    "disabled": lambda m: la.disabled(m).__enter__(),
+    "eject": lambda m: la.eject(m),
+    "inject": lambda m: la.inject(m, la.LoRAConfig(target_modules=["layer"])),
+    "load_adapter_state_dict": lambda m: la.load_adapter_state_dict(m, {}),
+    "load_peft": lambda m: la.load_peft(m, "unused"),
+    "merge": lambda m: la.merge(m),
+    "per_sample": lambda m: la.per_sample(m, ["default"]).__enter__(),
+    "quantize": lambda m: la.quantize(m, "nf4"),
+    "restore_from_checkpoint": lambda m: la.restore_from_checkpoint(m, "unused.ckpt"),
+    "save_peft": lambda m: la.save_peft(m, "unused"),
+    "set_active": lambda m: la.set_active(m, "default"),
+    "set_scale": lambda m: la.set_scale(m, "default", 1.0),
+    "set_trainable": lambda m: la.set_trainable(m, "default"),
+    "summary": lambda m: la.summary(m),
+    "unmerge": lambda m: la.unmerge(m),
+}
+
+
+@pytest.mark.parametrize("name", sorted(CALLS))
+@pytest.mark.parametrize("model", [None, torch.nn.Linear], ids=["None", "a-class"])
+def test_calls_given_no_module_name_themselves(name, model):
+    with pytest.raises(la.AdapterTypeError, match=rf"^{re.escape(name)}: model must be a torch\.nn\.Module") as info:
+        CALLS[name](model)
+    if isinstance(model, type):
+        assert "instantiate it first" in str(info.value)
+
+
+def test_a_rank_far_above_the_layer_is_refused_saying_why_and_what_to_use():
+    """The refusal names the method, the value and the layer, says why (ranks above ``min(in, out)`` add nothing)
+    and gives the largest useful value, before anything is allocated."""
+    from tests.helpers import Wrap
+
+    model = Wrap(torch.nn.Linear(4, 3))
+    with pytest.raises(la.AdapterConfigError) as info:
+        la.inject(model, la.LoRAConfig(r=10**6, target_modules=["layer"]))
+    message = str(info.value)
+    assert message.startswith("lora: r=1000000 on 'layer'"), message
+    assert "more than 3 ranks add no expressiveness, so use r <= 3" in message, message
+    assert not list(la.core.inject.find_records(model))
+
+
+def test_llama_adapter_on_an_attention_without_head_dim_is_refused_naming_it():
+    """Llama-Adapter reads the attention's ``head_dim``; one without it is refused as an unsupported layer (not an
+    ``AttributeError`` from inside the method)."""
+    from tests.helpers import tiny_llama
+
+    model = tiny_llama()
+    attn = model.model.layers[-1].self_attn
+    del attn.head_dim
+    with pytest.raises(la.UnsupportedLayerError, match=r"it has no integer head_dim attribute"):
+        la.inject(model, la.LlamaAdapterConfig(adapter_len=2, adapter_layers=1))
+    assert not list(la.core.inject.find_records(model))
+
+
+@pytest.mark.parametrize("n_bad", [10, 11])
+def test_a_long_list_of_bad_values_is_cut_at_ten_and_says_so(n_bad):
+    """``load_adapter_state_dict`` lists at most ten bad tensors; a longer list ends with ``...`` so the reader knows
+    there are more, a list of ten does not. Nothing is loaded."""
+    model = torch.nn.Sequential(*[torch.nn.Linear(3, 3) for _ in range(6)])
+    la.inject(model, la.LoRAConfig(r=1, target_modules=[str(i) for i in range(6)]))
+    state = {k: v.clone() for k, v in la.adapter_state_dict(model).items()}
+    assert len(state) == 12
+    for key in sorted(state)[:n_bad]:
+        state[key].fill_(float("nan"))
+    before = {k: v.clone() for k, v in la.adapter_state_dict(model).items()}
+    with pytest.raises(la.AdapterStateError) as info:
+        la.load_adapter_state_dict(model, state)
+    part = str(info.value).split("bad values ", 1)[1]
+    assert part.count("nan") + part.count("NaN") >= 10
+    assert (" ..." in part) == (n_bad > 10), part
+    assert all(torch.equal(v, before[k]) for k, v in la.adapter_state_dict(model).items())

@@ -1,0 +1,67 @@
+"""Quantized bases, two things the contract suite (``test_quantized_contract.py``) does not reach: which torchao
+weight reads as which scheme, and LoRA training with dropout on a 4-bit base (the contract configs have none).
+
+Truths: the quantizer that built the layer (torchao's int8 weight-only config gives an ``Int8Tensor`` with int8
+``qdata``), and the same LoRA on a float Linear holding the dequantized weight, run under the same seed, so that
+dropout draws the same mask: outputs and every gradient must agree.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+import lightning_adapters as la
+from lightning_adapters.core.quant import dequantized_weight, quant_scheme
+
+pytest.importorskip("torchao")
+pytest.importorskip("bitsandbytes")
+
+
+def test_torchao_int8_weight_only_reads_as_torchao_int8_and_takes_an_adapter():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(32, 16))
+    assert quant_scheme(model[0]) is None
+    la.quantize(model, "torchao_int8", skip=[])
+    assert model[0].weight.qdata.dtype == torch.int8
+    assert quant_scheme(model[0]) == "torchao_int8"
+    x = torch.randn(3, 32)
+    before = model(x)
+    la.inject(model, la.LoRAConfig(r=2, target_modules=["0"]))
+    assert torch.equal(model(x), before)  # B = 0 at init: the quantized layer's own output
+
+
+def test_lora_training_with_dropout_on_nf4_equals_the_dequantized_float_model():
+    torch.manual_seed(0)
+    quantized = la.quantize(nn.Sequential(nn.Linear(64, 16)), "nf4", skip=[]).train()
+    plain = nn.Sequential(nn.Linear(64, 16)).train()
+    with torch.no_grad():
+        plain[0].weight.copy_(dequantized_weight(quantized[0], torch.float32))
+        plain[0].bias.copy_(quantized[0].bias.float())
+    for model in (quantized, plain):
+        la.inject(model, la.LoRAConfig(r=4, alpha=6.0, dropout=0.5, target_modules=["0"]))
+    with torch.no_grad():
+        quantized[0].adapter["default"].lora_B.normal_()
+        plain[0].adapter["default"].lora_B.copy_(quantized[0].adapter["default"].lora_B)
+        plain[0].adapter["default"].lora_A.copy_(quantized[0].adapter["default"].lora_A)
+    x0 = torch.randn(5, 64)
+    g = torch.randn(5, 16)
+
+    def run(model):
+        x = x0.clone().requires_grad_(True)  # the input needs a gradient: the training path, not the inference kernel
+        torch.manual_seed(7)
+        y = model(x)
+        layer = model[0].adapter["default"]
+        grads = torch.autograd.grad((y * g).sum(), [x, layer.lora_A, layer.lora_B])
+        return y.detach(), grads
+
+    y_q, grads_q = run(quantized)
+    y_p, grads_p = run(plain)
+    assert torch.allclose(y_q, y_p, atol=1e-5)
+    for got, want in zip(grads_q, grads_p):
+        assert torch.allclose(got, want, atol=1e-5)
+    # Dropout acted: without it (eval) the output differs.
+    quantized.eval()
+    with torch.no_grad():
+        assert not torch.allclose(quantized(x0), y_q, atol=1e-3)
