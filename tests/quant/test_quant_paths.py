@@ -32,15 +32,19 @@ def test_torchao_int8_weight_only_reads_as_torchao_int8_and_takes_an_adapter():
     assert torch.equal(model(x), before)  # B = 0 at init: the quantized layer's own output
 
 
-def test_lora_training_with_dropout_on_nf4_equals_the_dequantized_float_model():
+@pytest.mark.parametrize("use_dora", [False, True], ids=["lora", "dora"])
+def test_lora_training_with_dropout_on_nf4_equals_the_dequantized_float_model(use_dora):
+    """DoRA computes ``W x_d`` without the bias as a term of its own (``base_linear(with_bias=False)``): the base
+    has a bias, so adding it there shows."""
     torch.manual_seed(0)
     quantized = la.quantize(nn.Sequential(nn.Linear(64, 16)), "nf4", skip=[]).train()
     plain = nn.Sequential(nn.Linear(64, 16)).train()
     with torch.no_grad():
         plain[0].weight.copy_(dequantized_weight(quantized[0], torch.float32))
         plain[0].bias.copy_(quantized[0].bias.float())
+    assert quantized[0].bias.abs().min() > 0
     for model in (quantized, plain):
-        la.inject(model, la.LoRAConfig(r=4, alpha=6.0, dropout=0.5, target_modules=["0"]))
+        la.inject(model, la.LoRAConfig(r=4, alpha=6.0, dropout=0.5, use_dora=use_dora, target_modules=["0"]))
     with torch.no_grad():
         quantized[0].adapter["default"].lora_B.normal_()
         plain[0].adapter["default"].lora_B.copy_(quantized[0].adapter["default"].lora_B)
@@ -52,13 +56,14 @@ def test_lora_training_with_dropout_on_nf4_equals_the_dequantized_float_model():
         x = x0.clone().requires_grad_(True)  # the input needs a gradient: the training path, not the inference kernel
         torch.manual_seed(7)
         y = model(x)
-        layer = model[0].adapter["default"]
-        grads = torch.autograd.grad((y * g).sum(), [x, layer.lora_A, layer.lora_B])
+        params = [p for p in model.parameters() if p.requires_grad]  # lora_A, lora_B (and DoRA's magnitude)
+        grads = torch.autograd.grad((y * g).sum(), [x, *params])
         return y.detach(), grads
 
     y_q, grads_q = run(quantized)
     y_p, grads_p = run(plain)
     assert torch.allclose(y_q, y_p, atol=1e-5)
+    assert len(grads_q) == len(grads_p) == (4 if use_dora else 3)
     for got, want in zip(grads_q, grads_p):
         assert torch.allclose(got, want, atol=1e-5)
     # Dropout acted: without it (eval) the output differs.
