@@ -15,10 +15,12 @@ but ``weight`` is the dequantized ``W`` (computed on first use, in the input's d
 is the quantized layer's own forward. So a method's maths is unchanged (``F.linear(x, W)``, ``W + ΔW``, a rotated
 ``W``). Where no gradient has to flow back to the input through the base (``runs_own_kernel``), methods take the
 base term from the quantized layer's own kernel (``base_linear``), so the output is exactly the quantized model's;
-LoRA and AdaLoRA train through ``kernels.quantized``. Memory stays that of the quantized base: while the method
-runs, autograd's saved-tensor hooks store every saved view of the dequantized ``W`` as a token and dequantize again
-in backward (as bitsandbytes' own matmul does), so no layer keeps a full-precision copy of its weight between
-forward and backward. bitsandbytes 4-bit layers keep their storage layout (see ``_bnb_4bit_state``).
+LoRA and AdaLoRA train through ``kernels.quantized``, and so does DoRA whenever autograd records in training (its
+weight norm needs the dequantized weight anyway, and the layers' own training product is the dequantized one).
+Memory stays that of the quantized base: while the method runs, autograd's saved-tensor hooks store every saved
+view of the dequantized ``W`` as a token and dequantize again in backward (as bitsandbytes' own matmul does), so no
+layer keeps a full-precision copy of its weight between forward and backward. bitsandbytes 4-bit layers keep their
+storage layout (see ``_bnb_4bit_state``).
 
 Merging: ``W`` is dequantized (float32), the method merges into it as into any float base, and the result is
 quantized again with the layer's own settings (``requantize_``); the largest absolute change that re-quantizing
@@ -200,8 +202,10 @@ def dequantized_weight(module: nn.Module, dtype: torch.dtype | None = None) -> t
     scheme = quant_scheme(module)
     dtype = dtype or compute_dtype_of(module)
     if _pending(module):
-        w = module.weight.data  # quantized when it moves to its device (Lightning's BitsandbytesPrecision layers)
-    elif scheme in ("nf4", "fp4"):
+        # Quantized when it moves to its device (Lightning's BitsandbytesPrecision layers): a copy of the float
+        # weight, since callers write into the result (the quantized Functions fold ``s·B·A`` into it in place).
+        return module.weight.data.to(dtype, copy=True).reshape(module.out_features, module.in_features)
+    if scheme in ("nf4", "fp4"):
         state = _bnb_4bit_state(module)
         w = _bnb().functional.dequantize_4bit(module.weight.data, state)
     elif scheme == "int8":

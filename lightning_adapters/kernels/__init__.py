@@ -15,6 +15,7 @@ sides of them.
 - ``hadamard``: ``(w1a·w1b) ⊙ (w2a·w2b)`` as one rank-``r²`` Khatri-Rao product (LoHa on Linear/Conv1D).
 - ``rotation``: the batched Cayley inverse and block-diagonal rotation chains in any feature layout, and
   ``F.linear(x·R, W)`` rotating whichever of ``x`` and ``W`` is smaller (OFT, BOFT).
-- ``quantized``: the low-rank layer on a quantized base (QLoRA: LoRA, AdaLoRA), ``W`` dequantized in forward and
-  again in backward, never kept between them, with ``s·B·A`` folded into the fresh dequantized weight.
+- ``quantized``: the low-rank layer on a quantized base (QLoRA: LoRA, AdaLoRA) and DoRA's (``dora``'s maths), ``W``
+  dequantized in forward and again in backward, never kept between them, with ``s·B·A`` folded into the fresh
+  dequantized weight.
 """

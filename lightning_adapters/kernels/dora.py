@@ -58,13 +58,18 @@ def norm_dtype(weight: torch.Tensor) -> torch.dtype:
     return weight.dtype
 
 
-def folded_weight(weight: torch.Tensor, A: torch.Tensor, B: torch.Tensor, scale: float) -> torch.Tensor:
+def folded_weight(
+    weight: torch.Tensor, A: torch.Tensor, B: torch.Tensor, scale: float, fresh: bool = False
+) -> torch.Tensor:
     """``W + s·B·A`` (out, in) in ``norm_dtype(weight)``, laid out in memory as ``weight`` is.
 
     A transposed view (transformers Conv1D stores ``(in, out)``) gets a transposed result, so a product by it runs
-    the same BLAS layout as the base module's own: with ``B = 0`` the output is the base's bit for bit.
+    the same BLAS layout as the base module's own: with ``B = 0`` the output is the base's bit for bit. ``fresh``:
+    ``weight`` is a temporary that may be overwritten, so a contiguous one in the norm dtype is folded in place.
     """
     cd = norm_dtype(weight)
+    if fresh and weight.dtype == cd and weight.is_contiguous():
+        return weight.addmm_(B.to(cd), A.to(cd), alpha=scale)
     if weight.t().is_contiguous() and not weight.is_contiguous():
         return torch.addmm(weight.t().to(cd), A.t().to(cd), B.t().to(cd), alpha=scale).t()  # (in, out) storage
     return torch.addmm(weight.to(cd), B.to(cd), A.to(cd), alpha=scale)
@@ -77,6 +82,11 @@ def dora_fused_applies(x: torch.Tensor, weight: torch.Tensor, A: torch.Tensor, m
     same = x.dtype == weight.dtype == A.dtype == magnitude.dtype
     eager = not torch.compiler.is_compiling()
     return same and eager and not weight.requires_grad and not torch.is_autocast_enabled(x.device.type)
+
+
+def autograd_records(*tensors: torch.Tensor | None) -> bool:
+    """Whether autograd records an op on ``tensors``: grad mode on and one of them (None skipped) requires grad."""
+    return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
 
 
 class DoRALinear(torch.autograd.Function):
@@ -110,11 +120,13 @@ def dora_forward(
     magnitude: torch.Tensor,
     scale: float,
     norm: torch.Tensor | None,
+    fresh: bool = False,
 ) -> tuple[torch.Tensor, tuple[torch.Tensor | None, ...]]:
     """The forward of a DoRA autograd Function whose inputs start ``(x, xd, weight, bias, A, B, magnitude)``.
 
     Sets what ``dora_backward`` reads on ``ctx`` and returns the output and the tensors to save for it (never
-    ``weight``: the caller saves it or rebuilds it).
+    ``weight``: the caller saves it or rebuilds it). ``fresh``: ``weight`` is a temporary of the caller's, which the
+    fold may overwrite (a dequantized weight).
     """
     out_f, in_f = weight.shape
     x2 = x.reshape(-1, in_f)  # (N, in)
@@ -123,11 +135,11 @@ def dora_forward(
     need_b_lora, need_m = ctx.needs_input_grad[5:7]
     wf = None
     if norm is None:
-        wf = folded_weight(weight, A, B, scale)  # (out, in) in the norm dtype
+        wf = folded_weight(weight, A, B, scale, fresh=fresh and xd is None)  # (out, in) in the norm dtype
         norm = torch.linalg.vector_norm(wf, dim=1).to(magnitude.dtype)  # (out,)
         wf = wf.to(x.dtype)
     elif xd is not None or fold_plan(rows, in_f, out_f, x.device)[0]:
-        wf = folded_weight(weight, A, B, scale).to(x.dtype)
+        wf = folded_weight(weight, A, B, scale, fresh=fresh and xd is None).to(x.dtype)
     factor = dora_factor(magnitude, norm)  # (out,)
     fx = factor.to(x.dtype)
     h_t = thin_cols_product(A, a_in) if need_b_lora or wf is None else None  # (r, N)
@@ -236,8 +248,7 @@ def dora_linear(
     Returns:
         (..., out).
     """
-    tracked = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (x, xd, bias, A, B, magnitude))
-    if tracked:
+    if autograd_records(x, xd, bias, A, B, magnitude):
         return DoRALinear.apply(x, xd, weight, bias, A, B, magnitude, scale, norm)
     with torch.no_grad():
         return dora_linear_no_grad(x, xd, weight, bias, A, B, magnitude, scale, norm)

@@ -13,6 +13,13 @@ accumulates into the (rows, in) input gradient unless folding into the (out, in)
 ``∂x_d = ∂h A``. ``∂A = ∂hᵀ x_d``, ``∂B = s·gᵀ h``. Saved: ``x`` (and ``x_d``), ``hᵀ`` (r, rows) and the factors;
 the weight-sized tensors live only inside forward and inside backward. ``A`` may be any differentiable tensor
 (AdaLoRA: ``A ⊙ E``).
+
+``quantized_dora_linear`` does the same for DoRA: ``kernels.dora``'s Function maths (``dora_forward`` /
+``dora_backward``: one product by the folded ``W + s·B·A`` its weight norm needs anyway, the norm detached, the
+``diag(f)[W + s·B·A | s·B]`` backward where ``lowrank.fold_plan`` says it pays) on a weight dequantized in forward,
+folded in place there, and dequantized again in backward only when an input needs its gradient (``∂m``, ``∂A``,
+``∂B`` need no weight). PEFT's QLoRA DoRA layer runs the quantized base product, dequantizes the weight a second
+time for the norm, and adds the rank-r products and the rescaling as separate passes.
 """
 
 from __future__ import annotations
@@ -24,6 +31,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from lightning_adapters.core.quant import dequantized_weight
+from lightning_adapters.kernels.dora import dora_backward, dora_forward
 from lightning_adapters.kernels.lowrank import thin_cols_product, thin_rows_product
 
 
@@ -79,8 +87,9 @@ class _QuantizedLowRankLinear(torch.autograd.Function):
         ctx.scale, ctx.module, ctx.has_xd = scale, module, xd is not None
         ctx.shapes = (x.shape, None if xd is None else xd.shape)
         # x itself is only needed for ∂A without dropout; with dropout ∂A reads x_d.
-        ctx.save_for_backward(x2 if xd is None and ctx.needs_input_grad[3] else None, None if xd is None else a_in,
-                              h_t, A, B)
+        ctx.save_for_backward(
+            x2 if xd is None and ctx.needs_input_grad[3] else None, None if xd is None else a_in, h_t, A, B
+        )
         return y.view(*x.shape[:-1], out_f)
 
     @staticmethod
@@ -114,3 +123,46 @@ class _QuantizedLowRankLinear(torch.autograd.Function):
         if need_b:
             gb = thin_rows_product(h_t.t(), g).mul_(s).t()  # (r, out) product, returned as (out, r)
         return gx, gxd, gbias, ga, gb, None, None
+
+
+def quantized_dora_applies(x: torch.Tensor, A: torch.Tensor, magnitude: torch.Tensor) -> bool:
+    """Whether ``quantized_dora_linear`` can run: as ``kernels.dora.dora_fused_applies`` (one dtype, no autocast,
+    not while ``torch.compile`` traces), the base's weight being the one dequantized in ``x``'s dtype."""
+    eager = not torch.compiler.is_compiling()
+    return eager and quantized_lowrank_applies(x, A) and magnitude.dtype == x.dtype
+
+
+def quantized_dora_linear(
+    x: torch.Tensor,
+    xd: torch.Tensor | None,
+    bias: torch.Tensor | None,
+    A: torch.Tensor,
+    B: torch.Tensor,
+    magnitude: torch.Tensor,
+    scale: float,
+    module: nn.Module,
+) -> torch.Tensor:
+    """DoRA's ``(x − x_d) Wᵀ + f ⊙ (x_d (W + s·B·A)ᵀ) + b`` (``f = m / ‖W + s·B·A‖_row``, detached; ``x_d = x``
+    when ``xd`` is None) for the quantized Linear ``module``, ``W`` dequantized in ``x``'s dtype.
+
+    Shapes: x, xd (..., in); A (r, in); B (out, r); magnitude, bias (out,) -> (..., out), in ``x``'s dtype.
+    """
+    if bias is not None and bias.dtype != x.dtype:
+        bias = bias.to(x.dtype)
+    return _QuantizedDoRALinear.apply(x, xd, module, bias, A, B, magnitude, scale)
+
+
+class _QuantizedDoRALinear(torch.autograd.Function):
+    # Inputs in ``kernels.dora``'s order, the quantized module where the weight goes (no gradient either way).
+
+    @staticmethod
+    def forward(ctx, x, xd, module, bias, A, B, magnitude, scale):  # noqa: ANN001, ANN205 (autograd signature)
+        w = dequantized_weight(module, x.dtype)  # (out, in), a fresh tensor, folded in place
+        y, saved = dora_forward(ctx, x, xd, w, bias, A, B, magnitude, scale, None, fresh=True)
+        ctx.module = module
+        ctx.save_for_backward(*saved)
+        return y
+
+    @staticmethod
+    def backward(ctx, gy):  # noqa: ANN001, ANN205
+        return (*dora_backward(ctx, gy, ctx.saved_tensors, lambda: dequantized_weight(ctx.module, gy.dtype)), None)

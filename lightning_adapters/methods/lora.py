@@ -26,8 +26,10 @@ Speed (Linear and Conv1D): the layer runs as one hand-written autograd Function,
 (rank-r products thin side first, the folded ``W + s·B·A`` where it pays, no gradient nobody asked for), DoRA as
 ``kernels.dora`` (one product by the folded weight it needs for the norm anyway, ``f`` applied to the weight rather
 than to activations in backward); the plain differentiable form in ``_forward_linear`` is the reference they equal,
-used for mixed dtypes, autocast, quantized bases and (DoRA) a trainable base weight. In eval mode the DoRA norm is
-cached until a weight it depends on changes (``_dora_norm``).
+used for mixed dtypes, autocast and (DoRA) a trainable base weight. On a quantized base, training runs
+``kernels.quantized``'s Functions (the weight dequantized in forward and again in backward, LoRA's and DoRA's folds
+into it); without autograd the plain form takes the base term from the quantized layer's own kernel. In eval mode
+the DoRA norm is cached until a weight it depends on changes (``_dora_norm``).
 """
 
 from __future__ import annotations
@@ -55,9 +57,14 @@ from lightning_adapters.core.quant import base_linear, quantized_base, runs_own_
 from lightning_adapters.core.targeting import LINEAR_TYPES
 from lightning_adapters.errors import AdapterConfigError, AdapterStateError, NotMergeableError
 from lightning_adapters.interop.peft_fields import check_peft_fields
-from lightning_adapters.kernels.dora import dora_factor, dora_fused_applies, dora_linear, row_norm
+from lightning_adapters.kernels.dora import autograd_records, dora_factor, dora_fused_applies, dora_linear, row_norm
 from lightning_adapters.kernels.lowrank import fused_linear_applies, lowrank_linear
-from lightning_adapters.kernels.quantized import quantized_lowrank_applies, quantized_lowrank_linear
+from lightning_adapters.kernels.quantized import (
+    quantized_dora_applies,
+    quantized_dora_linear,
+    quantized_lowrank_applies,
+    quantized_lowrank_linear,
+)
 from lightning_adapters.methods import lora_data, lora_eva, lora_init, lora_mha, lora_params, trainable_tokens
 from lightning_adapters.methods._common import (
     check_finite,
@@ -740,6 +747,15 @@ class LoRALayer(AdapterLayer):
                 if self.lora_B_bias is not None:
                     bias = self.scale * self.lora_B_bias if bias is None else bias + self.scale * self.lora_B_bias
                 return quantized_lowrank_linear(x, xd, bias, self.lora_A, self.lora_B, self.scale, real)
+            # DoRA under autograd on a quantized base: one Function, W dequantized in forward and in backward, its
+            # norm from the folded weight (a quantized base's norm is never cached). Not in eval mode for an input
+            # that needs no gradient: there the base term stays the quantized layer's own inference kernel (int8's
+            # also quantizes the input), as without autograd; its training product is the dequantized one.
+            if self.use_dora and (self.training or not runs_own_kernel(base, x)):
+                A, B, m = self.lora_A, self.lora_B, self.magnitude
+                if quantized_dora_applies(x, A, m) and autograd_records(x, base.bias, A, B, m):
+                    xd = F.dropout(x, self.dropout_p, True) if self.dropout_p > 0.0 and self.training else None
+                    return quantized_dora_linear(x, xd, base.bias, A, B, m, self.scale, real)
         elif self.use_dora and dora_fused_applies(x, base.weight, self.lora_A, self.magnitude):
             weight = base.weight.t() if self.kind == "conv1d_t" else base.weight  # (out, in)
             xd = F.dropout(x, self.dropout_p, True) if self.dropout_p > 0.0 and self.training else None
