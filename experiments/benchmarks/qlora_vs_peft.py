@@ -10,9 +10,14 @@ machine speed hits both alike. Base-weight memory: the bytes the quantized layer
 quantization state), against the same layers in fp32. Each row also reports the share of the CPU the process got
 while timing (process CPU time / (wall time × threads)) and the load average, since the development VM is shared.
 
+``--layers`` profiles single layers instead: the process CPU time of forward + backward (to the input and the
+adapter) of one NF4 layer of each decoder shape at the workload's rows, frozen, ours and PEFT's, sides alternating,
+median over ``--reps`` calls (on one thread this is the layer's work, whatever else shares the machine).
+
 Run::
 
     python -m experiments.benchmarks.qlora_vs_peft --steps 21 --md experiments/benchmarks/results/qlora_vs_peft.md
+    python -m experiments.benchmarks.qlora_vs_peft --layers --rows dora --threads 1 --reps 15
 """
 
 from __future__ import annotations
@@ -112,6 +117,64 @@ def time_row(label: str, steps: int, warmup: int, quick: bool) -> dict[str, Any]
     }
 
 
+# (in, out) of the decoder's block linears: q/o, k/v (4 of 8 heads), gate/up, down.
+LAYER_SHAPES = [(512, 512), (512, 256), (512, 1376), (1376, 512)]
+
+
+def layer_row(label: str, in_f: int, out_f: int, rows: int, reps: int) -> dict[str, Any]:
+    """Median CPU ms of forward + backward of one NF4 layer: frozen, ours and PEFT's adapter of ``label``."""
+    from peft import LoraConfig, get_peft_model
+
+    import lightning_adapters as la
+
+    torch.manual_seed(0)
+    nf4 = la.quantize(nn.Sequential(nn.Linear(in_f, out_f, bias=False)), "nf4", compute_dtype=torch.float32, skip=[])
+    nf4.is_loaded_in_4bit = True
+    peft = get_peft_model(copy.deepcopy(nf4), LoraConfig(r=RANK, lora_alpha=16, target_modules=["0"], **ROWS[label][0]))
+    randomize(peft)
+    with tempfile.TemporaryDirectory() as d:
+        peft.save_pretrained(d)
+        ours = la.load_peft(copy.deepcopy(nf4), d)
+    models = {"frozen": nf4.train(), "ours": ours.train(), "peft": peft.train()}
+    x = torch.randn(rows, in_f, requires_grad=True)
+    g = torch.randn(rows, out_f)
+
+    def call(m: nn.Module) -> None:
+        torch.autograd.backward(m(x), g)
+        x.grad = None
+        for p in m.parameters():
+            p.grad = None
+
+    cpu: dict[str, list[float]] = {k: [] for k in models}
+    names = list(models)
+    for i in range(reps + 1):
+        for k in names[i % 3 :] + names[: i % 3]:
+            c0 = cpu_seconds()
+            call(models[k])
+            if i:  # the first round warms up
+                cpu[k].append(cpu_seconds() - c0)
+    ms = {k: 1000 * statistics.median(v) for k, v in cpu.items()}
+    return {"row": label, "in": in_f, "out": out_f, "rows": rows, "cpu_ms": ms, "reps": reps}
+
+
+def layer_markdown(results: dict[str, Any]) -> str:
+    """The per-layer rows as a Markdown table."""
+    lines = [
+        f"torch {results['torch']}, {results['threads']} threads; process CPU ms of forward + backward per layer",
+        "",
+        "| row | in → out | rows | frozen NF4 | ours | PEFT | ours − frozen | PEFT − frozen | ours / PEFT |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    for r in results["layers"]:
+        ms = r["cpu_ms"]
+        lines.append(
+            f"| {r['row']} | {r['in']} → {r['out']} | {r['rows']} | {ms['frozen']:.1f} | {ms['ours']:.1f} | "
+            f"{ms['peft']:.1f} | {ms['ours'] - ms['frozen']:+.1f} | {ms['peft'] - ms['frozen']:+.1f} | "
+            f"{ms['ours'] / ms['peft']:.3f} |"
+        )
+    return "\n".join(lines) + "\n"
+
+
 def markdown(results: dict[str, Any]) -> str:
     """The rows as a Markdown table (the README's)."""
     lines = [
@@ -142,11 +205,31 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--warmup", type=int, default=2)
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--quick", action="store_true", help="toy sizes, for a smoke run")
+    p.add_argument("--layers", action="store_true", help="profile single layers of each decoder shape instead")
+    p.add_argument("--reps", type=int, default=15, help="calls per side and layer with --layers")
     p.add_argument("--json", help="also write the results here")
     p.add_argument("--md", help="also write the table here (Markdown)")
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
     results: dict[str, Any] = {"torch": torch.__version__, "threads": args.threads, "rows": []}
+    if args.layers:
+        w = get_workload("decoder", args.quick)
+        shapes = [(8, 8), (8, 4)] if args.quick else LAYER_SHAPES
+        results["layers"] = []
+        for label in args.rows:
+            if ROWS[label][1] != "nf4":
+                continue
+            for in_f, out_f in shapes:
+                row = layer_row(label, in_f, out_f, w.batch * w.seq, args.reps)
+                results["layers"].append(row)
+                ms = row["cpu_ms"]
+                print(
+                    f"{label} {in_f}->{out_f}: frozen {ms['frozen']:.1f} ms, ours {ms['ours']:.1f}, PEFT "
+                    f"{ms['peft']:.1f} (ours / PEFT {ms['ours'] / ms['peft']:.3f})",
+                    flush=True,
+                )
+        _write(args, results, layer_markdown)
+        return
     for label in args.rows:
         row = time_row(label, args.steps, args.warmup, args.quick)
         results["rows"].append(row)
@@ -159,12 +242,16 @@ def main(argv: list[str] | None = None) -> None:
             f"{row['load_average'][0]:.1f} -> {row['load_average'][1]:.1f}",
             flush=True,
         )
+    _write(args, results, markdown)
+
+
+def _write(args: argparse.Namespace, results: dict[str, Any], to_md: Any) -> None:
     if args.json:
         with open(args.json, "w") as f:
             json.dump(results, f, indent=2)
     if args.md:
         with open(args.md, "w") as f:
-            f.write(markdown(results))
+            f.write(to_md(results))
 
 
 if __name__ == "__main__":
