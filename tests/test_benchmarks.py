@@ -171,3 +171,15 @@ def test_a_method_name_selects_its_rows_unless_a_row_has_that_label() -> None:
     assert [c.label for c in select(["dora"], every)[0]] == ["dora"]
     assert [c.label for c in select(["lora", "dora"], every)[0]] == ["lora", "dora"]
     assert [c.label for c in select(["boft"], every)[0]] == ["boft_m1", "boft_m2"]
+
+
+def test_qlora_layers_profile_times_frozen_ours_and_peft_per_shape(tmp_path: Path) -> None:
+    pytest.importorskip("bitsandbytes")
+    from experiments.benchmarks import qlora_vs_peft
+
+    out = tmp_path / "layers.json"
+    qlora_vs_peft.main(["--layers", "--quick", "--rows", "dora", "dora_fp32", "--reps", "1", "--json", str(out)])
+    layers = json.loads(out.read_text())["layers"]
+    # Only the NF4 row has layers to profile: one per quick shape, every side timed.
+    assert [(r["row"], r["in"], r["out"]) for r in layers] == [("dora", 8, 8), ("dora", 8, 4)]
+    assert all(r["cpu_ms"].keys() == {"frozen", "ours", "peft"} and min(r["cpu_ms"].values()) > 0 for r in layers)
