@@ -131,7 +131,70 @@ def test_a_long_list_of_bad_values_is_cut_at_ten_and_says_so(n_bad):
     before = {k: v.clone() for k, v in la.adapter_state_dict(model).items()}
     with pytest.raises(la.AdapterStateError) as info:
         la.load_adapter_state_dict(model, state)
-    part = str(info.value).split("bad values ", 1)[1]
-    assert part.count("nan") + part.count("NaN") >= 10
-    assert (" ..." in part) == (n_bad > 10), part
+    message = str(info.value)
+    listed = re.findall(r"(\d\.adapter\.default\.lora_[AB]): 3 non-finite values", message)
+    assert listed == sorted(state)[: min(n_bad, 10)], message
+    bad_values = message.split("bad values ", 1)[1].split(". Check", 1)[0]
+    assert bad_values.endswith(" ...") == (n_bad > 10), message
     assert all(torch.equal(v, before[k]) for k, v in la.adapter_state_dict(model).items())
+
+
+def test_a_prompt_longer_than_the_hidden_size_is_refused_naming_adapter_len():
+    """Llama-Adapter's prompt length is checked like a rank, under its own field name and reason."""
+    from tests.helpers import tiny_llama
+
+    model = tiny_llama()
+    with pytest.raises(la.AdapterConfigError) as info:
+        la.inject(model, la.LlamaAdapterConfig(adapter_len=10**6, adapter_layers=1))
+    message = str(info.value)
+    assert message.startswith("llama_adapter: adapter_len=1000000 on "), message
+    assert "span at most hidden=64 dimensions, so use adapter_len <= 64" in message, message
+    assert not list(la.core.inject.find_records(model))
+
+
+def test_a_value_that_is_not_a_tensor_is_named_with_a_short_repr():
+    """A state dict entry that is not a tensor is refused naming its type and a repr cut to 40 characters."""
+    model = la.inject(torch.nn.Sequential(torch.nn.Linear(3, 3)), la.LoRAConfig(r=1, target_modules=["0"]))
+    state = dict(la.adapter_state_dict(model))
+    key = sorted(state)[0]
+    state[key] = list(range(100))
+    with pytest.raises(la.AdapterStateError) as info:
+        la.load_adapter_state_dict(model, state)
+    shown = repr(list(range(100)))[:37] + "..."
+    assert f"{key}: a list ({shown}), not a torch.Tensor" in str(info.value), str(info.value)
+
+
+# Calls that take adapter names, given one the model does not have.
+NAMED_CALLS = {
+    "adapter_state_dict": lambda m: la.adapter_state_dict(m, "nope"),
+    "config_of": lambda m: la.config_of(m, "nope"),
+    "delete": lambda m: la.delete(m, "nope"),
+    "merge": lambda m: la.merge(m, ["nope"]),
+    "set_active": lambda m: la.set_active(m, "nope"),
+    "set_scale": lambda m: la.set_scale(m, "nope", 0.5),
+    "set_trainable": lambda m: la.set_trainable(m, "nope"),
+}
+
+
+@pytest.mark.parametrize("name", sorted(NAMED_CALLS))
+def test_calls_given_an_unknown_adapter_name_name_themselves_and_the_known_ones(name):
+    model = la.inject(torch.nn.Sequential(torch.nn.Linear(3, 3)), la.LoRAConfig(r=1, target_modules=["0"]))
+    with pytest.raises(la.AdapterConfigError) as info:
+        NAMED_CALLS[name](model)
+    message = str(info.value)
+    assert message.startswith(f"{name}: unknown adapter name 'nope'"), message
+    assert "['default']" in message, message
+
+
+def test_adapters_that_cannot_stack_are_refused_naming_the_others():
+    """A rotation (OFT) cannot act together with another adapter on one module: the refusal names the module, the
+    one that cannot stack and the others to leave out."""
+    model = torch.nn.Sequential(torch.nn.Linear(8, 8))
+    la.inject(model, la.OFTConfig(oft_block_size=4, target_modules=["0"]), name="rot")
+    la.inject(model, la.LoRAConfig(r=1, target_modules=["0"]), name="low")
+    la.inject(model, la.LoHaConfig(r=1, target_modules=["0"]), name="had")
+    with pytest.raises(la.AdapterConfigError) as info:
+        la.set_active(model, ["rot", "low", "had"])
+    message = str(info.value)
+    assert message.startswith("set_active: adapters ['rot', 'low', 'had'] would act together on '0'"), message
+    assert "'rot' (OFTLayer) cannot stack" in message and "merge it without ['low', 'had']" in message, message

@@ -64,3 +64,25 @@ def test_lora_on_half_parameters_keeps_the_dtype_and_the_values(dtype: torch.dty
     for name, grad in grads.items():
         assert grad.dtype == (dtype if name == "x" else torch.float32), name
         _close(grad, grads_ref[name], TOL[dtype] * 2, name)
+
+
+@pytest.mark.parametrize("dtype", HALF, ids=lambda d: str(d).split(".")[1])
+def test_llama_adapter_on_a_half_gpt2_keeps_the_dtype_and_the_values(dtype: torch.dtype) -> None:
+    """Llama-Adapter's GPT-2 flavour adds ``g · A V_p`` after ``c_proj`` (``after_attention``); with fp32 gates on a
+    half base the term is fp32 and must come back in the base dtype, so the hidden states and logits stay half."""
+    from tests.helpers import tiny_gpt2, token_batch
+
+    torch.manual_seed(0)
+    model = la.inject(tiny_gpt2(), la.LlamaAdapterConfig(adapter_len=3, adapter_layers=2))
+    with torch.no_grad():
+        for p in la.adapter_state_dict(model).values():
+            p.add_(torch.randn(p.shape) * 0.2)  # gates start at 0: make the term non-zero
+    ref = copy.deepcopy(model).double()
+    model.to(dtype)
+    la.apply_dtype_policy(model)
+    assert {p.dtype for p in la.adapter_state_dict(model).values()} == {torch.float32}
+    x = token_batch(128)
+    out = model(x, output_hidden_states=True)
+    assert out.logits.dtype == dtype and all(h.dtype == dtype for h in out.hidden_states)
+    want = ref(x).logits
+    _close(out.logits, want, TOL[dtype] * 2, "logits")

@@ -70,3 +70,25 @@ def test_lora_training_with_dropout_on_nf4_equals_the_dequantized_float_model(us
     quantized.eval()
     with torch.no_grad():
         assert not torch.allclose(quantized(x0), y_q, atol=1e-3)
+
+
+@pytest.mark.parametrize("compute_dtype", [None, torch.bfloat16, torch.float16])
+def test_a_4bit_base_computes_in_the_dtype_it_was_given(compute_dtype):
+    """``compute_dtype_of``: the ``compute_dtype`` the layer was quantized with, else the dtype of the weight it
+    quantized (fp32 here)."""
+    from lightning_adapters.core.quant import compute_dtype_of
+
+    model = la.quantize(nn.Sequential(nn.Linear(64, 16)), "nf4", skip=[], compute_dtype=compute_dtype)
+    assert compute_dtype_of(model[0]) == (compute_dtype or torch.float32)
+
+
+def test_a_bitsandbytes_layer_not_yet_quantized_reads_as_its_float_weight():
+    """A ``Linear4bit`` built but not moved to its device (Lightning's ``BitsandbytesPrecision`` builds them so)
+    still holds its float weight: that is its dequantized weight, unchanged."""
+    import bitsandbytes as bnb
+
+    torch.manual_seed(0)
+    layer = bnb.nn.Linear4bit(64, 16, bias=False, quant_type="nf4")
+    assert layer.weight.bnb_quantized is False
+    assert quant_scheme(layer) == "nf4"
+    assert torch.equal(dequantized_weight(layer, torch.float32), layer.weight.data.float())
