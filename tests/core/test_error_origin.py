@@ -198,3 +198,20 @@ def test_adapters_that_cannot_stack_are_refused_naming_the_others():
     message = str(info.value)
     assert message.startswith("set_active: adapters ['rot', 'low', 'had'] would act together on '0'"), message
     assert "'rot' (OFTLayer) cannot stack" in message and "merge it without ['low', 'had']" in message, message
+
+
+@pytest.mark.parametrize(
+    "name, call",
+    [
+        ("inject", lambda m, bad: la.inject(m, la.LoRAConfig(r=1, target_modules=["0"]), name=bad)),
+        ("load_peft", lambda m, bad: la.load_peft(m, "unused", name=bad)),
+    ],
+    ids=["inject", "load_peft"],
+)
+@pytest.mark.parametrize("bad", ["a.b", "keys", 3])
+def test_unusable_adapter_names_are_refused_by_the_call_that_got_them(name, call, bad):
+    model = torch.nn.Sequential(torch.nn.Linear(3, 3))
+    with pytest.raises(la.AdapterConfigError) as info:
+        call(model, bad)
+    assert str(info.value).startswith(f"{name}: adapter name {bad!r} is not usable"), str(info.value)
+    assert not list(la.core.inject.find_records(model))

@@ -1,4 +1,4 @@
-"""``summary``'s last lines: trainable and total parameters and their share, counted by hand on one Linear."""
+"""``summary``'s counts, and adapter state keyed without the adapter's name."""
 
 from __future__ import annotations
 
@@ -12,3 +12,21 @@ def test_summary_counts_trainable_parameters_and_their_share():
     # Linear(6, 5): 30 + 5 frozen; LoRA r = 2: A (2, 6) + B (5, 2) = 22 trainable; 22 / 57 = 38.5965 %.
     model = la.inject(Wrap(torch.nn.Linear(6, 5)), la.LoRAConfig(r=2, target_modules=["layer"]))
     assert "trainable params: 22 of 57 (38.5965%)" in la.summary(model)
+
+
+def test_a_whole_model_adapter_state_is_name_free_and_moves_between_names():
+    """Llama-Adapter keeps its prompts on the attention modules (``<attn>.adapter.<name>``); its state under one
+    name has the same name-free keys as under another, and loads into the other exactly."""
+    from tests.helpers import tiny_llama
+
+    torch.manual_seed(0)
+    source = la.inject(tiny_llama(), la.LlamaAdapterConfig(adapter_len=2, adapter_layers=2), name="b")
+    with torch.no_grad():
+        for p in la.adapter_state_dict(source).values():
+            p.add_(torch.randn(p.shape))
+    target = la.inject(tiny_llama(), la.LlamaAdapterConfig(adapter_len=2, adapter_layers=2), name="c")
+    state = la.adapter_state_dict(source, "b")
+    assert state.keys() == la.adapter_state_dict(target, "c").keys()
+    assert len(state) == 4 and not any(".b." in k or k.endswith(".b") for k in state)
+    la.load_adapter_state_dict(target, state, name="c")
+    assert all(torch.equal(v, state[k]) for k, v in la.adapter_state_dict(target, "c").items())

@@ -92,3 +92,50 @@ def test_a_bitsandbytes_layer_not_yet_quantized_reads_as_its_float_weight():
     assert layer.weight.bnb_quantized is False
     assert quant_scheme(layer) == "nf4"
     assert torch.equal(dequantized_weight(layer, torch.float32), layer.weight.data.float())
+
+
+def _nf4_lora(seed: int = 0) -> nn.Module:
+    torch.manual_seed(seed)
+    model = la.quantize(nn.Sequential(nn.Linear(64, 32), nn.ReLU(), nn.Linear(32, 16)), "nf4", skip=[]).train()
+    la.inject(model, la.LoRAConfig(r=4, alpha=6.0, target_modules=["0", "2"]))
+    with torch.no_grad():
+        for layer in (model[0], model[2]):
+            layer.adapter["default"].lora_B.normal_()
+    return model
+
+
+def _grads(model: nn.Module, run) -> tuple[torch.Tensor, list[torch.Tensor]]:
+    x = torch.randn(5, 64, generator=torch.Generator().manual_seed(1), requires_grad=True)
+    y = run(model, x)
+    params = [p for p in model.parameters() if p.requires_grad]
+    return y.detach(), torch.autograd.grad(y.square().sum(), [x, *params])
+
+
+def test_qlora_under_outer_saved_tensor_hooks_hands_them_every_tensor_but_the_weight():
+    """Around a call, saved-tensor hooks (non-reentrant activation checkpointing installs them) still receive
+    what the adapted quantized layers save (the inputs, the adapter factors), while the dequantized weight stays a
+    token; unpacking through them gives the gradients of the plain run. Under ``checkpoint(use_reentrant=False)``
+    the outputs and gradients are those without it."""
+    model = _nf4_lora()
+    y0, g0 = _grads(model, lambda m, x: m(x))
+    seen: list[torch.Tensor] = []
+
+    def pack(t: torch.Tensor) -> tuple[str, torch.Tensor]:
+        seen.append(t)
+        return ("mine", t)
+
+    def unpack(packed: tuple[str, torch.Tensor]) -> torch.Tensor:
+        assert packed[0] == "mine"
+        return packed[1]
+
+    def hooked(m, x):
+        with torch.autograd.graph.saved_tensors_hooks(pack, unpack):
+            return m(x)
+
+    y1, g1 = _grads(model, hooked)
+    assert seen and not any(t.shape in ((32, 64), (16, 32)) for t in seen)  # never a full weight
+    y2, g2 = _grads(model, lambda m, x: torch.utils.checkpoint.checkpoint(m, x, use_reentrant=False))
+    for y, g in ((y1, g1), (y2, g2)):
+        assert torch.allclose(y, y0, atol=1e-6)
+        for got, want in zip(g, g0):
+            assert torch.allclose(got, want, atol=1e-5)
