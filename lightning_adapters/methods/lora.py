@@ -770,11 +770,12 @@ class LoRALayer(AdapterLayer):
             if self.lora_B_bias is not None:  # s·b_B folds into the base bias: y = x Wᵀ + (b + s·b_B) + s·B A x
                 bias = self.scale * self.lora_B_bias if bias is None else bias + self.scale * self.lora_B_bias
             return lowrank_linear(x, xd, weight, bias, self.lora_A, self.lora_B, self.scale)
-        xd = self._dropped(x)
-        h = F.linear(xd, self.lora_A)  # (..., in) @ (in, r) -> (..., r)
         if self.use_dora:
-            return self._forward_linear_dora(base, x, xd, h)
+            xd = self._dropped(x)
+            return self._forward_linear_dora(base, x, xd, F.linear(xd, self.lora_A))
+        # The base product first, then the adapter's, in PEFT's order: compiled, both trace the same graph.
         out = self._base_linear(base, x)  # (..., out)
+        h = F.linear(self._dropped(x), self.lora_A)  # (..., in) @ (in, r) -> (..., r)
         return out + (F.linear(h, self.lora_B, self.lora_B_bias) * self.scale).to(out.dtype)
 
     def _forward_linear_dora(self, base: nn.Module, x: torch.Tensor, xd: torch.Tensor, h: torch.Tensor) -> torch.Tensor:
