@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import gc
+import weakref
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -228,3 +230,36 @@ def randomize_adapter(model: nn.Module, std: float = 0.1, seed: int = 0) -> None
         for _, t in sd.items():
             if t.is_floating_point():
                 t.add_(torch.randn(t.shape, generator=g, dtype=torch.float32).to(t.dtype) * std)
+
+
+class _Held:
+    """A tensor autograd saved, held by the graph node that saved it (garbage once that node is freed)."""
+
+    __slots__ = ("t", "__weakref__")
+
+    def __init__(self, t: torch.Tensor) -> None:
+        self.t = t
+
+
+def autograd_kept_bytes(model: nn.Module, x: torch.Tensor, min_numel: int = 0) -> int:
+    """Bytes of the tensors of at least ``min_numel`` values that the graph of ``model(x)`` keeps for backward, each
+    storage once; parameters and ``x`` itself are not counted. Deterministic: it counts what autograd holds after the
+    forward, not an allocator's high-water mark."""
+    alive: weakref.WeakSet = weakref.WeakSet()
+
+    def pack(t: torch.Tensor) -> _Held:
+        held = _Held(t)
+        alive.add(held)
+        return held
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda held: held.t):
+        y = model(x)
+    gc.collect()  # a temporary graph (PEFT DoRA's detached lora_B(lora_A(eye))) frees what it saved
+    skip = {p.untyped_storage().data_ptr() for p in model.parameters()} | {x.untyped_storage().data_ptr()}
+    kept = {
+        h.t.untyped_storage().data_ptr(): h.t.untyped_storage().nbytes()
+        for h in alive
+        if h.t.numel() >= min_numel and h.t.untyped_storage().data_ptr() not in skip
+    }
+    assert y.grad_fn is not None
+    return sum(kept.values())

@@ -59,6 +59,56 @@ def cayley(q: torch.Tensor) -> torch.Tensor:
     return 2.0 * UnitSkewInverse.apply(q + eye) - eye
 
 
+def _horner_steps(q: torch.Tensor, coeffs: tuple[float, ...]) -> list[torch.Tensor]:
+    """``[H_{K−1}, …, H_1]`` of Horner's rule for ``I + Σ_k c_k Q^k`` (K = len(coeffs) ≥ 2), each (n, b, b):
+    ``H_{K−1} = c_{K−1} I + c_K Q`` and ``H_k = c_k I + Q H_{k+1}``."""
+    eye = torch.eye(q.shape[-1], dtype=q.dtype, device=q.device).expand_as(q)
+    hs = [torch.add(eye * coeffs[-2], q, alpha=coeffs[-1])]
+    for c in reversed(coeffs[:-2]):
+        hs.append(torch.baddbmm(eye, q, hs[-1], beta=c))  # c I + Q H: (n, b, b) @ (n, b, b)
+    return hs
+
+
+class NeumannSeries(torch.autograd.Function):
+    """``R = I + Σ_k c_k Q^k`` for blocks ``Q`` (n, b, b) by Horner's rule, keeping only ``Q`` for backward.
+
+    Autograd through the K − 1 fused products would keep every Horner step ``H_k`` (PEFT's power sum keeps ``Q``
+    and its powers); the backward here recomputes them instead (K − 2 products of b×b blocks, nothing next to a
+    layer's GEMMs) and runs reverse-mode Horner: with ``G_0 = ∂R``, ``∂Q = Σ_k G_{k−1} H_kᵀ + c_K G_{K−1}`` and
+    ``G_k = Qᵀ G_{k−1}``.
+    """
+
+    @staticmethod
+    def forward(ctx, q, coeffs):  # noqa: ANN001, ANN205 - autograd protocol
+        ctx.coeffs = coeffs
+        ctx.save_for_backward(q)
+        eye = torch.eye(q.shape[-1], dtype=q.dtype, device=q.device).expand_as(q)
+        return torch.baddbmm(eye, q, _horner_steps(q, coeffs)[-1])  # I + Q H_1
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad):  # noqa: ANN001, ANN205 - autograd protocol
+        (q,) = ctx.saved_tensors
+        hs = _horner_steps(q, ctx.coeffs)  # [H_{K−1}, …, H_1]
+        q_t = q.transpose(1, 2)
+        grad_q = torch.bmm(grad, hs[-1].transpose(1, 2))  # G_0 H_1ᵀ
+        g = torch.bmm(q_t, grad)  # G_1
+        for h in reversed(hs[:-1]):  # H_2, …, H_{K−1}
+            grad_q.baddbmm_(g, h.transpose(1, 2))
+            g = torch.bmm(q_t, g)
+        return grad_q.add_(g, alpha=ctx.coeffs[-1]), None  # + c_K G_{K−1}
+
+
+def neumann_series(q: torch.Tensor, coeffs: list[float]) -> torch.Tensor:
+    """``I + Σ_k coeffs[k−1] Q^k`` for blocks ``q`` (n, b, b) -> (n, b, b); see ``NeumannSeries``."""
+    eye = torch.eye(q.shape[-1], dtype=q.dtype, device=q.device).expand_as(q)
+    if not coeffs:
+        return eye.clone()
+    if len(coeffs) == 1:
+        return torch.add(eye, q, alpha=coeffs[0])
+    return NeumannSeries.apply(q, tuple(coeffs))
+
+
 # Block rotations of a feature axis, computed feature-major: a batch of rows x (T, d) is handled as xᵀ (d, T),
 # so every layout change below keeps the token axis contiguous and every block multiply is a (b×b)·(b×T)
 # product with a long inner dimension. The feature axis is split into canonical dims ``axis`` = (f_0, …, f_k)
@@ -137,18 +187,29 @@ def chain_backward(
 
 
 class BlockRotation(torch.autograd.Function):
-    """Rows ``x`` (T, d) through ``chain_forward``; only ``x`` and the blocks are saved for backward."""
+    """Rows ``x`` (T, d) through ``chain_forward``; only ``x`` and the blocks are saved for backward.
+
+    One factor of consecutive-feature blocks of at least ``TOKEN_MAJOR_MIN_BLOCK`` features (OFT) runs token-major
+    (``natural_block_rotate`` and ``natural_block_grads``): the rotated rows and ``∂x`` come back contiguous
+    (T, d), so the base layer's GEMM and autograd's sum of ``∂x`` over the input's consumers (q, k, v) read plain
+    rows, not the (d, T) storage of the feature-major chain.
+    """
 
     @staticmethod
     def forward(ctx, x, axis, layouts, *blocks):  # noqa: D102 - autograd protocol
         ctx.axis, ctx.layouts = axis, layouts
         ctx.save_for_backward(x, *blocks)
+        if _token_major(axis, layouts):
+            return natural_block_rotate(x, blocks[0])
         return chain_forward(x.t(), axis, layouts, list(blocks)).t()
 
     @staticmethod
     def backward(ctx, grad):  # noqa: D102 - autograd protocol
         x, *blocks = ctx.saved_tensors
         need = ctx.needs_input_grad
+        if _token_major(ctx.axis, ctx.layouts):
+            dx, d_blocks = natural_block_grads(x, grad, blocks[0], need[0], need[3])
+            return (dx, None, None, d_blocks)
         dx, grads = chain_backward(x.t(), grad.t(), ctx.axis, ctx.layouts, blocks, need[0], list(need[3:]))
         return (dx.t() if dx is not None else None, None, None, *grads)
 
@@ -159,26 +220,51 @@ NATURAL_2D = block_layout([0], [1])  # axis (n, b): n blocks of b consecutive fe
 TOKEN_MAJOR_MIN_BLOCK = 16
 
 
+def _token_major(axis: tuple[int, ...], layouts: tuple) -> bool:
+    """Whether a rotation runs token-major: one factor of consecutive-feature blocks of at least
+    ``TOKEN_MAJOR_MIN_BLOCK`` features."""
+    return layouts == (NATURAL_2D,) and len(axis) == 2 and axis[1] >= TOKEN_MAJOR_MIN_BLOCK
+
+
+def natural_block_rotate(x: torch.Tensor, blocks: torch.Tensor) -> torch.Tensor:
+    """Rows ``x`` (T, d) times ``blockdiag(blocks)`` (n, b, b), token-major -> contiguous (T, d).
+
+    The blocks of every row are used in place as a strided (n, T, b) batch; the product is copied back to rows.
+    """
+    n, b = blocks.shape[0], blocks.shape[1]
+    return torch.bmm(x.reshape(-1, n, b).transpose(0, 1), blocks).transpose(0, 1).reshape(x.shape)
+
+
+def natural_block_grads(
+    x: torch.Tensor, g: torch.Tensor, blocks: torch.Tensor, need_x: bool, need_blocks: bool
+) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+    """Gradients of ``x · blockdiag(blocks)`` for rows ``x`` (..., d) given ``g`` (T, d), the gradient of the
+    product, token-major: ``∂Q_k = x_kᵀ g_k`` (n, b, b) and ``∂x_k = g_k Q_kᵀ`` (contiguous, shaped like ``x``).
+
+    The blocks of ``g`` and ``x`` are used in place as strided (n, T, b) batches (rows of b contiguous values, which
+    BLAS reads without a copy); no (d, T) transpose is ever made.
+    """
+    n, b = blocks.shape[0], blocks.shape[1]
+    dt = blocks.dtype
+    g3 = g.to(dt).reshape(-1, n, b).transpose(0, 1)  # (n, T, b), a strided view
+    d_blocks = torch.bmm(x.to(dt).reshape(-1, n, b).permute(1, 2, 0), g3) if need_blocks else None  # (n, b, b)
+    dx = None
+    if need_x:
+        dx = torch.bmm(g3, blocks.transpose(1, 2)).transpose(0, 1).reshape(x.shape).to(x.dtype)  # (T, n, b)
+    return dx, d_blocks
+
+
 def natural_block_backward(
     x: torch.Tensor, weight: torch.Tensor, grad: torch.Tensor, blocks: torch.Tensor, need_x: bool, need_blocks: bool
 ) -> tuple[torch.Tensor | None, torch.Tensor | None]:
     """Backward of ``F.linear(x · blockdiag(Q), W)`` for one factor of consecutive-feature blocks, token-major.
 
-    The gradient w.r.t. ``x·R`` is ``gy·W``, taken in the base layer's own GEMM layout (T, out) @ (out, d). Its
-    blocks are then used in place as strided (n, T, b) batches (rows of b contiguous values, which BLAS reads
-    without a copy): ``∂Q_k = x_kᵀ g_k`` and ``∂x_k = g_k Q_kᵀ``. No (d, T) transpose is ever made, and ``∂x``
-    comes back token-major and contiguous, so autograd's sum over x's consumers (q, k, v) stays a plain add.
+    The gradient w.r.t. ``x·R`` is ``gy·W``, taken in the base layer's own GEMM layout (T, out) @ (out, d), then
+    ``natural_block_grads``: ``∂x`` comes back token-major and contiguous, so autograd's sum over x's consumers
+    (q, k, v) stays a plain add.
     """
-    n, b = blocks.shape[0], blocks.shape[1]
-    dt = blocks.dtype
-    x2 = x.reshape(-1, x.shape[-1])
-    g = torch.mm(grad.reshape(-1, grad.shape[-1]), weight).to(dt)  # (T, d)
-    g3 = g.view(-1, n, b).transpose(0, 1)  # (n, T, b), a strided view
-    d_blocks = torch.bmm(x2.to(dt).view(-1, n, b).permute(1, 2, 0), g3) if need_blocks else None  # (n, b, b)
-    dx = None
-    if need_x:
-        dx = torch.bmm(g3, blocks.transpose(1, 2)).transpose(0, 1).reshape(x.shape).to(x.dtype)  # (T, n, b)
-    return dx, d_blocks
+    g = torch.mm(grad.reshape(-1, grad.shape[-1]), weight)  # (T, d)
+    return natural_block_grads(x, g, blocks, need_x, need_blocks)
 
 
 class RotatedLinear(torch.autograd.Function):
@@ -204,7 +290,7 @@ class RotatedLinear(torch.autograd.Function):
         x, weight, *blocks = ctx.saved_tensors
         need = ctx.needs_input_grad
         dt = blocks[0].dtype
-        if ctx.layouts == (NATURAL_2D,) and len(ctx.axis) == 2 and ctx.axis[1] >= TOKEN_MAJOR_MIN_BLOCK:
+        if _token_major(ctx.axis, ctx.layouts):
             dx, grad_blocks = natural_block_backward(x, weight, grad, blocks[0], need[0], need[5])
             return (dx, None, None, None, None, grad_blocks)
         g_t = torch.mm(weight.t(), grad.reshape(-1, grad.shape[-1]).t()).to(dt)  # (d, out) @ (out, T) = (gy·W)ᵀ

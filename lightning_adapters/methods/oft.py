@@ -58,7 +58,7 @@ from lightning_adapters.core.dtypes import working_dtype
 from lightning_adapters.core.layer import AdapterLayer
 from lightning_adapters.core.quant import base_linear, quantized_base
 from lightning_adapters.errors import AdapterConfigError
-from lightning_adapters.kernels.rotation import block_layout, cayley, rotate_features, rotated_linear
+from lightning_adapters.kernels.rotation import block_layout, cayley, neumann_series, rotate_features, rotated_linear
 from lightning_adapters.methods._common import (
     block_dropout_mask,
     divisors,
@@ -185,18 +185,10 @@ def cayley_neumann(q: torch.Tensor, terms: int) -> torch.Tensor:
     """``I + Σ_k c_k Q^k`` (n, b, b) with PEFT's Neumann coefficients, by Horner's rule.
 
     ``H_K = c_K I``, ``H_k = c_k I + Q H_{k+1}``, result ``I + Q H_1``: the same K − 1 batched products as summing
-    powers, but each fused with its addition (``baddbmm``), so a layer records 3 autograd nodes instead of 11.
+    powers, each fused with its addition (``baddbmm``), in one autograd node that keeps only ``Q`` for backward
+    (``kernels.rotation.NeumannSeries``; autograd through the products kept every ``H_k``, more than PEFT's powers).
     """
-    eye = torch.eye(q.shape[-1], dtype=q.dtype, device=q.device).expand_as(q)
-    coeffs = neumann_coefficients(terms)
-    if not coeffs:
-        return eye.clone()
-    if len(coeffs) == 1:
-        return torch.add(eye, q, alpha=coeffs[0])
-    h = torch.add(eye * coeffs[-2], q, alpha=coeffs[-1])  # H_{K−1} = c_{K−1} I + c_K Q
-    for c in reversed(coeffs[:-2]):
-        h = torch.baddbmm(eye, q, h, beta=c)  # c I + Q H: (n, b, b) @ (n, b, b)
-    return torch.baddbmm(eye, q, h)
+    return neumann_series(q, neumann_coefficients(terms))
 
 
 def coft_project(upper: torch.Tensor, eps: float) -> torch.Tensor:

@@ -4,7 +4,7 @@ Dispatches covered on both sides: ``UnitSkewInverse`` (Gauss-Jordan for blocks u
 LAPACK above); ``rotated_linear`` (rotate the tokens when there are fewer tokens than outputs or the base is
 trainable, else ``RotatedLinear`` rotating ``W``); ``RotatedLinear``'s backward (token-major for one natural
 layout with blocks of at least ``TOKEN_MAJOR_MIN_BLOCK`` features, feature-major otherwise, which is also the
-path of multi-factor chains with permuted layouts). The reference builds each factor as a dense permuted
+path of multi-factor chains with permuted layouts), and so is ``BlockRotation``'s forward and backward. The reference builds each factor as a dense permuted
 block-diagonal matrix.
 """
 
@@ -59,14 +59,17 @@ def test_cayley_equals_the_dense_formula_with_its_gradient(b: int) -> None:
     )
 
 
-def test_rotate_features_natural_layout() -> None:
-    x = leaf(2, 5, 12, seed=1)
-    blocks = leaf(3, 4, 4, seed=2)
-    assert_kernel_matches(
-        lambda: rotation.rotate_features(x, [(NATURAL, blocks)], (3, 4)),
-        lambda: x @ torch.block_diag(*blocks.unbind(0)),
-        [x, blocks],
-    )
+@pytest.mark.parametrize("b", [4, rotation.TOKEN_MAJOR_MIN_BLOCK - 1, rotation.TOKEN_MAJOR_MIN_BLOCK])
+def test_rotate_features_natural_layout(b: int) -> None:
+    """Feature-major below ``TOKEN_MAJOR_MIN_BLOCK``, token-major from it: the formula either way, and token-major
+    returns the rotated rows and ``∂x`` as contiguous rows (what the base GEMM and autograd's sums read)."""
+    x = leaf(2, 5, 3 * b, seed=1)
+    blocks = leaf(3, b, b, seed=2)
+    out = rotation.rotate_features(x, [(NATURAL, blocks)], (3, b))
+    if b >= rotation.TOKEN_MAJOR_MIN_BLOCK:
+        (gx,) = torch.autograd.grad(out, x, torch.ones_like(out), retain_graph=True)
+        assert out.is_contiguous() and gx.is_contiguous()
+    assert_kernel_matches(lambda: out, lambda: x @ torch.block_diag(*blocks.unbind(0)), [x, blocks])
 
 
 @pytest.mark.parametrize("x_grad", [True, False])
@@ -83,7 +86,8 @@ def test_rotate_features_through_a_chain_of_permuted_layouts(x_grad: bool) -> No
 
 # (name, blocks n, block size b, tokens, outputs, trainable base): which side of each dispatch
 LINEAR_CASES = [
-    ("tokens-rotated", 2, 8, 19, 20, False),  # 19 tokens < 20 outputs
+    ("tokens-rotated", 2, 8, 19, 20, False),  # 19 tokens < 20 outputs: feature-major rotation of the tokens
+    ("tokens-rotated-b16", 2, 16, 19, 20, False),  # token-major rotation of the tokens
     ("weight-rotated-b8", 2, 8, 20, 20, False),  # RotatedLinear, feature-major backward
     ("weight-rotated-b15", 2, 15, 21, 20, False),  # just below TOKEN_MAJOR_MIN_BLOCK
     ("weight-rotated-b16", 2, 16, 20, 20, False),  # token-major backward

@@ -15,8 +15,6 @@ new weights; an eval forward after the change equals a freshly built layer's.
 from __future__ import annotations
 
 import copy
-import gc
-import weakref
 
 import pytest
 import torch
@@ -26,7 +24,7 @@ from torch import nn
 import lightning_adapters as la
 from lightning_adapters.kernels import dora as dora_kernel
 from lightning_adapters.kernels.lowrank import fold_pays, fold_pays_backward
-from tests.helpers import Wrap
+from tests.helpers import Wrap, autograd_kept_bytes
 
 
 def _reference(layer: nn.Module, x: torch.Tensor, p: float, train: bool) -> torch.Tensor:
@@ -161,40 +159,6 @@ def test_plain_path_where_the_fused_one_does_not_apply(why, monkeypatch) -> None
         torch.testing.assert_close(ours[k].double(), ref[k].double(), rtol=1e-5, atol=1e-5, msg=k)
 
 
-class _Held:
-    """A tensor autograd saved, held by the graph node that saved it (garbage once that node is freed)."""
-
-    __slots__ = ("t", "__weakref__")
-
-    def __init__(self, t: torch.Tensor) -> None:
-        self.t = t
-
-
-def _activation_bytes_kept(model: nn.Module, x: torch.Tensor) -> int:
-    """Bytes of the activation-sized tensors (at least one value per input row) the graph of ``model(x)`` keeps
-    for backward, each storage once; parameters and ``x`` itself are not counted. Deterministic: it counts what
-    autograd holds after the forward, not an allocator's high-water mark."""
-    alive: weakref.WeakSet = weakref.WeakSet()
-
-    def pack(t: torch.Tensor) -> _Held:
-        held = _Held(t)
-        alive.add(held)
-        return held
-
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda held: held.t):
-        y = model(x)
-    gc.collect()  # a temporary graph (PEFT's detached lora_B(lora_A(eye))) frees what it saved
-    skip = {p.untyped_storage().data_ptr() for p in model.parameters()} | {x.untyped_storage().data_ptr()}
-    rows = x.numel() // x.shape[-1]
-    kept = {
-        h.t.untyped_storage().data_ptr(): h.t.untyped_storage().nbytes()
-        for h in alive
-        if h.t.numel() >= rows and h.t.untyped_storage().data_ptr() not in skip
-    }
-    assert y.grad_fn is not None
-    return sum(kept.values())
-
-
 @pytest.mark.parametrize("dropout", [0.0, 0.1], ids=["nodrop", "drop"])
 @pytest.mark.parametrize(
     "base_dtype, adapter_dtype", [(torch.bfloat16, None), (torch.float32, "bfloat16")], ids=["bf16-base", "bf16-ad"]
@@ -222,7 +186,8 @@ def test_plain_path_keeps_no_more_for_backward_than_peft(base_dtype, adapter_dty
     x = torch.randn(4, 32, 64).to(base_dtype)
     adapter = ours.layer.adapter.default
     assert not dora_kernel.dora_fused_applies(x, ours.layer.weight, adapter.lora_A, adapter.magnitude)
-    assert _activation_bytes_kept(ours, x) <= _activation_bytes_kept(peft, x)
+    rows = 4 * 32  # activation-sized: at least one value per input row
+    assert autograd_kept_bytes(ours, x, rows) <= autograd_kept_bytes(peft, x, rows)
 
 
 # --- the eval-mode norm cache -----------------------------------------------------------------------------------
