@@ -59,44 +59,70 @@ def cayley(q: torch.Tensor) -> torch.Tensor:
     return 2.0 * UnitSkewInverse.apply(q + eye) - eye
 
 
-def _horner_steps(q: torch.Tensor, coeffs: tuple[float, ...]) -> list[torch.Tensor]:
-    """``[H_{K−1}, …, H_1]`` of Horner's rule for ``I + Σ_k c_k Q^k`` (K = len(coeffs) ≥ 2), each (n, b, b):
-    ``H_{K−1} = c_{K−1} I + c_K Q`` and ``H_k = c_k I + Q H_{k+1}``."""
+def _series_steps(q: torch.Tensor, coeffs: tuple[float, ...]) -> tuple[torch.Tensor, list[torch.Tensor]]:
+    """``Y = Q²`` and the steps of Horner's rule in ``Y`` for ``I + Σ_{k=1..K} c_k Q^k`` (K = len(coeffs) ≥ 2).
+
+    With ``c_0 = 1`` the polynomial is ``Σ_j C_j Y^j``, ``C_j = c_{2j} I + c_{2j+1} Q`` (j = 0 … ⌊K/2⌋), evaluated
+    as ``H_j = C_j + Y H_{j+1}`` down to ``R = H_0``. The top step costs no product: ``H_J = C_J`` for odd K, and
+    ``H_{J−1} = C_{J−1} + c_K Y`` for even K. Returns ``(Y, [H_top, …, H_0])``, each (n, b, b).
+    """
+    a = (1.0, *coeffs)  # a[k]: coefficient of Q^k
+    top = len(coeffs)
     eye = torch.eye(q.shape[-1], dtype=q.dtype, device=q.device).expand_as(q)
-    hs = [torch.add(eye * coeffs[-2], q, alpha=coeffs[-1])]
-    for c in reversed(coeffs[:-2]):
-        hs.append(torch.baddbmm(eye, q, hs[-1], beta=c))  # c I + Q H: (n, b, b) @ (n, b, b)
-    return hs
+
+    def chunk(j: int) -> torch.Tensor:  # C_j = a_{2j} I + a_{2j+1} Q
+        odd = a[2 * j + 1] if 2 * j + 1 <= top else 0.0
+        return torch.add(eye * a[2 * j], q, alpha=odd)
+
+    y = torch.bmm(q, q)
+    j = top // 2
+    if top % 2:
+        hs = [chunk(j)]  # H_J = C_J
+    else:
+        j -= 1
+        hs = [chunk(j).add_(y, alpha=a[top])]  # H_{J−1} = C_{J−1} + c_K Y
+    for i in range(j - 1, -1, -1):
+        hs.append(torch.baddbmm(chunk(i), y, hs[-1]))  # H_i = C_i + Y H_{i+1}
+    return y, hs
 
 
 class NeumannSeries(torch.autograd.Function):
-    """``R = I + Σ_k c_k Q^k`` for blocks ``Q`` (n, b, b) by Horner's rule, keeping only ``Q`` for backward.
+    """``R = I + Σ_k c_k Q^k`` for blocks ``Q`` (n, b, b), keeping only ``Q`` for backward.
 
-    Autograd through the K − 1 fused products would keep every Horner step ``H_k`` (PEFT's power sum keeps ``Q``
-    and its powers); the backward here recomputes them instead (K − 2 products of b×b blocks, nothing next to a
-    layer's GEMMs) and runs reverse-mode Horner: with ``G_0 = ∂R``, ``∂Q = Σ_k G_{k−1} H_kᵀ + c_K G_{K−1}`` and
-    ``G_k = Qᵀ G_{k−1}``.
+    Horner's rule in ``Y = Q²`` (``_series_steps``): PEFT's default 5 terms (``2Q + 2Q² + 2Q³ + Q⁴``) take 2 batched
+    products where Horner in ``Q`` or PEFT's powers take 3. The backward recomputes the steps (products of b×b
+    blocks, nothing next to a layer's GEMMs) instead of keeping them, then runs the rule in reverse: with
+    ``G_0 = ∂R`` and ``G_{j+1} = Yᵀ G_j``, ``∂Q = Σ_j c_{2j+1} G_j + ∂Y Qᵀ + Qᵀ ∂Y`` and ``∂Y = Σ_j G_j H_{j+1}ᵀ``
+    (``c_K G_{J−1}`` for the even top step). Autograd through the products would keep every step.
     """
 
     @staticmethod
     def forward(ctx, q, coeffs):  # noqa: ANN001, ANN205 - autograd protocol
         ctx.coeffs = coeffs
         ctx.save_for_backward(q)
-        eye = torch.eye(q.shape[-1], dtype=q.dtype, device=q.device).expand_as(q)
-        return torch.baddbmm(eye, q, _horner_steps(q, coeffs)[-1])  # I + Q H_1
+        return _series_steps(q, coeffs)[1][-1]
 
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, grad):  # noqa: ANN001, ANN205 - autograd protocol
         (q,) = ctx.saved_tensors
-        hs = _horner_steps(q, ctx.coeffs)  # [H_{K−1}, …, H_1]
+        coeffs = ctx.coeffs
+        a, top = (1.0, *coeffs), len(coeffs)
+        y, hs = _series_steps(q, coeffs)  # [H_top, …, H_0]
+        y_t = y.transpose(1, 2)
+        g = grad.contiguous()  # G_0
+        grad_q = g * a[1]  # c_1 G_0
+        grad_y = None
+        for j in range(len(hs) - 1):  # H_j = C_j + Y H_{j+1}
+            h_next_t = hs[-2 - j].transpose(1, 2)  # H_{j+1}ᵀ
+            grad_y = torch.bmm(g, h_next_t) if grad_y is None else grad_y.baddbmm_(g, h_next_t)
+            g = torch.bmm(y_t, g)  # G_{j+1}
+            if 2 * (j + 1) + 1 <= top:
+                grad_q.add_(g, alpha=a[2 * (j + 1) + 1])  # c_{2j+3} G_{j+1} from C_{j+1}
+        if top % 2 == 0:  # the top step H_{J−1} = C_{J−1} + c_K Y
+            grad_y = g * a[top] if grad_y is None else grad_y.add_(g, alpha=a[top])
         q_t = q.transpose(1, 2)
-        grad_q = torch.bmm(grad, hs[-1].transpose(1, 2))  # G_0 H_1ᵀ
-        g = torch.bmm(q_t, grad)  # G_1
-        for h in reversed(hs[:-1]):  # H_2, …, H_{K−1}
-            grad_q.baddbmm_(g, h.transpose(1, 2))
-            g = torch.bmm(q_t, g)
-        return grad_q.add_(g, alpha=ctx.coeffs[-1]), None  # + c_K G_{K−1}
+        return grad_q.baddbmm_(grad_y, q_t).baddbmm_(q_t, grad_y), None  # + ∂Y Qᵀ + Qᵀ ∂Y
 
 
 def neumann_series(q: torch.Tensor, coeffs: list[float]) -> torch.Tensor:

@@ -182,11 +182,11 @@ def neumann_coefficients(terms: int) -> list[float]:
 
 
 def cayley_neumann(q: torch.Tensor, terms: int) -> torch.Tensor:
-    """``I + Σ_k c_k Q^k`` (n, b, b) with PEFT's Neumann coefficients, by Horner's rule.
+    """``I + Σ_k c_k Q^k`` (n, b, b) with PEFT's Neumann coefficients, by Horner's rule in ``Q²``.
 
-    ``H_K = c_K I``, ``H_k = c_k I + Q H_{k+1}``, result ``I + Q H_1``: the same K − 1 batched products as summing
-    powers, each fused with its addition (``baddbmm``), in one autograd node that keeps only ``Q`` for backward
-    (``kernels.rotation.NeumannSeries``; autograd through the products kept every ``H_k``, more than PEFT's powers).
+    One autograd node that keeps only ``Q`` for backward (``kernels.rotation.NeumannSeries``): 2 batched products
+    for PEFT's default 5 terms where summing powers takes 3, and no intermediate kept (autograd through Horner's
+    products in ``Q`` kept every step, more than PEFT's powers).
     """
     return neumann_series(q, neumann_coefficients(terms))
 

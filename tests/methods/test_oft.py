@@ -138,11 +138,12 @@ def test_neumann_is_the_transpose_of_exact_cayley():
     assert (r5 - truth_t).abs().max() < 0.01 < (r5 - exact).abs().max()
 
 
-@pytest.mark.parametrize("terms", [2, 3, 5, 8])
+@pytest.mark.parametrize("terms", [2, 3, 5, 7, 8])
 @pytest.mark.parametrize("b", [1, 2, 7])
 def test_skew_gather_and_horner_series_equal_the_scatter_and_the_power_sum(terms: int, b: int):
     """``skew_symmetric`` (one gather) is ``U − Uᵀ`` scattered from the upper entries, and ``cayley_neumann``
-    (Horner's rule, fused ``baddbmm``) is ``I + Σ c_k Q^k`` from explicit powers: outputs and gradients."""
+    (Horner's rule in ``Q²``, odd and even numbers of coefficients) is ``I + Σ c_k Q^k`` from explicit powers:
+    outputs and gradients."""
     g = torch.Generator().manual_seed(terms * 10 + b)
     upper = (torch.randn(3, b * (b - 1) // 2, generator=g, dtype=torch.float64) * 0.3).requires_grad_()
     weights = torch.randn(3, b, b, generator=g, dtype=torch.float64)
