@@ -53,7 +53,8 @@ def misses(results: dict[str, Any]) -> list[str]:
                 why = f" (floor {fl:.3f}: PEFT's whole overhead over the base is smaller)" if fl > goal else ""
                 out.append(f"{label} {key}: train step {t:.3f}× > {goal}{why}")
             if m is not None and m > 1.0:
-                out.append(f"{label} {key}: peak memory {m:.3f}× > 1.0")
+                extra = _get(e, "memory", "ours", "peak_mib") - _get(e, "memory", "peft", "peak_mib")
+                out.append(f"{label} {key}: peak memory {m:.3f}× > 1.0 (+{extra * 2**20:,.0f} bytes)")
     return out
 
 
