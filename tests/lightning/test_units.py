@@ -14,18 +14,29 @@ import pytest
 import torch
 
 import lightning_adapters as la
+from lightning_adapters.core.state import base_fingerprint, name_free_keys
 from lightning_adapters.errors import AdapterConfigError, AdapterStateError
 from lightning_adapters.lightning import reports, scope
+from lightning_adapters.lightning.callback import swap_class
 from lightning_adapters.lightning.checkpoint import (
     DEEPSPEED_ADAPTER_KEY,
     DEEPSPEED_STATES,
     METADATA_KEY,
     _needs_configure_model,
+    build_metadata,
     load_checkpoint_file,
+    restore_from_checkpoint,
+    validate_checkpoint,
 )
 from lightning_adapters.lightning.export import export_at_fit_end
-from lightning_adapters.lightning.runtime import AdapterOptions, as_config, attach_runtime
-from lightning_adapters.lightning.strategies import block_types_of, prepare_strategy
+from lightning_adapters.lightning.runtime import (
+    RUNTIME_ATTR,
+    AdapterOptions,
+    as_config,
+    attach_runtime,
+    detach_runtime,
+)
+from lightning_adapters.lightning.strategies import adapter_parallelize_fn, block_types_of, prepare_strategy
 from lightning_adapters.schedules import Heatmap, ScheduleReport
 
 
@@ -159,11 +170,15 @@ class _Strategy:
         self.barriers.append(name)
 
 
-def _injected_mlp() -> torch.nn.Module:
+def _injected_mlp_named(name: str = "default") -> torch.nn.Module:
     torch.manual_seed(0)
     model = torch.nn.Sequential(torch.nn.Linear(6, 8), torch.nn.ReLU(), torch.nn.Linear(8, 4))
-    la.inject(model, la.LoRAConfig(r=2, target_modules=["0", "2"], init_weights=False))
+    la.inject(model, la.LoRAConfig(r=2, target_modules=["0", "2"], init_weights=False), name=name)
     return model
+
+
+def _injected_mlp() -> torch.nn.Module:
+    return _injected_mlp_named()
 
 
 def _files(directory) -> dict[str, torch.Tensor]:
@@ -324,3 +339,120 @@ def test_scope_examples_are_the_shallowest_names_first() -> None:
     names = ["a.b.c", "z", "a.b", "y.x", "a"]
     assert scope._examples(names) == ["a", "z", "a.b", "y.x", "a.b.c"]
     assert scope._examples(names, limit=2) == ["a", "z"]
+
+
+def test_a_format_1_checkpoint_resumes_into_a_model_whose_one_adapter_has_another_name() -> None:
+    # Format 1 files hold one unnamed adapter (``<module>.adapter.<tensor>`` keys, no "adapters" entry); it is the
+    # model's one adapter whatever that adapter is called.
+    model = _injected_mlp_named("b")
+    config = la.config_of(model, "b")
+    free = name_free_keys(model, "b")
+    live = {k: v.detach().clone() for k, v in model.state_dict().items() if k in free}
+    meta = {
+        "format": 1,
+        "method": "lora",
+        "config": config.to_dict(),
+        "module": "",
+        "adapter_shapes": {free[k]: list(v.shape) for k, v in live.items()},
+    }
+    checkpoint = {METADATA_KEY: meta, "state_dict": {free[k]: v for k, v in live.items()}}
+    validate_checkpoint(
+        checkpoint,
+        model,
+        adapters={"b": ("lora", config)},
+        fingerprint=None,
+        expected=lambda names: {k: list(v.shape) for k, v in live.items()} if names == ["b"] else {},
+    )
+    assert sorted(checkpoint["state_dict"]) == sorted(live)  # keys upgraded to the model's named ones
+
+
+def test_a_mixin_adapter_name_is_checked_like_the_callbacks() -> None:
+    from lightning.pytorch import LightningModule
+
+    pl_module = LightningModule()
+    pl_module.adapter_name = "not a name"
+    with pytest.raises(AdapterConfigError, match="adapter_name: adapter name 'not a name' is not usable"):
+        attach_runtime(pl_module, la.LoRAConfig(r=2), AdapterOptions())
+
+
+def test_a_callback_not_yet_set_up_has_empty_state() -> None:
+    callback = la.AdapterCallback(la.LoRAConfig(r=2), verbose=False)
+    assert callback.state_dict() == {}
+    callback.load_state_dict({})  # Lightning may restore callback state before setup; nothing to restore
+    assert callback.state_dict() == {}
+
+
+def test_detach_runtime_restores_the_module_as_it_was_before_attach() -> None:
+    from lightning.pytorch import LightningModule
+
+    class Plain(LightningModule):
+        pass
+
+    pl_module = Plain()
+    pl_module.strict_loading = True
+    attach_runtime(pl_module, la.LoRAConfig(r=2), AdapterOptions())
+    swap_class(pl_module)
+    assert type(pl_module) is not Plain and pl_module.strict_loading is False
+    assert detach_runtime(pl_module) is True
+    assert type(pl_module) is Plain and pl_module.strict_loading is True
+    assert RUNTIME_ATTR not in pl_module.__dict__
+    assert detach_runtime(pl_module) is False
+
+
+def test_adapter_parallelize_fn_shards_every_unit_with_the_given_mixed_precision_policy(tmp_path) -> None:
+    import torch.distributed as dist
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import MixedPrecisionPolicy
+    from torch.distributed.tensor import DTensor
+
+    with pytest.raises(AdapterStateError, match="needs an injected model"):
+        adapter_parallelize_fn(torch.nn.Linear(2, 2), None)
+    model = _injected_mlp()
+    x = torch.randn(3, 6, generator=torch.Generator().manual_seed(1))
+    want = model(x)
+    if dist.is_initialized():
+        pytest.skip("a process group is already set up in this process")
+    dist.init_process_group("gloo", store=dist.FileStore(str(tmp_path / "store"), 1), rank=0, world_size=1)
+    try:
+        mesh = init_device_mesh("cpu", (1,))
+        adapter_parallelize_fn(model, mesh, mp_policy=MixedPrecisionPolicy(param_dtype=torch.float64))
+        assert all(isinstance(p, DTensor) for p in model.parameters())  # before a forward gathers them
+        got = model(x.double())
+    finally:
+        dist.destroy_process_group()
+    assert got.dtype == torch.float64  # the policy's parameter dtype: the policy reached the units
+    torch.testing.assert_close(got.float(), want, rtol=1e-5, atol=1e-6)
+
+
+def test_restore_onto_a_sub_module_adapts_exactly_the_trained_modules_whatever_the_exclude_regex(tmp_path) -> None:
+    # A regex exclude_modules full-matches names relative to where it was injected: r"enc\.fc" excluded nothing
+    # in the LightningModule ("backbone.enc.fc"), but would exclude "enc.fc" of the bare backbone.
+    from lightning.pytorch import LightningModule
+
+    def backbone() -> torch.nn.Module:
+        torch.manual_seed(0)
+        b = torch.nn.Module()
+        b.enc, b.dec = torch.nn.Module(), torch.nn.Module()
+        b.enc.fc, b.dec.fc = torch.nn.Linear(4, 4), torch.nn.Linear(4, 4)
+        return b
+
+    lm = LightningModule()
+    lm.backbone = backbone()
+    config = la.LoRAConfig(r=2, target_modules=["fc"], exclude_modules=r"enc\.fc", init_weights=False)
+    la.inject(lm, config)
+    state = la.adapter_state_dict(lm)
+    meta = build_metadata(
+        adapters={"default": ("lora", config)},
+        name="default",
+        active=["default"],
+        trainable=["default"],
+        module="",
+        fingerprint=base_fingerprint(lm),
+        shapes={k: list(v.shape) for k, v in state.items()},
+    )
+    torch.save({METADATA_KEY: meta, "state_dict": state}, tmp_path / "a.ckpt")
+    bare = restore_from_checkpoint(backbone(), tmp_path / "a.ckpt", module="backbone")
+    assert sorted(n for n, _ in bare.named_modules() if n.endswith(".adapter")) == ["dec.fc.adapter", "enc.fc.adapter"]
+    x = torch.randn(2, 4)
+    for name in ("enc.fc", "dec.fc"):
+        assert torch.equal(bare.get_submodule(name)(x), lm.backbone.get_submodule(name)(x)), name
