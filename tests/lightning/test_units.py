@@ -456,3 +456,31 @@ def test_restore_onto_a_sub_module_adapts_exactly_the_trained_modules_whatever_t
     x = torch.randn(2, 4)
     for name in ("enc.fc", "dec.fc"):
         assert torch.equal(bare.get_submodule(name)(x), lm.backbone.get_submodule(name)(x)), name
+
+
+def test_merged_export_owns_exactly_the_files_save_pretrained_writes() -> None:
+    from lightning_adapters.lightning.export import _merged_owned
+
+    owned = ["config.json", "model.safetensors", "model-00001-of-00002.safetensors", "model.safetensors.index.json"]
+    assert all(_merged_owned(n) for n in owned)
+    assert not any(_merged_owned(n) for n in ["README.md", "adapter_model.safetensors", "notes.json"])
+
+
+def test_a_bad_callback_adapter_name_is_refused_naming_the_callback() -> None:
+    with pytest.raises(AdapterConfigError, match="^AdapterCallback: adapter name 'a b' is not usable"):
+        la.AdapterCallback(la.LoRAConfig(r=2), name="a b")
+
+
+def test_the_mixin_passes_positional_arguments_to_the_module_it_is_mixed_into() -> None:
+    from lightning.pytorch import LightningModule
+
+    class Base(LightningModule):
+        def __init__(self, width: int, depth: int = 1) -> None:
+            super().__init__()
+            self.width, self.depth = width, depth
+
+    class Model(la.AdapterMixin, Base):
+        pass
+
+    model = Model(7, 3)
+    assert (model.width, model.depth, model.strict_loading) == (7, 3, False)
