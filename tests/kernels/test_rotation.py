@@ -4,8 +4,8 @@ Dispatches covered on both sides: ``UnitSkewInverse`` (Gauss-Jordan for blocks u
 LAPACK above); ``rotated_linear`` (rotate the tokens when there are fewer tokens than outputs or the base is
 trainable, else ``RotatedLinear`` rotating ``W``); ``RotatedLinear``'s backward (token-major for one natural
 layout with blocks of at least ``TOKEN_MAJOR_MIN_BLOCK`` features, feature-major otherwise, which is also the
-path of multi-factor chains with permuted layouts), and so is ``BlockRotation``'s forward and backward. The reference builds each factor as a dense permuted
-block-diagonal matrix.
+path of multi-factor chains with permuted layouts), and so is ``BlockRotation``'s forward and backward. The
+reference builds each factor as a dense permuted block-diagonal matrix.
 """
 
 from __future__ import annotations
