@@ -106,7 +106,13 @@ class NeumannSeries(torch.autograd.Function):
     @torch.autograd.function.once_differentiable
     def backward(ctx, grad):  # noqa: ANN001, ANN205 - autograd protocol
         (q,) = ctx.saved_tensors
-        coeffs = ctx.coeffs
+        # Under autocast the forward's products ran in the autocast dtype; the backward (which autocast would
+        # reach too when it runs inside the autocast region) works in Q's dtype, the dtype of the gradient it returns.
+        with torch.autocast(q.device.type, enabled=False):
+            return NeumannSeries._grad_q(q, grad.to(q.dtype), ctx.coeffs), None
+
+    @staticmethod
+    def _grad_q(q: torch.Tensor, grad: torch.Tensor, coeffs: list[float]) -> torch.Tensor:
         a, top = (1.0, *coeffs), len(coeffs)
         y, hs = _series_steps(q, coeffs)  # [H_top, …, H_0]
         y_t = y.transpose(1, 2)
@@ -122,7 +128,7 @@ class NeumannSeries(torch.autograd.Function):
         if top % 2 == 0:  # the top step H_{J−1} = C_{J−1} + c_K Y
             grad_y = g * a[top] if grad_y is None else grad_y.add_(g, alpha=a[top])
         q_t = q.transpose(1, 2)
-        return grad_q.baddbmm_(grad_y, q_t).baddbmm_(q_t, grad_y), None  # + ∂Y Qᵀ + Qᵀ ∂Y
+        return grad_q.baddbmm_(grad_y, q_t).baddbmm_(q_t, grad_y)  # + ∂Y Qᵀ + Qᵀ ∂Y
 
 
 def neumann_series(q: torch.Tensor, coeffs: list[float]) -> torch.Tensor:

@@ -8,11 +8,33 @@ The built-in layers take their input positionally; a method's ``adapted_forward`
 
 from __future__ import annotations
 
+import importlib
+import shutil
+import sys
+from pathlib import Path
+
+import pytest
 import torch
 from torch import nn
 
 import lightning_adapters as la
-from tests.core import toy_method
+from lightning_adapters import registry
+
+TOY = Path(__file__).with_name("toy_method.py")
+
+
+@pytest.fixture
+def toy_method(monkeypatch: pytest.MonkeyPatch, tmp_path: Path):
+    """The toy module imported from a temporary copy into a copy of the registry, both dropped after the test.
+
+    Importing ``tests/core/toy_method.py`` itself (at collection) would register ``toy_scale`` for the whole
+    session and break the discovery tests of ``test_new_method.py``, which expect to register it themselves."""
+    registry.available_methods()
+    monkeypatch.setattr(registry, "_REGISTRY", dict(registry._REGISTRY))
+    shutil.copy(TOY, tmp_path / "toy_scale_kwargs.py")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    yield importlib.import_module("toy_scale_kwargs")
+    sys.modules.pop("toy_scale_kwargs", None)
 
 
 class KeywordCall(nn.Module):
@@ -28,7 +50,7 @@ def _adapted_forward(self, base: nn.Module, *args, **kwargs) -> torch.Tensor:
     return base._la_base_forward(*args, **kwargs) * (1 + self.g)
 
 
-def test_per_sample_routes_rows_given_by_keyword(monkeypatch):
+def test_per_sample_routes_rows_given_by_keyword(monkeypatch, toy_method):
     monkeypatch.setattr(toy_method.ToyScaleLayer, "adapted_forward", _adapted_forward)
     torch.manual_seed(0)
     model = KeywordCall()
