@@ -133,12 +133,10 @@ class NeumannSeries(torch.autograd.Function):
 
 def neumann_series(q: torch.Tensor, coeffs: list[float]) -> torch.Tensor:
     """``I + Σ_k coeffs[k−1] Q^k`` for blocks ``q`` (n, b, b) -> (n, b, b); see ``NeumannSeries``."""
+    if len(coeffs) >= 2:
+        return NeumannSeries.apply(q, tuple(coeffs))
     eye = torch.eye(q.shape[-1], dtype=q.dtype, device=q.device).expand_as(q)
-    if not coeffs:
-        return eye.clone()
-    if len(coeffs) == 1:
-        return torch.add(eye, q, alpha=coeffs[0])
-    return NeumannSeries.apply(q, tuple(coeffs))
+    return torch.add(eye, q, alpha=coeffs[0]) if coeffs else eye.clone()
 
 
 # Block rotations of a feature axis, computed feature-major: a batch of rows x (T, d) is handled as xᵀ (d, T),
