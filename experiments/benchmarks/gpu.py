@@ -44,6 +44,7 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--steps", type=int, help="timed train steps (default 10; tiny 2)")
     p.add_argument("--warmup", type=int, default=1, help="untimed rounds after the memory step (default 1)")
     p.add_argument("--out", type=Path, help="output directory")
+    p.add_argument("--profile", action="store_true", help="add the torch profiler's top-op tables of ours and PEFT")
     return p.parse_args(argv)
 
 
@@ -111,7 +112,15 @@ def main(argv: list[str] | None = None) -> int:
                 print(f"[gpu] {label} {variant} on {device_name(device)}", flush=True)
                 try:
                     entry = scale.measure_cell(
-                        w, label, variant, device, args.warmup, steps, f"{tmp}/{label}-{variant}", base=base
+                        w,
+                        label,
+                        variant,
+                        device,
+                        args.warmup,
+                        steps,
+                        f"{tmp}/{label}-{variant}",
+                        profile=args.profile,
+                        base=base,
                     )
                 except Exception as err:  # noqa: BLE001 - recorded; the other methods still run
                     entry = {"error": f"{type(err).__name__}: {err}"}
@@ -137,7 +146,7 @@ def _write(results: dict[str, Any], out: Path, w: Workload) -> None:
     run = results["meta"]["runs"][0]
     cuda = "CUDA" in run["device"] or "NVIDIA" in run["device"]
     timer = "CUDA events" if cuda else "the wall clock"
-    peak = "`max_memory_allocated`" if cuda else "the torch profiler's allocation events"
+    peak = "`max_memory_allocated`" if cuda else "torch profiler allocation events"
     intro = [
         f"Measured {run['started']} on **{run['device']}**, commit `{(run.get('commit') or '?')[:10]}`, in "
         f"{run.get('total_s')} s. Model: {w.describe()} ({_params(results)}), bf16 base; cell `bf16`: fp32 "
@@ -148,6 +157,16 @@ def _write(results: dict[str, Any], out: Path, w: Workload) -> None:
     ]
     title = "GPU benchmark: lightning_adapters vs PEFT"
     (out / "gpu.md").write_text(scale_report.markdown(results, title=title, intro=intro))
+    tables = [
+        f"## {label} {cell}: {side}\n\n```\n{table}\n```\n"
+        for label, cells in results["rows"].items()
+        for cell, entry in cells.items()
+        for side, table in entry.get("profile", {}).items()
+    ]
+    if tables:
+        commit = (run.get("commit") or "?")[:10]
+        head = f"# Top ops (self time) of one train step, {run['device']}, commit `{commit}`\n\n"
+        (out / "gpu_profiles.md").write_text(head + "\n".join(tables))
 
 
 def _params(results: dict[str, Any]) -> str:
