@@ -229,7 +229,7 @@ def randomize_adapter(model: nn.Module, std: float = 0.1, seed: int = 0) -> None
     with torch.no_grad():
         for _, t in sd.items():
             if t.is_floating_point():
-                t.add_(torch.randn(t.shape, generator=g, dtype=torch.float32).to(t.dtype) * std)
+                t.add_(torch.randn(t.shape, generator=g, dtype=torch.float32).to(t.device, t.dtype) * std)
 
 
 class _Held:

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
+from typing import Any
 
 import torch
 from torch import nn
@@ -46,10 +48,38 @@ def weight_as_out_in(base: nn.Module) -> torch.Tensor:
     return w.t() if layer_kind(base) == "conv1d_t" else w
 
 
-def kaiming_uniform_(t: torch.Tensor) -> torch.Tensor:
-    """``nn.Linear``'s default init (kaiming-uniform with a=√5), on any tensor with fan-in = ``prod(shape[1:])``."""
-    nn.init.kaiming_uniform_(t, a=math.sqrt(5))
+def draw_(t: torch.Tensor, init: Callable[..., Any], **kwargs: Any) -> torch.Tensor:
+    """Fill ``t`` in place with the random ``init`` (an ``nn.init`` function), drawn from the CPU generator.
+
+    Whatever device ``t`` is on, the values are drawn on the CPU and copied, as PEFT does (it builds adapter
+    weights on the CPU and moves them): one seed gives the same adapter on the CPU, on a GPU and under any
+    strategy (a device mesh's RNG tracker may reseed the CUDA generator, never the CPU one). Meta tensors and
+    DTensors are filled where they are.
+    """
+    if t.device.type in ("cpu", "meta") or _is_dtensor(t):
+        init(t, **kwargs)
+        return t
+    cpu = torch.empty(t.shape, dtype=t.dtype)
+    init(cpu, **kwargs)
+    with torch.no_grad():
+        t.copy_(cpu)
     return t
+
+
+def _is_dtensor(t: torch.Tensor) -> bool:
+    try:
+        from torch.distributed.tensor import DTensor
+    except ImportError:  # torch built without distributed
+        return False
+    return isinstance(t, DTensor)
+
+
+def kaiming_uniform_(t: torch.Tensor) -> torch.Tensor:
+    """``nn.Linear``'s default init (kaiming-uniform with a=√5), on any tensor with fan-in = ``prod(shape[1:])``.
+
+    Drawn from the CPU generator whatever ``t``'s device (``draw_``).
+    """
+    return draw_(t, nn.init.kaiming_uniform_, a=math.sqrt(5))
 
 
 def check_finite(t: torch.Tensor, what: str) -> None:

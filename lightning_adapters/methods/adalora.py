@@ -70,7 +70,7 @@ from lightning_adapters.errors import AdapterConfigError, AdapterStateError
 from lightning_adapters.interop.peft_fields import check_peft_fields
 from lightning_adapters.kernels.lowrank import fused_linear_applies, lowrank_linear
 from lightning_adapters.kernels.quantized import quantized_lowrank_applies, quantized_lowrank_linear
-from lightning_adapters.methods._common import add_delta_, check_rank, in_out_features, layer_kind
+from lightning_adapters.methods._common import add_delta_, check_rank, draw_, in_out_features, layer_kind
 from lightning_adapters.registry import LayerMethod, register
 from lightning_adapters.schedules import Heatmap, ScheduleReport
 
@@ -267,12 +267,12 @@ class AdaLoRALayer(AdapterLayer):
         self.lora_E = nn.Parameter(torch.empty(r, 1, device=dev, dtype=dt))
         with torch.no_grad():
             if config.init_weights:
-                nn.init.normal_(self.lora_A, mean=0.0, std=0.02)
-                nn.init.normal_(self.lora_B, mean=0.0, std=0.02)
+                draw_(self.lora_A, nn.init.normal_, mean=0.0, std=0.02)
+                draw_(self.lora_B, nn.init.normal_, mean=0.0, std=0.02)
                 nn.init.zeros_(self.lora_E)
             else:
                 for p in (self.lora_A, self.lora_B, self.lora_E):
-                    nn.init.normal_(p)
+                    draw_(p, nn.init.normal_)
         keep = torch.tensor(config.rank_pattern.get(name, [True] * r), dtype=torch.bool, device=dev)
         self.register_buffer("rank_mask", keep)
         with torch.no_grad():

@@ -56,6 +56,7 @@ from lightning_adapters.kernels.rotation import block_layout, cayley, rotate_fea
 from lightning_adapters.methods._common import (
     block_dropout_mask,
     divisors,
+    draw_,
     layer_kind,
     restore_rows_,
     rotated_size,
@@ -212,8 +213,8 @@ class BOFTLayer(AdapterLayer):
         self.boft_s = nn.Parameter(torch.ones(s_shape, device=dev, dtype=dt))
         if config.init_weights is False:
             with torch.no_grad():
-                nn.init.normal_(self.boft_R, mean=0.0, std=0.1)
-                nn.init.normal_(self.boft_s, mean=1.0, std=0.1)
+                draw_(self.boft_R, nn.init.normal_, mean=0.0, std=0.1)
+                draw_(self.boft_s, nn.init.normal_, mean=1.0, std=0.1)
         # Plain attributes, not buffers: no dtype policy or cast may round the copies merge keeps.
         self.merge_rows_idx: torch.Tensor | None = None
         self.merge_rows: torch.Tensor | None = None

@@ -70,6 +70,7 @@ from lightning_adapters.methods._common import (
     check_finite,
     check_rank,
     compute_dtype,
+    draw_,
     in_out_features,
     kaiming_uniform_,
     layer_kind,
@@ -455,13 +456,13 @@ class LoRALayer(AdapterLayer):
         with torch.no_grad():
             if self.kind == "embedding":
                 if mode is False:
-                    nn.init.normal_(self.lora_A)
+                    draw_(self.lora_A, nn.init.normal_)
                 else:
                     nn.init.zeros_(self.lora_A)
-                nn.init.normal_(self.lora_B)
+                draw_(self.lora_B, nn.init.normal_)
                 return
             if mode == "gaussian":
-                nn.init.normal_(self.lora_A, std=1.0 / self.r)
+                draw_(self.lora_A, nn.init.normal_, std=1.0 / self.r)
             else:
                 kaiming_uniform_(self.lora_A)
             if mode is False:
@@ -471,7 +472,7 @@ class LoRALayer(AdapterLayer):
             if self.lora_B_bias is not None:
                 if mode is False:  # nn.Linear's / nn.Conv's default bias init for lora_B's fan-in
                     bound = 1.0 / math.sqrt(math.prod(self.lora_B.shape[1:]))
-                    nn.init.uniform_(self.lora_B_bias, -bound, bound)
+                    draw_(self.lora_B_bias, nn.init.uniform_, a=-bound, b=bound)
                 else:
                     nn.init.zeros_(self.lora_B_bias)
 

@@ -35,6 +35,7 @@ from lightning_adapters.methods._common import (
     check_finite,
     check_rank,
     compute_dtype,
+    draw_,
     kaiming_uniform_,
 )
 
@@ -95,7 +96,7 @@ class LoRAMultiheadAttentionLayer(AdapterLayer):
         with torch.no_grad():
             for a, b in ((self.lora_A, self.lora_B), (self.out_lora_A, self.out_lora_B)):
                 if mode == "gaussian":
-                    nn.init.normal_(a, std=1.0 / r)
+                    draw_(a, nn.init.normal_, std=1.0 / r)
                 else:
                     kaiming_uniform_(a)
                 if mode is False:

@@ -29,7 +29,7 @@ from torch import nn
 from lightning_adapters.core.dtypes import working_dtype
 from lightning_adapters.core.layer import AdapterLayer
 from lightning_adapters.errors import AdapterConfigError, TargetError
-from lightning_adapters.methods._common import check_finite, compute_dtype, kaiming_uniform_
+from lightning_adapters.methods._common import check_finite, compute_dtype, draw_, kaiming_uniform_
 
 
 def check_target_parameters(value: Any) -> None:
@@ -123,7 +123,7 @@ class LoRAParamLayer(AdapterLayer):
             B = torch.empty(f.b_shape, device=w.device, dtype=dt)
             with torch.no_grad():
                 if config.init_weights == "gaussian":
-                    nn.init.normal_(A, std=1.0 / r)
+                    draw_(A, nn.init.normal_, std=1.0 / r)
                 else:
                     kaiming_uniform_(A)
                 if config.init_weights is False:

@@ -62,6 +62,7 @@ from lightning_adapters.kernels.rotation import block_layout, cayley, neumann_se
 from lightning_adapters.methods._common import (
     block_dropout_mask,
     divisors,
+    draw_,
     layer_kind,
     rotated_size,
     write_weight_,
@@ -256,7 +257,7 @@ class OFTLayer(AdapterLayer):
         self.oft_R = nn.Parameter(torch.zeros(n_param_blocks, b * (b - 1) // 2, device=base.weight.device, dtype=dt))
         if config.init_weights is False:
             with torch.no_grad():
-                nn.init.normal_(self.oft_R, mean=0.0, std=0.1)
+                draw_(self.oft_R, nn.init.normal_, mean=0.0, std=0.1)
         index, sign = skew_gather(b, base.weight.device)
         self.register_buffer("skew_index", index, persistent=False)
         self.register_buffer("skew_sign", sign, persistent=False)

@@ -8,6 +8,7 @@ runs the same checks on the CPU (a dry run of the test logic).
 from __future__ import annotations
 
 import copy
+import dataclasses
 import os
 
 import pytest
@@ -178,3 +179,22 @@ def test_bf16_forward_backward_merge_follow_the_fp32_model(name, adapter_dtype):
         if n in weights:  # unmerge takes back what merge added, up to one bf16 ulp of W + ΔW (two roundings)
             ulp = 2.0**-7 * merged_w[n].abs().max()
             assert (p.float() - weights[n].float()).abs().max() <= 0.1 * deltas[n] + ulp, n
+
+
+@pytest.mark.parametrize("name", [n for n in CONFIGS if n != "llama_adapter"])
+@pytest.mark.parametrize("init_weights", [True, False], ids=["default-init", "random-init"])
+def test_a_seed_gives_the_same_adapter_on_the_cpu_and_the_gpu(name, init_weights):
+    """Adapter weights are drawn from the CPU generator and copied (PEFT builds them on the CPU and moves them),
+    so a seed gives the same adapter on either device, random inits (init_weights=False) included. Llama-Adapter's
+    prompt is drawn on the device, as PEFT's is."""
+    cfg = CONFIGS[name]()
+    if not init_weights:
+        cfg = dataclasses.replace(cfg, init_weights=False)
+    base = tiny_llama()
+    torch.manual_seed(1)
+    cpu = la.adapter_state_dict(la.inject(copy.deepcopy(base), cfg))
+    torch.manual_seed(1)
+    gpu = la.adapter_state_dict(la.inject(copy.deepcopy(base).to(DEV), cfg))
+    assert cpu.keys() == gpu.keys()
+    for k in cpu:
+        assert torch.equal(gpu[k].cpu(), cpu[k]), k

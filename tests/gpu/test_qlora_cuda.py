@@ -37,13 +37,20 @@ def _adapter(module: L.LightningModule) -> dict[str, torch.Tensor]:
 PLUGIN_MODES = {"nf4": torch.bfloat16, "nf4-dq": torch.bfloat16, "int8": torch.float16}
 
 
+class EagerLlamaLM(TinyLlamaLM):
+    """TinyLlamaLM without ``configure_model``: Lightning runs that hook inside the precision plugin's init context,
+    which BitsandbytesPrecision refuses when ``ignore_modules`` is set (it would build the layers on the device)."""
+
+    configure_model = L.LightningModule.configure_model
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="BitsandbytesPrecision needs CUDA")
 @pytest.mark.parametrize("mode", list(PLUGIN_MODES))
 def test_qlora_with_bitsandbytes_precision(mode: str) -> None:
     from lightning.pytorch.plugins import BitsandbytesPrecision
 
     dtype = PLUGIN_MODES[mode]
-    module = TinyLlamaLM(lr=0.05)  # a plain fp32 model built in __init__: the plugin converts its Linear layers
+    module = EagerLlamaLM(lr=0.05)  # a plain fp32 model built in __init__: the plugin converts its Linear layers
     trainer = L.Trainer(
         accelerator="cuda",
         devices=1,
