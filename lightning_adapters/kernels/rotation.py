@@ -131,10 +131,26 @@ class NeumannSeries(torch.autograd.Function):
         return grad_q.baddbmm_(grad_y, q_t).baddbmm_(q_t, grad_y)  # + ∂Y Qᵀ + Qᵀ ∂Y
 
 
+def recomputes_series(device: torch.device) -> bool:
+    """Policy: the series keeps only ``Q`` and recomputes its steps in backward (``NeumannSeries``) on the CPU;
+    elsewhere autograd keeps the steps.
+
+    On the CPU a step is bound by arithmetic: the recomputed b×b products are nothing next to a layer's GEMMs,
+    and the memory they save keeps OFT's peak under PEFT's on the reference workloads. On a GPU a step of these
+    models is bound by the host launching kernels (an H200 runs a 1B Llama's adapted layers faster than Python
+    queues them): there the node's Python backward per layer is the cost (OFT 1.03× PEFT's step), and the steps
+    autograd keeps, ``r·b²`` elements per layer, are nothing next to the layer's activations.
+    """
+    return device.type == "cpu"
+
+
 def neumann_series(q: torch.Tensor, coeffs: list[float]) -> torch.Tensor:
-    """``I + Σ_k coeffs[k−1] Q^k`` for blocks ``q`` (n, b, b) -> (n, b, b); see ``NeumannSeries``."""
+    """``I + Σ_k coeffs[k−1] Q^k`` for blocks ``q`` (n, b, b) -> (n, b, b); see ``NeumannSeries`` and
+    ``recomputes_series``."""
     if len(coeffs) >= 2:
-        return NeumannSeries.apply(q, tuple(coeffs))
+        if recomputes_series(q.device):
+            return NeumannSeries.apply(q, tuple(coeffs))
+        return _series_steps(q, tuple(coeffs))[1][-1]
     eye = torch.eye(q.shape[-1], dtype=q.dtype, device=q.device).expand_as(q)
     return torch.add(eye, q, alpha=coeffs[0]) if coeffs else eye.clone()
 

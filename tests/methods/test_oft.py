@@ -9,6 +9,7 @@ import torch
 from torch import nn
 
 import lightning_adapters as la
+from lightning_adapters.kernels import rotation
 from lightning_adapters.kernels.rotation import (
     TOKEN_MAJOR_MIN_BLOCK,
     block_layout,
@@ -138,12 +139,24 @@ def test_neumann_is_the_transpose_of_exact_cayley():
     assert (r5 - truth_t).abs().max() < 0.01 < (r5 - exact).abs().max()
 
 
+def test_the_series_recomputes_its_steps_on_the_cpu_only():
+    assert rotation.recomputes_series(torch.device("cpu"))
+    assert not rotation.recomputes_series(torch.device("cuda"))
+    assert not rotation.recomputes_series(torch.device("meta"))
+
+
+@pytest.mark.parametrize("recompute", [True, False], ids=["NeumannSeries", "autograd"])
 @pytest.mark.parametrize("terms", [2, 3, 5, 7, 8])
 @pytest.mark.parametrize("b", [1, 2, 7])
-def test_skew_gather_and_horner_series_equal_the_scatter_and_the_power_sum(terms: int, b: int):
+def test_skew_gather_and_horner_series_equal_the_scatter_and_the_power_sum(
+    terms: int, b: int, recompute: bool, monkeypatch: pytest.MonkeyPatch
+):
     """``skew_symmetric`` (one gather) is ``U − Uᵀ`` scattered from the upper entries, and ``cayley_neumann``
     (Horner's rule in ``Q²``, odd and even numbers of coefficients) is ``I + Σ c_k Q^k`` from explicit powers:
-    outputs and gradients."""
+    outputs and gradients, with the recomputing node (the CPU's policy) and with plain autograd (a GPU's)."""
+    monkeypatch.setattr(rotation, "recomputes_series", lambda device: recompute)
+    applied = []
+    monkeypatch.setattr(rotation.NeumannSeries, "apply", lambda *a: applied.append(1) or _real_apply(*a))
     g = torch.Generator().manual_seed(terms * 10 + b)
     upper = (torch.randn(3, b * (b - 1) // 2, generator=g, dtype=torch.float64) * 0.3).requires_grad_()
     weights = torch.randn(3, b, b, generator=g, dtype=torch.float64)
@@ -166,6 +179,10 @@ def test_skew_gather_and_horner_series_equal_the_scatter_and_the_power_sum(terms
     (g_got,) = torch.autograd.grad((got * weights).sum(), upper)
     (g_want,) = torch.autograd.grad((want * weights).sum(), upper)
     torch.testing.assert_close(g_got, g_want, rtol=1e-12, atol=1e-12)
+    assert bool(applied) == (recompute and len(neumann_coefficients(terms)) >= 2)
+
+
+_real_apply = rotation.NeumannSeries.apply
 
 
 def test_forward_equals_dense_block_diagonal_formula():
