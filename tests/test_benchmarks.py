@@ -183,3 +183,19 @@ def test_qlora_layers_profile_times_frozen_ours_and_peft_per_shape(tmp_path: Pat
     # Only the NF4 row has layers to profile: one per quick shape, every side timed.
     assert [(r["row"], r["in"], r["out"]) for r in layers] == [("dora", 8, 8), ("dora", 8, 4)]
     assert all(r["cpu_ms"].keys() == {"frozen", "ours", "peft"} and min(r["cpu_ms"].values()) > 0 for r in layers)
+
+
+def test_a_failed_peft_boft_extension_build_is_tried_once(monkeypatch: pytest.MonkeyPatch) -> None:
+    """PEFT retries a failed build of its BOFT CUDA kernel for every layer; the GPU script lets it fail once."""
+    import peft.tuners.boft.layer as boft_layer
+
+    from experiments.benchmarks import gpu
+
+    calls = []
+    monkeypatch.setattr(boft_layer, "get_fbd_cuda", lambda: calls.append(1))  # a build that fails: None
+    assert gpu.peft_boft_extension_once() is False
+    assert boft_layer.get_fbd_cuda() is None and boft_layer.get_fbd_cuda() is None
+    assert calls == [1]
+    built = object()
+    monkeypatch.setattr(boft_layer, "get_fbd_cuda", lambda: built)
+    assert gpu.peft_boft_extension_once() is True and boft_layer.get_fbd_cuda() is built

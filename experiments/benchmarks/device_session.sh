@@ -2,7 +2,7 @@
 # Everything a lent GPU machine should run, in one command (device time is scarce: minutes per task):
 #   1. the environment (nvidia-smi, package versions);
 #   2. tests/gpu (every method's forward/backward/merge on CUDA, bf16, PEFT parity, QLoRA with Lightning's
-#      BitsandbytesPrecision), while PEFT's BOFT CUDA extension builds in the background on the CPU;
+#      BitsandbytesPrecision);
 #   3. the GPU benchmark (experiments/benchmarks/gpu.py: every method vs PEFT on a ~1B random Llama, bf16,
 #      seq 2048), with the profiler's top-op tables.
 # Logs and results go to $OUT (the device tool's folder that comes back) or ./gpu_out. Packages the machine lacks
@@ -26,14 +26,10 @@ fi
 'transformers', transformers.__version__, 'peft', peft.__version__, 'lightning', lightning.__version__)"
     python3 -c "import bitsandbytes; print('bitsandbytes', bitsandbytes.__version__)"
 } >>"$OUT/env.txt" 2>&1
-( timeout 240 python3 -c "from peft.tuners.boft.layer import get_fbd_cuda; print('fbd_cuda:', get_fbd_cuda())" \
-    >"$OUT/fbd_build.log" 2>&1 ) &
-builder=$!
 timeout "${TEST_S:-200}" python3 -m pytest tests/gpu -q -rA -p no:cacheprovider >"$OUT/pytest.log" 2>&1
 echo "pytest exit $?" >>"$OUT/pytest.log"
-wait $builder
-timeout "${BENCH_S:-260}" python3 -m experiments.benchmarks.gpu --out "$OUT" --profile --steps "${STEPS:-15}" \
-    --variants ${VARIANTS:-bf16 bf16-adapters} >"$OUT/bench.log" 2>&1
+timeout "${BENCH_S:-260}" python3 -m experiments.benchmarks.gpu --out "$OUT" --profile --steps "${STEPS:-30}" \
+    --variants ${VARIANTS:-bf16} >"$OUT/bench.log" 2>&1
 echo "bench exit $?" >>"$OUT/bench.log"
 tail -3 "$OUT/pytest.log"
 tail -3 "$OUT/bench.log"

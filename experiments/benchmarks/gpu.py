@@ -41,8 +41,8 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--device", help="default: cuda when available, else cpu")
     p.add_argument("--methods", nargs="+", help="row labels of cases.py (default: every row PEFT also runs)")
     p.add_argument("--variants", nargs="+", default=["bf16"], choices=["bf16", "bf16-adapters", "fp32"])
-    p.add_argument("--steps", type=int, help="timed train steps (default 10; tiny 2)")
-    p.add_argument("--warmup", type=int, default=1, help="untimed rounds after the memory step (default 1)")
+    p.add_argument("--steps", type=int, help="timed train steps (default 30; tiny 2)")
+    p.add_argument("--warmup", type=int, default=5, help="untimed rounds after the memory step (default 5)")
     p.add_argument("--out", type=Path, help="output directory")
     p.add_argument("--profile", action="store_true", help="add the torch profiler's top-op tables of ours and PEFT")
     return p.parse_args(argv)
@@ -67,6 +67,21 @@ def order(labels: list[str]) -> list[str]:
     return sorted(labels, key=lambda label: label.startswith("boft"))
 
 
+def peft_boft_extension_once() -> bool:
+    """Build PEFT's BOFT CUDA extension once; if that fails, let PEFT use its PyTorch path without retrying.
+
+    PEFT 0.21 caches the extension only when the build succeeds, so a failed build (its kernel does not compile
+    against torch 2.11's dispatch macros) is retried for every BOFT layer it creates: tens of seconds each, which
+    would time the compiler, not BOFT. Returns whether PEFT runs its CUDA kernel.
+    """
+    import peft.tuners.boft.layer as boft_layer
+
+    built = boft_layer.get_fbd_cuda() is not None
+    if not built:
+        boft_layer.get_fbd_cuda = lambda: None
+    return built
+
+
 def main(argv: list[str] | None = None) -> int:
     args = _parse(argv)
     import lightning_adapters as la
@@ -78,7 +93,7 @@ def main(argv: list[str] | None = None) -> int:
     device = torch.device(args.device or default_device())
     _setup_torch(args.tiny and device.type == "cpu")
     w = TINY if args.tiny else LLAMA_1B
-    steps = args.steps or (2 if args.tiny else 10)
+    steps = args.steps or (2 if args.tiny else 30)
     out = args.out or (DEFAULT_OUT / "quick" if args.tiny else DEFAULT_OUT)
     chosen, skipped = select(args.methods, la.available_methods())
     labels = order([c.label for c in chosen if c.peft and "decoder" in c.workloads])
@@ -108,6 +123,8 @@ def main(argv: list[str] | None = None) -> int:
             dtype = torch.bfloat16 if variant.startswith("bf16") else torch.float32
             base = build_model(w, device=device).to(dtype)
             for label in labels:
+                if label.startswith("boft") and device.type == "cuda" and "peft_boft_cuda_extension" not in run:
+                    run["peft_boft_cuda_extension"] = peft_boft_extension_once()
                 t0 = time.perf_counter()
                 print(f"[gpu] {label} {variant} on {device_name(device)}", flush=True)
                 try:
