@@ -129,7 +129,7 @@ class AdapterCallback(Callback):
     @override
     def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
         self._runtime = attach_runtime(pl_module, self.config, self.options)
-        swap_class(pl_module)
+        swap_class(pl_module, trainer)
         # A model built in __init__ is adapted now (before a configure_model that may shard it); one built in
         # configure_model is adapted right after it.
         self._runtime.inject(pl_module, defer=True)
@@ -203,14 +203,10 @@ class AdapterCallback(Callback):
 # The module class swap (here, beside the callback it adds, so runtime.py imports neither)
 
 
-class AdapterModuleHooks:
+class _ModuleHooks:
     """Methods placed in front of the user's LightningModule class; each calls the user's own method first."""
 
     _la_swapped = True
-
-    def configure_model(self) -> None:
-        super().configure_model()
-        get_runtime(self).after_configure_model(self)
 
     def training_step(self, *args: Any, **kwargs: Any) -> Any:
         out = super().training_step(*args, **kwargs)
@@ -233,22 +229,56 @@ class AdapterModuleHooks:
         return [*own, AdapterCallback(None)]
 
 
-_CLASS_CACHE: dict[type, type] = {}
+class AdapterModuleHooks(_ModuleHooks):
+    """The hooks, with injection right after the user's ``configure_model`` (Lightning runs it on every stage)."""
+
+    def configure_model(self) -> None:
+        super().configure_model()
+        get_runtime(self).after_configure_model(self)
 
 
-def swap_class(pl_module: nn.Module) -> None:
-    """Put ``AdapterModuleHooks`` in front of ``pl_module``'s class (once; picklable, like ``core.layer``)."""
+class AdapterSetupHooks(_ModuleHooks):
+    """The hooks for a module without ``configure_model`` whose precision plugin refuses the init context Lightning
+    opens around that hook (``BitsandbytesPrecision`` with ``ignore_modules``): the step that follows
+    ``configure_model`` runs at the end of the module's ``setup`` instead, the hook Lightning calls just before."""
+
+    def setup(self, stage: str) -> None:
+        super().setup(stage)
+        get_runtime(self).after_configure_model(self)
+
+
+_CLASS_CACHE: dict[tuple[type, type], type] = {}
+
+
+def init_context_refused(pl_module: nn.Module, trainer: Any) -> bool:
+    """Whether adding a ``configure_model`` to ``pl_module`` would make Lightning fail: it runs an overridden
+    ``configure_model`` inside the precision plugin's ``module_init_context``, which ``BitsandbytesPrecision``
+    refuses when ``ignore_modules`` is set. A module with its own ``configure_model`` meets that refusal anyway."""
+    from lightning.pytorch.utilities.model_helpers import is_overridden
+
+    plugin = getattr(trainer, "precision_plugin", None)
+    if type(plugin).__name__ != "BitsandbytesPrecision" or not getattr(plugin, "ignore_modules", None):
+        return False
+    return not is_overridden("configure_model", pl_module, parent=LightningModule)
+
+
+def swap_class(pl_module: nn.Module, trainer: Any = None) -> None:
+    """Put the hooks in front of ``pl_module``'s class (once; picklable, like ``core.layer``):
+    ``AdapterModuleHooks``, or ``AdapterSetupHooks`` where the trainer's precision plugin refuses
+    ``configure_model`` (``init_context_refused``).
+    """
     cls = type(pl_module)
     if getattr(cls, "_la_swapped", False):
         return
-    if cls not in _CLASS_CACHE:
+    hooks = AdapterSetupHooks if init_context_refused(pl_module, trainer) else AdapterModuleHooks
+    if (cls, hooks) not in _CLASS_CACHE:
         module = sys.modules[__name__]
         name = f"Adapter{cls.__name__}"
         while hasattr(module, name):
             name += "_"
-        new = type(name, (AdapterModuleHooks, cls), {"__module__": __name__, "__qualname__": name})
+        new = type(name, (hooks, cls), {"__module__": __name__, "__qualname__": name})
         setattr(module, name, new)
-        _CLASS_CACHE[cls] = new
+        _CLASS_CACHE[(cls, hooks)] = new
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        pl_module.__class__ = _CLASS_CACHE[cls]
+        pl_module.__class__ = _CLASS_CACHE[(cls, hooks)]
