@@ -53,13 +53,13 @@ def draw_(t: torch.Tensor, init: Callable[..., Any], **kwargs: Any) -> torch.Ten
 
     Whatever device ``t`` is on, the values are drawn on the CPU and copied, as PEFT does (it builds adapter
     weights on the CPU and moves them): one seed gives the same adapter on the CPU, on a GPU and under any
-    strategy (a device mesh's RNG tracker may reseed the CUDA generator, never the CPU one). Meta tensors and
-    DTensors are filled where they are.
+    strategy (Lightning builds a single-device model under a CUDA default-device context, a sharded one on the
+    CPU). Meta tensors and DTensors are filled where they are.
     """
     if t.device.type in ("cpu", "meta") or _is_dtensor(t):
         init(t, **kwargs)
         return t
-    cpu = torch.empty(t.shape, dtype=t.dtype)
+    cpu = torch.empty(t.shape, dtype=t.dtype, device="cpu")  # explicit: a default-device context may be set
     init(cpu, **kwargs)
     with torch.no_grad():
         t.copy_(cpu)

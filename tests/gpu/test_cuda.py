@@ -196,5 +196,5 @@ def test_a_seed_gives_the_same_adapter_on_the_cpu_and_the_gpu(name, init_weights
     torch.manual_seed(1)
     gpu = la.adapter_state_dict(la.inject(copy.deepcopy(base).to(DEV), cfg))
     assert cpu.keys() == gpu.keys()
-    for k in cpu:
-        assert torch.equal(gpu[k].cpu(), cpu[k]), k
+    for k in cpu:  # drawn values are equal; ones computed from the weights (DoRA's magnitude) to rounding
+        torch.testing.assert_close(gpu[k].cpu(), cpu[k], rtol=1e-6, atol=1e-7, msg=k)

@@ -88,7 +88,8 @@ class QuantLlamaLM(TinyLlamaLM):
 
     def _build(self) -> torch.nn.Module:
         torch.manual_seed(self.seed)
-        model = tiny_llama(hidden_size=128, intermediate_size=256, num_attention_heads=4, num_key_value_heads=4)
+        with torch.device("cpu"):  # Lightning's single-device init context would draw the weights on the GPU
+            model = tiny_llama(hidden_size=128, intermediate_size=256, num_attention_heads=4, num_key_value_heads=4)
         return la.quantize(model.to(DEV), self.scheme)
 
 
