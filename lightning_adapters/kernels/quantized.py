@@ -36,8 +36,11 @@ from lightning_adapters.kernels.lowrank import thin_cols_product, thin_rows_prod
 
 
 def quantized_lowrank_applies(x: torch.Tensor, A: torch.Tensor) -> bool:
-    """Whether ``quantized_lowrank_linear`` can run: the input in the adapter's dtype and no autocast to honour."""
-    return x.dtype == A.dtype and x.is_floating_point() and not torch.is_autocast_enabled(x.device.type)
+    """Whether ``quantized_lowrank_linear`` can run: the input in the adapter's dtype, no autocast to honour, and
+    not while ``torch.compile`` traces (dynamo cannot capture the Function's saved views: the compiled model runs
+    the plain terms, which it can)."""
+    same = x.dtype == A.dtype and x.is_floating_point()
+    return same and not torch.is_autocast_enabled(x.device.type) and not torch.compiler.is_compiling()
 
 
 def fold_forward(rows: int, in_f: int) -> bool:
@@ -128,8 +131,7 @@ class _QuantizedLowRankLinear(torch.autograd.Function):
 def quantized_dora_applies(x: torch.Tensor, A: torch.Tensor, magnitude: torch.Tensor) -> bool:
     """Whether ``quantized_dora_linear`` can run: as ``kernels.dora.dora_fused_applies`` (one dtype, no autocast,
     not while ``torch.compile`` traces), the base's weight being the one dequantized in ``x``'s dtype."""
-    eager = not torch.compiler.is_compiling()
-    return eager and quantized_lowrank_applies(x, A) and magnitude.dtype == x.dtype
+    return quantized_lowrank_applies(x, A) and magnitude.dtype == x.dtype
 
 
 def quantized_dora_linear(

@@ -72,3 +72,42 @@ def test_keeps_no_weight_sized_tensor_for_backward() -> None:
     assert saved and all(s.numel() < 192 * 256 for s in saved), saved
     y.sum().backward()
     assert x.grad is not None and A.grad is not None and B.grad is not None
+
+
+def test_compiled_models_trace_the_plain_terms_instead_of_the_function() -> None:
+    from lightning_adapters.kernels.quantized import quantized_dora_applies, quantized_lowrank_applies
+
+    x, A, m = torch.ones(3, 4), torch.ones(2, 4), torch.ones(5)
+
+    def which(t: torch.Tensor) -> torch.Tensor:
+        lora, dora = quantized_lowrank_applies(x, A), quantized_dora_applies(x, A, m)
+        return t + 1 + 2 * dora if lora else t - 1 - 2 * dora
+
+    assert torch.equal(which(x), x + 3)  # eager: both Functions
+    assert torch.equal(torch.compile(which, backend="eager", fullgraph=True)(x), x - 1)  # traced: neither
+
+
+@pytest.mark.parametrize("use_dora", [False, True], ids=["lora", "dora"])
+def test_a_compiled_qlora_model_equals_eager(use_dora: bool) -> None:
+    """torch.compile of a LoRA/DoRA model on an NF4 base: outputs and every gradient as in eager mode (the LoRA
+    Function's saved views once made dynamo fail with an internal error)."""
+    torch.manual_seed(0)
+    model = la.quantize(nn.Sequential(nn.Linear(64, 48), nn.ReLU(), nn.Linear(48, 32)), "nf4", skip=[])
+    la.inject(model, la.LoRAConfig(r=4, target_modules=["0", "2"], use_dora=use_dora))
+    with torch.no_grad():
+        for t in la.adapter_state_dict(model).values():
+            t.add_(torch.randn_like(t) * 0.1)
+    params = [p for p in model.parameters() if p.requires_grad]
+    x = torch.randn(16, 64, requires_grad=True)
+
+    def run(fn: nn.Module) -> list[torch.Tensor]:
+        for t in [x, *params]:
+            t.grad = None
+        out = fn(x)
+        out.square().sum().backward()
+        return [out.detach(), x.grad.clone(), *(p.grad.clone() for p in params)]
+
+    eager = run(model)
+    compiled = run(torch.compile(model, backend="aot_eager"))
+    for a, b in zip(eager, compiled, strict=True):
+        torch.testing.assert_close(b, a, rtol=1e-4, atol=1e-5)
