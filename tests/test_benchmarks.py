@@ -199,3 +199,26 @@ def test_a_failed_peft_boft_extension_build_is_tried_once(monkeypatch: pytest.Mo
     built = object()
     monkeypatch.setattr(boft_layer, "get_fbd_cuda", lambda: built)
     assert gpu.peft_boft_extension_once() is True and boft_layer.get_fbd_cuda() is built
+
+
+def test_device_session_script_runs_the_gpu_tests_and_the_benchmark(tmp_path: Path) -> None:
+    """The one command a lent GPU runs, dry-run here: tests/gpu (skipped without CUDA) and the benchmark's logic."""
+    import os
+
+    env = dict(
+        os.environ,
+        OUT=str(tmp_path),
+        PYTHON=sys.executable,
+        INSTALL_WHEELS="0",
+        STEPS="1",
+        BENCH_ARGS="--tiny --device cpu --methods lora --warmup 0",
+    )
+    script = ROOT / "experiments" / "benchmarks" / "device_session.sh"
+    done = subprocess.run(["bash", str(script)], cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr
+    assert "pytest exit 0" in (tmp_path / "pytest.log").read_text()
+    assert "bench exit 0" in (tmp_path / "bench.log").read_text()
+    assert "torch" in (tmp_path / "env.txt").read_text()
+    res = json.loads((tmp_path / "gpu.json").read_text())
+    assert "error" not in res["rows"]["lora"]["bf16/llama-tiny"]
+    assert (tmp_path / "gpu_profiles.md").read_text().count("```") >= 2  # --profile: ours and PEFT's op tables
