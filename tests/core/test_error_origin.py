@@ -13,6 +13,7 @@ import pytest
 import torch
 
 import lightning_adapters as la
+from lightning_adapters.core.named import scale_of
 
 # (config class, field, bad value, the method named in the refusal)
 CONFIG_CASES = [
@@ -208,10 +209,36 @@ def test_adapters_that_cannot_stack_are_refused_naming_the_others():
     ],
     ids=["inject", "load_peft"],
 )
-@pytest.mark.parametrize("bad", ["a.b", "keys", 3])
-def test_unusable_adapter_names_are_refused_by_the_call_that_got_them(name, call, bad):
+@pytest.mark.parametrize(
+    "bad, why", [("a.b", "not usable"), ("keys", "not usable"), (3, "not usable"), ("__base__", "reserved")]
+)
+def test_unusable_adapter_names_are_refused_by_the_call_that_got_them(name, call, bad, why):
+    """``"__base__"`` (per_sample's name for the base rows) is refused as reserved, anything else as not usable."""
     model = torch.nn.Sequential(torch.nn.Linear(3, 3))
     with pytest.raises(la.AdapterConfigError) as info:
         call(model, bad)
-    assert str(info.value).startswith(f"{name}: adapter name {bad!r} is not usable"), str(info.value)
+    assert str(info.value).startswith(f"{name}: adapter name {bad!r} is {why};"), str(info.value)
     assert not list(la.core.inject.find_records(model))
+
+
+# Calls that change which adapters act or exist, refused while an adapter is merged into the base weights.
+MERGED_CALLS = {
+    "delete": (lambda m: la.delete(m, "b"), "delete: adapters ['a'] are merged into the base weights"),
+    "set_active": (lambda m: la.set_active(m, "b"), "set_active: adapters ['a'] are merged into the base weights"),
+    "set_scale": (lambda m: la.set_scale(m, "a", 0.5), "set_scale: adapter 'a' is merged into the base weights"),
+}
+
+
+@pytest.mark.parametrize("name", sorted(MERGED_CALLS))
+def test_calls_refused_on_a_merged_model_name_themselves_and_leave_it_as_it_was(name):
+    model = torch.nn.Sequential(torch.nn.Linear(3, 3), torch.nn.Linear(3, 3))
+    la.inject(model, la.LoRAConfig(r=1, target_modules=["0"]), name="a")
+    la.inject(model, la.LoRAConfig(r=1, target_modules=["1"]), name="b")
+    la.set_active(model, "a")
+    la.merge(model)
+    call, start = MERGED_CALLS[name]
+    with pytest.raises(la.AdapterStateError) as info:
+        call(model)
+    assert str(info.value).startswith(start), str(info.value)
+    assert "unmerge(model) first" in str(info.value), str(info.value)
+    assert la.adapter_names(model) == ["a", "b"] and la.active(model) == ["a"] and scale_of(model, "a") == 1.0

@@ -494,3 +494,35 @@ def test_load_peft_refuses_values_a_copy_would_convert_or_poison(spoil, match, t
     with pytest.raises(la.AdapterStateError, match=rf"q_proj.lora_B.weight: {match}"):
         la.load_peft(model, tmp_path / "a")
     _assert_same_tree(model, before)
+
+
+# value_problem, the check behind every state load, against values whose verdict is known by construction: the
+# number of non-finite values counted by hand, and overflow decided by each dtype's largest finite value
+# (fp16 65504, bf16 and fp32 about 3.4e38).
+VALUE_CASES = [
+    # (value, target, check_finite, expected message or None)
+    (torch.tensor([1.0, float("nan"), float("inf"), -float("inf")]), torch.zeros(4), True, "k: 3 non-finite values"),
+    (torch.tensor([7e4, -7e4, 6e4]), torch.zeros(3).half(), True, "k: 2 values overflow to inf as float16"),
+    (torch.tensor([1e300, 1.0], dtype=torch.float64), torch.zeros(2), True, "k: 1 values overflow to inf as float32"),
+    (torch.tensor([1e39, 3e38], dtype=torch.float64), torch.zeros(2).bfloat16(), True, "k: 1 values overflow"),
+    (torch.tensor([7e4, float("nan")]), torch.zeros(2, dtype=torch.float16), False, None),
+    (torch.tensor([65504.0, -65504.0]), torch.zeros(2, dtype=torch.float16), True, None),
+    (torch.tensor([True, False]), torch.zeros(2, dtype=torch.bool), True, None),
+    (torch.tensor([1, 0], dtype=torch.uint8), torch.zeros(2, dtype=torch.bool), True, None),
+    (torch.tensor([2, 0]), torch.zeros(2, dtype=torch.bool), True, "k: a int64 tensor with values other than 0/1"),
+    (torch.tensor([3, 4]), torch.zeros(2, dtype=torch.int32), True, None),
+    (torch.tensor([3.0, 4.0]), torch.zeros(2, dtype=torch.int32), True, "k: dtype float32 (floating) for a integer"),
+    (torch.tensor([True, False]), torch.zeros(2), True, "k: dtype bool (bool) for a floating tensor (float32)"),
+]
+
+
+@pytest.mark.parametrize("value, target, check_finite, expected", VALUE_CASES, ids=[str(i) for i in range(12)])
+def test_value_problem_counts_non_finite_and_overflowing_values_by_target_dtype(value, target, check_finite, expected):
+    from lightning_adapters.core.state import value_problem
+
+    got = value_problem("k", value, target, check_finite, "; HINT")
+    if expected is None:
+        assert got is None, got
+    else:
+        assert got is not None and got.startswith(expected), got
+        assert got.endswith("; HINT") == ("non-finite" in expected or "overflow" in expected), got
