@@ -1,4 +1,5 @@
-"""``per_sample`` hands a module's keyword arguments to the adapters, routed by row like positional ones.
+"""``per_sample`` hands a module's keyword arguments to the adapters, routed by row like positional ones; so does
+every other branch of the adapted forward (stacked, scaled, disabled adapters).
 
 The built-in layers take their input positionally; a method's ``adapted_forward`` may take ``*args, **kwargs``
 (the ``AdapterLayer`` signature), so the engine must pass a keyword input on. The toy method of
@@ -68,3 +69,97 @@ def test_per_sample_routes_rows_given_by_keyword(monkeypatch, toy_method):
     with la.per_sample(model, names):
         got = model(x)
     assert torch.allclose(got, torch.cat(want), atol=1e-6)
+
+
+def _delta_output(self, base: nn.Module, *args, **kwargs) -> torch.Tensor:
+    return base._la_base_forward(*args, **kwargs) * self.g
+
+
+# (additive, dense_term, names of the rows, set_scale of "a"): each reaches another branch of the routed forward
+# (core/routing.py) with the input given by keyword: the base alone, base + Σ terms, one forward per group of rows
+# (base rows included), and a scaled group there.
+ROUTES = {
+    "base-only": (True, False, ["__base__", "__base__", "__base__"], 1.0),
+    "additive-terms": (True, False, ["a", "b", "__base__", "a"], 0.5),
+    "per-group": (False, False, ["a", "b", "__base__", "a"], 1.0),
+    "per-group-scaled": (True, True, ["a", "b", "__base__", "a"], 0.5),
+}
+
+
+@pytest.mark.parametrize("route", sorted(ROUTES))
+def test_every_routed_branch_passes_a_keyword_input_on(monkeypatch, toy_method, route):
+    """Truth: the toy's closed form per row, ``(1 + s·g_name) ⊙ (W x + b)`` (``g = 0`` for ``"__base__"``), with
+    ``s`` the ``set_scale`` of the row's adapter; gradients of x and of each ``g`` against autograd of that form."""
+    additive, dense, names, scale = ROUTES[route]
+    layer_cls = toy_method.ToyScaleLayer
+    monkeypatch.setattr(layer_cls, "adapted_forward", _adapted_forward)
+    monkeypatch.setattr(layer_cls, "delta_output", _delta_output)
+    monkeypatch.setattr(layer_cls, "additive", additive)
+    monkeypatch.setattr(layer_cls, "dense_term", dense)
+    torch.manual_seed(0)
+    model = KeywordCall()
+    for name in ("a", "b"):
+        la.inject(model, toy_method.ToyScaleConfig(target_modules=["layer"]), name=name)
+        with torch.no_grad():
+            model.layer.adapter[name].g.normal_()
+    la.set_trainable(model, ["a", "b"])
+    if scale != 1.0:
+        la.set_scale(model, "a", scale)
+    x = torch.randn(len(names), 8, requires_grad=True)
+    w, b = model.layer.weight, model.layer.bias
+    g = {"a": model.layer.adapter["a"].g, "b": model.layer.adapter["b"].g}
+    s = {"a": scale, "b": 1.0}
+    factor = torch.stack([1 + s[n] * g[n] if n in g else torch.ones(6) for n in names])
+    want = (x @ w.T + b) * factor
+    with la.per_sample(model, names):
+        got = model(x)
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+    up = torch.randn_like(want)
+    params = [x, g["a"], g["b"]]
+    got_grads = torch.autograd.grad((got * up).sum(), params, allow_unused=True)
+    want_grads = torch.autograd.grad((want * up).sum(), params, allow_unused=True)
+    for got_g, want_g in zip(got_grads, want_grads):
+        if want_g is None:
+            assert got_g is None or not got_g.any()
+        else:
+            torch.testing.assert_close(got_g, want_g, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("active, scale", [(["a", "b"], 1.0), (["a"], 0.5), (["a", "b"], 0.5)])
+def test_stacked_and_scaled_adapters_pass_a_keyword_input_on(monkeypatch, toy_method, active, scale):
+    """Outside ``per_sample``: base + Σ s_i · term_i (core/layer.py) with the input given by keyword; truth the
+    closed form ``(1 + Σ s_i g_i) ⊙ (W x + b)``."""
+    layer_cls = toy_method.ToyScaleLayer
+    monkeypatch.setattr(layer_cls, "adapted_forward", _adapted_forward)
+    monkeypatch.setattr(layer_cls, "delta_output", _delta_output)
+    monkeypatch.setattr(layer_cls, "additive", True)
+    torch.manual_seed(0)
+    model = KeywordCall()
+    for name in ("a", "b"):
+        la.inject(model, toy_method.ToyScaleConfig(target_modules=["layer"]), name=name)
+        with torch.no_grad():
+            model.layer.adapter[name].g.normal_()
+    la.set_active(model, active)
+    la.set_scale(model, "a", scale)
+    x = torch.randn(3, 8)
+    g = {n: model.layer.adapter[n].g for n in ("a", "b")}
+    s = {"a": scale, "b": 1.0}
+    want = (x @ model.layer.weight.T + model.layer.bias) * (1 + sum(s[n] * g[n] for n in active))
+    torch.testing.assert_close(model(x), want, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("active", [["a"], ["a", "b"]], ids=["one", "two"])
+def test_disabled_adapters_pass_a_keyword_input_to_the_base(monkeypatch, toy_method, active):
+    """Inside ``disabled`` the adapted module is its base, ``W x + b``, however many adapters are active."""
+    monkeypatch.setattr(toy_method.ToyScaleLayer, "additive", True)
+    monkeypatch.setattr(toy_method.ToyScaleLayer, "delta_output", _delta_output)
+    torch.manual_seed(0)
+    model = KeywordCall()
+    for name in ("a", "b"):
+        la.inject(model, toy_method.ToyScaleConfig(target_modules=["layer"]), name=name)
+        with torch.no_grad():
+            model.layer.adapter[name].g.normal_()
+    la.set_active(model, active)
+    x = torch.randn(3, 8)
+    with la.disabled(model):
+        torch.testing.assert_close(model(x), x @ model.layer.weight.T + model.layer.bias)
