@@ -1,0 +1,142 @@
+"""Paths of the methods that the fast suite reached rarely or never (survivors of the seed-23 mutation sample,
+docs/MUTATION.md): LoRA's ``lora_bias`` on every layer kind through both forwards, AdaLoRA's scores and export under
+``torch.distributed`` (rank 0's broadcast, sharded DTensor factors) and Llama-Adapter's description of itself.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import lightning_adapters as la
+from lightning_adapters.methods import adalora
+from lightning_adapters.methods.adalora import AdaLoRALayer
+from lightning_adapters.methods.llama_adapter import AdaptionPrompt
+from lightning_adapters.methods.lora import LoRALayer
+from tests.helpers import Wrap, tiny_llama
+
+# (base layer, input shape, functional form of the base): conv kinds go through their own branch of the forwards.
+KINDS = {
+    "linear": (lambda: nn.Linear(6, 5), (3, 2, 6), lambda x, w, b: F.linear(x, w, b)),
+    "conv1d": (lambda: nn.Conv1d(4, 5, 3, padding=1), (2, 4, 7), lambda x, w, b: F.conv1d(x, w, b, padding=1)),
+    "conv2d": (lambda: nn.Conv2d(4, 5, 3, padding=1), (2, 4, 5, 6), lambda x, w, b: F.conv2d(x, w, b, padding=1)),
+}
+
+
+@pytest.mark.parametrize("scale", [1.0, 0.5], ids=["adapted-forward", "scaled-delta-output"])
+@pytest.mark.parametrize("kind", sorted(KINDS))
+def test_lora_bias_is_the_merged_formula_in_values_and_gradients(kind, scale):
+    """With ``lora_bias`` the adapter adds ``s·(B·A·x + b_B)``: the base with ``W + s·B∘A`` and ``b + s·b_B``
+    (what ``merge`` folds). ``s = scale·alpha/r`` with alpha/r = 1.5; ``set_scale(0.5)`` runs the base plus the
+    scaled ``delta_output`` (a separate code path per layer kind). Truth: the functional base op on the merged
+    weight and bias, in float64, and its autograd gradients for ``A``, ``B``, ``b_B`` and the input."""
+    make, shape, op = KINDS[kind]
+    torch.manual_seed(0)
+    model = Wrap(make()).double()
+    la.inject(model, la.LoRAConfig(r=2, alpha=3.0, lora_bias=True, target_modules=["layer"]))
+    layer = model.layer.adapter["default"]
+    assert isinstance(layer, LoRALayer)
+    with torch.no_grad():
+        for p in (layer.lora_A, layer.lora_B, layer.lora_B_bias):
+            p.copy_(torch.randn(p.shape, dtype=p.dtype))  # B and b_B start at 0
+    if scale != 1.0:
+        la.set_scale(model, "default", scale)
+    s = scale * 1.5
+    w, b = model.layer.weight.detach(), model.layer.bias.detach()
+    x = torch.randn(*shape, dtype=torch.float64, requires_grad=True)
+    y = model(x)
+    g = torch.randn(y.shape, dtype=torch.float64)
+    got = torch.autograd.grad((y * g).sum(), (x, layer.lora_A, layer.lora_B, layer.lora_B_bias))
+
+    A, B, bB = (t.detach().clone().requires_grad_(True) for t in (layer.lora_A, layer.lora_B, layer.lora_B_bias))
+    xr = x.detach().clone().requires_grad_(True)
+    # A (r, in, *k) and B (out, r, 1...) of a conv: their product is a conv kernel (out, in, *k).
+    delta = torch.einsum("or,ri...->oi...", B.reshape(B.shape[0], B.shape[1]), A)
+    want_y = op(xr, w + s * delta, b + s * bB)
+    want = torch.autograd.grad((want_y * g).sum(), (xr, A, B, bB))
+    torch.testing.assert_close(y.detach(), want_y.detach())
+    for name, a, e in zip(("x", "lora_A", "lora_B", "lora_B_bias"), got, want):
+        torch.testing.assert_close(a, e, msg=name)
+
+
+def _adalora_model() -> nn.Module:
+    torch.manual_seed(0)
+    model = Wrap(nn.Linear(6, 5))
+    la.inject(model, la.AdaLoRAConfig(init_r=4, target_r=2, total_step=10, target_modules=["layer"]))
+    return model
+
+
+def test_adalora_scores_are_rank_zeros_under_a_process_group(monkeypatch):
+    """Under ``torch.distributed`` every rank takes rank 0's triplet scores (one broadcast of all layers' scores,
+    concatenated): on rank 0 they come back unchanged, name by name and shape by shape; on another rank each
+    layer's slice of the broadcast vector. The group is simulated (world size 2, the broadcast writes rank 0's
+    vector), so the test needs no second process."""
+    import torch.distributed as dist
+
+    scores = {"b": torch.tensor([3.0, 1.0, 2.0]), "a": torch.tensor([[5.0], [4.0]]), "c": torch.tensor([6.0])}
+    monkeypatch.setattr(dist, "is_initialized", lambda: True)
+    monkeypatch.setattr(dist, "get_world_size", lambda: 2)
+    monkeypatch.setattr(dist, "broadcast", lambda tensor, src: None)  # rank 0: its own values stay
+    out = adalora._broadcast_from_rank0(scores)
+    assert list(out) == list(scores)
+    for name, value in scores.items():
+        assert torch.equal(out[name], value), name
+
+    rank0 = torch.arange(6.0) + 10  # what rank 0 sends: its scores in the same order
+
+    def receive(tensor, src):
+        assert src == 0 and tensor.shape == rank0.shape
+        tensor.copy_(rank0)
+
+    monkeypatch.setattr(dist, "broadcast", receive)
+    out = adalora._broadcast_from_rank0(scores)
+    assert torch.equal(out["b"], torch.tensor([10.0, 11.0, 12.0]))
+    assert torch.equal(out["a"], torch.tensor([[13.0], [14.0]]))
+    assert torch.equal(out["c"], torch.tensor([15.0]))
+
+
+def test_adalora_export_of_sharded_factors_is_the_full_plain_tensors(tmp_path):
+    """Under FSDP2 the factors are DTensors (each rank a shard of rows): the export (PEFT's layout) gathers the
+    full factors into plain tensors. Truth: the unsharded factors of the same layer, sliced to the exported ranks.
+    A one-rank gloo group shards them for real (``Shard(0)`` of one rank holds every row, still a DTensor)."""
+    import torch.distributed as dist
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.tensor import DTensor, Shard, distribute_tensor
+
+    model = _adalora_model()
+    layer = model.layer.adapter["default"]
+    assert isinstance(layer, AdaLoRALayer)
+    with torch.no_grad():
+        layer.lora_E.copy_(torch.tensor([[1.0], [0.0], [2.0], [0.5]]))
+    layer.rank_mask.copy_(torch.tensor([True, False, True, False]))  # rank 1 pruned (E = 0), rank 3 regrown
+    want = {k: v.clone() for k, v in layer.peft_state().items()}
+    assert [v.shape[0] for k, v in want.items() if k != "lora_B"] == [3, 3]
+    if dist.is_initialized():
+        pytest.skip("a process group is already set up in this process")
+    dist.init_process_group("gloo", store=dist.FileStore(str(tmp_path / "store"), 1), rank=0, world_size=1)
+    try:
+        mesh = init_device_mesh("cpu", (1,))
+        for name in ("lora_A", "lora_B", "lora_E"):
+            p = getattr(layer, name)
+            setattr(layer, name, nn.Parameter(distribute_tensor(p.detach(), mesh, [Shard(0)])))
+        assert isinstance(layer.lora_E, DTensor)
+        got = layer.peft_state()
+    finally:
+        dist.destroy_process_group()
+    assert sorted(got) == sorted(want)
+    for name, value in got.items():
+        assert type(value) is torch.Tensor, name
+        assert torch.equal(value, want[name]), name
+
+
+def test_llama_adapter_prompt_describes_its_length_heads_and_head_dim():
+    """``repr`` of the prompt module names the flavour, the prompt length and the attention's shape (GQA: 4 query
+    heads on 2 key/value heads of 16 dims, tiny_llama's config)."""
+    model = tiny_llama()
+    la.inject(model, la.LlamaAdapterConfig(adapter_len=3, adapter_layers=1))
+    prompts = [m for m in model.modules() if isinstance(m, AdaptionPrompt)]
+    assert len(prompts) == 1
+    text = repr(prompts[0])
+    assert "adapter_len=3, heads=4/2 kv, head_dim=16" in text, text
