@@ -1,0 +1,202 @@
+"""PEFT's on-disk format against PEFT 0.21.2 itself: the bytes of the files ``save_peft`` writes, the JSON kinds the
+config check accepts and names, configs written by a PEFT that left fields out, the hint of a directory holding only
+sub-folders, and every accepted form of the targeting fields on modules whose names are prefixes of their siblings'
+(``fc``/``fc2``, ``layers.1``/``layers.10``), asserting exact key sets both ways. Found by mutation testing
+(docs/MUTATION.md, interop sample seed 23).
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import re
+
+import peft
+import pytest
+import torch
+from safetensors import safe_open
+from torch import nn
+
+import lightning_adapters as la
+from lightning_adapters.errors import AdapterConfigError, AdapterStateError
+from tests.peft_parity.test_options import _edit_config, _write_peft, inputs
+
+CONFIG = "adapter_config.json"
+WEIGHTS = "adapter_model.safetensors"
+
+
+def _fields_of(directory) -> dict:
+    return json.loads((directory / CONFIG).read_text())
+
+
+def _keys_of(directory) -> set[str]:
+    with safe_open(str(directory / WEIGHTS), "pt") as f:
+        return set(f.keys())
+
+
+def _metadata_of(directory) -> dict | None:
+    with safe_open(str(directory / WEIGHTS), "pt") as f:
+        return f.metadata()
+
+
+def test_files_are_laid_out_as_peft_writes_them(tmp_path):
+    """PEFT -> ours -> disk gives PEFT's own files: the config as PEFT's ``save_pretrained`` formats it (two-space
+    indent, sorted keys; ours adds a final newline), every field ours writes present in PEFT's file with PEFT's
+    value, every field ours leaves out (but ``auto_mapping``) at PEFT's default, the same tensor keys, and the
+    safetensors header PEFT writes (``{"format": "pt"}``)."""
+    base, pm = _write_peft("LORA", tmp_path / "peft", modules_to_save=["lm_head"])
+    model = la.load_peft(copy.deepcopy(base), tmp_path / "peft")
+    la.save_peft(model, tmp_path / "ours")
+
+    theirs_text = (tmp_path / "peft" / CONFIG).read_text()
+    ours_text = (tmp_path / "ours" / CONFIG).read_text()
+    assert theirs_text == json.dumps(json.loads(theirs_text), indent=2, sort_keys=True)
+    assert ours_text == json.dumps(json.loads(ours_text), indent=2, sort_keys=True) + "\n"
+
+    theirs, ours = json.loads(theirs_text), json.loads(ours_text)
+    assert set(ours) <= set(theirs)
+    assert {k: ours[k] for k in ours} == {k: theirs[k] for k in ours}
+    defaults = peft.LoraConfig().to_dict()
+    # auto_mapping names the class PEFT's AutoPeftModel rebuilds a custom base from; ignored on load (peft_fields).
+    omitted = {k: theirs[k] for k in set(theirs) - set(ours) - {"auto_mapping"}}
+    assert omitted == {k: defaults[k] for k in omitted}
+
+    assert _keys_of(tmp_path / "ours") == _keys_of(tmp_path / "peft")
+    assert _metadata_of(tmp_path / "ours") == _metadata_of(tmp_path / "peft") == {"format": "pt"}
+
+
+@pytest.mark.parametrize(
+    "value, kind",
+    [
+        (True, "a boolean"),
+        (2.5, "a number"),
+        ("4", "a string"),
+        ({"q": 4}, "an object"),
+        ([4], "a list"),
+        (None, "null"),
+    ],
+)
+def test_a_field_of_the_wrong_json_type_is_refused_naming_the_kind_json_read(value, kind, tmp_path):
+    """Every JSON kind a wrong ``r`` can hold is named as ``json.loads`` reads it (an array is a Python list)."""
+    base, _ = _write_peft("LORA", tmp_path)
+    _edit_config(tmp_path, r=value)
+    model = copy.deepcopy(base)
+    with pytest.raises(AdapterConfigError, match=rf"field 'r' must be an integer, got {re.escape(kind)} \("):
+        la.load_peft(model, tmp_path)
+    assert not list(la.core.inject.find_records(model))
+
+
+def test_a_config_written_without_optional_fields_loads_with_pefts_defaults(tmp_path):
+    """A file holding only the fields an older PEFT wrote (every other field missing) loads, and equals what PEFT's
+    own loader builds from the same file (PEFT fills the missing fields with its defaults)."""
+    base, _ = _write_peft("LORA", tmp_path)
+    kept = {k: v for k, v in _fields_of(tmp_path).items() if k in ("peft_type", "r", "lora_alpha", "target_modules")}
+    (tmp_path / CONFIG).write_text(json.dumps(kept))
+    theirs = peft.PeftModel.from_pretrained(copy.deepcopy(base), tmp_path).eval()
+    ours = la.load_peft(copy.deepcopy(base), tmp_path)
+    x = inputs()
+    torch.testing.assert_close(ours(x), theirs(x), rtol=1e-12, atol=1e-12)
+
+
+def test_a_directory_holding_only_sub_folders_names_them(tmp_path):
+    """Adapters not named ``default`` go to sub-folders (PEFT's layout), so the directory itself holds no config:
+    loading it without a name is refused, naming the sub-folders to choose from."""
+    model = nn.Sequential(nn.Linear(4, 4))
+    for name in ("first", "second"):
+        la.inject(model, la.LoRAConfig(r=2, target_modules=["0"]), name=name)
+    la.save_peft(model, tmp_path)
+    assert not (tmp_path / CONFIG).exists()
+    with pytest.raises(AdapterStateError, match=r"holds the adapters \['first', 'second'\] in sub-folders"):
+        la.load_peft(nn.Sequential(nn.Linear(4, 4)), tmp_path)
+
+
+class _Siblings(nn.Module):
+    """``fc`` beside ``fc2`` and ``model.layers.1`` beside ``model.layers.10``: names that prefix a sibling's."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc = nn.Linear(8, 8)
+        self.fc2 = nn.Linear(8, 8)
+        self.model = nn.Module()  # PEFT's layer-index rule wants a name before the layer list's
+        self.model.layers = nn.ModuleList(nn.ModuleDict({"proj": nn.Linear(8, 8)}) for _ in range(11))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.fc2(torch.tanh(self.fc(x)))
+        for block in self.model.layers:
+            x = x + 0.5 * torch.tanh(block["proj"](x))
+        return x
+
+
+_UP_TO_9 = {f"model.layers.{i}.proj" for i in range(10)}
+
+# PEFT's field values -> the modules PEFT adapts (and saves in full, for modules_to_save), written out by hand.
+FORMS = {
+    "list": (dict(target_modules=["fc", "model.layers.1.proj"]), {"fc", "model.layers.1.proj"}, set()),
+    "regex": (dict(target_modules=r"fc|model\.layers\.1\.proj"), {"fc", "model.layers.1.proj"}, set()),
+    "layers_to_transform": (dict(target_modules=["proj"], layers_to_transform=[1]), {"model.layers.1.proj"}, set()),
+    "exclude-list": (
+        dict(target_modules=["fc", "fc2", "proj"], exclude_modules=["fc2", "model.layers.10.proj"]),
+        {"fc"} | _UP_TO_9,
+        set(),
+    ),
+    "exclude-regex": (
+        dict(target_modules=r"fc\d?|model\.layers\.\d+\.proj", exclude_modules=r"fc2|model\.layers\.10\.proj"),
+        {"fc"} | _UP_TO_9,
+        set(),
+    ),
+    "modules_to_save": (
+        dict(target_modules=["fc"], modules_to_save=["fc2", "model.layers.1.proj"]),
+        {"fc"},
+        {"fc2", "model.layers.1.proj"},
+    ),
+}
+
+
+def _siblings() -> _Siblings:
+    torch.manual_seed(0)
+    return _Siblings().double().eval()
+
+
+def _out_and_grads(model: nn.Module) -> list[torch.Tensor]:
+    x = torch.randn(3, 8, generator=torch.Generator().manual_seed(1), dtype=torch.float64, requires_grad=True)
+    y = model(x)
+    y.square().sum().backward()
+    return [y.detach(), x.grad]
+
+
+@pytest.mark.parametrize("form", list(FORMS))
+def test_targeting_fields_in_every_form_select_exactly_pefts_modules_both_ways(form, tmp_path):
+    """Each accepted form of ``target_modules`` / ``exclude_modules`` / ``modules_to_save`` / ``layers_to_transform``
+    on sibling names that are prefixes of one another: PEFT's file loads onto exactly the modules PEFT adapted (the
+    same output and input gradient), ours writes back exactly PEFT's tensor keys and field values, and PEFT loads
+    ours with the same output; an adapter injected from our own config with the same fields writes the same keys."""
+    fields, adapted, saved = FORMS[form]
+    base = _siblings()
+    pm = peft.get_peft_model(copy.deepcopy(base), peft.LoraConfig(r=2, lora_alpha=4, **fields)).eval()
+    from tests.peft_parity.test_options import _randomize
+
+    _randomize(pm)
+    pm.save_pretrained(tmp_path / "peft")
+    prefix = "base_model.model."
+    theirs_adapted = {n[len(prefix) :] for n, m in pm.named_modules() if isinstance(m, peft.tuners.lora.LoraLayer)}
+    assert theirs_adapted == adapted  # the hand-written truth is PEFT's
+    keys = _keys_of(tmp_path / "peft")
+    assert {k[len(prefix) :].rsplit(".", 2)[0] for k in keys if ".lora_" in k} == adapted
+    assert {k[len(prefix) :].rsplit(".", 1)[0] for k in keys if ".lora_" not in k} == saved  # weight and bias
+
+    ours = la.load_peft(copy.deepcopy(base), tmp_path / "peft")
+    assert {n for n, _, _ in la.core.inject.adapted_modules(ours)} == adapted
+    for got, want in zip(_out_and_grads(ours), _out_and_grads(pm)):
+        torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
+
+    la.save_peft(ours, tmp_path / "ours")
+    assert _keys_of(tmp_path / "ours") == keys
+    written = _fields_of(tmp_path / "ours")
+    for field, value in fields.items():  # a list in any order (PEFT writes its set of names unordered)
+        assert sorted(written[field]) == sorted(value) if isinstance(value, list) else written[field] == value, field
+    back = peft.PeftModel.from_pretrained(copy.deepcopy(base), tmp_path / "ours").eval()
+    torch.testing.assert_close(_out_and_grads(back)[0], _out_and_grads(pm)[0], rtol=1e-12, atol=1e-12)
+
+    direct = la.inject(copy.deepcopy(base), la.LoRAConfig(r=2, alpha=4, **fields))
+    la.save_peft(direct, tmp_path / "direct")
+    assert _keys_of(tmp_path / "direct") == keys
