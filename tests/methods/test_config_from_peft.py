@@ -12,6 +12,7 @@ import json
 import peft
 import pytest
 
+from lightning_adapters.errors import AdapterConfigError
 from lightning_adapters.registry import get_method_by_peft_type
 
 CASES = {
@@ -205,3 +206,13 @@ def test_adalora_schedule_peft_refuses_loads_without_a_schedule(tinit, tfinal, t
     assert (tinit, tfinal) == (config.tinit, config.tfinal)
     assert config.total_step == (total if peft_accepts else None)
     assert peft_accepts == (tinit + tfinal < total)
+
+
+@pytest.mark.parametrize("peft_type, method", [("LORA", "lora"), ("ADALORA", "adalora")])
+def test_a_field_this_library_does_not_know_is_refused_naming_the_method(peft_type, method):
+    """A field a newer PEFT writes (unknown here, not off) is refused rather than ignored, and the refusal starts
+    with the method that read it, as every config refusal does."""
+    cls, required = CASES[peft_type]
+    d = {**_json(cls(**required).to_dict()), "a_field_from_the_future": 2}
+    with pytest.raises(AdapterConfigError, match=rf"^{method}: PEFT {peft_type} option a_field_from_the_future=2 "):
+        get_method_by_peft_type(peft_type).config_from_peft(d)
