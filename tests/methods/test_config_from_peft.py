@@ -216,3 +216,13 @@ def test_a_field_this_library_does_not_know_is_refused_naming_the_method(peft_ty
     d = {**_json(cls(**required).to_dict()), "a_field_from_the_future": 2}
     with pytest.raises(AdapterConfigError, match=rf"^{method}: PEFT {peft_type} option a_field_from_the_future=2 "):
         get_method_by_peft_type(peft_type).config_from_peft(d)
+
+
+@pytest.mark.parametrize("given", [{"loftq_bits": 8}, {"loftq_iter": 3}], ids=["bits", "iter"])
+def test_a_partial_loftq_config_takes_pefts_defaults_for_the_rest(given):
+    """A ``loftq_config`` written with one of its two keys (hand-written files do): the other is PEFT's
+    ``LoftQConfig`` default, as PEFT reads it."""
+    pefts = peft.LoftQConfig(**given)
+    d = {"peft_type": "LORA", "target_modules": ["q_proj"], "init_lora_weights": "loftq", "loftq_config": given}
+    config = get_method_by_peft_type("LORA").config_from_peft(d)
+    assert (config.loftq_bits, config.loftq_iter) == (pefts.loftq_bits, pefts.loftq_iter)
