@@ -1,0 +1,127 @@
+"""``merge`` folds every layer it is asked to, and a failure part-way undoes every layer it had folded.
+
+The layer loop of ``core.inject.merge`` has three kinds of step (a layer already merged is skipped, a quantized
+base is merged and re-quantized, a float base is merged in place) and its roll-back one per kind of copy; a step
+that ended the loop early instead of going on to the next layer was a surviving mutant (docs/MUTATION.md, seed
+23). Truths: every layer's ``merged`` flag, the output of the unmerged model (float: up to fp32 rounding;
+quantized: within the re-quantization error ``merge_errors`` reports), and the weights from before the call.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+import lightning_adapters as la
+from lightning_adapters.core.inject import adapter_layers
+from tests.helpers import randomize_adapter
+
+
+class Three(nn.Module):
+    """Three layers in a row; ``named_modules`` (the merge order) lists them as written: q1, q2, f."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.q1 = nn.Linear(64, 64)
+        self.q2 = nn.Linear(64, 64)
+        self.f = nn.Linear(64, 64)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.f(torch.tanh(self.q2(torch.tanh(self.q1(x)))))
+
+
+def _model(quantized: bool) -> Three:
+    torch.manual_seed(0)
+    model = Three().train()
+    if quantized:
+        pytest.importorskip("bitsandbytes")
+        la.quantize(model, "nf4", skip=["f"])
+    return model
+
+
+def _merged(model: nn.Module) -> dict[tuple[str, str], bool]:
+    return {(m, a): layer.merged for m, a, _, layer in adapter_layers(model)}
+
+
+def _fail_on(monkeypatch: pytest.MonkeyPatch, model: nn.Module, module: str, adapter: str = "default") -> None:
+    """Make the merge of one layer raise, as an out-of-memory error would (the merge loop must then roll back)."""
+    layer = model.get_submodule(module).adapter[adapter]
+
+    def boom(*args, **kwargs):
+        raise RuntimeError("merge failed")
+
+    monkeypatch.setattr(layer, "merge", boom)
+
+
+def test_merging_more_adapters_goes_past_the_layers_already_merged():
+    """``merge(["a", "b"])`` after ``merge("a")``: a's layers come first on every module and are skipped; b's layers
+    after them are all merged, and the model computes what both adapters acting unmerged compute."""
+    model = _model(quantized=False)
+    for name in ("a", "b"):
+        la.inject(model, la.LoRAConfig(r=2, target_modules=["q1", "q2", "f"]), name=name)
+    randomize_adapter(model, std=0.05)
+    x = torch.randn(4, 64)
+    la.set_active(model, ["a", "b"])
+    want = model(x)
+    la.merge(model, "a")
+    la.merge(model, ["a", "b"])
+    assert all(_merged(model).values()), _merged(model)
+    torch.testing.assert_close(model(x), want, rtol=1e-4, atol=1e-5)
+
+
+def test_a_failed_merge_unmerges_every_float_layer_it_had_merged(monkeypatch):
+    """Without ``safe`` no copy is kept: the roll-back unmerges each folded layer by subtraction (fp32: up to
+    rounding), every one of them, not only the last."""
+    model = _model(quantized=False)
+    la.inject(model, la.LoRAConfig(r=2, target_modules=["q1", "q2", "f"]))
+    randomize_adapter(model, std=0.05)
+    before = {n: p.detach().clone() for n, p in model.named_parameters() if "adapter" not in n}
+    _fail_on(monkeypatch, model, "f")
+    with pytest.raises(RuntimeError, match="merge failed"):
+        la.merge(model)
+    assert not any(_merged(model).values()), _merged(model)
+    for n, p in model.named_parameters():
+        if n in before:
+            torch.testing.assert_close(p, before[n], rtol=0, atol=1e-6, msg=n)
+
+
+def test_merge_goes_on_after_a_quantized_base_and_folds_every_layer():
+    """Each layer on its own input: a quantized one moves by at most its reported error, ``|E h|_i <= max|E| ·
+    ||h||_1``; the float one after them is folded up to fp32 rounding."""
+    model = _model(quantized=True)
+    la.inject(model, la.LoRAConfig(r=2, target_modules=["q1", "q2", "f"]))
+    randomize_adapter(model, std=0.05)
+    h0 = torch.randn(4, 64)
+    with torch.no_grad():
+        h1 = torch.tanh(model.q1(h0))
+        h2 = torch.tanh(model.q2(h1))
+        want = {"q1": model.q1(h0), "q2": model.q2(h1), "f": model.f(h2)}
+    f_before = model.f.weight.detach().clone()
+    la.merge(model)
+    assert all(_merged(model).values()), _merged(model)
+    errors = la.merge_errors(model)
+    assert set(errors) == {"q1", "q2"}
+    assert not torch.equal(model.f.weight, f_before)
+    with torch.no_grad():
+        for m, h in (("q1", h0), ("q2", h1)):
+            bound = errors[m] * h.abs().sum(-1, keepdim=True) + 1e-5
+            assert ((model.get_submodule(m)(h) - want[m]).abs() <= bound).all(), m
+        torch.testing.assert_close(model.f(h2), want["f"], rtol=1e-5, atol=1e-6)
+
+
+def test_a_failed_merge_puts_back_every_quantized_base_it_had_merged(monkeypatch):
+    """The quantized bases merged before the failing layer get their quantized weight back bit-exactly."""
+    from lightning_adapters.core.quant import dequantized_weight
+
+    model = _model(quantized=True)
+    la.inject(model, la.LoRAConfig(r=2, target_modules=["q1", "q2", "f"]))
+    randomize_adapter(model, std=0.05)
+    before = {m: dequantized_weight(model.get_submodule(m), torch.float32) for m in ("q1", "q2")}
+    _fail_on(monkeypatch, model, "f")
+    with pytest.raises(RuntimeError, match="merge failed"):
+        la.merge(model)
+    assert not any(_merged(model).values()), _merged(model)
+    for m, w in before.items():
+        assert torch.equal(dequantized_weight(model.get_submodule(m), torch.float32), w), m
+    assert la.merge_errors(model) == {}
