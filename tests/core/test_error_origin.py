@@ -13,7 +13,7 @@ import pytest
 import torch
 
 import lightning_adapters as la
-from lightning_adapters.core.named import scale_of
+from lightning_adapters.core.named import scale_of, trainable
 
 # (config class, field, bad value, the method named in the refusal)
 CONFIG_CASES = [
@@ -242,3 +242,24 @@ def test_calls_refused_on_a_merged_model_name_themselves_and_leave_it_as_it_was(
     assert str(info.value).startswith(start), str(info.value)
     assert "unmerge(model) first" in str(info.value), str(info.value)
     assert la.adapter_names(model) == ["a", "b"] and la.active(model) == ["a"] and scale_of(model, "a") == 1.0
+
+
+# Calls that take one name or a list of names, given names of another type: a number, a list holding a number, a
+# set (unordered, so refused although it holds strings).
+LIST_CALLS = {
+    "merge": lambda m, names: la.merge(m, names),
+    "set_active": lambda m, names: la.set_active(m, names),
+    "set_trainable": lambda m, names: la.set_trainable(m, names),
+}
+
+
+@pytest.mark.parametrize("names", [3, ["default", 3], {"default"}], ids=["int", "list-with-int", "set"])
+@pytest.mark.parametrize("name", sorted(LIST_CALLS))
+def test_adapter_names_of_another_type_are_a_type_error_naming_the_call(name, names):
+    model = la.inject(torch.nn.Sequential(torch.nn.Linear(3, 3)), la.LoRAConfig(r=1, target_modules=["0"]))
+    with pytest.raises(la.AdapterTypeError) as info:
+        LIST_CALLS[name](model, names)
+    message = str(info.value)
+    assert message.startswith(f"{name}: adapter names must be a string or a list of strings, got {names!r}"), message
+    assert "['default']" in message, message
+    assert la.active(model) == ["default"] and trainable(model) == ["default"]

@@ -163,3 +163,43 @@ def test_disabled_adapters_pass_a_keyword_input_to_the_base(monkeypatch, toy_met
     x = torch.randn(3, 8)
     with la.disabled(model):
         torch.testing.assert_close(model(x), x @ model.layer.weight.T + model.layer.bias)
+
+
+class Wrapped(nn.Module):
+    """What FSDP1 makes of an adapter layer: a wrapper holding it as ``_fsdp_wrapped_module``, called in its place
+    (the real wrapper gathers the layer's parameters on call)."""
+
+    def __init__(self, layer: nn.Module) -> None:
+        super().__init__()
+        self._fsdp_wrapped_module = layer
+        self.calls = 0
+
+    def forward(self, base: nn.Module, *args, **kwargs) -> torch.Tensor:
+        self.calls += 1
+        return self._fsdp_wrapped_module(base, *args, **kwargs)
+
+
+@pytest.mark.parametrize("additive", [True, False], ids=["additive", "per-group"])
+def test_routed_rows_reach_a_wrapped_layer_with_a_keyword_input(monkeypatch, toy_method, additive):
+    """A wrapped layer is read through the wrapper (its flags, its term) and, where it runs its own forward, called
+    through it. Truth: the closed form per row, as above."""
+    layer_cls = toy_method.ToyScaleLayer
+    monkeypatch.setattr(layer_cls, "adapted_forward", _adapted_forward)
+    monkeypatch.setattr(layer_cls, "delta_output", _delta_output)
+    monkeypatch.setattr(layer_cls, "additive", additive)
+    torch.manual_seed(0)
+    model = KeywordCall()
+    for name in ("a", "b"):
+        la.inject(model, toy_method.ToyScaleConfig(target_modules=["layer"]), name=name)
+        with torch.no_grad():
+            model.layer.adapter[name].g.normal_()
+    g = {n: model.layer.adapter[n].g for n in ("a", "b")}
+    wrapper = Wrapped(model.layer.adapter["a"])
+    model.layer.adapter["a"] = wrapper
+    names = ["a", "b", "__base__", "a"]
+    x = torch.randn(len(names), 8)
+    factor = torch.stack([1 + g[n] if n in g else torch.ones(6) for n in names])
+    with la.per_sample(model, names):
+        got = model(x)
+    torch.testing.assert_close(got, (x @ model.layer.weight.T + model.layer.bias) * factor, rtol=1e-5, atol=1e-6)
+    assert wrapper.calls == (0 if additive else 1)  # the additive branch asks the layer for its term only
