@@ -290,11 +290,3 @@ def adapter_set(module: nn.Module) -> AdapterSet:
     """The ``AdapterSet`` of an adapted module."""
     return module._modules[ADAPTER_ATTR]
 
-
-def get_adapter(module: nn.Module, name: str | None = None) -> AdapterLayer:
-    """The adapter layer ``name`` of an adapted module (``None``: its only layer, else the first active one)."""
-    adapters = module._modules[ADAPTER_ATTR]
-    if name is None:
-        names = list(adapters._modules)
-        name = names[0] if len(names) == 1 or not adapters.active else adapters.active[0]
-    return _unwrap(adapters._modules[name])
