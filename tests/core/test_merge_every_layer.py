@@ -31,13 +31,24 @@ class Three(nn.Module):
         return self.f(torch.tanh(self.q2(torch.tanh(self.q1(x)))))
 
 
-def _model(quantized: bool) -> Three:
+def _model(scheme: str | None) -> Three:
+    """q1 and q2 quantized with ``scheme`` (``"pending"``: bitsandbytes ``Linear4bit`` layers built but not yet
+    moved to a device, so still holding their float weight, as Lightning's ``BitsandbytesPrecision`` builds them)."""
     torch.manual_seed(0)
     model = Three().train()
-    if quantized:
+    if scheme == "pending":
+        bnb = pytest.importorskip("bitsandbytes")
+        for name in ("q1", "q2"):
+            layer = bnb.nn.Linear4bit(64, 64, quant_type="nf4")
+            layer.load_state_dict(getattr(model, name).state_dict())
+            setattr(model, name, layer.train())
+    elif scheme is not None:
         pytest.importorskip("bitsandbytes")
-        la.quantize(model, "nf4", skip=["f"])
+        la.quantize(model, scheme, skip=["f"])
     return model
+
+
+QUANTIZED = ["nf4", "int8", "pending"]
 
 
 def _merged(model: nn.Module) -> dict[tuple[str, str], bool]:
@@ -57,7 +68,7 @@ def _fail_on(monkeypatch: pytest.MonkeyPatch, model: nn.Module, module: str, ada
 def test_merging_more_adapters_goes_past_the_layers_already_merged():
     """``merge(["a", "b"])`` after ``merge("a")``: a's layers come first on every module and are skipped; b's layers
     after them are all merged, and the model computes what both adapters acting unmerged compute."""
-    model = _model(quantized=False)
+    model = _model(None)
     for name in ("a", "b"):
         la.inject(model, la.LoRAConfig(r=2, target_modules=["q1", "q2", "f"]), name=name)
     randomize_adapter(model, std=0.05)
@@ -73,7 +84,7 @@ def test_merging_more_adapters_goes_past_the_layers_already_merged():
 def test_a_failed_merge_unmerges_every_float_layer_it_had_merged(monkeypatch):
     """Without ``safe`` no copy is kept: the roll-back unmerges each folded layer by subtraction (fp32: up to
     rounding), every one of them, not only the last."""
-    model = _model(quantized=False)
+    model = _model(None)
     la.inject(model, la.LoRAConfig(r=2, target_modules=["q1", "q2", "f"]))
     randomize_adapter(model, std=0.05)
     before = {n: p.detach().clone() for n, p in model.named_parameters() if "adapter" not in n}
@@ -86,10 +97,11 @@ def test_a_failed_merge_unmerges_every_float_layer_it_had_merged(monkeypatch):
             torch.testing.assert_close(p, before[n], rtol=0, atol=1e-6, msg=n)
 
 
-def test_merge_goes_on_after_a_quantized_base_and_folds_every_layer():
+@pytest.mark.parametrize("scheme", ["nf4", "int8"])  # a pending layer cannot run its forward before it moves
+def test_merge_goes_on_after_a_quantized_base_and_folds_every_layer(scheme):
     """Each layer on its own input: a quantized one moves by at most its reported error, ``|E h|_i <= max|E| ·
     ||h||_1``; the float one after them is folded up to fp32 rounding."""
-    model = _model(quantized=True)
+    model = _model(scheme)
     la.inject(model, la.LoRAConfig(r=2, target_modules=["q1", "q2", "f"]))
     randomize_adapter(model, std=0.05)
     h0 = torch.randn(4, 64)
@@ -110,11 +122,13 @@ def test_merge_goes_on_after_a_quantized_base_and_folds_every_layer():
         torch.testing.assert_close(model.f(h2), want["f"], rtol=1e-5, atol=1e-6)
 
 
-def test_a_failed_merge_puts_back_every_quantized_base_it_had_merged(monkeypatch):
-    """The quantized bases merged before the failing layer get their quantized weight back bit-exactly."""
+@pytest.mark.parametrize("scheme", QUANTIZED)
+def test_a_failed_merge_puts_back_every_quantized_base_it_had_merged(monkeypatch, scheme):
+    """The quantized bases merged before the failing layer get their quantized (or, pending, float) weight back
+    bit-exactly."""
     from lightning_adapters.core.quant import dequantized_weight
 
-    model = _model(quantized=True)
+    model = _model(scheme)
     la.inject(model, la.LoRAConfig(r=2, target_modules=["q1", "q2", "f"]))
     randomize_adapter(model, std=0.05)
     before = {m: dequantized_weight(model.get_submodule(m), torch.float32) for m in ("q1", "q2")}
