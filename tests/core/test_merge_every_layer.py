@@ -139,3 +139,32 @@ def test_a_failed_merge_puts_back_every_quantized_base_it_had_merged(monkeypatch
     for m, w in before.items():
         assert torch.equal(dequantized_weight(model.get_submodule(m), torch.float32), w), m
     assert la.merge_errors(model) == {}
+
+
+@pytest.mark.parametrize("scheme", ["nf4", "int8"])
+def test_a_quantized_merge_that_fails_to_requantize_leaves_the_base_and_the_layer_unmerged(monkeypatch, scheme):
+    """``merge_quantized`` on its own (``disabled`` and ``unmerge`` re-merge through it): the layer's merge
+    succeeded on the dequantized copy, re-quantizing failed; the base keeps its quantized weight, the layer is not
+    merged and no merge is recorded, so a later merge and unmerge work as usual."""
+    from lightning_adapters.core import quant_ops
+    from lightning_adapters.core.quant import dequantized_weight
+
+    model = _model(scheme)
+    la.inject(model, la.LoRAConfig(r=2, target_modules=["q1"]))
+    randomize_adapter(model, std=0.05)
+    layer = model.q1.adapter["default"]
+    before = dequantized_weight(model.q1, torch.float32)
+
+    def boom(*args, **kwargs):
+        raise RuntimeError("requantize failed")
+
+    with monkeypatch.context() as patch:
+        patch.setattr(quant_ops, "requantize_", boom)
+        with pytest.raises(RuntimeError, match="requantize failed"):
+            quant_ops.merge_quantized(model.q1, layer, keep_original=True)
+    assert layer.merged is False
+    assert torch.equal(dequantized_weight(model.q1, torch.float32), before)
+    assert la.merge_errors(model) == {}
+    la.merge(model, keep_original=True)
+    la.unmerge(model)
+    assert layer.merged is False and torch.equal(dequantized_weight(model.q1, torch.float32), before)
