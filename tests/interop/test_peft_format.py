@@ -1,8 +1,8 @@
 """PEFT's on-disk format against PEFT 0.21.2 itself: the bytes of the files ``save_peft`` writes, the JSON kinds the
 config check accepts and names, configs written by a PEFT that left fields out, the hint of a directory holding only
-sub-folders, and every accepted form of the targeting fields on modules whose names are prefixes of their siblings'
-(``fc``/``fc2``, ``layers.1``/``layers.10``), asserting exact key sets both ways. Found by mutation testing
-(docs/MUTATION.md, interop sample seed 23).
+sub-folders, a save of some adapters leaving the others' files alone, and every accepted form of the targeting
+fields on modules whose names are prefixes of their siblings' (``fc``/``fc2``, ``layers.1``/``layers.10``),
+asserting exact key sets both ways. Found by mutation testing (docs/MUTATION.md, interop sample seed 23).
 """
 
 from __future__ import annotations
@@ -200,3 +200,37 @@ def test_targeting_fields_in_every_form_select_exactly_pefts_modules_both_ways(f
     direct = la.inject(copy.deepcopy(base), la.LoRAConfig(r=2, alpha=4, **fields))
     la.save_peft(direct, tmp_path / "direct")
     assert _keys_of(tmp_path / "direct") == keys
+
+
+def test_saving_some_adapters_again_rewrites_only_their_folders(tmp_path):
+    """``save_peft(names=...)`` rewrites the named adapters' sub-folders only: the ``default`` adapter's files at
+    the root and the other sub-folders stay byte for byte those of the earlier save (PEFT's layout keeps every
+    adapter in its own place), and the root adapter still loads with its outputs."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 4), nn.Linear(4, 4))
+    for name, target in (("default", "0"), ("b", "1"), ("c", "0")):
+        la.inject(model, la.LoRAConfig(r=2, target_modules=[target]), name=name)
+    with torch.no_grad():
+        for n, p in model.named_parameters():
+            if "lora_" in n:
+                p.normal_()
+    la.save_peft(model, tmp_path)
+
+    def files() -> dict:
+        return {str(p.relative_to(tmp_path)): p.read_bytes() for p in tmp_path.rglob("*") if p.is_file()}
+
+    before = files()
+    assert set(before) == {CONFIG, WEIGHTS} | {f"{n}/{f}" for n in ("b", "c") for f in (CONFIG, WEIGHTS)}
+    with torch.no_grad():
+        model[1].adapter.b.lora_B.add_(1.0)
+    la.save_peft(model, tmp_path, names="b")
+    after = files()
+    assert set(after) == set(before)
+    assert {k for k in before if after[k] != before[k]} == {f"b/{WEIGHTS}"}
+
+    fresh = nn.Sequential(nn.Linear(4, 4), nn.Linear(4, 4))
+    fresh.load_state_dict({k: v for k, v in model.state_dict().items() if ".adapter." not in k})
+    la.load_peft(fresh, tmp_path)
+    la.set_active(model, "default")
+    x = torch.randn(3, 4)
+    torch.testing.assert_close(fresh(x), model(x))
