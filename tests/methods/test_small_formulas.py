@@ -70,6 +70,12 @@ SCALED = {
         lambda: la.LoRAConfig(r=4, alpha=6.0, grouped_conv_layout="peft", target_modules=["layer"]),
         (2, 8, 5, 5),
     ),
+    # The lookup branch of delta_output (integer input).
+    "lora-embedding": (
+        lambda: torch.nn.Embedding(11, 6, padding_idx=1),
+        lambda: la.LoRAConfig(r=3, alpha=5.0, target_modules=["layer"]),
+        (3, 4),
+    ),
     "adalora-linear": (
         lambda: torch.nn.Linear(10, 7),
         lambda: la.AdaLoRAConfig(init_r=3, target_r=2, alpha=5.0, total_step=10, target_modules=["layer"]),
@@ -101,7 +107,7 @@ def test_scaled_adapter_is_the_base_plus_the_scaled_term(case):
     with torch.no_grad():
         for p in params:
             p.add_(torch.randn(p.shape) * 0.3)  # every factor non-zero (B, E, w2 start at 0)
-    x = torch.randn(*shape)
+    x = torch.randint(0, 11, shape) if "embedding" in case else torch.randn(*shape)
     with la.disabled(model):
         base = model(x).detach()
     g = torch.randn(base.shape)
