@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from transformers.models.bart.modeling_bart import BartScaledWordEmbedding
 
 import lightning_adapters as la
 from lightning_adapters.methods.adalora import budget_schedule, update_importance
@@ -73,6 +74,12 @@ SCALED = {
     # The lookup branch of delta_output (integer input).
     "lora-embedding": (
         lambda: torch.nn.Embedding(11, 6, padding_idx=1),
+        lambda: la.LoRAConfig(r=3, alpha=5.0, target_modules=["layer"]),
+        (3, 4),
+    ),
+    # transformers' scaled word embedding (forward = lookup · embed_scale): the term is scaled by it too.
+    "lora-embedding-scaled": (
+        lambda: BartScaledWordEmbedding(11, 6, padding_idx=1, embed_scale=2.5),
         lambda: la.LoRAConfig(r=3, alpha=5.0, target_modules=["layer"]),
         (3, 4),
     ),
