@@ -234,3 +234,60 @@ def test_saving_some_adapters_again_rewrites_only_their_folders(tmp_path):
     la.set_active(model, "default")
     x = torch.randn(3, 4)
     torch.testing.assert_close(fresh(x), model(x))
+
+
+def _rewrite_weights(directory, edit) -> None:
+    """Rewrite ``adapter_model.safetensors`` as ``edit(tensors)`` with PEFT's header."""
+    from safetensors.torch import load_file, save_file
+
+    path = str(directory / WEIGHTS)
+    save_file(edit(load_file(path)), path, metadata={"format": "pt"})
+
+
+def test_a_file_keyed_without_pefts_prefix_loads_as_the_prefixed_one(tmp_path):
+    """Keys with or without ``base_model.model.`` are read alike: PEFT's file with the prefix cut from every key
+    loads with the outputs and input gradient of the PEFT model that wrote it."""
+    base, pm = _write_peft("LORA", tmp_path)
+    prefix = "base_model.model."
+    _rewrite_weights(tmp_path, lambda t: {k.removeprefix(prefix): v for k, v in t.items()})
+    assert not any(k.startswith(prefix) for k in _keys_of(tmp_path))
+    ours = la.load_peft(copy.deepcopy(base), tmp_path)
+    for got, want in zip(_out_and_grads_tiny(ours), _out_and_grads_tiny(pm)):
+        torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
+
+
+def _out_and_grads_tiny(model: nn.Module) -> list[torch.Tensor]:
+    x = inputs().requires_grad_(True)
+    y = model(x)
+    y.square().sum().backward()
+    return [y.detach(), x.grad]
+
+
+def test_a_base_weight_for_a_module_only_another_adapter_adapts_is_refused(tmp_path):
+    """PEFT writes ``<module>.base_layer.weight`` only for modules the saved adapter adapts (its embedding and head
+    targets). A file carrying one for a module that only an adapter already in the model adapts does not fit the
+    adapter being loaded: refused as an unexpected key, the model's weight and adapters left as they were."""
+    torch.manual_seed(0)
+    base = nn.Sequential(nn.Linear(4, 4), nn.Linear(4, 4))
+    la.save_peft(la.inject(copy.deepcopy(base), la.LoRAConfig(r=2, target_modules=["0"])), tmp_path)
+    model = la.inject(base, la.LoRAConfig(r=2, target_modules=["1"]), name="a")
+    _rewrite_weights(tmp_path, lambda t: {**t, "base_model.model.1.base_layer.weight": torch.zeros(4, 4)})
+    weight = model[1].weight.detach().clone()
+    with pytest.raises(AdapterStateError, match=r"unexpected keys \['1\.base_layer\.weight'\]"):
+        la.load_peft(model, tmp_path, name="b")
+    assert torch.equal(model[1].weight, weight)
+    assert [r[2].name for r in la.core.inject.find_records(model)] == ["a"]
+
+
+def test_an_unreadable_pickle_without_a_reason_is_named_by_its_error_class(tmp_path, monkeypatch):
+    """When torch's error carries no text, the refusal names its class (here ``EOFError``), not nothing."""
+    base, _ = _write_peft("LORA", tmp_path)
+    (tmp_path / WEIGHTS).unlink()
+    (tmp_path / "adapter_model.bin").write_bytes(b"\x80\x02")
+
+    def load(*args, **kwargs):
+        raise EOFError()
+
+    monkeypatch.setattr(torch, "load", load)
+    with pytest.raises(AdapterStateError, match=r"is not a readable PyTorch state dict \(EOFError\)"):
+        la.load_peft(copy.deepcopy(base), tmp_path)
