@@ -29,8 +29,9 @@ class AdapterConfig:
             method's per-architecture default (``q_proj``/``v_proj`` on Llama, ``query``/``value`` on Bert, ...).
         exclude_modules: Modules never adapted, in the same forms as ``target_modules``.
         modules_to_save: Name suffixes of modules trained in full (e.g. a new classification head); their
-            tensors are part of the adapter state. With ``AdapterCallback(module=...)`` they may also name modules
-            of the LightningModule beside that sub-module.
+            tensors are part of the adapter state. Matched as PEFT matches them, as plain string suffixes
+            (``"c2"`` also selects ``"fc2"``), where ``target_modules`` entries match at a dot. With
+            ``AdapterCallback(module=...)`` they may also name modules of the LightningModule beside that sub-module.
         adapter_dtype: Dtype of the adapter tensors (``"float32"``, ``"bfloat16"``, ...). ``None`` (default)
             means: fp32 when the base layer is half precision, else the base dtype (PEFT's behaviour).
         layers_to_transform: Adapt only the modules of these layer indices (an int or a list of ints), as PEFT's

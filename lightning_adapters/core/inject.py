@@ -45,7 +45,7 @@ from lightning_adapters.core.quant_ops import (
     merge_quantized,
     unmerge_quantized,
 )
-from lightning_adapters.core.targeting import check_adaptable, name_matches, resolve_targets
+from lightning_adapters.core.targeting import check_adaptable, resolve_targets, saves_module
 from lightning_adapters.errors import (
     AdapterConfigError,
     AdapterStateError,
@@ -254,10 +254,10 @@ def _configs_equal(a: AdapterConfig, b: AdapterConfig) -> bool:
 def _resolve_modules_to_save(model: nn.Module, config: AdapterConfig, method: str) -> list[str]:
     if not config.modules_to_save:
         return []
-    names = [n for n, _ in model.named_modules() if n and name_matches(n, config.modules_to_save)]
+    names = [n for n, _ in model.named_modules() if n and saves_module(n, config.modules_to_save)]
     # Keep the outermost match only: saving a module saves its children.
     names = [n for n in names if not any(n.startswith(o + ".") for o in names if o != n)]
-    missing = [m for m in config.modules_to_save if not any(n == m or n.endswith("." + m) for n in names)]
+    missing = [m for m in config.modules_to_save if not any(saves_module(n, [m]) for n in names)]
     if missing:
         raise TargetError(f"{method}: modules_to_save entries {missing} match no module of the model")
     return names

@@ -39,6 +39,14 @@ def name_matches(name: str, selector: Any) -> bool:
     return any(name == s or name.endswith("." + s) for s in selector)
 
 
+def saves_module(name: str, entries: list[str]) -> bool:
+    """Whether module ``name`` is selected by the ``modules_to_save`` entries, by PEFT's rule for that field: the
+    name ends with an entry as a string (``"c2"`` selects ``"fc2"`` too; ``"0.proj"`` selects
+    ``"layers.10.proj"``), not at a dot as ``target_modules`` entries do. One config selects the same modules here
+    and in PEFT, and PEFT's files of such a config load."""
+    return any(name.endswith(e) for e in entries)
+
+
 def layer_index_selected(name: str, layers_to_transform: Any, layers_pattern: Any) -> bool:
     """PEFT's layer filter: whether module ``name``'s layer index is one of ``layers_to_transform``.
 

@@ -26,7 +26,7 @@ from torch import nn
 from lightning_adapters.config import AdapterConfig
 from lightning_adapters.core.inject import InjectionRecord, adapted_modules
 from lightning_adapters.core.layer import is_adapted
-from lightning_adapters.core.targeting import name_matches
+from lightning_adapters.core.targeting import saves_module
 from lightning_adapters.errors import AdapterConfigError, TargetError
 
 
@@ -44,7 +44,7 @@ def inner_config(target: nn.Module, config: AdapterConfig) -> AdapterConfig:
     """``config`` with only the ``modules_to_save`` entries that select a module inside ``target``."""
     entries = config.modules_to_save or []
     names = [n for n, _ in target.named_modules() if n]
-    inner = [e for e in entries if any(name_matches(n, [e]) for n in names)]
+    inner = [e for e in entries if any(saves_module(n, [e]) for n in names)]
     if inner == entries:
         return config
     return dataclasses.replace(config, modules_to_save=inner or None)
@@ -73,10 +73,10 @@ def split_modules_to_save(root: nn.Module, module: str, config: AdapterConfig) -
     outer_names = _outside_names(root, module)
     inner, outer, unmatched = [], [], []
     for entry in entries:
-        if any(name_matches(n, [entry]) for n in inner_names):
+        if any(saves_module(n, [entry]) for n in inner_names):
             inner.append(entry)
-        elif any(name_matches(n, [entry]) for n in outer_names):
-            outer.extend(n for n in outer_names if name_matches(n, [entry]))
+        elif any(saves_module(n, [entry]) for n in outer_names):
+            outer.extend(n for n in outer_names if saves_module(n, [entry]))
         else:
             unmatched.append(entry)
     if unmatched:

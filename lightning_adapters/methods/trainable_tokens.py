@@ -20,7 +20,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from lightning_adapters.core.layer import AdapterLayer
-from lightning_adapters.core.targeting import check_plain_layers, name_matches
+from lightning_adapters.core.targeting import check_plain_layers, name_matches, saves_module
 from lightning_adapters.errors import AdapterConfigError, TargetError, UnsupportedLayerError
 from lightning_adapters.methods._common import write_weight_
 
@@ -175,7 +175,7 @@ def token_layers(model: nn.Module, config: Any, targets: list[str]) -> dict[str,
                 "be trained this way (name the input embedding, e.g. 'embed_tokens')"
             )
         clash = [t for t in targets if t == n]
-        if clash or name_matches(n, config.modules_to_save or None):
+        if clash or saves_module(n, config.modules_to_save or []):
             raise TargetError(
                 f"lora: {n!r} is in trainable_token_indices and also in "
                 f"{'target_modules' if clash else 'modules_to_save'}; choose one way to train it"

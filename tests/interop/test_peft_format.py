@@ -149,6 +149,13 @@ FORMS = {
         {"fc"},
         {"fc2", "model.layers.1.proj"},
     ),
+    # PEFT matches modules_to_save entries as plain string suffixes, not at a dot as target_modules: "c2" saves fc2,
+    # "0.proj" saves layers 0 and 10.
+    "modules_to_save-string-suffix": (
+        dict(target_modules=["fc"], modules_to_save=["c2", "0.proj"]),
+        {"fc"},
+        {"fc2", "model.layers.0.proj", "model.layers.10.proj"},
+    ),
 }
 
 

@@ -320,3 +320,21 @@ def test_a_checkpoint_written_before_a_config_field_existed_restores_and_resumes
     changed = la.AdapterCallback(lora(lora_bias=True), module="encoder", verbose=False)
     with pytest.raises(AdapterStateError, match=r"lora_bias: checkpoint False, now True"):
         trainer(max_steps=3, callbacks=[changed]).fit(BoringMLP(), mlp_data(), ckpt_path=tmp_path / "old.ckpt")
+
+
+def test_entries_beside_the_module_match_as_string_suffixes_like_inside() -> None:
+    """``split_modules_to_save`` applies PEFT's rule for this field on both sides of ``module=``: an entry selects
+    every name it ends (``"c2"`` selects ``fc2`` inside, ``"_c2"`` the ``head_c2`` beside), exactly those."""
+    from torch import nn
+
+    from lightning_adapters.lightning.scope import split_modules_to_save
+
+    root = nn.Module()
+    root.model = nn.ModuleDict({"fc": nn.Linear(2, 2), "fc2": nn.Linear(2, 2)})
+    root.head_c2 = nn.Linear(2, 2)
+    root.c3 = nn.Linear(2, 2)
+    config = la.LoRAConfig(target_modules=["fc"], modules_to_save=["c2"])
+    inner, outer = split_modules_to_save(root, "model", config)
+    assert inner.modules_to_save == ["c2"] and outer == []  # matched inside (fc2) first, as before
+    inner, outer = split_modules_to_save(root, "model", la.LoRAConfig(target_modules=["fc"], modules_to_save=["_c2"]))
+    assert inner.modules_to_save is None and outer == ["head_c2"]
