@@ -168,3 +168,21 @@ def test_a_quantized_merge_that_fails_to_requantize_leaves_the_base_and_the_laye
     la.merge(model, keep_original=True)
     la.unmerge(model)
     assert layer.merged is False and torch.equal(dequantized_weight(model.q1, torch.float32), before)
+
+
+@pytest.mark.parametrize("scheme", ["nf4", "int8"])
+def test_disabled_on_a_merged_quantized_base_merges_it_again_keeping_the_original(scheme):
+    """``disabled`` unmerges a ``keep_original`` merge and merges it again on exit, again keeping the original: the
+    base inside is the one from before the merge, and ``unmerge`` afterwards is still bit-exact."""
+    from lightning_adapters.core.quant import dequantized_weight
+
+    model = _model(scheme)
+    la.inject(model, la.LoRAConfig(r=2, target_modules=["q1"]))
+    randomize_adapter(model, std=0.05)
+    before = dequantized_weight(model.q1, torch.float32)
+    la.merge(model, keep_original=True)
+    with la.disabled(model):
+        assert torch.equal(dequantized_weight(model.q1, torch.float32), before)
+    assert model.q1.adapter["default"].merged
+    la.unmerge(model)
+    assert torch.equal(dequantized_weight(model.q1, torch.float32), before)

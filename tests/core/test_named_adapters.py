@@ -217,3 +217,12 @@ def test_a_second_adapter_that_fails_midway_leaves_the_first_as_it_was() -> None
     assert calls and la.adapter_names(model) == ["a"] and la.active(model) == ["a"]
     assert model.state_dict().keys() == before.keys()
     assert type(model.other) is nn.Linear and list(model.body.adapter) == ["a"]
+
+
+def test_the_adapter_set_shows_which_adapters_act() -> None:
+    """``print(model)`` shows each adapted module's adapters and, on the set, the active ones in order."""
+    model = nn.Sequential(nn.Linear(4, 4))
+    la.inject(model, la.LoRAConfig(r=1, target_modules=["0"]), name="a")
+    la.inject(model, la.LoRAConfig(r=1, target_modules=["0"]), name="b")
+    la.set_active(model, ["b", "a"])
+    assert "(adapter): AdapterSet(\n      active=['b', 'a']\n      (a): LoRALayer(" in repr(model), repr(model)

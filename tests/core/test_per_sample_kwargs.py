@@ -178,6 +178,13 @@ class Wrapped(nn.Module):
         self.calls += 1
         return self._fsdp_wrapped_module(base, *args, **kwargs)
 
+    def __getattr__(self, name: str):
+        # FSDP1's wrapper reads what it does not hold (``merged``, ``enabled``, ...) from the wrapped module.
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            return getattr(self._fsdp_wrapped_module, name)
+
 
 @pytest.mark.parametrize("additive", [True, False], ids=["additive", "per-group"])
 def test_routed_rows_reach_a_wrapped_layer_with_a_keyword_input(monkeypatch, toy_method, additive):
@@ -203,3 +210,7 @@ def test_routed_rows_reach_a_wrapped_layer_with_a_keyword_input(monkeypatch, toy
         got = model(x)
     torch.testing.assert_close(got, (x @ model.layer.weight.T + model.layer.bias) * factor, rtol=1e-5, atol=1e-6)
     assert wrapper.calls == (0 if additive else 1)  # the additive branch asks the layer for its term only
+    # Outside per_sample, the one active adapter runs through its wrapper too.
+    la.set_active(model, "a")
+    torch.testing.assert_close(model(x), (x @ model.layer.weight.T + model.layer.bias) * (1 + g["a"]))
+    assert wrapper.calls == (1 if additive else 2)
