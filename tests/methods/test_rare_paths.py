@@ -140,3 +140,78 @@ def test_llama_adapter_prompt_describes_its_length_heads_and_head_dim():
     assert len(prompts) == 1
     text = repr(prompts[0])
     assert "adapter_len=3, heads=4/2 kv, head_dim=16" in text, text
+
+
+def test_llama_adapter_prompt_is_made_on_the_attentions_device():
+    """A model built on the meta device (a sharded run materialises it later) gets its prompt and gate on the meta
+    device too, as every other adapter tensor; one made on the CPU would be left behind by the materialisation."""
+    with torch.device("meta"):
+        model = tiny_llama()
+    la.inject(model, la.LlamaAdapterConfig(adapter_len=3, adapter_layers=1))
+    (prompt,) = [m for m in model.modules() if isinstance(m, AdaptionPrompt)]
+    assert prompt.adaption_prompt.device.type == "meta"
+    assert prompt.adaption_gate.device.type == "meta"
+
+
+LOKR_FORMS = {
+    # (base, config kwargs, the factor forms repr names, the parameters that hold them)
+    "full-w1-factored-w2": (lambda: nn.Linear(64, 48), {}, "w1, w2_a·w2_b", {"lokr_w1", "lokr_w2_a", "lokr_w2_b"}),
+    "both-factored": (
+        lambda: nn.Linear(64, 48),
+        {"decompose_both": True},
+        "w1_a·w1_b, w2_a·w2_b",
+        {"lokr_w1_a", "lokr_w1_b", "lokr_w2_a", "lokr_w2_b"},
+    ),
+    "full-w2": (lambda: nn.Linear(8, 6), {"r": 64}, "w1, w2,", {"lokr_w1", "lokr_w2"}),
+    "conv-factored": (lambda: nn.Conv2d(16, 32, 3), {}, "w1, w2_a·w2_b", {"lokr_w1", "lokr_w2_a", "lokr_w2_b"}),
+    "conv-tucker": (
+        lambda: nn.Conv2d(16, 32, 3),
+        {"use_effective_conv2d": True},
+        "w1, tucker w2",
+        {"lokr_w1", "lokr_t2", "lokr_w2_a", "lokr_w2_b"},
+    ),
+}
+
+
+@pytest.mark.parametrize("form", sorted(LOKR_FORMS))
+def test_lokr_layer_names_the_factor_forms_it_holds(form):
+    """``repr`` of a LoKr layer says how each Kronecker factor is stored (full, a product of two, or CP/Tucker with
+    a core): truth is the set of parameters the layer holds for that config."""
+    make, kwargs, text, params = LOKR_FORMS[form]
+    model = Wrap(make())
+    la.inject(model, la.LoKrConfig(**{"r": 2, **kwargs}, target_modules=["layer"]))
+    layer = model.layer.adapter["default"]
+    assert {n for n, _ in layer.named_parameters()} == params
+    assert text in repr(layer), repr(layer)
+
+
+BAD_TOKEN_INDICES = {
+    "duplicate": [1, 1],
+    "negative": [3, -1],
+    "bool": [True, 2],
+    "float": [1.0],
+    "empty": [],
+    "not-a-list": 5,
+    "dict-empty-ids": {"embed": []},
+    "dict-duplicate": {"embed": [2, 2]},
+    "dict-empty-name": {"": [2]},
+    "dict-empty": {},
+}
+
+
+@pytest.mark.parametrize("value", list(BAD_TOKEN_INDICES.values()), ids=list(BAD_TOKEN_INDICES))
+def test_trainable_token_indices_that_are_not_distinct_ids_are_refused(value):
+    """Every way a ``trainable_token_indices`` value can fail to be a non-empty list of distinct ids >= 0 (alone or
+    per module) is refused when the config is made, each check on its own (one wrong condition lets one through)."""
+    with pytest.raises(la.AdapterConfigError, match="trainable_token_indices="):
+        la.LoRAConfig(trainable_token_indices=value)
+
+
+@pytest.mark.parametrize(
+    "value, kept",
+    [([0, 7], [0, 7]), ((3,), [3]), ({"embed": [4, 1]}, {"embed": [4, 1]})],
+    ids=["list", "tuple", "dict"],
+)
+def test_trainable_token_indices_in_every_accepted_form_are_kept(value, kept):
+    """The accepted forms are kept (a tuple as the list PEFT's JSON holds)."""
+    assert la.LoRAConfig(trainable_token_indices=value).trainable_token_indices == kept
