@@ -226,3 +226,21 @@ def test_a_partial_loftq_config_takes_pefts_defaults_for_the_rest(given):
     d = {"peft_type": "LORA", "target_modules": ["q_proj"], "init_lora_weights": "loftq", "loftq_config": given}
     config = get_method_by_peft_type("LORA").config_from_peft(d)
     assert (config.loftq_bits, config.loftq_iter) == (pefts.loftq_bits, pefts.loftq_iter)
+
+
+def test_adalora_rank_pattern_keys_of_peft_read_as_module_names():
+    """PEFT writes AdaLoRA's pruned ranks as ``{"<module>.lora_E": flags}`` (older files add ``.<adapter>``); the
+    config holds them by module name, the flags unchanged. A key of another form is refused, naming it."""
+    flags = [True, False, True, True]
+    d = {
+        "peft_type": "ADALORA",
+        "target_modules": ["q_proj"],
+        "init_r": 4,
+        "total_step": 10,
+        "rank_pattern": {"model.layers.0.q_proj.lora_E": flags, "model.layers.1.q_proj.lora_E.default": flags[::-1]},
+    }
+    config = get_method_by_peft_type("ADALORA").config_from_peft(d)
+    assert config.rank_pattern == {"model.layers.0.q_proj": flags, "model.layers.1.q_proj": flags[::-1]}
+    d["rank_pattern"] = {"model.layers.0.q_proj.lora_A": flags}
+    with pytest.raises(AdapterConfigError, match=r"rank_pattern key 'model.layers.0.q_proj.lora_A'"):
+        get_method_by_peft_type("ADALORA").config_from_peft(d)

@@ -215,3 +215,30 @@ def test_trainable_token_indices_that_are_not_distinct_ids_are_refused(value):
 def test_trainable_token_indices_in_every_accepted_form_are_kept(value, kept):
     """The accepted forms are kept (a tuple as the list PEFT's JSON holds)."""
     assert la.LoRAConfig(trainable_token_indices=value).trainable_token_indices == kept
+
+
+def test_llama_adapter_eject_removes_only_its_own_hooks():
+    """Ejecting Llama-Adapter removes the hooks it put on the attention modules and leaves those of other code (a
+    plain function, without ``__self__``) registered and firing; the model computes its original output again."""
+    model = tiny_llama()
+    ids = torch.randint(0, 128, (2, 5), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        want = model(ids).logits
+    seen = []
+
+    def record(module, args, output):
+        seen.append(module)
+
+    attns = [layer.self_attn for layer in model.model.layers]
+    for attn in attns:
+        attn.register_forward_hook(record)
+    before = [(len(a._forward_pre_hooks), len(a._forward_hooks)) for a in attns]
+    la.inject(model, la.LlamaAdapterConfig(adapter_len=3, adapter_layers=2))
+    assert [(len(a._forward_pre_hooks), len(a._forward_hooks)) for a in attns] != before
+    la.eject(model)
+    assert [(len(a._forward_pre_hooks), len(a._forward_hooks)) for a in attns] == before
+    seen.clear()
+    with torch.no_grad():
+        got = model(ids).logits
+    assert seen == attns
+    torch.testing.assert_close(got, want)
