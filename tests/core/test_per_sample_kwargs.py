@@ -75,6 +75,20 @@ def _delta_output(self, base: nn.Module, *args, **kwargs) -> torch.Tensor:
     return base._la_base_forward(*args, **kwargs) * self.g
 
 
+def _two_adapters(monkeypatch, toy_method, **layer_attrs) -> KeywordCall:
+    """``KeywordCall`` with toy adapters ``a`` and ``b`` (random ``g``) on its layer, the toy layer class patched with
+    ``layer_attrs`` (``adapted_forward``, ``delta_output``, ``additive``, ``dense_term``)."""
+    for attr, value in layer_attrs.items():
+        monkeypatch.setattr(toy_method.ToyScaleLayer, attr, value)
+    torch.manual_seed(0)
+    model = KeywordCall()
+    for name in ("a", "b"):
+        la.inject(model, toy_method.ToyScaleConfig(target_modules=["layer"]), name=name)
+        with torch.no_grad():
+            model.layer.adapter[name].g.normal_()
+    return model
+
+
 # (additive, dense_term, names of the rows, set_scale of "a"): each reaches another branch of the routed forward
 # (core/routing.py) with the input given by keyword: the base alone, base + Σ terms, one forward per group of rows
 # (base rows included), and a scaled group there.
@@ -91,17 +105,14 @@ def test_every_routed_branch_passes_a_keyword_input_on(monkeypatch, toy_method, 
     """Truth: the toy's closed form per row, ``(1 + s·g_name) ⊙ (W x + b)`` (``g = 0`` for ``"__base__"``), with
     ``s`` the ``set_scale`` of the row's adapter; gradients of x and of each ``g`` against autograd of that form."""
     additive, dense, names, scale = ROUTES[route]
-    layer_cls = toy_method.ToyScaleLayer
-    monkeypatch.setattr(layer_cls, "adapted_forward", _adapted_forward)
-    monkeypatch.setattr(layer_cls, "delta_output", _delta_output)
-    monkeypatch.setattr(layer_cls, "additive", additive)
-    monkeypatch.setattr(layer_cls, "dense_term", dense)
-    torch.manual_seed(0)
-    model = KeywordCall()
-    for name in ("a", "b"):
-        la.inject(model, toy_method.ToyScaleConfig(target_modules=["layer"]), name=name)
-        with torch.no_grad():
-            model.layer.adapter[name].g.normal_()
+    model = _two_adapters(
+        monkeypatch,
+        toy_method,
+        adapted_forward=_adapted_forward,
+        delta_output=_delta_output,
+        additive=additive,
+        dense_term=dense,
+    )
     la.set_trainable(model, ["a", "b"])
     if scale != 1.0:
         la.set_scale(model, "a", scale)
@@ -129,16 +140,9 @@ def test_every_routed_branch_passes_a_keyword_input_on(monkeypatch, toy_method, 
 def test_stacked_and_scaled_adapters_pass_a_keyword_input_on(monkeypatch, toy_method, active, scale):
     """Outside ``per_sample``: base + Σ s_i · term_i (core/layer.py) with the input given by keyword; truth the
     closed form ``(1 + Σ s_i g_i) ⊙ (W x + b)``."""
-    layer_cls = toy_method.ToyScaleLayer
-    monkeypatch.setattr(layer_cls, "adapted_forward", _adapted_forward)
-    monkeypatch.setattr(layer_cls, "delta_output", _delta_output)
-    monkeypatch.setattr(layer_cls, "additive", True)
-    torch.manual_seed(0)
-    model = KeywordCall()
-    for name in ("a", "b"):
-        la.inject(model, toy_method.ToyScaleConfig(target_modules=["layer"]), name=name)
-        with torch.no_grad():
-            model.layer.adapter[name].g.normal_()
+    model = _two_adapters(
+        monkeypatch, toy_method, adapted_forward=_adapted_forward, delta_output=_delta_output, additive=True
+    )
     la.set_active(model, active)
     la.set_scale(model, "a", scale)
     x = torch.randn(3, 8)
@@ -151,14 +155,7 @@ def test_stacked_and_scaled_adapters_pass_a_keyword_input_on(monkeypatch, toy_me
 @pytest.mark.parametrize("active", [["a"], ["a", "b"]], ids=["one", "two"])
 def test_disabled_adapters_pass_a_keyword_input_to_the_base(monkeypatch, toy_method, active):
     """Inside ``disabled`` the adapted module is its base, ``W x + b``, however many adapters are active."""
-    monkeypatch.setattr(toy_method.ToyScaleLayer, "additive", True)
-    monkeypatch.setattr(toy_method.ToyScaleLayer, "delta_output", _delta_output)
-    torch.manual_seed(0)
-    model = KeywordCall()
-    for name in ("a", "b"):
-        la.inject(model, toy_method.ToyScaleConfig(target_modules=["layer"]), name=name)
-        with torch.no_grad():
-            model.layer.adapter[name].g.normal_()
+    model = _two_adapters(monkeypatch, toy_method, additive=True, delta_output=_delta_output)
     la.set_active(model, active)
     x = torch.randn(3, 8)
     with la.disabled(model):
@@ -190,16 +187,9 @@ class Wrapped(nn.Module):
 def test_routed_rows_reach_a_wrapped_layer_with_a_keyword_input(monkeypatch, toy_method, additive):
     """A wrapped layer is read through the wrapper (its flags, its term) and, where it runs its own forward, called
     through it. Truth: the closed form per row, as above."""
-    layer_cls = toy_method.ToyScaleLayer
-    monkeypatch.setattr(layer_cls, "adapted_forward", _adapted_forward)
-    monkeypatch.setattr(layer_cls, "delta_output", _delta_output)
-    monkeypatch.setattr(layer_cls, "additive", additive)
-    torch.manual_seed(0)
-    model = KeywordCall()
-    for name in ("a", "b"):
-        la.inject(model, toy_method.ToyScaleConfig(target_modules=["layer"]), name=name)
-        with torch.no_grad():
-            model.layer.adapter[name].g.normal_()
+    model = _two_adapters(
+        monkeypatch, toy_method, adapted_forward=_adapted_forward, delta_output=_delta_output, additive=additive
+    )
     g = {n: model.layer.adapter[n].g for n in ("a", "b")}
     wrapper = Wrapped(model.layer.adapter["a"])
     model.layer.adapter["a"] = wrapper
