@@ -97,3 +97,13 @@ def trainer(**kwargs: Any) -> L.Trainer:
     if any(isinstance(cb, ModelCheckpoint) for cb in defaults.get("callbacks", [])):
         defaults["enable_checkpointing"] = True
     return L.Trainer(**defaults)
+
+
+def leave_process_group() -> None:
+    """End a multi-process test script: leave the process group before the interpreter exits.
+
+    Torn down at interpreter exit instead, gloo's threads can abort a process whose run succeeded ("terminate called
+    without an active exception", seen once in CI under FSDP2).
+    """
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        torch.distributed.destroy_process_group()

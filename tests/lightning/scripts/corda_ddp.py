@@ -8,7 +8,7 @@ import torch
 from lightning.pytorch import Callback
 
 import lightning_adapters as la
-from tests.lightning.models import BoringMLP, mlp_data, trainer
+from tests.lightning.models import BoringMLP, leave_process_group, mlp_data, trainer
 
 
 class Save(Callback):
@@ -40,3 +40,4 @@ def main() -> None:
 
 if __name__ == "__main__":
     main()
+    leave_process_group()

@@ -27,7 +27,7 @@ from lightning.pytorch.strategies import DDPStrategy, DeepSpeedStrategy  # noqa:
 from torch.utils.data import DataLoader, DistributedSampler  # noqa: E402
 
 import lightning_adapters as la  # noqa: E402
-from tests.lightning.models import BoringMLP, mlp_data  # noqa: E402
+from tests.lightning.models import BoringMLP, leave_process_group, mlp_data  # noqa: E402
 
 CONFIG = la.LoRAConfig(r=4, alpha=8.0, target_modules=["encoder.0", "encoder.2", "encoder.4"], modules_to_save=["head"])
 
@@ -113,3 +113,4 @@ def main() -> None:
 
 if __name__ == "__main__":
     main()
+    leave_process_group()

@@ -13,7 +13,7 @@ from lightning.pytorch import Callback
 from torch.utils.data import DataLoader, TensorDataset
 
 import lightning_adapters as la
-from tests.lightning.models import WIDTH, BoringMLP, trainer
+from tests.lightning.models import WIDTH, BoringMLP, leave_process_group, trainer
 
 
 def eva_config(batches: int = 4) -> la.LoRAConfig:
@@ -60,3 +60,4 @@ def main() -> None:
 
 if __name__ == "__main__":
     main()
+    leave_process_group()

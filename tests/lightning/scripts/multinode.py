@@ -29,7 +29,7 @@ from torch.utils.data import DataLoader, DistributedSampler  # noqa: E402
 
 import lightning_adapters as la  # noqa: E402
 from lightning_adapters.methods.adalora import rank_pattern  # noqa: E402
-from tests.lightning.models import BoringMLP, mlp_data  # noqa: E402
+from tests.lightning.models import BoringMLP, leave_process_group, mlp_data  # noqa: E402
 
 GLOBAL_BATCH = 8
 CONFIGS = {}
@@ -113,10 +113,7 @@ def main() -> None:
     p.add_argument("--out", required=True)
     args = p.parse_args()
     torch.save(run(args.nodes, Path(args.dir), args.strategy, args.method), args.out)
-    # Leave the process group before the interpreter exits: torn down at exit, gloo's threads can abort the process
-    # ("terminate called without an active exception", seen once in CI under FSDP2) after the run succeeded.
-    if torch.distributed.is_available() and torch.distributed.is_initialized():
-        torch.distributed.destroy_process_group()
+    leave_process_group()
 
 
 if __name__ == "__main__":

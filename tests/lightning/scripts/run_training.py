@@ -22,7 +22,14 @@ from lightning.pytorch.strategies import DDPStrategy, ModelParallelStrategy  # n
 from torch.utils.data import DataLoader, DistributedSampler  # noqa: E402
 
 import lightning_adapters as la  # noqa: E402
-from tests.lightning.models import BoringMLP, TinyLlamaLM, mlp_data, token_data, trainer  # noqa: E402
+from tests.lightning.models import (  # noqa: E402
+    BoringMLP,
+    TinyLlamaLM,
+    leave_process_group,
+    mlp_data,
+    token_data,
+    trainer,
+)
 
 
 def full(t: torch.Tensor) -> torch.Tensor:
@@ -136,3 +143,4 @@ def main() -> None:
 
 if __name__ == "__main__":
     main()
+    leave_process_group()
