@@ -1,0 +1,489 @@
+"""Direct tests of the Lightning integration's helpers, without a Trainer (issue 21: surviving mutants, second
+sample of the lightning package).
+
+Each test pins one behaviour that only multi-process, GPU or Trainer-driven runs reached before, against a value
+written out by hand.
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Any
+
+import pytest
+import torch
+
+import lightning_adapters as la
+from lightning_adapters.core.state import adapter_prefixes, base_fingerprint, is_adapter_key, name_free_keys
+from lightning_adapters.errors import AdapterStateError
+from lightning_adapters.lightning.checkpoint import (
+    METADATA_KEY,
+    _config_differences,
+    _load_named,
+    _modules_of,
+    _strategy_loads_state,
+    build_metadata,
+    check_metadata,
+    restore_from_checkpoint,
+    validate_checkpoint,
+)
+
+
+def _mlp(seed: int = 0) -> torch.nn.Module:
+    torch.manual_seed(seed)
+    return torch.nn.Sequential(torch.nn.Linear(6, 8), torch.nn.ReLU(), torch.nn.Linear(8, 4))
+
+
+def _lora(**kwargs: Any) -> la.LoRAConfig:
+    return la.LoRAConfig(r=2, target_modules=["0", "2"], init_weights=False, **kwargs)
+
+
+def _checkpoint(model: torch.nn.Module, config: la.LoRAConfig, module: str = "") -> dict[str, Any]:
+    state = la.adapter_state_dict(model)
+    meta = build_metadata(
+        adapters={"default": ("lora", config)},
+        name="default",
+        active=["default"],
+        trainable=["default"],
+        module=module,
+        fingerprint=base_fingerprint(model),
+        shapes={k: list(v.shape) for k, v in state.items()},
+    )
+    return {METADATA_KEY: meta, "state_dict": state}
+
+
+# ------------------------------------------------------------------------------------------------------------
+# Checkpoint checks
+
+
+def test_a_field_the_saved_config_lacks_counts_as_its_default() -> None:
+    # A checkpoint written before a field existed ran with that field's default: not a difference.
+    defaults = {"r": 8, "lora_alpha": 8, "lora_dropout": 0.0}
+    assert _config_differences({"r": 2}, {"r": 2, "lora_alpha": 8, "lora_dropout": 0.0}, defaults) == []
+    assert _config_differences({"r": 2}, {"r": 2, "lora_alpha": 16}, defaults) == ["lora_alpha: checkpoint 8, now 16"]
+    assert _config_differences({"r": 2, "lora_alpha": 4}, {"r": 2, "lora_alpha": None}, defaults) == []
+
+
+def test_check_metadata_of_a_format_1_file_compares_its_one_adapter_under_any_name() -> None:
+    config = _lora()
+    meta = {"format": 1, "method": "lora", "config": config.to_dict(), "module": ""}
+    check_metadata(meta, "lora", config.to_dict(), None, name="b")
+    check_metadata(meta, "lora", config.to_dict(), None)
+    with pytest.raises(AdapterStateError, match="holds a 'lora' adapter but this model uses 'ia3'"):
+        check_metadata(meta, "ia3", config.to_dict(), None, name="b")
+
+
+def test_strategy_loads_state_only_under_a_sharded_strategy() -> None:
+    def module_with(strategy_class: str | None) -> torch.nn.Module:
+        m = torch.nn.Linear(2, 2)
+        if strategy_class is not None:
+            m._trainer = type("Trainer", (), {"strategy": type(strategy_class, (), {})()})()
+        return m
+
+    assert _strategy_loads_state(module_with(None)) is False
+    assert _strategy_loads_state(module_with("DDPStrategy")) is False
+    for name in ("FSDPStrategy", "ModelParallelStrategy", "DeepSpeedStrategy"):
+        assert _strategy_loads_state(module_with(name)) is True, name
+
+
+def test_modules_of_are_the_top_level_names_and_the_trained_module() -> None:
+    state = {"backbone.enc.fc.adapter.lora_A": 0, "head.weight": 0, "scale": 0}
+    assert _modules_of(state, {"module": ""}) == ["backbone", "head"]
+    assert _modules_of(state, {"module": "encoder"}) == ["backbone", "encoder", "head"]
+
+
+def _validate(checkpoint: dict[str, Any], model: torch.nn.Module, config: la.LoRAConfig) -> None:
+    live = {k: list(v.shape) for k, v in la.adapter_state_dict(model).items()}
+    validate_checkpoint(
+        checkpoint, model, adapters={"default": ("lora", config)}, fingerprint=None, expected=lambda names: live
+    )
+
+
+def test_validate_checkpoint_compares_the_saved_shapes_and_accepts_a_file_without_metadata() -> None:
+    config = _lora()
+    model = _mlp()
+    la.inject(model, config)
+    checkpoint = _checkpoint(model, config)
+    _validate(checkpoint, model, config)
+    # The shapes entry is checked on its own (the tensors may be loaded by a sharded strategy instead).
+    bad = _checkpoint(model, config)
+    key = next(iter(bad[METADATA_KEY]["adapter_shapes"]))
+    bad[METADATA_KEY]["adapter_shapes"][key] = [99, 99]
+    with pytest.raises(AdapterStateError, match="the checkpoint's adapter does not fit this model"):
+        _validate(bad, model, config)
+    # A file without the metadata entry: only its tensors are checked.
+    plain = {"state_dict": dict(checkpoint["state_dict"])}
+    _validate(plain, model, config)
+    del plain["state_dict"][key]
+    with pytest.raises(AdapterStateError, match=r"\(it was not written by lightning_adapters\)"):
+        _validate(plain, model, config)
+
+
+# ------------------------------------------------------------------------------------------------------------
+# Loading into several adapters; restoring onto a part of the trained module
+
+
+def test_load_named_loads_each_adapters_own_tensors_and_its_saved_modules() -> None:
+    def two_adapters(seed: int) -> torch.nn.Module:
+        torch.manual_seed(seed)
+        model = torch.nn.Sequential(
+            torch.nn.Linear(6, 8), torch.nn.ReLU(), torch.nn.Linear(8, 8), torch.nn.ReLU(), torch.nn.Linear(8, 4)
+        )
+        la.inject(model, la.LoRAConfig(r=2, target_modules=["0"], modules_to_save=["4"], init_weights=False), name="a")
+        la.inject(model, la.LoRAConfig(r=2, target_modules=["2"], init_weights=False), name="b")
+        for p in model.parameters():
+            if p.requires_grad:
+                with torch.no_grad():
+                    p.normal_()
+        return model
+
+    trained, fresh = two_adapters(0), two_adapters(1)
+    own = adapter_prefixes(trained)
+    state = {k: v.detach().clone() for k, v in trained.state_dict().items() if is_adapter_key(k, own)}
+    saved_module_keys = [k for k in state if not any(k in name_free_keys(trained, n) for n in ("a", "b"))]
+    assert saved_module_keys  # modules_to_save tensors: adapter keys that are not layer keys
+    _load_named(fresh, state, ["a", "b"], True)
+    got = fresh.state_dict()
+    for k, v in state.items():
+        assert torch.equal(got[k], v), k
+
+
+def test_a_format_1_checkpoint_is_restored_onto_a_part_of_the_trained_module(tmp_path) -> None:
+    from lightning.pytorch import LightningModule
+
+    def backbone() -> torch.nn.Module:
+        torch.manual_seed(0)
+        b = torch.nn.Module()
+        b.enc, b.dec = torch.nn.Module(), torch.nn.Module()
+        b.enc.fc, b.dec.fc = torch.nn.Linear(4, 4), torch.nn.Linear(4, 4)
+        return b
+
+    lm = LightningModule()
+    lm.backbone = backbone()
+    config = la.LoRAConfig(r=2, target_modules=["fc"], init_weights=False)
+    la.inject(lm, config)
+    free = name_free_keys(lm, "default")
+    state = {free[k]: v.detach().clone() for k, v in la.adapter_state_dict(lm).items()}
+    assert all(".adapter.default." not in k for k in state)  # format 1: unnamed keys
+    meta = {
+        "format": 1,
+        "method": "lora",
+        "config": config.to_dict(),
+        "module": "",
+        "base_fingerprint": base_fingerprint(lm),
+        "adapter_shapes": {k: list(v.shape) for k, v in state.items()},
+    }
+    torch.save({METADATA_KEY: meta, "state_dict": state}, tmp_path / "a.ckpt")
+    bare = restore_from_checkpoint(backbone(), tmp_path / "a.ckpt", module="backbone")
+    assert sorted(n for n, _ in bare.named_modules() if n.endswith(".adapter")) == ["dec.fc.adapter", "enc.fc.adapter"]
+    x = torch.randn(2, 4)
+    for name in ("enc.fc", "dec.fc"):
+        assert torch.equal(bare.get_submodule(name)(x), lm.backbone.get_submodule(name)(x)), name
+
+
+def test_a_format_1_eva_checkpoint_restores_the_ranks_eva_chose(tmp_path) -> None:
+    # Format 1 keys carry no adapter name: the saved lora_A shapes are found under ".adapter." alone.
+    from lightning.pytorch import LightningModule
+
+    from tests.peft_parity.test_eva import TwoBranch, branch_batches
+
+    class Module(LightningModule):
+        def __init__(self) -> None:
+            super().__init__()
+            self.net = TwoBranch()
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.net(x)
+
+    module = Module
+
+    config = la.LoRAConfig(r=4, alpha=8.0, target_modules=["net.a", "net.b"], init_weights="eva", eva_tau=0.95)
+    trained = la.inject(module(), config)
+    la.initialize_from_data(trained, branch_batches())
+    assert trained.net.a.adapter.default.r == 8 and not hasattr(trained.net.b, "adapter")
+    free = name_free_keys(trained, "default")
+    state = {free[k]: v.detach().clone() for k, v in la.adapter_state_dict(trained).items()}
+    meta = {"format": 1, "method": "lora", "config": config.to_dict(), "module": ""}
+    torch.save({METADATA_KEY: meta, "state_dict": state}, tmp_path / "eva.ckpt")
+    restored = restore_from_checkpoint(module(), tmp_path / "eva.ckpt", check_base=False)
+    assert restored.net.a.adapter.default.r == 8 and not hasattr(restored.net.b, "adapter")
+    x = branch_batches(1, seed=1)[0]
+    torch.testing.assert_close(restored(x), trained(x), rtol=0, atol=0)
+
+
+# ------------------------------------------------------------------------------------------------------------
+# Adapter sources (init_from): a checkpoint file or a PEFT directory
+
+
+def test_stored_config_reads_the_config_of_a_checkpoint_and_of_a_peft_directory(tmp_path) -> None:
+    from lightning_adapters.lightning.sources import stored_config
+
+    config = _lora(alpha=5)
+    model = _mlp()
+    la.inject(model, config)
+    torch.save(_checkpoint(model, config), tmp_path / "a.ckpt")
+    la.save_peft(model, tmp_path / "peft")
+    assert stored_config("x", str(tmp_path / "a.ckpt")) == config
+    got = stored_config("x", str(tmp_path / "peft"))
+    assert (got.r, got.alpha, sorted(got.target_modules)) == (2, 5, ["0", "2"])
+
+
+def test_a_checkpoint_source_lacking_tensors_leaves_the_model_without_adapters(tmp_path) -> None:
+    from lightning_adapters.core.state import find_records
+    from lightning_adapters.lightning.sources import load_adapter
+
+    config = _lora()
+    model = _mlp()
+    la.inject(model, config)
+    checkpoint = _checkpoint(model, config)
+    dropped = next(k for k in checkpoint["state_dict"] if k.startswith("2."))
+    del checkpoint["state_dict"][dropped]
+    torch.save(checkpoint, tmp_path / "a.ckpt")
+    target = _mlp()
+    with pytest.raises(AdapterStateError, match="lacks"):
+        load_adapter(target, "x", str(tmp_path / "a.ckpt"))
+    assert find_records(target) == []
+    assert sorted(target.state_dict()) == ["0.bias", "0.weight", "2.bias", "2.weight"]
+
+
+# ------------------------------------------------------------------------------------------------------------
+# The module class swap's configure_callbacks
+
+
+class _Callbacks:
+    def __init__(self, callbacks: list) -> None:
+        self.callbacks = callbacks
+
+
+@pytest.mark.parametrize("returned", ["none", "one", "list"])
+def test_the_swapped_module_adds_a_callback_only_when_the_trainer_has_none(returned: str) -> None:
+    from lightning.pytorch import LightningModule
+    from lightning.pytorch.callbacks import Callback
+
+    from lightning_adapters.lightning.callback import swap_class
+
+    mine = Callback()
+
+    class Module(LightningModule):
+        def configure_callbacks(self):
+            return {"none": None, "one": mine, "list": [mine]}[returned]
+
+    pl_module = Module()
+    swap_class(pl_module)
+    pl_module._trainer = _Callbacks([])
+    got = pl_module.configure_callbacks()
+    own = [] if returned == "none" else [mine]
+    assert got[:-1] == own and len(got) == len(own) + 1
+    assert isinstance(got[-1], la.AdapterCallback) and got[-1].config is None
+    # A trainer that already has an AdapterCallback gets the module's own callbacks as they were.
+    pl_module._trainer = _Callbacks([la.AdapterCallback(la.LoRAConfig(r=2), verbose=False)])
+    assert pl_module.configure_callbacks() == {"none": None, "one": mine, "list": [mine]}[returned]
+
+
+# ------------------------------------------------------------------------------------------------------------
+# Strategies: gradient checkpointing, DeepSpeed ZeRO-3, FSDP2 units, FSDP1 export
+
+
+class _Embedded(torch.nn.Module):
+    def __init__(self, use_reentrant: bool | None) -> None:
+        super().__init__()
+        self.emb = torch.nn.Embedding(5, 4)
+        self.emb.weight.requires_grad_(False)
+        self.block = torch.nn.Linear(4, 4)
+        self.block.gradient_checkpointing = True
+        if use_reentrant is not None:
+            kwargs = {"use_reentrant": use_reentrant}
+            self.block._gradient_checkpointing_func = functools.partial(torch.utils.checkpoint.checkpoint, **kwargs)
+
+    def get_input_embeddings(self) -> torch.nn.Module:
+        return self.emb
+
+
+@pytest.mark.parametrize(("use_reentrant", "expected"), [(False, False), (True, True), (None, True)])
+def test_reentrant_checkpointing_reads_the_layers_checkpoint_function(use_reentrant, expected) -> None:
+    from lightning_adapters.lightning.strategies import _reentrant_checkpointing
+
+    assert _reentrant_checkpointing(_Embedded(use_reentrant)) is expected
+    assert _reentrant_checkpointing(_mlp()) is False
+
+
+def test_the_input_grads_hook_is_installed_once() -> None:
+    from lightning_adapters.lightning.strategies import handle_input_grads
+
+    model = _Embedded(True)
+    assert handle_input_grads(model) is True
+    assert handle_input_grads(model) is False
+    assert len(model.emb._forward_hooks) == 1
+    assert model.emb(torch.tensor([1, 2])).requires_grad
+    assert handle_input_grads(_Embedded(False)) is False
+
+
+def test_zero3_preparation_registers_every_adapter_parameter_with_its_base_layer(monkeypatch) -> None:
+    deepspeed = pytest.importorskip("deepspeed")
+    from lightning.pytorch.strategies import DeepSpeedStrategy
+
+    from lightning_adapters.lightning.strategies import prepare_strategy
+
+    model = _mlp()
+    la.inject(model, _lora())
+    registered = []
+    monkeypatch.setattr(deepspeed.zero, "register_external_parameter", lambda m, p: registered.append((m, p)))
+    strategy = DeepSpeedStrategy(stage=3)
+    strategy.save_checkpoint = lambda *args, **kwargs: None
+    prepare_strategy(type("Trainer", (), {"strategy": strategy})(), model, model)
+    want = [(model[i], p) for i in (0, 2) for p in model[i].adapter.parameters()]
+    assert len(registered) == len(want) == 4
+    assert all(m is wm and p is wp for (m, p), (wm, wp) in zip(registered, want, strict=True))
+
+
+def _one_process_group(tmp_path) -> None:
+    import torch.distributed as dist
+
+    if dist.is_initialized():
+        pytest.skip("a process group is already set up in this process")
+    dist.init_process_group("gloo", store=dist.FileStore(str(tmp_path / "store"), 1), rank=0, world_size=1)
+
+
+def test_adapter_units_stay_gathered_after_forward_while_the_root_reshards(tmp_path) -> None:
+    import torch.distributed as dist
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.tensor import DTensor
+
+    from lightning_adapters.lightning.strategies import adapter_parallelize_fn
+
+    model = _mlp()
+    la.inject(model, _lora())
+    _one_process_group(tmp_path)
+    try:
+        adapter_parallelize_fn(model, init_device_mesh("cpu", (1,)), reshard_after_forward=True)
+        model(torch.randn(3, 6))
+        adapter = list(model[0].adapter.parameters())
+        assert adapter and not any(isinstance(p, DTensor) for p in adapter)  # kept gathered
+        assert isinstance(model[0].weight, DTensor)  # the root's own parameters resharded
+    finally:
+        dist.destroy_process_group()
+
+
+def test_has_dtensor_sees_a_sharded_parameter(tmp_path) -> None:
+    import torch.distributed as dist
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.tensor import Shard, distribute_tensor
+
+    from lightning_adapters.lightning.runtime import _has_dtensor
+
+    model = _mlp()
+    assert _has_dtensor(model) is False
+    _one_process_group(tmp_path)
+    try:
+        mesh = init_device_mesh("cpu", (1,))
+        model[2].weight = torch.nn.Parameter(distribute_tensor(model[2].weight.detach(), mesh, [Shard(0)]))
+        assert _has_dtensor(model) is True
+    finally:
+        dist.destroy_process_group()
+
+
+def test_export_under_fsdp1_gathers_the_wrapped_model(tmp_path, monkeypatch) -> None:
+    from torch.distributed.fsdp import FullyShardedDataParallel
+
+    from lightning_adapters.lightning.export import export_at_fit_end
+
+    model = _mlp()
+    la.inject(model, _lora())
+    wrapped = FullyShardedDataParallel.__new__(FullyShardedDataParallel)  # only its type is read before gathering
+    summoned = []
+
+    @staticmethod
+    def summon(module, writeback=True, **kwargs):
+        summoned.append((module, writeback))
+        return torch.no_grad()
+
+    monkeypatch.setattr(FullyShardedDataParallel, "summon_full_params", summon)
+    strategy = type("S", (), {"model": wrapped, "barrier": lambda self, name: None})()
+    trainer = type("Trainer", (), {"is_global_zero": True, "strategy": strategy})()
+    export_at_fit_end(trainer, model, peft_dir=str(tmp_path / "peft"))
+    assert summoned == [(wrapped, False)]
+    assert (tmp_path / "peft" / "adapter_model.safetensors").is_file()
+
+
+# ------------------------------------------------------------------------------------------------------------
+# Functions no selected test reached: the FSDP1 wrap policy, the adapter-state gathering of sharded strategies,
+# the mixin's adapter_state_dict.
+
+
+def test_adapter_auto_wrap_policy_makes_units_of_adapters_blocks_and_fully_trainable_modules() -> None:
+    from lightning_adapters.lightning.strategies import adapter_auto_wrap_policy
+
+    model = torch.nn.Sequential(torch.nn.Linear(6, 8), torch.nn.ReLU(), torch.nn.Linear(8, 4), torch.nn.Linear(4, 4))
+    la.inject(model, la.LoRAConfig(r=2, target_modules=["0"]))
+    model[2].requires_grad_(False)
+    model[3].requires_grad_(True)
+    model[3].bias.requires_grad_(False)
+    head = torch.nn.Linear(4, 2)  # every own parameter trainable (a modules_to_save head)
+    plain = adapter_auto_wrap_policy()
+    with_blocks = adapter_auto_wrap_policy({torch.nn.ReLU})
+    assert plain(model, True, 0) is True  # recursing is always allowed
+    assert plain(model[0].adapter.default, False, 0) is True  # an adapter layer
+    assert plain(model[0], False, 0) is False  # the adapted layer: its own weight is frozen
+    model[0].adapter.default.requires_grad_(False)
+    assert plain(model[0].adapter.default, False, 0) is True  # a frozen adapter too (its own unit all the same)
+    assert plain(head, False, 0) is True
+    assert plain(model[2], False, 0) is False  # frozen
+    assert plain(model[3], False, 0) is False  # partly trainable
+    assert plain(model, False, 0) is False  # no parameters of its own
+    assert plain(model[1], False, 0) is False
+    assert with_blocks(model[1], False, 0) is True  # a block type
+    assert with_blocks(model[2], False, 0) is False
+
+
+def test_the_deepspeed_state_holds_the_trainable_tensors_and_buffers_on_the_cpu() -> None:
+    from lightning_adapters.lightning.strategies import _gather_deepspeed_state
+
+    model = torch.nn.Sequential(torch.nn.Linear(6, 8), torch.nn.BatchNorm1d(8), torch.nn.Linear(8, 4))
+    la.inject(model, _lora())
+    strategy = type("Strategy", (), {"lightning_module": model})()  # not DeepSpeed: no gathering needed
+    got = _gather_deepspeed_state(strategy)
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    buffers = {"1.running_mean", "1.running_var", "1.num_batches_tracked"}
+    assert set(got) == trainable | buffers and len(trainable) == 4
+    live = model.state_dict()
+    for k, v in got.items():
+        assert torch.equal(v, live[k]) and v.device.type == "cpu", k
+        assert v.data_ptr() != live[k].data_ptr(), k  # a copy, not the live tensor
+
+
+def test_the_sharded_adapter_state_is_the_full_trainable_state(tmp_path) -> None:
+    import torch.distributed as dist
+    from torch.distributed.device_mesh import init_device_mesh
+
+    from lightning_adapters.lightning.strategies import _gather_adapter_state, adapter_parallelize_fn
+
+    model = torch.nn.Sequential(torch.nn.Linear(6, 8), torch.nn.BatchNorm1d(8), torch.nn.Linear(8, 4))
+    la.inject(model, _lora())
+    want = {k: v.detach().clone() for k, v in model.state_dict().items()}
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    _one_process_group(tmp_path)
+    try:
+        adapter_parallelize_fn(model, init_device_mesh("cpu", (1,)))
+        got = _gather_adapter_state(type("Strategy", (), {"model": model})())
+    finally:
+        dist.destroy_process_group()
+    assert set(got) == trainable | {"1.running_mean", "1.running_var", "1.num_batches_tracked"}
+    for k, v in got.items():
+        assert type(v) is torch.Tensor and torch.equal(v, want[k]), k  # whole tensors, not shards
+
+
+def test_the_mixins_adapter_state_dict_is_keyed_relative_to_the_injected_module() -> None:
+    from lightning.pytorch import LightningModule
+
+    class Model(la.AdapterMixin, LightningModule):
+        def __init__(self) -> None:
+            super().__init__()
+            self.model = _mlp()
+            self.adapter_config = _lora()
+            self.adapter_module = "model"
+
+    m = Model()
+    m.inject_adapters()
+    got, want = m.adapter_state_dict(), la.adapter_state_dict(m.model)
+    assert sorted(got) == sorted(want) and all(k.startswith(("0.", "2.")) for k in got)
+    assert all(torch.equal(got[k], want[k]) for k in want)
