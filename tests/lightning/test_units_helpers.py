@@ -228,6 +228,43 @@ def test_stored_config_reads_the_config_of_a_checkpoint_and_of_a_peft_directory(
     assert (got.r, got.alpha, sorted(got.target_modules)) == (2, 5, ["0", "2"])
 
 
+def test_stored_config_picks_the_named_adapter_of_a_file_holding_several(tmp_path) -> None:
+    from lightning_adapters.lightning.sources import stored_config
+
+    model = _mlp()
+    la.inject(model, la.LoRAConfig(r=2, target_modules=["0"]))
+    la.inject(model, la.LoRAConfig(r=3, target_modules=["2"]), name="other")
+    la.save_peft(model, tmp_path / "peft")  # "default" at the top, "other" in a sub-folder
+    assert (tmp_path / "peft" / "other").is_dir()
+    assert stored_config("other", str(tmp_path / "peft")).r == 3
+    assert stored_config("default", str(tmp_path / "peft")).r == 2
+    adapters = {"default": ("lora", la.LoRAConfig(r=2)), "other": ("lora", la.LoRAConfig(r=3))}
+    meta = build_metadata(
+        adapters=adapters,
+        name="default",
+        active=["default"],
+        trainable=["default"],
+        module="",
+        fingerprint=None,
+        shapes={},
+    )
+    torch.save({METADATA_KEY: meta, "state_dict": {}}, tmp_path / "two.ckpt")
+    assert stored_config("other", str(tmp_path / "two.ckpt")) == la.LoRAConfig(r=3)
+    assert stored_config("default", str(tmp_path / "two.ckpt")) == la.LoRAConfig(r=2)
+
+
+def test_stored_config_refusals_name_the_source_and_the_file(tmp_path) -> None:
+    from lightning_adapters.errors import AdapterConfigError
+    from lightning_adapters.lightning.sources import stored_config
+
+    with pytest.raises(AdapterConfigError, match=r"^init_from\['mine'\] = '.*nowhere' is neither"):
+        stored_config("mine", str(tmp_path / "nowhere"))
+    meta = {"format": 1, "method": "lora", "config": {"r": -1}, "module": ""}
+    torch.save({METADATA_KEY: meta, "state_dict": {}}, tmp_path / "bad.ckpt")
+    with pytest.raises(AdapterStateError, match=f"^{tmp_path / 'bad.ckpt'}: the checkpoint's lora config is invalid"):
+        stored_config("mine", str(tmp_path / "bad.ckpt"))
+
+
 def test_a_checkpoint_source_lacking_tensors_leaves_the_model_without_adapters(tmp_path) -> None:
     from lightning_adapters.core.state import find_records
     from lightning_adapters.lightning.sources import load_adapter
@@ -430,6 +467,7 @@ def test_adapter_auto_wrap_policy_makes_units_of_adapters_blocks_and_fully_train
     assert plain(model[2], False, 0) is False  # frozen
     assert plain(model[3], False, 0) is False  # partly trainable
     assert plain(model, False, 0) is False  # no parameters of its own
+    assert plain(torch.nn.Sequential(head), False, 0) is False  # nor here: only its trainable child is a unit
     assert plain(model[1], False, 0) is False
     assert with_blocks(model[1], False, 0) is True  # a block type
     assert with_blocks(model[2], False, 0) is False
@@ -470,6 +508,46 @@ def test_the_sharded_adapter_state_is_the_full_trainable_state(tmp_path) -> None
     assert set(got) == trainable | {"1.running_mean", "1.running_var", "1.num_batches_tracked"}
     for k, v in got.items():
         assert type(v) is torch.Tensor and torch.equal(v, want[k]), k  # whole tensors, not shards
+
+
+def test_the_sharded_adapter_state_is_asked_for_whole_on_the_cpu_without_frozen_parameters(monkeypatch) -> None:
+    import torch.distributed.checkpoint.state_dict as dcp_state
+
+    from lightning_adapters.lightning.strategies import _gather_adapter_state
+
+    calls = []
+    monkeypatch.setattr(dcp_state, "get_model_state_dict", lambda model, options: calls.append((model, options)))
+    model = _mlp()
+    _gather_adapter_state(type("Strategy", (), {"model": model})())
+    ((got, options),) = calls
+    assert got is model
+    assert (options.full_state_dict, options.cpu_offload, options.ignore_frozen_params) == (True, True, True)
+
+
+def test_the_deepspeed_state_under_zero3_gathers_the_trainable_parameters(monkeypatch) -> None:
+    import contextlib
+
+    deepspeed = pytest.importorskip("deepspeed")
+    from lightning.pytorch.strategies import DeepSpeedStrategy
+
+    from lightning_adapters.lightning.strategies import _gather_deepspeed_state
+
+    model = _mlp()
+    la.inject(model, _lora())
+    gathered = []
+
+    def gather(params, modifier_rank=None):
+        gathered.append((params, modifier_rank))
+        return contextlib.nullcontext()
+
+    monkeypatch.setattr(deepspeed.zero, "GatheredParameters", gather)
+    strategy = DeepSpeedStrategy(stage=3)
+    monkeypatch.setattr(DeepSpeedStrategy, "lightning_module", property(lambda self: model))
+    got = _gather_deepspeed_state(strategy)
+    ((params, modifier_rank),) = gathered
+    assert modifier_rank is None
+    assert [id(p) for p in params] == [id(p) for p in model.parameters() if p.requires_grad] and len(params) == 4
+    assert set(got) == {n for n, p in model.named_parameters() if p.requires_grad}
 
 
 def test_the_mixins_adapter_state_dict_is_keyed_relative_to_the_injected_module() -> None:
