@@ -14,8 +14,6 @@ depend on an order PEFT does not define. Adapters on different modules always co
 
 from __future__ import annotations
 
-from typing import Any
-
 from torch import nn
 
 from lightning_adapters.core.inject import (
@@ -203,8 +201,3 @@ def delete(model: nn.Module, name: str) -> nn.Module:
     entry.trainable = [n for n in entry.trainable if n != chosen]
     apply_trainability(model)
     return model
-
-
-def describe(model: nn.Module) -> dict[str, Any]:
-    """``{"names": [...], "active": [...], "trainable": [...]}`` of ``model``'s adapters (checkpoint metadata)."""
-    return {"names": known_names(model), "active": active_names(model), "trainable": trainable(model)}
