@@ -263,3 +263,36 @@ def test_adapter_names_of_another_type_are_a_type_error_naming_the_call(name, na
     assert message.startswith(f"{name}: adapter names must be a string or a list of strings, got {names!r}"), message
     assert "['default']" in message, message
     assert la.active(model) == ["default"] and trainable(model) == ["default"]
+
+
+def test_a_model_that_is_not_a_module_is_shown_whole_when_short_and_cut_when_long():
+    with pytest.raises(la.AdapterTypeError) as info:
+        la.inject(42, la.LoRAConfig(target_modules=["layer"]))
+    assert str(info.value).endswith("got int 42"), str(info.value)
+    long = "x" * 100
+    with pytest.raises(la.AdapterTypeError) as info:
+        la.inject(long, la.LoRAConfig(target_modules=["layer"]))
+    assert str(info.value).endswith(f"got str {repr(long)[:57]}..."), str(info.value)
+
+
+def test_modules_to_save_that_match_nothing_are_refused_naming_the_method():
+    model = torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.Linear(4, 2))
+    with pytest.raises(la.TargetError) as info:
+        la.inject(model, la.LoHaConfig(r=2, target_modules=["0"], modules_to_save=["head"]))
+    assert str(info.value).startswith("loha: modules_to_save entries ['head']"), str(info.value)
+
+
+def test_merging_a_model_level_adapter_is_refused_naming_where_it_is():
+    """A Llama-Adapter has no weight-space form; the refusal names the sub-module holding it, if not the root."""
+    from tests.helpers import tiny_llama
+
+    inner = tiny_llama()
+    la.inject(inner, la.LlamaAdapterConfig(adapter_len=2, adapter_layers=1))
+    with pytest.raises(la.NotMergeableError) as info:
+        la.merge(inner)
+    assert str(info.value).startswith("the llama_adapter adapter is not mergeable"), str(info.value)
+    outer = torch.nn.ModuleDict({"llm": tiny_llama()})
+    la.inject(outer["llm"], la.LlamaAdapterConfig(adapter_len=2, adapter_layers=1))
+    with pytest.raises(la.NotMergeableError) as info:
+        la.merge(outer)
+    assert str(info.value).startswith("the llama_adapter adapter on 'llm' is not mergeable"), str(info.value)

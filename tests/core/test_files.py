@@ -146,3 +146,44 @@ def test_save_dtype_by_name_or_dtype_casts_the_file(dtype, tmp_path):
     assert {k.replace(".weight", "") for k in saved} == set(ours)
     for k, v in saved.items():
         assert v.dtype == want and torch.equal(v, ours[k.replace(".weight", "")].to(want)), k
+
+
+def test_the_tree_fsync_flushes_every_file_but_links_and_children_before_parents(tmp_path, monkeypatch):
+    """``_fsync_tree`` flushes each regular file and each directory, deepest first; a symlink (whose target may
+    lie outside the tree, or not exist) is not opened."""
+    from lightning_adapters.core import files
+
+    (tmp_path / "sub").mkdir()
+    (tmp_path / "a.bin").write_bytes(b"a")
+    (tmp_path / "sub" / "b.bin").write_bytes(b"b")
+    (tmp_path / "link").symlink_to(tmp_path / "missing")
+    flushed: list[str] = []
+    monkeypatch.setattr(files, "fsync_path", lambda p: flushed.append(str(Path(p).relative_to(tmp_path))))
+    files._fsync_tree(tmp_path)
+    assert sorted(flushed) == sorted(["sub/b.bin", "sub", "a.bin", "."]), flushed
+    assert flushed.index("sub/b.bin") < flushed.index("sub") < flushed.index(".")
+
+
+def test_the_longest_name_target_directory_accepts_is_written(tmp_path):
+    """``target_directory`` accepts a name whose staging sibling ``.<name>.new-<8 hex>`` is exactly 255 bytes; the
+    staging directory made for it fits."""
+    name = "a" * (255 - len(".") - len(".new-") - 8)
+    target = target_directory(tmp_path / name, "save")
+    replace_directory(target, _writer(config=b"c"), owned=_owned)
+    assert _tree(target) == {"config": b"c"}
+    with pytest.raises(la.AdapterConfigError, match="pass a shorter name"):
+        target_directory(tmp_path / (name + "a"), "save")
+
+
+def test_a_fill_that_fails_after_removing_its_staging_directory_raises_its_own_error(tmp_path):
+    """The clean-up of the staging directory never replaces the error of the fill that failed."""
+    import shutil
+
+    def fill(staging: Path) -> None:
+        shutil.rmtree(staging)
+        raise RuntimeError("fill failed")
+
+    target = target_directory(tmp_path / "out", "save")
+    with pytest.raises(RuntimeError, match="fill failed"):
+        replace_directory(target, fill, owned=_owned)
+    assert [p.name for p in tmp_path.iterdir() if ".new-" in p.name] == []

@@ -526,3 +526,11 @@ def test_value_problem_counts_non_finite_and_overflowing_values_by_target_dtype(
     else:
         assert got is not None and got.startswith(expected), got
         assert got.endswith("; HINT") == ("non-finite" in expected or "overflow" in expected), got
+
+
+def test_a_value_that_is_not_a_tensor_is_shown_whole_when_short_and_cut_when_long():
+    from lightning_adapters.core.state import value_problem
+
+    assert value_problem("k", 3, torch.zeros(2)) == "k: a int (3), not a torch.Tensor"
+    long = list(range(40))
+    assert value_problem("k", long, torch.zeros(2)) == f"k: a list ({repr(long)[:37]}...), not a torch.Tensor"

@@ -186,3 +186,45 @@ def test_disabled_on_a_merged_quantized_base_merges_it_again_keeping_the_origina
     assert model.q1.adapter["default"].merged
     la.unmerge(model)
     assert torch.equal(dequantized_weight(model.q1, torch.float32), before)
+
+
+def test_a_double_quantized_base_stays_double_quantized_after_a_merge():
+    """The re-quantization of a merge keeps the base's settings, its quantized scales (QLoRA's double quantization)
+    among them."""
+    pytest.importorskip("bitsandbytes")
+    torch.manual_seed(0)
+    model = Three().train()
+    la.quantize(model, "nf4", skip=["f"], double_quant=True)
+    assert model.q1.weight.quant_state.nested
+    la.inject(model, la.LoRAConfig(r=2, target_modules=["q1", "q2", "f"]))
+    randomize_adapter(model, std=0.05)
+    la.merge(model)
+    assert model.q1.weight.quant_state.nested and model.q2.weight.quant_state.nested
+
+
+@pytest.mark.parametrize("scheme", ["nf4", "int8"])
+def test_eject_with_merge_undoes_a_kept_quantized_merge_and_merges_in_full_precision(scheme):
+    """``eject(merge=True)`` of a model merged with ``keep_original`` puts the quantized weights back first and merges
+    into their dequantized float copies: the plain model computes what the unmerged adapted model computed, without
+    the re-quantization error of the quantized merge."""
+    model = _model(scheme)
+    la.inject(model, la.LoRAConfig(r=2, target_modules=["q1", "q2", "f"]))
+    randomize_adapter(model, std=0.05)
+    x = torch.randn(4, 64)
+    with torch.no_grad():
+        want = model(x)
+    la.merge(model, keep_original=True)
+    plain = la.eject(model, merge=True, dtype=torch.float32)
+    assert type(plain.q1) is nn.Linear and type(plain.q2) is nn.Linear
+    with torch.no_grad():
+        assert torch.allclose(plain(x), want, atol=1e-5), (plain(x) - want).abs().max()
+
+
+@pytest.mark.parametrize("scheme", ["nf4", "int8"])
+def test_an_adapted_quantized_base_s_class_says_it_is_quantized(scheme):
+    """The adapted class of a quantized base is its own (``AdaptedQuantized<base class>``), also when the float
+    class of the same name was made first."""
+    model = _model(scheme)
+    la.inject(model, la.LoRAConfig(r=2, target_modules=["q1", "f"]))
+    base = {"nf4": "Linear4bit", "int8": "Linear8bitLt"}[scheme]
+    assert type(model.q1).__name__ == f"AdaptedQuantized{base}" and type(model.f).__name__ == "AdaptedLinear"

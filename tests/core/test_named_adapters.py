@@ -226,3 +226,36 @@ def test_the_adapter_set_shows_which_adapters_act() -> None:
     la.inject(model, la.LoRAConfig(r=1, target_modules=["0"]), name="b")
     la.set_active(model, ["b", "a"])
     assert "(adapter): AdapterSet(\n      active=['b', 'a']\n      (a): LoRALayer(" in repr(model), repr(model)
+
+
+def test_set_trainable_with_no_names_freezes_every_adapter() -> None:
+    model = Net()
+    for name in ("a", "b"):
+        la.inject(model, CONFIGS["lora"](["body"]), name=name)
+    from lightning_adapters.core.named import trainable
+
+    la.set_trainable(model, [])
+    assert trainable(model) == []
+    adapter = [p for n, p in model.named_parameters() if ".adapter." in n]
+    assert len(adapter) == 4 and not any(p.requires_grad for p in adapter)
+    assert la.active(model) == ["a"]
+
+
+def test_a_second_adapter_that_fails_after_its_record_is_written_leaves_no_record(monkeypatch) -> None:
+    """The last steps of ``inject`` (active set, trainability) run after the new adapter is recorded beside the
+    first one; if they fail, the record goes with the rest of the new adapter."""
+    from lightning_adapters.core import inject as inject_module
+
+    model = Net()
+    la.inject(model, CONFIGS["lora"](["body"]), name="a")
+    original = inject_module.apply_trainability
+
+    def fail(model):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(inject_module, "apply_trainability", fail)
+    with pytest.raises(KeyboardInterrupt):
+        la.inject(model, CONFIGS["lora"](["other"]), name="b")
+    monkeypatch.setattr(inject_module, "apply_trainability", original)
+    assert la.adapter_names(model) == ["a"] and la.active(model) == ["a"]
+    assert type(model.other) is nn.Linear and list(model.body.adapter) == ["a"]

@@ -304,3 +304,19 @@ def test_conv_attributes_unmerged_equals_merged_equals_formula(method: str, laye
     assert torch.allclose(merged, expected, atol=1e-5)
     (gx_ref,) = torch.autograd.grad(expected.pow(2).sum(), x)
     assert torch.allclose(gx, gx_ref, atol=1e-4)
+
+
+def test_a_layer_with_any_parametrized_tensor_is_refused():
+    """A parametrization on the bias (the weight still a plain Parameter) also makes the layer a parametrized class
+    whose tensors are computed: refused as a computed weight is."""
+
+    class Positive(nn.Module):
+        def forward(self, b: torch.Tensor) -> torch.Tensor:
+            return b.abs()
+
+    layer = nn.Linear(8, 8)
+    torch.nn.utils.parametrize.register_parametrization(layer, "bias", Positive())
+    assert isinstance(layer._parameters.get("weight"), nn.Parameter)
+    model = nn.Sequential(OrderedDict(net=layer, out=nn.Linear(8, 2)))
+    with pytest.raises(la.UnsupportedLayerError, match=r"'net' is computed"):
+        la.inject(model, la.LoRAConfig(r=2, target_modules=["net"]))

@@ -30,3 +30,18 @@ def test_a_whole_model_adapter_state_is_name_free_and_moves_between_names():
     assert len(state) == 4 and not any(".b." in k or k.endswith(".b") for k in state)
     la.load_adapter_state_dict(target, state, name="c")
     assert all(torch.equal(v, state[k]) for k, v in la.adapter_state_dict(target, "c").items())
+
+
+def test_summary_lists_a_model_level_adapter_s_holders_with_their_sub_module_prefix():
+    """Llama-Adapter's rows are its prompt holders (one per adapted attention), named from the root the summary was
+    asked of (``llm.`` first)."""
+    from tests.helpers import tiny_llama
+
+    outer = torch.nn.ModuleDict({"llm": tiny_llama()})
+    la.inject(outer["llm"], la.LlamaAdapterConfig(adapter_len=2, adapter_layers=1))
+    holders = [n for n, m in outer.named_modules() if type(m).__name__ == "AdaptionPrompt"]
+    assert len(holders) == 1
+    assert holders[0].startswith("llm.model.layers.")
+    n = sum(p.numel() for p in outer.get_submodule(holders[0]).parameters())
+    rows = [line.split() for line in la.summary(outer).splitlines()]
+    assert [holders[0], "LlamaAttention", "AdaptionPrompt", str(n)] in rows, la.summary(outer)

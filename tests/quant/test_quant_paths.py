@@ -144,3 +144,19 @@ def test_qlora_under_outer_saved_tensor_hooks_hands_them_every_tensor_but_the_we
         assert torch.allclose(y, y0, atol=1e-6)
         for got, want in zip(g, g0):
             assert torch.allclose(got, want, atol=1e-5)
+
+
+def test_a_torchao_int8_weight_before_0_16_is_read_from_its_tensor_impl():
+    """torchao before 0.16 made int8 weight-only weights as ``AffineQuantizedTensor`` with the int8 values under
+    ``tensor_impl.int_data`` (no ``qdata``); the installed torchao cannot build one, so a stand-in of that shape."""
+    from types import SimpleNamespace
+
+    from lightning_adapters.core.quant import _torchao_kind
+
+    old = type("AffineQuantizedTensor", (), {"__module__": "torchao.dtypes.affine_quantized_tensor"})
+    weight = old()
+    weight.dtype = torch.bfloat16
+    weight.tensor_impl = SimpleNamespace(int_data=torch.zeros(2, 2, dtype=torch.int8))
+    assert _torchao_kind(weight) == "int8"
+    weight.tensor_impl = SimpleNamespace(int_data=torch.zeros(2, 2, dtype=torch.uint8))
+    assert _torchao_kind(weight) == "other"
