@@ -253,6 +253,16 @@ def convert_to_plain_lora(
             "a low-rank residual of W, so no plain LoRA of the original base equals them (PEFT cannot convert them "
             "either); save without convert_to_lora (the file recomputes Q from the original base on load)"
         )
+    # LoRA on nn.MultiheadAttention and on target_parameters takes no residual init (PiSSA, OLoRA, CorDA are refused
+    # there), so an adapter holding such layers has nothing to convert; their tensors are not in this layout either.
+    from lightning_adapters.methods.lora import LoRALayer
+
+    other = [name for name, layer in layers.items() if not isinstance(layer, LoRALayer)]
+    if other:
+        raise AdapterConfigError(
+            f"save_peft(convert_to_lora=True): {other[:3]} hold LoRA on nn.MultiheadAttention or on "
+            "target_parameters, which never has a residual init to convert; save without convert_to_lora"
+        )
     out = dict(tensors)
     for name, layer in layers.items():
         layer.check_initialized()
