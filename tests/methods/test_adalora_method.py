@@ -261,3 +261,26 @@ def test_allocator_without_total_step_says_what_to_set() -> None:
     assert isinstance(
         RankAllocator(model, la.config_of(model), total=5).layers["model.layers.0.self_attn.q_proj"], nn.Module
     )
+
+
+@pytest.mark.parametrize("offset", [None, 100], ids=["step", "loop-counter"])
+def test_the_history_records_the_loop_s_counter_beside_the_optimizer_step(offset) -> None:
+    """``after_optimizer_step(t, global_step)`` records ``t`` and the loop's counter (a resumed or accumulating loop
+    counts differently); without a counter, ``t`` for both."""
+    torch.manual_seed(0)
+    config = cfg(tinit=1, tfinal=2, deltaT=2)
+    model = la.inject(tiny_llama(), config)
+    schedule = AdaLoRASchedule(model, config)
+    schedule.start(10)
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=0.02)
+    for t in range(6):
+        ids = token_batch(128, (2, 8), seed=t)
+        (model(input_ids=ids, labels=ids).loss + schedule.loss_term()).backward()
+        opt.step()
+        if offset is None:
+            schedule.after_optimizer_step(t)
+        else:
+            schedule.after_optimizer_step(t, offset + t)
+        opt.zero_grad()
+    assert [h["t"] for h in schedule.history] == [2, 4]  # deltaT=2 from tinit=1
+    assert [h["global_step"] for h in schedule.history] == [t + (offset or 0) for t in (2, 4)]

@@ -15,7 +15,7 @@ from lightning_adapters.methods import adalora
 from lightning_adapters.methods.adalora import AdaLoRALayer
 from lightning_adapters.methods.llama_adapter import AdaptionPrompt
 from lightning_adapters.methods.lora import LoRALayer
-from tests.helpers import Wrap, tiny_llama
+from tests.helpers import Wrap, tiny_gpt2, tiny_llama
 
 # (base layer, input shape, functional form of the base): conv kinds go through their own branch of the forwards.
 KINDS = {
@@ -242,3 +242,172 @@ def test_llama_adapter_eject_removes_only_its_own_hooks():
         got = model(ids).logits
     assert seen == attns
     torch.testing.assert_close(got, want)
+
+
+@pytest.mark.parametrize("rescale", [False, True])
+def test_lycoris_rank_dropout_multipliers_are_drawn_on_the_cpu_and_put_on_the_layer_s_device(rescale):
+    """The keep-mask is drawn from the CPU generator (PEFT's draws) and handed over on the device asked for (the
+    meta device stands in for an accelerator); the CPU draw is the same mask."""
+    from lightning_adapters.methods._lycoris import rank_dropout_multipliers
+
+    torch.manual_seed(0)
+    on_cpu = rank_dropout_multipliers(16, 0.5, rescale, torch.float32, torch.device("cpu"))
+    torch.manual_seed(0)
+    on_meta = rank_dropout_multipliers(16, 0.5, rescale, torch.float32, torch.device("meta"))
+    assert on_cpu.device.type == "cpu" and on_meta.device.type == "meta" and on_meta.shape == (16,)
+    torch.manual_seed(0)
+    keep = (torch.rand(16) > 0.5).float()
+    assert torch.equal(on_cpu, keep / keep.mean() if rescale else keep)
+
+
+def test_llama_adapter_refuses_a_gpt2_attention_whose_c_attn_is_not_q_k_v_of_the_hidden_size():
+    """GPT-2's ``c_attn`` must map hidden -> 3·hidden, and the hidden size must split into heads of ``head_dim``:
+    either alone is refused, naming the attention and the shapes."""
+    from transformers.pytorch_utils import Conv1D
+
+    from lightning_adapters.methods.llama_adapter import _shape_of
+
+    attn = tiny_gpt2().transformer.h[0].attn
+    assert _shape_of("h.0.attn", attn, "gpt2") == (64, 4, 4, 16)
+    attn.c_attn = Conv1D(2 * 64, 64)  # hidden -> 2·hidden, heads still divide hidden
+    with pytest.raises(la.UnsupportedLayerError, match=r"'h.0.attn' .*c_attn maps 64 -> 128, expected 64 -> 192"):
+        _shape_of("h.0.attn", attn, "gpt2")
+    attn.c_attn, attn.head_dim = Conv1D(3 * 64, 64), 12  # q, k, v of the hidden size, heads do not divide it
+    with pytest.raises(la.UnsupportedLayerError, match=r"c_attn maps 64 -> 192"):
+        _shape_of("h.0.attn", attn, "gpt2")
+
+
+def test_trainable_token_indices_out_of_an_embedding_s_range_are_refused_naming_them():
+    model = nn.Sequential(nn.Embedding(10, 4), nn.Linear(4, 2))
+    with pytest.raises(la.AdapterConfigError, match=r"trainable_token_indices \[10, 12\] are out of range for '0'"):
+        la.inject(model, la.LoRAConfig(r=2, target_modules=["1"], trainable_token_indices={"0": [3, 10, 12]}))
+    assert type(model[0]) is nn.Embedding and type(model[1]) is nn.Linear
+
+
+def test_adalora_delta_output_drops_its_input_while_training_only():
+    """The term ``delta_output`` hands a scaled adapter (``set_scale``) is ``B (A ⊙ E) dropout(x) · α / (ranknum +
+    ε)``: the same draw of dropout as ``F.dropout`` from the same seed in training, none in eval."""
+    model = Wrap(nn.Linear(6, 5))
+    la.inject(model, la.AdaLoRAConfig(init_r=3, target_r=2, total_step=10, dropout=0.5, target_modules=["layer"]))
+    layer = model.layer.adapter["default"]
+    with torch.no_grad():
+        for p in (layer.lora_A, layer.lora_B, layer.lora_E):
+            p.copy_(torch.randn(p.shape))
+    x = torch.randn(4, 6)
+    factor = layer.alpha / (layer.ranknum + adalora.RANKNUM_EPS)
+
+    def formula(xd: torch.Tensor) -> torch.Tensor:
+        return xd @ (layer.lora_A * layer.lora_E).T @ layer.lora_B.T * factor
+
+    model.train()
+    torch.manual_seed(3)
+    got = layer.delta_output(model.layer, x)
+    torch.manual_seed(3)
+    want = formula(F.dropout(x, 0.5, True))
+    torch.testing.assert_close(got, want)
+    assert not torch.allclose(got, formula(x))
+    model.eval()
+    torch.testing.assert_close(layer.delta_output(model.layer, x), formula(x))
+
+
+def test_lora_data_statistics_are_summed_over_ranks_name_by_name(monkeypatch):
+    """The data-driven inits (EVA, CorDA) sum each layer's covariance and call count over ranks: one all-reduce
+    per layer, in sorted name order on every rank, the count packed with the matrix. The group is simulated (two
+    ranks holding the same statistics), so the test needs no second process."""
+    import torch.distributed as dist
+
+    from lightning_adapters.methods.lora_data import _reduce
+
+    stats = {"b": [torch.tensor([[1.0, 2.0], [3.0, 4.0]]), 3], "a": [torch.tensor([0.5, 1.5]), 2]}
+    seen: list[int] = []
+
+    def two_ranks(tensor):
+        seen.append(tensor.numel())
+        tensor.mul_(2)
+
+    monkeypatch.setattr(dist, "all_reduce", two_ranks)
+    _reduce(stats, all_reduce=False)
+    assert seen == [] and stats["b"][1] == 3
+    _reduce(stats, all_reduce=True)
+    assert seen == [3, 5]  # "a" (2 values + the count), then "b" (4 + 1)
+    assert torch.equal(stats["a"][0], torch.tensor([1.0, 3.0])) and stats["a"][1] == 4
+    assert torch.equal(stats["b"][0], torch.tensor([[2.0, 4.0], [6.0, 8.0]])) and stats["b"][1] == 6
+
+
+def test_merging_lora_on_a_meta_multihead_attention_names_its_packed_weight():
+    """The base weights of LoRA on ``nn.MultiheadAttention`` go by their parameter names (``in_proj_weight``,
+    ``out_proj.weight``): a merge of a model never materialised names the first of them."""
+    with torch.device("meta"):
+        model = nn.Sequential(nn.MultiheadAttention(8, 2, batch_first=True))
+    la.inject(model, la.LoRAConfig(r=2, target_modules=["0"]))
+    with pytest.raises(la.AdapterStateError, match=r"merge: 0\.in_proj_weight is on the meta device"):
+        la.merge(model)
+
+
+def test_adalora_masks_sharded_singular_values_in_place(tmp_path):
+    """Under FSDP2 ``lora_E`` is a DTensor: the rank mask is laid out as it is and zeroes the pruned ranks' singular
+    values in place. A one-rank gloo group shards it for real, as in the export test above."""
+    import torch.distributed as dist
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.tensor import DTensor, Shard, distribute_tensor
+
+    model = _adalora_model()
+    layer = model.layer.adapter["default"]
+    values = torch.tensor([[1.0], [3.0], [2.0], [0.5]])
+    keep = torch.tensor([True, False, True, False])
+    if dist.is_initialized():
+        pytest.skip("a process group is already set up in this process")
+    dist.init_process_group("gloo", store=dist.FileStore(str(tmp_path / "store"), 1), rank=0, world_size=1)
+    try:
+        mesh = init_device_mesh("cpu", (1,))
+        layer.lora_E = nn.Parameter(distribute_tensor(values.clone(), mesh, [Shard(0)]))
+        layer.apply_mask(keep)
+        assert isinstance(layer.lora_E, DTensor)
+        got = layer.lora_E.full_tensor()
+    finally:
+        dist.destroy_process_group()
+    assert torch.equal(got, torch.tensor([[1.0], [0.0], [2.0], [0.0]]))
+    assert layer.rank_mask.tolist() == keep.tolist() and layer.kept_rank == 2
+
+
+def test_eva_components_rewrite_only_the_record_of_their_own_adapter():
+    """EVA's ranks are applied to one adapter: its record loses the layers that got no component and gets the
+    rank pattern of the rest; another adapter on the same modules keeps its record as it was."""
+    from lightning_adapters.core.inject import adapted_modules, find_records
+    from lightning_adapters.methods.lora_eva import apply_components
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(6, 6), nn.Linear(6, 6))
+    for name in ("a", "e"):
+        la.inject(model, la.LoRAConfig(r=2, target_modules=["0", "1"]), name=name)
+    before = {rec.name: (list(rec.targets), dict(rec.resolved_peft_fields)) for _, _, rec in find_records(model)}
+    layers = {n: (base, layer) for n, base, layer in adapted_modules(model, ["e"])}
+    apply_components(model, layers, {"0": torch.zeros(0, 6), "1": torch.randn(1, 6)}, adjust=False, adapter="e")
+    records = {rec.name: rec for _, _, rec in find_records(model)}
+    assert (records["a"].targets, records["a"].resolved_peft_fields) == before["a"]
+    assert records["e"].targets == ["1"] and records["e"].resolved_peft_fields["rank_pattern"] == {"1": 1}
+    assert list(model[0].adapter) == ["a"] and list(model[1].adapter) == ["a", "e"]
+
+
+@pytest.mark.parametrize("where", ["multihead-attention", "target-parameters"])
+def test_convert_to_lora_of_lora_on_attention_or_parameters_is_refused_naming_them(where, tmp_path):
+    """LoRA on ``nn.MultiheadAttention`` or on ``target_parameters`` never has a residual init (PiSSA and the like
+    are refused there), so ``convert_to_lora`` has nothing to convert: refused by name before anything is written
+    (it raised ``AttributeError`` from deep inside the conversion)."""
+
+    class Model(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.fc = nn.Linear(8, 8)
+            self.attn = nn.MultiheadAttention(8, 2, batch_first=True)
+            self.p = nn.Linear(8, 8)
+
+    model = Model()
+    if where == "multihead-attention":
+        config, named = la.LoRAConfig(r=2, target_modules=["fc", "attn"]), "attn"
+    else:
+        config, named = la.LoRAConfig(r=2, target_modules=["fc"], target_parameters=["p.weight"]), "p"
+    la.inject(model, config)
+    with pytest.raises(la.AdapterConfigError, match=rf"convert_to_lora=True\): \['{named}'\] hold LoRA on"):
+        la.save_peft(model, tmp_path / "out", convert_to_lora=True)
+    assert not (tmp_path / "out").exists() or not any((tmp_path / "out").iterdir())
