@@ -836,3 +836,163 @@ def test_metadata_whose_shapes_entry_is_not_a_mapping_is_refused(shapes: Any) ->
     with pytest.raises(AdapterStateError, match=r"\['adapter_shapes'\] must be a dict"):
         check_metadata_entry(meta, "the checkpoint")
     check_metadata_entry({**meta, "adapter_shapes": {"a": [1]}}, "the checkpoint")
+
+
+def test_a_bad_save_list_is_refused_naming_the_argument() -> None:
+    from lightning.pytorch import LightningModule
+
+    from lightning_adapters.errors import AdapterConfigError
+    from lightning_adapters.lightning.runtime import AdapterOptions, attach_runtime
+
+    with pytest.raises(AdapterConfigError, match="^save must be an adapter name or a list of them"):
+        la.AdapterCallback(la.LoRAConfig(r=2), save=3)
+    lm = LightningModule()
+    lm.model = _mlp()
+    runtime = attach_runtime(lm, la.LoRAConfig(r=2, target_modules=["0"]), AdapterOptions(module="model", save=["b"]))
+    with pytest.raises(AdapterConfigError, match=r"^AdapterCallback\(save=\.\.\.\): unknown adapter name 'b'"):
+        runtime.inject(lm)
+
+
+def test_gradient_checkpointing_of_a_model_with_the_older_method_name() -> None:
+    from lightning_adapters.lightning.strategies import enable_gradient_checkpointing
+
+    calls = []
+
+    class Older(torch.nn.Module):
+        def gradient_checkpointing_enable(self, **kwargs: Any) -> None:
+            calls.append(kwargs)
+
+    enable_gradient_checkpointing(Older())
+    assert calls == [{"gradient_checkpointing_kwargs": {"use_reentrant": False}}]
+
+
+def test_a_method_mismatch_names_the_adapter_when_the_file_holds_two() -> None:
+    config = _lora()
+    meta = build_metadata(
+        adapters={"a": ("lora", config), "b": ("lora", config)},
+        name="a",
+        active=["a", "b"],
+        trainable=["a"],
+        module="",
+        fingerprint=None,
+        shapes={},
+    )
+    with pytest.raises(AdapterStateError, match="holds a 'lora' adapter for adapter 'b' but this model uses 'ia3'"):
+        check_metadata(meta, "ia3", config.to_dict(), None, name="b")
+    one = build_metadata(
+        adapters={"a": ("lora", config)},
+        name="a",
+        active=["a"],
+        trainable=["a"],
+        module="",
+        fingerprint=None,
+        shapes={},
+    )
+    with pytest.raises(AdapterStateError, match="holds a 'lora' adapter but this model uses 'ia3'"):
+        check_metadata(one, "ia3", config.to_dict(), None, name="a")
+
+
+def test_fsdp1_preparation_saves_full_adapter_state_and_wraps_adapters_apart() -> None:
+    import warnings
+
+    from lightning.pytorch.strategies import FSDPStrategy
+
+    from lightning_adapters.lightning.strategies import prepare_strategy
+
+    model = _mlp()
+    la.inject(model, _lora())
+    strategy = FSDPStrategy(state_dict_type="sharded")
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        prepare_strategy(type("Trainer", (), {"strategy": strategy})(), model, model)
+    assert strategy._state_dict_type == "full"
+    assert any("state_dict_type='full'" in str(w.message) for w in caught)
+    policy = strategy.kwargs["auto_wrap_policy"]
+    assert policy(model[0].adapter.default, False, 0) is True and policy(model[2], False, 0) is False
+
+
+def test_an_invalid_config_in_a_checkpoint_source_is_refused_naming_the_file(tmp_path) -> None:
+    from lightning_adapters.lightning.sources import load_adapter
+
+    meta = {"format": 1, "method": "lora", "config": {"r": -1}, "module": ""}
+    torch.save({METADATA_KEY: meta, "state_dict": {}}, tmp_path / "bad.ckpt")
+    with pytest.raises(AdapterStateError, match=f"^{tmp_path / 'bad.ckpt'}: the checkpoint's lora config is invalid"):
+        load_adapter(_mlp(), "x", str(tmp_path / "bad.ckpt"))
+
+
+def test_a_restore_refused_halfway_puts_back_the_base_tensors_it_had_loaded(tmp_path) -> None:
+    # Adapter "a" trains net.0's bias (bias="lora_only") and loads first; "b" holds a NaN and is refused after it.
+    from lightning.pytorch import LightningModule
+
+    def module() -> LightningModule:
+        torch.manual_seed(0)
+        lm = LightningModule()
+        lm.net = _mlp()
+        return lm
+
+    config_a = la.LoRAConfig(r=2, target_modules=["net.0"], bias="lora_only", init_weights=False)
+    config_b = la.LoRAConfig(r=2, target_modules=["net.2"], init_weights=False)
+    trained = module()
+    la.inject(trained, config_a, name="a")
+    la.inject(trained, config_b, name="b")
+    with torch.no_grad():
+        trained.net[0].bias.add_(1.0)
+        trained.net[2].adapter.b.lora_B[0, 0] = float("nan")
+    state = la.adapter_state_dict(trained)
+    assert "net.0.bias" in state
+    meta = build_metadata(
+        adapters={"a": ("lora", config_a), "b": ("lora", config_b)},
+        name="a",
+        active=["a", "b"],
+        trainable=["a"],
+        module="",
+        fingerprint=base_fingerprint(trained),
+        shapes={k: list(v.shape) for k, v in state.items()},
+    )
+    torch.save({METADATA_KEY: meta, "state_dict": state}, tmp_path / "a.ckpt")
+    fresh = module()
+    before = {k: v.clone() for k, v in fresh.state_dict().items()}
+    with pytest.raises(AdapterStateError, match="non-finite"):
+        restore_from_checkpoint(fresh, tmp_path / "a.ckpt")
+    after = fresh.state_dict()
+    assert after.keys() == before.keys()
+    for k, v in before.items():
+        assert torch.equal(after[k], v), k
+
+
+def test_weights_only_false_reaches_the_deepspeed_client_state(tmp_path) -> None:
+    from lightning_adapters.lightning.checkpoint import DEEPSPEED_ADAPTER_KEY, DEEPSPEED_STATES, load_checkpoint_file
+    from tests.lightning.test_units import _NotAllowed
+
+    directory = tmp_path / "last.ckpt"
+    (directory / DEEPSPEED_STATES[0]).parent.mkdir(parents=True)
+    states = {METADATA_KEY: {"format": 2}, DEEPSPEED_ADAPTER_KEY: {}, "obj": _NotAllowed()}
+    torch.save(states, directory / DEEPSPEED_STATES[0])
+    with pytest.raises(AdapterStateError, match="if you trust the file, pass weights_only=False"):
+        load_checkpoint_file(directory)
+    assert isinstance(load_checkpoint_file(directory, weights_only=False)["obj"], _NotAllowed)
+
+
+def test_a_partial_adapter_tensor_is_not_written_to_a_checkpoint() -> None:
+    from lightning_adapters.lightning.checkpoint import filter_checkpoint
+
+    meta = {"adapter_shapes": {"0.adapter.default.lora_A": [2, 6]}}
+    checkpoint = {"state_dict": {"0.adapter.default.lora_A": torch.zeros(1, 6), "0.weight": torch.zeros(8, 6)}}
+    with pytest.raises(AdapterStateError, match=r"partial or empty tensors \['0.adapter.default.lora_A: \[1, 6\]"):
+        filter_checkpoint(checkpoint, meta, lambda k: ".adapter." in k)
+    checkpoint["state_dict"]["0.adapter.default.lora_A"] = torch.zeros(2, 6)
+    filter_checkpoint(checkpoint, meta, lambda k: ".adapter." in k)
+    assert list(checkpoint["state_dict"]) == ["0.adapter.default.lora_A"] and checkpoint[METADATA_KEY] is meta
+
+
+@pytest.mark.parametrize(("n", "more"), [(8, False), (9, True)])
+def test_parameters_without_gradient_are_named_eight_at_most(n: int, more: bool) -> None:
+    from lightning_adapters.lightning.strategies import check_gradients
+
+    target = torch.nn.Module()
+    for i in range(n):
+        target.register_parameter(f"p{i}", torch.nn.Parameter(torch.zeros(1)))
+    message = check_gradients(type("Trainer", (), {"strategy": object()})(), target, "model.")
+    names = [f"model.p{i}" for i in range(8)]
+    assert message.startswith(f"{n} adapter parameters got no gradient in the first backward: {names}")
+    assert message.startswith(f"{n} adapter parameters got no gradient in the first backward: {names} ...") == more
