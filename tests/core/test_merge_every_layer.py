@@ -228,3 +228,53 @@ def test_an_adapted_quantized_base_s_class_says_it_is_quantized(scheme):
     la.inject(model, la.LoRAConfig(r=2, target_modules=["q1", "f"]))
     base = {"nf4": "Linear4bit", "int8": "Linear8bitLt"}[scheme]
     assert type(model.q1).__name__ == f"AdaptedQuantized{base}" and type(model.f).__name__ == "AdaptedLinear"
+
+
+def test_a_failed_eject_with_merge_puts_the_quantized_layers_back(monkeypatch):
+    """``eject(merge=True, dtype=...)`` swaps the quantized bases for float copies before merging; a merge that
+    fails puts the quantized modules themselves back in their slots, and the error is the merge's."""
+    model = _model("nf4")
+    la.inject(model, la.LoRAConfig(r=2, target_modules=["q1", "q2", "f"]))
+    q1, q2 = model.q1, model.q2
+    _fail_on(monkeypatch, model, "f")
+    with pytest.raises(RuntimeError, match="merge failed"):
+        la.eject(model, merge=True, dtype=torch.float32)
+    assert model.q1 is q1 and model.q2 is q2
+
+
+def test_a_merge_updates_the_quantization_state_a_4bit_layer_holds_itself():
+    """A bitsandbytes ``Linear4bit`` may hold its quantization state on itself too (``module.quant_state``, which its
+    forward falls back on when the weight lost its own, as under FSDP); a merge that re-quantizes replaces both."""
+    pytest.importorskip("bitsandbytes")
+    model = _model("nf4")
+    model.q1.quant_state = model.q1.weight.quant_state
+    la.inject(model, la.LoRAConfig(r=2, target_modules=["q1", "q2"]))
+    randomize_adapter(model, std=0.05)
+    la.merge(model)
+    assert model.q1.quant_state is model.q1.weight.quant_state
+
+
+def test_a_bitsandbytes_int8_layer_not_yet_on_its_device_reads_as_pending():
+    """``Linear8bitLt`` built without fp16 weights holds its float weight in an ``Int8Params`` until it moves to its
+    device (as Lightning's ``BitsandbytesPrecision`` builds it): pending, unlike one ``quantize`` made."""
+    bnb = pytest.importorskip("bitsandbytes")
+    from lightning_adapters.core.quant import _pending
+
+    layer = bnb.nn.Linear8bitLt(64, 64, has_fp16_weights=False)
+    assert type(layer.weight).__name__ == "Int8Params" and layer.weight.dtype != torch.int8
+    assert _pending(layer)
+    model = _model("int8")
+    assert model.q1.weight.dtype == torch.int8 and not _pending(model.q1)
+
+
+def test_a_merged_torchao_nf4_base_stays_frozen():
+    """A merge into a torchao NF4 base puts a new quantized ``Parameter`` in its place, frozen like the old one."""
+    pytest.importorskip("torchao")
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(128, 128), nn.Linear(128, 4))
+    la.quantize(model, "torchao_nf4", skip=["1"])
+    la.inject(model, la.LoRAConfig(r=2, target_modules=["0", "1"]))
+    randomize_adapter(model, std=0.05)
+    old = model[0].weight
+    la.merge(model)
+    assert model[0].weight is not old and not model[0].weight.requires_grad

@@ -259,3 +259,67 @@ def test_a_second_adapter_that_fails_after_its_record_is_written_leaves_no_recor
     monkeypatch.setattr(inject_module, "apply_trainability", original)
     assert la.adapter_names(model) == ["a"] and la.active(model) == ["a"]
     assert type(model.other) is nn.Linear and list(model.body.adapter) == ["a"]
+
+
+def test_the_state_of_one_adapter_holds_only_its_own_tensors_among_several() -> None:
+    """``adapter_state_dict(model, "a")`` with ``b`` on the same modules: name-free keys, ``a``'s values only; and
+    ``load_adapter_state_dict(..., name="a")`` of it writes ``a``'s tensors only."""
+    model = Net()
+    for name in ("a", "b"):
+        la.inject(model, CONFIGS["lora"](["body", "other"]), name=name)
+    _randomize(model, "a", 1)
+    _randomize(model, "b", 2)
+    for name in ("a", "b"):
+        state = la.adapter_state_dict(model, name)
+        assert sorted(state) == [f"{m}.adapter.{p}" for m in ("body", "other") for p in ("lora_A", "lora_B")]
+        for key, value in state.items():
+            module, _, tensor = key.partition(".adapter.")
+            assert torch.equal(value, model.get_submodule(module).adapter[name].get_parameter(tensor)), key
+    # Loaded back by name into a twin, each state reaches its own adapter and leaves the other as it was.
+    twin = Net()
+    for name in ("a", "b"):
+        la.inject(twin, CONFIGS["lora"](["body", "other"]), name=name)
+    untouched = {k: v.clone() for k, v in la.adapter_state_dict(twin, "b").items()}
+    la.load_adapter_state_dict(twin, la.adapter_state_dict(model, "a"), name="a")
+    for key, value in la.adapter_state_dict(twin, "a").items():
+        assert torch.equal(value, la.adapter_state_dict(model, "a")[key]), key
+    for key, value in la.adapter_state_dict(twin, "b").items():
+        assert torch.equal(value, untouched[key]), key
+
+
+def test_per_sample_rows_after_a_base_row_still_get_their_adapter() -> None:
+    """Routed rows: ``"__base__"`` first, then two adapters; each row computes what the model computes with only
+    that row's adapter active (or none)."""
+    model = Net()
+    for name in ("a", "b"):
+        la.inject(model, CONFIGS["lora"](["body", "other"]), name=name)
+    _randomize(model, "a", 1)
+    _randomize(model, "b", 2)
+    x = torch.randn(3, 16)
+    want = []
+    with torch.no_grad():
+        with la.disabled(model):
+            want.append(model(x[:1]))
+        for i, name in ((1, "a"), (2, "b")):
+            la.set_active(model, name)
+            want.append(model(x[i : i + 1]))
+        with la.per_sample(model, ["__base__", "a", "b"]):
+            got = model(x)
+    torch.testing.assert_close(got, torch.cat(want))
+
+
+def test_a_scaled_adapter_beside_a_merged_one_keeps_its_scale() -> None:
+    """Two active adapters, ``a`` scaled by 0.5: merging ``b`` leaves ``a`` the only layer acting, still at half
+    strength, so the output is what it was before the merge (up to fp32 rounding)."""
+    model = Net()
+    for name in ("a", "b"):
+        la.inject(model, CONFIGS["lora"](["body", "other"]), name=name)
+    _randomize(model, "a", 1)
+    _randomize(model, "b", 2)
+    la.set_active(model, ["a", "b"])
+    la.set_scale(model, "a", 0.5)
+    x = torch.randn(3, 16)
+    with torch.no_grad():
+        before = model(x)
+        la.merge(model, "b")
+        torch.testing.assert_close(model(x), before, atol=1e-5, rtol=1e-5)

@@ -320,3 +320,30 @@ def test_a_layer_with_any_parametrized_tensor_is_refused():
     model = nn.Sequential(OrderedDict(net=layer, out=nn.Linear(8, 2)))
     with pytest.raises(la.UnsupportedLayerError, match=r"'net' is computed"):
         la.inject(model, la.LoRAConfig(r=2, target_modules=["net"]))
+
+
+def test_bias_all_trains_a_bias_the_model_holds_itself():
+    """``bias="all"`` trains every parameter called ``bias``, the one a model registers on itself (named plain
+    ``bias``, with no module path) included, as PEFT's ``bias="all"`` does."""
+
+    class Shifted(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.layer = nn.Linear(4, 4)
+            self.bias = nn.Parameter(torch.zeros(4))
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.layer(x) + self.bias
+
+    model = Shifted()
+    la.inject(model, la.LoRAConfig(r=2, target_modules=["layer"], bias="all"))
+    assert model.bias.requires_grad and model.layer.bias.requires_grad and not model.layer.weight.requires_grad
+
+
+def test_one_element_views_of_a_target_s_weight_are_a_tie() -> None:
+    """A weight of a single element is memory like any other: a second module whose weight is a view of the
+    target's one element (not the same Parameter) shares it, and is refused."""
+    model = nn.Sequential(nn.Linear(1, 1), nn.Linear(1, 1))
+    model[1].weight = nn.Parameter(model[0].weight.data.view(1, 1))
+    with pytest.raises(la.TargetError, match=r"'0.weight' shares its memory with '1.weight'"):
+        la.inject(model, la.LoRAConfig(r=1, target_modules=["0"]))
