@@ -284,3 +284,6 @@ def test_the_history_records_the_loop_s_counter_beside_the_optimizer_step(offset
         opt.zero_grad()
     assert [h["t"] for h in schedule.history] == [2, 4]  # deltaT=2 from tinit=1
     assert [h["global_step"] for h in schedule.history] == [t + (offset or 0) for t in (2, 4)]
+    report = schedule.report()
+    assert (report.table_key, report.heatmap_key) == ("adalora/ranks", "adalora/rank_heatmap")
+    assert len(report.rows) == 2

@@ -98,6 +98,7 @@ NON_DEFAULT = {
             "layers_pattern": "h",
         },
     ),
+    "ADALORA-bias-only": (peft.AdaLoraConfig, {"target_modules": ["q_proj"], "total_step": 20, "bias": "lora_only"}),
     "LOHA": (
         peft.LoHaConfig,
         {

@@ -411,3 +411,60 @@ def test_convert_to_lora_of_lora_on_attention_or_parameters_is_refused_naming_th
     with pytest.raises(la.AdapterConfigError, match=rf"convert_to_lora=True\): \['{named}'\] hold LoRA on"):
         la.save_peft(model, tmp_path / "out", convert_to_lora=True)
     assert not (tmp_path / "out").exists() or not any((tmp_path / "out").iterdir())
+
+
+def test_lokr_delta_output_drops_output_rows_while_training():
+    """LoKr's rank dropout on the term ``delta_output`` hands a scaled adapter: the eval term times the mask
+    ``rank_dropout_multipliers`` draws from the same seed (one multiplier per output feature)."""
+    from lightning_adapters.methods._lycoris import rank_dropout_multipliers
+
+    model = Wrap(nn.Linear(6, 8))
+    la.inject(model, la.LoKrConfig(r=2, rank_dropout=0.5, target_modules=["layer"]))
+    layer = model.layer.adapter["default"]
+    with torch.no_grad():
+        for p in layer.parameters():
+            p.copy_(torch.randn(p.shape))
+    x = torch.randn(3, 6)
+    model.eval()
+    term = layer.delta_output(model.layer, x)
+    model.train()
+    torch.manual_seed(5)
+    got = layer.delta_output(model.layer, x)
+    torch.manual_seed(5)
+    mask = rank_dropout_multipliers(8, 0.5, layer.rank_dropout_scale, torch.float32, torch.device("cpu"))
+    torch.testing.assert_close(got, term * mask)
+
+
+def test_a_safe_merge_of_a_non_finite_lora_bias_names_the_merged_bias():
+    model = Wrap(nn.Linear(6, 5))
+    la.inject(model, la.LoRAConfig(r=2, lora_bias=True, target_modules=["layer"]))
+    layer = model.layer.adapter["default"]
+    with torch.no_grad():
+        layer.lora_B_bias.fill_(float("inf"))
+    before = model.layer.bias.detach().clone()
+    with pytest.raises(la.MergeError, match=r"^merge of 'layer' refused: merged bias has 5 non-finite values"):
+        la.merge(model, safe=True)
+    assert torch.equal(model.layer.bias, before)
+
+
+def test_lokr_factors_are_made_on_the_base_s_device():
+    """A model built on the meta device (as Lightning's empty init builds it) gets its LoKr factors on meta too."""
+    with torch.device("meta"):
+        model = Wrap(nn.Linear(16, 16))
+    la.inject(model, la.LoKrConfig(r=2, target_modules=["layer"]))
+    params = dict(model.layer.adapter["default"].named_parameters())
+    assert params and all(p.is_meta for p in params.values()), {n: p.device for n, p in params.items()}
+
+
+@pytest.mark.parametrize("peft_type", ["OFT", "BOFT"])
+def test_oft_family_files_say_fan_in_fan_out_false_as_peft_writes_them(peft_type):
+    """The layers are in ``nn.Linear``'s layout; PEFT warns when a file's ``fan_in_fan_out`` says otherwise."""
+    from lightning_adapters.registry import get_method_by_peft_type
+
+    config = (
+        la.OFTConfig(oft_block_size=4, target_modules=["q"])
+        if peft_type == "OFT"
+        else la.BOFTConfig(boft_block_size=4, target_modules=["q"])
+    )
+    fields = get_method_by_peft_type(peft_type).config_to_peft(config)
+    assert fields["fan_in_fan_out"] is False
