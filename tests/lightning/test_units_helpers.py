@@ -995,4 +995,137 @@ def test_parameters_without_gradient_are_named_eight_at_most(n: int, more: bool)
     message = check_gradients(type("Trainer", (), {"strategy": object()})(), target, "model.")
     names = [f"model.p{i}" for i in range(8)]
     assert message.startswith(f"{n} adapter parameters got no gradient in the first backward: {names}")
+    ending = ". Their modules do not reach the loss (e.g. an unused pooler). Add them to exclude_modules or narrow"
+    assert (
+        message
+        == f"{n} adapter parameters got no gradient in the first backward: {names}"
+        + (" ..." if more else "")
+        + ending
+        + " target_modules"
+    )
     assert message.startswith(f"{n} adapter parameters got no gradient in the first backward: {names} ...") == more
+
+
+# ------------------------------------------------------------------------------------------------------------
+# Survivors of the held-out sample's mutants 141-200 (seed 2323), written after it was measured.
+
+
+def test_the_plain_export_refuses_non_finite_adapter_tensors(tmp_path) -> None:
+    from lightning_adapters.lightning.export import export_at_fit_end
+
+    model = _mlp()
+    la.inject(model, _lora())
+    with torch.no_grad():
+        model[2].adapter.default.lora_A[0, 0] = float("inf")
+    trainer = type("Trainer", (), {"is_global_zero": True, "strategy": type("S", (), {"model": model})()})()
+    with pytest.raises(AdapterStateError, match="non-finite"):
+        export_at_fit_end(trainer, model, peft_dir=str(tmp_path / "peft"))
+
+
+def test_the_mixins_regularization_is_a_zero_scalar_without_a_schedule() -> None:
+    from lightning.pytorch import LightningModule
+
+    from lightning_adapters.lightning.runtime import get_runtime
+
+    class Model(la.AdapterMixin, LightningModule):
+        def __init__(self) -> None:
+            super().__init__()
+            self.model = _mlp()
+            self.adapter_config = _lora()
+            self.adapter_module = "model"
+
+    m = Model()
+    m.inject_adapters()
+    term = m.adapter_regularization()
+    assert term.shape == () and term.item() == 0.0 and term.device == m.model[0].weight.device
+    assert get_runtime(m).manual_regularization is True
+
+
+def test_restoring_a_checkpoint_with_an_invalid_config_names_the_file(tmp_path) -> None:
+    meta = {"format": 1, "method": "lora", "config": {"r": -1}, "module": "model"}
+    torch.save({METADATA_KEY: meta, "state_dict": {}}, tmp_path / "bad.ckpt")
+    with pytest.raises(AdapterStateError, match=f"^{tmp_path / 'bad.ckpt'}: the checkpoint's lora config is invalid"):
+        restore_from_checkpoint(_mlp(), tmp_path / "bad.ckpt")
+
+
+def test_build_metadata_writes_every_field_of_the_format() -> None:
+    from lightning_adapters import __version__
+    from lightning_adapters.lightning.checkpoint import FORMAT_VERSION
+
+    config = _lora()
+    meta = build_metadata(
+        adapters={"a": ("lora", config)},
+        name="a",
+        active=["a"],
+        trainable=["a"],
+        module="model",
+        fingerprint="fp",
+        shapes={"k": [1]},
+    )
+    assert meta == {
+        "format": FORMAT_VERSION,
+        "library_version": __version__,
+        "method": "lora",
+        "config": config.to_dict(),
+        "module": "model",
+        "name": "a",
+        "adapters": {"a": {"method": "lora", "config": config.to_dict()}},
+        "active": ["a"],
+        "trainable": ["a"],
+        "base_fingerprint": "fp",
+        "adapter_shapes": {"k": [1]},
+    }
+
+
+def test_a_checkpoint_source_with_modules_to_save_loads_them(tmp_path) -> None:
+    from lightning_adapters.lightning.sources import load_adapter
+
+    config = la.LoRAConfig(r=2, target_modules=["0"], modules_to_save=["2"], init_weights=False)
+    trained = _mlp()
+    la.inject(trained, config)
+    with torch.no_grad():
+        for p in trained.parameters():
+            if p.requires_grad:
+                p.add_(0.5)
+    torch.save(_checkpoint(trained, config), tmp_path / "a.ckpt")
+    target = _mlp()
+    load_adapter(target, "default", str(tmp_path / "a.ckpt"))
+    x = torch.randn(2, 6)
+    assert torch.equal(target(x), trained(x))
+
+
+def test_a_damaged_adapters_entry_is_refused_naming_the_checkpoint() -> None:
+    meta = {"method": "lora", "config": {}, "adapters": {"a": "not a mapping"}}
+    with pytest.raises(AdapterStateError, match=r"^the checkpoint: 'lightning_adapters'\['adapters'\] must map"):
+        check_metadata(meta, "lora", {}, None, name="a")
+
+
+def test_the_mixins_loraplus_groups_pass_the_optimizer_options_on() -> None:
+    from lightning.pytorch import LightningModule
+
+    class Model(la.AdapterMixin, LightningModule):
+        def __init__(self) -> None:
+            super().__init__()
+            self.model = _mlp()
+            self.adapter_config = _lora()
+            self.adapter_module = "model"
+
+    m = Model()
+    m.inject_adapters()
+    groups = m.loraplus_param_groups(lr=1e-3, loraplus_lr_ratio=16, weight_decay=0.1)
+    assert groups == la.loraplus_param_groups(m, lr=1e-3, loraplus_lr_ratio=16, weight_decay=0.1)
+    assert 0.1 in {g["weight_decay"] for g in groups}  # the groups that take weight decay get the one given
+
+
+@pytest.mark.parametrize(("bias", "frozen"), [("none", ["head"]), ("all", [])])
+def test_a_head_that_still_trains_a_bias_is_not_reported_frozen(bias: str, frozen: list[str]) -> None:
+    from lightning.pytorch import LightningModule
+
+    from lightning_adapters.core.state import find_records
+    from lightning_adapters.lightning.scope import frozen_parts
+
+    lm = LightningModule()
+    lm.body, lm.head = torch.nn.Linear(4, 4), torch.nn.Linear(4, 2)
+    la.inject(lm, la.LoRAConfig(r=2, target_modules=["body"], bias=bias))
+    ((_, _, record),) = find_records(lm)
+    assert frozen_parts(lm, record) == (frozen, [])
