@@ -107,3 +107,12 @@ def leave_process_group() -> None:
     """
     if torch.distributed.is_available() and torch.distributed.is_initialized():
         torch.distributed.destroy_process_group()
+
+
+def two_fc_backbone() -> nn.Module:
+    """A bare module with two same-named linears, ``enc.fc`` and ``dec.fc`` (4 -> 4, seed 0)."""
+    torch.manual_seed(0)
+    b = nn.Module()
+    b.enc, b.dec = nn.Module(), nn.Module()
+    b.enc.fc, b.dec.fc = nn.Linear(4, 4), nn.Linear(4, 4)
+    return b

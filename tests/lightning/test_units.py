@@ -38,6 +38,7 @@ from lightning_adapters.lightning.runtime import (
 )
 from lightning_adapters.lightning.strategies import adapter_parallelize_fn, block_types_of, prepare_strategy
 from lightning_adapters.schedules import Heatmap, ScheduleReport
+from tests.lightning.models import two_fc_backbone
 
 
 def _report(names: list[str] | None = None) -> ScheduleReport:
@@ -429,15 +430,8 @@ def test_restore_onto_a_sub_module_adapts_exactly_the_trained_modules_whatever_t
     # in the LightningModule ("backbone.enc.fc"), but would exclude "enc.fc" of the bare backbone.
     from lightning.pytorch import LightningModule
 
-    def backbone() -> torch.nn.Module:
-        torch.manual_seed(0)
-        b = torch.nn.Module()
-        b.enc, b.dec = torch.nn.Module(), torch.nn.Module()
-        b.enc.fc, b.dec.fc = torch.nn.Linear(4, 4), torch.nn.Linear(4, 4)
-        return b
-
     lm = LightningModule()
-    lm.backbone = backbone()
+    lm.backbone = two_fc_backbone()
     config = la.LoRAConfig(r=2, target_modules=["fc"], exclude_modules=r"enc\.fc", init_weights=False)
     la.inject(lm, config)
     state = la.adapter_state_dict(lm)
@@ -451,7 +445,7 @@ def test_restore_onto_a_sub_module_adapts_exactly_the_trained_modules_whatever_t
         shapes={k: list(v.shape) for k, v in state.items()},
     )
     torch.save({METADATA_KEY: meta, "state_dict": state}, tmp_path / "a.ckpt")
-    bare = restore_from_checkpoint(backbone(), tmp_path / "a.ckpt", module="backbone")
+    bare = restore_from_checkpoint(two_fc_backbone(), tmp_path / "a.ckpt", module="backbone")
     assert sorted(n for n, _ in bare.named_modules() if n.endswith(".adapter")) == ["dec.fc.adapter", "enc.fc.adapter"]
     x = torch.randn(2, 4)
     for name in ("enc.fc", "dec.fc"):

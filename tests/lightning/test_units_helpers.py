@@ -27,6 +27,7 @@ from lightning_adapters.lightning.checkpoint import (
     restore_from_checkpoint,
     validate_checkpoint,
 )
+from tests.lightning.models import two_fc_backbone
 
 
 def _mlp(seed: int = 0) -> torch.nn.Module:
@@ -36,6 +37,22 @@ def _mlp(seed: int = 0) -> torch.nn.Module:
 
 def _lora(**kwargs: Any) -> la.LoRAConfig:
     return la.LoRAConfig(r=2, target_modules=["0", "2"], init_weights=False, **kwargs)
+
+
+def _mixin_model() -> Any:
+    """A LightningModule with the mixin: ``_mlp()`` as ``self.model``, ``_lora()`` injected into it."""
+    from lightning.pytorch import LightningModule
+
+    class Model(la.AdapterMixin, LightningModule):
+        def __init__(self) -> None:
+            super().__init__()
+            self.model = _mlp()
+            self.adapter_config = _lora()
+            self.adapter_module = "model"
+
+    m = Model()
+    m.inject_adapters()
+    return m
 
 
 def _checkpoint(model: torch.nn.Module, config: la.LoRAConfig, module: str = "") -> dict[str, Any]:
@@ -152,15 +169,8 @@ def test_load_named_loads_each_adapters_own_tensors_and_its_saved_modules() -> N
 def test_a_format_1_checkpoint_is_restored_onto_a_part_of_the_trained_module(tmp_path, module: str) -> None:
     from lightning.pytorch import LightningModule
 
-    def backbone() -> torch.nn.Module:
-        torch.manual_seed(0)
-        b = torch.nn.Module()
-        b.enc, b.dec = torch.nn.Module(), torch.nn.Module()
-        b.enc.fc, b.dec.fc = torch.nn.Linear(4, 4), torch.nn.Linear(4, 4)
-        return b
-
     lm = LightningModule()
-    lm.backbone = backbone()
+    lm.backbone = two_fc_backbone()
     config = la.LoRAConfig(r=2, target_modules=["fc"], init_weights=False)
     la.inject(lm, config)
     free = name_free_keys(lm, "default")
@@ -175,7 +185,7 @@ def test_a_format_1_checkpoint_is_restored_onto_a_part_of_the_trained_module(tmp
         "adapter_shapes": {k: list(v.shape) for k, v in state.items()},
     }
     torch.save({METADATA_KEY: meta, "state_dict": state}, tmp_path / "a.ckpt")
-    bare = restore_from_checkpoint(backbone(), tmp_path / "a.ckpt", module=module)
+    bare = restore_from_checkpoint(two_fc_backbone(), tmp_path / "a.ckpt", module=module)
     assert sorted(n for n, _ in bare.named_modules() if n.endswith(".adapter")) == ["dec.fc.adapter", "enc.fc.adapter"]
     x = torch.randn(2, 4)
     for name in ("enc.fc", "dec.fc"):
@@ -560,17 +570,7 @@ def test_the_deepspeed_state_under_zero3_gathers_the_trainable_parameters(monkey
 
 
 def test_the_mixins_adapter_state_dict_is_keyed_relative_to_the_injected_module() -> None:
-    from lightning.pytorch import LightningModule
-
-    class Model(la.AdapterMixin, LightningModule):
-        def __init__(self) -> None:
-            super().__init__()
-            self.model = _mlp()
-            self.adapter_config = _lora()
-            self.adapter_module = "model"
-
-    m = Model()
-    m.inject_adapters()
+    m = _mixin_model()
     got, want = m.adapter_state_dict(), la.adapter_state_dict(m.model)
     assert sorted(got) == sorted(want) and all(k.startswith(("0.", "2.")) for k in got)
     assert all(torch.equal(got[k], want[k]) for k in want)
@@ -1023,19 +1023,9 @@ def test_the_plain_export_refuses_non_finite_adapter_tensors(tmp_path) -> None:
 
 
 def test_the_mixins_regularization_is_a_zero_scalar_without_a_schedule() -> None:
-    from lightning.pytorch import LightningModule
-
     from lightning_adapters.lightning.runtime import get_runtime
 
-    class Model(la.AdapterMixin, LightningModule):
-        def __init__(self) -> None:
-            super().__init__()
-            self.model = _mlp()
-            self.adapter_config = _lora()
-            self.adapter_module = "model"
-
-    m = Model()
-    m.inject_adapters()
+    m = _mixin_model()
     term = m.adapter_regularization()
     assert term.shape == () and term.item() == 0.0 and term.device == m.model[0].weight.device
     assert get_runtime(m).manual_regularization is True
@@ -1101,17 +1091,7 @@ def test_a_damaged_adapters_entry_is_refused_naming_the_checkpoint() -> None:
 
 
 def test_the_mixins_loraplus_groups_pass_the_optimizer_options_on() -> None:
-    from lightning.pytorch import LightningModule
-
-    class Model(la.AdapterMixin, LightningModule):
-        def __init__(self) -> None:
-            super().__init__()
-            self.model = _mlp()
-            self.adapter_config = _lora()
-            self.adapter_module = "model"
-
-    m = Model()
-    m.inject_adapters()
+    m = _mixin_model()
     groups = m.loraplus_param_groups(lr=1e-3, loraplus_lr_ratio=16, weight_decay=0.1)
     assert groups == la.loraplus_param_groups(m, lr=1e-3, loraplus_lr_ratio=16, weight_decay=0.1)
     assert 0.1 in {g["weight_decay"] for g in groups}  # the groups that take weight decay get the one given
