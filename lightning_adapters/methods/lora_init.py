@@ -255,9 +255,9 @@ def convert_to_plain_lora(
         )
     # LoRA on nn.MultiheadAttention and on target_parameters takes no residual init (PiSSA, OLoRA, CorDA are refused
     # there), so an adapter holding such layers has nothing to convert; their tensors are not in this layout either.
-    from lightning_adapters.methods.lora import LoRALayer
-
-    other = [name for name, layer in layers.items() if not isinstance(layer, LoRALayer)]
+    # Those layer classes lack the residual-init bookkeeping (``check_initialized``, ``init_A``) that LoRALayer has;
+    # asking for it instead of importing LoRALayer keeps this module out of an import cycle with methods/lora.py.
+    other = [name for name, layer in layers.items() if not callable(getattr(layer, "check_initialized", None))]
     if other:
         raise AdapterConfigError(
             f"save_peft(convert_to_lora=True): {other[:3]} hold LoRA on nn.MultiheadAttention or on "
