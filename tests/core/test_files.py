@@ -86,6 +86,18 @@ def test_crash_between_the_renames_is_read_and_recovered(tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == [".d.lock", "d"]
 
 
+def test_a_file_with_a_staging_name_does_not_stop_a_write(tmp_path):
+    """The clean-up of a dead writer's staging directories is best effort: a left-over it cannot remove (here a
+    plain file where a directory was expected) stays, and the write goes on."""
+    target = target_directory(tmp_path / "d", "test")
+    replace_directory(target, _writer(config=b"old"), owned=_owned)
+    stray = sibling(target, ".new-deadbeef")
+    stray.write_bytes(b"not a directory")
+    replace_directory(target, _writer(config=b"new"), owned=_owned)
+    assert _tree(target) == {"config": b"new"}
+    assert stray.read_bytes() == b"not a directory"
+
+
 def test_crash_after_the_renames_keeps_the_new_content(tmp_path):
     target = target_directory(tmp_path / "d", "test")
     replace_directory(target, _writer(config=b"new"), owned=_owned)

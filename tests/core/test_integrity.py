@@ -534,3 +534,11 @@ def test_a_value_that_is_not_a_tensor_is_shown_whole_when_short_and_cut_when_lon
     assert value_problem("k", 3, torch.zeros(2)) == "k: a int (3), not a torch.Tensor"
     long = list(range(40))
     assert value_problem("k", long, torch.zeros(2)) == f"k: a list ({repr(long)[:37]}...), not a torch.Tensor"
+
+
+def test_a_value_whose_repr_is_exactly_the_limit_is_shown_whole():
+    from lightning_adapters.core.state import value_problem
+
+    value = "x" * 38
+    assert len(repr(value)) == 40
+    assert value_problem("k", value, torch.zeros(2)) == f"k: a str ({value!r}), not a torch.Tensor"

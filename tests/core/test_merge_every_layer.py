@@ -254,6 +254,30 @@ def test_a_merge_updates_the_quantization_state_a_4bit_layer_holds_itself():
     assert model.q1.quant_state is model.q1.weight.quant_state
 
 
+def test_an_unmerge_puts_back_the_quantization_state_a_4bit_layer_holds_itself():
+    """An unmerge of a ``keep_original`` merge puts the kept state back on the weight and, where the layer holds its
+    own (``module.quant_state``), there too: the two stay one object."""
+    pytest.importorskip("bitsandbytes")
+    model = _model("nf4")
+    model.q1.quant_state = model.q1.weight.quant_state
+    la.inject(model, la.LoRAConfig(r=2, target_modules=["q1", "q2"]))
+    randomize_adapter(model, std=0.05)
+    la.merge(model, keep_original=True)
+    la.unmerge(model)
+    assert model.q1.quant_state is not None and model.q1.quant_state is model.q1.weight.quant_state
+
+
+def test_a_quantized_base_s_stand_in_is_dequantized_to_the_input_s_dtype():
+    """The adapter of a quantized base sees its weight in the dtype of the input, not the layer's compute dtype."""
+    pytest.importorskip("bitsandbytes")
+    from lightning_adapters.core.quant import compute_dtype_of, run_on_stand_in
+
+    model = _model("nf4")
+    assert compute_dtype_of(model.q1) != torch.bfloat16
+    seen = run_on_stand_in(model.q1, lambda view, x: view.weight.dtype, torch.randn(2, 64, dtype=torch.bfloat16))
+    assert seen == torch.bfloat16
+
+
 def test_a_bitsandbytes_int8_layer_not_yet_on_its_device_reads_as_pending():
     """``Linear8bitLt`` built without fp16 weights holds its float weight in an ``Int8Params`` until it moves to its
     device (as Lightning's ``BitsandbytesPrecision`` builds it): pending, unlike one ``quantize`` made."""
@@ -278,3 +302,42 @@ def test_a_merged_torchao_nf4_base_stays_frozen():
     old = model[0].weight
     la.merge(model)
     assert model[0].weight is not old and not model[0].weight.requires_grad
+
+
+def test_a_merge_into_a_torchao_int8_base_requantizes_it_to_int8_weight_only():
+    """A merge into a torchao int8 weight-only base re-quantizes the merged weight in the same scheme: the output
+    matches the adapted model's before the merge within the int8 rounding, and the weight is int8 again."""
+    pytest.importorskip("torchao")
+    from lightning_adapters.core.quant import quant_scheme
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(128, 128), nn.Linear(128, 4))
+    la.quantize(model, "torchao_int8", skip=["1"])
+    la.inject(model, la.LoRAConfig(r=2, target_modules=["0", "1"]))
+    randomize_adapter(model, std=0.05)
+    x = torch.randn(3, 128)
+    with torch.no_grad():
+        before = model(x)
+        la.merge(model)
+        after = model(x)
+    assert quant_scheme(model[0]) == "torchao_int8" and not model[0].weight.requires_grad
+    torch.testing.assert_close(after, before, atol=0.05, rtol=0.05)
+
+
+def test_a_4bit_weight_repacked_by_an_inference_forward_is_read_in_its_storage_layout():
+    """On x86 CPUs with AVX512-BF16, an inference forward of ``Linear4bit`` repacks its weight for a CPU kernel;
+    reading the layer's state unpacks it again, to the data it held before (the repacking rounded its scales)."""
+    pytest.importorskip("bitsandbytes")
+    from lightning_adapters.core.quant import _bnb_4bit_state
+
+    model = _model("nf4").eval()
+    layer = model.q1
+    data = layer.weight.data.clone()
+    layer.support_avx512bf16_for_cpu = True  # as bitsandbytes sets it on such a CPU (quantize turned it off)
+    with torch.no_grad():
+        layer(torch.randn(2, 64, dtype=torch.bfloat16))
+    if not getattr(layer.weight.quant_state, "packing_format_for_cpu", False):
+        pytest.skip("bitsandbytes did not repack the weight on this CPU")
+    state = _bnb_4bit_state(layer)
+    assert not getattr(state, "packing_format_for_cpu", False) and layer.weight.quant_state is state
+    assert torch.equal(layer.weight.data, data)

@@ -323,3 +323,19 @@ def test_a_scaled_adapter_beside_a_merged_one_keeps_its_scale() -> None:
         before = model(x)
         la.merge(model, "b")
         torch.testing.assert_close(model(x), before, atol=1e-5, rtol=1e-5)
+
+
+def test_an_adapter_at_full_strength_beside_a_merged_one_runs_its_own_forward() -> None:
+    """Two active adapters at full strength: merging ``b`` leaves ``a`` the only layer acting, run through its own
+    forward on the module; the output is what it was before the merge (up to fp32 rounding)."""
+    model = Net()
+    for name in ("a", "b"):
+        la.inject(model, CONFIGS["lora"](["body", "other"]), name=name)
+    _randomize(model, "a", 1)
+    _randomize(model, "b", 2)
+    la.set_active(model, ["a", "b"])
+    x = torch.randn(3, 16)
+    with torch.no_grad():
+        before = model(x)
+        la.merge(model, "b")
+        torch.testing.assert_close(model(x), before, atol=1e-5, rtol=1e-5)

@@ -183,6 +183,16 @@ class Wrapped(nn.Module):
             return getattr(self._fsdp_wrapped_module, name)
 
 
+def test_adapter_layers_gives_the_layer_inside_a_wrapper(monkeypatch, toy_method):
+    from lightning_adapters.core.inject import adapter_layers
+
+    model = _two_adapters(monkeypatch, toy_method, adapted_forward=_adapted_forward, delta_output=_delta_output)
+    inner = model.layer.adapter["a"]
+    model.layer.adapter["a"] = Wrapped(inner)
+    layers = {adapter: layer for _, adapter, _, layer in adapter_layers(model)}
+    assert layers["a"] is inner and layers["b"] is model.layer.adapter["b"]
+
+
 @pytest.mark.parametrize("additive", [True, False], ids=["additive", "per-group"])
 def test_routed_rows_reach_a_wrapped_layer_with_a_keyword_input(monkeypatch, toy_method, additive):
     """A wrapped layer is read through the wrapper (its flags, its term) and, where it runs its own forward, called

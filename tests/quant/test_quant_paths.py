@@ -160,3 +160,18 @@ def test_a_torchao_int8_weight_before_0_16_is_read_from_its_tensor_impl():
     assert _torchao_kind(weight) == "int8"
     weight.tensor_impl = SimpleNamespace(int_data=torch.zeros(2, 2, dtype=torch.uint8))
     assert _torchao_kind(weight) == "other"
+
+
+def test_only_torchao_s_int8_tensor_classes_read_as_int8():
+    """Another torchao tensor class with floating values and int8 data (a quantization scheme the methods do not
+    know) is ``"other"``, not int8 weight-only; so is an ``AffineQuantizedTensor`` with integer values."""
+    from lightning_adapters.core.quant import _torchao_kind
+
+    other = type("SomeQuantizedTensor", (), {"__module__": "torchao.quantization.some"})()
+    other.dtype = torch.bfloat16
+    other.qdata = torch.zeros(2, 2, dtype=torch.int8)
+    assert _torchao_kind(other) == "other"
+    old = type("AffineQuantizedTensor", (), {"__module__": "torchao.dtypes.affine_quantized_tensor"})()
+    old.dtype = torch.int8
+    old.qdata = torch.zeros(2, 2, dtype=torch.int8)
+    assert _torchao_kind(old) == "other"
