@@ -1109,3 +1109,118 @@ def test_a_head_that_still_trains_a_bias_is_not_reported_frozen(bias: str, froze
     la.inject(lm, la.LoRAConfig(r=2, target_modules=["body"], bias=bias))
     ((_, _, record),) = find_records(lm)
     assert frozen_parts(lm, record) == (frozen, [])
+
+
+# ------------------------------------------------------------------------------------------------------------
+# Survivors of the held-out sample's mutants 201-260 (seed 2323), written after it was measured.
+
+
+def test_restoring_a_checkpoint_with_a_damaged_entry_names_the_file(tmp_path) -> None:
+    import re
+
+    path = tmp_path / "bad.ckpt"
+    torch.save({METADATA_KEY: "not a dict", "state_dict": {}}, path)
+    with pytest.raises(AdapterStateError, match=f"^{re.escape(str(path))}: the '{METADATA_KEY}' entry must be a dict"):
+        restore_from_checkpoint(_mlp(), path)
+
+
+class _Unpicklable:
+    """A class torch.load(weights_only=True) refuses to unpickle."""
+
+
+def test_restore_from_checkpoint_loads_only_plain_tensors_unless_told_otherwise(tmp_path) -> None:
+    config = _lora()
+    trained = _mlp()
+    la.inject(trained, config)
+    path = tmp_path / "a.ckpt"
+    torch.save({**_checkpoint(trained, config), "extra": _Unpicklable()}, path)
+    with pytest.raises(AdapterStateError, match="weights_only=False"):
+        restore_from_checkpoint(_mlp(), path)
+    # Read in full when asked: the file gets as far as matching its keys to the model (a bare MLP here).
+    with pytest.raises(AdapterStateError, match="injected into the whole LightningModule"):
+        restore_from_checkpoint(_mlp(), path, weights_only=False)
+
+
+def test_a_bad_adapter_name_in_init_from_is_refused_naming_init_from(tmp_path) -> None:
+    from lightning_adapters.errors import AdapterConfigError
+    from lightning_adapters.lightning.runtime import adapter_sources
+
+    with pytest.raises(AdapterConfigError, match=r"^init_from: adapter name 'bad name' is not usable"):
+        adapter_sources({"bad name": str(tmp_path)}, "default")
+
+
+def test_the_deepspeed_save_wrapper_passes_the_storage_options_on() -> None:
+    from lightning_adapters.lightning.checkpoint import DEEPSPEED_ADAPTER_KEY
+    from lightning_adapters.lightning.strategies import _keep_adapter_state
+
+    calls = []
+    save = _keep_adapter_state(
+        lambda checkpoint, filepath, storage_options: calls.append((checkpoint, filepath, storage_options))
+    )
+    save({"state_dict": {"k": 1}, "epoch": 0}, "out.ckpt", {"retries": 2})
+    assert calls == [
+        ({"state_dict": {"k": 1}, "epoch": 0, DEEPSPEED_ADAPTER_KEY: {"k": 1}}, "out.ckpt", {"retries": 2})
+    ]
+
+
+def test_the_rank_heatmap_is_drawn_in_viridis_whatever_the_default_colour_map() -> None:
+    import matplotlib
+
+    from lightning_adapters.lightning.reports import heatmap_figure
+    from lightning_adapters.schedules import Heatmap
+
+    heatmap = Heatmap(
+        values=[[0.0, 1.0], [2.0, 1.0]],
+        row_labels=["a", "b"],
+        column_labels=["1", "2"],
+        vmax=2.0,
+        title="ranks",
+        xlabel="step",
+        colorbar="rank",
+    )
+    with matplotlib.rc_context({"image.cmap": "gray"}):
+        fig = heatmap_figure(heatmap)
+    assert fig.axes[0].images[0].get_cmap().name == "viridis"
+
+
+def test_the_schedule_driver_gives_the_schedule_the_loop_s_step_and_logs_at_it() -> None:
+    from lightning_adapters.lightning.hooks import ScheduleDriver
+
+    seen, logged = [], []
+
+    class Schedule:
+        def after_optimizer_step(self, step: int, global_step: int | None = None) -> dict[str, float]:
+            seen.append((step, global_step))
+            return {"budget": 4.0}
+
+    class Logger:
+        def log_metrics(self, metrics: dict[str, float], step: int) -> None:
+            logged.append((metrics, step))
+
+    trainer = type("Trainer", (), {"global_step": 7, "loggers": [Logger()]})()
+    ScheduleDriver(Schedule()).on_optimizer_step_end(trainer, 3)
+    assert seen == [(3, 7)] and logged == [({"budget": 4.0}, 7)]
+
+
+def test_a_checkpoint_whose_active_names_are_all_unknown_restores_with_every_adapter_active(tmp_path) -> None:
+    from lightning.pytorch import LightningModule
+
+    lm = LightningModule()
+    lm.backbone = two_fc_backbone()
+    config = la.LoRAConfig(r=2, target_modules=["fc"], init_weights=False)
+    la.inject(lm, config)
+    state = {k: v.detach().clone() for k, v in la.adapter_state_dict(lm).items()}
+    meta = build_metadata(
+        adapters={"default": ("lora", config)},
+        name="default",
+        active=["gone"],  # an edited file: no adapter of that name is held
+        trainable=[],
+        module="",
+        fingerprint=base_fingerprint(lm),
+        shapes={k: list(v.shape) for k, v in state.items()},
+    )
+    torch.save({METADATA_KEY: meta, "state_dict": state}, tmp_path / "a.ckpt")
+    bare = restore_from_checkpoint(two_fc_backbone(), tmp_path / "a.ckpt", module="backbone")
+    assert la.active(bare) == ["default"]
+    x = torch.randn(2, 4)
+    assert torch.equal(bare.enc.fc(x), lm.backbone.enc.fc(x))
