@@ -1224,3 +1224,31 @@ def test_a_checkpoint_whose_active_names_are_all_unknown_restores_with_every_ada
     assert la.active(bare) == ["default"]
     x = torch.randn(2, 4)
     assert torch.equal(bare.enc.fc(x), lm.backbone.enc.fc(x))
+
+
+def test_every_rank_keeps_rank_zero_s_base_fingerprint() -> None:
+    # Ranks may initialise the base differently before DDP broadcasts rank 0's weights: the fingerprint a
+    # checkpoint records is the one the strategy broadcasts from rank 0, not the rank's own.
+    from lightning.pytorch import LightningModule
+
+    from lightning_adapters.lightning.runtime import get_runtime
+
+    class Model(la.AdapterMixin, LightningModule):
+        def __init__(self) -> None:
+            super().__init__()
+            self.model = _mlp()
+            self.adapter_config = _lora()
+            self.adapter_module = "model"
+
+    sent = []
+
+    class Strategy:
+        def broadcast(self, obj: Any, src: int = 0) -> Any:
+            sent.append(obj)
+            return "rank-0 fingerprint"
+
+    m = Model()
+    m._trainer = type("Trainer", (), {"strategy": Strategy()})()
+    m.inject_adapters()
+    assert sent == [base_fingerprint(m.model)]
+    assert get_runtime(m).fingerprint == "rank-0 fingerprint"
