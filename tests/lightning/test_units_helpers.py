@@ -39,8 +39,9 @@ def _lora(**kwargs: Any) -> la.LoRAConfig:
     return la.LoRAConfig(r=2, target_modules=["0", "2"], init_weights=False, **kwargs)
 
 
-def _mixin_model() -> Any:
-    """A LightningModule with the mixin: ``_mlp()`` as ``self.model``, ``_lora()`` injected into it."""
+def _mixin_model(trainer: Any = None) -> Any:
+    """A LightningModule with the mixin: ``_mlp()`` as ``self.model``, ``_lora()`` injected into it (under
+    ``trainer`` when one is given, as ``_trainer``)."""
     from lightning.pytorch import LightningModule
 
     class Model(la.AdapterMixin, LightningModule):
@@ -51,6 +52,7 @@ def _mixin_model() -> Any:
             self.adapter_module = "model"
 
     m = Model()
+    m._trainer = trainer
     m.inject_adapters()
     return m
 
@@ -1229,16 +1231,7 @@ def test_a_checkpoint_whose_active_names_are_all_unknown_restores_with_every_ada
 def test_every_rank_keeps_rank_zero_s_base_fingerprint() -> None:
     # Ranks may initialise the base differently before DDP broadcasts rank 0's weights: the fingerprint a
     # checkpoint records is the one the strategy broadcasts from rank 0, not the rank's own.
-    from lightning.pytorch import LightningModule
-
     from lightning_adapters.lightning.runtime import get_runtime
-
-    class Model(la.AdapterMixin, LightningModule):
-        def __init__(self) -> None:
-            super().__init__()
-            self.model = _mlp()
-            self.adapter_config = _lora()
-            self.adapter_module = "model"
 
     sent = []
 
@@ -1247,8 +1240,6 @@ def test_every_rank_keeps_rank_zero_s_base_fingerprint() -> None:
             sent.append(obj)
             return "rank-0 fingerprint"
 
-    m = Model()
-    m._trainer = type("Trainer", (), {"strategy": Strategy()})()
-    m.inject_adapters()
+    m = _mixin_model(trainer=type("Trainer", (), {"strategy": Strategy()})())
     assert sent == [base_fingerprint(m.model)]
     assert get_runtime(m).fingerprint == "rank-0 fingerprint"
