@@ -14,11 +14,28 @@ clean), under ``nice -n 19``::
 ``run`` gives each mutant the tests mutmut's stats run saw reach its function, fastest first, stopping at the first
 failure, in a child forked from one process that imported torch, the library and the test modules once (mutmut's
 ``run`` repeats a clean run of every selected test first, which on a loaded machine costs as much as the sample).
+
+A **whole package** fits too, with a finer test map (no mutmut stats run needed)::
+
+    python experiments/mutation_sample.py generate
+    python experiments/mutation_sample.py lines                # every selected test once, line coverage per test
+    python experiments/mutation_sample.py sweep mutant_names.txt results.txt --jobs 1
+
+``lines`` runs the selection once under coverage.py, one coverage context per test, and writes which tests execute
+each line of the mutated copy (``mutants/sweep-lines.json``). ``sweep`` finds the line a mutant changes (its
+function against mutmut's copy of the original), widens it to the whole statement around it, and gives the mutant
+only the tests that executed that statement: a test that never runs the changed code cannot tell the mutant from
+the original, so the verdicts are those of mutmut's function-wide map, while a survivor of a large function runs a
+handful of tests instead of hundreds. A change to a signature or default falls back to every test that ran any
+line of the function (``MUTATION_SWEEP_WHOLE_FUNCTION=1`` does so for every mutant, to check the statement map
+against it). The children run the collected test items directly (no pytest start-up per mutant).
 """
 
 from __future__ import annotations
 
 import argparse
+import ast
+import difflib
 import json
 import math
 import os
@@ -121,6 +138,202 @@ def run(names_file: str, out_file: str, jobs: int) -> None:
         reap(True)
 
 
+def _mutmut_config(root: Path) -> dict:
+    import tomllib  # Python 3.11+, as mutmut 3 itself
+
+    return tomllib.loads((root.parent / "pyproject.toml").read_text())["tool"]["mutmut"]
+
+
+def _selection_args(root: Path) -> list[str]:
+    """The pytest arguments of ``[tool.mutmut]`` in the copy's ``pyproject.toml`` (selection first)."""
+    config = _mutmut_config(root)
+    return [*config.get("pytest_add_cli_args_test_selection", []), *config.get("pytest_add_cli_args", [])]
+
+
+def _enter_mutants() -> Path:
+    root = Path("mutants").resolve()
+    os.chdir(root)
+    sys.path.insert(0, str(root))
+    os.environ["PY_IGNORE_IMPORTMISMATCH"] = "1"
+    return root
+
+
+def lines() -> None:
+    """Run every selected test once under coverage.py; write the tests that execute each line of the copy."""
+    root = _enter_mutants()
+    import coverage
+    import pytest
+    from _pytest.runner import runtestprotocol
+
+    config = _mutmut_config(root)
+    include = [str(root / glob) for glob in config.get("only_mutate", ["lightning_adapters/*"])]
+
+    class Record:
+        def pytest_runtestloop(self, session: pytest.Session) -> bool:
+            items = session.items
+            durations, failed = {}, []
+            cov = coverage.Coverage(data_file=None, include=include, config_file=False)
+            cov.start()
+            for i, item in enumerate(items):
+                cov.switch_context(item.nodeid)
+                start = time.perf_counter()
+                reports = runtestprotocol(item, nextitem=items[i + 1] if i + 1 < len(items) else None, log=False)
+                durations[item.nodeid] = time.perf_counter() - start
+                if any(r.failed or r.skipped for r in reports):
+                    failed.append(item.nodeid)
+            cov.stop()
+            data = cov.get_data()
+            ids = sorted(durations)
+            index = {t: k for k, t in enumerate(ids)}
+            by_file = {}
+            for path in data.measured_files():
+                rows = {
+                    line: sorted(index[c] for c in contexts if c in index)
+                    for line, contexts in data.contexts_by_lineno(path).items()
+                }
+                by_file[os.path.relpath(path, root)] = {str(k): v for k, v in rows.items() if v}
+            record = {"tests": ids, "durations": durations, "unusable": failed, "lines": by_file}
+            Path("sweep-lines.json").write_text(json.dumps(record))
+            print(f"{len(ids)} tests, {len(failed)} failed or skipped (left out)", file=sys.__stdout__)
+            return True
+
+    pytest.main(["-q", "-p", "no:randomly", "--rootdir=.", *_selection_args(root)], plugins=[Record()])
+
+
+class _LineMap:
+    """The tests that execute the code one mutant changes, from ``sweep-lines.json``."""
+
+    def __init__(self, root: Path) -> None:
+        record = json.loads((root / "sweep-lines.json").read_text())
+        self.tests, self.durations = record["tests"], record["durations"]
+        unusable = set(record["unusable"])
+        self.lines = {
+            f: {int(k): [self.tests[i] for i in v if self.tests[i] not in unusable] for k, v in rows.items()}
+            for f, rows in record["lines"].items()
+        }
+        self.root = root
+        self.parsed: dict[str, tuple[list[str], dict[str, ast.AST]]] = {}
+
+    def _file(self, rel: str) -> tuple[list[str], dict[str, ast.AST]]:
+        if rel not in self.parsed:
+            text = (self.root / rel).read_text()
+            functions = {
+                n.name: n for n in ast.walk(ast.parse(text)) if isinstance(n, ast.FunctionDef | ast.AsyncFunctionDef)
+            }
+            self.parsed[rel] = (text.splitlines(), functions)
+        return self.parsed[rel]
+
+    def _executed(self, rel: str, first: int, last: int) -> set[str]:
+        rows = self.lines.get(rel, {})
+        return {t for line in range(first, last + 1) for t in rows.get(line, ())}
+
+    def tests_for(self, name: str) -> tuple[list[str], str]:
+        """The tests to run, fastest first, and how they were found (``statement`` or ``function``)."""
+        module, _, function = name.rpartition(".")
+        rel = module.replace(".", "/") + ".py"
+        source, functions = self._file(rel)
+        orig = functions[function.partition("__mutmut_")[0] + "__mutmut_orig"]
+        mutant = functions[function]
+        a = source[orig.lineno - 1 : orig.end_lineno]
+        b = [line.replace(function, orig.name) for line in source[mutant.lineno - 1 : mutant.end_lineno]]
+        changed = set()
+        for tag, i1, i2, _, _ in difflib.SequenceMatcher(None, a, b, autojunk=False).get_opcodes():
+            if tag != "equal":
+                changed.update(range(i1, i2) if i2 > i1 else (max(i1 - 1, 0), i1))
+        statements = [n for n in ast.walk(orig) if isinstance(n, ast.stmt) and n is not orig]
+        found, how = set(), "statement"
+        if os.environ.get("MUTATION_SWEEP_WHOLE_FUNCTION"):  # to check the statement map against the wide one
+            changed = {0}
+        for index in sorted(changed):
+            line = orig.lineno + index
+            around = [s for s in statements if s.lineno <= line <= s.end_lineno]
+            if not around:  # the signature, a default or a decorator: any call may see it
+                found, how = self._executed(rel, orig.lineno, orig.end_lineno), "function"
+                break
+            inner = min(around, key=lambda s: s.end_lineno - s.lineno)
+            found |= self._executed(rel, inner.lineno, inner.end_lineno)
+        return sorted(found, key=lambda t: (self.durations.get(t, 0.0), t)), how
+
+
+def sweep(names_file: str, out_file: str, jobs: int) -> None:
+    """Like ``run``, with the statement-level test map of ``lines``; appends ``<name> <verdict> <tests> wall cpu``."""
+    # The parent runs every test once before it forks (the children then start with torch's, transformers' and the
+    # fixtures' lazy imports done): one OpenMP thread keeps a process that ran torch safe to fork.
+    os.environ["OMP_NUM_THREADS"] = os.environ["MKL_NUM_THREADS"] = "1"
+    root = _enter_mutants()
+    import pytest
+    from _pytest.runner import runtestprotocol
+    from mutmut.mutation.trampoline import set_mutant_under_test
+
+    out_path = Path(out_file) if os.path.isabs(out_file) else (root.parent / out_file)
+    done = {line.split()[0] for line in out_path.read_text().splitlines() if line} if out_path.exists() else set()
+    line_map = _LineMap(root)
+    names = [n for n in (root.parent / names_file).read_text().split() if n and n not in done]
+
+    class Sweep:
+        def pytest_runtestloop(self, session: pytest.Session) -> bool:
+            import torch
+            from _pytest.python import Function
+
+            torch.set_num_threads(1)
+            # A failure's report would parse the whole mutated file (thousands of mutants) for its traceback: the
+            # verdict needs only the outcome.
+            Function.repr_failure = lambda self, excinfo: "failed"
+            items = session.items
+            for i, item in enumerate(items):  # warm up, unmutated
+                runtestprotocol(item, nextitem=items[i + 1] if i + 1 < len(items) else None, log=False)
+            by_id = {item.nodeid: item for item in items}
+            out = out_path.open("a")
+            running: dict[int, tuple[str, int, str, float]] = {}
+
+            def reap(block: bool) -> None:
+                while running:
+                    pid, status, usage = os.wait4(-1, 0 if block else os.WNOHANG)
+                    if pid == 0:
+                        return
+                    name, n_tests, how, start = running.pop(pid)
+                    if os.WIFSIGNALED(status):
+                        verdict = "timeout"
+                    else:
+                        verdict = {0: "survived", 1: "killed"}.get(os.waitstatus_to_exitcode(status), "error")
+                    cpu = usage.ru_utime + usage.ru_stime
+                    out.write(f"{name} {verdict} {n_tests} wall {time.time() - start:.1f} cpu {cpu:.1f} {how}\n")
+                    out.flush()
+                    block = False
+
+            for name in names:
+                tests, how = line_map.tests_for(name)
+                items = [by_id[t] for t in tests if t in by_id]
+                if not items:
+                    out.write(f"{name} no-tests 0 wall 0 cpu 0 {how}\n")
+                    out.flush()
+                    continue
+                while len(running) >= jobs:
+                    reap(True)
+                limit = int(60 + 10 * sum(line_map.durations.get(t, 0.0) for t in tests))  # CPU seconds
+                start = time.time()
+                pid = os.fork()
+                if pid == 0:
+                    devnull = os.open(os.devnull, os.O_WRONLY)
+                    os.dup2(devnull, 1)
+                    os.dup2(devnull, 2)
+                    resource.setrlimit(resource.RLIMIT_CPU, (limit, limit + 5))
+                    set_mutant_under_test(name)
+                    code = 0
+                    for i, item in enumerate(items):
+                        following = items[i + 1] if i + 1 < len(items) else None
+                        if any(r.failed for r in runtestprotocol(item, nextitem=following, log=False)):
+                            code = 1
+                            break
+                    os._exit(code)
+                running[pid] = (name, len(items), how, start)
+            while running:
+                reap(True)
+            return True
+
+    pytest.main(["-q", "-p", "no:randomly", "--rootdir=.", *_selection_args(root)], plugins=[Sweep()])
+
+
 def wilson(k: int, n: int, z: float = 1.96) -> tuple[float, float]:
     """The Wilson score interval of ``k`` successes in ``n`` (95 % for ``z = 1.96``)."""
     if n == 0:
@@ -152,6 +365,11 @@ def main() -> None:
     p.add_argument("names")
     p.add_argument("out")
     p.add_argument("--jobs", type=int, default=2)
+    sub.add_parser("lines")
+    p = sub.add_parser("sweep")
+    p.add_argument("names")
+    p.add_argument("out")
+    p.add_argument("--jobs", type=int, default=1)
     p = sub.add_parser("score")
     p.add_argument("out")
     args = parser.parse_args()
@@ -161,6 +379,10 @@ def main() -> None:
         sample(args.k, args.seed)
     elif args.cmd == "run":
         run(args.names, args.out, args.jobs)
+    elif args.cmd == "lines":
+        lines()
+    elif args.cmd == "sweep":
+        sweep(args.names, args.out, args.jobs)
     else:
         score(args.out)
 
