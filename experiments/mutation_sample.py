@@ -20,6 +20,7 @@ A **whole package** fits too, with a finer test map (no mutmut stats run needed)
     python experiments/mutation_sample.py generate
     python experiments/mutation_sample.py lines                # every selected test once, line coverage per test
     python experiments/mutation_sample.py sweep mutant_names.txt results.txt --jobs 1
+    python experiments/mutation_sample.py show results.txt     # the survivors' diffs (or: show <mutant name>)
 
 ``lines`` runs the selection once under coverage.py, one coverage context per test, and writes which tests execute
 each line of the mutated copy (``mutants/sweep-lines.json``). ``sweep`` finds the line a mutant changes (its
@@ -223,6 +224,16 @@ class _LineMap:
             self.parsed[rel] = (text.splitlines(), functions)
         return self.parsed[rel]
 
+    def diff(self, name: str) -> str:
+        """The mutant's change as a unified diff of its function against the original, with the file's line numbers."""
+        module, _, function = name.rpartition(".")
+        rel = module.replace(".", "/") + ".py"
+        source, functions = self._file(rel)
+        orig, mutant = functions[function.partition("__mutmut_")[0] + "__mutmut_orig"], functions[function]
+        a = source[orig.lineno - 1 : orig.end_lineno]
+        b = [line.replace(function, orig.name) for line in source[mutant.lineno - 1 : mutant.end_lineno]]
+        return "\n".join(difflib.unified_diff(a, b, rel, f"{rel} ({function})", n=1, lineterm=""))
+
     def _executed(self, rel: str, first: int, last: int) -> set[str]:
         rows = self.lines.get(rel, {})
         return {t for line in range(first, last + 1) for t in rows.get(line, ())}
@@ -253,6 +264,21 @@ class _LineMap:
             inner = min(around, key=lambda s: s.end_lineno - s.lineno)
             found |= self._executed(rel, inner.lineno, inner.end_lineno)
         return sorted(found, key=lambda t: (self.durations.get(t, 0.0), t)), how
+
+
+def show(names: list[str]) -> None:
+    """Print each mutant's diff (a name, or a results file whose survivors to show)."""
+    root = _enter_mutants()
+    line_map = _LineMap(root)
+    for arg in names:
+        path = root.parent / arg
+        if path.exists():
+            rows = [line.split() for line in path.read_text().splitlines() if line]
+            chosen = [r[0] for r in rows if r[1] in ("survived", "no-tests")]
+        else:
+            chosen = [arg]
+        for name in chosen:
+            print(f"# {name}\n{line_map.diff(name)}\n")
 
 
 def sweep(names_file: str, out_file: str, jobs: int) -> None:
@@ -366,6 +392,8 @@ def main() -> None:
     p.add_argument("out")
     p.add_argument("--jobs", type=int, default=2)
     sub.add_parser("lines")
+    p = sub.add_parser("show")
+    p.add_argument("names", nargs="+")
     p = sub.add_parser("sweep")
     p.add_argument("names")
     p.add_argument("out")
@@ -381,6 +409,8 @@ def main() -> None:
         run(args.names, args.out, args.jobs)
     elif args.cmd == "lines":
         lines()
+    elif args.cmd == "show":
+        show(args.names)
     elif args.cmd == "sweep":
         sweep(args.names, args.out, args.jobs)
     else:
