@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import pytest
 
 from experiments import mutation_sample
@@ -36,3 +38,80 @@ def test_score_counts_verdicts(tmp_path, capsys):
     mutation_sample.score(str(out))
     text = capsys.readouterr().out
     assert "{'killed': 2, 'no-tests': 1, 'survived': 1}" in text and "score 2/4 = 50.0%" in text
+
+
+_MUTATED_FILE = """\
+def x_f__mutmut_orig(a, b=1):
+    c = a + b
+    if c > 2:
+        return g(
+            c,
+            a,
+        )
+    return c
+
+
+def x_f__mutmut_1(a, b=1):
+    c = a - b
+    if c > 2:
+        return g(
+            c,
+            a,
+        )
+    return c
+
+
+def x_f__mutmut_2(a, b=1):
+    c = a + b
+    if c > 2:
+        return g(
+            c,
+            None,
+        )
+    return c
+
+
+def x_f__mutmut_3(a, b=2):
+    c = a + b
+    if c > 2:
+        return g(
+            c,
+            a,
+        )
+    return c
+"""
+
+
+def _line_map(tmp_path):
+    (tmp_path / "pkg").mkdir()
+    (tmp_path / "pkg" / "mod.py").write_text(_MUTATED_FILE)
+    # Which tests ran which lines of the unmutated function (lines 1-8): t_small never takes the branch, t_big
+    # does, and t_slow runs only the first statement; t_broken failed unmutated and is left out everywhere.
+    tests = ["t_big", "t_broken", "t_slow", "t_small"]
+    # Coverage records the multi-line return on its first line only.
+    lines = {"2": [0, 1, 2, 3], "3": [0, 3], "4": [0], "8": [3]}
+    record = {
+        "tests": tests,
+        "durations": {"t_big": 0.5, "t_broken": 0.1, "t_slow": 9.0, "t_small": 0.2},
+        "unusable": ["t_broken"],
+        "lines": {"pkg/mod.py": lines},
+    }
+    (tmp_path / "sweep-lines.json").write_text(json.dumps(record))
+    return mutation_sample._LineMap(tmp_path)
+
+
+def test_a_mutant_gets_the_tests_that_ran_its_statement_fastest_first(tmp_path, monkeypatch):
+    line_map = _line_map(tmp_path)
+    # A change on line 2 (run by every usable test), fastest first, the test that failed unmutated left out.
+    assert line_map.tests_for("pkg.mod.x_f__mutmut_1") == (["t_small", "t_big", "t_slow"], "statement")
+    # A change on the third line of a statement that spans lines 4-7: the tests that ran any of its lines.
+    assert line_map.tests_for("pkg.mod.x_f__mutmut_2") == (["t_big"], "statement")
+    # A changed default: every test that ran any line of the function.
+    assert line_map.tests_for("pkg.mod.x_f__mutmut_3") == (["t_small", "t_big", "t_slow"], "function")
+    monkeypatch.setenv("MUTATION_SWEEP_WHOLE_FUNCTION", "1")
+    assert line_map.tests_for("pkg.mod.x_f__mutmut_2") == (["t_small", "t_big", "t_slow"], "function")
+
+
+def test_show_diffs_a_mutant_against_its_original(tmp_path):
+    diff = _line_map(tmp_path).diff("pkg.mod.x_f__mutmut_2")
+    assert "-            a,\n+            None," in diff and "x_f__mutmut_2" in diff.splitlines()[1]
