@@ -255,12 +255,12 @@ def _resolve_modules_to_save(model: nn.Module, config: AdapterConfig, method: st
     if not config.modules_to_save:
         return []
     names = [n for n, _ in model.named_modules() if n and saves_module(n, config.modules_to_save)]
-    # Keep the outermost match only: saving a module saves its children.
-    names = [n for n in names if not any(n.startswith(o + ".") for o in names if o != n)]
     missing = [m for m in config.modules_to_save if not any(saves_module(n, [m]) for n in names)]
     if missing:
         raise TargetError(f"{method}: modules_to_save entries {missing} match no module of the model")
-    return names
+    # Keep the outermost match only: saving a module saves its children (an entry matching only such a child is
+    # covered by its parent's entry).
+    return [n for n in names if not any(n.startswith(o + ".") for o in names if o != n)]
 
 
 def _base_dtype(module: nn.Module) -> torch.dtype:
@@ -452,16 +452,22 @@ def _check_shared_tensors(model: nn.Module, name: str, to_save: list[str], other
             )
 
 
+def _rewrites_base(layer: AdapterLayer) -> bool:
+    # Before attach: ``changes_base_on_attach``; once attached (or with a data-driven residual init still to come),
+    # a method's own ``rewrites_base`` (LoRA's), since ``changes_base_on_attach`` is false after ``on_attach``.
+    return bool(layer.changes_base_on_attach or getattr(layer, "rewrites_base", False))
+
+
 def _check_base_changes(name: str, layers: dict[str, AdapterLayer], modules: dict[str, nn.Module]) -> None:
-    # An init that rewrites the base weight (PiSSA, OLoRA, CorDA) would change what the other adapters of the
-    # module are applied to.
+    # An init that rewrites the base weight (PiSSA, OLoRA, CorDA, LoftQ) would change what the other adapters of
+    # the module are applied to, whichever of them came first.
     for n, layer in layers.items():
         mod = modules[n]
         if not is_adapted(mod):
             continue
         holders = list(adapter_set(mod)._modules.items())
-        changing = [a for a, other in holders if getattr(other, "changes_base_on_attach", False)]
-        if layer.changes_base_on_attach or changing:
+        changing = [a for a, other in holders if _rewrites_base(other)]
+        if _rewrites_base(layer) or changing:
             who = f"adapter {changing[0]!r}" if changing else f"adapter {name!r}"
             raise AdapterConfigError(
                 f"inject {name!r}: {n!r} already holds adapter {holders[0][0]!r}, and {who} uses an init that "

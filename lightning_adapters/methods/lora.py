@@ -525,6 +525,17 @@ class LoRALayer(AdapterLayer):
     def changes_base_on_attach(self) -> bool:
         return (self.init_A is not None and not self.residual_applied) or self.loftq_base is not None
 
+    @property
+    def rewrites_base(self) -> bool:
+        """Whether this layer's init writes the base weight: on attach (PiSSA, OLoRA, LoftQ), already (attached
+        with such an init) or at its data-driven init (CorDA). No other adapter may share its module."""
+        return (
+            self.changes_base_on_attach
+            or self.residual_applied
+            or self.loftq_original is not None
+            or (self.needs_data and lora_init.is_residual(self.init_mode))
+        )
+
     def on_attach(self, base: nn.Module) -> None:
         """Apply a residual init's ``W − s·B0·A0``, or LoftQ's ``Q``, to the base (after every layer was built
         without error)."""
