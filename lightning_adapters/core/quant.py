@@ -106,12 +106,6 @@ def is_quantized(module: nn.Module) -> bool:
     return quant_scheme(module) is not None
 
 
-def quantized_types() -> tuple[type, ...]:
-    """The quantized layer classes that override ``nn.Linear.forward`` (bitsandbytes'), if bitsandbytes is loaded."""
-    bnb = _bnb()
-    return () if bnb is None else (bnb.nn.Linear4bit, bnb.nn.Linear8bitLt)
-
-
 def compute_dtype_of(module: nn.Module) -> torch.dtype:
     """The floating dtype a quantized base computes in (its ``compute_dtype``, or its dequantized dtype)."""
     scheme = quant_scheme(module)
@@ -348,8 +342,8 @@ class DequantizedLinear(nn.Linear):
     def _la_base_forward(self, *args: Any, **kwargs: Any) -> Any:
         out = self.__dict__["_la_real"]._la_base_forward(*args, **kwargs)
         # bitsandbytes returns a view made inside its autograd Function, which the methods' in-place sums may not
-        # write to (PEFT clones it too).
-        return out.clone() if isinstance(out, torch.Tensor) and out._is_view() else out
+        # write to (PEFT clones it too). Every supported base is a Linear: its output is a tensor.
+        return out.clone() if out._is_view() else out
 
 
 def quantized_base(base: nn.Module) -> nn.Module | None:
@@ -445,13 +439,13 @@ def run_on_stand_in(module: nn.Module, fn: Any, *args: Any, **kwargs: Any) -> An
         w = view.__dict__["_la_w"]
         if w is not None and t.device == w.device and _same_storage(t, w):
             return _Redequantize(module, t, w, cache)
-        return ("outer", outer_pack(t)) if outer_pack is not None else t
+        return (outer_pack(t),) if outer_pack is not None else t  # a tuple: what the outer hooks packed
 
     def unpack(packed: Any) -> torch.Tensor:
         if isinstance(packed, _Redequantize):
             return packed.unpack()
-        if isinstance(packed, tuple) and len(packed) == 2 and packed[0] == "outer":
-            return outer_unpack(packed[1])
+        if isinstance(packed, tuple):
+            return outer_unpack(packed[0])
         return packed
 
     with torch.autograd.graph.saved_tensors_hooks(pack, unpack):
