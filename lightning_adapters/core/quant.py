@@ -63,7 +63,13 @@ def _torchao_kind(weight: Any) -> str | None:
         qdata = getattr(weight, "qdata", None)
         if qdata is None:
             qdata = getattr(getattr(weight, "tensor_impl", None), "int_data", None)
-        if qdata is not None and qdata.dtype == torch.int8:
+        # Weight-only: torchao's Int8Tensor also carries dynamic activation quantization
+        # (Int8DynamicActivationInt8WeightConfig) or a pre-scale of the input; a merge re-quantizing weight-only
+        # would silently drop them.
+        weight_only = (
+            getattr(weight, "act_quant_kwargs", None) is None and getattr(weight, "act_pre_scale", None) is None
+        )
+        if qdata is not None and qdata.dtype == torch.int8 and weight_only:
             return "int8"
     return "other"
 
@@ -95,8 +101,9 @@ def quant_scheme(module: nn.Module) -> str | None:
         return None
     if kind == "other":
         raise UnsupportedLayerError(
-            f"the torchao weight type {type(module.weight).__name__} is not supported as an adapter base; use an "
-            "NF4Tensor (to_nf4) or int8 weight-only quantization (Int8WeightOnlyConfig), or a bitsandbytes layer"
+            f"the torchao weight type {type(module.weight).__name__} (or its settings) is not supported as an "
+            "adapter base; use an NF4Tensor (to_nf4) or int8 weight-only quantization (Int8WeightOnlyConfig, whose "
+            "activations stay in floating point), or a bitsandbytes layer"
         )
     return f"torchao_{kind}"
 
@@ -269,13 +276,21 @@ def requantize_(module: nn.Module, weight: torch.Tensor) -> float:
 
 
 def _torchao_int8(w: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
-    """``w`` quantized as torchao's int8 weight-only scheme (per-row scales, the scheme ``like`` holds)."""
+    """``w`` quantized as torchao's int8 weight-only scheme, in the blocks ``like`` has: one scale per row (the
+    default), one for the whole tensor, or one per group of columns."""
     from torchao.quantization import Int8WeightOnlyConfig, quantize_
 
+    block = list(like.block_size)
+    if block == [1, w.shape[1]]:
+        config = Int8WeightOnlyConfig()
+    else:
+        from torchao.quantization.granularity import PerGroup, PerTensor
+
+        config = Int8WeightOnlyConfig(granularity=PerTensor() if block == list(w.shape) else PerGroup(block[1]))
     tmp = nn.Linear(w.shape[1], w.shape[0], bias=False, dtype=w.dtype, device=w.device)
     with torch.no_grad():
         tmp.weight.copy_(w)
-    quantize_(tmp, Int8WeightOnlyConfig())
+    quantize_(tmp, config)
     return tmp.weight.detach()
 
 

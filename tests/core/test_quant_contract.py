@@ -114,6 +114,30 @@ def test_a_torchao_weight_of_another_scheme_is_refused_naming_it_and_the_support
         quant_scheme(layer)
 
 
+def _int8_with_activations(kind: str) -> nn.Linear:
+    from torchao.quantization import Int8DynamicActivationInt8WeightConfig, quantize_
+    from torchao.quantization.granularity import PerRow
+
+    layer = _linear()
+    if kind == "dynamic":
+        quantize_(layer, Int8DynamicActivationInt8WeightConfig())
+    else:  # a weight-only Int8Tensor whose input is scaled first (as SmoothQuant-style flows build it)
+        w = type(_quantized("torchao_int8").weight).from_hp(
+            layer.weight.detach(), PerRow(), act_pre_scale=torch.ones(64)
+        )
+        layer.weight = nn.Parameter(w, requires_grad=False)
+    return layer
+
+
+@pytest.mark.parametrize("kind", ["dynamic", "pre-scaled"])
+def test_a_torchao_int8_weight_that_also_quantizes_or_scales_activations_is_refused(kind):
+    """Not int8 weight-only: a merge would re-quantize it weight-only and drop what it does to the input."""
+    layer = _int8_with_activations(kind)
+    assert layer.weight.qdata.dtype == torch.int8
+    with pytest.raises(UnsupportedLayerError, match=r"Int8Tensor.*Int8WeightOnlyConfig"):
+        quant_scheme(layer)
+
+
 def test_a_torchao_affine_tensor_holding_no_int8_data_reads_as_another_scheme():
     """torchao's older ``AffineQuantizedTensor`` keeps its values in ``tensor_impl`` (and the newer one in
     ``qdata``); one with neither is not int8 weight-only."""
@@ -240,6 +264,27 @@ def test_requantizing_a_torchao_int8_layer_gives_torchao_s_own_int8_weight_in_th
     assert layer.weight.dtype == torch.bfloat16 and layer.weight.shape == (16, 64)
     assert torch.equal(layer.weight.dequantize(), want.weight.dequantize())
     assert error == (want.weight.dequantize().float() - w).abs().max().item()
+
+
+@pytest.mark.parametrize("granularity", ["per-tensor", "per-group"])
+def test_requantizing_a_torchao_int8_layer_keeps_its_blocks(granularity):
+    """One scale for the whole weight, or one per 16 columns: the merged weight is quantized in the same blocks."""
+    from torchao.quantization import Int8WeightOnlyConfig, quantize_
+    from torchao.quantization.granularity import PerGroup, PerTensor
+
+    config = Int8WeightOnlyConfig(granularity=PerTensor() if granularity == "per-tensor" else PerGroup(16))
+    layer = _linear(bias=False)
+    quantize_(layer, config)
+    block = list(layer.weight.block_size)
+    assert block != [1, 64]
+    w = dequantized_weight(layer, torch.float32) + _nudge(32, 64)
+    requantize_(layer, w)
+    want = _linear(bias=False)
+    with torch.no_grad():
+        want.weight.copy_(w)
+    quantize_(want, config)
+    assert list(layer.weight.block_size) == block
+    assert torch.equal(layer.weight.dequantize(), want.weight.dequantize())
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
