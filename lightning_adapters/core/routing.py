@@ -210,5 +210,6 @@ def routed_forward(module: nn.Module, adapters: AdapterSet, routing: Routing, ar
             )
         else:
             base = module._la_base_forward(*sub_args, **sub_kwargs)
-            outs.append(base + (inner.delta_output(module, *sub_args, **sub_kwargs) * inner.strength).to(base.dtype))
+            term = inner.delta_output(module, *sub_args, **sub_kwargs)  # None: the layer adds nothing this time
+            outs.append(base if term is None else base + (term * inner.strength).to(base.dtype))
     return torch.cat(outs, dim=0).index_select(0, inverse)

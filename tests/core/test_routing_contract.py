@@ -121,6 +121,48 @@ def test_a_wrapped_layer_gets_its_rows_through_the_wrapper(dense: bool) -> None:
     assert wrapper.calls == (1 if dense else 0)
 
 
+class Skipping(Delta):
+    """``Delta`` whose term is ``None`` (zero, as ``delta_output`` may say: LoHa/LoKr when module dropout skips)."""
+
+    def delta_output(self, base: nn.Module, x: torch.Tensor) -> None:
+        self.runs["delta"] += 1
+
+
+@pytest.mark.parametrize("dense", [False, True], ids=["base-plus-terms", "one-forward-per-group"])
+def test_a_scaled_layer_whose_term_is_none_gives_its_rows_the_base_output(dense: bool) -> None:
+    base = linear()
+    layers = with_layers(base, ["a"])
+    layers["b"] = Skipping(base, 2)
+    attach(base, layers["b"], "b")
+    for layer in layers.values():
+        layer.dense_term = dense
+    layers["b"].strength = 0.5
+    names = ["b", "a", BASE, "b"]
+    x = x_rows(4)
+    with routed(base, names):
+        got = base(x)
+    want = row_truth(base, layers, ["c", "a", BASE, "c"], x)  # b's rows: the base output
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+    assert layers["b"].runs["delta"] == 1
+
+
+def test_loha_skipped_by_module_dropout_at_half_strength_routes_its_rows_to_the_base() -> None:
+    """LoHa (one forward per group) in training with ``module_dropout`` close to 1: its term is skipped, so its rows
+    are the base's, at any strength."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 4))
+    la.inject(model, la.LoHaConfig(r=2, target_modules=["0"], module_dropout=0.999), name="a")
+    with torch.no_grad():
+        for t in la.adapter_state_dict(model, name="a").values():
+            t.normal_()
+    la.set_scale(model, "a", 0.5)
+    model.train()
+    x = torch.randn(3, 4)
+    with la.per_sample(model, ["a", BASE, "a"]):
+        got = model(x)
+    torch.testing.assert_close(got, F.linear(x, model[0].weight, model[0].bias))
+
+
 # ----- inputs: what is split by row and what is handed on whole ---------------------------------------------
 
 
