@@ -316,3 +316,40 @@ def test_a_new_layer_shows_it_is_not_merged_and_the_base_class_cannot_merge() ->
     for safe in (False, True):
         with pytest.raises(NotMergeableError, match="AdapterLayer cannot be merged"):
             plain.merge(linear(), safe=safe)
+
+
+class KeywordDelta(Delta):
+    """``Delta`` that also takes the input by keyword (``linear(input=x)``)."""
+
+    def adapted_forward(self, base: nn.Module, *args, **kwargs) -> torch.Tensor:
+        return super().adapted_forward(base, *args, *kwargs.values())
+
+
+def test_a_quantized_base_of_a_new_class_runs_its_layer_on_the_dequantized_stand_in(monkeypatch) -> None:
+    """A torchao int8 weight: ``attach`` picks the quantized adapted class, whose forward hands the layer the
+    dequantized stand-in (``run_on_stand_in``); the output is ``W̃ x + b + D x`` with ``W̃`` the dequantized weight."""
+    pytest.importorskip("torchao")
+    import lightning_adapters as la
+
+    name = f"Int8{next(_FRESH)}Linear"
+    model = nn.Sequential(linear())
+    la.quantize(model, "torchao_int8", skip=[])
+    base = model[0]
+    base.__class__ = fresh_linear(name, monkeypatch)  # a class adapted_class has not seen, same quantized weight
+    calls = []
+    real = layer_module.run_on_stand_in
+
+    def recorded(module, fn, *args, **kwargs):
+        calls.append(module)
+        return real(module, fn, *args, **kwargs)
+
+    monkeypatch.setattr(layer_module, "run_on_stand_in", recorded)
+    layer = KeywordDelta(base, 1)
+    attach(base, layer)
+    assert type(base).__name__ == f"AdaptedQuantized{name}"
+    adapter_set(base).active = ("default",)
+    x = x_batch()
+    w = base.weight.dequantize() + layer.d
+    for got in (base(x), base(input=x)):
+        torch.testing.assert_close(got, x @ w.T + base.bias, rtol=1e-4, atol=1e-4)
+    assert calls == [base, base] and layer.runs["adapted"] == 2
