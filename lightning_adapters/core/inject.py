@@ -143,6 +143,11 @@ def check_materialized(model: nn.Module, what: str) -> None:
                 )
 
 
+def _view_of(t: torch.Tensor) -> tuple[Any, ...]:
+    # What tells two tensors over one storage apart: where they start, their dtype, shape and strides.
+    return t.data_ptr(), t.dtype, t.shape, t.stride()
+
+
 class ModelSnapshot:
     """Enough of a module tree to put it back exactly after a failed in-place change.
 
@@ -176,7 +181,7 @@ class ModelSnapshot:
             m.__dict__.clear()
             m.__dict__.update(attrs)
         for p, flag, data in self.params:
-            if p.data.data_ptr() != data.data_ptr() or p.dtype != data.dtype or p.shape != data.shape:
+            if _view_of(p.data) != _view_of(data):
                 p.data = data
             p.requires_grad_(flag)
         with torch.no_grad():

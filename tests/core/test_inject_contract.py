@@ -138,10 +138,11 @@ def test_a_root_registered_under_two_names_is_one_root():
         lambda t: t.view(torch.int32),  # the same memory read as another dtype
         lambda t: t.view(-1),  # the same memory in another shape
         lambda t: t[0],  # the same first element, a smaller shape
+        lambda t: t.t(),  # the same memory, dtype and (square) shape, transposed
     ],
 )
 def test_snapshot_restore_gives_back_the_tensor_behind_each_parameter(change):
-    model = Wrap(nn.Linear(4, 3))
+    model = Wrap(nn.Linear(4, 4))
     weight = model.layer.weight
     original = weight.data
     values = original.clone()
@@ -150,7 +151,7 @@ def test_snapshot_restore_gives_back_the_tensor_behind_each_parameter(change):
     weight.data = change(weight.data)
     snap.restore()
     assert weight.data.data_ptr() == original.data_ptr()
-    assert weight.dtype == torch.float32 and weight.shape == (3, 4)
+    assert weight.dtype == torch.float32 and weight.shape == (4, 4) and weight.stride() == (4, 1)
     assert torch.equal(weight, values) and weight.requires_grad
 
 
@@ -300,19 +301,22 @@ def test_injecting_into_a_sub_module_of_an_injected_model_is_refused():
 
 
 @pytest.mark.parametrize(
-    "owned, wanted, refused",
+    "owned, wanted, wanted_full, refused",
     [
-        (["head"], ["inner"], True),  # head.inner is inside head, owned by a
-        (["inner"], ["head"], True),  # head holds head.inner, owned by a
-        (["head"], ["head2"], False),  # a sibling whose name merely starts with "head"
-        (["head2"], ["inner"], False),
+        (["head"], ["inner"], "head.inner", True),  # head.inner is inside head, owned by a
+        (["inner"], ["head"], "head", True),  # head holds head.inner, owned by a
+        (["head"], ["head2"], "head2", False),  # a sibling whose name merely starts with "head"
+        (["head2"], ["inner"], "head.inner", False),
     ],
 )
-def test_two_adapters_cannot_own_one_module_to_save_nor_its_parent_or_child(owned, wanted, refused):
+def test_two_adapters_cannot_own_one_module_to_save_nor_its_parent_or_child(owned, wanted, wanted_full, refused):
     model = la.inject(Two(), la.LoRAConfig(r=2, target_modules=["first"], modules_to_save=owned), name="a")
     cfg = la.LoRAConfig(r=2, target_modules=["second"], modules_to_save=wanted)
     if refused:
-        with pytest.raises(AdapterConfigError, match=r"already saved by adapter 'a'"):
+        with pytest.raises(
+            AdapterConfigError,
+            match=rf"^inject 'b': modules_to_save \[{wanted_full!r}\] are already saved by adapter 'a'",
+        ):
             la.inject(model, cfg, name="b")
         assert inject_mod.known_names(model) == ["a"]
     else:
@@ -372,7 +376,7 @@ def test_eject_with_merge_of_a_quantized_base_merged_without_its_original():
     la.inject(model, la.LoRAConfig(r=2, target_modules=["0"]))
     _randomize(model)
     la.merge(model)
-    with pytest.raises(MergeError):
+    with pytest.raises(MergeError, match=r"^eject: '0' is a quantized base with the adapter merged"):
         la.eject(model)
     assert inject_mod.is_adapted(model[0])
     x = torch.randn(2, 64, generator=torch.Generator().manual_seed(3))
@@ -380,6 +384,27 @@ def test_eject_with_merge_of_a_quantized_base_merged_without_its_original():
     la.eject(model, merge=True)
     assert not inject_mod.is_adapted(model[0]) and inject_mod.find_roots(model) == []
     torch.testing.assert_close(model(x), out)
+
+
+def test_eject_to_a_float_dtype_drops_transformers_record_of_the_quantization():
+    """``eject(dtype=...)`` leaves no quantized layer, so a transformers model's quantizer record goes too (its
+    ``remove_quantization_config(model)``), and ``save_pretrained`` writes a plain model."""
+    pytest.importorskip("bitsandbytes")
+
+    class Quantizer:
+        def __init__(self) -> None:
+            self.removed_from: list[nn.Module] = []
+
+        def remove_quantization_config(self, model: nn.Module) -> None:
+            self.removed_from.append(model)
+
+    torch.manual_seed(0)
+    model = la.quantize(nn.Sequential(nn.Linear(64, 16)), "nf4", skip=[])
+    model.hf_quantizer = Quantizer()
+    la.inject(model, la.LoRAConfig(r=2, target_modules=["0"]))
+    la.eject(model, merge=True, dtype=torch.float32)
+    assert type(model[0]) is nn.Linear and model[0].weight.dtype == torch.float32
+    assert model.hf_quantizer.removed_from == [model]
 
 
 def test_merge_logs_the_layer_with_the_largest_requantization_error(caplog):
