@@ -37,9 +37,7 @@ def _two_adapters() -> Net:
     """Adapter "a" on ``body`` (nothing else), then "b" on ``other`` that also trains ``head`` and its own bias."""
     model = Net()
     la.inject(model, la.LoRAConfig(r=2, target_modules=["body"]), name="a")
-    la.inject(
-        model, la.LoRAConfig(r=2, target_modules=["other"], modules_to_save=["head"], bias="lora_only"), name="b"
-    )
+    la.inject(model, la.LoRAConfig(r=2, target_modules=["other"], modules_to_save=["head"], bias="lora_only"), name="b")
     return model
 
 
