@@ -92,6 +92,29 @@ def test_a_name_free_state_round_trips_into_the_second_adapter_with_its_saved_mo
     assert torch.equal(model.other.adapter.b.lora_B, given["other.adapter.lora_B"])
 
 
+class _Outer(nn.Module):
+    """A model whose adapters were injected into a sub-model (``net``), as a LightningModule holds its network."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.net = Net()
+        la.inject(self.net, la.LoRAConfig(r=2, target_modules=["other"], modules_to_save=["head"], bias="lora_only"))
+
+
+def test_keys_of_adapters_injected_into_a_sub_model_carry_its_prefix():
+    outer = _Outer()
+    assert sorted(adapter_state_dict(outer)) == [
+        "net.head.bias",
+        "net.head.weight",
+        "net.other.adapter.default.lora_A",
+        "net.other.adapter.default.lora_B",
+        "net.other.bias",
+    ]
+    given = _filled(adapter_state_dict(outer), seed=4)
+    load_adapter_state_dict(outer, given)
+    assert torch.equal(outer.net.other.bias, given["net.other.bias"])
+
+
 def test_exact_keys_are_matched_whole_and_prefixes_at_their_dot():
     prefixes = ["fc.bias", "fc.adapter.a."]
     assert is_adapter_key("fc.bias", prefixes)
@@ -178,6 +201,18 @@ def _part(message: str, head: str) -> str:
     match = re.search(re.escape(head) + r"(.*?)(?:; bad values |\. Check that the state)", message)
     assert match is not None, message
     return match.group(1)
+
+
+@pytest.mark.parametrize("n", [10, 11])
+def test_missing_keys_are_listed_up_to_ten(n):
+    model = _six_layers()
+    state = adapter_state_dict(model)  # 12 tensors
+    keys = sorted(state)
+    given = {k: state[k].clone() for k in keys[n:]}
+    with pytest.raises(la.AdapterStateError) as err:
+        load_adapter_state_dict(model, given)
+    more = " and 1 more" if n > 10 else ""
+    assert f"adapter state does not fit the model: missing keys {keys[:10]}{more}. Check" in str(err.value)
 
 
 @pytest.mark.parametrize("n", [10, 11])
