@@ -162,6 +162,9 @@ def test_an_adapted_instance_of_a_new_class_runs_its_layer_and_stays_its_class(m
     set, and its forward is the base's plus the layer's term."""
     base_cls = fresh_linear(f"Fresh{next(_FRESH)}Linear", monkeypatch)
     base = linear(cls=base_cls)
+    assert layer_module.is_adapted(base) is False
+    stand_ins = []
+    monkeypatch.setattr(layer_module, "run_on_stand_in", lambda *args, **kwargs: stand_ins.append(args))
     layers = with_layers(base, ["a", "b"])
     assert isinstance(base, base_cls) and type(base) is not base_cls
     assert layer_module.is_adapted(base) and not layer_module.attach_blocked(base)
@@ -170,9 +173,11 @@ def test_an_adapted_instance_of_a_new_class_runs_its_layer_and_stays_its_class(m
     torch.testing.assert_close(base(x), closed_form(base, layers, {}, x))
     adapter_set(base).active = ("a", "b")
     torch.testing.assert_close(base(x), closed_form(base, layers, {"a": 1.0, "b": 1.0}, x))
+    assert stand_ins == []  # a float base needs no dequantized stand-in
     detach(base, "a")
     detach(base, "b")
     assert type(base) is base_cls and "adapter" not in base._modules
+    assert layer_module.is_adapted(base) is False
 
 
 # ----- attach / detach and the active names ------------------------------------------------------------------
