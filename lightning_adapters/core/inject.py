@@ -366,7 +366,7 @@ def inject(model: nn.Module, config: AdapterConfig, name: str = DEFAULT_NAME) ->
     others = [] if entry is None else list(entry.records.values())
 
     to_save = _resolve_modules_to_save(model, config, spec.name)
-    _check_shared_tensors(model, name, to_save, others)
+    _check_shared_tensors(name, to_save, others)
     snapshot = ModelSnapshot(model)
     try:
         original_rg = {n: p.requires_grad for n, p in model.named_parameters()}
@@ -445,7 +445,7 @@ def inject(model: nn.Module, config: AdapterConfig, name: str = DEFAULT_NAME) ->
     return model
 
 
-def _check_shared_tensors(model: nn.Module, name: str, to_save: list[str], others: list[InjectionRecord]) -> None:
+def _check_shared_tensors(name: str, to_save: list[str], others: list[InjectionRecord]) -> None:
     # modules_to_save are trained in place (not copied per adapter): two adapters cannot both own one.
     for rec in others:
         owned = rec.modules_to_save

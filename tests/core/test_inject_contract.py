@@ -12,6 +12,7 @@ from torch import nn
 
 import lightning_adapters as la
 from lightning_adapters.core import inject as inject_mod
+from lightning_adapters.core.quant import is_quantized
 from lightning_adapters.errors import (
     AdapterConfigError,
     AdapterStateError,
@@ -117,14 +118,15 @@ def test_summary_rows_of_a_whole_model_adapter_injected_at_the_root_have_no_lead
 def test_a_root_registered_under_two_names_is_one_root():
     """A module object reachable under two names (``a`` and ``alias``) holds one set of adapters: it is found once,
     and the summary and the active names list its adapter once."""
-    inner = la.inject(Wrap(nn.Linear(4, 4)), la.LoRAConfig(r=2, target_modules=["layer"]))
+    inner = la.inject(Two(), la.LoRAConfig(r=2, target_modules=["first"], modules_to_save=["head2"]))
     outer = nn.ModuleDict({"a": inner, "alias": inner})
     roots = inject_mod.find_roots(outer)
     assert [(p, r) for p, r, _ in roots] == [("a", inner)]
     assert inject_mod.known_names(outer) == ["default"]
     assert inject_mod.active_names(outer) == ["default"]
     rows = _rows(outer)
-    assert rows[1] == ["a.layer", "Linear", "LoRALayer", "16"]
+    # Rows named from the module the summary was asked of: a.first, a.head2 (Linear(4, 2): 8 + 2).
+    assert rows[1:3] == [["a.first", "Linear", "LoRALayer", "16"], ["a.head2", "Linear", "modules_to_save", "10"]]
     assert rows[-1] == ["adapters:", "default", "(lora;", "active,", "trainable)"]
 
 
@@ -190,6 +192,8 @@ def test_a_refused_safe_merge_puts_every_float_weight_back_and_clears_the_flags(
         assert torch.equal(p, before[n]), n
     assert model.first.adapter.default.merged is False
     assert model.second.adapter.default.merged is False
+    la.merge(model)  # without safe nothing is checked: the non-finite weight is written
+    assert not bool(torch.isfinite(model.second.weight).all()) and model.second.adapter.default.merged
 
 
 def test_a_refused_safe_merge_into_a_quantized_base_keeps_its_weight():
@@ -216,6 +220,14 @@ def test_unmerge_of_a_meta_model_names_the_tensor_and_the_call():
     la.inject(model, la.LoRAConfig(r=2, target_modules=["layer"]))
     with pytest.raises(AdapterStateError, match=r"^unmerge: layer\.weight is on the meta device.*nothing to unmerge"):
         la.unmerge(model)
+
+
+def test_merge_of_a_meta_model_names_the_tensor_and_the_call():
+    with torch.device("meta"):
+        model = Wrap(nn.Linear(4, 3))
+    la.inject(model, la.LoRAConfig(r=2, target_modules=["layer"]))
+    with pytest.raises(AdapterStateError, match=r"^merge: layer\.weight is on the meta device.*nothing to merge;"):
+        la.merge(model)
 
 
 def test_unmerge_of_an_inference_tensor_base_outside_inference_mode_says_how():
@@ -292,6 +304,13 @@ def test_trainable_token_rows_train_only_their_rows_beside_the_targets():
     model(ids).sum().backward()
     delta = model[0].adapter.default.delta
     assert delta.shape == (2, 4) and delta.grad is not None and model[0].weight.grad is None
+
+
+def test_modules_inside_a_module_to_save_are_not_targets():
+    """``head`` is trained in full, so ``head.inner`` (matched by "inner") gets no adapter; "first" does."""
+    model = la.inject(Two(), la.LoRAConfig(r=2, target_modules=["first", "inner"], modules_to_save=["head"]))
+    assert inject_mod.get_adapters(model).records["default"].targets == ["first"]
+    assert type(model.head.inner) is nn.Linear and model.head.inner.weight.requires_grad
 
 
 def test_injecting_into_a_sub_module_of_an_injected_model_is_refused():
@@ -383,6 +402,7 @@ def test_eject_with_merge_of_a_quantized_base_merged_without_its_original():
     out = model(x)
     la.eject(model, merge=True)
     assert not inject_mod.is_adapted(model[0]) and inject_mod.find_roots(model) == []
+    assert is_quantized(model[0])  # no dtype: the layer stays quantized
     torch.testing.assert_close(model(x), out)
 
 
