@@ -45,21 +45,21 @@ def _quantized(scheme: str, out_f: int = 32, in_f: int = 64, bias: bool = True, 
     return model[0]
 
 
-def _bnb_4bit_layer(weight: torch.Tensor, bias: torch.Tensor | None = None) -> nn.Module:
+def _bnb_4bit_layer(weight: torch.Tensor, bias: torch.Tensor | None = None, quant_type: str = "nf4") -> nn.Module:
     """A ``Linear4bit`` built as a user or a loader builds it: bitsandbytes' own defaults (no compute dtype, its
     bf16-packed CPU kernel allowed), quantized by the move to its device."""
     out_f, in_f = weight.shape
-    layer = bnb.nn.Linear4bit(in_f, out_f, bias=bias is not None, quant_type="nf4", device="meta")
-    layer.weight = bnb.nn.Params4bit(weight.clone(), requires_grad=False, quant_type="nf4", module=layer)
+    layer = bnb.nn.Linear4bit(in_f, out_f, bias=bias is not None, quant_type=quant_type, device="meta")
+    layer.weight = bnb.nn.Params4bit(weight.clone(), requires_grad=False, quant_type=quant_type, module=layer)
     layer.bias = None if bias is None else nn.Parameter(bias.clone())
     return layer.to("cpu")
 
 
-def _nf4(shape: tuple[int, int], block: int, scaler_block: int) -> nn.Linear:
+def _nf4(shape: tuple[int, int], block: int, scaler_block: int, dtype: torch.dtype = torch.float32) -> nn.Linear:
     """An ``nn.Linear`` whose weight is a torchao ``NF4Tensor`` (as torchtune builds QLoRA bases)."""
     from torchao.quantization.quantize_.workflows.nf4.nf4_tensor import to_nf4
 
-    layer = _linear(*shape, bias=False)
+    layer = _linear(*shape, bias=False, dtype=dtype)
     layer.weight = nn.Parameter(to_nf4(layer.weight.detach(), block, scaler_block), requires_grad=False)
     return layer
 
@@ -266,6 +266,22 @@ def test_requantizing_a_torchao_int8_layer_gives_torchao_s_own_int8_weight_in_th
     assert error == (want.weight.dequantize().float() - w).abs().max().item()
 
 
+def test_requantizing_a_torchao_nf4_layer_keeps_its_blocks_and_dtype():
+    """Blocks of 64 values, 16 scales per scale-of-scales, bf16 (not ``quantize``'s defaults): the new frozen weight is
+    torchao's own NF4 of the merged weight cast to bf16, in those blocks."""
+    from torchao.quantization.quantize_.workflows.nf4.nf4_tensor import to_nf4
+
+    layer = _nf4((64, 32), 64, 16, dtype=torch.bfloat16)
+    w = dequantized_weight(layer, torch.float32) + _nudge(64, 32)
+    error = requantize_(layer, w)
+    new = layer.weight
+    assert type(new).__name__ == "NF4Tensor" and not new.requires_grad
+    assert (new.block_size, new.scaler_block_size, new.dtype) == (64, 16, torch.bfloat16)
+    want = to_nf4(w.to(torch.bfloat16), 64, 16).get_original_weight()
+    assert torch.equal(new.get_original_weight(), want)
+    assert error == (want.float() - w).abs().max().item()
+
+
 @pytest.mark.parametrize("granularity", ["per-tensor", "per-group"])
 def test_requantizing_a_torchao_int8_layer_keeps_its_blocks(granularity):
     """One scale for the whole weight, or one per 16 columns: the merged weight is quantized in the same blocks."""
@@ -339,10 +355,11 @@ def test_a_4bit_weight_never_quantized_is_refused_saying_how_to_quantize_it():
         dequantized_weight(layer)
 
 
-def test_the_stand_in_of_a_4bit_layer_keeps_its_exact_kernel_for_inference():
+@pytest.mark.parametrize("quant_type", ["nf4", "fp4"])
+def test_the_stand_in_of_a_4bit_layer_keeps_its_exact_kernel_for_inference(quant_type):
     """A ``Linear4bit`` as bitsandbytes builds it would repack its weight for the bf16 CPU kernel at its first
     inference forward; once a stand-in is made of it, the layer's own forward computes with the exact weight."""
-    layer = _bnb_4bit_layer(_linear().weight.detach()).eval()
+    layer = _bnb_4bit_layer(_linear().weight.detach(), quant_type=quant_type).eval()
     w = bnb.functional.dequantize_4bit(layer.weight.data, layer.weight.quant_state)
     view = stand_in(layer)
     x = torch.randn(3, 64, generator=torch.Generator().manual_seed(2))
@@ -354,6 +371,43 @@ def test_the_stand_in_of_a_4bit_layer_keeps_its_exact_kernel_for_inference():
 
 # ------------------------------------------------------------------------------------------------------------
 # Keeping and restoring a quantized weight
+
+
+def _int8_after_a_forward() -> nn.Module:
+    layer = _quantized("int8")
+    with torch.no_grad():
+        layer(torch.randn(2, 64))  # bitsandbytes moves the scales from the weight to the layer's state
+    return layer
+
+
+KEPT = {
+    "pending": lambda: bnb.nn.Linear4bit(64, 32, quant_type="nf4"),
+    "nf4": lambda: _quantized("nf4"),
+    "fp4": lambda: _quantized("fp4"),
+    "int8": lambda: _quantized("int8"),
+    "int8-after-forward": _int8_after_a_forward,
+    "torchao_nf4": lambda: _nf4((32, 64), 64, 16),
+    "torchao_int8": lambda: _quantized("torchao_int8"),
+}
+
+
+@pytest.mark.parametrize("case", list(KEPT))
+def test_a_kept_weight_is_put_back_bit_exactly_after_a_requantization(case):
+    """``QuantizedWeight.of`` before a merge's ``requantize_``, ``restore`` after: the dequantized weight and the
+    layer's own output are those from before, for every scheme (and, pending, the float weight itself)."""
+    layer = KEPT[case]()
+    x = torch.randn(3, 64, generator=torch.Generator().manual_seed(2))
+    w0 = dequantized_weight(layer, torch.float32)
+    with torch.no_grad():  # a copy of a bitsandbytes int8 layer: its forward would move its scales
+        y0 = None if case == "pending" else (copy.deepcopy(layer) if case == "int8" else layer)(x)
+    kept = QuantizedWeight.of(layer)
+    requantize_(layer, w0 + _nudge(32, 64))
+    assert not torch.equal(dequantized_weight(layer, torch.float32), w0)
+    kept.restore(layer)
+    assert torch.equal(dequantized_weight(layer, torch.float32), w0)
+    if y0 is not None:
+        with torch.no_grad():
+            assert torch.equal(layer(x), y0)
 
 
 @pytest.mark.parametrize("double_quant", [False, True])
@@ -423,6 +477,7 @@ def test_base_linear_in_training_casts_the_float32_bias_to_the_compute_dtype():
     torch.testing.assert_close(out, F.linear(x, w, layer.bias.to(torch.bfloat16)))
     (gx,) = torch.autograd.grad(out.float().sum(), x)
     torch.testing.assert_close(gx, torch.ones(3, 32, dtype=torch.bfloat16) @ w)
+    torch.testing.assert_close(base_linear(view, x, with_bias=False), F.linear(x, w))
 
 
 # ------------------------------------------------------------------------------------------------------------
@@ -462,6 +517,31 @@ def test_backward_rebuilds_each_saved_slice_of_the_weight_from_one_dequantizatio
     assert len(calls) == 1
     torch.testing.assert_close(y, x @ w.t())
     torch.testing.assert_close(gx, g @ w)
+
+
+def test_backward_rebuilds_the_saved_weight_in_the_dtype_it_was_saved_in():
+    """A bf16 input to a layer computing in float32: the stand-in's weight is bf16, and so is the weight backward
+    rebuilds (the input's gradient is the bf16 product)."""
+    layer = _quantized("nf4")
+    w = dequantized_weight(layer, torch.bfloat16)
+    x = torch.randn(3, 64, generator=torch.Generator().manual_seed(2)).to(torch.bfloat16).requires_grad_(True)
+    y = run_on_stand_in(layer, lambda view, x: F.linear(x, view.weight), x)
+    g = torch.randn(3, 32, generator=torch.Generator().manual_seed(3)).to(torch.bfloat16)
+    (gx,) = torch.autograd.grad(y, x, g)
+    assert gx.dtype == torch.bfloat16
+    torch.testing.assert_close(gx, g @ w, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("grad_mode", [True, False])
+@pytest.mark.parametrize("x_requires_grad", [True, False])
+def test_the_quantized_kernel_runs_unless_a_gradient_must_reach_the_input(grad_mode, x_requires_grad):
+    from lightning_adapters.core.quant import runs_own_kernel
+
+    layer = _quantized("nf4")
+    x = torch.randn(2, 64, requires_grad=x_requires_grad)
+    with torch.set_grad_enabled(grad_mode):
+        assert runs_own_kernel(stand_in(layer), x) is not (grad_mode and x_requires_grad)
+        assert runs_own_kernel(_linear(), x) is False  # a float base has no quantized kernel
 
 
 def test_a_saved_tensor_without_storage_is_kept_as_it_is():
