@@ -33,11 +33,10 @@ from lightning_adapters.core.layer import detach
 from lightning_adapters.errors import AdapterConfigError, AdapterStateError, AdapterTypeError
 
 
-def _entry(model: nn.Module, what: str) -> tuple[nn.Module, ModelAdapters]:
-    roots = find_roots(model)
-    if not roots:
-        raise AdapterConfigError(f"{what}: model has no adapters; call lightning_adapters.inject(model, config) first")
-    _, root, entry = roots[0]
+def _entry(model: nn.Module) -> tuple[nn.Module, ModelAdapters]:
+    """The module holding the adapter records of ``model``: only called after ``check_names``, which refuses a
+    model without adapters."""
+    _, root, entry = find_roots(model)[0]
     return root, entry
 
 
@@ -87,7 +86,7 @@ def set_active(model: nn.Module, names: str | list[str]) -> nn.Module:
     for module_name, adapter, base, layer in adapter_layers(model, chosen):
         acting.setdefault(id(base), []).append((module_name, adapter, layer))
     check_stackable(model, acting, "set_active")
-    _, entry = _entry(model, "set_active")
+    _, entry = _entry(model)
     entry.active = chosen
     sync_active(model)
     return model
@@ -107,7 +106,7 @@ def set_trainable(model: nn.Module, names: str | list[str]) -> nn.Module:
     """
     check_module(model, "set_trainable")
     chosen = check_names(model, names, "set_trainable", allow_empty=True)
-    _, entry = _entry(model, "set_trainable")
+    _, entry = _entry(model)
     entry.trainable = chosen
     apply_trainability(model)
     return model
@@ -145,7 +144,7 @@ def set_scale(model: nn.Module, name: str, scale: float) -> nn.Module:
             f"set_scale: adapter {chosen!r} is merged into the base weights (e.g. {merged[0]!r}); call "
             f"lightning_adapters.unmerge(model) first"
         )
-    _, entry = _entry(model, "set_scale")
+    _, entry = _entry(model)
     rec = entry.records[chosen]
     if not layers:
         raise AdapterConfigError(
@@ -185,7 +184,7 @@ def delete(model: nn.Module, name: str) -> nn.Module:
     if not isinstance(name, str):
         raise AdapterTypeError(f"delete: name must be one adapter name (a string), got {name!r}")
     (chosen,) = check_names(model, name, "delete")
-    root, entry = _entry(model, "delete")
+    root, entry = _entry(model)
     if chosen in entry.active:
         others = [n for n in entry.records if n != chosen]
         hint = f"set_active(model, {others[0]!r}) first" if others else "eject(model) to remove the only adapter"
