@@ -168,6 +168,17 @@ def test_set_scale_refuses_a_non_finite_factor_and_keeps_the_old_one(scale: floa
     assert scale_of(model, "a") == 0.5
 
 
+@pytest.mark.parametrize("scale", ["0.5", True, None, torch.tensor(0.5)], ids=["str", "bool", "none", "tensor"])
+def test_set_scale_refuses_a_factor_that_is_not_a_real_number(scale) -> None:
+    model = Net()
+    la.inject(model, _lora(["body"]), name="a")
+    with pytest.raises(la.AdapterTypeError, match=r"^set_scale: scale must be a real number such as 0\.5, got "):
+        la.set_scale(model, "a", scale)
+    assert scale_of(model, "a") == 1.0
+    la.set_scale(model, "a", 2)  # an int is a real number
+    assert scale_of(model, "a") == 2.0 and type(scale_of(model, "a")) is float
+
+
 # --- trainable / set_trainable -------------------------------------------------------------------------------------
 
 
