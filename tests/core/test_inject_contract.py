@@ -161,21 +161,22 @@ def test_snapshot_restore_gives_back_the_tensor_behind_each_parameter(change):
 
 
 def test_merge_stacks_the_named_adapters_with_the_active_ones_only():
-    """OFT (a rotation) cannot act together with another adapter on one module. With OFT ``a`` active and LoRA
-    ``b`` inactive on ``first``: merging ``a`` alone is fine (``b`` does not act), merging ``b`` would stack it on
-    the active ``a`` and is refused before any change."""
-    model = la.inject(Two(), la.OFTConfig(oft_block_size=2, target_modules=["first"]), name="a")
-    la.inject(model, la.LoRAConfig(r=2, target_modules=["first"]), name="b")
+    """OFT (a rotation) cannot act together with another adapter on one module. With OFT ``a`` active on
+    ``second`` and LoRA ``b`` inactive on ``first`` and ``second``: merging ``a`` alone is fine (``b`` does not
+    act), merging ``b`` would stack it on the active ``a`` on ``second`` and is refused before any change (``b``
+    alone on ``first`` is no reason to stop looking)."""
+    model = la.inject(Two(), la.OFTConfig(oft_block_size=2, target_modules=["second"]), name="a")
+    la.inject(model, la.LoRAConfig(r=2, target_modules=["first", "second"]), name="b")
     _randomize(model, "a", 1)
     _randomize(model, "b", 2)
-    before = model.first.weight.detach().clone()
-    with pytest.raises(AdapterConfigError, match=r"cannot stack"):
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    with pytest.raises(AdapterConfigError, match=r"^merge: adapters \['a', 'b'\] would act together on 'second'"):
         la.merge(model, "b")
-    assert torch.equal(model.first.weight, before)
-    assert not model.first.adapter.b.merged
+    assert all(torch.equal(p, before[n]) for n, p in model.named_parameters())
+    assert not model.first.adapter.b.merged and not model.second.adapter.b.merged
     out = model(_x())
     la.merge(model, "a")
-    assert model.first.adapter.a.merged and not model.first.adapter.b.merged
+    assert model.second.adapter.a.merged and not model.second.adapter.b.merged
     torch.testing.assert_close(model(_x()), out)
 
 
