@@ -4,13 +4,15 @@ file system without hard links gets, the modes of what is written, and reads of 
 from __future__ import annotations
 
 import os
+import re
+import secrets
 import stat
 from pathlib import Path
 
 import pytest
 
 from lightning_adapters.core.files import read_files, replace_directory, sibling, target_directory, write_file
-from lightning_adapters.errors import AdapterStateError
+from lightning_adapters.errors import AdapterConfigError, AdapterStateError
 
 
 def _writer(**files: bytes):
@@ -133,3 +135,69 @@ def test_read_files_refuses_a_file_it_cannot_open(tmp_path):
     os.symlink("loop", tmp_path / "loop")
     with pytest.raises(AdapterStateError, match=r"loop cannot be opened"):
         read_files(tmp_path, ("loop",))
+
+
+def test_a_new_directory_gets_the_mode_mkdir_gives_and_is_staged_under_the_recoverable_name(tmp_path):
+    seen = []
+
+    def fill(staging: Path) -> None:
+        seen.append(staging.name)
+        write_file(staging / "config", b"1")
+
+    old = os.umask(0o022)
+    try:
+        target = target_directory(tmp_path / "d", "test")
+        replace_directory(target, fill, owned=_owned)
+    finally:
+        os.umask(old)
+    assert stat.S_IMODE(target.stat().st_mode) == 0o755
+    assert re.fullmatch(r"\.d\.new-[0-9a-f]{8}", seen[0])
+
+
+def test_carried_files_are_the_users_own_files_not_copies(tmp_path):
+    target = target_directory(tmp_path / "d", "test")
+    replace_directory(target, _writer(config=b"1"), owned=_owned)
+    (target / "README.md").write_text("mine")
+    (target / "sub").mkdir()
+    (target / "sub" / "big").write_bytes(b"x" * 100)
+    inodes = {p: (target / p).stat().st_ino for p in ("README.md", "sub/big")}
+    replace_directory(target, _writer(config=b"2"), owned=_owned)
+    assert {p: (target / p).stat().st_ino for p in inodes} == inodes  # hard links: nothing was copied
+
+
+def test_a_staging_name_taken_by_another_writer_is_not_reused(tmp_path, monkeypatch):
+    target = target_directory(tmp_path / "d", "test")
+    replace_directory(target, _writer(config=b"1"), owned=_owned)
+    names = iter(["aaaaaaaa", "bbbbbbbb"])
+
+    def token_hex(n: int) -> str:
+        name = next(names)
+        if name == "aaaaaaaa":  # another writer creates this staging directory first
+            (tmp_path / ".d.new-aaaaaaaa").mkdir()
+            (tmp_path / ".d.new-aaaaaaaa" / "foreign").write_bytes(b"f")
+        return name
+
+    monkeypatch.setattr(secrets, "token_hex", token_hex)
+    replace_directory(target, _writer(config=b"2"), owned=_owned)
+    assert _tree(target) == {"config": b"2"}
+    assert _tree(tmp_path / ".d.new-aaaaaaaa") == {"foreign": b"f"}
+
+
+def test_write_file_refuses_an_existing_file(tmp_path):
+    (tmp_path / "f").write_bytes(b"old")
+    with pytest.raises(FileExistsError):
+        write_file(tmp_path / "f", b"new")
+    assert (tmp_path / "f").read_bytes() == b"old"
+
+
+def test_a_parent_that_cannot_be_written_is_refused(tmp_path, monkeypatch):
+    real_access = os.access
+
+    def access(path, mode, *args, **kwargs):  # as a user without write permission there sees it (tests run as root)
+        if Path(path) == tmp_path and mode & os.W_OK:
+            return False
+        return real_access(path, mode, *args, **kwargs)
+
+    monkeypatch.setattr(os, "access", access)
+    with pytest.raises(AdapterConfigError, match=r"is not writable"):
+        target_directory(tmp_path / "d", "test")

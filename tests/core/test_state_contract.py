@@ -11,7 +11,7 @@ import torch
 from torch import nn
 
 import lightning_adapters as la
-from lightning_adapters.core.report import StateReport
+from lightning_adapters.core.report import StateReport, key_list
 from lightning_adapters.core.state import (
     adapter_state_dict,
     base_fingerprint,
@@ -137,6 +137,14 @@ class _Base(nn.Module):
         self.layers = nn.Sequential(*[nn.Linear(3, 3) for _ in range(4)])
 
 
+def test_a_one_element_tensor_is_sampled():
+    model = nn.Sequential(nn.Linear(1, 1), nn.Linear(3, 3))
+    before = base_fingerprint(model)
+    with torch.no_grad():
+        model[0].weight.add_(1.0)
+    assert base_fingerprint(model) != before
+
+
 def test_an_empty_tensor_does_not_use_up_one_of_the_sampled_tensors():
     model = _Base()
     before = base_fingerprint(model)
@@ -256,7 +264,7 @@ def test_a_merged_adapter_does_not_block_loading_another_one_but_blocks_its_own(
 
 
 class _SharedBuffer(nn.Module):
-    """Two norms that share one running-mean buffer (a buffer registered under two names)."""
+    """Two norms that share one running-mean buffer and one weight (tensors registered under two names)."""
 
     def __init__(self) -> None:
         super().__init__()
@@ -265,6 +273,7 @@ class _SharedBuffer(nn.Module):
         self.norm1 = nn.BatchNorm1d(4)
         self.norm2 = nn.BatchNorm1d(4)
         self.norm2.running_mean = self.norm1.running_mean
+        self.norm2.weight = self.norm1.weight
 
 
 def test_a_saved_module_whose_buffer_is_shared_with_an_earlier_module_loads_that_buffer():
@@ -276,6 +285,7 @@ def test_a_saved_module_whose_buffer_is_shared_with_an_earlier_module_loads_that
     load_adapter_state_dict(model, given)
     assert torch.equal(model.norm2.running_mean, given["norm2.running_mean"])
     assert torch.equal(model.norm2.running_var, given["norm2.running_var"])
+    assert torch.equal(model.norm2.weight, given["norm2.weight"])
 
 
 # --- the report's wording -------------------------------------------------------------------------------------
@@ -291,3 +301,35 @@ def test_describe_cuts_lists_after_eight_entries_by_default():
     keys = [f"k{i}" for i in range(9)]
     assert StateReport(missing=keys).describe() == f"missing keys {keys[:8]} and 1 more"
     assert StateReport(missing=keys[:8]).describe() == f"missing keys {keys[:8]}"
+
+
+def test_describe_joins_mis_shaped_keys_with_commas():
+    report = StateReport(misshaped={"a": ((1,), (2,)), "b": ((3,), (4,))})
+    assert report.describe() == "mis-shaped a: given (1,), model (2,), b: given (3,), model (4,)"
+
+
+def test_key_list_shows_eight_sorted_keys_by_default():
+    keys = [f"k{i}" for i in range(9, 0, -1)]
+    assert key_list(keys) == f"{sorted(keys)[:8]} and 1 more"
+    assert key_list(keys[:8]) == f"{sorted(keys[:8])}"
+
+
+def test_a_value_whose_repr_is_one_past_the_limit_is_cut():
+    value = "x" * 39  # repr() adds two quotes: 41 characters
+    assert value_problem("k", value, torch.zeros(1)) == f"k: a str ({repr(value)[:37]}...), not a torch.Tensor"
+
+
+def test_the_several_adapters_hint_comes_only_with_unexpected_keys_of_a_several_adapter_model():
+    one = _six_layers()
+    given = dict(adapter_state_dict(one), extra=torch.zeros(1))
+    with pytest.raises(la.AdapterStateError) as err:
+        load_adapter_state_dict(one, given)
+    assert "unexpected keys ['extra']" in str(err.value) and "several adapters" not in str(err.value)
+    two = _two_adapters()
+    state = adapter_state_dict(two)
+    given = dict(state, **{"head.weight": torch.zeros(7)})  # a shape problem only
+    with pytest.raises(la.AdapterStateError) as err:
+        load_adapter_state_dict(two, given)
+    assert "several adapters" not in str(err.value)
+    with pytest.raises(la.AdapterStateError, match=r"The model holds several adapters \['a', 'b'\]"):
+        load_adapter_state_dict(two, adapter_state_dict(two, name="b"))

@@ -11,7 +11,7 @@ import torch
 from torch import nn
 
 import lightning_adapters as la
-from lightning_adapters.core.targeting import check_called, resolve_targets
+from lightning_adapters.core.targeting import check_called, check_plain_layers, resolve_targets
 
 
 class _Layers(nn.Module):
@@ -72,6 +72,14 @@ def test_the_hint_keeps_close_matches_of_every_wanted_name():
     assert _listed(message, "closest module names: ") == ["gate"]
 
 
+def test_the_hint_keeps_loose_matches():
+    assert _listed(_no_match(_Layers(), ["attn"]), "closest module names: ") == ["gate"]  # shares "at" only
+
+
+def test_the_hint_of_a_regex_matches_the_whole_pattern():
+    assert _listed(_no_match(_Layers(), "layrs"), "closest module names: ") == ["layers"]
+
+
 def test_the_hint_shows_three_close_matches_per_wanted_name():
     model = nn.ModuleDict({f"proj{i}": nn.Linear(2, 2) for i in range(1, 6)})
     names = _listed(_no_match(model, ["proj"]), "closest module names: ")
@@ -96,6 +104,15 @@ def test_a_tie_in_the_last_row_of_a_weight_is_found():
         la.inject(model, la.LoRAConfig(r=2, target_modules=["0"]))
 
 
+def test_a_tensor_that_ends_where_the_weight_begins_is_not_a_tie():
+    flat = torch.randn(16)
+    model = nn.Sequential(nn.Linear(4, 4), nn.Linear(4, 3))
+    model[0].bias = nn.Parameter(flat[:4])
+    model[1].weight = nn.Parameter(flat[4:].view(3, 4))  # right after the bias, not overlapping it
+    la.inject(model, la.LoRAConfig(r=2, target_modules=["1"]))
+    assert la.adapter_state_dict(model)
+
+
 def test_a_target_without_a_weight_does_not_stop_the_tie_check_of_the_next():
     class Model(nn.Module):
         def __init__(self) -> None:
@@ -105,8 +122,10 @@ def test_a_target_without_a_weight_does_not_stop_the_tie_check_of_the_next():
             self.fc = nn.Linear(8, 10, bias=False)
             self.fc.weight = self.emb.weight
 
-    with pytest.raises(la.TargetError, match=r"'fc.weight' shares its memory with 'emb.weight'"):
+    untie = "model.fc.weight = torch.nn.Parameter(model.fc.weight.detach().clone())"
+    with pytest.raises(la.TargetError, match=r"'fc.weight' shares its memory with 'emb.weight'") as err:
         la.inject(Model(), la.LoRAConfig(r=2, target_modules=["attn", "fc"]))
+    assert f"untie it before inject: {untie} (" in str(err.value)
 
 
 def test_a_model_that_is_itself_the_target_names_its_tensors_without_a_prefix():
@@ -170,3 +189,24 @@ def test_a_conv_with_its_own_conv_forward_is_refused():
     model = nn.Sequential(PaddedConv(2, 2, 3))
     with pytest.raises(la.UnsupportedLayerError, match=r"a subclass of Conv2d with its own _conv_forward"):
         la.inject(model, la.LoRAConfig(r=2, target_modules=["0"]))
+
+
+def test_a_leaf_called_linear1_outside_an_encoder_layer_is_not_refused():
+    model = nn.Sequential()
+    model.add_module("linear1", nn.Linear(2, 2))
+    was = torch.backends.mha.get_fastpath_enabled()
+    torch.backends.mha.set_fastpath_enabled(True)
+    try:
+        check_called(model, ["linear1"], "lora")
+    finally:
+        torch.backends.mha.set_fastpath_enabled(was)
+
+
+def test_plain_layer_checks_skip_unsupported_targets_and_go_on():
+    class Doubled(nn.Linear):
+        def forward(self, x):
+            return 2 * super().forward(x)
+
+    model = nn.Sequential(nn.Conv1d(2, 2, 1), Doubled(2, 2))
+    with pytest.raises(la.UnsupportedLayerError, match=r"'1' is a Doubled, a subclass of Linear with its own forward"):
+        check_plain_layers(model, ["0", "1"], "lora", (nn.Linear,))
