@@ -245,6 +245,27 @@ def test_an_input_without_the_routed_rows_is_refused_naming_its_shape(x, shown: 
         base(x)
 
 
+@pytest.mark.parametrize("dense", [False, True], ids=["base-plus-terms", "one-forward-per-group"])
+def test_routed_rows_on_another_device_than_the_indices_use_indices_on_that_device(dense: bool) -> None:
+    """The routing's indices are made on the CPU; an input elsewhere (here the meta device, as a GPU would be) gets
+    them on its own device, in both ways of combining rows."""
+    base = linear().to("meta")
+    layers = with_layers(base, ["a", "b"])
+    for layer in layers.values():
+        layer.to("meta")
+        layer.dense_term = dense
+    with routed(base, ["a", BASE, "b", "a"]):
+        out = base(torch.empty(4, 5, device="meta"))
+    assert out.shape == (4, 3) and out.device.type == "meta"
+
+
+def test_a_call_without_any_input_is_refused_naming_what_it_got() -> None:
+    base = linear()
+    with_layers(base, ["a"])
+    with routed(base, ["a", BASE]), pytest.raises(AdapterStateError, match="shape NoneType.* not the 2 rows routed"):
+        base()
+
+
 # ----- Routing -------------------------------------------------------------------------------------------------
 
 
@@ -300,4 +321,13 @@ def test_only_the_routed_adapters_must_be_able_to_split_rows() -> None:
             torch.testing.assert_close(model(x), want)
     with pytest.raises(AdapterConfigError, match=r"adapter 'b' cannot route rows on 'attn'.*batch_first.*route only"):
         with la.per_sample(model, ["b", "a"]):
+            pass
+
+
+@pytest.mark.parametrize("names", [{"a"}, (n for n in ["a", "a"]), "a"], ids=["set", "generator", "string"])
+def test_names_that_are_not_a_list_of_strings_are_refused(names) -> None:
+    model = nn.Sequential(nn.Linear(4, 4))
+    la.inject(model, la.LoRAConfig(r=2, target_modules=["0"]), name="a")
+    with pytest.raises(la.AdapterTypeError, match=r"names must be a list with one adapter name .* per row"):
+        with la.per_sample(model, names):
             pass
