@@ -333,3 +333,13 @@ def test_the_several_adapters_hint_comes_only_with_unexpected_keys_of_a_several_
     assert "several adapters" not in str(err.value)
     with pytest.raises(la.AdapterStateError, match=r"The model holds several adapters \['a', 'b'\]"):
         load_adapter_state_dict(two, adapter_state_dict(two, name="b"))
+
+
+def test_a_whole_model_adapter_in_a_sub_model_has_name_free_keys_under_the_sub_models_prefix():
+    from tests.helpers import tiny_llama
+
+    outer = nn.Module()
+    outer.lm = tiny_llama()
+    la.inject(outer.lm, la.LlamaAdapterConfig(adapter_len=4, adapter_layers=1), name="p")
+    held = "lm.model.layers.1.self_attn.adapter"
+    assert sorted(adapter_state_dict(outer, name="p")) == [f"{held}.adaption_gate", f"{held}.adaption_prompt"]
