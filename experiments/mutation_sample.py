@@ -283,8 +283,8 @@ def show(names: list[str]) -> None:
 
 def sweep(names_file: str, out_file: str, jobs: int) -> None:
     """Like ``run``, with the statement-level test map of ``lines``; appends ``<name> <verdict> <tests> wall cpu``."""
-    # The parent runs every test once before it forks (the children then start with torch's, transformers' and the
-    # fixtures' lazy imports done): one OpenMP thread keeps a process that ran torch safe to fork.
+    # The parent runs one test of each file before it forks (the children then start with torch's, transformers' and
+    # the fixtures' lazy imports done): one OpenMP thread keeps a process that ran torch safe to fork.
     os.environ["OMP_NUM_THREADS"] = os.environ["MKL_NUM_THREADS"] = "1"
     root = _enter_mutants()
     import pytest
@@ -306,8 +306,15 @@ def sweep(names_file: str, out_file: str, jobs: int) -> None:
             # verdict needs only the outcome.
             Function.repr_failure = lambda self, excinfo: "failed"
             items = session.items
-            for i, item in enumerate(items):  # warm up, unmutated
-                runtestprotocol(item, nextitem=items[i + 1] if i + 1 < len(items) else None, log=False)
+            # Warm up, unmutated: the fastest test of each test file (the lazy imports its file needs).
+            fastest: dict[str, pytest.Item] = {}
+            for item in items:
+                path, seconds = item.nodeid.split("::")[0], line_map.durations.get(item.nodeid, 0.0)
+                if path not in fastest or seconds < line_map.durations.get(fastest[path].nodeid, 0.0):
+                    fastest[path] = item
+            warm = list(fastest.values())
+            for i, item in enumerate(warm):
+                runtestprotocol(item, nextitem=warm[i + 1] if i + 1 < len(warm) else None, log=False)
             by_id = {item.nodeid: item for item in items}
             out = out_path.open("a")
             running: dict[int, tuple[str, int, str, float]] = {}
