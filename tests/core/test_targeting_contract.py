@@ -210,3 +210,18 @@ def test_plain_layer_checks_skip_unsupported_targets_and_go_on():
     model = nn.Sequential(nn.Conv1d(2, 2, 1), Doubled(2, 2))
     with pytest.raises(la.UnsupportedLayerError, match=r"'1' is a Doubled, a subclass of Linear with its own forward"):
         check_plain_layers(model, ["0", "1"], "lora", (nn.Linear,))
+
+
+def test_a_quantized_target_does_not_end_the_checks_of_the_targets_after_it():
+    from torchao.quantization.quantize_.workflows.nf4.nf4_tensor import to_nf4
+
+    class Doubled(nn.Linear):
+        def forward(self, x):
+            return 2 * super().forward(x)
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(64, 64, bias=False), Doubled(2, 2))
+    model[0].weight = nn.Parameter(to_nf4(model[0].weight.detach(), 64, 64), requires_grad=False)
+    check_plain_layers(model, ["0"], "lora", (nn.Linear,))  # a quantized base passes
+    with pytest.raises(la.UnsupportedLayerError, match=r"'1' is a Doubled"):
+        check_plain_layers(model, ["0", "1"], "lora", (nn.Linear,))
