@@ -29,7 +29,9 @@ only the tests that executed that statement: a test that never runs the changed 
 the original, so the verdicts are those of mutmut's function-wide map, while a survivor of a large function runs a
 handful of tests instead of hundreds. A change to a signature or default falls back to every test that ran any
 line of the function (``MUTATION_SWEEP_WHOLE_FUNCTION=1`` does so for every mutant, to check the statement map
-against it). The children run the collected test items directly (no pytest start-up per mutant).
+against it; ``MUTATION_SWEEP_CONTROL=1`` runs each mutant's tests with no mutant switched on, where every verdict
+must be ``survived``: a "killed" there is a test that fails in that order or in a forked child). The children run
+the collected test items directly (no pytest start-up per mutant).
 """
 
 from __future__ import annotations
@@ -351,7 +353,8 @@ def sweep(names_file: str, out_file: str, jobs: int) -> None:
                     os.dup2(devnull, 1)
                     os.dup2(devnull, 2)
                     resource.setrlimit(resource.RLIMIT_CPU, (limit, limit + 5))
-                    set_mutant_under_test(name)
+                    if not os.environ.get("MUTATION_SWEEP_CONTROL"):  # control: the same tests, unmutated
+                        set_mutant_under_test(name)
                     code = 0
                     for i, item in enumerate(items):
                         following = items[i + 1] if i + 1 < len(items) else None
