@@ -31,7 +31,9 @@ handful of tests instead of hundreds. A change to a signature or default falls b
 line of the function (``MUTATION_SWEEP_WHOLE_FUNCTION=1`` does so for every mutant, to check the statement map
 against it; ``MUTATION_SWEEP_CONTROL=1`` runs each mutant's tests with no mutant switched on, where every verdict
 must be ``survived``: a "killed" there is a test that fails in that order or in a forked child). The children run
-the collected test items directly (no pytest start-up per mutant).
+the collected test items directly (no pytest start-up per mutant). A child past three times its CPU limit in wall
+time is ended and reads ``stuck``: blocked on a lock a thread of the parent held when it forked (a warm-up test
+that started a thread; ``MUTATION_SWEEP_NO_WARMUP=1`` skips the warm-up) or a mutant that waits forever.
 """
 
 from __future__ import annotations
@@ -44,6 +46,7 @@ import math
 import os
 import random
 import resource
+import signal
 import sys
 import time
 from pathlib import Path
@@ -314,21 +317,28 @@ def sweep(names_file: str, out_file: str, jobs: int) -> None:
                 path, seconds = item.nodeid.split("::")[0], line_map.durations.get(item.nodeid, 0.0)
                 if path not in fastest or seconds < line_map.durations.get(fastest[path].nodeid, 0.0):
                     fastest[path] = item
-            warm = list(fastest.values())
+            warm = [] if os.environ.get("MUTATION_SWEEP_NO_WARMUP") else list(fastest.values())
             for i, item in enumerate(warm):
                 runtestprotocol(item, nextitem=warm[i + 1] if i + 1 < len(warm) else None, log=False)
             by_id = {item.nodeid: item for item in items}
             out = out_path.open("a")
-            running: dict[int, tuple[str, int, str, float]] = {}
+            running: dict[int, tuple[str, int, str, float, float]] = {}
 
             def reap(block: bool) -> None:
                 while running:
-                    pid, status, usage = os.wait4(-1, 0 if block else os.WNOHANG)
+                    pid, status, usage = os.wait4(-1, os.WNOHANG)
                     if pid == 0:
-                        return
-                    name, n_tests, how, start = running.pop(pid)
+                        # A child past its wall limit is stuck (blocked, not using its CPU limit): end it.
+                        for child, (_, _, _, start, wall) in running.items():
+                            if time.time() - start > wall:
+                                os.kill(child, signal.SIGKILL)
+                        if not block:
+                            return
+                        time.sleep(0.02)
+                        continue
+                    name, n_tests, how, start, wall = running.pop(pid)
                     if os.WIFSIGNALED(status):
-                        verdict = "timeout"
+                        verdict = "stuck" if os.WTERMSIG(status) == signal.SIGKILL else "timeout"
                     else:
                         verdict = {0: "survived", 1: "killed"}.get(os.waitstatus_to_exitcode(status), "error")
                     cpu = usage.ru_utime + usage.ru_stime
@@ -362,7 +372,7 @@ def sweep(names_file: str, out_file: str, jobs: int) -> None:
                             code = 1
                             break
                     os._exit(code)
-                running[pid] = (name, len(items), how, start)
+                running[pid] = (name, len(items), how, start, 3 * limit + 60)
             while running:
                 reap(True)
             return True
