@@ -309,3 +309,13 @@ def test_eject_that_keeps_the_layers_quantized_keeps_transformers_record():
     assert any(quant_scheme(m) for m in kept.modules())
     assert kept.hf_quantizer is quantizer and kept.is_quantized is True
     assert kept.config.quantization_config.load_in_4bit
+
+
+def test_transformers_record_stays_while_a_layer_is_still_quantized():
+    from lightning_adapters.core.quant_ops import forget_hf_quantization
+
+    model = _hf_quantized_llama()
+    quantizer = model.hf_quantizer
+    forget_hf_quantization(model)
+    assert model.hf_quantizer is quantizer and model.is_quantized is True
+    assert model.config.quantization_config.load_in_4bit
