@@ -13,22 +13,7 @@ import pytest
 
 from lightning_adapters.core.files import read_files, replace_directory, sibling, target_directory, write_file
 from lightning_adapters.errors import AdapterConfigError, AdapterStateError
-
-
-def _writer(**files: bytes):
-    def fill(staging: Path) -> None:
-        for name, data in files.items():
-            write_file(staging / name, data)
-
-    return fill
-
-
-def _owned(name: str) -> bool:
-    return name.startswith("weights") or name == "config"
-
-
-def _tree(root: Path) -> dict[str, bytes]:
-    return {str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}
+from tests.core.test_files import _owned, _tree, _writer
 
 
 def test_missing_parents_of_the_target_are_created(tmp_path):
