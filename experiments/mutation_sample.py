@@ -21,6 +21,7 @@ A **whole package** fits too, with a finer test map (no mutmut stats run needed)
     python experiments/mutation_sample.py lines                # every selected test once, line coverage per test
     python experiments/mutation_sample.py sweep mutant_names.txt results.txt --jobs 1
     python experiments/mutation_sample.py show results.txt     # the survivors' diffs (or: show <mutant name>)
+    python experiments/mutation_sample.py lines tests/x/test_new.py   # tests added since: merged into the map
 
 ``lines`` runs the selection once under coverage.py, one coverage context per test, and writes which tests execute
 each line of the mutated copy (``mutants/sweep-lines.json``). ``sweep`` finds the line a mutant changes (its
@@ -164,8 +165,50 @@ def _enter_mutants() -> Path:
     return root
 
 
-def lines() -> None:
-    """Run every selected test once under coverage.py; write the tests that execute each line of the copy."""
+# Options of the selection that take a value: kept, with it, when ``lines`` runs only some test paths.
+_VALUED_OPTIONS = {"--deselect", "-m", "-k", "-p", "--ignore"}
+
+
+def _options_only(args: list[str]) -> list[str]:
+    """The selection's options without its test paths (``-m "not slow"``, ``--deselect <id>``, ...)."""
+    kept, i = [], 0
+    while i < len(args):
+        if args[i].startswith("-"):
+            takes_value = args[i] in _VALUED_OPTIONS
+            kept += args[i : i + 1 + takes_value]
+            i += 1 + takes_value
+        else:
+            i += 1
+    return kept
+
+
+def merge_records(old: dict, new: dict) -> dict:
+    """``old``'s line map with ``new``'s tests added; a test in both keeps only what ``new`` recorded of it."""
+    tests = sorted(set(old["tests"]) | set(new["tests"]))
+    index = {t: k for k, t in enumerate(tests)}
+    replaced = set(new["tests"])
+    rows: dict[str, dict[str, set[int]]] = {}
+    for record, keep in ((old, lambda t: t not in replaced), (new, lambda t: True)):
+        for path, lines_ in record["lines"].items():
+            for line, ids in lines_.items():
+                chosen = {index[record["tests"][k]] for k in ids if keep(record["tests"][k])}
+                if chosen:
+                    rows.setdefault(path, {}).setdefault(line, set()).update(chosen)
+    unusable = {t for t in old["unusable"] if t not in replaced} | set(new["unusable"])
+    return {
+        "tests": tests,
+        "durations": {**old["durations"], **new["durations"]},
+        "unusable": sorted(unusable),
+        "lines": {f: {line: sorted(ids) for line, ids in r.items()} for f, r in rows.items()},
+    }
+
+
+def lines(paths: list[str] | None = None) -> None:
+    """Run every selected test once under coverage.py; write the tests that execute each line of the copy.
+
+    With ``paths`` (test files or folders added since the last ``lines`` of an unchanged library), only those run,
+    with the selection's options, and their lines are merged into the existing ``sweep-lines.json``.
+    """
     root = _enter_mutants()
     import coverage
     import pytest
@@ -199,11 +242,14 @@ def lines() -> None:
                 }
                 by_file[os.path.relpath(path, root)] = {str(k): v for k, v in rows.items() if v}
             record = {"tests": ids, "durations": durations, "unusable": failed, "lines": by_file}
+            if paths:
+                record = merge_records(json.loads(Path("sweep-lines.json").read_text()), record)
             Path("sweep-lines.json").write_text(json.dumps(record))
             print(f"{len(ids)} tests, {len(failed)} failed or skipped (left out)", file=sys.__stdout__)
             return True
 
-    pytest.main(["-q", "-p", "no:randomly", "--rootdir=.", *_selection_args(root)], plugins=[Record()])
+    selection = [*paths, *_options_only(_selection_args(root))] if paths else _selection_args(root)
+    pytest.main(["-q", "-p", "no:randomly", "--rootdir=.", *selection], plugins=[Record()])
 
 
 class _LineMap:
@@ -411,7 +457,8 @@ def main() -> None:
     p.add_argument("names")
     p.add_argument("out")
     p.add_argument("--jobs", type=int, default=2)
-    sub.add_parser("lines")
+    p = sub.add_parser("lines")
+    p.add_argument("paths", nargs="*", help="only these test paths, merged into the existing sweep-lines.json")
     p = sub.add_parser("show")
     p.add_argument("names", nargs="+")
     p = sub.add_parser("sweep")
@@ -428,7 +475,7 @@ def main() -> None:
     elif args.cmd == "run":
         run(args.names, args.out, args.jobs)
     elif args.cmd == "lines":
-        lines()
+        lines(args.paths)
     elif args.cmd == "show":
         show(args.names)
     elif args.cmd == "sweep":

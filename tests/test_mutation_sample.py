@@ -115,3 +115,25 @@ def test_a_mutant_gets_the_tests_that_ran_its_statement_fastest_first(tmp_path, 
 def test_show_diffs_a_mutant_against_its_original(tmp_path):
     diff = _line_map(tmp_path).diff("pkg.mod.x_f__mutmut_2")
     assert "-            a,\n+            None," in diff and "x_f__mutmut_2" in diff.splitlines()[1]
+
+
+def test_lines_of_added_tests_merge_into_the_map_and_replace_a_rerun_test():
+    old = {
+        "tests": ["a", "b"],
+        "durations": {"a": 1.0, "b": 2.0},
+        "unusable": ["b"],
+        "lines": {"m.py": {"1": [0, 1], "2": [1]}, "n.py": {"5": [1]}},
+    }
+    # "b" ran again (its file changed) and now reaches only line 3; "c" is new.
+    new = {"tests": ["b", "c"], "durations": {"b": 0.5, "c": 3.0}, "unusable": [], "lines": {"m.py": {"3": [0, 1]}}}
+    merged = mutation_sample.merge_records(old, new)
+    assert merged["tests"] == ["a", "b", "c"]
+    assert merged["durations"] == {"a": 1.0, "b": 0.5, "c": 3.0}
+    assert merged["unusable"] == []
+    assert merged["lines"] == {"m.py": {"1": [0], "3": [1, 2]}}
+
+
+def test_lines_of_some_paths_keep_the_selection_options_and_drop_its_paths():
+    args = ["tests/core/", "--deselect", "tests/a.py::t", "-m", "not slow", "-x", "tests/b.py", "-p", "no:cache"]
+    kept = ["--deselect", "tests/a.py::t", "-m", "not slow", "-x", "-p", "no:cache"]
+    assert mutation_sample._options_only(args) == kept
