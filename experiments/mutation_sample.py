@@ -22,6 +22,7 @@ A **whole package** fits too, with a finer test map (no mutmut stats run needed)
     python experiments/mutation_sample.py sweep mutant_names.txt results.txt --jobs 1
     python experiments/mutation_sample.py show results.txt     # the survivors' diffs (or: show <mutant name>)
     python experiments/mutation_sample.py lines tests/x/test_new.py   # tests added since: merged into the map
+    python experiments/mutation_sample.py check survivors.txt tests/x/test_new.py   # does a new test kill them?
 
 ``lines`` runs the selection once under coverage.py, one coverage context per test, and writes which tests execute
 each line of the mutated copy (``mutants/sweep-lines.json``). ``sweep`` finds the line a mutant changes (its
@@ -426,6 +427,58 @@ def sweep(names_file: str, out_file: str, jobs: int) -> None:
     pytest.main(["-q", "-p", "no:randomly", "--rootdir=.", *_selection_args(root)], plugins=[Sweep()])
 
 
+def check(paths: list[str], names: list[str]) -> None:
+    """Run the tests under ``paths`` against each named mutant: ``<name> killed <first failing test>`` or ``survived``.
+
+    For a test being written against survivors: the files are collected once, each mutant runs in a forked child,
+    and a first child with no mutant checks that the tests pass unmutated (a mutant only counts as killed then).
+    """
+    os.environ["OMP_NUM_THREADS"] = os.environ["MKL_NUM_THREADS"] = "1"
+    root = _enter_mutants()
+    import pytest
+    from _pytest.runner import runtestprotocol
+    from mutmut.mutation.trampoline import set_mutant_under_test
+
+    class Check:
+        def pytest_runtestloop(self, session: pytest.Session) -> bool:
+            import torch
+
+            torch.set_num_threads(1)
+            items = session.items
+            print(f"{len(items)} tests, {len(names)} mutants", file=sys.__stdout__, flush=True)
+            for name in ["", *names]:
+                read, write = os.pipe()
+                pid = os.fork()
+                if pid == 0:
+                    os.close(read)
+                    devnull = os.open(os.devnull, os.O_WRONLY)
+                    os.dup2(devnull, 1)
+                    os.dup2(devnull, 2)
+                    if name:
+                        set_mutant_under_test(name)
+                    for i, item in enumerate(items):
+                        following = items[i + 1] if i + 1 < len(items) else None
+                        if any(r.failed for r in runtestprotocol(item, nextitem=following, log=False)):
+                            os.write(write, item.nodeid.encode())
+                            os._exit(1)
+                    os._exit(0)
+                os.close(write)
+                with os.fdopen(read) as pipe:
+                    failing = pipe.read()
+                os.waitpid(pid, 0)
+                if not name:
+                    if failing:
+                        print(f"unmutated: {failing} fails: no verdicts", file=sys.__stdout__)
+                        return True
+                    continue
+                verdict = f"killed {failing}" if failing else "survived"
+                print(f"{name} {verdict}", file=sys.__stdout__, flush=True)
+            return True
+
+    options = _options_only(_selection_args(root))
+    pytest.main(["-q", "-p", "no:randomly", "--rootdir=.", *paths, *options], plugins=[Check()])
+
+
 def wilson(k: int, n: int, z: float = 1.96) -> tuple[float, float]:
     """The Wilson score interval of ``k`` successes in ``n`` (95 % for ``z = 1.96``)."""
     if n == 0:
@@ -465,6 +518,9 @@ def main() -> None:
     p.add_argument("names")
     p.add_argument("out")
     p.add_argument("--jobs", type=int, default=1)
+    p = sub.add_parser("check")
+    p.add_argument("names", help="a file of mutant names, one a line, or names separated by commas")
+    p.add_argument("paths", nargs="+", help="test files or folders, relative to ./mutants")
     p = sub.add_parser("score")
     p.add_argument("out")
     args = parser.parse_args()
@@ -480,6 +536,10 @@ def main() -> None:
         show(args.names)
     elif args.cmd == "sweep":
         sweep(args.names, args.out, args.jobs)
+    elif args.cmd == "check":
+        listed = Path(args.names)
+        names = listed.read_text().split() if listed.exists() else [n for n in args.names.split(",") if n]
+        check(args.paths, names)
     else:
         score(args.out)
 
