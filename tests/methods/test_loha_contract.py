@@ -358,9 +358,13 @@ def test_forward_path_choice_arguments(monkeypatch):
     model(x.requires_grad_())
     assert calls == [((3, 5, 24), False), ((3, 5, 24), True), ((3, 5, 24), False), ((3, 5, 24), True)]
     assert pays == [(3, 24, 20, 15, False), (3, 24, 20, 15, True), (3, 24, 20, 15, False), (3, 24, 20, 15, True)]
+    c1d, _ = _model(Conv1D(20, 24), r=2)
+    with torch.no_grad():
+        c1d(torch.randn(2, 7, 24))
+    assert calls[4:] == [((2, 7, 24), False)] and pays[4:] == [(2, 24, 20, 14, False)]  # Conv1D: like a Linear
     conv, _ = _model(nn.Conv2d(8, 12, 3), r=2)
     conv(torch.randn(1, 8, 4, 4))
-    assert len(calls) == 4  # convolutions always fold
+    assert len(calls) == 5  # convolutions always fold
 
 
 def test_rank_r2_path_with_mixed_dtypes_and_no_grad(monkeypatch):
@@ -373,8 +377,11 @@ def test_rank_r2_path_with_mixed_dtypes_and_no_grad(monkeypatch):
     assert torch.allclose(y, F.linear(x, base.weight + _expected_delta(layer, base), base.bias), atol=1e-5)
 
 
-def test_quantized_base_without_grad_uses_its_own_kernel_exactly():
+@pytest.mark.parametrize("path", [True, False])
+def test_quantized_base_without_grad_uses_its_own_kernel_exactly(monkeypatch, path):
+    """int8's own kernel differs from F.linear with the dequantized weight in the last bits: equality pins it."""
     pytest.importorskip("bitsandbytes")
+    monkeypatch.setattr(LoHaLayer, "_rank_r2_is_cheaper", lambda self, *a: path)
 
     class Net(nn.Module):
         def __init__(self):
@@ -493,7 +500,11 @@ def test_registry_entry():
 def test_config_refusals_name_method_and_field(field, value):
     with pytest.raises(la.AdapterConfigError) as err:
         LoHaConfig(**{field: value})
-    assert "loha" in str(err.value) and field in str(err.value)
+    if field in ("rank_dropout", "module_dropout"):
+        expected = f"loha: {field} must be in [0, 1), got {value!r}"
+    else:
+        expected = f"loha: {field} must be one of [True, False], got {value!r}"
+    assert str(err.value) == expected
 
 
 def test_meta_device_delta_output_with_rank_dropout_keeps_the_mask_on_the_factors_device():
@@ -506,3 +517,26 @@ def test_meta_device_delta_output_with_rank_dropout_keeps_the_mask_on_the_factor
     x = torch.empty(3, 24, device="meta")
     term = layer.delta_output(model.layer, x)
     assert term.device.type == "meta" and term.shape == (3, 20)
+
+
+@pytest.mark.parametrize("path", [True, False])
+def test_no_mask_drawn_without_rank_dropout_or_outside_training(monkeypatch, path):
+    """Multipliers are drawn only in training with rank_dropout > 0: other forwards leave the generator untouched."""
+    monkeypatch.setattr(LoHaLayer, "_rank_r2_is_cheaper", lambda self, *a: path)
+    for p, train in [(0.0, True), (0.5, False)]:
+        base = nn.Linear(24, 20)
+        model, layer = _model(base, r=2, alpha=3, rank_dropout=p)
+        model.train(train)
+        x = torch.randn(3, 24)
+        state = torch.get_rng_state()
+        y = model(x)
+        term = layer.delta_output(base, x)
+        assert torch.equal(torch.get_rng_state(), state)
+        dw = _expected_delta(layer, base)
+        assert torch.allclose(y, F.linear(x, base.weight + dw, base.bias), atol=1e-5)
+        assert torch.allclose(term, F.linear(x, dw), atol=1e-5)
+
+
+def test_config_accepts_edges():
+    for kw in (dict(rank_dropout=0.0, module_dropout=0.0), dict(rank_dropout=0.99), dict(init_weights=False)):
+        LoHaConfig(**kw)

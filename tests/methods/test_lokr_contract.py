@@ -7,6 +7,7 @@ dropout draws (``torch.rand`` on the default CPU generator), the exact config tr
 from __future__ import annotations
 
 import math
+import signal
 
 import pytest
 import torch
@@ -90,12 +91,22 @@ def test_module_dropped_draw_semantics(monkeypatch):
 # pure functions
 
 
+def _raise_timeout(signum, frame):
+    raise TimeoutError("factorization did not return")
+
+
 def test_factorization_equals_peft_everywhere():
-    for dim in range(1, 260):
-        for f in (-1, 1, 2, 3, 4, 5, 6, 7, 8, 9, 12, 16, 100):
-            assert factorization(dim, f) == tuple(peft_factorization(dim, f)), (dim, f)
-    assert factorization(36) == (6, 6)
-    assert factorization(12, 5) == (3, 4)
+    old = signal.signal(signal.SIGALRM, _raise_timeout)
+    signal.setitimer(signal.ITIMER_REAL, 20.0)  # a divisor walk that never ends fails here instead of hanging
+    try:
+        for dim in range(1, 260):
+            for f in (-1, 1, 2, 3, 4, 5, 6, 7, 8, 9, 12, 16, 100):
+                assert factorization(dim, f) == tuple(peft_factorization(dim, f)), (dim, f)
+        assert factorization(36) == (6, 6)
+        assert factorization(12, 5) == (3, 4)
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, old)
 
 
 def test_kron_weight_layouts_equal_torch_kron():
@@ -453,6 +464,13 @@ def test_forward_path_choice_gets_token_count_and_grad_flag(monkeypatch):
     model(x)
     model(x.requires_grad_())
     assert calls == [(15, False), (15, True), (15, False), (15, True)]
+    c1d, _ = _model(Conv1D(20, 24), r=1)
+    with torch.no_grad():
+        c1d(torch.randn(2, 7, 24))
+    assert calls[4:] == [(14, False)]  # transformers Conv1D chooses like a Linear
+    conv, _ = _model(nn.Conv2d(8, 12, 3), r=1)
+    conv(torch.randn(1, 8, 4, 4))
+    assert len(calls) == 5  # convolutions always fold
 
 
 def test_kron_is_cheaper_passes_the_split_and_rank():
@@ -471,7 +489,7 @@ def test_kron_is_cheaper_passes_the_split_and_rank():
     )
 
 
-@pytest.mark.parametrize("full", [True, False])
+@pytest.mark.parametrize("full", [True, False, "both"])
 def test_kron_path_arguments(monkeypatch, full):
     seen = []
     orig = lokr_mod.kron_linear
@@ -483,14 +501,15 @@ def test_kron_path_arguments(monkeypatch, full):
 
     monkeypatch.setattr(lokr_mod, "kron_linear", spy)
     monkeypatch.setattr(LoKrLayer, "_kron_is_cheaper", lambda self, *a: True)
-    base = nn.Linear(64, 64) if full else nn.Linear(24, 20)
-    model, layer = _model(base, r=4 if full else 1, alpha=3)
+    base = nn.Linear(24, 20) if full is False else nn.Linear(64, 64)
+    kw = {True: dict(r=4), False: dict(r=1), "both": dict(r=2, decompose_both=True)}[full]
+    model, layer = _model(base, alpha=3, **kw)
     x = torch.randn(2, base.in_features)
     y = model(x)
     assert torch.allclose(y, F.linear(x, base.weight + _expected_delta(layer, base), base.bias), atol=1e-5)
     with torch.no_grad():
         model(x)
-    shapes = ((8, 8), (8, 8), None) if full else ((4, 4), (5, 1), (1, 6))
+    shapes = {True: ((8, 8), (8, 8), None), False: ((4, 4), (5, 1), (1, 6)), "both": ((8, 8), (8, 2), (2, 8))}[full]
     assert seen == [("linear", *shapes, None, True, True), ("linear", *shapes, None, True, False)]
 
 
@@ -532,8 +551,11 @@ def test_module_dropout_skips_forward_exactly():
             assert torch.allclose(y, F.linear(x, base.weight + layer.delta_weight(), base.bias), atol=1e-5)
 
 
-def test_quantized_base_without_grad_uses_its_own_kernel_exactly():
+@pytest.mark.parametrize("path", [True, False])
+def test_quantized_base_without_grad_uses_its_own_kernel_exactly(monkeypatch, path):
+    """int8's own kernel differs from F.linear with the dequantized weight in the last bits: equality pins it."""
     pytest.importorskip("bitsandbytes")
+    monkeypatch.setattr(LoKrLayer, "_kron_is_cheaper", lambda self, *a: path)
 
     class Net(nn.Module):
         def __init__(self):
@@ -678,11 +700,15 @@ def test_config_refusals_name_method_and_field(field, value):
     with pytest.raises(la.AdapterConfigError) as err:
         LoKrConfig(**{field: value})
     msg = str(err.value)
-    assert "lokr" in msg and field in msg
     if field == "decompose_factor":
-        assert msg == (
-            f"lokr: decompose_factor must be -1 (split near the square root) or an integer >= 1, got {value!r}"
-        )
+        expected = f"lokr: decompose_factor must be -1 (split near the square root) or an integer >= 1, got {value!r}"
+    elif field in ("rank_dropout", "module_dropout"):
+        expected = f"lokr: {field} must be in [0, 1), got {value!r}"
+    elif field == "init_weights":
+        expected = f"lokr: init_weights must be one of [True, False, 'lycoris'], got {value!r}"
+    else:
+        expected = f"lokr: {field} must be one of [True, False], got {value!r}"
+    assert msg == expected
 
 
 def test_config_accepts_edges():
@@ -706,3 +732,21 @@ def test_meta_device_delta_output_with_rank_dropout_keeps_the_mask_on_the_factor
     x = torch.empty(3, 24, device="meta")
     term = layer.delta_output(model.layer, x)
     assert term.device.type == "meta" and term.shape == (3, 20)
+
+
+@pytest.mark.parametrize("path", [True, False])
+def test_no_mask_drawn_without_rank_dropout_or_outside_training(monkeypatch, path):
+    """A mask is drawn only in training with rank_dropout > 0: other forwards leave the generator untouched."""
+    monkeypatch.setattr(LoKrLayer, "_kron_is_cheaper", lambda self, *a: path)
+    for kw, train in [(dict(rank_dropout=0.0), True), (dict(rank_dropout=0.5, rank_dropout_scale=True), False)]:
+        base = nn.Linear(24, 20)
+        model, layer = _model(base, r=1, alpha=3, **kw)
+        model.train(train)
+        x = torch.randn(3, 24)
+        state = torch.get_rng_state()
+        y = model(x)
+        term = layer.delta_output(base, x)
+        assert torch.equal(torch.get_rng_state(), state)
+        dw = _expected_delta(layer, base)
+        assert torch.allclose(y, F.linear(x, base.weight + dw, base.bias), atol=1e-5)
+        assert torch.allclose(term, F.linear(x, dw), atol=1e-5)
