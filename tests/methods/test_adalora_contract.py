@@ -12,7 +12,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import lightning_adapters as la
-from lightning_adapters.errors import AdapterConfigError
+from lightning_adapters.errors import AdapterConfigError, AdapterStateError
 from lightning_adapters.methods import adalora as ada
 from lightning_adapters.methods.adalora import (
     AdaLoRAConfig,
@@ -531,3 +531,690 @@ def test_adalora_layers_and_rank_pattern_pick_one_adapter() -> None:
     assert ada.rank_pattern(model, "other") == {"b": [False, True]}
     assert ada.rank_pattern(model, "default") == {"a": [True] * 3, "b": [True] * 3}
     assert list(adalora_layers(_two())) == ["a", "b"]
+
+
+# --- rank allocator ---------------------------------------------------------------------------------------------
+
+SCHED = dict(tinit=1, tfinal=2, deltaT=2, beta1=0.7, beta2=0.6)
+
+
+def _grads(model: nn.Module, g: torch.Generator, skip: tuple[str, ...] = ()) -> None:
+    for name, layer in adalora_layers(model).items():
+        for pname in ("lora_A", "lora_B", "lora_E"):
+            p = getattr(layer, pname)
+            p.grad = None if f"{name}.{pname}" in skip else torch.randn(p.shape, generator=g, dtype=p.dtype)
+
+
+def test_allocator_refuses_models_without_layers_or_length_and_sizes_its_budgets() -> None:
+    c = AdaLoRAConfig(init_r=3, target_r=1, target_modules=["a"])
+    with pytest.raises(AdapterConfigError) as err:
+        ada.RankAllocator(Two(), c, 10)
+    assert _msg(err) == "adalora: the model has no AdaLoRA layers; inject an AdaLoRAConfig first"
+    model = _two(**SCHED)
+    with pytest.raises(AdapterConfigError) as err:
+        ada.RankAllocator(model, AdaLoRAConfig(init_r=3, target_r=1))
+    assert _msg(err) == "adalora: total_step is unknown; pass total= or set AdaLoRAConfig.total_step"
+    with pytest.raises(AdapterConfigError, match=r"tinit=1 \+ tfinal=2 >= total_step=3 \(optimizer steps\)"):
+        ada.RankAllocator(model, AdaLoRAConfig(init_r=3, target_r=1, **SCHED), 3)
+    alloc = ada.RankAllocator(model, AdaLoRAConfig(init_r=3, target_r=1, total_step=20, **SCHED), 9)
+    assert (alloc.total, alloc.init_budget, alloc.target_budget, alloc.updates) == (9, 6, 2, 0)
+    assert alloc.final_pattern is None and alloc.last_pattern is None and alloc.ema == {} and alloc.unc == {}
+    assert list(alloc.layers) == ["a", "b"] and alloc.model is model
+    assert ada.RankAllocator(model, AdaLoRAConfig(init_r=3, target_r=2, total_step=20, **SCHED)).total == 20
+    assert alloc.budget(4) == budget_schedule(4, 6, 2, 1, 2, 9, 2)
+    # One adapter of several: only its layers, its own sizes.
+    la.inject(model, AdaLoRAConfig(init_r=2, target_r=1, target_modules=["b"]), name="other")
+    other = ada.RankAllocator(model, AdaLoRAConfig(init_r=2, target_r=1, **SCHED), 9, adapter="other")
+    assert list(other.layers) == ["b"] and other.layers["b"] is model.b.adapter.other
+    assert (other.init_budget, other.target_budget) == (2, 1)
+
+
+def test_importance_is_the_ema_of_weight_times_gradient_and_scores_its_triplets() -> None:
+    model = _two(**SCHED)
+    _randomize(model)
+    alloc = ada.RankAllocator(model, model_cfg := AdaLoRAConfig(init_r=3, target_r=1, **SCHED), 9)
+    assert model_cfg.beta1 == 0.7
+    zeros = alloc.scores()
+    assert set(zeros) == {"a", "b"} and all(
+        v.dtype == torch.float64 and v.tolist() == [0.0] * 3 for v in zeros.values()
+    )
+    g = torch.Generator().manual_seed(4)
+    ema = {n: {k: 0.0 for k in ("lora_A", "lora_B", "lora_E")} for n in ("a", "b")}
+    unc = {n: {k: 0.0 for k in ("lora_A", "lora_B", "lora_E")} for n in ("a", "b")}
+    for step in range(3):
+        _grads(model, g, skip=("a.lora_E",) if step == 1 else ())
+        for n, layer in adalora_layers(model).items():
+            for k in ("lora_A", "lora_B", "lora_E"):
+                p = getattr(layer, k)
+                grad = torch.zeros_like(p) if p.grad is None else p.grad
+                sens = (p.detach() * grad).abs()
+                ema[n][k] = 0.7 * ema[n][k] + 0.3 * sens
+                unc[n][k] = 0.6 * unc[n][k] + 0.4 * (sens - ema[n][k]).abs()
+        alloc.update_importance()
+        assert alloc.updates == step + 1
+    for n in ("a", "b"):
+        assert set(alloc.ema[n]) == set(alloc.unc[n]) == {"lora_A", "lora_B", "lora_E"}
+        for k in ("lora_A", "lora_B", "lora_E"):
+            assert torch.allclose(alloc.ema[n][k], ema[n][k], rtol=1e-13, atol=0)
+            assert torch.allclose(alloc.unc[n][k], unc[n][k], rtol=1e-13, atol=0)
+    scores = alloc.scores()
+    for n in ("a", "b"):
+        s = {k: ema[n][k] * unc[n][k] for k in ema[n]}
+        want = s["lora_E"][:, 0] + s["lora_A"].mean(dim=1) + s["lora_B"].mean(dim=0)
+        assert torch.allclose(scores[n], want, rtol=1e-12, atol=0)
+    # allocate keeps the budget's best triplets, records them and zeroes the others' E.
+    e_before = {n: ly.lora_E.detach().clone() for n, ly in adalora_layers(model).items()}
+    masks = alloc.allocate(4)
+    want_masks = masks_for_budget(scores, 2)
+    assert set(masks) == {"a", "b"} and alloc.last_pattern is masks and alloc.final_pattern is None
+    for n, ly in adalora_layers(model).items():
+        assert masks[n].tolist() == want_masks[n].tolist() and ly.rank_mask.tolist() == masks[n].tolist()
+        assert torch.equal(ly.lora_E[:, 0], torch.where(masks[n], e_before[n][:, 0], 0.0))
+    assert sum(int(m.sum()) for m in masks.values()) == 4
+    final = alloc.finalize()
+    assert alloc.final_pattern is final and alloc.last_pattern is final
+    assert sum(int(m.sum()) for m in final.values()) == 2
+    assert alloc.ema == {} and alloc.unc == {}
+
+
+def test_allocator_steps_match_peft_update_and_allocate() -> None:
+    import copy
+
+    from peft import AdaLoraConfig as PeftAdaLoraConfig
+    from peft import get_peft_model
+
+    torch.manual_seed(0)
+    base = Two().double()
+    ours = la.inject(copy.deepcopy(base), AdaLoRAConfig(init_r=3, target_r=1, alpha=6.0, target_modules=["a", "b"]))
+    cfg = AdaLoRAConfig(init_r=3, target_r=1, alpha=6.0, total_step=9, target_modules=["a", "b"], **SCHED)
+    peft_cfg = PeftAdaLoraConfig(init_r=3, target_r=1, lora_alpha=6, total_step=9, target_modules=["a", "b"], **SCHED)
+    theirs = get_peft_model(copy.deepcopy(base), peft_cfg).double()
+    _randomize(ours)
+    layers = adalora_layers(ours)
+    with torch.no_grad():
+        for n, ly in layers.items():
+            mod = getattr(theirs.base_model.model, n)
+            for k in ("lora_A", "lora_B", "lora_E"):
+                getattr(mod, k)["default"].copy_(getattr(ly, k))
+    alloc = ada.RankAllocator(ours, cfg)
+    g = torch.Generator().manual_seed(6)
+    seen = []
+    for t in range(12):
+        with torch.no_grad():
+            for n, ly in layers.items():
+                mod = getattr(theirs.base_model.model, n)
+                bump = 0.1 * torch.randn(3, 1, generator=g, dtype=torch.float64)  # the optimizer regrows E
+                ly.lora_E.add_(bump)
+                mod.lora_E["default"].add_(bump)
+                for k in ("lora_A", "lora_B", "lora_E"):
+                    grad = torch.randn(getattr(ly, k).shape, generator=g, dtype=torch.float64)
+                    getattr(ly, k).grad = grad
+                    getattr(mod, k)["default"].grad = grad.clone()
+        updates = alloc.updates
+        budget, masks = alloc.step(t)
+        theirs.base_model.update_and_allocate(t)
+        want_budget = theirs.base_model.rankallocator.budget_schedule(t)[0] if t <= 7 else 2
+        assert budget == want_budget, t
+        assert alloc.updates == updates + (1 if t < 7 else 0)
+        for n, ly in layers.items():
+            assert torch.equal(ly.lora_E, getattr(theirs.base_model.model, n).lora_E["default"]), (t, n)
+        if masks is not None:
+            seen.append(t)
+            pattern = theirs.peft_config["default"].rank_pattern
+            assert {n: m.tolist() for n, m in masks.items()} == {n: pattern[f"{n}.lora_E.default"] for n in layers}
+    assert seen == [2, 4, 6, 7]
+    assert alloc.final_pattern is not None and alloc.ema == {}
+    assert sum(ly.kept_rank for ly in layers.values()) == 2
+
+
+def test_a_step_past_the_cut_without_a_final_mask_takes_it() -> None:
+    model = _two(**SCHED)
+    _randomize(model)
+    alloc = ada.RankAllocator(model, AdaLoRAConfig(init_r=3, target_r=1, **SCHED), 9)
+    _grads(model, torch.Generator().manual_seed(1))
+    alloc.update_importance()
+    budget, masks = alloc.step(8)
+    assert budget == 2 and masks is alloc.final_pattern and sum(int(m.sum()) for m in masks.values()) == 2
+    assert alloc.updates == 1
+    with torch.no_grad():
+        for ly in adalora_layers(model).values():
+            ly.lora_E.fill_(1.0)
+    assert alloc.step(9) == (2, None)
+    for n, ly in adalora_layers(model).items():
+        assert ly.lora_E[:, 0].tolist() == [1.0 if k else 0.0 for k in masks[n].tolist()]
+
+
+def _stepped(steps: int, seed: int = 0) -> tuple[nn.Module, ada.RankAllocator]:
+    model = _two(seed, **SCHED)
+    _randomize(model)
+    alloc = ada.RankAllocator(model, AdaLoRAConfig(init_r=3, target_r=1, **SCHED), 9)
+    g = torch.Generator().manual_seed(3)
+    for t in range(steps):
+        _grads(model, g)
+        alloc.step(t)
+    return model, alloc
+
+
+def test_allocator_state_round_trip_continues_exactly() -> None:
+    model, alloc = _stepped(3)
+    state = alloc.state_dict()
+    assert set(state) == {"ema", "unc", "final_pattern", "last_pattern", "rank_mask", "updates", "total"}
+    assert state["final_pattern"] is None and state["updates"] == 3 and state["total"] == 9
+    assert state["last_pattern"] == {n: m.tolist() for n, m in alloc.last_pattern.items()}
+    assert state["rank_mask"] == {n: ly.rank_mask.tolist() for n, ly in alloc.layers.items()}
+    assert set(state["ema"]) == {"a", "b"} and set(state["ema"]["a"]) == {"lora_A", "lora_B", "lora_E"}
+    for n in ("a", "b"):
+        for k in ("lora_A", "lora_B", "lora_E"):
+            assert torch.equal(state["ema"][n][k], alloc.ema[n][k]) and state["ema"][n][k] is not alloc.ema[n][k]
+            assert torch.equal(state["unc"][n][k], alloc.unc[n][k]) and state["unc"][n][k] is not alloc.unc[n][k]
+    # A fresh model and allocator with the same weights, loaded, continue exactly as the original.
+    other_model, other = _stepped(0)
+    with torch.no_grad():
+        for n, ly in adalora_layers(other_model).items():
+            for k in ("lora_A", "lora_B", "lora_E"):
+                getattr(ly, k).copy_(getattr(alloc.layers[n], k))
+            ly.rank_mask.fill_(True)
+    other.load_state_dict(state)
+    assert other.updates == 3 and other.total == 9 and other.final_pattern is None
+    assert {n: m.tolist() for n, m in other.last_pattern.items()} == state["last_pattern"]
+    assert all(m.dtype == torch.bool for m in other.last_pattern.values())
+    assert {n: ly.rank_mask.tolist() for n, ly in other.layers.items()} == state["rank_mask"]
+    for n in ("a", "b"):
+        for k in ("lora_A", "lora_B", "lora_E"):
+            assert torch.equal(other.ema[n][k], alloc.ema[n][k]) and torch.equal(other.unc[n][k], alloc.unc[n][k])
+    g1, g2 = torch.Generator().manual_seed(8), torch.Generator().manual_seed(8)
+    for t in range(3, 11):
+        _grads(model, g1)
+        _grads(other_model, g2)
+        assert alloc.step(t)[0] == other.step(t)[0]
+        for n in ("a", "b"):
+            assert torch.equal(alloc.layers[n].lora_E, other.layers[n].lora_E), t
+            assert torch.equal(alloc.layers[n].rank_mask, other.layers[n].rank_mask), t
+    state = other.state_dict()
+    assert state["final_pattern"] == {n: m.tolist() for n, m in other.final_pattern.items()}
+    assert state["ema"] == {} and state["unc"] == {}
+    fresh_model, fresh = _stepped(0)
+    fresh.load_state_dict(state)
+    assert {n: m.tolist() for n, m in fresh.final_pattern.items()} == state["final_pattern"]
+    assert all(m.dtype == torch.bool for m in fresh.final_pattern.values())
+
+
+def _bad(state: dict, **changes) -> dict:
+    return {**state, **changes}
+
+
+def test_allocator_state_that_does_not_fit_is_refused_by_name_and_changes_nothing() -> None:
+    _, alloc = _stepped(3)
+    good = alloc.state_dict()
+    _, target = _stepped(1, seed=5)
+    before = target.state_dict()
+    fields = "['ema', 'unc', 'final_pattern', 'last_pattern', 'rank_mask', 'updates', 'total']"
+    cases = [
+        (None, f"adalora: allocator state lacks {fields}; resume from a checkpoint the AdaLoRA hooks wrote"),
+        ([1], f"adalora: allocator state lacks {fields}; resume from a checkpoint the AdaLoRA hooks wrote"),
+        (
+            {k: v for k, v in good.items() if k not in ("updates", "ema")},
+            "adalora: allocator state lacks ['ema', 'updates']; resume from a checkpoint the AdaLoRA hooks wrote",
+        ),
+        (
+            _bad(good, rank_mask={"a": [True] * 3}),
+            "adalora: allocator state is for modules ['a'], the model has ['a', 'b']; resume with the same model "
+            "and target_modules",
+        ),
+    ]
+    fit = (
+        "adalora: allocator state does not fit the model: {}; resume from a checkpoint written for this model "
+        "and config"
+    )
+    cases += [
+        (_bad(good, rank_mask={"a": [True], "b": [1, 0, 1]}), fit.format("rank_mask['a']=[True] (want 3 0/1 flags)")),
+        (_bad(good, rank_mask={"a": "abc", "b": (1, 0, 1)}), fit.format("rank_mask['a']='abc' (want 3 0/1 flags)")),
+        (_bad(good, final_pattern={"a": [1, 0, 2]}), fit.format("final_pattern['a']=[1, 0, 2] (want 3 0/1 flags)")),
+        (_bad(good, last_pattern={"zz": [1, 1, 1]}), fit.format("last_pattern['zz']=[1, 1, 1] (want ? 0/1 flags)")),
+        (
+            _bad(good, last_pattern={"b": [True] * 30}),
+            fit.format(f"last_pattern['b']={repr([True] * 30)[:60]} (want 3 0/1 flags)"),
+        ),
+        (
+            _bad(good, ema={"a": {"lora_A": torch.zeros(2, 6)}}),
+            fit.format("ema['a']['lora_A'] does not fit the layer's lora_A"),
+        ),
+        (
+            _bad(good, unc={"zz": {"lora_E": torch.zeros(3, 1)}}),
+            fit.format("unc['zz']['lora_E'] does not fit the layer's lora_E"),
+        ),
+        (
+            _bad(good, ema={"b": {"lora_X": torch.zeros(3, 1)}}),
+            fit.format("ema['b']['lora_X'] does not fit the layer's lora_X"),
+        ),
+        (
+            _bad(good, unc={"b": {"lora_E": [[0.0]] * 3}}),
+            fit.format("unc['b']['lora_E'] does not fit the layer's lora_E"),
+        ),
+        (
+            _bad(
+                good,
+                rank_mask={"a": [2] * 3, "b": [2] * 3},
+                final_pattern={"a": [2] * 3, "b": [2] * 3},
+                last_pattern={"a": [2] * 3, "b": [2] * 3},
+                ema={"a": {"lora_A": 0}},
+            ),
+            fit.format(
+                "; ".join(
+                    f"{w}[{n!r}]=[2, 2, 2] (want 3 0/1 flags)"
+                    for w in ("rank_mask", "final_pattern", "last_pattern")
+                    for n in ("a", "b")
+                )
+            ),
+        ),
+    ]
+    for state, message in cases:
+        with pytest.raises(AdapterStateError) as err:
+            target.load_state_dict(state)
+        assert _msg(err) == message
+        after = target.state_dict()
+        assert after["updates"] == before["updates"] and after["last_pattern"] == before["last_pattern"]
+        assert after["rank_mask"] == before["rank_mask"] and after["final_pattern"] is None
+        for n in ("a", "b"):
+            assert all(torch.equal(after["ema"][n][k], before["ema"][n][k]) for k in before["ema"][n])
+
+
+# --- the run schedule -------------------------------------------------------------------------------------------
+
+
+def test_resolve_total_and_its_messages() -> None:
+    assert ada.resolve_total(AdaLoRAConfig(total_step=7), 99) == 7
+    assert ada.resolve_total(AdaLoRAConfig(total_step=7), None) == 7
+    assert ada.resolve_total(AdaLoRAConfig(), 12.0) == 12 and type(ada.resolve_total(AdaLoRAConfig(), 12.0)) is int
+    assert ada.resolve_total(AdaLoRAConfig(schedule="epoch"), 3.0) == 3
+    assert ada.resolve_total(AdaLoRAConfig(schedule="epoch"), 0) == 0
+    step_msg = (
+        "adalora: total_step=None but the trainer's number of optimizer steps is unbounded; "
+        "set Trainer(max_epochs=...) or max_steps, or AdaLoRAConfig.total_step"
+    )
+    epoch_msg = (
+        "adalora: schedule='epoch' with total_step=None needs Trainer(max_epochs=N); "
+        "or set AdaLoRAConfig.total_step to the number of epochs"
+    )
+    for cfg, length, message in [
+        (AdaLoRAConfig(), None, step_msg),
+        (AdaLoRAConfig(), float("inf"), step_msg),
+        (AdaLoRAConfig(), float("nan"), step_msg),
+        (AdaLoRAConfig(schedule="epoch"), None, epoch_msg),
+        (AdaLoRAConfig(schedule="epoch"), -1, epoch_msg),
+    ]:
+        with pytest.raises(AdapterConfigError) as err:
+            ada.resolve_total(cfg, length)
+        assert _msg(err) == message
+
+
+def test_rank_history_table_columns_and_rows() -> None:
+    history = [
+        {"t": 2, "global_step": 5, "budget": 6, "ranks": [3, 2]},
+        {"t": 4, "global_step": 9, "budget": 3, "ranks": [1, 2]},
+    ]
+    assert ada.rank_history_table(["a", "b"], history) == (
+        ["t", "global_step", "budget", "kept", "a", "b"],
+        [[2, 5, 6, 5, 3, 2], [4, 9, 3, 3, 1, 2]],
+    )
+
+
+def _sched(schedule: str = "step", **kw) -> tuple[nn.Module, ada.AdaLoRASchedule]:
+    sched_kw = {**SCHED, "schedule": schedule, **kw}
+    model = _two(**sched_kw)
+    _randomize(model)
+    cfg = AdaLoRAConfig(init_r=3, target_r=1, alpha=6.0, target_modules=["a", "b"], **sched_kw)
+    return model, ada.AdaLoRASchedule(model, cfg)
+
+
+@pytest.mark.parametrize(
+    "schedule, tinit, tfinal, length, words",
+    [
+        ("step", 1, 0, 1, "this run has 1 optimizer step, too few for tinit=1 + tfinal=0"),
+        ("step", 1, 2, 3, "this run has 3 optimizer steps, too few for tinit=1 + tfinal=2"),
+        ("epoch", 0, 1, 1, "this run has 1 epoch, too few for tinit=0 + tfinal=1"),
+        ("epoch", 1, 1, 2, "this run has 2 epochs, too few for tinit=1 + tfinal=1"),
+    ],
+)
+def test_start_turns_reallocation_off_for_too_short_runs(schedule, tinit, tfinal, length, words) -> None:
+    model, sched = _sched(schedule, tinit=tinit, tfinal=tfinal)
+    notice = sched.start(length)
+    assert notice == (f"adalora: {words}; training without rank reallocation (every layer keeps init_r=3)")
+    assert sched.reallocate is False and sched.allocator is None
+    assert sched.after_optimizer_step(0) is None and sched.after_epoch(1) is None and sched.history == []
+    assert sched.start(length + 1) is None
+    assert sched.reallocate is True and sched.allocator.total == length + 1
+
+
+def test_start_sizes_the_allocator_once_and_writes_the_resolved_total() -> None:
+    from lightning_adapters.interop.peft import peft_config_dict
+
+    model, sched = _sched()
+    assert sched.names == ["a", "b"] and sched.allocator is None and sched.reallocate is True
+    assert sched.history == [] and sched.last_epoch == 0 and sched.length_unit == "optimizer_steps"
+    with pytest.raises(AdapterStateError) as err:
+        sched.after_optimizer_step(0)
+    assert _msg(err) == "adalora: the schedule was used before start(length) was called"
+    assert peft_config_dict(model)["total_step"] == 4
+    assert sched.start(9) is None
+    alloc = sched.allocator
+    assert alloc.total == 9 and list(alloc.layers) == ["a", "b"] and peft_config_dict(model)["total_step"] == 9
+    assert sched.start(12.0) is None and sched.allocator is alloc and alloc.total == 12
+    assert peft_config_dict(model)["total_step"] == 12
+    # Epoch mode leaves the file's total_step alone; an explicit total_step ignores the length.
+    model, sched = _sched("epoch")
+    assert sched.length_unit == "epochs"
+    sched.start(9)
+    assert sched.allocator.total == 9 and peft_config_dict(model)["total_step"] == 4
+    model = _two(**SCHED)
+    cfg = AdaLoRAConfig(init_r=3, target_r=1, total_step=7, target_modules=["a", "b"], **SCHED)
+    sched = ada.AdaLoRASchedule(model, cfg)
+    assert sched.length_unit is None and sched.start(None) is None and sched.allocator.total == 7
+    with pytest.raises(AdapterConfigError) as err:
+        ada.AdaLoRASchedule(Two(), cfg)
+    assert _msg(err) == "adalora: the model has no AdaLoRA layers; inject an AdaLoRAConfig first"
+
+
+def test_start_writes_the_total_of_its_own_adapter_only() -> None:
+    from lightning_adapters.interop.peft import peft_config_dict
+
+    model = _two(**SCHED)
+    other_cfg = AdaLoRAConfig(init_r=2, target_r=1, target_modules=["b"], **SCHED)
+    la.inject(model, other_cfg, name="other")
+    sched = ada.AdaLoRASchedule(model, other_cfg, adapter="other")
+    assert sched.names == ["b"]
+    sched.start(20)
+    assert list(sched.allocator.layers) == ["b"] and sched.allocator.layers["b"] is model.b.adapter.other
+    assert (
+        peft_config_dict(model, "other")["total_step"] == 20 and peft_config_dict(model, "default")["total_step"] == 4
+    )
+    model.b.adapter.other.apply_mask(torch.tensor([True, False]))
+    assert sched.rank_pattern == {"b": [True, False]}
+
+
+def test_loss_term_is_the_weighted_regulariser_of_its_adapter() -> None:
+    model, sched = _sched(orth_reg_weight=0.25)
+    want = 0.25 * orthogonal_regularizer(list(adalora_layers(model).values()))
+    assert torch.equal(sched.loss_term(), want)
+    _, sched = _sched(orth_reg_weight=0.0)
+    assert sched.loss_term() is None
+    la.inject(model, AdaLoRAConfig(init_r=2, target_r=1, target_modules=["b"]), name="other")
+    other = ada.AdaLoRASchedule(model, AdaLoRAConfig(init_r=2, target_r=1, orth_reg_weight=2.0), adapter="other")
+    assert torch.equal(other.loss_term(), 2.0 * orthogonal_regularizer([model.b.adapter.other]))
+
+
+def _metrics(budget: int, ranks: list[int]) -> dict[str, float]:
+    return {
+        "adalora/budget": float(budget),
+        "adalora/kept": float(sum(ranks)),
+        "adalora/rank/a": float(ranks[0]),
+        "adalora/rank/b": float(ranks[1]),
+    }
+
+
+def test_step_schedule_records_each_allocation_with_its_metrics() -> None:
+    model, sched = _sched()
+    sched.start(9)
+    g = torch.Generator().manual_seed(2)
+    got = {}
+    for t in range(11):
+        _grads(model, g)
+        out = sched.after_optimizer_step(t, None if t % 2 else t + 100)
+        if out is not None:
+            got[t] = out
+        assert sched.after_epoch(t + 1) is None
+    assert list(got) == [2, 4, 6, 7]
+    ranks = [h["ranks"] for h in sched.history]
+    budgets = [budget_schedule(t, 6, 2, 1, 2, 9, 2)[0] for t in (2, 4, 6)] + [2]
+    assert sched.history == [
+        {"t": t, "global_step": t + 100 if t % 2 == 0 else t, "budget": b, "ranks": r}
+        for t, b, r in zip((2, 4, 6, 7), budgets, ranks)
+    ]
+    for out, b, r in zip(got.values(), budgets, ranks):
+        assert out == _metrics(b, r) and all(type(v) is float for v in out.values())
+    assert ranks[-1] == [ly.kept_rank for ly in adalora_layers(model).values()] and sum(ranks[-1]) == 2
+    assert sched.last_epoch == 0
+
+
+def test_epoch_schedule_allocates_once_per_new_epoch_end() -> None:
+    model, sched = _sched("epoch", tinit=1, tfinal=1, deltaT=1)
+    sched.start(5)
+    alloc = sched.allocator
+    g = torch.Generator().manual_seed(2)
+    outs = {}
+    for epoch in range(1, 7):
+        for step in range(2):
+            _grads(model, g)
+            assert sched.after_optimizer_step(step) is None
+        out = sched.after_epoch(epoch, None if epoch % 2 else 10 * epoch)
+        assert sched.last_epoch == epoch
+        if out is not None:
+            outs[epoch] = out
+        assert sched.after_epoch(epoch) is None and sched.after_epoch(epoch - 1) is None  # seen already
+        if epoch < 4:
+            assert alloc.updates == 2 * epoch and alloc.final_pattern is None
+    assert list(outs) == [2, 3, 4]
+    budgets = [3, 2, 2]  # floor(4·(2/3)³ + 2), floor(4·(1/3)³ + 2), the target at T − tfinal = 4
+    ranks = [h["ranks"] for h in sched.history]
+    assert sched.history == [
+        {"t": e, "global_step": 10 * e if e % 2 == 0 else e, "budget": b, "ranks": r}
+        for e, b, r in zip((2, 3, 4), budgets, ranks)
+    ]
+    assert [outs[e] for e in (2, 3, 4)] == [_metrics(b, r) for b, r in zip(budgets, ranks)]
+    assert sum(ranks[0]) >= 3 and sum(ranks[2]) == 2 and alloc.final_pattern is not None
+    # After the final mask the steps only re-apply it.
+    with torch.no_grad():
+        for ly in adalora_layers(model).values():
+            ly.lora_E.fill_(1.0)
+    updates = alloc.updates
+    assert sched.after_optimizer_step(0) is None and alloc.updates == updates
+    for n, ly in adalora_layers(model).items():
+        assert ly.lora_E[:, 0].tolist() == [1.0 if k else 0.0 for k in alloc.final_pattern[n].tolist()]
+
+
+def test_epoch_schedule_takes_the_final_mask_late_if_the_cut_epoch_was_missed() -> None:
+    model, sched = _sched("epoch", tinit=0, tfinal=1, deltaT=3)
+    sched.start(4)
+    _grads(model, torch.Generator().manual_seed(2))
+    sched.after_optimizer_step(0)
+    assert sched.after_epoch(1) is None  # 1 % 3 != 0: no mask in the cubic phase
+    out = sched.after_epoch(5)
+    assert out is not None and sched.history[-1]["t"] == 5 and sched.history[-1]["budget"] == 2
+    assert sum(sched.history[-1]["ranks"]) == 2 and sched.allocator.final_pattern is not None
+
+
+def test_report_is_the_history_table_and_heatmap() -> None:
+    from lightning_adapters.schedules import Heatmap, ScheduleReport
+
+    model, sched = _sched()
+    assert sched.report() is None
+    sched.history = [
+        {"t": 2, "global_step": 5, "budget": 6, "ranks": [3, 2]},
+        {"t": 4, "global_step": 9, "budget": 3, "ranks": [1, 2]},
+    ]
+    assert sched.report() == ScheduleReport(
+        "adalora/ranks",
+        ["t", "global_step", "budget", "kept", "a", "b"],
+        [[2, 5, 6, 5, 3, 2], [4, 9, 3, 3, 1, 2]],
+        "adalora/rank_heatmap",
+        Heatmap(
+            values=[[3.0, 1.0], [2.0, 2.0]],
+            row_labels=["a", "b"],
+            column_labels=["2", "4"],
+            vmax=3.0,
+            title="AdaLoRA kept rank per matrix",
+            xlabel="reallocation (t)",
+            colorbar="kept rank",
+        ),
+    )
+
+
+def test_schedule_state_round_trip_before_and_after_start() -> None:
+    model, sched = _sched()
+    assert sched.state_dict() == {"allocator": None, "history": [], "last_epoch": 0, "names": ["a", "b"]}
+    sched.start(9)
+    g = torch.Generator().manual_seed(2)
+    for t in range(5):
+        _grads(model, g)
+        sched.after_optimizer_step(t)
+    sched.last_epoch = 3
+    state = sched.state_dict()
+    assert set(state) == {"allocator", "history", "last_epoch", "names"}
+    assert state["allocator"]["updates"] == 5 and state["last_epoch"] == 3 and state["names"] == ["a", "b"]
+    assert state["history"] == sched.history and state["history"][0]["ranks"] is not sched.history[0]["ranks"]
+    # Loaded before start: kept pending, applied by start (which keeps its own total).
+    _, fresh = _sched()
+    fresh.load_state_dict(state)
+    assert fresh.allocator is None and fresh.state_dict() is state
+    fresh.start(11)
+    assert fresh.allocator.total == 11 and fresh.allocator.updates == 5 and fresh.last_epoch == 3
+    assert fresh.history == sched.history and fresh.history[0]["ranks"] is not state["history"][0]["ranks"]
+    assert fresh.state_dict()["allocator"]["total"] == 11
+    # Loaded after start, with no allocator state: the allocator keeps its own.
+    _, late = _sched()
+    late.start(9)
+    late.load_state_dict({**state, "allocator": None, "last_epoch": 2.0})
+    assert late.allocator.updates == 0 and late.history == sched.history
+    assert late.last_epoch == 2 and type(late.last_epoch) is int
+    # Loaded into a run too short to reallocate: the state is kept as it was.
+    _, short = _sched()
+    short.load_state_dict(state)
+    assert short.start(2) is not None and short.state_dict() is state
+    for bad, shown in [({**state, "names": ["x"]}, "['x']"), ({k: v for k, v in state.items() if k != "names"}, "[]")]:
+        with pytest.raises(AdapterStateError) as err:
+            sched.load_state_dict(bad)
+        assert _msg(err) == (
+            f"adalora: the checkpoint's AdaLoRA state is for modules {shown}, this model has ['a', 'b']; resume "
+            "with the same model and target_modules"
+        )
+
+
+# --- PEFT config translation and registration -------------------------------------------------------------------
+
+
+def test_to_peft_writes_every_field() -> None:
+    cfg = AdaLoRAConfig(
+        init_r=6,
+        target_r=3,
+        tinit=2,
+        tfinal=3,
+        deltaT=4,
+        beta1=0.5,
+        beta2=0.25,
+        orth_reg_weight=0.125,
+        alpha=12.0,
+        dropout=0.1,
+        init_weights=False,
+        bias="all",
+        layers_to_transform=[1],
+        layers_pattern="layers",
+        target_modules=["q_proj"],
+    )
+    assert ada._to_peft(cfg) == {
+        "peft_type": "ADALORA",
+        "init_r": 6,
+        "target_r": 3,
+        "tinit": 2,
+        "tfinal": 3,
+        "deltaT": 4,
+        "beta1": 0.5,
+        "beta2": 0.25,
+        "orth_reg_weight": 0.125,
+        "total_step": 6,
+        "r": 8,
+        "lora_alpha": 12.0,
+        "lora_dropout": 0.1,
+        "init_lora_weights": False,
+        "rank_pattern": None,
+        "layers_to_transform": [1],
+        "layers_pattern": "layers",
+        "bias": "all",
+        "fan_in_fan_out": False,
+        "use_dora": False,
+    }
+    assert ada._to_peft(AdaLoRAConfig(tinit=2, tfinal=3, total_step=40))["total_step"] == 40
+
+
+def test_peft_config_extra_writes_the_export_masks_once_anything_is_pruned() -> None:
+    model = _two()
+    la.inject(model, AdaLoRAConfig(init_r=2, target_r=1, target_modules=["b"]), name="other")
+    assert ada._peft_config_extra(model, "default") == {}
+    model.b.adapter.other.apply_mask(torch.tensor([True, False]))
+    assert ada._peft_config_extra(model, "default") == {}
+    assert ada._peft_config_extra(model, "other") == {"rank_pattern": {"b.lora_E": [True, False]}}
+    model.a.adapter.default.apply_mask(torch.tensor([False, True, False]))
+    with torch.no_grad():
+        model.a.adapter.default.lora_E[2, 0] = 1.0  # regrown: exported
+    assert ada._peft_config_extra(model, "default") == {
+        "rank_pattern": {"a.lora_E": [False, True, True], "b.lora_E": [True, True, True]}
+    }
+
+
+def test_from_peft_defaults() -> None:
+    cfg = ada._from_peft({})
+    assert (cfg.init_r, cfg.target_r, cfg.tinit, cfg.tfinal, cfg.deltaT) == (12, 8, 0, 0, 1)
+    assert (cfg.beta1, cfg.beta2, cfg.orth_reg_weight, cfg.total_step, cfg.alpha) == (0.85, 0.85, 0.5, None, 8)
+    assert (cfg.dropout, cfg.init_weights, cfg.rank_pattern, cfg.bias) == (0.0, True, {}, "none")
+    assert (cfg.layers_to_transform, cfg.layers_pattern) == (None, None)
+    assert (cfg.target_modules, cfg.exclude_modules, cfg.modules_to_save) == (None, None, None)
+
+
+def test_from_peft_reads_every_field() -> None:
+    d = {
+        "peft_type": "ADALORA",
+        "init_r": 3,
+        "target_r": 2,
+        "tinit": 1,
+        "tfinal": 2,
+        "deltaT": 5,
+        "beta1": 0.5,
+        "beta2": 0.25,
+        "orth_reg_weight": 0.125,
+        "total_step": 10,
+        "lora_alpha": 0.5,
+        "lora_dropout": 0.2,
+        "init_lora_weights": False,
+        "rank_pattern": {"m.a.lora_E.default": [True, False, True], "m.b.lora_E": [False, False, True]},
+        "bias": "lora_only",
+        "layers_to_transform": [0],
+        "layers_pattern": "layers",
+        "target_modules": ["a", "b"],
+        "exclude_modules": ["c"],
+        "modules_to_save": ["head"],
+    }
+    cfg = ada._from_peft(d)
+    assert (cfg.init_r, cfg.target_r, cfg.tinit, cfg.tfinal, cfg.deltaT) == (3, 2, 1, 2, 5)
+    assert (cfg.beta1, cfg.beta2, cfg.orth_reg_weight, cfg.total_step, cfg.alpha) == (0.5, 0.25, 0.125, 10, 0.5)
+    assert (cfg.dropout, cfg.init_weights, cfg.bias) == (0.2, False, "lora_only")
+    assert cfg.rank_pattern == {"m.a": [True, False, True], "m.b": [False, False, True]}
+    assert (cfg.layers_to_transform, cfg.layers_pattern) == ([0], "layers")
+    assert (cfg.target_modules, cfg.exclude_modules, cfg.modules_to_save) == (["a", "b"], ["c"], ["head"])
+    # PEFT's odd values: a zero alpha means init_r, a null dropout 0, target_r above init_r clipped, an
+    # impossible schedule dropped (the tensors still load), a falsy init flag False.
+    cfg = ada._from_peft({**d, "lora_alpha": 0, "lora_dropout": None, "target_r": 9, "total_step": 3})
+    assert (cfg.alpha, cfg.dropout, cfg.target_r, cfg.total_step) == (3.0, 0.0, 3, None)
+    assert type(cfg.alpha) is float
+    assert ada._from_peft({**d, "lora_alpha": 1, "init_lora_weights": 0}).alpha == 1
+    assert ada._from_peft({**d, "init_lora_weights": 0}).init_weights is False
+    assert ada._from_peft({**d, "total_step": 4}).total_step == 4
+    assert ada._from_peft({**d, "bias": "all"}).bias == "all"
+
+
+def test_the_method_is_registered_with_peft_s_defaults() -> None:
+    from lightning_adapters.core.targeting import LINEAR_TYPES
+    from lightning_adapters.registry import get_method, get_method_by_peft_type
+
+    spec = get_method("adalora")
+    assert spec is get_method_by_peft_type("ADALORA") and isinstance(spec, ada.AdaLoRAMethod)
+    assert (spec.name, spec.peft_type, spec.config_cls) == ("adalora", "ADALORA", AdaLoRAConfig)
+    assert spec.supported_types == LINEAR_TYPES + (nn.Conv2d,)
+    assert spec.default_targets == {
+        "llama": ["q_proj", "v_proj"],
+        "bert": ["query", "value"],
+        "roberta": ["query", "value"],
+        "gpt2": ["c_attn"],
+    }
+    assert spec.create_layer is ada.AdaLoRALayer and spec.training_hooks is ada.AdaLoRASchedule
+    assert spec.config_to_peft is ada._to_peft and spec.config_from_peft is ada._from_peft
+    assert spec.peft_config_extra is ada._peft_config_extra
+    assert ada.SCHEDULES == ("step", "epoch") and ada.RANKNUM_EPS == 1e-5
