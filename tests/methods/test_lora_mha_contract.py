@@ -243,6 +243,25 @@ def test_half_base_merges_in_float32_and_rounds_once():
     assert torch.equal(w_out.detach(), (m_out.float() - 2 * d_out).to(torch.bfloat16))
 
 
+def test_a_float64_adapter_on_a_float32_base_merges_in_float32():
+    # each ΔW is rounded to the base's compute dtype first, then added there (the output one twice)
+    model = _inject(dtype=torch.float32)
+    layer = model.attn.adapter.default.double()
+    _randomize(layer)
+    A, B, Ao, Bo = _factors(layer)
+    w_in, w_out = model.attn.in_proj_weight, model.attn.out_proj.weight
+    b_in, b_out = w_in.detach().clone(), w_out.detach().clone()
+    d_in, d_out = ((B @ A) * 1.5).float(), ((Bo @ Ao) * 1.5).float()
+    layer.merge(model.attn)
+    assert w_in.dtype == w_out.dtype == torch.float32
+    assert torch.equal(w_in.detach(), b_in + d_in)
+    assert torch.equal(w_out.detach(), b_out + 2 * d_out)
+    m_in, m_out = w_in.detach().clone(), w_out.detach().clone()
+    layer.unmerge(model.attn)
+    assert torch.equal(w_in.detach(), m_in - d_in)
+    assert torch.equal(w_out.detach(), m_out - 2 * d_out)
+
+
 @pytest.mark.parametrize(("factor", "what"), [("lora_B", "in_proj_weight"), ("out_lora_B", "out_proj.weight")])
 def test_safe_merge_checks_both_weights_before_writing_either(factor, what):
     model = _inject()
@@ -258,6 +277,21 @@ def test_safe_merge_checks_both_weights_before_writing_either(factor, what):
     layer.merge(model.attn)  # unsafe: written, inf included
     weights = {"in_proj_weight": model.attn.in_proj_weight, "out_proj.weight": model.attn.out_proj.weight}
     assert layer.merged is True and int(torch.isinf(weights[what]).sum()) == E
+
+
+@pytest.mark.parametrize(
+    ("factor", "what", "value"), [("", "in_proj_weight", 7e4 / 1.5), ("out_", "out_proj.weight", 7e4 / 3)]
+)
+def test_safe_merge_checks_the_float16_values_not_the_float32_sums(factor, what, value):
+    model = _inject(dtype=torch.float16)
+    layer = model.attn.adapter.default
+    with torch.no_grad():  # ΔW[0, 0] = 7e4: finite in float32, inf in float16
+        getattr(layer, f"{factor}lora_A")[0, 0] = value
+        getattr(layer, f"{factor}lora_B")[0, 0] = 1.0
+    b_in, b_out = model.attn.in_proj_weight.detach().clone(), model.attn.out_proj.weight.detach().clone()
+    with pytest.raises(la.MergeError, match=rf"^merged {what} has 1 non-finite values \(NaN or Inf\) in float16"):
+        layer.merge(model.attn, safe=True)
+    assert torch.equal(model.attn.in_proj_weight, b_in) and torch.equal(model.attn.out_proj.weight, b_out)
 
 
 def test_peft_keys_and_load_back():

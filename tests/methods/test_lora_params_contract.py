@@ -267,6 +267,27 @@ def test_half_base_merges_in_float32_and_rounds_once():
         assert torch.equal(getattr(model.block, n).detach(), (merged[n].float() - d[n]).to(torch.bfloat16)), n
 
 
+def test_a_float64_adapter_on_a_float32_base_merges_in_float32():
+    # ΔW is rounded to the base's compute dtype first, then added there: one rounding of each
+    model = _inject(dtype=torch.float32)
+    layer = model.block.adapter.default.double()
+    _randomize(layer)
+    shapes = {"w": (3, 5, 4), "p": (6, 4), "v": (2, 4, 7)}
+    base = {n: getattr(model.block, n).detach().clone() for n in shapes}
+    d = {
+        n: _delta(layer.lora_A[n].detach(), layer.lora_B[n].detach(), s, 2, 3.0, False).float()
+        for n, s in shapes.items()
+    }
+    layer.merge(model.block)
+    for n in shapes:
+        assert getattr(model.block, n).dtype == torch.float32
+        assert torch.equal(getattr(model.block, n).detach(), base[n] + d[n]), n
+    merged = {n: getattr(model.block, n).detach().clone() for n in shapes}
+    layer.unmerge(model.block)
+    for n in shapes:
+        assert torch.equal(getattr(model.block, n).detach(), merged[n] - d[n]), n
+
+
 def test_safe_merge_checks_every_parameter_before_writing_any():
     model = _inject()
     layer = model.block.adapter.default
@@ -280,6 +301,18 @@ def test_safe_merge_checks_every_parameter_before_writing_any():
     assert all(torch.equal(getattr(model.block, n), before[n]) for n in "wpv")
     layer.merge(model.block)  # unsafe: written, inf included
     assert layer.merged is True and torch.isinf(model.block.v).any()
+
+
+def test_safe_merge_checks_the_float16_values_not_the_float32_sums():
+    model = _inject(dtype=torch.float16)
+    layer = model.block.adapter.default
+    with torch.no_grad():
+        layer.lora_A["p"][0, 0] = 7e4 / 3.0  # ΔW[0, 0] = 7e4: finite in float32, inf in float16
+        layer.lora_B["p"][0, 0] = 1.0
+    before = {n: getattr(model.block, n).detach().clone() for n in "wpv"}
+    with pytest.raises(la.MergeError, match=r"^merged p has 1 non-finite values \(NaN or Inf\) in float16"):
+        layer.merge(model.block, safe=True)
+    assert all(torch.equal(getattr(model.block, n), before[n]) for n in "wpv")
 
 
 def test_peft_keys_nest_in_parameter_order_and_load_back():
