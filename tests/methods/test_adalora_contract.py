@@ -123,6 +123,13 @@ def test_config_accepts_the_boundaries_and_normalises_the_pattern() -> None:
     assert (d.dropout, d.init_weights, d.schedule, d.rank_pattern, d.bias) == (0.0, True, "step", {}, "none")
 
 
+def test_config_runs_the_shared_checks_first() -> None:
+    with pytest.raises(AdapterConfigError):
+        AdaLoRAConfig(target_modules=5)
+    with pytest.raises(AdapterConfigError):
+        AdaLoRAConfig(exclude_modules=7)
+
+
 def test_check_schedule_passes_one_below_the_total() -> None:
     check_schedule(3, 2, 6, "step")
     check_schedule(0, 0, 1, "epoch")
@@ -1198,6 +1205,16 @@ def test_from_peft_reads_every_field() -> None:
     assert ada._from_peft({**d, "init_lora_weights": 0}).init_weights is False
     assert ada._from_peft({**d, "total_step": 4}).total_step == 4
     assert ada._from_peft({**d, "bias": "all"}).bias == "all"
+    assert ada._from_peft({**d, "rank_pattern": None}).rank_pattern == {}
+    assert ada._from_peft({**d, "rank_pattern": {"m.a.lora_E": (True, True, False)}}).rank_pattern == {
+        "m.a": [True, True, False]
+    }
+    with pytest.raises(AdapterConfigError) as err:
+        ada._from_peft({**d, "brand_new_option": 5})
+    assert _msg(err).startswith("adalora: PEFT ADALORA option brand_new_option=5 is not known to lightning_adapters")
+    with pytest.raises(AdapterConfigError) as err:
+        ada._from_peft({**d, "rank_pattern": {"m.a": [True] * 3}})
+    assert _msg(err) == "adalora: rank_pattern key 'm.a' is not PEFT's '<module>.lora_E' form"
 
 
 def test_the_method_is_registered_with_peft_s_defaults() -> None:
@@ -1218,3 +1235,96 @@ def test_the_method_is_registered_with_peft_s_defaults() -> None:
     assert spec.config_to_peft is ada._to_peft and spec.config_from_peft is ada._from_peft
     assert spec.peft_config_extra is ada._peft_config_extra
     assert ada.SCHEDULES == ("step", "epoch") and ada.RANKNUM_EPS == 1e-5
+
+
+# --- sharded (FSDP2) glue, driven with stand-ins for DTensors and the process group ------------------------------
+
+
+class _FakeDTensor:
+    """What ``_full``/``_like`` read of a DTensor: ``full_tensor()``, ``device_mesh`` and ``placements``."""
+
+    def __init__(self, full: torch.Tensor) -> None:
+        self.full = full
+        self.device_mesh = "mesh"
+        self.placements = ("shard-0",)
+
+    def full_tensor(self) -> torch.Tensor:
+        return self.full
+
+
+def test_full_and_like_gather_and_scatter_only_sharded_tensors(monkeypatch) -> None:
+    import torch.distributed.tensor as dtensor
+
+    t = torch.arange(3.0)
+    assert ada._full(t) is t
+    fake = _FakeDTensor(torch.ones(2))
+    assert ada._full(fake) is fake.full
+    mask = torch.tensor([[True], [False]])
+    assert ada._like(t, mask) is mask
+    calls = []
+    monkeypatch.setattr(dtensor, "distribute_tensor", lambda *a: calls.append(a) or "distributed")
+    assert ada._like(fake, mask) == "distributed"
+    assert len(calls) == 1 and calls[0][0] is mask and calls[0][1:] == ("mesh", ("shard-0",))
+
+
+def test_scores_are_broadcast_from_rank_0_under_a_process_group(monkeypatch) -> None:
+    import torch.distributed as dist
+
+    scores = {"a": torch.tensor([1.0, 2.0, 3.0]), "b": torch.tensor([4.0, 5.0])}
+    assert ada._broadcast_from_rank0(scores) is scores  # no process group
+    monkeypatch.setattr(dist, "is_available", lambda: True)
+    monkeypatch.setattr(dist, "is_initialized", lambda: True)
+    monkeypatch.setattr(dist, "get_world_size", lambda: 1)
+    assert ada._broadcast_from_rank0(scores) is scores  # a group of one
+    rank0 = torch.tensor([10.0, 20.0, 30.0, 40.0, 50.0])
+    seen = []
+
+    def broadcast(flat: torch.Tensor, src: int) -> None:
+        seen.append((flat.clone(), src, flat.is_contiguous()))
+        flat.copy_(rank0)
+
+    monkeypatch.setattr(dist, "get_world_size", lambda: 2)
+    monkeypatch.setattr(dist, "broadcast", broadcast)
+    out = ada._broadcast_from_rank0(scores)
+    assert len(seen) == 1 and seen[0][0].tolist() == [1.0, 2.0, 3.0, 4.0, 5.0] and seen[0][1:] == (0, True)
+    assert list(out) == ["a", "b"] and out["a"].tolist() == [10.0, 20.0, 30.0] and out["b"].tolist() == [40.0, 50.0]
+    two_d = {"a": torch.tensor([[1.0, 2.0]]), "b": torch.tensor([3.0])}
+    rank0 = torch.tensor([7.0, 8.0, 9.0])
+    out = ada._broadcast_from_rank0(two_d)
+    assert out["a"].shape == (1, 2) and out["a"].tolist() == [[7.0, 8.0]] and out["b"].tolist() == [9.0]
+    # The allocator's scores go through it: every rank masks with rank 0's scores.
+    model = _two(**SCHED)
+    alloc = ada.RankAllocator(model, AdaLoRAConfig(init_r=3, target_r=1, **SCHED), 9)
+    rank0 = torch.tensor([5.0, 1.0, 4.0, 2.0, 6.0, 3.0], dtype=torch.float64)
+    masks = alloc.allocate(3)
+    assert masks["a"].tolist() == [True, False, True] and masks["b"].tolist() == [False, True, False]
+
+
+def test_a_default_device_context_does_not_move_the_adapter() -> None:
+    torch.manual_seed(3)
+    base = nn.Linear(6, 5).double()
+    want = _one(nn.Linear(6, 5).double(), seed=2, rank_pattern={"layer": [True, False, True]}).layer.adapter.default
+    with torch.device("meta"):
+        model = _one(base, seed=2, rank_pattern={"layer": [True, False, True]})
+    layer = model.layer.adapter.default
+    tensors = dict(layer.named_parameters()) | dict(layer.named_buffers())
+    assert set(tensors) == {"lora_A", "lora_B", "lora_E", "rank_mask", "ranknum"}
+    assert all(t.device.type == "cpu" for t in tensors.values())
+    for name in ("lora_A", "lora_B", "lora_E", "rank_mask", "ranknum"):
+        assert torch.equal(getattr(layer, name), getattr(want, name)), name
+
+
+def test_allocator_state_with_0_1_flags_loads_as_bool_masks() -> None:
+    _, alloc = _stepped(3)
+    state = alloc.state_dict()
+    ints = {n: [int(f) for f in flags] for n, flags in state["last_pattern"].items()}
+    _, fresh = _stepped(0)
+    fresh.load_state_dict(
+        {**state, "last_pattern": ints, "final_pattern": ints, "rank_mask": ints, "updates": 3.0, "total": 9.0}
+    )
+    assert fresh.updates == 3 and type(fresh.updates) is int and fresh.total == 9 and type(fresh.total) is int
+    for p in (fresh.last_pattern, fresh.final_pattern):
+        assert all(m.dtype == torch.bool for m in p.values())
+        assert {n: m.tolist() for n, m in p.items()} == state["last_pattern"]
+    assert fresh.state_dict()["final_pattern"] == state["last_pattern"]
+    assert {n: ly.rank_mask.tolist() for n, ly in fresh.layers.items()} == state["last_pattern"]
