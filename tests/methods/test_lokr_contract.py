@@ -750,3 +750,33 @@ def test_no_mask_drawn_without_rank_dropout_or_outside_training(monkeypatch, pat
         dw = _expected_delta(layer, base)
         assert torch.allclose(y, F.linear(x, base.weight + dw, base.bias), atol=1e-5)
         assert torch.allclose(term, F.linear(x, dw), atol=1e-5)
+
+
+def test_base_config_checks_run_under_the_lokr_name():
+    for kw, msg in [
+        (dict(r=0), "lokr: r must be an integer > 0, got 0"),
+        (dict(alpha=0), "lokr: alpha must be a finite number > 0, got 0"),
+        (dict(rank_pattern={"q": 0}), "lokr: rank_pattern['q'] must be an integer > 0, got 0"),
+    ]:
+        with pytest.raises(la.AdapterConfigError) as err:
+            LoKrConfig(**kw)
+        assert str(err.value) == msg
+
+
+@pytest.mark.parametrize(
+    ("make", "dims"),
+    [
+        (lambda: nn.Linear(8, 2), (8, 2)),
+        (lambda: nn.Conv2d(4, 2, 3, groups=2), (18, 2)),
+        (lambda: Conv1D(2, 8), (8, 2)),
+    ],
+)
+def test_rank_limit_is_sixteen_times_the_largest_weight_dimension(make, dims):
+    limit = 16 * max(dims)
+    LoKrLayer(make(), LoKrConfig(r=limit), "a.b")
+    with pytest.raises(la.AdapterConfigError) as err:
+        LoKrLayer(make(), LoKrConfig(r=limit + 1), "a.b")
+    assert str(err.value) == (
+        f"lokr: r={limit + 1} on 'a.b' is far above the layer's dimensions {dims} (at most {limit} is accepted, "
+        f"nothing was allocated); more than {min(dims)} ranks add no expressiveness, so use r <= {min(dims)}"
+    )
