@@ -540,3 +540,33 @@ def test_no_mask_drawn_without_rank_dropout_or_outside_training(monkeypatch, pat
 def test_config_accepts_edges():
     for kw in (dict(rank_dropout=0.0, module_dropout=0.0), dict(rank_dropout=0.99), dict(init_weights=False)):
         LoHaConfig(**kw)
+
+
+def test_base_config_checks_run_under_the_loha_name():
+    for kw, msg in [
+        (dict(r=0), "loha: r must be an integer > 0, got 0"),
+        (dict(alpha=0), "loha: alpha must be a finite number > 0, got 0"),
+        (dict(rank_pattern={"q": 0}), "loha: rank_pattern['q'] must be an integer > 0, got 0"),
+    ]:
+        with pytest.raises(la.AdapterConfigError) as err:
+            LoHaConfig(**kw)
+        assert str(err.value) == msg
+
+
+@pytest.mark.parametrize(
+    ("make", "dims"),
+    [
+        (lambda: nn.Linear(8, 2), (8, 2)),
+        (lambda: nn.Conv2d(4, 2, 3, groups=2), (18, 2)),
+        (lambda: Conv1D(2, 8), (8, 2)),
+    ],
+)
+def test_rank_limit_is_sixteen_times_the_largest_weight_dimension(make, dims):
+    limit = 16 * max(dims)
+    LoHaLayer(make(), LoHaConfig(r=limit), "a.b")
+    with pytest.raises(la.AdapterConfigError) as err:
+        LoHaLayer(make(), LoHaConfig(r=limit + 1), "a.b")
+    assert str(err.value) == (
+        f"loha: r={limit + 1} on 'a.b' is far above the layer's dimensions {dims} (at most {limit} is accepted, "
+        f"nothing was allocated); more than {min(dims)} ranks add no expressiveness, so use r <= {min(dims)}"
+    )
