@@ -780,3 +780,12 @@ def test_rank_limit_is_sixteen_times_the_largest_weight_dimension(make, dims):
         f"lokr: r={limit + 1} on 'a.b' is far above the layer's dimensions {dims} (at most {limit} is accepted, "
         f"nothing was allocated); more than {min(dims)} ranks add no expressiveness, so use r <= {min(dims)}"
     )
+
+
+def test_rank_dropout_keeps_a_row_only_strictly_above_p(monkeypatch):
+    """PEFT's mask is ``rand > p``: a draw equal to p drops its row."""
+    monkeypatch.setattr(torch, "rand", lambda *a, **k: torch.tensor([0.5, 0.25, 0.75, 0.5]))
+    m = rank_dropout_multipliers(4, 0.5, False, torch.float32, torch.device("cpu"))
+    assert torch.equal(m, torch.tensor([0.0, 0.0, 1.0, 0.0]))
+    m = rank_dropout_multipliers(4, 0.5, True, torch.float32, torch.device("cpu"))
+    assert torch.equal(m, torch.tensor([0.0, 0.0, 4.0, 0.0]))
