@@ -246,13 +246,18 @@ def test_quantize_roundtrip_nf4_is_bitsandbytes_with_blocks_of_64_and_idempotent
 
 def test_quantize_roundtrip_int8_is_per_row_absmax_of_the_float16_weight():
     pytest.importorskip("bitsandbytes")
+    import bitsandbytes.functional as bnbf
+
     w = _w(3, 8, 6).double() * torch.tensor([[0.5], [2.0], [9.0]], dtype=torch.float64)
     q = li.quantize_roundtrip(w, 8)
+    codes, scales, _ = bnbf.int8_vectorwise_quant(w.to(torch.float16))
+    assert q.dtype == torch.float32 and q.shape == w.shape
+    assert torch.equal(q, bnbf.int8_vectorwise_dequant(codes, scales).float())
+    codes32, scales32, _ = bnbf.int8_vectorwise_quant(w.float())  # without the float16 rounding: other values
+    assert not torch.equal(q, bnbf.int8_vectorwise_dequant(codes32, scales32).float())
     w16 = w.to(torch.float16).float()
     absmax = w16.abs().amax(dim=1, keepdim=True)
-    want = torch.round(w16 * 127 / absmax) * absmax / 127
-    assert q.dtype == torch.float32 and q.shape == w.shape
-    torch.testing.assert_close(q, want, rtol=1e-3, atol=1e-6)
+    torch.testing.assert_close(q, torch.round(w16 * 127 / absmax) * absmax / 127, rtol=1e-6, atol=1e-7)
     assert torch.equal(li.quantize_roundtrip(q, 8), q)
 
 
