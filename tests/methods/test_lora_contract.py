@@ -434,3 +434,170 @@ def test_from_peft_reads_a_file_without_init_lora_weights_as_the_default():
     d["loftq_config"]["loftq_iter"] = 2
     cfg = _from_peft(d)
     assert cfg.init_weights == "loftq" and (cfg.loftq_bits, cfg.loftq_iter) == (8, 2)
+
+
+# ------------------------------------------------------------------------------------------------------------
+# DoRA: output dtype on a half base, the eval path on a quantized base
+
+
+def _dora_reference(base: nn.Module, a, b, m, scale, x):
+    """``m / ||W + s·B·A||_row ⊙ (W + s·B·A) ⋆ x + bias`` in float64 from the base's own values."""
+    w = base.weight.detach().double()
+    a, b, m = a.detach().double(), b.detach().double(), m.detach().double().reshape(-1)
+    if isinstance(base, nn.Conv2d):
+        dw = lora_method.conv_delta_weight(a, b, base.groups, scale)
+        merged = w + dw
+        f = m / merged.flatten(1).norm(dim=1)
+        y = F.conv2d(x.double(), merged * f.reshape(-1, 1, 1, 1), None, base.stride, base.padding, 1, base.groups)
+        return y + base.bias.detach().double().reshape(1, -1, 1, 1)
+    merged = w + scale * b @ a
+    f = m / merged.norm(dim=1)
+    return x.double() @ (merged * f[:, None]).t() + base.bias.detach().double()
+
+
+@pytest.mark.parametrize("kind", ["linear", "conv"])
+@pytest.mark.parametrize("dropout", [0.0, 0.5])
+def test_dora_on_a_bf16_base_answers_in_bf16_with_the_closed_form_values(kind, dropout):
+    """A bf16 base keeps fp32 adapters; DoRA's output is cast back to the base dtype in every branch (train with and
+    without dropout, eval), and in eval mode it is the closed form ``m/||W+ΔW|| ⊙ (W+ΔW) x + b`` (bf16 rounding)."""
+    torch.manual_seed(0)
+    base = nn.Linear(16, 12) if kind == "linear" else nn.Conv2d(4, 6, 3, padding=1, groups=2)
+    model = Wrap(base.to(torch.bfloat16))
+    la.inject(model, la.LoRAConfig(r=4, alpha=6, dropout=dropout, use_dora=True, target_modules=["layer"]))
+    layer = model.layer.adapter["default"]
+    with torch.no_grad():
+        layer.lora_A.normal_(0, 0.3)
+        layer.lora_B.normal_(0, 0.3)
+        layer.magnitude.mul_(1 + 0.3 * torch.randn(layer.magnitude.shape))
+    assert layer.lora_A.dtype == torch.float32
+    x = torch.randn(3, 16) if kind == "linear" else torch.randn(2, 4, 5, 5)
+    x = x.bfloat16()
+    model.train()
+    assert model(x).dtype == torch.bfloat16
+    model.eval()
+    y = model(x)
+    assert y.dtype == torch.bfloat16
+    want = _dora_reference(model.layer, layer.lora_A, layer.lora_B, layer.magnitude, 1.5, x)
+    err = (y.double() - want).abs().max().item()
+    assert err <= 2e-2 * want.abs().max().item(), err
+
+
+def test_quantized_dora_in_eval_takes_the_layer_s_kernel_for_an_input_without_gradient():
+    """On an NF4 base in eval mode an input that needs no gradient runs the quantized layer's own kernel for the
+    base term even under autograd (the adapter's parameters still get gradients): the output is the one computed
+    under ``no_grad``, exactly."""
+    pytest.importorskip("bitsandbytes")
+    torch.manual_seed(0)
+    model = la.quantize(Wrap(nn.Linear(128, 128)), "nf4", skip=[])
+    la.inject(model, la.LoRAConfig(r=4, alpha=8, use_dora=True, target_modules=["layer"]))
+    layer = model.layer.adapter["default"]
+    with torch.no_grad():
+        layer.lora_B.normal_(0, 0.1)
+        layer.magnitude.mul_(1 + 0.3 * torch.randn(128))
+    model.eval()
+    x = torch.randn(3, 128)
+    with torch.no_grad():
+        want = model(x)
+    y = model(x)
+    assert y.requires_grad and torch.equal(y.detach(), want)
+    (ga,) = torch.autograd.grad(y.sum(), [layer.magnitude])
+    assert ga.abs().sum() > 0
+
+
+# ------------------------------------------------------------------------------------------------------------
+# LoRAConfig.__post_init__: every check names its field, and the normalisations
+
+
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        ({"bias": "some"}, "lora: bias must be one of ['none', 'all', 'lora_only'], got 'some'"),
+        ({"lora_bias": 1}, "lora: lora_bias must be one of [False, True], got 1"),
+        ({"dropout": 1.0}, "lora: dropout must be in [0, 1), got 1.0"),
+        ({"init_batches": 0}, "lora: init_batches must be an integer > 0, got 0"),
+        ({"loftq_bits": 3}, "lora: loftq_bits must be one of [4, 8], got 3"),
+        ({"loftq_iter": 0}, "lora: loftq_iter must be an integer > 0, got 0"),
+        ({"corda_method": "pca"}, "lora: corda_method must be one of ['ipm', 'kpm'], got 'pca'"),
+        ({"init_weights": "xavier"}, "lora: init_weights must be True, False, one of"),
+        ({"grouped_conv_layout": "dense"}, "lora: grouped_conv_layout='dense' is not one of ('mergeable', 'peft')"),
+        ({"target_parameters": ["gate_up_proj"]}, "lora: target_parameters=['gate_up_proj'] must be"),
+        ({"eva_rho": 0.5}, "lora: eva_rho must be a finite number >= 1"),
+        ({"lora_bias": True, "use_dora": True}, "lora: lora_bias=True does not work with use_dora=True"),
+        ({"lora_bias": True, "init_weights": "gaussian"}, "lora: lora_bias=True needs init_weights True or False"),
+        ({"init_weights": "orthogonal", "r": 3}, "lora: init_weights='orthogonal' needs even ranks (A and B"),
+    ],
+)
+def test_config_refusals_name_the_field_and_value(kwargs, message):
+    with pytest.raises(la.AdapterConfigError) as err:
+        la.LoRAConfig(**kwargs)
+    assert str(err.value).startswith(message)
+
+
+def test_orthogonal_init_lists_every_odd_rank():
+    with pytest.raises(la.AdapterConfigError) as err:
+        la.LoRAConfig(init_weights="orthogonal", r=3, rank_pattern={"q": 4, "k": 5, "v": 1})
+    assert "got {'r': 3, \"rank_pattern['k']\": 5, \"rank_pattern['v']\": 1}; use an even r" in str(err.value)
+    with pytest.raises(la.AdapterConfigError) as err:
+        la.LoRAConfig(init_weights="orthogonal", r=4, rank_pattern={"q": 4, "k": 5})
+    assert "got {\"rank_pattern['k']\": 5}; use an even r" in str(err.value)
+    assert la.LoRAConfig(init_weights="orthogonal", r=4, rank_pattern={"q": 2}).rank_pattern == {"q": 2}
+    assert la.LoRAConfig(r=3, rank_pattern={"q": 5}).r == 3  # odd ranks are fine for the other inits
+
+
+def test_config_accepts_and_normalises():
+    for init in (True, False):
+        assert la.LoRAConfig(lora_bias=True, init_weights=init).lora_bias is True
+    assert la.LoRAConfig(dropout=0.0).dropout == 0.0 and la.LoRAConfig(dropout=0.999).dropout == 0.999
+    assert la.LoRAConfig(loftq_bits=8, loftq_iter=5).loftq_iter == 5
+    cfg = la.LoRAConfig(trainable_token_indices=(5, 3), target_parameters=("a.b",))
+    assert cfg.trainable_token_indices == [5, 3] and cfg.target_parameters == ["a.b"]
+    cfg = la.LoRAConfig(trainable_token_indices={"embed": (2, 7)})
+    assert cfg.trainable_token_indices == {"embed": [2, 7]}
+    cfg = la.LoRAConfig(target_modules=(), target_parameters=["experts.down_proj"])
+    assert cfg.target_modules == []
+    with pytest.raises(la.AdapterConfigError, match="target_modules must be a non-empty list"):
+        la.LoRAConfig(target_modules=[])  # empty target_modules needs target_parameters
+    assert la.LoRAConfig(target_modules=["q"], target_parameters=["e.w"]).target_modules == ["q"]
+
+
+def test_from_peft_reads_every_field_of_peft_s_config():
+    d = LoraConfig(
+        r=6, lora_alpha=12, lora_dropout=0.1, use_rslora=True, rank_pattern={"q": 2}, alpha_pattern={"q": 3},
+        trainable_token_indices=[5], bias="lora_only", lora_bias=True, layers_to_transform=[1],
+        layers_pattern="layers", target_modules=["q", "v"], exclude_modules=["x"], modules_to_save=["head"],
+        init_lora_weights=False,
+    ).to_dict()  # fmt: skip
+    cfg = _from_peft(d)
+    assert (cfg.r, cfg.alpha, cfg.dropout, cfg.use_rslora, cfg.use_dora) == (6, 12, 0.1, True, False)
+    assert cfg.init_weights is False and cfg.rank_pattern == {"q": 2} and cfg.alpha_pattern == {"q": 3}
+    assert cfg.trainable_token_indices == [5] and cfg.bias == "lora_only" and cfg.lora_bias is True
+    assert cfg.layers_to_transform == [1] and cfg.layers_pattern == "layers"
+    assert sorted(cfg.target_modules) == ["q", "v"] and cfg.exclude_modules == ["x"]
+    assert cfg.modules_to_save == ["head"] and cfg.target_parameters is None
+    d = LoraConfig(target_modules=["q"], use_dora=True, bias="all", target_parameters=["e.w"]).to_dict()
+    d.update(lora_dropout=None, rank_pattern=None, alpha_pattern=None)
+    cfg = _from_peft(d)
+    assert cfg.use_dora is True and cfg.bias == "all" and cfg.dropout == 0.0
+    assert cfg.rank_pattern == {} and cfg.alpha_pattern == {} and cfg.target_parameters == ["e.w"]
+    cfg = _from_peft({"peft_type": "LORA", "target_modules": ["q"]})  # PEFT's defaults for what is absent
+    assert (cfg.r, cfg.alpha, cfg.dropout, cfg.use_rslora, cfg.use_dora, cfg.bias) == (8, 8, 0.0, False, False, "none")
+    assert cfg.lora_bias is False and cfg.init_weights is True and cfg.trainable_token_indices is None
+
+
+def test_to_peft_writes_every_field_as_peft_names_it():
+    cfg = la.LoRAConfig(
+        r=6, alpha=12, dropout=0.1, use_rslora=True, use_dora=True, init_weights="gaussian", rank_pattern={"q": 2},
+        alpha_pattern={"q": 3}, layers_to_transform=[1], layers_pattern="layers", target_modules=["q"],
+        bias="all", trainable_token_indices=[4], target_parameters=["e.w"],
+    )  # fmt: skip
+    d = _to_peft(cfg)
+    assert d == {
+        "peft_type": "LORA", "r": 6, "lora_alpha": 12, "lora_dropout": 0.1, "use_rslora": True, "use_dora": True,
+        "init_lora_weights": "gaussian", "rank_pattern": {"q": 2}, "alpha_pattern": {"q": 3},
+        "layers_to_transform": [1], "layers_pattern": "layers", "bias": "all", "fan_in_fan_out": False,
+        "lora_bias": False, "trainable_token_indices": [4], "target_parameters": ["e.w"],
+    }  # fmt: skip
+    assert d["rank_pattern"] is not cfg.rank_pattern  # a copy: editing the dict leaves the config
+    back = _from_peft({**d, "target_modules": ["q"]})
+    for f in ("r", "alpha", "dropout", "use_rslora", "use_dora", "init_weights", "rank_pattern", "alpha_pattern"):
+        assert getattr(back, f) == getattr(cfg, f), f
