@@ -398,6 +398,8 @@ def test_quantized_base_without_grad_uses_its_own_kernel_exactly(monkeypatch, pa
         base_out = model(x)
         la.inject(model, LoHaConfig(r=4, alpha=8, target_modules=["layer"]))
         assert torch.equal(model(x), base_out)
+        layer = _randomize(model.layer.adapter.default, std=0.05)
+        assert torch.allclose(model(x), base_out + F.linear(x, layer.delta_weight()), atol=1e-5)
 
 
 # ------------------------------------------------------------------------------------------------------------
