@@ -1328,3 +1328,44 @@ def test_allocator_state_with_0_1_flags_loads_as_bool_masks() -> None:
         assert {n: m.tolist() for n, m in p.items()} == state["last_pattern"]
     assert fresh.state_dict()["final_pattern"] == state["last_pattern"]
     assert {n: ly.rank_mask.tolist() for n, ly in fresh.layers.items()} == state["last_pattern"]
+
+
+def test_quantized_inference_keeps_the_base_s_own_kernel_and_adds_the_term() -> None:
+    pytest.importorskip("bitsandbytes")
+    torch.manual_seed(0)
+    model = la.quantize(Wrap(nn.Linear(32, 16)).eval(), "int8", skip=[])
+    x = torch.randn(3, 32, generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        base_out = model(x)  # bitsandbytes' int8 inference kernel (activations quantized too)
+    la.inject(model, AdaLoRAConfig(init_r=2, target_r=1, alpha=3.0, dropout=0.25, target_modules=["layer"]))
+    model.eval()
+    layer = model.layer.adapter.default
+    g = torch.Generator().manual_seed(2)
+    with torch.no_grad():
+        for p in (layer.lora_A, layer.lora_B, layer.lora_E):
+            p.copy_(torch.randn(p.shape, generator=g))
+        y = model(x)
+    a, e, b = layer.lora_A.detach(), layer.lora_E.detach(), layer.lora_B.detach()
+    delta = (x @ (a * e).T) @ b.T * 3.0 / (2 + EPS)
+    assert torch.allclose(y, base_out + delta, rtol=1e-5, atol=1e-5)
+
+
+def test_layer_refuses_grouped_convs_and_absurd_ranks_by_name() -> None:
+    model = nn.Module()
+    model.blk = nn.ModuleDict({"conv": nn.Conv2d(4, 4, 3, groups=2)})
+    with pytest.raises(AdapterConfigError) as err:
+        la.inject(model, AdaLoRAConfig(init_r=2, target_r=1, target_modules=["conv"]))
+    assert _msg(err) == (
+        "adalora: Conv2d 'blk.conv' has groups=2; AdaLoRA's A (r, in·kh·kw) needs groups=1, so exclude this "
+        "module (exclude_modules=['conv'])"
+    )
+    with pytest.raises(AdapterConfigError) as err:
+        _one(nn.Linear(6, 5), init_r=97)
+    assert _msg(err) == (
+        "adalora: init_r=97 on 'layer' is far above the layer's dimensions (6, 5) (at most 96 is accepted, nothing "
+        "was allocated); more than 5 ranks add no expressiveness, so use init_r <= 5"
+    )
+    assert _one(nn.Linear(6, 5), init_r=96).layer.adapter.default.r == 96
+    with pytest.raises(AdapterConfigError, match=r"dimensions \(8, 3\) \(at most 128"):
+        _one(nn.Conv2d(2, 3, 2), init_r=129)
+    assert _one(nn.Conv2d(2, 3, 2), init_r=128).layer.adapter.default.lora_A.shape == (128, 8)
