@@ -6,6 +6,7 @@ against closed forms computed here in float64: CorDA's rank-one terms ``s·b_i·
 
 from __future__ import annotations
 
+import signal
 from collections import OrderedDict
 
 import pytest
@@ -16,6 +17,20 @@ from transformers.pytorch_utils import Conv1D
 import lightning_adapters as la
 from lightning_adapters.errors import AdapterConfigError, AdapterStateError
 from lightning_adapters.methods import lora_data
+
+
+@pytest.fixture(autouse=True)
+def cpu_limit():
+    """A test that loops (CorDA's damping doubles forever on a NaN covariance) fails after 30 s of CPU time."""
+
+    def stop(signum, frame):
+        raise TimeoutError("over 30 s of CPU time")
+
+    previous = signal.signal(signal.SIGVTALRM, stop)
+    signal.setitimer(signal.ITIMER_VIRTUAL, 30.0)
+    yield
+    signal.setitimer(signal.ITIMER_VIRTUAL, 0.0)
+    signal.signal(signal.SIGVTALRM, previous)
 
 
 def _close(a: torch.Tensor, b: torch.Tensor, rtol: float = 1e-4) -> None:
@@ -86,6 +101,15 @@ def test_corda_factors_double_the_damping_until_the_inverse_holds():
     w = _weight(3, 4, 6)
     A, B = lora_data.corda_factors(w.float(), c.float(), 2, 1.0)
     _check_factors(A, B, w, c, 2, 1.0, 0.02, slice(None, 2))
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_corda_factors_on_cuda():
+    """Every intermediate (identity, damping) on the covariance's device: the CUDA result is the CPU one."""
+    w, c = _weight(6, 8, 0), _spd(8, 1)
+    A, B = lora_data.corda_factors(w.float().cuda(), c.float().cuda(), 3, 1.0)
+    assert A.is_cuda and B.is_cuda
+    _check_factors(A.cpu(), B.cpu(), w, c, 3, 1.0, 0.01, slice(None, 3))
 
 
 # ------------------------------------------------------------------------------------------------------------
@@ -218,21 +242,24 @@ def test_covariances_refuse_non_finite_inputs_and_remove_hooks():
     assert not model.b._forward_hooks
 
 
-def test_initialize_from_data_corda_equals_the_closed_form():
-    """``A, B`` are ``corda_factors`` of ``W`` and ``C = Σ / calls``; the base becomes ``W − s·B·A`` (the model is
-    the base at init)."""
+@pytest.mark.parametrize("method", ["ipm", "kpm"])
+def test_initialize_from_data_corda_equals_the_closed_form(method):
+    """``A, B`` are the config's method's triplets of ``W`` and ``C = Σ / calls``; the base becomes ``W − s·B·A``
+    (the model is the base at init)."""
     base = Twice()
     w = {n: getattr(base, n).weight.detach().double().clone() for n in ("a", "b")}
-    model = la.inject(Twice(), la.LoRAConfig(r=2, alpha=3, target_modules=["a", "b"], init_weights="corda"))
+    cfg = la.LoRAConfig(r=2, alpha=3, target_modules=["a", "b"], init_weights="corda", corda_method=method)
+    model = la.inject(Twice(), cfg)
     batches = _batches()
     seen = _inputs(model, batches)
     assert la.initialize_from_data(model, batches) is model
     for name, calls in (("a", 4), ("b", 2)):
         layer = getattr(model, name).adapter.default
-        _check_factors(layer.lora_A, layer.lora_B, w[name], _cov(seen[name]) / calls, 2, 1.5, 0.01, slice(None, 2))
+        keep = slice(None, 2) if method == "ipm" else slice(-2, None)
+        _check_factors(layer.lora_A, layer.lora_B, w[name], _cov(seen[name]) / calls, 2, 1.5, 0.01, keep)
         residual = getattr(model, name).weight.double()
         _close(residual + 1.5 * layer.lora_B.double() @ layer.lora_A.double(), w[name], 1e-5)
-        assert not layer.needs_data and layer.residual_applied
+        assert layer.needs_data is False and layer.residual_applied is True
     x = torch.randn(3, 4)
     with torch.no_grad():
         _close(model(x), base(x), 1e-5)

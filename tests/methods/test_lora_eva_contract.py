@@ -433,7 +433,7 @@ def _same_as_peft(pm, ours) -> None:
         layer = ours_layers[name]
         assert layer.r == p.r["default"] and layer.scale == p.scaling["default"], name
         _close(layer.lora_A.detach(), p.lora_A["default"].weight.detach())
-        assert not layer.lora_B.any() and not layer.needs_data
+        assert not layer.lora_B.any() and layer.needs_data is False
     theirs, mine = pm.peft_config["default"], peft_config_dict(ours)
     assert mine["rank_pattern"] == theirs.rank_pattern
     assert mine["alpha_pattern"] == theirs.alpha_pattern
@@ -669,13 +669,16 @@ def test_apply_components_sets_ranks_alphas_patterns_and_removes_rank_zero(adjus
     la.inject(model, la.LoRAConfig(r=2, target_modules=["b"]), name="other")
     before = copy.deepcopy(peft_config_dict(model, "other"))
     comps = _comps()
+    with torch.no_grad():
+        for _, layer in _layers(model).values():
+            layer.lora_B.fill_(1.0)  # B = 0 comes from apply_components, also where the rank stays
     lora_eva.apply_components(model, _layers(model), comps, adjust, "default")
     a, c = model.a.adapter.default, model.c.adapter.default
     assert (a.r, a.alpha, a.scale) == ((3, 6.0, 2.0) if adjust else (3, 4.0, 4 / 3))
     assert (c.r, c.alpha, c.scale) == (1, 3.0, 3.0)
     assert torch.equal(a.lora_A, comps["a"].float()) and torch.equal(c.lora_A, comps["c"])
     assert a.lora_B.shape == (8, 3) and not a.lora_B.any() and not c.lora_B.any()
-    assert not a.needs_data and not c.needs_data
+    assert a.needs_data is False and c.needs_data is False
     assert list(model.b.adapter._modules) == ["other"]  # only this adapter's layer left b
     saved = peft_config_dict(model, "default")
     assert saved["rank_pattern"] == {"a": 3, "c": 1}
