@@ -1,0 +1,223 @@
+"""LoRA's layer pinned function by function, continued from ``test_lora_contract.py``: ``lora_bias`` through every
+path (forward on both kernels, gradients, merge, unmerge, PEFT files), ``additive_delta``, ``set_residual``'s
+factor dtypes, ``set_rank``'s refusals, ``_prepare_peft_load``'s layout detection and which kernel a quantized DoRA
+layer runs. Truths: closed forms written here, PEFT 0.21's files, round trips.
+"""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from torch import nn
+
+import lightning_adapters as la
+from lightning_adapters.methods import lora as lora_method
+from tests.helpers import Wrap
+
+# ------------------------------------------------------------------------------------------------------------
+# lora_bias: y = W x + b + s·(B A x + b_B), merged as b += s·b_B
+
+
+def _lora_bias_model(bias: bool) -> tuple[nn.Module, nn.Module, dict[str, torch.Tensor]]:
+    torch.manual_seed(0)
+    model = Wrap(nn.Linear(6, 5, bias=bias))
+    base = copy.deepcopy(model.layer)
+    la.inject(model, la.LoRAConfig(r=2, alpha=3, lora_bias=True, target_modules=["layer"]))
+    layer = model.layer.adapter["default"]
+    values = {"A": torch.randn(2, 6), "B": torch.randn(5, 2), "b": torch.randn(5)}
+    with torch.no_grad():
+        layer.lora_A.copy_(values["A"])
+        layer.lora_B.copy_(values["B"])
+        layer.lora_B_bias.copy_(values["b"])
+    return model, base, values
+
+
+@pytest.mark.parametrize("bias", [True, False])
+@pytest.mark.parametrize("mode", ["train", "eval", "mixed"])
+def test_lora_bias_forward_and_gradients_are_the_closed_form(bias, mode):
+    """``s = 1.5``. ``mixed``: a float64 input takes the plain (not fused) form; gradients of x, A, B and b_B."""
+    model, base, v = _lora_bias_model(bias)
+    model.train(mode == "train")
+    layer = model.layer.adapter["default"]
+    x = torch.randn(4, 6, requires_grad=True)
+    if mode == "mixed":
+        model.layer.to(torch.float64)
+        layer.to(torch.float32)
+        x = torch.randn(4, 6, dtype=torch.float64, requires_grad=True)
+    y = model(x)
+    xd = x.detach().double()
+    w = base.weight.detach().double()
+    want = xd @ w.t() + 1.5 * (xd @ v["A"].double().t() @ v["B"].double().t() + v["b"].double())
+    if bias:
+        want = want + base.bias.detach().double()
+    assert torch.allclose(y.double(), want, atol=1e-5)
+    g = torch.randn(y.shape, dtype=y.dtype)
+    gx, ga, gb, gbb = torch.autograd.grad((y * g).sum(), [x, layer.lora_A, layer.lora_B, layer.lora_B_bias])
+    g = g.double()
+    h = xd @ v["A"].double().t()  # (4, r)
+    assert torch.allclose(gbb.double(), 1.5 * g.sum(0), atol=1e-5)
+    assert torch.allclose(gb.double(), 1.5 * g.t() @ h, atol=1e-5)
+    assert torch.allclose(ga.double(), 1.5 * (g @ v["B"].double()).t() @ xd, atol=1e-5)
+    assert torch.allclose(gx.double(), g @ (w + 1.5 * v["B"].double() @ v["A"].double()), atol=1e-5)
+
+
+def test_lora_bias_merge_adds_s_b_b_and_unmerge_takes_it_back():
+    model, base, v = _lora_bias_model(True)
+    x = torch.randn(3, 6)
+    y = model(x).detach()
+    la.merge(model)
+    assert torch.allclose(model.layer.bias, base.bias + 1.5 * v["b"], atol=1e-6)
+    assert torch.allclose(model.layer.weight, base.weight + 1.5 * v["B"] @ v["A"], atol=1e-6)
+    assert torch.allclose(model(x), y, atol=1e-5)
+    la.unmerge(model)
+    assert torch.allclose(model.layer.bias, base.bias, atol=1e-6)
+    assert torch.allclose(model.layer.weight, base.weight, atol=1e-6)
+    assert torch.allclose(model(x), y, atol=1e-5)
+
+
+def test_lora_bias_round_trips_through_a_peft_file(tmp_path):
+    """``save_peft`` writes ``lora_B.bias``; ``load_peft`` onto a fresh model puts it back into ``lora_B_bias``."""
+    model, base, v = _lora_bias_model(True)
+    la.save_peft(model, tmp_path)
+    fresh = Wrap(copy.deepcopy(base))
+    la.load_peft(fresh, tmp_path)
+    layer = fresh.layer.adapter["default"]
+    assert torch.equal(layer.lora_B_bias.detach(), v["b"])
+    x = torch.randn(3, 6)
+    assert torch.allclose(fresh(x), model(x), atol=1e-6)
+    other = la.inject(Wrap(nn.Linear(6, 5)), la.LoRAConfig(r=2, lora_bias=True, target_modules=["layer"]))
+    state = {k: t.double() for k, t in model.layer.adapter["default"].peft_state().items()}
+    other.layer.adapter["default"].load_peft_state(state)  # float64 tensors land in the layer's float32
+    got = other.layer.adapter["default"]
+    assert got.lora_B_bias.dtype == torch.float32 and torch.equal(got.lora_B_bias.detach(), v["b"])
+    assert torch.equal(got.lora_A.detach(), v["A"]) and torch.equal(got.lora_B.detach(), v["B"])
+
+
+# ------------------------------------------------------------------------------------------------------------
+# additive_delta
+
+
+def test_additive_delta_is_s_b_a_or_a_refusal_naming_the_layer():
+    torch.manual_seed(0)
+    model = la.inject(Wrap(nn.Linear(6, 5)), la.LoRAConfig(r=2, alpha=3, target_modules=["layer"]))
+    layer = model.layer.adapter["default"]
+    with torch.no_grad():
+        layer.lora_B.normal_()
+    want = 1.5 * layer.lora_B.detach() @ layer.lora_A.detach()
+    assert torch.allclose(layer.additive_delta(model.layer), want, atol=1e-6)
+    dora = la.inject(Wrap(nn.Linear(6, 5)), la.LoRAConfig(r=2, use_dora=True, target_modules=["layer"]))
+    with pytest.raises(la.NotMergeableError) as err:
+        dora.layer.adapter["default"].additive_delta(dora.layer)
+    assert str(err.value) == (
+        "LoRA on 'layer' has no additive ΔW: DoRA rescales every output row of W + ΔW by its learned magnitude"
+    )
+    biased = la.inject(Wrap(nn.Linear(6, 5)), la.LoRAConfig(r=2, lora_bias=True, target_modules=["layer"]))
+    with pytest.raises(la.NotMergeableError, match=r"^LoRA on 'layer' has lora_bias=True: its output adds s·b_B"):
+        biased.layer.adapter["default"].additive_delta(biased.layer)
+
+
+# ------------------------------------------------------------------------------------------------------------
+# set_residual, set_rank
+
+
+def test_set_residual_keeps_the_factors_in_the_adapter_dtype():
+    """New residual factors given in float64 are held (and given back on eject) in the adapter's float32."""
+    torch.manual_seed(0)
+    model = Wrap(nn.Linear(6, 5))
+    w0 = model.layer.weight.detach().clone()
+    la.inject(model, la.LoRAConfig(r=2, alpha=4, init_weights="pissa", target_modules=["layer"]))
+    layer = model.layer.adapter["default"]
+    a1, b1 = torch.randn(2, 6, dtype=torch.float64), torch.randn(5, 2, dtype=torch.float64)
+    layer.set_residual(model.layer, a1, b1)
+    assert layer.init_A.dtype == layer.init_B.dtype == torch.float32
+    assert torch.equal(layer.init_B, b1.float()) and torch.equal(layer.init_A, a1.float())
+    assert torch.allclose(model.layer.weight, w0 - 2 * b1.float() @ a1.float(), atol=1e-5)
+    la.eject(model)
+    assert torch.allclose(model.layer.weight, w0, atol=1e-5)
+
+
+def test_set_rank_refuses_all_but_a_plain_unmerged_linear():
+    def layer_of(base, **kw):
+        model = la.inject(Wrap(base), la.LoRAConfig(r=2, target_modules=["layer"], **kw))
+        return model, model.layer.adapter["default"]
+
+    msg = r"^lora: the rank of 'layer' cannot change \(not a plain LoRA Linear\)$"
+    for base, kw in ((nn.Embedding(6, 4), {}), (nn.Conv1d(4, 4, 1), {}), (nn.Linear(6, 5), {"init_weights": "pissa"})):
+        _, layer = layer_of(base, **kw)
+        with pytest.raises(la.AdapterStateError, match=msg):
+            layer.set_rank(4, 8)
+    model, layer = layer_of(nn.Linear(6, 5))
+    la.merge(model)
+    with pytest.raises(la.AdapterStateError, match=msg):
+        layer.set_rank(4, 8)
+    la.unmerge(model)
+    layer.set_rank(4, 8)
+    assert layer.lora_A.shape == (4, 6) and layer.scale == 2.0
+    from transformers.pytorch_utils import Conv1D
+
+    _, layer = layer_of(Conv1D(5, 6))
+    layer.set_rank(3, 6)
+    assert layer.lora_A.shape == (3, 6) and layer.lora_B.shape == (5, 3)
+
+
+# ------------------------------------------------------------------------------------------------------------
+# _prepare_peft_load: PEFT's grouped-conv layout detected from the file's shapes
+
+
+def test_prepare_peft_load_picks_peft_s_layout_only_for_a_group_mixing_a():
+    cfg = la.LoRAConfig(r=4)
+    prepare = la.get_method("lora").prepare_peft_load
+    dense = lora_method.grouped_to_dense_A(torch.randn(4, 2, 3, 3), 2)  # (4, 4, 3, 3), block-diagonal
+    b = torch.randn(6, 2, 1, 1)  # groups = 4 / 2
+    mixing = torch.randn(4, 4, 3, 3)
+
+    def layout(tensors):
+        got, same = prepare(cfg, {}, tensors)
+        assert same is tensors
+        return got.grouped_conv_layout
+
+    assert layout({"m.conv.lora_A.weight": dense, "m.conv.lora_B.weight": b}) == "mergeable"
+    assert layout({"m.conv.lora_A.weight": mixing, "m.conv.lora_B.weight": b}) == "peft"
+    assert layout({"m.lin.lora_A.weight": torch.randn(4, 8), "m.lin.lora_B.weight": torch.randn(6, 4)}) == "mergeable"
+    assert layout({"m.conv.lora_A.weight": mixing}) == "mergeable"  # no B
+    assert layout({"m.conv.lora_A.weight": mixing, "m.conv.lora_B.weight": torch.randn(6, 2)}) == "mergeable"
+    assert layout({"m.conv.lora_A.weight": mixing, "m.conv.lora_B.weight": torch.randn(6, 0, 1, 1)}) == "mergeable"
+    assert layout({"m.conv.lora_A.weight": mixing, "m.conv.lora_B.weight": torch.randn(6, 3, 1, 1)}) == "mergeable"
+    assert layout({"m.conv.lora_A.weight": mixing, "m.conv.lora_B.weight": torch.randn(6, 4, 1, 1)}) == "mergeable"
+    odd = torch.randn(4, 3, 3, 3)  # 3 input channels cannot split into 2 groups
+    assert layout({"m.conv.lora_A.weight": odd, "m.conv.lora_B.weight": b}) == "mergeable"
+    assert layout({"m.conv.lora_B.weight": b, "m.conv.lora_A.weight": mixing, "x.lora_A.weight": dense}) == "peft"
+
+
+# ------------------------------------------------------------------------------------------------------------
+# Which kernel a DoRA layer on a quantized base runs
+
+
+def test_quantized_dora_takes_the_function_when_only_the_input_needs_a_gradient(monkeypatch):
+    """Training with a frozen adapter (a later adapter's input gradient still flows through it): autograd records
+    the op for ``x`` alone, so the quantized DoRA Function runs, and its input gradient is the plain form's."""
+    pytest.importorskip("bitsandbytes")
+    torch.manual_seed(0)
+    model = la.quantize(Wrap(nn.Linear(128, 128)), "nf4", skip=[])
+    la.inject(model, la.LoRAConfig(r=4, alpha=8, use_dora=True, target_modules=["layer"]))
+    layer = model.layer.adapter["default"]
+    with torch.no_grad():
+        layer.lora_B.normal_(0, 0.1)
+        layer.magnitude.mul_(1 + 0.3 * torch.randn(128))
+    for p in layer.parameters():
+        p.requires_grad_(False)
+    model.train()
+    calls = []
+    real = lora_method.quantized_dora_linear
+    monkeypatch.setattr(lora_method, "quantized_dora_linear", lambda *a: calls.append(1) or real(*a))
+    x = torch.randn(3, 128, requires_grad=True)
+    y = model(x)
+    (gx,) = torch.autograd.grad(y.sum(), [x])
+    assert calls == [1]
+    monkeypatch.setattr(lora_method, "quantized_dora_applies", lambda *a: False)
+    y2 = model(x)
+    (gx2,) = torch.autograd.grad(y2.sum(), [x])
+    assert calls == [1]
+    assert torch.allclose(y, y2, atol=1e-4) and torch.allclose(gx, gx2, atol=1e-4)
