@@ -509,8 +509,15 @@ def test_config_refusals_name_method_and_field(field, value):
     assert str(err.value) == expected
 
 
-def test_meta_device_delta_output_with_rank_dropout_keeps_the_mask_on_the_factors_device():
-    """The multipliers are drawn on the CPU and moved to the factors' device (a CPU one would not mix with meta)."""
+@pytest.mark.parametrize("path", [True, False])
+def test_meta_device_training_with_rank_dropout_keeps_the_mask_on_the_factors_device(monkeypatch, path):
+    """The mask is drawn on the CPU and moved to the factors' device (a CPU mask does not mix with meta tensors).
+
+    Autocast has no meta backend, so its query is answered "off" for meta here; nothing else is stubbed.
+    """
+    real = torch.is_autocast_enabled
+    monkeypatch.setattr(torch, "is_autocast_enabled", lambda *a: False if a and a[0] == "meta" else real(*a))
+    monkeypatch.setattr(LoHaLayer, "_rank_r2_is_cheaper", lambda self, *a: path)
     model = la.inject(
         Wrap(nn.Linear(24, 20, device="meta")), LoHaConfig(r=2, rank_dropout=0.5, target_modules=["layer"])
     )
@@ -519,6 +526,11 @@ def test_meta_device_delta_output_with_rank_dropout_keeps_the_mask_on_the_factor
     x = torch.empty(3, 24, device="meta")
     term = layer.delta_output(model.layer, x)
     assert term.device.type == "meta" and term.shape == (3, 20)
+    xg = torch.empty(3, 24, device="meta", requires_grad=True)
+    y = model(xg)
+    assert y.device.type == "meta" and y.shape == (3, 20)
+    y.sum().backward()
+    assert xg.grad.device.type == "meta"
 
 
 @pytest.mark.parametrize("path", [True, False])
