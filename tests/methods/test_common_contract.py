@@ -305,3 +305,12 @@ def test_block_dropout_mask():
         assert torch.equal(mask, torch.randperm(n) < k)
     with torch.device("meta"):
         assert c.block_dropout_mask(6, 0.5, torch.device("cpu")).device.type == "cpu"
+
+
+def test_stash_and_restore_move_indices_and_rows_to_the_weight_device():
+    w = torch.empty(4, 3, device="meta")  # a device other than the mask's, indices' and rows' CPU
+    idx, rows = c.stash_rows(w, torch.tensor([False, True, True, False]), "linear")
+    assert idx.device.type == "meta" and rows.device.type == "meta" and rows.shape == (2, 3)
+    c.restore_rows_(w, torch.tensor([1, 2]), torch.ones(2, 3, dtype=torch.float64), "linear")
+    e = torch.empty(3, 4, device="meta")
+    c.restore_rows_(e, torch.tensor([0]), torch.ones(3, 1), "embedding")

@@ -256,6 +256,10 @@ def test_rope_attention_output_and_gradients_match_the_formula(kind):
     attn = layers[-1].self_attn
     holder = attn.adapter.default
     _randomize(holder, 1)
+    with torch.no_grad():  # transformers initialises biases to 0: give them values, so each one counts
+        for proj in (attn.q_proj, attn.k_proj, attn.v_proj, attn.o_proj):
+            if proj.bias is not None:
+                proj.bias.normal_(generator=torch.Generator().manual_seed(7))
     g = torch.Generator().manual_seed(2)
     b, t, hidden = 2, 5, attn.q_proj.in_features
     x = torch.randn(b, t, hidden, generator=g)
@@ -339,9 +343,11 @@ def test_gpt2_attention_output_and_gradients_match_the_formula():
         torch.testing.assert_close(a, e, atol=1e-5, rtol=1e-4)
 
 
-def test_quantized_projections_project_the_prompt_with_their_own_kernel():
+@pytest.mark.parametrize("skip", [[], ["v_proj"], ["k_proj"]], ids=["both", "k_only", "v_only"])
+def test_quantized_projections_project_the_prompt_with_their_own_kernel(skip):
+    """Either projection quantized sends the prompt through the modules' own forward."""
     torch.manual_seed(0)
-    model = la.quantize(tiny_llama(), "nf4")
+    model = la.quantize(tiny_llama(), "nf4", skip=["lm_head", *skip])
     la.inject(model, la.LlamaAdapterConfig(adapter_len=3, adapter_layers=1))
     attn = model.model.layers[1].self_attn
     holder = attn.adapter.default
@@ -351,9 +357,36 @@ def test_quantized_projections_project_the_prompt_with_their_own_kernel():
     d = attn.head_dim
     want_k = attn.k_proj(p).view(3, 2, d).transpose(0, 1) / math.sqrt(d)
     want_v = 0.7 * attn.v_proj(p).view(3, 2, d).transpose(0, 1)
+    assert k.dtype == torch.float32 and v.dtype == torch.float32
     torch.testing.assert_close(k, want_k)
     torch.testing.assert_close(v, want_v)
     assert not torch.allclose(want_k * math.sqrt(d) * 0.7, want_v, atol=1e-3)  # k and v are not swapped
+
+
+def test_term_and_output_hook_follow_the_query_and_output_dtypes():
+    """The prompt attention runs in the query's dtype; the GPT-2 term is added in the attention output's dtype."""
+    g = torch.Generator().manual_seed(0)
+    h = lam.AdaptionPrompt("rope", 2, 8, 2, 2, 4, device="cpu")
+    q = torch.randn(1, 3, 8, generator=g).to(torch.bfloat16)
+    k, v = torch.randn(2, 2, 4, generator=g), torch.randn(2, 2, 4, generator=g)
+    h._prompt_kv, h._query = (k, v), q
+    term = h._term()
+    assert term.dtype == torch.bfloat16
+    want = lam.prompt_attention(q.view(1, 3, 2, 4), k.to(torch.bfloat16), v.to(torch.bfloat16))
+    assert torch.equal(term, want)
+    gh = lam.AdaptionPrompt("gpt2", 2, 8, 2, 2, 4, device="cpu")
+    gh._prompt_kv, gh._query = (k, v), q.float()
+    out = torch.zeros(1, 3, 8, dtype=torch.bfloat16)
+    new, extra = gh.after_attention(None, (out,), (out, None))
+    assert new.dtype == torch.bfloat16 and extra is None
+
+
+def test_holder_parameters_go_to_the_given_device():
+    with torch.device("meta"):  # a default-device context does not move the holder off the base's device
+        h = lam.AdaptionPrompt("rope", 2, 8, 2, 2, 4, device="cpu")
+    assert h.adaption_prompt.device.type == "cpu" and h.adaption_gate.device.type == "cpu"
+    m = lam.AdaptionPrompt("rope", 2, 8, 2, 2, 4, device="meta")
+    assert m.adaption_prompt.device.type == "meta" and m.adaption_gate.device.type == "meta"
 
 
 def test_prompt_keys_values_dtypes_on_a_half_base():
