@@ -221,3 +221,142 @@ def test_quantized_dora_takes_the_function_when_only_the_input_needs_a_gradient(
     (gx2,) = torch.autograd.grad(y2.sum(), [x])
     assert calls == [1]
     assert torch.allclose(y, y2, atol=1e-4) and torch.allclose(gx, gx2, atol=1e-4)
+
+
+# ------------------------------------------------------------------------------------------------------------
+# LoRALayer.__init__: rank checks, shapes, dtypes, DoRA's magnitude, the refusals
+
+
+def test_rank_limit_counts_a_conv_kernel_and_groups_must_divide_r():
+    """``check_rank`` sees (in·k, out): Conv2d(2 -> 3, 3×3) takes r up to 16·18 = 288 (not 16·3)."""
+    model = la.inject(Wrap(nn.Conv2d(2, 3, 3)), la.LoRAConfig(r=288, target_modules=["layer"]))
+    assert model.layer.adapter["default"].lora_A.shape == (288, 2, 3, 3)
+    with pytest.raises(la.AdapterConfigError, match=r"r=289 on 'layer' is far above the layer's dimensions \(18, 3\)"):
+        la.inject(Wrap(nn.Conv2d(2, 3, 3)), la.LoRAConfig(r=289, target_modules=["layer"]))
+    with pytest.raises(la.AdapterConfigError, match=r"r=113 on 'layer' is far above the layer's dimensions \(5, 7\)"):
+        la.inject(Wrap(nn.Linear(5, 7)), la.LoRAConfig(r=113, target_modules=["layer"]))
+    with pytest.raises(la.AdapterConfigError, match=r"groups=2; use r in \[2, 4, 6, 8\]$"):
+        la.inject(Wrap(nn.Conv2d(4, 6, 3, groups=2)), la.LoRAConfig(r=3, target_modules=["layer"]))
+
+
+@pytest.mark.parametrize("dtype, want", [(torch.bfloat16, torch.float32), (torch.float64, torch.float64)])
+def test_factor_shapes_and_dtypes(dtype, want):
+    from transformers.pytorch_utils import Conv1D
+
+    cases = {
+        "linear": (nn.Linear(6, 5), (3, 6), (5, 3)),
+        "conv1d_t": (Conv1D(5, 6), (3, 6), (5, 3)),
+        "embedding": (nn.Embedding(6, 5), (3, 6), (5, 3)),
+        "conv": (nn.Conv2d(6, 9, (3, 2), groups=3), (3, 2, 3, 2), (9, 1, 1, 1)),
+        "conv_peft": (nn.Conv2d(6, 9, (3, 2), groups=3), (3, 6, 3, 2), (9, 1, 1, 1)),
+    }
+    for kind, (base, a_shape, b_shape) in cases.items():
+        layout = "peft" if kind == "conv_peft" else "mergeable"
+        cfg = la.LoRAConfig(r=3, grouped_conv_layout=layout, target_modules=["layer"])
+        layer = la.inject(Wrap(base.to(dtype)), cfg).layer.adapter["default"]
+        assert layer.lora_A.shape == a_shape and layer.lora_B.shape == b_shape, kind
+        assert layer.lora_A.dtype == layer.lora_B.dtype == want, kind
+        assert layer.mergeable is (kind != "conv_peft"), kind
+
+
+def _weight_out_in(base):
+    from transformers.pytorch_utils import Conv1D
+
+    w = base.weight.detach().double()
+    return w.t() if isinstance(base, (Conv1D, nn.Embedding)) else w.reshape(w.shape[0], -1)
+
+
+@pytest.mark.parametrize("kind", ["linear", "conv1d_t", "embedding", "conv"])
+def test_dora_magnitude_starts_as_the_row_norm_of_the_adapted_weight(kind):
+    """``m = ||W + s·B·A||`` per output at init (``init_weights=False`` makes ΔW non-zero), shaped (out,) or
+    (1, out, 1, 1) for a conv; PiSSA's residual init starts from ``||W||`` of the original weight."""
+    from transformers.pytorch_utils import Conv1D
+
+    torch.manual_seed(0)
+    base = {
+        "linear": lambda: nn.Linear(6, 5),
+        "conv1d_t": lambda: Conv1D(5, 6),
+        "embedding": lambda: nn.Embedding(6, 5),
+        "conv": lambda: nn.Conv2d(4, 5, 3),
+    }[kind]()
+    w = _weight_out_in(base)
+    model = la.inject(
+        Wrap(base), la.LoRAConfig(r=2, alpha=3, use_dora=True, init_weights=False, target_modules=["layer"])
+    )
+    layer = model.layer.adapter["default"]
+    a, b = layer.lora_A.detach().double(), layer.lora_B.detach().double()
+    delta = 1.5 * b.reshape(5, 2) @ a.reshape(2, -1)
+    if kind == "embedding":
+        delta = 1.5 * b @ a  # (d, V): rows are the d outputs
+    want = (w + delta).norm(dim=1)
+    assert layer.magnitude.shape == ((1, 5, 1, 1) if kind == "conv" else (5,))
+    assert torch.allclose(layer.magnitude.detach().double().reshape(-1), want, atol=1e-5)
+    if kind in ("linear", "conv1d_t"):
+        torch.manual_seed(0)
+        fresh = {"linear": lambda: nn.Linear(6, 5), "conv1d_t": lambda: Conv1D(5, 6)}[kind]()
+        w0 = _weight_out_in(fresh)
+        cfg = la.LoRAConfig(r=2, use_dora=True, init_weights="pissa", target_modules=["layer"])
+        layer = la.inject(Wrap(fresh), cfg).layer.adapter["default"]
+        assert torch.allclose(layer.magnitude.detach().double(), w0.norm(dim=1), atol=1e-5)
+
+
+def test_peft_layout_conv_refuses_to_merge_saying_why():
+    cfg = la.LoRAConfig(r=4, grouped_conv_layout="peft", target_modules=["layer"])
+    model = la.inject(Wrap(nn.Conv2d(4, 6, 3, groups=2)), cfg)
+    layer = model.layer.adapter["default"]
+    reason = (
+        "its LoRA uses PEFT's grouped-conv layout (grouped_conv_layout='peft': lora_A reads all 4 input channels, "
+        "the base conv has groups=2), so ΔW is not a kernel of the grouped base conv; PEFT cannot merge it either"
+    )
+    assert layer.not_mergeable_reason == reason
+    with pytest.raises(la.NotMergeableError) as err:
+        la.merge(model)
+    assert reason in str(err.value)
+    with pytest.raises(la.NotMergeableError, match=r"^LoRA on 'layer' cannot be merged: its LoRA uses PEFT's"):
+        layer.delta_weight()
+    plain = la.inject(Wrap(nn.Conv2d(4, 6, 3, groups=1)), cfg).layer.adapter["default"]
+    assert plain.mergeable and not plain.peft_layout  # one group: nothing to choose
+
+
+@pytest.mark.parametrize(
+    "base, kw, message",
+    [
+        (nn.Embedding(6, 4), {"lora_bias": True}, "lora_bias=True is not supported on the Embedding 'layer'"),
+        (nn.MultiheadAttention(4, 2), {"lora_bias": True}, "lora_bias=True is not supported on the nn.Multihead"),
+        (nn.Conv2d(4, 6, 3, groups=2), {"use_dora": True, "grouped_conv_layout": "peft"}, "use_dora=True with grou"),
+        (nn.Conv2d(4, 6, 3), {"init_weights": "pissa"}, "init_weights='pissa' works on Linear and Conv1D layers"),
+        (nn.Embedding(6, 4), {"init_weights": "loftq"}, "init_weights='loftq' works on nn.Linear layers, not on"),
+    ],
+)
+def test_layer_refusals(base, kw, message):
+    with pytest.raises(la.AdapterConfigError, match=r"^lora: " + message):
+        la.inject(Wrap(base), la.LoRAConfig(r=2, target_modules=["layer"], **kw))
+
+
+@pytest.mark.parametrize("bias", [True, False])
+def test_lora_bias_on_a_quantized_base_folds_s_b_b_into_the_function_s_bias(bias, monkeypatch):
+    """NF4 base, training: the quantized low-rank Function gets ``b + s·b_B`` (``s·b_B`` without a base bias) and
+    computes what the plain form computes, outputs and the gradients of x, A, B and b_B."""
+    pytest.importorskip("bitsandbytes")
+    torch.manual_seed(0)
+    model = la.quantize(Wrap(nn.Linear(128, 128, bias=bias)), "nf4", skip=[])
+    la.inject(model, la.LoRAConfig(r=4, alpha=6, lora_bias=True, init_weights=False, target_modules=["layer"]))
+    layer = model.layer.adapter["default"]
+    model.train()
+    x = torch.randn(3, 128, requires_grad=True)
+    params = [x, layer.lora_A, layer.lora_B, layer.lora_B_bias]
+    calls = []
+    real = lora_method.quantized_lowrank_linear
+    monkeypatch.setattr(lora_method, "quantized_lowrank_linear", lambda *a: calls.append(1) or real(*a))
+    g = torch.randn(3, 128)
+    y = model(x)
+    grads = torch.autograd.grad((y * g).sum(), params)
+    assert calls == [1]
+    monkeypatch.setattr(lora_method, "quantized_lowrank_applies", lambda *a: False)
+    y2 = model(x)
+    grads2 = torch.autograd.grad((y2 * g).sum(), params)
+    assert calls == [1]
+    assert torch.allclose(y, y2, atol=1e-4)
+    for u, v in zip(grads, grads2):
+        assert torch.allclose(u, v, atol=1e-4)
+    assert torch.allclose(grads[3], 1.5 * g.sum(0), atol=1e-5)
