@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import signal
 from collections import OrderedDict
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -175,6 +176,9 @@ def test_data_init_groups_by_adapter_linear_and_conv1d_only():
     with pytest.raises(AdapterConfigError, match="adapter 'nope' belongs to no injection"):
         lora_data._config_of(model, "nope")
     assert lora_data.data_init_groups(la.inject(Mixed(), la.LoRAConfig(r=2, target_modules=["lin"]))) == {}
+    other = la.inject(Mixed(), la.LoRAConfig(r=2, target_modules=["lin"], init_weights="corda"))
+    la.inject(other, la.LoHaConfig(r=2, target_modules=["plain"]), name="h")  # a layer with no init_mode at all
+    assert {a: list(g) for a, g in lora_data.data_init_groups(other).items()} == {"default": ["lin"]}
 
 
 # ------------------------------------------------------------------------------------------------------------
@@ -232,6 +236,24 @@ def test_covariances_sum_scaled_gram_matrices_per_call():
     _close(stats["b"][0], _cov(seen["b"]), 1e-6)
     assert stats["a"][0].dtype == torch.float32 and stats["a"][0].shape == (4, 4)
     assert not model.a._forward_hooks and not model.b._forward_hooks
+
+
+def test_covariances_start_on_the_weight_s_device_and_move_batches():
+    """A meta-device model: the batches go to the given device and each layer's ``(in, in)`` sum starts at zero on
+    its weight's device, also for a layer no call reaches (its count stays 0)."""
+    model = la.inject(Twice().to("meta"), la.LoRAConfig(r=2, target_modules=["a", "b"], init_weights="corda"))
+    seen = []
+    batches = [torch.ones(2, 4), {"x": torch.ones(1)}]
+    layers = lora_data.data_init_groups(model)["default"]
+    stats = lora_data._covariances(model, layers, batches, lambda m, b: seen.append(b), torch.device("meta"))
+    assert seen[0].device.type == "meta" and seen[1]["x"].device.type == "meta"
+    for name in ("a", "b"):
+        total, count = stats[name]
+        assert total.shape == (4, 4) and total.device.type == "meta" and count == 0
+    stats = lora_data._covariances(
+        Twice(), {"b": (nn.Linear(4, 3), SimpleNamespace(in_features=4))}, [], None, torch.device("cpu")
+    )
+    assert torch.equal(stats["b"][0], torch.zeros(4, 4)) and stats["b"][1] == 0
 
 
 def test_covariances_refuse_non_finite_inputs_and_remove_hooks():
