@@ -9,10 +9,14 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
+from peft import AdaLoraConfig as PeftAdaLoraConfig
+from peft import get_peft_model
 from torch import nn
 
 import lightning_adapters as la
+from lightning_adapters.core.quant import dequantized_weight
 from lightning_adapters.errors import AdapterConfigError, AdapterStateError
+from lightning_adapters.interop.peft import peft_config_dict
 from lightning_adapters.methods import adalora as ada
 from lightning_adapters.methods.adalora import (
     AdaLoRAConfig,
@@ -25,7 +29,13 @@ from lightning_adapters.methods.adalora import (
     triplet_scores,
     update_importance,
 )
+from lightning_adapters.schedules import Heatmap, ScheduleReport
 from tests.helpers import LAYERS, Wrap
+
+try:  # imported here, once, rather than inside the quantized tests (a checker forks after collection)
+    import bitsandbytes  # noqa: F401
+except ImportError:  # pragma: no cover
+    bitsandbytes = None
 
 EPS = 1e-5
 
@@ -463,7 +473,6 @@ def test_merge_is_unchecked_unless_safe() -> None:
 
 def test_quantized_training_path_is_the_dequantized_product_with_dropout_and_bias() -> None:
     pytest.importorskip("bitsandbytes")
-    from lightning_adapters.core.quant import dequantized_weight
 
     torch.manual_seed(0)
     lin = nn.Linear(32, 16)
@@ -487,6 +496,11 @@ def test_quantized_training_path_is_the_dequantized_product_with_dropout_and_bia
     assert torch.allclose(y, want, rtol=1e-4, atol=1e-4)
     y.sum().backward()
     assert layer.lora_E.grad is not None and x.grad is not None
+    # In eval mode the same path (x needs its gradient) drops nothing.
+    model.eval()
+    y = model(x)
+    want = x.detach() @ w.T + bias + (x.detach() @ (a * e).T) @ b.T * 3.0 / (2 + EPS)
+    assert torch.allclose(y, want, rtol=1e-4, atol=1e-4)
 
 
 # --- layer: masks and the PEFT layout ---------------------------------------------------------------------------
@@ -626,9 +640,6 @@ def test_importance_is_the_ema_of_weight_times_gradient_and_scores_its_triplets(
 
 def test_allocator_steps_match_peft_update_and_allocate() -> None:
     import copy
-
-    from peft import AdaLoraConfig as PeftAdaLoraConfig
-    from peft import get_peft_model
 
     torch.manual_seed(0)
     base = Two().double()
@@ -894,8 +905,6 @@ def test_start_turns_reallocation_off_for_too_short_runs(schedule, tinit, tfinal
 
 
 def test_start_sizes_the_allocator_once_and_writes_the_resolved_total() -> None:
-    from lightning_adapters.interop.peft import peft_config_dict
-
     model, sched = _sched()
     assert sched.names == ["a", "b"] and sched.allocator is None and sched.reallocate is True
     assert sched.history == [] and sched.last_epoch == 0 and sched.length_unit == "optimizer_steps"
@@ -923,8 +932,6 @@ def test_start_sizes_the_allocator_once_and_writes_the_resolved_total() -> None:
 
 
 def test_start_writes_the_total_of_its_own_adapter_only() -> None:
-    from lightning_adapters.interop.peft import peft_config_dict
-
     model = _two(**SCHED)
     other_cfg = AdaLoRAConfig(init_r=2, target_r=1, target_modules=["b"], **SCHED)
     la.inject(model, other_cfg, name="other")
@@ -1031,8 +1038,6 @@ def test_epoch_schedule_takes_the_final_mask_late_if_the_cut_epoch_was_missed() 
 
 
 def test_report_is_the_history_table_and_heatmap() -> None:
-    from lightning_adapters.schedules import Heatmap, ScheduleReport
-
     model, sched = _sched()
     assert sched.report() is None
     sched.history = [
