@@ -189,15 +189,22 @@ def test_prepare_peft_load_picks_peft_s_layout_only_for_a_group_mixing_a():
     odd = torch.randn(4, 3, 3, 3)  # 3 input channels cannot split into 2 groups
     assert layout({"m.conv.lora_A.weight": odd, "m.conv.lora_B.weight": b}) == "mergeable"
     assert layout({"m.conv.lora_B.weight": b, "m.conv.lora_A.weight": mixing, "x.lora_A.weight": dense}) == "peft"
+    # A skipped entry (no B, or a rank the B does not divide) does not end the search.
+    assert layout({"a.lora_A.weight": mixing, "m.conv.lora_A.weight": mixing, "m.conv.lora_B.weight": b}) == "peft"
+    five = torch.randn(5, 4, 3, 3)  # 5 ranks: not a multiple of B's 2 columns
+    assert layout({"m.conv.lora_A.weight": five, "m.conv.lora_B.weight": b}) == "mergeable"
 
 
 # ------------------------------------------------------------------------------------------------------------
 # Which kernel a DoRA layer on a quantized base runs
 
 
-def test_quantized_dora_takes_the_function_when_only_the_input_needs_a_gradient(monkeypatch):
-    """Training with a frozen adapter (a later adapter's input gradient still flows through it): autograd records
-    the op for ``x`` alone, so the quantized DoRA Function runs, and its input gradient is the plain form's."""
+@pytest.mark.parametrize("needs_grad", ["x", "lora_A", "lora_B", "magnitude", "bias", "adapter"])
+def test_quantized_dora_in_training_takes_the_function_whenever_autograd_records(needs_grad, monkeypatch):
+    """Training on an NF4 base, DoRA: the quantized DoRA Function runs whenever autograd records the op, whichever
+    one of x, A, B, m or the base bias needs a gradient (``adapter``: the adapter trains and x is frozen, so the
+    base term could come from the layer's kernel, but training takes the Function); it computes what the plain form
+    computes, output and that gradient."""
     pytest.importorskip("bitsandbytes")
     torch.manual_seed(0)
     model = la.quantize(Wrap(nn.Linear(128, 128)), "nf4", skip=[])
@@ -206,21 +213,27 @@ def test_quantized_dora_takes_the_function_when_only_the_input_needs_a_gradient(
     with torch.no_grad():
         layer.lora_B.normal_(0, 0.1)
         layer.magnitude.mul_(1 + 0.3 * torch.randn(128))
-    for p in layer.parameters():
-        p.requires_grad_(False)
+    trains = {"lora_A", "lora_B", "magnitude"} if needs_grad == "adapter" else {needs_grad}
+    for name, p in layer.named_parameters():
+        p.requires_grad_(name in trains)
+    model.layer.bias.requires_grad_(needs_grad == "bias")
     model.train()
     calls = []
     real = lora_method.quantized_dora_linear
     monkeypatch.setattr(lora_method, "quantized_dora_linear", lambda *a: calls.append(1) or real(*a))
-    x = torch.randn(3, 128, requires_grad=True)
+    x = torch.randn(3, 128, requires_grad=needs_grad == "x")
+    if needs_grad in ("x", "bias"):
+        wrt = x if needs_grad == "x" else model.layer.bias
+    else:
+        wrt = getattr(layer, "lora_A" if needs_grad == "adapter" else needs_grad)
     y = model(x)
-    (gx,) = torch.autograd.grad(y.sum(), [x])
+    (grad,) = torch.autograd.grad(y.sum(), [wrt])
     assert calls == [1]
     monkeypatch.setattr(lora_method, "quantized_dora_applies", lambda *a: False)
     y2 = model(x)
-    (gx2,) = torch.autograd.grad(y2.sum(), [x])
+    (grad2,) = torch.autograd.grad(y2.sum(), [wrt])
     assert calls == [1]
-    assert torch.allclose(y, y2, atol=1e-4) and torch.allclose(gx, gx2, atol=1e-4)
+    assert torch.allclose(y, y2, atol=1e-4) and torch.allclose(grad, grad2, atol=1e-4)
 
 
 # ------------------------------------------------------------------------------------------------------------
