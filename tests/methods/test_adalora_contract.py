@@ -973,11 +973,12 @@ def test_step_schedule_records_each_allocation_with_its_metrics() -> None:
     got = {}
     for t in range(11):
         _grads(model, g)
-        out = sched.after_optimizer_step(t, None if t % 2 else t + 100)
+        out = sched.after_optimizer_step(t, None if t % 2 else float(t + 100))
         if out is not None:
             got[t] = out
         assert sched.after_epoch(t + 1) is None
     assert list(got) == [2, 4, 6, 7]
+    assert all(type(h[k]) is int for h in sched.history for k in ("t", "global_step", "budget"))
     ranks = [h["ranks"] for h in sched.history]
     budgets = [budget_schedule(t, 6, 2, 1, 2, 9, 2)[0] for t in (2, 4, 6)] + [2]
     assert sched.history == [
@@ -1000,7 +1001,7 @@ def test_epoch_schedule_allocates_once_per_new_epoch_end() -> None:
         for step in range(2):
             _grads(model, g)
             assert sched.after_optimizer_step(step) is None
-        out = sched.after_epoch(epoch, None if epoch % 2 else 10 * epoch)
+        out = sched.after_epoch(epoch, None if epoch % 2 else 10.0 * epoch)
         assert sched.last_epoch == epoch
         if out is not None:
             outs[epoch] = out
@@ -1008,6 +1009,7 @@ def test_epoch_schedule_allocates_once_per_new_epoch_end() -> None:
         if epoch < 4:
             assert alloc.updates == 2 * epoch and alloc.final_pattern is None
     assert list(outs) == [2, 3, 4]
+    assert all(type(h[k]) is int for h in sched.history for k in ("t", "global_step", "budget"))
     budgets = [3, 2, 2]  # floor(4·(2/3)³ + 2), floor(4·(1/3)³ + 2), the target at T − tfinal = 4
     ranks = [h["ranks"] for h in sched.history]
     assert sched.history == [
