@@ -373,3 +373,74 @@ def test_lora_bias_on_a_quantized_base_folds_s_b_b_into_the_function_s_bias(bias
     for u, v in zip(grads, grads2):
         assert torch.allclose(u, v, atol=1e-4)
     assert torch.allclose(grads[3], 1.5 * g.sum(0), atol=1e-5)
+
+
+# ------------------------------------------------------------------------------------------------------------
+# The forward paths with dropout: y = W x + b + s·B A x_d, DoRA y = W x + b + (f − 1)·W x_d + f·s·B A x_d
+
+
+def _linear_op(base, x, w):
+    """``x`` through the base's operator with weight ``w`` in (out, in, ...) layout, no bias, float64."""
+    if isinstance(base, nn.Conv2d):
+        return torch.nn.functional.conv2d(x, w, None, base.stride, base.padding, base.dilation, base.groups)
+    return x @ w.t()
+
+
+@pytest.mark.parametrize("kind", ["linear", "conv1d_t", "conv"])
+@pytest.mark.parametrize("dora", [False, True], ids=["lora", "dora"])
+@pytest.mark.parametrize("path", ["fused", "plain"])
+@pytest.mark.parametrize("mode", ["train", "eval"])
+def test_dropout_forward_is_the_closed_form_on_every_path(kind, dora, path, mode):
+    """The dropout mask is the first random draw of the forward (``F.dropout`` of the input, as PEFT), so a seeded
+    ``F.dropout(x)`` reproduces ``x_d``; in eval mode ``x_d = x``. ``plain``: a float64 adapter on the float32 base
+    (no fused Function). s = 6 / 4 = 1.5, factors and magnitude far from their init, gradients of x as well."""
+    from transformers.pytorch_utils import Conv1D
+
+    torch.manual_seed(0)
+    base = {"linear": lambda: nn.Linear(8, 6), "conv1d_t": lambda: Conv1D(6, 8), "conv": lambda: nn.Conv2d(4, 6, 3)}
+    model = Wrap(base[kind]())
+    cfg = la.LoRAConfig(r=4, alpha=6, dropout=0.5, use_dora=dora, target_modules=["layer"])
+    la.inject(model, cfg)
+    layer = model.layer.adapter["default"]
+    with torch.no_grad():
+        layer.lora_B.normal_(0, 0.5)
+        if dora:
+            layer.magnitude.mul_(1 + 0.3 * torch.randn(layer.magnitude.shape))
+    if path == "plain":
+        layer.to(torch.float64)
+    model.train(mode == "train")
+    x = torch.randn(3, 8) if kind != "conv" else torch.randn(2, 4, 5, 5)
+    x.requires_grad_(True)
+    torch.manual_seed(7)
+    y = model(x)
+    torch.manual_seed(7)
+    xd = torch.nn.functional.dropout(x.detach(), 0.5, True) if mode == "train" else x.detach()
+    xd, x64 = xd.double(), x.detach().double()
+    w = model.layer.weight.detach().double()
+    w = w.t() if kind == "conv1d_t" else w  # (out, in, ...)
+    a, b = layer.lora_A.detach().double(), layer.lora_B.detach().double()
+    dw = lora_method.conv_delta_weight(a, b, 1, 1.5) if kind == "conv" else 1.5 * b @ a
+    shape = (1, -1, 1, 1) if kind == "conv" else (-1,)
+    bias = model.layer.bias.detach().double().reshape(shape)
+    want = _linear_op(model.layer, x64, w) + bias
+    if dora:
+        f = layer.magnitude.detach().double().reshape(-1) / (w + dw).flatten(1).norm(dim=1)
+        f = f.reshape(shape)
+        want = want + (f - 1) * _linear_op(model.layer, xd, w) + f * _linear_op(model.layer, xd, dw)
+    else:
+        want = want + _linear_op(model.layer, xd, dw)
+    assert y.dtype == torch.float32
+    assert torch.allclose(y.double(), want, atol=1e-5)
+    g = torch.randn(y.shape)
+    (gx,) = torch.autograd.grad((y * g).sum(), [x])
+    # d/dx of the closed form, with x_d = mask ⊙ x (the mask read off x_d / x, 0 or 2).
+    xr = x.detach().double().requires_grad_(True)
+    mask = xd / x64 if mode == "train" else torch.ones_like(x64)
+    xdr = xr * mask
+    ref = _linear_op(model.layer, xr, w)
+    if dora:
+        ref = ref + (f - 1) * _linear_op(model.layer, xdr, w) + f * _linear_op(model.layer, xdr, dw)
+    else:
+        ref = ref + _linear_op(model.layer, xdr, dw)
+    (gref,) = torch.autograd.grad((ref * g.double()).sum(), [xr])
+    assert torch.allclose(gx.double(), gref, atol=1e-5)
