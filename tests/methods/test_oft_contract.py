@@ -4,7 +4,9 @@ through them for gradients), exact error and warning messages, exact PEFT config
 
 from __future__ import annotations
 
+import contextlib
 import math
+import signal
 import warnings
 
 import pytest
@@ -167,15 +169,33 @@ def _nearest(d: int, value: int) -> int:
     return min(divs, key=lambda k: (abs(k - value), k))
 
 
+@contextlib.contextmanager
+def _deadline(seconds: float):
+    """Fail (instead of hanging) if the block runs longer than ``seconds`` of wall time."""
+
+    def _raise(signum, frame):
+        raise TimeoutError(f"still running after {seconds} s")
+
+    previous = signal.signal(signal.SIGALRM, _raise)
+    signal.setitimer(signal.ITIMER_REAL, seconds)
+    try:
+        yield
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, previous)
+
+
 def test_peft_nearest_divisor_against_brute_force():
-    for d in range(1, 41):
-        for value in range(1, 2 * d + 2):
-            assert peft_nearest_divisor(d, value) == _nearest(d, value), (d, value)
+    with _deadline(5.0):
+        for d in range(1, 41):
+            for value in range(1, 2 * d + 2):
+                assert peft_nearest_divisor(d, value) == _nearest(d, value), (d, value)
 
 
 def test_peft_nearest_divisor_written_out():
-    assert [peft_nearest_divisor(24, v) for v in (5, 7, 10, 11, 23, 24, 30)] == [4, 6, 8, 12, 24, 24, 24]
-    assert [peft_nearest_divisor(7, v) for v in (1, 2, 3, 4, 5, 6)] == [1, 1, 1, 1, 7, 7]
+    with _deadline(2.0):
+        assert [peft_nearest_divisor(24, v) for v in (5, 7, 10, 11, 23, 24, 30)] == [4, 6, 8, 12, 24, 24, 24]
+        assert [peft_nearest_divisor(7, v) for v in (1, 2, 3, 4, 5, 6)] == [1, 1, 1, 1, 7, 7]
 
 
 def test_skew_gather_written_out():
