@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import copy
 import math
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -202,6 +203,14 @@ def test_separate_kdim_vdim_is_refused():
     mha = nn.MultiheadAttention(E, 2, kdim=3, vdim=5)
     with pytest.raises(la.AdapterConfigError, match=r"'m' has kdim/vdim different from embed_dim"):
         LoRAMultiheadAttentionLayer(mha, la.LoRAConfig(r=2), "m", lora_scale)
+
+
+def test_a_config_without_a_lora_bias_field_is_accepted():
+    cfg = la.LoRAConfig(r=2, alpha=4.0)
+    duck = SimpleNamespace(**{k: getattr(cfg, k) for k in ("use_dora", "init_weights", "use_rslora")})
+    duck.rank_for, duck.alpha_for = cfg.rank_for, cfg.alpha_for
+    layer = LoRAMultiheadAttentionLayer(Net().attn, duck, "attn", lora_scale)
+    assert (layer.r, layer.scale) == (2, 2.0)
 
 
 # --- merge, unmerge, state -------------------------------------------------------------------------------------------

@@ -11,6 +11,7 @@ selection and refusal rules of ``param_layers`` / ``check_target_parameters``.
 from __future__ import annotations
 
 import math
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -220,6 +221,14 @@ def test_parameters_of_other_ranks_are_refused_and_the_defaults_pass():
             LoRAParamLayer(Odd(dims), ["x"], cfg, "m", lora_scale)
     layer = LoRAParamLayer(Odd((3, 2)), ["x"], cfg, "m", lora_scale)
     assert layer.names == ["x"] and layer.merged is False
+
+
+def test_a_config_without_a_lora_bias_field_is_accepted():
+    cfg = la.LoRAConfig(r=2, alpha=4.0)
+    duck = SimpleNamespace(**{k: getattr(cfg, k) for k in ("dropout", "use_dora", "init_weights", "use_rslora")})
+    duck.rank_for, duck.alpha_for = cfg.rank_for, cfg.alpha_for
+    layer = LoRAParamLayer(Block(), ["w"], duck, "block", lora_scale)
+    assert layer.scales == {"w": 2.0} and tuple(layer.lora_A["w"].shape) == (6, 4)
 
 
 # --- merge, unmerge, state -------------------------------------------------------------------------------------
