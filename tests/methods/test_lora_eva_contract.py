@@ -133,6 +133,13 @@ def _stream(sizes=(10, 7, 9), width=12, seed=0) -> list[torch.Tensor]:
     return [(torch.randn(n, width, generator=g) * scales) @ mix + offset for n in sizes]
 
 
+def test_incremental_pca_starts_empty():
+    pca = lora_eva.IncrementalPCA(3)
+    assert pca.k == 3
+    for attr in ("n_seen", "mean", "var", "components", "singular_values", "explained_variance_ratio"):
+        assert getattr(pca, attr) is None, attr
+
+
 def test_incremental_pca_equals_peft_s_seeded_lowrank_pca():
     """Every attribute after each batch (batches of different sizes), the global RNG untouched."""
     ours, theirs = (
