@@ -381,6 +381,28 @@ def test_term_and_output_hook_follow_the_query_and_output_dtypes():
     assert new.dtype == torch.bfloat16 and extra is None
 
 
+def test_output_projection_hook_adds_in_the_heads_dtype():
+    g = torch.Generator().manual_seed(1)
+    h = lam.AdaptionPrompt("rope", 2, 8, 2, 2, 4, device="cpu")
+    h._prompt_kv = (torch.randn(2, 2, 4, generator=g), torch.randn(2, 2, 4, generator=g))
+    h._query = torch.randn(1, 3, 8, generator=g)  # fp32 queries
+    heads = torch.zeros(1, 3, 8, dtype=torch.bfloat16)
+    (new,) = h.before_output(None, (heads,))
+    assert new.dtype == torch.bfloat16
+
+
+def test_model_type_is_the_first_string_found():
+    root = nn.Module()
+    root.config = types.SimpleNamespace(model_type=None)  # not a string: keep looking
+    root.inner = nn.Module()
+    root.inner.config = types.SimpleNamespace(model_type="mistral")
+    root.inner.deeper = nn.Module()
+    root.inner.deeper.config = types.SimpleNamespace(model_type="gpt2")
+    assert lam._model_type(root) == "mistral"
+    assert lam._model_type(nn.Sequential(nn.Linear(1, 1))) is None
+    assert lam._model_type(tiny_gpt2()) == "gpt2"
+
+
 def test_holder_parameters_go_to_the_given_device():
     with torch.device("meta"):  # a default-device context does not move the holder off the base's device
         h = lam.AdaptionPrompt("rope", 2, 8, 2, 2, 4, device="cpu")
