@@ -444,3 +444,86 @@ def test_dropout_forward_is_the_closed_form_on_every_path(kind, dora, path, mode
         ref = ref + _linear_op(model.layer, xdr, dw)
     (gref,) = torch.autograd.grad((ref * g.double()).sum(), [xr])
     assert torch.allclose(gx.double(), gref, atol=1e-5)
+
+
+# ------------------------------------------------------------------------------------------------------------
+# load_peft_state: every PEFT key, the grouped conv's dense A
+
+
+def test_load_peft_state_reads_every_peft_key_into_its_tensor():
+    def layer_of(base, **kw):
+        return la.inject(Wrap(base), la.LoRAConfig(r=2, target_modules=["layer"], **kw)).layer.adapter["default"]
+
+    emb = layer_of(nn.Embedding(6, 4), use_dora=True)
+    state = {"lora_embedding_A": torch.randn(2, 6), "lora_embedding_B": torch.randn(4, 2)}
+    state["lora_magnitude_vector"] = torch.rand(4).double()
+    emb.load_peft_state(state)
+    assert torch.equal(emb.lora_A.detach(), state["lora_embedding_A"])
+    assert torch.equal(emb.lora_B.detach(), state["lora_embedding_B"])
+    assert emb.magnitude.dtype == torch.float32
+    assert torch.equal(emb.magnitude.detach(), state["lora_magnitude_vector"].float())
+    assert emb.peft_state().keys() == state.keys()
+    conv = layer_of(nn.Conv2d(4, 6, 3, groups=2))
+    grouped = torch.randn(2, 2, 3, 3)
+    b = torch.randn(6, 1, 1, 1)
+    conv.load_peft_state({"lora_A.weight": lora_method.grouped_to_dense_A(grouped, 2), "lora_B.weight": b})
+    assert torch.equal(conv.lora_A.detach(), grouped) and torch.equal(conv.lora_B.detach(), b)
+    with pytest.raises(la.AdapterStateError, match=r"^lora_A.weight mixes input channels across the conv's 2 groups"):
+        conv.load_peft_state({"lora_A.weight": torch.ones(2, 4, 3, 3)})
+    assert torch.equal(conv.lora_A.detach(), grouped)  # refused before anything was written
+    conv.load_peft_state({"lora_B.weight": 2 * b})  # B alone: no A to regroup
+    assert torch.equal(conv.lora_B.detach(), 2 * b)
+    peft = layer_of(nn.Conv2d(4, 6, 3, groups=2), grouped_conv_layout="peft")
+    dense = torch.randn(2, 4, 3, 3)
+    peft.load_peft_state({"lora_A.weight": dense})
+    assert torch.equal(peft.lora_A.detach(), dense)
+
+
+# ------------------------------------------------------------------------------------------------------------
+# DoRA merge / unmerge: W' = f ⊙ (W + ΔW) row-wise, a zero row kept aside
+
+
+@pytest.mark.parametrize("kind", ["linear", "conv1d_t", "embedding", "conv"])
+def test_dora_merge_scales_each_output_row_and_unmerge_restores_w(kind):
+    """Merged weight (in the base layout) ``f_o · (W + ΔW)_o`` for every output o with ``f = m / ||W + ΔW||``; a row
+    where ``W + ΔW`` is exactly 0 (f = 0) merges to 0 and unmerge gives the original row back; the merged layer's
+    output is the adapted one."""
+    from transformers.pytorch_utils import Conv1D
+
+    torch.manual_seed(0)
+    base = {
+        "linear": lambda: nn.Linear(6, 5),
+        "conv1d_t": lambda: Conv1D(5, 6),
+        "embedding": lambda: nn.Embedding(6, 5),
+        "conv": lambda: nn.Conv2d(3, 5, 2),
+    }[kind]()
+    model = la.inject(Wrap(base), la.LoRAConfig(r=2, alpha=3, use_dora=True, target_modules=["layer"]))
+    layer = model.layer.adapter["default"]
+    with torch.no_grad():
+        layer.lora_B.normal_(0, 0.5)
+        layer.magnitude.mul_(1 + 0.3 * torch.randn(layer.magnitude.shape))
+        # Output 1: W + ΔW = 0 there (its base row and its row of B zeroed).
+        (layer.lora_B[:, 1] if kind == "embedding" else layer.lora_B[1]).zero_()
+        if kind in ("conv1d_t", "embedding"):
+            model.layer.weight[:, 1] = 0
+        else:
+            model.layer.weight[1] = 0
+    w0 = model.layer.weight.detach().clone()
+    wo = _weight_out_in(model.layer)  # (out, in·k)
+    a, b = layer.lora_A.detach().double(), layer.lora_B.detach().double()
+    delta = 1.5 * b @ a if kind == "embedding" else 1.5 * b.reshape(5, 2) @ a.reshape(2, -1)
+    norm = (wo + delta).norm(dim=1)
+    f = torch.where(norm == 0, torch.zeros_like(norm), layer.magnitude.detach().double().reshape(-1) / norm)
+    merged_out_in = f[:, None] * (wo + delta)
+    x = torch.randint(0, 6, (2, 3)) if kind == "embedding" else torch.randn(2, 3, 4, 4) if kind == "conv" else None
+    x = torch.randn(2, 6) if x is None else x
+    y = model(x).detach()
+    la.merge(model)
+    got = _weight_out_in(model.layer)
+    assert torch.allclose(got, merged_out_in, atol=1e-5)
+    assert not got[1].any()
+    assert torch.allclose(model(x), y, atol=1e-5)
+    la.unmerge(model)
+    assert torch.allclose(model.layer.weight, w0, atol=1e-5)
+    assert torch.equal(_weight_out_in(model.layer)[1], wo[1])
+    assert torch.allclose(model(x), y, atol=1e-5)
