@@ -527,3 +527,67 @@ def test_dora_merge_scales_each_output_row_and_unmerge_restores_w(kind):
     assert torch.allclose(model.layer.weight, w0, atol=1e-5)
     assert torch.equal(_weight_out_in(model.layer)[1], wo[1])
     assert torch.allclose(model(x), y, atol=1e-5)
+
+
+# ------------------------------------------------------------------------------------------------------------
+# delta_output (the term a scaled or stacked adapter adds): s·B A x_d (+ s·b_B) on every layer kind
+
+
+@pytest.mark.parametrize("kind", ["linear_bias", "conv1d_t", "conv", "conv_peft", "embedding"])
+def test_scaled_adapter_adds_the_closed_form_term(kind):
+    """``set_scale(c)`` runs ``base(x) + c·delta_output(x)``; by hand, with dropout 0.5 in training (the seeded mask;
+    none on an Embedding, as PEFT), c = 0.5 and s = 1.5, the gradients of A and B too."""
+    from transformers.pytorch_utils import Conv1D
+
+    torch.manual_seed(0)
+    base = {
+        "linear_bias": lambda: nn.Linear(8, 6),
+        "conv1d_t": lambda: Conv1D(6, 8),
+        "conv": lambda: nn.Conv2d(4, 6, 3, padding=1, groups=2),
+        "conv_peft": lambda: nn.Conv2d(4, 6, 3, padding=1, groups=2, padding_mode="reflect"),
+        "embedding": lambda: nn.Embedding(8, 6, padding_idx=0, scale_grad_by_freq=True),
+    }[kind]()
+    model = Wrap(base)
+    cfg = la.LoRAConfig(
+        r=4,
+        alpha=6,
+        dropout=0.5,
+        lora_bias=kind == "linear_bias",
+        grouped_conv_layout="peft" if kind == "conv_peft" else "mergeable",
+        target_modules=["layer"],
+    )
+    la.inject(model, cfg)
+    layer = model.layer.adapter["default"]
+    with torch.no_grad():
+        for p in (layer.lora_A, layer.lora_B) + ((layer.lora_B_bias,) if layer.lora_B_bias is not None else ()):
+            p.normal_(0, 0.5)
+    la.set_scale(model, "default", 0.5)
+    model.train()
+    x = {"conv": (2, 4, 5, 5), "conv_peft": (2, 4, 5, 5), "embedding": None}.get(kind, (3, 8))
+    x = torch.tensor([[0, 3, 3, 7]]) if x is None else torch.randn(*x)
+    with la.disabled(model):
+        y0 = model(x).detach()
+    torch.manual_seed(3)
+    y = model(x)
+    torch.manual_seed(3)
+    xd = x if kind == "embedding" else torch.nn.functional.dropout(x, 0.5, True)
+    a = layer.lora_A.detach().clone().requires_grad_(True)
+    b = layer.lora_B.detach().clone().requires_grad_(True)
+    if kind == "embedding":
+        term = torch.nn.functional.embedding(xd, a.t(), 0, None, 2.0, True) @ b.t()
+    elif kind == "conv":
+        term = torch.nn.functional.conv2d(torch.nn.functional.conv2d(xd, a, None, 1, 1, 1, 2), b, None, groups=2)
+    elif kind == "conv_peft":
+        h = torch.nn.functional.conv2d(torch.nn.functional.pad(xd, (1, 1, 1, 1), mode="reflect"), a)
+        term = torch.nn.functional.conv2d(h, b, None, groups=2)
+    else:
+        term = xd @ a.t() @ b.t()
+    if layer.lora_B_bias is not None:
+        term = term + layer.lora_B_bias.detach()
+    want = y0 + 0.5 * 1.5 * term
+    assert torch.allclose(y, want, atol=1e-5)
+    g = torch.randn(y.shape)
+    got = torch.autograd.grad((y * g).sum(), [layer.lora_A, layer.lora_B])
+    truth = torch.autograd.grad((want * g).sum(), [a, b])
+    for u, v in zip(got, truth):
+        assert torch.allclose(u, v, atol=1e-5)
