@@ -591,3 +591,55 @@ def test_scaled_adapter_adds_the_closed_form_term(kind):
     truth = torch.autograd.grad((want * g).sum(), [a, b])
     for u, v in zip(got, truth):
         assert torch.allclose(u, v, atol=1e-5)
+
+
+# ------------------------------------------------------------------------------------------------------------
+# DoRA's eval-mode norm cache: never stale
+
+
+@pytest.mark.parametrize("kind", ["linear", "conv"])
+def test_dora_eval_norm_follows_every_write_to_w_a_and_b(kind):
+    """In eval mode the norm ``||W + s·B·A||`` is cached; after an in-place write to B, A or W, a cast to float64
+    or a train/eval round trip the output is again the closed form with the current tensors."""
+    torch.manual_seed(0)
+    base = nn.Linear(8, 6) if kind == "linear" else nn.Conv2d(4, 6, 3)
+    model = la.inject(Wrap(base), la.LoRAConfig(r=2, alpha=3, use_dora=True, target_modules=["layer"])).eval()
+    layer = model.layer.adapter["default"]
+    x = torch.randn(3, 8) if kind == "linear" else torch.randn(2, 4, 5, 5)
+
+    def closed_form():
+        return _dora_closed_form(model.layer, layer, x)
+
+    with torch.no_grad():
+        layer.lora_B.normal_(0, 0.5)
+    assert torch.allclose(model(x).double(), closed_form(), atol=1e-5)
+    for write in (
+        lambda: layer.lora_B.mul_(2.0),
+        lambda: layer.lora_A.add_(0.3),
+        lambda: model.layer.weight.mul_(0.5),
+    ):
+        with torch.no_grad():
+            write()
+        assert torch.allclose(model(x).double(), closed_form(), atol=1e-5)
+    model.double()
+    x = x.double()
+    assert torch.allclose(model(x), closed_form(), atol=1e-10)
+    model.train()
+    with torch.no_grad():
+        layer.lora_B.data.mul_(3.0)  # invisible to the version counter, but training drops the cache
+    model.eval()
+    assert torch.allclose(model(x), closed_form(), atol=1e-10)
+
+
+def _dora_closed_form(base, layer, x):
+    w = base.weight.detach().double()
+    a, b = layer.lora_A.detach().double(), layer.lora_B.detach().double()
+    if isinstance(base, nn.Conv2d):
+        dw = lora_method.conv_delta_weight(a, b, 1, layer.scale)
+    else:
+        dw = layer.scale * b @ a
+    f = layer.magnitude.detach().double().reshape(-1) / (w + dw).flatten(1).norm(dim=1)
+    if isinstance(base, nn.Conv2d):
+        y = torch.nn.functional.conv2d(x.double(), (w + dw) * f.reshape(-1, 1, 1, 1))
+        return y + base.bias.detach().double().reshape(1, -1, 1, 1)
+    return x.double() @ ((w + dw) * f[:, None]).t() + base.bias.detach().double()
