@@ -14,6 +14,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import lightning_adapters as la
+from lightning_adapters.core.quant import DequantizedLinear
 from lightning_adapters.methods.boft import (
     BOFTConfig,
     BOFTLayer,
@@ -723,3 +724,58 @@ def test_scale_is_the_flat_per_output_vector():
     _randomize(layer)
     assert torch.equal(layer._scale(), layer.boft_s.reshape(-1)) and layer._scale().shape == (3,)
     assert math.isclose(layer._scale()[2].item(), layer.boft_s[0, 2].item())
+
+
+# --- a quantized base (the library's stand-in over a layer with its own kernel) ------------------------------
+
+
+class _OwnKernelLinear(nn.Linear):
+    """Plays a quantized layer: its weight is what dequantizing gives, its own forward counts its calls."""
+
+    calls = 0
+
+    def _la_base_forward(self, x: torch.Tensor) -> torch.Tensor:
+        self.calls += 1
+        return F.linear(x, self.weight, self.bias)
+
+
+def _quantized(in_f: int, out_f: int, dtype: torch.dtype, bias: bool = True) -> tuple[nn.Linear, nn.Module]:
+    """``(real, stand_in)``: ``stand_in`` is what a method's ``base`` is on a quantized layer (see ``stand_in``)."""
+    real = _OwnKernelLinear(in_f, out_f, bias=bias).to(dtype).requires_grad_(False)
+    view = DequantizedLinear.__new__(DequantizedLinear)
+    view.__dict__.update(real.__dict__)
+    view.__dict__.update(_la_real=real, _la_dtype=dtype, _la_w=real.weight.detach())
+    return real, view
+
+
+@pytest.mark.parametrize("bias", [True, False])
+@pytest.mark.parametrize("grad", [False, True])  # False: the layer's own kernel; True: F.linear on the weight
+def test_quantized_linear_rotates_the_input_and_scales_the_unbiased_output(bias, grad):
+    real, view = _quantized(16, 6, F64, bias=bias)
+    layer = _layer(real, boft_block_size=4, boft_n_butterfly_factor=2)
+    _randomize(layer)
+    x = torch.randn(3, 16, dtype=F64, generator=torch.Generator().manual_seed(6)).requires_grad_(grad)
+    with torch.set_grad_enabled(grad):
+        out = layer.adapted_forward(view, x)
+    assert real.calls == (0 if grad else 1)
+    ref = _reference_linear(layer, real, x)
+    assert out.dtype == F64 and torch.allclose(out, ref, atol=1e-12, rtol=0)
+    if not grad:
+        return
+    params = [layer.boft_R, layer.boft_s, x]
+    for got, want in zip(_grads(out, params), _grads(ref, params)):
+        assert torch.allclose(got, want, atol=1e-10, rtol=0)
+
+
+def test_quantized_bf16_linear_runs_in_its_own_dtype():
+    real, view = _quantized(16, 6, torch.bfloat16)
+    layer = _layer(real, boft_block_size=4, boft_n_butterfly_factor=2)
+    _randomize(layer, std=0.2)
+    x = torch.randn(3, 16, generator=torch.Generator().manual_seed(0)).to(torch.bfloat16)
+    with torch.no_grad():
+        out = layer.adapted_forward(view, x)
+    assert out.dtype == torch.bfloat16 and real.calls == 1
+    with torch.no_grad():
+        r = _dense([_cayley(layer.boft_R[i].double()) for i in range(2)])
+        ref = (x.double() @ r @ real.weight.double().T) * layer.boft_s.double().reshape(-1) + real.bias.double()
+    assert torch.allclose(out.double(), ref, atol=0.1, rtol=0.02)
