@@ -11,6 +11,7 @@ import copy
 import pytest
 import torch
 from torch import nn
+from transformers.models.bart.modeling_bart import BartScaledWordEmbedding
 
 import lightning_adapters as la
 from lightning_adapters.methods import lora as lora_method
@@ -533,7 +534,7 @@ def test_dora_merge_scales_each_output_row_and_unmerge_restores_w(kind):
 # delta_output (the term a scaled or stacked adapter adds): s·B A x_d (+ s·b_B) on every layer kind
 
 
-@pytest.mark.parametrize("kind", ["linear_bias", "conv1d_t", "conv", "conv_peft", "embedding"])
+@pytest.mark.parametrize("kind", ["linear_bias", "conv1d_t", "conv", "conv_peft", "embedding", "embedding_scaled"])
 def test_scaled_adapter_adds_the_closed_form_term(kind):
     """``set_scale(c)`` runs ``base(x) + c·delta_output(x)``; by hand, with dropout 0.5 in training (the seeded mask;
     none on an Embedding, as PEFT), c = 0.5 and s = 1.5, the gradients of A and B too."""
@@ -546,6 +547,7 @@ def test_scaled_adapter_adds_the_closed_form_term(kind):
         "conv": lambda: nn.Conv2d(4, 6, 3, padding=1, groups=2),
         "conv_peft": lambda: nn.Conv2d(4, 6, 3, padding=1, groups=2, padding_mode="reflect"),
         "embedding": lambda: nn.Embedding(8, 6, padding_idx=0, scale_grad_by_freq=True),
+        "embedding_scaled": lambda: BartScaledWordEmbedding(8, 6, padding_idx=0, embed_scale=2.5),
     }[kind]()
     model = Wrap(base)
     cfg = la.LoRAConfig(
@@ -563,18 +565,20 @@ def test_scaled_adapter_adds_the_closed_form_term(kind):
             p.normal_(0, 0.5)
     la.set_scale(model, "default", 0.5)
     model.train()
-    x = {"conv": (2, 4, 5, 5), "conv_peft": (2, 4, 5, 5), "embedding": None}.get(kind, (3, 8))
+    x = {"conv": (2, 4, 5, 5), "conv_peft": (2, 4, 5, 5), "embedding": None, "embedding_scaled": None}.get(kind, (3, 8))
     x = torch.tensor([[0, 3, 3, 7]]) if x is None else torch.randn(*x)
     with la.disabled(model):
         y0 = model(x).detach()
     torch.manual_seed(3)
     y = model(x)
     torch.manual_seed(3)
-    xd = x if kind == "embedding" else torch.nn.functional.dropout(x, 0.5, True)
+    xd = x if kind.startswith("embedding") else torch.nn.functional.dropout(x, 0.5, True)
     a = layer.lora_A.detach().clone().requires_grad_(True)
     b = layer.lora_B.detach().clone().requires_grad_(True)
     if kind == "embedding":
         term = torch.nn.functional.embedding(xd, a.t(), 0, None, 2.0, True) @ b.t()
+    elif kind == "embedding_scaled":  # the lookup's factor 2.5 scales the term too
+        term = 2.5 * torch.nn.functional.embedding(xd, a.t(), 0) @ b.t()
     elif kind == "conv":
         term = torch.nn.functional.conv2d(torch.nn.functional.conv2d(xd, a, None, 1, 1, 1, 2), b, None, groups=2)
     elif kind == "conv_peft":
