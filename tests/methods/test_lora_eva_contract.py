@@ -218,6 +218,16 @@ def test_running_moments_keep_a_constant_column_at_exactly_zero():
     assert abs(var[1].item() - 2 / 9) < 1e-15
 
 
+def test_running_moments_remove_the_rounding_of_a_large_mean():
+    """Rows ``1e8 + 8·k`` (exact in float32 and float64): ``sum / N`` rounds, and the centred sum of squares
+    subtracts that rounding's square over ``N``; the variance is ``64·var(k)`` to 1e-14."""
+    k = torch.randint(0, 11, (3000, 1), generator=torch.Generator().manual_seed(0)).double()
+    x = (1e8 + 8 * k).float()
+    _, var, _ = lora_eva.running_moments(x, None, None, torch.tensor([0]))
+    expected = 64 * k.var(0, unbiased=False)
+    assert abs((var - expected) / expected).item() < 1e-14
+
+
 # ------------------------------------------------------------------------------------------------------------
 # Layer inputs
 
@@ -299,6 +309,25 @@ def test_gather_rows_concatenates_ranks_in_order(fake_world, mine, theirs):
     assert world.calls == [(1,), (max(mine, theirs), 3)]
 
 
+def test_gather_rows_gathers_counts_on_the_rows_device(monkeypatch):
+    """The row count travels on the rows' device (NCCL gathers device tensors only): seen here with meta rows."""
+    import torch.distributed as dist
+
+    devices = []
+
+    def all_gather(out, tensor):
+        devices.append(tensor.device.type)
+        if tensor.dtype == torch.int64:
+            out[:] = [torch.tensor([2]), torch.tensor([1])]
+        else:
+            out[:] = [tensor, tensor]
+
+    monkeypatch.setattr(dist, "get_world_size", lambda: 2)
+    monkeypatch.setattr(dist, "all_gather", all_gather)
+    got = lora_eva.gather_rows(torch.zeros(2, 3, device="meta"))
+    assert devices == ["meta", "meta"] and got.shape == (3, 3) and got.device.type == "meta"
+
+
 def test_digest_is_sha1_of_shape_dtype_and_bytes():
     x = torch.arange(6, dtype=torch.float32).view(2, 3)
     expected = hashlib.sha1(str(((2, 3), torch.float32)).encode())
@@ -353,7 +382,8 @@ def test_site_skips_short_batches_and_flags_components_reaching_tau():
     when its cosine similarity with the previous step's reaches ``tau`` (``>=``)."""
     xs = _stream(sizes=(10, 9, 2), width=6)
     site = lora_eva._Site(3, 0.5)
-    assert site.converged.tolist() == [False] * 3 and site.active
+    assert site.converged.tolist() == [False] * 3 and site.converged.dtype == torch.bool and site.active is True
+    assert site.tau == 0.5 and site.pca.k == 3 and site.pca.components is None
     site.update(xs[2][:2])
     assert site.pca.components is None
     site.update(xs[0].double())  # read as float32
@@ -679,8 +709,10 @@ def test_apply_components_sets_ranks_alphas_patterns_and_removes_rank_zero(adjus
     with torch.no_grad():
         for _, layer in _layers(model).values():
             layer.lora_B.fill_(1.0)  # B = 0 comes from apply_components, also where the rank stays
+    kept = (model.c.adapter.default.lora_A, model.c.adapter.default.lora_B)
     lora_eva.apply_components(model, _layers(model), comps, adjust, "default")
     a, c = model.a.adapter.default, model.c.adapter.default
+    assert c.lora_A is kept[0] and c.lora_B is kept[1]  # rank and alpha unchanged: written in place
     assert (a.r, a.alpha, a.scale) == ((3, 6.0, 2.0) if adjust else (3, 4.0, 4 / 3))
     assert (c.r, c.alpha, c.scale) == (1, 3.0, 3.0)
     assert torch.equal(a.lora_A, comps["a"].float()) and torch.equal(c.lora_A, comps["c"])
