@@ -192,6 +192,8 @@ def test_prepare_peft_load_picks_peft_s_layout_only_for_a_group_mixing_a():
     assert layout({"m.conv.lora_B.weight": b, "m.conv.lora_A.weight": mixing, "x.lora_A.weight": dense}) == "peft"
     # A skipped entry (no B, or a rank the B does not divide) does not end the search.
     assert layout({"a.lora_A.weight": mixing, "m.conv.lora_A.weight": mixing, "m.conv.lora_B.weight": b}) == "peft"
+    wide = lora_method.grouped_to_dense_A(torch.randn(4, 4, 3, 3), 2)  # (4, 8, 3, 3): r 4 and 8 input channels
+    assert layout({"m.conv.lora_A.weight": wide, "m.conv.lora_B.weight": b}) == "mergeable"  # groups = r / 2
     five = torch.randn(5, 4, 3, 3)  # 5 ranks: not a multiple of B's 2 columns
     assert layout({"m.conv.lora_A.weight": five, "m.conv.lora_B.weight": b}) == "mergeable"
 
