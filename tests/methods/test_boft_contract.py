@@ -779,3 +779,21 @@ def test_quantized_bf16_linear_runs_in_its_own_dtype():
         r = _dense([_cayley(layer.boft_R[i].double()) for i in range(2)])
         ref = (x.double() @ r @ real.weight.double().T) * layer.boft_s.double().reshape(-1) + real.bias.double()
     assert torch.allclose(out.double(), ref, atol=0.1, rtol=0.02)
+
+
+# --- meta device: every tensor a forward builds lives on the layer's device ----------------------------------
+
+
+@pytest.mark.parametrize("m", [1, 2])
+def test_meta_training_forward_with_dropout_stays_on_meta(m):
+    base = nn.Linear(16, 4, device="meta")
+    layer = _layer(base, boft_block_size=4, boft_n_butterfly_factor=m, boft_dropout=0.5).train()
+    q = layer.factor_blocks(dropout=True)
+    assert len(q) == m and all(t.device.type == "meta" and t.shape == (4, 4, 4) for t in q)
+    for tokens in (2, 40):
+        out = layer.adapted_forward(base, torch.empty(tokens, 16, device="meta"))
+        assert out.device.type == "meta" and out.shape == (tokens, 4)
+    conv = nn.Conv2d(4, 3, 2, device="meta")
+    layer_c = _layer(conv, boft_block_size=4, boft_n_butterfly_factor=m, boft_dropout=0.5).train()
+    out = layer_c.adapted_forward(conv, torch.empty(1, 4, 5, 5, device="meta"))
+    assert out.device.type == "meta" and out.shape == (1, 3, 4, 4)

@@ -867,3 +867,26 @@ def test_quantized_bf16_linear_runs_in_its_own_dtype():
         r = torch.block_diag(*_rot(layer.oft_R.double(), 4).unbind(0))
         ref = x.double() @ r @ real.weight.double().T + real.bias.double()
     assert torch.allclose(out.double(), ref, atol=0.1, rtol=0.02)
+
+
+# --- meta device: every tensor a forward or merge builds lives on the layer's device -------------------------
+
+
+@pytest.mark.parametrize(
+    "kw", [dict(), dict(use_cayley_neumann=False), dict(block_share=True, coft=True, num_cayley_neumann_terms=2)]
+)
+def test_meta_training_forward_with_dropout_and_merge_stay_on_meta(kw):
+    base = nn.Linear(16, 4, device="meta")
+    layer = _layer(base, oft_block_size=4, module_dropout=0.5, **kw).train()
+    rot = layer.rotation_blocks(dropout=True)
+    assert rot.device.type == "meta" and rot.shape == (4, 4, 4)
+    for tokens in (2, 40):
+        out = layer.adapted_forward(base, torch.empty(tokens, 16, device="meta"))
+        assert out.device.type == "meta" and out.shape == (tokens, 4)
+    conv = nn.Conv2d(4, 3, 2, device="meta")
+    layer_c = _layer(conv, oft_block_size=4, module_dropout=0.5, **kw).train()
+    out = layer_c.adapted_forward(conv, torch.empty(1, 4, 5, 5, device="meta"))
+    assert out.device.type == "meta" and out.shape == (1, 3, 4, 4)
+    layer.merge(base)
+    layer.unmerge(base)
+    assert base.weight.device.type == "meta" and layer.merged is False
