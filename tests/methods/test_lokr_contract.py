@@ -464,6 +464,7 @@ def test_forward_path_choice_gets_token_count_and_grad_flag(monkeypatch):
     model(x)
     model(x.requires_grad_())
     assert calls == [(15, False), (15, True), (15, False), (15, True)]
+    assert all(type(n) is int for n, _ in calls)  # a whole token count
     c1d, _ = _model(Conv1D(20, 24), r=1)
     with torch.no_grad():
         c1d(torch.randn(2, 7, 24))
@@ -574,6 +575,16 @@ def test_quantized_base_without_grad_uses_its_own_kernel_exactly(monkeypatch, pa
         assert torch.equal(model(x), base_out)  # zero ΔW: exactly the quantized kernel's output
         layer = _randomize(model.layer.adapter.default, std=0.05)
         assert torch.allclose(model(x), base_out + F.linear(x, layer.delta_weight()), atol=1e-5)
+    # Grad mode on, x needing no gradient: still the quantized kernel plus ΔW x, differentiable in the factors.
+    y = model(x)
+    assert torch.allclose(y, base_out + F.linear(x, layer.delta_weight()), atol=1e-5)
+    y.sum().backward()
+    assert all(p.grad is not None for p in layer.parameters())
+    xg = x.clone().requires_grad_()
+    yg = model(xg)
+    assert torch.allclose(yg, base_out + F.linear(x, layer.delta_weight()), atol=1e-3)
+    yg.sum().backward()
+    assert xg.grad is not None and xg.grad.shape == x.shape
 
 
 # ------------------------------------------------------------------------------------------------------------
