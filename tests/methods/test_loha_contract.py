@@ -358,6 +358,7 @@ def test_forward_path_choice_arguments(monkeypatch):
     model(x.requires_grad_())
     assert calls == [((3, 5, 24), False), ((3, 5, 24), True), ((3, 5, 24), False), ((3, 5, 24), True)]
     assert pays == [(3, 24, 20, 15, False), (3, 24, 20, 15, True), (3, 24, 20, 15, False), (3, 24, 20, 15, True)]
+    assert all(type(a[3]) is int for a in pays)  # a whole token count
     c1d, _ = _model(Conv1D(20, 24), r=2)
     with torch.no_grad():
         c1d(torch.randn(2, 7, 24))
@@ -400,6 +401,16 @@ def test_quantized_base_without_grad_uses_its_own_kernel_exactly(monkeypatch, pa
         assert torch.equal(model(x), base_out)
         layer = _randomize(model.layer.adapter.default, std=0.05)
         assert torch.allclose(model(x), base_out + F.linear(x, layer.delta_weight()), atol=1e-5)
+    # Grad mode on, x needing no gradient: still the quantized kernel plus ΔW x, differentiable in the factors.
+    y = model(x)
+    assert torch.allclose(y, base_out + F.linear(x, layer.delta_weight()), atol=1e-5)
+    y.sum().backward()
+    assert all(p.grad is not None for p in layer.parameters())
+    xg = x.clone().requires_grad_()
+    yg = model(xg)
+    assert torch.allclose(yg, base_out + F.linear(x, layer.delta_weight()), atol=1e-3)
+    yg.sum().backward()
+    assert xg.grad is not None and xg.grad.shape == x.shape
 
 
 # ------------------------------------------------------------------------------------------------------------
