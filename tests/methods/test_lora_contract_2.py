@@ -649,3 +649,16 @@ def _dora_closed_form(base, layer, x):
         y = torch.nn.functional.conv2d(x.double(), (w + dw) * f.reshape(-1, 1, 1, 1))
         return y + base.bias.detach().double().reshape(1, -1, 1, 1)
     return x.double() @ ((w + dw) * f[:, None]).t() + base.bias.detach().double()
+
+
+def test_orthogonal_init_makes_b_a_zero_on_linear_and_is_the_default_on_an_embedding():
+    """``"orthogonal"``: A and B take alternate rows of one orthogonal matrix, so ``B·A = 0`` with neither zero;
+    an Embedding (no such form, as in PEFT) gets the default A = 0, B ~ N(0, 1)."""
+    torch.manual_seed(0)
+    cfg = la.LoRAConfig(r=4, init_weights="orthogonal", target_modules=["layer"])
+    lin = la.inject(Wrap(nn.Linear(16, 12)), cfg).layer.adapter["default"]
+    a, b = lin.lora_A.detach().double(), lin.lora_B.detach().double()
+    assert a.abs().sum() > 0 and b.abs().sum() > 0
+    assert torch.allclose(b @ a, torch.zeros(12, 16, dtype=torch.float64), atol=1e-6)
+    emb = la.inject(Wrap(nn.Embedding(64, 32)), cfg).layer.adapter["default"]
+    assert not emb.lora_A.any() and abs(emb.lora_B.std().item() - 1) < 0.3
