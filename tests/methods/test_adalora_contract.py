@@ -1376,3 +1376,19 @@ def test_layer_refuses_grouped_convs_and_absurd_ranks_by_name() -> None:
     with pytest.raises(AdapterConfigError, match=r"dimensions \(8, 3\) \(at most 128"):
         _one(nn.Conv2d(2, 3, 2), init_r=129)
     assert _one(nn.Conv2d(2, 3, 2), init_r=128).layer.adapter.default.lora_A.shape == (128, 8)
+
+
+def test_orthogonal_regularizer_stays_in_the_factors_dtype() -> None:
+    model = _two()
+    _randomize(model)
+    layers = list(adalora_layers(model).values())
+    for layer in layers:
+        layer.to(torch.bfloat16)
+    got = orthogonal_regularizer(layers)
+    eye = torch.eye(3, dtype=torch.bfloat16)
+    terms = []
+    for ly in layers:
+        a, b = ly.lora_A.detach(), ly.lora_B.detach()
+        terms += [torch.norm(a @ a.T - eye, p="fro"), torch.norm(b.T @ b - eye, p="fro")]
+    assert got.dtype == torch.bfloat16
+    assert torch.allclose(got.float(), (sum(terms) / 4).float(), rtol=2e-2)
