@@ -662,3 +662,44 @@ def test_orthogonal_init_makes_b_a_zero_on_linear_and_is_the_default_on_an_embed
     assert torch.allclose(b @ a, torch.zeros(12, 16, dtype=torch.float64), atol=1e-6)
     emb = la.inject(Wrap(nn.Embedding(64, 32)), cfg).layer.adapter["default"]
     assert not emb.lora_A.any() and abs(emb.lora_B.std().item() - 1) < 0.3
+
+
+@pytest.mark.parametrize("kind", ["linear", "conv1d_t", "conv", "embedding"])
+@pytest.mark.parametrize("dropout", [0.0, 0.5])
+def test_lora_on_a_bf16_base_answers_in_bf16_with_the_closed_form(kind, dropout):
+    """fp32 adapters on a bf16 base: the output stays bf16 in training and eval, and in eval is ``(W + s·B·A) x + b``
+    up to bf16 rounding (s = 1.5)."""
+    from transformers.pytorch_utils import Conv1D
+
+    torch.manual_seed(0)
+    base = {
+        "linear": lambda: nn.Linear(16, 12),
+        "conv1d_t": lambda: Conv1D(12, 16),
+        "conv": lambda: nn.Conv2d(4, 6, 3, padding=1, groups=2),
+        "embedding": lambda: nn.Embedding(16, 12),
+    }[kind]()
+    model = Wrap(base.to(torch.bfloat16))
+    la.inject(model, la.LoRAConfig(r=4, alpha=6, dropout=dropout, target_modules=["layer"]))
+    layer = model.layer.adapter["default"]
+    with torch.no_grad():
+        layer.lora_A.normal_(0, 0.3)
+        layer.lora_B.normal_(0, 0.3)
+    x = {"conv": torch.randn(2, 4, 5, 5), "embedding": torch.randint(0, 16, (2, 5))}.get(kind, torch.randn(3, 16))
+    x = x if kind == "embedding" else x.bfloat16()
+    model.train()
+    assert model(x).dtype == torch.bfloat16
+    model.eval()
+    y = model(x)
+    assert y.dtype == torch.bfloat16
+    w = model.layer.weight.detach().double()
+    a, b = layer.lora_A.detach().double(), layer.lora_B.detach().double()
+    if kind == "conv":
+        merged = w + lora_method.conv_delta_weight(a, b, 2, 1.5)
+        want = torch.nn.functional.conv2d(x.double(), merged, model.layer.bias.detach().double(), padding=1, groups=2)
+    elif kind == "embedding":
+        want = (w + 1.5 * (b @ a).t())[x]
+    else:
+        merged = (w.t() if kind == "conv1d_t" else w) + 1.5 * b @ a
+        want = x.double() @ merged.t() + model.layer.bias.detach().double()
+    err = (y.double() - want).abs().max().item()
+    assert err <= 1e-2 * want.abs().max().item(), err
