@@ -703,3 +703,33 @@ def test_lora_on_a_bf16_base_answers_in_bf16_with_the_closed_form(kind, dropout)
         want = x.double() @ merged.t() + model.layer.bias.detach().double()
     err = (y.double() - want).abs().max().item()
     assert err <= 1e-2 * want.abs().max().item(), err
+
+
+# ------------------------------------------------------------------------------------------------------------
+# Residual inits: what the base holds after attach, eject and eject with merge
+
+
+def test_residual_init_base_on_attach_eject_and_merged_eject():
+    """PiSSA: attached, the base is ``W − s·B0·A0``; ejected it is W again; ejected with merge it keeps the trained
+    adapter, ``W − s·B0·A0 + s·B·A``. Only inits that write the base say so (``rewrites_base``)."""
+    torch.manual_seed(0)
+    base = nn.Linear(8, 6)
+    w = base.weight.detach().clone()
+    cfg = la.LoRAConfig(r=2, alpha=3, init_weights="pissa", target_modules=["layer"])
+    for merge in (False, True):
+        model = la.inject(Wrap(copy.deepcopy(base)), cfg)
+        layer = model.layer.adapter["default"]
+        assert layer.rewrites_base and layer.residual_applied and not layer.changes_base_on_attach
+        a0, b0 = layer.init_A.clone(), layer.init_B.clone()
+        assert torch.allclose(model.layer.weight, w - 1.5 * b0 @ a0, atol=1e-5)
+        with torch.no_grad():
+            layer.lora_B.add_(0.1)
+        a, b = layer.lora_A.detach().clone(), layer.lora_B.detach().clone()
+        la.eject(model, merge=merge)
+        want = w - 1.5 * b0 @ a0 + 1.5 * b @ a if merge else w
+        assert torch.allclose(model.layer.weight, want, atol=1e-5)
+    plain = la.inject(Wrap(nn.Linear(8, 6)), la.LoRAConfig(r=2, target_modules=["layer"])).layer.adapter["default"]
+    assert not plain.rewrites_base and not plain.changes_base_on_attach
+    for init, rewrites in (("corda", True), ("eva", False)):
+        pending = la.inject(Wrap(nn.Linear(8, 6)), la.LoRAConfig(r=2, init_weights=init, target_modules=["layer"]))
+        assert pending.layer.adapter["default"].rewrites_base is rewrites, init
