@@ -349,26 +349,32 @@ def test_layer_refusals(base, kw, message):
         la.inject(Wrap(base), la.LoRAConfig(r=2, target_modules=["layer"], **kw))
 
 
-@pytest.mark.parametrize("bias", [True, False])
-def test_lora_bias_on_a_quantized_base_folds_s_b_b_into_the_function_s_bias(bias, monkeypatch):
-    """NF4 base, training: the quantized low-rank Function gets ``b + s·b_B`` (``s·b_B`` without a base bias) and
-    computes what the plain form computes, outputs and the gradients of x, A, B and b_B."""
+@pytest.mark.parametrize(
+    "bias, dropout, mode", [(True, 0.0, "train"), (False, 0.0, "train"), (True, 0.5, "train"), (False, 0.5, "eval")]
+)
+def test_lora_bias_on_a_quantized_base_folds_s_b_b_into_the_function_s_bias(bias, dropout, mode, monkeypatch):
+    """NF4 base, under autograd: the quantized low-rank Function gets ``b + s·b_B`` (``s·b_B`` without a base bias)
+    and the dropped input (the same seeded mask; none in eval mode), and computes what the plain form computes,
+    outputs and the gradients of x, A, B and b_B."""
     pytest.importorskip("bitsandbytes")
     torch.manual_seed(0)
     model = la.quantize(Wrap(nn.Linear(128, 128, bias=bias)), "nf4", skip=[])
-    la.inject(model, la.LoRAConfig(r=4, alpha=6, lora_bias=True, init_weights=False, target_modules=["layer"]))
+    cfg = la.LoRAConfig(r=4, alpha=6, dropout=dropout, lora_bias=True, init_weights=False, target_modules=["layer"])
+    la.inject(model, cfg)
     layer = model.layer.adapter["default"]
-    model.train()
+    model.train(mode == "train")
     x = torch.randn(3, 128, requires_grad=True)
     params = [x, layer.lora_A, layer.lora_B, layer.lora_B_bias]
     calls = []
     real = lora_method.quantized_lowrank_linear
     monkeypatch.setattr(lora_method, "quantized_lowrank_linear", lambda *a: calls.append(1) or real(*a))
     g = torch.randn(3, 128)
+    torch.manual_seed(5)
     y = model(x)
     grads = torch.autograd.grad((y * g).sum(), params)
     assert calls == [1]
     monkeypatch.setattr(lora_method, "quantized_lowrank_applies", lambda *a: False)
+    torch.manual_seed(5)
     y2 = model(x)
     grads2 = torch.autograd.grad((y2 * g).sum(), params)
     assert calls == [1]
