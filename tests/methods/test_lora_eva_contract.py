@@ -371,6 +371,9 @@ def test_distribute_ranks_shared_layers_give_ties_to_the_pca_s_own_layer():
     ratios = {"q": torch.tensor([0.5, 0.1])}
     assert lora_eva.distribute_ranks(ratios, {"q": "q", "k": "q"}, {"k": "q"}, 3) == {"q": 2, "k": 1}
     assert lora_eva.distribute_ranks(ratios, {"q": "q", "k": "q"}, {"k": "q"}, 1) == {"q": 1, "k": 0}
+    # the sharer listed first (it wins the tie in the argsort's order): swapped back to the owner
+    assert lora_eva.distribute_ranks(ratios, {"k": "q", "q": "q"}, {"k": "q"}, 1) == {"k": 0, "q": 1}
+    assert lora_eva.distribute_ranks(ratios, {"k": "q", "q": "q"}, {"k": "q"}, 3) == {"k": 1, "q": 2}
 
 
 # ------------------------------------------------------------------------------------------------------------
@@ -735,6 +738,16 @@ def test_apply_components_sets_ranks_alphas_patterns_and_removes_rank_zero(adjus
         with la.disabled(model):
             plain = model(x)
         assert torch.equal(model(x), plain)  # B = 0: the base at init
+
+
+def test_apply_components_skips_other_injections_listed_first():
+    """Another adapter's injection record comes first: skipped, and the EVA adapter's record is still rewritten."""
+    model = la.inject(Three(), la.LoRAConfig(r=2, target_modules=["b"]), name="first")
+    la.inject(model, _three_cfg(), name="e")
+    lora_eva.apply_components(model, _layers(model, "e"), _comps(), True, "e")
+    saved = peft_config_dict(model, "e")
+    assert saved["rank_pattern"] == {"a": 3, "c": 1} and saved["target_modules"] == ["a", "c"]
+    assert list(model.b.adapter._modules) == ["first"]
 
 
 def test_apply_components_in_a_sub_module_injection():
