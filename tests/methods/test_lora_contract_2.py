@@ -334,6 +334,12 @@ def test_peft_layout_conv_refuses_to_merge_saying_why():
     assert plain.mergeable and not plain.peft_layout  # one group: nothing to choose
 
 
+def _conv1d_t(nf: int, nx: int) -> nn.Module:
+    from transformers.pytorch_utils import Conv1D
+
+    return Conv1D(nf, nx)
+
+
 @pytest.mark.parametrize(
     "base, kw, message",
     [
@@ -342,6 +348,7 @@ def test_peft_layout_conv_refuses_to_merge_saying_why():
         (nn.Conv2d(4, 6, 3, groups=2), {"use_dora": True, "grouped_conv_layout": "peft"}, "use_dora=True with grou"),
         (nn.Conv2d(4, 6, 3), {"init_weights": "pissa"}, "init_weights='pissa' works on Linear and Conv1D layers"),
         (nn.Embedding(6, 4), {"init_weights": "loftq"}, "init_weights='loftq' works on nn.Linear layers, not on"),
+        (_conv1d_t(5, 6), {"init_weights": "olora"}, "init_weights='olora' on the transformers Conv1D 'layer' is"),
     ],
 )
 def test_layer_refusals(base, kw, message):
@@ -739,3 +746,15 @@ def test_residual_init_base_on_attach_eject_and_merged_eject():
     for init, rewrites in (("corda", True), ("eva", False)):
         pending = la.inject(Wrap(nn.Linear(8, 6)), la.LoRAConfig(r=2, init_weights=init, target_modules=["layer"]))
         assert pending.layer.adapter["default"].rewrites_base is rewrites, init
+
+
+def test_orthogonal_factors_are_rounded_to_a_half_base_dtype_as_peft_stores_them():
+    """On a bf16 base the orthogonal factors are kept in fp32 but hold bf16 values (PEFT builds them in the base
+    dtype), so ``B·A`` is still 0 up to bf16 rounding."""
+    torch.manual_seed(0)
+    cfg = la.LoRAConfig(r=4, init_weights="orthogonal", target_modules=["layer"])
+    layer = la.inject(Wrap(nn.Linear(16, 12).to(torch.bfloat16)), cfg).layer.adapter["default"]
+    for p in (layer.lora_A, layer.lora_B):
+        assert p.dtype == torch.float32 and p.abs().sum() > 0
+        assert torch.equal(p.detach(), p.detach().bfloat16().float())
+    assert (layer.lora_B @ layer.lora_A).abs().max() < 1e-2
