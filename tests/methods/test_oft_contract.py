@@ -260,15 +260,16 @@ def test_cayley_neumann_is_pefts_loop_with_its_gradient(terms):
 
 def test_coft_project_scales_only_blocks_outside_the_ball():
     eps = 0.5
-    radius = eps / math.sqrt(4)
+    radius = eps / math.sqrt(5)
     u = torch.tensor(
-        [[3.0, 4.0, 0.0], [0.01, 0.02, 0.0], [0.0, 0.0, 0.0], [radius / math.sqrt(2.0), 0.0, 0.0]], dtype=F64
+        [[3.0, 4.0, 0.0], [0.01, 0.02, 0.0], [0.0, 0.0, 0.0], [radius / math.sqrt(2.0), 0.0, 0.0], [0.0, 0.3, 0.0]],
+        dtype=F64,
     )
     out = coft_project(u, eps)
-    norm0 = 5.0 * math.sqrt(2.0)
-    assert torch.allclose(out[0], u[0] * (radius / norm0), atol=1e-15, rtol=0)
-    assert torch.equal(out[1:], u[1:])
-    assert math.isclose(float(_skew(out[:1], 3).norm()), radius, rel_tol=1e-12)
+    for row, norm in ((0, 5.0 * math.sqrt(2.0)), (4, 0.3 * math.sqrt(2.0))):  # ||U − Uᵀ||_F = √2 ||u||
+        assert torch.allclose(out[row], u[row] * (radius / norm), atol=1e-15, rtol=0)
+        assert math.isclose(float(_skew(out[row : row + 1], 3).norm()), radius, rel_tol=1e-12)
+    assert torch.equal(out[1:4], u[1:4])
     one = coft_project(torch.tensor([[1.0, 0.0, 0.0]], dtype=F64), 0.1)  # radius 0.1 for a single block
     assert torch.allclose(one, torch.tensor([[0.1 / math.sqrt(2.0), 0.0, 0.0]], dtype=F64), atol=1e-15, rtol=0)
 
