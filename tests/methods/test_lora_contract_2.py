@@ -194,6 +194,8 @@ def test_prepare_peft_load_picks_peft_s_layout_only_for_a_group_mixing_a():
     assert layout({"a.lora_A.weight": mixing, "m.conv.lora_A.weight": mixing, "m.conv.lora_B.weight": b}) == "peft"
     wide = lora_method.grouped_to_dense_A(torch.randn(4, 4, 3, 3), 2)  # (4, 8, 3, 3): r 4 and 8 input channels
     assert layout({"m.conv.lora_A.weight": wide, "m.conv.lora_B.weight": b}) == "mergeable"  # groups = r / 2
+    mixing_1d = torch.randn(4, 4, 3)  # a Conv1d's A (r, in, k)
+    assert layout({"m.conv.lora_A.weight": mixing_1d, "m.conv.lora_B.weight": torch.randn(6, 2, 1)}) == "peft"
     five = torch.randn(5, 4, 3, 3)  # 5 ranks: not a multiple of B's 2 columns
     assert layout({"m.conv.lora_A.weight": five, "m.conv.lora_B.weight": b}) == "mergeable"
 
@@ -552,7 +554,8 @@ def test_dora_merge_scales_each_output_row_and_unmerge_restores_w(kind):
 @pytest.mark.parametrize("kind", ["linear_bias", "conv1d_t", "conv", "conv_peft", "embedding", "embedding_scaled"])
 def test_scaled_adapter_adds_the_closed_form_term(kind):
     """``set_scale(c)`` runs ``base(x) + c·delta_output(x)``; by hand, with dropout 0.5 in training (the seeded mask;
-    none on an Embedding, as PEFT), c = 0.5 and s = 1.5, the gradients of A and B too."""
+    none on an Embedding, as PEFT), c = 0.5 and s = 1.5, ``lora_bias`` on the Linear and the mergeable conv, the
+    gradients of A and B too."""
     from transformers.pytorch_utils import Conv1D
 
     torch.manual_seed(0)
@@ -569,7 +572,7 @@ def test_scaled_adapter_adds_the_closed_form_term(kind):
         r=4,
         alpha=6,
         dropout=0.5,
-        lora_bias=kind == "linear_bias",
+        lora_bias=kind in ("linear_bias", "conv"),
         grouped_conv_layout="peft" if kind == "conv_peft" else "mergeable",
         target_modules=["layer"],
     )
@@ -601,8 +604,8 @@ def test_scaled_adapter_adds_the_closed_form_term(kind):
         term = torch.nn.functional.conv2d(h, b, None, groups=2)
     else:
         term = xd @ a.t() @ b.t()
-    if layer.lora_B_bias is not None:
-        term = term + layer.lora_B_bias.detach()
+    if layer.lora_B_bias is not None:  # s·b_B per output channel
+        term = term + layer.lora_B_bias.detach().reshape((-1,) + (1,) * (term.dim() - 2))
     want = y0 + 0.5 * 1.5 * term
     assert torch.allclose(y, want, atol=1e-5)
     g = torch.randn(y.shape)
