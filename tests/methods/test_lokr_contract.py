@@ -177,6 +177,9 @@ LAYOUTS = {
                        {"lokr_w1_a": (8, 3), "lokr_w1_b": (3, 8), "lokr_w2_a": (8, 3), "lokr_w2_b": (3, 8)}),
     "linear-both-r4": (lambda: nn.Linear(64, 64), dict(r=4, decompose_both=True), (8, 8, 8, 8), True, True, False,
                        {"lokr_w1": (8, 8), "lokr_w2": (8, 8)}),
+    "linear-low-w1-full-w2": (lambda: nn.Linear(64, 64), dict(r=2, decompose_both=True, decompose_factor=16),
+                              (16, 4, 16, 4), False, True, False,
+                              {"lokr_w1_a": (16, 2), "lokr_w1_b": (2, 16), "lokr_w2": (4, 4)}),
     "linear-factor": (lambda: nn.Linear(24, 20), dict(r=2, alpha=5, decompose_factor=2), (2, 10, 2, 12), True,
                       False, False, {"lokr_w1": (2, 2), "lokr_w2_a": (10, 2), "lokr_w2_b": (2, 12)}),
     "conv1d_t": (lambda: Conv1D(20, 24), dict(r=1, alpha=3), (4, 5, 4, 6), True, False, False,
@@ -490,7 +493,7 @@ def test_kron_is_cheaper_passes_the_split_and_rank():
     )
 
 
-@pytest.mark.parametrize("full", [True, False, "both"])
+@pytest.mark.parametrize("full", [True, False, "both", "low-w1-full-w2"])
 def test_kron_path_arguments(monkeypatch, full):
     seen = []
     orig = lokr_mod.kron_linear
@@ -503,14 +506,25 @@ def test_kron_path_arguments(monkeypatch, full):
     monkeypatch.setattr(lokr_mod, "kron_linear", spy)
     monkeypatch.setattr(LoKrLayer, "_kron_is_cheaper", lambda self, *a: True)
     base = nn.Linear(24, 20) if full is False else nn.Linear(64, 64)
-    kw = {True: dict(r=4), False: dict(r=1), "both": dict(r=2, decompose_both=True)}[full]
+    kw = {
+        True: dict(r=4),
+        False: dict(r=1),
+        "both": dict(r=2, decompose_both=True),
+        # decompose_factor 16 splits 64 as (16, 4), unordered: w1 (16, 16) low-rank, w2 (4, 4) full.
+        "low-w1-full-w2": dict(r=2, decompose_both=True, decompose_factor=16),
+    }[full]
     model, layer = _model(base, alpha=3, **kw)
     x = torch.randn(2, base.in_features)
     y = model(x)
     assert torch.allclose(y, F.linear(x, base.weight + _expected_delta(layer, base), base.bias), atol=1e-5)
     with torch.no_grad():
         model(x)
-    shapes = {True: ((8, 8), (8, 8), None), False: ((4, 4), (5, 1), (1, 6)), "both": ((8, 8), (8, 2), (2, 8))}[full]
+    shapes = {
+        True: ((8, 8), (8, 8), None),
+        False: ((4, 4), (5, 1), (1, 6)),
+        "both": ((8, 8), (8, 2), (2, 8)),
+        "low-w1-full-w2": ((16, 16), (4, 4), None),
+    }[full]
     assert seen == [("linear", *shapes, None, True, True), ("linear", *shapes, None, True, False)]
 
 
