@@ -761,3 +761,31 @@ def test_orthogonal_factors_are_rounded_to_a_half_base_dtype_as_peft_stores_them
         assert p.dtype == torch.float32 and p.abs().sum() > 0
         assert torch.equal(p.detach(), p.detach().bfloat16().float())
     assert (layer.lora_B @ layer.lora_A).abs().max() < 1e-2
+
+
+def test_extra_repr_names_kind_rank_scale_dora_layout_and_merge_state():
+    def layer_of(base, **kw):
+        return la.inject(Wrap(base), la.LoRAConfig(r=2, alpha=3, target_modules=["layer"], **kw))
+
+    model = layer_of(nn.Linear(6, 5))
+    assert model.layer.adapter["default"].extra_repr() == "linear, r=2, scale=1.5, merged=False"
+    la.merge(model)
+    assert model.layer.adapter["default"].extra_repr() == "linear, r=2, scale=1.5, merged=True"
+    dora = layer_of(nn.Linear(6, 5), use_dora=True).layer.adapter["default"]
+    assert dora.extra_repr() == "linear, r=2, scale=1.5, dora, merged=False"
+    peft = layer_of(nn.Conv2d(4, 6, 3, groups=2), grouped_conv_layout="peft").layer.adapter["default"]
+    assert peft.extra_repr() == "conv2d, r=2, scale=1.5, peft grouped-conv layout, merged=False"
+
+
+def test_residual_factors_follow_a_float64_base_and_eject_clears_the_residual():
+    """PiSSA on a float64 base keeps A0 and B0 in float64 like the factors; ejecting without merge gives the residual
+    back and leaves the layer with none applied."""
+    torch.manual_seed(0)
+    model = Wrap(nn.Linear(8, 6).double())
+    la.inject(model, la.LoRAConfig(r=2, init_weights="pissa", target_modules=["layer"]))
+    layer = model.layer.adapter["default"]
+    assert layer.lora_A.dtype == layer.lora_B.dtype == torch.float64
+    assert layer.init_A.dtype == layer.init_B.dtype == torch.float64
+    assert layer.residual_applied
+    la.eject(model)
+    assert not layer.residual_applied and layer.changes_base_on_attach  # attached again, it would apply it again
