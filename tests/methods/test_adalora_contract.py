@@ -1392,3 +1392,13 @@ def test_orthogonal_regularizer_stays_in_the_factors_dtype() -> None:
         terms += [torch.norm(a @ a.T - eye, p="fro"), torch.norm(b.T @ b - eye, p="fro")]
     assert got.dtype == torch.bfloat16
     assert torch.allclose(got.float(), (sum(terms) / 4).float(), rtol=2e-2)
+
+
+def test_orthogonal_regularizer_ignores_a_default_device_context() -> None:
+    model = _two()
+    _randomize(model)
+    layers = list(adalora_layers(model).values())
+    want = orthogonal_regularizer(layers)
+    with torch.device("meta"):
+        got = orthogonal_regularizer(layers)
+    assert got.device.type == "cpu" and torch.equal(got, want)
