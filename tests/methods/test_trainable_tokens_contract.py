@@ -369,3 +369,23 @@ def test_token_layers_never_takes_the_root_as_a_head():
     root.head.weight = root.weight
     layers = tt.token_layers(root, _cfg({"embed_tokens": [0]}), [])
     assert list(layers) == ["embed_tokens", "head"]
+
+
+def test_unmerge_after_a_dtype_cast_restores_in_the_new_dtype():
+    emb = _emb()
+    before = emb.weight.detach().clone()
+    layer = tt.TrainableTokensLayer(emb, [2], "e")
+    with torch.no_grad():
+        layer.delta.fill_(5.0)
+    layer.merge(emb)
+    emb.double()  # the model is cast while merged
+    layer.unmerge(emb)
+    assert emb.weight.dtype == torch.float64 and torch.equal(emb.weight, before.double())
+
+
+def test_an_empty_index_list_is_a_no_op_layer():
+    emb = _emb()
+    layer = tt.TrainableTokensLayer(emb, [], "e")
+    assert layer.indices.dtype == torch.long and layer.delta.shape == (0, 3)
+    x = torch.tensor([0, 5, 2])
+    assert torch.equal(layer.adapted_forward(emb, x), emb(x))
