@@ -789,3 +789,26 @@ def test_residual_factors_follow_a_float64_base_and_eject_clears_the_residual():
     assert layer.residual_applied
     la.eject(model)
     assert not layer.residual_applied and layer.changes_base_on_attach  # attached again, it would apply it again
+
+
+def test_a_float64_adapter_on_a_float32_base_merges_in_float32():
+    """``adapter_dtype="float64"`` on a float32 Linear with ``lora_bias``: merge rounds ΔW and ``s·b_B`` to float32
+    and adds them in float32 (exactly the float32 sums computed here); unmerge subtracts the same terms."""
+    torch.manual_seed(0)
+    model = Wrap(nn.Linear(64, 48))
+    cfg = la.LoRAConfig(
+        r=4, alpha=6, lora_bias=True, init_weights=False, adapter_dtype="float64", target_modules=["layer"]
+    )
+    la.inject(model, cfg)
+    layer = model.layer.adapter["default"]
+    assert layer.lora_A.dtype == torch.float64
+    w, b = model.layer.weight.detach().clone(), model.layer.bias.detach().clone()
+    dw = (layer.lora_B.detach() @ layer.lora_A.detach() * 1.5).float()
+    db = 1.5 * layer.lora_B_bias.detach().float()
+    la.merge(model)
+    assert model.layer.weight.dtype == torch.float32
+    assert torch.equal(model.layer.weight.detach(), w + dw)
+    assert torch.equal(model.layer.bias.detach(), b + db)
+    la.unmerge(model)
+    assert torch.equal(model.layer.weight.detach(), (w + dw) - dw)
+    assert torch.equal(model.layer.bias.detach(), (b + db) - db)
