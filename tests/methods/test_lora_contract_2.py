@@ -812,3 +812,12 @@ def test_a_float64_adapter_on_a_float32_base_merges_in_float32():
     la.unmerge(model)
     assert torch.equal(model.layer.weight.detach(), (w + dw) - dw)
     assert torch.equal(model.layer.bias.detach(), (b + db) - db)
+
+
+@pytest.mark.parametrize("init", ["eva", "corda"])
+def test_data_driven_init_is_pending_on_a_transformers_conv1d_too(init):
+    """CorDA and EVA read the inputs of Linear and transformers Conv1D layers: both wait for their data."""
+    model = la.inject(Wrap(_conv1d_t(6, 8)), la.LoRAConfig(r=2, init_weights=init, target_modules=["layer"]))
+    assert model.layer.adapter["default"].needs_data
+    with pytest.raises(la.AdapterStateError, match=r"has not been initialised from data"):
+        model(torch.randn(2, 8))
