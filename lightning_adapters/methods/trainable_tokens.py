@@ -88,9 +88,9 @@ class TrainableTokensLayer(AdapterLayer):
     def adapted_forward(self, base: nn.Module, x: torch.Tensor) -> torch.Tensor:
         w = self._weight(base)
         if isinstance(base, nn.Embedding):
-            return F.embedding(
-                x, w, base.padding_idx, base.max_norm, base.norm_type, base.scale_grad_by_freq, base.sparse
-            )
+            # Dense lookup even for a sparse=True base: only ``delta`` takes a gradient, through ``index_copy``,
+            # which cannot carry a sparse one (backward would fail), and the frozen base needs none.
+            return F.embedding(x, w, base.padding_idx, base.max_norm, base.norm_type, base.scale_grad_by_freq, False)
         return F.linear(x, w, base.bias)
 
     def merge(self, base: nn.Module, *, safe: bool = False) -> None:

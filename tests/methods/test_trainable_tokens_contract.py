@@ -11,6 +11,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+import lightning_adapters as la
 from lightning_adapters.errors import AdapterConfigError, MergeError, TargetError, UnsupportedLayerError
 from lightning_adapters.methods import trainable_tokens as tt
 
@@ -389,3 +390,23 @@ def test_an_empty_index_list_is_a_no_op_layer():
     assert layer.indices.dtype == torch.long and layer.delta.shape == (0, 3)
     x = torch.tensor([0, 5, 2])
     assert torch.equal(layer.adapted_forward(emb, x), emb(x))
+
+
+def test_sparse_embedding_trains_its_tokens_like_a_dense_one():
+    """``sparse=True``: the same outputs and ``delta`` gradients as the dense twin (backward used to fail)."""
+    outs, grads = [], []
+    for sparse in (False, True):
+        torch.manual_seed(0)
+        m = nn.Module()
+        m.embed_tokens = nn.Embedding(10, 4, sparse=sparse)
+        m.q = nn.Linear(4, 4)
+        m.forward = lambda ids, m=m: m.q(m.embed_tokens(ids))
+        la.inject(m, la.LoRAConfig(r=2, target_modules=["q"], trainable_token_indices=[1, 2]))
+        out = m(torch.tensor([1, 2, 3, 2]))
+        (out * torch.arange(16.0).view(4, 4)).sum().backward()
+        delta = next(p for n, p in m.named_parameters() if "delta" in n)
+        outs.append(out.detach())
+        grads.append(delta.grad.clone())
+    torch.testing.assert_close(outs[1], outs[0], rtol=0, atol=0)
+    torch.testing.assert_close(grads[1], grads[0], rtol=0, atol=0)
+    assert grads[1].abs().sum() > 0 and not grads[1].is_sparse
