@@ -21,7 +21,8 @@ right after injection, before the optimizer exists (``lightning_adapters.lightni
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
+from contextlib import contextmanager
 from typing import Any
 
 import torch
@@ -99,7 +100,7 @@ def initialize_from_data(
     Call it after ``inject`` and before building the optimizer (a Lightning fit does it itself). CorDA layers
     already initialised are re-initialised from the original weight; EVA runs once per injection (it may change
     ranks and remove adapters). The adapters are switched off while the batches run: the statistics are those of
-    the base model's layer inputs.
+    the base model's layer inputs (a CorDA layer initialised before holds its original weight meanwhile).
 
     Args:
         model: A model injected with ``LoRAConfig(init_weights="corda" | "eva", ...)``.
@@ -160,7 +161,8 @@ def initialize_from_data(
                     prepare=lambda b: _to_device(b, device),
                 )
             if corda_modules:
-                stats = _covariances(model, corda_modules, batches, run, device)
+                with _original_bases(corda_modules):
+                    stats = _covariances(model, corda_modules, batches, run, device)
     finally:
         model.train(training)
     for adapter, group in eva.items():
@@ -218,6 +220,26 @@ def _covariances(
         for h in handles:
             h.remove()
     return stats
+
+
+@contextmanager
+def _original_bases(layers: dict[str, tuple[nn.Module, nn.Module]]) -> Iterator[None]:
+    """The bases of layers CorDA already initialised hold ``W`` again while the statistics run, so a layer fed by
+    another one sees the inputs of the original model, not of ``W_res``; their ``W_res`` is put back bit for bit."""
+    from lightning_adapters.methods.lora_init import lora_delta
+
+    saved = []
+    try:
+        with torch.no_grad():
+            for base, layer in layers.values():
+                if layer.residual_applied:
+                    saved.append((base, base.weight.detach().clone()))
+                    layer._add_to_base(base, lora_delta(layer.init_A, layer.init_B, layer.scale))
+        yield
+    finally:
+        with torch.no_grad():
+            for base, weight in saved:
+                base.weight.copy_(weight)
 
 
 def _apply_corda(layers: dict[str, tuple[nn.Module, nn.Module]], stats: dict[str, list]) -> None:

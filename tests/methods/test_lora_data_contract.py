@@ -357,3 +357,27 @@ def test_initialize_from_data_all_reduce_equals_doubled_batches(monkeypatch):
 def test_initialize_from_data_refusals():
     with pytest.raises(AdapterConfigError, match="no LoRA layer with a data-driven init"):
         la.initialize_from_data(la.inject(Twice(), la.LoRAConfig(r=2, target_modules=["a"])), _batches())
+
+
+def test_a_second_corda_init_reads_the_inputs_of_the_original_model():
+    """``a`` feeds ``b`` (and itself): a re-run gives the first run's factors, and the same as a fresh injection,
+    since the statistics are collected through ``W``, not through the ``W_res`` the first run left."""
+    batches = [torch.randn(5, 4, generator=torch.Generator().manual_seed(k)) for k in range(3)]
+    cfg = la.LoRAConfig(r=2, target_modules=["a", "b"], init_weights="corda")
+
+    def factors(model):
+        return {n: p.detach().clone() for n, p in model.named_parameters() if "lora_" in n}
+
+    once = la.inject(Twice(), cfg)
+    la.initialize_from_data(once, batches)
+    first, bases = factors(once), {n: p.detach().clone() for n, p in once.named_parameters() if "lora_" not in n}
+    la.initialize_from_data(once, batches)
+    for name, value in factors(once).items():
+        torch.testing.assert_close(value, first[name], rtol=1e-4, atol=1e-5, msg=name)
+    for name, value in once.named_parameters():
+        if "lora_" not in name:
+            torch.testing.assert_close(value, bases[name], rtol=1e-5, atol=1e-6, msg=name)
+    fresh = la.inject(Twice(), cfg)
+    la.initialize_from_data(fresh, batches)
+    for name, value in factors(fresh).items():
+        torch.testing.assert_close(value, first[name], rtol=0, atol=0, msg=name)
