@@ -797,3 +797,12 @@ def test_meta_training_forward_with_dropout_stays_on_meta(m):
     layer_c = _layer(conv, boft_block_size=4, boft_n_butterfly_factor=m, boft_dropout=0.5).train()
     out = layer_c.adapted_forward(conv, torch.empty(1, 4, 5, 5, device="meta"))
     assert out.device.type == "meta" and out.shape == (1, 3, 4, 4)
+
+
+def test_merge_without_safe_writes_whatever_it_computes():
+    base = nn.Linear(8, 2)
+    layer = _layer(base, boft_block_size=4)
+    with torch.no_grad():
+        layer.boft_s[0] = float("inf")
+    layer.merge(base)  # safe defaults to False: no check before the write
+    assert layer.merged is True and not torch.isfinite(base.weight[0]).all() and torch.isfinite(base.weight[1]).all()
