@@ -505,10 +505,12 @@ class LoRALayer(AdapterLayer):
         self.residual_applied = True
 
     def _add_to_base(self, base: nn.Module, delta: torch.Tensor) -> None:
-        """``W += delta`` for ``delta (out, in)`` in float32, written back in the base layout and dtype."""
+        """``W += delta`` for ``delta (out, in)`` in float32 (float64 for a float64 base), written back in the base
+        layout and dtype."""
         w = base.weight
         d = delta.t() if self.kind == "conv1d_t" else delta
-        w.copy_((w.to(torch.float32) + d.to(w.device)).to(w.dtype))
+        cd = torch.promote_types(w.dtype, torch.float32)
+        w.copy_((w.to(cd) + d.to(w.device, cd)).to(w.dtype))
 
     def set_rank(self, r: int, alpha: float) -> None:
         """Give the layer rank ``r`` and scaling numerator ``alpha`` (EVA's redistribution): new ``lora_A (r, in)``

@@ -821,3 +821,15 @@ def test_data_driven_init_is_pending_on_a_transformers_conv1d_too(init):
     assert model.layer.adapter["default"].needs_data
     with pytest.raises(la.AdapterStateError, match=r"has not been initialised from data"):
         model(torch.randn(2, 8))
+
+
+@pytest.mark.parametrize("init", ["pissa", "olora"])
+def test_a_float64_base_gets_its_residual_back_in_float64(init):
+    """Ejecting a residual init restores a float64 weight to float64 precision (it went through float32)."""
+    torch.manual_seed(0)
+    model = Wrap(nn.Linear(16, 12).double())
+    before = model.layer.weight.detach().clone()
+    la.inject(model, la.LoRAConfig(r=2, alpha=4, target_modules=["layer"], init_weights=init))
+    assert (model.layer.weight - before).abs().max() > 1e-3  # the base holds W - s·B0·A0 meanwhile
+    la.eject(model)
+    torch.testing.assert_close(model.layer.weight, before, rtol=0, atol=1e-12)
