@@ -833,3 +833,17 @@ def test_a_float64_base_gets_its_residual_back_in_float64(init):
     assert (model.layer.weight - before).abs().max() > 1e-3  # the base holds W - s·B0·A0 meanwhile
     la.eject(model)
     torch.testing.assert_close(model.layer.weight, before, rtol=0, atol=1e-12)
+
+
+@pytest.mark.parametrize("conv", [nn.Conv1d, nn.Conv2d])
+def test_gaussian_init_on_a_convolution_draws_a_with_std_one_over_r(conv):
+    """``init_weights="gaussian"`` is accepted on convolutions (as PEFT): A ~ N(0, 1/r) drawn first, B = 0."""
+    model = Wrap(conv(3, 5, 3))
+    torch.manual_seed(7)
+    la.inject(model, la.LoRAConfig(r=4, target_modules=["layer"], init_weights="gaussian"))
+    A = next(p for n, p in model.named_parameters() if "lora_A" in n)
+    B = next(p for n, p in model.named_parameters() if "lora_B" in n)
+    torch.manual_seed(7)
+    expected = torch.empty_like(A).normal_(0.0, 1.0 / 4)
+    torch.testing.assert_close(A.detach(), expected, rtol=0, atol=0)
+    assert B.shape[0] == 5 and not B.detach().any()
