@@ -482,10 +482,9 @@ def test_dora_on_a_bf16_base_answers_in_bf16_with_the_closed_form_values(kind, d
     assert err <= 2e-2 * want.abs().max().item(), err
 
 
-def test_quantized_dora_in_eval_takes_the_layer_s_kernel_for_an_input_without_gradient():
-    """On an NF4 base in eval mode an input that needs no gradient runs the quantized layer's own kernel for the
-    base term even under autograd (the adapter's parameters still get gradients): the output is the one computed
-    under ``no_grad``, exactly."""
+def nf4_dora_model() -> tuple[nn.Module, nn.Module]:
+    """A seeded DoRA adapter (B and the magnitude moved off their init) on an NF4 ``Linear(128, 128)``: the model
+    and its layer."""
     pytest.importorskip("bitsandbytes")
     torch.manual_seed(0)
     model = la.quantize(Wrap(nn.Linear(128, 128)), "nf4", skip=[])
@@ -494,6 +493,14 @@ def test_quantized_dora_in_eval_takes_the_layer_s_kernel_for_an_input_without_gr
     with torch.no_grad():
         layer.lora_B.normal_(0, 0.1)
         layer.magnitude.mul_(1 + 0.3 * torch.randn(128))
+    return model, layer
+
+
+def test_quantized_dora_in_eval_takes_the_layer_s_kernel_for_an_input_without_gradient():
+    """On an NF4 base in eval mode an input that needs no gradient runs the quantized layer's own kernel for the
+    base term even under autograd (the adapter's parameters still get gradients): the output is the one computed
+    under ``no_grad``, exactly."""
+    model, layer = nf4_dora_model()
     model.eval()
     x = torch.randn(3, 128)
     with torch.no_grad():

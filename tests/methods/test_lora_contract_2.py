@@ -16,6 +16,7 @@ from transformers.models.bart.modeling_bart import BartScaledWordEmbedding
 import lightning_adapters as la
 from lightning_adapters.methods import lora as lora_method
 from tests.helpers import Wrap
+from tests.methods.test_lora_contract import nf4_dora_model
 
 # ------------------------------------------------------------------------------------------------------------
 # lora_bias: y = W x + b + s·(B A x + b_B), merged as b += s·b_B
@@ -210,14 +211,7 @@ def test_quantized_dora_in_training_takes_the_function_whenever_autograd_records
     one of x, A, B, m or the base bias needs a gradient (``adapter``: the adapter trains and x is frozen, so the
     base term could come from the layer's kernel, but training takes the Function); it computes what the plain form
     computes, output and that gradient."""
-    pytest.importorskip("bitsandbytes")
-    torch.manual_seed(0)
-    model = la.quantize(Wrap(nn.Linear(128, 128)), "nf4", skip=[])
-    la.inject(model, la.LoRAConfig(r=4, alpha=8, use_dora=True, target_modules=["layer"]))
-    layer = model.layer.adapter["default"]
-    with torch.no_grad():
-        layer.lora_B.normal_(0, 0.1)
-        layer.magnitude.mul_(1 + 0.3 * torch.randn(128))
+    model, layer = nf4_dora_model()
     trains = {"lora_A", "lora_B", "magnitude"} if needs_grad == "adapter" else {needs_grad}
     for name, p in layer.named_parameters():
         p.requires_grad_(name in trains)
