@@ -14,7 +14,6 @@ import torch.nn.functional as F
 from torch import nn
 
 import lightning_adapters as la
-from lightning_adapters.core.quant import DequantizedLinear
 from lightning_adapters.methods.boft import (
     BOFTConfig,
     BOFTLayer,
@@ -24,6 +23,7 @@ from lightning_adapters.methods.boft import (
     butterfly_permutation,
     check_butterfly,
 )
+from tests.methods.test_orthogonal_contract import quantized
 
 F64 = torch.float64
 
@@ -78,38 +78,6 @@ def _message(exc: pytest.ExceptionInfo) -> str:
 
 
 # --- config --------------------------------------------------------------------------------------------------
-
-
-@pytest.mark.parametrize(
-    "kw, msg",
-    [
-        (dict(bias="lora_only"), "boft: bias must be one of ['none', 'all', 'boft_only'], got 'lora_only'"),
-        (dict(boft_block_size=-1), "boft: boft_block_size must be an integer >= 0, got -1"),
-        (dict(boft_block_size=0, boft_block_num=-2), "boft: boft_block_num must be an integer >= 0, got -2"),
-        (dict(boft_block_size=True), "boft: boft_block_size must be an integer >= 0, got True"),
-        (
-            dict(boft_block_size=0),
-            "boft: set exactly one of boft_block_size (features per block) and boft_block_num (blocks per factor), "
-            "the other to 0; got boft_block_size=0, boft_block_num=0",
-        ),
-        (
-            dict(boft_block_size=4, boft_block_num=2),
-            "boft: set exactly one of boft_block_size (features per block) and boft_block_num (blocks per factor), "
-            "the other to 0; got boft_block_size=4, boft_block_num=2",
-        ),
-        (dict(boft_n_butterfly_factor=0), "boft: boft_n_butterfly_factor must be an integer > 0, got 0"),
-        (dict(boft_n_butterfly_factor=2.0), "boft: boft_n_butterfly_factor must be an integer > 0, got 2.0"),
-        (dict(boft_dropout=1.0), "boft: boft_dropout must be in [0, 1), got 1.0"),
-        (dict(boft_dropout=-0.1), "boft: boft_dropout must be in [0, 1), got -0.1"),
-        (dict(init_weights=1), "boft: init_weights must be True or False, got 1"),
-        (dict(init_weights=None), "boft: init_weights must be True or False, got None"),
-        (dict(adapter_dtype="int8"), "adapter_dtype 'int8' is not one of"),
-    ],
-)
-def test_config_refusals_name_the_field_and_value(kw, msg):
-    with pytest.raises(la.AdapterConfigError) as exc:
-        BOFTConfig(**kw)
-    assert _message(exc) == msg or (msg.startswith("adapter_dtype") and _message(exc).startswith(msg))
 
 
 def test_config_accepts_every_edge_and_runs_the_shared_checks():
@@ -212,53 +180,6 @@ def test_check_butterfly_accepts_what_fits(d, b, m):
 
 
 # --- layer construction --------------------------------------------------------------------------------------
-
-
-@pytest.mark.parametrize(
-    "kw, msg",
-    [
-        (
-            dict(boft_block_size=5),
-            "boft: boft_block_size=5 does not divide in_features=24 of 'blk.layer'; valid boft_block_size values for "
-            "this layer: [2, 3, 4, 6, 8, 12, 24]",
-        ),
-        (
-            dict(boft_block_size=48),
-            "boft: boft_block_size=48 does not divide in_features=24 of 'blk.layer'; valid boft_block_size values for "
-            "this layer: [2, 3, 4, 6, 8, 12, 24]",
-        ),
-        (
-            dict(boft_block_size=0, boft_block_num=5),
-            "boft: boft_block_num=5 does not divide in_features=24 of 'blk.layer'; valid boft_block_num values for "
-            "this layer: [1, 2, 3, 4, 6, 8, 12]",
-        ),
-        (
-            dict(boft_block_size=0, boft_block_num=48),
-            "boft: boft_block_num=48 does not divide in_features=24 of 'blk.layer'; valid boft_block_num values for "
-            "this layer: [1, 2, 3, 4, 6, 8, 12]",
-        ),
-        (
-            dict(boft_block_size=0, boft_block_num=24),
-            "boft: boft_block_num=24 gives blocks of 1 feature on 'blk.layer' (in_features=24), which cannot rotate; "
-            "valid boft_block_num values for this layer: [1, 2, 3, 4, 6, 8, 12]",
-        ),
-        (
-            dict(boft_block_size=1),
-            "boft: boft_block_size=1 gives blocks of 1 feature on 'blk.layer' (in_features=24), which cannot rotate; "
-            "valid boft_block_size values for this layer: [2, 3, 4, 6, 8, 12, 24]",
-        ),
-        (
-            dict(boft_block_size=4, boft_n_butterfly_factor=3),
-            "boft: boft_n_butterfly_factor=3 needs an even block size and a block count divisible by 2^2=4, but "
-            "'blk.layer' (in_features=24) has block size 4 and 6 blocks; butterfly factors this layer can hold with "
-            "block size 4: [1, 2]; block sizes that allow 3 factors here: [2, 6]",
-        ),
-    ],
-)
-def test_layer_size_refusals_list_the_values_that_fit(kw, msg):
-    with pytest.raises(la.AdapterConfigError) as exc:
-        _layer(nn.Linear(24, 8), **kw)
-    assert _message(exc) == msg
 
 
 def test_conv_size_refusal_names_the_flattened_kernel():
@@ -606,62 +527,6 @@ def test_peft_state_and_load_round_trip_with_cast():
         other.load_peft_state({"boft_R": state["boft_R"]})
 
 
-def test_config_to_peft_writes_every_field():
-    cfg = BOFTConfig(
-        boft_block_size=0,
-        boft_block_num=4,
-        boft_n_butterfly_factor=2,
-        boft_dropout=0.1,
-        init_weights=False,
-        bias="boft_only",
-        target_modules=["q"],
-        layers_to_transform=[1],
-        layers_pattern="layers",
-    )
-    assert BOFTMethod.config_to_peft(cfg) == {
-        "peft_type": "BOFT",
-        "boft_block_size": 0,
-        "boft_block_num": 4,
-        "boft_n_butterfly_factor": 2,
-        "boft_dropout": 0.1,
-        "init_weights": False,
-        "bias": "boft_only",
-        "fan_in_fan_out": False,
-        "layers_to_transform": [1],
-        "layers_pattern": "layers",
-    }
-
-
-def test_config_from_peft_reads_every_field():
-    d = {
-        "peft_type": "BOFT",
-        "boft_block_size": 0,
-        "boft_block_num": 4,
-        "boft_n_butterfly_factor": 2,
-        "boft_dropout": 0.1,
-        "init_weights": False,
-        "bias": "lora_only",
-        "layers_to_transform": [0, 2],
-        "layers_pattern": "layers",
-        "target_modules": ["q", "v"],
-        "exclude_modules": ["k"],
-        "modules_to_save": ["head"],
-    }
-    assert BOFTMethod.config_from_peft(d) == BOFTConfig(
-        boft_block_size=0,
-        boft_block_num=4,
-        boft_n_butterfly_factor=2,
-        boft_dropout=0.1,
-        init_weights=False,
-        bias="boft_only",
-        layers_to_transform=[0, 2],
-        layers_pattern="layers",
-        target_modules=["q", "v"],
-        exclude_modules=["k"],
-        modules_to_save=["head"],
-    )
-
-
 def test_config_from_peft_defaults_and_nulls():
     assert BOFTMethod.config_from_peft({}) == BOFTConfig()
     assert BOFTConfig() == BOFTConfig(boft_block_size=4, boft_block_num=0, boft_n_butterfly_factor=1, boft_dropout=0.0)
@@ -729,29 +594,10 @@ def test_scale_is_the_flat_per_output_vector():
 # --- a quantized base (the library's stand-in over a layer with its own kernel) ------------------------------
 
 
-class _OwnKernelLinear(nn.Linear):
-    """Plays a quantized layer: its weight is what dequantizing gives, its own forward counts its calls."""
-
-    calls = 0
-
-    def _la_base_forward(self, x: torch.Tensor) -> torch.Tensor:
-        self.calls += 1
-        return F.linear(x, self.weight, self.bias)
-
-
-def _quantized(in_f: int, out_f: int, dtype: torch.dtype, bias: bool = True) -> tuple[nn.Linear, nn.Module]:
-    """``(real, stand_in)``: ``stand_in`` is what a method's ``base`` is on a quantized layer (see ``stand_in``)."""
-    real = _OwnKernelLinear(in_f, out_f, bias=bias).to(dtype).requires_grad_(False)
-    view = DequantizedLinear.__new__(DequantizedLinear)
-    view.__dict__.update(real.__dict__)
-    view.__dict__.update(_la_real=real, _la_dtype=dtype, _la_w=real.weight.detach())
-    return real, view
-
-
 @pytest.mark.parametrize("bias", [True, False])
 @pytest.mark.parametrize("grad", [False, True])  # False: the layer's own kernel; True: F.linear on the weight
 def test_quantized_linear_rotates_the_input_and_scales_the_unbiased_output(bias, grad):
-    real, view = _quantized(16, 6, F64, bias=bias)
+    real, view = quantized(16, 6, F64, bias=bias)
     layer = _layer(real, boft_block_size=4, boft_n_butterfly_factor=2)
     _randomize(layer)
     x = torch.randn(3, 16, dtype=F64, generator=torch.Generator().manual_seed(6)).requires_grad_(grad)
@@ -768,7 +614,7 @@ def test_quantized_linear_rotates_the_input_and_scales_the_unbiased_output(bias,
 
 
 def test_quantized_bf16_linear_runs_in_its_own_dtype():
-    real, view = _quantized(16, 6, torch.bfloat16)
+    real, view = quantized(16, 6, torch.bfloat16)
     layer = _layer(real, boft_block_size=4, boft_n_butterfly_factor=2)
     _randomize(layer, std=0.2)
     x = torch.randn(3, 16, generator=torch.Generator().manual_seed(0)).to(torch.bfloat16)

@@ -15,7 +15,6 @@ import torch.nn.functional as F
 from torch import nn
 
 import lightning_adapters as la
-from lightning_adapters.core.quant import DequantizedLinear
 from lightning_adapters.methods.oft import (
     OFTConfig,
     OFTLayer,
@@ -29,6 +28,7 @@ from lightning_adapters.methods.oft import (
     skew_symmetric,
 )
 from tests.helpers import Wrap
+from tests.methods.test_orthogonal_contract import quantized
 
 F64 = torch.float64
 
@@ -96,47 +96,6 @@ def _grads(out: torch.Tensor, tensors: list[torch.Tensor], seed: int = 3) -> lis
 
 
 # --- config --------------------------------------------------------------------------------------------------
-
-
-@pytest.mark.parametrize(
-    "kw, msg",
-    [
-        (dict(bias="boft_only"), "oft: bias must be one of ['none', 'all', 'oft_only'], got 'boft_only'"),
-        (dict(r=-1), "oft: r must be an integer >= 0, got -1"),
-        (dict(r=2.0), "oft: r must be an integer >= 0, got 2.0"),
-        (dict(oft_block_size=-4), "oft: oft_block_size must be an integer >= 0, got -4"),
-        (
-            dict(r=0, oft_block_size=0),
-            "oft: set exactly one of r (number of blocks) and oft_block_size (features per block), the other to 0; "
-            "got r=0, oft_block_size=0",
-        ),
-        (
-            dict(r=4, oft_block_size=8),
-            "oft: set exactly one of r (number of blocks) and oft_block_size (features per block), the other to 0; "
-            "got r=4, oft_block_size=8",
-        ),
-        (dict(num_cayley_neumann_terms=0), "oft: num_cayley_neumann_terms must be an integer > 0, got 0"),
-        (dict(num_cayley_neumann_terms=3.0), "oft: num_cayley_neumann_terms must be an integer > 0, got 3.0"),
-        (
-            dict(num_cayley_neumann_terms=1),
-            "oft: num_cayley_neumann_terms=1 makes every rotation the identity (the adapter could not learn); use 2 "
-            "or more (PEFT's default is 5)",
-        ),
-        (dict(eps=0.0), "oft: eps must be a finite number > 0, got 0.0"),
-        (dict(eps=float("inf")), "oft: eps must be a finite number > 0, got inf"),
-        (dict(module_dropout=1.0), "oft: module_dropout must be in [0, 1), got 1.0"),
-        (dict(module_dropout=-0.5), "oft: module_dropout must be in [0, 1), got -0.5"),
-        (dict(use_cayley_neumann=1), "oft: use_cayley_neumann must be True or False, got 1"),
-        (dict(block_share=None), "oft: block_share must be True or False, got None"),
-        (dict(coft="yes"), "oft: coft must be True or False, got 'yes'"),
-        (dict(init_weights=0), "oft: init_weights must be True or False, got 0"),
-        (dict(auto_adjust=1.0), "oft: auto_adjust must be True or False, got 1.0"),
-    ],
-)
-def test_config_refusals_name_the_field_and_value(kw, msg):
-    with pytest.raises(la.AdapterConfigError) as exc:
-        OFTConfig(**kw)
-    assert str(exc.value) == msg
 
 
 def test_config_accepts_every_edge_and_runs_the_shared_checks():
@@ -291,44 +250,6 @@ def test_resolve_blocks_exact_fits(kw, rb):
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         assert resolve_blocks(OFTConfig(**kw), 24, "in_features=24", "x") == rb
-
-
-@pytest.mark.parametrize(
-    "kw, msg",
-    [
-        (
-            dict(oft_block_size=5),
-            "oft: oft_block_size=5 does not divide in_features=24 of 'blk.layer'; valid oft_block_size values for "
-            "this layer: [2, 3, 4, 6, 8, 12, 24] (or set auto_adjust=True to take the nearest divisor, as PEFT does "
-            "silently)",
-        ),
-        (
-            dict(oft_block_size=48),
-            "oft: oft_block_size=48 does not divide in_features=24 of 'blk.layer'; valid oft_block_size values for "
-            "this layer: [2, 3, 4, 6, 8, 12, 24] (or set auto_adjust=True to take the nearest divisor, as PEFT does "
-            "silently)",
-        ),
-        (
-            dict(oft_block_size=0, r=5),
-            "oft: r=5 does not divide in_features=24 of 'blk.layer'; valid r values for this layer: "
-            "[1, 2, 3, 4, 6, 8, 12] (or set auto_adjust=True to take the nearest divisor, as PEFT does silently)",
-        ),
-        (
-            dict(oft_block_size=0, r=24),
-            "oft: r=24 gives blocks of 1 feature on 'blk.layer' (in_features=24), which cannot rotate; valid r values "
-            "for this layer: [1, 2, 3, 4, 6, 8, 12]",
-        ),
-        (
-            dict(oft_block_size=1),
-            "oft: oft_block_size=1 gives blocks of 1 feature on 'blk.layer' (in_features=24), which cannot rotate; "
-            "valid oft_block_size values for this layer: [2, 3, 4, 6, 8, 12, 24]",
-        ),
-    ],
-)
-def test_layer_size_refusals_list_the_values_that_fit(kw, msg):
-    with pytest.raises(la.AdapterConfigError) as exc:
-        _layer(nn.Linear(24, 8), **kw)
-    assert str(exc.value) == msg
 
 
 @pytest.mark.parametrize(
@@ -711,80 +632,6 @@ def test_peft_state_shapes_and_load_with_cast():
     assert _layer(nn.Conv2d(1, 2, 2), oft_block_size=2)._peft_key() == "oft_R.weight"
 
 
-def test_config_to_peft_writes_every_field():
-    cfg = OFTConfig(
-        r=3,
-        oft_block_size=0,
-        use_cayley_neumann=False,
-        num_cayley_neumann_terms=7,
-        block_share=True,
-        coft=True,
-        eps=1e-3,
-        module_dropout=0.2,
-        init_weights=False,
-        auto_adjust=True,
-        bias="oft_only",
-        target_modules=["q"],
-        layers_to_transform=[2],
-        layers_pattern="h",
-    )
-    assert OFTMethod.config_to_peft(cfg) == {
-        "peft_type": "OFT",
-        "r": 3,
-        "oft_block_size": 0,
-        "use_cayley_neumann": False,
-        "num_cayley_neumann_terms": 7,
-        "block_share": True,
-        "coft": True,
-        "eps": 1e-3,
-        "module_dropout": 0.2,
-        "init_weights": False,
-        "bias": "oft_only",
-        "fan_in_fan_out": False,
-        "layers_to_transform": [2],
-        "layers_pattern": "h",
-    }
-
-
-def test_config_from_peft_reads_every_field():
-    d = {
-        "peft_type": "OFT",
-        "r": 3,
-        "oft_block_size": 0,
-        "use_cayley_neumann": False,
-        "num_cayley_neumann_terms": 7,
-        "block_share": True,
-        "coft": True,
-        "eps": 1e-3,
-        "module_dropout": 0.2,
-        "init_weights": False,
-        "bias": "lora_only",
-        "layers_to_transform": [0, 1],
-        "layers_pattern": "layers",
-        "target_modules": ["q", "v"],
-        "exclude_modules": ["k"],
-        "modules_to_save": ["head"],
-    }
-    assert OFTMethod.config_from_peft(d) == OFTConfig(
-        r=3,
-        oft_block_size=0,
-        use_cayley_neumann=False,
-        num_cayley_neumann_terms=7,
-        block_share=True,
-        coft=True,
-        eps=1e-3,
-        module_dropout=0.2,
-        init_weights=False,
-        auto_adjust=True,
-        bias="oft_only",
-        layers_to_transform=[0, 1],
-        layers_pattern="layers",
-        target_modules=["q", "v"],
-        exclude_modules=["k"],
-        modules_to_save=["head"],
-    )
-
-
 def test_config_from_peft_defaults_and_nulls():
     assert OFTMethod.config_from_peft({"oft_block_size": 16}) == OFTConfig(oft_block_size=16, auto_adjust=True)
     assert OFTConfig(oft_block_size=16, auto_adjust=True) == OFTConfig(
@@ -818,29 +665,10 @@ def test_config_from_peft_refuses_the_pre_0_14_format():
 # --- a quantized base (the library's stand-in over a layer with its own kernel) ------------------------------
 
 
-class _OwnKernelLinear(nn.Linear):
-    """Plays a quantized layer: its weight is what dequantizing gives, its own forward counts its calls."""
-
-    calls = 0
-
-    def _la_base_forward(self, x: torch.Tensor) -> torch.Tensor:
-        self.calls += 1
-        return F.linear(x, self.weight, self.bias)
-
-
-def _quantized(in_f: int, out_f: int, dtype: torch.dtype, bias: bool = True) -> tuple[nn.Linear, nn.Module]:
-    """``(real, stand_in)``: ``stand_in`` is what a method's ``base`` is on a quantized layer (see ``stand_in``)."""
-    real = _OwnKernelLinear(in_f, out_f, bias=bias).to(dtype).requires_grad_(False)
-    view = DequantizedLinear.__new__(DequantizedLinear)
-    view.__dict__.update(real.__dict__)
-    view.__dict__.update(_la_real=real, _la_dtype=dtype, _la_w=real.weight.detach())
-    return real, view
-
-
 @pytest.mark.parametrize("bias", [True, False])
 @pytest.mark.parametrize("grad", [False, True])  # False: the layer's own kernel; True: F.linear on the weight
 def test_quantized_linear_rotates_the_input(bias, grad):
-    real, view = _quantized(12, 5, F64, bias=bias)
+    real, view = quantized(12, 5, F64, bias=bias)
     layer = _layer(real, oft_block_size=4)
     _randomize(layer)
     x = torch.randn(3, 12, dtype=F64, generator=torch.Generator().manual_seed(6)).requires_grad_(grad)
@@ -857,7 +685,7 @@ def test_quantized_linear_rotates_the_input(bias, grad):
 
 
 def test_quantized_bf16_linear_runs_in_its_own_dtype():
-    real, view = _quantized(8, 4, torch.bfloat16)
+    real, view = quantized(8, 4, torch.bfloat16)
     layer = _layer(real, oft_block_size=4)
     _randomize(layer)
     x = torch.randn(3, 8).to(torch.bfloat16)
