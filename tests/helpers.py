@@ -9,6 +9,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 
@@ -263,3 +264,16 @@ def autograd_kept_bytes(model: nn.Module, x: torch.Tensor, min_numel: int = 0) -
     }
     assert y.grad_fn is not None
     return sum(kept.values())
+
+
+def layer_op(base: nn.Module, x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    """What ``base`` computes on ``x`` with weight ``w`` and ``bias`` in its own layout (Linear, Conv1D, Conv1d/2d)."""
+    if isinstance(base, nn.Conv2d):
+        return F.conv2d(x, w, bias, base.stride, base.padding, base.dilation, base.groups)
+    if isinstance(base, nn.Conv1d):
+        return F.conv1d(x, w, bias, base.stride, base.padding, base.dilation, base.groups)
+    from transformers.pytorch_utils import Conv1D
+
+    if isinstance(base, Conv1D):  # transformers' (in, out) layout
+        return x @ w + (0 if bias is None else bias)
+    return F.linear(x, w, bias)

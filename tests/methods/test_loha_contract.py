@@ -26,7 +26,7 @@ from lightning_adapters.methods.loha import (
     hadamard_delta_cp,
     scale_rows,
 )
-from tests.helpers import Wrap
+from tests.helpers import Wrap, layer_op
 
 # ------------------------------------------------------------------------------------------------------------
 # pure functions
@@ -240,16 +240,6 @@ def _model(base, seed=0, **kw):
     return model, model.layer.adapter.default
 
 
-def _op(base, x, w, bias):
-    if isinstance(base, nn.Conv2d):
-        return F.conv2d(x, w, bias, base.stride, base.padding, base.dilation, base.groups)
-    if isinstance(base, nn.Conv1d):
-        return F.conv1d(x, w, bias, base.stride, base.padding, base.dilation, base.groups)
-    if isinstance(base, Conv1D):
-        return x @ w + (0 if bias is None else bias)
-    return F.linear(x, w, bias)
-
-
 INPUTS = {
     "linear": (lambda: nn.Linear(24, 20), (3, 5, 24), {}),
     "conv1d_t": (lambda: Conv1D(20, 24), (3, 5, 24), {}),
@@ -275,7 +265,7 @@ def test_training_rank_dropout_forward_delta_output_and_gradients(monkeypatch, k
     mult = keep / keep.mean()  # LoHa always rescales
     dw = _expected_delta(layer, base)
     masked = dw * mult[None, :] if kind == "conv1d_t" else dw * mult.view(-1, *([1] * (dw.dim() - 1)))
-    ref = _op(base, x, base.weight + masked, base.bias)
+    ref = layer_op(base, x, base.weight + masked, base.bias)
     torch.manual_seed(7)
     y = model(x)
     assert torch.allclose(y, ref, atol=1e-5)
@@ -287,15 +277,15 @@ def test_training_rank_dropout_forward_delta_output_and_gradients(monkeypatch, k
         assert torch.allclose(a, b, atol=1e-4, rtol=1e-4)
     torch.manual_seed(7)
     term = layer.delta_output(base, x)
-    assert torch.allclose(term, _op(base, x, masked, None), atol=1e-5)
+    assert torch.allclose(term, layer_op(base, x, masked, None), atol=1e-5)
     tg = torch.autograd.grad(term, params, g)
-    tw = torch.autograd.grad(_op(base, x, masked, None), params, g, retain_graph=True)
+    tw = torch.autograd.grad(layer_op(base, x, masked, None), params, g, retain_graph=True)
     for a, b in zip(tg, tw):
         assert torch.allclose(a, b, atol=1e-4, rtol=1e-4)
     model.eval()
     state = torch.get_rng_state()
-    assert torch.allclose(y := model(x), _op(base, x, base.weight + dw, base.bias), atol=1e-5)
-    assert torch.allclose(layer.delta_output(base, x), _op(base, x, dw, None), atol=1e-5)
+    assert torch.allclose(y := model(x), layer_op(base, x, base.weight + dw, base.bias), atol=1e-5)
+    assert torch.allclose(layer.delta_output(base, x), layer_op(base, x, dw, None), atol=1e-5)
     assert torch.equal(torch.get_rng_state(), state)
     del y
 

@@ -20,7 +20,7 @@ import lightning_adapters as la
 import lightning_adapters.methods.lokr as lokr_mod
 from lightning_adapters.methods._lycoris import cp_factor, module_dropped, rank_dropout_multipliers
 from lightning_adapters.methods.lokr import LoKrConfig, LoKrLayer, _from_peft, _to_peft, factorization, kron_weight
-from tests.helpers import Wrap
+from tests.helpers import Wrap, layer_op
 
 # ------------------------------------------------------------------------------------------------------------
 # _lycoris
@@ -354,16 +354,6 @@ def _model(base, seed=0, **kw):
     return model, model.layer.adapter.default
 
 
-def _op(base, x, w, bias):
-    if isinstance(base, nn.Conv2d):
-        return F.conv2d(x, w, bias, base.stride, base.padding, base.dilation, base.groups)
-    if isinstance(base, nn.Conv1d):
-        return F.conv1d(x, w, bias, base.stride, base.padding, base.dilation, base.groups)
-    if isinstance(base, Conv1D):
-        return x @ w + bias
-    return F.linear(x, w, bias)
-
-
 INPUTS = {
     "linear": (lambda: nn.Linear(24, 20), (3, 5, 24)),
     "conv1d_t": (lambda: Conv1D(20, 24), (3, 5, 24)),
@@ -393,7 +383,7 @@ def test_training_rank_dropout_forward_delta_output_and_gradients(kind, scale_fl
         masked = dw * mult[None, :]
     else:
         masked = dw * _row_mask(dw.dim(), mult)
-    ref = _op(base, x, base.weight + masked, base.bias)
+    ref = layer_op(base, x, base.weight + masked, base.bias)
     torch.manual_seed(7)
     y = model(x)
     assert torch.allclose(y, ref, atol=1e-5)
@@ -406,13 +396,13 @@ def test_training_rank_dropout_forward_delta_output_and_gradients(kind, scale_fl
     # delta_output: the term alone, same draw.
     torch.manual_seed(7)
     term = layer.delta_output(base, x)
-    ref_term = _op(base, x, masked, torch.zeros(20) if kind == "conv1d_t" else None)
+    ref_term = layer_op(base, x, masked, torch.zeros(20) if kind == "conv1d_t" else None)
     assert torch.allclose(term, ref_term, atol=1e-5)
     # In eval no mask is drawn.
     model.eval()
     state = torch.get_rng_state()
     assert torch.allclose(
-        layer.delta_output(base, x), _op(base, x, dw, torch.zeros(20) if kind == "conv1d_t" else None), atol=1e-5
+        layer.delta_output(base, x), layer_op(base, x, dw, torch.zeros(20) if kind == "conv1d_t" else None), atol=1e-5
     )
     assert torch.equal(torch.get_rng_state(), state)
 
