@@ -333,6 +333,17 @@ def show(names: list[str]) -> None:
             print(f"# {name}\n{line_map.diff(name)}\n")
 
 
+def _first_failure(items: list) -> str | None:
+    """Run the collected pytest ``items`` in order; the node id of the first that fails, or ``None``."""
+    from _pytest.runner import runtestprotocol
+
+    for i, item in enumerate(items):
+        following = items[i + 1] if i + 1 < len(items) else None
+        if any(r.failed for r in runtestprotocol(item, nextitem=following, log=False)):
+            return item.nodeid
+    return None
+
+
 def sweep(names_file: str, out_file: str, jobs: int) -> None:
     """Like ``run``, with the statement-level test map of ``lines``; appends ``<name> <verdict> <tests> wall cpu``."""
     # The parent runs one test of each file before it forks (the children then start with torch's, transformers' and
@@ -412,13 +423,7 @@ def sweep(names_file: str, out_file: str, jobs: int) -> None:
                     resource.setrlimit(resource.RLIMIT_CPU, (limit, limit + 5))
                     if not os.environ.get("MUTATION_SWEEP_CONTROL"):  # control: the same tests, unmutated
                         set_mutant_under_test(name)
-                    code = 0
-                    for i, item in enumerate(items):
-                        following = items[i + 1] if i + 1 < len(items) else None
-                        if any(r.failed for r in runtestprotocol(item, nextitem=following, log=False)):
-                            code = 1
-                            break
-                    os._exit(code)
+                    os._exit(0 if _first_failure(items) is None else 1)
                 running[pid] = (name, len(items), how, start, 3 * limit + 60)
             while running:
                 reap(True)
@@ -436,7 +441,6 @@ def check(paths: list[str], names: list[str]) -> None:
     os.environ["OMP_NUM_THREADS"] = os.environ["MKL_NUM_THREADS"] = "1"
     root = _enter_mutants()
     import pytest
-    from _pytest.runner import runtestprotocol
     from mutmut.mutation.trampoline import set_mutant_under_test
 
     class Check:
@@ -456,12 +460,10 @@ def check(paths: list[str], names: list[str]) -> None:
                     os.dup2(devnull, 2)
                     if name:
                         set_mutant_under_test(name)
-                    for i, item in enumerate(items):
-                        following = items[i + 1] if i + 1 < len(items) else None
-                        if any(r.failed for r in runtestprotocol(item, nextitem=following, log=False)):
-                            os.write(write, item.nodeid.encode())
-                            os._exit(1)
-                    os._exit(0)
+                    failing = _first_failure(items)
+                    if failing is not None:
+                        os.write(write, failing.encode())
+                    os._exit(0 if failing is None else 1)
                 os.close(write)
                 with os.fdopen(read) as pipe:
                     failing = pipe.read()
