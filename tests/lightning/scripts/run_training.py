@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+from datetime import timedelta
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[3]))
@@ -30,6 +31,10 @@ from tests.lightning.models import (  # noqa: E402
     token_data,
     trainer,
 )
+
+# A rank that dies before the rendezvous would leave the other waiting for Lightning's default 30 minutes; these
+# runs take seconds, so a lost peer fails the run in three minutes (the tests retry a failed rendezvous once).
+RENDEZVOUS_TIMEOUT = timedelta(seconds=180)
 
 
 def full(t: torch.Tensor) -> torch.Tensor:
@@ -107,9 +112,12 @@ def main() -> None:
     def fit(model: L.LightningModule, epochs: int, ckpt_dir: str, resume: str | None) -> L.Trainer:
         strategy = {
             "single": "auto",
-            "ddp": DDPStrategy(process_group_backend="gloo"),
+            "ddp": DDPStrategy(process_group_backend="gloo", timeout=RENDEZVOUS_TIMEOUT),
             "fsdp2": ModelParallelStrategy(
-                data_parallel_size=world, tensor_parallel_size=1, process_group_backend="gloo"
+                data_parallel_size=world,
+                tensor_parallel_size=1,
+                process_group_backend="gloo",
+                timeout=RENDEZVOUS_TIMEOUT,
             ),
         }[args.strategy]
         ckpt = ModelCheckpoint(dirpath=ckpt_dir, save_last=True, every_n_train_steps=2, save_top_k=-1)
