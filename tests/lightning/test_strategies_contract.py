@@ -116,6 +116,8 @@ def test_the_wrap_policy_with_and_without_block_types() -> None:
     assert plain(model[3], False, 0) is False and blocks(model[3], False, 0) is False
     assert plain(model[0], False, 0) is False and blocks(model[0], False, 0) is False
     assert blocks(model, False, 0) is False
+    model[2].adapter.default.requires_grad_(False)
+    assert plain(model[2].adapter.default, False, 0) is True  # a frozen adapter layer: still its own unit
 
 
 # ------------------------------------------------------------------------------------------------------------
@@ -391,9 +393,14 @@ def test_model_parallel_preparation_shards_the_target_only_when_nothing_is_shard
     assert strategy._save_distributed_checkpoint is False
     assert len(calls) == 1 and calls[0][0][0] is target and calls[0][0][1] == "dp-mesh" and calls[0][1] == {}
     gathers = []
-    monkeypatch.setattr(dcp_state, "get_model_state_dict", lambda model, options: gathers.append(model) or "full")
+    monkeypatch.setattr(
+        dcp_state, "get_model_state_dict", lambda model, options: gathers.append((model, options)) or "full"
+    )
     strategy.model = pl_module
-    assert strategy.lightning_module_state_dict() == "full" and gathers == [pl_module]
+    assert strategy.lightning_module_state_dict() == "full"
+    ((model, options),) = gathers
+    assert model is pl_module
+    assert (options.full_state_dict, options.cpu_offload, options.ignore_frozen_params) == (True, True, True)
 
     strategy, calls = _model_parallel(1, monkeypatch, save_distributed=False)
     assert _recorded_warnings(lambda: strategies.prepare_strategy(_trainer(strategy), pl_module, target)) == []
@@ -479,6 +486,15 @@ def test_check_optimizers_in_automatic_and_manual_optimization() -> None:
         strategies.check_optimizers(none, auto, target, "model.")
     names = [f"model.p{i}" for i in range(5)]
     assert str(err.value).startswith(f"7 adapter parameters are in no optimizer ({names + ['... 2 more']}), so")
+    for kept, shown in (
+        (1, [f"model.p{i}" for i in range(1, 6)] + ["... 1 more"]),
+        (2, [f"model.p{i}" for i in range(2, 7)]),
+    ):
+        with pytest.raises(AdapterConfigError) as err:
+            strategies.check_optimizers(
+                SimpleNamespace(optimizers=[torch.optim.SGD(trainable[:kept], lr=0.1)]), auto, target, "model."
+            )
+        assert str(err.value).startswith(f"{7 - kept} adapter parameters are in no optimizer ({shown}), so")
     partial = SimpleNamespace(optimizers=[torch.optim.SGD(trainable[:6], lr=0.1)])
     for pl_module in (auto, manual):
         with pytest.raises(AdapterConfigError) as err:
@@ -504,6 +520,15 @@ def test_check_gradients_per_strategy() -> None:
     assert strategies.check_gradients(_trainer(_fsdp()), target, "m.") is None  # FSDP1 leaves .grad unset
     target.p1.grad = torch.ones(1)
     assert strategies.check_gradients(_trainer(DDPStrategy()), target, "m.") is None
+    many = _params(9)
+    names = [f"p{i}" for i in range(8)]
+    assert strategies.check_gradients(_trainer(object()), many, "") == (
+        f"9 adapter parameters got no gradient in the first backward: {names} ...{want.split(']', 1)[1]}"
+    )
+    del many.p8
+    assert strategies.check_gradients(_trainer(object()), many, "") == (
+        f"8 adapter parameters got no gradient in the first backward: {names}{want.split(']', 1)[1]}"
+    )
     assert strategies.check_gradients(_trainer(object()), target, "m.") is None
 
 
@@ -617,13 +642,13 @@ def test_handle_input_grads_uses_the_models_own_switch_when_it_has_one() -> None
 # The mixin
 
 
-def _mixin_model() -> Any:
+def _mixin_model(build: bool = True) -> Any:
     from lightning.pytorch import LightningModule
 
     class Model(la.AdapterMixin, LightningModule):
         def __init__(self) -> None:
             super().__init__()
-            self.model = _mlp()
+            self.model = _mlp() if build else None  # else built in configure_model
             self.adapter_config = _lora()
             self.adapter_module = "model"
 
@@ -651,6 +676,9 @@ def test_the_mixins_merge_unmerge_and_parameter_lists() -> None:
     assert torch.allclose(m.model(x), adapted, atol=1e-6)
     m.unmerge_adapters()
     assert torch.allclose(m.model[0].weight, base, atol=1e-6)
+    state, want_state = m.adapter_state_dict(), la.adapter_state_dict(m.model)
+    assert list(state) == list(want_state) and len(state) == 4
+    assert all(torch.equal(state[k], want_state[k]) for k in want_state)
     trainable = m.trainable_parameters()
     assert [id(p) for p in trainable] == [id(p) for p in m.parameters() if p.requires_grad] and len(trainable) == 4
     groups = m.loraplus_param_groups(lr=0.01, loraplus_lr_ratio=4.0, weight_decay=0.5)
@@ -675,6 +703,10 @@ def test_the_mixins_regularization_follows_the_parameters_device_and_the_schedul
     m.to_empty(device="cpu")
     zero = m.adapter_regularization()
     assert zero.shape == () and zero.device.type == "cpu" and zero.item() == 0.0
+    bare = _mixin_model(build=False)
+    assert list(bare.parameters()) == []
+    empty = bare.adapter_regularization()  # no parameter at all: a zero on the default device
+    assert empty.shape == () and empty.device.type == "cpu" and empty.item() == 0.0
     penalty = torch.tensor(2.5)
     runtime.hooks = SimpleNamespace(loss_term=lambda: penalty)
     assert m.adapter_regularization() is penalty
@@ -756,6 +788,8 @@ def test_the_driver_logs_step_and_epoch_metrics_at_the_global_step_or_its_fallba
     driver.on_optimizer_step_end(trainer, 6)
     schedule.metrics = None
     driver.on_train_epoch_end(trainer)
+    assert len(first.metrics) == 4 and len(second.metrics) == 2
+    schedule.metrics = {"m": 2.0}
     driver.on_train_epoch_end(SimpleNamespace(current_epoch=0, loggers=None))  # no loggers at all
     driver.on_optimizer_step_end(SimpleNamespace(global_step=1), 0)
     assert len(first.metrics) == 4 and len(second.metrics) == 2
