@@ -665,6 +665,21 @@ def test_the_mixin_swaps_in_the_hooks_and_loads_non_strictly() -> None:
     assert la.config_of(m.model, "default").r == 2
 
 
+def test_the_mixin_passes_positional_and_keyword_arguments_on() -> None:
+    from lightning.pytorch import LightningModule
+
+    class Base(LightningModule):
+        def __init__(self, width: int, depth: int = 1, *, name: str = "") -> None:
+            super().__init__()
+            self.got = (width, depth, name)
+
+    class Model(la.AdapterMixin, Base):
+        pass
+
+    assert Model(7, 3, name="n").got == (7, 3, "n")
+    assert Model(5, name="m").got == (5, 1, "m")
+
+
 def test_the_mixins_merge_unmerge_and_parameter_lists() -> None:
     m = _mixin_model()
     m.inject_adapters()
