@@ -14,6 +14,7 @@ from typing import Any
 import pytest
 import torch
 from torch import nn
+from torch.distributed.fsdp import FullyShardedDataParallel  # imported here, once: expected_shapes imports it too
 
 import lightning_adapters as la
 from lightning_adapters.core.state import adapter_prefixes, is_adapter_key
@@ -125,8 +126,6 @@ def test_expected_shapes_are_the_live_shapes_of_the_saved_keys_and_the_partition
 
 
 def test_expected_shapes_under_fsdp1_are_a_copy_of_the_recorded_shapes() -> None:
-    from torch.distributed.fsdp import FullyShardedDataParallel
-
     class Wrapped(FullyShardedDataParallel):
         def __init__(self) -> None:
             nn.Module.__init__(self)  # only its class matters here
