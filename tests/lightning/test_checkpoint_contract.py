@@ -542,25 +542,41 @@ def test_load_checkpoint_file_refuses_a_missing_file_or_a_plain_directory(tmp_pa
         load_checkpoint_file(tmp_path / "dir.ckpt")
 
 
+def _torch_error(path, weights_only: bool) -> str:
+    """``Type: first line`` of the error ``torch.load`` raises on ``path`` (its wording is torch's)."""
+    try:
+        torch.load(path, map_location="cpu", weights_only=weights_only)
+    except Exception as err:
+        return f"{type(err).__name__}: {str(err).splitlines()[0]}"
+    raise AssertionError(f"{path} loaded")
+
+
 def test_load_checkpoint_file_refuses_an_unreadable_file_naming_the_first_line_of_the_error(tmp_path) -> None:
     path = tmp_path / "a.ckpt"
-    path.write_bytes(b"garbage bytes here")
-    with _refused(f"{path} is not a readable checkpoint (UnpicklingError: pickle data was truncated); it may"):
-        load_checkpoint_file(path, weights_only=False)
-    path.write_bytes(b"")
-    with _refused(f"{path} is not a readable checkpoint (EOFError); it may be truncated"):
+    torch.save({"state_dict": {"w": torch.ones(64)}}, path)
+    path.write_bytes(path.read_bytes()[:200])  # a copy that did not finish
+    reason = _torch_error(path, True)
+    assert "weights_only" not in reason
+    with _refused(f"{path} is not a readable checkpoint ({reason}); it may be truncated"):
         load_checkpoint_file(path)
+    path.write_bytes(b"garbage bytes here")
+    with _refused(f"{path} is not a readable checkpoint ({_torch_error(path, False)}); it may be truncated"):
+        load_checkpoint_file(path, weights_only=False)
 
 
-def test_load_checkpoint_file_reports_only_the_first_line_of_a_long_error(tmp_path, monkeypatch) -> None:
+@pytest.mark.parametrize(
+    ("error", "reason"),
+    [(RuntimeError("first line\nsecond line"), "RuntimeError: first line"), (EOFError(), "EOFError")],
+)
+def test_load_checkpoint_file_names_the_first_line_of_the_error_or_its_type(tmp_path, monkeypatch, error, reason):
     path = tmp_path / "a.ckpt"
     path.write_bytes(b"x")
 
     def fail(*args: Any, **kwargs: Any) -> None:
-        raise RuntimeError("first line\nsecond line")
+        raise error
 
     monkeypatch.setattr(torch, "load", fail)
-    with _refused(f"{path} is not a readable checkpoint (RuntimeError: first line); it may be truncated"):
+    with _refused(f"{path} is not a readable checkpoint ({reason}); it may be truncated"):
         load_checkpoint_file(path)
 
 
