@@ -6,22 +6,57 @@ result is compared with exact values written here (key sets, names, messages, fi
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+import pickle
 import re
+import signal
 from collections import OrderedDict
 from pathlib import Path
 
+import lightning as L
 import pytest
 import torch
+from lightning.pytorch.callbacks import Callback
+from safetensors.torch import load_file
 from torch import nn
+from torch.distributed.fsdp import FullyShardedDataParallel
 
 import lightning_adapters as la
 from lightning_adapters.core.inject import find_records, inject
 from lightning_adapters.core.state import adapter_state_dict
 from lightning_adapters.errors import AdapterConfigError, AdapterStateError, AdapterTypeError, TargetError
-from lightning_adapters.lightning import scope, sources
+from lightning_adapters.lightning import callback, export, scope, sources
+from lightning_adapters.lightning.callback import (
+    AdapterModuleHooks,
+    AdapterSetupHooks,
+    init_context_refused,
+    swap_class,
+)
 from lightning_adapters.lightning.checkpoint import build_metadata
+from lightning_adapters.lightning.export import _merged_owned, export_at_fit_end, export_merged
+from lightning_adapters.lightning.runtime import RUNTIME_ATTR, AdapterOptions
+
+try:  # imported here, once, so that the quantized export test does not pay for it
+    import bitsandbytes  # noqa: F401
+except ImportError:
+    bitsandbytes = None
+
+
+@pytest.fixture(autouse=True)
+def _deadline():
+    """Fail a test that runs for minutes (a naming loop that never ends) instead of hanging the run."""
+
+    def expire(signum, frame):
+        raise TimeoutError("test_scope_contract: a test ran past its 120 s deadline")
+
+    previous = signal.signal(signal.SIGALRM, expire)
+    signal.alarm(120)
+    yield
+    signal.alarm(0)
+    signal.signal(signal.SIGALRM, previous)
+
 
 # ------------------------------------------------------------------------------------------------------------
 # scope
@@ -638,9 +673,6 @@ def _merged_weights(model: nn.Module) -> dict[str, torch.Tensor]:
 
 
 def test_export_merged_writes_the_merged_weights_and_leaves_the_model_adapted(tmp_path) -> None:
-    from safetensors.torch import load_file
-
-    from lightning_adapters.lightning.export import export_merged
 
     model = _lora_mlp()
     before = {k: v.clone() for k, v in model.state_dict().items()}
@@ -661,7 +693,6 @@ def test_export_merged_writes_the_merged_weights_and_leaves_the_model_adapted(tm
 
 
 def test_export_merged_uses_save_pretrained_when_the_model_has_it(tmp_path) -> None:
-    from lightning_adapters.lightning.export import export_merged
 
     class Pretrained(nn.Sequential):
         def save_pretrained(self, directory: Path) -> None:
@@ -678,9 +709,6 @@ def test_export_merged_uses_save_pretrained_when_the_model_has_it(tmp_path) -> N
 
 
 def test_export_merged_refuses_non_finite_weights_unless_safe_is_off(tmp_path) -> None:
-    from safetensors.torch import load_file
-
-    from lightning_adapters.lightning.export import export_merged
 
     model = _lora_mlp()
     with torch.no_grad():
@@ -698,7 +726,6 @@ def test_export_merged_refuses_non_finite_weights_unless_safe_is_off(tmp_path) -
 
 
 def test_export_merged_refuses_a_model_on_the_meta_device_and_a_bad_directory(tmp_path) -> None:
-    from lightning_adapters.lightning.export import export_merged
 
     with torch.device("meta"):
         model = nn.Sequential(nn.Linear(4, 4))
@@ -713,8 +740,27 @@ def test_export_merged_refuses_a_model_on_the_meta_device_and_a_bad_directory(tm
         export_merged(_lora_mlp(), "")
 
 
+def test_export_merged_with_a_dtype_dequantizes_a_quantized_base_into_plain_weights(tmp_path) -> None:
+    if bitsandbytes is None:
+        pytest.skip("bitsandbytes is not installed")
+
+    torch.manual_seed(0)
+    model = la.quantize(nn.Sequential(nn.Linear(64, 64)), "nf4", skip=[])
+    inject(model, la.LoRAConfig(r=2, alpha=4.0, target_modules=["0"], init_weights=False))
+    x = torch.randn(3, 64)
+    out = model(x).detach()
+    export_merged(model, tmp_path / "out", dtype=torch.float32)
+    written = load_file(str(tmp_path / "out" / "model.safetensors"))
+    assert {k: (v.dtype, tuple(v.shape)) for k, v in written.items()} == {
+        "0.weight": (torch.float32, (64, 64)),
+        "0.bias": (torch.float32, (64,)),
+    }
+    plain = nn.Linear(64, 64)
+    plain.load_state_dict({k[2:]: v for k, v in written.items()})
+    torch.testing.assert_close(plain(x).detach(), out, atol=1e-5, rtol=0)
+
+
 def test_merged_owned_names() -> None:
-    from lightning_adapters.lightning.export import _merged_owned
 
     owned = [
         "config.json",
@@ -734,11 +780,6 @@ class _Recorder:
     """Stand-ins for ``save_peft``, ``export_merged``, the FSDP/ZeRO-3 gathering and the strategy's barrier."""
 
     def __init__(self, monkeypatch, zero3: bool = False) -> None:
-        import contextlib
-
-        from torch.distributed.fsdp import FullyShardedDataParallel
-
-        from lightning_adapters.lightning import export
 
         self.events: list[tuple] = []
         self.model = None
@@ -778,7 +819,6 @@ def _trainer(strategy: _Recorder, zero: bool) -> object:
 
 @pytest.mark.parametrize("zero", [True, False])
 def test_export_at_fit_end_plain_writes_both_exports_on_rank_zero_then_waits_for_every_rank(monkeypatch, zero) -> None:
-    from lightning_adapters.lightning.export import export_at_fit_end
 
     rec = _Recorder(monkeypatch)
     target = _lora_mlp()
@@ -803,7 +843,6 @@ def test_export_at_fit_end_plain_writes_both_exports_on_rank_zero_then_waits_for
 def test_export_at_fit_end_with_dtensor_parameters_saves_on_every_rank_keeping_rank_zeros_files(
     monkeypatch, zero
 ) -> None:
-    from lightning_adapters.lightning.export import export_at_fit_end
 
     rec = _Recorder(monkeypatch, zero3=True)  # sharded parameters come first, whatever the strategy
     target = _lora_mlp()
@@ -819,9 +858,6 @@ def test_export_at_fit_end_with_dtensor_parameters_saves_on_every_rank_keeping_r
 
 @pytest.mark.parametrize("zero", [True, False])
 def test_export_at_fit_end_under_fsdp1_saves_inside_summon_full_params_without_writeback(monkeypatch, zero) -> None:
-    from torch.distributed.fsdp import FullyShardedDataParallel
-
-    from lightning_adapters.lightning.export import export_at_fit_end
 
     class Wrapped(FullyShardedDataParallel):
         def __init__(self) -> None:
@@ -842,7 +878,6 @@ def test_export_at_fit_end_under_fsdp1_saves_inside_summon_full_params_without_w
 
 @pytest.mark.parametrize("zero", [True, False])
 def test_export_at_fit_end_under_zero3_gathers_the_trainable_parameters_around_the_save(monkeypatch, zero) -> None:
-    from lightning_adapters.lightning.export import export_at_fit_end
 
     rec = _Recorder(monkeypatch, zero3=True)
     target = _lora_mlp()
@@ -859,7 +894,6 @@ def test_export_at_fit_end_under_zero3_gathers_the_trainable_parameters_around_t
 
 
 def test_export_at_fit_end_refuses_a_non_finite_adapter_for_real(tmp_path) -> None:
-    from lightning_adapters.lightning.export import export_at_fit_end
 
     strategy = type("S", (), {"model": None, "barrier": lambda self, name: None})()
     target = _lora_mlp()
@@ -875,11 +909,10 @@ def test_export_at_fit_end_refuses_a_non_finite_adapter_for_real(tmp_path) -> No
 
 
 def test_adapter_callback_defaults_and_arguments_become_its_options(tmp_path) -> None:
-    from lightning_adapters.lightning.runtime import AdapterOptions
 
     config = la.LoRAConfig(r=4)
-    callback = la.AdapterCallback(config)
-    assert callback.options == AdapterOptions(
+    cb = la.AdapterCallback(config)
+    assert cb.options == AdapterOptions(
         module=None,
         name="default",
         init_from={},
@@ -890,11 +923,11 @@ def test_adapter_callback_defaults_and_arguments_become_its_options(tmp_path) ->
         gradient_checkpointing=False,
         verbose=True,
     )
-    assert callback.config is config and callback._runtime is None
-    assert callback.state_dict() == {}
-    callback.load_state_dict({"anything": 1})  # nothing set up: ignored
+    assert cb.config is config and cb._runtime is None
+    assert cb.state_dict() == {}
+    cb.load_state_dict({"anything": 1})  # nothing set up: ignored
     (tmp_path / "a.ckpt").write_bytes(b"x")
-    callback = la.AdapterCallback(
+    cb = la.AdapterCallback(
         None,
         "encoder",
         export_peft_dir=tmp_path / "peft",
@@ -906,7 +939,7 @@ def test_adapter_callback_defaults_and_arguments_become_its_options(tmp_path) ->
         active="a",
         save=("a", "b"),
     )
-    assert callback.options == AdapterOptions(
+    assert cb.options == AdapterOptions(
         module="encoder",
         name="b",
         init_from={"b": str(tmp_path / "a.ckpt")},
@@ -917,16 +950,16 @@ def test_adapter_callback_defaults_and_arguments_become_its_options(tmp_path) ->
         gradient_checkpointing=True,
         verbose=False,
     )
-    assert callback.config is None
+    assert cb.config is None
     assert la.AdapterCallback(None, init_from={"a": str(tmp_path / "a.ckpt")}).options.init_from == {
         "a": str(tmp_path / "a.ckpt")
     }
 
 
 def test_adapter_callback_reads_a_mapping_config_on_first_access() -> None:
-    callback = la.AdapterCallback({"method": "lora", "r": 4, "target_modules": ["q"]})
-    assert callback.config == la.LoRAConfig(r=4, target_modules=["q"])
-    assert callback.config is callback.config
+    cb = la.AdapterCallback({"method": "lora", "r": 4, "target_modules": ["q"]})
+    assert cb.config == la.LoRAConfig(r=4, target_modules=["q"])
+    assert cb.config is cb.config
 
 
 @pytest.mark.parametrize(
@@ -959,17 +992,14 @@ def test_adapter_callback_refuses_bad_arguments_naming_them(kwargs, error, messa
 
 
 def test_the_callback_uses_its_own_runtime_else_the_modules() -> None:
-    import lightning as L
-
-    from lightning_adapters.lightning.runtime import RUNTIME_ATTR
 
     module = L.LightningModule()
     own, modules = object(), object()
     module.__dict__[RUNTIME_ATTR] = modules
-    callback = la.AdapterCallback(la.LoRAConfig())
-    assert callback._rt(module) is modules
-    callback._runtime = own
-    assert callback._rt(module) is own
+    cb = la.AdapterCallback(la.LoRAConfig())
+    assert cb._rt(module) is modules
+    cb._runtime = own
+    assert cb._rt(module) is own
 
 
 class _Log:
@@ -993,7 +1023,6 @@ class _Log:
 
 
 def _user_module_class():
-    import lightning as L
 
     class ScopeContractNet(L.LightningModule):
         def __init__(self, log: list, callbacks=None) -> None:
@@ -1020,8 +1049,6 @@ def _user_module_class():
 
 
 def _swapped(cls, trainer=None, callbacks=None):
-    from lightning_adapters.lightning.callback import swap_class
-    from lightning_adapters.lightning.runtime import RUNTIME_ATTR
 
     log = _Log()
     module = cls(log.calls, callbacks)
@@ -1063,7 +1090,6 @@ def _trainer_with(plugin) -> object:
 
 
 def test_init_context_refused_only_for_bitsandbytes_with_ignore_modules_and_no_own_configure_model() -> None:
-    from lightning_adapters.lightning.callback import init_context_refused
 
     cls = _user_module_class()
     module = cls([])
@@ -1079,23 +1105,30 @@ def test_init_context_refused_only_for_bitsandbytes_with_ignore_modules_and_no_o
     other = type("OtherPrecision", (), {"ignore_modules": {"head"}})()
     assert init_context_refused(module, _trainer_with(other)) is False
     assert init_context_refused(module, None) is False
+    bare = type("BitsandbytesPrecision", (), {})()  # no ignore_modules at all
+    assert init_context_refused(module, _trainer_with(bare)) is False
     assert init_context_refused(module, object()) is False
 
 
 def test_a_refusing_precision_plugin_moves_the_step_after_configure_model_to_the_end_of_setup() -> None:
-    from lightning_adapters.lightning.callback import AdapterSetupHooks
 
     module, log = _swapped(_user_module_class(), _trainer_with(BitsandbytesPrecision({"head"})))
     assert type(module).__mro__[1] is AdapterSetupHooks
     module.setup("fit")
     assert log.calls == [("user setup", "fit"), ("after", module)]
 
+    class OwnConfigureModel(_user_module_class()):
+        def configure_model(self) -> None:
+            self.log_.append(("user configure_model",))
+
+    # A module with its own configure_model meets the refusal anyway: it keeps the usual hooks.
+    module, log = _swapped(OwnConfigureModel, _trainer_with(BitsandbytesPrecision({"head"})))
+    assert type(module).__mro__[1] is AdapterModuleHooks
+    module.configure_model()
+    assert log.calls == [("user configure_model",), ("after", module)]
+
 
 def test_swap_class_names_a_picklable_class_once_per_user_class_and_hooks() -> None:
-    import pickle
-
-    from lightning_adapters.lightning import callback
-    from lightning_adapters.lightning.callback import AdapterModuleHooks, AdapterSetupHooks, swap_class
 
     taken = {n for n in vars(callback) if n.startswith("AdapterScopeContractNet")}
     expected = ["AdapterScopeContractNet" + "_" * k for k in range(20)]
@@ -1106,6 +1139,7 @@ def test_swap_class_names_a_picklable_class_once_per_user_class_and_hooks() -> N
     assert new.__bases__ == (AdapterModuleHooks, cls)
     assert (new.__name__, new.__qualname__, new.__module__) == (expected[0], expected[0], callback.__name__)
     assert getattr(callback, expected[0]) is new
+    assert sorted(vars(new)) == ["__doc__", "__module__"]
     second, _ = _swapped(cls)
     assert type(second) is new  # one class per user class
     swap_class(second)  # a swapped module is left as it is
@@ -1120,7 +1154,6 @@ def test_swap_class_names_a_picklable_class_once_per_user_class_and_hooks() -> N
 
 
 def test_configure_callbacks_adds_an_adapter_callback_unless_the_trainer_has_one() -> None:
-    from lightning.pytorch.callbacks import Callback
 
     cls = _user_module_class()
     user = Callback()
