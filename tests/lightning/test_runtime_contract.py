@@ -571,6 +571,18 @@ def test_after_configure_model_refuses_a_merged_export_under_fsdp(merged: str | 
             runtime.after_configure_model(lm)
 
 
+def test_after_configure_model_refuses_tensor_parallelism_the_model_did_not_apply() -> None:
+    from lightning.pytorch.strategies import ModelParallelStrategy
+
+    strategy = ModelParallelStrategy(data_parallel_size=1, tensor_parallel_size=2)
+    strategy._save_distributed_checkpoint = False
+    strategy._device_mesh = {"tensor_parallel": SimpleNamespace(size=lambda: 2)}
+    lm = _lm(model=_mlp())
+    lm._trainer = SimpleNamespace(strategy=strategy)
+    with pytest.raises(AdapterConfigError, match="^ModelParallelStrategy: configure_model did not shard the model"):
+        _runtime(module="model").after_configure_model(lm)
+
+
 # ------------------------------------------------------------------------------------------------------------
 # Checkpoints
 
