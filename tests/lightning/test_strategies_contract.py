@@ -300,6 +300,17 @@ def test_zero3_preparation_registers_the_adapters_with_the_base_layers(monkeypat
     want = [(model[i], p) for i in (0, 2) for p in model[i].adapter.default.parameters()]
     assert len(registered) == 4
     assert all(m is wm and p is wp for (m, p), (wm, wp) in zip(registered, want, strict=True))
+    gathers = []
+
+    def gather(params: Any, modifier_rank: Any = "unset") -> contextlib.AbstractContextManager:
+        gathers.append((params, modifier_rank))
+        return contextlib.nullcontext()
+
+    monkeypatch.setattr(deepspeed.zero, "GatheredParameters", gather)
+    state = strategy.lightning_module_state_dict()  # the trainable partitions gathered before reading them
+    ((params, modifier_rank),) = gathers
+    assert [id(p) for p in params] == [id(p) for _, p in want] and modifier_rank is None
+    assert set(state) == {n for n, p in model.named_parameters() if p.requires_grad}
 
 
 # ------------------------------------------------------------------------------------------------------------
