@@ -636,6 +636,7 @@ def test_on_save_checkpoint_of_a_whole_module_writes_an_empty_module_name() -> N
     model = _whole_mlp()
     runtime = _runtime()
     runtime.inject(model)
+    assert runtime.outside_keys == set() and runtime.outside_prefixes == []  # nothing lies beside the whole module
     checkpoint = {"state_dict": model.state_dict()}
     runtime.on_save_checkpoint(model, checkpoint)
     assert checkpoint[METADATA_KEY]["module"] == ""
