@@ -393,6 +393,11 @@ def _strategy_loads_state(pl_module: nn.Module) -> bool:
     return bool(names & {"FSDPStrategy", "ModelParallelStrategy", "DeepSpeedStrategy"})
 
 
+# What torch's weights-only unpickler says of bytes that are not a pickle (a truncated or foreign file), as opposed
+# to a pickle holding objects it refuses to build.
+_DAMAGED_PICKLE = ("Unsupported operand", "String is too long", "persistent id", "truncated")
+
+
 def load_checkpoint_file(path: str | os.PathLike, weights_only: bool = True) -> dict[str, Any]:
     """Read a Lightning checkpoint file onto the CPU."""
     path = Path(path)
@@ -409,12 +414,19 @@ def load_checkpoint_file(path: str | os.PathLike, weights_only: bool = True) -> 
     try:
         return torch.load(path, map_location="cpu", weights_only=weights_only)
     except Exception as err:
-        if weights_only and "weights_only" in str(err):
+        text = str(err)
+        # torch's weights-only unpickler explains itself after "WeightsUnpickler error:": an object it will not
+        # build (a global, a reduce, a class not allowlisted) or bytes that are no pickle at all.
+        found = re.search(r"WeightsUnpickler error:\s*(\S[^\n]*)", text)
+        detail = found.group(1).split(". ")[0].rstrip(".") if found else None
+        damaged = detail is not None and any(m in detail for m in _DAMAGED_PICKLE)
+        if weights_only and "weights_only" in text and not damaged:
             raise AdapterStateError(
-                f"{path} holds objects that torch.load(weights_only=True) refuses ({str(err).splitlines()[0]}); "
+                f"{path} holds objects that torch.load(weights_only=True) refuses ({detail or text.splitlines()[0]}); "
                 "if you trust the file, pass weights_only=False"
             ) from err
-        reason = f"{type(err).__name__}: {str(err).splitlines()[0]}" if str(err) else type(err).__name__
+        first = detail or (text.splitlines()[0] if text else "")
+        reason = f"{type(err).__name__}: {first}" if first else type(err).__name__
         raise AdapterStateError(
             f"{path} is not a readable checkpoint ({reason}); "
             "it may be truncated (a copy or write that did not finish) or not a torch checkpoint. Use another "

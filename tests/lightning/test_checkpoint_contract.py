@@ -8,6 +8,7 @@ and where its message starts.
 
 from __future__ import annotations
 
+import pickle
 import re
 from typing import Any
 
@@ -525,7 +526,8 @@ def test_load_checkpoint_file_reads_onto_the_cpu(tmp_path, monkeypatch) -> None:
 def test_load_checkpoint_file_is_weights_only_unless_told(tmp_path) -> None:
     path = tmp_path / "a.ckpt"
     torch.save({"obj": NotAllowed()}, path)
-    with _refused(f"{path} holds objects that torch.load(weights_only=True) refuses (Weights only load failed"):
+    refused = f"GLOBAL {NotAllowed.__module__}.{NotAllowed.__qualname__} was not an allowed global by default"
+    with _refused(f"{path} holds objects that torch.load(weights_only=True) refuses (Unsupported global: {refused});"):
         load_checkpoint_file(path)
     with _refused(f"{path} holds objects that torch.load(weights_only=True) refuses"):
         load_checkpoint_file(path, weights_only=True)
@@ -561,6 +563,43 @@ def test_load_checkpoint_file_refuses_an_unreadable_file_naming_the_first_line_o
         load_checkpoint_file(path)
     path.write_bytes(b"garbage bytes here")
     with _refused(f"{path} is not a readable checkpoint ({_torch_error(path, False)}); it may be truncated"):
+        load_checkpoint_file(path, weights_only=False)
+    # Bytes that are no pickle: torch's weights-only loader words it as a refusal, but no object was refused and
+    # weights_only=False would not help; the reason is the unpickler's own complaint.
+    with _refused(f"{path} is not a readable checkpoint (UnpicklingError: Unsupported operand 103); it may be"):
+        load_checkpoint_file(path)
+
+
+_WEIGHTS_ONLY = "Weights only load failed. Re-running `torch.load` with `weights_only` set to `False` ...\n"
+
+
+@pytest.mark.parametrize(
+    ("detail", "refusal"),
+    [
+        ("Trying to call reduce for unrecognized function <built-in function eval>", True),
+        ("Can only build Tensor, Parameter, OrderedDict or types allowlisted via add_safe_globals, but got X", True),
+        ("Unsupported operand 149", False),
+        ("String is too long", False),
+        ("unsupported persistent id encountered", False),
+        ("pickle data was truncated", False),
+    ],
+)
+def test_a_weights_only_failure_is_a_refusal_unless_the_bytes_are_no_pickle(tmp_path, monkeypatch, detail, refusal):
+    path = tmp_path / "a.ckpt"
+    path.write_bytes(b"x")
+
+    def fail(*args: Any, **kwargs: Any) -> None:
+        raise pickle.UnpicklingError(f"{_WEIGHTS_ONLY}\tWeightsUnpickler error: {detail}. More words.\n\nCheck ...")
+
+    monkeypatch.setattr(torch, "load", fail)
+    if refusal:
+        with _refused(f"{path} holds objects that torch.load(weights_only=True) refuses ({detail}); if you trust"):
+            load_checkpoint_file(path)
+    else:
+        with _refused(f"{path} is not a readable checkpoint (UnpicklingError: {detail}); it may be truncated"):
+            load_checkpoint_file(path)
+    # Asked not to be weights-only, the same words are no refusal (torch.load raised for another reason).
+    with _refused(f"{path} is not a readable checkpoint (UnpicklingError: {detail}); it may be truncated"):
         load_checkpoint_file(path, weights_only=False)
 
 
