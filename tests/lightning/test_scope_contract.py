@@ -1105,6 +1105,8 @@ def test_init_context_refused_only_for_bitsandbytes_with_ignore_modules_and_no_o
     other = type("OtherPrecision", (), {"ignore_modules": {"head"}})()
     assert init_context_refused(module, _trainer_with(other)) is False
     assert init_context_refused(module, None) is False
+    # Any nn.Module is compared with LightningModule's hooks (a plain one has no configure_model of its own).
+    assert init_context_refused(nn.Linear(2, 2), _trainer_with(BitsandbytesPrecision({"head"}))) is True
     bare = type("BitsandbytesPrecision", (), {})()  # no ignore_modules at all
     assert init_context_refused(module, _trainer_with(bare)) is False
     assert init_context_refused(module, object()) is False
