@@ -500,6 +500,36 @@ def test_load_adapter_drops_modules_to_save_entries_outside_the_target(tmp_path)
     assert sources.stored_config("a", str(tmp_path / "h.ckpt")) == config
 
 
+def test_load_adapter_takes_saved_modules_and_trained_biases_under_their_own_keys(tmp_path) -> None:
+    config = la.LoRAConfig(r=2, target_modules=["fc1"], modules_to_save=["fc2"], bias="lora_only")
+    source = _encoder()
+    inject(source, config, name="a")
+    with torch.no_grad():
+        for t in adapter_state_dict(source).values():
+            t.add_(torch.randn(t.shape))
+    meta = build_metadata(
+        adapters={"a": ("lora", config)},
+        name="a",
+        active=["a"],
+        trainable=["a"],
+        module="encoder",
+        fingerprint=None,
+        shapes={},
+    )
+    state = {f"encoder.{k}": v.clone() for k, v in adapter_state_dict(source).items()}
+    torch.save({"lightning_adapters": meta, "state_dict": state}, tmp_path / "m.ckpt")
+    target = _encoder()
+    sources.load_adapter(target, "z", str(tmp_path / "m.ckpt"))
+    want = {
+        "fc1.bias": state["encoder.fc1.bias"],
+        "fc1.adapter.z.lora_A": state["encoder.fc1.adapter.a.lora_A"],
+        "fc1.adapter.z.lora_B": state["encoder.fc1.adapter.a.lora_B"],
+        "fc2.weight": state["encoder.fc2.weight"],
+        "fc2.bias": state["encoder.fc2.bias"],
+    }
+    _assert_same(adapter_state_dict(target), want)
+
+
 def test_a_checkpoint_lacking_tensors_is_refused_and_leaves_the_target_as_it_was(tmp_path) -> None:
     source = _trained_encoder()
     path = _write_ckpt(tmp_path / "b.ckpt", source, ["b"])
