@@ -603,6 +603,19 @@ def test_a_weights_only_failure_is_a_refusal_unless_the_bytes_are_no_pickle(tmp_
         load_checkpoint_file(path, weights_only=False)
 
 
+@pytest.mark.parametrize("end", [".", ""])
+def test_the_unpicklers_complaint_is_named_without_its_closing_full_stop(tmp_path, monkeypatch, end: str) -> None:
+    path = tmp_path / "a.ckpt"
+    path.write_bytes(b"x")
+
+    def fail(*args: Any, **kwargs: Any) -> None:
+        raise pickle.UnpicklingError(f"{_WEIGHTS_ONLY}WeightsUnpickler error: Unsupported operand 149{end}\n\nCheck")
+
+    monkeypatch.setattr(torch, "load", fail)
+    with pytest.raises(AdapterStateError, match=r"\(UnpicklingError: Unsupported operand 149\); it may be truncated"):
+        load_checkpoint_file(path)
+
+
 @pytest.mark.parametrize(
     ("error", "reason"),
     [(RuntimeError("first line\nsecond line"), "RuntimeError: first line"), (EOFError(), "EOFError")],
