@@ -205,6 +205,17 @@ def test_add_delta_signs_scales_and_computes_in_fp32():
     assert h.dtype == torch.float16 and h.item() == torch.tensor(6e4, dtype=torch.float16).item()
 
 
+def test_add_delta_adds_a_broadcast_delta_in_fp32_too():
+    # A 0-dim fp32 delta on an fp16 weight: without the fp32 cast of the weight, torch would add it in fp16,
+    # where 1.2e5 is already inf.
+    h = torch.tensor([-6e4, 1.0], dtype=torch.float16)
+    c.add_delta_(h, torch.tensor(1.2e5))
+    assert h.dtype == torch.float16 and h.tolist() == [torch.tensor(6e4, dtype=torch.float16).item(), float("inf")]
+    h = torch.tensor([-6e4, -6e4], dtype=torch.float16)
+    c.add_delta_(h, torch.tensor(6e4, dtype=torch.float16), sign=2.0)
+    assert h.tolist() == [torch.tensor(6e4, dtype=torch.float16).item()] * 2
+
+
 def test_add_delta_safe_leaves_the_weight_unchanged():
     h = torch.tensor([6e4, 1.0], dtype=torch.float16)
     before = h.clone()

@@ -739,3 +739,43 @@ def tiny_llama_like(model: nn.Module) -> nn.Module:
     fresh = tiny_llama()
     fresh.load_state_dict({k: v for k, v in model.state_dict().items() if ".adapter." not in k})
     return fresh
+
+
+def test_before_attention_reads_position_embeddings_from_either_argument():
+    """``position_embeddings`` as the second positional argument (and nothing after it) or as a keyword, the
+    keyword first; missing or None is refused; an idle holder keeps nothing; GPT-2 reads no rotary embedding."""
+    attn = _Attn()
+    h = lam.AdaptionPrompt("rope", 2, 12, 4, 2, 4, device="cpu")
+    x = torch.zeros(1, 3, 12)
+    cos, sin, other = torch.ones(1, 3, 4), torch.zeros(1, 3, 4), (torch.full((1, 3, 4), 2.0),) * 2
+    for args, kwargs in (((x, (cos, sin)), {}), ((x,), {"position_embeddings": (cos, sin)})):
+        h.before_attention(attn, args, kwargs)
+        assert h._rope[0] is cos and h._rope[1] is sin and h._query is None
+        k, v = h._prompt_kv
+        assert k.shape == (2, 2, 4) and v.shape == (2, 2, 4)
+    h.before_attention(attn, (x, other, None), {"position_embeddings": (cos, sin)})
+    assert h._rope[0] is cos and h._rope[1] is sin
+    for args, kwargs in (((x,), {}), ((x, None), {}), ((x,), {"position_embeddings": None})):
+        with pytest.raises(UnsupportedLayerError, match=r"^llama_adapter: _Attn was called without position_emb"):
+            h.before_attention(attn, args, kwargs)
+    h.before_attention(attn, (x, (cos, sin)), {})
+    h._query = torch.zeros(1)
+    h.enabled = False
+    h.before_attention(attn, (x, (cos, sin)), {})
+    assert h._prompt_kv is None and h._rope is None and h._query is None
+    g = lam.AdaptionPrompt("gpt2", 2, 8, 4, 4, 2, device="cpu")
+    g.before_attention(_GAttn(), (torch.zeros(1, 3, 8), (cos, sin)), {})
+    assert g._rope is None and g._prompt_kv[0].shape == (4, 2, 2)
+
+
+def test_config_accepts_any_python_attribute_name():
+    for name in ("Attention", "SelfAttn", "_attn", "a1", "A"):
+        assert lam.LlamaAdapterConfig(target_modules=name).target_modules == [name]
+
+
+def test_inject_puts_the_holders_on_the_query_projection_device():
+    model = _Fake()
+    with torch.device("meta"):  # a default-device context does not move the prompts off the base's device
+        adapter = lam._inject(model, lam.LlamaAdapterConfig(adapter_len=2, adapter_layers=2), "a")
+    for h in adapter.holders:
+        assert {p.device.type for p in model.get_submodule(h).parameters()} == {"cpu"}
