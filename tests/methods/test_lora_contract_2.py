@@ -416,6 +416,7 @@ def test_dropout_forward_is_the_closed_form_on_every_path(kind, dora, path, mode
     layer = model.layer.adapter["default"]
     with torch.no_grad():
         layer.lora_B.normal_(0, 0.5)
+        model.layer.bias.normal_()  # Conv1D starts with a zero bias: W·x_d must not take it
         if dora:
             layer.magnitude.mul_(1 + 0.3 * torch.randn(layer.magnitude.shape))
     if path == "plain":
@@ -841,3 +842,170 @@ def test_gaussian_init_on_a_convolution_draws_a_with_std_one_over_r(conv):
     expected = torch.empty_like(A).normal_(0.0, 1.0 / 4)
     torch.testing.assert_close(A.detach(), expected, rtol=0, atol=0)
     assert B.shape[0] == 5 and not B.detach().any()
+
+
+# ------------------------------------------------------------------------------------------------------------
+# on_attach / on_eject: what the layer says about the base once its init was applied, and once it is ejected
+
+
+def test_loftq_base_on_attach_eject_and_what_the_layer_says_it_rewrites():
+    """LoftQ: attached, the base holds Q (its init is applied, so attaching no longer changes the base, but the layer
+    still rewrites it); ejected it is W again and the layer rewrites nothing: both properties are plain ``False``."""
+    from lightning_adapters.methods import lora_init
+
+    torch.manual_seed(0)
+    base = nn.Linear(16, 8)
+    w = base.weight.detach().clone()
+    q, _, _ = lora_init.loftq_factors(w, 2, 4, 1)
+    model = la.inject(Wrap(base), la.LoRAConfig(r=2, init_weights="loftq", target_modules=["layer"]))
+    layer = model.layer.adapter["default"]
+    assert torch.equal(model.layer.weight.detach(), q)
+    assert layer.changes_base_on_attach is False and layer.rewrites_base is True
+    la.eject(model)
+    assert torch.equal(model.layer.weight.detach(), w)
+    assert layer.changes_base_on_attach is False and layer.rewrites_base is False
+
+
+def test_a_residual_init_ejected_rewrites_nothing_until_attached_again():
+    """PiSSA ejected without merge: ``residual_applied`` and ``rewrites_base`` are plain ``False``; only
+    ``changes_base_on_attach`` says that attaching it again would write the residual again."""
+    torch.manual_seed(0)
+    model = la.inject(Wrap(nn.Linear(8, 6)), la.LoRAConfig(r=2, init_weights="pissa", target_modules=["layer"]))
+    layer = model.layer.adapter["default"]
+    la.eject(model)
+    assert layer.residual_applied is False and layer.changes_base_on_attach is True
+    assert layer.rewrites_base is True  # it is about to rewrite the base once attached again
+    layer.on_attach(model.layer)
+    layer.on_eject(model.layer, merged=True)
+    assert layer.residual_applied is True  # merged: the base keeps W - s·B0·A0 + s·B·A, nothing is given back
+
+
+def test_set_residual_writes_a_base_that_lives_on_another_device_than_the_adapter():
+    """``W −= s·B0·A0`` is computed on the base's device, wherever the adapter's factors are (here a base on
+    ``meta``, the one other device a CPU-only machine has: the write must not mix devices)."""
+    torch.manual_seed(0)
+    model = la.inject(Wrap(nn.Linear(8, 6)), la.LoRAConfig(r=2, init_weights="pissa", target_modules=["layer"]))
+    layer = model.layer.adapter["default"]
+    elsewhere = nn.Linear(8, 6, device="meta")
+    layer.set_residual(elsewhere, torch.randn(2, 8), torch.randn(6, 2))
+    assert elsewhere.weight.device.type == "meta" and elsewhere.weight.shape == (6, 8)
+    assert layer.init_A.device.type == "cpu" and layer.residual_applied is True
+
+
+# ------------------------------------------------------------------------------------------------------------
+# Which norm the fused DoRA kernel gets, dropout on a quantized base, merge(safe=True) of an overflowing bias
+
+
+@pytest.mark.parametrize("kind", ["linear", "conv1d_t"])
+def test_fused_dora_kernel_gets_the_cached_norm_in_eval_and_none_in_training(kind, monkeypatch):
+    """Training: the kernel computes ``‖W + s·B·A‖`` from the folded weight itself (``norm=None``). Eval: it gets the
+    layer's cached norm, exactly ``row_norm(W + s·B·A)``, the same tensor on the next call."""
+    torch.manual_seed(0)
+    base = nn.Linear(6, 5) if kind == "linear" else _conv1d_t(5, 6)
+    model = la.inject(Wrap(base), la.LoRAConfig(r=2, alpha=3, use_dora=True, target_modules=["layer"]))
+    layer = model.layer.adapter["default"]
+    with torch.no_grad():
+        layer.lora_B.normal_()
+    w = model.layer.weight.detach()
+    w = w.t() if kind == "conv1d_t" else w
+    want = (w + 1.5 * layer.lora_B.detach() @ layer.lora_A.detach()).norm(dim=1)
+    norms = []
+    real = lora_method.dora_linear
+    monkeypatch.setattr(lora_method, "dora_linear", lambda *a: norms.append(a[8]) or real(*a))
+    x = torch.randn(3, 6)
+    model.train()
+    model(x)
+    assert norms == [None]
+    model.eval()
+    model(x)
+    model(x)
+    assert len(norms) == 3 and norms[2] is norms[1]
+    torch.testing.assert_close(norms[1], want, rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize("dora", [False, True], ids=["lora", "dora"])
+def test_quantized_function_drops_the_adapter_input_only_in_training(dora):
+    """NF4 base, dropout 0.5, an input that needs a gradient (the quantized Function runs): in eval the output is the
+    one without dropout, exactly; in training two calls draw different masks."""
+    pytest.importorskip("bitsandbytes")
+    torch.manual_seed(0)
+    model = la.quantize(Wrap(nn.Linear(128, 128)), "nf4", skip=[])
+    la.inject(model, la.LoRAConfig(r=4, alpha=8, use_dora=dora, dropout=0.5, target_modules=["layer"]))
+    layer = model.layer.adapter["default"]
+    with torch.no_grad():
+        layer.lora_B.normal_(0, 0.1)
+    x = torch.randn(3, 128, requires_grad=True)
+    model.eval()
+    y = model(x)
+    layer.dropout_p = 0.0
+    assert torch.equal(y, model(x))
+    layer.dropout_p = 0.5
+    model.train()
+    assert not torch.equal(model(x), model(x))
+
+
+def test_safe_merge_refuses_a_bias_that_overflows_the_half_base_and_changes_nothing():
+    """fp16 Linear with ``lora_bias``: ``b + s·b_B`` = 75000 is finite in float32 but not in float16, so
+    ``merge(safe=True)`` raises before writing weight or bias."""
+    model = Wrap(nn.Linear(4, 3).half())
+    la.inject(model, la.LoRAConfig(r=2, alpha=2, lora_bias=True, target_modules=["layer"]))
+    layer = model.layer.adapter["default"]
+    with torch.no_grad():
+        model.layer.bias.fill_(60000.0)
+        layer.lora_B_bias.fill_(15000.0)
+        layer.lora_B.fill_(0.5)
+    w, b = model.layer.weight.detach().clone(), model.layer.bias.detach().clone()
+    msg = r"^merge of .layer. refused: merged bias has 3 non-finite values \(NaN or Inf\) in float16"
+    with pytest.raises(la.MergeError, match=msg):
+        la.merge(model, safe=True)
+    assert torch.equal(model.layer.weight, w) and torch.equal(model.layer.bias, b)
+    assert not layer.merged
+
+
+@pytest.mark.parametrize("quantized", [False, True], ids=["conv_train", "nf4_eval"])
+def test_dora_norm_is_recomputed_every_call_where_it_is_not_cached(quantized):
+    """Training mode (a conv, whose DoRA form always reads ``_dora_norm``) and a quantized base in eval never reuse a
+    norm: a write through ``.data``, which no version counter sees, shows in the next output exactly as in a layer
+    whose cache was just dropped (``train()``)."""
+    torch.manual_seed(0)
+    if quantized:
+        pytest.importorskip("bitsandbytes")
+        model = la.quantize(Wrap(nn.Linear(128, 128)), "nf4", skip=[])
+        x = torch.randn(3, 128)
+    else:
+        model = Wrap(nn.Conv2d(4, 6, 3))
+        x = torch.randn(2, 4, 5, 5)
+    la.inject(model, la.LoRAConfig(r=4, alpha=8, use_dora=True, target_modules=["layer"]))
+    layer = model.layer.adapter["default"]
+    model.train(not quantized)
+    with torch.no_grad():
+        layer.lora_B.normal_(0, 0.1)
+        y0 = model(x)
+        layer.lora_B.data.mul_(3.0)
+        y1 = model(x)
+        model.train(not quantized)
+        fresh = model(x)
+    assert not torch.equal(y0, y1) and torch.equal(y1, fresh)
+
+
+@pytest.mark.parametrize("kind", ["linear", "conv"])
+def test_dora_safe_merge_refuses_rows_that_overflow_a_half_base_and_unmerge_leaves_merged_false(kind):
+    """fp16 base, DoRA with a magnitude of 1e6 (rows of ``m·(W + ΔW)/‖W + ΔW‖`` overflow float16): ``merge(safe=True)``
+    raises, changing nothing. With a sane magnitude merge then unmerge ends with ``merged`` plain ``False``."""
+    torch.manual_seed(0)
+    model = Wrap((nn.Linear(6, 4) if kind == "linear" else nn.Conv1d(3, 4, 2)).half())
+    la.inject(model, la.LoRAConfig(r=2, alpha=2, use_dora=True, target_modules=["layer"]))
+    layer = model.layer.adapter["default"]
+    w = model.layer.weight.detach().clone()
+    m = layer.magnitude.detach().clone()
+    with torch.no_grad():
+        layer.magnitude.fill_(1e6)
+    with pytest.raises(la.MergeError, match=r"^merge of .layer. refused: merged weight has \d+ non-finite values"):
+        la.merge(model, safe=True)
+    assert torch.equal(model.layer.weight, w) and layer.merged is False and layer.merge_norm is None
+    with torch.no_grad():
+        layer.magnitude.copy_(m)
+    la.merge(model, safe=True)
+    assert layer.merged is True
+    la.unmerge(model)
+    assert layer.merged is False and layer.extra_repr().endswith(", dora, merged=False")
