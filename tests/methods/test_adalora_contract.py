@@ -503,6 +503,40 @@ def test_quantized_training_path_is_the_dequantized_product_with_dropout_and_bia
     assert torch.allclose(y, want, rtol=1e-4, atol=1e-4)
 
 
+def _near(got: torch.Tensor, want: torch.Tensor, tol: float) -> bool:
+    """``‖got − want‖ ≤ tol·‖want‖``: a relative error over the whole tensor (float32 sums cancel elementwise)."""
+    return bool((got - want).norm() <= tol * want.norm())
+
+
+def test_quantized_training_path_scales_by_alpha_over_init_r_plus_eps_forward_and_backward() -> None:
+    # With r = 1 the scale α/(r + ε) differs from α/(r − ε) by 2e-5 relative; a large E makes the adapter term
+    # dominate, so float32 (about 1e-7 here) resolves it in the output and in every gradient.
+    pytest.importorskip("bitsandbytes")
+
+    torch.manual_seed(0)
+    model = la.quantize(Wrap(nn.Linear(32, 16)).train(), "int8", skip=[])
+    la.inject(model, AdaLoRAConfig(init_r=1, target_r=1, alpha=3.0, target_modules=["layer"]))
+    layer = model.layer.adapter.default
+    g = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for p in (layer.lora_A, layer.lora_B):
+            p.copy_(torch.randn(p.shape, generator=g))
+        layer.lora_E.fill_(1000.0)
+    x = torch.randn(3, 32, generator=g).requires_grad_()
+    y = model(x)
+    w, bias = dequantized_weight(model.layer).float(), model.layer.bias.detach().float()
+    leaves = [p.detach().clone().requires_grad_() for p in (layer.lora_A, layer.lora_E, layer.lora_B)]
+    a, e, b = leaves
+    xr = x.detach().clone().requires_grad_()
+    want = xr @ w.T + bias + (xr @ (a * e).T) @ b.T * 3.0 / (1 + EPS)
+    assert _near(y, want, 2e-6)
+    gy = torch.randn(want.shape, generator=torch.Generator().manual_seed(9))
+    (y * gy).sum().backward()
+    (want * gy).sum().backward()
+    for p, ref in zip((layer.lora_A, layer.lora_E, layer.lora_B, x), (*leaves, xr)):
+        assert _near(p.grad, ref.grad, 2e-6)
+
+
 # --- layer: masks and the PEFT layout ---------------------------------------------------------------------------
 
 
