@@ -538,6 +538,21 @@ def test_embedding_on_a_half_base_returns_half():
     assert torch.allclose(out.double(), ref, atol=5e-3, rtol=0)
 
 
+def test_embedding_rotates_in_the_parameters_dtype():
+    # A float32 table with bfloat16 adapter parameters: the rotation runs in bfloat16 (the blocks are cast to the
+    # parameters' dtype), so every output value is a bfloat16 number; the rotation itself is still R_bd.
+    model, emb, layer = _embedding_model(dtype=torch.float32, oft_block_size=2)
+    layer.to(torch.bfloat16)
+    _randomize(layer)
+    ids = torch.tensor([1, 3, 9])
+    out = model(ids)
+    assert out.dtype == torch.float32
+    assert torch.equal(out, out.to(torch.bfloat16).float())
+    with torch.no_grad():
+        ref = emb.weight.double()[ids] @ torch.block_diag(*_rot(layer.oft_R.double(), 2).unbind(0))
+    assert torch.allclose(out.double(), ref, atol=0.05, rtol=0)
+
+
 def test_forward_dropout_only_in_training():
     base = nn.Linear(8, 3).double().requires_grad_(False)
     layer = _layer(base, oft_block_size=2, module_dropout=0.5)  # r = 4: 2 dropped
