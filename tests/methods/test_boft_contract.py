@@ -469,6 +469,22 @@ def test_conv_merge_scales_output_channels_and_unmerge_restores():
     assert torch.allclose(conv.weight.detach(), w0, atol=1e-13, rtol=0)
 
 
+def test_unmerge_divides_by_the_scale_in_float64_for_lower_precision_parameters():
+    # A float64 base with float32 adapter parameters: unmerge is diag(1/s)·W'·R with 1/s taken in float64, so it
+    # is exact to float64 rounding (1/s taken in float32 would be off by ~1e-8).
+    base = nn.Linear(8, 6).double()
+    layer = _layer(base, boft_block_size=2, boft_n_butterfly_factor=2).float()
+    _randomize(layer)
+    layer.merge(base)
+    w1 = base.weight.detach().clone()
+    with torch.no_grad():
+        r = _dense([_cayley(layer.boft_R[i].double()) for i in range(2)])
+        want = (w1 / layer.boft_s.double().reshape(-1, 1)) @ r
+    layer.unmerge(base)
+    assert base.weight.dtype == F64
+    assert torch.allclose(base.weight.detach(), want, atol=1e-14, rtol=0)
+
+
 @pytest.mark.parametrize("kind", ["linear", "conv2d"])
 def test_zero_scales_are_stashed_at_merge_and_put_back_at_unmerge(kind):
     base = nn.Linear(8, 4).double() if kind == "linear" else nn.Conv2d(2, 4, 2).double()
