@@ -1137,6 +1137,26 @@ def test_schedule_state_round_trip_before_and_after_start() -> None:
         )
 
 
+def test_a_pending_state_is_applied_by_the_first_start_only() -> None:
+    model, sched = _sched()
+    sched.start(9)
+    g = torch.Generator().manual_seed(2)
+    for t in range(3):
+        _grads(model, g)
+        sched.after_optimizer_step(t)
+    state = sched.state_dict()
+    fresh_model, fresh = _sched()
+    fresh.load_state_dict(state)
+    fresh.start(9)
+    assert fresh.allocator.updates == 3
+    _grads(fresh_model, g)
+    fresh.after_optimizer_step(3)
+    # A second start (another fit of the same schedule) resizes; it does not bring the loaded state back.
+    assert fresh.start(10) is None
+    assert fresh.allocator.updates == 4 and fresh.allocator.total == 10
+    assert fresh.state_dict()["allocator"]["updates"] == 4
+
+
 # --- PEFT config translation and registration -------------------------------------------------------------------
 
 
@@ -1353,6 +1373,18 @@ def test_a_default_device_context_does_not_move_the_adapter() -> None:
     assert all(t.device.type == "cpu" for t in tensors.values())
     for name in ("lora_A", "lora_B", "lora_E", "rank_mask", "ranknum"):
         assert torch.equal(getattr(layer, name), getattr(want, name)), name
+
+
+def test_scores_before_any_update_are_zeros_on_the_layers_device_under_a_default_device_context() -> None:
+    model = _two(**SCHED)
+    alloc = ada.RankAllocator(model, AdaLoRAConfig(init_r=3, target_r=1, **SCHED), 9)
+    with torch.device("meta"):
+        zeros = alloc.scores()
+        masks = alloc.allocate(4)  # ties everywhere: every zero score is at most the threshold
+    assert set(zeros) == {"a", "b"}
+    for v in zeros.values():
+        assert v.device.type == "cpu" and v.dtype == torch.float64 and v.tolist() == [0.0] * 3
+    assert {n: m.tolist() for n, m in masks.items()} == {"a": [False] * 3, "b": [False] * 3}
 
 
 def test_allocator_state_with_0_1_flags_loads_as_bool_masks() -> None:
