@@ -1009,3 +1009,90 @@ def test_dora_safe_merge_refuses_rows_that_overflow_a_half_base_and_unmerge_leav
     assert layer.merged is True
     la.unmerge(model)
     assert layer.merged is False and layer.extra_repr().endswith(", dora, merged=False")
+
+
+@pytest.mark.parametrize("kind", ["linear", "conv1d_t", "conv"])
+@pytest.mark.parametrize("mode", ["train_p0", "eval_p05"])
+def test_dora_without_a_dropped_input_reads_w_x_off_the_base_output(kind, mode):
+    """DoRA with no input dropped (training with p = 0, or eval): ``W x = base(x) − b`` in the base's float64,
+    not recomputed from the adapter's float32 copy of x. B = 0 and m = 1.5·‖W‖, so y = b + 1.5·W x to 1e-12."""
+    torch.manual_seed(0)
+    base = {"linear": lambda: nn.Linear(8, 6), "conv1d_t": lambda: _conv1d_t(6, 8), "conv": lambda: nn.Conv2d(4, 6, 3)}
+    model = Wrap(base[kind]().double())
+    with torch.no_grad():
+        model.layer.bias.normal_()
+    dropout = 0.0 if mode == "train_p0" else 0.5
+    la.inject(model, la.LoRAConfig(r=2, use_dora=True, dropout=dropout, target_modules=["layer"]))
+    layer = model.layer.adapter["default"].to(torch.float32)
+    with torch.no_grad():
+        layer.magnitude.mul_(1.5)
+    model.train(mode == "train_p0")
+    x = torch.randn(3, 8, dtype=torch.float64) if kind != "conv" else torch.randn(2, 4, 5, 5, dtype=torch.float64)
+    y = model(x)
+    w = model.layer.weight.detach()
+    w = w.t() if kind == "conv1d_t" else w  # (out, in, ...)
+    # f = m / ‖W‖ in the adapter's float32, as the layer keeps both
+    f = (layer.magnitude.detach().reshape(-1) / w.flatten(1).norm(dim=1).float()).double()
+    shape = (1, -1, 1, 1) if kind == "conv" else (-1,)
+    want = model.layer.bias.detach().reshape(shape) + f.reshape(shape) * _linear_op(model.layer, x, w)
+    assert y.dtype == torch.float64
+    torch.testing.assert_close(y, want, rtol=0, atol=1e-12)
+
+
+_KERNELS = {
+    "fused_lora": "lowrank_linear",
+    "fused_dora": "dora_linear",
+    "nf4_lora": "quantized_lowrank_linear",
+    "nf4_dora": "quantized_dora_linear",
+}
+
+
+@pytest.mark.parametrize("path", list(_KERNELS))
+@pytest.mark.parametrize("mode", ["train_p0", "eval_p05", "train_p05"])
+def test_each_function_gets_a_dropped_input_only_when_training_with_dropout(path, mode, monkeypatch):
+    """The Functions take ``x_d`` (their second argument) as ``F.dropout(x, p)`` (the forward's first random draw)
+    when training with p > 0, else None (the adapter reads ``x`` itself, no copy): for the fused LoRA and DoRA
+    Functions and for the quantized ones on an NF4 base, under autograd."""
+    quantized = path.startswith("nf4")
+    if quantized:
+        pytest.importorskip("bitsandbytes")
+    torch.manual_seed(0)
+    model = Wrap(nn.Linear(128, 128))
+    if quantized:
+        model = la.quantize(model, "nf4", skip=[])
+    dropout = 0.0 if mode == "train_p0" else 0.5
+    cfg = la.LoRAConfig(r=4, alpha=8, use_dora=path.endswith("dora"), dropout=dropout, target_modules=["layer"])
+    la.inject(model, cfg)
+    model.train(mode != "eval_p05")
+    seen = []
+    real = getattr(lora_method, _KERNELS[path])
+    monkeypatch.setattr(lora_method, _KERNELS[path], lambda *a: seen.append(a[1]) or real(*a))
+    x = torch.randn(3, 128, requires_grad=True)
+    torch.manual_seed(7)
+    model(x)
+    assert len(seen) == 1
+    if mode == "train_p05":
+        torch.manual_seed(7)
+        assert torch.equal(seen[0], torch.nn.functional.dropout(x, 0.5, True))
+    else:
+        assert seen[0] is None
+
+
+@pytest.mark.parametrize("kind", ["linear", "conv"])
+def test_eval_dora_norm_cache_survives_an_old_pickle_and_inference_mode(kind):
+    """In eval: a layer pickled before the cache existed (no ``_norm_cache``) still runs; a norm cached under
+    ``inference_mode`` is not reused outside it, where the output needs a gradient for the magnitude."""
+    torch.manual_seed(0)
+    model = Wrap(nn.Linear(6, 5) if kind == "linear" else nn.Conv1d(3, 5, 2))
+    la.inject(model, la.LoRAConfig(r=2, use_dora=True, target_modules=["layer"]))
+    layer = model.layer.adapter["default"]
+    model.eval()
+    x = torch.randn(4, 6) if kind == "linear" else torch.randn(2, 3, 6)
+    del layer._norm_cache
+    want = model(x)
+    with torch.inference_mode():
+        inferred = model(x)
+        assert torch.equal(model(x), inferred)
+    y = model(x)
+    (gm,) = torch.autograd.grad(y.sum(), [layer.magnitude])
+    assert torch.equal(y, want) and torch.equal(inferred, want) and gm.abs().sum() > 0
