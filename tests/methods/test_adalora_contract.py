@@ -133,6 +133,13 @@ def test_config_accepts_the_boundaries_and_normalises_the_pattern() -> None:
     assert (d.dropout, d.init_weights, d.schedule, d.rank_pattern, d.bias) == (0.0, True, "step", {}, "none")
 
 
+def test_rank_pattern_keys_are_exact_module_names_not_regexes() -> None:
+    # nn.ModuleDict accepts keys such as "x[0" or "(b": PEFT's rank_pattern names them as they are.
+    pattern = {"m.x[0": [True, False], "m.(b": [False, True]}
+    c = AdaLoRAConfig(init_r=2, target_r=1, rank_pattern=pattern)
+    assert c.rank_pattern == pattern
+
+
 def test_config_runs_the_shared_checks_first() -> None:
     with pytest.raises(AdapterConfigError):
         AdaLoRAConfig(target_modules=5)
