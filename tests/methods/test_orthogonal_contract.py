@@ -12,6 +12,7 @@ import lightning_adapters as la
 from lightning_adapters.core.quant import DequantizedLinear
 from lightning_adapters.methods.boft import BOFTConfig, BOFTLayer, BOFTMethod
 from lightning_adapters.methods.oft import OFTConfig, OFTLayer, OFTMethod
+from tests.helpers import Wrap
 
 # (method, config class, the fields PEFT and we both hold, our own extra fields, where config_to_peft targets,
 # layers_to_transform read by config_from_peft)
@@ -230,3 +231,38 @@ def quantized(in_f: int, out_f: int, dtype: torch.dtype, bias: bool = True) -> t
     view.__dict__.update(real.__dict__)
     view.__dict__.update(_la_real=real, _la_dtype=dtype, _la_w=real.weight.detach())
     return real, view
+
+
+@pytest.mark.parametrize(
+    "layer_cls, config, attr, base, x",
+    [
+        (OFTLayer, OFTConfig, "module_dropout", lambda: nn.Linear(8, 3), torch.linspace(-1, 1, 16).reshape(2, 8)),
+        (
+            OFTLayer,
+            OFTConfig,
+            "module_dropout",
+            lambda: nn.Conv2d(2, 3, 2),
+            torch.linspace(-1, 1, 36).reshape(2, 2, 3, 3),
+        ),
+        (OFTLayer, OFTConfig, "module_dropout", lambda: nn.Embedding(5, 8), torch.tensor([[1, 4, 0]])),
+        (BOFTLayer, BOFTConfig, "dropout_p", lambda: nn.Linear(8, 3), torch.linspace(-1, 1, 16).reshape(2, 8)),
+        (BOFTLayer, BOFTConfig, "dropout_p", lambda: nn.Conv2d(2, 3, 2), torch.linspace(-1, 1, 36).reshape(2, 2, 3, 3)),
+    ],
+    ids=["oft-linear", "oft-conv2d", "oft-embedding", "boft-linear", "boft-conv2d"],
+)
+@pytest.mark.parametrize("training, p", [(True, 0.0), (False, 0.5)])
+def test_forward_draws_nothing_without_dropout_in_training(layer_cls, config, attr, base, x, training, p):
+    # Dropout applies only in training with p > 0: any other forward leaves the global generator untouched and
+    # equals the forward with p = 0.
+    size = dict(oft_block_size=2) if layer_cls is OFTLayer else dict(boft_block_size=2, boft_n_butterfly_factor=2)
+    model = la.inject(Wrap(base()), config(target_modules=["layer"], init_weights=False, **size))
+    layer = model.layer.adapter.default
+    with torch.no_grad():
+        model.eval()
+        want = model(x)
+        setattr(layer, attr, p)
+        model.train(training)
+        state = torch.get_rng_state()
+        got = model(x)
+    assert torch.equal(torch.get_rng_state(), state)
+    assert torch.equal(got, want)
