@@ -422,6 +422,36 @@ def test_dropout_applies_to_the_adapter_input_only_and_only_in_training(kind, pl
     assert torch.allclose(layer.delta_output(model.layer, x), delta_eval, rtol=1e-12, atol=1e-12)
 
 
+def _train_and_eval_runs(model: nn.Module, x: torch.Tensor) -> list[list[torch.Tensor]]:
+    layer = model.layer.adapter.default
+    runs = []
+    for training in (True, False):
+        model.train(training)
+        xi = x.clone().requires_grad_()
+        y = model(xi)
+        (y * torch.linspace(-1, 1, y.numel()).view_as(y)).sum().backward()
+        runs.append([y.detach(), xi.grad, *(p.grad for p in (layer.lora_A, layer.lora_E, layer.lora_B))])
+        layer.zero_grad(set_to_none=True)
+    return runs
+
+
+@pytest.mark.parametrize("quantized", [False, True], ids=["fused", "quantized"])
+def test_without_dropout_training_runs_the_eval_computation_bit_for_bit(quantized) -> None:
+    # Many rows against few input features: the kernels fold B·A into the weight, in training as in eval, since
+    # without dropout the adapter's input is the layer's input (no second input to carry).
+    if quantized:
+        pytest.importorskip("bitsandbytes")
+    torch.manual_seed(0)
+    base = Wrap(nn.Linear(6, 5))
+    model = la.quantize(base, "int8", skip=[]) if quantized else base
+    la.inject(model, AdaLoRAConfig(init_r=3, target_r=1, alpha=5.0, target_modules=["layer"]))
+    _randomize_one(model)
+    x = torch.randn(4, 8, 6, generator=torch.Generator().manual_seed(2))
+    train, evaluation = _train_and_eval_runs(model, x)
+    for got, want in zip(train, evaluation):
+        assert torch.equal(got, want)
+
+
 def test_plain_path_casts_the_input_to_the_adapter_dtype(monkeypatch) -> None:
     # A float32 adapter on a float64 base: the term is computed in float32 and added in float64.
     monkeypatch.setattr(ada, "fused_linear_applies", lambda *a: False)
