@@ -228,6 +228,31 @@ def test_running_moments_remove_the_rounding_of_a_large_mean():
     assert abs((var - expected) / expected).item() < 1e-14
 
 
+def test_running_moments_and_pca_make_every_tensor_on_the_rows_device():
+    """Counts, sums, index and seed all follow ``x``'s device (an accelerator's rows next to a CPU tensor raise):
+    seen with meta rows, where a tensor made on the CPU by default fails the first operation mixing the two."""
+    x = torch.zeros(10, 6, device="meta")
+    mean, var, n = lora_eva.running_moments(x, None, None, torch.tensor([0], device="meta"))
+    mean, var, n = lora_eva.running_moments(x, mean, var, n)
+    assert [(t.device.type, t.dtype, tuple(t.shape)) for t in (mean, var, n)] == [
+        ("meta", torch.float64, (6,)),
+        ("meta", torch.float64, (6,)),
+        ("meta", torch.int64, (1,)),
+    ]
+    pca = lora_eva.IncrementalPCA(2)
+    for _ in range(2):  # the first batch and the incremental step
+        pca.update(x)
+        got = (pca.n_seen, pca.mean, pca.var, pca.components, pca.singular_values, pca.explained_variance_ratio)
+        assert [(t.device.type, tuple(t.shape)) for t in got] == [
+            ("meta", (1,)),
+            ("meta", (6,)),
+            ("meta", (6,)),
+            ("meta", (2, 6)),
+            ("meta", (2,)),
+            ("meta", (2,)),
+        ]
+
+
 # ------------------------------------------------------------------------------------------------------------
 # Layer inputs
 
