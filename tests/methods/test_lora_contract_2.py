@@ -1120,3 +1120,18 @@ def test_lora_bias_on_a_grouped_conv_forward_is_the_closed_form(layout):
     g = torch.randn_like(y)
     (gbb,) = torch.autograd.grad((y * g).sum(), [layer.lora_B_bias])
     torch.testing.assert_close(gbb, 1.5 * g.sum(dim=(0, 2, 3)), rtol=1e-5, atol=1e-5)
+
+
+def test_layer_train_defaults_to_training_returns_itself_and_drops_the_norm_cache():
+    """``LoRALayer.train()`` is ``nn.Module.train``: no argument means training, it returns the layer, and any call
+    drops the eval-mode DoRA norm (a stale one is never read after a mode switch)."""
+    model = la.inject(Wrap(nn.Linear(6, 5)), la.LoRAConfig(r=2, use_dora=True, target_modules=["layer"]))
+    layer = model.layer.adapter["default"]
+    model.eval()
+    model(torch.randn(2, 6))
+    assert layer._norm_cache is not None and layer.training is False
+    assert layer.train() is layer
+    assert layer.training is True and layer._norm_cache is None
+    layer.eval()
+    model(torch.randn(2, 6))
+    assert layer.train(False) is layer and layer.training is False and layer._norm_cache is None
