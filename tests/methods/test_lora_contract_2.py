@@ -1135,3 +1135,24 @@ def test_layer_train_defaults_to_training_returns_itself_and_drops_the_norm_cach
     layer.eval()
     model(torch.randn(2, 6))
     assert layer.train(False) is layer and layer.training is False and layer._norm_cache is None
+
+
+def test_unsafe_merge_writes_an_overflowing_half_bias_as_inf_and_safe_merge_passes_finite_values():
+    """Without ``safe`` (the layer's default too) nothing is checked: the fp16 bias ``b + s·b_B`` = 75000 becomes
+    inf. ``safe=True`` on finite values merges as usual, with or without ``lora_bias``."""
+    for lora_bias in (False, True):
+        model = Wrap(nn.Linear(4, 3).half())
+        la.inject(model, la.LoRAConfig(r=2, alpha=2, lora_bias=lora_bias, target_modules=["layer"]))
+        layer = model.layer.adapter["default"]
+        with torch.no_grad():
+            layer.lora_B.fill_(0.5)
+        w = model.layer.weight.detach().float() + layer.lora_B.detach() @ layer.lora_A.detach()
+        la.merge(model, safe=True)
+        assert layer.merged is True and torch.equal(model.layer.weight, w.half())
+        la.unmerge(model)
+    with torch.no_grad():
+        model.layer.bias.fill_(60000.0)
+        layer.lora_B_bias.fill_(15000.0)
+    layer.merge(model.layer)
+    assert layer.merged is True and torch.isinf(model.layer.bias).all()
+    assert torch.isfinite(model.layer.weight).all()
