@@ -306,6 +306,20 @@ def test_init_draws_a_and_b_small_e_zero_in_order_and_sets_the_buffers() -> None
     }
 
 
+def test_a_layer_built_directly_holds_every_tensor_in_the_base_s_dtype() -> None:
+    # Without inject (which moves the adapter as a whole): the constructor itself gives float64 factors and buffers.
+    layer = ada.AdaLoRALayer(nn.Linear(6, 5).double(), AdaLoRAConfig(init_r=3, target_r=1), "layer")
+    tensors = dict(layer.named_parameters()) | dict(layer.named_buffers())
+    assert {n: t.dtype for n, t in tensors.items()} == {
+        "lora_A": torch.float64,
+        "lora_B": torch.float64,
+        "lora_E": torch.float64,
+        "rank_mask": torch.bool,
+        "ranknum": torch.float64,
+    }
+    assert layer.ranknum.tolist() == [3.0] and layer.rank_mask.tolist() == [True] * 3
+
+
 def test_init_weights_false_draws_all_three_standard_normal_and_the_pattern_empties_e() -> None:
     pattern = {"layer": [True, False, True]}
     model = _one(nn.Linear(6, 5).double(), seed=4, init_weights=False, rank_pattern=pattern)
