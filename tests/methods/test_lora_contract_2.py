@@ -1160,7 +1160,8 @@ def test_unsafe_merge_writes_an_overflowing_half_bias_as_inf_and_safe_merge_pass
 
 def test_layer_tensors_live_on_the_base_device_and_only_the_factors_are_state():
     """Every adapter tensor is made on the base's device (``meta`` here); residual factors and DoRA's merge norm are
-    non-persistent buffers (moved with the layer, never saved); a PEFT-layout grouped conv is plainly unmergeable."""
+    non-persistent buffers (moved with the layer, never saved); a PEFT-layout grouped conv and ``lora_bias`` on a
+    base without bias are plainly unmergeable."""
     meta = lora_method.LoRALayer(nn.Linear(6, 5, device="meta"), la.LoRAConfig(r=2, lora_bias=True), "layer")
     assert {n: p.device.type for n, p in meta.named_parameters()} == dict.fromkeys(
         ["lora_A", "lora_B", "lora_B_bias"], "meta"
@@ -1176,3 +1177,5 @@ def test_layer_tensors_live_on_the_base_device_and_only_the_factors_are_state():
     assert set(layer.state_dict()) == {"lora_A", "lora_B", "magnitude"}
     cfg = la.LoRAConfig(r=2, grouped_conv_layout="peft", target_modules=["layer"])
     assert la.inject(Wrap(nn.Conv2d(4, 6, 3, groups=2)), cfg).layer.adapter["default"].mergeable is False
+    cfg = la.LoRAConfig(r=2, lora_bias=True, target_modules=["layer"])
+    assert la.inject(Wrap(nn.Linear(6, 5, bias=False)), cfg).layer.adapter["default"].mergeable is False
