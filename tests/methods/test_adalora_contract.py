@@ -1031,6 +1031,30 @@ def test_start_writes_the_total_of_its_own_adapter_only() -> None:
     assert sched.rank_pattern == {"b": [True, False]}
 
 
+def test_the_history_records_the_kept_ranks_of_its_own_adapter() -> None:
+    # "other" (init_r 2, on b) is injected last; the schedule of "default" must still read default's ranks.
+    model = _two(**SCHED)
+    la.inject(model, AdaLoRAConfig(init_r=2, target_r=1, target_modules=["b"], **SCHED), name="other")
+    cfg = AdaLoRAConfig(init_r=3, target_r=1, target_modules=["a", "b"], **SCHED)
+    sched = ada.AdaLoRASchedule(model, cfg, adapter="default")
+    model.b.adapter.default.apply_mask(torch.tensor([True, False, False]))
+    metrics = sched._record(3, 7, 4)
+    assert metrics == {"adalora/budget": 4.0, "adalora/kept": 4.0, "adalora/rank/a": 3.0, "adalora/rank/b": 1.0}
+    assert sched.history == [{"t": 3, "global_step": 7, "budget": 4, "ranks": [3, 1]}]
+
+
+def test_broadcast_scores_are_cut_back_in_order_for_three_or_more_matrices(monkeypatch) -> None:
+    import torch.distributed as dist
+
+    monkeypatch.setattr(dist, "is_available", lambda: True)
+    monkeypatch.setattr(dist, "is_initialized", lambda: True)
+    monkeypatch.setattr(dist, "get_world_size", lambda: 2)
+    monkeypatch.setattr(dist, "broadcast", lambda flat, src: flat.copy_(torch.arange(6.0)))
+    scores = {"a": torch.zeros(3), "b": torch.zeros(2), "c": torch.zeros(1)}
+    out = ada._broadcast_from_rank0(scores)
+    assert {k: v.tolist() for k, v in out.items()} == {"a": [0.0, 1.0, 2.0], "b": [3.0, 4.0], "c": [5.0]}
+
+
 def test_loss_term_is_the_weighted_regulariser_of_its_adapter() -> None:
     model, sched = _sched(orth_reg_weight=0.25)
     want = 0.25 * orthogonal_regularizer(list(adalora_layers(model).values()))
