@@ -411,3 +411,11 @@ def test_check_target_parameters_accepts(value):
 def test_check_target_parameters_refuses(value):
     with pytest.raises(la.AdapterConfigError, match=r"must be a non-empty list of '<module>.<parameter>' names"):
         check_target_parameters(value)
+
+
+def test_forward_passes_keyword_arguments_to_the_module():
+    model = _inject()
+    _randomize(next(iter(model.block.adapter.values())))
+    t = torch.tensor(2.0, dtype=torch.float64)
+    by_name, by_position = model.block(t=t), model.block(t)
+    assert all(torch.equal(a, b) for a, b in zip(by_name, by_position, strict=True))
