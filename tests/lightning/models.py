@@ -116,3 +116,17 @@ def two_fc_backbone() -> nn.Module:
     b.enc, b.dec = nn.Module(), nn.Module()
     b.enc.fc, b.dec.fc = nn.Linear(4, 4), nn.Linear(4, 4)
     return b
+
+
+def tiny_mlp(seed: int = 0) -> nn.Sequential:
+    """Linear(6, 8), ReLU, Linear(8, 4), seeded: the small model the direct runtime and checkpoint tests adapt."""
+    torch.manual_seed(seed)
+    return nn.Sequential(nn.Linear(6, 8), nn.ReLU(), nn.Linear(8, 4))
+
+
+def mlp_lora(**kwargs: Any) -> Any:
+    """LoRA r=2 with random-free init (``init_weights=False``) on both layers of ``tiny_mlp`` unless told."""
+    import lightning_adapters as la
+
+    kwargs.setdefault("target_modules", ["0", "2"])
+    return la.LoRAConfig(r=2, init_weights=False, **kwargs)

@@ -109,6 +109,23 @@ def _save(path: Any, net: Any, config_a: la.LoRAConfig = CA, **meta_over: Any) -
     return path
 
 
+def _write_one(
+    path: Any, name: str, method: str, config: Any, state: dict, module: str = "", fingerprint: Any = None
+) -> dict:
+    """Write a checkpoint of one adapter ``name``, active and trained, holding ``state``; return its metadata."""
+    meta = build_metadata(
+        adapters={name: (method, config)},
+        name=name,
+        active=[name],
+        trainable=[name],
+        module=module,
+        fingerprint=fingerprint,
+        shapes={k: list(v.shape) for k, v in state.items()},
+    )
+    torch.save({METADATA_KEY: meta, "state_dict": state}, path)
+    return meta
+
+
 def _snapshot(model: nn.Module) -> dict[str, torch.Tensor]:
     return {k: v.detach().clone() for k, v in model.state_dict().items()}
 
@@ -522,16 +539,7 @@ def test_a_refused_restore_of_a_residual_init_gives_the_base_back_once(tmp_path)
     config = la.LoRAConfig(r=2, target_modules=["0", "2"], init_weights="pissa")
     state = {k: v.detach().clone() for k, v in la.adapter_state_dict(la.inject(_backbone(), config)).items()}
     state["2.adapter.default.lora_B"][0, 0] = float("nan")
-    meta = build_metadata(
-        adapters={"default": ("lora", config)},
-        name="default",
-        active=["default"],
-        trainable=["default"],
-        module="",
-        fingerprint=None,
-        shapes={k: list(v.shape) for k, v in state.items()},
-    )
-    torch.save({METADATA_KEY: meta, "state_dict": state}, tmp_path / "p.ckpt")
+    meta = _write_one(tmp_path / "p.ckpt", "default", "lora", config, state, module="")
     for module, model in (("", _backbone()), (None, Net())):
         if module is None:
             torch.save(
@@ -628,16 +636,7 @@ def test_an_eva_checkpoint_restored_beside_a_pending_eva_adapter_leaves_that_one
         "a.adapter.y.lora_A": torch.randn(3, 16, generator=g),
         "a.adapter.y.lora_B": torch.randn(8, 3, generator=g),
     }
-    meta = build_metadata(
-        adapters={"y": ("lora", config)},
-        name="y",
-        active=["y"],
-        trainable=["y"],
-        module="",
-        fingerprint=None,
-        shapes={k: list(v.shape) for k, v in state.items()},
-    )
-    torch.save({METADATA_KEY: meta, "state_dict": state}, tmp_path / "e.ckpt")
+    _write_one(tmp_path / "e.ckpt", "y", "lora", config, state, module="")
     model = la.inject(_Eva(), la.LoRAConfig(r=4, target_modules=["b"], init_weights="eva"), name="x")
     _restore_quietly(model, tmp_path / "e.ckpt", module="")
     assert (model.a.adapter.y.r, model.a.adapter.y.needs_data) == (3, False)
@@ -665,16 +664,15 @@ def test_a_loha_checkpoint_restores_without_eva_s_attributes(tmp_path) -> None:
     # LoHa layers have no init_mode: the EVA step must pass over them.
     trained = la.inject(_backbone(), la.LoHaConfig(r=2, target_modules=["0", "2"], init_weights=False))
     state = {f"backbone.{k}": v.detach().clone() for k, v in la.adapter_state_dict(trained).items()}
-    meta = build_metadata(
-        adapters={"default": ("loha", la.LoHaConfig(r=2, target_modules=["0", "2"], init_weights=False))},
-        name="default",
-        active=["default"],
-        trainable=["default"],
+    _write_one(
+        tmp_path / "h.ckpt",
+        "default",
+        "loha",
+        la.LoHaConfig(r=2, target_modules=["0", "2"], init_weights=False),
+        state,
         module="backbone",
         fingerprint=base_fingerprint(trained),
-        shapes={k: list(v.shape) for k, v in state.items()},
     )
-    torch.save({METADATA_KEY: meta, "state_dict": state}, tmp_path / "h.ckpt")
     bare = _restore_quietly(_backbone(), tmp_path / "h.ckpt")
     _assert_same_adapters(bare, trained)
 

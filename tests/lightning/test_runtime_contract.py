@@ -37,16 +37,7 @@ from lightning_adapters.lightning.runtime import (
     detach_runtime,
     get_runtime,
 )
-
-
-def _mlp(seed: int = 0) -> torch.nn.Sequential:
-    torch.manual_seed(seed)
-    return torch.nn.Sequential(torch.nn.Linear(6, 8), torch.nn.ReLU(), torch.nn.Linear(8, 4))
-
-
-def _lora(**kwargs: Any) -> la.LoRAConfig:
-    kwargs.setdefault("target_modules", ["0", "2"])
-    return la.LoRAConfig(r=2, init_weights=False, **kwargs)
+from tests.lightning.models import mlp_lora, tiny_mlp
 
 
 def _lm(**children: torch.nn.Module) -> LightningModule:
@@ -57,16 +48,16 @@ def _lm(**children: torch.nn.Module) -> LightningModule:
 
 
 def _whole_mlp() -> LightningModule:
-    """``_mlp()``'s layers as the LightningModule's own children."""
+    """``tiny_mlp()``'s layers as the LightningModule's own children."""
     lm = LightningModule()
-    for name, child in _mlp().named_children():
+    for name, child in tiny_mlp().named_children():
         lm.add_module(name, child)
     return lm
 
 
 def _runtime(config: Any = None, **options: Any) -> AdapterRuntime:
     options.setdefault("verbose", False)
-    return AdapterRuntime(_lora() if config is None else config, AdapterOptions(**options))
+    return AdapterRuntime(mlp_lora() if config is None else config, AdapterOptions(**options))
 
 
 class _Strategy:
@@ -91,8 +82,8 @@ def _shapes_default(prefix: str = "model.") -> dict[str, list[int]]:
 
 
 def _peft_dir(tmp_path: Path, name: str, config: la.LoRAConfig, seed: int = 1) -> tuple[Path, dict[str, Any]]:
-    """A PEFT directory of one adapter trained on ``_mlp()``'s base; returns it and the adapter's tensors."""
-    model = _mlp()
+    """A PEFT directory of one adapter trained on ``tiny_mlp()``'s base; returns it and the adapter's tensors."""
+    model = tiny_mlp()
     la.inject(model, config, name=name)
     torch.manual_seed(seed)
     with torch.no_grad():
@@ -180,7 +171,7 @@ def test_adapter_list_is_none_or_a_fresh_list_of_names() -> None:
 
 
 def test_has_dtensor_looks_for_a_device_mesh_on_any_parameter() -> None:
-    model = _mlp()
+    model = tiny_mlp()
     assert rt._has_dtensor(model) is False
     model[2].bias.device_mesh = None
     assert rt._has_dtensor(model) is True
@@ -211,7 +202,7 @@ def test_a_new_runtime_starts_empty() -> None:
 
 
 def test_target_key_prefix_and_injected_target() -> None:
-    lm = _lm(model=_mlp())
+    lm = _lm(model=tiny_mlp())
     whole = _runtime()
     assert whole.target(lm) is lm and whole.key_prefix() == ""
     assert _runtime(module="").target(lm) is lm and _runtime(module="").key_prefix() == ""
@@ -224,7 +215,7 @@ def test_target_key_prefix_and_injected_target() -> None:
         missing.injected_target(lm)
     with pytest.raises(AdapterStateError, match="^the LightningModule has no adapters yet"):
         sub.injected_target(lm)
-    la.inject(lm.model, _lora())
+    la.inject(lm.model, mlp_lora())
     assert sub.injected_target(lm) is lm.model
 
 
@@ -233,9 +224,9 @@ def test_adapter_key_prefixes_leave_out_wrapper_attributes_and_keep_the_module_p
     lm.model._fsdp_wrapped_module = torch.nn.Module()
     lm.model._fsdp_wrapped_module._orig_mod = torch.nn.Module()
     lm.model._fsdp_wrapped_module._orig_mod.layer = torch.nn.Module()
-    lm.model._fsdp_wrapped_module._orig_mod.layer._checkpoint_wrapped_module = _mlp()
-    la.inject(lm.model, _lora(target_modules=["0"]))
-    la.inject(lm.model, _lora(target_modules=["2"]), name="b")
+    lm.model._fsdp_wrapped_module._orig_mod.layer._checkpoint_wrapped_module = tiny_mlp()
+    la.inject(lm.model, mlp_lora(target_modules=["0"]))
+    la.inject(lm.model, mlp_lora(target_modules=["2"]), name="b")
     runtime = _runtime(module="model")
     assert runtime.adapter_key_prefixes(lm) == ["model.layer.0.adapter.default.", "model.layer.2.adapter.b."]
     assert runtime.adapter_key_prefixes(lm, ["b"]) == ["model.layer.2.adapter.b."]
@@ -243,8 +234,8 @@ def test_adapter_key_prefixes_leave_out_wrapper_attributes_and_keep_the_module_p
 
 
 def test_saved_names_keys_and_records_follow_the_save_option() -> None:
-    lm = _lm(model=_mlp(), head=torch.nn.Linear(4, 2))
-    la.inject(lm.model, _lora())
+    lm = _lm(model=tiny_mlp(), head=torch.nn.Linear(4, 2))
+    la.inject(lm.model, mlp_lora())
     la.inject(lm.model, la.LoRAConfig(r=3, target_modules=["2"]), name="b")
     both = _runtime(module="model")
     assert both.saved_names(lm) == ["default", "b"]
@@ -268,7 +259,7 @@ def test_saved_names_keys_and_records_follow_the_save_option() -> None:
         "extra.x",
     ]
     assert [k for k in keys if both.saved_keys(lm)(k)] == [k for k in lm.state_dict() if ".adapter." in k]
-    assert both.record(lm.model).name == "default" and both.record(lm.model).config == _lora()
+    assert both.record(lm.model).name == "default" and both.record(lm.model).config == mlp_lora()
     assert both.record(lm.model, "b").name == "b" and both.record(lm.model, "b").config.r == 3
     named = _runtime(module="model", name="b")
     assert named.record(lm.model).name == "b"
@@ -289,37 +280,37 @@ def test_inject_into_a_sub_module_not_built_yet() -> None:
 
 
 def test_inject_sets_up_the_adapter_the_fingerprint_and_the_shapes() -> None:
-    lm = _lm(model=_mlp())
+    lm = _lm(model=tiny_mlp())
     lm.strict_loading = True
     strategy = _Strategy()
     runtime = _runtime(module="model")
     assert runtime.inject(lm) is True
     assert known_names(lm.model) == ["default"] and runtime._prepared is lm.model
     assert lm.strict_loading is False
-    assert runtime.fingerprint == base_fingerprint(_mlp())
+    assert runtime.fingerprint == base_fingerprint(tiny_mlp())
     assert runtime.shapes == _shapes_default()
     assert runtime.outside_keys == set() and runtime.outside_prefixes == []
     assert [n for n, p in lm.named_parameters() if p.requires_grad] == list(_shapes_default())
     # Under a trainer the fingerprint is rank zero's.
-    lm2 = _lm(model=_mlp())
+    lm2 = _lm(model=tiny_mlp())
     lm2._trainer = SimpleNamespace(strategy=strategy)
     runtime2 = _runtime(module="model")
     assert runtime2.inject(lm2) is True
-    assert strategy.broadcasts == [base_fingerprint(_mlp())]
+    assert strategy.broadcasts == [base_fingerprint(tiny_mlp())]
     assert runtime2.fingerprint == "rank-zero-fingerprint"
 
 
 def test_inject_reports_the_summary_when_verbose(monkeypatch) -> None:
     messages: list[str] = []
     monkeypatch.setattr(rt, "_rank_zero_info", messages.append)
-    lm = _lm(model=_mlp())
-    runtime = AdapterRuntime(_lora(), AdapterOptions(module="model"))
+    lm = _lm(model=tiny_mlp())
+    runtime = AdapterRuntime(mlp_lora(), AdapterOptions(module="model"))
     runtime.inject(lm)
     assert messages == ["lightning_adapters: injected LoRAConfig as 'default'\n" + summary(lm.model)]
     messages.clear()
-    lm = _lm(model=_mlp(), head=torch.nn.Linear(4, 2))
+    lm = _lm(model=tiny_mlp(), head=torch.nn.Linear(4, 2))
     lm.head.requires_grad_(False)
-    runtime = AdapterRuntime(_lora(modules_to_save=["head"]), AdapterOptions(module="model", name="t"))
+    runtime = AdapterRuntime(mlp_lora(modules_to_save=["head"]), AdapterOptions(module="model", name="t"))
     runtime.inject(lm)
     assert messages == [
         "lightning_adapters: injected LoRAConfig as 't'\n"
@@ -327,18 +318,18 @@ def test_inject_reports_the_summary_when_verbose(monkeypatch) -> None:
         + "\ntrained in full beside 'model': ['head.bias', 'head.weight', 'head.']"
     ]
     messages.clear()
-    _runtime(module="model").inject(_lm(model=_mlp()))
+    _runtime(module="model").inject(_lm(model=tiny_mlp()))
     assert messages == []
 
 
 def test_modules_to_save_beside_the_sub_module_train_in_full_and_are_saved() -> None:
-    lm = _lm(model=_mlp(), head=torch.nn.Linear(4, 2), frozen=torch.nn.Linear(2, 2))
+    lm = _lm(model=tiny_mlp(), head=torch.nn.Linear(4, 2), frozen=torch.nn.Linear(2, 2))
     lm.head.requires_grad_(False)
     lm.frozen.requires_grad_(False)
-    config = _lora(modules_to_save=["head"])
+    config = mlp_lora(modules_to_save=["head"])
     runtime = _runtime(config, module="model")
     assert runtime.inject(lm) is True
-    assert runtime.inject_config == _lora() and runtime.config is config
+    assert runtime.inject_config == mlp_lora() and runtime.config is config
     assert lm.head.weight.requires_grad and lm.head.bias.requires_grad and not lm.frozen.weight.requires_grad
     assert runtime.outside_keys == {"head.weight", "head.bias"} and runtime.outside_prefixes == ["head."]
     assert runtime.shapes == {**_shapes_default(), "head.weight": [2, 4], "head.bias": [2]}
@@ -347,8 +338,8 @@ def test_modules_to_save_beside_the_sub_module_train_in_full_and_are_saved() -> 
 
 
 def test_modules_to_save_matching_nothing_defers_or_raises() -> None:
-    lm = _lm(model=_mlp())
-    runtime = _runtime(_lora(modules_to_save=["nowhere"]), module="model")
+    lm = _lm(model=tiny_mlp())
+    runtime = _runtime(mlp_lora(modules_to_save=["nowhere"]), module="model")
     assert runtime.inject(lm, defer=True) is False
     with pytest.raises(TargetError, match=r"^modules_to_save entries \['nowhere'\] match no module"):
         runtime.inject(lm)
@@ -356,8 +347,8 @@ def test_modules_to_save_matching_nothing_defers_or_raises() -> None:
 
 
 def test_target_modules_matching_nothing_defers_or_raises() -> None:
-    lm = _lm(model=_mlp())
-    runtime = _runtime(_lora(target_modules=["nowhere"]), module="model")
+    lm = _lm(model=tiny_mlp())
+    runtime = _runtime(mlp_lora(target_modules=["nowhere"]), module="model")
     assert runtime.inject(lm, defer=True) is False
     with pytest.raises(TargetError):
         runtime.inject(lm)
@@ -365,14 +356,14 @@ def test_target_modules_matching_nothing_defers_or_raises() -> None:
 
 
 def test_inject_adopts_an_adapter_the_user_injected_once() -> None:
-    lm = _lm(model=_mlp())
-    la.inject(lm.model, _lora(), name="t")
+    lm = _lm(model=tiny_mlp())
+    la.inject(lm.model, mlp_lora(), name="t")
     lm.model[0].weight.requires_grad_(True)
     runtime = _runtime(module="model", name="t")
     assert runtime.inject(lm) is True
     assert known_names(lm.model) == ["t"] and runtime._prepared is lm.model
     assert lm.model[0].weight.requires_grad is False  # trainability applied again
-    assert runtime.fingerprint == base_fingerprint(_mlp()) and runtime.shapes == {
+    assert runtime.fingerprint == base_fingerprint(tiny_mlp()) and runtime.shapes == {
         k.replace("default", "t"): v for k, v in _shapes_default().items()
     }
     runtime.fingerprint = "kept"
@@ -392,13 +383,13 @@ def test_the_sharded_check_and_the_precision_plugin_quantization() -> None:
             self.converted.append(module)
             return module
 
-    lm = _lm(model=_mlp())
+    lm = _lm(model=tiny_mlp())
     strategy = _Strategy()
     strategy.precision_plugin = BitsandbytesPrecision()
     lm._trainer = SimpleNamespace(strategy=strategy)
     assert _runtime(module="model").inject(lm) is True
     assert strategy.precision_plugin.converted == [lm]
-    lm = _lm(model=_mlp())
+    lm = _lm(model=tiny_mlp())
     lm.model[0].weight.device_mesh = None
     with pytest.raises(AdapterConfigError, match="^the model was sharded"):
         _runtime(module="model").inject(lm)
@@ -407,7 +398,7 @@ def test_the_sharded_check_and_the_precision_plugin_quantization() -> None:
 def test_init_from_loads_the_sources_and_takes_the_trained_adapters_config(tmp_path) -> None:
     config_a = la.LoRAConfig(r=3, target_modules=["2"], init_weights=False)
     source, tensors = _peft_dir(tmp_path, "a", config_a)
-    lm = _lm(model=_mlp())
+    lm = _lm(model=tiny_mlp())
     runtime = _runtime(module="model", init_from={"a": str(source)})
     assert runtime.inject(lm) is True
     assert known_names(lm.model) == ["a", "default"]
@@ -418,26 +409,26 @@ def test_init_from_loads_the_sources_and_takes_the_trained_adapters_config(tmp_p
     assert la.config_of(lm.model, "a") == config_a
     assert runtime.inject(lm) is True and known_names(lm.model) == ["a", "default"]  # not loaded twice
     # The trained adapter itself from a source: its config, or a refusal of another one.
-    lm = _lm(model=_mlp())
+    lm = _lm(model=tiny_mlp())
     runtime = AdapterRuntime(
         None, AdapterOptions(module="model", name="a", init_from={"a": str(source)}, verbose=False)
     )
     assert runtime.inject(lm) is True
     assert runtime.config == config_a and trainable(lm.model) == ["a"]
     same = _runtime(config_a, module="model", name="a", init_from={"a": str(source)})
-    assert same.inject(_lm(model=_mlp())) is True and same.config is config_a
+    assert same.inject(_lm(model=tiny_mlp())) is True and same.config is config_a
     other = _runtime(la.LoRAConfig(r=4, target_modules=["2"]), module="model", name="a", init_from={"a": str(source)})
     with pytest.raises(AdapterConfigError, match="^adapter 'a' loaded from .* has the config"):
-        other.inject(_lm(model=_mlp()))
+        other.inject(_lm(model=tiny_mlp()))
     loha = _runtime(la.LoHaConfig(r=3, target_modules=["2"]), module="model", name="a", init_from={"a": str(source)})
     with pytest.raises(AdapterConfigError, match="^adapter 'a' loaded from .* has the config"):
-        loha.inject(_lm(model=_mlp()))
+        loha.inject(_lm(model=tiny_mlp()))
 
 
 def test_init_from_is_not_loaded_into_a_sharded_module(tmp_path) -> None:
     source, _ = _peft_dir(tmp_path, "a", la.LoRAConfig(r=3, target_modules=["2"]))
-    lm = _lm(model=_mlp())
-    la.inject(lm.model, _lora())
+    lm = _lm(model=tiny_mlp())
+    la.inject(lm.model, mlp_lora())
     lm.model[0].weight.device_mesh = None
     runtime = _runtime(module="model", init_from={"a": str(source)})
     assert runtime.inject(lm) is True
@@ -446,7 +437,7 @@ def test_init_from_is_not_loaded_into_a_sharded_module(tmp_path) -> None:
 
 def test_roles_train_the_named_adapter_and_make_the_chosen_ones_act() -> None:
     def two(**options: Any) -> tuple[LightningModule, AdapterRuntime]:
-        lm = _lm(model=_mlp())
+        lm = _lm(model=tiny_mlp())
         la.inject(lm.model, la.LoRAConfig(r=3, target_modules=["2"]), name="b")
         return lm, _runtime(module="model", **options)
 
@@ -469,7 +460,7 @@ def test_roles_train_the_named_adapter_and_make_the_chosen_ones_act() -> None:
 
 
 def test_every_adapter_acting_together_is_refused_with_the_active_hint() -> None:
-    lm = _lm(model=_mlp())
+    lm = _lm(model=tiny_mlp())
     la.inject(lm.model, la.OFTConfig(r=0, oft_block_size=4, target_modules=["2"]), name="b")
     runtime = _runtime(module="model")
     with pytest.raises(AdapterConfigError, match=r"AdapterCallback makes every adapter of the module act together"):
@@ -479,7 +470,7 @@ def test_every_adapter_acting_together_is_refused_with_the_active_hint() -> None
 def test_gradient_checkpointing_needs_a_transformers_model() -> None:
     runtime = _runtime(module="model", gradient_checkpointing=True)
     with pytest.raises(AdapterConfigError, match="^gradient_checkpointing=True needs a transformers model; Sequential"):
-        runtime.inject(_lm(model=_mlp()))
+        runtime.inject(_lm(model=tiny_mlp()))
 
 
 _FROZEN_HEAD = (
@@ -505,10 +496,10 @@ def test_a_task_head_frozen_by_a_whole_module_injection_is_warned_about_once() -
 
 
 def test_no_frozen_part_warning_inside_a_sub_module_or_without_one() -> None:
-    lm = _lm(model=_mlp())
+    lm = _lm(model=tiny_mlp())
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        runtime = _runtime(_lora(target_modules=["0"]), module="model")
+        runtime = _runtime(mlp_lora(target_modules=["0"]), module="model")
         runtime.inject(lm)
         whole = _runtime(la.LoRAConfig(r=2, target_modules=["0", "2"]))
         whole.inject(_whole_mlp())
@@ -517,7 +508,7 @@ def test_no_frozen_part_warning_inside_a_sub_module_or_without_one() -> None:
 
 
 def test_local_fingerprint_is_none_on_the_meta_device() -> None:
-    assert AdapterRuntime._local_fingerprint(_mlp()) == base_fingerprint(_mlp())
+    assert AdapterRuntime._local_fingerprint(tiny_mlp()) == base_fingerprint(tiny_mlp())
     with torch.device("meta"):
         meta = torch.nn.Linear(2, 2)
     assert AdapterRuntime._local_fingerprint(meta) is None
@@ -537,20 +528,20 @@ def test_after_configure_model_injects_initializes_from_data_and_prepares_the_st
         global_rank=0,
         world_size=1,
     )
-    lm = _lm(model=_mlp())
+    lm = _lm(model=tiny_mlp())
     lm._trainer = trainer
     runtime = _runtime(config, module="model")
     runtime.after_configure_model(lm)
     assert strategy.__dict__.get("_la_prepared") is True
     assert strategy.precision_plugin.__dict__.get("_la_dtype_policy") is True
-    want = la.inject(_mlp(), config)
+    want = la.inject(tiny_mlp(), config)
     la.initialize_from_data(want, batches[:2])
     got = la.adapter_state_dict(lm.model)
     assert got.keys() == la.adapter_state_dict(want).keys()
     for k, v in la.adapter_state_dict(want).items():
         assert torch.equal(got[k], v), k
     # Without a trainer: injection only.
-    lm = _lm(model=_mlp())
+    lm = _lm(model=tiny_mlp())
     _runtime(module="model").after_configure_model(lm)
     assert known_names(lm.model) == ["default"]
 
@@ -560,7 +551,7 @@ def test_after_configure_model_refuses_a_merged_export_under_fsdp(merged: str | 
     from lightning.pytorch.strategies import FSDPStrategy
 
     strategy = FSDPStrategy()
-    lm = _lm(model=_mlp())
+    lm = _lm(model=tiny_mlp())
     lm._trainer = SimpleNamespace(strategy=strategy)
     runtime = _runtime(module="model", export_merged_dir=merged)
     if merged is None:
@@ -577,7 +568,7 @@ def test_after_configure_model_refuses_tensor_parallelism_the_model_did_not_appl
     strategy = ModelParallelStrategy(data_parallel_size=1, tensor_parallel_size=2)
     strategy._save_distributed_checkpoint = False
     strategy._device_mesh = {"tensor_parallel": SimpleNamespace(size=lambda: 2)}
-    lm = _lm(model=_mlp())
+    lm = _lm(model=tiny_mlp())
     lm._trainer = SimpleNamespace(strategy=strategy)
     with pytest.raises(AdapterConfigError, match="^ModelParallelStrategy: configure_model did not shard the model"):
         _runtime(module="model").after_configure_model(lm)
@@ -588,10 +579,10 @@ def test_after_configure_model_refuses_tensor_parallelism_the_model_did_not_appl
 
 
 def _two_adapter_module(**options: Any) -> tuple[LightningModule, AdapterRuntime]:
-    lm = _lm(model=_mlp(), head=torch.nn.Linear(4, 2))
+    lm = _lm(model=tiny_mlp(), head=torch.nn.Linear(4, 2))
     lm.head.requires_grad_(False)
     la.inject(lm.model, la.LoRAConfig(r=3, target_modules=["2"], init_weights=False), name="b")
-    runtime = _runtime(_lora(modules_to_save=["head"]), module="model", **options)
+    runtime = _runtime(mlp_lora(modules_to_save=["head"]), module="model", **options)
     runtime.inject(lm)
     return lm, runtime
 
@@ -608,16 +599,16 @@ def test_on_save_checkpoint_keeps_the_adapters_and_what_trains_beside_them() -> 
         "format": 2,
         "library_version": la.__version__,
         "method": "lora",
-        "config": _lora(modules_to_save=["head"]).to_dict(),
+        "config": mlp_lora(modules_to_save=["head"]).to_dict(),
         "module": "model",
         "name": "default",
-        "adapters": {"default": {"method": "lora", "config": _lora(modules_to_save=["head"]).to_dict()}},
+        "adapters": {"default": {"method": "lora", "config": mlp_lora(modules_to_save=["head"]).to_dict()}},
         "active": ["b", "default"],
         "trainable": ["default"],
-        "base_fingerprint": base_fingerprint(_mlp()),
+        "base_fingerprint": base_fingerprint(tiny_mlp()),
         "adapter_shapes": shapes,
     }
-    assert runtime.fingerprint == base_fingerprint(_mlp())
+    assert runtime.fingerprint == base_fingerprint(tiny_mlp())
     lm, runtime = _two_adapter_module()
     runtime.fingerprint = "given"
     checkpoint = {"state_dict": lm.state_dict()}
@@ -626,7 +617,7 @@ def test_on_save_checkpoint_keeps_the_adapters_and_what_trains_beside_them() -> 
     assert meta["base_fingerprint"] == "given" and runtime.fingerprint == "given"
     assert meta["adapters"] == {
         "b": {"method": "lora", "config": la.LoRAConfig(r=3, target_modules=["2"], init_weights=False).to_dict()},
-        "default": {"method": "lora", "config": _lora(modules_to_save=["head"]).to_dict()},
+        "default": {"method": "lora", "config": mlp_lora(modules_to_save=["head"]).to_dict()},
     }
     assert list(meta["adapters"]) == ["b", "default"]
     assert sorted(checkpoint["state_dict"]) == sorted([*shapes, "model.2.adapter.b.lora_A", "model.2.adapter.b.lora_B"])
@@ -704,7 +695,7 @@ class _FSDP1Unit(FullyShardedDataParallel):
 
 
 def test_under_fsdp1_the_shapes_are_the_ones_recorded_at_injection() -> None:
-    lm = _lm(model=_mlp())
+    lm = _lm(model=tiny_mlp())
     runtime = _runtime(module="model")
     runtime.inject(lm)
     checkpoint = {"state_dict": lm.state_dict()}
@@ -715,7 +706,7 @@ def test_under_fsdp1_the_shapes_are_the_ones_recorded_at_injection() -> None:
     runtime.shapes = {**_shapes_default(), "model.0.adapter.default.lora_A": [3, 6]}
     with pytest.raises(AdapterStateError, match="model.0.adapter.default.lora_A"):
         runtime.on_load_checkpoint(lm, checkpoint)
-    lm = _lm(model=_mlp(), unit=_FSDP1Unit())
+    lm = _lm(model=tiny_mlp(), unit=_FSDP1Unit())
     runtime = _runtime(module="model")
     runtime.shapes = {"recorded": [1]}
     runtime.inject(lm)
@@ -858,7 +849,7 @@ def test_start_fit_checks_the_optimizers_and_builds_the_schedule() -> None:
     from lightning_adapters.lightning.hooks import ScheduleDriver
     from lightning_adapters.methods.adalora import AdaLoRASchedule
 
-    lm = _lm(model=_mlp())
+    lm = _lm(model=tiny_mlp())
     runtime = _runtime(module="model")
     runtime.inject(lm)
     runtime.grads_checked = runtime.manual_regularization = True
@@ -870,7 +861,7 @@ def test_start_fit_checks_the_optimizers_and_builds_the_schedule() -> None:
     with pytest.raises(AdapterConfigError, match=r"^3 adapter parameters are in no optimizer \(\['model\.0\.adapter"):
         runtime.start_fit(SimpleNamespace(optimizers=[partial]), lm)
     # AdaLoRA has a schedule: built for the trained adapter, sized from the trainer, given the restored state.
-    lm = _lm(model=_mlp())
+    lm = _lm(model=tiny_mlp())
     config = la.AdaLoRAConfig(target_modules=["0", "2"], init_r=4, target_r=2, tinit=1, tfinal=1)
     runtime = _runtime(config, module="model", name="ada")
     runtime.inject(lm)

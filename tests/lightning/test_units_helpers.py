@@ -27,28 +27,19 @@ from lightning_adapters.lightning.checkpoint import (
     restore_from_checkpoint,
     validate_checkpoint,
 )
-from tests.lightning.models import two_fc_backbone
-
-
-def _mlp(seed: int = 0) -> torch.nn.Module:
-    torch.manual_seed(seed)
-    return torch.nn.Sequential(torch.nn.Linear(6, 8), torch.nn.ReLU(), torch.nn.Linear(8, 4))
-
-
-def _lora(**kwargs: Any) -> la.LoRAConfig:
-    return la.LoRAConfig(r=2, target_modules=["0", "2"], init_weights=False, **kwargs)
+from tests.lightning.models import mlp_lora, tiny_mlp, two_fc_backbone
 
 
 def _mixin_model(trainer: Any = None) -> Any:
-    """A LightningModule with the mixin: ``_mlp()`` as ``self.model``, ``_lora()`` injected into it (under
+    """A LightningModule with the mixin: ``tiny_mlp()`` as ``self.model``, ``mlp_lora()`` injected into it (under
     ``trainer`` when one is given, as ``_trainer``)."""
     from lightning.pytorch import LightningModule
 
     class Model(la.AdapterMixin, LightningModule):
         def __init__(self) -> None:
             super().__init__()
-            self.model = _mlp()
-            self.adapter_config = _lora()
+            self.model = tiny_mlp()
+            self.adapter_config = mlp_lora()
             self.adapter_module = "model"
 
     m = Model()
@@ -84,7 +75,7 @@ def test_a_field_the_saved_config_lacks_counts_as_its_default() -> None:
 
 
 def test_check_metadata_of_a_format_1_file_compares_its_one_adapter_under_any_name() -> None:
-    config = _lora()
+    config = mlp_lora()
     meta = {"format": 1, "method": "lora", "config": config.to_dict(), "module": ""}
     check_metadata(meta, "lora", config.to_dict(), None, name="b")
     check_metadata(meta, "lora", config.to_dict(), None)
@@ -119,8 +110,8 @@ def _validate(checkpoint: dict[str, Any], model: torch.nn.Module, config: la.LoR
 
 
 def test_validate_checkpoint_compares_the_saved_shapes_and_accepts_a_file_without_metadata() -> None:
-    config = _lora()
-    model = _mlp()
+    config = mlp_lora()
+    model = tiny_mlp()
     la.inject(model, config)
     checkpoint = _checkpoint(model, config)
     _validate(checkpoint, model, config)
@@ -231,8 +222,8 @@ def test_a_format_1_eva_checkpoint_restores_the_ranks_eva_chose(tmp_path) -> Non
 def test_stored_config_reads_the_config_of_a_checkpoint_and_of_a_peft_directory(tmp_path) -> None:
     from lightning_adapters.lightning.sources import stored_config
 
-    config = _lora(alpha=5)
-    model = _mlp()
+    config = mlp_lora(alpha=5)
+    model = tiny_mlp()
     la.inject(model, config)
     torch.save(_checkpoint(model, config), tmp_path / "a.ckpt")
     la.save_peft(model, tmp_path / "peft")
@@ -244,7 +235,7 @@ def test_stored_config_reads_the_config_of_a_checkpoint_and_of_a_peft_directory(
 def test_stored_config_picks_the_named_adapter_of_a_file_holding_several(tmp_path) -> None:
     from lightning_adapters.lightning.sources import stored_config
 
-    model = _mlp()
+    model = tiny_mlp()
     la.inject(model, la.LoRAConfig(r=2, target_modules=["0"]))
     la.inject(model, la.LoRAConfig(r=3, target_modules=["2"]), name="other")
     la.save_peft(model, tmp_path / "peft")  # "default" at the top, "other" in a sub-folder
@@ -282,14 +273,14 @@ def test_a_checkpoint_source_lacking_tensors_leaves_the_model_without_adapters(t
     from lightning_adapters.core.state import find_records
     from lightning_adapters.lightning.sources import load_adapter
 
-    config = _lora()
-    model = _mlp()
+    config = mlp_lora()
+    model = tiny_mlp()
     la.inject(model, config)
     checkpoint = _checkpoint(model, config)
     dropped = next(k for k in checkpoint["state_dict"] if k.startswith("2."))
     del checkpoint["state_dict"][dropped]
     torch.save(checkpoint, tmp_path / "a.ckpt")
-    target = _mlp()
+    target = tiny_mlp()
     with pytest.raises(AdapterStateError, match="lacks"):
         load_adapter(target, "x", str(tmp_path / "a.ckpt"))
     assert find_records(target) == []
@@ -354,7 +345,7 @@ def test_reentrant_checkpointing_reads_the_layers_checkpoint_function(use_reentr
     from lightning_adapters.lightning.strategies import _reentrant_checkpointing
 
     assert _reentrant_checkpointing(_Embedded(use_reentrant)) is expected
-    assert _reentrant_checkpointing(_mlp()) is False
+    assert _reentrant_checkpointing(tiny_mlp()) is False
 
 
 def test_the_input_grads_hook_is_installed_once() -> None:
@@ -374,8 +365,8 @@ def test_zero3_preparation_registers_every_adapter_parameter_with_its_base_layer
 
     from lightning_adapters.lightning.strategies import prepare_strategy
 
-    model = _mlp()
-    la.inject(model, _lora())
+    model = tiny_mlp()
+    la.inject(model, mlp_lora())
     registered = []
     monkeypatch.setattr(deepspeed.zero, "register_external_parameter", lambda m, p: registered.append((m, p)))
     strategy = DeepSpeedStrategy(stage=3)
@@ -401,8 +392,8 @@ def test_adapter_units_stay_gathered_after_forward_while_the_root_reshards(tmp_p
 
     from lightning_adapters.lightning.strategies import adapter_parallelize_fn
 
-    model = _mlp()
-    la.inject(model, _lora())
+    model = tiny_mlp()
+    la.inject(model, mlp_lora())
     _one_process_group(tmp_path)
     try:
         adapter_parallelize_fn(model, init_device_mesh("cpu", (1,)), reshard_after_forward=True)
@@ -421,7 +412,7 @@ def test_has_dtensor_sees_a_sharded_parameter(tmp_path) -> None:
 
     from lightning_adapters.lightning.runtime import _has_dtensor
 
-    model = _mlp()
+    model = tiny_mlp()
     assert _has_dtensor(model) is False
     _one_process_group(tmp_path)
     try:
@@ -438,8 +429,8 @@ def test_export_under_fsdp1_gathers_the_wrapped_model(tmp_path, monkeypatch, fin
 
     from lightning_adapters.lightning.export import export_at_fit_end
 
-    model = _mlp()
-    la.inject(model, _lora())
+    model = tiny_mlp()
+    la.inject(model, mlp_lora())
     if not finite:
         with torch.no_grad():
             model[0].adapter.default.lora_B[0, 0] = float("nan")
@@ -498,7 +489,7 @@ def test_the_deepspeed_state_holds_the_trainable_tensors_and_buffers_on_the_cpu(
     from lightning_adapters.lightning.strategies import _gather_deepspeed_state
 
     model = torch.nn.Sequential(torch.nn.Linear(6, 8), torch.nn.BatchNorm1d(8), torch.nn.Linear(8, 4))
-    la.inject(model, _lora())
+    la.inject(model, mlp_lora())
     strategy = type("Strategy", (), {"lightning_module": model})()  # not DeepSpeed: no gathering needed
     got = _gather_deepspeed_state(strategy)
     trainable = {n for n, p in model.named_parameters() if p.requires_grad}
@@ -517,7 +508,7 @@ def test_the_sharded_adapter_state_is_the_full_trainable_state(tmp_path) -> None
     from lightning_adapters.lightning.strategies import _gather_adapter_state, adapter_parallelize_fn
 
     model = torch.nn.Sequential(torch.nn.Linear(6, 8), torch.nn.BatchNorm1d(8), torch.nn.Linear(8, 4))
-    la.inject(model, _lora())
+    la.inject(model, mlp_lora())
     want = {k: v.detach().clone() for k, v in model.state_dict().items()}
     trainable = {n for n, p in model.named_parameters() if p.requires_grad}
     _one_process_group(tmp_path)
@@ -538,7 +529,7 @@ def test_the_sharded_adapter_state_is_asked_for_whole_on_the_cpu_without_frozen_
 
     calls = []
     monkeypatch.setattr(dcp_state, "get_model_state_dict", lambda model, options: calls.append((model, options)))
-    model = _mlp()
+    model = tiny_mlp()
     _gather_adapter_state(type("Strategy", (), {"model": model})())
     ((got, options),) = calls
     assert got is model
@@ -553,8 +544,8 @@ def test_the_deepspeed_state_under_zero3_gathers_the_trainable_parameters(monkey
 
     from lightning_adapters.lightning.strategies import _gather_deepspeed_state
 
-    model = _mlp()
-    la.inject(model, _lora())
+    model = tiny_mlp()
+    la.inject(model, mlp_lora())
     gathered = []
 
     def gather(params, modifier_rank=None):
@@ -587,7 +578,7 @@ def test_a_saved_config_without_the_fields_built_by_a_factory_matches_their_defa
 
     defaults = _field_defaults("lora")
     assert defaults["rank_pattern"] == {} and defaults["alpha_pattern"] == {} and defaults["r"] == 8
-    config = _lora()
+    config = mlp_lora()
     saved = {k: v for k, v in config.to_dict().items() if k not in ("rank_pattern", "alpha_pattern")}
     check_metadata({"method": "lora", "config": saved}, "lora", config.to_dict(), None)
 
@@ -633,7 +624,7 @@ def test_adalora_under_deepspeed_is_refused_naming_the_adapter() -> None:
     from lightning_adapters.errors import AdapterConfigError
     from lightning_adapters.lightning.strategies import prepare_strategy
 
-    model = _mlp()
+    model = tiny_mlp()
     la.inject(model, la.AdaLoRAConfig(target_modules=["0"], total_step=10), name="ada")
     strategy = DeepSpeedStrategy(stage=2)
     with pytest.raises(
@@ -649,7 +640,7 @@ def test_resuming_restores_which_adapters_act_and_train() -> None:
     from lightning_adapters.lightning.runtime import AdapterOptions, attach_runtime
 
     lm = LightningModule()
-    lm.model = _mlp()
+    lm.model = tiny_mlp()
     runtime = attach_runtime(lm, la.LoRAConfig(r=2, target_modules=["0"]), AdapterOptions(module="model"))
     runtime.inject(lm)
     la.inject(lm.model, la.LoRAConfig(r=2, target_modules=["2"]), name="b")
@@ -723,7 +714,7 @@ def test_runtime_inject_says_whether_the_target_is_injected() -> None:
     lm = LightningModule()
     runtime = attach_runtime(lm, la.LoRAConfig(r=2, target_modules=["0"]), AdapterOptions(module="model"))
     assert runtime.inject(lm, defer=True) is False  # the model is not built yet
-    lm.model = _mlp()
+    lm.model = tiny_mlp()
     assert runtime.inject(lm) is True
     assert runtime.inject(lm) is True  # already injected: the same config again is a no-op
     assert la.config_of(lm.model, "default").r == 2
@@ -755,8 +746,8 @@ def test_the_heatmap_labels_every_column_up_to_twelve_then_every_kth(n: int, eve
 def test_expected_shapes_reads_the_full_shape_of_a_zero3_partition() -> None:
     from lightning_adapters.lightning.checkpoint import expected_shapes
 
-    model = _mlp()
-    la.inject(model, _lora())
+    model = tiny_mlp()
+    la.inject(model, mlp_lora())
     lora_a = model[0].adapter.default.lora_A
     lora_a.data = torch.empty(0)  # a ZeRO-3 partition: empty here, its full shape kept as ds_shape
     lora_a.ds_shape = torch.Size([2, 6])
@@ -797,8 +788,8 @@ def test_model_parallel_preparation_shards_over_the_data_parallel_mesh(monkeypat
 
     from lightning_adapters.lightning import strategies
 
-    model = _mlp()
-    la.inject(model, _lora())
+    model = tiny_mlp()
+    la.inject(model, mlp_lora())
     calls = []
     monkeypatch.setattr(strategies, "adapter_parallelize_fn", lambda *args, **kwargs: calls.append((args, kwargs)))
     tensor_parallel = type("Mesh", (), {"size": lambda self: 1})()
@@ -849,7 +840,7 @@ def test_a_bad_save_list_is_refused_naming_the_argument() -> None:
     with pytest.raises(AdapterConfigError, match="^save must be an adapter name or a list of them"):
         la.AdapterCallback(la.LoRAConfig(r=2), save=3)
     lm = LightningModule()
-    lm.model = _mlp()
+    lm.model = tiny_mlp()
     runtime = attach_runtime(lm, la.LoRAConfig(r=2, target_modules=["0"]), AdapterOptions(module="model", save=["b"]))
     with pytest.raises(AdapterConfigError, match=r"^AdapterCallback\(save=\.\.\.\): unknown adapter name 'b'"):
         runtime.inject(lm)
@@ -869,7 +860,7 @@ def test_gradient_checkpointing_of_a_model_with_the_older_method_name() -> None:
 
 
 def test_a_method_mismatch_names_the_adapter_when_the_file_holds_two() -> None:
-    config = _lora()
+    config = mlp_lora()
     meta = build_metadata(
         adapters={"a": ("lora", config), "b": ("lora", config)},
         name="a",
@@ -901,8 +892,8 @@ def test_fsdp1_preparation_saves_full_adapter_state_and_wraps_adapters_apart() -
 
     from lightning_adapters.lightning.strategies import prepare_strategy
 
-    model = _mlp()
-    la.inject(model, _lora())
+    model = tiny_mlp()
+    la.inject(model, mlp_lora())
     strategy = FSDPStrategy(state_dict_type="sharded")
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
@@ -919,7 +910,7 @@ def test_an_invalid_config_in_a_checkpoint_source_is_refused_naming_the_file(tmp
     meta = {"format": 1, "method": "lora", "config": {"r": -1}, "module": ""}
     torch.save({METADATA_KEY: meta, "state_dict": {}}, tmp_path / "bad.ckpt")
     with pytest.raises(AdapterStateError, match=f"^{tmp_path / 'bad.ckpt'}: the checkpoint's lora config is invalid"):
-        load_adapter(_mlp(), "x", str(tmp_path / "bad.ckpt"))
+        load_adapter(tiny_mlp(), "x", str(tmp_path / "bad.ckpt"))
 
 
 def test_a_restore_refused_halfway_puts_back_the_base_tensors_it_had_loaded(tmp_path) -> None:
@@ -929,7 +920,7 @@ def test_a_restore_refused_halfway_puts_back_the_base_tensors_it_had_loaded(tmp_
     def module() -> LightningModule:
         torch.manual_seed(0)
         lm = LightningModule()
-        lm.net = _mlp()
+        lm.net = tiny_mlp()
         return lm
 
     config_a = la.LoRAConfig(r=2, target_modules=["net.0"], bias="lora_only", init_weights=False)
@@ -1015,8 +1006,8 @@ def test_parameters_without_gradient_are_named_eight_at_most(n: int, more: bool)
 def test_the_plain_export_refuses_non_finite_adapter_tensors(tmp_path) -> None:
     from lightning_adapters.lightning.export import export_at_fit_end
 
-    model = _mlp()
-    la.inject(model, _lora())
+    model = tiny_mlp()
+    la.inject(model, mlp_lora())
     with torch.no_grad():
         model[2].adapter.default.lora_A[0, 0] = float("inf")
     trainer = type("Trainer", (), {"is_global_zero": True, "strategy": type("S", (), {"model": model})()})()
@@ -1037,14 +1028,14 @@ def test_restoring_a_checkpoint_with_an_invalid_config_names_the_file(tmp_path) 
     meta = {"format": 1, "method": "lora", "config": {"r": -1}, "module": "model"}
     torch.save({METADATA_KEY: meta, "state_dict": {}}, tmp_path / "bad.ckpt")
     with pytest.raises(AdapterStateError, match=f"^{tmp_path / 'bad.ckpt'}: the checkpoint's lora config is invalid"):
-        restore_from_checkpoint(_mlp(), tmp_path / "bad.ckpt")
+        restore_from_checkpoint(tiny_mlp(), tmp_path / "bad.ckpt")
 
 
 def test_build_metadata_writes_every_field_of_the_format() -> None:
     from lightning_adapters import __version__
     from lightning_adapters.lightning.checkpoint import FORMAT_VERSION
 
-    config = _lora()
+    config = mlp_lora()
     meta = build_metadata(
         adapters={"a": ("lora", config)},
         name="a",
@@ -1073,14 +1064,14 @@ def test_a_checkpoint_source_with_modules_to_save_loads_them(tmp_path) -> None:
     from lightning_adapters.lightning.sources import load_adapter
 
     config = la.LoRAConfig(r=2, target_modules=["0"], modules_to_save=["2"], init_weights=False)
-    trained = _mlp()
+    trained = tiny_mlp()
     la.inject(trained, config)
     with torch.no_grad():
         for p in trained.parameters():
             if p.requires_grad:
                 p.add_(0.5)
     torch.save(_checkpoint(trained, config), tmp_path / "a.ckpt")
-    target = _mlp()
+    target = tiny_mlp()
     load_adapter(target, "default", str(tmp_path / "a.ckpt"))
     x = torch.randn(2, 6)
     assert torch.equal(target(x), trained(x))
@@ -1123,7 +1114,7 @@ def test_restoring_a_checkpoint_with_a_damaged_entry_names_the_file(tmp_path) ->
     path = tmp_path / "bad.ckpt"
     torch.save({METADATA_KEY: "not a dict", "state_dict": {}}, path)
     with pytest.raises(AdapterStateError, match=f"^{re.escape(str(path))}: the '{METADATA_KEY}' entry must be a dict"):
-        restore_from_checkpoint(_mlp(), path)
+        restore_from_checkpoint(tiny_mlp(), path)
 
 
 class _Unpicklable:
@@ -1131,16 +1122,16 @@ class _Unpicklable:
 
 
 def test_restore_from_checkpoint_loads_only_plain_tensors_unless_told_otherwise(tmp_path) -> None:
-    config = _lora()
-    trained = _mlp()
+    config = mlp_lora()
+    trained = tiny_mlp()
     la.inject(trained, config)
     path = tmp_path / "a.ckpt"
     torch.save({**_checkpoint(trained, config), "extra": _Unpicklable()}, path)
     with pytest.raises(AdapterStateError, match="weights_only=False"):
-        restore_from_checkpoint(_mlp(), path)
+        restore_from_checkpoint(tiny_mlp(), path)
     # Read in full when asked: the file gets as far as matching its keys to the model (a bare MLP here).
     with pytest.raises(AdapterStateError, match="injected into the whole LightningModule"):
-        restore_from_checkpoint(_mlp(), path, weights_only=False)
+        restore_from_checkpoint(tiny_mlp(), path, weights_only=False)
 
 
 def test_a_bad_adapter_name_in_init_from_is_refused_naming_init_from(tmp_path) -> None:
