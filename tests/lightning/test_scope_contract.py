@@ -90,6 +90,20 @@ def test_inside_is_the_module_itself_or_a_dotted_descendant(name: str, module: s
     assert scope.inside(name, module) is expected
 
 
+def _save_lora_a(path: Path, config: la.LoRAConfig, module: str, state: dict[str, torch.Tensor]) -> None:
+    """A checkpoint of one LoRA adapter ``a``, active and trained inside ``module``, holding ``state``."""
+    meta = build_metadata(
+        adapters={"a": ("lora", config)},
+        name="a",
+        active=["a"],
+        trainable=["a"],
+        module=module,
+        fingerprint=None,
+        shapes={},
+    )
+    torch.save({"lightning_adapters": meta, "state_dict": state}, path)
+
+
 def test_outside_names_are_the_modules_beside_the_sub_module_without_its_ancestors() -> None:
     root = _tree()
     assert scope._outside_names(root, "encoder.blk") == ["encoder.norm", "head", "extra", "extra.proj", "extra.fc2"]
@@ -448,17 +462,8 @@ def test_load_adapter_from_a_checkpoint_of_the_whole_module_and_onto_a_single_la
     with torch.no_grad():
         for t in adapter_state_dict(layer).values():
             t.normal_()
-    meta = build_metadata(
-        adapters={"a": ("lora", la.LoRAConfig(r=2, target_modules="all-linear"))},
-        name="a",
-        active=["a"],
-        trainable=["a"],
-        module="head",
-        fingerprint=None,
-        shapes={},
-    )
     state = {f"head.{k}": v.clone() for k, v in adapter_state_dict(layer).items()}
-    torch.save({"lightning_adapters": meta, "state_dict": state}, tmp_path / "head.ckpt")
+    _save_lora_a(tmp_path / "head.ckpt", la.LoRAConfig(r=2, target_modules="all-linear"), "head", state)
     fresh = nn.Linear(4, 4)
     sources.load_adapter(fresh, "z", str(tmp_path / "head.ckpt"))
     assert sorted(adapter_state_dict(fresh)) == ["adapter.z.lora_A", "adapter.z.lora_B"]
@@ -481,17 +486,8 @@ def test_load_adapter_drops_modules_to_save_entries_outside_the_target(tmp_path)
     config = la.LoRAConfig(r=2, alpha=4.0, target_modules=["fc1"], modules_to_save=["head"])
     source = _encoder()
     inject(source, la.LoRAConfig(r=2, alpha=4.0, target_modules=["fc1"]), name="a")
-    meta = build_metadata(
-        adapters={"a": ("lora", config)},
-        name="a",
-        active=["a"],
-        trainable=["a"],
-        module="encoder",
-        fingerprint=None,
-        shapes={},
-    )
     state = {f"encoder.{k}": v.clone() + 1 for k, v in adapter_state_dict(source).items()}
-    torch.save({"lightning_adapters": meta, "state_dict": state}, tmp_path / "h.ckpt")
+    _save_lora_a(tmp_path / "h.ckpt", config, "encoder", state)
     target = _encoder()
     sources.load_adapter(target, "a", str(tmp_path / "h.ckpt"))
     (record,) = [r for _, _, r in find_records(target)]
@@ -507,17 +503,8 @@ def test_load_adapter_takes_saved_modules_and_trained_biases_under_their_own_key
     with torch.no_grad():
         for t in adapter_state_dict(source).values():
             t.add_(torch.randn(t.shape))
-    meta = build_metadata(
-        adapters={"a": ("lora", config)},
-        name="a",
-        active=["a"],
-        trainable=["a"],
-        module="encoder",
-        fingerprint=None,
-        shapes={},
-    )
     state = {f"encoder.{k}": v.clone() for k, v in adapter_state_dict(source).items()}
-    torch.save({"lightning_adapters": meta, "state_dict": state}, tmp_path / "m.ckpt")
+    _save_lora_a(tmp_path / "m.ckpt", config, "encoder", state)
     target = _encoder()
     sources.load_adapter(target, "z", str(tmp_path / "m.ckpt"))
     want = {
