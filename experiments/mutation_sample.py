@@ -34,8 +34,9 @@ line of the function (``MUTATION_SWEEP_WHOLE_FUNCTION=1`` does so for every muta
 against it; ``MUTATION_SWEEP_CONTROL=1`` runs each mutant's tests with no mutant switched on, where every verdict
 must be ``survived``: a "killed" there is a test that fails in that order or in a forked child). The children run
 the collected test items directly (no pytest start-up per mutant). A child past three times its CPU limit in wall
-time is ended and reads ``stuck``: blocked on a lock a thread of the parent held when it forked (a warm-up test
-that started a thread; ``MUTATION_SWEEP_NO_WARMUP=1`` skips the warm-up) or a mutant that waits forever.
+time, or with no CPU progress for ``MUTATION_SWEEP_STALL_S`` seconds (90), is ended and run once more in a fresh
+fork; a second such end reads ``stuck``: blocked on a lock a thread of the parent held when it forked (a warm-up
+test that started a thread; ``MUTATION_SWEEP_NO_WARMUP=1`` skips the warm-up) or a mutant that waits forever.
 """
 
 from __future__ import annotations
@@ -344,6 +345,15 @@ def _first_failure(items: list) -> str | None:
     return None
 
 
+def _cpu_seconds(pid: int) -> float | None:
+    """User plus system CPU seconds process ``pid`` has used so far (Linux ``/proc``), ``None`` if unreadable."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except OSError:
+        return None
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
 def sweep(names_file: str, out_file: str, jobs: int) -> None:
     """Like ``run``, with the statement-level test map of ``lines``; appends ``<name> <verdict> <tests> wall cpu``."""
     # The parent runs one test of each file before it forks (the children then start with torch's, transformers' and
@@ -382,37 +392,52 @@ def sweep(names_file: str, out_file: str, jobs: int) -> None:
             out = out_path.open("a")
             running: dict[int, tuple[str, int, str, float, float]] = {}
 
+            stall_s = float(os.environ.get("MUTATION_SWEEP_STALL_S", "90"))
+            progress: dict[int, tuple[float, float]] = {}  # pid -> (CPU seconds seen, when they last grew)
+            retried: set[str] = set()
+
+            def stalled(child: int) -> bool:
+                """True once ``child`` has used no CPU time for ``stall_s`` seconds (blocked on a lock)."""
+                cpu = _cpu_seconds(child)
+                if cpu is None:
+                    return False
+                seen, since = progress.get(child, (-1.0, time.time()))
+                if cpu != seen:
+                    progress[child] = (cpu, time.time())
+                    return False
+                return time.time() - since > stall_s
+
             def reap(block: bool) -> None:
                 while running:
                     pid, status, usage = os.wait4(-1, os.WNOHANG)
                     if pid == 0:
-                        # A child past its wall limit is stuck (blocked, not using its CPU limit): end it.
+                        # A child past its wall limit, or with no CPU progress for stall_s, is stuck: end it.
                         for child, (_, _, _, start, wall) in running.items():
-                            if time.time() - start > wall:
+                            if time.time() - start > wall or stalled(child):
                                 os.kill(child, signal.SIGKILL)
                         if not block:
                             return
                         time.sleep(0.02)
                         continue
                     name, n_tests, how, start, wall = running.pop(pid)
+                    progress.pop(pid, None)
                     if os.WIFSIGNALED(status):
                         verdict = "stuck" if os.WTERMSIG(status) == signal.SIGKILL else "timeout"
                     else:
                         verdict = {0: "survived", 1: "killed"}.get(os.waitstatus_to_exitcode(status), "error")
+                    if verdict == "stuck" and name not in retried:
+                        # A deadlock inherited across fork is a matter of timing: a second fresh fork usually runs.
+                        retried.add(name)
+                        start_child(name, how)
+                        continue
                     cpu = usage.ru_utime + usage.ru_stime
                     out.write(f"{name} {verdict} {n_tests} wall {time.time() - start:.1f} cpu {cpu:.1f} {how}\n")
                     out.flush()
                     block = False
 
-            for name in names:
-                tests, how = line_map.tests_for(name)
+            def start_child(name: str, how: str) -> None:
+                tests = line_map.tests_for(name)[0]
                 items = [by_id[t] for t in tests if t in by_id]
-                if not items:
-                    out.write(f"{name} no-tests 0 wall 0 cpu 0 {how}\n")
-                    out.flush()
-                    continue
-                while len(running) >= jobs:
-                    reap(True)
                 limit = int(60 + 10 * sum(line_map.durations.get(t, 0.0) for t in tests))  # CPU seconds
                 start = time.time()
                 pid = os.fork()
@@ -425,6 +450,17 @@ def sweep(names_file: str, out_file: str, jobs: int) -> None:
                         set_mutant_under_test(name)
                     os._exit(0 if _first_failure(items) is None else 1)
                 running[pid] = (name, len(items), how, start, 3 * limit + 60)
+
+            for name in names:
+                tests, how = line_map.tests_for(name)
+                items = [by_id[t] for t in tests if t in by_id]
+                if not items:
+                    out.write(f"{name} no-tests 0 wall 0 cpu 0 {how}\n")
+                    out.flush()
+                    continue
+                while len(running) >= jobs:
+                    reap(True)
+                start_child(name, how)
             while running:
                 reap(True)
             return True

@@ -137,3 +137,21 @@ def test_lines_of_some_paths_keep_the_selection_options_and_drop_its_paths():
     args = ["tests/core/", "--deselect", "tests/a.py::t", "-m", "not slow", "-x", "tests/b.py", "-p", "no:cache"]
     kept = ["--deselect", "tests/a.py::t", "-m", "not slow", "-x", "-p", "no:cache"]
     assert mutation_sample._options_only(args) == kept
+
+
+def test_cpu_seconds_grow_with_work_and_are_none_for_a_missing_process():
+    import os
+    import time
+
+    before = mutation_sample._cpu_seconds(os.getpid())
+    deadline = time.process_time() + 0.3
+    while time.process_time() < deadline:
+        pass
+    after = mutation_sample._cpu_seconds(os.getpid())
+    assert before is not None and after is not None
+    assert 0.2 <= after - before <= 5.0
+    child = os.fork()
+    if child == 0:
+        os._exit(0)
+    os.waitpid(child, 0)
+    assert mutation_sample._cpu_seconds(child) is None
