@@ -100,7 +100,7 @@ def test_factorization_equals_peft_everywhere():
     signal.setitimer(signal.ITIMER_REAL, 20.0)  # a divisor walk that never ends fails here instead of hanging
     try:
         for dim in range(1, 260):
-            for f in (-1, 1, 2, 3, 4, 5, 6, 7, 8, 9, 12, 16, 100):
+            for f in (-2, -1, 0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 12, 16, 100):  # 0 and -2: no split, as PEFT
                 assert factorization(dim, f) == tuple(peft_factorization(dim, f)), (dim, f)
         assert factorization(36) == (6, 6)
         assert factorization(12, 5) == (3, 4)
