@@ -7,6 +7,7 @@ layer runs. Truths: closed forms written here, PEFT 0.21's files, round trips.
 from __future__ import annotations
 
 import copy
+import math
 
 import pytest
 import torch
@@ -1179,3 +1180,217 @@ def test_layer_tensors_live_on_the_base_device_and_only_the_factors_are_state():
     assert la.inject(Wrap(nn.Conv2d(4, 6, 3, groups=2)), cfg).layer.adapter["default"].mergeable is False
     cfg = la.LoRAConfig(r=2, lora_bias=True, target_modules=["layer"])
     assert la.inject(Wrap(nn.Linear(6, 5, bias=False)), cfg).layer.adapter["default"].mergeable is False
+
+
+# ------------------------------------------------------------------------------------------------------------
+# Dtypes the layer builds and computes in: a float64 base, a float64 adapter, a bf16 base with a residual init
+
+
+def test_a_float64_base_gets_float64_factors_drawn_in_float64():
+    """``LoRALayer`` on a float64 Linear builds A, B and ``lora_B_bias`` in float64 (``working_dtype``), and
+    ``init_weights=False`` draws them there: kaiming-uniform A and B, ``U(±1/sqrt(r))`` bias, in that order from the
+    seed, bit for bit the float64 draws (a float32 draw cast up has other values)."""
+    cfg = la.LoRAConfig(r=2, lora_bias=True, init_weights=False, target_modules=["layer"])
+    layer = lora_method.LoRALayer(nn.Linear(6, 5).double(), cfg, "layer")
+    assert {n: p.dtype for n, p in layer.named_parameters()} == dict.fromkeys(
+        ["lora_A", "lora_B", "lora_B_bias"], torch.float64
+    )
+    model = Wrap(nn.Linear(6, 5).double())
+    torch.manual_seed(3)
+    la.inject(model, cfg)
+    layer = model.layer.adapter["default"]
+    torch.manual_seed(3)
+    f64 = torch.float64
+    a = nn.init.kaiming_uniform_(torch.empty(2, 6, dtype=f64), a=math.sqrt(5))
+    b = nn.init.kaiming_uniform_(torch.empty(5, 2, dtype=f64), a=math.sqrt(5))
+    bound = 1.0 / math.sqrt(2)  # nn.Linear's bias bound for lora_B's fan-in r
+    bias = torch.empty(5, dtype=f64).uniform_(-bound, bound)
+    assert torch.equal(layer.lora_A.detach(), a) and torch.equal(layer.lora_B.detach(), b)
+    assert torch.equal(layer.lora_B_bias.detach(), bias)
+
+
+@pytest.mark.parametrize("init", ["pissa", "olora"])
+def test_residual_dora_on_a_bf16_base_starts_from_the_float32_norm_of_w(init):
+    """PiSSA/OLoRA with DoRA on a bf16 Linear: ``m = ||W||`` per row, the norm of the bf16 weight taken in float32
+    (the layer's compute dtype), not a bf16-rounded norm; ``m`` is a float32 parameter."""
+    torch.manual_seed(0)
+    base = nn.Linear(16, 12).to(torch.bfloat16)
+    want = base.weight.detach().float().norm(p=2, dim=1)
+    cfg = la.LoRAConfig(r=2, use_dora=True, init_weights=init, target_modules=["layer"])
+    layer = la.inject(Wrap(base), cfg).layer.adapter["default"]
+    assert layer.magnitude.dtype == torch.float32
+    assert torch.equal(layer.magnitude.detach(), want)
+
+
+def test_dora_merge_and_unmerge_of_a_float64_adapter_on_a_float32_base_compute_in_float32():
+    """``adapter_dtype="float64"`` DoRA on a float32 Linear: merge writes ``(W + ΔW) ⊙ f`` with ``ΔW`` and the factor
+    ``f = m / ||W + ΔW||`` rounded to float32 and the product taken in float32; unmerge multiplies by the float32
+    ``1 / f`` and subtracts ``ΔW``, in float32 too (exactly the float32 expressions computed here)."""
+    torch.manual_seed(0)
+    model = Wrap(nn.Linear(32, 24))
+    cfg = la.LoRAConfig(
+        r=4, alpha=6, use_dora=True, init_weights=False, adapter_dtype="float64", target_modules=["layer"]
+    )
+    la.inject(model, cfg)
+    layer = model.layer.adapter["default"]
+    with torch.no_grad():
+        layer.magnitude.mul_(1 + 0.3 * torch.randn(24, dtype=torch.float64))
+    assert layer.magnitude.dtype == layer.lora_A.dtype == torch.float64
+    w = model.layer.weight.detach().clone()
+    dw = (layer.lora_B.detach() @ layer.lora_A.detach() * 1.5).float()
+    norm = (w + dw).norm(p=2, dim=1).double()
+    f = (layer.magnitude.detach() / norm).float()
+    merged = (w + dw) * f[:, None]
+    la.merge(model)
+    assert model.layer.weight.dtype == torch.float32
+    assert torch.equal(model.layer.weight.detach(), merged)
+    la.unmerge(model)
+    assert torch.equal(model.layer.weight.detach(), merged * (1.0 / f)[:, None] - dw)
+
+
+# ------------------------------------------------------------------------------------------------------------
+# Init and layer choices: CorDA's method, residual inits on an embedding, DoRA on a grouped conv in PEFT's format
+
+
+@pytest.mark.parametrize("method", ["ipm", "kpm"])
+def test_corda_layer_uses_the_configured_method(method):
+    """CorDA from one batch: ``A, B = corda_factors(W, C, r, s, method)`` with ``C = Xᵀ X`` of the input scaled by
+    its largest entry, for the ``corda_method`` of the config (ipm keeps the leading triplets, kpm the last)."""
+    from lightning_adapters.methods import lora_data
+
+    torch.manual_seed(0)
+    model = Wrap(nn.Linear(8, 6))
+    w = model.layer.weight.detach().clone()
+    cfg = la.LoRAConfig(r=2, alpha=4, init_weights="corda", corda_method=method, target_modules=["layer"])
+    la.inject(model, cfg)
+    layer = model.layer.adapter["default"]
+    assert layer.corda_method == method
+    x = torch.randn(10, 8)
+    la.initialize_from_data(model, [x])
+    xs = x / x.max().abs()
+    want_a, want_b = lora_data.corda_factors(w, xs.t() @ xs, 2, 2.0, method)
+    other_a, _ = lora_data.corda_factors(w, xs.t() @ xs, 2, 2.0, "kpm" if method == "ipm" else "ipm")
+    torch.testing.assert_close(layer.lora_A.detach(), want_a, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(layer.lora_B.detach(), want_b, rtol=1e-5, atol=1e-5)
+    assert not torch.allclose(want_a, other_a, atol=1e-2)
+
+
+@pytest.mark.parametrize("init", ["pissa", "pissa_niter_2", "olora"])
+def test_residual_inits_on_an_embedding_take_the_default_embedding_init(init):
+    """PEFT's Embedding has no PiSSA/OLoRA form: ``A = 0`` and ``B ~ N(0, 1)`` (drawn from the seed), no residual
+    factors, the base weight untouched."""
+    torch.manual_seed(0)
+    emb = nn.Embedding(6, 5)
+    w0 = emb.weight.detach().clone()
+    torch.manual_seed(1)
+    model = la.inject(Wrap(emb), la.LoRAConfig(r=2, init_weights=init, target_modules=["layer"]))
+    layer = model.layer.adapter["default"]
+    torch.manual_seed(1)
+    assert torch.equal(layer.lora_A.detach(), torch.zeros(2, 6))
+    assert torch.equal(layer.lora_B.detach(), nn.init.normal_(torch.empty(5, 2)))
+    assert layer.init_A is None and layer.init_B is None and not layer.rewrites_base
+    assert torch.equal(model.layer.weight.detach(), w0)
+
+
+@pytest.mark.parametrize("groups", [1, 2, 3])
+def test_dora_peft_state_refuses_every_grouped_conv(groups):
+    """DoRA on a conv: one group writes A, B and the magnitude; any ``groups > 1`` is refused, saying why."""
+    cfg = la.LoRAConfig(r=6, use_dora=True, target_modules=["layer"])
+    layer = la.inject(Wrap(nn.Conv2d(6, 6, 3, groups=groups)), cfg).layer.adapter["default"]
+    if groups == 1:
+        state = layer.peft_state()
+        assert set(state) == {"lora_A.weight", "lora_B.weight", "lora_magnitude_vector"}
+        assert torch.equal(state["lora_magnitude_vector"], layer.magnitude.detach())
+        return
+    with pytest.raises(la.AdapterConfigError) as err:
+        layer.peft_state()
+    assert str(err.value).startswith(
+        f"DoRA on a conv with groups={groups} has no PEFT equivalent (PEFT 0.21 computes the DoRA weight norm"
+    )
+
+
+def test_a_module_in_trainable_tokens_and_target_parameters_is_refused():
+    class Model(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.emb, self.lin = nn.Embedding(6, 4), nn.Linear(4, 3)
+
+    cfg = la.LoRAConfig(
+        r=2, target_modules=["lin"], trainable_token_indices={"emb": [1]}, target_parameters=["emb.weight"]
+    )
+    with pytest.raises(la.AdapterConfigError) as err:
+        la.inject(Model(), cfg)
+    assert str(err.value) == "lora: ['emb'] are in trainable_token_indices and target_parameters; choose one"
+
+
+def test_grouped_conv_peft_layout_round_trips_under_a_meta_default_device():
+    """PEFT's dense ``lora_A`` of a grouped conv is written and read back the same under a ``torch.device("meta")``
+    context (as Lightning's empty-init builds run): the block indices live on the tensor's own device."""
+    torch.manual_seed(0)
+    a = torch.randn(4, 3, 2, 2)  # (r, in/g, k, k), groups = 2
+    dense = lora_method.grouped_to_dense_A(a, 2)
+    want = torch.zeros(4, 6, 2, 2)
+    want[:2, :3], want[2:, 3:] = a[:2], a[2:]
+    assert torch.equal(dense, want)
+    model = la.inject(Wrap(nn.Conv2d(6, 4, 2, groups=2)), la.LoRAConfig(r=4, target_modules=["layer"]))
+    layer = model.layer.adapter["default"]
+    with torch.no_grad():
+        layer.lora_A.copy_(a)
+    with torch.device("meta"):
+        assert torch.equal(lora_method.grouped_to_dense_A(a, 2), want)
+        assert torch.equal(lora_method.dense_to_grouped_A(want, 2), a)
+        state = layer.peft_state()
+        assert torch.equal(state["lora_A.weight"], want)
+        with torch.no_grad():
+            layer.lora_A.zero_()
+        layer.load_peft_state({"lora_A.weight": want})
+    assert torch.equal(layer.lora_A.detach(), a)
+
+
+def test_conv_lora_on_a_bf16_base_adds_the_term_rounded_to_bf16():
+    """fp32 adapters on a bf16 Conv2d: ``y = conv(x, W) + b`` in bf16 plus the float32 term ``s·B(A x)`` rounded to
+    bf16 first, bit for bit (not the float32 sum rounded once); a float32 base adds the term as it is."""
+    F = torch.nn.functional
+    for dtype in (torch.bfloat16, torch.float32):
+        torch.manual_seed(0)
+        model = Wrap(nn.Conv2d(4, 6, 3, padding=1, groups=2).to(dtype))
+        base = copy.deepcopy(model.layer)
+        la.inject(model, la.LoRAConfig(r=4, alpha=6, init_weights=False, target_modules=["layer"]))
+        layer = model.layer.adapter["default"]
+        x = torch.randn(2, 4, 5, 5).to(dtype)
+        with torch.no_grad():
+            y = model(x)
+            h = F.conv2d(x.float(), layer.lora_A, None, 1, 1, 1, 2)  # (N, r, 5, 5)
+            term = F.conv2d(h, layer.lora_B, None, groups=2) * 1.5
+            want = base(x) + term.to(dtype)
+        assert y.dtype == dtype and torch.equal(y, want)
+
+
+def test_peft_state_tensors_are_the_live_factors_except_a_grouped_conv_s_dense_a():
+    """``peft_state`` hands out detached views of the parameters (no copies) for a Linear, a one-group conv (with
+    DoRA's magnitude) and a PEFT-layout grouped conv; only a mergeable grouped conv's ``lora_A`` is a new tensor
+    (its block-diagonal dense form)."""
+    cases = {
+        "linear": (nn.Linear(6, 5), {"use_dora": True}),
+        "conv": (nn.Conv2d(4, 6, 3), {"use_dora": True}),
+        "peft_grouped": (nn.Conv2d(4, 6, 3, groups=2), {"grouped_conv_layout": "peft"}),
+        "grouped": (nn.Conv2d(4, 6, 3, groups=2), {}),
+    }
+    names = {"lora_A.weight": "lora_A", "lora_B.weight": "lora_B", "lora_magnitude_vector": "magnitude"}
+    for kind, (base, kw) in cases.items():
+        layer = la.inject(Wrap(base), la.LoRAConfig(r=2, target_modules=["layer"], **kw)).layer.adapter["default"]
+        state = layer.peft_state()
+        assert all(not t.requires_grad for t in state.values()), kind
+        shared = {k for k, t in state.items() if t.data_ptr() == getattr(layer, names[k]).data_ptr()}
+        assert shared == (set(state) - {"lora_A.weight"} if kind == "grouped" else set(state)), kind
+
+
+def test_layer_unmerge_leaves_merged_false_on_every_path():
+    """``LoRALayer.unmerge`` called directly sets ``merged`` to ``False`` (not just falsy), LoRA and DoRA."""
+    for dora in (False, True):
+        model = la.inject(Wrap(nn.Linear(6, 5)), la.LoRAConfig(r=2, use_dora=dora, target_modules=["layer"]))
+        layer = model.layer.adapter["default"]
+        layer.merge(model.layer)
+        assert layer.merged is True
+        layer.unmerge(model.layer)
+        assert layer.merged is False

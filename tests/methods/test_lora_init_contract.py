@@ -291,6 +291,21 @@ def test_loftq_factors_alternate_quantisation_and_svd(iters):
     assert (w - gq - gB @ gA).norm() < (w - gq).norm()
 
 
+@pytest.mark.parametrize("shape", [(8, 64), (24, 16)])
+def test_loftq_factors_are_bitwise_the_thin_svd_recipe(shape):
+    """One LoftQ step is exactly ``Q = nf4(W)``, ``U S Vh = svd(W − Q)`` (the thin SVD, as PEFT's
+    ``_low_rank_decomposition``), ``B = U[:, :r] ⊙ √S[:r]``, ``A = √S[:r] ⊙ Vh[:r]``: bit for bit, on a wide and a
+    tall weight (the full SVD's leading vectors differ in the last bits)."""
+    pytest.importorskip("bitsandbytes")
+    w = _w(*shape, 11)
+    q = _nf4(w)
+    u, s, vh = torch.linalg.svd(w - q, full_matrices=False)
+    root = s[:3].sqrt()
+    gq, gA, gB = li.loftq_factors(w, 3, 4, 1)
+    assert torch.equal(gq, q)
+    assert torch.equal(gA, root[:, None] * vh[:3]) and torch.equal(gB, u[:, :3] * root)
+
+
 def test_loftq_more_iterations_change_the_base():
     pytest.importorskip("bitsandbytes")
     w = _w(8, 64, 7)
