@@ -61,6 +61,7 @@ from lightning_adapters.methods._common import (
     restore_rows_,
     rotated_size,
     stash_rows,
+    unscalable_rows,
     write_weight_,
 )
 from lightning_adapters.registry import LayerMethod, register
@@ -286,8 +287,8 @@ class BOFTLayer(AdapterLayer):
         w = base.weight
         with torch.no_grad():
             new = self._merged(w, inverse=False)
-            # A row scaled by s = 0 is lost in the product: keep its original for unmerge.
-            lost = ~torch.isfinite(1.0 / self.boft_s.detach().to(torch.float64).reshape(-1))
+            # A row scaled by s = 0 (or by a subnormal s) is lost in the product: keep its original for unmerge.
+            lost = unscalable_rows(self.boft_s, w.dtype)
             idx, rows = stash_rows(w, lost, self.kind)
             write_weight_(w, new, safe=safe)
             self.merge_rows_idx, self.merge_rows = idx, rows

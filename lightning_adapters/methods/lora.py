@@ -76,6 +76,7 @@ from lightning_adapters.methods._common import (
     layer_kind,
     restore_rows_,
     stash_rows,
+    unscalable_rows,
     weight_as_out_in,
     write_weight_,
 )
@@ -650,8 +651,8 @@ class LoRALayer(AdapterLayer):
             norm = self._dora_norm(base)
             factor = dora_factor(self.magnitude, norm).to(cd)  # (out,) or (1, out, 1...)
             new = _scale_rows(w.to(cd) + dw, factor, self.kind)
-            # Rows scaled by 0 (or by a factor whose inverse overflows) cannot be unscaled: keep the originals.
-            lost = ~torch.isfinite(1.0 / factor.reshape(-1))
+            # Rows scaled by 0 (or by a factor too small to divide back in the weight's dtype): keep the originals.
+            lost = unscalable_rows(factor, w.dtype)
             idx, rows = stash_rows(w, lost, self.kind)
             write_weight_(w, new, safe=safe)
             self.merge_norm, self.merge_rows_idx, self.merge_rows = norm, idx, rows

@@ -509,6 +509,29 @@ def test_zero_scales_are_stashed_at_merge_and_put_back_at_unmerge(kind):
     assert layer.merge_rows_idx is None and layer.merge_rows is None
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_scales_below_the_weight_dtype_s_smallest_normal_are_stashed_too(dtype):
+    """A subnormal scale leaves the merged row with a few bits (or none): it is kept like a zero scale. The
+    smallest normal scale itself is divided back, to the dtype's rounding."""
+    tiny = torch.finfo(dtype).tiny
+    base = nn.Linear(8, 4).to(dtype)
+    w0 = base.weight.detach().clone()
+    layer = _layer(base, boft_block_size=4)
+    _randomize(layer)
+    layer.to(dtype)
+    with torch.no_grad():
+        layer.boft_s.view(-1)[1] = tiny / 4  # subnormal: stashed
+        layer.boft_s.view(-1)[2] = -tiny / 2  # subnormal, negative: stashed
+        layer.boft_s.view(-1)[3] = tiny * 2**20  # normal: divided back
+    layer.merge(base)
+    assert layer.merge_rows_idx.tolist() == [1, 2]
+    assert torch.equal(layer.merge_rows, w0[[1, 2]])
+    layer.unmerge(base)
+    assert torch.equal(base.weight[[1, 2]], w0[[1, 2]])
+    eps = torch.finfo(dtype).eps
+    assert torch.allclose(base.weight[[0, 3]], w0[[0, 3]], atol=64 * eps, rtol=0)
+
+
 def test_merge_safe_refuses_non_finite_and_leaves_the_weight():
     base = nn.Linear(8, 2)
     w0 = base.weight.detach().clone()

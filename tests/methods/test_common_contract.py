@@ -226,6 +226,37 @@ def test_add_delta_safe_leaves_the_weight_unchanged():
     assert h[0].item() == float("inf")
 
 
+# --- unscalable_rows ------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "dtype, judged_as",
+    [
+        (torch.float32, torch.float32),
+        (torch.float64, torch.float64),
+        (torch.float16, torch.float16),
+        (torch.bfloat16, torch.bfloat16),
+        (torch.uint8, torch.float32),  # quantized storage
+    ],
+)
+def test_unscalable_rows_are_zero_overflowing_or_subnormal_scales(dtype, judged_as):
+    tiny = torch.finfo(judged_as).tiny
+    scale = torch.tensor(
+        [1.0, 0.0, -0.0, tiny, -tiny, tiny * 0.5, -tiny * 0.75, float("nan"), 5e-324, 2.0**-1000, float("inf")],
+        dtype=torch.float64,
+    )
+    got = c.unscalable_rows(scale.reshape(1, -1, 1), dtype)
+    assert got.dtype == torch.bool and got.shape == (11,)
+    below = 2.0**-1000 < tiny  # a normal float64, subnormal or 0 in every narrower dtype
+    assert got.tolist() == [False, True, True, False, False, True, True, True, True, below, False]
+
+
+def test_unscalable_rows_reads_a_float32_scale_without_changing_it():
+    scale = torch.tensor([2.0, 1e-39, 3e-39], requires_grad=True)  # 1e-39: 1/s overflows float32, not float64
+    assert c.unscalable_rows(scale, torch.float32).tolist() == [False, True, True]
+    assert scale.dtype == torch.float32 and scale.grad is None
+
+
 # --- stash_rows / restore_rows_ --------------------------------------------------------------------------------
 
 

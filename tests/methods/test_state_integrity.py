@@ -113,6 +113,33 @@ def test_dora_merge_with_a_zero_factor_unmerges_to_a_finite_exact_base(kind):
         assert torch.equal(row(base.weight), row(original))
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("kind", sorted(CASES))
+def test_dora_merge_keeps_rows_whose_factor_is_below_the_weight_dtype_s_smallest_normal(kind, dtype):
+    """A factor under the weight dtype's smallest normal leaves the merged row subnormal (a few bits, or 0):
+    merge keeps it and unmerge puts it back bit for bit; a factor above that bound is divided back."""
+    make, _, _ = CASES[kind]
+    model = make().to(dtype)
+    base = model.layer
+    la.inject(model, la.LoRAConfig(r=2, use_dora=True, target_modules=["layer"]))
+    randomize_adapter(model, std=0.3)
+    layer = model.layer.adapter.default
+    tiny = torch.finfo(dtype).tiny
+    norm = layer._dora_norm(base).reshape(-1).double()
+    with torch.no_grad():
+        m = layer.magnitude.view(-1)
+        m[1] = tiny / 2 * float(norm[1])  # factor tiny/2: subnormal, with a finite reciprocal: stashed
+        m[2] = tiny * 2**8 * float(norm[2])  # factor 256·tiny: normal, divided back
+    original = base.weight.detach().clone()
+    la.merge(model)
+    assert layer.merge_rows_idx.tolist() == [1]
+    la.unmerge(model)
+    row = (lambda w, i: w[:, i]) if kind == "embedding" else (lambda w, i: w[i])
+    assert torch.equal(row(base.weight, 1), row(original, 1))
+    tol = 1e-5 if dtype == torch.float32 else 4e-3
+    assert torch.allclose(row(base.weight, 2).float(), row(original, 2).float(), atol=tol, rtol=tol)
+
+
 # ------------------------------------------------------------------------------------------------------------
 # Pruned AdaLoRA: the export equals the model in memory
 
