@@ -608,3 +608,122 @@ def test_to_peft_writes_every_field_as_peft_names_it():
     back = _from_peft({**d, "target_modules": ["q"]})
     for f in ("r", "alpha", "dropout", "use_rslora", "use_dora", "init_weights", "rank_pattern", "alpha_pattern"):
         assert getattr(back, f) == getattr(cfg, f), f
+
+
+# ------------------------------------------------------------------------------------------------------------
+# Adapter dtypes of a float64 base, the conv term's sum, peft_state's views, the merged flag, a fresh DoRA layer
+
+
+@pytest.mark.parametrize("direct", [True, False])
+def test_float64_base_factors_and_lora_bias_are_float64_draws(direct):
+    """A float64 Linear keeps float64 adapters from construction on (built straight or injected), each drawn in
+    float64 from the seed: ``init_weights=False`` A and B kaiming-uniform(a=√5), ``b_B`` ~ U(±1/√r)."""
+    f64 = torch.float64
+    base = nn.Linear(6, 5, dtype=f64)
+    cfg = la.LoRAConfig(r=4, lora_bias=True, init_weights=False, target_modules=["layer"])
+    torch.manual_seed(3)
+    if direct:
+        layer = lora_method.LoRALayer(base, cfg, "layer")
+    else:
+        layer = la.inject(Wrap(base), cfg).layer.adapter["default"]
+    torch.manual_seed(3)
+    a, b = torch.empty(4, 6, dtype=f64), torch.empty(5, 4, dtype=f64)
+    nn.init.kaiming_uniform_(a, a=math.sqrt(5))
+    nn.init.kaiming_uniform_(b, a=math.sqrt(5))
+    bias = torch.empty(5, dtype=f64).uniform_(-0.5, 0.5)
+    for got, want in ((layer.lora_A, a), (layer.lora_B, b), (layer.lora_B_bias, bias)):
+        assert got.dtype == f64 and torch.equal(got.detach(), want)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16, torch.float16])
+def test_conv_adds_its_term_into_the_base_output_or_rounds_it_to_the_base_dtype(dtype):
+    """Conv2d(4, 6, 3, padding=1), r=2, alpha=3, random factors: ``y = conv(x, W, b) + s·B⋆(A⋆x)``. Adapter and base
+    of one dtype (fp32, fp64): the term is added in place into the base output (``y`` is that tensor, written once:
+    version 1). A half base (fp32 adapters): the term is rounded to the half dtype first, then added there (a new
+    tensor, version 0). Gradients of A, B and x as the formula's."""
+    torch.manual_seed(0)
+    model = la.inject(
+        Wrap(nn.Conv2d(4, 6, 3, padding=1).to(dtype)),
+        la.LoRAConfig(r=2, alpha=3, init_weights=False, target_modules=["layer"]),
+    )
+    layer, conv = model.layer.adapter["default"], model.layer
+    adt = layer.lora_A.dtype
+    assert adt == (torch.float32 if dtype in (torch.bfloat16, torch.float16) else dtype)
+    x = (torch.randn(2, 4, 6, 6) * 3).to(dtype).requires_grad_()
+    y = model(x)
+    a, b = layer.lora_A.detach().requires_grad_(), layer.lora_B.detach().requires_grad_()
+    w, bias = conv.weight.detach(), conv.bias.detach()
+    base_out = F.conv2d(x, w, bias, 1, 1)
+    term = F.conv2d(F.conv2d(x.to(adt), a, None, 1, 1), b) * 1.5
+    want = base_out + term.to(dtype)
+    assert y.dtype == dtype and torch.equal(y, want)
+    assert y._version == (1 if adt == dtype else 0)
+    g = torch.randn(y.shape).to(dtype)
+    got = torch.autograd.grad((y * g).sum(), [layer.lora_A, layer.lora_B, x])
+    ref = torch.autograd.grad((want * g).sum(), [a, b, x])
+    for u, v in zip(got, ref):
+        assert u.dtype == v.dtype and torch.equal(u, v)
+
+
+@pytest.mark.parametrize("kind", ["linear", "conv1d", "conv2d", "embedding", "grouped"])
+def test_peft_state_is_detached_views_of_the_parameters_but_a_grouped_a(kind):
+    """``peft_state`` copies nothing: every tensor is the detached parameter itself (same storage), except a grouped
+    conv's ``lora_A``, written as PEFT's dense block-diagonal tensor (a new one); B and the magnitude stay views."""
+    bases = {
+        "linear": nn.Linear(6, 4),
+        "conv1d": nn.Conv1d(4, 6, 3),
+        "conv2d": nn.Conv2d(4, 6, 3),
+        "embedding": nn.Embedding(10, 4),
+        "grouped": nn.Conv2d(4, 6, 3, groups=2),
+    }
+    dora = kind != "grouped"
+    model = la.inject(Wrap(bases[kind]), la.LoRAConfig(r=2, use_dora=dora, target_modules=["layer"]))
+    layer = model.layer.adapter["default"]
+    state = layer.peft_state()
+    a_key, b_key = ("lora_A.weight", "lora_B.weight")
+    if kind == "embedding":
+        a_key, b_key = "lora_embedding_A", "lora_embedding_B"
+    want = {a_key: layer.lora_A, b_key: layer.lora_B}
+    if dora:
+        want["lora_magnitude_vector"] = layer.magnitude
+    assert set(state) == set(want)
+    for k, p in want.items():
+        t = state[k]
+        assert not t.requires_grad and t.dtype == p.dtype
+        if kind == "grouped" and k == a_key:
+            assert t.shape == (2, 4, 3, 3) and t.data_ptr() != p.data_ptr()
+            assert torch.equal(t, grouped_to_dense_A(p.detach(), 2))
+        else:
+            assert t.shape == p.shape and t.data_ptr() == p.data_ptr() and torch.equal(t, p)
+
+
+@pytest.mark.parametrize("dora", [False, True])
+def test_merge_then_unmerge_sets_merged_true_then_false_as_the_repr_shows(dora):
+    """``merged`` is the bool ``False`` before a merge and after an unmerge, ``True`` in between; ``repr`` says so."""
+    torch.manual_seed(0)
+    model = la.inject(Wrap(nn.Linear(4, 3)), la.LoRAConfig(r=2, use_dora=dora, target_modules=["layer"]))
+    layer = model.layer.adapter["default"]
+    assert layer.merged is False and repr(layer).endswith("merged=False)")
+    layer.merge(model.layer)
+    assert layer.merged is True and repr(layer).endswith("merged=True)")
+    layer.unmerge(model.layer)
+    assert layer.merged is False and repr(layer).endswith("merged=False)")
+    layer.merge(model.layer)
+    assert layer.merged is True
+
+
+def test_a_dora_layer_straight_from_its_constructor_runs_in_eval_mode():
+    """A DoRA ``LoRALayer`` holds no cached norm when built: flagged eval straight away (``training = False``, no
+    ``train()`` call), its first forward is the closed form ``m/||W+ΔW|| ⊙ (W+ΔW) x + b`` and caches the norm."""
+    torch.manual_seed(0)
+    base = nn.Linear(6, 5)
+    layer = lora_method.LoRALayer(base, la.LoRAConfig(r=2, alpha=3, use_dora=True, init_weights=False), "layer")
+    with torch.no_grad():
+        layer.magnitude.mul_(1 + 0.3 * torch.randn(layer.magnitude.shape))
+    layer.training = False
+    x = torch.randn(3, 6)
+    y = layer.adapted_forward(base, x)
+    want = _dora_reference(base, layer.lora_A, layer.lora_B, layer.magnitude, 1.5, x)
+    torch.testing.assert_close(y.double(), want, rtol=1e-5, atol=1e-5)
+    assert layer._norm_cache is not None
+    assert torch.equal(layer.adapted_forward(base, x), y)

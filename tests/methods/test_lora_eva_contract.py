@@ -814,3 +814,18 @@ def test_inside_and_relative():
     assert lora_eva._inside("x.a", "") and lora_eva._inside("inner", "inner") and lora_eva._inside("inner.a", "inner")
     assert not lora_eva._inside("inner2.a", "inner") and not lora_eva._inside("inne", "inner")
     assert lora_eva._relative("inner.a.b", "inner") == "a.b" and lora_eva._relative("a.b", "") == "a.b"
+
+
+def test_running_moments_remove_the_rounding_of_a_float64_batch_mean():
+    """Float64 rows ``1 + k·2⁻⁵²`` (k in 0..3, exact): their sum rounds and so does ``sum / N``, by up to a third of
+    the spread; subtracting ``(Σ(x − m))² / N`` from the centred sum of squares leaves the exact variance
+    ``2⁻¹⁰⁴·var(k)`` to 1e-12 in every column."""
+    eps = 2.0**-52
+    k = torch.randint(0, 4, (7, 5), generator=torch.Generator().manual_seed(0)).double()
+    x = 1 + k * eps
+    assert torch.equal((x - 1) / eps, k)
+    mean, var, n = lora_eva.running_moments(x, None, None, torch.tensor([0]))
+    expected = eps**2 * k.var(0, unbiased=False)
+    assert n.tolist() == [7] and (expected > 0).all()
+    assert ((var - expected) / expected).abs().max().item() < 1e-12
+    assert (mean - (1 + eps * k.mean(0))).abs().max().item() <= eps
