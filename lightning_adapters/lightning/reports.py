@@ -57,7 +57,7 @@ def heatmap_figure(heatmap: Heatmap):
     fig.colorbar(im, ax=ax, label=heatmap.colorbar)
     # Widen the figure by the longest label, then grow it by whatever still sticks out (measured, in inches).
     renderer = canvas.get_renderer()
-    labels = max(t.get_window_extent(renderer).width for t in ax.get_yticklabels()) / fig.dpi
+    labels = max((t.get_window_extent(renderer).width for t in ax.get_yticklabels()), default=0.0) / fig.dpi
     fig.set_size_inches(width + labels, height + 0.3)
     for _ in range(3):
         canvas.draw()

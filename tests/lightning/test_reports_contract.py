@@ -311,6 +311,17 @@ def test_the_figure_starts_from_its_rows_and_columns_widened_by_the_longest_labe
     assert tuple(fig.get_size_inches()) == pytest.approx((width + labels, height + 0.3), abs=1e-9)
 
 
+@pytest.mark.filterwarnings("ignore:Attempting")
+@pytest.mark.parametrize("n_cols", [0, 3])
+def test_a_heatmap_without_rows_still_draws_at_its_base_size(monkeypatch: pytest.MonkeyPatch, n_cols: int) -> None:
+    """No row labels to measure: no widening (a schedule of another method may report no modules)."""
+    rec = _Sizes(monkeypatch, boxes=[(0.0, 0.0, 0.0, 0.0)])
+    fig = reports.heatmap_figure(_heatmap([], n_cols=n_cols))
+    base = (3.0 + 0.25 * max(1, n_cols), 1.5 + 0.22 * 1)
+    assert rec.sizes == [pytest.approx((base[0], base[1] + 0.3), abs=1e-9)]
+    assert [t.get_text() for t in fig.axes[0].get_yticklabels()] == []
+
+
 def test_the_figure_grows_by_what_sticks_out_plus_a_tenth_at_most_three_times(monkeypatch) -> None:
     # The tight box sticks out on all four sides every time: the figure grows three times, then stops anyway.
     rec = _Sizes(monkeypatch, boxes=[(-0.5, -0.25, 0.125, 0.0625)])
