@@ -745,12 +745,11 @@ class LoRALayer(AdapterLayer):
     def _base_linear(self, base: nn.Module, x: torch.Tensor, with_bias: bool = True) -> torch.Tensor:
         if self.kind == "linear":
             return base_linear(base, x, with_bias)  # a quantized base computes it with its own kernel
+        # The other kind that reaches here: transformers' Conv1D, weight (in, out).
         bias = base.bias if with_bias else None
-        if self.kind == "conv1d_t":
-            x2 = x.reshape(-1, x.shape[-1])
-            out = torch.mm(x2, base.weight) if bias is None else torch.addmm(bias, x2, base.weight)
-            return out.view(*x.shape[:-1], out.shape[-1])
-        return F.linear(x, base.weight, bias)
+        x2 = x.reshape(-1, x.shape[-1])
+        out = torch.mm(x2, base.weight) if bias is None else torch.addmm(bias, x2, base.weight)
+        return out.view(*x.shape[:-1], out.shape[-1])
 
     def _forward_linear(self, base: nn.Module, x: torch.Tensor) -> torch.Tensor:
         real = quantized_base(base)
