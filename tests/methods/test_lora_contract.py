@@ -635,6 +635,37 @@ def test_float64_base_factors_and_lora_bias_are_float64_draws(direct):
         assert got.dtype == f64 and torch.equal(got.detach(), want)
 
 
+@pytest.mark.parametrize("init", [True, False, "gaussian"])
+@pytest.mark.parametrize("kind", ["linear", "conv", "embedding"])
+def test_float64_bases_draw_every_init_in_float64(kind, init):
+    """Each default init on a float64 Linear, grouped Conv2d(4, 6, 3, groups=2) or Embedding(7, 5), r=2, replayed
+    from the seed in float64: Linear/conv ``True`` A kaiming-uniform(a=√5) with A's fan-in, B = 0; ``"gaussian"``
+    A ~ N(0, 1/r), B = 0; ``False`` both kaiming-uniform. Embedding: A = 0 (``False``: A ~ N(0, 1)), B ~ N(0, 1)."""
+    f64 = torch.float64
+    base = {"linear": nn.Linear(6, 5), "conv": nn.Conv2d(4, 6, 3, groups=2), "embedding": nn.Embedding(7, 5)}[kind]
+    base = base.to(f64)
+    torch.manual_seed(11)
+    layer = la.inject(Wrap(base), la.LoRAConfig(r=2, init_weights=init, target_modules=["layer"])).layer.adapter[
+        "default"
+    ]
+    shapes = {"linear": ((2, 6), (5, 2)), "conv": ((2, 2, 3, 3), (6, 1, 1, 1)), "embedding": ((2, 7), (5, 2))}
+    a, b = (torch.zeros(s, dtype=f64) for s in shapes[kind])
+    torch.manual_seed(11)
+    if kind == "embedding":
+        if init is False:
+            nn.init.normal_(a)
+        nn.init.normal_(b)
+    else:
+        if init == "gaussian":
+            nn.init.normal_(a, std=0.5)
+        else:
+            nn.init.kaiming_uniform_(a, a=math.sqrt(5))
+        if init is False:
+            nn.init.kaiming_uniform_(b, a=math.sqrt(5))
+    assert layer.lora_A.dtype == layer.lora_B.dtype == f64
+    assert torch.equal(layer.lora_A.detach(), a) and torch.equal(layer.lora_B.detach(), b)
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16, torch.float16])
 def test_conv_adds_its_term_into_the_base_output_or_rounds_it_to_the_base_dtype(dtype):
     """Conv2d(4, 6, 3, padding=1), r=2, alpha=3, random factors: ``y = conv(x, W, b) + s·B⋆(A⋆x)``. Adapter and base
@@ -665,20 +696,26 @@ def test_conv_adds_its_term_into_the_base_output_or_rounds_it_to_the_base_dtype(
         assert u.dtype == v.dtype and torch.equal(u, v)
 
 
-@pytest.mark.parametrize("kind", ["linear", "conv1d", "conv2d", "embedding", "grouped"])
+@pytest.mark.parametrize("kind", ["linear", "conv1d", "conv2d", "embedding", "grouped", "grouped_peft", "lora_bias"])
 def test_peft_state_is_detached_views_of_the_parameters_but_a_grouped_a(kind):
     """``peft_state`` copies nothing: every tensor is the detached parameter itself (same storage), except a grouped
-    conv's ``lora_A``, written as PEFT's dense block-diagonal tensor (a new one); B and the magnitude stay views."""
+    conv's ``lora_A`` in the mergeable layout, written as PEFT's dense block-diagonal tensor (a new one); in PEFT's
+    layout that ``lora_A`` is already dense and is the parameter. B, ``b_B`` and the magnitude stay views."""
     bases = {
         "linear": nn.Linear(6, 4),
         "conv1d": nn.Conv1d(4, 6, 3),
         "conv2d": nn.Conv2d(4, 6, 3),
         "embedding": nn.Embedding(10, 4),
         "grouped": nn.Conv2d(4, 6, 3, groups=2),
+        "grouped_peft": nn.Conv2d(4, 6, 3, groups=2),
+        "lora_bias": nn.Linear(6, 4),
     }
-    dora = kind != "grouped"
-    model = la.inject(Wrap(bases[kind]), la.LoRAConfig(r=2, use_dora=dora, target_modules=["layer"]))
-    layer = model.layer.adapter["default"]
+    dora = kind not in ("grouped", "grouped_peft", "lora_bias")
+    layout = "peft" if kind == "grouped_peft" else "mergeable"
+    cfg = la.LoRAConfig(
+        r=2, use_dora=dora, lora_bias=kind == "lora_bias", grouped_conv_layout=layout, target_modules=["layer"]
+    )
+    layer = la.inject(Wrap(bases[kind]), cfg).layer.adapter["default"]
     state = layer.peft_state()
     a_key, b_key = ("lora_A.weight", "lora_B.weight")
     if kind == "embedding":
@@ -686,6 +723,8 @@ def test_peft_state_is_detached_views_of_the_parameters_but_a_grouped_a(kind):
     want = {a_key: layer.lora_A, b_key: layer.lora_B}
     if dora:
         want["lora_magnitude_vector"] = layer.magnitude
+    if kind == "lora_bias":
+        want["lora_B.bias"] = layer.lora_B_bias
     assert set(state) == set(want)
     for k, p in want.items():
         t = state[k]
