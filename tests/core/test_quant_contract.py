@@ -303,6 +303,28 @@ def test_requantizing_a_torchao_int8_layer_keeps_its_blocks(granularity):
     assert torch.equal(layer.weight.dequantize(), want.weight.dequantize())
 
 
+@pytest.mark.parametrize("granularity", ["per-row", "per-tensor"])
+def test_requantizing_a_torchao_int8_layer_ignores_a_default_device_context(granularity):
+    """Merging inside ``with torch.device("meta"):`` (a user building the next model there): the layer's weight is
+    still requantized on its own (CPU) device, as torchao quantizes the merged weight outside the context."""
+    from torchao.quantization import Int8WeightOnlyConfig, quantize_
+    from torchao.quantization.granularity import PerRow, PerTensor
+
+    config = Int8WeightOnlyConfig(granularity=PerTensor() if granularity == "per-tensor" else PerRow())
+    layer = _linear(out_f=16, bias=False, dtype=torch.bfloat16)
+    quantize_(layer, config)
+    w = dequantized_weight(layer, torch.float32) + _nudge(16, 64)
+    with torch.device("meta"):
+        error = requantize_(layer, w)
+    want = _linear(out_f=16, bias=False, dtype=torch.bfloat16)
+    with torch.no_grad():
+        want.weight.copy_(w)
+    quantize_(want, config)
+    assert layer.weight.device.type == "cpu" and quant_scheme(layer) == "torchao_int8"
+    assert torch.equal(layer.weight.dequantize(), want.weight.dequantize())
+    assert error == (want.weight.dequantize().float() - w).abs().max().item()
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_requantizing_a_pending_layer_stores_the_weight_in_its_own_dtype_and_adds_no_quantization_error(dtype):
     layer = bnb.nn.Linear4bit(64, 32, bias=False, quant_type="nf4").to(dtype)

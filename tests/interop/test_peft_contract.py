@@ -11,7 +11,7 @@ import json
 
 import pytest
 import torch
-from peft import AdaptionPromptConfig, PeftModel, get_peft_model
+from peft import AdaptionPromptConfig, PeftModel, get_peft_model, get_peft_model_state_dict
 from safetensors import safe_open
 from torch import nn
 
@@ -238,3 +238,96 @@ def test_a_file_from_a_larger_model_names_the_sub_module_and_what_lies_beside_it
     _edit_config(tmp_path / "big", target_modules=["0"])
     with pytest.raises(AdapterStateError, match=r"sub-module 'backbone'.*holds \['aaa'\] beside it"):
         la.load_peft(nn.Sequential(nn.Linear(4, 4)), tmp_path / "big")
+
+
+def test_a_pickled_adapter_saved_on_a_gpu_loads_onto_the_cpu(tmp_path, monkeypatch):
+    """PEFT's ``save_pretrained(safe_serialization=False)`` of a model on a GPU pickles storages tagged ``cuda:0``.
+    ``read_peft_dir`` maps them to the CPU (on a machine without CUDA too) and the adapter holds PEFT's values."""
+    import torch.serialization as serialization
+
+    from lightning_adapters.interop.peft import read_peft_dir
+    from tests.peft_parity.test_options import _peft_config, _randomize, tiny
+
+    base = tiny()
+    pm = get_peft_model(copy.deepcopy(base), _peft_config("LORA", r=2, lora_alpha=4)).eval()
+    _randomize(pm)
+    with monkeypatch.context() as m:
+        m.setattr(serialization, "location_tag", lambda storage: "cuda:0")  # torch.save's tag of a CUDA storage
+        pm.save_pretrained(tmp_path, safe_serialization=False)
+    assert b"cuda:0" in (tmp_path / "adapter_model.bin").read_bytes()
+    _, tensors = read_peft_dir(tmp_path)
+    assert {t.device.type for t in tensors.values()} == {"cpu"}
+    model = la.load_peft(copy.deepcopy(base), tmp_path)
+    theirs, ours = get_peft_model_state_dict(pm), peft_tensors(model)
+    assert set(ours) == set(theirs)
+    for k in theirs:
+        assert torch.equal(ours[k], theirs[k]), k
+
+
+def test_bias_keys_of_a_modules_to_save_wrapper_are_refused_when_no_bias_is_trained(tmp_path):
+    """PEFT writes ``<m>.modules_to_save.bias`` and ``<m>.original_module.bias`` only with ``bias="all"``. The same
+    file under a config that trains no bias holds two keys the adapter does not have: refused, naming both."""
+    import peft
+
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Linear(4, 4, bias=False), nn.Linear(4, 3))
+    cfg = peft.LoraConfig(r=2, lora_alpha=4, target_modules=["0"], modules_to_save=["1"], bias="all")
+    get_peft_model(copy.deepcopy(net), cfg).save_pretrained(tmp_path)
+    assert {"base_model.model.1.modules_to_save.bias", "base_model.model.1.original_module.bias"} <= set(
+        _file_tensors(tmp_path)
+    )
+    _edit_config(tmp_path, bias="none")
+    model = copy.deepcopy(net)
+    with pytest.raises(
+        AdapterStateError,
+        match=r"does not fit the model: unexpected keys \['1.modules_to_save.bias', '1.original_module.bias'\]\.",
+    ):
+        la.load_peft(model, tmp_path)
+    assert set(model.state_dict()) == set(net.state_dict())  # the adapter injected for the load is removed
+
+
+def test_a_base_weight_in_the_file_that_overflows_the_model_s_fp16_weight_is_refused(tmp_path):
+    """A ``<module>.base_layer.weight`` (PEFT's ``save_embedding_layers``) is checked against the model's own fp16
+    weight: 1e5 fits the file's float32 but overflows float16, so the load is refused and the weight kept."""
+    from safetensors.torch import save_file
+
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Embedding(8, 4)).half()
+    la.save_peft(la.inject(copy.deepcopy(net), la.LoRAConfig(r=2, target_modules=["0"])), tmp_path)
+    t = _file_tensors(tmp_path)
+    big = torch.zeros(8, 4)
+    big[3, 1] = 1e5
+    t["base_model.model.0.base_layer.weight"] = big
+    save_file(t, str(tmp_path / WEIGHTS), metadata={"format": "pt"})
+    model = copy.deepcopy(net)
+    with pytest.raises(AdapterStateError, match=r"0\.base_layer\.weight: 1 values overflow to inf as float16"):
+        la.load_peft(model, tmp_path)
+    assert torch.equal(model[0].weight, net[0].weight)
+
+
+def test_a_refused_peft_field_names_the_config_file(tmp_path):
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Linear(4, 4))
+    la.save_peft(la.inject(copy.deepcopy(net), la.LoRAConfig(r=2, target_modules=["0"])), tmp_path)
+    _edit_config(tmp_path, use_qalora=True)
+    with pytest.raises(AdapterConfigError) as err:
+        la.load_peft(copy.deepcopy(net), tmp_path)
+    assert str(err.value).startswith(f"{tmp_path / CONFIG}: ") and "use_qalora=True" in str(err.value)
+
+
+def test_a_method_s_load_hook_gets_the_file_s_config_fields(tmp_path, monkeypatch):
+    """``prepare_peft_load(config, fields, tensors)`` (the hook a method, e.g. one from a plugin package, adjusts its
+    config with) receives the fields of ``adapter_config.json`` as read from the file."""
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Linear(4, 4))
+    la.save_peft(la.inject(copy.deepcopy(net), la.LoRAConfig(r=2, target_modules=["0"])), tmp_path)
+    method = la.get_method("lora")
+    seen = []
+
+    def hook(config, fields, tensors):
+        seen.append(fields)
+        return type(method).prepare_peft_load(config, fields, tensors)
+
+    monkeypatch.setattr(method, "prepare_peft_load", hook)
+    la.load_peft(copy.deepcopy(net), tmp_path)
+    assert seen == [json.loads((tmp_path / CONFIG).read_text())]
