@@ -1543,3 +1543,34 @@ def test_orthogonal_regularizer_ignores_a_default_device_context() -> None:
     with torch.device("meta"):
         got = orthogonal_regularizer(layers)
     assert got.device.type == "cpu" and torch.equal(got, want)
+
+
+def test_allocator_state_loads_onto_the_device_of_the_layers() -> None:
+    """A state written on the CPU, loaded by an allocator whose layers live elsewhere (here the meta device), puts
+    every importance EMA on its layer's device, with its shape kept."""
+    _, alloc = _stepped(3)
+    state = alloc.state_dict()
+    other_model, other = _stepped(0)
+    other_model.to("meta")
+    other.load_state_dict(state)
+    for where in (other.ema, other.unc):
+        assert set(where) == {"a", "b"}
+        for n, sub in where.items():
+            assert set(sub) == {"lora_A", "lora_B", "lora_E"}
+            for k, v in sub.items():
+                assert v.is_meta and v.shape == state["ema"][n][k].shape, (n, k)
+
+
+@pytest.mark.parametrize("key", ["lora_A", "lora_B", "lora_E"])
+def test_load_peft_state_refuses_a_factor_without_data(key) -> None:
+    """Every factor is copied onto the layer's device: one left on the meta device (no values) raises torch's
+    own error instead of leaving that factor at zero."""
+    model = _one(nn.Linear(6, 5))
+    layer = model.layer.adapter.default
+    g = torch.Generator().manual_seed(0)
+    state = {"lora_A": torch.randn(3, 6, generator=g), "lora_B": torch.randn(5, 3, generator=g)}
+    state["lora_E"] = torch.randn(3, 1, generator=g)
+    layer.load_peft_state(state)
+    assert all(torch.equal(getattr(layer, k).detach(), v) for k, v in state.items())
+    with pytest.raises(NotImplementedError, match="Cannot copy out of meta tensor"):
+        layer.load_peft_state({**state, key: state[key].to("meta")})

@@ -691,3 +691,51 @@ def test_merge_without_safe_writes_whatever_it_computes():
         layer.boft_s[0] = float("inf")
     layer.merge(base)  # safe defaults to False: no check before the write
     assert layer.merged is True and not torch.isfinite(base.weight[0]).all() and torch.isfinite(base.weight[1]).all()
+
+
+@pytest.mark.parametrize("kind", ["linear", "conv", "conv_fp32_base"])
+def test_bf16_parameters_rotate_with_blocks_rounded_to_bf16(kind):
+    """BOFT parameters in bfloat16 (``adapter_dtype``): each Cayley block is computed in float32 and rounded to
+    bfloat16, the parameters' dtype, before it rotates anything; the rotation rounds once per product. Linear
+    (2 tokens: the input is rotated) and Conv2d (the weight is rotated), bit for bit."""
+    base = (nn.Linear(16, 6) if kind == "linear" else nn.Conv2d(4, 3, 2)).to(
+        torch.float32 if kind == "conv_fp32_base" else torch.bfloat16
+    )
+    layer = _layer(base, boft_block_size=4)
+    _randomize(layer, std=0.3)
+    layer.to(torch.bfloat16)
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(2, 16, generator=g) if kind == "linear" else torch.randn(2, 4, 3, 3, generator=g)
+    x = x.to(base.weight.dtype)
+    with torch.no_grad():
+        y = layer.adapted_forward(base, x)
+        blocks = _cayley(layer.boft_R[0].to(F64)).to(torch.bfloat16)  # (N, b, b)
+        r = torch.block_diag(*blocks.unbind(0)).to(F64)
+        s = layer.boft_s.reshape(-1)
+        if kind == "linear":
+            z = F.linear((x.to(F64) @ r).to(torch.bfloat16), base.weight)
+            want = torch.addcmul(base.bias, z, s)
+        else:
+            w = base.weight
+            w_rot = (w.reshape(3, -1).to(torch.bfloat16).to(F64) @ r.T).to(torch.bfloat16)
+            want = F.conv2d(x, (w_rot * s[:, None]).reshape(w.shape).to(w.dtype), base.bias)
+    assert y.dtype == base.weight.dtype and torch.equal(y, want)
+
+
+def test_unmerge_without_the_kept_rows_leaves_rows_with_no_finite_inverse_scale_at_zero():
+    """Once ``forget_merge`` dropped the rows a merge kept, unmerge leaves a row whose 1/s overflows (s = 1e-310, a
+    float64 subnormal: its merged row holds the subnormal remains s·W·Rᵀ) at exactly 0, and divides the others
+    back."""
+    base = nn.Linear(8, 4).double()
+    w0 = base.weight.detach().clone()
+    layer = _layer(base, boft_block_size=4).double()
+    _randomize(layer)
+    with torch.no_grad():
+        layer.boft_s.view(-1)[2] = 1e-310
+    layer.merge(base)
+    assert layer.merge_rows_idx.tolist() == [2]
+    assert base.weight[2].abs().max() > 0  # the remains are not all flushed to 0
+    layer.forget_merge()
+    layer.unmerge(base)
+    assert torch.equal(base.weight[2], torch.zeros(8, dtype=F64))
+    assert torch.allclose(base.weight[[0, 1, 3]], w0[[0, 1, 3]], atol=1e-13, rtol=0)

@@ -696,3 +696,32 @@ def test_rank_dropout_keeps_a_row_only_strictly_above_p(monkeypatch):
     assert torch.equal(m, torch.tensor([0.0, 0.0, 1.0, 0.0]))
     m = rank_dropout_multipliers(4, 0.5, True, torch.float32, torch.device("cpu"))
     assert torch.equal(m, torch.tensor([0.0, 0.0, 4.0, 0.0]))
+
+
+@pytest.mark.parametrize("case", ["fp32_input_on_bf16_base", "bf16_input_and_factors_on_fp32_base"])
+def test_input_of_the_factor_dtype_on_a_base_of_another_dtype_runs_the_unfused_kron_path(monkeypatch, case):
+    """Under CPU bf16 autocast (the only way such a forward runs) an input in the factors' dtype on a base of
+    another dtype is mixed too: the Kronecker path, unfused, even where folding ΔW would be cheaper."""
+    seen = []
+    orig = lokr_mod.kron_linear
+
+    def spy(*a, fused, needs_grad):
+        seen.append(fused)
+        return orig(*a, fused=fused, needs_grad=needs_grad)
+
+    monkeypatch.setattr(lokr_mod, "kron_linear", spy)
+    monkeypatch.setattr(LoKrLayer, "_kron_is_cheaper", lambda self, *a: False)
+    torch.manual_seed(0)
+    bf16_base = case == "fp32_input_on_bf16_base"
+    base = nn.Linear(24, 20).to(torch.bfloat16 if bf16_base else torch.float32)
+    model, layer = _model(base, r=1, alpha=3)
+    if not bf16_base:
+        layer.to(torch.bfloat16)
+    dt = layer.lokr_w1.dtype
+    assert dt == (torch.float32 if bf16_base else torch.bfloat16) and dt != base.weight.dtype
+    x = torch.randn(3, 24).to(dt)
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        y = model(x)
+    assert seen == [False]
+    ref = F.linear(x.double(), base.weight.double() + _expected_delta(layer, base).double(), base.bias.double())
+    assert y.dtype == torch.bfloat16 and torch.allclose(y.double(), ref, atol=0.1, rtol=0.02)

@@ -1394,3 +1394,175 @@ def test_layer_unmerge_leaves_merged_false_on_every_path():
         assert layer.merged is True
         layer.unmerge(model.layer)
         assert layer.merged is False
+
+
+# ------------------------------------------------------------------------------------------------------------
+# Half and mixed adapter dtypes, meta tensors, and what a PEFT file's shapes select
+
+
+def test_a_tensor_embed_scale_is_cast_to_a_bf16_term_as_the_base_casts_it():
+    """Gemma 3's embedding keeps ``embed_scale`` as a float32 0-dim buffer and multiplies its lookup by it cast to its
+    weight dtype; a bfloat16 adapter (``adapter_dtype``) scales its bfloat16 term by the scale cast to bfloat16
+    (√6 → 2.453125) the same way, then adds it to the float32 base output, bit for bit."""
+    from transformers.models.gemma3.modeling_gemma3 import Gemma3TextScaledWordEmbedding
+
+    F = torch.nn.functional
+    torch.manual_seed(0)
+    base = Gemma3TextScaledWordEmbedding(8, 6, padding_idx=0, embed_scale=math.sqrt(6))
+    model = la.inject(
+        Wrap(base), la.LoRAConfig(r=2, alpha=3, init_weights=False, adapter_dtype="bfloat16", target_modules=["layer"])
+    )
+    layer = model.layer.adapter["default"]
+    assert layer.lora_A.dtype == layer.lora_B.dtype == torch.bfloat16
+    x = torch.tensor([[0, 3, 5, 7, 1]])
+    with torch.no_grad():
+        y = model(x)
+        with la.disabled(model):
+            y0 = model(x)
+        term = F.linear(F.embedding(x, layer.lora_A.t(), 0), layer.lora_B) * 1.5  # (1, 5, 6) bf16
+        scale = torch.tensor(math.sqrt(6)).to(torch.bfloat16)
+        assert scale.item() == 2.453125
+        want = y0 + (term * scale).float()
+    assert y.dtype == torch.float32 and torch.equal(y, want)
+
+
+@pytest.mark.parametrize("mode", ["eval", "train"])
+def test_plain_dora_on_a_bias_free_linear_is_the_closed_form(mode):
+    """A float32 DoRA adapter on a bias-free float64 Linear (mixed dtypes: the plain form, not the fused kernel):
+    ``y = f ⊙ (W x + s·B A x)`` with ``f = m / ‖W + s·B A‖`` per output row, and its gradients."""
+    torch.manual_seed(0)
+    model = Wrap(nn.Linear(8, 6, bias=False).double())
+    la.inject(model, la.LoRAConfig(r=2, alpha=3, use_dora=True, target_modules=["layer"]))
+    layer = model.layer.adapter["default"].to(torch.float32)
+    with torch.no_grad():
+        layer.lora_B.normal_()
+        layer.magnitude.mul_(torch.linspace(0.5, 1.5, 6))
+    model.train(mode == "train")
+    x = torch.randn(3, 8, dtype=torch.float64, requires_grad=True)
+    y = model(x)
+    w = model.layer.weight.detach()
+    a, b, m = (t.detach().double().requires_grad_() for t in (layer.lora_A, layer.lora_B, layer.magnitude))
+    adapted = w + 1.5 * b @ a
+    want = (m / adapted.norm(dim=1).detach()) * (x @ adapted.t())
+    assert y.dtype == torch.float64
+    torch.testing.assert_close(y, want, rtol=1e-6, atol=1e-6)
+    g = torch.randn(y.shape, dtype=torch.float64)
+    got = torch.autograd.grad((y * g).sum(), [x, layer.lora_A, layer.lora_B, layer.magnitude])
+    truth = torch.autograd.grad((want * g).sum(), [x, a, b, m])
+    for u, v in zip(got, truth):
+        torch.testing.assert_close(u.double(), v, rtol=1e-5, atol=1e-5)
+
+
+def test_loftq_dora_magnitude_is_the_norm_of_the_quantised_base_it_writes():
+    """LoftQ with DoRA on a bf16 Linear: the base becomes Q rounded to bf16, and the magnitude is the float32 norm of
+    exactly that base plus s·B A (PEFT's DoRA reads the base after LoftQ replaced it), so the fresh adapter's
+    scale m / ‖W + s·B A‖ is 1."""
+    from lightning_adapters.methods import lora_init
+
+    torch.manual_seed(0)
+    base = nn.Linear(16, 8).to(torch.bfloat16)
+    q, _, _ = lora_init.loftq_factors(base.weight.detach(), 2, 4, 1)
+    assert not torch.equal(q.to(torch.bfloat16).float(), q)  # Q itself has more bits than bf16 holds
+    model = la.inject(Wrap(base), la.LoRAConfig(r=2, use_dora=True, init_weights="loftq", target_modules=["layer"]))
+    layer = model.layer.adapter["default"]
+    w = model.layer.weight.detach()
+    assert w.dtype == torch.bfloat16 and torch.equal(w, q.to(torch.bfloat16))
+    a, b = layer.lora_A.detach(), layer.lora_B.detach()
+    assert layer.scale == 4.0  # alpha 8 / r 2
+    want = (w.float() + (4.0 * b) @ a).norm(dim=1)
+    assert layer.magnitude.dtype == torch.float32 and torch.equal(layer.magnitude.detach(), want)
+
+
+def test_a_dora_layer_built_on_a_meta_half_base_holds_every_tensor_in_float32():
+    """The working dtype of a bf16 base is float32 on every device: a LoRALayer built directly on a meta bf16
+    Linear or Conv2d (where the weight-space maths runs in bf16) keeps A, B and the DoRA magnitude in float32."""
+    for make in (lambda: nn.Linear(6, 4), lambda: nn.Conv2d(3, 4, 2)):
+        base = make().to(device="meta", dtype=torch.bfloat16)
+        layer = lora_method.LoRALayer(base, la.LoRAConfig(r=2, use_dora=True), "layer")
+        tensors = dict(layer.named_parameters())
+        assert set(tensors) == {"lora_A", "lora_B", "magnitude"}
+        assert {n: (t.dtype, t.device.type) for n, t in tensors.items()} == dict.fromkeys(
+            tensors, (torch.float32, "meta")
+        )
+
+
+@pytest.mark.parametrize("kind", ["linear", "conv1d_t", "conv"])
+@pytest.mark.parametrize("mode", ["eval", "train"])
+def test_a_fresh_bf16_dora_adapter_on_a_float32_base_leaves_the_output_exact(kind, mode):
+    """``adapter_dtype="bfloat16"`` on a float32 base: the magnitude is ‖W‖ rounded to bf16 and the norm the forward
+    divides it by is rounded the same way (the magnitude's dtype), so m / n = 1 and, with B = 0, the output is the
+    base output bit for bit (a float32 norm would scale every row by bf16(‖W‖) / ‖W‖ ≠ 1)."""
+    from transformers.pytorch_utils import Conv1D
+
+    torch.manual_seed(0)
+    make = {"linear": lambda: nn.Linear(8, 6), "conv1d_t": lambda: Conv1D(6, 8), "conv": lambda: nn.Conv2d(4, 6, 3)}
+    model = Wrap(make[kind]())
+    x = torch.randn(3, 8) if kind != "conv" else torch.randn(2, 4, 5, 5)
+    y0 = model(x).detach()
+    cfg = la.LoRAConfig(r=2, use_dora=True, adapter_dtype="bfloat16", target_modules=["layer"])
+    layer = la.inject(model, cfg).layer.adapter["default"]
+    assert layer.magnitude.dtype == torch.bfloat16
+    w = model.layer.weight.detach()
+    w = w.t() if kind == "conv1d_t" else w
+    norm = w.reshape(w.shape[0], -1).norm(dim=1)
+    assert not torch.equal(norm.to(torch.bfloat16).float(), norm)
+    assert torch.equal(layer.magnitude.detach().reshape(-1), norm.to(torch.bfloat16))
+    model.train(mode == "train")
+    assert torch.equal(model(x), y0)
+
+
+def test_prepare_peft_load_ignores_a_b_that_looks_like_a_group_mixing_a():
+    """Only ``lora_A`` entries select the layout: an ungrouped conv's ``lora_B`` (8, 4, 1, 1), whose shape would pass
+    for a 2-group A that mixes groups, leaves the mergeable layout; so does a 3-D tensor of another name."""
+    cfg = la.LoRAConfig(r=4)
+    prepare = la.get_method("lora").prepare_peft_load
+    torch.manual_seed(0)
+    tensors = {"m.conv.lora_A.weight": torch.randn(4, 3, 3, 3), "m.conv.lora_B.weight": torch.randn(8, 4, 1, 1)}
+    assert prepare(cfg, {}, tensors)[0].grouped_conv_layout == "mergeable"
+    other = {"m.conv.lora_magnitude_vector": torch.randn(1, 8, 4, 1), "m.conv.lora_B.weight": torch.randn(8, 4, 1, 1)}
+    assert prepare(cfg, {}, other)[0].grouped_conv_layout == "mergeable"
+
+
+def test_a_model_with_an_ungrouped_and_a_grouped_conv_loads_its_own_file_mergeable(tmp_path):
+    """Our file of a model with an ungrouped Conv2d (r 4, 8 outputs: B (8, 4, 1, 1)) and a 2-group Conv2d (A block-
+    diagonal) loads back in the mergeable layout: the grouped layer holds its grouped A, merges, answers the same."""
+
+    class Two(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.plain = nn.Conv2d(3, 8, 3, padding=1)
+            self.grouped = nn.Conv2d(8, 8, 3, padding=1, groups=2)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.grouped(self.plain(x))
+
+    torch.manual_seed(0)
+    model = Two()
+    fresh = copy.deepcopy(model)
+    cfg = la.LoRAConfig(r=4, rank_pattern={"grouped": 8}, init_weights=False, target_modules=["plain", "grouped"])
+    la.inject(model, cfg)
+    la.save_peft(model, tmp_path)
+    la.load_peft(fresh, tmp_path)
+    layer = fresh.grouped.adapter["default"]
+    assert layer.peft_layout is False and layer.mergeable is True
+    assert torch.equal(layer.lora_A.detach(), model.grouped.adapter["default"].lora_A.detach())
+    x = torch.randn(1, 3, 5, 5)
+    with torch.no_grad():
+        y = model(x)
+        assert torch.equal(fresh(x), y)
+        la.merge(fresh)
+        torch.testing.assert_close(fresh(x), y, rtol=1e-5, atol=1e-5)
+
+
+def test_an_ungrouped_layer_loads_a_peft_state_of_meta_tensors_on_the_meta_device():
+    """A model built on the meta device (an empty-init build) round-trips its own PEFT state: an ungrouped layer's
+    ``load_peft_state`` reads no values (only a grouped conv's A must be checked for group-mixing weights)."""
+    from transformers.pytorch_utils import Conv1D
+
+    for base in (nn.Linear(6, 4), Conv1D(4, 6), nn.Conv2d(3, 4, 2), nn.Embedding(5, 4)):
+        model = la.inject(Wrap(base), la.LoRAConfig(r=2, use_dora=True, target_modules=["layer"])).to("meta")
+        layer = model.layer.adapter["default"]
+        state = layer.peft_state()
+        assert all(t.is_meta for t in state.values())
+        layer.load_peft_state(state)
+        assert all(p.is_meta for p in layer.parameters())
