@@ -34,9 +34,10 @@ line of the function (``MUTATION_SWEEP_WHOLE_FUNCTION=1`` does so for every muta
 against it; ``MUTATION_SWEEP_CONTROL=1`` runs each mutant's tests with no mutant switched on, where every verdict
 must be ``survived``: a "killed" there is a test that fails in that order or in a forked child). The children run
 the collected test items directly (no pytest start-up per mutant). A child past three times its CPU limit in wall
-time, or with no CPU progress for ``MUTATION_SWEEP_STALL_S`` seconds (90), is ended and run once more in a fresh
-fork; a second such end reads ``stuck``: blocked on a lock a thread of the parent held when it forked (a warm-up
-test that started a thread; ``MUTATION_SWEEP_NO_WARMUP=1`` skips the warm-up) or a mutant that waits forever.
+time, or with no CPU progress for ``MUTATION_SWEEP_STALL_S`` seconds (90), is ended and its tests run again in a
+fresh Python process (``pytest -x`` on the same test ids, the mutant chosen by ``MUTANT_UNDER_TEST``); an end of
+that one too reads ``stuck``. A fork blocks on a lock a thread pool of the parent held when it forked (a test that
+asks torch for two threads; ``MUTATION_SWEEP_NO_WARMUP=1`` skips the warm-up), or the mutant waits forever.
 """
 
 from __future__ import annotations
@@ -50,6 +51,7 @@ import os
 import random
 import resource
 import signal
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -426,14 +428,40 @@ def sweep(names_file: str, out_file: str, jobs: int) -> None:
                     else:
                         verdict = {0: "survived", 1: "killed"}.get(os.waitstatus_to_exitcode(status), "error")
                     if verdict == "stuck" and name not in retried:
-                        # A deadlock inherited across fork is a matter of timing: a second fresh fork usually runs.
+                        # A deadlock inherited across fork (torch's or OpenMP's thread pool, e.g. a test that asks
+                        # for two threads): the mutant's tests run again in a fresh Python process instead.
                         retried.add(name)
-                        start_child(name, how)
+                        start_fresh(name, how)
                         continue
+                    if pid in fresh:
+                        fresh.discard(pid)
+                        how += "+fresh-process"
                     cpu = usage.ru_utime + usage.ru_stime
                     out.write(f"{name} {verdict} {n_tests} wall {time.time() - start:.1f} cpu {cpu:.1f} {how}\n")
                     out.flush()
                     block = False
+
+            fresh: set[int] = set()  # pids of fresh processes (not forks)
+            options = _options_only(_selection_args(root))
+
+            def start_fresh(name: str, how: str) -> None:
+                tests = line_map.tests_for(name)[0]
+                items = [by_id[t] for t in tests if t in by_id]
+                limit = int(60 + 10 * sum(line_map.durations.get(t, 0.0) for t in tests))
+                env = dict(os.environ)
+                if not os.environ.get("MUTATION_SWEEP_CONTROL"):
+                    env["MUTANT_UNDER_TEST"] = name
+                cmd = [sys.executable, "-m", "pytest", "-x", "-q", "-p", "no:randomly", "-p", "no:cacheprovider"]
+                cmd += ["--rootdir=.", *options, *[item.nodeid for item in items]]
+                proc = subprocess.Popen(
+                    cmd,
+                    env=env,
+                    stdout=subprocess.DEVNULL,
+                    stderr=subprocess.DEVNULL,
+                    preexec_fn=lambda: resource.setrlimit(resource.RLIMIT_CPU, (limit + 30, limit + 35)),
+                )
+                fresh.add(proc.pid)
+                running[proc.pid] = (name, len(items), how, time.time(), 3 * limit + 120)
 
             def start_child(name: str, how: str) -> None:
                 tests = line_map.tests_for(name)[0]
