@@ -1511,6 +1511,34 @@ def test_a_fresh_bf16_dora_adapter_on_a_float32_base_leaves_the_output_exact(kin
     assert torch.equal(model(x), y0)
 
 
+@pytest.mark.parametrize("adapter_dtype", ["bfloat16", "float16"])
+def test_dora_on_a_float32_embedding_with_a_half_adapter_computes_in_float32(adapter_dtype):
+    """The base lookup stays float32 (PEFT's too): a fresh adapter leaves the output bit for bit (rounding the
+    lookup to the adapter's dtype moved it by up to 6e-3), and a trained one gives ``m / ‖E + ΔEᵀ‖ ⊙ (E[x] +
+    s·Aᵀ[x] Bᵀ)`` as a float32 output, to the half-precision rounding of the adapter's own term and norm."""
+    torch.manual_seed(0)
+    model = Wrap(nn.Embedding(10, 6))
+    x = torch.tensor([[1, 2, 3], [0, 9, 2]])
+    y0 = model(x).detach()
+    cfg = la.LoRAConfig(r=2, alpha=3.0, use_dora=True, adapter_dtype=adapter_dtype, target_modules=["layer"])
+    layer = la.inject(model, cfg).layer.adapter["default"]
+    for mode in (False, True):
+        model.train(mode)
+        assert torch.equal(model(x), y0)
+    g = torch.Generator().manual_seed(3)
+    with torch.no_grad():
+        for p in (layer.lora_A, layer.lora_B):
+            p.copy_(torch.randn(p.shape, generator=g) * 0.3)
+    model.eval()
+    a, b, e = layer.lora_A.float(), layer.lora_B.float(), model.layer.weight.detach()
+    s = 3.0 / 2
+    factor = layer.magnitude.detach().float() / (e + s * (b @ a).t()).norm(dim=0)
+    want = factor * (e[x] + s * (a.t()[x] @ b.t()))
+    got = model(x)
+    assert got.dtype == torch.float32
+    torch.testing.assert_close(got, want, rtol=1e-2, atol=1e-2)
+
+
 def test_prepare_peft_load_ignores_a_b_that_looks_like_a_group_mixing_a():
     """Only ``lora_A`` entries select the layout: an ungrouped conv's ``lora_B`` (8, 4, 1, 1), whose shape would pass
     for a 2-group A that mixes groups, leaves the mergeable layout; so does a 3-D tensor of another name."""
