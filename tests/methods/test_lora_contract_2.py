@@ -1186,29 +1186,6 @@ def test_layer_tensors_live_on_the_base_device_and_only_the_factors_are_state():
 # Dtypes the layer builds and computes in: a float64 base, a float64 adapter, a bf16 base with a residual init
 
 
-def test_a_float64_base_gets_float64_factors_drawn_in_float64():
-    """``LoRALayer`` on a float64 Linear builds A, B and ``lora_B_bias`` in float64 (``working_dtype``), and
-    ``init_weights=False`` draws them there: kaiming-uniform A and B, ``U(±1/sqrt(r))`` bias, in that order from the
-    seed, bit for bit the float64 draws (a float32 draw cast up has other values)."""
-    cfg = la.LoRAConfig(r=2, lora_bias=True, init_weights=False, target_modules=["layer"])
-    layer = lora_method.LoRALayer(nn.Linear(6, 5).double(), cfg, "layer")
-    assert {n: p.dtype for n, p in layer.named_parameters()} == dict.fromkeys(
-        ["lora_A", "lora_B", "lora_B_bias"], torch.float64
-    )
-    model = Wrap(nn.Linear(6, 5).double())
-    torch.manual_seed(3)
-    la.inject(model, cfg)
-    layer = model.layer.adapter["default"]
-    torch.manual_seed(3)
-    f64 = torch.float64
-    a = nn.init.kaiming_uniform_(torch.empty(2, 6, dtype=f64), a=math.sqrt(5))
-    b = nn.init.kaiming_uniform_(torch.empty(5, 2, dtype=f64), a=math.sqrt(5))
-    bound = 1.0 / math.sqrt(2)  # nn.Linear's bias bound for lora_B's fan-in r
-    bias = torch.empty(5, dtype=f64).uniform_(-bound, bound)
-    assert torch.equal(layer.lora_A.detach(), a) and torch.equal(layer.lora_B.detach(), b)
-    assert torch.equal(layer.lora_B_bias.detach(), bias)
-
-
 @pytest.mark.parametrize("init", ["pissa", "olora"])
 def test_residual_dora_on_a_bf16_base_starts_from_the_float32_norm_of_w(init):
     """PiSSA/OLoRA with DoRA on a bf16 Linear: ``m = ||W||`` per row, the norm of the bf16 weight taken in float32
@@ -1345,55 +1322,6 @@ def test_grouped_conv_peft_layout_round_trips_under_a_meta_default_device():
             layer.lora_A.zero_()
         layer.load_peft_state({"lora_A.weight": want})
     assert torch.equal(layer.lora_A.detach(), a)
-
-
-def test_conv_lora_on_a_bf16_base_adds_the_term_rounded_to_bf16():
-    """fp32 adapters on a bf16 Conv2d: ``y = conv(x, W) + b`` in bf16 plus the float32 term ``s·B(A x)`` rounded to
-    bf16 first, bit for bit (not the float32 sum rounded once); a float32 base adds the term as it is."""
-    F = torch.nn.functional
-    for dtype in (torch.bfloat16, torch.float32):
-        torch.manual_seed(0)
-        model = Wrap(nn.Conv2d(4, 6, 3, padding=1, groups=2).to(dtype))
-        base = copy.deepcopy(model.layer)
-        la.inject(model, la.LoRAConfig(r=4, alpha=6, init_weights=False, target_modules=["layer"]))
-        layer = model.layer.adapter["default"]
-        x = torch.randn(2, 4, 5, 5).to(dtype)
-        with torch.no_grad():
-            y = model(x)
-            h = F.conv2d(x.float(), layer.lora_A, None, 1, 1, 1, 2)  # (N, r, 5, 5)
-            term = F.conv2d(h, layer.lora_B, None, groups=2) * 1.5
-            want = base(x) + term.to(dtype)
-        assert y.dtype == dtype and torch.equal(y, want)
-
-
-def test_peft_state_tensors_are_the_live_factors_except_a_grouped_conv_s_dense_a():
-    """``peft_state`` hands out detached views of the parameters (no copies) for a Linear, a one-group conv (with
-    DoRA's magnitude) and a PEFT-layout grouped conv; only a mergeable grouped conv's ``lora_A`` is a new tensor
-    (its block-diagonal dense form)."""
-    cases = {
-        "linear": (nn.Linear(6, 5), {"use_dora": True}),
-        "conv": (nn.Conv2d(4, 6, 3), {"use_dora": True}),
-        "peft_grouped": (nn.Conv2d(4, 6, 3, groups=2), {"grouped_conv_layout": "peft"}),
-        "grouped": (nn.Conv2d(4, 6, 3, groups=2), {}),
-    }
-    names = {"lora_A.weight": "lora_A", "lora_B.weight": "lora_B", "lora_magnitude_vector": "magnitude"}
-    for kind, (base, kw) in cases.items():
-        layer = la.inject(Wrap(base), la.LoRAConfig(r=2, target_modules=["layer"], **kw)).layer.adapter["default"]
-        state = layer.peft_state()
-        assert all(not t.requires_grad for t in state.values()), kind
-        shared = {k for k, t in state.items() if t.data_ptr() == getattr(layer, names[k]).data_ptr()}
-        assert shared == (set(state) - {"lora_A.weight"} if kind == "grouped" else set(state)), kind
-
-
-def test_layer_unmerge_leaves_merged_false_on_every_path():
-    """``LoRALayer.unmerge`` called directly sets ``merged`` to ``False`` (not just falsy), LoRA and DoRA."""
-    for dora in (False, True):
-        model = la.inject(Wrap(nn.Linear(6, 5)), la.LoRAConfig(r=2, use_dora=dora, target_modules=["layer"]))
-        layer = model.layer.adapter["default"]
-        layer.merge(model.layer)
-        assert layer.merged is True
-        layer.unmerge(model.layer)
-        assert layer.merged is False
 
 
 # ------------------------------------------------------------------------------------------------------------
