@@ -335,7 +335,8 @@ class AdaLoRALayer(AdapterLayer):
             # are applied in place (the same arithmetic without two output-sized temporaries).
             h = xd @ (self.lora_A * self.lora_E).T  # (..., r)
             delta = (h @ self.lora_B.T).mul_(self.alpha).div_(self.ranknum + RANKNUM_EPS)  # (..., out)
-        return out.add_(delta.to(out.dtype))  # no backward reads ``out``: linear and conv keep their inputs
+        # Added in place in the promoted dtype and rounded once: PEFT's ``result +=``, bit for bit on half bases.
+        return out.add_(delta)  # no backward reads ``out``: linear and conv keep their inputs
 
     def delta_output(self, base: nn.Module, x: torch.Tensor) -> torch.Tensor:
         """``B (A ⊙ E) x · α / (ranknum + ε)``: the term ``adapted_forward`` adds."""

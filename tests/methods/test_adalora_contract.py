@@ -4,6 +4,7 @@ float64, and the allocator and run schedule against EMAs and budgets recomputed 
 
 from __future__ import annotations
 
+import copy
 import math
 
 import pytest
@@ -1574,3 +1575,34 @@ def test_load_peft_state_refuses_a_factor_without_data(key) -> None:
     assert all(torch.equal(getattr(layer, k).detach(), v) for k, v in state.items())
     with pytest.raises(NotImplementedError, match="Cannot copy out of meta tensor"):
         layer.load_peft_state({**state, key: state[key].to("meta")})
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
+@pytest.mark.parametrize("kind", ["linear", "conv2d"])
+def test_a_half_base_gives_peft_s_outputs_and_gradients_bit_for_bit(kind, dtype) -> None:
+    """Float32 factors on a half base: the term is added to the half output in float32 and rounded once, as PEFT's
+    ``result += ...`` does (rounding the term to the half dtype first was off by up to 2 ulps)."""
+    torch.manual_seed(0)
+    base = nn.Linear(16, 12) if kind == "linear" else nn.Conv2d(4, 6, 3)
+    model = Wrap(base).to(dtype)
+    peft_model = get_peft_model(
+        copy.deepcopy(model),
+        PeftAdaLoraConfig(init_r=4, target_r=2, lora_alpha=8, total_step=100, target_modules=["layer"]),
+    )
+    ours = la.inject(model, AdaLoRAConfig(init_r=4, target_r=2, alpha=8.0, total_step=100, target_modules=["layer"]))
+    theirs, layer = peft_model.base_model.model.layer, ours.layer.adapter.default
+    g = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for n in ("lora_A", "lora_B", "lora_E"):
+            v = torch.randn(getattr(layer, n).shape, generator=g)
+            getattr(theirs, n)["default"].copy_(v)
+            getattr(layer, n).copy_(v)
+    assert layer.lora_A.dtype == torch.float32
+    x = torch.randn((3, 16) if kind == "linear" else (2, 4, 5, 5), generator=g).to(dtype)
+    y_theirs, y_ours = peft_model(x), ours(x)
+    assert y_ours.dtype == dtype and torch.equal(y_ours, y_theirs)
+    grad = torch.randn(y_ours.shape, generator=g).to(dtype)
+    y_theirs.backward(grad)
+    y_ours.backward(grad)
+    for n in ("lora_A", "lora_B", "lora_E"):
+        assert torch.equal(getattr(layer, n).grad, getattr(theirs, n)["default"].grad), n
