@@ -790,7 +790,8 @@ class LoRALayer(AdapterLayer):
         # The base product first, then the adapter's, in PEFT's order: compiled, both trace the same graph.
         out = self._base_linear(base, x)  # (..., out)
         h = F.linear(self._dropped(x), self.lora_A)  # (..., in) @ (in, r) -> (..., r)
-        return out + (F.linear(h, self.lora_B, self.lora_B_bias) * self.scale).to(out.dtype)
+        # Summed in the promoted dtype and rounded once, as PEFT does (bit for bit on a half base).
+        return (out + F.linear(h, self.lora_B, self.lora_B_bias) * self.scale).to(out.dtype)
 
     def _forward_linear_dora(self, base: nn.Module, x: torch.Tensor, xd: torch.Tensor, h: torch.Tensor) -> torch.Tensor:
         factor = dora_factor(self.magnitude, self._dora_norm(base))  # (out,)
@@ -799,11 +800,11 @@ class LoRALayer(AdapterLayer):
             # PEFT's form when the adapter sees a dropped input: base(x) + (m/n − 1)·W·x_d + (m/n)·s·B·A·x_d.
             out = self._base_linear(base, x)
             wx_d = self._base_linear(base, xd.to(base.weight.dtype), with_bias=False)
-            return out + _dora_extra(factor, wx_d, lora).to(out.dtype)
+            return (out + _dora_extra(factor, wx_d, lora)).to(out.dtype)
         # base(x) + (m/n)·(W·x + s·B·A·x) − W·x: exactly the base output while m = n and B = 0.
         out = self._base_linear(base, x)
         wx = out if base.bias is None else out - base.bias
-        return out + _dora_extra(factor, wx, lora).to(out.dtype)
+        return (out + _dora_extra(factor, wx, lora)).to(out.dtype)
 
     def _forward_conv(self, base: nn.Module, x: torch.Tensor) -> torch.Tensor:
         conv = _CONV_FN[self.kind]
@@ -818,14 +819,12 @@ class LoRALayer(AdapterLayer):
             if self.dropout_p > 0.0 and self.training:
                 out = self._la_base(base, x)
                 wx_d = base._conv_forward(xd.to(base.weight.dtype), base.weight, None)
-                return out + _dora_extra(factor, wx_d, lora).to(out.dtype)
+                return (out + _dora_extra(factor, wx_d, lora)).to(out.dtype)
             out = self._la_base(base, x)
             wx = out if base.bias is None else out - base.bias.reshape(1, -1, *([1] * (out.dim() - 2)))
-            return out + _dora_extra(factor, wx, lora).to(out.dtype)
-        out = self._la_base(base, x)
-        if out.dtype == lora.dtype:
-            return out.add_(lora)
-        return out + lora.to(out.dtype)
+            return (out + _dora_extra(factor, wx, lora)).to(out.dtype)
+        # In place, in the promoted dtype, rounded once: PEFT's sum, bit for bit on a half base.
+        return self._la_base(base, x).add_(lora)
 
     @staticmethod
     def _la_base(base: nn.Module, x: torch.Tensor) -> torch.Tensor:
@@ -845,7 +844,7 @@ class LoRALayer(AdapterLayer):
             # In the wider of the two dtypes: a bf16 adapter must not round a float32 base's output (PEFT's neither).
             cd = torch.promote_types(out.dtype, lora.dtype)
             return (factor * (out.to(cd) + lora.to(cd))).to(out.dtype)
-        return out + lora.to(out.dtype)
+        return (out + lora).to(out.dtype)
 
     # --- PEFT layout ---------------------------------------------------------------------------------------
 

@@ -2,7 +2,7 @@
 (``target_parameters``). On a bf16 or fp16 base the adapter stays fp32 (the policy), the delta is added to the
 parameter in the parameter's dtype, the output keeps the base dtype, and values and gradients agree with the same
 weights in float64 to the half precision (a delta added in fp32 changed the output's dtype: a surviving mutant,
-docs/MUTATION.md).
+docs/MUTATION.md). And LoRA/DoRA on half Linear, Conv2d, Conv1D and Embedding bases against PEFT, bit for bit.
 """
 
 from __future__ import annotations
@@ -12,8 +12,10 @@ import copy
 import pytest
 import torch
 from torch import nn
+from transformers.pytorch_utils import Conv1D
 
 import lightning_adapters as la
+from tests.helpers import Wrap
 from tests.methods.test_dtypes import HALF, TOL, _close, _run
 
 
@@ -86,3 +88,69 @@ def test_llama_adapter_on_a_half_gpt2_keeps_the_dtype_and_the_values(dtype: torc
     assert out.logits.dtype == dtype and all(h.dtype == dtype for h in out.hidden_states)
     want = ref(x).logits
     _close(out.logits, want, TOL[dtype] * 2, "logits")
+
+
+# --- LoRA and DoRA on half bases: PEFT's numbers bit for bit ---------------------------------------------------------
+
+_KINDS = {
+    "linear": (lambda: nn.Linear(16, 12), lambda g: torch.randn(3, 16, generator=g)),
+    "conv2d": (lambda: nn.Conv2d(4, 6, 3), lambda g: torch.randn(2, 4, 5, 5, generator=g)),
+    "conv1d_t": (lambda: Conv1D(12, 16), lambda g: torch.randn(3, 16, generator=g)),
+    "embedding": (lambda: nn.Embedding(10, 6), lambda g: torch.tensor([[1, 2, 3], [0, 9, 2]])),
+}
+
+
+def _peft_tensors(layer: nn.Module) -> dict[str, torch.Tensor]:
+    if len(layer.lora_A):
+        out = {"lora_A": layer.lora_A["default"].weight, "lora_B": layer.lora_B["default"].weight}
+    else:
+        out = {"lora_A": layer.lora_embedding_A["default"], "lora_B": layer.lora_embedding_B["default"]}
+    if "default" in layer.lora_magnitude_vector:
+        out["magnitude"] = layer.lora_magnitude_vector["default"].weight
+    return out
+
+
+def _as(t: torch.Tensor, shape: torch.Size) -> torch.Tensor:
+    return t if t.shape == shape else t.t() if t.t().shape == shape else t.reshape(shape)
+
+
+@pytest.mark.parametrize("train", [False, True], ids=["eval", "train"])
+@pytest.mark.parametrize("dora", [False, True], ids=["lora", "dora"])
+@pytest.mark.parametrize("dtype", HALF, ids=["bf16", "fp16"])
+@pytest.mark.parametrize("kind", list(_KINDS))
+def test_a_half_base_gives_peft_s_outputs_and_factor_gradients_bit_for_bit(kind, dtype, dora, train) -> None:
+    """Float32 factors on a half base: the base output and the float32 term are summed in float32 and rounded
+    once, as PEFT's ``result + ...`` and ``.to(result dtype)`` do (rounding the term first was up to 2 ulps off).
+    The magnitude's gradient is a float32 reduction in another order: equal to float32 rounding."""
+    from peft import LoraConfig, get_peft_model
+
+    make, make_x = _KINDS[kind]
+    torch.manual_seed(0)
+    model = Wrap(make()).to(dtype)
+    peft_cfg = LoraConfig(r=4, lora_alpha=8, use_dora=dora, target_modules=["layer"], fan_in_fan_out=kind == "conv1d_t")
+    peft_model = get_peft_model(copy.deepcopy(model), peft_cfg)
+    ours = la.inject(model, la.LoRAConfig(r=4, alpha=8.0, use_dora=dora, target_modules=["layer"]))
+    layer, theirs = ours.layer.adapter["default"], _peft_tensors(peft_model.base_model.model.layer)
+    mine = {"lora_A": layer.lora_A, "lora_B": layer.lora_B, "magnitude": getattr(layer, "magnitude", None)}
+    g = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for name, t in theirs.items():
+            v = torch.randn(t.shape, generator=g) * 0.3 if name != "magnitude" else t * 1.1
+            t.copy_(v)
+            mine[name].copy_(_as(v, mine[name].shape))
+    assert layer.lora_A.dtype == torch.float32
+    x = make_x(g)
+    x = x if kind == "embedding" else x.to(dtype)
+    ours.train(train)
+    peft_model.train(train)
+    y_ours, y_theirs = ours(x), peft_model(x)
+    assert y_ours.dtype == dtype and torch.equal(y_ours, y_theirs)
+    grad = torch.randn(y_ours.shape, generator=g).to(dtype)
+    y_ours.backward(grad)
+    y_theirs.backward(grad)
+    for name, t in theirs.items():
+        got = _as(mine[name].grad, t.grad.shape)
+        if name == "magnitude":
+            torch.testing.assert_close(got, t.grad, rtol=1e-5, atol=1e-6)
+        else:
+            assert torch.equal(got, t.grad), name
