@@ -175,7 +175,7 @@ def separate_forward(base: nn.Module, kind: str, x: torch.Tensor, delta: torch.T
     ``x`` is cast to ``ΔW``'s dtype for the adapter product and the sum is returned in the base output's dtype.
     """
     out = base._la_base_forward(x)
-    return out + delta_term(base, kind, x, delta).to(out.dtype)
+    return (out + delta_term(base, kind, x, delta)).to(out.dtype)  # summed in the wider dtype, rounded once
 
 
 def delta_term(base: nn.Module, kind: str, x: torch.Tensor, delta: torch.Tensor) -> torch.Tensor:

@@ -52,4 +52,4 @@ def rank_r2_linear(base: nn.Module, x: torch.Tensor, a: torch.Tensor, b: torch.T
     if out.dtype == h.dtype:
         out.view(-1, out.shape[-1]).addmm_(h.reshape(-1, h.shape[-1]), a.t())  # += (N, r²) @ (r², out)
         return out
-    return out + F.linear(h, a).to(out.dtype)
+    return (out + F.linear(h, a)).to(out.dtype)  # summed in the wider dtype, rounded once (PEFT's rounding)

@@ -196,4 +196,4 @@ def kron_linear(
     y = kron_apply(x.reshape(n_tok, -1).to(w1.dtype), w1, a2, b2).reshape(n_tok, -1)  # (N, out)
     if mask is not None:
         y = y * mask
-    return out + y.view(out.shape).to(out.dtype)
+    return (out + y.view(out.shape)).to(out.dtype)  # summed in the wider dtype, rounded once (PEFT's rounding)

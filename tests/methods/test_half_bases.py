@@ -154,3 +154,48 @@ def test_a_half_base_gives_peft_s_outputs_and_factor_gradients_bit_for_bit(kind,
             torch.testing.assert_close(got, t.grad, rtol=1e-5, atol=1e-6)
         else:
             assert torch.equal(got, t.grad), name
+
+
+@pytest.mark.parametrize("tokens", [3, 96], ids=["few", "many"])
+@pytest.mark.parametrize("dtype", HALF, ids=["bf16", "fp16"])
+@pytest.mark.parametrize("kind", ["linear", "wide", "conv2d"])  # wide: LoHa's rank-r² product pays
+@pytest.mark.parametrize("method", ["loha", "lokr"])
+def test_loha_and_lokr_on_a_half_base_give_peft_s_outputs_bit_for_bit(method, kind, dtype, tokens, tmp_path) -> None:
+    """PEFT's trained factors loaded here (float32 on a half base): every path, folded, rank-r², Kronecker or two
+    products, sums the base output and the float32 term in float32 and rounds once, as PEFT's ``result + ...``
+    does; in training too, and the factor gradients agree to float32 rounding."""
+    from peft import LoHaConfig, LoKrConfig, get_peft_model
+
+    torch.manual_seed(0)
+    bases = {
+        "linear": lambda: nn.Linear(16, 12),
+        "wide": lambda: nn.Linear(128, 128),
+        "conv2d": lambda: nn.Conv2d(4, 8, 3),
+    }
+    model = Wrap(bases[kind]()).to(dtype)
+    cfg = (LoHaConfig if method == "loha" else LoKrConfig)(r=4, alpha=8, target_modules=["layer"], init_weights=False)
+    peft_model = get_peft_model(copy.deepcopy(model), cfg)
+    peft_model.save_pretrained(tmp_path)
+    ours = la.load_peft(model, tmp_path)
+    g = torch.Generator().manual_seed(1)
+    shape = {"linear": (tokens, 16), "wide": (tokens, 128), "conv2d": (max(1, tokens // 9), 4, 5, 5)}[kind]
+    x = torch.randn(shape, generator=g).to(dtype)
+    for train in (False, True):
+        peft_model.train(train)
+        ours.train(train)
+        y_ours, y_theirs = ours(x), peft_model(x)
+        assert y_ours.dtype == dtype
+        if method == "lokr" and kind == "wide" and tokens > 3:
+            # The Kronecker product never forms ΔW: its float32 term differs from PEFT's in the last bits, which
+            # can move a rounded half output by one ulp.
+            torch.testing.assert_close(y_ours, y_theirs, rtol=torch.finfo(dtype).eps, atol=0)
+        else:
+            assert torch.equal(y_ours, y_theirs), train
+    grad = torch.randn(y_ours.shape, generator=g).to(dtype)
+    y_ours.backward(grad)
+    y_theirs.backward(grad)
+    theirs = [p.grad for _, p in sorted(peft_model.named_parameters()) if p.requires_grad]
+    mine = [p.grad for _, p in sorted(ours.named_parameters()) if p.requires_grad]
+    assert len(mine) == len(theirs)
+    for u, v in zip(mine, theirs):
+        torch.testing.assert_close(u.reshape(v.shape), v, rtol=1e-5, atol=1e-5)
