@@ -244,6 +244,32 @@ def test_quantize_roundtrip_nf4_is_bitsandbytes_with_blocks_of_64_and_idempotent
     assert li.LOFTQ_NF4_BLOCKSIZE == 64 and li.LOFTQ_BITS == (4, 8)
 
 
+def test_quantize_roundtrip_asks_bitsandbytes_for_blocks_of_64_whatever_its_default(monkeypatch):
+    """The block size is passed, not left to bitsandbytes, whose default is 128 on ROCm builds of some releases
+    (PEFT's LoftQ quantises in blocks of 64 everywhere)."""
+    pytest.importorskip("bitsandbytes")
+    import bitsandbytes.functional as bnbf
+
+    calls = []
+    real = bnbf.quantize_4bit
+
+    def recording(a, *args, **kwargs):
+        calls.append(kwargs)
+        return real(a, *args, **{**kwargs, "blocksize": kwargs.get("blocksize") or 128})  # a ROCm-like default
+
+    monkeypatch.setattr(bnbf, "quantize_4bit", recording)
+    w = _w(4, 64, 5)
+    assert torch.equal(li.quantize_roundtrip(w, 4), _nf4_real(real, w))
+    assert [(c.get("blocksize"), c.get("quant_type")) for c in calls] == [(64, "nf4")]
+
+
+def _nf4_real(quantize, w: torch.Tensor) -> torch.Tensor:
+    import bitsandbytes.functional as bnbf
+
+    packed, state = quantize(w.float(), blocksize=64, compress_statistics=False, quant_type="nf4")
+    return bnbf.dequantize_4bit(packed, state).float()
+
+
 def test_quantize_roundtrip_int8_is_per_row_absmax_of_the_float16_weight():
     pytest.importorskip("bitsandbytes")
     import bitsandbytes.functional as bnbf
