@@ -113,13 +113,13 @@ def _out_dim(kind: str) -> int:
 def unscalable_rows(scale: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     """(out,) bool: the rows a merge scales by ``scale`` that unmerge cannot divide back in a ``dtype`` weight.
 
-    A scale of 0, one whose reciprocal overflows, or one smaller than ``dtype``'s smallest normal number: the
-    scaled row would be stored with subnormal precision (or as 0), and dividing it by the scale would not give
-    the original back. Non-floating (quantized) storage is judged as float32.
+    A NaN scale, or one smaller in magnitude than ``dtype``'s smallest normal number (0 included, and every scale
+    whose reciprocal overflows): the scaled row would be stored with subnormal precision (or as 0), and dividing it
+    by the scale would not give the original back. Non-floating (quantized) storage is judged as float32.
     """
     s = scale.detach().reshape(-1).to(torch.float64)
     tiny = torch.finfo(dtype if dtype.is_floating_point else torch.float32).tiny
-    return ~torch.isfinite(1.0 / s) | (s.abs() < tiny)
+    return s.isnan() | (s.abs() < tiny)
 
 
 def stash_rows(weight: torch.Tensor, which: torch.Tensor, kind: str) -> tuple[torch.Tensor | None, torch.Tensor | None]:

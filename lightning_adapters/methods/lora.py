@@ -841,9 +841,8 @@ class LoRALayer(AdapterLayer):
         lora = _scaled_embedding(base, F.linear(h, self.lora_B) * self.scale)  # (..., r) @ (r, d) -> (..., d)
         if self.use_dora:
             factor = dora_factor(self.magnitude, self._dora_norm(base))  # (d,)
-            # In the wider of the two dtypes: a bf16 adapter must not round a float32 base's output (PEFT's neither).
-            cd = torch.promote_types(out.dtype, lora.dtype)
-            return (factor * (out.to(cd) + lora.to(cd))).to(out.dtype)
+            # In the promoted (wider) dtype: a bf16 adapter must not round a float32 base's output (PEFT's neither).
+            return (factor * (out + lora)).to(out.dtype)
         return (out + lora).to(out.dtype)
 
     # --- PEFT layout ---------------------------------------------------------------------------------------
