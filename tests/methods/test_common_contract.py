@@ -252,10 +252,11 @@ def test_unscalable_rows_are_zero_overflowing_or_subnormal_scales(dtype, judged_
 
 
 def test_unscalable_rows_reads_a_float32_scale_without_changing_it():
-    scale = torch.tensor([2.0, 1e-39, 3e-39, 1e-44], requires_grad=True)  # 1e-39: 1/s overflows float32, not float64
-    assert c.unscalable_rows(scale, torch.float32).tolist() == [False, True, True, True]
-    # A float64 weight holds s·W of every float32 scale as a normal number: each divides back.
-    assert c.unscalable_rows(scale, torch.float64).tolist() == [False, False, False, False]
+    scale = torch.tensor([2.0, 1e-39, 3e-39, 1e-44, 0.0], requires_grad=True)  # 1e-39: 1/s overflows float32
+    assert c.unscalable_rows(scale, torch.float32).tolist() == [False, True, True, True, True]
+    # A float64 weight holds s·W of every non-zero float32 scale as a normal number: each divides back; 0 does not
+    # (float64's smallest normal is 0 in float32: the comparison must be made in float64).
+    assert c.unscalable_rows(scale, torch.float64).tolist() == [False, False, False, False, True]
     assert scale.dtype == torch.float32 and scale.grad is None
 
 
