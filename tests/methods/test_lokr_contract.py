@@ -510,8 +510,9 @@ def test_kron_path_arguments(monkeypatch, full):
     assert seen == [("linear", *shapes, None, True, True), ("linear", *shapes, None, True, False)]
 
 
-def test_mixed_dtype_input_runs_the_unfused_kron_path(monkeypatch):
-    seen = []
+def _spy_kron_fused(monkeypatch) -> list[bool]:
+    """Record the ``fused`` choice of every ``kron_linear`` call, with folding ΔW never cheaper."""
+    seen: list[bool] = []
     orig = lokr_mod.kron_linear
 
     def spy(*a, fused, needs_grad):
@@ -520,6 +521,11 @@ def test_mixed_dtype_input_runs_the_unfused_kron_path(monkeypatch):
 
     monkeypatch.setattr(lokr_mod, "kron_linear", spy)
     monkeypatch.setattr(LoKrLayer, "_kron_is_cheaper", lambda self, *a: False)
+    return seen
+
+
+def test_mixed_dtype_input_runs_the_unfused_kron_path(monkeypatch):
+    seen = _spy_kron_fused(monkeypatch)
     base = nn.Linear(24, 20).to(torch.float64)
     model, layer = _model(base, r=1, alpha=3)
     assert layer.lokr_w1.dtype == torch.float64
@@ -702,15 +708,7 @@ def test_rank_dropout_keeps_a_row_only_strictly_above_p(monkeypatch):
 def test_input_of_the_factor_dtype_on_a_base_of_another_dtype_runs_the_unfused_kron_path(monkeypatch, case):
     """Under CPU bf16 autocast (the only way such a forward runs) an input in the factors' dtype on a base of
     another dtype is mixed too: the Kronecker path, unfused, even where folding ΔW would be cheaper."""
-    seen = []
-    orig = lokr_mod.kron_linear
-
-    def spy(*a, fused, needs_grad):
-        seen.append(fused)
-        return orig(*a, fused=fused, needs_grad=needs_grad)
-
-    monkeypatch.setattr(lokr_mod, "kron_linear", spy)
-    monkeypatch.setattr(LoKrLayer, "_kron_is_cheaper", lambda self, *a: False)
+    seen = _spy_kron_fused(monkeypatch)
     torch.manual_seed(0)
     bf16_base = case == "fp32_input_on_bf16_base"
     base = nn.Linear(24, 20).to(torch.bfloat16 if bf16_base else torch.float32)
