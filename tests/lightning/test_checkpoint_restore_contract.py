@@ -92,20 +92,37 @@ def _state(net: Any) -> dict[str, torch.Tensor]:
     return state
 
 
-def _save(path: Any, net: Any, config_a: la.LoRAConfig = CA, **meta_over: Any) -> Any:
-    """Write ``net``'s checkpoint as the callback does (``module="backbone"``); ``meta_over`` edits the metadata."""
-    state = _state(net)
+def _write(
+    path: Any,
+    state: dict,
+    adapters: dict,
+    name: str,
+    active: list[str],
+    module: str = "",
+    fingerprint: Any = None,
+    meta_over: dict | None = None,
+) -> dict:
+    """Write a checkpoint holding ``state`` whose adapter ``name`` is the trained one, as the callback does;
+    ``meta_over`` edits the metadata. Returns the metadata."""
     meta = build_metadata(
-        adapters={"a": ("lora", config_a), "b": ("lora", CB)},
-        name="b",
-        active=["a", "b"],
-        trainable=["b"],
-        module="backbone",
-        fingerprint=base_fingerprint(net.backbone),
+        adapters=adapters,
+        name=name,
+        active=active,
+        trainable=[name],
+        module=module,
+        fingerprint=fingerprint,
         shapes={k: list(v.shape) for k, v in state.items()},
     )
-    meta.update(meta_over)
+    meta.update(meta_over or {})
     torch.save({METADATA_KEY: meta, "state_dict": state}, path)
+    return meta
+
+
+def _save(path: Any, net: Any, config_a: la.LoRAConfig = CA, **meta_over: Any) -> Any:
+    """Write ``net``'s checkpoint as the callback does (``module="backbone"``); ``meta_over`` edits the metadata."""
+    adapters = {"a": ("lora", config_a), "b": ("lora", CB)}
+    fingerprint = base_fingerprint(net.backbone)
+    _write(path, _state(net), adapters, "b", ["a", "b"], "backbone", fingerprint, meta_over)
     return path
 
 
@@ -113,17 +130,7 @@ def _write_one(
     path: Any, name: str, method: str, config: Any, state: dict, module: str = "", fingerprint: Any = None
 ) -> dict:
     """Write a checkpoint of one adapter ``name``, active and trained, holding ``state``; return its metadata."""
-    meta = build_metadata(
-        adapters={name: (method, config)},
-        name=name,
-        active=[name],
-        trainable=[name],
-        module=module,
-        fingerprint=fingerprint,
-        shapes={k: list(v.shape) for k, v in state.items()},
-    )
-    torch.save({METADATA_KEY: meta, "state_dict": state}, path)
-    return meta
+    return _write(path, state, {name: (method, config)}, name, [name], module, fingerprint)
 
 
 def _snapshot(model: nn.Module) -> dict[str, torch.Tensor]:
@@ -341,17 +348,10 @@ def _whole_module_checkpoint(path: Any, *, format_1: bool = False) -> Any:
     if format_1:
         state = {k.replace(".adapter.a.", ".adapter."): v for k, v in state.items()}
         meta = {"format": 1, "method": "lora", "config": config_a.to_dict(), "module": ""}
+        torch.save({METADATA_KEY: meta, "state_dict": state}, path)
     else:
-        meta = build_metadata(
-            adapters={"a": ("lora", config_a), "b": ("lora", config_b)},
-            name="b",
-            active=["a"],
-            trainable=["b"],
-            module="",
-            fingerprint=base_fingerprint(net),
-            shapes={k: list(v.shape) for k, v in state.items()},
-        )
-    torch.save({METADATA_KEY: meta, "state_dict": state}, path)
+        adapters = {"a": ("lora", config_a), "b": ("lora", config_b)}
+        _write(path, state, adapters, "b", ["a"], "", base_fingerprint(net))
     return net
 
 
@@ -514,17 +514,9 @@ def test_a_restore_refused_after_the_head_was_loaded_puts_the_head_back(tmp_path
     trained = _trained()
     dora = la.LoRAConfig(r=2, target_modules=["2"], init_weights=False, use_dora=True)
     la.inject(trained.backbone, dora, name="d")
-    state = _state(trained)
-    meta = build_metadata(
-        adapters={"a": ("lora", CA), "b": ("lora", CB), "d": ("lora", dora)},
-        name="b",
-        active=["b", "d"],
-        trainable=["b"],
-        module="backbone",
-        fingerprint=base_fingerprint(trained.backbone),
-        shapes={k: list(v.shape) for k, v in state.items()},
-    )
-    torch.save({METADATA_KEY: meta, "state_dict": state}, tmp_path / "a.ckpt")
+    adapters = {"a": ("lora", CA), "b": ("lora", CB), "d": ("lora", dora)}
+    fingerprint = base_fingerprint(trained.backbone)
+    _write(tmp_path / "a.ckpt", _state(trained), adapters, "b", ["b", "d"], "backbone", fingerprint)
     fresh = Net()
     before = _snapshot(fresh)
     with pytest.raises(AdapterConfigError, match="cannot stack"):
@@ -586,17 +578,9 @@ def _eva_checkpoint(path: Any, *, format_1: bool, ranks: dict[str, int], adjust:
     state[f"c{marker}lora_B"] = torch.randn(5, 4, 1, 1, generator=g)
     if format_1:
         meta = {"format": 1, "method": "lora", "config": config.to_dict(), "module": ""}
+        torch.save({METADATA_KEY: meta, "state_dict": state}, path)
     else:
-        meta = build_metadata(
-            adapters={"default": ("lora", config)},
-            name="default",
-            active=["default"],
-            trainable=["default"],
-            module="",
-            fingerprint=None,
-            shapes={k: list(v.shape) for k, v in state.items()},
-        )
-    torch.save({METADATA_KEY: meta, "state_dict": state}, path)
+        _write_one(path, "default", "lora", config, state)
     return {k.replace(marker, ".adapter.default."): v for k, v in state.items()}
 
 
