@@ -28,10 +28,15 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-@pytest.mark.slow
-@pytest.mark.xdist_group("procs")
-@pytest.mark.parametrize(("strategy", "method"), [("ddp", "adalora"), ("fsdp2", "lora"), ("fsdp2", "adalora")])
-def test_two_nodes_equal_one_process_and_only_global_rank_zero_writes(strategy: str, method: str, tmp_path: Path):
+# gloo's threads, torn down while the other node exits, can abort a process ("terminate called without an active
+# exception", seen once in a loaded CI run under FSDP2): after its result was written that is no failure of the run.
+_TEARDOWN_ABORT = "terminate called without an active exception"
+
+
+def _two_nodes(strategy: str, method: str, tmp_path: Path) -> list[tuple[int, str]]:
+    """Start both nodes on a fresh port and wait: ``(returncode, stderr)`` per node."""
+    for node in (0, 1):
+        (tmp_path / f"node{node}.pt").unlink(missing_ok=True)  # a retry must not read the first try's result
     port = str(_free_port())
     procs = []
     for node in (0, 1):
@@ -41,8 +46,24 @@ def test_two_nodes_equal_one_process_and_only_global_rank_zero_writes(strategy: 
         args += ["--dir", str(tmp_path / f"node{node}"), "--out", str(tmp_path / f"node{node}.pt")]
         procs.append(subprocess.Popen([sys.executable, str(SCRIPT), *args], env=env, stderr=subprocess.PIPE, text=True))
     errors = [p.communicate(timeout=300)[1] for p in procs]
-    for p, err in zip(procs, errors):
-        assert p.returncode == 0, err[-3000:]
+    return [(p.returncode, err) for p, err in zip(procs, errors)]
+
+
+def _node_ok(tmp_path: Path, node: int, returncode: int, err: str) -> bool:
+    """Exit 0, or the teardown abort after the node's result was written."""
+    return returncode == 0 or (_TEARDOWN_ABORT in err and (tmp_path / f"node{node}.pt").is_file())
+
+
+@pytest.mark.slow
+@pytest.mark.xdist_group("procs")
+@pytest.mark.parametrize(("strategy", "method"), [("ddp", "adalora"), ("fsdp2", "lora"), ("fsdp2", "adalora")])
+def test_two_nodes_equal_one_process_and_only_global_rank_zero_writes(strategy: str, method: str, tmp_path: Path):
+    results = _two_nodes(strategy, method, tmp_path)
+    failed = not all(_node_ok(tmp_path, i, *r) for i, r in enumerate(results))
+    if failed and any(_TEARDOWN_ABORT in err for _, err in results):
+        results = _two_nodes(strategy, method, tmp_path)  # aborted before its result: one more try, on a fresh port
+    for i, (returncode, err) in enumerate(results):
+        assert _node_ok(tmp_path, i, returncode, err), err[-3000:]
     nodes = [torch.load(tmp_path / f"node{i}.pt", weights_only=False) for i in (0, 1)]
     assert [(n["global_rank"], n["world_size"]) for n in nodes] == [(0, 2), (1, 2)]
 
