@@ -4,7 +4,8 @@ Both add a named LoRA adapter to the model (inactive and frozen, as any further 
 activated, scaled, trained, merged and saved like any other.
 
 ``combine`` equals PEFT 0.21's ``LoraModel.add_weighted_adapter`` for every ``combination_type`` it offers. Per
-adapted module, with weights ``w_i`` and LoRA scalings ``s_i``:
+adapted module, with weights ``w_i`` and LoRA scalings ``s_i`` (times the adapter's ``set_scale`` factor, as PEFT's
+``set_scale`` rewrites the scaling it reads):
 
 - ``linear`` (all ranks equal): ``A = Σ sgn(w_i s_i)·√|w_i s_i|·A_i``, ``B = Σ √|w_i s_i|·B_i``. The product
   ``B A`` holds cross terms ``B_i A_j``: it is *not* ``Σ w_i ΔW_i`` unless the adapters share factors.
@@ -25,7 +26,8 @@ combination.
 
 ``to_lora`` turns any additive adapter with a weight-space ``ΔW`` (LoHa, LoKr, AdaLoRA, LoRA itself) into a LoRA by
 the truncated SVD of each layer's ``ΔW``, as PEFT's ``convert_to_lora`` does (``B = U S``, ``A = Vᵀ``, scaling 1), and
-reports the relative Frobenius error ``‖ΔW − B A‖ / ‖ΔW‖`` per layer and over the whole adapter.
+reports the relative Frobenius error ``‖ΔW − B A‖ / ‖ΔW‖`` per layer and over the whole adapter. ``ΔW`` is the term
+that acts, so a source scaled by ``set_scale`` is converted at that strength (as PEFT's ``get_delta_weight`` does).
 """
 
 from __future__ import annotations
@@ -287,6 +289,12 @@ def _check_weights(model: nn.Module, weights: Any, what: str) -> dict[str, float
     return out
 
 
+def _acting_scale(layer: LoRALayer) -> float:
+    """The factor the layer's ``B·A`` acts with: its LoRA scaling times its ``set_scale`` strength (PEFT's
+    ``scaling``, which its ``set_scale`` rewrites and ``add_weighted_adapter`` reads)."""
+    return layer.scale * layer.strength
+
+
 def _max_rank(model: nn.Module, name: str) -> int:
     """The rank PEFT allots an adapter when combining: its config's ``r`` or its largest ``rank_pattern`` value."""
     cfg = config_of(model, name)
@@ -405,13 +413,15 @@ def combine(
             if how == "cat":
                 A = first.lora_A.new_zeros(a_shape)
                 B = first.lora_B.new_zeros(b_shape)
-                As = torch.cat([layer.lora_A * w * layer.scale for layer, w in pairs], dim=0)
+                As = torch.cat([layer.lora_A * w * _acting_scale(layer) for layer, w in pairs], dim=0)
                 Bs = torch.cat([layer.lora_B for layer, _ in pairs], dim=1)
                 A[: As.shape[0]] = As
                 B[:, : Bs.shape[1]] = Bs
             elif how.endswith("svd"):
                 deltas = [
-                    layer.lora_B.reshape(layer.lora_B.shape[0], -1) @ layer.lora_A.reshape(layer.r, -1) * layer.scale
+                    layer.lora_B.reshape(layer.lora_B.shape[0], -1)
+                    @ layer.lora_A.reshape(layer.r, -1)
+                    * _acting_scale(layer)
                     for layer, _ in pairs
                 ]  # (out, in·k) each
                 w = torch.tensor([w for _, w in pairs]).to(deltas[0].device)
@@ -420,7 +430,7 @@ def combine(
                     delta, new_rank, clamp=svd_clamp, full_matrices=svd_full_matrices, driver=svd_driver
                 )
             else:
-                scaled = [w * layer.scale for layer, w in pairs]
+                scaled = [w * _acting_scale(layer) for layer, w in pairs]
                 # √|w·s| on both factors, the sign on A only (B·A then carries w·s once per adapter).
                 w_a = torch.tensor([math.sqrt(abs(v)) * (1 if v >= 0 else -1) for v in scaled])
                 w_b = torch.tensor([math.sqrt(abs(v)) for v in scaled])
@@ -531,7 +541,7 @@ def to_lora(model: nn.Module, source: str, r: int | float, name: str | None = No
                     "block-diagonal like the base kernel. Exclude grouped convs from the adapter to convert"
                 )
             try:
-                dw = layer.additive_delta(base)
+                dw = layer.additive_delta(base) * layer.strength  # the ΔW that acts, set_scale included
             except NotMergeableError as err:
                 raise AdapterConfigError(
                     f"{what}: adapter {source!r} cannot become a LoRA on {module_name!r}: {err}"

@@ -153,6 +153,29 @@ def test_combine_of_other_ranks_and_targets_equals_peft(how: str) -> None:
     torch.testing.assert_close(mine_out, theirs_out, atol=1e-4, rtol=1e-4)
 
 
+def _peft_set_scale(pm: nn.Module, name: str, scale: float) -> None:
+    for mod in pm.modules():
+        if hasattr(mod, "set_scale") and name in getattr(mod, "scaling", {}):
+            mod.set_scale(name, scale)
+
+
+@pytest.mark.parametrize("how", ["linear", "cat", "svd"])
+def test_combine_of_an_adapter_scaled_by_set_scale_equals_peft(how: str) -> None:
+    # PEFT's set_scale rewrites the scaling add_weighted_adapter reads: the combination takes the adapter as it acts.
+    pm, ours = _pair()
+    _peft_set_scale(pm, "t2", 0.5)
+    la.set_scale(ours, "t2", 0.5)
+    weights = {"t1": 0.7, "t2": -0.4}
+    pm.add_weighted_adapter(list(weights), list(weights.values()), "ab", combination_type=how)
+    la.combine(ours, weights, name="ab", how=how)
+    theirs, mine = _peft_factors(pm, "ab"), _our_factors(ours, "ab")
+    for m in theirs:
+        (a0, b0), (a1, b1) = theirs[m], mine[m]
+        torch.testing.assert_close(b1 @ a1, b0 @ a0, atol=1e-5, rtol=1e-4)
+    theirs_out, mine_out = _outputs_after(pm, ours, "ab")
+    torch.testing.assert_close(mine_out, theirs_out, atol=1e-4, rtol=1e-4)
+
+
 def test_cat_is_exactly_the_weighted_sum_of_the_deltas_and_trains_saves_merges(tmp_path) -> None:
     _, ours = _pair()
     la.combine(ours, {"t1": 0.7, "t2": 0.3}, name="ab", how="cat")
@@ -236,6 +259,28 @@ def test_to_lora_equals_peft_convert_to_lora(method: str, tmp_path) -> None:
         a0 = state[f"base_model.model.{m}.lora_A.weight"]
         b0 = state[f"base_model.model.{m}.lora_B.weight"]
         torch.testing.assert_close(b @ a, b0 @ a0, atol=1e-5, rtol=1e-4)
+
+
+def test_to_lora_of_an_adapter_scaled_by_set_scale_equals_peft_convert_to_lora(tmp_path) -> None:
+    base, pm = _loha_pair("loha")
+    pm.save_pretrained(tmp_path)
+    ours = la.load_peft(copy.deepcopy(base), tmp_path)
+    _peft_set_scale(pm, "default", 0.25)
+    la.set_scale(ours, "default", 0.25)
+    _, state = peft.convert_to_lora(pm, rank=3)
+    la.to_lora(ours, "default", r=3, name="lora")
+    for m, (a, b) in _our_factors(ours, "lora").items():
+        a0 = state[f"base_model.model.{m}.lora_A.weight"]
+        b0 = state[f"base_model.model.{m}.lora_B.weight"]
+        torch.testing.assert_close(b @ a, b0 @ a0, atol=1e-5, rtol=1e-4)
+    # At full rank the LoRA (strength 1) acts as the scaled source did.
+    report = la.to_lora(ours, "default", r=64, name="full")
+    x = token_batch()
+    with torch.no_grad():
+        scaled = ours(x).logits
+        la.set_active(ours, "full")
+        torch.testing.assert_close(ours(x).logits, scaled, atol=1e-5, rtol=1e-4)
+    assert report.error < 1e-5
 
 
 def _source_delta(model: nn.Module, module: str, name: str) -> torch.Tensor:
