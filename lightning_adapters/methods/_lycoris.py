@@ -31,5 +31,10 @@ def rank_dropout_multipliers(
 
 
 def module_dropped(training: bool, p: float) -> bool:
-    """PEFT's module dropout: in training, skip the adapter when a uniform draw is ``<= p``."""
-    return training and p > 0.0 and float(torch.rand(1)) <= p
+    """PEFT's module dropout: in training, skip the adapter when a uniform draw is ``<= p``.
+
+    The draw happens in every training forward, also at ``p = 0`` (PEFT's default), as PEFT's LoHa and LoKr layers
+    draw it: skipping it would shift the default generator, so the rank-dropout mask drawn next and every dropout
+    layer after the adapter would differ from a seeded PEFT run's.
+    """
+    return training and float(torch.rand(1)) <= p

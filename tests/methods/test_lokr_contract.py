@@ -74,8 +74,12 @@ def test_rank_dropout_multipliers_all_dropped_is_zero_not_nan():
 def test_module_dropped_draw_semantics(monkeypatch):
     state = torch.get_rng_state()
     assert module_dropped(False, 0.9) is False
+    assert torch.equal(torch.get_rng_state(), state)  # no draw when not training
+    torch.rand(1)
+    after = torch.get_rng_state()
+    torch.set_rng_state(state)
     assert module_dropped(True, 0.0) is False
-    assert torch.equal(torch.get_rng_state(), state)  # no draw when not training or p == 0
+    assert torch.equal(torch.get_rng_state(), after)  # one draw in training even at p == 0, as PEFT's layers do
     for value, p, expected in [(0.5, 0.5, True), (0.49, 0.5, True), (0.51, 0.5, False), (0.0, 0.1, True)]:
         monkeypatch.setattr(torch, "rand", lambda *a, v=value, **k: torch.tensor([v]))
         assert module_dropped(True, p) is expected
@@ -375,6 +379,7 @@ def test_training_rank_dropout_forward_delta_output_and_gradients(kind, scale_fl
     x = torch.randn(*shape, generator=torch.Generator().manual_seed(1), requires_grad=True)
     model.train()
     torch.manual_seed(7)
+    torch.rand(1)  # PEFT's module-dropout draw comes first, also at module_dropout=0
     keep = (torch.rand(20 if kind in ("linear", "conv1d_t") else 12) > 0.5).float()
     assert 0 < keep.sum() < keep.numel()
     mult = keep / keep.mean() if scale_flag else keep

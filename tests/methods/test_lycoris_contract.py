@@ -184,7 +184,8 @@ def test_meta_device_training_with_rank_dropout_keeps_the_mask_on_the_factors_de
 @pytest.mark.parametrize("m", METHODS)
 @pytest.mark.parametrize("path", [True, False])
 def test_no_mask_drawn_without_rank_dropout_or_outside_training(monkeypatch, m, path):
-    """Without rank dropout, or in eval, a forward draws nothing from the default generator."""
+    """In eval a forward draws nothing from the default generator; in training without rank dropout it draws only
+    PEFT's module-dropout number (one ``torch.rand(1)`` per call, also at module_dropout=0, as PEFT's layers do)."""
     monkeypatch.setattr(m.layer, m.fast_path, lambda self, *a: path)
     for kw, train in [(dict(rank_dropout=0.0), True), (m.rank_dropout_kw, False)]:
         base = nn.Linear(24, 20)
@@ -192,9 +193,13 @@ def test_no_mask_drawn_without_rank_dropout_or_outside_training(monkeypatch, m, 
         model.train(train)
         x = torch.randn(3, 24)
         state = torch.get_rng_state()
+        if train:
+            torch.rand(1), torch.rand(1)
+        expected_state = torch.get_rng_state()
+        torch.set_rng_state(state)
         y = model(x)
         term = layer.delta_output(base, x)
-        assert torch.equal(torch.get_rng_state(), state)
+        assert torch.equal(torch.get_rng_state(), expected_state)
         dw = m.expected_delta(layer, base)
         assert torch.allclose(y, F.linear(x, base.weight + dw, base.bias), atol=1e-5)
         assert torch.allclose(term, F.linear(x, dw), atol=1e-5)

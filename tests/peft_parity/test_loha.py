@@ -92,9 +92,13 @@ def test_peft_cp_gradients_of_w_a_are_wrong(tmp_path):
         assert (g - ref).norm() / ref.norm() > 0.1
 
 
-def test_training_dropout_draws_match_peft(tmp_path):
-    """Rank and module dropout draw from the same generator in the same order as PEFT: equal training outputs."""
-    kw = dict(r=2, alpha=4, target_modules=["q_proj", "v_proj", "up_proj"], rank_dropout=0.4, module_dropout=0.3)
+@pytest.mark.parametrize("module_dropout", [0.3, 0.0])
+def test_training_dropout_draws_match_peft(tmp_path, module_dropout):
+    """Rank and module dropout draw from the same generator in the same order as PEFT: equal training outputs.
+    At module_dropout=0 (PEFT's default) PEFT still draws the module-dropout number before the rank mask."""
+    kw = dict(
+        r=2, alpha=4, target_modules=["q_proj", "v_proj", "up_proj"], rank_dropout=0.4, module_dropout=module_dropout
+    )
     peft_model, ours, x = check_peft_to_ours("llama", PeftLoHaConfig(**kw), tmp_path)
     peft_model.train()
     ours.train()

@@ -68,15 +68,16 @@ def test_lycoris_init_round_trip(tmp_path):
     assert la.config_of(ours).init_weights == "lycoris"
 
 
-@pytest.mark.parametrize("scale", [False, True])
-def test_training_dropout_draws_match_peft(tmp_path, scale):
-    """Rank and module dropout draw from the same generator in the same order as PEFT: equal training outputs."""
+@pytest.mark.parametrize("scale, module_dropout", [(False, 0.3), (True, 0.3), (True, 0.0)])
+def test_training_dropout_draws_match_peft(tmp_path, scale, module_dropout):
+    """Rank and module dropout draw from the same generator in the same order as PEFT: equal training outputs.
+    At module_dropout=0 (PEFT's default) PEFT still draws the module-dropout number before the rank mask."""
     kw = dict(
         r=1,
         alpha=2,
         target_modules=["q_proj", "v_proj", "up_proj"],
         rank_dropout=0.4,
-        module_dropout=0.3,
+        module_dropout=module_dropout,
         rank_dropout_scale=scale,
     )
     peft_model, ours, x = check_peft_to_ours("llama", PeftLoKrConfig(**kw), tmp_path)
