@@ -123,15 +123,37 @@ def test_quick_scale_grid_writes_table_plots_and_ours_equals_peft(tmp_path: Path
     assert "| lora | fp32/h128-s16-L1 |" in md and "| llama_adapter | bf16-adapters/decoder |" in md
 
 
+_TRACED: list[str] = []  # per graph captured by the "la_test_recording" backend: its nodes' source stack traces
+
+
+def _recording_backend(gm, example_inputs):
+    from torch._dynamo import lookup_backend
+
+    _TRACED.append("\n".join(str(n.meta.get("stack_trace", "")) for n in gm.graph.nodes))
+    return lookup_backend("aot_eager")(gm, example_inputs)
+
+
 @pytest.mark.slow
 def test_quick_scale_compiled_row_compiles_both_sides(tmp_path: Path) -> None:
+    """Each side's timed step runs through compiled graphs traced from its own adapter code: PEFT's step calls its
+    tuner, not the ``PeftModel`` around it, so compiling the wrapper would time PEFT eager."""
+    import torch
+    from torch._dynamo import list_backends, register_backend
+
+    if "la_test_recording" not in list_backends(exclude_tags=()):
+        register_backend(_recording_backend, name="la_test_recording")
+    torch.compiler.reset()  # graphs compiled earlier in this process would be reused without being traced again
+    _TRACED.clear()
     res = _scale_cells(
-        tmp_path, "--methods", "lora", "--points", "--variants", "compile", "--compile-backend", "aot_eager"
+        tmp_path, "--methods", "lora", "--points", "--variants", "compile", "--compile-backend", "la_test_recording"
     )
     e = res["rows"]["lora"]["compile/decoder"]
     assert "error" not in e, e.get("error")
     assert set(e["compile_s"]) == {"ours", "peft", "base"}
     assert e["train"]["ours_over_peft"] > 0
+    assert any("/peft/tuners/lora/" in g for g in _TRACED), "PEFT's LoRA layers never ran compiled"
+    assert any("lightning_adapters/methods/lora.py" in g for g in _TRACED), "our LoRA layers never ran compiled"
+    assert not any("/peft/" in g and "lightning_adapters/" in g for g in _TRACED)
 
 
 @pytest.mark.slow

@@ -181,7 +181,7 @@ def train_step(model: nn.Module, batch: dict[str, torch.Tensor], kind: str, conf
             schedule = schedule_cls(model, config)
             schedule.start({"optimizer_steps": 10**6, "epochs": 1}.get(schedule.length_unit))
     allocate = getattr(getattr(model, "base_model", None), "update_and_allocate", None) if kind == "peft" else None
-    forward = peft_task_forward(model) if kind == "peft" else model
+    forward = called_module(model, kind)
     counter = [0]
 
     def step() -> None:
@@ -203,6 +203,13 @@ def train_step(model: nn.Module, batch: dict[str, torch.Tensor], kind: str, conf
 
     step.optimizer = opt  # type: ignore[attr-defined]  # the memory measurement counts its state
     return step
+
+
+def called_module(model: nn.Module, kind: str) -> nn.Module:
+    """The module whose ``__call__`` a ``train_step(model, batch, kind)`` step runs: PEFT's tuner for ``"peft"``,
+    ``model`` itself otherwise. Whatever wraps the step (``Module.compile``, hooks) must wrap this module: compiling
+    the outer ``PeftModel`` would leave the step PEFT times running eagerly."""
+    return peft_task_forward(model) if kind == "peft" else model
 
 
 def peft_task_forward(model: nn.Module) -> nn.Module:
