@@ -13,8 +13,9 @@ How a method runs on one: the adapted forward hands the method a *dequantized st
 (``DequantizedLinear``): same ``bias``, ``in_features``/``out_features``, adapter children and ``training`` flag,
 but ``weight`` is the dequantized ``W`` (computed on first use, in the input's dtype) and its ``_la_base_forward``
 is the quantized layer's own forward. So a method's maths is unchanged (``F.linear(x, W)``, ``W + ΔW``, a rotated
-``W``). Where no gradient has to flow back to the input through the base (``runs_own_kernel``), methods take the
-base term from the quantized layer's own kernel (``base_linear``), so the output is exactly the quantized model's;
+``W``). Where no gradient has to flow back to the input through the base, and for a bitsandbytes int8 layer in eval
+mode (``runs_own_kernel``), methods take the base term from the quantized layer's own kernel (``base_linear``), so
+the output is exactly the quantized model's;
 LoRA and AdaLoRA train through ``kernels.quantized``, and so does DoRA whenever autograd records in training (its
 weight norm needs the dequantized weight anyway, and the layers' own training product is the dequantized one).
 Memory stays that of the quantized base: while the method runs, autograd's saved-tensor hooks store every saved
@@ -369,8 +370,15 @@ def quantized_base(base: nn.Module) -> nn.Module | None:
 def runs_own_kernel(base: nn.Module, x: torch.Tensor) -> bool:
     """Whether the base term of a quantized stand-in comes from the quantized layer's own forward: when no gradient
     has to flow back to ``x`` through it (so its inference kernels, e.g. bitsandbytes' packed CPU kernel, give the
-    base output exactly as the plain quantized model computes it)."""
-    return quantized_base(base) is not None and not (torch.is_grad_enabled() and x.requires_grad)
+    base output exactly as the plain quantized model computes it), and always for a bitsandbytes int8 layer in eval
+    mode: its inference product also quantizes the input (not the dequantized product), and its own autograd
+    Function gives ``x`` its gradient, so the adapted model equals the quantized one with or without autograd."""
+    real = quantized_base(base)
+    if real is None:
+        return False
+    if not (torch.is_grad_enabled() and x.requires_grad):
+        return True
+    return not real.training and quant_scheme(real) == "int8" and not _pending(real)
 
 
 def base_linear(base: nn.Module, x: torch.Tensor, with_bias: bool = True) -> torch.Tensor:

@@ -566,6 +566,27 @@ def test_the_quantized_kernel_runs_unless_a_gradient_must_reach_the_input(grad_m
         assert runs_own_kernel(_linear(), x) is False  # a float base has no quantized kernel
 
 
+@pytest.mark.parametrize("training", [True, False])
+def test_an_int8_layer_in_eval_mode_runs_its_own_kernel_even_for_an_input_needing_its_gradient(training):
+    """bitsandbytes' int8 inference product also quantizes the input, so it is not the dequantized product; its own
+    Function differentiates it. In training its product is the dequantized one, which the methods compute."""
+    from lightning_adapters.core.quant import runs_own_kernel
+
+    torch.manual_seed(0)
+    model = la.quantize(nn.Sequential(nn.Linear(64, 32)), "int8", skip=[])
+    with torch.no_grad():
+        plain = model[0].train(training)(torch.randn(2, 64, generator=torch.Generator().manual_seed(1)))
+    la.inject(model, la.LoRAConfig(r=2, target_modules=["0"]))
+    layer = model[0].train(training)
+    x = torch.randn(2, 64, generator=torch.Generator().manual_seed(1), requires_grad=True)
+    assert runs_own_kernel(stand_in(layer), x) is not training
+    y = base_linear(stand_in(layer), x)
+    (gx,) = torch.autograd.grad(y.sum(), x)
+    torch.testing.assert_close(y, plain, rtol=0, atol=0 if not training else 1e-6)
+    w = dequantized_weight(layer, torch.float32)
+    torch.testing.assert_close(gx, torch.ones(2, 32) @ w, rtol=1e-5, atol=1e-5)
+
+
 def test_a_saved_tensor_without_storage_is_kept_as_it_is():
     """A sparse tensor saved beside the weight has no storage to compare; it is not the weight, and backward gets
     it back unchanged."""

@@ -90,10 +90,13 @@ def test_function_runs_under_autograd_and_equals_the_plain_form(scheme, dropout,
     g = torch.randn(3, 50, OUT, generator=torch.Generator().manual_seed(3))
     spy = _Spy(monkeypatch)
     ours = _run(model, x, g)
-    assert spy.calls == (0 if mode == "eval" and not x_grad else 1)
+    # In eval mode the base term is the layer's own kernel where no gradient reaches x, and always on int8 (whose
+    # inference product also quantizes the input): the plain form.
+    calls = 0 if mode == "eval" and (not x_grad or scheme == "int8") else 1
+    assert spy.calls == calls
     monkeypatch.setattr(lora_method, "quantized_dora_applies", lambda *a: False)
     ref = _run(model, x, g)
-    assert spy.calls == (0 if mode == "eval" and not x_grad else 1)
+    assert spy.calls == calls
     expected = {"y", "layer.bias"} | {f"layer.adapter.default.{k}" for k in ("lora_A", "lora_B", "magnitude")}
     assert ours.keys() == ref.keys() == expected | ({"x"} if x_grad else set())
     for k in ref:  # fp32 rounding: sums over 150 rows of values ~1 differ by ~1e-5 of the largest

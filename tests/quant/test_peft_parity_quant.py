@@ -116,3 +116,37 @@ def test_our_adapter_loads_in_peft_with_equal_outputs(method: str, scheme: str, 
     with torch.no_grad():
         got = theirs(x)
     assert torch.allclose(got, expected, atol=1e-5, rtol=0), (got - expected).abs().max()
+
+
+@pytest.mark.parametrize("method", ["lora", "dora", "adalora", "oft"])
+def test_int8_in_eval_mode_under_autograd_equals_peft(method: str, tmp_path) -> None:
+    """bitsandbytes' int8 inference product also quantizes the input. In eval mode with autograd on (an input that
+    needs its gradient reaches ``v``), the base term is still the layer's own product, as PEFT and the plain
+    quantized model compute it: outputs, the input's gradient and every adapter gradient equal PEFT's."""
+    make_peft, _ = METHODS[method]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        theirs = peft.get_peft_model(_peft_base(_base("int8"), "int8"), make_peft())
+    _randomize([p for n, p in theirs.named_parameters() if p.requires_grad and "ranknum" not in n], seed=2)
+    theirs.save_pretrained(tmp_path)
+    ours = la.load_peft(_base("int8"), tmp_path)
+    g = torch.randn(4, 6, 32, generator=torch.Generator().manual_seed(5))
+    results = []
+    for model in (theirs.eval(), ours.eval()):
+        x = _x().requires_grad_(True)
+        params = sorted((p for n, p in model.named_parameters() if p.requires_grad and "ranknum" not in n), key=_key)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            y = model(x)
+            grads = torch.autograd.grad((y * g).sum(), [x, *params])
+        results.append((y.detach(), grads))
+    (y_p, g_p), (y_o, g_o) = results
+    torch.testing.assert_close(y_o, y_p, rtol=0, atol=1e-5)
+    assert len(g_o) == len(g_p)
+    for a, b in zip(g_o, g_p):
+        torch.testing.assert_close(a.reshape(b.shape), b, rtol=1e-5, atol=1e-5)
+
+
+def _key(p: torch.Tensor) -> tuple:
+    """Orders one library's adapter tensors as the other's: by shape, then by value (the same random weights)."""
+    return (tuple(p.shape), float(p.detach().double().sum()))
