@@ -207,6 +207,13 @@ def check_writable(layers: list[tuple[str, nn.Module, AdapterLayer]], what: str)
             )
 
 
+def _compiled_inner(model: nn.Module) -> nn.Module | None:
+    """The module a ``torch.compile`` wrapper (``OptimizedModule``) runs, else ``None``."""
+    compiled = getattr(getattr(torch, "_dynamo", None), "eval_frame", None)
+    wrapper = getattr(compiled, "OptimizedModule", None)
+    return model._orig_mod if wrapper is not None and isinstance(model, wrapper) else None
+
+
 def get_adapters(model: nn.Module) -> ModelAdapters | None:
     """The ``ModelAdapters`` entry of ``model`` itself (not of a sub-module)."""
     return model.__dict__.get(RECORD_ATTR)
@@ -354,6 +361,12 @@ def inject(model: nn.Module, config: AdapterConfig, name: str = DEFAULT_NAME) ->
     if not isinstance(config, AdapterConfig):
         raise AdapterTypeError(f"config must be an adapter config such as LoRAConfig(...), got {type(config).__name__}")
     check_name(name, "inject")
+    inner = _compiled_inner(model)
+    if inner is not None and get_adapters(inner) is not None:
+        # torch.compile of an injected model: the adapters live in the module it wraps, so inject there (the
+        # same config again is a no-op, as on the plain model). Dynamo sees the change through its guards.
+        inject(inner, config, name=name)
+        return model
     # Work on a validated copy: fields set after construction (cfg.r = 0) skipped __post_init__'s checks, and the
     # record must keep describing the adapters really built when the caller edits their object later (cfg.r = 8).
     config = copy.deepcopy(config)

@@ -278,7 +278,8 @@ def base_fingerprint(model: nn.Module) -> str:
     for name, t in model.state_dict().items():
         if is_adapter_key(name, prefixes):
             continue
-        h.update(f"{name}:{tuple(t.shape)};".encode())
+        # A torch.compile wrapper adds ``_orig_mod.`` to the names of the same base: leave it out.
+        h.update(f"{name.replace('_orig_mod.', '')}:{tuple(t.shape)};".encode())
         # Values are sampled from plain tensors only (a sharded DTensor's local slice differs per rank; a quantized
         # tensor subclass such as torchao's NF4Tensor cannot be sliced) and rounded to bf16, so the same base cast
         # to bf16 by Lightning's precision plugin keeps its fingerprint.

@@ -51,7 +51,9 @@ from lightning_adapters.registry import get_method
 from lightning_adapters.schedules import TrainingSchedule
 
 RUNTIME_ATTR = "_la_runtime"
-_WRAPPER_ATTRS = ("_fsdp_wrapped_module.", "_checkpoint_wrapped_module.", "_orig_mod.")
+# Wrappers whose attribute state dicts leave out (FSDP1's and activation checkpointing's state-dict hooks drop them).
+# ``torch.compile``'s ``_orig_mod.`` is not one: a compiled sub-module's keys keep it.
+_WRAPPER_ATTRS = ("_fsdp_wrapped_module.", "_checkpoint_wrapped_module.")
 
 
 @dataclass

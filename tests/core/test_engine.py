@@ -77,6 +77,22 @@ def test_same_config_twice_is_a_noop_and_a_different_one_is_refused():
     assert all(torch.equal(model.state_dict()[k], v) for k, v in snap.items())
 
 
+def test_injecting_into_a_compiled_injected_model_acts_on_the_model_it_wraps():
+    model = tiny_llama()
+    cfg = la.LoRAConfig(r=2, target_modules=["q_proj"])
+    la.inject(model, cfg)
+    compiled = torch.compile(model, backend="eager")
+    snap = {k: v.clone() for k, v in model.state_dict().items()}
+    assert la.inject(compiled, la.LoRAConfig(r=2, target_modules=["q_proj"])) is compiled  # the same: a no-op
+    assert set(model.state_dict()) == set(snap)
+    with pytest.raises(la.AdapterConfigError, match="different config"):
+        la.inject(compiled, la.LoRAConfig(r=4, target_modules=["q_proj"]))
+    assert all(torch.equal(model.state_dict()[k], v) for k, v in snap.items())
+    la.inject(compiled, la.LoRAConfig(r=2, target_modules=["v_proj"]), name="b")
+    assert la.adapter_names(model) == ["default", "b"] and la.active(compiled) == ["default"]
+    assert la.base_fingerprint(compiled) == la.base_fingerprint(model)  # the same base, compiled or not
+
+
 def test_modules_named_like_adapters_are_not_adapter_state():
     class Net(nn.Module):
         def __init__(self):

@@ -436,3 +436,39 @@ def test_restore_refuses_a_non_finite_checkpoint_unless_asked(tmp_path):
     assert fresh.state_dict().keys() == before.keys()  # the refused call left no adapter behind
     la.restore_from_checkpoint(fresh, tmp_path / "nan.ckpt", check_finite=False)
     assert torch.isnan(fresh.state_dict()[key]).sum() == 1
+
+
+class CompiledEncoder(BoringMLP):
+    """Compiles its encoder in ``configure_model``, after the callback has injected into it (eager backend: fast)."""
+
+    def configure_model(self):
+        if not isinstance(self.encoder, torch._dynamo.eval_frame.OptimizedModule):
+            self.encoder = torch.compile(self.encoder, backend="eager")
+
+
+def test_a_sub_module_compiled_in_configure_model_is_checkpointed_and_resumes_exactly(tmp_path):
+    def fit(root, model, epochs, ckpt_path=None):
+        cb = la.AdapterCallback(lora(target_modules=["0", "2", "4"]), module="encoder", verbose=False)
+        ckpt = ModelCheckpoint(dirpath=root, save_last=True)
+        t = trainer(max_epochs=epochs, callbacks=[cb, ckpt])
+        t.fit(model, mlp_data(), ckpt_path=ckpt_path)
+        return t
+
+    straight = CompiledEncoder()
+    fit(tmp_path / "a", straight, 2)
+    fit(tmp_path / "b", CompiledEncoder(), 1)
+    saved = torch.load(tmp_path / "b" / "last.ckpt", weights_only=True)["state_dict"]
+    adapter_keys = {k for k in saved if ".adapter.default." in k}
+    assert len(adapter_keys) == 6 and all(k.startswith("encoder._orig_mod.") for k in adapter_keys)
+    assert set(saved) - adapter_keys == {"head.weight", "head.bias"}  # no base tensor
+    resumed = CompiledEncoder()
+    t = fit(tmp_path / "c", resumed, 2, ckpt_path=tmp_path / "b" / "last.ckpt")
+    assert t.global_step == 16
+    a, b = la.adapter_state_dict(straight), la.adapter_state_dict(resumed)
+    assert a.keys() == b.keys() and len(a) == 6
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
+    assert torch.equal(straight.head.weight, resumed.head.weight)
+    # The checkpoint restores onto a module that compiles its encoder the same way.
+    fresh = la.restore_from_checkpoint(CompiledEncoder(), tmp_path / "b" / "last.ckpt")
+    assert len(la.adapter_state_dict(fresh)) == 6
