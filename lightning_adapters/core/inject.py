@@ -387,6 +387,7 @@ def inject(model: nn.Module, config: AdapterConfig, name: str = DEFAULT_NAME) ->
             original_rg = dict(others[0].original_requires_grad)
         model_adapter = None
         if not isinstance(spec, LayerMethod):
+            _check_in_place_tensors(model, name, config, to_save, [], others)
             model_adapter = spec.inject(model, config, name)
             targets = model_adapter.targets
         else:
@@ -423,6 +424,7 @@ def inject(model: nn.Module, config: AdapterConfig, name: str = DEFAULT_NAME) ->
             layers = {n: spec.create_layer(stand_in(m), config, n) for n, m in modules.items() if n in targets}
             layers.update(extra_built)
             _check_base_changes(name, layers, modules)
+            _check_in_place_tensors(model, name, config, to_save, list(layers), others)
             for n, layer in layers.items():
                 if layer.changes_base_on_attach and is_quantized(modules[n]):
                     raise UnsupportedLayerError(
@@ -468,6 +470,63 @@ def _check_shared_tensors(name: str, to_save: list[str], others: list[InjectionR
                 f"inject {name!r}: modules_to_save {shared} are already saved by adapter {rec.name!r}; a module is "
                 f"trained in place, so only one adapter may own it: leave them out of this config's modules_to_save"
             )
+
+
+def _in_place_tensors(root: nn.Module, biases: list[str], to_save: list[str]) -> dict[int, tuple[str, str]]:
+    """``{id(tensor): (its name, "" for a bias or its modules_to_save module)}`` of the base tensors an adapter trains
+    in place."""
+    out = {id(root.get_parameter(n)): (n, "") for n in biases}
+    for m in to_save:
+        for n, p in root.get_submodule(m).named_parameters():
+            out.setdefault(id(p), (f"{m}.{n}", m))
+    return out
+
+
+def _check_in_place_tensors(
+    model: nn.Module,
+    name: str,
+    config: AdapterConfig,
+    to_save: list[str],
+    layer_modules: list[str],
+    others: list[InjectionRecord],
+) -> None:
+    # Base biases a ``bias`` option trains and modules_to_save are trained in place, not copied per adapter (PEFT
+    # allows a single adapter with ``bias``): a tensor another adapter already trains would end up in both adapters'
+    # saved files with whichever values were trained last. (modules_to_save against modules_to_save is refused by
+    # _check_shared_tensors, by module.)
+    if not others:
+        return
+    mode = getattr(config, "bias", "none")
+    if mode == "all":
+        adapter_ids = {id(p) for _, _, layer in adapted_modules(model) for p in layer.parameters()}
+        biases = [
+            n for n, p in model.named_parameters() if (n == "bias" or n.endswith(".bias")) and id(p) not in adapter_ids
+        ]
+    elif mode != "none":
+        biases = [
+            f"{m}.bias" if m else "bias"
+            for m in layer_modules
+            if isinstance(getattr(model.get_submodule(m), "bias", None), nn.Parameter)
+        ]
+    else:
+        biases = []
+    new = _in_place_tensors(model, biases, to_save)
+    for rec in others:
+        owned = _in_place_tensors(model, trained_biases(model, rec), rec.modules_to_save)
+        shared = [(new[i], owned[i]) for i in new if i in owned]
+        if not shared:
+            continue
+        (_, mine), (_, theirs) = shared[0]
+        mine_label = "modules_to_save" if mine else f"bias={mode!r}"
+        theirs_label = "modules_to_save" if theirs else f"bias={getattr(rec.config, 'bias', 'none')!r}"
+        saved = mine or theirs
+        fix = "use bias='none' in one of them" + (f", or leave {saved!r} out of modules_to_save" if saved else "")
+        names = [t for (t, _), _ in shared]
+        raise AdapterConfigError(
+            f"inject {name!r}: {mine_label} would train {names[:3]}{' ...' if len(names) > 3 else ''} in place, "
+            f"which adapter {rec.name!r} already trains ({theirs_label}); a base tensor trained in place belongs to "
+            f"one adapter only (PEFT allows one adapter with bias): {fix}"
+        )
 
 
 def _rewrites_base(layer: AdapterLayer) -> bool:

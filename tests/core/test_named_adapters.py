@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import copy
+import re
 
 import pytest
 import torch
@@ -326,3 +327,38 @@ def test_an_adapter_beside_a_merged_one_keeps_its_output(scale: float) -> None:
         before = model(x)
         la.merge(model, "b")
         torch.testing.assert_close(model(x), before, atol=1e-5, rtol=1e-5)
+
+
+def test_biases_trained_in_place_belong_to_one_adapter_each(tmp_path) -> None:
+    # A bias option trains the base bias itself (as PEFT's): two adapters may train biases of different modules, never
+    # the same one, which would reach both adapters' saved files with whichever values were trained last.
+    model = Net()
+    la.inject(model, la.LoRAConfig(r=2, target_modules=["body"], bias="lora_only"), name="a")
+    la.inject(model, la.LoRAConfig(r=2, target_modules=["other"], bias="lora_only"), name="b")
+    before = {n: t.clone() for n, t in model.state_dict().items()}
+    for second, shared in [
+        (la.LoRAConfig(r=2, target_modules=["head", "body"], bias="lora_only"), "['body.bias']"),
+        (la.LoRAConfig(r=2, target_modules=["head"], bias="all"), "['body.bias']"),
+        (la.LoRAConfig(r=2, target_modules=["head"], modules_to_save=["body"]), "['body.bias']"),
+    ]:
+        refusal = rf"would train {re.escape(shared)} in place, which adapter 'a'"
+        with pytest.raises(la.AdapterConfigError, match=refusal):
+            la.inject(model, second, name="c")
+        assert la.adapter_names(model) == ["a", "b"] and model.state_dict().keys() == before.keys()
+    la.inject(model, la.LoRAConfig(r=2, target_modules=["head", "body"]), name="c")  # no bias option: no conflict
+    la.set_trainable(model, ["a", "b"])
+    assert {n for n, p in model.named_parameters() if p.requires_grad and ".adapter." not in n} == {
+        "body.bias",
+        "other.bias",
+    }
+    with torch.no_grad():
+        model.body.bias.add_(1.0)
+        model.other.bias.add_(2.0)
+    la.save_peft(model, tmp_path, names=["a", "b"])
+    from safetensors.torch import load_file
+
+    saved_a = load_file(tmp_path / "a" / "adapter_model.safetensors")
+    saved_b = load_file(tmp_path / "b" / "adapter_model.safetensors")
+    assert [k for k in saved_a if k.endswith("bias")] == ["base_model.model.body.base_layer.bias"]
+    assert [k for k in saved_b if k.endswith("bias")] == ["base_model.model.other.base_layer.bias"]
+    torch.testing.assert_close(saved_b["base_model.model.other.base_layer.bias"], model.other.bias.detach())

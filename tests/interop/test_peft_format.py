@@ -345,6 +345,6 @@ def test_the_bias_of_a_module_only_another_adapter_adapts_keeps_its_own_key() ->
 
     model = nn.Sequential(nn.Linear(4, 4), nn.Linear(4, 4))
     la.inject(model, la.LoRAConfig(r=2, target_modules=["0"], bias="all"), name="a")
-    la.inject(model, la.LoRAConfig(r=2, target_modules=["1"], bias="all"), name="b")
+    la.inject(model, la.LoRAConfig(r=2, target_modules=["1"]), name="b")
     biases = {k for k in peft_tensors(model, "a") if k.endswith("bias")}
     assert biases == {"base_model.model.0.base_layer.bias", "base_model.model.1.bias"}

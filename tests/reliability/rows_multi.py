@@ -12,7 +12,7 @@ from collections.abc import Callable
 from typing import Any
 
 import lightning_adapters as la
-from tests.helpers import tiny_llama
+from tests.helpers import tiny_bert, tiny_gpt2, tiny_llama
 
 
 def _lora(**kw: Any) -> la.LoRAConfig:
@@ -27,6 +27,17 @@ def _two(snapshot_into: Callable, call: Callable, second: Callable[[], Any] | No
         la.inject(m, second() if second is not None else _lora(), name="b")
         if prepare is not None:
             prepare(m)
+        snapshot_into(m)
+        return call(m)
+
+    return action
+
+
+def _then(snapshot_into: Callable, first: Any, call: Callable) -> Callable:
+    """Inject ``first`` (as ``default``), snapshot, ``call``."""
+
+    def action(m, tmp):
+        la.inject(m, first)
         snapshot_into(m)
         return call(m)
 
@@ -87,6 +98,31 @@ def rows(Row: type, snapshot_into: Callable) -> list:  # noqa: N803 - the Row cl
             _two(s, lambda m: la.inject(m, la.LoRAConfig(r=2, target_modules=["q_proj"], init_weights="pissa"), "c")),
             la.AdapterConfigError,
             r"already holds adapter 'default', and adapter 'c' uses an init that rewrites the base weight",
+        ),
+        Row(
+            "multi-inject-shared-bias",
+            tiny_gpt2,
+            _then(
+                s,
+                la.LoRAConfig(r=2, target_modules=["c_attn"], bias="lora_only"),
+                lambda m: la.inject(m, la.LoRAConfig(r=2, target_modules=["c_fc", "c_attn"], bias="lora_only"), "c"),
+            ),
+            la.AdapterConfigError,
+            r"inject 'c': bias='lora_only' would train \['transformer.h.0.attn.c_attn.bias', "
+            r"'transformer.h.1.attn.c_attn.bias'\] in place, which adapter 'default' already trains "
+            r"\(bias='lora_only'\).*use bias='none' in one of them",
+        ),
+        Row(
+            "multi-inject-bias-over-modules-to-save",
+            tiny_bert,
+            _then(
+                s,
+                la.LoRAConfig(r=2, target_modules=["query"], modules_to_save=["classifier"]),
+                lambda m: la.inject(m, la.LoRAConfig(r=2, target_modules=["value"], bias="all"), "c"),
+            ),
+            la.AdapterConfigError,
+            r"inject 'c': bias='all' would train \['classifier.bias'\] in place, which adapter 'default' already "
+            r"trains \(modules_to_save\).*or leave 'classifier' out of modules_to_save",
         ),
         Row(
             "multi-set-active-unknown",
