@@ -401,6 +401,7 @@ def inject(model: nn.Module, config: AdapterConfig, name: str = DEFAULT_NAME) ->
                 skip=skip,
                 layers_to_transform=config.layers_to_transform,
                 layers_pattern=config.layers_pattern,
+                none_selects_nothing=bool(getattr(config, "target_parameters", None)),
             )
             modules = {n: model.get_submodule(n) for n in targets}
             bad = {n: type(m).__name__ for n, m in modules.items() if not isinstance(m, spec.supported_types)}

@@ -104,8 +104,13 @@ def resolve_targets(
     skip: set[str] | None = None,
     layers_to_transform: Any = None,
     layers_pattern: Any = None,
+    none_selects_nothing: bool = False,
 ) -> list[str]:
     """Names of the modules ``target_modules`` selects, minus ``exclude_modules`` and ``skip``.
+
+    ``target_modules=None`` takes the model type's default targets; without one it is an error, or, with
+    ``none_selects_nothing`` (a config that adapts something else, such as LoRA's ``target_parameters``), no module
+    (PEFT's rule: it looks up the defaults first, and adapts only the parameters when there are none).
 
     With ``layers_to_transform`` (list ``target_modules`` only) a module matched by a suffix is kept only if its
     layer index is selected (``layer_index_selected``); one named in full is kept as it is (PEFT's rule).
@@ -119,6 +124,8 @@ def resolve_targets(
     if target_modules is None:
         model_type = getattr(getattr(model, "config", None), "model_type", None)
         table = default_targets if default_targets is not None else DEFAULT_TARGETS
+        if model_type not in table and none_selects_nothing:
+            return []
         if model_type not in table:
             raise TargetError(
                 f"{method}: target_modules is None and there is no default for model type {model_type!r}; "

@@ -81,6 +81,13 @@ CASES = {
         dict(target_modules=[], target_parameters=["block.w", "block.proj"]),
         lambda: {"x": torch.randn(4, 8, generator=torch.Generator().manual_seed(1))},
     ),
+    # target_modules left at None on a model without default targets: PEFT adapts only the parameters and writes
+    # target_modules null (was refused here: "no default for model type None").
+    "parameters-only-none": (
+        StackedNet,
+        dict(target_parameters=["block.w", "block.proj"]),
+        lambda: {"x": torch.randn(4, 8, generator=torch.Generator().manual_seed(1))},
+    ),
 }
 
 
@@ -164,6 +171,23 @@ def test_target_parameters_trained_here_loads_in_peft(tmp_path):
     theirs = PeftModel.from_pretrained(copy.deepcopy(base), tmp_path)
     ids = torch.randint(0, 64, (2, 7), generator=torch.Generator().manual_seed(1))
     torch.testing.assert_close(ours(input_ids=ids).logits, theirs(input_ids=ids).logits, atol=1e-5, rtol=1e-5)
+
+
+def test_target_parameters_without_target_modules_adapts_only_the_parameters(tmp_path):
+    base = StackedNet()
+    ours = la.inject(copy.deepcopy(base), la.LoRAConfig(r=2, target_parameters=["block.proj"]))
+    assert sorted(n for n, p in ours.named_parameters() if p.requires_grad) == [
+        "block.adapter.default.lora_A.proj",
+        "block.adapter.default.lora_B.proj",
+    ]
+    randomize_adapter(ours, seed=3)
+    la.save_peft(ours, tmp_path)
+    theirs = PeftModel.from_pretrained(copy.deepcopy(base), tmp_path)
+    x = torch.randn(4, 8, generator=torch.Generator().manual_seed(1))
+    assert not torch.allclose(ours(x), base(x), atol=1e-4)
+    torch.testing.assert_close(ours(x), theirs(x), atol=1e-5, rtol=1e-5)
+    with pytest.raises(la.TargetError, match="target_modules is None and there is no default"):
+        la.inject(copy.deepcopy(base), la.LoRAConfig(r=2))
 
 
 def test_bad_target_parameters_are_refused():
