@@ -23,12 +23,14 @@ import functools
 from collections.abc import Callable, Iterable
 from typing import Any
 
+import torch
 from lightning.pytorch.utilities.rank_zero import rank_zero_warn
 from torch import nn
 
 from lightning_adapters.core.inject import adapted_modules, apply_dtype_policy, find_records
 from lightning_adapters.core.layer import AdapterLayer
 from lightning_adapters.core.quant import fsdp2_kept_whole
+from lightning_adapters.core.state import adapter_prefixes, is_adapter_key
 from lightning_adapters.errors import AdapterConfigError, AdapterStateError
 from lightning_adapters.lightning.checkpoint import DEEPSPEED_ADAPTER_KEY
 
@@ -193,9 +195,7 @@ def _gather_deepspeed_state(strategy: Any) -> dict[str, Any]:
     trainable = {n for n, p in module.named_parameters() if p.requires_grad}
     buffers = {n for n, _ in module.named_buffers()}
     with gathered(strategy, (p for p in module.parameters() if p.requires_grad)):
-        return {
-            k: v.detach().cpu().clone() for k, v in module.state_dict().items() if k in trainable or k in buffers
-        }
+        return {k: v.detach().cpu().clone() for k, v in module.state_dict().items() if k in trainable or k in buffers}
 
 
 def _keep_adapter_state(save: Callable[..., None]) -> Callable[..., None]:
@@ -289,12 +289,36 @@ def _reapply_dtype_policy_after_conversion(plugin: Any) -> None:
     convert = plugin.convert_module
 
     def convert_module(module: nn.Module) -> nn.Module:
+        # Lightning restores a checkpoint before this cast: keep the adapter values it loaded, so that a tensor the
+        # policy puts back in its dtype gets its exact value back, not the value rounded through the cast's dtype.
+        kept = _adapter_tensors(module)
         module = convert(module)
         apply_dtype_policy(module)
+        now = _adapter_tensors(module, clone=False)
+        with torch.no_grad():
+            for name, before in kept.items():
+                after = now.get(name)
+                if after is not None and after.dtype == before.dtype and after.shape == before.shape:
+                    after.copy_(before)
         return module
 
     plugin.convert_module = convert_module
     plugin.__dict__["_la_dtype_policy"] = True
+
+
+def _adapter_tensors(module: nn.Module, clone: bool = True) -> dict[str, torch.Tensor]:
+    """The floating adapter parameters and buffers of ``module`` by state-dict name (plain local tensors only)."""
+    prefixes = adapter_prefixes(module)
+    if not prefixes:
+        return {}
+    out = {}
+    for name, t in [*module.named_parameters(), *module.named_buffers()]:
+        if not is_adapter_key(name, prefixes) or not t.is_floating_point() or t.is_meta:
+            continue
+        if type(t.data) is not torch.Tensor:  # a DTensor shard or a quantized subclass: left to its strategy
+            continue
+        out[name] = t.detach().clone() if clone else t.data
+    return out
 
 
 # ------------------------------------------------------------------------------------------------------------

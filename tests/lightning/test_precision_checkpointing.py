@@ -52,6 +52,38 @@ def test_bf16_keeps_fp32_adapters_and_exports_for_peft(precision, tmp_path):
     torch.testing.assert_close(got, want, atol=atol, rtol=0)
 
 
+def test_bf16_true_resume_keeps_the_checkpoints_fp32_adapter_and_ends_as_an_uninterrupted_run(tmp_path):
+    # Lightning restores the checkpoint before bf16-true casts the module; the adapter put back in fp32 after the
+    # cast must hold the saved values, not values rounded to bf16 (which moved lora_A by ~5e-4 per resume).
+    from lightning.pytorch.callbacks import ModelCheckpoint
+
+    class Start(Callback):
+        def on_train_start(self, trainer, pl_module):
+            self.adapter = {k: v.clone() for k, v in la.adapter_state_dict(pl_module.model).items()}
+
+    def fit(root, model, epochs, ckpt_path=None, *extra):
+        cb = la.AdapterCallback(
+            la.LoRAConfig(r=2, target_modules=QV, init_weights=False), module="model", verbose=False
+        )
+        ckpt = ModelCheckpoint(dirpath=root, save_last=True)
+        torch.manual_seed(1)  # the same random adapter init in every run
+        trainer(max_epochs=epochs, precision="bf16-true", callbacks=[cb, ckpt, *extra]).fit(
+            model, token_data(), ckpt_path=ckpt_path
+        )
+
+    straight, first, resumed, start = TinyLlamaLM(lr=0.1), TinyLlamaLM(lr=0.1), TinyLlamaLM(lr=0.1), Start()
+    fit(tmp_path / "a", straight, 2)
+    fit(tmp_path / "b", first, 1)
+    fit(tmp_path / "c", resumed, 2, tmp_path / "b" / "last.ckpt", start)
+    saved = la.adapter_state_dict(first.model)
+    assert start.adapter.keys() == saved.keys() and all(v.dtype == torch.float32 for v in saved.values())
+    for k, v in saved.items():
+        assert torch.equal(start.adapter[k], v), k  # resumed from exactly the saved fp32 values
+    want, got = la.adapter_state_dict(straight.model), la.adapter_state_dict(resumed.model)
+    for k, v in want.items():
+        assert torch.equal(got[k], v), k
+
+
 class Grads(Callback):
     """Adapter gradients of the first optimizer step, and how often the first block's attention started."""
 
