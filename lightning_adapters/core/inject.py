@@ -834,7 +834,10 @@ def merge_layer(base: nn.Module, layer: AdapterLayer) -> None:
 
 @contextlib.contextmanager
 def disabled(model: nn.Module) -> Iterator[nn.Module]:
-    """Run the base model: adapters are switched off (and merged ones unmerged) inside the block."""
+    """Run the base model: adapters are switched off (and merged ones unmerged) inside the block.
+
+    ``modules_to_save`` and ``bias``-trained biases are trained in place: they keep their trained values here.
+    """
     check_module(model, "disabled")
     layers = list(adapted_modules(model))
     check_unmergeable(layers, "disabled")

@@ -173,7 +173,8 @@ def delete(model: nn.Module, name: str) -> nn.Module:
     """Remove adapter ``name`` from ``model``; the others stay as they are.
 
     The model is then what injecting only the remaining adapters would have made (module tree, state dict,
-    outputs); ``requires_grad`` of what the deleted adapter trained goes back to frozen.
+    outputs); ``requires_grad`` of what the deleted adapter trained goes back to frozen. Its ``modules_to_save`` and
+    ``bias``-trained biases were trained in place and keep their values.
 
     Raises:
         AdapterConfigError: Unknown ``name``, or it is active (``set_active`` to the others first, or ``eject`` to
