@@ -21,9 +21,10 @@ from typing import Any
 import torch
 from torch import nn
 
+from lightning_adapters.config import check_regex
 from lightning_adapters.core.inject import check_module, find_records
 from lightning_adapters.core.layer import is_adapted
-from lightning_adapters.core.quant import SCHEMES, is_quantized
+from lightning_adapters.core.quant import SCHEMES, is_quantized, quant_scheme
 from lightning_adapters.core.targeting import module_aliases, name_matches, output_head_names
 from lightning_adapters.errors import AdapterConfigError, AdapterStateError, TargetError
 
@@ -32,6 +33,9 @@ from lightning_adapters.errors import AdapterConfigError, AdapterStateError, Tar
 TORCHAO_SCALER_BLOCK = 256
 # Blocksizes bitsandbytes' 4-bit kernels accept.
 BNB_BLOCKSIZES = (32, 64, 128, 256, 512, 1024, 2048, 4096)
+# Weight dtypes each scheme's quantizer takes (bitsandbytes' 4-bit and torchao's int8 refuse float64).
+_HALF_OR_SINGLE = (torch.float32, torch.float16, torch.bfloat16)
+_WEIGHT_DTYPES = {"nf4": _HALF_OR_SINGLE, "fp4": _HALF_OR_SINGLE, "torchao_int8": _HALF_OR_SINGLE}
 
 
 def _require(package: str, scheme: str) -> Any:
@@ -54,6 +58,25 @@ def _dtype(value: Any, what: str) -> torch.dtype | None:
             f"quantize: {what}={value!r} is not a floating dtype; use 'float32', 'bfloat16' or 'float16'"
         )
     return dt
+
+
+def _skip(value: Any) -> list[str] | str | None:
+    """``skip`` checked: None, a full-match regex string, or a list of non-empty name suffixes (may be empty)."""
+    if value is None:
+        return None
+    if isinstance(value, str):
+        check_regex(value, value, "quantize: skip")
+        return value
+    try:
+        items = list(value)
+    except TypeError:
+        items = None
+    if items is None or not all(isinstance(v, str) and v for v in items):
+        raise AdapterConfigError(
+            f"quantize: skip={value!r} must be a list of module name suffixes or a full-match regex string, "
+            "e.g. skip=['lm_head'] (skip=[] quantizes every Linear)"
+        )
+    return items
 
 
 def quantize(
@@ -82,8 +105,10 @@ def quantize(
         torchao ones keep the module and swap its weight.
 
     Raises:
-        AdapterConfigError: An unknown scheme or dtype, a blocksize that does not fit, a missing package, or a
-            model that already holds adapters (quantize first, then inject).
+        AdapterConfigError: An unknown scheme or dtype, a blocksize that does not fit, a ``skip`` that is neither
+            a list of names nor a valid regex, a weight dtype the scheme cannot quantize (float64 for ``"nf4"``,
+            ``"fp4"`` and ``"torchao_int8"``), a missing package, or a model that already holds adapters (quantize
+            first, then inject). Every check runs before the first layer is replaced.
         AdapterStateError: A weight on the meta device (no values to quantize).
         TargetError: No Linear layer is left to quantize.
     """
@@ -102,6 +127,7 @@ def quantize(
             "quantize: the model already holds adapters; quantize the plain model first, then inject "
             "(lightning_adapters.eject(model) removes them)"
         )
+    skip = _skip(skip)
     skip = sorted(output_head_names(model)) if skip is None else skip
     chosen = [
         (names, m)
@@ -109,11 +135,20 @@ def quantize(
         if type(m) is nn.Linear and not is_quantized(m) and not any(name_matches(n, skip) for n in names if n)
     ]
     if not chosen:
-        raise TargetError(f"quantize: no plain nn.Linear layer left to quantize (skip={skip!r})")
+        done = [f"{n!r} ({quant_scheme(m)})" for n, m in model.named_modules() if is_quantized(m)]
+        already = f"; already quantized: {', '.join(done[:4])}{', ...' if len(done) > 4 else ''}" if done else ""
+        raise TargetError(f"quantize: no plain nn.Linear layer left to quantize (skip={skip!r}){already}")
     for names, m in chosen:
         if m.weight.is_meta:
             raise AdapterStateError(
                 f"quantize: {names[0]}.weight is on the meta device (no values); load the weights first"
+            )
+        allowed = _WEIGHT_DTYPES.get(scheme)
+        if allowed is not None and m.weight.dtype not in allowed:
+            raise AdapterConfigError(
+                f"quantize: {names[0]!r} has a {m.weight.dtype} weight, which scheme {scheme!r} cannot quantize "
+                f"(it takes {', '.join(str(d) for d in allowed)}); cast the model first (e.g. model.float()) or add "
+                "the layer to skip"
             )
         if scheme == "torchao_nf4" and m.weight.numel() % (blocksize * TORCHAO_SCALER_BLOCK):
             raise AdapterConfigError(

@@ -44,6 +44,13 @@ def _fp16_weights_int8() -> nn.Module:
     return model
 
 
+def _float64_second() -> nn.Module:
+    """``q`` in float32, ``v`` in float64: a failure at ``v`` must not leave ``q`` quantized."""
+    model = _Net()
+    model.v.double()
+    return model
+
+
 def _enter_disabled(m: nn.Module, p: Any) -> None:
     with la.disabled(m):
         pass
@@ -100,6 +107,41 @@ def rows(Row: type) -> list:  # noqa: N803 - the Row class of test_bad_inputs
             lambda m, p: la.quantize(m, "nf4", skip=["q", "v"]),
             la.TargetError,
             r"no plain nn.Linear layer left to quantize \(skip=\['q', 'v'\]\)",
+        ),
+        Row(
+            "quantize-float64-layer",
+            _float64_second,
+            lambda m, p: la.quantize(m, "nf4", skip=[]),
+            la.AdapterConfigError,
+            r"'v' has a torch.float64 weight, which scheme 'nf4' cannot quantize .*model.float\(\)\) or add",
+        ),
+        Row(
+            "quantize-torchao-int8-float64-layer",
+            _float64_second,
+            lambda m, p: la.quantize(m, "torchao_int8", skip=[]),
+            la.AdapterConfigError,
+            r"'v' has a torch.float64 weight, which scheme 'torchao_int8' cannot quantize",
+        ),
+        Row(
+            "quantize-skip-not-names",
+            _Net,
+            lambda m, p: la.quantize(m, "nf4", skip=["q", None]),
+            la.AdapterConfigError,
+            r"skip=\['q', None\] must be a list of module name suffixes or a full-match regex string",
+        ),
+        Row(
+            "quantize-skip-bad-regex",
+            _Net,
+            lambda m, p: la.quantize(m, "nf4", skip="(q"),
+            la.AdapterConfigError,
+            r"skip: '\(q' is not a valid regular expression",
+        ),
+        Row(
+            "quantize-twice",
+            _quantized,
+            lambda m, p: la.quantize(m, "int8"),
+            la.TargetError,
+            r"no plain nn.Linear layer left to quantize \(skip=\[\]\); already quantized: 'q' \(nf4\), 'v' \(nf4\)",
         ),
         Row(
             "residual-init-on-quantized-base",
