@@ -59,6 +59,21 @@ LOFTQ_NF4_BLOCKSIZE = 64
 #: Seed of the random test matrix of ``"pissa_niter_K"`` (PEFT's result after ``torch.manual_seed(0)``).
 PISSA_NITER_SEED = 0
 _PISSA_NITER = re.compile(r"pissa_niter_(\d+)")
+#: PEFT 0.21.2 ``init_lora_weights`` values whose only effect is the saved tensors (they load as the default init).
+_TENSOR_ONLY_INITS = ("eva", "orthogonal", "lora_ga")
+#: Every string PEFT 0.21.2's LoRA layers accept as ``init_lora_weights`` ("gaussian" and "olora" in any case).
+_PEFT_INIT_NAMES = (
+    "gaussian",
+    "pissa",
+    "pissa_niter_<K>",
+    "olora",
+    "loftq",
+    "eva",
+    "orthogonal",
+    "corda",
+    "lora_ga",
+    "mica",
+)
 _REFUSED = {
     "lora_ga": "LoRA-GA (gradient-based init) is not implemented; use 'pissa' or 'eva'",
     "mica": "MiCA (trains lora_A only, from the smallest singular vectors) is not implemented",
@@ -210,8 +225,10 @@ def init_from_peft(value: Any) -> Any:
     Inits that change the base (``"pissa"``, ``"pissa_niter_K"``, ``"olora"``, ``"loftq"``) are recomputed on
     load, as PEFT does, so the saved factors land on the same residual / quantised weight (for ``"pissa_niter_K"``
     only up to the randomised SVD's error when the file comes from PEFT, whose draw cannot be repeated). Inits
-    whose effect is only the saved tensors (``"eva"``, ``"orthogonal"``, ``"lora_ga"``, ...) load as the default.
-    ``"corda"`` needs its calibration data to rebuild the residual: refused, naming the fix.
+    whose effect is only the saved tensors (``"eva"``, ``"orthogonal"``, ``"lora_ga"``) load as the default.
+    ``"corda"`` needs its calibration data to rebuild the residual: refused, naming the fix. Any other string
+    (``"PiSSA"``, ``"pissa_niter_x"``, a typo) is refused naming it, as PEFT refuses to build such a layer: loading
+    it as the default init would put factors trained on a residual base onto the unmodified one.
     """
     if isinstance(value, str) and value.lower() in ("olora", "gaussian"):
         value = value.lower()  # PEFT compares these two case-insensitively ("OLoRA")
@@ -226,6 +243,12 @@ def init_from_peft(value: Any) -> Any:
             "path_initial_model_for_weight_conversion=...); here: save_peft(..., convert_to_lora=True)), or inject "
             "LoRAConfig(init_weights='corda') and run initialize_from_data on the same batches before loading "
             "the tensors with load_adapter_state_dict"
+        )
+    if isinstance(value, str) and value and value not in _TENSOR_ONLY_INITS:  # "" is false to PEFT: no init
+        names = ", ".join(repr(v) for v in _PEFT_INIT_NAMES)
+        raise AdapterConfigError(
+            f"lora: PEFT option init_lora_weights={value!r} is not an initialisation PEFT 0.21.2 knows (PEFT refuses "
+            f"to load it too); its values are true, false, {names}: fix init_lora_weights in the adapter_config.json"
         )
     return True
 

@@ -9,6 +9,7 @@ the seed, LoftQ through its alternation written out here, and the conversion to 
 from __future__ import annotations
 
 import math
+import re
 import sys
 from types import SimpleNamespace
 
@@ -100,13 +101,21 @@ def test_base_mode_and_is_residual():
         ("eva", True),
         ("orthogonal", True),
         ("lora_ga", True),
-        ("PiSSA", True),
-        ("pissa_niter_x", True),
+        (None, True),
+        ("", True),
     ],
 )
 def test_init_from_peft(value, want):
     got = li.init_from_peft(value)
     assert got == want and type(got) is type(want)
+
+
+@pytest.mark.parametrize("value", ["PiSSA", "pissa_niter_x", "pissa_niter_", "Eva", "foo"])
+def test_init_from_peft_refuses_a_string_peft_does_not_know(value):
+    """PEFT raises on these when it builds the layer ("Unknown initialization", or int('x') for pissa_niter_x);
+    loading them as the default init would silently drop a residual init such as PiSSA."""
+    with pytest.raises(AdapterConfigError, match=re.escape(f"init_lora_weights={value!r} is not an initialisation")):
+        li.init_from_peft(value)
 
 
 def test_init_from_peft_keeps_a_non_bool_one_so_the_config_refuses_it():

@@ -13,6 +13,7 @@ import copy
 import dataclasses
 import json
 import pickle
+import re
 
 import peft
 import pytest
@@ -374,6 +375,21 @@ def test_mica_is_refused_by_name(tmp_path):
     _edit_config(tmp_path, init_lora_weights="mica")
     with pytest.raises(AdapterConfigError, match=r"init_lora_weights='mica'.*MiCA trains lora_A only"):
         la.load_peft(copy.deepcopy(base), tmp_path)
+
+
+@pytest.mark.parametrize("value", ["PiSSA", "pissa_niter_x", "foo"])
+def test_init_lora_weights_peft_does_not_know_is_refused_and_the_model_is_unchanged(tmp_path, value):
+    """PEFT refuses to build these layers ("Unknown initialization"); they used to load as the default init, which
+    for a PiSSA-trained adapter means factors for the residual base on the unmodified base."""
+    base, _ = _write_peft("LORA", tmp_path)
+    _edit_config(tmp_path, init_lora_weights=value)
+    with pytest.raises(ValueError):
+        peft.PeftModel.from_pretrained(copy.deepcopy(base).float(), tmp_path)  # float32: PiSSA refuses float64
+    model = copy.deepcopy(base)
+    with pytest.raises(AdapterConfigError, match=re.escape(f"init_lora_weights={value!r} is not an initialisation")):
+        la.load_peft(model, tmp_path)
+    assert [n for n, _ in model.named_modules()] == [n for n, _ in base.named_modules()]
+    assert all(torch.equal(a, b) for a, b in zip(model.state_dict().values(), base.state_dict().values()))
 
 
 def test_field_unknown_to_the_table_is_refused_unless_off(tmp_path):
