@@ -19,7 +19,8 @@ from omegaconf import OmegaConf
 
 
 def load_task(run_dir: str | os.PathLike) -> Any:
-    """The task module of a training-app run, built as the run built it, before any training.
+    """The task module of a training-app run, built as the run built it, before any training (its backbone
+    quantized as the run's ``quantization`` group says).
 
     The module is built from ``<run_dir>/.hydra/config.yaml`` with the run's seed, so a part the adapter does
     not save (the head under Llama-Adapter, which cannot save extra modules) gets the same initial weights.
@@ -47,7 +48,11 @@ def load_task(run_dir: str | os.PathLike) -> Any:
     with torch.random.fork_rng(devices=[]):
         if cfg.get("seed") is not None:
             torch.manual_seed(int(cfg.seed))  # the app seeds torch this way before building the model
-        return instantiate(cfg.model)
+        task = instantiate(cfg.model)
+    from lightning_adapters.train import quantize_task
+
+    quantize_task(task, cfg.get("quantization"))  # a QLoRA run trained on its quantized backbone
+    return task
 
 
 @dataclass

@@ -272,6 +272,28 @@ def test_load_task_rebuilds_the_runs_initial_model_without_touching_the_global_r
         load_task(tmp_path / "nowhere")
 
 
+def test_load_task_of_a_qlora_run_quantizes_the_backbone_as_the_run_did(tmp_path: Path) -> None:
+    # The adapter of a QLoRA run was trained (and its test metric measured) on the quantized backbone; the recipe
+    # the run prints loads it onto load_task(run), which must be that backbone, not the full-precision one.
+    from omegaconf import OmegaConf
+
+    from lightning_adapters.app import load_task
+    from lightning_adapters.core.quant import quant_scheme
+
+    pytest.importorskip("bitsandbytes")
+    cfg = compose_app(["model=tiny_bert", "quantization=nf4_double", "logger=none", "seed=3"], tmp_path)
+    (tmp_path / ".hydra").mkdir()
+    OmegaConf.save(OmegaConf.masked_copy(cfg, [k for k in cfg if k != "hydra"]), tmp_path / ".hydra" / "config.yaml")
+    built = build(cfg).task
+    loaded = load_task(tmp_path)
+    schemes = {n: quant_scheme(m) for n, m in loaded.named_modules()}
+    assert schemes == {n: quant_scheme(m) for n, m in built.named_modules()}
+    assert schemes["backbone.encoder.layer.0.attention.self.query"] == "nf4" and schemes["head"] is None
+    assert built.state_dict().keys() == loaded.state_dict().keys()
+    for (name, a), b in zip(built.state_dict().items(), loaded.state_dict().values()):
+        assert torch.equal(a, b), name
+
+
 def test_collect_sweep_on_a_path_that_is_not_a_sweep_says_so_in_one_line(tmp_path: Path, capsys) -> None:
     (tmp_path / "multirun.yaml").write_text("hydra: {}\n")
     for wrong in (tmp_path / "multirun.yaml", tmp_path / "missing"):
