@@ -582,6 +582,27 @@ def _check_values(
         )
 
 
+def _submodule(root: nn.Module, name: str) -> nn.Module | None:
+    try:
+        return root.get_submodule(name)
+    except AttributeError:
+        return None
+
+
+def _embedding_layers(model: nn.Module) -> set[int]:
+    """Ids of the model's input and output embedding layers (transformers' accessors; none for other models), the
+    layers whose full weights PEFT's ``save_embedding_layers`` writes."""
+    found = set()
+    for accessor in ("get_input_embeddings", "get_output_embeddings"):
+        try:
+            layer = getattr(model, accessor)() if callable(getattr(model, accessor, None)) else None
+        except (NotImplementedError, AttributeError):
+            layer = None
+        if isinstance(getattr(layer, "weight", None), torch.Tensor):
+            found.add(id(layer))
+    return found
+
+
 def _load_tensors(
     model: nn.Module, tensors: dict[str, torch.Tensor], spec, check_finite: bool = True, name: str = DEFAULT_NAME
 ) -> None:
@@ -615,6 +636,14 @@ def _load_tensors(
         if key in tensors:
             base_layer_keys[key] = base
             expected[key] = tuple(base.weight.shape)
+    # A file PEFT wrote from a model holding several adapters also carries those full matrices for the input and
+    # output embeddings only the *other* adapters wrap; PEFT's own load leaves them out where this adapter wraps
+    # nothing, and so does this one (their shape must still fit the model's layer).
+    embeddings = _embedding_layers(root)
+    for key in tensors.keys() - expected.keys():
+        module = key.removesuffix(".base_layer.weight")
+        if module != key and id(_submodule(root, module)) in embeddings:
+            expected[key] = tuple(root.get_submodule(module).weight.shape)
     report = StateReport.compare(tensors, expected)
     if report:
         raise AdapterStateError(

@@ -271,9 +271,10 @@ def _out_and_grads_tiny(model: nn.Module) -> list[torch.Tensor]:
 
 
 def test_a_base_weight_for_a_module_only_another_adapter_adapts_is_refused(tmp_path):
-    """PEFT writes ``<module>.base_layer.weight`` only for modules the saved adapter adapts (its embedding and head
-    targets). A file carrying one for a module that only an adapter already in the model adapts does not fit the
-    adapter being loaded: refused as an unexpected key, the model's weight and adapters left as they were."""
+    """PEFT writes ``<module>.base_layer.weight`` only for the model's input and output embeddings (those an adapter
+    of the saved model wraps). A file carrying one for another module that only an adapter already in the model adapts
+    does not fit the adapter being loaded: refused as an unexpected key, the model's weight and adapters left as they
+    were."""
     torch.manual_seed(0)
     base = nn.Sequential(nn.Linear(4, 4), nn.Linear(4, 4))
     la.save_peft(la.inject(copy.deepcopy(base), la.LoRAConfig(r=2, target_modules=["0"])), tmp_path)

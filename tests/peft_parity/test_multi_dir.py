@@ -57,6 +57,41 @@ def test_peft_lora_pair_loads_here_with_each_adapters_outputs(tmp_path) -> None:
         torch.testing.assert_close(_ours(model, name), _theirs(pm, name), atol=1e-5, rtol=1e-5)
 
 
+def test_peft_pair_on_different_embedding_layers_loads_here(tmp_path) -> None:
+    # PEFT writes the full base matrix of every embedding layer an adapter of the model wraps into *each* adapter's
+    # file (save_embedding_layers): default's file also holds lm_head.base_layer.weight, which only b wraps.
+    base = tiny_llama(num_hidden_layers=1)
+    pm = peft.get_peft_model(copy.deepcopy(base), peft.LoraConfig(r=2, target_modules=["embed_tokens", "q_proj"]))
+    pm.add_adapter("b", peft.LoraConfig(r=3, lora_alpha=5, target_modules=["lm_head", "v_proj"]))
+    _randomize(pm, 6)
+    pm.eval()
+    pm.save_pretrained(tmp_path)
+    model = copy.deepcopy(base)
+    la.load_peft(model, tmp_path / "b", name="b")
+    la.load_peft(model, tmp_path)
+    assert la.active(model) == ["b"]
+    # The other adapter's base matrix is not written into the base: it loads exactly as into a fresh model.
+    assert torch.equal(model.lm_head.weight, base.lm_head.weight)
+    for name in ("default", "b"):
+        torch.testing.assert_close(_ours(model, name), _theirs(pm, name), atol=1e-5, rtol=1e-5)
+    rows = ["b", "__base__", "default"]
+    x = token_batch(shape=(3, 9))
+    with torch.no_grad():
+        theirs = pm(input_ids=x, adapter_names=rows).logits
+        with la.per_sample(model, rows):
+            torch.testing.assert_close(model(x).logits, theirs, atol=1e-5, rtol=1e-5)
+    # A base matrix that does not fit the model's layer is still refused.
+    from safetensors.torch import load_file, save_file
+
+    tensors = load_file(tmp_path / "adapter_model.safetensors")
+    tensors["base_model.model.lm_head.base_layer.weight"] = tensors["base_model.model.lm_head.base_layer.weight"][:5]
+    save_file(tensors, tmp_path / "adapter_model.safetensors")
+    with pytest.raises(
+        la.AdapterStateError, match=r"mis-shaped lm_head\.base_layer\.weight: file \(5, 64\), model \(128, 64\)"
+    ):
+        la.load_peft(copy.deepcopy(base), tmp_path)
+
+
 def test_peft_dirs_of_two_methods_load_here_with_each_adapters_outputs(tmp_path) -> None:
     base = tiny_llama(num_hidden_layers=1)
     lora = peft.get_peft_model(copy.deepcopy(base), peft.LoraConfig(r=4, target_modules=["q_proj", "v_proj"]))
