@@ -99,9 +99,18 @@ def from_schema(obj: AdapterConfig) -> AdapterConfig:
         return obj
     method, real = _ALIASED[type(obj)]
     kwargs = {f.name: getattr(obj, f.name) for f in dataclasses.fields(real)}
-    if obj.r is not None:
-        kwargs.update(rank_fields(method, obj.r))
-    return real(**kwargs)
+    if obj.r is None:
+        return real(**kwargs)
+    sets = rank_fields(method, obj.r)
+    kwargs.update(sets)
+    try:
+        return real(**kwargs)
+    except AdapterConfigError as err:
+        # The refusal names the method's own field; say which value the user gave sets it.
+        shown = ", ".join(f"{k}={v!r}" for k, v in sets.items())
+        raise AdapterConfigError(
+            f"{err} (method.r={obj.r!r} sets {shown} for {method}; give method.r an integer > 0)"
+        ) from None
 
 
 # Trainer arguments the app fills from its own groups (``callbacks``, ``logger``): not settable under ``trainer``.

@@ -93,6 +93,26 @@ def test_value_the_config_refuses_names_the_field(tmp_path: Path) -> None:
         method_config(cfg.method)
 
 
+@pytest.mark.parametrize(
+    ("method", "message"),
+    [
+        ("adalora", r"init_r must be an integer > 0, got 0 \(method\.r=0 sets target_r=0, init_r=0 for adalora; give "),
+        (
+            "boft",
+            r"boft_block_num=0 \(method\.r=0 sets boft_block_num=0, boft_block_size=0 for boft; give method\.r an",
+        ),
+        (
+            "llama_adapter",
+            r"adapter_len must be an integer > 0, got 0 \(method\.r=0 sets adapter_len=0 for llama_adapter",
+        ),
+    ],
+)
+def test_a_refused_method_r_names_the_field_it_set_and_the_value_given(method: str, message: str, tmp_path) -> None:
+    cfg = compose_app([f"method={method}", "method.r=0"], tmp_path)
+    with pytest.raises(AdapterConfigError, match=message):
+        method_config(cfg.method)
+
+
 @pytest.mark.parametrize("method", ["adalora", "boft", "llama_adapter", "oft", "lora"])
 def test_method_r_is_meaningful_for_every_preset(method: str, tmp_path: Path) -> None:
     if method not in available_methods():
