@@ -413,6 +413,8 @@ class LoRALayer(AdapterLayer):
         self.register_buffer("merge_norm", None, persistent=False)
         # DoRA's eval-mode weight norm: (key of the tensors it was computed from, norm); see ``_dora_norm``.
         self._norm_cache: tuple[tuple, torch.Tensor] | None = None
+        # The factor m / norm for that cached norm: (norm, key of m, factor); see ``_dora_factor``.
+        self._factor_cache: tuple[torch.Tensor, tuple, torch.Tensor] | None = None
         # DoRA rows whose factor is 0 cannot be recovered by dividing: merge keeps them (indices, values).
         # Plain attributes, not buffers: no dtype policy or cast may round the copies.
         self.merge_rows_idx: torch.Tensor | None = None
@@ -623,9 +625,32 @@ class LoRALayer(AdapterLayer):
         self._norm_cache = None if key is None else (key, n)
         return n
 
+    def _dora_factor(self, base: nn.Module) -> torch.Tensor:
+        """``m / ‖W + ΔW‖`` (``dora_factor``) shaped like ``magnitude``; cached with the eval-mode norm.
+
+        Where ``_dora_norm`` returned its cached norm and no gradient flows to ``m``, the factor is kept beside it,
+        keyed by that norm and by ``m``'s storage, version counter, dtype and shape (as the norm's key), so an eval
+        forward does not rebuild it from the same tensors in every layer call.
+        """
+        n = self._dora_norm(base)
+        m = self.magnitude
+        norm_cache = self._norm_cache
+        if norm_cache is None or norm_cache[1] is not n or (m.requires_grad and torch.is_grad_enabled()):
+            return dora_factor(m, n)
+        key = _tensor_key(m)
+        cached = getattr(self, "_factor_cache", None)
+        if cached is not None and cached[0] is n and cached[1] == key:
+            factor = cached[2]
+            # A factor computed under inference_mode cannot enter an autograd graph outside it.
+            if not (factor.is_inference() and not torch.is_inference_mode_enabled()):
+                return factor
+        factor = dora_factor(m, n)
+        self._factor_cache = (n, key, factor)
+        return factor
+
     def train(self, mode: bool = True) -> LoRALayer:
-        """``nn.Module.train``; also drops the eval-mode DoRA norm cache."""
-        self._norm_cache = None
+        """``nn.Module.train``; also drops the eval-mode DoRA norm and factor caches."""
+        self._norm_cache = self._factor_cache = None
         return super().train(mode)
 
     def _check_mergeable(self) -> None:
@@ -794,7 +819,7 @@ class LoRALayer(AdapterLayer):
         return (out + F.linear(h, self.lora_B, self.lora_B_bias) * self.scale).to(out.dtype)
 
     def _forward_linear_dora(self, base: nn.Module, x: torch.Tensor, xd: torch.Tensor, h: torch.Tensor) -> torch.Tensor:
-        factor = dora_factor(self.magnitude, self._dora_norm(base))  # (out,)
+        factor = self._dora_factor(base)  # (out,)
         lora = F.linear(h, self.lora_B) * self.scale  # (..., out)
         if self.dropout_p > 0.0 and self.training:
             # PEFT's form when the adapter sees a dropped input: base(x) + (m/n − 1)·W·x_d + (m/n)·s·B·A·x_d.
@@ -815,7 +840,7 @@ class LoRALayer(AdapterLayer):
             h = base._conv_forward(xd, self.lora_A, None)  # (N, r, *spatial_out): same stride/padding/dilation/groups
         lora = conv(h, self.lora_B, self.lora_B_bias, groups=self.groups) * self.scale  # (N, out, *spatial_out)
         if self.use_dora:
-            factor = dora_factor(self.magnitude, self._dora_norm(base))  # (1, out, 1...)
+            factor = self._dora_factor(base)  # (1, out, 1...)
             if self.dropout_p > 0.0 and self.training:
                 out = self._la_base(base, x)
                 wx_d = base._conv_forward(xd.to(base.weight.dtype), base.weight, None)
@@ -840,7 +865,7 @@ class LoRALayer(AdapterLayer):
         h = self._embed(base, x, self.lora_A.t())  # (..., V) lookup in Aᵀ (V, r) -> (..., r)
         lora = _scaled_embedding(base, F.linear(h, self.lora_B) * self.scale)  # (..., r) @ (r, d) -> (..., d)
         if self.use_dora:
-            factor = dora_factor(self.magnitude, self._dora_norm(base))  # (d,)
+            factor = self._dora_factor(base)  # (d,)
             # In the promoted (wider) dtype: a bf16 adapter must not round a float32 base's output (PEFT's neither).
             return (factor * (out + lora)).to(out.dtype)
         return (out + lora).to(out.dtype)

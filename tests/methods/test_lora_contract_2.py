@@ -1522,3 +1522,80 @@ def test_an_ungrouped_layer_loads_a_peft_state_of_meta_tensors_on_the_meta_devic
         assert all(t.is_meta for t in state.values())
         layer.load_peft_state(state)
         assert all(p.is_meta for p in layer.parameters())
+
+
+def _dora_eval_model(kind: str) -> tuple[nn.Module, torch.Tensor]:
+    """A DoRA layer whose eval forward reads ``_dora_factor``: a bf16 Linear under fp32 adapters (the mixed-dtype
+    plain form), a Conv1d, an Embedding; random factors and magnitude."""
+    torch.manual_seed(0)
+    if kind == "linear_bf16":
+        base, x = nn.Linear(6, 5).to(torch.bfloat16), torch.randn(4, 6).to(torch.bfloat16)
+    elif kind == "conv":
+        base, x = nn.Conv1d(3, 5, 2), torch.randn(2, 3, 6)
+    else:
+        base, x = nn.Embedding(7, 5), torch.tensor([[1, 4, 6], [0, 2, 2]])
+    model = la.inject(Wrap(base), la.LoRAConfig(r=2, use_dora=True, init_weights=False, target_modules=["layer"]))
+    with torch.no_grad():
+        model.layer.adapter["default"].magnitude.mul_(torch.rand_like(model.layer.adapter["default"].magnitude) + 0.5)
+    return model, x
+
+
+def _uncached(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    layer = model.layer.adapter["default"]
+    layer._norm_cache = layer._factor_cache = None
+    return model(x)
+
+
+@pytest.mark.parametrize("kind", ["linear_bf16", "conv", "embedding"])
+def test_eval_dora_factor_cache_is_reused_only_while_its_magnitude_and_norm_are_unchanged(kind):
+    """Eval without a gradient to ``m``: the second forward reuses the factor ``m / n`` (the same tensor) and gives
+    the uncached output bit for bit; an in-place write to ``m`` or to ``B`` (version counters) and ``train()``
+    drop it, so each output equals a recomputation from scratch."""
+    model, x = _dora_eval_model(kind)
+    layer = model.layer.adapter["default"]
+    model.eval()
+    with torch.no_grad():
+        first = model(x)
+        factor = layer._factor_cache[2]
+        again = model(x)
+        assert layer._factor_cache[2] is factor and torch.equal(again, first)
+        assert torch.equal(_uncached(model, x), first)
+        model(x)
+        layer.magnitude.mul_(1.5)
+        y = model(x)
+        assert layer._factor_cache[2] is not factor and not torch.equal(y, first)
+        assert torch.equal(_uncached(model, x), y)
+        model(x)
+        layer.lora_B.add_(0.25)
+        y = model(x)
+        assert torch.equal(_uncached(model, x), y)
+    model.train()
+    assert layer._factor_cache is None and layer._norm_cache is None
+
+
+@pytest.mark.parametrize("kind", ["linear_bf16", "conv", "embedding"])
+def test_eval_dora_factor_is_not_cached_while_the_magnitude_gets_a_gradient(kind):
+    """Eval with autograd on ``m`` (the other side of the cache's condition): the factor is rebuilt in the graph,
+    so ``∂m`` flows, twice in a row, equal to the uncached run's values; a factor cached under ``inference_mode`` is
+    not reused by a forward outside it that records autograd (no error, same output)."""
+    model, x = _dora_eval_model(kind)
+    layer = model.layer.adapter["default"]
+    model.eval()
+    with torch.inference_mode():
+        inferred = model(x)
+        model(x)
+    grads = []
+    for _ in range(2):
+        y = model(x)
+        (gm,) = torch.autograd.grad(y.float().sum(), [layer.magnitude])
+        grads.append(gm)
+        assert torch.equal(y, inferred) and gm.abs().sum() > 0
+    assert torch.equal(grads[0], grads[1])
+    layer.magnitude.requires_grad_(False)
+    if kind == "linear_bf16":
+        x = x.clone().requires_grad_(True)  # an input that needs a gradient saves the factor for the backward
+    y = model(x)
+    assert torch.equal(y, inferred)
+    if kind == "linear_bf16":
+        y.float().sum().backward()
+        assert x.grad.abs().sum() > 0
