@@ -20,6 +20,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from lightning_adapters.config import pattern_value
 from lightning_adapters.core.files import read_files, replace_directory, target_directory, write_file
 from lightning_adapters.core.inject import (
     adapted_modules,
@@ -155,6 +156,34 @@ def peft_config_dict(model: nn.Module, name: str | None = None) -> dict[str, Any
     return {k: d[k] for k in sorted(d)}
 
 
+def _sorted(value: Any) -> Any:
+    if isinstance(value, dict):
+        return {k: _sorted(value[k]) for k in sorted(value)}
+    if isinstance(value, list):
+        return [_sorted(v) for v in value]
+    return value
+
+
+def _written_order(config: dict[str, Any], adapted: list[str]) -> dict[str, Any]:
+    """``config`` with its keys sorted at every depth, as PEFT's ``save_pretrained`` writes them, except a
+    ``rank_pattern`` / ``alpha_pattern`` whose sorted order would give an adapted module another value.
+
+    Their keys are regexes tried in file order, first match wins (PEFT's rule, and ``load_peft``'s): sorted,
+    ``{"q_proj": 2, "layers.1.q_proj": 3}`` would give ``layers.1.q_proj`` 3 instead of 2, and the file would
+    not load (PEFT's own files have that flaw). Such a pattern keeps the order it was given.
+    """
+    out = {}
+    for key in sorted(config):
+        value = config[key]
+        if key in ("rank_pattern", "alpha_pattern") and isinstance(value, dict):
+            ordered = _sorted(value)
+            if any(pattern_value(ordered, n, None) != pattern_value(value, n, None) for n in adapted):
+                out[key] = value
+                continue
+        out[key] = _sorted(value)
+    return out
+
+
 def _save_dtype(value: Any) -> torch.dtype | None:
     """``save_dtype`` as a floating torch dtype (a name such as ``"bfloat16"`` is accepted), else an error."""
     if value is None:
@@ -259,7 +288,9 @@ def save_peft(
                         f"{tensors[k].abs().max().item():.4g}) in adapter {name!r}; save in torch.float32 or bfloat16"
                     )
             tensors = cast
-        config_bytes = (json.dumps(peft_config, indent=2, sort_keys=True) + "\n").encode()
+        _, root, rec = _record(model, name)
+        adapted = [n for n, _, _ in adapted_modules(root, [rec.name])]
+        config_bytes = (json.dumps(_written_order(peft_config, adapted), indent=2) + "\n").encode()
         files[name] = (config_bytes, st_save(tensors, metadata={"format": "pt"}))
 
     def fill(staging: Path) -> None:

@@ -392,6 +392,26 @@ def test_init_lora_weights_peft_does_not_know_is_refused_and_the_model_is_unchan
     assert all(torch.equal(a, b) for a, b in zip(model.state_dict().values(), base.state_dict().values()))
 
 
+@pytest.mark.parametrize("field", ["rank_pattern", "alpha_pattern"])
+def test_pattern_keys_keep_their_order_in_the_saved_file(tmp_path, field):
+    """Pattern keys are regexes tried in order, first match wins (PEFT's rule): with ``{"q_proj": 2,
+    "layers.1.q_proj": 3}`` every q_proj gets 2. Written with sorted keys, the file gave layer 1 the value 3, so
+    neither PEFT nor load_peft could load it (and alpha loaded silently wrong)."""
+    kw = {field: {"q_proj": 2, "layers.1.q_proj": 3}}  # the same field names in both configs
+    pm = peft.get_peft_model(tiny(), peft.LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj"], **kw))
+    model = la.inject(tiny(), la.LoRAConfig(r=4, alpha=8, target_modules=["q_proj"], **kw))
+    _randomize(model)
+    layer = model.model.layers[1].q_proj.adapter["default"]
+    peft_layer = pm.base_model.model.model.layers[1].q_proj
+    assert (layer.r, layer.scale) == (peft_layer.r["default"], peft_layer.scaling["default"])
+    la.save_peft(model, tmp_path)
+    saved = json.loads((tmp_path / "adapter_config.json").read_text())
+    assert list(saved[field]) == ["q_proj", "layers.1.q_proj"] and list(saved) == sorted(saved)
+    want, _ = _out_and_input_grad(model)
+    _close(_out_and_input_grad(peft.PeftModel.from_pretrained(tiny(), tmp_path))[0], want)
+    _close(_out_and_input_grad(la.load_peft(tiny(), tmp_path))[0], want)
+
+
 def test_field_unknown_to_the_table_is_refused_unless_off(tmp_path):
     base, pm = _write_peft("LORA", tmp_path)
     _edit_config(tmp_path, some_future_option=None, another_future_flag=False)
