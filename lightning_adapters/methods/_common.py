@@ -201,3 +201,8 @@ def block_dropout_mask(n: int, p: float, device: torch.device) -> torch.Tensor:
     """Boolean (n,) mask with exactly ``⌊p·n⌋`` randomly chosen True entries (the blocks to drop)."""
     k = int(p * n)
     return torch.randperm(n, device=device) < k
+
+
+def tensor_key(t: torch.Tensor) -> tuple:
+    """What identifies the values of ``t`` for a cache: its storage, version counter, dtype, device and shape."""
+    return (t.data_ptr(), t._version, t.dtype, t.device, tuple(t.shape))

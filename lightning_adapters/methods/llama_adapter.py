@@ -53,7 +53,7 @@ from lightning_adapters.core.layer import AdapterSet
 from lightning_adapters.core.quant import is_quantized
 from lightning_adapters.core.targeting import Conv1D
 from lightning_adapters.errors import AdapterConfigError, TargetError, UnsupportedLayerError
-from lightning_adapters.methods._common import check_rank
+from lightning_adapters.methods._common import check_rank, tensor_key
 from lightning_adapters.registry import ModelAdapter, ModelMethod, register
 
 METHOD = "llama_adapter"
@@ -182,6 +182,9 @@ class AdaptionPrompt(nn.Module):
         self._prompt_kv: tuple[torch.Tensor, torch.Tensor] | None = None
         self._rope: tuple[torch.Tensor, torch.Tensor] | None = None
         self._query: torch.Tensor | None = None
+        # Eval-mode prompt keys and values: (key of the tensors they were computed from, (K_p, V_p)); see
+        # ``_cached_keys_values``.
+        self._kv_cache: tuple[tuple, tuple[torch.Tensor, torch.Tensor]] | None = None
 
     def extra_repr(self) -> str:
         n = self.adaption_prompt.shape[1]
@@ -212,6 +215,44 @@ class AdaptionPrompt(nn.Module):
         v = v.view(seq, self.n_kv, self.head_dim).transpose(0, 1)  # (n_kv, L, d)
         v = (self.adaption_gate * v).to(proj_dtype)  # the gate scales the small tensor, not the output
         return k, v
+
+    def _cached_keys_values(self, attn: nn.Module) -> tuple[torch.Tensor, torch.Tensor]:
+        """``_prompt_keys_values``, kept in eval mode while no gradient flows to the prompt or the gate.
+
+        The key holds the storage, version counter, dtype, device and shape of the prompt, the gate and the
+        projections' weights and biases, so an optimizer step, a state load, a dtype cast or any in-place write
+        through autograd-visible ops recomputes them (as the DoRA norm cache). Not cached: training mode, inside
+        ``torch.compile``, quantized projections (their dequantized weight is rebuilt per call), and a forward
+        that records autograd for the prompt or gate.
+        """
+        prompt, gate = self.adaption_prompt, self.adaption_gate
+        if (
+            self.training
+            or torch.compiler.is_compiling()
+            or (torch.is_grad_enabled() and (prompt.requires_grad or gate.requires_grad))
+        ):
+            return self._prompt_keys_values(attn)
+        if self.flavour == "gpt2":
+            sources = (prompt, gate, attn.c_attn.weight, attn.c_attn.bias)
+        elif is_quantized(attn.k_proj) or is_quantized(attn.v_proj):
+            return self._prompt_keys_values(attn)
+        else:
+            k_proj, v_proj = attn.k_proj, attn.v_proj
+            sources = (prompt, gate, k_proj.weight, k_proj.bias, v_proj.weight, v_proj.bias)
+        key = tuple(None if t is None else tensor_key(t) for t in sources)
+        cached = getattr(self, "_kv_cache", None)  # absent on a holder pickled before the cache existed
+        # Keys and values computed under inference_mode cannot enter an autograd graph outside it.
+        if cached is not None and cached[0] == key:
+            if not (cached[1][0].is_inference() and not torch.is_inference_mode_enabled()):
+                return cached[1]
+        kv = self._prompt_keys_values(attn)
+        self._kv_cache = (key, kv)
+        return kv
+
+    def train(self, mode: bool = True) -> AdaptionPrompt:
+        """``nn.Module.train``; also drops the eval-mode prompt keys and values."""
+        self._kv_cache = None
+        return super().train(mode)
 
     def _term(self) -> torch.Tensor:
         """``g · A V_p`` as ``(b, T, n_h·d)`` from the kept query projection ``(b, T, n_h·d)``; clears the state."""
@@ -245,7 +286,7 @@ class AdaptionPrompt(nn.Module):
                     f"layers pass them to the attention"
                 )
             self._rope = (pe[0], pe[1])
-        self._prompt_kv = self._prompt_keys_values(attn)
+        self._prompt_kv = self._prompt_keys_values(attn) if self.training else self._cached_keys_values(attn)
 
     def after_query(self, proj: nn.Module, args: tuple, output: torch.Tensor) -> None:
         """Hook on ``q_proj`` (GPT-2: ``c_attn``): keep the queries the attention just computed."""

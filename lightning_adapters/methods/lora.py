@@ -76,6 +76,7 @@ from lightning_adapters.methods._common import (
     layer_kind,
     restore_rows_,
     stash_rows,
+    tensor_key,
     unscalable_rows,
     weight_as_out_in,
     write_weight_,
@@ -612,7 +613,7 @@ class LoRALayer(AdapterLayer):
                 self.scale,
                 m.dtype,
                 tuple(m.shape),
-                *(_tensor_key(t) for t in (base.weight, self.lora_A, self.lora_B)),
+                *(tensor_key(t) for t in (base.weight, self.lora_A, self.lora_B)),
             )
             cached = getattr(self, "_norm_cache", None)  # absent on a layer pickled before the cache existed
             # A norm computed under inference_mode cannot enter an autograd graph outside it.
@@ -637,7 +638,7 @@ class LoRALayer(AdapterLayer):
         norm_cache = self._norm_cache
         if norm_cache is None or norm_cache[1] is not n or (m.requires_grad and torch.is_grad_enabled()):
             return dora_factor(m, n)
-        key = _tensor_key(m)
+        key = tensor_key(m)
         cached = getattr(self, "_factor_cache", None)
         if cached is not None and cached[0] is n and cached[1] == key:
             factor = cached[2]
@@ -924,11 +925,6 @@ class LoRALayer(AdapterLayer):
         dora = ", dora" if self.use_dora else ""
         dora += ", peft grouped-conv layout" if self.peft_layout else ""
         return f"{self.kind}, r={self.r}, scale={self.scale:g}{dora}, merged={self.merged}"
-
-
-def _tensor_key(t: torch.Tensor) -> tuple:
-    """What identifies the values of ``t`` for a cache: its storage, version counter, dtype, device and shape."""
-    return (t.data_ptr(), t._version, t.dtype, t.device, tuple(t.shape))
 
 
 def _dora_extra(factor: torch.Tensor, wx: torch.Tensor, lora: torch.Tensor) -> torch.Tensor:

@@ -238,3 +238,72 @@ def test_several_named_instances_switch_stack_and_delete() -> None:
     assert torch.equal(model(x).logits, alone["a"])
     hooks = [(len(m._forward_pre_hooks), len(m._forward_hooks)) for m in model.modules()]
     assert hooks == [(len(m._forward_pre_hooks), len(m._forward_hooks)) for m in single.modules()]
+
+
+def _holders(model: nn.Module) -> list[nn.Module]:
+    return [m for m in model.modules() if type(m).__name__ == "AdaptionPrompt"]
+
+
+def _uncached_logits(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    for h in _holders(model):
+        h._kv_cache = None
+    return model(x).logits
+
+
+@pytest.mark.parametrize("make", [tiny_llama, tiny_gpt2], ids=["llama", "gpt2"])
+def test_eval_prompt_keys_values_are_cached_until_a_source_tensor_changes(make):
+    """Eval under no_grad: the second forward reuses each layer's prompt ``K_p``, ``g·V_p`` (the same tensors) and
+    gives the uncached logits bit for bit; an in-place write to the prompt, the gate or ``k_proj``/``c_attn``'s
+    weight (version counters), or a dtype cast, recomputes them; ``train()`` drops them."""
+    x = token_batch(128)
+    model = la.inject(_base(make), la.LlamaAdapterConfig(adapter_len=3, adapter_layers=2))
+    randomize_adapter(model, std=0.5)
+    model.eval()
+    holder = _holders(model)[0]
+    with torch.no_grad():
+        first = model(x).logits
+        kv = holder._kv_cache[1]
+        assert torch.equal(model(x).logits, first) and holder._kv_cache[1] is kv
+        assert torch.equal(_uncached_logits(model, x), first)
+        attn = next(m for m in model.modules() if holder in m.modules() and m is not holder and hasattr(m, "adapter"))
+        proj = attn.c_attn if make is tiny_gpt2 else attn.k_proj
+        for write in (holder.adaption_prompt.mul_, holder.adaption_gate.mul_, proj.weight.mul_):
+            model(x)
+            write(1.25)
+            y = model(x).logits
+            assert holder._kv_cache[1] is not kv and not torch.equal(y, first)
+            assert torch.equal(_uncached_logits(model, x), y)
+            kv, first = holder._kv_cache[1], y
+        la.apply_dtype_policy(model)  # no change: the same tensors, the same cache
+        assert holder._kv_cache[1] is kv
+        model.to(torch.float64)
+        y = model(x).logits
+        assert holder._kv_cache[1][0].dtype == torch.float64 and torch.equal(_uncached_logits(model, x), y)
+    model.train()
+    assert all(h._kv_cache is None for h in _holders(model))
+
+
+def test_prompt_keys_values_are_not_cached_in_training_or_while_the_prompt_gets_a_gradient():
+    """The other side of the cache's condition: in training mode, and in eval when autograd records the prompt and
+    gate, the keys and values are rebuilt in the graph (the gate and prompt get their gradient every time, equal
+    across two calls); a cache filled under ``inference_mode`` is not reused by such a forward."""
+    x = token_batch(128)
+    model = la.inject(_base(tiny_llama), la.LlamaAdapterConfig(adapter_len=3, adapter_layers=2))
+    randomize_adapter(model, std=0.5)
+    holder = _holders(model)[0]
+    params = [holder.adaption_prompt, holder.adaption_gate]
+    for mode in ("train", "eval"):
+        model.train(mode == "train")
+        if mode == "eval":
+            with torch.inference_mode():
+                inferred = model(x).logits
+        grads = []
+        for _ in range(2):
+            logits = model(x).logits
+            grads.append(torch.autograd.grad(logits.sum(), params))
+            # Training keeps none; eval keeps the inference-mode entry, neither used nor replaced here.
+            assert holder._kv_cache is None if mode == "train" else holder._kv_cache[1][0].is_inference()
+            assert all(g.abs().sum() > 0 for g in grads[-1])
+        assert all(torch.equal(a, b) for a, b in zip(*grads))
+        if mode == "eval":
+            assert torch.equal(logits, inferred)
