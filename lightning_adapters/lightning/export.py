@@ -22,7 +22,8 @@ from torch import nn
 
 from lightning_adapters.core.files import replace_directory, target_directory
 from lightning_adapters.core.inject import eject
-from lightning_adapters.errors import AdapterStateError
+from lightning_adapters.core.quant import quant_scheme
+from lightning_adapters.errors import AdapterConfigError, AdapterStateError, UnsupportedLayerError
 from lightning_adapters.interop.peft import save_peft
 from lightning_adapters.lightning.strategies import gathered, is_zero3
 
@@ -54,13 +55,15 @@ def export_merged(
             diverged adapter (or a merge that overflows a half-precision base) never replaces a good export.
         dtype: Dequantize the quantized base layers (``lightning_adapters.quantize``, bitsandbytes/torchao) into
             plain ``nn.Linear`` layers of this dtype and merge there, without re-quantizing (as ``eject(dtype=)``);
-            ``None`` keeps them quantized.
+            ``None`` keeps them quantized, which a transformers model may only do when transformers quantized it
+            (its ``config.quantization_config`` lets ``from_pretrained`` rebuild the layers).
 
     Returns:
         The directory.
 
     Raises:
-        AdapterConfigError: A bad ``directory``.
+        AdapterConfigError: A bad ``directory``, or ``dtype=None`` on a transformers model holding layers
+            quantized by ``lightning_adapters.quantize`` (nothing is written).
         AdapterStateError: ``model`` is on the meta device, or (``safe``) the merged weights are not finite.
     """
     target = target_directory(directory, "export_merged")
@@ -70,10 +73,12 @@ def export_merged(
                 f"export_merged: {name!r} is on the meta device (the model was built without weights); "
                 "materialize and load the weights before exporting"
             )
+    if dtype is None and hasattr(model, "save_pretrained"):
+        _check_quantized_reloads(model)
     plain = eject(copy.deepcopy(model), merge=True, dtype=dtype)
     if safe:
         for name, t in plain.state_dict().items():
-            if t.is_floating_point() and not bool(torch.isfinite(t).all()):
+            if t.is_floating_point() and not _finite(t):
                 raise AdapterStateError(
                     f"export_merged: merged tensor {name!r} holds {int((~torch.isfinite(t)).sum())} non-finite "
                     f"values (NaN/inf); nothing was written to {str(directory)!r}. Check the adapter (a diverged "
@@ -90,6 +95,41 @@ def export_merged(
 
     replace_directory(target, fill, owned=_merged_owned)
     return Path(directory)
+
+
+def _scheme(module: nn.Module) -> str | None:
+    try:
+        return quant_scheme(module)
+    except UnsupportedLayerError:
+        return "unsupported"
+
+
+def _check_quantized_reloads(model: nn.Module) -> None:
+    """Refuse to write a transformers model whose quantized layers ``from_pretrained`` could not rebuild.
+
+    transformers rebuilds quantized layers only from the ``quantization_config`` its loader recorded; layers
+    quantized by ``lightning_adapters.quantize`` have none, so their packed / int8 tensors would load as plain
+    weights (an int8 one silently, as its integer codes).
+    """
+    if getattr(getattr(model, "config", None), "quantization_config", None) is not None:
+        return
+    held = [(n, s) for n, m in model.named_modules() if (s := _scheme(m)) is not None]
+    if held:
+        name, scheme = held[0]
+        more = f" and {len(held) - 1} more" if len(held) > 1 else ""
+        raise AdapterConfigError(
+            f"export_merged: {name!r}{more} hold quantized weights ({scheme}) that no quantization_config of the "
+            "model describes (quantized by lightning_adapters.quantize, not by transformers' loader), so "
+            "from_pretrained would read them as plain weights; pass dtype=torch.bfloat16 (or torch.float32) to "
+            "export them dequantized, with the adapter merged in full precision"
+        )
+
+
+def _finite(t: torch.Tensor) -> bool:
+    """Whether every value of ``t`` is finite; a quantized tensor subclass (torchao) is checked dequantized."""
+    if type(t) not in (torch.Tensor, nn.Parameter) and hasattr(t, "dequantize"):
+        t = t.dequantize()
+    return bool(torch.isfinite(t).all())
 
 
 def export_at_fit_end(

@@ -97,8 +97,11 @@ def test_callback_prepares_kbit_training_and_checkpoints_only_the_adapter(tmp_pa
         logger=False,
         enable_progress_bar=False,
         enable_model_summary=False,
-        callbacks=[la.AdapterCallback(la.LoRAConfig(r=4, target_modules=["q_proj", "v_proj"]), verbose=False), ckpt,
-                   weights],
+        callbacks=[
+            la.AdapterCallback(la.LoRAConfig(r=4, target_modules=["q_proj", "v_proj"]), verbose=False),
+            ckpt,
+            weights,
+        ],
     )
     trainer.fit(module, token_data())
     trainer.save_checkpoint(tmp_path / "w" / "manual.ckpt", weights_only=True)
@@ -161,3 +164,51 @@ def test_fsdp2_keeps_whole_what_it_cannot_shard() -> None:
     assert fsdp2_kept_whole(model, 2) == always | {one}
     assert fsdp2_kept_whole(model, 4) == always | {one}
     assert fsdp2_kept_whole(model, 8) == always | {one, four}
+
+
+@pytest.mark.parametrize("scheme", ["int8", "nf4"])
+def test_export_merged_keeping_layers_quantized_by_quantize_is_refused_naming_the_fix(scheme: str, tmp_path) -> None:
+    """transformers rebuilds quantized layers only from a quantization_config, which ``la.quantize`` does not write:
+    an int8 export would reload silently as its integer codes. Refused before anything is written; dequantized
+    (``dtype=``) it reloads with the adapted outputs."""
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(0)
+    model = la.quantize(tiny_llama(), scheme).train()
+    la.inject(model, la.LoRAConfig(r=2, target_modules=["q_proj"]))
+    randomize_adapter(model)
+    with pytest.raises(
+        la.AdapterConfigError, match=rf"'model.layers.0.self_attn.q_proj' and 13 more .*\({scheme}\).*dtype="
+    ):
+        la.export_merged(model, tmp_path / "kept")
+    assert not (tmp_path / "kept").exists() or not any((tmp_path / "kept").iterdir())
+    la.export_merged(model, tmp_path / "plain", dtype=torch.float32)
+    plain = AutoModelForCausalLM.from_pretrained(tmp_path / "plain").train()
+    ids = _ids()
+    with torch.no_grad():
+        torch.testing.assert_close(plain(ids).logits, model(ids).logits, atol=1e-4, rtol=0)
+
+
+def test_export_merged_of_a_transformers_torchao_int8_model_keeps_it_quantized_and_reloads(tmp_path) -> None:
+    """The finiteness check reads a torchao weight dequantized (its tensor has no ``abs``)."""
+    pytest.importorskip("torchao")
+    from torchao.quantization import Int8WeightOnlyConfig
+    from transformers import AutoModelForCausalLM, TorchAoConfig
+
+    torch.manual_seed(0)
+    tiny_llama().save_pretrained(tmp_path / "base")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        model = AutoModelForCausalLM.from_pretrained(
+            tmp_path / "base", quantization_config=TorchAoConfig(Int8WeightOnlyConfig()), device_map="cpu"
+        )
+    la.inject(model, la.LoRAConfig(r=2, target_modules=["q_proj"]))
+    randomize_adapter(model)
+    la.export_merged(model, tmp_path / "merged")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        back = AutoModelForCausalLM.from_pretrained(tmp_path / "merged", device_map="cpu")
+    assert quant_scheme(back.model.layers[0].self_attn.q_proj) == "torchao_int8"
+    ids = _ids()
+    with torch.no_grad():
+        torch.testing.assert_close(back(ids).logits, model(ids).logits, atol=1e-3, rtol=0)
