@@ -207,7 +207,7 @@ def check_writable(layers: list[tuple[str, nn.Module, AdapterLayer]], what: str)
             )
 
 
-def _compiled_inner(model: nn.Module) -> nn.Module | None:
+def compiled_inner(model: nn.Module) -> nn.Module | None:
     """The module a ``torch.compile`` wrapper (``OptimizedModule``) runs, else ``None``."""
     compiled = getattr(getattr(torch, "_dynamo", None), "eval_frame", None)
     wrapper = getattr(compiled, "OptimizedModule", None)
@@ -361,10 +361,11 @@ def inject(model: nn.Module, config: AdapterConfig, name: str = DEFAULT_NAME) ->
     if not isinstance(config, AdapterConfig):
         raise AdapterTypeError(f"config must be an adapter config such as LoRAConfig(...), got {type(config).__name__}")
     check_name(name, "inject")
-    inner = _compiled_inner(model)
-    if inner is not None and get_adapters(inner) is not None:
-        # torch.compile of an injected model: the adapters live in the module it wraps, so inject there (the
-        # same config again is a no-op, as on the plain model). Dynamo sees the change through its guards.
+    inner = compiled_inner(model)
+    if inner is not None and get_adapters(model) is None:
+        # A torch.compile wrapper: the adapters live in the module it runs (where they already are when the model
+        # was injected before compiling), so its keys are those of the plain model under ``_orig_mod.`` and
+        # save_peft / load_peft read the same files either way. Dynamo sees the change through its guards.
         inject(inner, config, name=name)
         return model
     # Work on a validated copy: fields set after construction (cfg.r = 0) skipped __post_init__'s checks, and the

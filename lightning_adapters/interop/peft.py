@@ -27,8 +27,10 @@ from lightning_adapters.core.inject import (
     check_module,
     check_name,
     check_names,
+    compiled_inner,
     eject,
     find_records,
+    get_adapters,
     inject,
     trained_biases,
 )
@@ -518,6 +520,10 @@ def load_peft(
         AdapterTypeError: ``model`` is not an ``nn.Module``.
     """
     check_module(model, "load_peft")
+    inner = compiled_inner(model)
+    if inner is not None and get_adapters(model) is None:
+        load_peft(inner, directory, name, check_finite=check_finite)  # a torch.compile wrapper: as inject does
+        return model
     name = DEFAULT_NAME if name is None else check_name(name, "load_peft")
     taken = [r[2].name for r in find_records(model)]
     if name in taken:

@@ -349,3 +349,29 @@ def test_the_bias_of_a_module_only_another_adapter_adapts_keeps_its_own_key() ->
     la.inject(model, la.LoRAConfig(r=2, target_modules=["1"]), name="b")
     biases = {k for k in peft_tensors(model, "a") if k.endswith("bias")}
     assert biases == {"base_model.model.0.base_layer.bias", "base_model.model.1.bias"}
+
+
+@pytest.mark.parametrize("compile_first", [False, True])
+def test_a_compiled_model_saves_and_loads_peft_files_as_the_plain_model_does(compile_first, tmp_path):
+    from tests.helpers import tiny_llama
+
+    cfg = la.LoRAConfig(r=2, target_modules=["q_proj", "v_proj"], init_weights=False)
+    torch.manual_seed(0)
+    model = tiny_llama()
+    if compile_first:  # injected through the wrapper: the adapters still go into the model it runs
+        trained = torch.compile(model, backend="eager")
+        la.inject(trained, cfg)
+    else:
+        trained = torch.compile(la.inject(model, cfg), backend="eager")
+    la.save_peft(trained, tmp_path)
+    ids = torch.randint(0, 128, (2, 6))
+    with torch.no_grad():
+        want = trained(input_ids=ids).logits
+        torch.manual_seed(0)
+        from_peft = peft.PeftModel.from_pretrained(tiny_llama(), tmp_path)(input_ids=ids).logits
+        torch.manual_seed(0)
+        loaded = la.load_peft(torch.compile(tiny_llama(), backend="eager"), tmp_path)
+        got = loaded(input_ids=ids).logits
+    assert torch.equal(from_peft, want) and torch.equal(got, want)
+    la.load_peft(loaded, tmp_path, name="b")  # a second adapter joins the first, in the wrapped model
+    assert la.adapter_names(loaded) == ["default", "b"] and la.adapter_names(loaded._orig_mod) == ["default", "b"]
