@@ -12,6 +12,7 @@ and each layer's or ``ModelAdapter``'s ``peft_state``).
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 from pathlib import Path
@@ -38,6 +39,7 @@ from lightning_adapters.core.layer import DEFAULT_NAME
 from lightning_adapters.core.named import delete
 from lightning_adapters.core.report import StateReport
 from lightning_adapters.core.state import value_problem
+from lightning_adapters.core.targeting import saves_module
 from lightning_adapters.errors import AdapterConfigError, AdapterStateError
 from lightning_adapters.interop.peft_fields import check_peft_fields
 from lightning_adapters.registry import get_method, get_method_by_peft_type
@@ -538,6 +540,7 @@ def load_peft(
     check_peft_config_types(Path(directory) / CONFIG_NAME, config_dict, spec)
     config = spec.config_from_peft(config_dict)
     config, tensors = spec.prepare_peft_load(config, config_dict, tensors)
+    config = _drop_unmatched_modules_to_save(model, config)
     _check_not_a_sub_module(model, directory, tensors)
     inject(model, config, name=name)
     try:
@@ -549,6 +552,24 @@ def load_peft(
             eject(model)
         raise
     return model
+
+
+def _drop_unmatched_modules_to_save(model: nn.Module, config: Any) -> Any:
+    """``config`` without the ``modules_to_save`` entries that match no module of ``model``, as PEFT skips them.
+
+    PEFT's task wrappers add their head names to the field (``["classifier", "score"]`` for sequence and token
+    classification, ``["qa_outputs"]`` for question answering) and write them to the file whatever the model has:
+    a BERT classifier's adapter lists ``score``, which BERT lacks. An entry written by ``inject`` still has to
+    match (a typo there is refused).
+    """
+    entries = getattr(config, "modules_to_save", None)
+    if not entries:
+        return config
+    names = [n for n, _ in model.named_modules() if n]
+    kept = [e for e in entries if any(saves_module(n, [e]) for n in names)]
+    if len(kept) == len(entries):
+        return config
+    return dataclasses.replace(config, modules_to_save=kept or None)
 
 
 def _adapter_folder(directory: Any, name: str) -> Any:

@@ -282,3 +282,41 @@ def test_a_file_of_a_larger_model_is_refused_on_its_sub_module_naming_what_is_be
     assert "it also holds ['head'] beside it" in message, message
     assert "module='backbone'" in message, message
     assert not list(la.core.inject.find_records(encoder))
+
+
+def _bert(cls_name: str) -> torch.nn.Module:
+    import transformers
+
+    torch.manual_seed(0)
+    cfg = transformers.BertConfig(
+        vocab_size=64, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=48, num_labels=3
+    )
+    return getattr(transformers, cls_name)(cfg).eval()
+
+
+@pytest.mark.parametrize(
+    ("task", "cls_name"), [("SEQ_CLS", "BertForSequenceClassification"), ("TOKEN_CLS", "BertForTokenClassification")]
+)
+def test_peft_task_head_names_the_model_lacks_are_skipped_on_load(tmp_path, task, cls_name):
+    """PEFT's classification wrappers add ``["classifier", "score"]`` to modules_to_save and write both; BERT has no
+    ``score``, which PEFT skips. The file of PEFT's own BERT classification example was refused here."""
+    from peft import LoraConfig, PeftModel, get_peft_model
+
+    base = _bert(cls_name)
+    pm = get_peft_model(copy.deepcopy(base), LoraConfig(r=2, target_modules=["query", "value"], task_type=task)).eval()
+    g = torch.Generator().manual_seed(3)
+    with torch.no_grad():
+        for p in pm.parameters():
+            if p.requires_grad:
+                p.add_(torch.randn(p.shape, generator=g) * 0.1)  # the adapter and PEFT's copy of the classifier
+    pm.save_pretrained(tmp_path / "peft")
+    ids = torch.randint(0, 64, (2, 7), generator=torch.Generator().manual_seed(1))
+    want = pm(input_ids=ids).logits
+    ours = la.load_peft(copy.deepcopy(base), tmp_path / "peft").eval()
+    assert la.config_of(ours).modules_to_save == ["classifier"]
+    torch.testing.assert_close(ours(input_ids=ids).logits, want, atol=1e-5, rtol=1e-5)
+    la.save_peft(ours, tmp_path / "ours")
+    back = PeftModel.from_pretrained(copy.deepcopy(base), tmp_path / "ours").eval()
+    torch.testing.assert_close(back(input_ids=ids).logits, want, atol=1e-5, rtol=1e-5)
+    with pytest.raises(la.TargetError, match=r"modules_to_save entries \['score'\] match no module"):
+        la.inject(copy.deepcopy(base), la.LoRAConfig(target_modules=["query"], modules_to_save=["classifier", "score"]))
