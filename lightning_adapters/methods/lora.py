@@ -170,6 +170,8 @@ class LoRAConfig(LowRankConfig):
         super().__post_init__()
         check_choice(self.bias, "bias", "lora", ("none", "all", "lora_only"))
         check_choice(self.lora_bias, "lora_bias", "lora", (False, True))
+        check_choice(self.use_dora, "use_dora", "lora", (False, True))
+        check_choice(self.use_rslora, "use_rslora", "lora", (False, True))
         if self.lora_bias and self.use_dora:
             raise AdapterConfigError("lora: lora_bias=True does not work with use_dora=True (PEFT refuses it too)")
         if self.lora_bias and self.init_weights not in (True, False):

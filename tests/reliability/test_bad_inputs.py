@@ -292,6 +292,15 @@ ENGINE_ROWS = [
     Row("lora-dropout-one", None, _cfg("LoRAConfig", dropout=1.0), la.AdapterConfigError, r"\[0, 1\), got 1.0"),
     Row("lora-dropout-negative", None, _cfg("LoRAConfig", dropout=-0.1), la.AdapterConfigError, r"got -0.1"),
     Row("lora-init-unknown", None, _cfg("LoRAConfig", init_weights="pisa"), la.AdapterConfigError, r"'pisa'"),
+    # A string "false" (YAML / a CLI) was taken as true: rsLoRA on, silently.
+    Row(
+        "lora-use-rslora-string",
+        None,
+        _cfg("LoRAConfig", use_rslora="false"),
+        la.AdapterConfigError,
+        r"use_rslora must be one of \[False, True\], got 'false'",
+    ),
+    Row("lora-use-dora-int", None, _cfg("LoRAConfig", use_dora=1), la.AdapterConfigError, r"use_dora .*got 1$"),
     Row(
         "lora-conv-groups",
         lambda: Wrap(nn.Conv2d(8, 8, 3, groups=4)),
