@@ -13,11 +13,12 @@ How a method runs on one: the adapted forward hands the method a *dequantized st
 (``DequantizedLinear``): same ``bias``, ``in_features``/``out_features``, adapter children and ``training`` flag,
 but ``weight`` is the dequantized ``W`` (computed on first use, in the input's dtype) and its ``_la_base_forward``
 is the quantized layer's own forward. So a method's maths is unchanged (``F.linear(x, W)``, ``W + ΔW``, a rotated
-``W``). Where no gradient has to flow back to the input through the base, and for a bitsandbytes int8 layer in eval
-mode (``runs_own_kernel``), methods take the base term from the quantized layer's own kernel (``base_linear``), so
-the output is exactly the quantized model's;
-LoRA and AdaLoRA train through ``kernels.quantized``, and so does DoRA whenever autograd records in training (its
-weight norm needs the dequantized weight anyway, and the layers' own training product is the dequantized one).
+``W``). Where no gradient has to flow back to the input through the base, for a bitsandbytes int8 layer in eval
+mode, and for a 4-bit layer computing in another dtype than its input (``runs_own_kernel``), methods take the base
+term from the quantized layer's own kernel (``base_linear``), so the output is exactly the quantized model's;
+otherwise LoRA and AdaLoRA train through ``kernels.quantized``, and so does DoRA whenever autograd records in
+training (its weight norm needs the dequantized weight anyway, and the layers' own training product is then the
+dequantized one).
 Memory stays that of the quantized base: while the method runs, autograd's saved-tensor hooks store every saved
 view of the dequantized ``W`` as a token and dequantize again in backward (as bitsandbytes' own matmul does), so no
 layer keeps a full-precision copy of its weight between forward and backward. bitsandbytes 4-bit layers keep their
@@ -370,15 +371,31 @@ def quantized_base(base: nn.Module) -> nn.Module | None:
 def runs_own_kernel(base: nn.Module, x: torch.Tensor) -> bool:
     """Whether the base term of a quantized stand-in comes from the quantized layer's own forward: when no gradient
     has to flow back to ``x`` through it (so its inference kernels, e.g. bitsandbytes' packed CPU kernel, give the
-    base output exactly as the plain quantized model computes it), and always for a bitsandbytes int8 layer in eval
-    mode: its inference product also quantizes the input (not the dequantized product), and its own autograd
-    Function gives ``x`` its gradient, so the adapted model equals the quantized one with or without autograd."""
+    base output exactly as the plain quantized model computes it). Also where the layer's own product is not the
+    dequantized one in ``x``'s dtype, its own autograd Function giving ``x`` its gradient (so the adapted model equals
+    the quantized one with or without autograd, as in PEFT): a bitsandbytes int8 layer in eval mode (its inference
+    product also quantizes the input), and a bitsandbytes 4-bit layer whose ``compute_dtype`` is not ``x``'s (it
+    computes in that dtype and casts back, e.g. bf16 layers fed the float32 activations of k-bit training)."""
     real = quantized_base(base)
     if real is None:
         return False
     if not (torch.is_grad_enabled() and x.requires_grad):
         return True
-    return not real.training and quant_scheme(real) == "int8" and not _pending(real)
+    if _pending(real):
+        return False
+    if quant_scheme(real) == "int8":
+        return not real.training
+    return computes_in_another_dtype(base, x)
+
+
+def computes_in_another_dtype(base: nn.Module, x: torch.Tensor) -> bool:
+    """Whether ``base`` is the stand-in of a bitsandbytes 4-bit layer whose ``compute_dtype`` is not ``x``'s: its
+    own forward casts ``x`` to that dtype and the output back, which the dequantized product in ``x``'s dtype (the
+    methods' training Functions) is not."""
+    real = quantized_base(base)
+    if real is None or _pending(real) or quant_scheme(real) not in ("nf4", "fp4"):
+        return False
+    return real.compute_dtype is not None and real.compute_dtype != x.dtype
 
 
 def base_linear(base: nn.Module, x: torch.Tensor, with_bias: bool = True) -> torch.Tensor:

@@ -53,7 +53,7 @@ from lightning_adapters.config import (
 )
 from lightning_adapters.core.dtypes import working_dtype
 from lightning_adapters.core.layer import AdapterLayer
-from lightning_adapters.core.quant import base_linear, quantized_base, runs_own_kernel
+from lightning_adapters.core.quant import base_linear, computes_in_another_dtype, quantized_base, runs_own_kernel
 from lightning_adapters.core.targeting import LINEAR_TYPES
 from lightning_adapters.errors import AdapterConfigError, AdapterStateError, NotMergeableError
 from lightning_adapters.interop.peft_fields import check_peft_fields
@@ -793,7 +793,11 @@ class LoRALayer(AdapterLayer):
             # norm from the folded weight (a quantized base's norm is never cached). Not in eval mode for an input
             # that needs no gradient: there the base term stays the quantized layer's own inference kernel (int8's
             # also quantizes the input), as without autograd; its training product is the dequantized one.
-            if self.use_dora and (self.training or not runs_own_kernel(base, x)):
+            if (
+                self.use_dora
+                and (self.training or not runs_own_kernel(base, x))
+                and not computes_in_another_dtype(base, x)
+            ):
                 A, B, m = self.lora_A, self.lora_B, self.magnitude
                 if quantized_dora_applies(x, A, m) and autograd_records(x, base.bias, A, B, m):
                     xd = F.dropout(x, self.dropout_p, True) if self.dropout_p > 0.0 and self.training else None

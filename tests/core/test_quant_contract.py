@@ -587,6 +587,27 @@ def test_an_int8_layer_in_eval_mode_runs_its_own_kernel_even_for_an_input_needin
     torch.testing.assert_close(gx, torch.ones(2, 32) @ w, rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("compute_dtype", [None, torch.float32, torch.bfloat16, torch.float16])
+def test_a_4bit_layer_computing_in_another_dtype_than_the_input_runs_its_own_kernel(compute_dtype):
+    """bitsandbytes' 4-bit forward casts the input to its ``compute_dtype`` and the output back: where that is not the
+    input's dtype, its own product (differentiated by its own Function) is the base term, in training too."""
+    from lightning_adapters.core.quant import computes_in_another_dtype, runs_own_kernel
+
+    torch.manual_seed(0)
+    model = la.quantize(nn.Sequential(nn.Linear(64, 32)), "nf4", skip=[], compute_dtype=compute_dtype).train()
+    x = torch.randn(2, 64, generator=torch.Generator().manual_seed(1), requires_grad=True)
+    with torch.no_grad():
+        plain = model[0](x)
+    la.inject(model, la.LoRAConfig(r=2, target_modules=["0"]))
+    other = compute_dtype not in (None, torch.float32)
+    assert computes_in_another_dtype(stand_in(model[0]), x) is other
+    assert runs_own_kernel(stand_in(model[0]), x) is other
+    y = model(x)  # B = 0: the base term alone
+    torch.testing.assert_close(y, plain, rtol=0, atol=0 if other else 1e-6)
+    (gx,) = torch.autograd.grad(y.sum(), x)
+    assert gx.dtype == torch.float32 and torch.isfinite(gx).all()
+
+
 def test_a_saved_tensor_without_storage_is_kept_as_it_is():
     """A sparse tensor saved beside the weight has no storage to compare; it is not the weight, and backward gets
     it back unchanged."""

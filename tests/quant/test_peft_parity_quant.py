@@ -118,21 +118,18 @@ def test_our_adapter_loads_in_peft_with_equal_outputs(method: str, scheme: str, 
     assert torch.allclose(got, expected, atol=1e-5, rtol=0), (got - expected).abs().max()
 
 
-@pytest.mark.parametrize("method", ["lora", "dora", "adalora", "oft"])
-def test_int8_in_eval_mode_under_autograd_equals_peft(method: str, tmp_path) -> None:
-    """bitsandbytes' int8 inference product also quantizes the input. In eval mode with autograd on (an input that
-    needs its gradient reaches ``v``), the base term is still the layer's own product, as PEFT and the plain
-    quantized model compute it: outputs, the input's gradient and every adapter gradient equal PEFT's."""
+def _outputs_and_gradients_equal_peft(method: str, base, scheme: str, training: bool, tmp_path) -> None:
+    """Outputs, the input's gradient and every adapter gradient of PEFT's adapter and of ours loaded from it."""
     make_peft, _ = METHODS[method]
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        theirs = peft.get_peft_model(_peft_base(_base("int8"), "int8"), make_peft())
+        theirs = peft.get_peft_model(_peft_base(base(), scheme), make_peft())
     _randomize([p for n, p in theirs.named_parameters() if p.requires_grad and "ranknum" not in n], seed=2)
     theirs.save_pretrained(tmp_path)
-    ours = la.load_peft(_base("int8"), tmp_path)
+    ours = la.load_peft(base(), tmp_path)
     g = torch.randn(4, 6, 32, generator=torch.Generator().manual_seed(5))
     results = []
-    for model in (theirs.eval(), ours.eval()):
+    for model in (theirs.train(training), ours.train(training)):
         x = _x().requires_grad_(True)
         params = sorted((p for n, p in model.named_parameters() if p.requires_grad and "ranknum" not in n), key=_key)
         with warnings.catch_warnings():
@@ -145,6 +142,30 @@ def test_int8_in_eval_mode_under_autograd_equals_peft(method: str, tmp_path) -> 
     assert len(g_o) == len(g_p)
     for a, b in zip(g_o, g_p):
         torch.testing.assert_close(a.reshape(b.shape), b, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("method", ["lora", "dora", "adalora", "oft"])
+def test_int8_in_eval_mode_under_autograd_equals_peft(method: str, tmp_path) -> None:
+    """bitsandbytes' int8 inference product also quantizes the input. In eval mode with autograd on (an input that
+    needs its gradient reaches ``v``), the base term is still the layer's own product, as PEFT and the plain
+    quantized model compute it."""
+    _outputs_and_gradients_equal_peft(method, lambda: _base("int8"), "int8", False, tmp_path)
+
+
+# OFT is left out: it computes the same, but its rotated input differs from PEFT's by float32 rounding, which the
+# half-precision product turns into one-ulp flips.
+@pytest.mark.parametrize("method", ["lora", "dora", "adalora"])
+@pytest.mark.parametrize("compute_dtype", [torch.bfloat16, torch.float16])
+def test_a_4bit_base_computing_in_another_dtype_than_its_input_equals_peft(method, compute_dtype, tmp_path) -> None:
+    """A 4-bit layer with a half ``compute_dtype`` fed float32 activations (k-bit training's float32 norms) casts
+    them to its dtype and back: in training, with the input needing its gradient, the base term is that product
+    (not the dequantized one in float32), as PEFT and the plain quantized model compute it."""
+
+    def base() -> nn.Module:
+        torch.manual_seed(0)
+        return la.quantize(Net(), "nf4", skip=[], compute_dtype=compute_dtype)
+
+    _outputs_and_gradients_equal_peft(method, base, "nf4", True, tmp_path)
 
 
 def _key(p: torch.Tensor) -> tuple:
