@@ -472,3 +472,22 @@ def test_a_sub_module_compiled_in_configure_model_is_checkpointed_and_resumes_ex
     # The checkpoint restores onto a module that compiles its encoder the same way.
     fresh = la.restore_from_checkpoint(CompiledEncoder(), tmp_path / "b" / "last.ckpt")
     assert len(la.adapter_state_dict(fresh)) == 6
+
+
+class Predicting(BoringMLP):
+    def predict_step(self, batch, batch_idx):
+        return self(batch[0])
+
+
+def test_predict_loads_an_adapter_checkpoint_into_a_fresh_unaware_module(tmp_path):
+    trained = Predicting()
+    fit_with_last(tmp_path, trained, 1)
+    last = tmp_path / "last.ckpt"
+    x = mlp_data().dataset.tensors[0]
+    with torch.no_grad():
+        want = trained(x)
+    t = trainer(callbacks=[la.AdapterCallback(lora(), verbose=False)])
+    got = torch.cat(t.predict(Predicting(), mlp_data(), ckpt_path=last))
+    torch.testing.assert_close(got, want, atol=1e-6, rtol=0)
+    with pytest.raises(RuntimeError, match="Missing key"):  # Lightning's strict load: the README points elsewhere
+        BoringMLP.load_from_checkpoint(last)
