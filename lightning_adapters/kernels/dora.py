@@ -233,6 +233,7 @@ def dora_linear(
     magnitude: torch.Tensor,
     scale: float,
     norm: torch.Tensor | None = None,
+    factor: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """DoRA's layer output (check ``dora_fused_applies`` first): through ``DoRALinear`` when autograd records,
     else ``dora_linear_no_grad``.
@@ -244,6 +245,8 @@ def dora_linear(
         bias: (out,) or None.
         A: (r, in). B: (out, r). magnitude: (out,) ``m``. scale: ``s``.
         norm: The detached ``‖W + s·B·A‖_row`` (out,) if already known (a cache), else computed here.
+        factor: ``dora_factor(magnitude, norm)`` for that ``norm`` if already known (a cache; read without
+            autograd only, and only with ``norm``).
 
     Returns:
         (..., out).
@@ -251,7 +254,7 @@ def dora_linear(
     if autograd_records(x, xd, bias, A, B, magnitude):
         return DoRALinear.apply(x, xd, weight, bias, A, B, magnitude, scale, norm)
     with torch.no_grad():
-        return dora_linear_no_grad(x, xd, weight, bias, A, B, magnitude, scale, norm)
+        return dora_linear_no_grad(x, xd, weight, bias, A, B, magnitude, scale, norm, factor)
 
 
 def dora_linear_no_grad(
@@ -264,23 +267,28 @@ def dora_linear_no_grad(
     magnitude: torch.Tensor,
     scale: float,
     norm: torch.Tensor | None,
+    factor: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """The forward of ``DoRALinear`` without saving anything: ``f`` folded into the weight where the folded weight
-    is built (no norm given, a dropped-out input, or ``lowrank.fold_plan``), else ``z + (f ⊙ u − (z − b))``."""
+    is built (no norm given, a dropped-out input, or ``lowrank.fold_plan``), else ``z + (f ⊙ u − (z − b))``.
+    ``factor``: ``f`` for the given ``norm`` when the caller has it (ignored without ``norm``)."""
     out_f, in_f = weight.shape
     x2 = x.reshape(-1, in_f)
+    if norm is None:
+        factor = None
     if norm is None or xd is not None or fold_plan(x2.shape[0], in_f, out_f, x.device)[0]:
         wf = folded_weight(weight, A, B, scale)  # (out, in), a fresh tensor
         if norm is None:
             norm = torch.linalg.vector_norm(wf, dim=1).to(magnitude.dtype)
-        factor = dora_factor(magnitude, norm)
+        if factor is None:
+            factor = dora_factor(magnitude, norm)
         wf = wf.mul_(factor.to(wf.dtype)[:, None]).to(x.dtype)  # diag(f) (W + s·B·A): W itself at init
         if xd is None:
             y = F.linear(x2, wf, bias)
         else:
             y = F.linear(x2 - xd.reshape(-1, in_f), weight, bias).addmm_(xd.reshape(-1, in_f), wf.t())
     else:
-        factor = dora_factor(magnitude, norm).to(x.dtype)
+        factor = (dora_factor(magnitude, norm) if factor is None else factor).to(x.dtype)
         # z = x Wᵀ + b as the base computes it; y = z + (f ⊙ u − (z − b)): exactly z while f = 1 and B = 0.
         y = F.linear(x2, weight, bias)  # (N, out)
         zb = y if bias is None else y - bias

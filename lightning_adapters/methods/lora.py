@@ -629,17 +629,23 @@ class LoRALayer(AdapterLayer):
         return n
 
     def _dora_factor(self, base: nn.Module) -> torch.Tensor:
-        """``m / ‖W + ΔW‖`` (``dora_factor``) shaped like ``magnitude``; cached with the eval-mode norm.
+        """``m / ‖W + ΔW‖`` (``dora_factor``) shaped like ``magnitude``; cached with the eval-mode norm
+        (``_cached_factor``)."""
+        n = self._dora_norm(base)
+        factor = self._cached_factor(n)
+        return dora_factor(self.magnitude, n) if factor is None else factor
 
-        Where ``_dora_norm`` returned its cached norm and no gradient flows to ``m``, the factor is kept beside it,
-        keyed by that norm and by ``m``'s storage, version counter, dtype and shape (as the norm's key), so an eval
+    def _cached_factor(self, n: torch.Tensor | None) -> torch.Tensor | None:
+        """The factor ``m / n`` for the norm ``n`` that ``_dora_norm`` returned, kept beside its cached norm; None
+        where none is kept (no cached norm, or a gradient flows to ``m``).
+
+        Keyed by that norm and by ``m``'s storage, version counter, dtype and shape (as the norm's key), so an eval
         forward does not rebuild it from the same tensors in every layer call.
         """
-        n = self._dora_norm(base)
         m = self.magnitude
-        norm_cache = self._norm_cache
-        if norm_cache is None or norm_cache[1] is not n or (m.requires_grad and torch.is_grad_enabled()):
-            return dora_factor(m, n)
+        norm_cache = getattr(self, "_norm_cache", None)  # absent on a layer pickled before the cache existed
+        if n is None or norm_cache is None or norm_cache[1] is not n or (m.requires_grad and torch.is_grad_enabled()):
+            return None
         key = tensor_key(m)
         cached = getattr(self, "_factor_cache", None)
         if cached is not None and cached[0] is n and cached[1] == key:
@@ -807,7 +813,9 @@ class LoRALayer(AdapterLayer):
             xd = F.dropout(x, self.dropout_p, True) if self.dropout_p > 0.0 and self.training else None
             # Training computes the norm from the folded weight it multiplies by anyway; eval reads the cache.
             norm = None if self.training else self._dora_norm(base)
-            return dora_linear(x, xd, weight, base.bias, self.lora_A, self.lora_B, self.magnitude, self.scale, norm)
+            factor = None if norm is None else self._cached_factor(norm)
+            A, B, m = self.lora_A, self.lora_B, self.magnitude
+            return dora_linear(x, xd, weight, base.bias, A, B, m, self.scale, norm, factor)
         elif not self.use_dora and fused_linear_applies(x, base.weight, self.lora_A):
             weight = base.weight.t() if self.kind == "conv1d_t" else base.weight  # (out, in)
             dropped = self.dropout_p > 0.0 and self.training

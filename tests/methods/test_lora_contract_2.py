@@ -1599,3 +1599,34 @@ def test_eval_dora_factor_is_not_cached_while_the_magnitude_gets_a_gradient(kind
     if kind == "linear_bf16":
         y.float().sum().backward()
         assert x.grad.abs().sum() > 0
+
+
+@pytest.mark.parametrize("rows", [4, 16], ids=["unfolded", "folded"])
+def test_eval_dora_fused_linear_reuses_the_cached_factor_on_both_sides_of_the_fold(rows):
+    """fp32 Linear (``DoRALinear``'s no-grad forward with the cached norm): with few rows it adds the scaled rank-r
+    term to ``x Wᵀ``, with more than 1.5·in rows it multiplies by the folded ``diag(f)(W + s·B·A)``. Both read the
+    cached factor from the second forward on and give the uncached output bit for bit; an in-place write to ``m``
+    is seen; with a gradient to ``m`` nothing is cached and ``∂m`` flows."""
+    torch.manual_seed(0)
+    model = la.inject(
+        Wrap(nn.Linear(6, 5)), la.LoRAConfig(r=2, use_dora=True, init_weights=False, target_modules=["layer"])
+    )
+    layer = model.layer.adapter["default"]
+    with torch.no_grad():
+        layer.magnitude.mul_(torch.rand_like(layer.magnitude) + 0.5)
+    x = torch.randn(rows, 6)
+    model.eval()
+    with torch.no_grad():
+        first = model(x)
+        factor = layer._factor_cache[2]
+        assert torch.equal(model(x), first) and layer._factor_cache[2] is factor
+        assert torch.equal(_uncached(model, x), first)
+        model(x)
+        layer.magnitude.mul_(0.75)
+        y = model(x)
+        assert not torch.equal(y, first) and torch.equal(_uncached(model, x), y)
+    layer._factor_cache = None
+    y = model(x)
+    (gm,) = torch.autograd.grad(y.sum(), [layer.magnitude])
+    assert layer._factor_cache is None and gm.abs().sum() > 0
+    assert torch.equal(_uncached(model, x), y)
