@@ -211,11 +211,13 @@ def peft_bias(d: dict[str, Any], only: str) -> Any:
 
 
 def peft_layer_selection(d: dict[str, Any]) -> dict[str, Any]:
-    """PEFT's ``layers_to_transform`` / ``layers_pattern`` as config kwargs (PEFT reads empty values as unset)."""
+    """PEFT's ``layers_to_transform`` / ``layers_pattern`` as config kwargs (PEFT reads empty values as unset, and
+    a ``layers_pattern`` without layer indices selects nothing there: PEFT adapts every layer)."""
     ltt, pattern = d.get("layers_to_transform"), d.get("layers_pattern")
+    ltt = None if ltt is None or ltt == [] else ltt
     return {
-        "layers_to_transform": None if ltt is None or ltt == [] else ltt,
-        "layers_pattern": None if pattern in (None, "", []) else pattern,
+        "layers_to_transform": ltt,
+        "layers_pattern": None if ltt is None or pattern in (None, "", []) else pattern,
     }
 
 

@@ -412,6 +412,19 @@ def test_pattern_keys_keep_their_order_in_the_saved_file(tmp_path, field):
     _close(_out_and_input_grad(la.load_peft(tiny(), tmp_path))[0], want)
 
 
+@pytest.mark.parametrize("peft_type", ["LORA", "LOHA", "OFT"])
+def test_layers_pattern_with_empty_layers_to_transform_loads_every_layer(tmp_path, peft_type):
+    """PEFT reads ``layers_to_transform=[]`` as unset and then ignores ``layers_pattern``: every layer is adapted.
+    Such a file was refused ("layers_pattern='layers' is only used with layers_to_transform")."""
+    base, pm = _write_peft(peft_type, tmp_path, layers_to_transform=[], layers_pattern="layers")
+    want, want_grad = _out_and_input_grad(pm)
+    ours = la.load_peft(copy.deepcopy(base), tmp_path).eval()
+    assert all(hasattr(block.q_proj, "adapter") and hasattr(block.v_proj, "adapter") for block in ours.model.layers)
+    got, got_grad = _out_and_input_grad(ours)
+    _close(got, want)
+    _close(got_grad, want_grad)
+
+
 def test_field_unknown_to_the_table_is_refused_unless_off(tmp_path):
     base, pm = _write_peft("LORA", tmp_path)
     _edit_config(tmp_path, some_future_option=None, another_future_flag=False)
