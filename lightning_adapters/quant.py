@@ -96,7 +96,7 @@ def quantize(
         skip: Layers kept in full precision: a list of name suffixes or a full-match regex, as ``target_modules``.
             Default: the model's output head (``lm_head``), as transformers does.
         compute_dtype: The dtype the 4-bit layers compute in (bitsandbytes' ``bnb_4bit_compute_dtype``); default
-            the dtype of each weight.
+            the dtype of each weight. Refused for the other schemes, whose layers compute in the input's dtype.
         double_quant: Also quantize the 4-bit scales (QLoRA's double quantization; bitsandbytes 4-bit only).
         blocksize: Elements per 4-bit scale (bitsandbytes and torchao NF4).
 
@@ -116,6 +116,12 @@ def quantize(
     if scheme not in SCHEMES:
         raise AdapterConfigError(f"quantize: scheme={scheme!r} is not one of {list(SCHEMES)}")
     compute_dtype = _dtype(compute_dtype, "compute_dtype")
+    if compute_dtype is not None and scheme not in ("nf4", "fp4"):
+        raise AdapterConfigError(
+            f"quantize: compute_dtype={compute_dtype} applies to bitsandbytes 4-bit layers ('nf4', 'fp4'), not "
+            f"{scheme!r}, whose layers compute in their input's dtype; leave compute_dtype=None (cast the model to "
+            "choose the dtype)"
+        )
     if double_quant and scheme not in ("nf4", "fp4"):
         raise AdapterConfigError(
             f"quantize: double_quant=True applies to bitsandbytes 4-bit scales ('nf4', 'fp4'), not {scheme!r}"

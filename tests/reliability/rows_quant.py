@@ -88,6 +88,13 @@ def rows(Row: type) -> list:  # noqa: N803 - the Row class of test_bad_inputs
             r"compute_dtype='int8' is not a floating dtype; use 'float32', 'bfloat16'",
         ),
         Row(
+            "quantize-compute-dtype-int8",
+            _Net,
+            lambda m, p: la.quantize(m, "int8", compute_dtype="bfloat16"),
+            la.AdapterConfigError,
+            r"compute_dtype=torch.bfloat16 applies to bitsandbytes 4-bit layers .*not 'int8'",
+        ),
+        Row(
             "quantize-torchao-nf4-odd-size",
             _Net,
             lambda m, p: la.quantize(m, "torchao_nf4"),
