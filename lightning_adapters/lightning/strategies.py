@@ -11,7 +11,8 @@
   (``get_model_state_dict(full_state_dict=True, ignore_frozen_params=True)``); FSDP1's state-dict hooks insist
   on every parameter, so there Lightning's full gather runs and the filter drops the base afterwards.
 - **Precision**: ``bf16-true`` casts the whole module in ``strategy.setup``; the adapter dtype policy is
-  re-applied right after that cast (before DDP/FSDP wrap the module and the optimizers are built).
+  re-applied right after that cast (before DDP/FSDP wrap the module and the optimizers are built), with the exact
+  values the adapter held before it (a checkpoint being resumed is loaded before the cast).
 - **Gradient checkpointing**: non-reentrant by default; with reentrant checkpointing and frozen input embeddings,
   the embedding output is made to require grad, or no gradient would reach the adapters.
 """
