@@ -11,7 +11,7 @@ import torch
 from torch import nn
 
 import lightning_adapters as la
-from lightning_adapters.core.targeting import check_called, check_plain_layers, resolve_targets
+from lightning_adapters.core.targeting import DEFAULT_TARGETS, check_called, check_plain_layers, resolve_targets
 
 
 class _Layers(nn.Module):
@@ -225,3 +225,31 @@ def test_a_quantized_target_does_not_end_the_checks_of_the_targets_after_it():
     check_plain_layers(model, ["0"], "lora", (nn.Linear,))  # a quantized base passes
     with pytest.raises(la.UnsupportedLayerError, match=r"'1' is a Doubled"):
         check_plain_layers(model, ["0", "1"], "lora", (nn.Linear,))
+
+
+def test_default_targets_are_peft_s_tables():
+    """target_modules=None takes PEFT 0.21.2's per-architecture defaults: LoRA, LoHa, LoKr, OFT and BOFT share one
+    table, AdaLoRA has its own (e.g. all of q/k/v/o/wi/wo on t5, query/key/value/dense on roberta). Only six
+    architectures (four for AdaLoRA, with roberta's differing from PEFT's) were known here."""
+    from peft.utils import constants
+
+    from lightning_adapters.registry import get_method
+
+    lora_like = constants.TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING
+    for method in ("lora", "loha", "lokr", "oft", "boft"):
+        peft_table = getattr(constants, f"TRANSFORMERS_MODELS_TO_{method.upper()}_TARGET_MODULES_MAPPING")
+        assert peft_table == lora_like
+        assert (get_method(method).default_targets or DEFAULT_TARGETS) == lora_like, method
+    assert get_method("adalora").default_targets == constants.TRANSFORMERS_MODELS_TO_ADALORA_TARGET_MODULES_MAPPING
+
+
+@pytest.mark.parametrize(("method", "want"), [("lora", ["q", "v"]), ("adalora", ["k", "o", "q", "v", "wi", "wo"])])
+def test_t5_defaults_select_the_modules_peft_selects(method, want):
+    import transformers
+
+    cfg = transformers.T5Config(vocab_size=32, d_model=16, d_kv=4, d_ff=24, num_layers=1, num_heads=2)
+    model = transformers.T5ForConditionalGeneration(cfg)
+    config = la.LoRAConfig(r=2) if method == "lora" else la.AdaLoRAConfig(init_r=3, target_r=2, total_step=10)
+    la.inject(model, config)
+    names = [n for n, _ in model.named_modules() if n.endswith(".adapter")]
+    assert sorted({n.split(".")[-2] for n in names}) == want

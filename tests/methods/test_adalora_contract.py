@@ -1364,12 +1364,9 @@ def test_the_method_is_registered_with_peft_s_defaults() -> None:
     assert spec is get_method_by_peft_type("ADALORA") and isinstance(spec, ada.AdaLoRAMethod)
     assert (spec.name, spec.peft_type, spec.config_cls) == ("adalora", "ADALORA", AdaLoRAConfig)
     assert spec.supported_types == LINEAR_TYPES + (nn.Conv2d,)
-    assert spec.default_targets == {
-        "llama": ["q_proj", "v_proj"],
-        "bert": ["query", "value"],
-        "roberta": ["query", "value"],
-        "gpt2": ["c_attn"],
-    }
+    from peft.utils.constants import TRANSFORMERS_MODELS_TO_ADALORA_TARGET_MODULES_MAPPING as PEFT_ADALORA
+
+    assert spec.default_targets == PEFT_ADALORA  # e.g. roberta: query, key, value, dense (not LoRA's query, value)
     assert spec.create_layer is ada.AdaLoRALayer and spec.training_hooks is ada.AdaLoRASchedule
     assert spec.config_to_peft is ada._to_peft and spec.config_from_peft is ada._from_peft
     assert spec.peft_config_extra is ada._peft_config_extra
