@@ -65,6 +65,7 @@ from lightning_adapters.methods._common import (
     draw_,
     layer_kind,
     rotated_size,
+    tensor_key,
     write_weight_,
 )
 from lightning_adapters.registry import LayerMethod, register
@@ -261,6 +262,13 @@ class OFTLayer(AdapterLayer):
         index, sign = skew_gather(b, base.weight.device)
         self.register_buffer("skew_index", index, persistent=False)
         self.register_buffer("skew_sign", sign, persistent=False)
+        # Eval-mode rotation blocks: (key of oft_R, blocks); see ``forward_blocks``.
+        self._blocks_cache: tuple[tuple, torch.Tensor] | None = None
+
+    def train(self, mode: bool = True) -> OFTLayer:
+        """``nn.Module.train``; also drops the eval-mode rotation blocks."""
+        self._blocks_cache = None
+        return super().train(mode)
 
     # --- rotation ------------------------------------------------------------------------------------------
 
@@ -287,6 +295,29 @@ class OFTLayer(AdapterLayer):
             rot = torch.where(drop[:, None, None], eye, rot)
         return rot
 
+    def forward_blocks(self) -> torch.Tensor:
+        """The forward's rotation blocks (r, b, b) in ``oft_R``'s dtype; kept in eval mode while no gradient flows
+        to ``oft_R``.
+
+        Keyed by ``oft_R``'s storage, version counter, dtype, device and shape: an optimizer step, a state load, a cast
+        or any in-place write through autograd-visible ops rebuilds them (the other inputs, the layer's block layout
+        and series settings, are fixed at injection). Not kept: training mode (block dropout, changing weights),
+        inside ``torch.compile``, and a forward that records autograd for ``oft_R``.
+        """
+        R = self.oft_R
+        if self.training or torch.compiler.is_compiling() or (R.requires_grad and torch.is_grad_enabled()):
+            dropout = self.training and self.module_dropout > 0.0
+            return self.rotation_blocks(dropout=dropout).to(R.dtype)
+        key = tensor_key(R)
+        cached = getattr(self, "_blocks_cache", None)  # absent on a layer pickled before the cache existed
+        # Blocks computed under inference_mode cannot enter an autograd graph outside it.
+        if cached is not None and cached[0] == key:
+            if not (cached[1].is_inference() and not torch.is_inference_mode_enabled()):
+                return cached[1]
+        blocks = self.rotation_blocks().to(R.dtype)
+        self._blocks_cache = (key, blocks)
+        return blocks
+
     # --- forward -------------------------------------------------------------------------------------------
 
     def rotate(self, x: torch.Tensor, blocks: torch.Tensor, transpose: bool = False) -> torch.Tensor:
@@ -295,8 +326,7 @@ class OFTLayer(AdapterLayer):
         return rotate_features(x, [(_OFT_LAYOUT, blocks)], (self.r, self.block_size))
 
     def adapted_forward(self, base: nn.Module, x: torch.Tensor) -> torch.Tensor:
-        dropout = self.training and self.module_dropout > 0.0
-        blocks = self.rotation_blocks(dropout=dropout).to(self.oft_R.dtype)  # (r, b, b)
+        blocks = self.forward_blocks()  # (r, b, b)
         dt = blocks.dtype
         if self.kind == "embedding":
             out = base._la_base_forward(x)  # (..., d)

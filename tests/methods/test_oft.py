@@ -299,3 +299,74 @@ def test_training_forward_keeps_no_more_for_backward_than_peft(tokens: int) -> N
     x = torch.randn(tokens, 64)
     assert _layer(ours).use_cayley_neumann and peft_cfg.use_cayley_neumann  # both defaults: the series
     assert autograd_kept_bytes(ours, x) <= autograd_kept_bytes(peft, x)
+
+
+def _oft_eval_model(kind: str, **cfg) -> tuple[nn.Module, torch.Tensor]:
+    torch.manual_seed(0)
+    if kind == "linear":
+        base, x = nn.Linear(8, 6), torch.randn(3, 8)
+    elif kind == "linear_bf16":
+        base, x = nn.Linear(8, 6).to(torch.bfloat16), torch.randn(3, 8).to(torch.bfloat16)
+    elif kind == "conv":
+        base, x = nn.Conv2d(2, 4, 2), torch.randn(2, 2, 5, 5)
+    else:
+        base, x = nn.Embedding(10, 8), torch.tensor([[1, 9, 3]])
+    model = la.inject(Wrap(base), la.OFTConfig(oft_block_size=4, r=0, target_modules=["layer"], **cfg))
+    _random(model, 0.3)
+    return model, x
+
+
+def _uncached_oft(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    _layer(model)._blocks_cache = None
+    return model(x)
+
+
+@pytest.mark.parametrize("kind", ["linear", "linear_bf16", "conv", "embedding"])
+@pytest.mark.parametrize("cfg", [{}, {"use_cayley_neumann": False}, {"block_share": True}, {"coft": True}])
+def test_eval_rotation_blocks_are_cached_until_oft_r_changes(kind, cfg):
+    """Eval without a gradient to ``oft_R``: the second forward reuses the rotation blocks (the same tensor) and
+    gives the uncached output bit for bit (exact Cayley, Neumann series, shared blocks, COFT); an in-place write to
+    ``oft_R`` or a dtype cast rebuilds them; ``train()`` drops them."""
+    model, x = _oft_eval_model(kind, **cfg)
+    layer = _layer(model)
+    model.eval()
+    with torch.no_grad():
+        first = model(x)
+        blocks = layer._blocks_cache[1]
+        assert torch.equal(model(x), first) and layer._blocks_cache[1] is blocks
+        assert torch.equal(_uncached_oft(model, x), first)
+        model(x)
+        layer.oft_R.mul_(1.5)
+        y = model(x)
+        assert not torch.equal(layer._blocks_cache[1], blocks)
+        assert torch.equal(_uncached_oft(model, x), y)
+        if kind != "linear_bf16":
+            model.double()
+            y = model(x.double() if x.is_floating_point() else x)
+            assert layer._blocks_cache[1].dtype == torch.float64
+    model.train()
+    assert layer._blocks_cache is None
+
+
+@pytest.mark.parametrize("kind", ["linear", "conv"])
+def test_rotation_blocks_are_not_cached_in_training_or_while_oft_r_gets_a_gradient(kind):
+    """The other side of the cache's condition: training mode (module dropout draws new blocks each call) and eval
+    with autograd on ``oft_R`` rebuild the blocks in the graph, so ``∂oft_R`` flows, equal across two calls; an
+    entry cached under ``inference_mode`` is not used by such a forward."""
+    model, x = _oft_eval_model(kind)
+    layer = _layer(model)
+    for mode in ("train", "eval"):
+        model.train(mode == "train")
+        if mode == "eval":
+            with torch.inference_mode():
+                inferred = model(x)
+        grads = []
+        for _ in range(2):
+            y = model(x)
+            (g,) = torch.autograd.grad(y.sum(), [layer.oft_R])
+            grads.append(g)
+            assert g.abs().sum() > 0
+            assert layer._blocks_cache is None if mode == "train" else layer._blocks_cache[1].is_inference()
+        assert torch.equal(grads[0], grads[1])
+        if mode == "eval":
+            assert torch.equal(y, inferred)
