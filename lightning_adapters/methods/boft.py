@@ -61,6 +61,7 @@ from lightning_adapters.methods._common import (
     restore_rows_,
     rotated_size,
     stash_rows,
+    tensor_key,
     unscalable_rows,
     write_weight_,
 )
@@ -219,6 +220,13 @@ class BOFTLayer(AdapterLayer):
         # Plain attributes, not buffers: no dtype policy or cast may round the copies merge keeps.
         self.merge_rows_idx: torch.Tensor | None = None
         self.merge_rows: torch.Tensor | None = None
+        # Eval-mode factor blocks: (key of boft_R, blocks); see ``forward_blocks``.
+        self._blocks_cache: tuple[tuple, list[torch.Tensor]] | None = None
+
+    def train(self, mode: bool = True) -> BOFTLayer:
+        """``nn.Module.train``; also drops the eval-mode factor blocks."""
+        self._blocks_cache = None
+        return super().train(mode)
 
     # --- rotation ------------------------------------------------------------------------------------------
 
@@ -237,6 +245,28 @@ class BOFTLayer(AdapterLayer):
             q = torch.where(mask[..., None, None], eye, q)
         return list(q.unbind(0))
 
+    def forward_blocks(self) -> list[torch.Tensor]:
+        """The forward's factor blocks in ``boft_R``'s dtype; kept in eval mode while no gradient flows to ``boft_R``.
+
+        Keyed by ``boft_R``'s storage, version counter, dtype, device and shape: an optimizer step, a state load, a
+        cast or any in-place write through autograd-visible ops rebuilds them (the butterfly layout is fixed at
+        injection). Not kept: training mode (dropout), inside ``torch.compile``, and a forward that records autograd
+        for ``boft_R``.
+        """
+        R = self.boft_R
+        if self.training or torch.compiler.is_compiling() or (R.requires_grad and torch.is_grad_enabled()):
+            dropout = self.training and self.dropout_p > 0.0
+            return [q.to(R.dtype) for q in self.factor_blocks(dropout=dropout)]
+        key = tensor_key(R)
+        cached = getattr(self, "_blocks_cache", None)  # absent on a layer pickled before the cache existed
+        # Blocks computed under inference_mode cannot enter an autograd graph outside it.
+        if cached is not None and cached[0] == key:
+            if not (cached[1][0].is_inference() and not torch.is_inference_mode_enabled()):
+                return cached[1]
+        blocks = [q.to(R.dtype) for q in self.factor_blocks()]
+        self._blocks_cache = (key, blocks)
+        return blocks
+
     def rotate(self, x: torch.Tensor, blocks: list[torch.Tensor], transpose: bool = False) -> torch.Tensor:
         """Rows of ``x`` (..., d) times ``R`` (``transpose``: times ``Rᵀ``), one batched multiply per factor."""
         # x·R applies B_{m−1} first and B_0 last; x·Rᵀ applies B_0ᵀ first.
@@ -251,8 +281,7 @@ class BOFTLayer(AdapterLayer):
     # --- forward -------------------------------------------------------------------------------------------
 
     def adapted_forward(self, base: nn.Module, x: torch.Tensor) -> torch.Tensor:
-        dropout = self.training and self.dropout_p > 0.0
-        blocks = [q.to(self.boft_R.dtype) for q in self.factor_blocks(dropout=dropout)]
+        blocks = self.forward_blocks()
         dt = self.boft_R.dtype
         w = base.weight
         if self.kind == "conv2d":

@@ -179,3 +179,69 @@ def test_rotation_saves_only_the_input_and_the_unscaled_output():
     params = {p.data_ptr() for p in model.parameters()}
     big = [tuple(t.shape) for t in saved if t.numel() >= 100 * 48 // 2 and t.data_ptr() not in params]
     assert sorted(big, reverse=True) == [(100, 64), (100, 48)]
+
+
+def _boft_eval_model(kind: str, m: int) -> tuple[nn.Module, torch.Tensor]:
+    torch.manual_seed(0)
+    if kind == "linear":
+        base, x = nn.Linear(8, 6), torch.randn(3, 8)
+    elif kind == "linear_bf16":
+        base, x = nn.Linear(8, 6).to(torch.bfloat16), torch.randn(3, 8).to(torch.bfloat16)
+    else:
+        base, x = nn.Conv2d(2, 4, 2), torch.randn(2, 2, 5, 5)
+    cfg = BOFTConfig(boft_block_size=2, boft_n_butterfly_factor=m, target_modules=["layer"])
+    model = la.inject(Wrap(base), cfg)
+    _random(model, 0.3)
+    return model, x
+
+
+def _uncached_boft(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    model.layer.adapter.default._blocks_cache = None
+    return model(x)
+
+
+@pytest.mark.parametrize("kind", ["linear", "linear_bf16", "conv"])
+@pytest.mark.parametrize("m", [1, 2])
+def test_eval_factor_blocks_are_cached_until_boft_r_changes(kind, m):
+    """Eval without a gradient to ``boft_R``: the second forward reuses the factor blocks (the same tensors) and
+    gives the uncached output bit for bit; an in-place write to ``boft_R`` rebuilds them, one to ``boft_s`` (not
+    part of them) is read directly; ``train()`` drops them."""
+    model, x = _boft_eval_model(kind, m)
+    layer = model.layer.adapter.default
+    model.eval()
+    with torch.no_grad():
+        first = model(x)
+        blocks = layer._blocks_cache[1]
+        assert torch.equal(model(x), first) and layer._blocks_cache[1] is blocks
+        assert torch.equal(_uncached_boft(model, x), first)
+        model(x)
+        layer.boft_R.mul_(1.5)
+        y = model(x)
+        assert not torch.equal(layer._blocks_cache[1][0], blocks[0]) and torch.equal(_uncached_boft(model, x), y)
+        layer.boft_s.mul_(2.0)
+        assert torch.equal(model(x), _uncached_boft(model, x))
+    model.train()
+    assert layer._blocks_cache is None
+
+
+def test_factor_blocks_are_not_cached_in_training_or_while_boft_r_gets_a_gradient():
+    """The other side of the cache's condition: training mode and eval with autograd on ``boft_R`` rebuild the
+    blocks in the graph (``∂boft_R`` flows, equal across two calls); an entry cached under ``inference_mode`` is not
+    used by such a forward."""
+    model, x = _boft_eval_model("linear", 2)
+    layer = model.layer.adapter.default
+    for mode in ("train", "eval"):
+        model.train(mode == "train")
+        if mode == "eval":
+            with torch.inference_mode():
+                inferred = model(x)
+        grads = []
+        for _ in range(2):
+            y = model(x)
+            (g,) = torch.autograd.grad(y.sum(), [layer.boft_R])
+            grads.append(g)
+            assert g.abs().sum() > 0
+            assert layer._blocks_cache is None if mode == "train" else layer._blocks_cache[1][0].is_inference()
+        assert torch.equal(grads[0], grads[1])
+        if mode == "eval":
+            assert torch.equal(y, inferred)
