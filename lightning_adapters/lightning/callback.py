@@ -25,6 +25,7 @@ those ``save`` names) under its name, with which act and which train, and resumi
 
 from __future__ import annotations
 
+import copyreg
 import os
 import sys
 import warnings
@@ -40,6 +41,7 @@ from lightning_adapters.core.inject import DEFAULT_NAME, check_name
 from lightning_adapters.errors import AdapterTypeError
 from lightning_adapters.lightning import export, strategies
 from lightning_adapters.lightning.runtime import (
+    RUNTIME_ATTR,
     AdapterOptions,
     AdapterRuntime,
     adapter_list,
@@ -175,6 +177,16 @@ class AdapterCallback(Callback):
                 f"the exports hold {runtime.options.module!r} only; {beside[:6]} trained beside it are in the "
                 "Lightning checkpoints: la.restore_from_checkpoint(YourModule(), ckpt) restores everything",
             )
+        if _weights_go_back_to_an_unaware_module(trainer, runtime):
+            runtime.warn_once(
+                "spawned",
+                f"strategy {type(trainer.strategy).__name__} ran the fit in processes it started (spawn/fork), and "
+                "Lightning hands the trained weights back to the LightningModule in the launching process, which "
+                "has no adapter layers there: that module keeps its untrained adapter-free copy. After fit, restore "
+                "it with la.restore_from_checkpoint(model, trainer.checkpoint_callback.best_model_path), or use "
+                "strategy='ddp' (processes started from the script) or the AdapterMixin route, whose module takes "
+                "the adapter back",
+            )
         export.export_at_fit_end(
             trainer,
             runtime.injected_target(pl_module),
@@ -199,6 +211,15 @@ class AdapterCallback(Callback):
             self._runtime.load_hooks_state(state_dict)
 
 
+def _weights_go_back_to_an_unaware_module(trainer: Trainer, runtime: Any) -> bool:
+    """Whether this fit runs in processes Lightning started itself and the launching process's module is one the
+    callback swapped here (not an AdapterMixin module, which injects when the weights come back)."""
+    from lightning.pytorch.strategies.launchers.multiprocessing import _MultiProcessingLauncher
+
+    launcher = getattr(trainer.strategy, "launcher", None)
+    return isinstance(launcher, _MultiProcessingLauncher) and bool(runtime.attached and runtime.attached[0])
+
+
 # ------------------------------------------------------------------------------------------------------------
 # The module class swap (here, beside the callback it adds, so runtime.py imports neither)
 
@@ -208,6 +229,18 @@ class _ModuleHooks:
 
     _la_swapped = True
 
+    def __reduce_ex__(self, protocol: Any) -> Any:
+        # The swapped class is made at run time in this process; a process that unpickles the module (a spawned
+        # DDP worker, torch.load) makes its own from the user's class and these hooks, whatever it is named there.
+        reduced = super().__reduce_ex__(protocol)
+        cls = type(self)
+        hooks, plain = cls.__bases__
+        # A user class pickle cannot find by name (defined in a function) stays pickled as the swapped class.
+        if isinstance(reduced, tuple) and reduced[0] is copyreg.__newobj__ and reduced[1][:1] == (cls,):
+            if _found_by_name(plain):
+                return (_new_swapped, (plain, hooks, *reduced[1][1:]), *reduced[2:])
+        return reduced
+
     def training_step(self, *args: Any, **kwargs: Any) -> Any:
         out = super().training_step(*args, **kwargs)
         return get_runtime(self).add_loss_term(self, out)
@@ -215,6 +248,16 @@ class _ModuleHooks:
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         super().on_save_checkpoint(checkpoint)
         get_runtime(self).on_save_checkpoint(self, checkpoint)
+
+    def load_state_dict(self, state_dict: Mapping[str, Any], *args: Any, **kwargs: Any) -> Any:
+        # Weights of an adapted module arriving before injection (the launching process of a spawned DDP fit
+        # receives rank 0's state dict this way): inject first, so the adapter tensors have a place to go.
+        runtime = self.__dict__.get(RUNTIME_ATTR)
+        if runtime is None and getattr(self, "adapter_config", None) is not None:
+            runtime = get_runtime(self)
+        if runtime is not None and runtime._prepared is None and not set(state_dict) <= set(self.state_dict()):
+            runtime.inject(self, defer=True)
+        return super().load_state_dict(state_dict, *args, **kwargs)
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         get_runtime(self).on_load_checkpoint(self, checkpoint)
@@ -271,6 +314,14 @@ def swap_class(pl_module: nn.Module, trainer: Any = None) -> None:
     if getattr(cls, "_la_swapped", False):
         return
     hooks = AdapterSetupHooks if init_context_refused(pl_module, trainer) else AdapterModuleHooks
+    swapped = _swapped_class(cls, hooks)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        pl_module.__class__ = swapped
+
+
+def _swapped_class(cls: type, hooks: type) -> type:
+    """The class ``hooks`` + ``cls`` (made once per process, named in this module so it pickles)."""
     if (cls, hooks) not in _CLASS_CACHE:
         module = sys.modules[__name__]
         name = f"Adapter{cls.__name__}"
@@ -279,6 +330,18 @@ def swap_class(pl_module: nn.Module, trainer: Any = None) -> None:
         new = type(name, (hooks, cls), {"__module__": __name__, "__qualname__": name})
         setattr(module, name, new)
         _CLASS_CACHE[(cls, hooks)] = new
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        pl_module.__class__ = _CLASS_CACHE[(cls, hooks)]
+    return _CLASS_CACHE[(cls, hooks)]
+
+
+def _found_by_name(cls: type) -> bool:
+    """Whether pickle finds ``cls`` by its module and qualified name (not a class defined inside a function)."""
+    found: Any = sys.modules.get(cls.__module__)
+    for part in cls.__qualname__.split("."):
+        found = getattr(found, part, None)
+    return found is cls
+
+
+def _new_swapped(cls: type, hooks: type, *args: Any) -> Any:
+    """Unpickling: a new instance of the swapped class of ``cls`` (its state is set afterwards, as usual)."""
+    swapped = _swapped_class(cls, hooks)
+    return swapped.__new__(swapped, *args)

@@ -491,3 +491,64 @@ def test_predict_loads_an_adapter_checkpoint_into_a_fresh_unaware_module(tmp_pat
     torch.testing.assert_close(got, want, atol=1e-6, rtol=0)
     with pytest.raises(RuntimeError, match="Missing key"):  # Lightning's strict load: the README points elsewhere
         BoringMLP.load_from_checkpoint(last)
+
+
+class MixinMLP(la.AdapterMixin, BoringMLP):
+    """The mixin route on BoringMLP, at module level so spawned processes can import it."""
+
+    def __init__(self):
+        super().__init__()
+        self.adapter_config = lora()
+
+    def configure_optimizers(self):
+        return torch.optim.AdamW(self.trainable_parameters(), lr=0.02)
+
+
+def test_a_mixin_module_pickles_by_its_own_class_for_a_process_that_never_swapped_it():
+    import pickle
+
+    from lightning_adapters.lightning import callback
+
+    model = MixinMLP()
+    swapped = type(model)
+    data = pickle.dumps(model)
+    # A spawned DDP worker has no swapped class yet: drop it from this process as if it were new.
+    delattr(callback, swapped.__name__)
+    callback._CLASS_CACHE.clear()
+    try:
+        again = pickle.loads(data)
+    finally:
+        setattr(callback, swapped.__name__, swapped)
+    assert type(again).__bases__ == swapped.__bases__ and again.adapter_config == model.adapter_config
+    assert getattr(type(again), "_la_swapped", False)
+
+
+@pytest.mark.slow
+def test_under_ddp_spawn_the_mixin_module_of_the_launching_process_gets_the_trained_adapter(tmp_path):
+    model = MixinMLP()
+    ckpt = ModelCheckpoint(dirpath=tmp_path, save_last=True)
+    t = trainer(callbacks=[ckpt], strategy="ddp_spawn", devices=2, enable_model_summary=False)
+    t.fit(model, mlp_data())
+    saved = torch.load(tmp_path / "last.ckpt", weights_only=True)["state_dict"]
+    got = la.adapter_state_dict(model)  # this process never injected: the weights rank 0 sent back did
+    assert got.keys() == saved.keys() and len(got) == 6
+    for k, v in saved.items():
+        assert torch.equal(got[k], v), k
+
+
+def test_a_callback_module_of_a_spawned_fit_is_warned_about_the_launching_processes_copy():
+    from types import SimpleNamespace
+
+    from lightning.pytorch.strategies.launchers.multiprocessing import _MultiProcessingLauncher
+
+    from lightning_adapters.lightning.callback import _weights_go_back_to_an_unaware_module
+
+    spawned = SimpleNamespace(strategy=SimpleNamespace(launcher=object.__new__(_MultiProcessingLauncher)))
+    plain = SimpleNamespace(strategy=SimpleNamespace(launcher=None))
+    swapped_here, swapped_before = (
+        SimpleNamespace(attached=(True, True, True)),
+        SimpleNamespace(attached=(False, True, True)),
+    )
+    assert _weights_go_back_to_an_unaware_module(spawned, swapped_here)
+    assert not _weights_go_back_to_an_unaware_module(spawned, swapped_before)  # the mixin: injects on load
+    assert not _weights_go_back_to_an_unaware_module(plain, swapped_here)
