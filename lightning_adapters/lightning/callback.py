@@ -38,6 +38,7 @@ from typing_extensions import override
 
 from lightning_adapters.config import AdapterConfig
 from lightning_adapters.core.inject import DEFAULT_NAME, check_name
+from lightning_adapters.core.layer import ADAPTER_ATTR
 from lightning_adapters.errors import AdapterTypeError
 from lightning_adapters.lightning import export, strategies
 from lightning_adapters.lightning.runtime import (
@@ -224,6 +225,10 @@ def _weights_go_back_to_an_unaware_module(trainer: Trainer, runtime: Any) -> boo
 # The module class swap (here, beside the callback it adds, so runtime.py imports neither)
 
 
+# The segment every adapter tensor's key holds (``<module>.adapter.<name>.<tensor>``).
+_ADAPTER_SEGMENT = f".{ADAPTER_ATTR}."
+
+
 class _ModuleHooks:
     """Methods placed in front of the user's LightningModule class; each calls the user's own method first."""
 
@@ -255,8 +260,12 @@ class _ModuleHooks:
         runtime = self.__dict__.get(RUNTIME_ATTR)
         if runtime is None and getattr(self, "adapter_config", None) is not None:
             runtime = get_runtime(self)
-        if runtime is not None and runtime._prepared is None and not set(state_dict) <= set(self.state_dict()):
-            runtime.inject(self, defer=True)
+        if runtime is not None and runtime._prepared is None:
+            # Only for adapter tensors of the target: other extra keys (a larger pretrained file loaded with
+            # strict=False) must not inject early, before the weights an init such as PiSSA reads are loaded.
+            extra = set(state_dict) - set(self.state_dict())
+            if any(k.startswith(runtime.key_prefix()) and _ADAPTER_SEGMENT in f".{k}" for k in extra):
+                runtime.inject(self, defer=True)
         return super().load_state_dict(state_dict, *args, **kwargs)
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:

@@ -552,3 +552,10 @@ def test_a_callback_module_of_a_spawned_fit_is_warned_about_the_launching_proces
     assert _weights_go_back_to_an_unaware_module(spawned, swapped_here)
     assert not _weights_go_back_to_an_unaware_module(spawned, swapped_before)  # the mixin: injects on load
     assert not _weights_go_back_to_an_unaware_module(plain, swapped_here)
+
+
+def test_a_mixin_module_loading_other_extra_keys_before_fit_is_not_injected_early():
+    model = MixinMLP()
+    extra = {**model.state_dict(), "pooler.weight": torch.zeros(2)}  # e.g. a larger pretrained file
+    model.load_state_dict(extra, strict=False)
+    assert not any(".adapter." in k for k in model.state_dict())
