@@ -8,14 +8,27 @@ the fix.
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import math
 import re
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
-from lightning_adapters.errors import AdapterConfigError
+from lightning_adapters.errors import AdapterConfigError, AdapterTypeError
 
 _DTYPES = ("float32", "float16", "bfloat16", "float64")
+# PEFT's spelling of fields that have another name here.
+_PEFT_NAMES = {"lora_alpha": "alpha", "lora_dropout": "dropout", "init_lora_weights": "init_weights"}
+
+
+def _unknown_field(name: str, known: set[str]) -> str:
+    """Python's message for an unknown keyword, plus the field meant when ``name`` is PEFT's spelling of one of
+    ours or a typo of one."""
+    message = f"unexpected keyword argument {name!r}"
+    if _PEFT_NAMES.get(name) in known:
+        return f"{message}; PEFT's {name} is {_PEFT_NAMES[name]!r} here"
+    close = difflib.get_close_matches(name, sorted(known), n=1, cutoff=0.85)
+    return f"{message}; did you mean {close[0]!r}?" if close else message
 
 
 @dataclass
@@ -49,6 +62,13 @@ class AdapterConfig:
     adapter_dtype: str | None = None
     layers_to_transform: Any = None
     layers_pattern: Any = None
+
+    def __new__(cls, *args: Any, **kwargs: Any) -> AdapterConfig:
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = [k for k in kwargs if k not in known]
+        if unknown:
+            raise AdapterTypeError(f"{cls.__name__}: " + "; ".join(_unknown_field(k, known) for k in unknown))
+        return super().__new__(cls)
 
     def __post_init__(self) -> None:
         self.target_modules = _check_selector(self.target_modules, "target_modules", allow_all_linear=True)

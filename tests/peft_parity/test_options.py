@@ -799,6 +799,31 @@ def test_lightning_checkpoint_carries_the_trained_biases(tmp_path):
     torch.testing.assert_close(restored(x), model.eval()(x))
 
 
+@pytest.mark.parametrize(
+    ("make", "message"),
+    [
+        (
+            lambda: la.LoRAConfig(lora_alpha=16),
+            r"LoRAConfig: unexpected keyword argument 'lora_alpha'; PEFT's lora_alpha is 'alpha' here$",
+        ),
+        (
+            lambda: la.AdaLoRAConfig(lora_dropout=0.1),
+            r"unexpected keyword argument 'lora_dropout'; PEFT's lora_dropout is 'dropout' here$",
+        ),
+        (lambda: la.LoRAConfig(init_lora_weights="gaussian"), r"PEFT's init_lora_weights is 'init_weights' here$"),
+        (
+            lambda: la.LoKrConfig(rank_dropuot=0.1),
+            r"LoKrConfig: unexpected keyword argument 'rank_dropuot'; did you mean 'rank_dropout'\?$",
+        ),
+        (lambda: la.OFTConfig(bogus=1), r"^OFTConfig: unexpected keyword argument 'bogus'$"),
+    ],
+)
+def test_peft_spelling_or_a_typo_passed_to_our_config_names_our_field(make, message):
+    """A PEFT user writes lora_alpha: the error says which field that is here (it was Python's bare TypeError)."""
+    with pytest.raises(la.AdapterTypeError, match=message):
+        make()
+
+
 @pytest.mark.parametrize(("peft_type", "field"), REFUSED_CASES, ids=[f"{t}-{f}" for t, f in REFUSED_CASES])
 def test_refused_field_passed_to_our_config_is_named(peft_type, field):
     cls = {"LORA": la.LoRAConfig, "ADALORA": la.AdaLoRAConfig}[peft_type]
