@@ -202,7 +202,19 @@ def register(method: Method) -> Method:
     if method.name in _REGISTRY and _REGISTRY[method.name] is not method:
         raise AdapterConfigError(f"method {method.name!r} is already registered; register each method once")
     _REGISTRY[method.name] = method
+    _allow_in_weights_only_loads(method.config_cls)
     return method
+
+
+def _allow_in_weights_only_loads(config_cls: type) -> None:
+    """Let ``torch.load(weights_only=True)`` rebuild ``config_cls`` (plain data): a LightningModule that keeps its
+    adapter config in ``save_hyperparameters()`` writes it into every checkpoint, which Lightning (resume,
+    ``load_from_checkpoint``, ``validate(ckpt_path=...)``) and ``restore_from_checkpoint`` load weights-only."""
+    import torch
+
+    add = getattr(torch.serialization, "add_safe_globals", None)
+    if add is not None:
+        add([config_cls])
 
 
 def method_modules() -> list[str]:

@@ -559,3 +559,27 @@ def test_a_mixin_module_loading_other_extra_keys_before_fit_is_not_injected_earl
     extra = {**model.state_dict(), "pooler.weight": torch.zeros(2)}  # e.g. a larger pretrained file
     model.load_state_dict(extra, strict=False)
     assert not any(".adapter." in k for k in model.state_dict())
+
+
+class ConfigInHparams(la.AdapterMixin, BoringMLP):
+    """A mixin module taking its config as an argument and saving it with its hyperparameters (as LightningCLI does)."""
+
+    def __init__(self, adapter_config: la.LoRAConfig | None = None):
+        super().__init__()
+        self.save_hyperparameters()
+        self.adapter_config = adapter_config
+
+    def configure_optimizers(self):
+        return torch.optim.AdamW(self.trainable_parameters(), lr=0.02)
+
+
+def test_a_config_in_the_hyperparameters_loads_weights_only(tmp_path):
+    fit_with_last(tmp_path / "a", ConfigInHparams(lora()), 1)
+    last = tmp_path / "a" / "last.ckpt"
+    hparams = torch.load(last, weights_only=True)["hyper_parameters"]  # refused before: LoRAConfig was no safe global
+    assert hparams["adapter_config"] == lora()
+    resumed = ConfigInHparams(lora())
+    assert fit_with_last(tmp_path / "b", resumed, 2, ckpt_path=last).global_step == 16
+    loaded = ConfigInHparams.load_from_checkpoint(last)
+    saved = torch.load(last, weights_only=True)["state_dict"]
+    assert all(torch.equal(v, saved[k]) for k, v in la.adapter_state_dict(loaded).items())
