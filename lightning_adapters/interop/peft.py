@@ -538,7 +538,10 @@ def load_peft(
     spec = get_method_by_peft_type(config_dict["peft_type"])
     check_peft_fields(Path(directory) / CONFIG_NAME, config_dict)
     check_peft_config_types(Path(directory) / CONFIG_NAME, config_dict, spec)
-    config = spec.config_from_peft(config_dict)
+    try:
+        config = spec.config_from_peft(config_dict)
+    except AdapterConfigError as err:
+        raise AdapterConfigError(_in_peft_terms(Path(directory) / CONFIG_NAME, str(err))) from err
     config, tensors = spec.prepare_peft_load(config, config_dict, tensors)
     config = _drop_unmatched_modules_to_save(model, config)
     _check_not_a_sub_module(model, directory, tensors)
@@ -552,6 +555,19 @@ def load_peft(
             eject(model)
         raise
     return model
+
+
+# Our names of the PEFT fields that are spelled differently here, as a refusal of a file's value names them.
+_OUR_NAMES = {"alpha": "lora_alpha", "dropout": "lora_dropout", "init_weights": "init_lora_weights"}
+
+
+def _in_peft_terms(path: Path, message: str) -> str:
+    """A config refusal of a PEFT file's value: the file, and PEFT's name of a field called otherwise here."""
+    head, _, rest = message.partition(": ")
+    field = rest.split(" ", 1)[0] if rest else ""
+    if field in _OUR_NAMES:
+        message = f"{head}: {_OUR_NAMES[field]} (our {field}){rest[len(field) :]}"
+    return f"{path}: {message}"
 
 
 def _drop_unmatched_modules_to_save(model: nn.Module, config: Any) -> Any:

@@ -824,6 +824,27 @@ def test_peft_spelling_or_a_typo_passed_to_our_config_names_our_field(make, mess
         make()
 
 
+@pytest.mark.parametrize(
+    ("peft_type", "field", "value", "message"),
+    [
+        ("LORA", "lora_dropout", 1.5, r"lora: lora_dropout \(our dropout\) must be in \[0, 1\), got 1.5$"),
+        ("LORA", "lora_alpha", -2, r"lora: lora_alpha \(our alpha\) must be a finite number > 0, got -2$"),
+        ("LOHA", "rank_dropout", 2.0, r"loha: rank_dropout must be in \[0, 1\), got 2.0$"),
+    ],
+)
+def test_a_bad_value_in_a_peft_file_is_refused_naming_the_file_and_peft_s_field(
+    tmp_path, peft_type, field, value, message
+):
+    """It said 'lora: dropout must be ...', neither the file nor the field the user has to edit there."""
+    base, _ = _write_peft(peft_type, tmp_path)
+    _edit_config(tmp_path, **{field: value})
+    model = copy.deepcopy(base)
+    path = re.escape(str(tmp_path / "adapter_config.json"))
+    with pytest.raises(AdapterConfigError, match=f"^{path}: {message}"):
+        la.load_peft(model, tmp_path)
+    assert not any(n.endswith("adapter") for n, _ in model.named_modules())
+
+
 @pytest.mark.parametrize(("peft_type", "field"), REFUSED_CASES, ids=[f"{t}-{f}" for t, f in REFUSED_CASES])
 def test_refused_field_passed_to_our_config_is_named(peft_type, field):
     cls = {"LORA": la.LoRAConfig, "ADALORA": la.AdaLoRAConfig}[peft_type]
