@@ -389,13 +389,17 @@ def runs_own_kernel(base: nn.Module, x: torch.Tensor) -> bool:
 
 
 def computes_in_another_dtype(base: nn.Module, x: torch.Tensor) -> bool:
-    """Whether ``base`` is the stand-in of a bitsandbytes 4-bit layer whose ``compute_dtype`` is not ``x``'s: its
-    own forward casts ``x`` to that dtype and the output back, which the dequantized product in ``x``'s dtype (the
-    methods' training Functions) is not."""
+    """Whether ``base`` is the stand-in of a bitsandbytes 4-bit layer whose own product is not the dequantized one in
+    ``x``'s dtype (what the methods' training Functions compute): its ``compute_dtype`` is not ``x``'s (its forward
+    casts ``x`` to that dtype and the output back), or it quantized a narrower weight than ``x`` (its 4-bit kernel
+    dequantizes straight into the compute dtype, where ``dequantize_4bit`` rounds to the stored dtype first: a bf16
+    model's layers computing in float32, transformers' default)."""
     real = quantized_base(base)
     if real is None or _pending(real) or quant_scheme(real) not in ("nf4", "fp4"):
         return False
-    return real.compute_dtype is not None and real.compute_dtype != x.dtype
+    state = real.weight.quant_state or getattr(real, "quant_state", None)
+    stored = x.dtype if state is None else state.dtype
+    return (real.compute_dtype or stored) != x.dtype or stored.itemsize < x.dtype.itemsize
 
 
 def base_linear(base: nn.Module, x: torch.Tensor, with_bias: bool = True) -> torch.Tensor:

@@ -587,19 +587,30 @@ def test_an_int8_layer_in_eval_mode_runs_its_own_kernel_even_for_an_input_needin
     torch.testing.assert_close(gx, torch.ones(2, 32) @ w, rtol=1e-5, atol=1e-5)
 
 
-@pytest.mark.parametrize("compute_dtype", [None, torch.float32, torch.bfloat16, torch.float16])
-def test_a_4bit_layer_computing_in_another_dtype_than_the_input_runs_its_own_kernel(compute_dtype):
-    """bitsandbytes' 4-bit forward casts the input to its ``compute_dtype`` and the output back: where that is not the
-    input's dtype, its own product (differentiated by its own Function) is the base term, in training too."""
+@pytest.mark.parametrize(
+    "weight_dtype,compute_dtype,other",
+    [
+        (torch.float32, None, False),
+        (torch.float32, torch.float32, False),
+        (torch.float32, torch.bfloat16, True),
+        (torch.float32, torch.float16, True),
+        (torch.bfloat16, torch.float32, True),  # the kernel dequantizes straight into float32, not through bf16
+        (torch.float16, torch.float32, True),
+    ],
+)
+def test_a_4bit_layer_computing_in_another_dtype_than_the_input_runs_its_own_kernel(weight_dtype, compute_dtype, other):
+    """bitsandbytes' 4-bit forward casts the input to its ``compute_dtype`` and the output back: where its product is
+    not the dequantized one in the input's dtype, it is the base term (differentiated by its own Function), in
+    training too."""
     from lightning_adapters.core.quant import computes_in_another_dtype, runs_own_kernel
 
     torch.manual_seed(0)
-    model = la.quantize(nn.Sequential(nn.Linear(64, 32)), "nf4", skip=[], compute_dtype=compute_dtype).train()
+    model = nn.Sequential(nn.Linear(64, 32).to(weight_dtype))
+    model = la.quantize(model, "nf4", skip=[], compute_dtype=compute_dtype).train()
     x = torch.randn(2, 64, generator=torch.Generator().manual_seed(1), requires_grad=True)
     with torch.no_grad():
         plain = model[0](x)
     la.inject(model, la.LoRAConfig(r=2, target_modules=["0"]))
-    other = compute_dtype not in (None, torch.float32)
     assert computes_in_another_dtype(stand_in(model[0]), x) is other
     assert runs_own_kernel(stand_in(model[0]), x) is other
     y = model(x)  # B = 0: the base term alone

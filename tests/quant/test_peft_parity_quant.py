@@ -152,18 +152,29 @@ def test_int8_in_eval_mode_under_autograd_equals_peft(method: str, tmp_path) -> 
     _outputs_and_gradients_equal_peft(method, lambda: _base("int8"), "int8", False, tmp_path)
 
 
+# (weight dtype quantized, compute_dtype), fed float32 activations.
+_OTHER_DTYPE = {
+    "bf16-compute": (torch.float32, torch.bfloat16),
+    "fp16-compute": (torch.float32, torch.float16),
+    "bf16-weights-fp32-compute": (torch.bfloat16, torch.float32),  # transformers' default compute dtype
+    "fp16-weights-fp32-compute": (torch.float16, torch.float32),
+}
+
+
 # OFT is left out: it computes the same, but its rotated input differs from PEFT's by float32 rounding, which the
 # half-precision product turns into one-ulp flips.
 @pytest.mark.parametrize("method", ["lora", "dora", "adalora"])
-@pytest.mark.parametrize("compute_dtype", [torch.bfloat16, torch.float16])
-def test_a_4bit_base_computing_in_another_dtype_than_its_input_equals_peft(method, compute_dtype, tmp_path) -> None:
-    """A 4-bit layer with a half ``compute_dtype`` fed float32 activations (k-bit training's float32 norms) casts
-    them to its dtype and back: in training, with the input needing its gradient, the base term is that product
-    (not the dequantized one in float32), as PEFT and the plain quantized model compute it."""
+@pytest.mark.parametrize("case", list(_OTHER_DTYPE))
+def test_a_4bit_base_computing_in_another_dtype_than_its_input_equals_peft(method, case, tmp_path) -> None:
+    """A 4-bit layer that computes in a half dtype, or that quantized half weights and computes in float32, fed
+    float32 activations (k-bit training's float32 norms): its own product casts them to its compute dtype (and its
+    kernel dequantizes straight into it), which is not the dequantized product in float32. In training, with the
+    input needing its gradient, the base term is that product, as PEFT and the plain quantized model compute it."""
+    weight_dtype, compute_dtype = _OTHER_DTYPE[case]
 
     def base() -> nn.Module:
         torch.manual_seed(0)
-        return la.quantize(Net(), "nf4", skip=[], compute_dtype=compute_dtype)
+        return la.quantize(Net().to(weight_dtype), "nf4", skip=[], compute_dtype=compute_dtype)
 
     _outputs_and_gradients_equal_peft(method, base, "nf4", True, tmp_path)
 
