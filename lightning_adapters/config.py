@@ -21,6 +21,19 @@ _DTYPES = ("float32", "float16", "bfloat16", "float64")
 _PEFT_NAMES = {"lora_alpha": "alpha", "lora_dropout": "dropout", "init_lora_weights": "init_weights"}
 
 
+def _plain_number(value: Any) -> Any:
+    """A numpy integer, float or bool scalar as the Python value it holds (``np.int64(8)`` -> ``8``); else ``value``.
+
+    PEFT takes them; refusing ``r=np.int64(8)`` as "must be an integer" read as nonsense, and a numpy scalar left in a
+    config would not serialise to adapter_config.json.
+    """
+    if type(value).__module__ == "numpy" and getattr(value, "ndim", None) == 0 and hasattr(value, "item"):
+        item = value.item()
+        if isinstance(item, (bool, int, float)):
+            return item
+    return value
+
+
 def _unknown_field(name: str, known: set[str]) -> str:
     """Python's message for an unknown keyword, plus the field meant when ``name`` is PEFT's spelling of one of
     ours or a typo of one."""
@@ -71,6 +84,12 @@ class AdapterConfig:
         return super().__new__(cls)
 
     def __post_init__(self) -> None:
+        for f in dataclasses.fields(self):  # numpy scalars (a sweep's np.arange grid) as the Python numbers they hold
+            value = getattr(self, f.name)
+            if isinstance(value, dict):
+                setattr(self, f.name, {k: _plain_number(v) for k, v in value.items()})
+            else:
+                setattr(self, f.name, _plain_number(value))
         self.target_modules = _check_selector(self.target_modules, "target_modules", allow_all_linear=True)
         self.exclude_modules = _check_selector(self.exclude_modules, "exclude_modules", allow_all_linear=False)
         if self.modules_to_save is not None:

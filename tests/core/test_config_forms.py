@@ -284,3 +284,27 @@ def test_state_functions_name_themselves_for_a_non_module(call, name) -> None:
 def test_adapter_state_of_a_model_without_adapters_says_what_to_do() -> None:
     with pytest.raises(la.AdapterStateError, match=r"^model has no adapters; call lightning_adapters\.inject\(model"):
         la.adapter_state_dict(_model())
+
+
+def test_numpy_scalars_are_taken_as_the_python_numbers_they_hold(tmp_path):
+    """A sweep's numpy values (np.int64 rank, np.float32 alpha, np.bool_ flags) were refused as "r must be an integer
+    > 0, got np.int64(4)"; PEFT takes them. They become plain Python numbers, so adapter_config.json is written."""
+    import numpy as np
+
+    cfg = la.LoRAConfig(
+        r=np.int64(4),
+        alpha=np.float32(8.0),
+        dropout=np.float64(0.25),
+        use_rslora=np.bool_(True),
+        rank_pattern={"fc": np.int64(2)},
+        target_modules=["fc"],
+    )
+    assert (cfg.r, cfg.alpha, cfg.dropout, cfg.use_rslora, cfg.rank_pattern) == (4, 8.0, 0.25, True, {"fc": 2})
+    assert [type(v) for v in (cfg.r, cfg.alpha, cfg.use_rslora, cfg.rank_pattern["fc"])] == [int, float, bool, int]
+    net = nn.Module()
+    net.fc = nn.Linear(4, 4)
+    la.inject(net, cfg)
+    la.save_peft(net, tmp_path)
+    assert json.loads((tmp_path / "adapter_config.json").read_text())["rank_pattern"] == {"fc": 2}
+    with pytest.raises(la.AdapterConfigError, match=r"r must be an integer > 0, got 2.5"):
+        la.LoRAConfig(r=np.float64(2.5), target_modules=["fc"])
