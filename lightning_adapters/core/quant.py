@@ -57,6 +57,8 @@ def _bnb() -> Any:
 def _torchao_kind(weight: Any) -> str | None:
     """``"nf4"`` / ``"int8"`` for a torchao weight tensor, ``"other"`` for another torchao tensor, else None."""
     cls = type(weight)
+    if cls is nn.Parameter or cls is torch.Tensor:  # the plain case first: torch.compile traces it without a break
+        return None
     if not cls.__module__.startswith("torchao"):
         return None
     if cls.__name__ == "NF4Tensor":

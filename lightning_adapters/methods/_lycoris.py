@@ -36,5 +36,14 @@ def module_dropped(training: bool, p: float) -> bool:
     The draw happens in every training forward, also at ``p = 0`` (PEFT's default), as PEFT's LoHa and LoKr layers
     draw it: skipping it would shift the default generator, so the rank-dropout mask drawn next and every dropout
     layer after the adapter would differ from a seeded PEFT run's.
+
+    While ``torch.compile`` traces, ``p = 0`` still draws but does not branch on the draw (reading it would break
+    the graph in every adapted layer): the adapter then runs also on an exact 0.0, which a uniform draw hits once
+    in 2**24.
     """
-    return training and float(torch.rand(1)) <= p
+    if not training:
+        return False
+    draw = torch.rand(1)
+    if p == 0 and torch.compiler.is_compiling():
+        return False
+    return float(draw) <= p
