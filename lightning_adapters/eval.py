@@ -127,6 +127,29 @@ def load_adapter(task: Any, ckpt_path: Path, module: str | None, active: Any = N
     )
 
 
+def _check_export_holds_the_head(task: Any, ckpt_path: Path, module: str | None) -> None:
+    """Refuse a PEFT export of a run that adapted only ``module``: what trained beside it (the head) is not in the
+    export, only in the run's checkpoints, so the test would run an untrained head.
+
+    Raises:
+        AdapterConfigError: Naming the sub-module, what lies beside it and the checkpoints to pass instead.
+    """
+    if not module or ckpt_path.is_file() or any((ckpt_path / f).is_file() for f in DEEPSPEED_STATES):
+        return
+    inside = module.strip(".") + "."
+    beside = sorted(
+        {n.split(".")[0] for n, p in task.named_parameters() if p.requires_grad and not n.startswith(inside)}
+    )
+    if beside:
+        found = sorted(str(p) for p in ckpt_path.parent.glob("checkpoints/*.ckpt"))
+        where = f" ({', '.join(found)})" if found else ""
+        raise AdapterConfigError(
+            f"ckpt_path={str(ckpt_path)!r} is the PEFT export of a run that adapted only {module!r} (adapter.module); "
+            f"{beside} trained beside it and are not in the export, so the test would run them untrained. Pass one "
+            f"of the run's checkpoints instead{where}: they hold the adapter and {beside}"
+        )
+
+
 def evaluate(cfg: DictConfig) -> dict[str, Any]:
     """Test the adapter at ``cfg.ckpt_path`` on the test split; return the result (also written to ``eval.json``)."""
     from hydra.utils import instantiate
@@ -146,6 +169,7 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
         if seed is not None:
             torch.manual_seed(int(seed))  # the training app seeds torch this way before building the model
         task = instantiate(source.model)
+    _check_export_holds_the_head(task, ckpt_path, module)
     active = OmegaConf.select(source, "adapter.active", default=None) if run_dir is not None else None
     load_adapter(task, ckpt_path, module, OmegaConf.to_object(active) if OmegaConf.is_config(active) else active)
     datamodule = instantiate(source.data, tokenizer=task.tokenizer)

@@ -110,3 +110,20 @@ def test_load_adapter_reads_a_peft_directory_of_several_adapters(tmp_path: Path)
     only_b = load_adapter(base(), tmp_path / "peft", None, active=["b"])
     la.set_active(trained, "b")
     torch.testing.assert_close(only_b(x), trained(x))
+
+
+@pytest.mark.slow
+def test_the_peft_export_of_a_run_that_adapted_only_the_backbone_is_refused_naming_its_checkpoints(
+    tmp_path: Path,
+) -> None:
+    # adapter.module=backbone: the head trains beside the backbone and is only in the checkpoints, so an eval of
+    # the export would test an untrained head (it gave other metrics than the run's, silently).
+    run = tmp_path / "run"
+    proc = run_app([*TRAIN, "adapter.module=backbone", f"hydra.run.dir={run}"], cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    cfg = compose_app([f"ckpt_path={run / 'peft'}", *EVAL], tmp_path / "e1", config_name="eval")
+    with pytest.raises(AdapterConfigError, match=r"adapted only 'backbone' .*\['head'\].*last\.ckpt"):
+        evaluate(cfg)
+    assert not (tmp_path / "e1" / "eval.json").exists()
+    cfg = compose_app([f"ckpt_path={run / 'checkpoints' / 'last.ckpt'}", *EVAL], tmp_path / "e2", config_name="eval")
+    assert evaluate(cfg)["test_metrics"] == pytest.approx(_test_metrics(run), rel=1e-6, abs=1e-7)
