@@ -34,7 +34,7 @@ from typing import Any
 
 from omegaconf import DictConfig, OmegaConf, open_dict
 
-from lightning_adapters.app.outputs import RunOutputs, report, wandb_description
+from lightning_adapters.app.outputs import RunOutputs, quantize_task, report, wandb_description
 from lightning_adapters.app.store import RANK_ALIASES, check_trainer, from_schema, register_configs
 from lightning_adapters.config import AdapterConfig
 from lightning_adapters.core.inject import DEFAULT_NAME
@@ -141,19 +141,6 @@ def _instantiate_dict(node: DictConfig | None) -> list[Any]:
     if not node:
         return []
     return [instantiate(v) for v in node.values() if v is not None and "_target_" in v]
-
-
-def quantize_task(task: Any, node: DictConfig | None) -> None:
-    """Quantize the task's ``quantization.module`` (the backbone) as the ``quantization`` group says (``scheme: null``:
-    leave it in full precision)."""
-    import lightning_adapters as la
-
-    if not node or node.get("scheme") is None:
-        return
-    opts = OmegaConf.to_container(node, resolve=True)
-    module = opts.pop("module", None)
-    scheme = opts.pop("scheme")
-    la.quantize(task.get_submodule(module) if module else task, scheme, **opts)
 
 
 @dataclasses.dataclass

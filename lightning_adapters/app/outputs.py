@@ -15,7 +15,20 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from omegaconf import OmegaConf
+from omegaconf import DictConfig, OmegaConf
+
+
+def quantize_task(task: Any, node: DictConfig | None) -> None:
+    """Quantize the task's ``quantization.module`` (the backbone) as the ``quantization`` group says (``scheme: null``:
+    leave it in full precision)."""
+    import lightning_adapters as la
+
+    if not node or node.get("scheme") is None:
+        return
+    opts = OmegaConf.to_container(node, resolve=True)
+    module = opts.pop("module", None)
+    scheme = opts.pop("scheme")
+    la.quantize(task.get_submodule(module) if module else task, scheme, **opts)
 
 
 def load_task(run_dir: str | os.PathLike) -> Any:
@@ -49,8 +62,6 @@ def load_task(run_dir: str | os.PathLike) -> Any:
         if cfg.get("seed") is not None:
             torch.manual_seed(int(cfg.seed))  # the app seeds torch this way before building the model
         task = instantiate(cfg.model)
-    from lightning_adapters.train import quantize_task
-
     quantize_task(task, cfg.get("quantization"))  # a QLoRA run trained on its quantized backbone
     return task
 
