@@ -206,3 +206,20 @@ def block_dropout_mask(n: int, p: float, device: torch.device) -> torch.Tensor:
 def tensor_key(t: torch.Tensor) -> tuple:
     """What identifies the values of ``t`` for a cache: its storage, version counter, dtype, device and shape."""
     return (t.data_ptr(), t._version, t.dtype, t.device, tuple(t.shape))
+
+
+def keyed_cache(holder: Any, attr: str, key: tuple, compute: Callable[[], Any]) -> Any:
+    """``compute()``, kept on ``holder.<attr>`` as ``(key, value)`` and returned again while ``key`` is unchanged.
+
+    ``value`` is a tensor or a sequence of tensors. One computed under ``inference_mode`` is not returned outside
+    it (it cannot enter an autograd graph there): it is computed again and replaces the entry. The attribute may be
+    absent (a module pickled before its cache existed).
+    """
+    cached = getattr(holder, attr, None)
+    if cached is not None and cached[0] == key:
+        first = cached[1][0] if isinstance(cached[1], (tuple, list)) else cached[1]
+        if not (first.is_inference() and not torch.is_inference_mode_enabled()):
+            return cached[1]
+    value = compute()
+    setattr(holder, attr, (key, value))
+    return value

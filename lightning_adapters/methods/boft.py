@@ -57,6 +57,7 @@ from lightning_adapters.methods._common import (
     block_dropout_mask,
     divisors,
     draw_,
+    keyed_cache,
     layer_kind,
     restore_rows_,
     rotated_size,
@@ -257,15 +258,7 @@ class BOFTLayer(AdapterLayer):
         if self.training or torch.compiler.is_compiling() or (R.requires_grad and torch.is_grad_enabled()):
             dropout = self.training and self.dropout_p > 0.0
             return [q.to(R.dtype) for q in self.factor_blocks(dropout=dropout)]
-        key = tensor_key(R)
-        cached = getattr(self, "_blocks_cache", None)  # absent on a layer pickled before the cache existed
-        # Blocks computed under inference_mode cannot enter an autograd graph outside it.
-        if cached is not None and cached[0] == key:
-            if not (cached[1][0].is_inference() and not torch.is_inference_mode_enabled()):
-                return cached[1]
-        blocks = [q.to(R.dtype) for q in self.factor_blocks()]
-        self._blocks_cache = (key, blocks)
-        return blocks
+        return keyed_cache(self, "_blocks_cache", tensor_key(R), lambda: [q.to(R.dtype) for q in self.factor_blocks()])
 
     def rotate(self, x: torch.Tensor, blocks: list[torch.Tensor], transpose: bool = False) -> torch.Tensor:
         """Rows of ``x`` (..., d) times ``R`` (``transpose``: times ``Rᵀ``), one batched multiply per factor."""

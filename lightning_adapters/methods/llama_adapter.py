@@ -53,7 +53,7 @@ from lightning_adapters.core.layer import AdapterSet
 from lightning_adapters.core.quant import is_quantized
 from lightning_adapters.core.targeting import Conv1D
 from lightning_adapters.errors import AdapterConfigError, TargetError, UnsupportedLayerError
-from lightning_adapters.methods._common import check_rank, tensor_key
+from lightning_adapters.methods._common import check_rank, keyed_cache, tensor_key
 from lightning_adapters.registry import ModelAdapter, ModelMethod, register
 
 METHOD = "llama_adapter"
@@ -240,14 +240,7 @@ class AdaptionPrompt(nn.Module):
             k_proj, v_proj = attn.k_proj, attn.v_proj
             sources = (prompt, gate, k_proj.weight, k_proj.bias, v_proj.weight, v_proj.bias)
         key = tuple(None if t is None else tensor_key(t) for t in sources)
-        cached = getattr(self, "_kv_cache", None)  # absent on a holder pickled before the cache existed
-        # Keys and values computed under inference_mode cannot enter an autograd graph outside it.
-        if cached is not None and cached[0] == key:
-            if not (cached[1][0].is_inference() and not torch.is_inference_mode_enabled()):
-                return cached[1]
-        kv = self._prompt_keys_values(attn)
-        self._kv_cache = (key, kv)
-        return kv
+        return keyed_cache(self, "_kv_cache", key, lambda: self._prompt_keys_values(attn))
 
     def train(self, mode: bool = True) -> AdaptionPrompt:
         """``nn.Module.train``; also drops the eval-mode prompt keys and values."""

@@ -63,6 +63,7 @@ from lightning_adapters.methods._common import (
     block_dropout_mask,
     divisors,
     draw_,
+    keyed_cache,
     layer_kind,
     rotated_size,
     tensor_key,
@@ -132,6 +133,7 @@ class OFTConfig(AdapterConfig):
 # ------------------------------------------------------------------------------------------------------------
 # Pure functions
 
+
 def peft_nearest_divisor(d: int, value: int) -> int:
     """PEFT's auto-adjustment: ``d`` if ``value >= d``, else the divisor of ``d`` nearest ``value`` (ties: lower)."""
     if value >= d:
@@ -199,8 +201,10 @@ def coft_project(upper: torch.Tensor, eps: float) -> torch.Tensor:
     norm = upper.norm(dim=1, keepdim=True) * math.sqrt(2.0)  # ||U − Uᵀ||_F = √2 · ||u||
     return upper * torch.where(norm > radius, radius / norm.clamp_min(1e-30), torch.ones_like(norm))
 
+
 # ------------------------------------------------------------------------------------------------------------
 # Layer
+
 
 def resolve_blocks(config: OFTConfig, d: int, what: str, name: str) -> tuple[int, int]:
     """``(r, b)`` with ``r · b = d`` from the config, or a clear error listing the sizes that fit the layer."""
@@ -308,15 +312,7 @@ class OFTLayer(AdapterLayer):
         if self.training or torch.compiler.is_compiling() or (R.requires_grad and torch.is_grad_enabled()):
             dropout = self.training and self.module_dropout > 0.0
             return self.rotation_blocks(dropout=dropout).to(R.dtype)
-        key = tensor_key(R)
-        cached = getattr(self, "_blocks_cache", None)  # absent on a layer pickled before the cache existed
-        # Blocks computed under inference_mode cannot enter an autograd graph outside it.
-        if cached is not None and cached[0] == key:
-            if not (cached[1].is_inference() and not torch.is_inference_mode_enabled()):
-                return cached[1]
-        blocks = self.rotation_blocks().to(R.dtype)
-        self._blocks_cache = (key, blocks)
-        return blocks
+        return keyed_cache(self, "_blocks_cache", tensor_key(R), lambda: self.rotation_blocks().to(R.dtype))
 
     # --- forward -------------------------------------------------------------------------------------------
 
